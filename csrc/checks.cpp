@@ -1,0 +1,101 @@
+// Argument checks shared by the CPU and CUDA kernels. Each message names the argument.
+// These read metadata only (shapes, dtypes, devices), never tensor data, so they cost no sync.
+#include "moe_ops.h"
+
+namespace moe {
+
+at::ScalarType accum_dtype(at::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+static bool is_index_dtype(at::ScalarType t) { return t == at::kLong || t == at::kInt; }
+
+static bool is_mm_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_plan_args(const at::Tensor& ids_TK, int64_t num_experts) {
+  TORCH_CHECK(ids_TK.dim() == 2, "moe.plan: ids_TK must be 2-D (T, K), got shape ",
+              ids_TK.sizes());
+  TORCH_CHECK(is_index_dtype(ids_TK.scalar_type()),
+              "moe.plan: ids_TK must be int64 or int32 expert ids, got ", ids_TK.scalar_type());
+  TORCH_CHECK(num_experts >= 1, "moe.plan: num_experts must be >= 1, got ", num_experts);
+  TORCH_CHECK(num_experts < (int64_t{1} << 31), "moe.plan: num_experts too large: ", num_experts);
+}
+
+void check_dispatch_args(const char* op, const at::Tensor& x, const char* x_name,
+                         int64_t expect_rows, const char* rows_desc, const at::Tensor& order_N,
+                         const at::Tensor& rows_TK) {
+  TORCH_CHECK(order_N.dim() == 1 && order_N.scalar_type() == at::kLong, "moe.", op,
+              ": order_N must be a 1-D int64 tensor (Plan.order_N), got ", order_N.scalar_type(),
+              " of shape ", order_N.sizes());
+  TORCH_CHECK(rows_TK.dim() == 2 && rows_TK.scalar_type() == at::kLong, "moe.", op,
+              ": rows_TK must be a 2-D int64 tensor (Plan.rows_TK), got ", rows_TK.scalar_type(),
+              " of shape ", rows_TK.sizes());
+  TORCH_CHECK(order_N.size(0) == rows_TK.numel(), "moe.", op, ": order_N has ", order_N.size(0),
+              " rows but rows_TK has ", rows_TK.numel(), " slots (both come from one Plan)");
+  TORCH_CHECK(x.dim() == 2, "moe.", op, ": ", x_name, " must be 2-D, got shape ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "moe.", op, ": ", x_name,
+              " must be a floating tensor, got ", x.scalar_type());
+  TORCH_CHECK(x.size(0) == expect_rows, "moe.", op, ": ", x_name, " has ", x.size(0),
+              " rows, expected ", expect_rows, " (", rows_desc, ")");
+  TORCH_CHECK(x.device() == order_N.device() && x.device() == rows_TK.device(), "moe.", op, ": ",
+              x_name, " is on ", x.device(), " but the plan (order_N/rows_TK) is on ",
+              order_N.device());
+}
+
+void check_weights_arg(const char* op, const char* name, const at::Tensor& w_TK,
+                       const at::Tensor& rows_TK, const at::Tensor& x) {
+  TORCH_CHECK(w_TK.sizes() == rows_TK.sizes(), "moe.", op, ": ", name, " must have shape ",
+              rows_TK.sizes(), " (T, K), got ", w_TK.sizes());
+  TORCH_CHECK(w_TK.scalar_type() == x.scalar_type() || w_TK.scalar_type() == at::kFloat, "moe.",
+              op, ": ", name, " must be float32 or match the data dtype ", x.scalar_type(),
+              ", got ", w_TK.scalar_type());
+  TORCH_CHECK(w_TK.device() == x.device(), "moe.", op, ": ", name, " is on ", w_TK.device(),
+              " but the data is on ", x.device());
+}
+
+static void check_offs(const char* op, const at::Tensor& offs_E, const at::Tensor& a) {
+  TORCH_CHECK(offs_E.dim() == 1 && offs_E.scalar_type() == at::kInt, "moe.", op,
+              ": offs_E must be a 1-D int32 tensor (cumulative end row of each expert), got ",
+              offs_E.scalar_type(), " of shape ", offs_E.sizes());
+  TORCH_CHECK(offs_E.device() == a.device(), "moe.", op, ": offs_E is on ", offs_E.device(),
+              " but a_NX is on ", a.device());
+}
+
+void check_grouped_mm_args(const at::Tensor& a_NX, const at::Tensor& b_EXY,
+                           const at::Tensor& offs_E) {
+  TORCH_CHECK(a_NX.dim() == 2, "moe.grouped_mm: a_NX must be 2-D (N, X), got shape ",
+              a_NX.sizes());
+  TORCH_CHECK(b_EXY.dim() == 3, "moe.grouped_mm: b_EXY must be 3-D (E, X, Y), got shape ",
+              b_EXY.sizes());
+  TORCH_CHECK(is_mm_dtype(a_NX.scalar_type()),
+              "moe.grouped_mm: a_NX must be float32/float64/bfloat16/float16, got ",
+              a_NX.scalar_type());
+  TORCH_CHECK(a_NX.scalar_type() == b_EXY.scalar_type(), "moe.grouped_mm: a_NX is ",
+              a_NX.scalar_type(), " but b_EXY is ", b_EXY.scalar_type());
+  TORCH_CHECK(a_NX.device() == b_EXY.device(), "moe.grouped_mm: a_NX is on ", a_NX.device(),
+              " but b_EXY is on ", b_EXY.device());
+  TORCH_CHECK(a_NX.size(1) == b_EXY.size(1), "moe.grouped_mm: a_NX has X=", a_NX.size(1),
+              " columns but b_EXY has X=", b_EXY.size(1), " rows per expert");
+  check_offs("grouped_mm", offs_E, a_NX);
+  TORCH_CHECK(offs_E.size(0) == b_EXY.size(0), "moe.grouped_mm: offs_E has ", offs_E.size(0),
+              " entries but b_EXY has E=", b_EXY.size(0), " experts");
+}
+
+void check_grouped_mm_wgrad_args(const at::Tensor& a_NX, const at::Tensor& g_NY,
+                                 const at::Tensor& offs_E) {
+  TORCH_CHECK(a_NX.dim() == 2 && g_NY.dim() == 2,
+              "moe.grouped_mm_wgrad: a_NX and g_NY must be 2-D, got shapes ", a_NX.sizes(),
+              " and ", g_NY.sizes());
+  TORCH_CHECK(is_mm_dtype(a_NX.scalar_type()) && a_NX.scalar_type() == g_NY.scalar_type(),
+              "moe.grouped_mm_wgrad: a_NX and g_NY must share a float dtype, got ",
+              a_NX.scalar_type(), " and ", g_NY.scalar_type());
+  TORCH_CHECK(a_NX.size(0) == g_NY.size(0), "moe.grouped_mm_wgrad: a_NX has ", a_NX.size(0),
+              " rows but g_NY has ", g_NY.size(0));
+  TORCH_CHECK(a_NX.device() == g_NY.device(), "moe.grouped_mm_wgrad: a_NX is on ",
+              a_NX.device(), " but g_NY is on ", g_NY.device());
+  check_offs("grouped_mm_wgrad", offs_E, a_NX);
+}
+
+}  // namespace moe

@@ -1,0 +1,155 @@
+// moe.permute / moe.unpermute / moe.unpermute_weights_grad on the CPU (at::parallel_for).
+//
+// Each op reads the plan (order_N, rows_TK) produced by moe.plan. Empty slots (-1) are skipped
+// and never read; accumulation is in at::opmath_type (float32 for half/bfloat16), in slot order
+// k = 0..K-1 so results equal the PyTorch twins in moe/ops_torch.py bit for bit.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <cstring>
+#include <vector>
+
+#include "moe_ops.h"
+
+namespace moe {
+
+namespace {
+
+constexpr int64_t kRowGrain = 16;
+
+// Reads scale/weights as the accumulation type, whatever their stored dtype (float32 or x's).
+template <typename acc_t>
+std::vector<acc_t> to_acc_vector(const std::optional<at::Tensor>& w_TK, int64_t n) {
+  std::vector<acc_t> out;
+  if (!w_TK.has_value()) return out;
+  const auto w = w_TK->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  const acc_t* p = w.template const_data_ptr<acc_t>();
+  out.assign(p, p + n);
+  return out;
+}
+
+void check_index(int64_t idx, int64_t limit, const char* what, int64_t where) {
+  TORCH_CHECK(idx >= -1 && idx < limit, "moe: ", what, "[", where, "] = ", idx,
+              " is outside [-1, ", limit, "): the plan does not match the data");
+}
+
+}  // namespace
+
+at::Tensor permute_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
+                       const at::Tensor& rows_TK, const std::optional<at::Tensor>& scale_TK) {
+  check_dispatch_args("permute", x_TD, "x_TD", rows_TK.size(0), "T, the plan's tokens", order_N,
+                      rows_TK);
+  if (scale_TK.has_value()) check_weights_arg("permute", "scale_TK", *scale_TK, rows_TK, x_TD);
+  const int64_t N = order_N.size(0), K = rows_TK.size(1), D = x_TD.size(1), S = rows_TK.numel();
+  const auto x = x_TD.stride(1) == 1 ? x_TD : x_TD.contiguous();
+  const auto order = order_N.contiguous();
+  auto out = at::empty({N, D}, x.options());
+  const int64_t* ord = order.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "moe_permute_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto scale = to_acc_vector<acc_t>(scale_TK, S);
+    const scalar_t* src = x.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    const int64_t ld = x.stride(0);
+    at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t s = ord[i];
+        check_index(s, S, "order_N", i);
+        scalar_t* o = dst + i * D;
+        if (s < 0) {
+          std::fill(o, o + D, scalar_t(0));
+          continue;
+        }
+        const scalar_t* row = src + (s / K) * ld;
+        if (scale.empty()) {
+          std::memcpy(o, row, D * sizeof(scalar_t));
+        } else {
+          const acc_t w = scale[s];
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(static_cast<acc_t>(row[d]) * w);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor unpermute_cpu(const at::Tensor& y_ND, const at::Tensor& order_N,
+                         const at::Tensor& rows_TK, const std::optional<at::Tensor>& weights_TK) {
+  check_dispatch_args("unpermute", y_ND, "y_ND", order_N.size(0), "N, the plan's rows", order_N,
+                      rows_TK);
+  if (weights_TK.has_value()) check_weights_arg("unpermute", "weights_TK", *weights_TK, rows_TK, y_ND);
+  const int64_t N = y_ND.size(0), T = rows_TK.size(0), K = rows_TK.size(1), D = y_ND.size(1);
+  const auto y = y_ND.stride(1) == 1 ? y_ND : y_ND.contiguous();
+  const auto rows = rows_TK.contiguous();
+  auto out = at::empty({T, D}, y.options());
+  const int64_t* row_of = rows.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "moe_unpermute_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto w = to_acc_vector<acc_t>(weights_TK, T * K);
+    const scalar_t* src = y.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    const int64_t ld = y.stride(0);
+    at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(D);
+      for (int64_t t = begin; t < end; ++t) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t r = row_of[t * K + k];
+          check_index(r, N, "rows_TK", t * K + k);
+          if (r < 0) continue;
+          const scalar_t* row = src + r * ld;
+          if (w.empty()) {
+            for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<acc_t>(row[d]);
+          } else {
+            const acc_t wk = w[t * K + k];
+            for (int64_t d = 0; d < D; ++d) acc[d] += wk * static_cast<acc_t>(row[d]);
+          }
+        }
+        scalar_t* o = dst + t * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[d]);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor unpermute_weights_grad_cpu(const at::Tensor& grad_TD, const at::Tensor& y_ND,
+                                      const at::Tensor& order_N, const at::Tensor& rows_TK) {
+  check_dispatch_args("unpermute_weights_grad", y_ND, "y_ND", order_N.size(0),
+                      "N, the plan's rows", order_N, rows_TK);
+  check_dispatch_args("unpermute_weights_grad", grad_TD, "grad_TD", rows_TK.size(0),
+                      "T, the plan's tokens", order_N, rows_TK);
+  TORCH_CHECK(grad_TD.scalar_type() == y_ND.scalar_type() && grad_TD.size(1) == y_ND.size(1),
+              "moe.unpermute_weights_grad: grad_TD (", grad_TD.scalar_type(), ", D=",
+              grad_TD.size(1), ") must match y_ND (", y_ND.scalar_type(), ", D=", y_ND.size(1), ")");
+  const int64_t N = y_ND.size(0), T = rows_TK.size(0), K = rows_TK.size(1), D = y_ND.size(1);
+  const auto y = y_ND.contiguous();
+  const auto g = grad_TD.contiguous();
+  const auto rows = rows_TK.contiguous();
+  auto out = at::empty({T, K}, y.options().dtype(accum_dtype(y.scalar_type())));
+  const int64_t* row_of = rows.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "moe_unpermute_wgrad_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* ys = y.const_data_ptr<scalar_t>();
+    const scalar_t* gs = g.const_data_ptr<scalar_t>();
+    acc_t* dw = out.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t r = row_of[t * K + k];
+          check_index(r, N, "rows_TK", t * K + k);
+          acc_t dot = 0;
+          if (r >= 0) {
+            for (int64_t d = 0; d < D; ++d)
+              dot += static_cast<acc_t>(gs[t * D + d]) * static_cast<acc_t>(ys[r * D + d]);
+          }
+          dw[t * K + k] = dot;
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace moe

@@ -1,0 +1,45 @@
+// moekit ops: declarations shared by the CPU (csrc/*.cpp) and CUDA (csrc/cuda/*.cu) kernels.
+//
+// Shape legend: T tokens, K slots per token, E experts, N routed rows (the host-side bound
+// N = T*K; rows past offs_E[E-1] are padding), D feature dim, X/Y GEMM input/output dims.
+// Schemas are registered once, in registration.cpp (TORCH_LIBRARY(moe, m)); autograd and fake
+// (meta) kernels are registered from Python in moe/ops.py.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace moe {
+
+using PlanTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Argument checks shared by every backend (metadata only: they never read device data).
+void check_plan_args(const at::Tensor& ids_TK, int64_t num_experts);
+void check_dispatch_args(const char* op, const at::Tensor& x, const char* x_name,
+                         int64_t expect_rows, const char* rows_desc, const at::Tensor& order_N,
+                         const at::Tensor& rows_TK);
+void check_weights_arg(const char* op, const char* name, const at::Tensor& w_TK,
+                       const at::Tensor& rows_TK, const at::Tensor& x);
+void check_grouped_mm_args(const at::Tensor& a_NX, const at::Tensor& b_EXY,
+                           const at::Tensor& offs_E);
+void check_grouped_mm_wgrad_args(const at::Tensor& a_NX, const at::Tensor& g_NY,
+                                 const at::Tensor& offs_E);
+// Dtype of the unpermute_weights_grad output: float32 for half/bfloat16, else the input dtype.
+at::ScalarType accum_dtype(at::ScalarType t);
+
+// CPU kernels.
+PlanTensors plan_cpu(const at::Tensor& ids_TK, int64_t num_experts);
+at::Tensor permute_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
+                       const at::Tensor& rows_TK, const std::optional<at::Tensor>& scale_TK);
+at::Tensor unpermute_cpu(const at::Tensor& y_ND, const at::Tensor& order_N,
+                         const at::Tensor& rows_TK, const std::optional<at::Tensor>& weights_TK);
+at::Tensor unpermute_weights_grad_cpu(const at::Tensor& grad_TD, const at::Tensor& y_ND,
+                                      const at::Tensor& order_N, const at::Tensor& rows_TK);
+at::Tensor grouped_mm_cpu(const at::Tensor& a_NX, const at::Tensor& b_EXY,
+                          const at::Tensor& offs_E);
+at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& a_NX, const at::Tensor& g_NY,
+                                const at::Tensor& offs_E);
+
+}  // namespace moe

@@ -1,0 +1,37 @@
+// The one place where moekit's op schemas are defined and the CPU kernels registered.
+// CUDA kernels register themselves in csrc/cuda/*.cu (TORCH_LIBRARY_IMPL(moe, CUDA, m)).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "moe_ops.h"
+
+TORCH_LIBRARY(moe, m) {
+  // counts_E, offs_E (int32), order_N (int64, length T*K, -1 past offs_E[-1]), rows_TK (int64).
+  m.def("plan(Tensor ids_TK, int num_experts) -> (Tensor, Tensor, Tensor, Tensor)");
+  // x_ND[i] = x_TD[order_N[i] // K] (* scale_TK.flatten()[order_N[i]]); zero where order_N[i] < 0.
+  m.def("permute(Tensor x_TD, Tensor order_N, Tensor rows_TK, Tensor? scale_TK=None) -> Tensor");
+  // y_TD[t] = sum_k weights_TK[t, k] * y_ND[rows_TK[t, k]] over slots with rows_TK >= 0.
+  m.def("unpermute(Tensor y_ND, Tensor order_N, Tensor rows_TK, Tensor? weights_TK=None) -> Tensor");
+  // dw_TK[t, k] = <grad_TD[t], y_ND[rows_TK[t, k]]>, 0 for empty slots (float32 for half types).
+  m.def("unpermute_weights_grad(Tensor grad_TD, Tensor y_ND, Tensor order_N, Tensor rows_TK) -> Tensor");
+  // c_NY[offs[e-1]:offs[e]] = a_NX[offs[e-1]:offs[e]] @ b_EXY[e]; rows past offs[E-1] are zero.
+  m.def("grouped_mm(Tensor a_NX, Tensor b_EXY, Tensor offs_E) -> Tensor");
+  // g_EXY[e] = a_NX[rows of e]^T @ g_NY[rows of e]; zero for experts with no rows.
+  m.def("grouped_mm_wgrad(Tensor a_NX, Tensor g_NY, Tensor offs_E) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(moe, CPU, m) {
+  m.impl("plan", &moe::plan_cpu);
+  m.impl("permute", &moe::permute_cpu);
+  m.impl("unpermute", &moe::unpermute_cpu);
+  m.impl("unpermute_weights_grad", &moe::unpermute_weights_grad_cpu);
+  m.impl("grouped_mm", &moe::grouped_mm_cpu);
+  m.impl("grouped_mm_wgrad", &moe::grouped_mm_wgrad_cpu);
+}
+
+// `import moe._C` loads this library, which runs the registrations above. The module itself
+// has no Python functions: everything is reached through torch.ops.moe.*.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
