@@ -1,0 +1,269 @@
+"""Decoder block and small causal LM: RMSNorm, rotary attention on SDPA with explicit positions.
+
+Shape legend (torchtitan style): B batch, S query positions in this call, M key positions
+(cached + new), H heads, A head dim, D model dim, F MLP hidden dim, V vocabulary.
+`pos_BS` are absolute token positions (RoPE and the causal mask both use them, so a block can
+run on any subset of a sequence, e.g. the tokens a Mixture-of-Recursions router selected);
+`valid_BS` is False on padding (such keys are never attended, such tokens never routed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * g (Zhang & Sennrich 2019, Eq. 4); x (..., D)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rotary(x_BHSA: torch.Tensor, pos_BS: torch.Tensor, base: float) -> torch.Tensor:
+    """RoPE (Su et al. 2021, Eq. 34) in rotate-half form at the absolute positions pos_BS."""
+    half = x_BHSA.shape[-1] // 2
+    inv_freq = base ** (-torch.arange(half, device=x_BHSA.device, dtype=torch.float64) / half)
+    ang_BSA = (pos_BS.to(torch.float64)[..., None] * inv_freq).repeat(1, 1, 2)[:, None]
+    cos, sin = ang_BSA.cos().to(x_BHSA.dtype), ang_BSA.sin().to(x_BHSA.dtype)
+    x1, x2 = x_BHSA[..., :half], x_BHSA[..., half:]
+    return x_BHSA * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Keys and values of one attention site: k_BHMA, v_BHMA, pos_BM, valid_BM (grown by append).
+
+    Entries keep their absolute positions, so a cache may hold any subset of a sequence
+    (recursion-wise caching stores only the tokens selected at one recursion step).
+    """
+
+    def __init__(self):
+        self.k = self.v = self.pos = self.valid = None
+
+    def append(self, k, v, pos, valid):
+        if self.k is None:
+            self.k, self.v, self.pos, self.valid = k, v, pos, valid
+        else:
+            self.k = torch.cat((self.k, k), dim=2)
+            self.v = torch.cat((self.v, v), dim=2)
+            self.pos = torch.cat((self.pos, pos), dim=1)
+            self.valid = torch.cat((self.valid, valid), dim=1)
+        return self.k, self.v, self.pos, self.valid
+
+    def num_tokens(self) -> int:
+        """Number of real (non-padding) cached key/value pairs."""
+        return 0 if self.valid is None else int(self.valid.sum())
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention (Vaswani et al. 2017, Eq. 1) with RoPE, on SDPA.
+
+    Token i attends key j iff pos_j <= pos_i and j is valid, so a call on a subset of tokens
+    gives attention among that subset at its original positions. `flops` counts the multiply-
+    adds of QK^T and PV (4*B*H*S*M*A per call) from the shapes actually sent to SDPA.
+    """
+
+    def __init__(self, dim: int, n_heads: int, *, rope_base: float = 10000.0):
+        super().__init__()
+        if n_heads < 1 or dim % n_heads:
+            raise ValueError(f"n_heads={n_heads} must be >= 1 and divide dim={dim}")
+        if (dim // n_heads) % 2:
+            raise ValueError(f"head dim dim/n_heads={dim // n_heads} must be even for rotary")
+        self.n_heads, self.rope_base = n_heads, rope_base
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self.flops = 0
+
+    def forward(self, x_BSD, pos_BS, valid_BS, cache: KVCache | None = None, shared_kv=None):
+        """x_BSD -> (B, S, D). `shared_kv` is a cache whose keys/values are used instead of
+        this call's (recursive KV sharing); otherwise new K/V are appended to `cache`."""
+        B, S, D = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        q = rotary(q, pos_BS, self.rope_base)
+        if shared_kv is not None:
+            k, v, kpos_BM, kvalid_BM = shared_kv.k, shared_kv.v, shared_kv.pos, shared_kv.valid
+        else:
+            k = rotary(k, pos_BS, self.rope_base)
+            kpos_BM, kvalid_BM = pos_BS, valid_BS
+            if cache is not None:
+                k, v, kpos_BM, kvalid_BM = cache.append(k, v, pos_BS, valid_BS)
+        allow_BSM = (kpos_BM[:, None, :] <= pos_BS[:, :, None]) & kvalid_BM[:, None, :]
+        any_BS1 = allow_BSM.any(-1, keepdim=True)  # padding queries may see no key at all
+        allow_BSM = allow_BSM | ~any_BS1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allow_BSM[:, None])
+        self.flops += 4 * B * self.n_heads * S * k.shape[2] * q.shape[-1]
+        y = y * any_BS1[:, None].to(y.dtype)
+        return self.out(y.transpose(1, 2).reshape(B, S, D))
+
+
+class SwiGLUMLP(nn.Module):
+    """Dense SwiGLU FFN (Shazeer 2020, Eq. 6): W2(silu(x W1) * x W3); x (..., D) -> (..., D)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(a) * b)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: h = x + Attn(Norm(x)); y = h + MLP(Norm(h)) (Llama; Touvron et al. 2023).
+
+    `mlp` is any module mapping (..., D) -> (..., D): a SwiGLUMLP (default) or a moe.MoELayer.
+    Only valid tokens reach the MLP (as an (N, D) batch), so padding never takes routing slots.
+    forward(x_BSD, pos_BS=None, valid_BS=None, cache=None, shared_kv=None) -> y_BSD.
+    """
+
+    def __init__(self, dim: int, n_heads: int, *, mlp: nn.Module | None = None,
+                 mlp_hidden: int | None = None, rope_base: float = 10000.0, norm_eps: float = 1e-6):
+        super().__init__()
+        self.attn_norm = RMSNorm(dim, eps=norm_eps)
+        self.attn = CausalSelfAttention(dim, n_heads, rope_base=rope_base)
+        self.mlp_norm = RMSNorm(dim, eps=norm_eps)
+        self.mlp = mlp if mlp is not None else SwiGLUMLP(dim, mlp_hidden or 4 * dim)
+
+    def new_cache(self) -> KVCache:
+        return KVCache()
+
+    def forward(self, x_BSD, pos_BS=None, valid_BS=None, cache=None, shared_kv=None):
+        B, S, _ = x_BSD.shape
+        if pos_BS is None:
+            pos_BS = torch.arange(S, device=x_BSD.device).expand(B, S)
+        if valid_BS is None:
+            valid_BS = torch.ones(B, S, dtype=torch.bool, device=x_BSD.device)
+        h = x_BSD + self.attn(self.attn_norm(x_BSD), pos_BS, valid_BS, cache, shared_kv)
+        z = self.mlp_norm(h)
+        if bool(valid_BS.all()):
+            return h + self.mlp(z)
+        out = torch.zeros_like(h)
+        out[valid_BS] = self.mlp(z[valid_BS])
+        return h + out
+
+
+@dataclass
+class LMCache:
+    """Per-layer caches of a CausalLM plus the next absolute position of each row (next_pos_B)."""
+
+    layers: list
+    next_pos_B: torch.Tensor | None = None
+
+    def num_tokens(self) -> int:
+        """Real key/value pairs held over all attention sites (the KV memory in tokens)."""
+        return sum(c.num_tokens() for c in self.layers)
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor  # (B, S, V)
+    loss: torch.Tensor | None  # next-token cross-entropy, None without labels
+    aux_loss: torch.Tensor  # sum of `aux_loss` attributes of submodules (MoE, MoR routers)
+    cache: LMCache | None = None
+
+
+class CausalLM(nn.Module):
+    """Embedding -> layers -> RMSNorm -> head. A layer is any module called as
+    layer(x_BSD, pos_BS, valid_BS, cache) -> x_BSD with a `new_cache()` method (DecoderBlock,
+    moe.MixtureOfRecursions)."""
+
+    def __init__(self, vocab_size: int, dim: int, layers, *, norm_eps: float = 1e-6):
+        super().__init__()
+        if vocab_size < 1 or dim < 1:
+            raise ValueError(f"vocab_size={vocab_size} and dim={dim} must be >= 1")
+        self.vocab_size = vocab_size
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(dim, eps=norm_eps)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+
+    def new_cache(self) -> LMCache:
+        return LMCache([layer.new_cache() for layer in self.layers])
+
+    def _check(self, input_ids, attention_mask):
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ValueError(f"input_ids must be an integer (B, S) tensor, got {input_ids.dtype} "
+                             f"{tuple(input_ids.shape)}")
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.vocab_size):
+            raise ValueError(f"input_ids out of range [0, {self.vocab_size})")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids "
+                             f"shape {tuple(input_ids.shape)}")
+
+    def forward(self, input_ids, *, labels=None, attention_mask=None, cache: LMCache | None = None):
+        """input_ids (B, S) -> LMOutput. attention_mask (B, S), 1 = real token (left or right
+        padding); positions count real tokens only and continue from `cache`. labels (B, S) are
+        the input ids (shifted inside; -100 and padding ignored)."""
+        self._check(input_ids, attention_mask)
+        B, S = input_ids.shape
+        valid_BS = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                    else attention_mask.bool())
+        start_B = (cache.next_pos_B if cache is not None and cache.next_pos_B is not None
+                   else torch.zeros(B, dtype=torch.long, device=input_ids.device))
+        pos_BS = start_B[:, None] + (valid_BS.long().cumsum(1) - 1).clamp(min=0)
+        caches = cache.layers if cache is not None else [None] * len(self.layers)
+        x = self.embed(input_ids)
+        for layer, c in zip(self.layers, caches):
+            x = layer(x, pos_BS, valid_BS, c)
+        logits = self.head(self.norm(x))
+        if cache is not None:
+            cache.next_pos_B = start_B + valid_BS.long().sum(1)
+        loss = None
+        if labels is not None:
+            tgt = labels.masked_fill(~valid_BS, -100)[:, 1:]
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, self.vocab_size),
+                                   tgt.reshape(-1).long(), ignore_index=-100)
+        return LMOutput(logits, loss, self._aux_loss(logits), cache)
+
+    def _aux_loss(self, like):
+        total = like.new_zeros(())
+        for m in self.modules():
+            a = getattr(m, "aux_loss", None)
+            if m is not self and isinstance(a, torch.Tensor):
+                total = total + a
+        return total
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int, *, attention_mask=None,
+                 temperature: float = 0.0, generator: torch.Generator | None = None):
+        """Greedy (temperature 0) or sampled decoding with the KV cache, in eval mode.
+        input_ids (B, S), left padding allowed via attention_mask -> (B, S + max_new_tokens)."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+        was_training = self.training
+        self.eval()
+        try:
+            cache, ids, out = self.new_cache(), input_ids, [input_ids]
+            mask = attention_mask
+            for _ in range(max_new_tokens):
+                logits = self(ids, attention_mask=mask, cache=cache).logits[:, -1]
+                if temperature > 0:
+                    probs = torch.softmax(logits.float() / temperature, dim=-1)
+                    ids = torch.multinomial(probs, 1, generator=generator)
+                else:
+                    ids = logits.argmax(-1, keepdim=True)
+                out.append(ids)
+                mask = None
+            return torch.cat(out, dim=1)
+        finally:
+            self.train(was_training)
+
+
+def build_lm(*, vocab_size: int, dim: int, n_layers: int, n_heads: int,
+             mlp_hidden: int | None = None, mlp_factory=None) -> CausalLM:
+    """A vanilla LM of n_layers unique DecoderBlocks; mlp_factory(layer_index) -> nn.Module
+    (e.g. a moe.MoELayer) replaces the dense SwiGLU MLP."""
+    if n_layers < 1:
+        raise ValueError(f"n_layers={n_layers} must be >= 1")
+    blocks = [DecoderBlock(dim, n_heads, mlp_hidden=mlp_hidden,
+                           mlp=mlp_factory(i) if mlp_factory else None) for i in range(n_layers)]
+    return CausalLM(vocab_size, dim, blocks)
