@@ -1,0 +1,35 @@
+"""moekit routers: decide which experts each token goes to; never move tokens.
+
+Shape legend: T tokens (B*S), D hidden size, E experts, K routing slots, R recurrent router dim.
+Every router is an nn.Module with ``num_experts``, ``top_k`` (max slots), ``hidden_size`` and
+``forward(x, *, state=None, padding_mask=None) -> Routing``; ``-1`` in ``Routing.ids_TK`` marks
+an empty slot (variable k, capacity drop or padding) and carries weight 0.
+"""
+
+from routers.capacity import apply_capacity, capacity, position_priority, xmoe_priority
+from routers.expert_choice import ExpertChoiceRouter
+from routers.losses import entropy_loss, sequence_load_balancing_loss, switch_load_balancing_loss, z_loss
+from routers.recurrent import RecurrentRouter, RecurrentRouterChain
+from routers.routing import Routing, expert_counts
+from routers.threshold import ThresholdRouter, threshold_keep
+from routers.topk import TopKRouter, group_limited_topk
+
+__all__ = [
+    "Routing",
+    "TopKRouter",
+    "ThresholdRouter",
+    "RecurrentRouter",
+    "RecurrentRouterChain",
+    "ExpertChoiceRouter",
+    "switch_load_balancing_loss",
+    "sequence_load_balancing_loss",
+    "z_loss",
+    "entropy_loss",
+    "capacity",
+    "apply_capacity",
+    "position_priority",
+    "xmoe_priority",
+    "threshold_keep",
+    "group_limited_topk",
+    "expert_counts",
+]

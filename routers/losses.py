@@ -1,0 +1,117 @@
+"""Auxiliary router losses: load balancing (batch and per sequence), z-loss, entropy.
+
+Shape legend: B sequences, S tokens per sequence, T tokens (B*S), E experts, K slots.
+``valid`` masks (True = real token) exclude padded tokens from every loss. All losses are
+scalars of at least float32, differentiable through the probabilities/logits (the counts are not).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+AUX_LOSS_KINDS = ("switch", "seq", None)
+
+
+def sequence_load_balancing_loss(probs_BSE: Tensor, ids_BSK: Tensor, *, valid_BS: Optional[Tensor] = None) -> Tensor:
+    """Sequence-wise balance loss (DeepSeek-V3, Eq. 17-20), averaged over sequences.
+
+    For each sequence: E * sum_i f_i * P_i with f_i = (slots routed to expert i) / (slots routed)
+    and P_i = the mean over its tokens of probs_i. With a fixed top-k and no drops the slot total
+    is S*K, i.e. f_i = count_i / (K*S) as in the paper; -1 slots and padded tokens are excluded.
+    Sequences without a real token contribute nothing to the mean.
+    """
+    B, S, E = probs_BSE.shape
+    probs = _promote(probs_BSE)
+    K = ids_BSK.shape[-1]
+    ids = ids_BSK.reshape(B, S * K)
+    routed = (ids >= 0).to(probs.dtype)
+    if valid_BS is None:
+        valid_BS = torch.ones(B, S, dtype=torch.bool, device=probs.device)
+    routed = routed * valid_BS[..., None].expand(B, S, K).reshape(B, S * K).to(probs.dtype)
+    counts_BE = probs.new_zeros(B, E + 1).scatter_add_(1, (ids + 1).clamp(min=0), routed)[:, 1:]
+    f_BE = counts_BE / counts_BE.sum(dim=1, keepdim=True).clamp(min=1.0)
+    valid = valid_BS.to(probs.dtype)
+    tokens_B = valid.sum(dim=1)
+    P_BE = probs.masked_fill(~valid_BS[..., None], 0.0).sum(dim=1) / tokens_B[:, None].clamp(min=1.0)
+    loss_B = E * (f_BE * P_BE).sum(dim=1)
+    has_tokens = (tokens_B > 0).to(probs.dtype)
+    return (loss_B * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
+
+
+def switch_load_balancing_loss(probs_TE: Tensor, ids_TK: Tensor, *, valid_T: Optional[Tensor] = None) -> Tensor:
+    """Switch Transformer load-balancing loss (Fedus et al. 2021, Eq. 4-6) over the whole batch.
+
+    E * sum_i f_i * P_i, f_i = (slots routed to expert i) / (slots routed) (= count_i / (T*K) for a
+    fixed top-k, Megatron's normalisation), P_i = mean over tokens of probs_TE[:, i]. Its minimum
+    1 is reached by uniform routing.
+    """
+    valid = None if valid_T is None else valid_T[None]
+    return sequence_load_balancing_loss(probs_TE[None], ids_TK[None], valid_BS=valid)
+
+
+def z_loss(logits_TE: Tensor, *, valid_T: Optional[Tensor] = None) -> Tensor:
+    """Router z-loss (ST-MoE, Zoph et al. 2022, Eq. 5): mean over tokens of logsumexp(logits)^2."""
+    lse_T = torch.logsumexp(_promote(logits_TE), dim=-1) ** 2
+    return _masked_mean(lse_T, valid_T)
+
+
+def entropy_loss(probs_TE: Tensor, *, valid_T: Optional[Tensor] = None) -> Tensor:
+    """Mean entropy -sum_i p_i log p_i of the router distribution: the "dynamic loss" of top-p
+    routing (Huang et al. 2024, "Harder Tasks Need More Experts", Eq. 8), which keeps top-p
+    routing from spreading every token over all experts."""
+    probs = _promote(probs_TE)
+    ent_T = -(probs * torch.log(probs.clamp(min=torch.finfo(probs.dtype).tiny))).sum(dim=-1)
+    return _masked_mean(ent_T, valid_T)
+
+
+def _promote(t: Tensor) -> Tensor:
+    """At least float32 (float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _masked_mean(v_T: Tensor, valid_T: Optional[Tensor]) -> Tensor:
+    if valid_T is None:
+        return v_T.sum() / max(v_T.shape[0], 1)
+    return v_T.masked_fill(~valid_T, 0.0).sum() / valid_T.sum().to(v_T.dtype).clamp(min=1.0)
+
+
+def check_aux_config(aux_loss, aux_loss_coeff: float, z_loss_coeff: float) -> None:
+    if aux_loss not in AUX_LOSS_KINDS:
+        raise ValueError(f"aux_loss must be one of {AUX_LOSS_KINDS}, got {aux_loss!r}")
+    if not aux_loss_coeff >= 0:
+        raise ValueError(f"aux_loss_coeff must be >= 0, got {aux_loss_coeff!r}")
+    if not z_loss_coeff >= 0:
+        raise ValueError(f"z_loss_coeff must be >= 0, got {z_loss_coeff!r}")
+
+
+def balance_losses(
+    *,
+    aux_loss: Optional[str],
+    aux_loss_coeff: float,
+    z_loss_coeff: float,
+    probs_TE: Tensor,
+    ids_TK: Tensor,
+    logits_TE: Tensor,
+    valid_T: Optional[Tensor],
+    seq_shape: tuple,
+) -> dict:
+    """The aux_losses dict of a router in training: coefficient * loss for each enabled loss.
+
+    "load_balancing" (aux_loss="switch"), "seq_load_balancing" (aux_loss="seq", per sequence
+    of the (B, S) input; a (T, D) input is one sequence) and "z_loss".
+    """
+    out = {}
+    if aux_loss == "switch" and aux_loss_coeff > 0:
+        out["load_balancing"] = aux_loss_coeff * switch_load_balancing_loss(probs_TE, ids_TK, valid_T=valid_T)
+    elif aux_loss == "seq" and aux_loss_coeff > 0:
+        B, S = seq_shape
+        valid = None if valid_T is None else valid_T.reshape(B, S)
+        out["seq_load_balancing"] = aux_loss_coeff * sequence_load_balancing_loss(
+            probs_TE.reshape(B, S, probs_TE.shape[1]), ids_TK.reshape(B, S, ids_TK.shape[1]), valid_BS=valid
+        )
+    if z_loss_coeff > 0:
+        out["z_loss"] = z_loss_coeff * z_loss(logits_TE, valid_T=valid_T)
+    return out

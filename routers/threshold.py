@@ -1,0 +1,129 @@
+"""Variable-k routing by a probability threshold: XMoE threshold gating and top-p routing.
+
+Shape legend: T tokens, D hidden size, E experts, K slots (max_experts, or E).
+
+Experts are ranked by softmax probability, descending; a token keeps a prefix of that ranking
+and the remaining slots are -1. Capacity (when set) drops slots by XMoE's priority.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from routers.capacity import apply_capacity, capacity, check_capacity_factor, xmoe_priority
+from routers.losses import balance_losses, check_aux_config, entropy_loss
+from routers.routing import RouterBase, Routing, count_chosen, make_routing
+
+RULES = ("xmoe", "top_p")
+
+
+def threshold_keep(probs_sorted_TK: Tensor, threshold: float, rule: str) -> Tensor:
+    """bool (T, K): which ranks of the descending probabilities a token keeps.
+
+    With c_i = sum of the probabilities ranked above i (c_0 = 0):
+    rule="xmoe" (Yang et al. 2024, XMoE, threshold gating): keep rank i iff c_i < threshold;
+    rank 0 is always kept. rule="top_p" (Huang et al. 2024, "Harder Tasks Need More Experts",
+    Eq. 4-5): keep every expert whose cumulative probability is <= p plus the first one that
+    crosses p, i.e. rank i iff c_i <= p.
+    """
+    T = probs_sorted_TK.shape[0]
+    above_TK = torch.cat(
+        [probs_sorted_TK.new_zeros(T, 1), torch.cumsum(probs_sorted_TK, dim=-1)[:, :-1]], dim=-1
+    )
+    if rule == "xmoe":
+        keep = above_TK < threshold
+        keep[:, 0] = True
+        return keep
+    if rule == "top_p":
+        return above_TK <= threshold
+    raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+
+
+class ThresholdRouter(RouterBase):
+    """Softmax router that gives each token as many experts as its probability mass needs.
+
+    threshold in (0, 1]; rule "xmoe" or "top_p" (see threshold_keep). max_experts caps the slots
+    K (default E). Weights are the raw probabilities of the kept experts, or renormalised to sum
+    to 1 when renormalize=True. capacity_factor=None is dropless; otherwise each expert keeps
+    ceil(T/E * capacity_factor) slots (XMoE's capacity: the factor counts expert slots per token)
+    chosen by XMoE's priority (K - rank) + probability, so every first choice outranks every
+    second choice. aux_loss="switch"/"seq": balance loss with f_i from each token's top-1 expert
+    for rule="xmoe" (as the XMoE code) and from all kept experts for rule="top_p";
+    dynamic_loss_coeff adds top-p routing's entropy loss; z_loss_coeff the z-loss.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        *,
+        threshold: float,
+        rule: str = "xmoe",
+        max_experts: Optional[int] = None,
+        renormalize: bool = False,
+        capacity_factor: Optional[float] = None,
+        aux_loss: Optional[str] = "switch",
+        aux_loss_coeff: float = 1e-2,
+        z_loss_coeff: float = 0.0,
+        dynamic_loss_coeff: float = 0.0,
+        jitter: float = 0.0,
+        init_std: float = 0.02,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        self._init_common(hidden_size, num_experts, jitter=jitter, check_finite=check_finite)
+        if not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if max_experts is not None and (not isinstance(max_experts, int) or not 1 <= max_experts <= num_experts):
+            raise ValueError(f"max_experts must be None or an int in [1, num_experts={num_experts}], got {max_experts!r}")
+        check_capacity_factor(capacity_factor)
+        check_aux_config(aux_loss, aux_loss_coeff, z_loss_coeff)
+        if not dynamic_loss_coeff >= 0:
+            raise ValueError(f"dynamic_loss_coeff must be >= 0, got {dynamic_loss_coeff!r}")
+        self.threshold, self.rule, self.renormalize = float(threshold), rule, bool(renormalize)
+        self.top_k = num_experts if max_experts is None else max_experts
+        self.capacity_factor = capacity_factor
+        self.aux_loss, self.aux_loss_coeff, self.z_loss_coeff = aux_loss, float(aux_loss_coeff), float(z_loss_coeff)
+        self.dynamic_loss_coeff = float(dynamic_loss_coeff)
+        self._init_linear(init_std)
+
+    def forward(self, x: Tensor, *, state=None, padding_mask: Optional[Tensor] = None) -> Routing:
+        """x (T, D) or (B, S, D) -> Routing with K = max_experts slots. ``state`` is ignored."""
+        logits_TE, valid_T, seq_shape = self._linear_logits(x, padding_mask)
+        self._check_logits(logits_TE, valid_T)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        sorted_TK, ids_TK = probs_TE.topk(self.top_k, dim=-1, sorted=True)
+        keep_TK = threshold_keep(sorted_TK, self.threshold, self.rule)
+        if valid_T is not None:
+            keep_TK = keep_TK & valid_T[:, None]
+        ids_TK = ids_TK.masked_fill(~keep_TK, -1)
+        weights_TK = sorted_TK.masked_fill(~keep_TK, 0.0)
+        if self.renormalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp(min=1e-20)
+        chosen = count_chosen(ids_TK, valid_T)
+        aux = self._losses(probs_TE, ids_TK, logits_TE, valid_T, seq_shape) if self.training else {}
+        if self.capacity_factor is not None:
+            cap = capacity(ids_TK.shape[0], 1, self.num_experts, self.capacity_factor)
+            ids_TK, weights_TK = apply_capacity(ids_TK, weights_TK, xmoe_priority(sorted_TK), cap, self.num_experts)
+        return make_routing(
+            ids_TK=ids_TK, weights_TK=weights_TK, probs_TE=probs_TE, logits_TE=logits_TE,
+            valid_T=valid_T, chosen_slots=chosen, aux_losses=aux,
+        )
+
+    def _losses(self, probs_TE, ids_TK, logits_TE, valid_T, seq_shape) -> dict:
+        ids_aux = ids_TK[:, :1] if self.rule == "xmoe" else ids_TK
+        out = balance_losses(aux_loss=self.aux_loss, aux_loss_coeff=self.aux_loss_coeff,
+                             z_loss_coeff=self.z_loss_coeff, probs_TE=probs_TE, ids_TK=ids_aux,
+                             logits_TE=logits_TE, valid_T=valid_T, seq_shape=seq_shape)
+        if self.dynamic_loss_coeff > 0:
+            out["dynamic"] = self.dynamic_loss_coeff * entropy_loss(probs_TE, valid_T=valid_T)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, rule={self.rule}, "
+                f"threshold={self.threshold}, max_experts={self.top_k}")

@@ -1,0 +1,215 @@
+"""Token-choice top-k routing: softmax or sigmoid scores, group-limited selection, the
+auxiliary-loss-free expert bias, capacity and balancing losses.
+
+Shape legend: T tokens, D hidden size, E experts, K top-k slots, G expert groups.
+
+Follows Mixtral / Qwen3-MoE (softmax, optional renormalisation of the top-k) and DeepSeek-V3
+(sigmoid affinities, node-limited group selection by the sum of each group's top-2 scores,
+the bias b_i added for selection only, Eq. 12-16, and routed_scaling_factor). Tests check
+identical ids and weights against the routers of Hugging Face transformers.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from routers.capacity import DROP_POLICIES, apply_capacity, capacity, check_capacity_factor, position_priority
+from routers.losses import balance_losses, check_aux_config
+from routers.routing import RouterBase, Routing, count_chosen, make_routing
+
+
+def group_limited_topk(choice_TE: Tensor, top_k: int, num_groups: int, topk_groups: int) -> Tensor:
+    """ids_TK of the top-k experts among the ``topk_groups`` best of ``num_groups`` equal groups.
+
+    A group's score is the sum of its two highest choice scores (DeepSeek-V3 Sec. 2.1.2, the
+    node-limited routing; one score when a group holds one expert).
+    """
+    T, E = choice_TE.shape
+    per_group = E // num_groups
+    grouped = choice_TE.view(T, num_groups, per_group)
+    group_scores_TG = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
+    groups_TG = group_scores_TG.topk(topk_groups, dim=-1).indices
+    keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter(1, groups_TG, True)
+    keep_TE = keep_TG[:, :, None].expand(T, num_groups, per_group).reshape(T, E)
+    masked = choice_TE.masked_fill(~keep_TE, float("-inf"))
+    return masked.topk(top_k, dim=-1).indices
+
+
+class TopKBase(RouterBase):
+    """Selection, weighting, capacity and losses shared by TopKRouter and RecurrentRouter."""
+
+    def _init_topk(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        score: str,
+        norm_topk: Optional[bool],
+        routed_scaling_factor: float,
+        num_groups: Optional[int],
+        topk_groups: Optional[int],
+        expert_bias: bool,
+        jitter: float,
+        capacity_factor: Optional[float],
+        drop_policy: str,
+        aux_loss: Optional[str],
+        aux_loss_coeff: float,
+        z_loss_coeff: float,
+        check_finite: bool,
+    ) -> None:
+        self._init_common(hidden_size, num_experts, jitter=jitter, check_finite=check_finite)
+        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+        if score not in ("softmax", "sigmoid"):
+            raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
+        if drop_policy not in DROP_POLICIES:
+            raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
+        check_capacity_factor(capacity_factor)
+        check_aux_config(aux_loss, aux_loss_coeff, z_loss_coeff)
+        if (num_groups is None) != (topk_groups is None):
+            raise ValueError("num_groups and topk_groups must be given together")
+        if num_groups is not None:
+            if not isinstance(num_groups, int) or num_groups < 1 or num_experts % num_groups:
+                raise ValueError(f"num_groups must divide num_experts={num_experts}, got {num_groups!r}")
+            if not isinstance(topk_groups, int) or not 1 <= topk_groups <= num_groups:
+                raise ValueError(f"topk_groups must be in [1, num_groups={num_groups}], got {topk_groups!r}")
+            if top_k > topk_groups * (num_experts // num_groups):
+                raise ValueError(
+                    f"top_k={top_k} exceeds the {topk_groups * (num_experts // num_groups)} experts in "
+                    f"topk_groups={topk_groups} groups"
+                )
+        self.top_k = top_k
+        self.score = score
+        self.norm_topk = (top_k > 1) if norm_topk is None else bool(norm_topk)
+        self.routed_scaling_factor = float(routed_scaling_factor)
+        self.num_groups, self.topk_groups = num_groups, topk_groups
+        self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
+        self.aux_loss, self.aux_loss_coeff, self.z_loss_coeff = aux_loss, float(aux_loss_coeff), float(z_loss_coeff)
+        if expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+
+    def _route(self, logits_TE: Tensor, valid_T: Optional[Tensor], seq_shape: tuple, state=None) -> Routing:
+        """Scores -> top-k ids and weights -> losses (on the routing before drops, as Megatron) -> capacity."""
+        self._check_logits(logits_TE, valid_T)
+        if self.score == "softmax":
+            probs_TE = torch.softmax(logits_TE, dim=-1)
+        else:
+            probs_TE = torch.sigmoid(logits_TE)
+        choice_TE = probs_TE if self.expert_bias is None else probs_TE + self.expert_bias
+        if self.num_groups is None:
+            ids_TK = choice_TE.topk(self.top_k, dim=-1).indices
+        else:
+            ids_TK = group_limited_topk(choice_TE, self.top_k, self.num_groups, self.topk_groups)
+        weights_TK = probs_TE.gather(1, ids_TK)
+        if self.norm_topk:
+            eps = 1e-20 if self.score == "sigmoid" else 0.0
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + eps)
+        weights_TK = weights_TK * self.routed_scaling_factor
+        if valid_T is not None:
+            ids_TK = ids_TK.masked_fill(~valid_T[:, None], -1)
+        chosen = count_chosen(ids_TK, valid_T)
+        aux = self._losses(probs_TE, ids_TK, logits_TE, valid_T, seq_shape) if self.training else {}
+        if self.capacity_factor is not None:
+            T = ids_TK.shape[0]
+            cap = capacity(T, self.top_k, self.num_experts, self.capacity_factor)
+            prio = weights_TK if self.drop_policy == "probs" else position_priority(ids_TK)
+            ids_TK, weights_TK = apply_capacity(ids_TK, weights_TK, prio, cap, self.num_experts)
+        return make_routing(
+            ids_TK=ids_TK, weights_TK=weights_TK, probs_TE=probs_TE, logits_TE=logits_TE,
+            valid_T=valid_T, chosen_slots=chosen, aux_losses=aux, state=state,
+        )
+
+    def _losses(self, probs_TE, ids_TK, logits_TE, valid_T, seq_shape) -> dict:
+        """Balance losses use the unbiased, group-free top-k of the (for sigmoid: normalised)
+        scores, before capacity (DeepSeek-V3 Eq. 17-20; Megatron compute_routing_scores_for_aux_loss)."""
+        scores_TE, ids_aux = probs_TE, ids_TK
+        if self.aux_loss is not None and self.aux_loss_coeff > 0:
+            if self.score == "sigmoid":
+                scores_TE = probs_TE / (probs_TE.sum(dim=-1, keepdim=True) + 1e-20)
+            if self.expert_bias is not None or self.num_groups is not None:
+                ids_aux = scores_TE.topk(self.top_k, dim=-1).indices
+                if valid_T is not None:
+                    ids_aux = ids_aux.masked_fill(~valid_T[:, None], -1)
+        return balance_losses(aux_loss=self.aux_loss, aux_loss_coeff=self.aux_loss_coeff,
+                              z_loss_coeff=self.z_loss_coeff, probs_TE=scores_TE, ids_TK=ids_aux,
+                              logits_TE=logits_TE, valid_T=valid_T, seq_shape=seq_shape)
+
+
+class TopKRouter(TopKBase):
+    """Linear router + top-k: logits_TE = x_TD @ weight_ED^T, computed in float32.
+
+    score="softmax" (Mixtral, Qwen3-MoE, Switch) or "sigmoid" (DeepSeek-V3). norm_topk
+    renormalises the k selected scores to sum to 1 (default: when top_k > 1);
+    routed_scaling_factor multiplies the final weights. num_groups/topk_groups restrict the
+    choice to the best topk_groups of num_groups expert groups. expert_bias=True adds the
+    auxiliary-loss-free bias buffer (DeepSeek-V3 Eq. 16), used for selection only and moved by
+    update_expert_bias. jitter multiplies the router input by U(1-jitter, 1+jitter) in training
+    (Switch Transformer). capacity_factor=None is dropless; otherwise capacity(T, K, E, factor)
+    slots per expert, dropping the lowest weights ("probs") or the latest tokens ("position").
+    aux_loss "switch" (batch) or "seq" (per sequence, DeepSeek-V3) times aux_loss_coeff, plus
+    z_loss_coeff * z-loss, all returned in Routing.aux_losses in training mode.
+    check_finite=True raises on NaN/inf logits at the cost of one host sync.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        score: str = "softmax",
+        norm_topk: Optional[bool] = None,
+        routed_scaling_factor: float = 1.0,
+        num_groups: Optional[int] = None,
+        topk_groups: Optional[int] = None,
+        expert_bias: bool = False,
+        jitter: float = 0.0,
+        capacity_factor: Optional[float] = None,
+        drop_policy: str = "probs",
+        aux_loss: Optional[str] = "switch",
+        aux_loss_coeff: float = 1e-2,
+        z_loss_coeff: float = 0.0,
+        init_std: float = 0.02,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        self._init_topk(
+            hidden_size, num_experts, top_k, score=score, norm_topk=norm_topk,
+            routed_scaling_factor=routed_scaling_factor, num_groups=num_groups, topk_groups=topk_groups,
+            expert_bias=expert_bias, jitter=jitter, capacity_factor=capacity_factor,
+            drop_policy=drop_policy, aux_loss=aux_loss, aux_loss_coeff=aux_loss_coeff,
+            z_loss_coeff=z_loss_coeff, check_finite=check_finite,
+        )
+        self._init_linear(init_std)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.expert_bias is not None:
+            self.expert_bias.zero_()
+
+    def forward(self, x: Tensor, *, state=None, padding_mask: Optional[Tensor] = None) -> Routing:
+        """x (T, D) or (B, S, D) -> Routing over the T (= B*S) tokens. ``state`` is ignored."""
+        return self._route(*self._linear_logits(x, padding_mask))
+
+    @torch.no_grad()
+    def update_expert_bias(self, counts_E: Tensor, rate: float = 1e-3) -> None:
+        """DeepSeek-V3's auxiliary-loss-free balancing (Sec. 2.1.2): after a step, b_i += rate *
+        sign(mean(counts) - counts_i), lowering the bias of overloaded experts. counts_E (E,) is
+        e.g. Routing.counts_E summed over the step's micro-batches (all-reduce it yourself)."""
+        if self.expert_bias is None:
+            raise RuntimeError("update_expert_bias needs TopKRouter(..., expert_bias=True)")
+        if not isinstance(counts_E, Tensor) or tuple(counts_E.shape) != (self.num_experts,):
+            raise ValueError(f"counts_E must be a tensor of shape ({self.num_experts},), got "
+                             f"{tuple(counts_E.shape) if isinstance(counts_E, Tensor) else type(counts_E).__name__}")
+        counts = counts_E.to(device=self.expert_bias.device, dtype=torch.float32)
+        self.expert_bias.add_(torch.sign(counts.mean() - counts), alpha=rate)
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}, "
+                f"score={self.score}, capacity_factor={self.capacity_factor}")
