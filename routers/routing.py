@@ -187,18 +187,28 @@ class RouterBase(nn.Module):
         return F.linear(x_TD, self.weight.to(x_TD.dtype)), valid_T, seq_shape
 
     def _check_logits(self, logits_TE: Tensor, valid_T: Optional[Tensor]) -> None:
-        if self.check_finite and not torch.compiler.is_compiling():
-            _sync_check_finite(logits_TE, valid_T)
+        if not self.check_finite or torch.compiler.is_compiling():
+            return
+        if logits_TE.device.type == "cpu":
+            _check_finite(logits_TE, valid_T)
+        else:  # no host sync on accelerators: a device-side assert fails the next sync point
+            torch._assert_async(_all_finite(logits_TE, valid_T), _NOT_FINITE)
 
 
-def _sync_check_finite(logits_TE: Tensor, valid_T: Optional[Tensor]) -> None:
-    """Raise if any non-padded router logit is NaN or inf. ONE host sync (``check_finite=False``
-    on the router turns it off)."""
+_NOT_FINITE = ("router logits contain NaN or inf (x or the router weights are not finite); "
+               "the router refuses to route them")
+
+
+def _all_finite(logits_TE: Tensor, valid_T: Optional[Tensor]) -> Tensor:
     finite = torch.isfinite(logits_TE).all(dim=-1)
     if valid_T is not None:
         finite = finite | ~valid_T
-    if not bool(finite.all()):
-        raise ValueError(
-            "router logits contain NaN or inf (x or the router weights are not finite); "
-            "the router refuses to route them"
-        )
+    return finite.all()
+
+
+def _check_finite(logits_TE: Tensor, valid_T: Optional[Tensor]) -> None:
+    """Raise if any non-padded router logit is NaN or inf (CPU: reading the flag is free).
+    On CUDA the same check is a device-side assert (torch._assert_async), so it costs no host
+    sync; ``check_finite=False`` on the router turns both off."""
+    if not bool(_all_finite(logits_TE, valid_T)):
+        raise ValueError(_NOT_FINITE)
