@@ -1,0 +1,231 @@
+"""Expert parallelism over torch.distributed: experts sharded across a process group, tokens
+exchanged with all-to-all (GShard, Lepikhin et al. 2020: experts sharded over devices, tokens
+dispatched and combined by all-to-all; Megatron-core's all-to-all token dispatcher).
+
+Shape legend: T tokens on this rank, D hidden size, K routing slots, E experts (global),
+W ranks in the expert-parallel group, L = E / W local experts (global expert e lives on rank
+e // L, as local expert e % L), N = T*K routed-row bound, R rows received by this rank,
+C capacity slots per (source rank, expert) pair.
+
+Dropless mode (``capacity_factor=None``)::
+
+    ids_TK ─plan─► x_ND sorted by global expert (rows for rank r contiguous)
+    counts_WL ─all_to_all─► recv_WL           (counts first: recv_WL[s, l] = rows s sends to l)
+    _sync_split_sizes(counts_WL, recv_WL)     (THE host sync: split sizes to Python ints)
+    x_ND ─all_to_all_single(splits)─► x_RD    (ordered by source, local expert, source's order)
+    x_RD ─stable re-sort by local expert─► (local expert, source, source's order), offs_E
+
+Capacity mode (``capacity_factor=f``): every (source, expert) pair owns C = ceil(T*K/E * f)
+slots, so all splits are L*C rows, known on the host: no counts exchange, no host sync. The
+first C routed slots of an expert (in slot order t*K + k, Megatron's "position" policy) are
+kept; the rest are dropped, exactly as if their id were -1 (no output, no gradient), and
+counted in ``state.num_dropped``. Unused slots are zero rows; the experts compute on them but
+combine never reads them, so they affect no output and no gradient.
+
+combine reverses the exchange and applies the routing weights (Shazeer et al. 2017, Eq. 1:
+y_t = sum_k w_tk E_{e_tk}(x_t)), accumulated in float32. Both exchanges are differentiable:
+the backward of an all-to-all is the all-to-all with the splits swapped. Every rank of the
+group must call dispatch/combine (and backward) the same number of times, in the same order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe import ops
+from moe.dispatch import _check_dispatch_args
+
+__all__ = ["AllToAllDispatcher", "AllToAllState"]
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows of x split by ``in_splits`` go to the ranks of ``group``; rows arriving are stacked
+    by source rank (sizes ``out_splits``). None splits mean equal splits. Backward: the same
+    exchange with the splits swapped."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, out_splits: Optional[list], in_splits: Optional[list], group) -> Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        rows = x.shape[0] if out_splits is None else sum(out_splits)
+        out = x.new_empty((rows,) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        out_splits, in_splits = ctx.splits
+        return _AllToAll.apply(grad, in_splits, out_splits, ctx.group), None, None, None
+
+
+@dataclasses.dataclass(frozen=True)
+class AllToAllState:
+    """What combine needs. plan: this rank's tokens by global expert (after capacity drops);
+    weights_TK: routing weights. Dropless: send_splits / recv_splits (rows to / from each rank,
+    host ints) and local_plan (re-sort of the R received rows by local expert). Capacity:
+    capacity C and slot_N (send-buffer slot of each routed row; E*C = none). num_dropped: int64
+    scalar tensor, slots dropped by the capacity on this rank (0 when dropless)."""
+
+    plan: ops.Plan
+    weights_TK: Tensor
+    num_dropped: Tensor
+    send_splits: Optional[list] = None
+    recv_splits: Optional[list] = None
+    local_plan: Optional[ops.Plan] = None
+    capacity: Optional[int] = None
+    slot_N: Optional[Tensor] = None
+
+
+class AllToAllDispatcher(nn.Module):
+    """Dispatch to experts sharded over ``group`` (W ranks, E / W experts each); same interface
+    as :class:`moe.dispatch.LocalDispatcher`.
+
+    num_experts: E, global (must be divisible by W). group: the expert-parallel process group
+    (None: the default group). capacity_factor: None = dropless (one host sync per dispatch,
+    :meth:`_sync_split_sizes`); f > 0 = capacity mode, C = ceil(T*K/E * f) slots per (source
+    rank, expert), sync-free. capacity_tokens: the T that C is sized from, a bound shared by all
+    ranks (default: this rank's T, which must then be equal on every rank: with unequal T the
+    ranks disagree on the split sizes)."""
+
+    def __init__(self, num_experts: int, group=None, *, capacity_factor: Optional[float] = None,
+                 capacity_tokens: Optional[int] = None) -> None:
+        super().__init__()
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("AllToAllDispatcher: torch.distributed is not initialized; call "
+                               "init_process_group before passing group")
+        if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
+            raise ValueError(f"AllToAllDispatcher: num_experts must be a positive int, got {num_experts!r}")
+        world = dist.get_world_size(group)
+        if num_experts % world:
+            raise ValueError(f"AllToAllDispatcher: num_experts={num_experts} is not divisible by the "
+                             f"expert-parallel world size {world}")
+        if capacity_factor is not None and not (isinstance(capacity_factor, (int, float))
+                                                and not isinstance(capacity_factor, bool) and capacity_factor > 0):
+            raise ValueError(f"AllToAllDispatcher: capacity_factor must be None (dropless) or > 0, "
+                             f"got {capacity_factor!r}")
+        if capacity_tokens is not None and (capacity_factor is None or not isinstance(capacity_tokens, int)
+                                            or capacity_tokens < 0):
+            raise ValueError(f"AllToAllDispatcher: capacity_tokens must be an int >= 0 used with "
+                             f"capacity_factor, got {capacity_tokens!r}")
+        self.num_experts, self.group, self.world_size = num_experts, group, world
+        self.rank = dist.get_rank(group)
+        if self.rank < 0:
+            raise ValueError("AllToAllDispatcher: this process is not a member of group")
+        self.num_local_experts = num_experts // world
+        self.capacity_factor, self.capacity_tokens = capacity_factor, capacity_tokens
+
+    def capacity(self, num_tokens: int, top_k: int) -> int:
+        """C = ceil(T*K/E * capacity_factor) slots per (source rank, expert) (the expert
+        capacity of Fedus et al. 2021, Switch Transformer, Eq. 3, per source rank), with
+        T = capacity_tokens when set, else ``num_tokens``."""
+        if self.capacity_factor is None:
+            raise ValueError("AllToAllDispatcher.capacity: dropless (capacity_factor=None) has no capacity")
+        T = num_tokens if self.capacity_tokens is None else self.capacity_tokens
+        return math.ceil(T * top_k / self.num_experts * self.capacity_factor)
+
+    def dispatch(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor):
+        """x_TD (T, D), ids_TK int (T, K) global expert ids with -1 for empty slots, weights_TK
+        (T, K) -> (x_ND, offs_E, state): the rows this rank's L experts process, sorted by local
+        expert (then source rank, then the source's slot order), offs_E int32 (L,) their
+        cumulative ends. Dropless: R rows, all routed. Capacity: L*W*C rows, each expert's
+        W*C slots holding its routed rows or zeros."""
+        _check_dispatch_args(x_TD, ids_TK, weights_TK)
+        if weights_TK.dtype not in (torch.float32, x_TD.dtype):
+            weights_TK = weights_TK.to(torch.float32)
+        if self.capacity_factor is None:
+            return self._dispatch_dropless(x_TD, ids_TK, weights_TK)
+        return self._dispatch_capacity(x_TD, ids_TK, weights_TK)
+
+    def combine(self, y_ND: Tensor, state: AllToAllState) -> Tensor:
+        """y_ND expert outputs in dispatch order (the rows dispatch returned) -> y_TD (T, D) on
+        the rank that sent the tokens: y_t = sum_k w_tk y_(t,k), float32 accumulation."""
+        if not isinstance(state, AllToAllState):
+            raise TypeError(f"combine: state must come from AllToAllDispatcher.dispatch, got {type(state).__name__}")
+        rows = state.local_plan.max_rows if state.capacity is None else self.num_experts * state.capacity
+        if not isinstance(y_ND, Tensor) or y_ND.dim() != 2 or y_ND.shape[0] != rows:
+            raise ValueError(f"combine: y_ND must be 2-D with the {rows} rows dispatch returned, got "
+                             f"{tuple(y_ND.shape) if isinstance(y_ND, Tensor) else type(y_ND).__name__}")
+        if state.capacity is None:
+            y_RD = ops.unpermute(y_ND, state.local_plan)  # back to (source, local expert, order)
+            y_back = _AllToAll.apply(y_RD, state.send_splits, state.recv_splits, self.group)
+            y_back = F.pad(y_back, (0, 0, 0, state.plan.max_rows - y_back.shape[0]))
+        else:
+            W, L, C = self.world_size, self.num_local_experts, state.capacity
+            D = y_ND.shape[1]  # (explicit: C may be 0)
+            y_WLC = y_ND.reshape(L, W, C, D).transpose(0, 1).reshape(W * L * C, D)
+            y_EC = _AllToAll.apply(y_WLC, None, None, self.group)
+            y_back = F.pad(y_EC, (0, 0, 0, 1)).index_select(0, state.slot_N)
+        return ops.unpermute(y_back, state.plan, state.weights_TK)
+
+    def _sync_split_sizes(self, counts_WL: Tensor, recv_WL: Tensor) -> tuple[list, list]:
+        """THE host-device sync of dropless expert parallelism: all_to_all_single needs its split
+        sizes as host ints. counts_WL (W, L): rows this rank sends to each rank's local experts;
+        recv_WL (W, L): rows each rank sends here. One device-to-host copy on CUDA. Returns
+        (send_splits, recv_splits), W ints each. Capacity mode never calls it."""
+        send, recv = torch.stack([counts_WL.sum(1), recv_WL.sum(1)]).tolist()
+        return send, recv
+
+    def _exchange_counts(self, counts_WL: Tensor) -> Tensor:
+        """all_to_all of per-expert counts (no autograd): recv_WL[s, l] = rows from rank s for
+        local expert l."""
+        recv_WL = torch.empty_like(counts_WL)
+        dist.all_to_all_single(recv_WL, counts_WL.contiguous(), group=self.group)
+        return recv_WL
+
+    def _dispatch_dropless(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor):
+        W, L = self.world_size, self.num_local_experts
+        plan = ops.plan(ids_TK, self.num_experts)
+        x_ND = ops.permute(x_TD, plan)
+        counts_WL = plan.counts_E.to(torch.int64).view(W, L)
+        recv_WL = self._exchange_counts(counts_WL)
+        send_splits, recv_splits = self._sync_split_sizes(counts_WL, recv_WL)
+        x_RD = _AllToAll.apply(x_ND[: sum(send_splits)], recv_splits, send_splits, self.group)
+        expert_of_block = torch.arange(L, device=x_TD.device).repeat(W)
+        local_ids_R = torch.repeat_interleave(expert_of_block, recv_WL.flatten(), output_size=x_RD.shape[0])
+        local_plan = ops.plan(local_ids_R[:, None], L)  # stable: source, then source order
+        zero = torch.zeros((), dtype=torch.int64, device=x_TD.device)
+        state = AllToAllState(plan, weights_TK, zero, send_splits, recv_splits, local_plan)
+        return ops.permute(x_RD, local_plan), local_plan.offs_E, state
+
+    def _dispatch_capacity(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor):
+        T, K = ids_TK.shape
+        if self.capacity_tokens is not None and T > self.capacity_tokens:
+            raise ValueError(f"dispatch: x_TD has T={T} tokens, more than capacity_tokens={self.capacity_tokens}")
+        E, W, L, C = self.num_experts, self.world_size, self.num_local_experts, self.capacity(T, K)
+        ids_TK, num_dropped = _drop_over_capacity(ids_TK, E, C)
+        plan = ops.plan(ids_TK, E)
+        counts_E = plan.counts_E.to(torch.int64)
+        start_E = plan.offs_E.to(torch.int64) - counts_E
+        # send buffer: slot e*C + j holds routed row start_E[e] + j, or a zero row (index N)
+        j_C = torch.arange(C, device=x_TD.device)
+        src_EC = torch.where(j_C < counts_E[:, None], start_E[:, None] + j_C, plan.max_rows)
+        x_EC = F.pad(ops.permute(x_TD, plan), (0, 0, 0, 1)).index_select(0, src_EC.flatten())
+        x_WLC = _AllToAll.apply(x_EC, None, None, self.group)
+        x_LWC = x_WLC.reshape(W, L, C, x_TD.shape[1]).transpose(0, 1).reshape(L * W * C, x_TD.shape[1])
+        offs_E = torch.arange(1, L + 1, dtype=torch.int32, device=x_TD.device) * (W * C)
+        # inverse map for combine: routed row i -> its slot; padding rows -> E*C (a zero row)
+        i_N = torch.arange(plan.max_rows, device=x_TD.device)
+        e_N = torch.searchsorted(plan.offs_E.to(torch.int64), i_N, right=True).clamp(max=E - 1)
+        slot_N = torch.where(i_N < plan.offs_E[-1], e_N * C + i_N - start_E[e_N], E * C)
+        state = AllToAllState(plan, weights_TK, num_dropped, capacity=C, slot_N=slot_N)
+        return x_LWC, offs_E, state
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, world_size={self.world_size}, "
+                f"num_local_experts={self.num_local_experts}, capacity_factor={self.capacity_factor}")
+
+
+def _drop_over_capacity(ids_TK: Tensor, num_experts: int, capacity: int) -> tuple[Tensor, Tensor]:
+    """Keeps each expert's first ``capacity`` routed slots in slot order (t*K + k) and marks the
+    rest -1. Returns (ids_TK, number dropped as an int64 scalar tensor); no host sync."""
+    plan = ops.plan(ids_TK, num_experts)
+    start_E = (plan.offs_E - plan.counts_E).to(torch.int64)
+    rank_TK = plan.rows_TK - start_E[ids_TK.long().clamp(min=0)]  # position within its expert
+    drop_TK = (ids_TK >= 0) & (rank_TK >= capacity)
+    return ids_TK.masked_fill(drop_TK, -1), drop_TK.sum()

@@ -1,0 +1,319 @@
+"""Expert parallelism (moe.parallel.AllToAllDispatcher) on 2 and 4 gloo CPU processes against
+the single-process computation with the same weights: outputs and all gradients (tokens,
+routing weights, gathered expert shards), the exact dispatched layout, capacity drops, ranks
+that receive or send nothing, dtypes, the named host sync, gradcheck, and no module globals.
+
+Spawning costs seconds, so each spawn runs a batch of cases. Every rank builds the same global
+data from one seed, computes the single-process reference itself and checks its own share.
+Shape legend: T tokens, D hidden, K slots, E experts, L local experts, W ranks, C capacity.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moe import MoELayer, ops
+from moe.dispatch import LocalDispatcher
+from moe.parallel import AllToAllDispatcher
+from tests._dist_utils import run_workers
+
+D, H, K = 4, 3, 2
+
+
+def _data(seed: int, Ts: list, E: int, L: int, dtype, to_rank0: bool = False, k: int = K) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    T = sum(Ts)
+    pool = L if to_rank0 else E  # to_rank0: every token picks experts of rank 0 only
+    ids = torch.rand(T, pool, generator=g).argsort(1)[:, :k]
+    ids = ids.masked_fill(torch.rand(T, k, generator=g) < 0.2, -1)  # empty slots
+    w = torch.rand(T, k, generator=g, dtype=dtype).masked_fill(ids < 0, 0.0)
+    return dict(Ts=Ts, ids=ids, w=w, x=torch.randn(T, D, generator=g, dtype=dtype),
+                cot=torch.randn(T, D, generator=g, dtype=dtype),
+                w1=torch.randn(E, D, H, generator=g, dtype=dtype) / 2,
+                w2=torch.randn(E, H, D, generator=g, dtype=dtype) / 2)
+
+
+def _experts(x_ND, offs_E, w1, w2):
+    """A small stand-in for GroupedExperts: tanh(x W1[e]) W2[e] per group (zero rows stay zero)."""
+    return ops.grouped_mm(torch.tanh(ops.grouped_mm(x_ND, w1, offs_E)), w2, offs_E)
+
+
+def _drop_reference(ids, Ts, E, C):
+    """Slots over capacity, by a plain loop: per source rank and expert, the first C in (t, k)."""
+    ids, t0 = ids.clone(), 0
+    for T in Ts:
+        seen = [0] * E
+        for t in range(t0, t0 + T):
+            for k in range(ids.shape[1]):
+                e = int(ids[t, k])
+                if e >= 0:
+                    seen[e] += 1
+                    if seen[e] > C:
+                        ids[t, k] = -1
+        t0 += T
+    return ids
+
+
+def _expected_rows(d, ids, rank, L, C=None):
+    """The rows rank's experts receive: by local expert, then source rank, then (t, k) order;
+    in capacity mode each (expert, source) block is padded with zeros to C rows."""
+    blocks, bounds = [], [0] + torch.tensor(d["Ts"]).cumsum(0).tolist()
+    for e in range(rank * L, rank * L + L):
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            t_rows = [t for t in range(lo, hi) for k in range(ids.shape[1]) if ids[t, k] == e]
+            block = d["x"][t_rows]
+            if C is not None:
+                block = torch.cat([block, d["x"].new_zeros(C - len(t_rows), D)])
+            blocks.append(block)
+    return torch.cat(blocks)
+
+
+def _close(actual, expected, what):
+    if expected.dtype == torch.float64:
+        torch.testing.assert_close(actual, expected, msg=lambda m: f"{what}: {m}")
+    else:  # float32: error vs float64 at most 2x the single-process float32 error (+ rounding)
+        err = (actual.double() - expected.double()).abs().max().item()
+        bound = 4 * torch.finfo(actual.dtype).eps * max(1.0, expected.abs().max().item())
+        assert err <= bound, f"{what}: error {err} > {bound}"
+
+
+def _run_case(group, d, E, *, capacity_factor=None, capacity_tokens=None, spy=False) -> dict:
+    """dispatch -> stand-in experts -> combine -> backward on this rank's share; every check
+    against the single-process reference. Returns a few facts for the caller's own asserts."""
+    W, rank = dist.get_world_size(group), dist.get_rank(group)
+    L = E // W
+    lo, hi = sum(d["Ts"][:rank]), sum(d["Ts"][: rank + 1])
+    disp = AllToAllDispatcher(E, group, capacity_factor=capacity_factor, capacity_tokens=capacity_tokens)
+    assert disp.num_local_experts == L
+    syncs = []
+    if spy:
+        real = disp._sync_split_sizes
+        disp._sync_split_sizes = lambda *a: syncs.append(1) or real(*a)
+    x = d["x"][lo:hi].clone().requires_grad_()
+    w = d["w"][lo:hi].clone().requires_grad_()
+    w1 = d["w1"][rank * L:(rank + 1) * L].clone().requires_grad_()
+    w2 = d["w2"][rank * L:(rank + 1) * L].clone().requires_grad_()
+    x_ND, offs_E, state = disp.dispatch(x, d["ids"][lo:hi], w)
+    y_ND = _experts(x_ND, offs_E, w1, w2)
+    y = disp.combine(y_ND, state)
+    (y * d["cot"][lo:hi]).sum().backward()
+
+    ids = d["ids"]
+    C = None if capacity_factor is None else disp.capacity(hi - lo, d["ids"].shape[1])
+    if C is not None:
+        ids = _drop_reference(ids, d["Ts"], E, C)
+        n_drop = int(((d["ids"][lo:hi] >= 0) & (ids[lo:hi] < 0)).sum())
+        assert int(state.num_dropped) == n_drop, (int(state.num_dropped), n_drop)
+        pad = (x_ND == 0).all(1, keepdim=True) & (_expected_rows(d, ids, rank, L, C) == 0).all(1, keepdim=True)
+        with torch.no_grad():  # junk in the padding rows must not reach any output
+            assert torch.equal(disp.combine(y_ND + pad * 1e3, state), y.detach())
+    exp_rows = _expected_rows(d, ids, rank, L, C)
+    assert torch.equal(x_ND.detach(), exp_rows), "dispatched rows differ from the expected layout"
+    if C is None:
+        counts = torch.bincount(ids[ids >= 0], minlength=E)[rank * L:(rank + 1) * L]
+        assert torch.equal(offs_E, counts.cumsum(0).int())
+    else:
+        assert torch.equal(offs_E, torch.arange(1, L + 1, dtype=torch.int32) * W * C)
+
+    xr, wr = d["x"].clone().requires_grad_(), d["w"].clone().requires_grad_()
+    w1r, w2r = d["w1"].clone().requires_grad_(), d["w2"].clone().requires_grad_()
+    plan = ops.plan(ids, E)
+    yr = ops.unpermute(_experts(ops.permute(xr, plan), plan.offs_E, w1r, w2r), plan, wr)
+    (yr * d["cot"]).sum().backward()
+    _close(y, yr[lo:hi], "y")
+    _close(x.grad, xr.grad[lo:hi], "grad x")
+    _close(w.grad, wr.grad[lo:hi], "grad weights_TK")
+    for name, mine, ref in (("grad w1", w1.grad, w1r.grad), ("grad w2", w2.grad, w2r.grad)):
+        shards = [torch.empty_like(mine) for _ in range(W)]
+        dist.all_gather(shards, mine.contiguous(), group=group)
+        _close(torch.cat(shards), ref, name)
+    return dict(syncs=len(syncs), rows=x_ND.shape[0], dropped=int(state.num_dropped))
+
+
+def _module_state():
+    import moe
+    import moe.dispatch
+    import moe.experts
+    import moe.layer
+    import moe.parallel
+
+    modules = (moe, moe.ops, moe.dispatch, moe.parallel, moe.layer, moe.experts)
+    return {(m.__name__, k): (id(v), copy.copy(v) if isinstance(v, (dict, list, set)) else None)
+            for m in modules for k, v in vars(m).items()}
+
+
+def _worker_cases(rank: int, W: int) -> dict:
+    before = _module_state()
+    group, f64, f32 = dist.group.WORLD, torch.float64, torch.float32
+    E = 6 if W == 2 else 8  # L = 3 and 2
+    L = E // W
+    uneven = [5, 7] if W == 2 else [3, 6, 1, 5]
+    t0 = [6, 0] if W == 2 else [4, 0, 6, 3]  # a rank that sends nothing
+    facts = {}
+    facts["random"] = _run_case(group, _data(1, uneven, E, L, f64), E, spy=True)
+    facts["sender_T0"] = _run_case(group, _data(2, t0, E, L, f64), E)
+    facts["to_rank0"] = _run_case(group, _data(3, uneven, E, L, f64, to_rank0=True), E)
+    facts["float32"] = _run_case(group, _data(4, uneven, E, L, f32), E)
+    eq = [6] * W
+    facts["cap_random"] = _run_case(group, _data(5, eq, E, L, f64), E, capacity_factor=1.0, spy=True)
+    facts["cap_to_rank0"] = _run_case(group, _data(6, eq, E, L, f64, to_rank0=True), E, capacity_factor=1.0)
+    facts["cap_sender_T0"] = _run_case(group, _data(7, t0, E, L, f64), E, capacity_factor=1.5,
+                                       capacity_tokens=max(t0))
+    facts["cap_float32"] = _run_case(group, _data(8, eq, E, L, f32), E, capacity_factor=0.75)
+    if W == 4:  # two expert-parallel groups of 2 inside the world of 4, different data each
+        subs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        facts["subgroup"] = _run_case(subs[rank // 2], _data(9 + rank // 2, [3, 5], 4, 2, f64), 4)
+    facts["dtypes"] = _check_dtypes(group, E)
+    facts["sweep"] = _check_sweep(group)
+    for cf in (None, 1.0):  # an empty batch on every rank
+        _run_case(group, _data(20, [0] * W, E, L, f64), E, capacity_factor=cf)
+    _check_layer(group, E, t0)
+    _check_layer(group, E, eq, ep_capacity_factor=1.0)
+    _check_gradcheck(group, E)
+    _check_errors(group, E)
+    assert _module_state() == before, "moe module-level state changed"
+    return facts
+
+
+def _check_sweep(group, n: int = 12) -> int:
+    """Seeded random configurations (the same on every rank): T per rank in [0, 6] (T = 0 and
+    uneven included), k in 1..3, L in 1..3 (E = L*W, not a power of 2), tokens spread or all on
+    rank 0's experts, dropless or capacity (capacity_tokens = the largest T)."""
+    W, g = dist.get_world_size(group), torch.Generator().manual_seed(100)
+    for i in range(n):
+        L = int(torch.randint(1, 4, (), generator=g))
+        k = int(torch.randint(1, min(3, L * W) + 1, (), generator=g))
+        to_rank0 = bool(torch.rand((), generator=g) < 0.3) and k <= L
+        Ts = torch.randint(0, 7, (W,), generator=g).tolist()
+        cf = [None, None, 0.5, 1.0, 2.0][int(torch.randint(0, 5, (), generator=g))]
+        d = _data(200 + i, Ts, L * W, L, torch.float64, to_rank0=to_rank0, k=k)
+        _run_case(group, d, L * W, capacity_factor=cf, capacity_tokens=None if cf is None else max(Ts))
+    return n
+
+
+class _RankDropDispatcher(LocalDispatcher):
+    """Single-process reference for capacity mode: drops the slots each source rank drops."""
+
+    def __init__(self, num_experts, Ts, capacity):
+        super().__init__(num_experts)
+        self.Ts, self.C = Ts, capacity
+
+    def dispatch(self, x_TD, ids_TK, weights_TK):
+        return super().dispatch(x_TD, _drop_reference(ids_TK, self.Ts, self.num_experts, self.C), weights_TK)
+
+
+def _check_layer(group, E, Ts, *, ep_capacity_factor=None) -> None:
+    """moe.MoELayer(ep_group=group) vs the single-process layer with the same weights: output,
+    x grad, gathered expert grads, and the summed grads of the replicated router and shared
+    expert (each rank holds its tokens' share). The aux loss is batch-level, so it is left out."""
+    W, rank = dist.get_world_size(group), dist.get_rank(group)
+    L, lo, hi = E // W, sum(Ts[:rank]), sum(Ts[: rank + 1])
+    torch.manual_seed(12)
+    kw = dict(num_shared_experts=1, bias=True, activation="swiglu")
+    ep = MoELayer(D, 5, E, K, ep_group=group, ep_capacity_factor=ep_capacity_factor, **kw).double()
+    C = None if ep_capacity_factor is None else ep.dispatcher.capacity(Ts[rank], K)
+    ref = MoELayer(D, 5, E, K, dispatcher=None if C is None else _RankDropDispatcher(E, Ts, C), **kw).double()
+    assert [n for n, _ in ep.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    with torch.no_grad():
+        for (name, p), q in zip(ep.named_parameters(), ref.parameters()):
+            p.copy_(q[rank * L:(rank + 1) * L] if name.startswith("experts.") else q)
+    g = torch.Generator().manual_seed(13)
+    x, cot = torch.randn(2, sum(Ts), D, generator=g, dtype=torch.float64)
+    xe, xr = x[lo:hi].clone().requires_grad_(), x.clone().requires_grad_()
+    ye, yr = ep(xe), ref(xr)
+    (ye * cot[lo:hi]).sum().backward()
+    (yr * cot).sum().backward()
+    _close(ye, yr[lo:hi], "layer y")
+    _close(xe.grad, xr.grad[lo:hi], "layer grad x")
+    for (name, p), q in zip(ep.named_parameters(), ref.parameters()):
+        if name.startswith("experts."):
+            shards = [torch.empty_like(p.grad) for _ in range(W)]
+            dist.all_gather(shards, p.grad.contiguous(), group=group)
+            _close(torch.cat(shards), q.grad, f"layer grad {name}")
+        else:
+            total = p.grad.clone()
+            dist.all_reduce(total, group=group)
+            _close(total, q.grad, f"layer grad {name}")
+
+
+def _check_dtypes(group, E) -> list:
+    """Pure data movement (identity experts) is exact in every dtype gloo carries."""
+    W, rank, done = dist.get_world_size(group), dist.get_rank(group), []
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        for cf in (None, 2.0):
+            d = _data(10, [5] * W, E, E // W, dtype)
+            disp = AllToAllDispatcher(E, group, capacity_factor=cf)
+            x = d["x"][5 * rank:5 * rank + 5].clone().requires_grad_()
+            w = d["w"][5 * rank:5 * rank + 5].float()
+            x_ND, _, state = disp.dispatch(x, d["ids"][5 * rank:5 * rank + 5], w)
+            y = disp.combine(x_ND * 2, state)
+            y.backward(torch.ones_like(y))
+            xr = x.detach().clone().requires_grad_()
+            plan = ops.plan(d["ids"][5 * rank:5 * rank + 5], E)
+            yr = ops.unpermute(ops.permute(xr, plan) * 2, plan, w)
+            yr.backward(torch.ones_like(yr))
+            assert y.dtype == dtype and torch.equal(y, yr) and torch.equal(x.grad, xr.grad), dtype
+        done.append(str(dtype))
+    return done
+
+
+def _check_gradcheck(group, E) -> None:
+    """float64 gradcheck of the distributed layer in x and the routing weights (equal T on every
+    rank, so all ranks run the same number of collectives; y of a rank depends only on its own
+    tokens, so the ranks' simultaneous perturbations do not interfere)."""
+    W, rank = dist.get_world_size(group), dist.get_rank(group)
+    d = _data(11, [3] * W, E, E // W, torch.float64)
+    sl = slice(3 * rank, 3 * rank + 3)
+    w1, w2 = d["w1"][rank * (E // W):(rank + 1) * (E // W)], d["w2"][rank * (E // W):(rank + 1) * (E // W)]
+    for cf in (None, 1.0):
+        disp = AllToAllDispatcher(E, group, capacity_factor=cf)
+
+        def f(x, w, disp=disp):
+            x_ND, offs_E, state = disp.dispatch(x, d["ids"][sl], w)
+            return disp.combine(_experts(x_ND, offs_E, w1, w2), state)
+
+        torch.autograd.gradcheck(f, (d["x"][sl].clone().requires_grad_(), d["w"][sl].clone().requires_grad_()))
+
+
+def _check_errors(group, E) -> None:
+    with pytest.raises(ValueError, match="num_experts"):
+        AllToAllDispatcher(E + 1, group)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        AllToAllDispatcher(E, group, capacity_factor=0)
+    disp = AllToAllDispatcher(E, group)
+    x, ids, w = torch.randn(3, D), torch.zeros(3, K, dtype=torch.long), torch.ones(3, K)
+    with pytest.raises(ValueError, match="ids_TK"):
+        disp.dispatch(x, ids[:2], w)
+    with pytest.raises(ValueError, match="weights_TK"):
+        disp.dispatch(x, ids, w[:, :1])
+    x_ND, _, state = disp.dispatch(x, ids, w)
+    with pytest.raises(ValueError, match="y_ND"):
+        disp.combine(torch.cat([x_ND, x_ND.new_zeros(1, D)]), state)
+    disp.combine(x_ND, state)  # keep the ranks' collectives matched
+    with pytest.raises(ValueError, match="capacity_tokens"):
+        AllToAllDispatcher(E, group, capacity_factor=1.0, capacity_tokens=2).dispatch(x, ids, w)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_expert_parallel_matches_single_process(world):
+    facts = run_workers(_worker_cases, world, timeout=150)
+    for f in facts:
+        assert f["random"]["syncs"] == 1 and f["cap_random"]["syncs"] == 0  # the one named sync
+        assert f["sweep"] == 12
+        assert f["dtypes"] == ["torch.float64", "torch.float32", "torch.bfloat16", "torch.float16"]
+    E = 6 if world == 2 else 8
+    assert all(f["to_rank0"]["rows"] == 0 for f in facts[1:])  # ranks that receive nothing
+    assert sum(f["cap_to_rank0"]["dropped"] for f in facts) > 0  # the capacity cases drop slots
+    C = math.ceil(6 * K / E * 1.0)
+    assert all(f["cap_random"]["rows"] == E * C for f in facts)  # L*W*C rows: host-known size
+
+
+def test_needs_initialized_process_group(monkeypatch):
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    with pytest.raises(RuntimeError, match="not initialized"):
+        AllToAllDispatcher(4, None)
