@@ -1,11 +1,13 @@
 """Expert-choice routing (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing",
-Sec. 3.1, Eq. 1).
+Sec. 3.2: k = n*c/e; S = Softmax(X W_g) in R^{n x e}; G, I = TopK(S^T, k); P = Onehot(I)).
 
 Shape legend: T tokens, D hidden size, E experts, C tokens per expert, K slots (= E).
 
-S = softmax(X W^T) over experts; every expert takes its top-C tokens by S, C = ceil(T/E * c)
-with c the capacity factor (the mean number of experts per token). A token may get 0..E
-experts, so ids_TK has E slots, the chosen experts first (ascending id) and -1 after.
+S = softmax(X W^T) over experts (each token's row sums to 1); every expert takes its top-C
+tokens by its column of S, C = ceil(T/E * c) (the paper's k = n*c/e, rounded up) with c the
+capacity factor (the mean number of experts per token); the gate weights G are those scores.
+A token may get 0..E experts, so ids_TK has E slots, the chosen experts first (ascending id)
+and -1 after.
 """
 
 from __future__ import annotations

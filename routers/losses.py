@@ -46,7 +46,8 @@ def switch_load_balancing_loss(probs_TE: Tensor, ids_TK: Tensor, *, valid_T: Opt
 
     E * sum_i f_i * P_i, f_i = (slots routed to expert i) / (slots routed) (= count_i / (T*K) for a
     fixed top-k, Megatron's normalisation), P_i = mean over tokens of probs_TE[:, i]. Its minimum
-    1 is reached by uniform routing.
+    1 is reached by uniform routing. Hugging Face's Mixtral loss (also RMoE's) divides the
+    counts by T instead of T*K, i.e. it is K times this for top-k.
     """
     valid = None if valid_T is None else valid_T[None]
     return sequence_load_balancing_loss(probs_TE[None], ids_TK[None], valid_BS=valid)

@@ -1,13 +1,27 @@
-"""Layerwise recurrent router (RMoE: Qiu et al. 2024, "Layerwise Recurrent Router for
-Mixture-of-Experts", Eq. 3-4, and the authors' code).
+"""Layerwise recurrent router (RMoE: Qiu et al., "Layerwise Recurrent Router for
+Mixture-of-Experts", ICLR 2025, Sec. 3, and the authors' code, llama_moe_rnn/).
 
 Shape legend: T tokens, D hidden size, E experts, K top-k slots, R router_dim (GRU size).
 
-Layer i projects its input, x'_i = W1_i x (R x D, no bias), runs ONE GRU cell shared by all
-layers, h_i = GRU(x'_i, h_{i-1}) with h_0 = 0, and routes on logits W2_i h_i (E x R) with
-softmax top-k and renormalised top-k weights. h_i is both the router output and the next
-layer's state, and it is NOT detached: the loss of layer i trains the projections of the
-layers below it (the paper's "recurrent gradient").
+Equations (numbered Eq. 4-6 in the ICLR 2025 / arXiv v2 text, cited as Eq. 3-4 in issue 3):
+  projection  x'_i = W1_i x_i                (W1_i: R x D, no bias, one per layer)
+  recurrence  h_i  = GRU(x'_i, h_{i-1})      (ONE cell shared by all layers, h_0 = 0)
+  router      logits_i = W2_i h_i            (W2_i: E x R, no bias), softmax, top-k,
+              top-k weights renormalised to sum to 1.
+x_i is the input of layer i's MoE block: in the reference, the hidden state AFTER the
+post-attention RMSNorm (the tensor the experts see), so a router called as ``mlp(x)`` gets
+the right input. h_i is both the router output and the next layer's state, and it is NOT
+detached: the loss of layer i trains the projections of the layers below it (the paper's
+"recurrent gradient"). The GRU is torch.nn.GRUCell's (gates r, z, n; two biases per gate),
+which is what the reference's CustomGRUCell computes.
+
+Deliberate departures from the reference code: (1) explicit initialisation (the reference
+leaves W1/W2 as torch.empty); (2) the balancing loss. The reference adds Mixtral's loss
+once per model over the logits of all layers concatenated, with f_i = count_i / T (top-k
+slots summed, so K times Megatron's count_i / (K*T)) and coefficient 1e-3. A per-layer
+router cannot see the other layers, so each layer returns its own Switch loss (Megatron's
+normalisation, see routers.losses); for one layer the reference's value is exactly
+K * ours, i.e. aux_loss_coeff = K * 1e-3 reproduces its per-layer scale.
 """
 
 from __future__ import annotations

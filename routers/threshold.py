@@ -24,10 +24,14 @@ def threshold_keep(probs_sorted_TK: Tensor, threshold: float, rule: str) -> Tens
     """bool (T, K): which ranks of the descending probabilities a token keeps.
 
     With c_i = sum of the probabilities ranked above i (c_0 = 0):
-    rule="xmoe" (Yang et al. 2024, XMoE, threshold gating): keep rank i iff c_i < threshold;
-    rank 0 is always kept. rule="top_p" (Huang et al. 2024, "Harder Tasks Need More Experts",
-    Eq. 4-5): keep every expert whose cumulative probability is <= p plus the first one that
-    crosses p, i.e. rank i iff c_i <= p.
+    rule="xmoe" (Yang et al. 2024, XMoE, threshold-based router; reference
+    main_thresholdGating): keep rank i iff c_i < threshold; rank 0 is always kept.
+    rule="top_p" (Huang et al. 2024, "Harder Tasks Need More Experts", Sec. 3.1, and the
+    authors' code): keep every expert whose cumulative probability is <= p plus the first one
+    that crosses p, i.e. rank i iff c_i <= p: the smallest prefix whose sum exceeds p. A
+    cumulative sum equal to p is settled as in the authors' code (mask cumulative > p, then
+    unmask the first crossing): that expert and the next are kept. So the two rules differ
+    only when some c_i equals the threshold exactly (issue 3's test vectors).
     """
     T = probs_sorted_TK.shape[0]
     above_TK = torch.cat(
@@ -46,13 +50,16 @@ class ThresholdRouter(RouterBase):
     """Softmax router that gives each token as many experts as its probability mass needs.
 
     threshold in (0, 1]; rule "xmoe" or "top_p" (see threshold_keep). max_experts caps the slots
-    K (default E). Weights are the raw probabilities of the kept experts, or renormalised to sum
-    to 1 when renormalize=True. capacity_factor=None is dropless; otherwise each expert keeps
-    ceil(T/E * capacity_factor) slots (XMoE's capacity: the factor counts expert slots per token)
-    chosen by XMoE's priority (K - rank) + probability, so every first choice outranks every
-    second choice. aux_loss="switch"/"seq": balance loss with f_i from each token's top-1 expert
-    for rule="xmoe" (as the XMoE code) and from all kept experts for rule="top_p";
-    dynamic_loss_coeff adds top-p routing's entropy loss; z_loss_coeff the z-loss.
+    K (default E). Weights are the raw probabilities of the kept experts (both references), or
+    renormalised to sum to 1 when renormalize=True. capacity_factor=None is dropless; otherwise
+    each expert keeps ceil(T/E * capacity_factor) slots (XMoE's capacity: the factor counts
+    expert slots per token; the reference's min_capacity floor is not applied) chosen by XMoE's
+    priority (K - rank) + probability, so every first choice outranks every second choice (the
+    reference uses (ranks in use - rank) + probability: the same order). Slots are dropped one
+    by one: a token can lose its second expert and keep its first. aux_loss="switch"/"seq":
+    balance loss E * sum_i f_i P_i with f_i from each token's top-1 expert for rule="xmoe" (the
+    XMoE code's l_aux, computed before drops) and from all kept experts for rule="top_p";
+    dynamic_loss_coeff adds top-p routing's entropy ("dynamic") loss; z_loss_coeff the z-loss.
     """
 
     def __init__(

@@ -25,7 +25,10 @@ def group_limited_topk(choice_TE: Tensor, top_k: int, num_groups: int, topk_grou
     """ids_TK of the top-k experts among the ``topk_groups`` best of ``num_groups`` equal groups.
 
     A group's score is the sum of its two highest choice scores (DeepSeek-V3 Sec. 2.1.2, the
-    node-limited routing; one score when a group holds one expert).
+    node-limited routing; one score when a group holds one expert). The paper sums the top
+    K_r/M scores per group, which is 2 for V3 (K_r=8, M=4); DeepSeek's released inference code
+    and Hugging Face hard-code 2, and the parity tests pin that (Megatron uses top_k//topk_groups,
+    which differs when top_k/topk_groups != 2). Choice scores include the expert bias.
     """
     T, E = choice_TE.shape
     per_group = E // num_groups

@@ -13,10 +13,34 @@ from routers.recurrent import gru_step
 
 
 def test_paper_enwik8_parameter_count():
+    # enwik8 config: 8 layers, hidden 352, 16 experts, router_dim 128
     chain = RecurrentRouterChain(8, 352, 16, 2, router_dim=128)
     assert sum(p.numel() for p in chain.parameters()) == 475_904
-    # 8 x (W1 128x352 + W2 16x128) + one GRU cell 3*(2*128*128 + 2*128)
-    assert 8 * (128 * 352 + 16 * 128) + 3 * (2 * 128 * 128 + 2 * 128) == 475_904
+    # and that total is made of the paper's parts, read off the module: per layer W1 (R x D)
+    # and W2 (E x R), no biases; one GRU cell (3 gates x (W_i R x R, W_h R x R, b_i, b_h)).
+    cell = dict(chain.cell.named_parameters())
+    assert {n: tuple(p.shape) for n, p in cell.items()} == {
+        "weight_ih": (384, 128), "weight_hh": (384, 128), "bias_ih": (384,), "bias_hh": (384,)}
+    for layer in chain:
+        own = {n: tuple(p.shape) for n, p in layer.named_parameters() if not n.startswith("cell.")}
+        assert own == {"w1_RD": (128, 352), "w2_ER": (16, 128)}
+    per_layer = sum(p.numel() for n, p in chain[1].named_parameters())
+    assert per_layer == 128 * 352 + 16 * 128 == 47_104
+    assert sum(p.numel() for p in cell.values()) == 99_072
+    assert 8 * per_layer + 99_072 == 475_904
+
+
+def test_balancing_loss_vs_the_reference_mixtral_loss():
+    """The RMoE code adds Mixtral's loss (f_i = count_i / T, slots of all K summed); per layer
+    that is exactly K times our Switch loss (f_i = count_i / (K*T))."""
+    torch.manual_seed(0)
+    K, E = 2, 5
+    r = RecurrentRouter(8, E, K, router_dim=6, init_std=1.0, aux_loss_coeff=1.0)
+    out = r(torch.randn(40, 8))
+    probs = torch.softmax(out.logits_TE, -1)
+    one_hot_TKE = torch.nn.functional.one_hot(probs.topk(K, -1).indices, E).float()
+    reference = E * (one_hot_TKE.mean(0) * probs.mean(0)[None]).sum()
+    torch.testing.assert_close(K * out.aux_losses["load_balancing"], reference)
 
 
 class TinyMoEModel(nn.Module):

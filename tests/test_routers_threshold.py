@@ -127,7 +127,9 @@ def test_capacity_never_exceeded_and_priority_respected(T, E, cf, seed, rule):
     free.weight.data.copy_(r.weight.data)
     x = torch.randn(T, 5)
     out, ref = r(x), free(x)
-    assert (out.counts_E <= capacity(T, 1, E, cf)).all()
+    cap = capacity(T, 1, E, cf)
+    assert (out.counts_E <= cap).all()
+    assert torch.equal(out.counts_E, ref.counts_E.clamp(max=cap))  # drops only over capacity
     assert (out.weights_TK[out.ids_TK < 0] == 0).all()
     kept = out.ids_TK >= 0
     assert torch.equal(out.ids_TK[kept], ref.ids_TK[kept])
@@ -151,3 +153,17 @@ def test_aux_losses():
     from routers import switch_load_balancing_loss
 
     torch.testing.assert_close(x.aux_losses["load_balancing"], 1e-2 * switch_load_balancing_loss(x.probs_TE, x.ids_TK[:, :1]))
+
+
+def test_xmoe_aux_loss_is_the_reference_l_aux():
+    """XMoE's l_aux: E * sum_e mean_t(probs) * mean_t(onehot(argmax)), over the routing before
+    capacity drops, whatever the number of experts each token keeps."""
+    torch.manual_seed(3)
+    E = 6
+    r = ThresholdRouter(5, E, threshold=0.9, capacity_factor=1.5, aux_loss_coeff=1.0)
+    r.weight.data.normal_(0, 0.3)  # flat router: tokens keep several experts, some dropped
+    out = r(torch.randn(30, 5))
+    assert out.experts_per_token.item() > 1 and out.dropped_fraction.item() > 0
+    probs = torch.softmax(out.logits_TE, -1)
+    top1 = torch.nn.functional.one_hot(probs.argmax(-1), E).float()
+    torch.testing.assert_close(out.aux_losses["load_balancing"], E * (probs.mean(0) * top1.mean(0)).sum())

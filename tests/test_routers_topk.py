@@ -314,3 +314,28 @@ def test_balance_loss_gradient_pushes_towards_balance():
         loss.backward()
         opt.step()
     assert r(x).aux_losses["load_balancing"].item() < first
+
+
+def test_seq_loss_is_deepseek_v3_eq_17_to_20():
+    """L = alpha * sum_i f_i P_i per sequence, f_i = E/(K*S) * #{t: s_it in top-K of s_t}
+    (unbiased, all groups), P_i = mean_t s_it / sum_j s_jt; averaged over the B sequences."""
+    torch.manual_seed(4)
+    B, S, E, K, alpha = 3, 7, 8, 2, 0.1
+    r = TopKRouter(6, E, K, score="sigmoid", num_groups=4, topk_groups=2, expert_bias=True,
+                   aux_loss="seq", aux_loss_coeff=alpha)
+    r.weight.data.normal_(0, 1.0)
+    r.expert_bias.normal_(0, 0.5)  # moves selection, but not the loss's top-K
+    out = r(torch.randn(B, S, 6))
+    s_TE = torch.sigmoid(out.logits_TE)
+    assert not torch.equal(out.ids_TK.sort(-1).values, s_TE.topk(K, -1).indices.sort(-1).values)
+    s = s_TE.reshape(B, S, E)
+    expected = []
+    for b in range(B):
+        hits = torch.zeros(E)
+        for t in range(S):
+            for e in s[b, t].topk(K).indices.tolist():
+                hits[e] += 1
+        f = E / (K * S) * hits
+        P = (s[b] / s[b].sum(-1, keepdim=True)).mean(0)
+        expected.append(alpha * (f * P).sum())
+    torch.testing.assert_close(out.aux_losses["seq_load_balancing"], torch.stack(expected).mean())
