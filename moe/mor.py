@@ -34,6 +34,7 @@ class ExpertChoiceConfig:
 
     capacities: tuple | None = None
     alpha: float = 0.1  # gate g = alpha * sigmoid(logit)
+    router_init_std: float = 0.02  # reference LinearRouter: N(0, initializer_range), no bias
     bce_coef: float = 1e-3  # auxiliary BCE of logits vs top-k membership
     z_coef: float = 0.0  # optional router z-loss
     eval_routing: str = "threshold"  # "threshold" (causal) or "topk" (reference, non-causal)
@@ -48,7 +49,8 @@ class TokenChoiceConfig:
     balancing: str = "loss"  # "loss", "loss_free" (bias, Wang et al. 2024) or "none"
     balance_coef: float = 0.1
     z_coef: float = 1e-5
-    bias_rate: float = 1e-3  # loss-free bias update step
+    bias_rate: float = 1e-3  # loss-free bias step u, applied by update_router_bias()
+    router_init_std: float = 0.02
 
 
 def default_capacities(num_recursions: int) -> tuple:
@@ -71,9 +73,13 @@ def compact(sel_BS: torch.Tensor):
 
 def _topk_mask(score_BS, active_BS, len_B, capacity: float):
     """Per-row top-k among active tokens, k = floor(capacity * len_B) with len_B the row's real
-    sequence length (§2.2.1: the P_beta percentile of the router scores)."""
+    sequence length (§2.2.1: the P_beta percentile of the router scores). Equal scores go to
+    the earlier position (stable sort), so a row routes the same alone or in any batch.
+    Departure: the reference takes max(1, int(capacity * S)), forcing one token through every
+    step even when the schedule gives 0 (its issue #9); here k may be 0."""
     k_B = torch.floor(capacity * len_B.double() + 1e-6).long()
-    order = torch.argsort(score_BS.masked_fill(~active_BS, float("-inf")), 1, descending=True)
+    order = torch.argsort(score_BS.masked_fill(~active_BS, float("-inf")), dim=1,
+                          descending=True, stable=True)
     rank_BS = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1],
                                                device=order.device).expand_as(order))
     return (rank_BS < k_B[:, None]) & active_BS
@@ -105,11 +111,16 @@ class MixtureOfRecursions(nn.Module):
     times per token. forward(x_BSD, pos_BS=None, valid_BS=None, cache=None) -> y_BSD.
 
     Expert-choice step r (§2.2.1): g = alpha*sigmoid(theta_r^T h); for the chosen tokens
-    h <- h + g * f(h) (f the shared block, attention only among chosen tokens at their own
-    positions), others keep h. Token-choice: with depth i = argmax, h <- f(h) for steps < i,
-    output x + g_i * f(h) at step i. After forward: `aux_loss` (weighted router losses, 0 in
-    eval), `last_depth` (B, S) steps taken (-1 on padding), `last_stats` (dict of losses and
-    per-step attention FLOPs / token counts).
+    h <- h + g * f(h), others keep h. f is the whole shared block *including its own residual*
+    (f(h) = h + Attn + MLP, attention only among chosen tokens at their own positions): the
+    reference scatter-adds weight * block output onto the step input (expert_choice_router.py,
+    "combine results"), so it is not h + g * (f(h) - h). Token-choice (§2.2.1): with
+    depth i = argmax, h <- f(h) unweighted for steps < i, output x + g_i * f(h) at step i, x the
+    MoR input (token_choice_router.py). Routers: bias-free linear, weights N(0, 0.02)
+    (reference LinearRouter). After forward: `aux_loss` (weighted router losses, 0 in eval),
+    `last_depth` (B, S) steps taken (-1 on padding), `last_stats` (dict of losses and per-step
+    attention FLOPs / token counts). Forward has no side effects on routing: the loss-free
+    bias only moves in update_router_bias().
     """
 
     def __init__(self, block, *, num_recursions: int, router, kv_cache: str = "recursion_wise"):
@@ -132,10 +143,30 @@ class MixtureOfRecursions(nn.Module):
             self.alpha = self._check_token(router)
             self.router = nn.Linear(dim, num_recursions, bias=False)
             self.register_buffer("router_bias", torch.zeros(num_recursions))
+            self.register_buffer("load_sum", torch.zeros(num_recursions), persistent=False)
         else:
             raise ValueError(f"router must be ExpertChoiceConfig or TokenChoiceConfig, "
                              f"got {router!r}")
         self.aux_loss, self.last_depth, self.last_stats, self._inner_aux = None, None, {}, {}
+        self.reset_router_parameters()
+
+    @torch.no_grad()
+    def reset_router_parameters(self):
+        """Router weights ~ N(0, router_init_std) as the reference LinearRouter (std 0.02 =
+        Llama initializer_range); a small start keeps sigmoid/softmax near uniform."""
+        for lin in (self.routers if isinstance(self.cfg, ExpertChoiceConfig) else [self.router]):
+            lin.weight.normal_(0.0, self.cfg.router_init_std)
+
+    @torch.no_grad()
+    def update_router_bias(self):
+        """Loss-free balancing (Wang et al. 2024, Alg. 1): b_i += u * sign(mean(load) - load_i),
+        load summed over the training forwards since the last call. Call it once per optimizer
+        step, as the reference trainer does (trainer_pt.py); forward never moves the bias, so a
+        recomputed forward (activation checkpointing) routes identically."""
+        if not isinstance(self.cfg, TokenChoiceConfig) or self.cfg.balancing != "loss_free":
+            raise RuntimeError("update_router_bias needs TokenChoiceConfig(balancing='loss_free')")
+        self.router_bias += self.cfg.bias_rate * torch.sign(self.load_sum.mean() - self.load_sum)
+        self.load_sum.zero_()
 
     @staticmethod
     def _check_expert(cfg, nr, kv_cache):
@@ -151,6 +182,8 @@ class MixtureOfRecursions(nn.Module):
                              "kv_cache='recursive_sharing'")
         if not cfg.alpha > 0:
             raise ValueError(f"alpha={cfg.alpha} must be > 0")
+        if not cfg.router_init_std >= 0:
+            raise ValueError(f"router_init_std={cfg.router_init_std} must be >= 0")
         if cfg.eval_routing not in ("threshold", "topk"):
             raise ValueError(f"eval_routing={cfg.eval_routing!r} must be 'threshold' or 'topk'")
         return caps
@@ -166,6 +199,8 @@ class MixtureOfRecursions(nn.Module):
             alpha = 1.0 if cfg.router_func == "softmax" else 0.1
         if not alpha > 0:
             raise ValueError(f"alpha={alpha} must be > 0")
+        if not cfg.router_init_std >= 0:
+            raise ValueError(f"router_init_std={cfg.router_init_std} must be >= 0")
         return alpha
 
     def new_cache(self) -> MoRCache:
@@ -268,8 +303,9 @@ class MixtureOfRecursions(nn.Module):
         return out
 
     def _token_losses(self, logits_BSR, probs_BSR, depth_BS, valid_BS):
-        """Balancing loss sum_i P_i f_i (Fedus et al. 2022, Eq. 4; f_i = Nr * load share), router
-        z-loss (Zoph et al. 2022, Eq. 5), or the loss-free bias update (Wang et al. 2024)."""
+        """Balancing loss sum_i P_i f_i (Fedus et al. 2022, Eq. 4; f_i = Nr * load share, P_i the
+        mean alpha-scaled probability), router z-loss (Zoph et al. 2022, Eq. 5) on the logits;
+        loss_free accumulates the load for update_router_bias()."""
         cfg, nr, zero = self.cfg, self.num_recursions, logits_BSR.new_zeros(())
         n = int(valid_BS.sum())
         if not self.training or n == 0:
@@ -279,8 +315,7 @@ class MixtureOfRecursions(nn.Module):
         bal = (probs_BSR[valid_BS].mean(0) * nr * counts_R / n).sum()
         z = torch.logsumexp(logits_BSR[valid_BS], dim=-1).pow(2).mean()
         if cfg.balancing == "loss_free":
-            with torch.no_grad():
-                self.router_bias += cfg.bias_rate * torch.sign(counts_R.mean() - counts_R)
+            self.load_sum += (counts_R / n).detach().to(self.load_sum.dtype)
         use_bal = cfg.balance_coef if cfg.balancing == "loss" else 0.0
         self.aux_loss = use_bal * bal + cfg.z_coef * z
         self.last_stats.update(balancing_loss=bal.detach(), z_loss=z.detach(),
