@@ -8,6 +8,7 @@ never from querying a device, so the build works on machines without a GPU.
 
 import glob
 import os
+import shlex
 import shutil
 import sys
 
@@ -49,8 +50,13 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 here = os.path.dirname(os.path.abspath(__file__))
 sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-cxx_flags = ["-O3", "-std=c++20"]
-define_macros = []
+# -fopenmp: at::parallel_for (ATen's OpenMP backend) is inlined into our kernels; without it
+# every CPU kernel would run on one thread.
+cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+link_flags = ["-fopenmp"]
+# MOE_PYTHON_MODULE: registration.cpp defines PyInit__C only in the Python build (the CMake
+# library for C++ users has no Python dependency).
+define_macros = [("MOE_PYTHON_MODULE", None)]
 include_dirs = [os.path.join(here, "csrc")]
 
 if build_cuda:
@@ -72,9 +78,12 @@ if build_cuda:
         sources,
         include_dirs=include_dirs,
         define_macros=define_macros,
+        extra_link_args=link_flags,
         extra_compile_args={
             "cxx": cxx_flags,
-            "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"],
+            # MOE_NVCC_FLAGS: extra nvcc flags, e.g. "-Xptxas -v" for bench/gpu_check.sh's report.
+            "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+            + shlex.split(os.environ.get("MOE_NVCC_FLAGS", "")),
         },
     )
 else:
@@ -83,6 +92,7 @@ else:
         sources,
         include_dirs=include_dirs,
         define_macros=define_macros,
+        extra_link_args=link_flags,
         extra_compile_args={"cxx": cxx_flags},
     )
 

@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "moe_ops.h"
@@ -18,16 +19,18 @@ namespace {
 
 constexpr int64_t kRowGrain = 16;
 
-// Reads scale/weights as the accumulation type, whatever their stored dtype (float32 or x's).
+// Scale/weights read as the accumulation type, whatever their stored dtype (float32 or x's):
+// the tensor itself when it already is contiguous acc_t (no copy), else one converted copy.
 template <typename acc_t>
-std::vector<acc_t> to_acc_vector(const std::optional<at::Tensor>& w_TK, int64_t n) {
-  std::vector<acc_t> out;
-  if (!w_TK.has_value()) return out;
-  const auto w = w_TK->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-  const acc_t* p = w.template const_data_ptr<acc_t>();
-  out.assign(p, p + n);
-  return out;
-}
+struct AccWeights {
+  at::Tensor held;
+  const acc_t* ptr = nullptr;
+  explicit AccWeights(const std::optional<at::Tensor>& w_TK) {
+    if (!w_TK.has_value()) return;
+    held = w_TK->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    ptr = held.template const_data_ptr<acc_t>();
+  }
+};
 
 void check_index(int64_t idx, int64_t limit, const char* what, int64_t where) {
   TORCH_CHECK(idx >= -1 && idx < limit, "moe: ", what, "[", where, "] = ", idx,
@@ -48,7 +51,7 @@ at::Tensor permute_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
   const int64_t* ord = order.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "moe_permute_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto scale = to_acc_vector<acc_t>(scale_TK, S);
+    const AccWeights<acc_t> scale(scale_TK);
     const scalar_t* src = x.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     const int64_t ld = x.stride(0);
@@ -62,10 +65,10 @@ at::Tensor permute_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
           continue;
         }
         const scalar_t* row = src + (s / K) * ld;
-        if (scale.empty()) {
+        if (scale.ptr == nullptr) {
           std::memcpy(o, row, D * sizeof(scalar_t));
         } else {
-          const acc_t w = scale[s];
+          const acc_t w = scale.ptr[s];
           for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(static_cast<acc_t>(row[d]) * w);
         }
       }
@@ -86,7 +89,7 @@ at::Tensor unpermute_cpu(const at::Tensor& y_ND, const at::Tensor& order_N,
   const int64_t* row_of = rows.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "moe_unpermute_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto w = to_acc_vector<acc_t>(weights_TK, T * K);
+    const AccWeights<acc_t> w(weights_TK);
     const scalar_t* src = y.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     const int64_t ld = y.stride(0);
@@ -99,10 +102,10 @@ at::Tensor unpermute_cpu(const at::Tensor& y_ND, const at::Tensor& order_N,
           check_index(r, N, "rows_TK", t * K + k);
           if (r < 0) continue;
           const scalar_t* row = src + r * ld;
-          if (w.empty()) {
+          if (w.ptr == nullptr) {
             for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<acc_t>(row[d]);
           } else {
-            const acc_t wk = w[t * K + k];
+            const acc_t wk = w.ptr[t * K + k];
             for (int64_t d = 0; d < D; ++d) acc[d] += wk * static_cast<acc_t>(row[d]);
           }
         }

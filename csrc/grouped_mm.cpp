@@ -1,15 +1,26 @@
 // moe.grouped_mm and moe.grouped_mm_wgrad on the CPU.
 //
-// Each expert's rows form one GEMM; the work is cut into (expert, row block) tiles so that many
-// small experts (E=128, F=224) still keep every core busy, and each tile calls at::mm_out, the
-// optimized (oneDNN/MKL) matmul. Inside at::parallel_for each mm runs single-threaded; one large
-// expert (or a single group) is left to at::mm's own threading instead.
+// Each expert's rows form one GEMM; the work is cut into (expert, row block, column block) tiles
+// so that many small experts (E=128, F=224) still keep every core busy, and each tile calls
+// at::mm_out, the optimized (MKL/oneDNN) matmul, single-threaded inside the parallel region.
+// Tiles are handed out largest first from a shared counter (dynamic, LPT order), so uneven
+// expert sizes do not leave a core idle. With a single tile or a single thread the loop runs
+// outside any parallel region and at::mm threads by itself.
+//
+// at::parallel_for is an OpenMP region compiled into this library: build with -fopenmp, or
+// every parallel_for here runs serially (see the #warning below).
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "moe_ops.h"
+
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP)
+#warning "moekit: compile with -fopenmp, otherwise at::parallel_for runs serially"
+#endif
 
 namespace moe {
 
@@ -17,6 +28,7 @@ namespace {
 
 struct Tile {
   int64_t group, begin, end;  // group index and [begin, end) along the split dimension
+  int64_t col0, col1;         // [col0, col1) of the output columns
 };
 
 // Reads offs_E (on the CPU: no sync) and checks it is monotone and within the rows of a.
@@ -35,30 +47,56 @@ std::vector<int64_t> read_offsets(const char* op, const at::Tensor& offs_E, int6
 }
 
 // Splits each group's extent into blocks so that there are several tiles per thread, without
-// making blocks smaller than `min_block` (small GEMMs lose the matmul's efficiency).
-std::vector<Tile> make_tiles(const std::vector<int64_t>& extent, int64_t min_block) {
+// making blocks smaller than `min_block` rows (small GEMMs lose the matmul's efficiency). When
+// that leaves fewer tiles than threads (few rows, e.g. decoding), output columns are split too,
+// in blocks of at least `min_cols`. Tiles are returned largest first.
+std::vector<Tile> make_tiles(const std::vector<int64_t>& extent, int64_t cols, int64_t min_block,
+                             int64_t min_cols = 128) {
   const int64_t threads = at::get_num_threads();
   int64_t total = 0;
   for (int64_t n : extent) total += n;
-  const int64_t target = std::max<int64_t>(min_block, total / std::max<int64_t>(1, 4 * threads));
+  const int64_t target = std::max<int64_t>(min_block, total / std::max<int64_t>(1, 8 * threads));
   std::vector<Tile> tiles;
   for (size_t g = 0; g < extent.size(); ++g) {
     const int64_t n = extent[g];
     if (n == 0) continue;
     const int64_t blocks = std::max<int64_t>(1, n / target);
     const int64_t step = (n + blocks - 1) / blocks;
-    for (int64_t b = 0; b < n; b += step) tiles.push_back({int64_t(g), b, std::min(n, b + step)});
+    for (int64_t b = 0; b < n; b += step)
+      tiles.push_back({int64_t(g), b, std::min(n, b + step), 0, cols});
   }
+  const int64_t col_blocks = std::min<int64_t>(
+      cols / min_cols, tiles.empty() ? 1 : (2 * threads + tiles.size() - 1) / tiles.size());
+  if (threads > 1 && int64_t(tiles.size()) < threads && col_blocks > 1) {
+    std::vector<Tile> split;
+    const int64_t step = (cols + col_blocks - 1) / col_blocks;
+    for (const auto& t : tiles)
+      for (int64_t c = 0; c < cols; c += step)
+        split.push_back({t.group, t.begin, t.end, c, std::min(cols, c + step)});
+    tiles.swap(split);
+  }
+  std::stable_sort(tiles.begin(), tiles.end(), [](const Tile& x, const Tile& y) {
+    return (x.end - x.begin) * (x.col1 - x.col0) > (y.end - y.begin) * (y.col1 - y.col0);
+  });
   return tiles;
 }
 
-void run_tiles(const std::vector<Tile>& tiles, const std::function<void(const Tile&)>& fn) {
-  if (tiles.size() <= 1 || at::get_num_threads() == 1) {
+template <typename Fn>
+void run_tiles(const std::vector<Tile>& tiles, const Fn& fn) {
+  const int64_t threads = at::get_num_threads();
+  if (tiles.size() <= 1 || threads == 1 || at::in_parallel_region()) {
     for (const auto& t : tiles) fn(t);  // a single tile keeps at::mm's own threading
     return;
   }
-  at::parallel_for(0, int64_t(tiles.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) fn(tiles[i]);
+  std::atomic<int64_t> next{0};
+  const int64_t count = int64_t(tiles.size());
+  // Worker threads do not inherit this thread's dispatcher state (we run below Autograd), so
+  // at::mm_out there would go through autograd again: carry the state over.
+  const at::ThreadLocalState state;
+  at::parallel_for(0, std::min(threads, count), 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(state);
+    for (int64_t w = begin; w < end; ++w)  // one worker per index; each drains the queue
+      for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) fn(tiles[i]);
   });
 }
 
@@ -73,11 +111,11 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a_NX, const at::Tensor& b_EXY,
   c.narrow(0, starts[E], N - starts[E]).zero_();  // rows past offs_E[-1] are zero, never garbage
   std::vector<int64_t> rows(E);
   for (int64_t e = 0; e < E; ++e) rows[e] = starts[e + 1] - starts[e];
-  const auto tiles = make_tiles(rows, /*min_block=*/64);
+  const auto tiles = make_tiles(rows, Y, /*min_block=*/64);
   run_tiles(tiles, [&](const Tile& t) {
-    const int64_t r0 = starts[t.group] + t.begin, n = t.end - t.begin;
-    auto out = c.narrow(0, r0, n);
-    at::mm_out(out, a_NX.narrow(0, r0, n), b_EXY.select(0, t.group));
+    const int64_t r0 = starts[t.group] + t.begin, n = t.end - t.begin, ny = t.col1 - t.col0;
+    auto out = c.narrow(0, r0, n).narrow(1, t.col0, ny);
+    at::mm_out(out, a_NX.narrow(0, r0, n), b_EXY.select(0, t.group).narrow(1, t.col0, ny));
   });
   return c;
 }
@@ -96,11 +134,13 @@ at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& a_NX, const at::Tensor& g_NY,
       extent[e] = 0;
     }
   }
-  const auto tiles = make_tiles(extent, /*min_block=*/64);
+  const auto tiles = make_tiles(extent, Y, /*min_block=*/64);
   run_tiles(tiles, [&](const Tile& t) {
     const int64_t r0 = starts[t.group], n = starts[t.group + 1] - r0, x0 = t.begin;
-    auto dst = out.select(0, t.group).narrow(0, x0, t.end - x0);
-    at::mm_out(dst, a_NX.narrow(0, r0, n).narrow(1, x0, t.end - x0).t(), g_NY.narrow(0, r0, n));
+    const int64_t ny = t.col1 - t.col0;
+    auto dst = out.select(0, t.group).narrow(0, x0, t.end - x0).narrow(1, t.col0, ny);
+    at::mm_out(dst, a_NX.narrow(0, r0, n).narrow(1, x0, t.end - x0).t(),
+               g_NY.narrow(0, r0, n).narrow(1, t.col0, ny));
   });
   return out;
 }

@@ -1,6 +1,8 @@
 // The one place where moekit's op schemas are defined and the CPU kernels registered.
 // CUDA kernels register themselves in csrc/cuda/*.cu (TORCH_LIBRARY_IMPL(moe, CUDA, m)).
+#ifdef MOE_PYTHON_MODULE
 #include <Python.h>
+#endif
 #include <torch/library.h>
 
 #include "moe_ops.h"
@@ -29,9 +31,11 @@ TORCH_LIBRARY_IMPL(moe, CPU, m) {
   m.impl("grouped_mm_wgrad", &moe::grouped_mm_wgrad_cpu);
 }
 
+#ifdef MOE_PYTHON_MODULE  // defined by setup.py only: the CMake (libtorch) library has no Python
 // `import moe._C` loads this library, which runs the registrations above. The module itself
 // has no Python functions: everything is reached through torch.ops.moe.*.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module);
 }
+#endif

@@ -61,11 +61,19 @@ _TWINS = {
 }
 
 
+# (op, dispatch key) pairs with a compiled kernel, read once at import: dynamo cannot trace the
+# dispatcher query, and the answer never changes after the extension is loaded.
+_KERNELS = frozenset(
+    (name, key)
+    for name in _TWINS
+    for key in ("CPU", "CUDA")
+    if HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(f"moe::{name}", key)
+)
+
+
 def _has_kernel(name: str, device: torch.device) -> bool:
-    if not HAS_EXTENSION:
-        return False
     key = "CUDA" if device.type == "cuda" else "CPU" if device.type == "cpu" else None
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"moe::{name}", key)
+    return (name, key) in _KERNELS
 
 
 def _op(name: str, device: torch.device):
@@ -157,6 +165,14 @@ def _acc(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _same_device(op: str, first, **named) -> None:
+    """Fake kernels run for meta/fake tensors, where the C++ device checks never run."""
+    for name, t in named.items():
+        if t is not None:
+            torch._check(t.device == first.device,
+                         lambda: f"moe.{op}: {name} is on {t.device} but the other inputs are on {first.device}")
+
+
 def _register_fakes() -> None:
     reg = torch.library.register_fake
 
@@ -170,22 +186,27 @@ def _register_fakes() -> None:
 
     @reg("moe::permute")
     def _(x_TD, order_N, rows_TK, scale_TK=None):
+        _same_device("permute", x_TD, order_N=order_N, rows_TK=rows_TK, scale_TK=scale_TK)
         return x_TD.new_empty(order_N.shape[0], x_TD.shape[1])
 
     @reg("moe::unpermute")
     def _(y_ND, order_N, rows_TK, weights_TK=None):
+        _same_device("unpermute", y_ND, order_N=order_N, rows_TK=rows_TK, weights_TK=weights_TK)
         return y_ND.new_empty(rows_TK.shape[0], y_ND.shape[1])
 
     @reg("moe::unpermute_weights_grad")
     def _(grad_TD, y_ND, order_N, rows_TK):
+        _same_device("unpermute_weights_grad", y_ND, grad_TD=grad_TD, order_N=order_N, rows_TK=rows_TK)
         return y_ND.new_empty(rows_TK.shape, dtype=_acc(y_ND.dtype))
 
     @reg("moe::grouped_mm")
     def _(a_NX, b_EXY, offs_E):
+        _same_device("grouped_mm", a_NX, b_EXY=b_EXY, offs_E=offs_E)
         return a_NX.new_empty(a_NX.shape[0], b_EXY.shape[2])
 
     @reg("moe::grouped_mm_wgrad")
     def _(a_NX, g_NY, offs_E):
+        _same_device("grouped_mm_wgrad", a_NX, g_NY=g_NY, offs_E=offs_E)
         return a_NX.new_empty(offs_E.shape[0], a_NX.shape[1], g_NY.shape[1])
 
 

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# One prepared call for a machine with a GPU (issue 8): build moe._C with the CUDA kernels in
+# place, run the GPU tests, time the ops, and print a short table last. Full logs go to $OUT
+# (default /tmp/moe_gpu_check). Needs python3 with torch, pytest and nvcc (CUDA_HOME); installs
+# nothing. Budget: under ~8 minutes on 16 cores.
+#
+#   OUT=/some/dir bash bench/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/moe_gpu_check}
+mkdir -p "$OUT"
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MOE_BUILD_CUDA=1
+export MOE_NVCC_FLAGS="-Xptxas -v"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build of moe
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+{ nvidia-smi; python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+  "$CUDA_HOME/bin/nvcc" --version; } > "$OUT/env.txt" 2>&1
+note "env: $(python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())' 2>&1 | tail -1)"
+
+# 1. Build (in place; ptxas -v output lands in the build log).
+t0=$(date +%s)
+python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+build_rc=$?
+note "build: rc=$build_rc in $(( $(date +%s) - t0 ))s (log: build.log)"
+python3 - "$OUT/build.log" > "$OUT/ptxas.txt" 2>&1 <<'EOF'
+# Condenses ptxas -v output: one line per kernel and arch with registers, spills and shared memory.
+import re, subprocess, sys
+name, arch, spill = None, None, ""
+for line in open(sys.argv[1], errors="replace"):
+    m = re.search(r"Compiling entry function '(\S+)' for '(\S+)'", line)
+    if m:
+        name, arch = m.groups()
+        continue
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+    if m:
+        spill = f"spill st/ld {m.group(1)}/{m.group(2)} B"
+        continue
+    m = re.search(r"Used (\d+) registers", line)
+    if m and name:
+        smem = re.search(r"(\d+) bytes smem", line)
+        smem = smem.group(1) if smem else "0"
+        try:
+            pretty = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            pretty = name
+        pretty = re.sub(r"\(anonymous namespace\)::|moe::cuda::", "", pretty)
+        print(f"{arch} regs={m.group(1):>3} smem={smem:>6} B {spill:24s} {pretty[:150]}")
+        name, spill = None, ""
+EOF
+if [ "$build_rc" -ne 0 ]; then
+  tail -40 "$OUT/build.log"
+  note "BUILD FAILED: see build.log"
+  exit 1
+fi
+
+# 2. GPU tests (each op vs its CPU kernel / twin, gradients, opcheck, no-sync, CUDA graph).
+t0=$(date +%s)
+timeout 240 python3 -m pytest tests/test_gpu.py -m gpu -q -rfE -p no:cacheprovider \
+  > "$OUT/test_gpu.log" 2>&1
+test_rc=$?
+note "tests: rc=$test_rc in $(( $(date +%s) - t0 ))s: $(tail -1 "$OUT/test_gpu.log")"
+grep -E "^(FAILED|ERROR)" "$OUT/test_gpu.log" | head -20 | tee -a "$SUMMARY"
+
+# 3. Timings (ratios vs F.grouped_mm, dense mm and a device-to-device copy, same run).
+t0=$(date +%s)
+timeout 180 python3 bench/gpu_bench.py --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+bench_rc=$?
+note "bench: rc=$bench_rc in $(( $(date +%s) - t0 ))s (log: bench.log, bench.json)"
+
+echo
+echo "== ptxas (regs / smem / spills), sm_90 =="
+grep -E "^sm_90" "$OUT/ptxas.txt" | cut -c1-160
+echo
+echo "== summary =="
+cat "$SUMMARY"
+echo
+echo "== timings =="
+sed -n '/^| op /,$p' "$OUT/bench.log"
+[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

@@ -1,0 +1,187 @@
+"""Op benchmarks: moekit's grouped GEMM and token dispatch against PyTorch baselines, one run.
+
+Shape legend: T tokens, K slots per token (top-k), E experts, N routed rows (T*K), D model dim,
+F expert hidden dim.
+
+    python -m bench.ops                 # full table: float32 and bfloat16, T=4096, issue-2 shapes
+    python -m bench.ops --quick         # small T, few repeats: a smoke run
+
+grouped_mm rows: the up projection x_ND (N, D) x w_EDF (E, D, F) with counts from random top-k
+routing, timed for moe.ops.grouped_mm, ``torch.nn.functional.grouped_mm``, a per-expert Python
+loop (the twin) and one dense mm of the same FLOPs ((N, D) x (D, F)); GFLOP/s = 2*N*D*F / time.
+dispatch rows: plan + permute + unpermute (weighted) against argsort + index_select + index_add.
+Times are medians over repeats; ``noise`` is the spread (max/min - 1) of the repeats of our op.
+:func:`grouped_mm_rows`, :func:`dispatch_rows` and :func:`run` return plain dicts (one per row)
+so a CLI can format them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from moe import ops
+
+SHAPES = ((1024, 1792, 8, 2), (1024, 448, 64, 8), (1024, 224, 128, 8))  # (D, F, E, K)
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def time_fns(fns: dict[str, Callable[[], object]], *, repeat: int, warmup: int = 1
+             ) -> dict[str, tuple[float, float]]:
+    """{name: (median seconds, spread max/min - 1)} over ``repeat`` rounds.
+
+    Candidates are interleaved (each round times every candidate once, in rotating order), so
+    load from other processes on a shared machine hits them alike and the ratios stay fair."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeat):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {n: (statistics.median(t), max(t) / min(t) - 1.0) for n, t in times.items()}
+
+
+def random_topk_ids(T: int, E: int, K: int, *, seed: int = 0, skew: float = 0.0) -> torch.Tensor:
+    """(T, K) int64 ids of a random top-k router (distinct experts per token) over Gaussian
+    logits; ``skew`` > 0 adds a per-expert bias of that scale, making counts uneven."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, E, generator=g) + skew * torch.randn(E, generator=g)
+    return logits.topk(K, dim=-1).indices
+
+
+def dispatch_baseline(x_TD, ids_TK, w_TK, num_experts):
+    """argsort + index_select + index_add: the usual PyTorch dispatch/combine, a round trip."""
+    K = ids_TK.shape[1]
+    flat = ids_TK.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    token = order // K
+    x_ND = x_TD.index_select(0, token)
+    y_ND = x_ND * w_TK.reshape(-1)[order, None].to(x_ND.dtype)
+    return torch.zeros_like(x_TD).index_add_(0, token, y_ND), counts
+
+
+def dispatch_ours(x_TD, ids_TK, w_TK, num_experts):
+    """moe.ops plan + permute + unpermute (weighted): the same round trip."""
+    p = ops.plan(ids_TK, num_experts)
+    return ops.unpermute(ops.permute(x_TD, p), p, w_TK), p.counts_E
+
+
+def grouped_mm_rows(*, T: int = 4096, shapes=SHAPES, dtypes=DTYPES, repeat: int = 7,
+                    seed: int = 0) -> list[dict]:
+    """One row per (dtype, shape): median ms and GFLOP/s of ours, F.grouped_mm, loop, dense."""
+    rows = []
+    for dtype in dtypes:
+        for D, Fh, E, K in shapes:
+            ids = random_topk_ids(T, E, K, seed=seed)
+            offs = ops.plan(ids, E).offs_E
+            N = T * K
+            g = torch.Generator().manual_seed(seed + 1)
+            a = torch.randn(N, D, generator=g).to(dtype)
+            w = (torch.randn(E, D, Fh, generator=g) / D**0.5).to(dtype)
+            w_dense = w[0].contiguous()
+            cands = {
+                "ours": lambda: ops.grouped_mm(a, w, offs),
+                "F.grouped_mm": lambda: F.grouped_mm(a, w, offs=offs),
+                "loop": lambda: ops.grouped_mm_torch(a, w, offs),
+                "dense": lambda: torch.mm(a, w_dense),
+            }
+            flops = 2.0 * N * D * Fh
+            row = dict(op="grouped_mm", dtype=str(dtype).removeprefix("torch."), T=T, D=D, F=Fh,
+                       E=E, K=K)
+            timed = time_fns(cands, repeat=repeat)
+            for name, (sec, _) in timed.items():
+                row[f"{name}_ms"] = sec * 1e3
+                row[f"{name}_gflops"] = flops / sec / 1e9
+            row["noise"] = timed["ours"][1]
+            row["vs_dense"] = row["ours_gflops"] / row["dense_gflops"]
+            row["vs_F.grouped_mm"] = row["ours_gflops"] / row["F.grouped_mm_gflops"]
+            row["vs_loop"] = row["ours_gflops"] / row["loop_gflops"]
+            rows.append(row)
+    return rows
+
+
+def dispatch_rows(*, T: int = 4096, shapes=SHAPES, dtypes=DTYPES, repeat: int = 7,
+                  seed: int = 0) -> list[dict]:
+    """One row per (dtype, shape): plan+permute+unpermute vs the argsort/index baseline, ms."""
+    rows = []
+    for dtype in dtypes:
+        for D, _, E, K in shapes:
+            g = torch.Generator().manual_seed(seed + 2)
+            ids = random_topk_ids(T, E, K, seed=seed)
+            x = torch.randn(T, D, generator=g).to(dtype)
+            w = torch.rand(T, K, generator=g)
+            timed = time_fns({"ours": lambda: dispatch_ours(x, ids, w, E),
+                              "baseline": lambda: dispatch_baseline(x, ids, w, E)}, repeat=repeat)
+            (ours, noise), (base, _) = timed["ours"], timed["baseline"]
+            rows.append(dict(op="dispatch", dtype=str(dtype).removeprefix("torch."), T=T, D=D,
+                             E=E, K=K, ours_ms=ours * 1e3, baseline_ms=base * 1e3,
+                             speedup=base / ours, noise=noise))
+    return rows
+
+
+def run(*, quick: bool = False, dtypes=DTYPES, only: str | None = None,
+        repeat: int | None = None) -> list[dict]:
+    """All op benchmark rows (``only``: "grouped_mm" or "dispatch" for one family). ``quick``
+    uses T=256 and 3 repeats: a smoke run, not a measurement."""
+    kw = dict(T=256, repeat=3) if quick else dict(T=4096, repeat=7)
+    if repeat is not None:
+        kw["repeat"] = repeat
+    rows = []
+    if only in (None, "grouped_mm"):
+        rows += grouped_mm_rows(dtypes=dtypes, **kw)
+    if only in (None, "dispatch"):
+        rows += dispatch_rows(dtypes=dtypes, **kw)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Plain-text table of :func:`run`'s rows: grouped GEMM first, then dispatch."""
+    out = []
+    gmm = [r for r in rows if r["op"] == "grouped_mm"]
+    if gmm:
+        out.append(f"{'grouped_mm':<10} {'dtype':<8} {'T':>5} {'D':>5} {'F':>5} {'E':>4} {'K':>2} "
+                   f"{'ours':>7} {'F.gmm':>7} {'loop':>7} {'dense':>7}  {'/dense':>6} "
+                   f"{'/F.gmm':>6} {'/loop':>6} {'noise':>6}   (GFLOP/s)")
+        for r in gmm:
+            out.append(f"{'':<10} {r['dtype']:<8} {r['T']:>5} {r['D']:>5} {r['F']:>5} {r['E']:>4} "
+                       f"{r['K']:>2} {r['ours_gflops']:>7.1f} {r['F.grouped_mm_gflops']:>7.1f} "
+                       f"{r['loop_gflops']:>7.1f} {r['dense_gflops']:>7.1f}  {r['vs_dense']:>6.2f} "
+                       f"{r['vs_F.grouped_mm']:>6.2f} {r['vs_loop']:>6.2f} {r['noise']:>6.0%}")
+    disp = [r for r in rows if r["op"] == "dispatch"]
+    if disp:
+        out.append(f"{'dispatch':<10} {'dtype':<8} {'T':>5} {'D':>5} {'E':>4} {'K':>2} "
+                   f"{'ours ms':>8} {'base ms':>8} {'speedup':>8} {'noise':>6}")
+        for r in disp:
+            out.append(f"{'':<10} {r['dtype']:<8} {r['T']:>5} {r['D']:>5} {r['E']:>4} {r['K']:>2} "
+                       f"{r['ours_ms']:>8.2f} {r['baseline_ms']:>8.2f} {r['speedup']:>7.2f}x "
+                       f"{r['noise']:>6.0%}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="T=256, 3 repeats (smoke run)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], action="append",
+                        help="restrict to these dtypes (repeatable)")
+    parser.add_argument("--only", choices=["grouped_mm", "dispatch"], help="one op family")
+    parser.add_argument("--repeat", type=int, help="timed rounds per row (median is reported)")
+    args = parser.parse_args(argv)
+    dtypes = tuple(getattr(torch, d) for d in args.dtype) if args.dtype else DTYPES
+    rows = run(quick=args.quick, dtypes=dtypes, only=args.only, repeat=args.repeat)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"extension={'yes' if ops.HAS_EXTENSION else 'no (twins)'}")
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

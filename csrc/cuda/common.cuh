@@ -1,0 +1,76 @@
+// Helpers shared by moekit's CUDA kernels (csrc/cuda/*.cu): launch sizes, a block-wide scan,
+// 16-byte vectors and no-contraction arithmetic (so sums round exactly like the CPU kernels).
+//
+// Shape legend: T tokens, K slots per token, E experts, N routed rows (the host bound T*K),
+// D feature dim, X/Y GEMM input/output dims.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cstdint>
+
+namespace moe::cuda {
+
+constexpr int kWarp = 32;
+
+__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Blocks for a warp-per-row kernel: `rows` rows, `warps` warps per block (rows >= 1).
+inline unsigned rows_grid(int64_t rows, int warps) {
+  return static_cast<unsigned>(ceil_div(rows, warps));
+}
+
+// Inclusive scan of one int per thread across a block of THREADS threads. `warp_sums` is
+// shared memory for THREADS/32 ints. Returns the thread's inclusive prefix and sets `total`.
+// Must be reached by every thread of the block (it synchronizes twice).
+template <int THREADS>
+__device__ __forceinline__ int block_inclusive_scan(int v, int& total, int* warp_sums) {
+  static_assert(THREADS % kWarp == 0 && THREADS <= 1024, "THREADS must be a multiple of 32");
+  constexpr int kWarps = THREADS / kWarp;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+#pragma unroll
+  for (int o = 1; o < kWarp; o <<= 1) {
+    const int u = __shfl_up_sync(0xffffffffu, v, o);
+    if (lane >= o) v += u;
+  }
+  if (lane == kWarp - 1) warp_sums[warp] = v;
+  __syncthreads();
+  int before = 0;
+  total = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    const int s = warp_sums[w];
+    before += (w < warp) ? s : 0;
+    total += s;
+  }
+  __syncthreads();  // warp_sums may be rewritten by the next call
+  return before + v;
+}
+
+// A 16-byte (or, for VEC == 1, one-element) bundle of VEC consecutive elements.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Vec {
+  T v[VEC];
+};
+
+template <typename T>
+constexpr int kVec16 = 16 / static_cast<int>(sizeof(T));
+
+// True when a row-major (rows, D) buffer with row stride `ld` can be read in 16-byte bundles.
+inline bool vec16_ok(const void* p, int64_t D, int64_t ld, int64_t elem) {
+  const int64_t per = 16 / elem;
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && D % per == 0 && ld % per == 0;
+}
+
+// acc + w * y and acc + y, rounded after each operation (no FMA contraction): the CPU kernels and
+// the PyTorch twins multiply and add separately, so this keeps results bit-identical.
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
+}  // namespace moe::cuda

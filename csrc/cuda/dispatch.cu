@@ -1,0 +1,266 @@
+// moe.plan / moe.permute / moe.unpermute / moe.unpermute_weights_grad on CUDA.
+//
+// Shape legend: T tokens, K slots per token, E experts, S = T*K slots, N routed rows (= S, the host
+// bound; rows past offs_E[E-1] are padding), D feature dim.
+//
+// plan: (1) keys: key[s] = ids[s] (E for an empty slot), value[s] = s, and a per-expert histogram
+// (shared-memory atomics, then one global atomic per block and expert; integer sums, so the
+// counts are exact whatever the order); (2) offs_E = inclusive scan of counts_E (one block);
+// (3) cub::DeviceRadixSort::SortPairs on (key, slot) over the low ceil(log2(E+1)) bits: LSD radix
+// sort is stable, so within an expert the slots keep their flat order t*K+k, and it is
+// deterministic: the result equals the CPU counting sort bit for bit; (4) order_N[i] = sorted
+// slot (or -1 once the keys reach E, i.e. past offs_E[E-1]) and rows_TK[slot] = i (or -1).
+// Ids outside [-1, E) trip a device-side assert (CUDA_KERNEL_ASSERT) instead of a host check,
+// so the op never syncs; such a slot is treated as empty if asserts are compiled out.
+//
+// permute / unpermute / unpermute_weights_grad: one warp per output row, 16-byte vectors when
+// the row strides and pointers allow it (else one element at a time). unpermute accumulates in
+// at::opmath_type (float32 for half/bfloat16) in slot order k = 0..K-1 with separately rounded
+// multiplies and adds (no FMA), so it equals the CPU kernel bit for bit. Empty slots (-1) are
+// never read; padding rows of permute's output are written with zeros.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <cub/device/device_radix_sort.cuh>
+
+#include "gather.cuh"
+#include "moe_ops.h"
+
+namespace moe::cuda {
+namespace {
+
+constexpr int kSmemHistMax = 8192;  // experts counted in shared memory (32 KiB)
+
+template <typename index_t>
+__global__ void plan_keys_kernel(const index_t* __restrict__ ids, int64_t S, int E,
+                                 bool smem_hist, int* __restrict__ keys, int* __restrict__ vals,
+                                 int* __restrict__ counts) {
+  extern __shared__ int hist[];
+  if (smem_hist) {
+    for (int e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
+    __syncthreads();
+  }
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t s = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; s < S; s += stride) {
+    const int64_t id = static_cast<int64_t>(ids[s]);
+    CUDA_KERNEL_ASSERT(id >= -1 && id < E && "moe.plan: ids_TK holds an id outside [-1, E)");
+    const bool valid = id >= 0 && id < E;
+    keys[s] = valid ? static_cast<int>(id) : E;  // empty slots sort last
+    vals[s] = static_cast<int>(s);
+    if (valid) atomicAdd(smem_hist ? &hist[id] : &counts[id], 1);
+  }
+  if (smem_hist) {
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x)
+      if (hist[e] != 0) atomicAdd(&counts[e], hist[e]);
+  }
+}
+
+constexpr int kScanThreads = 1024;
+
+__global__ void offsets_kernel(const int* __restrict__ counts, int E, int* __restrict__ offs) {
+  __shared__ int warp_sums[kScanThreads / kWarp];
+  int carry = 0;
+  for (int base = 0; base < E; base += kScanThreads) {  // uniform loop: every thread scans
+    const int e = base + threadIdx.x;
+    int total = 0;
+    const int incl = block_inclusive_scan<kScanThreads>(e < E ? counts[e] : 0, total, warp_sums);
+    if (e < E) offs[e] = carry + incl;
+    carry += total;
+  }
+}
+
+__global__ void plan_finalize_kernel(const int* __restrict__ keys, const int* __restrict__ vals,
+                                     int64_t S, int E, int64_t* __restrict__ order,
+                                     int64_t* __restrict__ rows) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < S; i += stride) {
+    const int s = vals[i];
+    const bool valid = keys[i] < E;
+    order[i] = valid ? s : -1;
+    rows[s] = valid ? i : -1;
+  }
+}
+
+unsigned flat_grid(int64_t n) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(ceil_div(n, kThreads), 4 * sms)));
+}
+
+// Rows may have any row stride; the feature dim must be unit-stride (else a contiguous copy).
+at::Tensor unit_inner(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
+// Calls fn(W{}) with W the C++ type of the optional weights (float when absent or float32).
+template <typename scalar_t, typename Fn>
+void with_weight_type(const std::optional<at::Tensor>& w, Fn&& fn) {
+  if (!w.has_value() || w->scalar_type() == at::kFloat) {
+    fn(float{});
+  } else {
+    fn(scalar_t{});
+  }
+}
+
+template <typename W>
+const W* weight_ptr(const std::optional<at::Tensor>& w) {
+  return w.has_value() ? w->template const_data_ptr<W>() : nullptr;
+}
+
+}  // namespace
+
+PlanTensors plan_cuda(const at::Tensor& ids_TK, int64_t num_experts) {
+  check_plan_args(ids_TK, num_experts);
+  TORCH_CHECK(ids_TK.numel() < (int64_t{1} << 31), "moe.plan: ids_TK has too many slots (",
+              ids_TK.numel(), "): counts are int32");
+  c10::cuda::CUDAGuard guard(ids_TK.device());
+  const auto ids = ids_TK.contiguous();
+  const int64_t T = ids.size(0), K = ids.size(1), S = T * K;
+  const int E = static_cast<int>(num_experts);
+  auto i32 = ids.options().dtype(at::kInt);
+  auto counts = at::zeros({E}, i32);
+  auto offs = at::empty({E}, i32);
+  auto order = at::empty({S}, ids.options().dtype(at::kLong));
+  auto rows = at::empty({T, K}, ids.options().dtype(at::kLong));
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  auto keys = at::empty({4, S}, i32);  // keys in/out, slots in/out
+  int* key_in = keys[0].mutable_data_ptr<int>();
+  int* key_out = keys[1].mutable_data_ptr<int>();
+  int* val_in = keys[2].mutable_data_ptr<int>();
+  int* val_out = keys[3].mutable_data_ptr<int>();
+  if (S > 0) {
+    const bool smem_hist = E <= kSmemHistMax;
+    const size_t smem = smem_hist ? size_t(E) * sizeof(int) : 0;
+    AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "moe_plan_cuda", [&] {
+      plan_keys_kernel<index_t><<<flat_grid(S), kThreads, smem, stream>>>(
+          ids.const_data_ptr<index_t>(), S, E, smem_hist, key_in, val_in,
+          counts.mutable_data_ptr<int>());
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  offsets_kernel<<<1, kScanThreads, 0, stream>>>(counts.const_data_ptr<int>(), E,
+                                                  offs.mutable_data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (S == 0) return {counts, offs, order, rows};
+  const int end_bit = 32 - __builtin_clz(static_cast<unsigned>(E));  // keys are in [0, E]
+  size_t temp_bytes = 0;  // size query: host-only, no device work
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, key_in, key_out, val_in,
+                                                 val_out, static_cast<int>(S), 0, end_bit, stream));
+  auto temp = at::empty({static_cast<int64_t>(temp_bytes)}, ids.options().dtype(at::kByte));
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.mutable_data_ptr(), temp_bytes, key_in,
+                                                 key_out, val_in, val_out, static_cast<int>(S), 0,
+                                                 end_bit, stream));
+  plan_finalize_kernel<<<flat_grid(S), kThreads, 0, stream>>>(
+      key_out, val_out, S, E, order.mutable_data_ptr<int64_t>(), rows.mutable_data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {counts, offs, order, rows};
+}
+
+at::Tensor permute_cuda(const at::Tensor& x_TD, const at::Tensor& order_N,
+                        const at::Tensor& rows_TK, const std::optional<at::Tensor>& scale_TK) {
+  check_dispatch_args("permute", x_TD, "x_TD", rows_TK.size(0), "T, the plan's tokens", order_N,
+                      rows_TK);
+  if (scale_TK.has_value()) check_weights_arg("permute", "scale_TK", *scale_TK, rows_TK, x_TD);
+  c10::cuda::CUDAGuard guard(x_TD.device());
+  const int64_t N = order_N.size(0), K = rows_TK.size(1), D = x_TD.size(1), S = rows_TK.numel();
+  const auto x = unit_inner(x_TD);
+  const auto order = order_N.contiguous();
+  const auto scale = scale_TK.has_value() ? std::optional<at::Tensor>(scale_TK->contiguous())
+                                          : std::nullopt;
+  auto out = at::empty({N, D}, x.options());
+  if (N == 0 || D == 0) return out;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "moe_permute_cuda", [&] {
+    with_weight_type<scalar_t>(scale, [&](auto w_tag) {
+      using W = decltype(w_tag);
+      constexpr int V = kVec16<scalar_t>;
+      const bool vec = vec16_ok(x.const_data_ptr(), D, x.stride(0), sizeof(scalar_t)) &&
+                       vec16_ok(out.const_data_ptr(), D, D, sizeof(scalar_t));
+      auto launch = [&](auto kernel, int64_t nvec) {
+        kernel<<<rows_grid(N, kWarpsPerBlock), kThreads, 0, stream>>>(
+            x.const_data_ptr<scalar_t>(), x.stride(0), order.const_data_ptr<int64_t>(),
+            weight_ptr<W>(scale), N, S, static_cast<int>(K), nvec, out.mutable_data_ptr<scalar_t>());
+      };
+      if (vec) launch(permute_kernel<scalar_t, W, V>, D / V);
+      else launch(permute_kernel<scalar_t, W, 1>, D);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+at::Tensor unpermute_cuda(const at::Tensor& y_ND, const at::Tensor& order_N,
+                          const at::Tensor& rows_TK, const std::optional<at::Tensor>& weights_TK) {
+  check_dispatch_args("unpermute", y_ND, "y_ND", order_N.size(0), "N, the plan's rows", order_N,
+                      rows_TK);
+  if (weights_TK.has_value()) check_weights_arg("unpermute", "weights_TK", *weights_TK, rows_TK, y_ND);
+  c10::cuda::CUDAGuard guard(y_ND.device());
+  const int64_t N = y_ND.size(0), T = rows_TK.size(0), K = rows_TK.size(1), D = y_ND.size(1);
+  const auto y = unit_inner(y_ND);
+  const auto rows = rows_TK.contiguous();
+  const auto w = weights_TK.has_value() ? std::optional<at::Tensor>(weights_TK->contiguous())
+                                        : std::nullopt;
+  auto out = at::empty({T, D}, y.options());
+  if (T == 0 || D == 0) return out;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "moe_unpermute_cuda", [&] {
+    with_weight_type<scalar_t>(w, [&](auto w_tag) {
+      using W = decltype(w_tag);
+      constexpr int V = kVec16<scalar_t>;
+      const bool vec = vec16_ok(y.const_data_ptr(), D, y.stride(0), sizeof(scalar_t)) &&
+                       vec16_ok(out.const_data_ptr(), D, D, sizeof(scalar_t));
+      auto launch = [&](auto kernel, int64_t nvec) {
+        kernel<<<rows_grid(T, kWarpsPerBlock), kThreads, 0, stream>>>(
+            y.const_data_ptr<scalar_t>(), y.stride(0), rows.const_data_ptr<int64_t>(),
+            weight_ptr<W>(w), T, static_cast<int>(K), N, nvec, out.mutable_data_ptr<scalar_t>());
+      };
+      if (vec) launch(unpermute_kernel<scalar_t, W, V>, D / V);
+      else launch(unpermute_kernel<scalar_t, W, 1>, D);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+at::Tensor unpermute_weights_grad_cuda(const at::Tensor& grad_TD, const at::Tensor& y_ND,
+                                       const at::Tensor& order_N, const at::Tensor& rows_TK) {
+  check_dispatch_args("unpermute_weights_grad", y_ND, "y_ND", order_N.size(0),
+                      "N, the plan's rows", order_N, rows_TK);
+  check_dispatch_args("unpermute_weights_grad", grad_TD, "grad_TD", rows_TK.size(0),
+                      "T, the plan's tokens", order_N, rows_TK);
+  TORCH_CHECK(grad_TD.scalar_type() == y_ND.scalar_type() && grad_TD.size(1) == y_ND.size(1),
+              "moe.unpermute_weights_grad: grad_TD (", grad_TD.scalar_type(), ", D=",
+              grad_TD.size(1), ") must match y_ND (", y_ND.scalar_type(), ", D=", y_ND.size(1), ")");
+  c10::cuda::CUDAGuard guard(y_ND.device());
+  const int64_t N = y_ND.size(0), T = rows_TK.size(0), K = rows_TK.size(1), D = y_ND.size(1);
+  const int64_t S = T * K;
+  const auto y = unit_inner(y_ND);
+  const auto g = unit_inner(grad_TD);
+  const auto rows = rows_TK.contiguous();
+  auto out = at::empty({T, K}, y.options().dtype(accum_dtype(y.scalar_type())));
+  if (S == 0) return out;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "moe_unpermute_wgrad_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int V = kVec16<scalar_t>;
+    const bool vec = vec16_ok(y.const_data_ptr(), D, y.stride(0), sizeof(scalar_t)) &&
+                     vec16_ok(g.const_data_ptr(), D, g.stride(0), sizeof(scalar_t));
+    auto launch = [&](auto kernel, int64_t nvec) {
+      kernel<<<rows_grid(S, kWarpsPerBlock), kThreads, 0, stream>>>(
+          g.const_data_ptr<scalar_t>(), g.stride(0), y.const_data_ptr<scalar_t>(), y.stride(0),
+          rows.const_data_ptr<int64_t>(), S, static_cast<int>(K), N, nvec,
+          out.mutable_data_ptr<acc_t>());
+    };
+    if (vec) launch(unpermute_wgrad_kernel<scalar_t, V>, D / V);
+    else launch(unpermute_wgrad_kernel<scalar_t, 1>, D);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace moe::cuda
+
+TORCH_LIBRARY_IMPL(moe, CUDA, m) {
+  m.impl("plan", &moe::cuda::plan_cuda);
+  m.impl("permute", &moe::cuda::permute_cuda);
+  m.impl("unpermute", &moe::cuda::unpermute_cuda);
+  m.impl("unpermute_weights_grad", &moe::cuda::unpermute_weights_grad_cuda);
+}

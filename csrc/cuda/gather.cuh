@@ -1,0 +1,120 @@
+// Gather/scatter kernels of moe.permute / moe.unpermute / moe.unpermute_weights_grad, launched by
+// csrc/cuda/dispatch.cu (kept in a header so the CUDA build stays at two translation units).
+//
+// Shape legend: T tokens, K slots per token, S = T*K slots, N routed rows, D feature dim.
+// One warp per output row; VEC consecutive elements per 16-byte access (VEC = 1 when the rows are
+// not 16-byte aligned). unpermute adds in slot order k = 0..K-1 with separately rounded multiplies
+// and adds (add_rn/mul_rn), in at::opmath_type, exactly like the CPU kernel and the twin.
+#pragma once
+
+#include "common.cuh"
+
+namespace moe::cuda {
+// Internal linkage, as when these lived in dispatch.cu (nvcc's kernel stubs need the kernels and
+// their callers in the same namespace).
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarpsPerBlock = kThreads / kWarp;
+
+template <typename T, typename W, int VEC>
+__global__ void permute_kernel(const T* __restrict__ x, int64_t ldx,
+                               const int64_t* __restrict__ order, const W* __restrict__ scale,
+                               int64_t N, int64_t S, int K, int64_t nvec, T* __restrict__ out) {
+  using acc_t = at::opmath_type<T>;
+  using V = Vec<T, VEC>;
+  const int64_t i = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (i >= N) return;
+  const int64_t s = order[i];
+  CUDA_KERNEL_ASSERT(s >= -1 && s < S && "moe.permute: order_N does not match rows_TK");
+  V* o = reinterpret_cast<V*>(out + i * nvec * VEC);
+  if (s < 0 || s >= S) {  // padding row: zeros, nothing read
+    V z;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) z.v[j] = static_cast<T>(0.0f);
+    for (int64_t v = lane; v < nvec; v += kWarp) o[v] = z;
+    return;
+  }
+  const V* src = reinterpret_cast<const V*>(x + (s / K) * ldx);
+  if (scale == nullptr) {
+    for (int64_t v = lane; v < nvec; v += kWarp) o[v] = src[v];
+    return;
+  }
+  const acc_t w = static_cast<acc_t>(scale[s]);
+  for (int64_t v = lane; v < nvec; v += kWarp) {
+    V a = src[v];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) a.v[j] = static_cast<T>(mul_rn(static_cast<acc_t>(a.v[j]), w));
+    o[v] = a;
+  }
+}
+
+template <typename T, typename W, int VEC>
+__global__ void unpermute_kernel(const T* __restrict__ y, int64_t ldy,
+                                 const int64_t* __restrict__ rows, const W* __restrict__ weights,
+                                 int64_t T_, int K, int64_t N, int64_t nvec, T* __restrict__ out) {
+  using acc_t = at::opmath_type<T>;
+  using V = Vec<T, VEC>;
+  const int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (t >= T_) return;
+  const int64_t* rows_t = rows + t * K;
+  V* o = reinterpret_cast<V*>(out + t * nvec * VEC);
+  for (int64_t v = lane; v < nvec; v += kWarp) {
+    acc_t acc[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) acc[j] = acc_t(0);
+    for (int k = 0; k < K; ++k) {  // slot order, as the CPU kernel and the twin
+      const int64_t r = rows_t[k];
+      CUDA_KERNEL_ASSERT(r >= -1 && r < N && "moe.unpermute: rows_TK does not match y_ND");
+      if (r < 0 || r >= N) continue;  // empty slot: never read
+      const V a = reinterpret_cast<const V*>(y + r * ldy)[v];
+      if (weights != nullptr) {
+        const acc_t w = static_cast<acc_t>(weights[t * K + k]);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) acc[j] = add_rn(acc[j], mul_rn(w, static_cast<acc_t>(a.v[j])));
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) acc[j] = add_rn(acc[j], static_cast<acc_t>(a.v[j]));
+      }
+    }
+    V res;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) res.v[j] = static_cast<T>(acc[j]);
+    o[v] = res;
+  }
+}
+
+// dw[s] = <g[s / K], y[rows[s]]>: one warp per slot, a fixed-order warp reduction (deterministic,
+// but not the CPU's sequential order: equal to it up to float rounding).
+template <typename T, int VEC>
+__global__ void unpermute_wgrad_kernel(const T* __restrict__ g, int64_t ldg,
+                                       const T* __restrict__ y, int64_t ldy,
+                                       const int64_t* __restrict__ rows, int64_t S, int K,
+                                       int64_t N, int64_t nvec,
+                                       at::opmath_type<T>* __restrict__ out) {
+  using acc_t = at::opmath_type<T>;
+  using V = Vec<T, VEC>;
+  const int64_t s = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (s >= S) return;  // warp-uniform
+  const int64_t r = rows[s];
+  CUDA_KERNEL_ASSERT(r >= -1 && r < N && "moe.unpermute_weights_grad: rows_TK does not match y_ND");
+  acc_t dot = 0;
+  if (r >= 0 && r < N) {  // warp-uniform
+    const V* gv = reinterpret_cast<const V*>(g + (s / K) * ldg);
+    const V* yv = reinterpret_cast<const V*>(y + r * ldy);
+    for (int64_t v = lane; v < nvec; v += kWarp) {
+      const V a = gv[v], b = yv[v];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) dot += static_cast<acc_t>(a.v[j]) * static_cast<acc_t>(b.v[j]);
+    }
+  }
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+  if (lane == 0) out[s] = dot;
+}
+
+}  // namespace
+}  // namespace moe::cuda

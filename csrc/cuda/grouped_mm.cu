@@ -1,0 +1,249 @@
+// moe.grouped_mm and moe.grouped_mm_wgrad on CUDA: one launch over all groups, offs_E read on
+// the device, no host sync; buffers are sized from host-known bounds (c_NY has a_NX's N rows).
+//
+// Shape legend: N rows of a_NX (the host bound; rows past offs_E[E-1] are padding), E experts,
+// X/Y the GEMM input/output dims.
+//
+// grouped_mm schedule: grid (ceil(N/BM) + E, ceil(Y/BN)). Block x is a flat row-tile index; each
+// CTA scans offs_E (a block-wide scan of ceil(rows_e / BM), E/256 steps) to find the expert and
+// the row tile it owns: the groups need at most ceil(N/BM) + E row tiles including the padding
+// rows, so the grid covers every arrangement. Tiles past the groups zero-fill the padding rows
+// [offs_E[E-1], N); the rest exit. Rows of a are read only inside their group.
+// grouped_mm_wgrad schedule: grid (ceil(X/BM) * ceil(Y/BN), E); CTA (tile, e) computes
+// a_e^T @ g_e over expert e's rows (zero when it has none).
+// offs_E must be non-decreasing and within [0, N]: checked by CUDA_KERNEL_ASSERT (a host check
+// would sync); bad offsets are clamped so memory stays safe if asserts are compiled out.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "gemm_tiles.cuh"
+#include "moe_ops.h"
+
+namespace moe::cuda {
+namespace {
+
+struct Params {
+  const void* a;  // a_NX
+  int64_t a_s0, a_s1;
+  const void* b;  // grouped: b_EXY; wgrad: g_NY (b_s0, b_s1 its strides)
+  int64_t b_s0, b_s1, b_s2;
+  void* c;  // contiguous output: c_NY or w_EXY
+  const int* offs;
+  int E, N, X, Y;
+  bool vec_in, vec_out;
+};
+
+// Group e's rows [lo, hi), clamped into [0, N].
+__device__ __forceinline__ void group_rows(const Params& p, int e, int& lo, int& hi) {
+  lo = e > 0 ? p.offs[e - 1] : 0;
+  hi = p.offs[e];
+  CUDA_KERNEL_ASSERT(lo >= 0 && lo <= hi && hi <= p.N &&
+                     "moe.grouped_mm: offs_E must be non-decreasing and at most a_NX.size(0)");
+  lo = min(max(lo, 0), p.N);
+  hi = min(max(hi, lo), p.N);
+}
+
+// Locates this CTA's row tile. Returns true with `pr` set for a GEMM tile; zero-fills and
+// returns false for a padding tile; returns false for a surplus CTA.
+template <typename T, int BM, int BN>
+__device__ bool grouped_schedule(const Params& p, Problem<T>& pr) {
+  __shared__ int warp_sums[kGemmThreads / kWarp];
+  __shared__ int found_e, found_tile;
+  const int tile = blockIdx.x, n0 = blockIdx.y * BN;
+  if (threadIdx.x == 0) found_e = -1;
+  __syncthreads();
+  int carry = 0;  // row tiles of the experts before `base`
+  for (int base = 0; base < p.E; base += kGemmThreads) {
+    const int e = base + threadIdx.x;
+    int tiles = 0;
+    if (e < p.E) {
+      int lo, hi;
+      group_rows(p, e, lo, hi);
+      tiles = static_cast<int>(ceil_div(hi - lo, BM));
+    }
+    int total = 0;
+    const int incl = carry + block_inclusive_scan<kGemmThreads>(tiles, total, warp_sums);
+    if (e < p.E && tile >= incl - tiles && tile < incl) {
+      found_e = e;
+      found_tile = tile - (incl - tiles);
+    }
+    carry += total;
+    __syncthreads();
+    if (found_e >= 0) break;  // uniform: read after the barrier
+  }
+  const T* b = static_cast<const T*>(p.b);
+  T* c = static_cast<T*>(p.c);
+  if (found_e >= 0) {
+    const int e = found_e, r0 = found_tile * BM;
+    int lo, hi;
+    group_rows(p, e, lo, hi);
+    const int64_t row = int64_t(lo) + r0;
+    pr.a = static_cast<const T*>(p.a) + row * p.a_s0;
+    pr.a_rs = p.a_s0;
+    pr.a_cs = p.a_s1;
+    pr.b = b + e * p.b_s0 + n0 * p.b_s2;
+    pr.b_rs = p.b_s1;
+    pr.b_cs = p.b_s2;
+    pr.c = c + row * p.Y + n0;
+    pr.ldc = p.Y;
+    pr.m_lim = hi - lo - r0;
+    pr.n_lim = p.Y - n0;
+    pr.k_lim = p.X;
+    return true;
+  }
+  int pad_lo = 0, unused = 0;
+  if (p.E > 0) group_rows(p, p.E - 1, unused, pad_lo);
+  const int64_t r0 = pad_lo + int64_t(tile - carry) * BM;  // padding rows of this tile
+  if (r0 >= p.N) return false;                              // surplus CTA
+  const int rows = static_cast<int>(min(int64_t(BM), p.N - r0)), cols = min(BN, p.Y - n0);
+  for (int idx = threadIdx.x; idx < BM * BN; idx += kGemmThreads) {
+    const int r = idx / BN, col = idx % BN;
+    if (r < rows && col < cols) c[(r0 + r) * p.Y + n0 + col] = from_float<T>(0.0f);
+  }
+  return false;
+}
+
+template <typename T, int BM, int BN>
+__device__ void wgrad_schedule(const Params& p, Problem<T>& pr) {
+  const int e = blockIdx.y, tiles_n = static_cast<int>(ceil_div(p.Y, BN));
+  const int m0 = (blockIdx.x / tiles_n) * BM, n0 = (blockIdx.x % tiles_n) * BN;
+  int lo, hi;
+  group_rows(p, e, lo, hi);
+  // A[m, k] = a_NX[lo + k, m0 + m] (column-major), B[k, n] = g_NY[lo + k, n0 + n].
+  pr.a = static_cast<const T*>(p.a) + int64_t(lo) * p.a_s0 + int64_t(m0) * p.a_s1;
+  pr.a_rs = p.a_s1;
+  pr.a_cs = p.a_s0;
+  pr.b = static_cast<const T*>(p.b) + int64_t(lo) * p.b_s0 + int64_t(n0) * p.b_s1;
+  pr.b_rs = p.b_s0;
+  pr.b_cs = p.b_s1;
+  pr.c = static_cast<T*>(p.c) + (int64_t(e) * p.X + m0) * p.Y + n0;
+  pr.ldc = p.Y;
+  pr.m_lim = p.X - m0;
+  pr.n_lim = p.Y - n0;
+  pr.k_lim = hi - lo;
+}
+
+template <typename T, typename Engine>
+__global__ void __launch_bounds__(kGemmThreads, 2) grouped_mm_kernel(Params p) {
+  __shared__ __align__(128) unsigned char smem[Engine::SMEM_BYTES];
+  Problem<T> pr;
+  if (!grouped_schedule<T, Engine::BM, Engine::BN>(p, pr)) return;
+  Engine::run(pr, p.vec_in, p.vec_out, smem);
+}
+
+template <typename T, typename Engine>
+__global__ void __launch_bounds__(kGemmThreads, 2) grouped_mm_wgrad_kernel(Params p) {
+  __shared__ __align__(128) unsigned char smem[Engine::SMEM_BYTES];
+  Problem<T> pr;
+  wgrad_schedule<T, Engine::BM, Engine::BN>(p, pr);
+  Engine::run(pr, p.vec_in, p.vec_out, smem);
+}
+
+template <typename S> struct DeviceType { using type = S; };
+template <> struct DeviceType<at::BFloat16> { using type = __nv_bfloat16; };
+template <> struct DeviceType<at::Half> { using type = __half; };
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+void check_sizes(const char* op, int64_t N, int64_t X, int64_t Y) {
+  constexpr int64_t kMax = (int64_t{1} << 31) - 1;
+  TORCH_CHECK(N <= kMax && X <= kMax && Y <= kMax, "moe.", op,
+              ": sizes must fit in int32, got N=", N, " X=", X, " Y=", Y);
+}
+
+void check_tensor_cores(const char* op) {
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(prop->major >= 8, "moe.", op, ": bfloat16/float16 needs a GPU of compute capability",
+              " 8.0 or newer, got ", prop->major, ".", prop->minor);
+}
+
+template <typename T>
+constexpr bool kSimt = std::is_same_v<T, float> || std::is_same_v<T, double>;
+
+// grid (ceil(N/BM) + E, ceil(Y/BN)): covers every arrangement of the groups' row tiles.
+template <typename T, bool B_COL>
+void launch_grouped(const Params& p) {
+  using Engine = std::conditional_t<kSimt<T>, SimtEngine<T>, TcEngine<T, false, B_COL>>;
+  const int64_t grid_x = ceil_div(p.N, Engine::BM) + p.E, grid_y = ceil_div(p.Y, Engine::BN);
+  TORCH_CHECK(grid_y <= 65535 && grid_x < (int64_t{1} << 31), "moe.grouped_mm: Y=", p.Y,
+              " or N+E too large for one launch");
+  if constexpr (!kSimt<T>) check_tensor_cores("grouped_mm");
+  grouped_mm_kernel<T, Engine>
+      <<<dim3(grid_x, grid_y), kGemmThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// grid (ceil(X/BM) * ceil(Y/BN), E).
+template <typename T>
+void launch_wgrad(const Params& p) {
+  using Engine = std::conditional_t<kSimt<T>, SimtEngine<T>, TcEngine<T, true, false>>;
+  const int64_t tiles = ceil_div(p.X, Engine::BM) * ceil_div(p.Y, Engine::BN);
+  TORCH_CHECK(tiles < (int64_t{1} << 31), "moe.grouped_mm_wgrad: X*Y too large");
+  if constexpr (!kSimt<T>) check_tensor_cores("grouped_mm_wgrad");
+  grouped_mm_wgrad_kernel<T, Engine>
+      <<<dim3(tiles, p.E), kGemmThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+at::Tensor grouped_mm_cuda(const at::Tensor& a_NX, const at::Tensor& b_EXY,
+                           const at::Tensor& offs_E) {
+  check_grouped_mm_args(a_NX, b_EXY, offs_E);
+  c10::cuda::CUDAGuard guard(a_NX.device());
+  const int64_t N = a_NX.size(0), X = a_NX.size(1), Y = b_EXY.size(2), E = b_EXY.size(0);
+  check_sizes("grouped_mm", N, X, Y);
+  auto c = at::empty({N, Y}, a_NX.options());
+  if (N == 0 || Y == 0) return c;
+  const auto a = a_NX.stride(1) == 1 ? a_NX : a_NX.contiguous();
+  // b row-major (b[e, x, y] at y stride 1) or column-major (a transposed nn.Linear weight).
+  const bool b_col = b_EXY.stride(2) != 1 && b_EXY.stride(1) == 1;
+  const auto b = (b_EXY.stride(2) == 1 || b_col) ? b_EXY : b_EXY.contiguous();
+  const auto offs = offs_E.contiguous();
+  Params p{a.const_data_ptr(), a.stride(0), a.stride(1), b.const_data_ptr(), b.stride(0),
+           b.stride(1), b.stride(2), c.mutable_data_ptr(), offs.const_data_ptr<int>(),
+           static_cast<int>(E), static_cast<int>(N), static_cast<int>(X), static_cast<int>(Y),
+           false, false};
+  const int64_t b_ld = b_col ? b.stride(2) : b.stride(1);
+  p.vec_in = aligned16(a.const_data_ptr()) && aligned16(b.const_data_ptr()) &&
+             a.stride(0) % 8 == 0 && b.stride(0) % 8 == 0 && b_ld % 8 == 0;
+  p.vec_out = Y % 8 == 0 && aligned16(c.const_data_ptr());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "moe_grouped_mm_cuda", [&] {
+    using T = typename DeviceType<scalar_t>::type;
+    if (b_col) launch_grouped<T, true>(p);
+    else launch_grouped<T, false>(p);
+  });
+  return c;
+}
+
+at::Tensor grouped_mm_wgrad_cuda(const at::Tensor& a_NX, const at::Tensor& g_NY,
+                                 const at::Tensor& offs_E) {
+  check_grouped_mm_wgrad_args(a_NX, g_NY, offs_E);
+  c10::cuda::CUDAGuard guard(a_NX.device());
+  const int64_t N = a_NX.size(0), X = a_NX.size(1), Y = g_NY.size(1), E = offs_E.size(0);
+  check_sizes("grouped_mm_wgrad", N, X, Y);
+  auto out = at::empty({E, X, Y}, a_NX.options());
+  if (E == 0 || X == 0 || Y == 0) return out;
+  TORCH_CHECK(E <= 65535, "moe.grouped_mm_wgrad: at most 65535 experts, got E=", E);
+  const auto a = a_NX.stride(1) == 1 ? a_NX : a_NX.contiguous();
+  const auto g = g_NY.stride(1) == 1 ? g_NY : g_NY.contiguous();
+  const auto offs = offs_E.contiguous();
+  Params p{a.const_data_ptr(), a.stride(0), a.stride(1), g.const_data_ptr(), g.stride(0),
+           g.stride(1), 0, out.mutable_data_ptr(), offs.const_data_ptr<int>(),
+           static_cast<int>(E), static_cast<int>(N), static_cast<int>(X), static_cast<int>(Y),
+           false, false};
+  p.vec_in = aligned16(a.const_data_ptr()) && aligned16(g.const_data_ptr()) &&
+             a.stride(0) % 8 == 0 && g.stride(0) % 8 == 0;
+  p.vec_out = Y % 8 == 0 && aligned16(out.const_data_ptr());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "moe_grouped_mm_wgrad_cuda", [&] {
+    launch_wgrad<typename DeviceType<scalar_t>::type>(p);
+  });
+  return out;
+}
+
+}  // namespace moe::cuda
+
+TORCH_LIBRARY_IMPL(moe, CUDA, m) {
+  m.impl("grouped_mm", &moe::cuda::grouped_mm_cuda);
+  m.impl("grouped_mm_wgrad", &moe::cuda::grouped_mm_wgrad_cuda);
+}

@@ -1,0 +1,259 @@
+"""GPU tests of moekit's CUDA kernels (csrc/cuda/) against the CPU kernels and the PyTorch twins.
+
+Shape legend: T tokens, K slots, E experts, N = T*K routed rows, D feature dim, F expert hidden
+dim, X/Y GEMM input/output dims.
+
+Every test is marked ``gpu`` and skips cleanly without a CUDA device (checked when a test runs,
+never at import). Dispatch ops must equal the CPU kernels bit for bit; GEMMs follow
+FlashAttention's rule: error against a float64 reference at most 2x that of the same-dtype PyTorch
+computation. Outputs are poisoned first (freed caching-allocator blocks of the output's size are
+filled with NaN/garbage), so rows a kernel forgets to write show up.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe import ops, ops_torch
+
+pytestmark = pytest.mark.gpu
+moe_ops = torch.ops.moe
+
+
+@pytest.fixture(autouse=True)
+def _cuda_kernels():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    assert ops.HAS_EXTENSION, "moe._C did not load: build it with MOE_BUILD_CUDA=1"
+    for name in ("plan", "permute", "unpermute", "unpermute_weights_grad", "grouped_mm",
+                 "grouped_mm_wgrad"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"moe::{name}", "CUDA"), name
+    torch.manual_seed(0)
+
+
+def _poison(*like: tuple[tuple[int, ...], torch.dtype]) -> None:
+    """Leaves freed blocks of exactly these sizes filled with 0xFF (NaN for every float dtype,
+    -1 for ints) in the caching allocator, so the next outputs of those sizes likely reuse them."""
+    blocks = [torch.full((torch.Size(s).numel() * torch.empty((), dtype=d).element_size(),), 0xFF,
+                         dtype=torch.uint8, device="cuda") for s, d in like for _ in range(2)]
+    del blocks
+
+
+def _ids(T, K, E, *, empty=0.2, dtype=torch.int64, device="cuda"):
+    ids = torch.randint(0, E, (T, K))
+    ids[torch.rand(T, K) < empty] = -1
+    return ids.to(dtype=dtype, device=device)
+
+
+def _poisoned_plan(ids_TK, E):
+    T, K = ids_TK.shape
+    _poison(((E,), torch.int32), ((E,), torch.int32), ((T * K,), torch.int64), ((T, K), torch.int64))
+    return moe_ops.plan(ids_TK, E)
+
+
+PLAN_CASES = [(0, 2, 4), (1, 1, 1), (37, 3, 5), (1000, 4, 8), (257, 8, 256), (4096, 8, 300),
+              (2000, 2, 10000), (16384, 8, 256)]
+
+
+@pytest.mark.parametrize("T,K,E", PLAN_CASES)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_plan_equals_cpu_kernel(T, K, E, dtype):
+    ids = _ids(T, K, E, dtype=dtype)
+    if T > 4:
+        ids[: T // 4] = min(3, E - 1)  # a heavy expert
+    got = _poisoned_plan(ids, E)
+    want = moe_ops.plan(ids.cpu(), E)
+    for g, w, name in zip(got, want, ("counts_E", "offs_E", "order_N", "rows_TK")):
+        assert g.dtype == w.dtype and torch.equal(g.cpu(), w), name
+    assert all(torch.equal(g.cpu(), t.cpu()) for g, t in zip(got, ops_torch.plan_torch(ids, E)))
+    assert all(torch.equal(a, b) for a, b in zip(got, moe_ops.plan(ids, E)))  # deterministic
+
+
+def test_plan_all_rows_on_one_expert_and_all_empty():
+    for fill in (5, -1):
+        ids = torch.full((333, 3), fill, device="cuda")
+        got = _poisoned_plan(ids, 7)
+        assert all(torch.equal(g.cpu(), w) for g, w in zip(got, moe_ops.plan(ids.cpu(), 7)))
+
+
+def test_plan_bad_id_trips_device_assert():
+    """Out-of-range ids raise a device-side assert (no host sync); the context is then unusable,
+    so this runs in a subprocess."""
+    code = ("import torch, moe.ops; ids = torch.tensor([[0, 7]], device='cuda');"
+            "torch.ops.moe.plan(ids, 4); torch.cuda.synchronize()")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "assert" in (res.stderr + res.stdout).lower()
+
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
+DISPATCH_CASES = [(0, 2, 3, 16), (37, 3, 5, 13), (300, 8, 64, 1000), (512, 2, 8, 4096)]
+
+
+@pytest.mark.parametrize("T,K,E,D", DISPATCH_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("wdtype", [None, torch.float32, "same"])
+def test_permute_unpermute_equal_cpu_kernel(T, K, E, D, dtype, wdtype):
+    ids = _ids(T, K, E)
+    p = moe_ops.plan(ids, E)
+    p_cpu = [t.cpu() for t in p]
+    x = torch.randn(T, D + 8, device="cuda", dtype=dtype)[:, :D]  # row-strided view
+    w = None if wdtype is None else torch.rand(T, K, device="cuda", dtype=dtype if wdtype == "same" else wdtype)
+    w_cpu = None if w is None else w.cpu()
+    _poison(((T * K, D), dtype))
+    x_ND = moe_ops.permute(x, p[2], p[3], w)
+    assert torch.equal(x_ND.cpu(), moe_ops.permute(x.cpu(), p_cpu[2], p_cpu[3], w_cpu))
+    y = torch.randn(T * K, D, device="cuda", dtype=dtype)
+    n = int(p[1][-1]) if E else 0
+    y[n:] = float("nan")  # padding rows are never read
+    _poison(((T, D), dtype))
+    out = moe_ops.unpermute(y, p[2], p[3], w)
+    want = moe_ops.unpermute(y.cpu(), p_cpu[2], p_cpu[3], w_cpu)
+    assert torch.equal(out.cpu(), want) and not out.isnan().any()
+    g = torch.randn(T, D, device="cuda", dtype=dtype)
+    _poison(((T, K), ops._acc(dtype)))
+    dw = moe_ops.unpermute_weights_grad(g, y, p[2], p[3])
+    want_dw = moe_ops.unpermute_weights_grad(g.cpu(), y.cpu(), p_cpu[2], p_cpu[3])
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(dw.cpu(), want_dw, rtol=tol, atol=tol * max(1, D ** 0.5))
+
+
+def _offs(counts):
+    return torch.tensor(counts, dtype=torch.int32).cumsum(0).int().cuda()
+
+
+GMM_CASES = [  # (N, X, Y, counts per expert): padding rows when sum(counts) < N
+    (64, 32, 48, [10, 0, 30, 24]), (200, 100, 72, [0, 150, 0]), (133, 13, 7, [33, 0, 50, 20]),
+    (512, 256, 384, [512]), (0, 16, 16, [0, 0]), (1000, 1024, 1792, [400, 0, 1, 127, 300, 0, 100, 60]),
+    (600, 64, 40, [(7 * e) % 5 for e in range(256)]),  # E = 256, many empty experts
+]
+
+
+def _rule(got, ref64, same_dtype):
+    """FlashAttention's rule: error vs float64 at most 2x the same-dtype torch error (+ eps)."""
+    err = (got.double() - ref64).abs().max().item() if got.numel() else 0.0
+    base = (same_dtype.double() - ref64).abs().max().item() if got.numel() else 0.0
+    scale = ref64.abs().max().item() if got.numel() else 0.0
+    assert err <= 2 * base + torch.finfo(got.dtype).eps * scale + 1e-12, (err, base)
+
+
+@pytest.mark.parametrize("N,X,Y,counts", GMM_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b_transposed", [False, True])
+def test_grouped_mm_and_wgrad(N, X, Y, counts, dtype, b_transposed):
+    E, offs = len(counts), _offs(counts)
+    a = torch.randn(N, X, device="cuda", dtype=dtype)
+    a[sum(counts):] = float("nan")  # rows past offs_E[-1] are never read
+    b = (torch.randn(E, Y, X, device="cuda", dtype=dtype).transpose(1, 2) if b_transposed
+         else torch.randn(E, X, Y, device="cuda", dtype=dtype))
+    _poison(((N, Y), dtype))
+    c = moe_ops.grouped_mm(a, b, offs)
+    ref = ops_torch.grouped_mm_torch(a.double(), b.double(), offs)
+    assert torch.equal(c[sum(counts):], torch.zeros_like(c[sum(counts):]))
+    _rule(c, ref, ops_torch.grouped_mm_torch(a, b, offs))
+    a = torch.nan_to_num(a)
+    g = torch.randn(N, Y, device="cuda", dtype=dtype)
+    _poison(((E, X, Y), dtype))
+    w = moe_ops.grouped_mm_wgrad(a, g, offs)
+    _rule(w, ops_torch.grouped_mm_wgrad_torch(a.double(), g.double(), offs),
+          ops_torch.grouped_mm_wgrad_torch(a, g, offs))
+    for e, n in enumerate(counts):
+        if n == 0:
+            assert torch.equal(w[e], torch.zeros_like(w[e]))
+    assert torch.equal(c, moe_ops.grouped_mm(a, b, offs))  # deterministic; padding never read
+
+
+def _layer(x_TD, ids_TK, w_TK, w1_EDF, w2_EFD, *, twin=False):
+    """plan -> permute -> grouped_mm -> silu -> grouped_mm -> unpermute (weighted)."""
+    E = w1_EDF.shape[0]
+    if twin:
+        _, offs, order, rows = ops_torch.plan_torch(ids_TK, E)
+        x_ND = ops_torch.permute_torch(x_TD, order, rows)
+        h = F.silu(ops_torch.grouped_mm_torch(x_ND, w1_EDF, offs))
+        return ops_torch.unpermute_torch(ops_torch.grouped_mm_torch(h, w2_EFD, offs), order, rows, w_TK)
+    p = ops.plan(ids_TK, E)
+    h = F.silu(ops.grouped_mm(ops.permute(x_TD, p), w1_EDF, p.offs_E))
+    return ops.unpermute(ops.grouped_mm(h, w2_EFD, p.offs_E), p, w_TK)
+
+
+def _layer_inputs(T=96, K=2, E=6, D=40, Fh=56, dtype=torch.float32, device="cuda"):
+    ids = _ids(T, K, E, device=device)
+    ids[:, 0][ids[:, 0] == 2] = 1  # expert 2 gets fewer rows; some slots empty
+    x = torch.randn(T, D, device=device, dtype=dtype)
+    w = torch.rand(T, K, device=device, dtype=torch.float32)
+    w1 = torch.randn(E, D, Fh, device=device, dtype=dtype) / D ** 0.5
+    w2 = (torch.randn(E, D, Fh, device=device, dtype=dtype) / Fh ** 0.5).transpose(1, 2)  # nn.Linear layout
+    return [ids] + [t.requires_grad_() for t in (x, w, w1, w2)]
+
+
+def _grads(inputs, **kw):
+    ids, *params = inputs
+    out = _layer(params[0], ids, *params[1:], **kw)
+    out.backward(torch.ones_like(out))
+    return [out] + [p.grad for p in params]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_layer_gradients(dtype):
+    """CUDA autograd (forward and every gradient) vs float64 and vs the same-dtype twins."""
+    inputs = _layer_inputs(dtype=dtype)
+    ref = _grads([inputs[0]] + [t.detach().double().requires_grad_() for t in inputs[1:]])
+    twin = _grads([inputs[0]] + [t.detach().clone().requires_grad_() for t in inputs[1:]], twin=True)
+    for got, r, tw in zip(_grads(inputs), ref, twin):
+        _rule(got, r, tw)
+
+
+def test_layer_cuda_equals_cpu_float64_and_gradcheck():
+    inputs = _layer_inputs(T=24, D=8, Fh=12, dtype=torch.float64)
+    cpu = [inputs[0].cpu()] + [t.detach().cpu().requires_grad_() for t in inputs[1:]]
+    for got, want in zip(_grads(inputs), _grads(cpu)):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-10)
+    ids, x, w, w1, w2 = _layer_inputs(T=8, D=5, Fh=6, dtype=torch.float64)
+    w = w.detach().double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda *a: _layer(a[0], ids, *a[1:]), (x, w, w1, w2))
+
+
+def test_opcheck_on_cuda():
+    ids = _ids(20, 2, 4)
+    p = moe_ops.plan(ids, 4)
+    x = torch.randn(20, 24, device="cuda", requires_grad=True)
+    w = torch.rand(20, 2, device="cuda", requires_grad=True)
+    y = torch.randn(40, 24, device="cuda", requires_grad=True)
+    b = torch.randn(4, 24, 16, device="cuda", requires_grad=True)
+    cases = [(moe_ops.plan, (ids, 4)), (moe_ops.permute, (x, p[2], p[3], w)),
+             (moe_ops.unpermute, (y, p[2], p[3], w)),
+             (moe_ops.unpermute_weights_grad, (x, y, p[2], p[3])),
+             (moe_ops.grouped_mm, (y, b, p[1])), (moe_ops.grouped_mm_wgrad, (y, y.detach()[:, :16], p[1]))]
+    for op, args in cases:
+        torch.library.opcheck(op.default, args)
+
+
+def test_layer_has_no_host_sync_and_replays_in_a_cuda_graph():
+    ids, x, w, w1, w2 = _layer_inputs(T=256, K=4, E=16, D=64, Fh=96, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = _layer(x, ids, w, w1, w2)
+        out.backward(torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    args = [t.detach() for t in (x, w, w1, w2)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            _layer(args[0], ids, *args[1:])
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = _layer(args[0], ids, *args[1:])
+    graph.replay()
+    assert torch.equal(static_out, _layer(args[0], ids, *args[1:]))
+    ids.copy_(_ids(*ids.shape, 16))  # new routing: offsets are read on the device at replay
+    args[0].copy_(torch.randn_like(args[0]))
+    graph.replay()
+    assert torch.equal(static_out, _layer(args[0], ids, *args[1:]))

@@ -1,0 +1,187 @@
+"""Tests for moe.ops beyond the numbers: bad input raises an error naming the argument, the
+fallback to the PyTorch twins without the extension, and torch.compile(fullgraph=True).
+
+Shape legend: T tokens, K slots per token, E experts, N routed rows (T*K), D feature dim,
+X/Y GEMM input/output dims.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from moe import ops
+from moe.ops_torch import plan_torch
+
+needs_ext = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="moe._C extension not built")
+
+T, K, E, D, Y = 5, 2, 4, 3, 6
+IDS = torch.tensor([[0, 1], [3, -1], [2, 2], [-1, -1], [1, 0]])
+P = ops.plan(IDS, E)
+N = T * K
+OFFS = P.offs_E
+i32 = dict(dtype=torch.int32)
+
+
+def x_(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+# (case id, call, argument the message must name). Every call goes through the public API.
+PLAN_CASES = [
+    ("id_too_large", lambda plan: plan(IDS + E, E), "ids_TK"),
+    ("id_below_minus_one", lambda plan: plan(IDS.clamp(min=-1) - 1, E), "ids_TK"),
+    ("float_ids", lambda plan: plan(IDS.float(), E), "ids_TK"),
+    ("ids_rank_1", lambda plan: plan(IDS[0], E), "ids_TK"),
+    ("ids_rank_3", lambda plan: plan(IDS[None], E), "ids_TK"),
+    ("zero_experts", lambda plan: plan(IDS.clamp(max=-1), 0), "num_experts"),
+]
+
+OP_CASES = [
+    ("permute_x_rank", lambda: ops.permute(x_(D), P), "x_TD"),
+    ("permute_x_int", lambda: ops.permute(torch.ones(T, D, dtype=torch.long), P), "x_TD"),
+    ("permute_x_rows", lambda: ops.permute(x_(T + 1, D), P), "x_TD"),
+    ("permute_scale_shape", lambda: ops.permute(x_(T, D), P, x_(T, K + 1)), "scale_TK"),
+    ("permute_scale_dtype", lambda: ops.permute(x_(T, D), P, x_(T, K, dtype=torch.float64)), "scale_TK"),
+    ("permute_not_a_plan", lambda: ops.permute(x_(T, D), tuple(ops.plan(IDS, E).__dict__.values())), "plan"),
+    ("permute_stale_plan", lambda: torch.ops.moe.permute(x_(T, D), P.order_N + N, P.rows_TK), "order_N"),
+    ("unpermute_y_rank", lambda: ops.unpermute(x_(N), P), "y_ND"),
+    ("unpermute_y_rows", lambda: ops.unpermute(x_(T, D), P), "y_ND"),
+    ("unpermute_weights_shape", lambda: ops.unpermute(x_(N, D), P, x_(K, T)), "weights_TK"),
+    ("unpermute_weights_dtype", lambda: ops.unpermute(x_(N, D), P, x_(T, K, dtype=torch.float64)), "weights_TK"),
+    ("unpermute_weights_rank", lambda: ops.unpermute(x_(N, D), P, x_(T * K)), "weights_TK"),
+    ("unpermute_stale_plan", lambda: torch.ops.moe.unpermute(x_(N, D), P.order_N, P.rows_TK + N), "rows_TK"),
+    ("uwgrad_width", lambda: torch.ops.moe.unpermute_weights_grad(x_(T, D), x_(N, D + 1), P.order_N, P.rows_TK), "grad_TD"),
+    ("uwgrad_dtype", lambda: torch.ops.moe.unpermute_weights_grad(x_(T, D, dtype=torch.float64), x_(N, D), P.order_N, P.rows_TK), "grad_TD"),
+    ("gmm_a_rank", lambda: ops.grouped_mm(x_(N), x_(E, D, Y), OFFS), "a_NX"),
+    ("gmm_a_int", lambda: ops.grouped_mm(torch.ones(N, D, dtype=torch.long), x_(E, D, Y), OFFS), "a_NX"),
+    ("gmm_b_rank", lambda: ops.grouped_mm(x_(N, D), x_(D, Y), OFFS), "b_EXY"),
+    ("gmm_dtype_mismatch", lambda: ops.grouped_mm(x_(N, D), x_(E, D, Y, dtype=torch.float64), OFFS), "b_EXY"),
+    ("gmm_inner_dim", lambda: ops.grouped_mm(x_(N, D), x_(E, D + 1, Y), OFFS), "b_EXY"),
+    ("gmm_offs_int64", lambda: ops.grouped_mm(x_(N, D), x_(E, D, Y), OFFS.long()), "offs_E"),
+    ("gmm_offs_rank", lambda: ops.grouped_mm(x_(N, D), x_(E, D, Y), OFFS[None]), "offs_E"),
+    ("gmm_offs_len", lambda: ops.grouped_mm(x_(N, D), x_(E + 1, D, Y), OFFS), "offs_E"),
+    ("gmm_offs_not_monotone", lambda: ops.grouped_mm(x_(N, D), x_(E, D, Y), torch.tensor([3, 2, 5, 6], **i32)), "offs_E"),
+    ("gmm_offs_negative", lambda: ops.grouped_mm(x_(N, D), x_(E, D, Y), torch.tensor([-1, 2, 5, 6], **i32)), "offs_E"),
+    ("gmm_offs_past_rows", lambda: ops.grouped_mm(x_(N, D), x_(E, D, Y), torch.tensor([3, 4, 5, N + 1], **i32)), "offs_E"),
+    ("wgrad_rows", lambda: torch.ops.moe.grouped_mm_wgrad(x_(N, D), x_(N - 1, Y), OFFS), "g_NY"),
+    ("wgrad_dtype", lambda: torch.ops.moe.grouped_mm_wgrad(x_(N, D), x_(N, Y, dtype=torch.float64), OFFS), "g_NY"),
+    ("wgrad_offs_not_monotone", lambda: torch.ops.moe.grouped_mm_wgrad(x_(N, D), x_(N, Y), torch.tensor([3, 2, 5, 6], **i32)), "offs_E"),
+    ("wgrad_offs_past_rows", lambda: torch.ops.moe.grouped_mm_wgrad(x_(N, D), x_(N, Y), torch.tensor([3, 4, 5, N + 1], **i32)), "offs_E"),
+]
+
+
+@pytest.mark.parametrize("case,call,arg", PLAN_CASES, ids=[c[0] for c in PLAN_CASES])
+@pytest.mark.parametrize("path", ["op", "twin"])
+def test_plan_bad_input_names_the_argument(case, call, arg, path):
+    plan = ops.plan if path == "op" else plan_torch
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=arg):
+        call(plan)
+
+
+@needs_ext
+@pytest.mark.parametrize("case,call,arg", OP_CASES, ids=[c[0] for c in OP_CASES])
+def test_op_bad_input_names_the_argument(case, call, arg):
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=arg):
+        call()
+
+
+# A second device, emulated with "meta": the CPU kernels' own checks (reached by redispatching to
+# the CPU key, since any meta argument sends the dispatcher to the fake kernel).
+def _cpu(op):
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    return lambda *args: getattr(torch.ops.moe, op).default.redispatch(keys, *args)
+
+
+META = "meta"
+DEVICE_CASES = [
+    ("permute_x", lambda: _cpu("permute")(x_(T, D, device=META), P.order_N, P.rows_TK, None), "x_TD"),
+    ("permute_scale", lambda: _cpu("permute")(x_(T, D), P.order_N, P.rows_TK, x_(T, K, device=META)), "scale_TK"),
+    ("unpermute_y", lambda: _cpu("unpermute")(x_(N, D, device=META), P.order_N, P.rows_TK, None), "y_ND"),
+    ("unpermute_weights", lambda: _cpu("unpermute")(x_(N, D), P.order_N, P.rows_TK, x_(T, K, device=META)), "weights_TK"),
+    ("gmm_b", lambda: _cpu("grouped_mm")(x_(N, D), x_(E, D, Y, device=META), OFFS), "b_EXY"),
+    ("gmm_offs", lambda: _cpu("grouped_mm")(x_(N, D), x_(E, D, Y), OFFS.to(META)), "offs_E"),
+    ("wgrad_g", lambda: _cpu("grouped_mm_wgrad")(x_(N, D), x_(N, Y, device=META), OFFS), "g_NY"),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("case,call,arg", DEVICE_CASES, ids=[c[0] for c in DEVICE_CASES])
+def test_kernel_device_mismatch_names_the_argument(case, call, arg):
+    with pytest.raises(RuntimeError, match=arg):
+        call()
+
+
+@needs_ext
+@pytest.mark.parametrize("case", ["unpermute_weights", "gmm_b", "gmm_offs"])
+def test_public_api_device_mismatch_names_the_argument(case):
+    calls = {
+        "unpermute_weights": (lambda: ops.unpermute(x_(N, D), P, x_(T, K, device=META)), "weights_TK"),
+        "gmm_b": (lambda: ops.grouped_mm(x_(N, D), x_(E, D, Y, device=META), OFFS), "b_EXY"),
+        "gmm_offs": (lambda: ops.grouped_mm(x_(N, D), x_(E, D, Y), OFFS.to(META)), "offs_E"),
+    }
+    call, arg = calls[case]
+    with pytest.raises(RuntimeError, match=arg):
+        call()
+
+
+# ---------------------------------------------------------------- fallback without the extension
+
+FALLBACK = textwrap.dedent("""
+    import torch
+    import moe, moe.ops as ops
+    from moe.ops_torch import grouped_mm_torch, permute_torch
+    assert not ops.HAS_EXTENSION
+    assert not hasattr(torch.ops.moe, "plan"), "the compiled ops must not be registered"
+    ids = torch.tensor([[0, 2], [1, -1], [2, 2], [-1, 0]])
+    for _ in range(2):
+        p = ops.plan(ids, 3)
+        assert p.offs_E.tolist() == [2, 3, 6]
+        x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+        h = ops.grouped_mm(ops.permute(x, p), b, p.offs_E)
+        y = ops.unpermute(h, p, torch.rand(4, 2, dtype=torch.float64))
+        y.sum().backward()
+        assert x.grad.shape == x.shape and b.grad[:, :, :].abs().sum() > 0
+        assert torch.equal(ops.permute(x, p), permute_torch(x, p.order_N, p.rows_TK))
+    print("FALLBACK-OK")
+""")
+
+
+def test_fallback_to_twins_without_extension_warns_once():
+    env = {**os.environ, "MOE_DISABLE_EXTENSION": "1"}
+    r = subprocess.run([sys.executable, "-c", FALLBACK], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "FALLBACK-OK" in r.stdout
+    assert r.stderr.count("pure-PyTorch ops") == 1, r.stderr
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+def _moe_layer(x_TD, ids_TK, weights_TK, w_up_EDF):
+    p = ops.plan(ids_TK, w_up_EDF.shape[0])
+    h_NF = ops.grouped_mm(ops.permute(x_TD, p), w_up_EDF, p.offs_E)
+    return ops.unpermute(h_NF, p, weights_TK)
+
+
+@needs_ext
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_matches_eager(backend):
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 6, generator=g, requires_grad=True)
+    w_up = torch.randn(4, 6, 5, generator=g, requires_grad=True)
+    ids = torch.tensor([[0, 3], [1, -1], [3, 3], [-1, -1], [2, 0], [1, 2], [0, 0], [3, -1], [2, 1]])
+    weights = torch.rand(9, 2, generator=g)
+    compiled = torch.compile(_moe_layer, fullgraph=True, backend=backend)
+    got = compiled(x, ids, weights, w_up)
+    (gx, gw), want = torch.autograd.grad(got.sum(), (x, w_up)), _moe_layer(x, ids, weights, w_up)
+    ex, ew = torch.autograd.grad(want.sum(), (x, w_up))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(gx, ex)
+    torch.testing.assert_close(gw, ew)
