@@ -1,0 +1,165 @@
+"""Layer benchmark: moekit's MoELayer against a dense FFN and transformers' experts, one run.
+
+Shape legend: T tokens, D hidden size, F expert hidden size, E experts, K top-k.
+
+    python -m bench.layer                 # full table: float32 and bfloat16, T=4096, issue-4 shapes
+    python -m bench.layer --quick         # T=256, 2 repeats: a smoke run, not a measurement
+
+Candidates, on the same weights and the same routing (moekit's TopKRouter, dropless):
+  dense       a SwiGLU FFN of hidden K*F (the same active FLOPs, no router)
+  hf_eager    router + transformers' MixtralExperts, experts_implementation="eager"
+  hf_gmm      router + MixtralExperts, "grouped_mm" (torch.nn.functional.grouped_mm)
+  moekit      moe.MoELayer (router + plan/permute + grouped_mm + weighted unpermute)
+"fwd" is an inference forward (eval, no_grad); "fwd+bwd" a training step's forward and backward
+(train mode, aux loss included for the MoE rows). Times are medians over interleaved repeats
+(bench.ops.time_fns); the ratios are moekit's time over each baseline's (< 1 = moekit faster).
+Target (issue 4): moekit fwd+bwd <= 1.15x dense and < 1x hf_gmm. transformers is optional: its
+rows are skipped without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench.ops import DTYPES, SHAPES, time_fns
+from moe import DenseFFN, MoELayer, ops
+
+MODES = ("fwd", "fwd+bwd")
+
+
+def _hf_experts(layer: MoELayer, impl: str):
+    """transformers' MixtralExperts holding ``layer``'s expert weights, or None without it."""
+    try:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+    except ImportError:
+        return None
+    ex = layer.experts
+    cfg = MixtralConfig(hidden_size=layer.hidden_size, intermediate_size=layer.ffn_hidden_size,
+                        num_local_experts=layer.num_experts, num_experts_per_tok=layer.top_k,
+                        hidden_act="silu")
+    cfg._experts_implementation = impl
+    hf = MixtralExperts(cfg).to(ex.w_in_EDH.dtype)
+    with torch.no_grad():
+        hf.gate_up_proj.copy_(ex.w_in_EDH.transpose(1, 2))  # (E, 2F, D), [gate; up] as ours
+        hf.down_proj.copy_(ex.w_out_EFD.transpose(1, 2))  # (E, D, F)
+    return hf
+
+
+def _candidates(layer: MoELayer, dense: DenseFFN, x: torch.Tensor) -> dict:
+    """name -> module-like callable x -> (y, aux)."""
+
+    def moekit(x):
+        return layer(x), layer.aux_loss
+
+    def hf_call(hf):
+        def run(x):
+            r = layer.router(x)
+            aux = sum(r.aux_losses.values(), torch.zeros(()))
+            return hf(x, r.ids_TK, r.weights_TK.to(x.dtype)), aux
+        return run
+
+    cands = {"dense": lambda x: (dense(x), None)}
+    for name, impl in (("hf_eager", "eager"), ("hf_gmm", "grouped_mm")):
+        hf = _hf_experts(layer, impl)
+        if hf is not None:
+            cands[name] = hf_call(hf)
+    cands["moekit"] = moekit
+    return cands
+
+
+def _step(fn, x, mode):
+    """A zero-argument timed call; the caller sets grad mode (off for "fwd")."""
+    if mode == "fwd":
+        return lambda: fn(x)
+
+    def train():
+        y, aux = fn(x)
+        loss = y.float().square().mean() + (0 if aux is None else aux)
+        loss.backward()
+    return train
+
+
+def layer_rows(*, T: int = 4096, shapes=SHAPES, dtypes=DTYPES, modes=MODES, repeat: int = 5,
+               seed: int = 0, skip=()) -> list[dict]:
+    """One row per (dtype, shape, mode): median ms of each candidate and moekit's ratios.
+    ``skip`` holds "name" or "name:mode" entries left out (e.g. "hf_eager:fwd+bwd", whose
+    backward materialises a full (E, 2F, D) gradient per expert and takes minutes on a CPU)."""
+    rows = []
+    for dtype in dtypes:
+        for D, Fh, E, K in shapes:
+            torch.manual_seed(seed)
+            layer = MoELayer(D, Fh, E, K).to(dtype)
+            dense = DenseFFN(D, K * Fh).to(dtype)
+            x = torch.randn(T, D).to(dtype)
+            cands = _candidates(layer, dense, x)
+            for mode in modes:
+                for m in (layer, dense):
+                    m.train(mode != "fwd")
+                with torch.set_grad_enabled(mode != "fwd"):
+                    timed = time_fns({n: _step(f, x, mode) for n, f in cands.items()
+                                      if n not in skip and f"{n}:{mode}" not in skip}, repeat=repeat)
+                row = dict(dtype=str(dtype).removeprefix("torch."), T=T, D=D, F=Fh, E=E, K=K, mode=mode)
+                for name, (sec, _) in timed.items():
+                    row[f"{name}_ms"] = sec * 1e3
+                row["noise"] = timed["moekit"][1]
+                for name in timed:
+                    if name != "moekit":
+                        row[f"vs_{name}"] = row["moekit_ms"] / row[f"{name}_ms"]
+                rows.append(row)
+                layer.zero_grad(set_to_none=True)
+                dense.zero_grad(set_to_none=True)
+    return rows
+
+
+def run(*, quick: bool = False, dtypes=DTYPES) -> list[dict]:
+    """All layer rows; ``quick`` uses T=256 and 2 repeats (a smoke run, not a measurement)."""
+    return layer_rows(dtypes=dtypes, **(dict(T=256, repeat=2) if quick else dict(T=4096, repeat=5)))
+
+
+def _cell(row: dict, key: str, width: int, fmt: str) -> str:
+    return f"{row[key]:>{width}{fmt}}" if key in row else f"{'-':>{width}}"
+
+
+def format_table(rows: list[dict]) -> str:
+    names = [n for n in ("dense", "hf_eager", "hf_gmm", "moekit") if any(f"{n}_ms" in r for r in rows)]
+    ratios = [n for n in names if n != "moekit"]
+    head = (f"{'dtype':<8} {'T':>5} {'D':>5} {'F':>5} {'E':>4} {'K':>2} {'mode':<8} "
+            + " ".join(f"{n + ' ms':>11}" for n in names) + "  "
+            + " ".join(f"{'/' + n:>9}" for n in ratios) + f" {'noise':>6}")
+    out = [head]
+    for r in rows:
+        out.append(f"{r['dtype']:<8} {r['T']:>5} {r['D']:>5} {r['F']:>5} {r['E']:>4} {r['K']:>2} "
+                   f"{r['mode']:<8} " + " ".join(_cell(r, n + "_ms", 11, ".1f") for n in names) + "  "
+                   + " ".join(_cell(r, "vs_" + n, 9, ".2f") for n in ratios) + f" {r['noise']:>6.0%}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="T=256, 2 repeats (smoke run)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], action="append",
+                        help="restrict to these dtypes (repeatable)")
+    parser.add_argument("--mode", choices=MODES, action="append", help="restrict to these modes")
+    parser.add_argument("--shape", type=int, action="append", choices=range(len(SHAPES)),
+                        help=f"index into {SHAPES} (repeatable)")
+    parser.add_argument("--tokens", type=int, help="T (default 4096, 256 with --quick)")
+    parser.add_argument("--repeat", type=int, help="repeats (default 5, 2 with --quick)")
+    parser.add_argument("--skip", action="append", default=[],
+                        help='leave out a candidate, "name" or "name:mode" (e.g. hf_eager:fwd+bwd)')
+    args = parser.parse_args(argv)
+    kw = dict(T=256, repeat=2) if args.quick else dict(T=4096, repeat=5)
+    kw.update({k: v for k, v in (("T", args.tokens), ("repeat", args.repeat)) if v is not None})
+    dtypes = tuple(getattr(torch, d) for d in args.dtype) if args.dtype else DTYPES
+    shapes = tuple(SHAPES[i] for i in args.shape) if args.shape else SHAPES
+    rows = layer_rows(dtypes=dtypes, shapes=shapes, modes=tuple(args.mode or MODES),
+                      skip=tuple(args.skip), **kw)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"extension={'yes' if ops.HAS_EXTENSION else 'no (twins)'}")
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""The `moe` console script (also `python -m moe`): demo, bench and plan.
+
+    moe demo [--variants dense,topk,...] [--steps N] [--seed S] [--data PATH] [--out DIR] [--resume]
+    moe bench [--quick] [--out DIR]
+    moe plan --hidden 2048 --layers 20 --experts 256 --top-k 8 --expert-hidden 512 --shared-experts 1
+
+`moe demo` runs with one torch thread unless --threads says otherwise: its matmuls are tiny, and
+on a shared 2-core machine two OpenMP threads were measured 10x slower than one (spin-waiting).
+Each subcommand's work lives in a module (moe.demo, bench.ops / bench.layer, moe.planner);
+this file parses arguments, orchestrates and writes the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+BENCH_MODULES = ("bench.ops", "bench.layer")
+
+
+def _demo_parser(sub) -> None:
+    from moe.demo import VARIANTS, DemoConfig
+
+    p = sub.add_parser("demo", help="train tiny byte-level MoE LMs on CPU and compare routers",
+                       description="Train byte-level causal LMs (default data: this Python's standard "
+                       "library sources; no downloads) and compare, at equal active parameters: "
+                       + ", ".join(VARIANTS) + ".")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
+    p.add_argument("--data", default=None, help="a text file or folder (default: stdlib sources)")
+    p.add_argument("--out", default="moe_demo_out", help="output folder (default ./moe_demo_out)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="train each variant at most N more steps, checkpoint, stop (continue with --resume)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads during the demo (default 1: the tiny matmuls gain little "
+                   "from more, and on busy cores OpenMP threads spin; 0 = torch's default)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    defaults = DemoConfig()
+    for f in fields(DemoConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
+                       default=getattr(defaults, f.name), help=f"(default {getattr(defaults, f.name)})")
+
+
+def _plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="parameters, FLOPs, memory and efficiency leverage of a config",
+                       description="Parameters, FLOPs/token, memory and the efficiency leverage of "
+                       "arXiv:2507.17702 (Eq. 13, Table 2) for an MoE LM config.")
+    p.add_argument("--hidden", type=int, required=True, help="model dim D")
+    p.add_argument("--layers", type=int, required=True)
+    p.add_argument("--experts", type=int, required=True, help="routed experts E")
+    p.add_argument("--top-k", type=int, required=True, help="routed experts per token K")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--expert-hidden", type=int, help="expert FFN hidden F")
+    g.add_argument("--granularity", type=float, help="Krajewski granularity: F = ffn_hidden / G")
+    p.add_argument("--ffn-hidden", type=int, default=None, help="dense reference d_ff (default 4*hidden)")
+    p.add_argument("--shared-experts", type=int, default=0)
+    p.add_argument("--shared-hidden", type=int, default=None, help="(default: expert hidden)")
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (activation memory)")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--compute", type=float, default=None, help="training FLOPs C for EL")
+    p.add_argument("--tokens", type=float, default=None, help="training tokens (C = tokens x FLOPs/token)")
+    p.add_argument("--param-bytes", type=int, default=2, help="bytes per weight/gradient (default 2)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe", description="moekit command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _demo_parser(sub)
+    b = sub.add_parser("bench", help="op and layer benchmarks side by side")
+    b.add_argument("--quick", action="store_true", help="small sizes, few repeats (a smoke run)")
+    b.add_argument("--out", default=".", help="folder for bench_results.json and bench.png")
+    _plan_parser(sub)
+    return parser
+
+
+def run_demo(args) -> dict:
+    """Check the arguments, load the data, train the variants with --threads torch threads."""
+    import torch
+
+    from moe.data import load_corpus
+    from moe.demo import VARIANTS, DemoConfig
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or not variants:
+        raise SystemExit(f"moe demo: --variants {args.variants!r}: unknown {bad}; choose from {VARIANTS}")
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise SystemExit(f"moe demo: --device {args.device!r} is not usable here: {e}") from e
+    if args.threads < 0:
+        raise SystemExit(f"moe demo: --threads {args.threads} must be >= 0")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise SystemExit(f"moe demo: --stop-after {args.stop_after} must be >= 1")
+    t0 = time.perf_counter()
+    try:
+        cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in fields(DemoConfig)})
+        corpus = load_corpus(args.data)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"moe demo: {e}") from e
+    for split in ("train", "val"):
+        if getattr(corpus, split).numel() <= cfg.seq_len:
+            raise SystemExit(f"moe demo: the {split} split of --data has {getattr(corpus, split).numel()} "
+                             f"bytes, fewer than --seq-len (seq_len={cfg.seq_len}) + 1")
+    prev_threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _demo(args, cfg, corpus, variants, device, t0)
+    finally:
+        torch.set_num_threads(prev_threads)  # no process-wide state left behind
+
+
+def _demo(args, cfg, corpus, variants, device, t0) -> dict:
+    """Train each variant, then write results.json, the plots, and print the table."""
+    import torch
+
+    from moe import plots
+    from moe.demo import DemoConfig, train_variant
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"data: {corpus.source}: {corpus.num_files} files, {corpus.train.numel():,} train / "
+          f"{corpus.val.numel():,} validation bytes")
+    results, stopped = {}, {}
+    for v in variants:
+        r = train_variant(v, cfg, corpus.train, corpus.val, ckpt_dir=out / "checkpoints",
+                          resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress,
+                          device=device)
+        (stopped if "stopped_at" in r else results)[v] = r
+    if stopped:
+        print(f"stopped (checkpoints in {out / 'checkpoints'}; continue with --resume): "
+              + ", ".join(f"{v} at step {r['stopped_at']}" for v, r in stopped.items()))
+        return dict(stopped=stopped)
+    report = dict(config={f.name: getattr(cfg, f.name) for f in fields(DemoConfig)},
+                  data=dict(source=corpus.source, files=corpus.num_files,
+                            train_bytes=corpus.train.numel(), val_bytes=corpus.val.numel()),
+                  torch=torch.__version__, device=str(device), threads=torch.get_num_threads(),
+                  wall_time_s=time.perf_counter() - t0, variants=results)
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    plots.loss_curves(results, out / "loss_curves.png")
+    heat = plots.expert_load_heatmap(results, out / "expert_load.png")
+    print(plots.results_table(results))
+    print(f"wrote {out / 'results.json'}, {out / 'loss_curves.png'}"
+          + (f", {heat}" if heat else "") + f", checkpoints in {out / 'checkpoints'}")
+    return report
+
+
+def _import_bench(name: str):
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name not in (name, "bench"):
+            raise
+        if Path("bench", "__init__.py").exists() and "" not in sys.path and "." not in sys.path:
+            sys.path.insert(0, "")  # a source checkout: bench/ is not an installed package
+            return _import_bench(name)
+        raise SystemExit(f"moe bench: cannot import {name}: the benchmarks live in the source "
+                         f"checkout's bench/ folder; run `moe bench` from the repository root") from e
+
+
+def run_bench(args) -> dict:
+    from moe import plots
+
+    mods = [_import_bench(n) for n in BENCH_MODULES]
+    sections = {}
+    for name, mod in zip(BENCH_MODULES, mods):
+        if not (hasattr(mod, "run") and hasattr(mod, "format_table")):
+            raise SystemExit(f"moe bench: {name} has no run(quick=...) / format_table(rows)")
+        print(f"== {name}{' (quick)' if args.quick else ''}")
+        rows = mod.run(quick=args.quick)
+        print(mod.format_table(rows))
+        sections[name] = rows
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_results.json").write_text(json.dumps(dict(quick=args.quick, sections=sections),
+                                                       indent=1, default=str))
+    chart = plots.bench_chart(sections, out / "bench.png")
+    print(f"wrote {out / 'bench_results.json'}" + (f", {chart}" if chart else ""))
+    return sections
+
+
+def run_plan(args) -> dict:
+    from moe.planner import PlanConfig, format_plan, plan
+
+    try:
+        cfg = PlanConfig(hidden=args.hidden, layers=args.layers, experts=args.experts, top_k=args.top_k,
+                         expert_hidden=args.expert_hidden, granularity=args.granularity,
+                         ffn_hidden=args.ffn_hidden, shared_experts=args.shared_experts,
+                         shared_hidden=args.shared_hidden, vocab=args.vocab, seq_len=args.seq_len,
+                         batch=args.batch, heads=args.heads, compute=args.compute, tokens=args.tokens,
+                         param_bytes=args.param_bytes)
+    except ValueError as e:
+        raise SystemExit(f"moe plan: {e}") from e
+    r = plan(cfg)
+    print(json.dumps(r, indent=1) if args.json else format_plan(r))
+    return r
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Parse argv and run the subcommand; returns its result (a dict, for tests and scripts)."""
+    args = build_parser().parse_args(argv)
+    return {"demo": run_demo, "bench": run_bench, "plan": run_plan}[args.command](args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `moe` console script and `python -m moe`: exit status 0 on success."""
+    try:
+        run(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the running variant saved a checkpoint; continue with --resume",
+              file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,147 @@
+"""Expert feed-forward networks: all routed experts in stacked tensors (one grouped GEMM per
+projection), and the dense FFN used for shared experts and as the dense baseline.
+
+Shape legend: N routed rows (sorted by expert), E experts, D hidden size (model dim), F expert
+hidden size, H the first projection's width (2F for gated activations: [gate; up], else F).
+
+Gated activations are the GLU variants of Shazeer 2020 ("GLU Variants Improve Transformer",
+Eq. 5-6): SwiGLU(x) = (Swish(x W) * x V) W2 and GEGLU(x) = (GELU(x W) * x V) W2; "gelu" and
+"relu" are the plain FFN(x) = act(x W1) W2 of Vaswani et al. 2017 (Eq. 2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe import ops
+
+__all__ = ["ACTIVATIONS", "GroupedExperts", "DenseFFN", "activate"]
+
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
+_GATED = ("swiglu", "geglu")
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _check_positive(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def activate(h_NH: Tensor, activation: str) -> Tensor:
+    """(N, H) first-projection output -> (N, F): act(gate) * up for the gated activations
+    (h = [gate; up], H = 2F), act(h) otherwise (H = F)."""
+    if activation in _GATED:
+        gate, up = h_NH.chunk(2, dim=-1)
+        return (F.silu(gate) if activation == "swiglu" else F.gelu(gate)) * up
+    return F.gelu(h_NH) if activation == "gelu" else F.relu(h_NH)
+
+
+def _row_bias(b_EY: Tensor, offs_E: Tensor, num_rows: int) -> Tensor:
+    """(N, Y) bias of each routed row's expert; zero past offs_E[-1] (padding rows stay zero).
+    The expert of row i is searchsorted(offs_E, i, right=True): no host sync."""
+    rows = torch.arange(num_rows, device=offs_E.device, dtype=offs_E.dtype)
+    expert_N = torch.searchsorted(offs_E, rows, right=True)
+    return F.pad(b_EY, (0, 0, 0, 1))[expert_N]
+
+
+class GroupedExperts(nn.Module):
+    """E expert FFNs y = act(x W_in[e] + b_in[e]) W_out[e] + b_out[e] on rows sorted by expert.
+
+    Parameters (every one has the expert dim E first, so expert parallelism slices dim 0):
+    w_in_EDH (E, D, H) with H = 2F ([gate; up]) for swiglu/geglu, else F; w_out_EFD (E, F, D);
+    with bias=True also b_in_EH (E, H) and b_out_ED (E, D). Initialised as nn.Linear does for
+    each expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = D for the first projection and F
+    for the second. forward never sees routing: only rows and the offsets of their groups.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int,
+                 activation: str = "swiglu", bias: bool = False) -> None:
+        super().__init__()
+        _check_positive("num_experts", num_experts)
+        _check_positive("hidden_size", hidden_size)
+        _check_positive("ffn_hidden_size", ffn_hidden_size)
+        _check_activation(activation)
+        self.num_experts, self.hidden_size, self.ffn_hidden_size = num_experts, hidden_size, ffn_hidden_size
+        self.activation = activation
+        H = 2 * ffn_hidden_size if activation in _GATED else ffn_hidden_size
+        self.w_in_EDH = nn.Parameter(torch.empty(num_experts, hidden_size, H))
+        self.w_out_EFD = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
+        if bias:
+            self.b_in_EH = nn.Parameter(torch.empty(num_experts, H))
+            self.b_out_ED = nn.Parameter(torch.empty(num_experts, hidden_size))
+        else:
+            self.register_parameter("b_in_EH", None)
+            self.register_parameter("b_out_ED", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for w, b, fan_in in ((self.w_in_EDH, self.b_in_EH, self.hidden_size),
+                             (self.w_out_EFD, self.b_out_ED, self.ffn_hidden_size)):
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(w, -bound, bound)
+            if b is not None:
+                nn.init.uniform_(b, -bound, bound)
+
+    def forward(self, x_ND: Tensor, offs_E: Tensor) -> Tensor:
+        """x_ND (N, D) rows sorted by expert, offs_E int32 (E,) cumulative end row of each
+        expert's group -> y_ND (N, D); rows past offs_E[-1] come out zero."""
+        self._check_inputs(x_ND, offs_E)
+        h_NH = ops.grouped_mm(x_ND, self.w_in_EDH, offs_E)
+        if self.b_in_EH is not None:
+            h_NH = h_NH + _row_bias(self.b_in_EH, offs_E, x_ND.shape[0])
+        y_ND = ops.grouped_mm(activate(h_NH, self.activation), self.w_out_EFD, offs_E)
+        if self.b_out_ED is not None:
+            y_ND = y_ND + _row_bias(self.b_out_ED, offs_E, x_ND.shape[0])
+        return y_ND
+
+    def _check_inputs(self, x_ND: Tensor, offs_E: Tensor) -> None:
+        if not isinstance(x_ND, Tensor) or x_ND.dim() != 2 or x_ND.shape[1] != self.hidden_size:
+            shape = tuple(x_ND.shape) if isinstance(x_ND, Tensor) else type(x_ND).__name__
+            raise ValueError(f"GroupedExperts: x_ND must have shape (N, hidden_size={self.hidden_size}), got {shape}")
+        if x_ND.dtype != self.w_in_EDH.dtype:
+            raise TypeError(f"GroupedExperts: x_ND is {x_ND.dtype} but the expert weights are "
+                            f"{self.w_in_EDH.dtype}; cast the input or the module")
+        if not isinstance(offs_E, Tensor) or tuple(offs_E.shape) != (self.num_experts,):
+            shape = tuple(offs_E.shape) if isinstance(offs_E, Tensor) else type(offs_E).__name__
+            raise ValueError(f"GroupedExperts: offs_E must have shape (num_experts={self.num_experts},), got {shape}")
+
+    def params_per_expert(self) -> int:
+        return sum(p[0].numel() for p in self.parameters())
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+                f"ffn_hidden_size={self.ffn_hidden_size}, activation={self.activation}, "
+                f"bias={self.b_in_EH is not None}")
+
+
+class DenseFFN(nn.Module):
+    """A dense FFN y = act(x W_in + b_in) W_out + b_out on x (..., D): the shared experts of
+    DeepSeekMoE (Dai et al. 2024, Eq. 9, K_s shared experts merged into one FFN of hidden
+    K_s * F_shared) and the dense baseline of the benchmarks. w_in (H, D) and w_out (D, F) are
+    nn.Linear layers (H = 2F, [gate; up], for the gated activations)."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str = "swiglu",
+                 bias: bool = False) -> None:
+        super().__init__()
+        _check_positive("hidden_size", hidden_size)
+        _check_positive("ffn_hidden_size", ffn_hidden_size)
+        _check_activation(activation)
+        self.hidden_size, self.ffn_hidden_size, self.activation = hidden_size, ffn_hidden_size, activation
+        H = 2 * ffn_hidden_size if activation in _GATED else ffn_hidden_size
+        self.w_in = nn.Linear(hidden_size, H, bias=bias)
+        self.w_out = nn.Linear(ffn_hidden_size, hidden_size, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., D) -> (..., D)."""
+        return self.w_out(activate(self.w_in(x), self.activation))
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}"

@@ -1,0 +1,70 @@
+"""Hugging Face transformers: an experts implementation named "moekit".
+
+Shape legend: T tokens, D hidden size, K routing slots, E experts, N routed rows (T*K),
+H the first projection's width (2F gated, [gate; up] concatenated or interleaved), F expert hidden.
+
+transformers (>= 5) decorates its experts classes with ``use_experts_implementation``: their
+forward(hidden_states_TD, top_k_index_TK, top_k_weights_TK) looks up
+``config._experts_implementation`` in ``ExpertsInterface``. :func:`register` adds "moekit" there,
+so a model built with ``experts_implementation="moekit"`` (or switched by
+``model.set_experts_implementation("moekit")``) runs its experts on moe.ops: plan, permute,
+grouped_mm on the HF weight layout (transposed or not, with biases), the class's own gate
+(``_apply_gate``: GPT-OSS's interleaved, clamped SwiGLU included) and the weighted unpermute.
+transformers is imported only inside :func:`register`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moe import ops
+from moe.experts import _row_bias
+
+__all__ = ["register", "moekit_experts_forward", "NAME"]
+
+NAME = "moekit"
+
+
+def _grouped_linear(x_NX: Tensor, w: Tensor, offs_E: Tensor, b_EY, is_transposed: bool) -> Tensor:
+    """HF weights are (E, Y, X) (nn.Linear layout) or, when is_transposed, (E, X, Y)."""
+    w_EXY = w if is_transposed else w.transpose(-2, -1)
+    out_NY = ops.grouped_mm(x_NX.to(w.dtype), w_EXY, offs_E)
+    return out_NY if b_EY is None else out_NY + _row_bias(b_EY, offs_E, x_NX.shape[0]).to(out_NY.dtype)
+
+
+def moekit_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+    """The "moekit" experts forward: hidden_states (T, D), top_k_index (T, K), top_k_weights
+    (T, K) -> (T, D) in hidden_states' dtype. ``self`` is a transformers experts module."""
+    E = self.num_experts
+    ids_TK = top_k_index.to(torch.int64)
+    if getattr(self, "_is_expert_parallel", False):
+        ids_TK = ids_TK.masked_fill(ids_TK >= E, -1)  # EP sentinels (ids >= E) become empty slots
+    plan = ops.plan(ids_TK, E)
+    x_ND = ops.permute(hidden_states, plan)
+    has_bias = getattr(self, "has_bias", False)
+    if self.has_gate:
+        w_in, b_in = self.gate_up_proj, (self.gate_up_proj_bias if has_bias else None)
+    else:
+        w_in, b_in = self.up_proj, (self.up_proj_bias if has_bias else None)
+    h_NH = _grouped_linear(x_ND, w_in, plan.offs_E, b_in, self.is_transposed)
+    h_NF = self._apply_gate(h_NH) if self.has_gate else self.act_fn(h_NH)
+    b_out = self.down_proj_bias if has_bias else None
+    y_ND = _grouped_linear(h_NF, self.down_proj, plan.offs_E, b_out, self.is_transposed)
+    if getattr(self, "has_post_expert_norm", False):
+        y_ND = self.post_expert_norm(y_ND)
+    weights_TK = top_k_weights
+    if weights_TK.dtype not in (torch.float32, y_ND.dtype):
+        weights_TK = weights_TK.to(torch.float32)
+    return ops.unpermute(y_ND, plan, weights_TK).to(hidden_states.dtype)
+
+
+def register() -> None:
+    """Registers "moekit" in transformers' ExpertsInterface (idempotent). Raises ImportError
+    naming the requirement when transformers (>= 5, with ExpertsInterface) is missing."""
+    try:
+        from transformers.integrations.moe import ExpertsInterface
+    except ImportError as err:
+        raise ImportError("moe.integrations.hf.register needs transformers >= 5 "
+                          "(transformers.integrations.moe.ExpertsInterface)") from err
+    ExpertsInterface.register(NAME, moekit_experts_forward)

@@ -1,0 +1,217 @@
+"""MoELayer: a drop-in replacement for a transformer FFN, and the fine-grained constructor.
+
+Shape legend: T tokens (all leading dims of x flattened), D hidden size, E routed experts,
+K routing slots, N routed rows (T*K), F routed expert hidden size.
+
+    x (..., D) ──router──► Routing(ids_TK, weights_TK, aux_losses)
+        └─► dispatcher.dispatch ──► x_ND, offs_E ──► GroupedExperts ──► dispatcher.combine ──► + shared(x)
+
+The output is y = sum_k g_k(x) E_{ids_k}(x) + S(x) (Shazeer et al. 2017, Eq. 1, plus the shared
+experts of DeepSeekMoE, Dai et al. 2024, Eq. 9). Routers come from ``routers/``: any of them plugs
+in, the threshold router (variable k, empty slots -1) and a recurrent chain's layer included.
+After a forward the layer keeps ``aux_loss`` (sum of the routing losses, differentiable; zero in
+eval) and ``last_routing``; :func:`aux_loss` sums the former over a model.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from moe.dispatch import LocalDispatcher
+from moe.experts import DenseFFN, GroupedExperts
+
+__all__ = ["MoELayer", "aux_loss"]
+
+
+def _check_positive(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _ep_world_size(ep_group) -> int:
+    size = getattr(ep_group, "size", None)
+    if callable(size):
+        return int(size())
+    import torch.distributed as dist
+
+    return dist.get_world_size(ep_group)
+
+
+class MoELayer(nn.Module):
+    """Mixture-of-Experts FFN: ``y = layer(x)`` for x (..., hidden_size), y of x's shape.
+
+    Args: hidden_size D, ffn_hidden_size F of each routed expert, num_experts E (routed), top_k
+    (the default router's k; with ``router=`` it may be omitted and is the router's slot count).
+    router: any router of ``routers/`` (default ``routers.TopKRouter(D, E, top_k,
+    capacity_factor=capacity_factor, **router_kwargs)``). num_shared_experts /
+    shared_ffn_hidden_size (default F): one dense FFN of hidden num_shared * shared_ffn, added
+    to every token (DeepSeekMoE). activation: "swiglu" | "geglu" | "gelu" | "relu"; bias for
+    the experts. dispatcher: a token dispatcher (default ``LocalDispatcher``); ep_group: an
+    expert-parallel process group, which makes ``moe.parallel.AllToAllDispatcher`` and keeps
+    num_experts / world_size experts here (ep_capacity_factor is its padded, sync-free mode).
+    x of shape (B, S, D) reaches the router as (B, S, D) (sequence-level losses), any other
+    shape as (T, D). forward(x, *, padding_mask=None, state=None) forwards both to the router.
+    """
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int,
+                 top_k: Optional[int] = None, *, router: Optional[nn.Module] = None,
+                 num_shared_experts: int = 0, shared_ffn_hidden_size: Optional[int] = None,
+                 activation: str = "swiglu", bias: bool = False,
+                 capacity_factor: Optional[float] = None, router_kwargs: Optional[dict] = None,
+                 dispatcher=None, ep_group=None, ep_capacity_factor: Optional[float] = None) -> None:
+        super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("ffn_hidden_size", ffn_hidden_size),
+                            ("num_experts", num_experts)):
+            _check_positive(name, value)
+        self.hidden_size, self.ffn_hidden_size, self.num_experts = hidden_size, ffn_hidden_size, num_experts
+        self.router = self._make_router(top_k, router, capacity_factor, router_kwargs or {})
+        self.top_k = self.router.top_k
+        self.dispatcher = self._make_dispatcher(dispatcher, ep_group, ep_capacity_factor)
+        self.experts = GroupedExperts(self.dispatcher.num_local_experts, hidden_size, ffn_hidden_size,
+                                      activation=activation, bias=bias)
+        if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be an int >= 0, got {num_shared_experts!r}")
+        self.num_shared_experts = num_shared_experts
+        self.shared_ffn_hidden_size = ffn_hidden_size if shared_ffn_hidden_size is None else shared_ffn_hidden_size
+        _check_positive("shared_ffn_hidden_size", self.shared_ffn_hidden_size)
+        self.shared_experts = (DenseFFN(hidden_size, num_shared_experts * self.shared_ffn_hidden_size,
+                                        activation=activation, bias=bias) if num_shared_experts else None)
+        self.granularity = 1
+        self.aux_loss: Optional[Tensor] = None
+        self.last_routing = None
+
+    def _make_router(self, top_k, router, capacity_factor, router_kwargs) -> nn.Module:
+        E, D = self.num_experts, self.hidden_size
+        if router is None:
+            if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= E:
+                raise ValueError(f"top_k must be an int in [1, num_experts={E}], got {top_k!r}")
+            from routers import TopKRouter
+
+            return TopKRouter(D, E, top_k, capacity_factor=capacity_factor, **router_kwargs)
+        if capacity_factor is not None or router_kwargs:
+            raise ValueError("capacity_factor and router_kwargs configure the default router; "
+                             "set them on the router you pass")
+        if getattr(router, "num_experts", None) != E or getattr(router, "hidden_size", None) != D:
+            raise ValueError(f"router has num_experts={getattr(router, 'num_experts', None)} and hidden_size="
+                             f"{getattr(router, 'hidden_size', None)}, expected num_experts={E}, hidden_size={D}")
+        if top_k is not None and top_k != router.top_k:
+            raise ValueError(f"top_k={top_k!r} but router.top_k={router.top_k}; omit top_k with router=")
+        return router
+
+    def _make_dispatcher(self, dispatcher, ep_group, ep_capacity_factor):
+        E = self.num_experts
+        if ep_group is None:
+            if ep_capacity_factor is not None:
+                raise ValueError("ep_capacity_factor needs ep_group")
+            return LocalDispatcher(E) if dispatcher is None else dispatcher
+        if dispatcher is not None:
+            raise ValueError("pass either dispatcher or ep_group, not both")
+        world = _ep_world_size(ep_group)
+        if E % world:
+            raise ValueError(f"num_experts={E} is not divisible by the expert-parallel world size {world}")
+        from moe.parallel import AllToAllDispatcher
+
+        return AllToAllDispatcher(E, ep_group, capacity_factor=ep_capacity_factor)
+
+    @classmethod
+    def fine_grained(cls, hidden_size: int, ffn_hidden_size: int, num_experts: int, top_k: int,
+                     granularity: int, num_shared_experts: int = 0, **kwargs) -> "MoELayer":
+        """Fine-grained expert segmentation (DeepSeekMoE, Dai et al. 2024, Sec. 3.1-3.2; the
+        granularity G of Krajewski et al. 2024): each of the E experts of hidden F becomes G
+        experts of hidden F/G and k becomes k*G, so parameters and FLOPs are unchanged. Of the
+        E*G fine experts, K_s = num_shared_experts are shared (always active, hidden F/G each) and
+        carved out of the budget as in DeepSeekMoE Eq. 9-11: E*G - K_s routed experts, top
+        k*G - K_s."""
+        _check_positive("granularity", granularity)
+        _check_positive("top_k", top_k)
+        if not isinstance(ffn_hidden_size, int) or ffn_hidden_size % granularity:
+            raise ValueError(f"ffn_hidden_size={ffn_hidden_size!r} is not divisible by granularity={granularity}")
+        if not isinstance(num_shared_experts, int) or not 0 <= num_shared_experts < top_k * granularity:
+            raise ValueError(f"num_shared_experts must be an int in [0, top_k*granularity={top_k * granularity}), "
+                             f"got {num_shared_experts!r}")
+        if "shared_ffn_hidden_size" in kwargs:
+            raise ValueError("fine_grained sets shared_ffn_hidden_size = ffn_hidden_size // granularity")
+        fine = ffn_hidden_size // granularity
+        layer = cls(hidden_size, fine, num_experts * granularity - num_shared_experts,
+                    top_k * granularity - num_shared_experts, num_shared_experts=num_shared_experts,
+                    shared_ffn_hidden_size=fine, **kwargs)
+        layer.granularity = granularity
+        return layer
+
+    def forward(self, x: Tensor, *, padding_mask: Optional[Tensor] = None, state=None) -> Tensor:
+        """x (..., D) -> y (..., D). padding_mask (x.shape[:-1], True = real token) keeps padded
+        tokens out of the routed experts and the losses; ``state`` goes to the router."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x has shape {tuple(x.shape)}: its last dim must be hidden_size={self.hidden_size}")
+        x_TD = x.reshape(-1, self.hidden_size)
+        if x.dim() != 3 and padding_mask is not None:
+            padding_mask = padding_mask.reshape(-1)
+        routing = self.router(x if x.dim() == 3 else x_TD, state=state, padding_mask=padding_mask)
+        x_ND, offs_E, dispatch_state = self.dispatcher.dispatch(x_TD, routing.ids_TK, routing.weights_TK)
+        y_TD = self.dispatcher.combine(self.experts(x_ND, offs_E), dispatch_state)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        zero = torch.zeros((), dtype=torch.float32, device=x.device)
+        self.aux_loss = sum(routing.aux_losses.values(), zero)
+        self.last_routing = routing
+        return y_TD.reshape(x.shape)
+
+    # ---- sizes (the `moe plan` CLI and the docs use these) -----------------------------------
+
+    def _router_params(self, matrices_only: bool = False) -> int:
+        return sum(p.numel() for p in self.router.parameters() if not matrices_only or p.dim() >= 2)
+
+    def _expert_params(self, active: bool, matrices_only: bool, experts_per_token) -> int:
+        per_expert = sum(p[0].numel() for p in self.experts.parameters() if not matrices_only or p.dim() == 3)
+        routed = self.nominal_experts_per_token() if experts_per_token is None else experts_per_token
+        shared = 0 if self.shared_experts is None else sum(
+            p.numel() for p in self.shared_experts.parameters() if not matrices_only or p.dim() >= 2)
+        return (routed if active else self.num_experts) * per_expert + shared
+
+    def nominal_experts_per_token(self) -> float:
+        """k for token-choice routers (the maximum for variable-k ones), the capacity factor for
+        expert choice (its mean experts per token)."""
+        from routers import ExpertChoiceRouter
+
+        return self.router.capacity_factor if isinstance(self.router, ExpertChoiceRouter) else self.top_k
+
+    def num_parameters(self, *, router: bool = True) -> int:
+        """Total parameters over all E experts (all ranks under expert parallelism) + shared
+        experts (+ router)."""
+        return self._expert_params(False, False, None) + (self._router_params() if router else 0)
+
+    def active_parameters(self, *, router: bool = True, experts_per_token=None) -> float:
+        """Parameters one token uses: experts_per_token (default nominal_experts_per_token())
+        routed experts + shared experts (+ router)."""
+        return self._expert_params(True, False, experts_per_token) + (self._router_params() if router else 0)
+
+    def flops_per_token(self, *, router: bool = True, experts_per_token=None) -> float:
+        """Forward matmul FLOPs per token: 2 per multiply-add of every active weight matrix
+        (routed, shared, and router); biases and activations are not counted."""
+        active = self._expert_params(True, True, experts_per_token)
+        return 2 * (active + (self._router_params(matrices_only=True) if router else 0))
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, ffn_hidden_size={self.ffn_hidden_size}, "
+                f"num_experts={self.num_experts}, top_k={self.top_k}, "
+                f"num_shared_experts={self.num_shared_experts}, granularity={self.granularity}")
+
+
+def aux_loss(model: nn.Module) -> Tensor:
+    """Sum of the ``aux_loss`` tensors that the modules of ``model`` (itself included) hold after
+    their last forward (MoELayer, MoR routers, ...); a zero tensor when there are none. Reads the
+    modules only: no global state."""
+    total: Optional[Tensor] = None
+    for m in model.modules():
+        a = getattr(m, "aux_loss", None)
+        if isinstance(a, Tensor):
+            total = a if total is None else total + a
+    if total is None:
+        p = next(model.parameters(), None)
+        total = torch.zeros((), device=None if p is None else p.device)
+    return total

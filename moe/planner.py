@@ -1,0 +1,221 @@
+"""`moe plan`: parameters, FLOPs, memory and predicted efficiency leverage of an MoE LM config.
+
+Shape legend: D model dim (hidden), L layers, E routed experts, K experts per token (top-k),
+S shared experts, F expert hidden dim, V vocabulary, H attention heads.
+
+The model counted is the one moekit builds (moe.model.CausalLM of DecoderBlocks whose MLP is a
+moe.MoELayer): per layer two RMSNorms (2D), attention without biases (4D^2), a linear router
+(D*E) and SwiGLU experts (3*D*F each); an untied embedding and head (V*D each) and a final norm.
+
+Efficiency leverage (Tian et al. 2025, "Towards Greater Leverage", arXiv:2507.17702, Eq. 13 with
+the Table 2 fit; restated as Eq. 1 of the Ling 2.0 report, arXiv:2510.22115 Sec. 2.3.2):
+
+    EL(A, G, C) = A_hat ** (alpha + gamma * (log G)^2 + beta * log G),  alpha = a + d * log C
+
+A = (K + S) / (E + S) is the activation ratio, G = 2 D / F their granularity, C the training
+compute in FLOPs. A_hat is "a saturating transformation of the activation ratio as defined in
+Clark et al. (2022)" (Ling 2.0 report, text under Eq. 1). Clark et al.'s transform of the
+expert count E is 1/E_hat = 1/(E - 1 + (1/E_start - 1/E_max)^-1) + 1/E_max; carried over to A:
+
+    1/A_hat = 1/(A + (1/A_start - 1/A_max)^-1) + 1/A_max
+
+so A_hat -> A_start as A -> 0 (EL saturates for extreme sparsity), A_hat ~ A + A_start in the
+fitted range (A_max = 5.28e16 is far above any A), and A_hat -> A_max for large A. The paper
+does not print the log bases. log10 for C and log2 for G are the only choice among {2, e, 10}
+that reproduces its claims (tests/test_cli.py checks each):
+  * EL(A=3.1%, G=12, C=1e22) = 7.24 ("about 7x"); ln C gives ~5600, ln G gives 6.9;
+  * the EL-optimal G is 2 ** (-beta / (2 gamma)) = 11.3, inside the reported 8-12 optimum
+    (base e would put it at 33, base 10 at 3184);
+  * EL(A=1) = 0.99 at any G and C (a dense model has no leverage over itself).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from types import MappingProxyType
+
+# Table 2 of arXiv:2507.17702 (the constants quoted in issue 7); read-only.
+EL_CONSTANTS = MappingProxyType(dict(a=1.23, d=-7.61e-2, gamma=1.67e-2, beta=-1.17e-1,
+                                     A_start=1.63e-2, A_max=5.28e16))
+
+
+def saturated_activation(A: float, *, A_start: float = EL_CONSTANTS["A_start"],
+                         A_max: float = EL_CONSTANTS["A_max"]) -> float:
+    """A_hat = 1 / (1/(A + (1/A_start - 1/A_max)^-1) + 1/A_max) (Clark et al. 2022 transform, on A)."""
+    if not A > 0:
+        raise ValueError(f"activation ratio A={A} must be > 0")
+    return 1.0 / (1.0 / (A + 1.0 / (1.0 / A_start - 1.0 / A_max)) + 1.0 / A_max)
+
+
+def el_exponent(G: float, C: float, *, constants=EL_CONSTANTS) -> float:
+    """alpha + gamma (log2 G)^2 + beta log2 G with alpha = a + d log10 C (arXiv:2507.17702 Eq. 13)."""
+    if not G > 0:
+        raise ValueError(f"granularity G={G} must be > 0")
+    if not C > 0:
+        raise ValueError(f"compute budget C={C} must be > 0 FLOPs")
+    lg = math.log2(G)
+    alpha = constants["a"] + constants["d"] * math.log10(C)
+    return alpha + constants["gamma"] * lg * lg + constants["beta"] * lg
+
+
+def efficiency_leverage(A: float, G: float, C: float, *, constants=EL_CONSTANTS) -> float:
+    """Predicted compute ratio dense/MoE at equal loss (arXiv:2507.17702 Eq. 13, Table 2)."""
+    A_hat = saturated_activation(A, A_start=constants["A_start"], A_max=constants["A_max"])
+    return A_hat ** el_exponent(G, C, constants=constants)
+
+
+def optimal_granularity(*, constants=EL_CONSTANTS) -> float:
+    """argmax_G EL = 2 ** (-beta / (2 gamma)) (the exponent is most negative there, A_hat < 1)."""
+    return 2.0 ** (-constants["beta"] / (2.0 * constants["gamma"]))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanConfig:
+    """An MoE LM: expert_hidden F, or Krajewski granularity g (F = ffn_hidden / g)."""
+
+    hidden: int
+    layers: int
+    experts: int
+    top_k: int
+    expert_hidden: int | None = None
+    granularity: float | None = None
+    ffn_hidden: int | None = None  # dense reference d_ff (default 4 D)
+    shared_experts: int = 0
+    shared_hidden: int | None = None  # default: expert_hidden
+    vocab: int = 32000
+    seq_len: int = 2048
+    batch: int = 1
+    heads: int = 8
+    compute: float | None = None  # training FLOPs for EL; default: tokens * training FLOPs/token
+    tokens: float | None = None  # training tokens (sets compute when compute is None)
+    param_bytes: int = 2  # bf16 weights and gradients
+    act_bytes: int = 2  # bf16 activations
+
+    def __post_init__(self):
+        for name in ("hidden", "layers", "experts", "top_k", "vocab", "seq_len", "batch", "heads",
+                     "param_bytes", "act_bytes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.top_k > self.experts:
+            raise ValueError(f"top_k={self.top_k} must be <= experts={self.experts}")
+        if self.shared_experts < 0:
+            raise ValueError(f"shared_experts={self.shared_experts} must be >= 0")
+        if (self.expert_hidden is None) == (self.granularity is None):
+            raise ValueError("give exactly one of expert_hidden and granularity")
+        if self.granularity is not None and not self.granularity > 0:
+            raise ValueError(f"granularity={self.granularity} must be > 0")
+        if self.expert_hidden is not None and self.expert_hidden < 1:
+            raise ValueError(f"expert_hidden={self.expert_hidden} must be >= 1")
+        if self.compute is not None and not self.compute > 0:
+            raise ValueError(f"compute={self.compute} must be > 0 FLOPs")
+        if self.tokens is not None and not self.tokens > 0:
+            raise ValueError(f"tokens={self.tokens} must be > 0")
+
+    @property
+    def d_ff(self) -> int:
+        return self.ffn_hidden if self.ffn_hidden is not None else 4 * self.hidden
+
+    @property
+    def F(self) -> int:
+        if self.expert_hidden is not None:
+            return self.expert_hidden
+        F = round(self.d_ff / self.granularity)
+        if F < 1:
+            raise ValueError(f"granularity={self.granularity} leaves expert_hidden < 1 "
+                             f"(ffn_hidden={self.d_ff})")
+        return F
+
+    @property
+    def F_shared(self) -> int:
+        return self.shared_hidden if self.shared_hidden is not None else self.F
+
+
+def plan(cfg: PlanConfig) -> dict:
+    """Parameter counts, FLOPs per token, memory and EL of `cfg` (plain dict, JSON-ready).
+
+    FLOPs per token, forward: 2 per multiply-add of every active matmul weight (attention
+    projections, router, K routed + S shared experts, head) plus attention 2 * L * seq_len * D
+    (Kaplan et al. 2020, Table 1); training = 3x forward (backward = 2x forward).
+    Memory: weights and gradients at param_bytes; Adam m and v in fp32 (8 B/param) plus an fp32
+    master copy when param_bytes < 4. Activations kept for backward per token (flash attention,
+    no S^2 scores, no dropout; cf. Korthikanti et al. 2022 Sec. 4.1): per layer act_bytes *
+    (9 D + (K + S)(D + 3 F)) + 4 (E + H) bytes (norm inputs, qkv/q/k/v/attention output, out-proj
+    and router inputs; per routed row its input, gate/up outputs and SwiGLU product; fp32 router
+    probabilities and softmax statistics), plus the fp32 logits 4 V.
+    """
+    D, L, E, K, S, V = cfg.hidden, cfg.layers, cfg.experts, cfg.top_k, cfg.shared_experts, cfg.vocab
+    F, Fs = cfg.F, cfg.F_shared
+    attn, norms, router = 4 * D * D, 2 * D, D * E
+    expert, shared = 3 * D * F, 3 * D * Fs
+    layer_total = attn + norms + router + E * expert + S * shared
+    layer_active = attn + norms + router + K * expert + S * shared
+    embed, head = V * D, V * D
+    total = L * layer_total + embed + head + D
+    active = L * layer_active + embed + head + D
+    matmul_active = L * (attn + router + K * expert + S * shared) + head
+    fwd = 2 * matmul_active + 2 * L * cfg.seq_len * D
+    train = 3 * fwd
+    opt_bytes = 8 + (4 if cfg.param_bytes < 4 else 0)
+    act_token = L * (cfg.act_bytes * (9 * D + (K + S) * (D + 3 * F)) + 4 * (E + cfg.heads)) + 4 * V
+    tokens_step = cfg.seq_len * cfg.batch
+    C = cfg.compute if cfg.compute is not None else (
+        train * cfg.tokens if cfg.tokens is not None else 1e22)
+    A = (K + S) / (E + S)
+    G = 2 * D / F
+    return dict(
+        config=asdict(cfg), expert_hidden=F, shared_hidden=Fs, ffn_hidden=cfg.d_ff,
+        params_total=total, params_active=active,
+        params_total_non_embedding=total - embed - head, params_active_non_embedding=active - embed - head,
+        flops_per_token_forward=fwd, flops_per_token_training=train,
+        flops_per_step_training=train * tokens_step,
+        memory_weights_bytes=total * cfg.param_bytes, memory_grads_bytes=total * cfg.param_bytes,
+        memory_adam_bytes=total * opt_bytes, memory_activations_per_token_bytes=act_token,
+        memory_activations_per_step_bytes=act_token * tokens_step,
+        activation_ratio=A, granularity_tian=G, granularity_krajewski=cfg.d_ff / F,
+        compute=C, compute_source="--compute" if cfg.compute is not None else (
+            "--tokens x training FLOPs/token" if cfg.tokens is not None else "default 1e22"),
+        saturated_activation=saturated_activation(A), efficiency_leverage=efficiency_leverage(A, G, C),
+        optimal_granularity_tian=optimal_granularity(),
+    )
+
+
+def _num(x: float) -> str:
+    for unit, s in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= unit:
+            return f"{x / unit:.3g}{s}"
+    return f"{x:.4g}"
+
+
+def _bytes(x: float) -> str:
+    for unit, s in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if x >= unit:
+            return f"{x / unit:.3g} {s}"
+    return f"{x:.0f} B"
+
+
+def format_plan(r: dict) -> str:
+    """Human-readable report of :func:`plan`'s dict."""
+    c = r["config"]
+    lines = [
+        f"config: D={c['hidden']} L={c['layers']} E={c['experts']} top_k={c['top_k']} "
+        f"shared={c['shared_experts']} F_expert={r['expert_hidden']} d_ff={r['ffn_hidden']} "
+        f"V={c['vocab']} seq={c['seq_len']} batch={c['batch']}",
+        f"parameters        total {_num(r['params_total'])} ({_num(r['params_total_non_embedding'])} "
+        f"non-embedding)   active {_num(r['params_active'])} ({_num(r['params_active_non_embedding'])} "
+        f"non-embedding)",
+        f"FLOPs/token       forward {_num(r['flops_per_token_forward'])}   training (3x) "
+        f"{_num(r['flops_per_token_training'])}   per step {_num(r['flops_per_step_training'])}",
+        f"memory            weights {_bytes(r['memory_weights_bytes'])}   grads "
+        f"{_bytes(r['memory_grads_bytes'])}   Adam {_bytes(r['memory_adam_bytes'])}",
+        f"activations       {_bytes(r['memory_activations_per_token_bytes'])}/token   "
+        f"{_bytes(r['memory_activations_per_step_bytes'])}/step (seq x batch)",
+        f"activation ratio  A = (top_k + shared)/(experts + shared) = {r['activation_ratio']:.4f}"
+        f"   A_hat = {r['saturated_activation']:.4f}",
+        f"granularity       Tian et al.: G = 2 D / F_expert = {r['granularity_tian']:.3g}   "
+        f"Krajewski et al.: G = d_ff / F_expert = {r['granularity_krajewski']:.3g}",
+        f"efficiency lev.   EL = {r['efficiency_leverage']:.3g} at C = {r['compute']:.3g} FLOPs "
+        f"({r['compute_source']}); EL-optimal Tian G = {r['optimal_granularity_tian']:.3g}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,249 @@
+"""The `moe` CLI: plan (parameter/FLOP counts against real models, the EL law's published
+claims), demo (short runs on a temp folder of text: files, determinism, resume), bench
+(orchestration, clear failure), data split."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe import MoELayer, plots
+from moe.cli import run
+from moe.data import is_validation, load_corpus, stdlib_files, train_batch
+from moe.model import build_lm
+from moe.planner import (EL_CONSTANTS, PlanConfig, efficiency_leverage, optimal_granularity, plan,
+                         saturated_activation)
+
+TINY = ["--dim", "16", "--layers", "2", "--heads", "2", "--ffn-hidden", "32", "--experts", "4",
+        "--top-k", "2", "--seq-len", "16", "--batch", "4", "--eval-batches", "2", "--no-progress"]
+TIMING_KEYS = {"tokens_per_s", "wall_time_s", "threads"}
+
+
+# ---- plan: the efficiency-leverage law (arXiv:2507.17702 Eq. 13, Table 2) ----------------------
+
+def test_el_reproduces_paper_claims():
+    assert efficiency_leverage(0.031, 12, 1e22) == pytest.approx(7.2, abs=0.1)
+    grid = [g / 10 for g in range(10, 1001)]
+    best = max(grid, key=lambda g: efficiency_leverage(0.031, g, 1e22))
+    assert 11.0 <= best <= 12.0 and optimal_granularity() == pytest.approx(best, abs=0.1)
+    for G in (1, 2, 8, 12, 64):
+        for C in (1e18, 1e22, 1e25):
+            assert efficiency_leverage(1.0, G, C) == pytest.approx(1.0, abs=0.03)
+    # leverage grows with sparsity and with compute (the paper's two power laws)
+    assert efficiency_leverage(0.01, 12, 1e22) > efficiency_leverage(0.1, 12, 1e22) > 1
+    assert efficiency_leverage(0.031, 12, 1e24) > efficiency_leverage(0.031, 12, 1e20)
+
+
+def test_el_log_base_choice_is_the_only_one_matching():
+    """log10 C with log2 G gives 7.2; the other bases miss the claims by far."""
+    c = EL_CONSTANTS
+    A_hat = saturated_activation(0.031)
+
+    def el(log_c, log_g):
+        lg = log_g(12)
+        return A_hat ** (c["a"] + c["d"] * log_c(1e22) + c["gamma"] * lg * lg + c["beta"] * lg)
+
+    assert el(math.log10, math.log2) == pytest.approx(efficiency_leverage(0.031, 12, 1e22))
+    assert abs(el(math.log, math.log2) - 7.2) > 100
+    assert abs(el(math.log10, math.log) - 7.2) > 0.25
+    assert 2 ** (-c["beta"] / (2 * c["gamma"])) == pytest.approx(11.34, abs=0.01)
+    assert math.e ** (-c["beta"] / (2 * c["gamma"])) > 30  # base e would put the optimum at 33
+
+
+def test_saturating_transform_limits():
+    assert saturated_activation(1e-9) == pytest.approx(EL_CONSTANTS["A_start"], rel=1e-5)
+    assert saturated_activation(0.1) == pytest.approx(0.1 + EL_CONSTANTS["A_start"], rel=1e-6)
+    assert saturated_activation(1e20) == pytest.approx(EL_CONSTANTS["A_max"], rel=1e-2)
+    with pytest.raises(ValueError, match="activation ratio"):
+        saturated_activation(0.0)
+
+
+# ---- plan: counts against the layers moekit builds --------------------------------------------
+
+@pytest.mark.parametrize("E,K,F,S", [(4, 1, 8, 0), (6, 2, 12, 1), (8, 3, 4, 2)])
+def test_plan_counts_match_built_model(E, K, F, S):
+    D, L, V = 16, 3, 40
+    cfg = PlanConfig(hidden=D, layers=L, experts=E, top_k=K, expert_hidden=F, shared_experts=S,
+                     vocab=V, seq_len=10, heads=2)
+    r = plan(cfg)
+    model = build_lm(vocab_size=V, dim=D, n_layers=L, n_heads=2, mlp_factory=lambda i: MoELayer(
+        D, F, E, K, num_shared_experts=S))
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    total = sum(p.numel() for p in model.parameters())
+    assert r["params_total"] == total
+    assert r["params_active"] == total - sum(m.num_parameters() - m.active_parameters() for m in layers)
+    ffn_flops = sum(m.flops_per_token() for m in layers)
+    attn_and_head = 2 * (L * 4 * D * D + V * D) + 2 * L * 10 * D
+    assert r["flops_per_token_forward"] == ffn_flops + attn_and_head
+    assert r["flops_per_token_training"] == 3 * r["flops_per_token_forward"]
+    assert r["activation_ratio"] == pytest.approx((K + S) / (E + S))
+    assert r["memory_adam_bytes"] == 12 * total and r["memory_weights_bytes"] == 2 * total
+
+
+def test_plan_cli_prints_both_granularities(capsys):
+    r = run(["plan", "--hidden", "1024", "--layers", "8", "--experts", "64", "--top-k", "8",
+             "--granularity", "8", "--ffn-hidden", "4096", "--shared-experts", "1"])
+    out = capsys.readouterr().out
+    assert r["expert_hidden"] == 512 and r["granularity_krajewski"] == 8 and r["granularity_tian"] == 4
+    assert "Krajewski" in out and "2 D / F_expert = 4" in out and "d_ff / F_expert = 8" in out
+    assert "EL =" in out
+    with pytest.raises(SystemExit, match="top_k=9 must be <= experts=8"):
+        run(["plan", "--hidden", "64", "--layers", "2", "--experts", "8", "--top-k", "9",
+             "--expert-hidden", "32"])
+
+
+def test_python_m_moe_plan():
+    p = subprocess.run([sys.executable, "-m", "moe", "plan", "--hidden", "256", "--layers", "2",
+                        "--experts", "8", "--top-k", "2", "--expert-hidden", "128", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["params_total"] > 0
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+def test_stdlib_corpus_split_is_deterministic():
+    root, files = stdlib_files()
+    assert files == sorted(files) and not any("site-packages" in p.parts for p in files)
+    c1, c2 = load_corpus(max_bytes=1 << 18), load_corpus(max_bytes=1 << 18)
+    assert c1.train.numel() == 1 << 18 and c1.val.numel() > 0
+    assert torch.equal(c1.train, c2.train) and torch.equal(c1.val, c2.val)
+    val_names = [p for p in files if is_validation(p.relative_to(root).as_posix(), 10)]
+    assert 0.03 < len(val_names) / len(files) < 0.2
+    b = train_batch(c1.train, step=5, seed=1, batch=3, seq_len=8)
+    assert torch.equal(b, train_batch(c1.train, step=5, seed=1, batch=3, seq_len=8))
+    assert not torch.equal(b, train_batch(c1.train, step=6, seed=1, batch=3, seq_len=8))
+
+
+def test_data_file_and_errors(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_bytes(bytes(range(32, 132)) * 10)
+    c = load_corpus(str(f))
+    assert c.train.numel() == 900 and c.val.numel() == 100
+    assert bytes(c.val[:5].tolist()) == bytes(range(32, 37))
+    with pytest.raises(FileNotFoundError, match="--data"):
+        load_corpus(str(tmp_path / "missing"))
+
+
+# ---- demo --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("text")
+    g = torch.Generator().manual_seed(0)
+    words = "the experts route every token through a small gated network of layers".split()
+    for i in range(12):
+        ids = torch.randint(0, len(words), (600,), generator=g).tolist()
+        (d / f"doc{i:02d}.txt").write_text(" ".join(words[j] for j in ids))
+    return d
+
+
+def _numbers(report: dict) -> dict:
+    return {v: {k: x for k, x in r.items() if k not in TIMING_KEYS} for v, r in report["variants"].items()}
+
+
+@pytest.fixture(scope="module")
+def full_run(text_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run_a")
+    return out, run(["demo", "--data", str(text_dir), "--out", str(out), "--steps", "4"] + TINY)
+
+
+def test_demo_writes_results_plots_and_checkpoints(full_run, capsys):
+    out, report = full_run
+    assert set(report["variants"]) == {"dense", "topk", "recurrent", "xmoe", "finegrained", "mor"}
+    for name in ("results.json", "loss_curves.png", "expert_load.png"):
+        assert (out / name).stat().st_size > 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(
+        f"{v}.pt" for v in report["variants"])
+    saved = json.loads((out / "results.json").read_text())
+    assert _numbers(saved) == _numbers(report)
+    v = report["variants"]
+    for r in v.values():
+        assert math.isfinite(r["val_bpb"]) and 0 < r["val_bpb"] < 9 and len(r["train_loss_bpb"]) == 4
+    dense_active = v["dense"]["params_active"]
+    for name in ("topk", "recurrent", "finegrained", "mor"):  # equal active parameters (+ routers)
+        assert abs(v[name]["params_active"] - dense_active) / dense_active < 0.1
+        assert v[name]["params_total"] >= v[name]["params_active"]
+    # top-k: a token skips E - K = 2 experts of 3*D*(F/K) weights in each of the L = 2 layers
+    assert v["topk"]["params_total"] - v["topk"]["params_active"] == 2 * 2 * 3 * 16 * 16
+    assert v["topk"]["experts_per_token"] == 2 and v["finegrained"]["experts_per_token"] == 3
+    assert 1 <= v["xmoe"]["experts_per_token"] <= 4 and v["topk"]["dropped_fraction"] == 0
+    assert 1 <= v["mor"]["mean_recursion_depth"] <= 2 and "experts_per_token" not in v["mor"]
+    assert len(v["topk"]["expert_load"]) == 2 and sum(v["topk"]["expert_load"][0]) == pytest.approx(1)
+
+
+def test_demo_same_seed_same_numbers(full_run, text_dir, tmp_path):
+    _, first = full_run
+    again = run(["demo", "--data", str(text_dir), "--out", str(tmp_path / "b"), "--steps", "4"] + TINY)
+    assert _numbers(again) == _numbers(first)
+    other = run(["demo", "--data", str(text_dir), "--out", str(tmp_path / "c"), "--steps", "4",
+                 "--seed", "1", "--variants", "dense,topk"] + TINY)
+    assert other["variants"]["topk"]["val_bpb"] != first["variants"]["topk"]["val_bpb"]
+
+
+def test_demo_resume_continues_exactly(full_run, text_dir, tmp_path):
+    _, first = full_run
+    args = ["demo", "--data", str(text_dir), "--out", str(tmp_path), "--steps", "4"] + TINY
+    stopped = run(args + ["--stop-after", "2"])
+    assert {r["stopped_at"] for r in stopped["stopped"].values()} == {2}
+    assert not (tmp_path / "results.json").exists()
+    resumed = run(args + ["--resume"])
+    assert _numbers(resumed) == _numbers(first)
+    again = run(args + ["--resume", "--variants", "topk"])  # finished: reused, not retrained
+    assert again["variants"]["topk"] == resumed["variants"]["topk"]
+    with pytest.raises(ValueError, match="different config"):
+        run(args[:-len(TINY)] + [a if a != "32" else "64" for a in TINY] + ["--resume"])
+
+
+def test_demo_bad_arguments_name_the_argument(text_dir, tmp_path):
+    base = ["demo", "--data", str(text_dir), "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="unknown"):
+        run(base + ["--variants", "dense,nope"])
+    with pytest.raises(SystemExit, match="steps must be a positive int"):
+        run(base + ["--steps", "0"])
+    with pytest.raises(SystemExit, match="ffn_hidden=30 must be divisible"):
+        run(base + ["--ffn-hidden", "30"])
+    with pytest.raises(SystemExit, match="--data"):
+        run(["demo", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="seq_len=64"):  # 3 bytes of text: no window fits
+        (tmp_path / "tiny.txt").write_text("abc")
+        run(["demo", "--data", str(tmp_path / "tiny.txt"), "--out", str(tmp_path), "--seq-len", "64"])
+
+
+# ---- bench -------------------------------------------------------------------------------------
+
+def _fake_bench(name, rows):
+    mod = types.ModuleType(name)
+    mod.run = lambda quick=False: [dict(r, quick=quick) for r in rows]
+    mod.format_table = lambda rs: f"{name}: {len(rs)} rows"
+    return mod
+
+
+def test_bench_orchestrates_modules(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "bench.ops", _fake_bench(
+        "bench.ops", [dict(op="grouped_mm", T=256, ours_ms=2.0, dense_ms=2.6, loop_ms=8.0)]))
+    monkeypatch.setitem(sys.modules, "bench.layer", _fake_bench(
+        "bench.layer", [dict(mode="fwd", moekit_ms=5.0, hf_gmm_ms=4.0)]))
+    sections = run(["bench", "--quick", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "bench.ops: 1 rows" in out and "bench.layer: 1 rows" in out
+    saved = json.loads((tmp_path / "bench_results.json").read_text())
+    assert saved["quick"] and saved["sections"] == json.loads(json.dumps(sections))
+    assert saved["sections"]["bench.ops"][0]["quick"] is True
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert plots.bench_speedups(sections["bench.ops"][0]) == pytest.approx(dict(dense=1.3, loop=4.0))
+    assert plots.bench_speedups(sections["bench.layer"][0]) == pytest.approx(dict(hf_gmm=0.8))
+
+
+def test_bench_missing_module_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "bench.nope", None)  # import of it raises ModuleNotFoundError
+    monkeypatch.setattr("moe.cli.BENCH_MODULES", ("bench.nope",))
+    with pytest.raises(SystemExit, match="cannot import bench.nope"):
+        run(["bench", "--quick", "--out", str(tmp_path)])
