@@ -203,6 +203,14 @@ struct SimtEngine {
         Bs[k * BN + n] = (k0 + k < p.k_lim && n < p.n_lim) ? p.b[(k0 + k) * p.b_rs + n * p.b_cs] : T(0);
       }
       __syncthreads();
+      // Two-level sum: the BK products of this k-tile are summed first, then added to acc, so
+      // rounding error grows with X/BK + BK rather than X (one serial chain over all of X risks
+      // exceeding twice cuBLAS's float32 error, the tests' bound, at X ~ 1024).
+      T part[4][4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) part[i][j] = T(0);
 #pragma unroll
       for (int k = 0; k < BK; ++k) {
         T ar[4], br[4];
@@ -213,8 +221,12 @@ struct SimtEngine {
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
-          for (int j = 0; j < 4; ++j) acc[i][j] += ar[i] * br[j];
+          for (int j = 0; j < 4; ++j) part[i][j] += ar[i] * br[j];
       }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] += part[i][j];
       __syncthreads();
     }
 #pragma unroll
