@@ -37,6 +37,22 @@ void check_index(int64_t idx, int64_t limit, const char* what, int64_t where) {
               " is outside [-1, ", limit, "): the plan does not match the data");
 }
 
+// <a, b> in acc_t over kLanes independent partial sums (the compiler vectorizes them, where one
+// running sum is a serial chain of dependent adds), combined at the end.
+template <typename acc_t, typename scalar_t>
+acc_t dot(const scalar_t* a, const scalar_t* b, int64_t D) {
+  constexpr int64_t kLanes = 16;
+  acc_t part[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l)
+      part[l] += static_cast<acc_t>(a[d + l]) * static_cast<acc_t>(b[d + l]);
+  for (; d < D; ++d) part[d % kLanes] += static_cast<acc_t>(a[d]) * static_cast<acc_t>(b[d]);
+  acc_t sum = 0;
+  for (int64_t l = 0; l < kLanes; ++l) sum += part[l];
+  return sum;
+}
+
 }  // namespace
 
 at::Tensor permute_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
@@ -142,12 +158,7 @@ at::Tensor unpermute_weights_grad_cpu(const at::Tensor& grad_TD, const at::Tenso
         for (int64_t k = 0; k < K; ++k) {
           const int64_t r = row_of[t * K + k];
           check_index(r, N, "rows_TK", t * K + k);
-          acc_t dot = 0;
-          if (r >= 0) {
-            for (int64_t d = 0; d < D; ++d)
-              dot += static_cast<acc_t>(gs[t * D + d]) * static_cast<acc_t>(ys[r * D + d]);
-          }
-          dw[t * K + k] = dot;
+          dw[t * K + k] = r < 0 ? acc_t(0) : dot<acc_t>(gs + t * D, ys + r * D, D);
         }
       }
     });
