@@ -55,6 +55,17 @@ void check_weights_arg(const char* op, const char* name, const at::Tensor& w_TK,
               " but the data is on ", x.device());
 }
 
+void check_unpermute_weights_grad_args(const at::Tensor& grad_TD, const at::Tensor& y_ND,
+                                       const at::Tensor& order_N, const at::Tensor& rows_TK) {
+  check_dispatch_args("unpermute_weights_grad", y_ND, "y_ND", order_N.size(0),
+                      "N, the plan's rows", order_N, rows_TK);
+  check_dispatch_args("unpermute_weights_grad", grad_TD, "grad_TD", rows_TK.size(0),
+                      "T, the plan's tokens", order_N, rows_TK);
+  TORCH_CHECK(grad_TD.scalar_type() == y_ND.scalar_type() && grad_TD.size(1) == y_ND.size(1),
+              "moe.unpermute_weights_grad: grad_TD (", grad_TD.scalar_type(), ", D=",
+              grad_TD.size(1), ") must match y_ND (", y_ND.scalar_type(), ", D=", y_ND.size(1), ")");
+}
+
 static void check_offs(const char* op, const at::Tensor& offs_E, const at::Tensor& a) {
   TORCH_CHECK(offs_E.dim() == 1 && offs_E.scalar_type() == at::kInt, "moe.", op,
               ": offs_E must be a 1-D int32 tensor (cumulative end row of each expert), got ",

@@ -135,13 +135,7 @@ at::Tensor unpermute_cpu(const at::Tensor& y_ND, const at::Tensor& order_N,
 
 at::Tensor unpermute_weights_grad_cpu(const at::Tensor& grad_TD, const at::Tensor& y_ND,
                                       const at::Tensor& order_N, const at::Tensor& rows_TK) {
-  check_dispatch_args("unpermute_weights_grad", y_ND, "y_ND", order_N.size(0),
-                      "N, the plan's rows", order_N, rows_TK);
-  check_dispatch_args("unpermute_weights_grad", grad_TD, "grad_TD", rows_TK.size(0),
-                      "T, the plan's tokens", order_N, rows_TK);
-  TORCH_CHECK(grad_TD.scalar_type() == y_ND.scalar_type() && grad_TD.size(1) == y_ND.size(1),
-              "moe.unpermute_weights_grad: grad_TD (", grad_TD.scalar_type(), ", D=",
-              grad_TD.size(1), ") must match y_ND (", y_ND.scalar_type(), ", D=", y_ND.size(1), ")");
+  check_unpermute_weights_grad_args(grad_TD, y_ND, order_N, rows_TK);
   const int64_t N = y_ND.size(0), T = rows_TK.size(0), K = rows_TK.size(1), D = y_ND.size(1);
   const auto y = y_ND.contiguous();
   const auto g = grad_TD.contiguous();

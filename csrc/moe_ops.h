@@ -22,6 +22,8 @@ void check_dispatch_args(const char* op, const at::Tensor& x, const char* x_name
                          const at::Tensor& rows_TK);
 void check_weights_arg(const char* op, const char* name, const at::Tensor& w_TK,
                        const at::Tensor& rows_TK, const at::Tensor& x);
+void check_unpermute_weights_grad_args(const at::Tensor& grad_TD, const at::Tensor& y_ND,
+                                       const at::Tensor& order_N, const at::Tensor& rows_TK);
 void check_grouped_mm_args(const at::Tensor& a_NX, const at::Tensor& b_EXY,
                            const at::Tensor& offs_E);
 void check_grouped_mm_wgrad_args(const at::Tensor& a_NX, const at::Tensor& g_NY,
