@@ -52,7 +52,9 @@ here = os.path.dirname(os.path.abspath(__file__))
 sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
 # -fopenmp: at::parallel_for (ATen's OpenMP backend) is inlined into our kernels; without it
 # every CPU kernel would run on one thread.
-cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+# -ffp-contract=off: no fused multiply-add, so the AVX-512 dispatch loops (csrc/cpu_vec.h) round
+# exactly as the scalar loops and the PyTorch twins do.
+cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off"]
 link_flags = ["-fopenmp"]
 # MOE_PYTHON_MODULE: registration.cpp defines PyInit__C only in the Python build (the CMake
 # library for C++ users has no Python dependency).

@@ -59,9 +59,15 @@ def _candidates(layer: MoELayer, dense: DenseFFN, x: torch.Tensor) -> dict:
             r = layer.router(x)
             aux = sum(r.aux_losses.values(), torch.zeros(()))
             return hf(x, r.ids_TK, r.weights_TK.to(x.dtype)), aux
+        run.modules = (hf, layer.router)
         return run
 
-    cands = {"dense": lambda x: (dense(x), None)}
+    def dense_call(x):
+        return dense(x), None
+
+    dense_call.modules = (dense,)
+    moekit.modules = (layer,)
+    cands = {"dense": dense_call}
     for name, impl in (("hf_eager", "eager"), ("hf_gmm", "grouped_mm")):
         hf = _hf_experts(layer, impl)
         if hf is not None:
@@ -71,11 +77,16 @@ def _candidates(layer: MoELayer, dense: DenseFFN, x: torch.Tensor) -> dict:
 
 
 def _step(fn, x, mode):
-    """A zero-argument timed call; the caller sets grad mode (off for "fwd")."""
+    """A zero-argument timed call; the caller sets grad mode (off for "fwd"). A "fwd+bwd" step is
+    a training step's: the gradients of the candidate's modules are set to None first (what
+    ``optimizer.zero_grad()`` does by default), so backward writes them afresh every step rather
+    than adding into the previous step's."""
     if mode == "fwd":
         return lambda: fn(x)
 
     def train():
+        for m in getattr(fn, "modules", ()):
+            m.zero_grad(set_to_none=True)
         y, aux = fn(x)
         loss = y.float().square().mean() + (0 if aux is None else aux)
         loss.backward()

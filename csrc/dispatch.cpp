@@ -11,6 +11,8 @@
 #include <optional>
 #include <vector>
 
+#include "cpu_vec.h"
+#include "host_cache.h"
 #include "moe_ops.h"
 
 namespace moe {
@@ -53,6 +55,36 @@ acc_t dot(const scalar_t* a, const scalar_t* b, int64_t D) {
   return sum;
 }
 
+// AVX-512 versions of the bfloat16 row loops (cpu_vec.h), bit-identical to the scalar ones; the
+// overloads for other dtypes return false and the scalar loop runs.
+template <typename T, typename A>
+bool fast_scale_row(const T*, A, T*, int64_t) { return false; }
+template <typename T, typename A>
+bool fast_axpy_row(const T*, const A*, A*, int64_t) { return false; }
+template <typename A, typename T>
+bool fast_store_row(const A*, T*, int64_t) { return false; }
+template <typename T, typename A>
+bool fast_dot_row(const T*, const T*, int64_t, A*) { return false; }
+
+#ifdef MOE_HAVE_AVX512_ROWS
+bool fast_scale_row(const c10::BFloat16* x, float w, c10::BFloat16* o, int64_t D) {
+  vec::scale_row(x, w, o, D);
+  return true;
+}
+bool fast_axpy_row(const c10::BFloat16* x, const float* w, float* acc, int64_t D) {
+  vec::axpy_row(x, w, acc, D);
+  return true;
+}
+bool fast_store_row(const float* acc, c10::BFloat16* o, int64_t D) {
+  vec::store_row(acc, o, D);
+  return true;
+}
+bool fast_dot_row(const c10::BFloat16* a, const c10::BFloat16* b, int64_t D, float* out) {
+  *out = vec::dot_row(a, b, D);
+  return true;
+}
+#endif
+
 }  // namespace
 
 at::Tensor permute_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
@@ -63,7 +95,7 @@ at::Tensor permute_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
   const int64_t N = order_N.size(0), K = rows_TK.size(1), D = x_TD.size(1), S = rows_TK.numel();
   const auto x = x_TD.stride(1) == 1 ? x_TD : x_TD.contiguous();
   const auto order = order_N.contiguous();
-  auto out = at::empty({N, D}, x.options());
+  auto out = empty_cpu({N, D}, x.options());
   const int64_t* ord = order.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "moe_permute_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -71,6 +103,7 @@ at::Tensor permute_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
     const scalar_t* src = x.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     const int64_t ld = x.stride(0);
+    const bool fast = vec::avx512_rows();
     at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t s = ord[i];
@@ -85,6 +118,7 @@ at::Tensor permute_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
           std::memcpy(o, row, D * sizeof(scalar_t));
         } else {
           const acc_t w = scale.ptr[s];
+          if (fast && fast_scale_row(row, w, o, D)) continue;
           for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(static_cast<acc_t>(row[d]) * w);
         }
       }
@@ -101,7 +135,7 @@ at::Tensor unpermute_cpu(const at::Tensor& y_ND, const at::Tensor& order_N,
   const int64_t N = y_ND.size(0), T = rows_TK.size(0), K = rows_TK.size(1), D = y_ND.size(1);
   const auto y = y_ND.stride(1) == 1 ? y_ND : y_ND.contiguous();
   const auto rows = rows_TK.contiguous();
-  auto out = at::empty({T, D}, y.options());
+  auto out = empty_cpu({T, D}, y.options());
   const int64_t* row_of = rows.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "moe_unpermute_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -109,6 +143,7 @@ at::Tensor unpermute_cpu(const at::Tensor& y_ND, const at::Tensor& order_N,
     const scalar_t* src = y.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     const int64_t ld = y.stride(0);
+    const bool fast = vec::avx512_rows();
     at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(D);
       for (int64_t t = begin; t < end; ++t) {
@@ -118,6 +153,8 @@ at::Tensor unpermute_cpu(const at::Tensor& y_ND, const at::Tensor& order_N,
           check_index(r, N, "rows_TK", t * K + k);
           if (r < 0) continue;
           const scalar_t* row = src + r * ld;
+          if (fast && fast_axpy_row(row, w.ptr == nullptr ? nullptr : w.ptr + t * K + k, acc.data(), D))
+            continue;
           if (w.ptr == nullptr) {
             for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<acc_t>(row[d]);
           } else {
@@ -126,6 +163,7 @@ at::Tensor unpermute_cpu(const at::Tensor& y_ND, const at::Tensor& order_N,
           }
         }
         scalar_t* o = dst + t * D;
+        if (fast && fast_store_row(acc.data(), o, D)) continue;
         for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[d]);
       }
     });
@@ -147,12 +185,18 @@ at::Tensor unpermute_weights_grad_cpu(const at::Tensor& grad_TD, const at::Tenso
     const scalar_t* ys = y.const_data_ptr<scalar_t>();
     const scalar_t* gs = g.const_data_ptr<scalar_t>();
     acc_t* dw = out.mutable_data_ptr<acc_t>();
+    const bool fast = vec::avx512_rows();
     at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         for (int64_t k = 0; k < K; ++k) {
           const int64_t r = row_of[t * K + k];
           check_index(r, N, "rows_TK", t * K + k);
-          dw[t * K + k] = r < 0 ? acc_t(0) : dot<acc_t>(gs + t * D, ys + r * D, D);
+          if (r < 0) {
+            dw[t * K + k] = acc_t(0);
+            continue;
+          }
+          if (!(fast && fast_dot_row(gs + t * D, ys + r * D, D, dw + t * K + k)))
+            dw[t * K + k] = dot<acc_t>(gs + t * D, ys + r * D, D);
         }
       }
     });

@@ -16,6 +16,8 @@
 #include <atomic>
 #include <vector>
 
+#include "gemm_bf16.h"
+#include "host_cache.h"
 #include "moe_ops.h"
 
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
@@ -100,6 +102,12 @@ void run_tiles(const std::vector<Tile>& tiles, const Fn& fn) {
   });
 }
 
+// bfloat16 runs on moekit's AVX-512 BF16 kernel where the CPU has it (gemm_bf16.cpp); every
+// other case on at::mm.
+bool use_bf16_kernel(const at::Tensor& a) {
+  return a.scalar_type() == at::kBFloat16 && bf16_gemm_available();
+}
+
 }  // namespace
 
 at::Tensor grouped_mm_cpu(const at::Tensor& a_NX, const at::Tensor& b_EXY,
@@ -107,11 +115,24 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a_NX, const at::Tensor& b_EXY,
   check_grouped_mm_args(a_NX, b_EXY, offs_E);
   const int64_t N = a_NX.size(0), Y = b_EXY.size(2), E = b_EXY.size(0);
   const auto starts = read_offsets("grouped_mm", offs_E, N);
-  auto c = at::empty({N, Y}, a_NX.options());
+  auto c = empty_cpu({N, Y}, a_NX.options());
   c.narrow(0, starts[E], N - starts[E]).zero_();  // rows past offs_E[-1] are zero, never garbage
   std::vector<int64_t> rows(E);
   for (int64_t e = 0; e < E; ++e) rows[e] = starts[e + 1] - starts[e];
   const auto tiles = make_tiles(rows, Y, /*min_block=*/64);
+  if (use_bf16_kernel(a_NX)) {
+    const auto* a = a_NX.const_data_ptr<c10::BFloat16>();
+    const auto* b = b_EXY.const_data_ptr<c10::BFloat16>();
+    auto* out = c.mutable_data_ptr<c10::BFloat16>();
+    const int64_t sa0 = a_NX.stride(0), sa1 = a_NX.stride(1);
+    const int64_t sb0 = b_EXY.stride(0), sb1 = b_EXY.stride(1), sb2 = b_EXY.stride(2);
+    run_tiles(tiles, [&](const Tile& t) {
+      const int64_t r0 = starts[t.group] + t.begin;
+      bf16_gemm(t.end - t.begin, t.col1 - t.col0, a_NX.size(1), a + r0 * sa0, sa0, sa1,
+                b + t.group * sb0 + t.col0 * sb2, sb1, sb2, out + r0 * Y + t.col0, Y);
+    });
+    return c;
+  }
   run_tiles(tiles, [&](const Tile& t) {
     const int64_t r0 = starts[t.group] + t.begin, n = t.end - t.begin, ny = t.col1 - t.col0;
     auto out = c.narrow(0, r0, n).narrow(1, t.col0, ny);
@@ -125,7 +146,7 @@ at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& a_NX, const at::Tensor& g_NY,
   check_grouped_mm_wgrad_args(a_NX, g_NY, offs_E);
   const int64_t N = a_NX.size(0), X = a_NX.size(1), Y = g_NY.size(1), E = offs_E.size(0);
   const auto starts = read_offsets("grouped_mm_wgrad", offs_E, N);
-  auto out = at::empty({E, X, Y}, a_NX.options());
+  auto out = empty_cpu({E, X, Y}, a_NX.options());
   // Tiles split X (the output's rows) so no two tiles reduce into the same output element.
   std::vector<int64_t> extent(E, X);
   for (int64_t e = 0; e < E; ++e) {
@@ -135,6 +156,19 @@ at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& a_NX, const at::Tensor& g_NY,
     }
   }
   const auto tiles = make_tiles(extent, Y, /*min_block=*/64);
+  if (use_bf16_kernel(a_NX)) {
+    const auto* a = a_NX.const_data_ptr<c10::BFloat16>();
+    const auto* g = g_NY.const_data_ptr<c10::BFloat16>();
+    auto* dst = out.mutable_data_ptr<c10::BFloat16>();
+    const int64_t sa0 = a_NX.stride(0), sa1 = a_NX.stride(1);
+    const int64_t sg0 = g_NY.stride(0), sg1 = g_NY.stride(1);
+    run_tiles(tiles, [&](const Tile& t) {  // out[e][x, y] = sum over e's rows r of a[r, x] g[r, y]
+      const int64_t r0 = starts[t.group], n = starts[t.group + 1] - r0;
+      bf16_gemm(t.end - t.begin, t.col1 - t.col0, n, a + r0 * sa0 + t.begin * sa1, sa1, sa0,
+                g + r0 * sg0 + t.col0 * sg1, sg0, sg1, dst + (t.group * X + t.begin) * Y + t.col0, Y);
+    });
+    return out;
+  }
   run_tiles(tiles, [&](const Tile& t) {
     const int64_t r0 = starts[t.group], n = starts[t.group + 1] - r0, x0 = t.begin;
     const int64_t ny = t.col1 - t.col0;

@@ -5,6 +5,7 @@
 #endif
 #include <torch/library.h>
 
+#include "host_cache.h"
 #include "moe_ops.h"
 
 TORCH_LIBRARY(moe, m) {
@@ -32,10 +33,33 @@ TORCH_LIBRARY_IMPL(moe, CPU, m) {
 }
 
 #ifdef MOE_PYTHON_MODULE  // defined by setup.py only: the CMake (libtorch) library has no Python
-// `import moe._C` loads this library, which runs the registrations above. The module itself
-// has no Python functions: everything is reached through torch.ops.moe.*.
+// `import moe._C` loads this library, which runs the registrations above. The ops are reached
+// through torch.ops.moe.*; the module itself only has the host cache's clear and stats.
+namespace {
+
+PyObject* host_cache_clear(PyObject*, PyObject*) {
+  moe::host_cache_clear();
+  Py_RETURN_NONE;
+}
+
+PyObject* host_cache_stats(PyObject*, PyObject*) {
+  const auto s = moe::host_cache_stats();
+  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L}", "cached_bytes", (long long)s.cached_bytes,
+                       "in_use_bytes", (long long)s.in_use_bytes, "hits", (long long)s.hits,
+                       "misses", (long long)s.misses, "limit_bytes", (long long)s.limit_bytes);
+}
+
+PyMethodDef methods[] = {
+    {"host_cache_clear", host_cache_clear, METH_NOARGS,
+     "Release every CPU buffer kept by moekit's host cache."},
+    {"host_cache_stats", host_cache_stats, METH_NOARGS,
+     "dict: cached_bytes, in_use_bytes, hits, misses, limit_bytes of moekit's host cache."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module);
 }
 #endif

@@ -1,0 +1,115 @@
+// AVX-512 row loops for bfloat16 dispatch (permute with scale, unpermute, its weight gradient).
+//
+// The extension is compiled for baseline x86-64, where the compiler converts bfloat16 one
+// element at a time. These versions are compiled for AVX-512 (function target attributes) and
+// chosen at run time (avx512_rows()). They compute exactly what the scalar loops compute, bit for
+// bit: bf16 -> fp32 is exact, fp32 -> bf16 rounds to nearest even with NaN -> 0x7FC0 (as
+// c10::BFloat16 does, denormals kept), and products and sums are separate roundings in the same
+// order (the build passes -ffp-contract=off, so no fused multiply-add).
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define MOE_HAVE_AVX512_ROWS 1
+// GCC 12's own intrinsic headers trip -Wmaybe-uninitialized (_mm512_undefined_*): not ours.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace moe::vec {
+
+#ifdef MOE_HAVE_AVX512_ROWS
+
+#define MOE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+inline bool avx512_rows() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+  }();
+  return ok;
+}
+
+MOE_AVX512 inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+MOE_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// c10::BFloat16's round_to_nearest_even on 16 lanes.
+MOE_AVX512 inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m = 0xFFFF) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+}
+
+inline __mmask16 tail_mask(int64_t n) { return __mmask16((1u << n) - 1); }
+
+// o[d] = bf16(float(x[d]) * w)
+MOE_AVX512 inline void scale_row(const c10::BFloat16* x, float w, c10::BFloat16* o, int64_t D) {
+  const __m512 wv = _mm512_set1_ps(w);
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) store16(o + d, _mm512_mul_ps(load16(x + d), wv));
+  if (d < D) {
+    const __mmask16 m = tail_mask(D - d);
+    store16(o + d, _mm512_mul_ps(load16(x + d, m), wv), m);
+  }
+}
+
+// acc[d] += w * float(x[d])   (or += float(x[d]) without weights)
+MOE_AVX512 inline void axpy_row(const c10::BFloat16* x, const float* w, float* acc, int64_t D) {
+  int64_t d = 0;
+  if (w == nullptr) {
+    for (; d + 16 <= D; d += 16)
+      _mm512_storeu_ps(acc + d, _mm512_add_ps(_mm512_loadu_ps(acc + d), load16(x + d)));
+  } else {
+    const __m512 wv = _mm512_set1_ps(*w);
+    for (; d + 16 <= D; d += 16)
+      _mm512_storeu_ps(acc + d, _mm512_add_ps(_mm512_loadu_ps(acc + d), _mm512_mul_ps(wv, load16(x + d))));
+  }
+  for (; d < D; ++d) acc[d] += w == nullptr ? float(x[d]) : *w * float(x[d]);
+}
+
+MOE_AVX512 inline void store_row(const float* acc, c10::BFloat16* o, int64_t D) {
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) store16(o + d, _mm512_loadu_ps(acc + d));
+  if (d < D) {
+    const __mmask16 m = tail_mask(D - d);
+    store16(o + d, _mm512_maskz_loadu_ps(m, acc + d), m);
+  }
+}
+
+// <a, b> in float over 16 partial sums, lane l holding the terms d = l (mod 16), summed l = 0..15
+// at the end: the order of the scalar dot in dispatch.cpp.
+MOE_AVX512 inline float dot_row(const c10::BFloat16* a, const c10::BFloat16* b, int64_t D) {
+  __m512 part = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) part = _mm512_add_ps(part, _mm512_mul_ps(load16(a + d), load16(b + d)));
+  if (d < D) {
+    const __mmask16 m = tail_mask(D - d);
+    part = _mm512_mask_add_ps(part, m, part, _mm512_mul_ps(load16(a + d, m), load16(b + d, m)));
+  }
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, part);
+  float sum = 0;
+  for (int l = 0; l < 16; ++l) sum += lanes[l];
+  return sum;
+}
+
+#else
+
+inline bool avx512_rows() { return false; }
+
+#endif
+
+}  // namespace moe::vec

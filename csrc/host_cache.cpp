@@ -1,0 +1,147 @@
+// A caching allocator for the large CPU outputs of moekit's kernels.
+//
+// A training step allocates the same large buffers every step: permute's x_ND (T*K rows of the
+// model dim), the grouped GEMM outputs and the per-expert weight gradients (E/K times the size of
+// a dense FFN's). Above glibc's mmap threshold (32 MiB at most) every such allocation is a fresh
+// mmap, and writing it page-faults each 4 KiB page in: about 25 ms per 128 MiB on the 2-core CI
+// machine, as much as a GEMM over the same bytes. The CUDA side of PyTorch solves this with its
+// caching allocator; on the CPU, PyTorch leaves it to malloc. This allocator keeps the blocks of
+// freed moekit outputs and hands them back to the next request of a similar size.
+//
+// Policy: requests below 1 MiB go straight to c10::alloc_cpu. Larger ones take the smallest
+// cached block that fits and is at most 1/8 larger than the request (rounded up to 64 KiB), else
+// a new one. A freed block is kept while the cached (free) bytes stay under the limit, set by
+// MOE_HOST_CACHE_MB (default 2048; 0 turns the cache off), else returned to the system.
+// moe._C.host_cache_clear() releases every cached block; host_cache_stats() reports usage.
+// Blocks are never shared: a block is reused only after the tensor that held it is freed.
+#include "host_cache.h"
+
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
+#include <ATen/EmptyTensor.h>
+
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+namespace moe {
+
+namespace {
+
+constexpr size_t kMinCached = size_t(1) << 20;  // smaller requests are cheap for malloc
+constexpr size_t kRound = size_t(64) << 10;
+
+size_t limit_from_env() {
+  const char* s = std::getenv("MOE_HOST_CACHE_MB");
+  if (s == nullptr || *s == '\0') return size_t(2048) << 20;
+  char* end = nullptr;
+  const long long mb = std::strtoll(s, &end, 10);
+  TORCH_CHECK(end != s && *end == '\0' && mb >= 0,
+              "MOE_HOST_CACHE_MB must be a non-negative integer (MiB), got '", s, "'");
+  return size_t(mb) << 20;
+}
+
+class HostCache final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t nbytes) override {
+    if (nbytes < kMinCached || limit_ == 0) {
+      void* p = nbytes ? c10::alloc_cpu(nbytes) : nullptr;
+      return {p, p, &c10::free_cpu, c10::Device(c10::DeviceType::CPU)};
+    }
+    const size_t size = (nbytes + kRound - 1) / kRound * kRound;
+    void* p = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = free_.lower_bound(size);
+      if (it != free_.end() && it->first <= size + size / 8) {
+        p = it->second;
+        cached_bytes_ -= it->first;
+        in_use_[p] = it->first;
+        free_.erase(it);
+        ++hits_;
+      }
+    }
+    if (p == nullptr) {
+      p = c10::alloc_cpu(size);
+      std::lock_guard<std::mutex> lock(mu_);
+      in_use_[p] = size;
+      ++misses_;
+    }
+    return {p, p, &HostCache::release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
+
+  void copy_data(void* dest, const void* src, size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  static void release(void* p) { instance().give_back(p); }
+
+  static HostCache& instance() {
+    // Leaked on purpose: tensors may be freed during interpreter shutdown, after static
+    // destructors would have run.
+    static HostCache* cache = new HostCache();
+    return *cache;
+  }
+
+  void clear() {
+    std::multimap<size_t, void*> blocks;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      blocks.swap(free_);
+      cached_bytes_ = 0;
+    }
+    for (auto& [size, p] : blocks) c10::free_cpu(p);
+  }
+
+  HostCacheStats stats() {
+    std::lock_guard<std::mutex> lock(mu_);
+    size_t in_use = 0;
+    for (auto& [p, size] : in_use_) in_use += size;
+    return {int64_t(cached_bytes_), int64_t(in_use), hits_, misses_, int64_t(limit_)};
+  }
+
+ private:
+  HostCache() : limit_(limit_from_env()) {}
+
+  void give_back(void* p) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = in_use_.find(p);
+      TORCH_INTERNAL_ASSERT(it != in_use_.end(), "moekit host cache: freeing an unknown block");
+      const size_t size = it->second;
+      in_use_.erase(it);
+      if (cached_bytes_ + size <= limit_) {
+        free_.emplace(size, p);
+        cached_bytes_ += size;
+        return;
+      }
+    }
+    c10::free_cpu(p);
+  }
+
+  std::mutex mu_;
+  std::multimap<size_t, void*> free_;        // size -> block, free for reuse
+  std::unordered_map<void*, size_t> in_use_;  // block -> size, held by a live tensor
+  size_t cached_bytes_ = 0;
+  int64_t hits_ = 0, misses_ = 0;
+  const size_t limit_;
+};
+
+}  // namespace
+
+at::Tensor empty_cpu(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  TORCH_INTERNAL_ASSERT(options.device().is_cpu());
+  return at::detail::empty_generic(sizes, &HostCache::instance(),
+                                   c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   c10::typeMetaToScalarType(options.dtype()), std::nullopt);
+}
+
+void host_cache_clear() { HostCache::instance().clear(); }
+
+HostCacheStats host_cache_stats() { return HostCache::instance().stats(); }
+
+}  // namespace moe
