@@ -1,7 +1,7 @@
-// AVX-512 row loops for bfloat16 dispatch (permute with scale, unpermute, its weight gradient).
+// AVX-512 row loops for bfloat16 and float32 dispatch (permute with scale, unpermute, its weight gradient).
 //
 // The extension is compiled for baseline x86-64, where the compiler converts bfloat16 one
-// element at a time. These versions are compiled for AVX-512 (function target attributes) and
+// element at a time and float32 four at a time. These versions are compiled for AVX-512 (function target attributes) and
 // chosen at run time (avx512_rows()). They compute exactly what the scalar loops compute, bit for
 // bit: bf16 -> fp32 is exact, fp32 -> bf16 rounds to nearest even with NaN -> 0x7FC0 (as
 // c10::BFloat16 does, denormals kept), and products and sums are separate roundings in the same
@@ -53,10 +53,17 @@ MOE_AVX512 inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m = 0xFFFF)
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
 }
 
+MOE_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+MOE_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+MOE_AVX512 inline void store16(float* p, __m512 v, __mmask16 m = 0xFFFF) {
+  _mm512_mask_storeu_ps(p, m, v);
+}
+
 inline __mmask16 tail_mask(int64_t n) { return __mmask16((1u << n) - 1); }
 
-// o[d] = bf16(float(x[d]) * w)
-MOE_AVX512 inline void scale_row(const c10::BFloat16* x, float w, c10::BFloat16* o, int64_t D) {
+// o[d] = T(float(x[d]) * w)      (T: c10::BFloat16 or float)
+template <typename T>
+MOE_AVX512 inline void scale_row(const T* x, float w, T* o, int64_t D) {
   const __m512 wv = _mm512_set1_ps(w);
   int64_t d = 0;
   for (; d + 16 <= D; d += 16) store16(o + d, _mm512_mul_ps(load16(x + d), wv));
@@ -67,7 +74,8 @@ MOE_AVX512 inline void scale_row(const c10::BFloat16* x, float w, c10::BFloat16*
 }
 
 // acc[d] += w * float(x[d])   (or += float(x[d]) without weights)
-MOE_AVX512 inline void axpy_row(const c10::BFloat16* x, const float* w, float* acc, int64_t D) {
+template <typename T>
+MOE_AVX512 inline void axpy_row(const T* x, const float* w, float* acc, int64_t D) {
   int64_t d = 0;
   if (w == nullptr) {
     for (; d + 16 <= D; d += 16)
@@ -80,7 +88,8 @@ MOE_AVX512 inline void axpy_row(const c10::BFloat16* x, const float* w, float* a
   for (; d < D; ++d) acc[d] += w == nullptr ? float(x[d]) : *w * float(x[d]);
 }
 
-MOE_AVX512 inline void store_row(const float* acc, c10::BFloat16* o, int64_t D) {
+template <typename T>
+MOE_AVX512 inline void store_row(const float* acc, T* o, int64_t D) {
   int64_t d = 0;
   for (; d + 16 <= D; d += 16) store16(o + d, _mm512_loadu_ps(acc + d));
   if (d < D) {
@@ -91,7 +100,8 @@ MOE_AVX512 inline void store_row(const float* acc, c10::BFloat16* o, int64_t D) 
 
 // <a, b> in float over 16 partial sums, lane l holding the terms d = l (mod 16), summed l = 0..15
 // at the end: the order of the scalar dot in dispatch.cpp.
-MOE_AVX512 inline float dot_row(const c10::BFloat16* a, const c10::BFloat16* b, int64_t D) {
+template <typename T>
+MOE_AVX512 inline float dot_row(const T* a, const T* b, int64_t D) {
   __m512 part = _mm512_setzero_ps();
   int64_t d = 0;
   for (; d + 16 <= D; d += 16) part = _mm512_add_ps(part, _mm512_mul_ps(load16(a + d), load16(b + d)));

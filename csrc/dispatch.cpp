@@ -9,6 +9,7 @@
 
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_vec.h"
@@ -67,19 +68,27 @@ template <typename T, typename A>
 bool fast_dot_row(const T*, const T*, int64_t, A*) { return false; }
 
 #ifdef MOE_HAVE_AVX512_ROWS
-bool fast_scale_row(const c10::BFloat16* x, float w, c10::BFloat16* o, int64_t D) {
+template <typename T>
+bool fast_scale_row(const T* x, float w, T* o, int64_t D)
+  requires(std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>) {
   vec::scale_row(x, w, o, D);
   return true;
 }
-bool fast_axpy_row(const c10::BFloat16* x, const float* w, float* acc, int64_t D) {
+template <typename T>
+bool fast_axpy_row(const T* x, const float* w, float* acc, int64_t D)
+  requires(std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>) {
   vec::axpy_row(x, w, acc, D);
   return true;
 }
-bool fast_store_row(const float* acc, c10::BFloat16* o, int64_t D) {
+template <typename T>
+bool fast_store_row(const float* acc, T* o, int64_t D)
+  requires(std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>) {
   vec::store_row(acc, o, D);
   return true;
 }
-bool fast_dot_row(const c10::BFloat16* a, const c10::BFloat16* b, int64_t D, float* out) {
+template <typename T>
+bool fast_dot_row(const T* a, const T* b, int64_t D, float* out)
+  requires(std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>) {
   *out = vec::dot_row(a, b, D);
   return true;
 }

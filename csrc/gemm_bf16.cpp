@@ -41,9 +41,21 @@ constexpr int64_t kMC = 192;  // rows per cache block of A (a multiple of kMR)
 
 inline uint16_t bits(c10::BFloat16 v) { return v.x; }
 
-// Packs B (K x n columns from col0, strides bk, bn in elements) into panels of kNR columns:
-// panel p holds Kp rows of kNR pairs, zero-padded past n and past K.
-void pack_b(const c10::BFloat16* B, int64_t bk, int64_t bn, int64_t K, int64_t n, uint32_t* out) {
+// Pairs (lo[j], hi[j]) as 32-bit words for j < w (w <= 16; hi == nullptr: zero high halves).
+// Writes all 16 words (zero past w) when `all`, else only the first w.
+MOE_TARGET inline void pair16(const c10::BFloat16* lo, const c10::BFloat16* hi, int64_t w,
+                              uint32_t* out, bool all) {
+  const __mmask16 m = w >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << w) - 1);
+  const __m512i l = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, lo));
+  const __m512i h = hi == nullptr ? _mm512_setzero_si512()
+                                  : _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, hi));
+  _mm512_mask_storeu_epi32(out, all ? __mmask16(0xFFFF) : m, _mm512_or_si512(l, _mm512_slli_epi32(h, 16)));
+}
+
+// Packs B (K x n, strides bk, bn in elements) into panels of kNR columns: panel p holds Kp
+// rows of kNR pairs, zero-padded past n and past K.
+MOE_TARGET void pack_b(const c10::BFloat16* B, int64_t bk, int64_t bn, int64_t K, int64_t n,
+                       uint32_t* out) {
   const int64_t Kp = (K + 1) / 2;
   const int64_t panels = (n + kNR - 1) / kNR;
   // B = W^T with W row-major (the data gradient's transposed weights): each pair is one aligned
@@ -67,25 +79,33 @@ void pack_b(const c10::BFloat16* B, int64_t bk, int64_t bn, int64_t K, int64_t n
       const bool has1 = 2 * kp + 1 < K;
       const c10::BFloat16* r1 = r0 + bk;
       uint32_t* d = dst + kp * kNR;
-      if (bn == 1) {
-        for (int64_t j = 0; j < w; ++j)
-          d[j] = uint32_t(bits(r0[j])) | (has1 ? uint32_t(bits(r1[j])) << 16 : 0u);
-      } else {
-        for (int64_t j = 0; j < w; ++j)
-          d[j] = uint32_t(bits(r0[j * bn])) | (has1 ? uint32_t(bits(r1[j * bn])) << 16 : 0u);
+      if (bn == 1) {  // rows of B contiguous: 16 pairs per step
+        for (int64_t j = 0; j < kNR; j += 16)
+          pair16(r0 + j, has1 ? r1 + j : nullptr, std::max<int64_t>(0, std::min<int64_t>(16, w - j)), d + j,
+                 /*all=*/true);
+        continue;
       }
+      for (int64_t j = 0; j < w; ++j)
+        d[j] = uint32_t(bits(r0[j * bn])) | (has1 ? uint32_t(bits(r1[j * bn])) << 16 : 0u);
       for (int64_t j = w; j < kNR; ++j) d[j] = 0;
     }
   }
 }
 
 // Packs A (M x K, strides am, ak in elements) to pairs laid out [kp][m], zero-padded past K.
-void pack_a(const c10::BFloat16* A, int64_t am, int64_t ak, int64_t M, int64_t K, uint32_t* out) {
+MOE_TARGET void pack_a(const c10::BFloat16* A, int64_t am, int64_t ak, int64_t M, int64_t K,
+                       uint32_t* out) {
   const int64_t Kp = (K + 1) / 2;
   for (int64_t kp = 0; kp < Kp; ++kp) {
     const c10::BFloat16* c0 = A + (2 * kp) * ak;
     const bool has1 = 2 * kp + 1 < K;
     uint32_t* d = out + kp * M;
+    if (am == 1) {  // the weight gradient's a^T: two rows of a, contiguous along m
+      for (int64_t m = 0; m < M; m += 16)
+        pair16(c0 + m, has1 ? c0 + ak + m : nullptr, std::min<int64_t>(16, M - m), d + m,
+               /*all=*/false);
+      continue;
+    }
     for (int64_t m = 0; m < M; ++m)
       d[m] = uint32_t(bits(c0[m * am])) | (has1 ? uint32_t(bits(c0[m * am + ak])) << 16 : 0u);
   }
