@@ -12,9 +12,12 @@
 // A is read in place when it is K-contiguous (the forward and the data gradient); otherwise
 // (the weight gradient, A = a^T) it is packed to [kp][m] pairs first. The microkernel keeps a
 // 6 x 64 fp32 tile in 24 zmm registers and rounds to bf16 (round to nearest even) on store.
-// Like every AVX-512 BF16 dot product (oneDNN's included), vdpbf16ps treats bf16 denormal
-// inputs as zero.
+// vdpbf16ps treats bf16 denormal inputs as zero and flushes denormal results (so does oneDNN's
+// bf16 matmul on the same instruction, which at::mm uses for all but tiny shapes): products
+// below ~1e-38 are lost, far under bf16's useful range.
 #include "gemm_bf16.h"
+
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -38,6 +41,10 @@ namespace {
 constexpr int kMR = 6;       // rows per microkernel tile
 constexpr int kNR = 64;      // columns per B panel (4 zmm of 16 fp32 lanes)
 constexpr int64_t kMC = 192;  // rows per cache block of A (a multiple of kMR)
+constexpr int64_t kPackWords = int64_t(1) << 20;  // 4 MiB of packed B per chunk of panels
+
+// bf16 pairs read as 32-bit words: may_alias keeps those reads of bf16 memory well defined.
+typedef uint32_t __attribute__((may_alias)) u32;
 
 inline uint16_t bits(c10::BFloat16 v) { return v.x; }
 
@@ -67,7 +74,7 @@ MOE_TARGET void pack_b(const c10::BFloat16* B, int64_t bk, int64_t bn, int64_t K
     const int64_t c0 = p * kNR, w = std::min<int64_t>(kNR, n - c0);
     if (words) {
       for (int64_t j = 0; j < w; ++j) {
-        const uint32_t* row = reinterpret_cast<const uint32_t*>(B + (c0 + j) * bn);
+        const u32* row = reinterpret_cast<const u32*>(B + (c0 + j) * bn);
         for (int64_t kp = 0; kp < Kp; ++kp) dst[kp * kNR + j] = row[kp];
       }
       for (int64_t j = w; j < kNR; ++j)
@@ -113,7 +120,7 @@ MOE_TARGET void pack_a(const c10::BFloat16* A, int64_t am, int64_t ak, int64_t M
 
 // C[MR x (16*NV)] = sum over kp of A pairs x B panel pairs; stores the first `cols` columns.
 template <int MR, int NV>
-MOE_TARGET void micro(const uint32_t* A, int64_t am, int64_t ak, const uint32_t* Bp, int64_t Kp,
+MOE_TARGET void micro(const u32* A, int64_t am, int64_t ak, const uint32_t* Bp, int64_t Kp,
                       c10::BFloat16* C, int64_t ldc, int cols) {
   __m512 acc[MR][NV];
   for (int r = 0; r < MR; ++r)
@@ -122,7 +129,7 @@ MOE_TARGET void micro(const uint32_t* A, int64_t am, int64_t ak, const uint32_t*
     __m512bh b[NV];
     for (int v = 0; v < NV; ++v)
       b[v] = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(Bp + kp * kNR + 16 * v));
-    const uint32_t* a = A + kp * ak;
+    const u32* a = A + kp * ak;
     for (int r = 0; r < MR; ++r) {
       const __m512bh ar = (__m512bh)_mm512_set1_epi32(int(a[r * am]));
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], ar, b[v]);
@@ -141,7 +148,7 @@ MOE_TARGET void micro(const uint32_t* A, int64_t am, int64_t ak, const uint32_t*
 }
 
 template <int NV>
-MOE_TARGET void micro_rows(int mr, const uint32_t* A, int64_t am, int64_t ak, const uint32_t* Bp,
+MOE_TARGET void micro_rows(int mr, const u32* A, int64_t am, int64_t ak, const uint32_t* Bp,
                            int64_t Kp, c10::BFloat16* C, int64_t ldc, int cols) {
   switch (mr) {
     case 6: return micro<6, NV>(A, am, ak, Bp, Kp, C, ldc, cols);
@@ -153,7 +160,7 @@ MOE_TARGET void micro_rows(int mr, const uint32_t* A, int64_t am, int64_t ak, co
   }
 }
 
-MOE_TARGET void micro_any(int mr, const uint32_t* A, int64_t am, int64_t ak, const uint32_t* Bp,
+MOE_TARGET void micro_any(int mr, const u32* A, int64_t am, int64_t ak, const uint32_t* Bp,
                           int64_t Kp, c10::BFloat16* C, int64_t ldc, int cols) {
   switch ((cols + 15) / 16) {
     case 4: return micro_rows<4>(mr, A, am, ak, Bp, Kp, C, ldc, cols);
@@ -170,8 +177,13 @@ uint32_t* scratch(std::vector<uint32_t>& buf, int64_t n) {
 }
 
 bool detect() {
+  // MOE_CPU_GEMM: unset/"auto" uses this kernel where the CPU has AVX-512 BF16; "aten" forces
+  // at::mm (for comparisons).
   const char* s = std::getenv("MOE_CPU_GEMM");
-  if (s != nullptr && std::strcmp(s, "aten") == 0) return false;  // force at::mm (for comparison)
+  if (s != nullptr && *s != '\0' && std::strcmp(s, "auto") != 0) {
+    TORCH_CHECK(std::strcmp(s, "aten") == 0, "MOE_CPU_GEMM must be \"auto\" or \"aten\", got '", s, "'");
+    return false;
+  }
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl");
@@ -194,35 +206,44 @@ void bf16_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t 
   thread_local std::vector<uint32_t> a_buf, b_buf;
   const int64_t Kp = (K + 1) / 2;
   const int64_t panels = (N + kNR - 1) / kNR;
-  uint32_t* Bp = scratch(b_buf, panels * Kp * kNR);
-  pack_b(B, bk, bn, K, N, Bp);
+  // B is packed a chunk of panels at a time (all of it for the usual expert shapes), so the
+  // scratch stays bounded however large one expert's weight is.
+  const int64_t chunk = std::max<int64_t>(1, kPackWords / (Kp * kNR));
   // A in place when its pairs are contiguous 32-bit words, else packed [kp][m].
   const bool direct = ak == 1 && K % 2 == 0 && am % 2 == 0 &&
                       reinterpret_cast<uintptr_t>(A) % alignof(uint32_t) == 0;
-  for (int64_t m0 = 0; m0 < M; m0 += kMC) {
-    const int64_t mc = std::min(kMC, M - m0);
-    const uint32_t* A32;
-    int64_t a_m, a_k;
-    if (direct) {
-      A32 = reinterpret_cast<const uint32_t*>(A + m0 * am);
-      a_m = am / 2;
-      a_k = 1;
-    } else {
-      uint32_t* Ap = scratch(a_buf, Kp * mc);
-      pack_a(A + m0 * am, am, ak, mc, K, Ap);
-      A32 = Ap;
-      a_m = 1;
-      a_k = mc;
-    }
-    for (int64_t p = 0; p < panels; ++p) {
-      const int cols = int(std::min<int64_t>(kNR, N - p * kNR));
-      const uint32_t* panel = Bp + p * Kp * kNR;
-      for (int64_t r = 0; r < mc; r += kMR) {
-        const int mr = int(std::min<int64_t>(kMR, mc - r));
-        micro_any(mr, A32 + r * a_m, a_m, a_k, panel, Kp, C + (m0 + r) * ldc + p * kNR, ldc, cols);
+  for (int64_t p0 = 0; p0 < panels; p0 += chunk) {
+    const int64_t np = std::min(chunk, panels - p0), n0 = p0 * kNR;
+    uint32_t* Bp = scratch(b_buf, np * Kp * kNR);
+    pack_b(B + n0 * bn, bk, bn, K, std::min(N - n0, np * kNR), Bp);
+    for (int64_t m0 = 0; m0 < M; m0 += kMC) {
+      const int64_t mc = std::min(kMC, M - m0);
+      const u32* A32;
+      int64_t a_m, a_k;
+      if (direct) {
+        A32 = reinterpret_cast<const u32*>(A + m0 * am);
+        a_m = am / 2;
+        a_k = 1;
+      } else {
+        uint32_t* Ap = scratch(a_buf, Kp * mc);
+        pack_a(A + m0 * am, am, ak, mc, K, Ap);
+        A32 = Ap;
+        a_m = 1;
+        a_k = mc;
+      }
+      for (int64_t p = 0; p < np; ++p) {
+        const int64_t c0 = n0 + p * kNR;
+        const int cols = int(std::min<int64_t>(kNR, N - c0));
+        const uint32_t* panel = Bp + p * Kp * kNR;
+        for (int64_t r = 0; r < mc; r += kMR) {
+          const int mr = int(std::min<int64_t>(kMR, mc - r));
+          micro_any(mr, A32 + r * a_m, a_m, a_k, panel, Kp, C + (m0 + r) * ldc + c0, ldc, cols);
+        }
       }
     }
   }
+  for (auto* buf : {&a_buf, &b_buf})  // keep a typical call's scratch, not an outlier's
+    if (buf->capacity() > size_t(2 * kPackWords)) std::vector<uint32_t>().swap(*buf);
 }
 
 #else  // not x86-64 GCC/Clang: at::mm does every bfloat16 GEMM

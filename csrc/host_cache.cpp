@@ -11,7 +11,9 @@
 // Policy: requests below 1 MiB go straight to c10::alloc_cpu. Larger ones take the smallest
 // cached block that fits and is at most 1/8 larger than the request (rounded up to 64 KiB), else
 // a new one. A freed block is kept while the cached (free) bytes stay under the limit, set by
-// MOE_HOST_CACHE_MB (default 2048; 0 turns the cache off), else returned to the system.
+// MOE_HOST_CACHE_MB (default 2048; 0 turns the cache off); to make room, cached blocks of other
+// sizes are released, largest first. A process that forks keeps its parent's cached blocks
+// (copy on write), as with any malloc arena.
 // moe._C.host_cache_clear() releases every cached block; host_cache_stats() reports usage.
 // Blocks are never shared: a block is reused only after the tensor that held it is freed.
 #include "host_cache.h"
@@ -20,11 +22,15 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <ATen/EmptyTensor.h>
 
+#include <cctype>
+#include <cerrno>
 #include <cstdlib>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 namespace moe {
 
@@ -36,10 +42,12 @@ constexpr size_t kRound = size_t(64) << 10;
 size_t limit_from_env() {
   const char* s = std::getenv("MOE_HOST_CACHE_MB");
   if (s == nullptr || *s == '\0') return size_t(2048) << 20;
+  errno = 0;
   char* end = nullptr;
-  const long long mb = std::strtoll(s, &end, 10);
-  TORCH_CHECK(end != s && *end == '\0' && mb >= 0,
-              "MOE_HOST_CACHE_MB must be a non-negative integer (MiB), got '", s, "'");
+  const unsigned long long mb = std::strtoull(s, &end, 10);
+  TORCH_CHECK(std::isdigit(static_cast<unsigned char>(*s)) && *end == '\0' && errno != ERANGE &&
+                  mb <= (std::numeric_limits<size_t>::max() >> 20),
+              "MOE_HOST_CACHE_MB must be a non-negative integer number of MiB, got '", s, "'");
   return size_t(mb) << 20;
 }
 
@@ -66,7 +74,12 @@ class HostCache final : public c10::Allocator {
     if (p == nullptr) {
       p = c10::alloc_cpu(size);
       std::lock_guard<std::mutex> lock(mu_);
-      in_use_[p] = size;
+      try {
+        in_use_.emplace(p, size);
+      } catch (...) {
+        c10::free_cpu(p);
+        throw;
+      }
       ++misses_;
     }
     return {p, p, &HostCache::release, c10::Device(c10::DeviceType::CPU)};
@@ -107,20 +120,36 @@ class HostCache final : public c10::Allocator {
  private:
   HostCache() : limit_(limit_from_env()) {}
 
-  void give_back(void* p) {
+  // Keeps the freed block for reuse. When the cache is full, blocks of other sizes are released,
+  // largest first, to make room: the sizes of the current step's buffers win over stale ones.
+  void give_back(void* p) noexcept {
+    std::vector<void*> evicted;
+    bool keep = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = in_use_.find(p);
-      TORCH_INTERNAL_ASSERT(it != in_use_.end(), "moekit host cache: freeing an unknown block");
-      const size_t size = it->second;
-      in_use_.erase(it);
-      if (cached_bytes_ + size <= limit_) {
-        free_.emplace(size, p);
-        cached_bytes_ += size;
-        return;
+      const size_t size = it == in_use_.end() ? 0 : it->second;  // (never unknown: we handed it out)
+      if (it != in_use_.end()) in_use_.erase(it);
+      if (size > 0 && size <= limit_) {
+        try {
+          for (auto f = free_.end(); cached_bytes_ + size > limit_ && f != free_.begin();) {
+            --f;
+            if (f->first == size) continue;
+            cached_bytes_ -= f->first;
+            evicted.push_back(f->second);
+            f = free_.erase(f);
+          }
+          if (cached_bytes_ + size <= limit_) {
+            free_.emplace(size, p);
+            cached_bytes_ += size;
+            keep = true;
+          }
+        } catch (...) {  // out of memory for the bookkeeping: just free the block
+        }
       }
     }
-    c10::free_cpu(p);
+    for (void* e : evicted) c10::free_cpu(e);
+    if (!keep) c10::free_cpu(p);
   }
 
   std::mutex mu_;

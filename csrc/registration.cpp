@@ -5,6 +5,8 @@
 #endif
 #include <torch/library.h>
 
+#include <exception>
+
 #include "host_cache.h"
 #include "moe_ops.h"
 
@@ -37,16 +39,34 @@ TORCH_LIBRARY_IMPL(moe, CPU, m) {
 // through torch.ops.moe.*; the module itself only has the host cache's clear and stats.
 namespace {
 
+// C++ exceptions (e.g. a bad MOE_HOST_CACHE_MB) become Python RuntimeErrors, never an abort.
+template <typename Fn>
+PyObject* guarded(Fn&& fn) {
+  try {
+    return fn();
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
 PyObject* host_cache_clear(PyObject*, PyObject*) {
-  moe::host_cache_clear();
-  Py_RETURN_NONE;
+  return guarded([] {
+    moe::host_cache_clear();
+    Py_RETURN_NONE;
+  });
 }
 
 PyObject* host_cache_stats(PyObject*, PyObject*) {
-  const auto s = moe::host_cache_stats();
-  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L}", "cached_bytes", (long long)s.cached_bytes,
-                       "in_use_bytes", (long long)s.in_use_bytes, "hits", (long long)s.hits,
-                       "misses", (long long)s.misses, "limit_bytes", (long long)s.limit_bytes);
+  return guarded([] {
+    const auto s = moe::host_cache_stats();
+    return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L}", "cached_bytes", (long long)s.cached_bytes,
+                         "in_use_bytes", (long long)s.in_use_bytes, "hits", (long long)s.hits,
+                         "misses", (long long)s.misses, "limit_bytes", (long long)s.limit_bytes);
+  });
 }
 
 PyMethodDef methods[] = {

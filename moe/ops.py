@@ -32,7 +32,8 @@ from moe.ops_torch import (  # noqa: F401  (re-exported twins)
     unpermute_weights_grad_torch,
 )
 
-__all__ = ["Plan", "plan", "permute", "unpermute", "grouped_mm", "HAS_EXTENSION"]
+__all__ = ["Plan", "plan", "permute", "unpermute", "grouped_mm", "HAS_EXTENSION", "host_cache_stats",
+           "empty_host_cache"]
 
 _log = logging.getLogger(__name__)
 
@@ -50,6 +51,24 @@ def _load_extension() -> bool:
 
 
 HAS_EXTENSION = _load_extension()
+
+def host_cache_stats() -> dict:
+    """Usage of the CPU kernels' buffer cache (csrc/host_cache.cpp): ``cached_bytes`` (freed
+    output blocks kept for reuse), ``in_use_bytes`` (blocks held by live tensors), ``hits`` /
+    ``misses`` (requests served from the cache / by a new allocation) and ``limit_bytes``
+    (``MOE_HOST_CACHE_MB``, read once; 0 turns the cache off). All zero without the extension."""
+    if not HAS_EXTENSION:
+        return dict(cached_bytes=0, in_use_bytes=0, hits=0, misses=0, limit_bytes=0)
+    from moe import _C
+    return _C.host_cache_stats()
+
+
+def empty_host_cache() -> None:
+    """Return every cached CPU buffer to the system (like ``torch.cuda.empty_cache()``)."""
+    if HAS_EXTENSION:
+        from moe import _C
+        _C.host_cache_clear()
+
 
 _TWINS = {
     "plan": ops_torch.plan_torch,
