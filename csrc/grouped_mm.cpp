@@ -9,6 +9,7 @@
 //
 // at::parallel_for is an OpenMP region compiled into this library: build with -fopenmp, or
 // every parallel_for here runs serially (see the #warning below).
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 
@@ -16,7 +17,7 @@
 #include <atomic>
 #include <vector>
 
-#include "gemm_bf16.h"
+#include "gemm_avx512.h"
 #include "host_cache.h"
 #include "moe_ops.h"
 
@@ -102,10 +103,39 @@ void run_tiles(const std::vector<Tile>& tiles, const Fn& fn) {
   });
 }
 
-// bfloat16 runs on moekit's AVX-512 BF16 kernel where the CPU has it (gemm_bf16.cpp); every
-// other case on at::mm.
-bool use_bf16_kernel(const at::Tensor& a) {
-  return a.scalar_type() == at::kBFloat16 && bf16_gemm_available();
+// float32 and bfloat16 run on moekit's AVX-512 kernel where the CPU has it (gemm_avx512.cpp),
+// one single-threaded call per tile; every other case on at::mm.
+template <typename T>
+void grouped_avx512(const at::Tensor& a_NX, const at::Tensor& b_EXY, at::Tensor& c,
+                    const std::vector<int64_t>& starts, const std::vector<Tile>& tiles) {
+  const T* a = a_NX.const_data_ptr<T>();
+  const T* b = b_EXY.const_data_ptr<T>();
+  T* out = c.mutable_data_ptr<T>();
+  const int64_t X = a_NX.size(1), Y = c.size(1);
+  const int64_t sa0 = a_NX.stride(0), sa1 = a_NX.stride(1);
+  const int64_t sb0 = b_EXY.stride(0), sb1 = b_EXY.stride(1), sb2 = b_EXY.stride(2);
+  run_tiles(tiles, [&](const Tile& t) {
+    const int64_t r0 = starts[t.group] + t.begin;
+    avx512_gemm(t.end - t.begin, t.col1 - t.col0, X, a + r0 * sa0, sa0, sa1,
+                b + t.group * sb0 + t.col0 * sb2, sb1, sb2, out + r0 * Y + t.col0, Y);
+  });
+}
+
+// out[e][x, y] = sum over e's rows r of a[r, x] g[r, y]: A = a^T (packed by the kernel).
+template <typename T>
+void wgrad_avx512(const at::Tensor& a_NX, const at::Tensor& g_NY, at::Tensor& out,
+                  const std::vector<int64_t>& starts, const std::vector<Tile>& tiles) {
+  const T* a = a_NX.const_data_ptr<T>();
+  const T* g = g_NY.const_data_ptr<T>();
+  T* dst = out.mutable_data_ptr<T>();
+  const int64_t X = a_NX.size(1), Y = g_NY.size(1);
+  const int64_t sa0 = a_NX.stride(0), sa1 = a_NX.stride(1);
+  const int64_t sg0 = g_NY.stride(0), sg1 = g_NY.stride(1);
+  run_tiles(tiles, [&](const Tile& t) {
+    const int64_t r0 = starts[t.group], n = starts[t.group + 1] - r0;
+    avx512_gemm(t.end - t.begin, t.col1 - t.col0, n, a + r0 * sa0 + t.begin * sa1, sa1, sa0,
+                g + r0 * sg0 + t.col0 * sg1, sg0, sg1, dst + (t.group * X + t.begin) * Y + t.col0, Y);
+  });
 }
 
 }  // namespace
@@ -120,17 +150,10 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a_NX, const at::Tensor& b_EXY,
   std::vector<int64_t> rows(E);
   for (int64_t e = 0; e < E; ++e) rows[e] = starts[e + 1] - starts[e];
   const auto tiles = make_tiles(rows, Y, /*min_block=*/64);
-  if (use_bf16_kernel(a_NX)) {
-    const auto* a = a_NX.const_data_ptr<c10::BFloat16>();
-    const auto* b = b_EXY.const_data_ptr<c10::BFloat16>();
-    auto* out = c.mutable_data_ptr<c10::BFloat16>();
-    const int64_t sa0 = a_NX.stride(0), sa1 = a_NX.stride(1);
-    const int64_t sb0 = b_EXY.stride(0), sb1 = b_EXY.stride(1), sb2 = b_EXY.stride(2);
-    run_tiles(tiles, [&](const Tile& t) {
-      const int64_t r0 = starts[t.group] + t.begin;
-      bf16_gemm(t.end - t.begin, t.col1 - t.col0, a_NX.size(1), a + r0 * sa0, sa0, sa1,
-                b + t.group * sb0 + t.col0 * sb2, sb1, sb2, out + r0 * Y + t.col0, Y);
-    });
+  if (avx512_gemm_available(a_NX.scalar_type())) {
+    AT_DISPATCH_SWITCH(a_NX.scalar_type(), "moe_grouped_mm_avx512",
+                       AT_DISPATCH_CASE(at::kFloat, [&] { grouped_avx512<scalar_t>(a_NX, b_EXY, c, starts, tiles); })
+                       AT_DISPATCH_CASE(at::kBFloat16, [&] { grouped_avx512<scalar_t>(a_NX, b_EXY, c, starts, tiles); }));
     return c;
   }
   run_tiles(tiles, [&](const Tile& t) {
@@ -156,17 +179,10 @@ at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& a_NX, const at::Tensor& g_NY,
     }
   }
   const auto tiles = make_tiles(extent, Y, /*min_block=*/64);
-  if (use_bf16_kernel(a_NX)) {
-    const auto* a = a_NX.const_data_ptr<c10::BFloat16>();
-    const auto* g = g_NY.const_data_ptr<c10::BFloat16>();
-    auto* dst = out.mutable_data_ptr<c10::BFloat16>();
-    const int64_t sa0 = a_NX.stride(0), sa1 = a_NX.stride(1);
-    const int64_t sg0 = g_NY.stride(0), sg1 = g_NY.stride(1);
-    run_tiles(tiles, [&](const Tile& t) {  // out[e][x, y] = sum over e's rows r of a[r, x] g[r, y]
-      const int64_t r0 = starts[t.group], n = starts[t.group + 1] - r0;
-      bf16_gemm(t.end - t.begin, t.col1 - t.col0, n, a + r0 * sa0 + t.begin * sa1, sa1, sa0,
-                g + r0 * sg0 + t.col0 * sg1, sg0, sg1, dst + (t.group * X + t.begin) * Y + t.col0, Y);
-    });
+  if (avx512_gemm_available(a_NX.scalar_type())) {
+    AT_DISPATCH_SWITCH(a_NX.scalar_type(), "moe_grouped_mm_wgrad_avx512",
+                       AT_DISPATCH_CASE(at::kFloat, [&] { wgrad_avx512<scalar_t>(a_NX, g_NY, out, starts, tiles); })
+                       AT_DISPATCH_CASE(at::kBFloat16, [&] { wgrad_avx512<scalar_t>(a_NX, g_NY, out, starts, tiles); }));
     return out;
   }
   run_tiles(tiles, [&](const Tile& t) {

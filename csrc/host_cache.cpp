@@ -46,7 +46,7 @@ size_t limit_from_env() {
   char* end = nullptr;
   const unsigned long long mb = std::strtoull(s, &end, 10);
   TORCH_CHECK(std::isdigit(static_cast<unsigned char>(*s)) && *end == '\0' && errno != ERANGE &&
-                  mb <= (std::numeric_limits<size_t>::max() >> 20),
+                  mb <= uint64_t(std::numeric_limits<int64_t>::max() >> 20),
               "MOE_HOST_CACHE_MB must be a non-negative integer number of MiB, got '", s, "'");
   return size_t(mb) << 20;
 }

@@ -231,9 +231,12 @@ def test_grouped_mm_few_rows_wide_output(counts):
 
 
 def test_grouped_mm_all_rows_on_one_expert_equals_dense_mm():
+    """One expert holding every row is one dense GEMM: within the GEMM error rule of a @ b[1] (not
+    bit-equal: on CPUs with AVX-512 the grouped GEMM runs moekit's own kernel, not MKL)."""
     a, b = rand(40, 24), rand(3, 24, 10, seed=1)
     offs = torch.tensor([0, 40, 40], dtype=torch.int32)
-    torch.testing.assert_close(ops.grouped_mm(a, b, offs), a @ b[1], rtol=0, atol=0)
+    got, ref = ops.grouped_mm(a, b, offs), a.double() @ b[1].double()
+    assert (got.double() - ref).abs().max() <= 2 * ((a @ b[1]).double() - ref).abs().max()
 
 
 # ---------------------------------------------------------------- autograd and opcheck

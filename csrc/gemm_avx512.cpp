@@ -1,0 +1,324 @@
+// AVX-512 GEMM for the CPU grouped GEMM: bfloat16 (vdpbf16ps) and float32 (vfmadd), fp32 accumulation.
+//
+// Why not at::mm per expert: oneDNN/MKL re-pack B on every call and pay their per-call setup once
+// per expert. With E=128 experts of 256 rows the per-expert calls reach 0.82-0.87 of one dense mm
+// of the same FLOPs in bf16 (bench/ops.py), and the weight gradients (K = the expert's rows) lose
+// more. Here B is packed once per tile, straight into the layout the microkernel streams from L2,
+// and there is no per-call setup.
+//
+// Layout. Both operands are read as 32-bit words along K: a bf16 word holds the pair (k, k+1)
+// (vdpbf16ps adds  a.lo * b.lo + a.hi * b.hi  to each fp32 lane), a float word one k.
+// With P elements per word (2 or 1) and Kw = ceil(K / P) words:
+//   A words  A32[m * am + kw * ak]                         (broadcast to all lanes)
+//   B panel  Bp[kw][n] = B[P*kw .. P*kw+P-1][n]             64 columns wide, zero-padded past K, N
+// A is read in place when it is K-contiguous (the forward and the data gradient); otherwise (the
+// weight gradient, A = a^T) it is packed to [kw][m] words first. The microkernel keeps a 6 x 64
+// fp32 tile in 24 zmm registers; bf16 results are rounded to nearest even on store.
+// vdpbf16ps treats bf16 denormal inputs as zero and flushes denormal results (so does oneDNN's
+// bf16 matmul on the same instruction, which at::mm uses for all but tiny shapes): products
+// below ~1e-38 are lost, far under bf16's useful range. The float32 path has no such limit.
+#include "gemm_avx512.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define MOE_HAVE_AVX512_GEMM 1
+#endif
+
+namespace moe {
+
+#ifdef MOE_HAVE_AVX512_GEMM
+
+namespace {
+
+#define MOE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+constexpr int kMR = 6;        // rows per microkernel tile
+constexpr int kNR = 64;       // columns per B panel (4 zmm of 16 fp32 lanes)
+constexpr int64_t kMC = 192;  // rows per cache block of A (a multiple of kMR)
+constexpr int64_t kKB = 64;   // K words per block of partial sums in the microkernel
+constexpr int64_t kPackWords = int64_t(1) << 20;  // 4 MiB of packed B per chunk of panels
+
+// Elements read as 32-bit words: may_alias keeps those reads of bf16/float memory well defined.
+typedef uint32_t __attribute__((may_alias)) u32;
+
+template <typename T>
+constexpr int64_t kPer = std::is_same_v<T, c10::BFloat16> ? 2 : 1;  // elements per word
+
+inline uint32_t bits(c10::BFloat16 v) { return v.x; }
+inline uint32_t bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  return u;
+}
+
+// Word j < w (w <= 16) from row `lo` (and `hi`, the next k, for bf16; nullptr: zero) at 16
+// consecutive columns. Writes all 16 words (zero past w) when `all`, else only the first w.
+template <typename T>
+MOE_TARGET inline void words16(const T* lo, const T* hi, int64_t w, uint32_t* out, bool all) {
+  const __mmask16 m = w >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << w) - 1);
+  __m512i v;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m512i l = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, lo));
+    const __m512i h = hi == nullptr ? _mm512_setzero_si512()
+                                    : _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, hi));
+    v = _mm512_or_si512(l, _mm512_slli_epi32(h, 16));
+  } else {
+    v = _mm512_maskz_loadu_epi32(m, lo);
+  }
+  _mm512_mask_storeu_epi32(out, all ? __mmask16(0xFFFF) : m, v);
+}
+
+// Word (k = P*kw ..) of a strided column: element at p, the next k at p + step (if it exists).
+template <typename T>
+inline uint32_t word(const T* p, int64_t step, bool has_next) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    return bits(p[0]) | (has_next ? bits(p[step]) << 16 : 0u);
+  return bits(p[0]);
+}
+
+// Packs B (K x n, strides bk, bn in elements) into panels of kNR columns: panel p holds Kw
+// rows of kNR words, zero-padded past n and past K.
+template <typename T>
+MOE_TARGET void pack_b(const T* B, int64_t bk, int64_t bn, int64_t K, int64_t n, uint32_t* out) {
+  constexpr int64_t P = kPer<T>;
+  const int64_t Kw = (K + P - 1) / P;
+  const int64_t panels = (n + kNR - 1) / kNR;
+  // B = W^T with W row-major (the data gradient's transposed weights): each word is an aligned
+  // word of a row of W, so a panel is a transpose of 32-bit words, read row by row.
+  const bool rows_of_words = bk == 1 && K % P == 0 && bn % P == 0 &&
+                             reinterpret_cast<uintptr_t>(B) % alignof(uint32_t) == 0;
+  for (int64_t p = 0; p < panels; ++p) {
+    uint32_t* dst = out + p * Kw * kNR;
+    const int64_t c0 = p * kNR, w = std::min<int64_t>(kNR, n - c0);
+    if (rows_of_words) {
+      for (int64_t j = 0; j < w; ++j) {
+        const u32* row = reinterpret_cast<const u32*>(B + (c0 + j) * bn);
+        for (int64_t kw = 0; kw < Kw; ++kw) dst[kw * kNR + j] = row[kw];
+      }
+      for (int64_t j = w; j < kNR; ++j)
+        for (int64_t kw = 0; kw < Kw; ++kw) dst[kw * kNR + j] = 0;
+      continue;
+    }
+    for (int64_t kw = 0; kw < Kw; ++kw) {
+      const T* r0 = B + (P * kw) * bk + c0 * bn;
+      const bool has1 = P * kw + 1 < K;
+      uint32_t* d = dst + kw * kNR;
+      if (bn == 1) {  // rows of B contiguous: 16 words per step
+        for (int64_t j = 0; j < kNR; j += 16)
+          words16(r0 + j, has1 ? r0 + bk + j : nullptr, std::max<int64_t>(0, std::min<int64_t>(16, w - j)),
+                  d + j, /*all=*/true);
+        continue;
+      }
+      for (int64_t j = 0; j < w; ++j) d[j] = word(r0 + j * bn, bk, has1);
+      for (int64_t j = w; j < kNR; ++j) d[j] = 0;
+    }
+  }
+}
+
+// Packs A (M x K, strides am, ak in elements) to words laid out [kw][m], zero-padded past K.
+template <typename T>
+MOE_TARGET void pack_a(const T* A, int64_t am, int64_t ak, int64_t M, int64_t K, uint32_t* out) {
+  constexpr int64_t P = kPer<T>;
+  const int64_t Kw = (K + P - 1) / P;
+  for (int64_t kw = 0; kw < Kw; ++kw) {
+    const T* c0 = A + (P * kw) * ak;
+    const bool has1 = P * kw + 1 < K;
+    uint32_t* d = out + kw * M;
+    if (am == 1) {  // the weight gradient's a^T: rows of a, contiguous along m
+      for (int64_t m = 0; m < M; m += 16)
+        words16(c0 + m, has1 ? c0 + ak + m : nullptr, std::min<int64_t>(16, M - m), d + m,
+                /*all=*/false);
+      continue;
+    }
+    for (int64_t m = 0; m < M; ++m) d[m] = word(c0 + m * am, ak, has1);
+  }
+}
+
+// C[MR x (16*NV)] = sum over kw of A words x B panel words; stores the first `cols` columns.
+// float32 sums run in blocks of kKB words, each block's partial sums added to the running total:
+// rounding error grows with kKB + K / kKB rather than with K (the 2x-of-torch error rule holds
+// at K in the thousands, where one running FMA chain would not).
+template <typename T, int MR, int NV>
+MOE_TARGET void micro(const u32* A, int64_t am, int64_t ak, const uint32_t* Bp, int64_t Kw,
+                      T* C, int64_t ldc, int cols) {
+  // bf16 results are rounded to 8 bits of mantissa: one running sum is accurate enough there.
+  const int64_t block = std::is_same_v<T, c10::BFloat16> ? Kw : kKB;
+  __m512 acc[MR][NV], total[MR][NV];
+  for (int64_t k0 = 0; k0 < Kw; k0 += block) {
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    const int64_t k1 = std::min(Kw, k0 + block);
+    for (int64_t kw = k0; kw < k1; ++kw) {
+      __m512i b[NV];
+      for (int v = 0; v < NV; ++v)
+        b[v] = _mm512_loadu_si512(reinterpret_cast<const void*>(Bp + kw * kNR + 16 * v));
+      const u32* a = A + kw * ak;
+      for (int r = 0; r < MR; ++r) {
+        const __m512i ar = _mm512_set1_epi32(int(a[r * am]));
+        for (int v = 0; v < NV; ++v) {
+          if constexpr (std::is_same_v<T, c10::BFloat16>)
+            acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)ar, (__m512bh)b[v]);
+          else
+            acc[r][v] = _mm512_fmadd_ps(_mm512_castsi512_ps(ar), _mm512_castsi512_ps(b[v]), acc[r][v]);
+        }
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v)
+        total[r][v] = k0 == 0 ? acc[r][v] : _mm512_add_ps(total[r][v], acc[r][v]);
+  }
+  for (int r = 0; r < MR; ++r) {
+    T* c = C + r * ldc;
+    for (int v = 0; v < NV; ++v) {
+      const int left = cols - 16 * v;
+      if (left <= 0) break;
+      const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      if constexpr (std::is_same_v<T, c10::BFloat16>)
+        _mm256_mask_storeu_epi16(c + 16 * v, mask, (__m256i)_mm512_cvtneps_pbh(total[r][v]));
+      else
+        _mm512_mask_storeu_ps(c + 16 * v, mask, total[r][v]);
+    }
+  }
+}
+
+template <typename T, int NV>
+MOE_TARGET void micro_rows(int mr, const u32* A, int64_t am, int64_t ak, const uint32_t* Bp,
+                           int64_t Kw, T* C, int64_t ldc, int cols) {
+  switch (mr) {
+    case 6: return micro<T, 6, NV>(A, am, ak, Bp, Kw, C, ldc, cols);
+    case 5: return micro<T, 5, NV>(A, am, ak, Bp, Kw, C, ldc, cols);
+    case 4: return micro<T, 4, NV>(A, am, ak, Bp, Kw, C, ldc, cols);
+    case 3: return micro<T, 3, NV>(A, am, ak, Bp, Kw, C, ldc, cols);
+    case 2: return micro<T, 2, NV>(A, am, ak, Bp, Kw, C, ldc, cols);
+    default: return micro<T, 1, NV>(A, am, ak, Bp, Kw, C, ldc, cols);
+  }
+}
+
+template <typename T>
+MOE_TARGET void micro_any(int mr, const u32* A, int64_t am, int64_t ak, const uint32_t* Bp,
+                          int64_t Kw, T* C, int64_t ldc, int cols) {
+  switch ((cols + 15) / 16) {
+    case 4: return micro_rows<T, 4>(mr, A, am, ak, Bp, Kw, C, ldc, cols);
+    case 3: return micro_rows<T, 3>(mr, A, am, ak, Bp, Kw, C, ldc, cols);
+    case 2: return micro_rows<T, 2>(mr, A, am, ak, Bp, Kw, C, ldc, cols);
+    default: return micro_rows<T, 1>(mr, A, am, ak, Bp, Kw, C, ldc, cols);
+  }
+}
+
+// Per-thread scratch for the packed operands, grown as needed and kept for the next call.
+uint32_t* scratch(std::vector<uint32_t>& buf, int64_t n) {
+  if (int64_t(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
+template <typename T>
+void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t am, int64_t ak, const T* B,
+          int64_t bk, int64_t bn, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, T(0.0f));
+    return;
+  }
+  constexpr int64_t P = kPer<T>;
+  thread_local std::vector<uint32_t> a_buf, b_buf;
+  const int64_t Kw = (K + P - 1) / P;
+  const int64_t panels = (N + kNR - 1) / kNR;
+  // B is packed a chunk of panels at a time (all of it for the usual expert shapes), so the
+  // scratch stays bounded however large one expert's weight is.
+  const int64_t chunk = std::max<int64_t>(1, kPackWords / (Kw * kNR));
+  // A in place when its words are contiguous, else packed [kw][m].
+  const bool direct = ak == 1 && K % P == 0 && am % P == 0 &&
+                      reinterpret_cast<uintptr_t>(A) % alignof(uint32_t) == 0;
+  for (int64_t p0 = 0; p0 < panels; p0 += chunk) {
+    const int64_t np = std::min(chunk, panels - p0), n0 = p0 * kNR;
+    uint32_t* Bp = scratch(b_buf, np * Kw * kNR);
+    pack_b(B + n0 * bn, bk, bn, K, std::min(N - n0, np * kNR), Bp);
+    for (int64_t m0 = 0; m0 < M; m0 += kMC) {
+      const int64_t mc = std::min(kMC, M - m0);
+      const u32* A32;
+      int64_t a_m, a_k;
+      if (direct) {
+        A32 = reinterpret_cast<const u32*>(A + m0 * am);
+        a_m = am / P;
+        a_k = 1;
+      } else {
+        uint32_t* Ap = scratch(a_buf, Kw * mc);
+        pack_a(A + m0 * am, am, ak, mc, K, Ap);
+        A32 = Ap;
+        a_m = 1;
+        a_k = mc;
+      }
+      for (int64_t p = 0; p < np; ++p) {
+        const int64_t c0 = n0 + p * kNR;
+        const int cols = int(std::min<int64_t>(kNR, N - c0));
+        const uint32_t* panel = Bp + p * Kw * kNR;
+        for (int64_t r = 0; r < mc; r += kMR) {
+          const int mr = int(std::min<int64_t>(kMR, mc - r));
+          micro_any<T>(mr, A32 + r * a_m, a_m, a_k, panel, Kw, C + (m0 + r) * ldc + c0, ldc, cols);
+        }
+      }
+    }
+  }
+  for (auto* buf : {&a_buf, &b_buf})  // keep a typical call's scratch, not an outlier's
+    if (buf->capacity() > size_t(2 * kPackWords)) std::vector<uint32_t>().swap(*buf);
+}
+
+// MOE_CPU_GEMM: unset/"auto" uses these kernels where the CPU has the instructions; "aten"
+// forces at::mm (for comparisons).
+bool use_aten() {
+  const char* s = std::getenv("MOE_CPU_GEMM");
+  if (s == nullptr || *s == '\0' || std::strcmp(s, "auto") == 0) return false;
+  TORCH_CHECK(std::strcmp(s, "aten") == 0, "MOE_CPU_GEMM must be \"auto\" or \"aten\", got '", s, "'");
+  return true;
+}
+
+bool cpu_has(bool bf16) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && (!bf16 || __builtin_cpu_supports("avx512bf16"));
+}
+
+}  // namespace
+
+bool avx512_gemm_available(at::ScalarType dtype) {
+  static const bool aten = use_aten();
+  static const bool f32 = cpu_has(false), bf16 = cpu_has(true);
+  if (aten) return false;
+  return dtype == at::kBFloat16 ? bf16 : dtype == at::kFloat ? f32 : false;
+}
+
+void avx512_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t am, int64_t ak,
+                 const c10::BFloat16* B, int64_t bk, int64_t bn, c10::BFloat16* C, int64_t ldc) {
+  gemm(M, N, K, A, am, ak, B, bk, bn, C, ldc);
+}
+
+void avx512_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t am, int64_t ak,
+                 const float* B, int64_t bk, int64_t bn, float* C, int64_t ldc) {
+  gemm(M, N, K, A, am, ak, B, bk, bn, C, ldc);
+}
+
+#else  // not x86-64 GCC/Clang: at::mm does every GEMM
+
+bool avx512_gemm_available(at::ScalarType) { return false; }
+
+void avx512_gemm(int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t, int64_t,
+                 const c10::BFloat16*, int64_t, int64_t, c10::BFloat16*, int64_t) {
+  TORCH_CHECK(false, "moekit: the AVX-512 GEMM is not compiled on this platform");
+}
+
+void avx512_gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*,
+                 int64_t, int64_t, float*, int64_t) {
+  TORCH_CHECK(false, "moekit: the AVX-512 GEMM is not compiled on this platform");
+}
+
+#endif
+
+}  // namespace moe

@@ -1,0 +1,136 @@
+"""Helpers shared by the CPU kernel tests (test_cpu_gemm_bf16, test_cpu_dispatch_vec,
+test_host_cache): memory layouts with NaN in every gap, grouped-GEMM inputs and the project's GEMM
+rule, and a fresh-interpreter runner for variables read once per process.
+
+Shape legend: N routed rows, E experts, X/Y GEMM input/output dims, R/C rows/columns of a 2-D view.
+"""
+
+import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from moe import ops
+from moe.ops_torch import grouped_mm_torch, grouped_mm_wgrad_torch
+
+BF16 = torch.bfloat16
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+A_LAYOUTS = ["contig", "transposed", "col_slice", "misaligned", "strided_cols"]
+B_LAYOUTS = ["contig", "transposed", "transposed_misaligned", "odd_rows", "strided"]
+
+
+def view2d(x, layout):
+    """Same values as the 2-D ``x`` in another memory layout; elements outside the view are NaN,
+    so a kernel that reads past a row end (or a padding row) shows it in its output."""
+    R, C = x.shape
+    if layout == "contig":
+        return x.clone()
+    if layout == "transposed":  # stride(1) != 1 (column-major)
+        return x.t().contiguous().t()
+    shapes = {"col_slice": (C + 1, 0), "misaligned": (C + 2, 1), "strided_cols": (2 * C + 1, 0)}
+    width, c0 = shapes[layout]
+    big = torch.full((R, width), float("nan"), dtype=x.dtype)
+    step = 2 if layout == "strided_cols" else 1
+    big[:, c0 : c0 + step * C : step] = x
+    return big[:, c0 : c0 + step * C : step]
+
+
+def view3d(b, layout):
+    """Same values as (E, X, Y) ``b``: contiguous, a transposed (E, Y, X) buffer (possibly at an
+    odd element offset), odd row stride at an odd offset, or column stride 3; NaN in the gaps."""
+    E, X, Y = b.shape
+    nan = float("nan")
+    if layout == "contig":
+        return b.clone()
+    if layout == "transposed":
+        return b.transpose(-2, -1).contiguous().transpose(-2, -1)
+    if layout == "transposed_misaligned":
+        big = torch.full((E, Y, X + 2), nan, dtype=b.dtype)
+        big[..., 1 : X + 1] = b.transpose(-2, -1)
+        return big[..., 1 : X + 1].transpose(-2, -1)
+    if layout == "odd_rows":
+        big = torch.full((E, X + 1, Y + 3), nan, dtype=b.dtype)
+        big[:, 1:, 1 : Y + 1] = b
+        return big[:, 1:, 1 : Y + 1]
+    big = torch.full((E, X, 3 * Y + 1), nan, dtype=b.dtype)  # "strided": column stride 3
+    big[..., 1 : 1 + 3 * Y : 3] = b
+    return big[..., 1 : 1 + 3 * Y : 3]
+
+
+def gmm_inputs(counts, X, Y, *, pad=3, seed=0):
+    """bf16 a_NX (rows past offs_E[-1] NaN: never read), b_EXY, g_NY and int32 offs_E."""
+    offs = torch.tensor(counts, dtype=torch.int32).cumsum(0).int()
+    n = int(offs[-1])
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n + pad, X, generator=gen).to(BF16)
+    g = torch.randn(n + pad, Y, generator=gen).to(BF16)
+    a[n:], g[n:] = float("nan"), float("nan")
+    b = torch.randn(len(counts), X, Y, generator=gen).to(BF16)
+    return a, b, g, offs
+
+
+def wgrad(a_NX, g_NY, offs_E):
+    return torch.ops.moe.grouped_mm_wgrad(a_NX, g_NY, offs_E)
+
+
+def assert_twice_torch(got, ref, twin):
+    """The project's GEMM rule: max error vs float64 at most 2x that of same-dtype PyTorch."""
+    assert got.shape == twin.shape and got.dtype == twin.dtype == BF16
+    assert not got.isnan().any()
+    err = (got.double() - ref).abs().max().item() if got.numel() else 0.0
+    err_pt = (twin.double() - ref).abs().max().item() if got.numel() else 0.0
+    assert err <= 2 * err_pt, (err, err_pt)
+
+
+def check_forward(a, b, offs):
+    n = int(offs[-1])
+    got = ops.grouped_mm(a, b, offs)
+    assert got.shape == (a.shape[0], b.shape[2])
+    assert (got[n:] == 0).all() and not got[n:].isnan().any()  # padding rows exactly zero
+    assert_twice_torch(got[:n], grouped_mm_torch(a[:n].double(), b.double(), offs),
+                       grouped_mm_torch(a[:n], b, offs))
+
+
+def check_wgrad(a, g, offs):
+    n = int(offs[-1])
+    got = wgrad(a, g, offs)
+    assert got.shape == (offs.shape[0], a.shape[1], g.shape[1])
+    empty = offs.diff(prepend=offs.new_zeros(1)) == 0
+    assert (got[empty] == 0).all() and not got[empty].isnan().any()  # experts without rows
+    assert_twice_torch(got, grouped_mm_wgrad_torch(a[:n].double(), g[:n].double(), offs),
+                       grouped_mm_wgrad_torch(a[:n], g[:n], offs))
+
+
+@contextlib.contextmanager
+def one_thread():
+    """A single ATen thread: the grouped GEMM then never splits an expert's output columns."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def cpu_has_avx512_bf16():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_bf16" in f.read()
+    except OSError:
+        return False
+
+
+def run_python(code, **env):
+    """Runs ``code`` in a fresh interpreter, where variables read once per process (``None``:
+    unset) take effect; asserts it printed OK and returns its stdout."""
+    full_env = {k: v for k, v in os.environ.items() if k not in env}
+    full_env.update({k: v for k, v in env.items() if v is not None})
+    full_env["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                         env=full_env, cwd=ROOT, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("OK"), (res.returncode,
+                                                                       res.stderr[-3000:])
+    return res.stdout
