@@ -84,6 +84,32 @@ inline uint32_t word(const T* p, int64_t step, bool has_next) {
   return bits(p[0]);
 }
 
+// dst[c * ld_dst + r] = src[r * ld_src + c] for a 16 x 16 block of 32-bit words.
+MOE_TARGET inline void transpose16(const u32* src, int64_t ld_src, uint32_t* dst, int64_t ld_dst) {
+  __m512i r[16], a[16], b[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(reinterpret_cast<const void*>(src + i * ld_src));
+  for (int i = 0; i < 16; i += 2) {  // within 128-bit lanes: pairs of rows
+    a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // quads of rows: b[i + q] holds column 4L + q of rows i..i+3
+    b[i + 0] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
+    b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
+    b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
+    b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
+  }
+  for (int q = 0; q < 4; ++q) {  // gather lane L of the four quads: column 4L + q
+    const __m512i e0 = _mm512_shuffle_i32x4(b[q], b[4 + q], 0x88);
+    const __m512i e1 = _mm512_shuffle_i32x4(b[8 + q], b[12 + q], 0x88);
+    const __m512i o0 = _mm512_shuffle_i32x4(b[q], b[4 + q], 0xDD);
+    const __m512i o1 = _mm512_shuffle_i32x4(b[8 + q], b[12 + q], 0xDD);
+    _mm512_storeu_si512(dst + (0 + q) * ld_dst, _mm512_shuffle_i32x4(e0, e1, 0x88));
+    _mm512_storeu_si512(dst + (8 + q) * ld_dst, _mm512_shuffle_i32x4(e0, e1, 0xDD));
+    _mm512_storeu_si512(dst + (4 + q) * ld_dst, _mm512_shuffle_i32x4(o0, o1, 0x88));
+    _mm512_storeu_si512(dst + (12 + q) * ld_dst, _mm512_shuffle_i32x4(o0, o1, 0xDD));
+  }
+}
+
 // Packs B (K x n, strides bk, bn in elements) into panels of kNR columns: panel p holds Kw
 // rows of kNR words, zero-padded past n and past K.
 template <typename T>
@@ -99,9 +125,14 @@ MOE_TARGET void pack_b(const T* B, int64_t bk, int64_t bn, int64_t K, int64_t n,
     uint32_t* dst = out + p * Kw * kNR;
     const int64_t c0 = p * kNR, w = std::min<int64_t>(kNR, n - c0);
     if (rows_of_words) {
-      for (int64_t j = 0; j < w; ++j) {
+      const int64_t j16 = w / 16 * 16, k16 = Kw / 16 * 16;
+      for (int64_t j = 0; j < j16; j += 16)  // 16 x 16 blocks in registers
+        for (int64_t kw = 0; kw < k16; kw += 16)
+          transpose16(reinterpret_cast<const u32*>(B + (c0 + j) * bn) + kw, bn / P,
+                      dst + kw * kNR + j, kNR);
+      for (int64_t j = 0; j < w; ++j) {  // the rest one word at a time
         const u32* row = reinterpret_cast<const u32*>(B + (c0 + j) * bn);
-        for (int64_t kw = 0; kw < Kw; ++kw) dst[kw * kNR + j] = row[kw];
+        for (int64_t kw = j < j16 ? k16 : 0; kw < Kw; ++kw) dst[kw * kNR + j] = row[kw];
       }
       for (int64_t j = w; j < kNR; ++j)
         for (int64_t kw = 0; kw < Kw; ++kw) dst[kw * kNR + j] = 0;
