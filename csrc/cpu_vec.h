@@ -45,12 +45,16 @@ MOE_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
 }
 
 // c10::BFloat16's round_to_nearest_even on 16 lanes.
-MOE_AVX512 inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m = 0xFFFF) {
+MOE_AVX512 inline __m256i round16(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
   r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+MOE_AVX512 inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m = 0xFFFF) {
+  _mm256_mask_storeu_epi16(p, m, round16(v));
 }
 
 MOE_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -116,9 +120,40 @@ MOE_AVX512 inline float dot_row(const T* a, const T* b, int64_t D) {
   return sum;
 }
 
+// dst[0:bytes] = src[0:bytes] with non-temporal stores (dst 64-byte aligned, bytes % 64 == 0):
+// for outputs much larger than the caches, which would only be evicted again before use. The
+// caller issues store_fence() before the data is read by another thread.
+MOE_AVX512 inline void stream_copy(const void* src, void* dst, int64_t bytes) {
+  const char* s = static_cast<const char*>(src);
+  char* d = static_cast<char*>(dst);
+  for (int64_t b = 0; b < bytes; b += 64)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(d + b),
+                        _mm512_loadu_si512(reinterpret_cast<const void*>(s + b)));
+}
+
+inline void store_fence() { _mm_sfence(); }
+
+// scale_row with non-temporal stores (same values; o 64-byte aligned, D * sizeof(T) % 64 == 0).
+MOE_AVX512 inline void scale_row_stream(const c10::BFloat16* x, float w, c10::BFloat16* o, int64_t D) {
+  const __m512 wv = _mm512_set1_ps(w);
+  for (int64_t d = 0; d < D; d += 32) {
+    const __m256i lo = round16(_mm512_mul_ps(load16(x + d), wv));
+    const __m256i hi = round16(_mm512_mul_ps(load16(x + d + 16), wv));
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(o + d),
+                        _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+  }
+}
+
+MOE_AVX512 inline void scale_row_stream(const float* x, float w, float* o, int64_t D) {
+  const __m512 wv = _mm512_set1_ps(w);
+  for (int64_t d = 0; d < D; d += 16) _mm512_stream_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(x + d), wv));
+}
+
 #else
 
 inline bool avx512_rows() { return false; }
+inline void stream_copy(const void*, void*, int64_t) {}
+inline void store_fence() {}
 
 #endif
 

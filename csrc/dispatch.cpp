@@ -21,6 +21,7 @@ namespace moe {
 namespace {
 
 constexpr int64_t kRowGrain = 16;
+constexpr int64_t kStreamBytes = int64_t(32) << 20;  // outputs from this size: streaming stores
 constexpr int64_t kAhead = 2;  // rows of software prefetch ahead in the permute gather
 
 // Scale/weights read as the accumulation type, whatever their stored dtype (float32 or x's):
@@ -68,7 +69,23 @@ bool fast_store_row(const A*, T*, int64_t) { return false; }
 template <typename T, typename A>
 bool fast_dot_row(const T*, const T*, int64_t, A*) { return false; }
 
+template <typename T>
+constexpr bool can_stream() {
 #ifdef MOE_HAVE_AVX512_ROWS
+  return std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>;
+#else
+  return false;
+#endif
+}
+template <typename T, typename A>
+void stream_scale_row(const T*, A, T*, int64_t) {}  // never called: can_stream<T>() is false
+
+#ifdef MOE_HAVE_AVX512_ROWS
+template <typename T>
+void stream_scale_row(const T* x, float w, T* o, int64_t D)
+  requires(std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>) {
+  vec::scale_row_stream(x, w, o, D);
+}
 template <typename T>
 bool fast_scale_row(const T* x, float w, T* o, int64_t D)
   requires(std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>) {
@@ -114,6 +131,11 @@ at::Tensor permute_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     const int64_t ld = x.stride(0);
     const bool fast = vec::avx512_rows();
+    // An output far larger than the caches is written with non-temporal stores (no read for
+    // ownership of each line, no eviction of what the gather reads).
+    const int64_t row_bytes = D * int64_t(sizeof(scalar_t));
+    const bool stream = fast && can_stream<scalar_t>() && N * row_bytes >= kStreamBytes &&
+                        row_bytes % 64 == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0;
     at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t s = ord[i];
@@ -129,7 +151,12 @@ at::Tensor permute_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
           continue;
         }
         const scalar_t* row = src + (s / K) * ld;
-        if (scale.ptr == nullptr) {
+        if (stream) {
+          if (scale.ptr == nullptr)
+            vec::stream_copy(row, o, row_bytes);
+          else
+            stream_scale_row(row, scale.ptr[s], o, D);
+        } else if (scale.ptr == nullptr) {
           std::memcpy(o, row, D * sizeof(scalar_t));
         } else {
           const acc_t w = scale.ptr[s];
@@ -137,6 +164,7 @@ at::Tensor permute_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
           for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(static_cast<acc_t>(row[d]) * w);
         }
       }
+      if (stream) vec::store_fence();
     });
   });
   return out;

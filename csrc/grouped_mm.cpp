@@ -104,7 +104,16 @@ void run_tiles(const std::vector<Tile>& tiles, const Fn& fn) {
 }
 
 // float32 and bfloat16 run on moekit's AVX-512 kernel where the CPU has it (gemm_avx512.cpp),
-// one single-threaded call per tile; every other case on at::mm.
+// one single-threaded call per tile; every other case on at::mm. float32 GEMMs narrower than
+// kMinSide in any dimension stay on at::mm: there packing does not pay off, and at::mm gives the
+// same rounding as the PyTorch twin (a handful of outputs is too few to compare the error of two
+// equally accurate summation orders).
+constexpr int64_t kMinSide = 64;
+
+bool use_avx512(at::ScalarType dtype, int64_t X, int64_t Y, int64_t rows) {
+  if (!avx512_gemm_available(dtype)) return false;
+  return dtype != at::kFloat || (X >= kMinSide && Y >= kMinSide && rows >= kMinSide);
+}
 template <typename T>
 void grouped_avx512(const at::Tensor& a_NX, const at::Tensor& b_EXY, at::Tensor& c,
                     const std::vector<int64_t>& starts, const std::vector<Tile>& tiles) {
@@ -150,7 +159,7 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a_NX, const at::Tensor& b_EXY,
   std::vector<int64_t> rows(E);
   for (int64_t e = 0; e < E; ++e) rows[e] = starts[e + 1] - starts[e];
   const auto tiles = make_tiles(rows, Y, /*min_block=*/64);
-  if (avx512_gemm_available(a_NX.scalar_type())) {
+  if (use_avx512(a_NX.scalar_type(), a_NX.size(1), Y, starts[E])) {
     AT_DISPATCH_SWITCH(a_NX.scalar_type(), "moe_grouped_mm_avx512",
                        AT_DISPATCH_CASE(at::kFloat, [&] { grouped_avx512<scalar_t>(a_NX, b_EXY, c, starts, tiles); })
                        AT_DISPATCH_CASE(at::kBFloat16, [&] { grouped_avx512<scalar_t>(a_NX, b_EXY, c, starts, tiles); }));
@@ -179,7 +188,7 @@ at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& a_NX, const at::Tensor& g_NY,
     }
   }
   const auto tiles = make_tiles(extent, Y, /*min_block=*/64);
-  if (avx512_gemm_available(a_NX.scalar_type())) {
+  if (use_avx512(a_NX.scalar_type(), X, Y, /*rows=*/kMinSide)) {
     AT_DISPATCH_SWITCH(a_NX.scalar_type(), "moe_grouped_mm_wgrad_avx512",
                        AT_DISPATCH_CASE(at::kFloat, [&] { wgrad_avx512<scalar_t>(a_NX, g_NY, out, starts, tiles); })
                        AT_DISPATCH_CASE(at::kBFloat16, [&] { wgrad_avx512<scalar_t>(a_NX, g_NY, out, starts, tiles); }));
