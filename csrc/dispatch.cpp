@@ -21,7 +21,7 @@ namespace moe {
 namespace {
 
 constexpr int64_t kRowGrain = 16;
-constexpr int64_t kStreamBytes = int64_t(32) << 20;  // outputs from this size: streaming stores
+constexpr int64_t kStreamBytes = int64_t(8) << 20;  // outputs from this size: streaming stores
 constexpr int64_t kAhead = 2;  // rows of software prefetch ahead in the permute gather
 
 // Scale/weights read as the accumulation type, whatever their stored dtype (float32 or x's):
