@@ -174,15 +174,16 @@ MOE_TARGET void pack_a(const T* A, int64_t am, int64_t ak, int64_t M, int64_t K,
 }
 
 // C[MR x (16*NV)] = sum over kw of A words x B panel words; stores the first `cols` columns.
-// float32 sums run in blocks of kKB words, each block's partial sums added to the running total:
-// rounding error grows with kKB + K / kKB rather than with K (the 2x-of-torch error rule holds
-// at K in the thousands, where one running FMA chain would not).
+// float32 sums run in blocks of kKB words; block sums are added in groups of kKB, and the group
+// sums into the total: rounding error grows like 2 kKB + K / kKB^2 rather than K (the 2x-of-torch
+// error rule holds at K in the tens of thousands, the weight gradient's rows per expert, where
+// one running FMA chain, or one level of blocks, would not).
 template <typename T, int MR, int NV>
 MOE_TARGET void micro(const u32* A, int64_t am, int64_t ak, const uint32_t* Bp, int64_t Kw,
                       T* C, int64_t ldc, int cols) {
   // bf16 results are rounded to 8 bits of mantissa: one running sum is accurate enough there.
   const int64_t block = std::is_same_v<T, c10::BFloat16> ? Kw : kKB;
-  __m512 acc[MR][NV], total[MR][NV];
+  __m512 acc[MR][NV], mid[MR][NV], total[MR][NV];
   for (int64_t k0 = 0; k0 < Kw; k0 += block) {
     for (int r = 0; r < MR; ++r)
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
@@ -202,9 +203,13 @@ MOE_TARGET void micro(const u32* A, int64_t am, int64_t ak, const uint32_t* Bp, 
         }
       }
     }
+    // Two levels: kKB blocks add into `mid`, and every kKB of those into `total`.
+    const bool first = k0 % (block * kKB) == 0, last = k1 == Kw || (k1 / block) % kKB == 0;
     for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v)
-        total[r][v] = k0 == 0 ? acc[r][v] : _mm512_add_ps(total[r][v], acc[r][v]);
+      for (int v = 0; v < NV; ++v) {
+        mid[r][v] = first ? acc[r][v] : _mm512_add_ps(mid[r][v], acc[r][v]);
+        if (last) total[r][v] = k0 < block * kKB ? mid[r][v] : _mm512_add_ps(total[r][v], mid[r][v]);
+      }
   }
   for (int r = 0; r < MR; ++r) {
     T* c = C + r * ldc;

@@ -105,8 +105,8 @@ void run_tiles(const std::vector<Tile>& tiles, const Fn& fn) {
 
 // float32 and bfloat16 run on moekit's AVX-512 kernel where the CPU has it (gemm_avx512.cpp),
 // one single-threaded call per tile; every other case on at::mm. float32 GEMMs narrower than
-// kMinSide in any dimension stay on at::mm: there packing does not pay off, and at::mm gives the
-// same rounding as the PyTorch twin (a handful of outputs is too few to compare the error of two
+// kMinSide in any dimension stay on at::mm: there packing does not pay off, and at::mm rounds as
+// the PyTorch twin does on one thread (a handful of outputs is too few to compare the error of two
 // equally accurate summation orders).
 constexpr int64_t kMinSide = 64;
 
