@@ -15,8 +15,9 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define MOE_HAVE_AVX512_ROWS 1
-// GCC 12's own intrinsic headers trip -Wmaybe-uninitialized (_mm512_undefined_*): not ours.
+// GCC 12's own intrinsic headers trip -W(maybe-)uninitialized (_mm512_undefined_*): not ours.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 namespace moe::vec {

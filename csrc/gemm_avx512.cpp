@@ -25,11 +25,15 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define MOE_HAVE_AVX512_GEMM 1
+// GCC 12's own intrinsic headers trip -W(maybe-)uninitialized (_mm512_undefined_*): not ours.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 namespace moe {
@@ -38,6 +42,8 @@ namespace moe {
 
 namespace {
 
+// One target for both element types: the float32 instantiations use only AVX-512F/BW/VL
+// intrinsics (the compiler does not invent bf16 instructions), so they run on any AVX-512 CPU.
 #define MOE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 constexpr int kMR = 6;        // rows per microkernel tile
@@ -143,9 +149,10 @@ MOE_TARGET void pack_b(const T* B, int64_t bk, int64_t bn, int64_t K, int64_t n,
       const bool has1 = P * kw + 1 < K;
       uint32_t* d = dst + kw * kNR;
       if (bn == 1) {  // rows of B contiguous: 16 words per step
-        for (int64_t j = 0; j < kNR; j += 16)
-          words16(r0 + j, has1 ? r0 + bk + j : nullptr, std::max<int64_t>(0, std::min<int64_t>(16, w - j)),
-                  d + j, /*all=*/true);
+        int64_t j = 0;
+        for (; j < w; j += 16)
+          words16(r0 + j, has1 ? r0 + bk + j : nullptr, std::min<int64_t>(16, w - j), d + j, /*all=*/true);
+        for (; j < kNR; ++j) d[j] = 0;
         continue;
       }
       for (int64_t j = 0; j < w; ++j) d[j] = word(r0 + j * bn, bk, has1);
@@ -249,10 +256,20 @@ MOE_TARGET void micro_any(int mr, const u32* A, int64_t am, int64_t ak, const ui
   }
 }
 
-// Per-thread scratch for the packed operands, grown as needed and kept for the next call.
-uint32_t* scratch(std::vector<uint32_t>& buf, int64_t n) {
-  if (int64_t(buf.size()) < n) buf.resize(n);
-  return buf.data();
+// Per-thread scratch for the packed operands: grown as needed (never zero-filled: every word
+// used is packed first) and kept for the next call unless it outgrew kKeepWords.
+struct Scratch {
+  std::unique_ptr<uint32_t[]> words;
+  int64_t size = 0;
+};
+constexpr int64_t kKeepWords = int64_t(8) << 20;  // 32 MiB
+
+uint32_t* scratch(Scratch& buf, int64_t n) {
+  if (buf.size < n) {
+    buf.words.reset(new uint32_t[n]);
+    buf.size = n;
+  }
+  return buf.words.get();
 }
 
 template <typename T>
@@ -264,7 +281,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t am, int64_t ak, c
     return;
   }
   constexpr int64_t P = kPer<T>;
-  thread_local std::vector<uint32_t> a_buf, b_buf;
+  thread_local Scratch a_buf, b_buf;
   const int64_t Kw = (K + P - 1) / P;
   const int64_t panels = (N + kNR - 1) / kNR;
   // B is packed a chunk of panels at a time (all of it for the usual expert shapes), so the
@@ -304,7 +321,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t am, int64_t ak, c
     }
   }
   for (auto* buf : {&a_buf, &b_buf})  // keep a typical call's scratch, not an outlier's
-    if (buf->capacity() > size_t(2 * kPackWords)) std::vector<uint32_t>().swap(*buf);
+    if (buf->size > kKeepWords) *buf = Scratch();
 }
 
 // MOE_CPU_GEMM: unset/"auto" uses these kernels where the CPU has the instructions; "aten"

@@ -88,7 +88,8 @@ template <typename Fn>
 void run_tiles(const std::vector<Tile>& tiles, const Fn& fn) {
   const int64_t threads = at::get_num_threads();
   if (tiles.size() <= 1 || threads == 1 || at::in_parallel_region()) {
-    for (const auto& t : tiles) fn(t);  // a single tile keeps at::mm's own threading
+    // A single tile: at::mm threads by itself; the AVX-512 kernel runs it on this thread.
+    for (const auto& t : tiles) fn(t);
     return;
   }
   std::atomic<int64_t> next{0};
@@ -105,7 +106,7 @@ void run_tiles(const std::vector<Tile>& tiles, const Fn& fn) {
 
 // float32 and bfloat16 run on moekit's AVX-512 kernel where the CPU has it (gemm_avx512.cpp),
 // one single-threaded call per tile; every other case on at::mm. float32 GEMMs narrower than
-// kMinSide in any dimension stay on at::mm: there packing does not pay off, and at::mm rounds as
+// kMinSide in X, Y or (forward) routed rows stay on at::mm: there packing does not pay off, and at::mm rounds as
 // the PyTorch twin does on one thread (a handful of outputs is too few to compare the error of two
 // equally accurate summation orders).
 constexpr int64_t kMinSide = 64;
@@ -188,6 +189,7 @@ at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& a_NX, const at::Tensor& g_NY,
     }
   }
   const auto tiles = make_tiles(extent, Y, /*min_block=*/64);
+  // (K here is each expert's rows: a few-row expert still has X x Y >= 64 x 64 outputs to compare.)
   if (use_avx512(a_NX.scalar_type(), X, Y, /*rows=*/kMinSide)) {
     AT_DISPATCH_SWITCH(a_NX.scalar_type(), "moe_grouped_mm_wgrad_avx512",
                        AT_DISPATCH_CASE(at::kFloat, [&] { wgrad_avx512<scalar_t>(a_NX, g_NY, out, starts, tiles); })

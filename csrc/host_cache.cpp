@@ -12,8 +12,8 @@
 // cached block that fits and is at most 1/8 larger than the request (rounded up to 64 KiB), else
 // a new one. A freed block is kept while the cached (free) bytes stay under the limit, set by
 // MOE_HOST_CACHE_MB (default 2048; 0 turns the cache off); to make room, cached blocks of other
-// sizes are released, largest first. A process that forks keeps its parent's cached blocks
-// (copy on write), as with any malloc arena.
+// sizes are released, largest first, when that makes room. A forked child keeps its parent's
+// cached blocks (copy on write), as with any malloc arena, and gets a fresh lock.
 // moe._C.host_cache_clear() releases every cached block; host_cache_stats() reports usage.
 // Blocks are never shared: a block is reused only after the tensor that held it is freed.
 #include "host_cache.h"
@@ -22,11 +22,14 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <ATen/EmptyTensor.h>
 
+#include <pthread.h>
+
 #include <cctype>
 #include <cerrno>
 #include <cstdlib>
 #include <limits>
 #include <map>
+#include <new>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -64,9 +67,9 @@ class HostCache final : public c10::Allocator {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = free_.lower_bound(size);
       if (it != free_.end() && it->first <= size + size / 8) {
+        in_use_.emplace(it->second, it->first);  // first: if it throws, the cache is unchanged
         p = it->second;
         cached_bytes_ -= it->first;
-        in_use_[p] = it->first;
         free_.erase(it);
         ++hits_;
       }
@@ -118,7 +121,11 @@ class HostCache final : public c10::Allocator {
   }
 
  private:
-  HostCache() : limit_(limit_from_env()) {}
+  HostCache() : limit_(limit_from_env()) {
+    // A child forked while another thread held the lock (a DataLoader worker, say) would
+    // deadlock on its first moekit allocation: give the child a fresh, unlocked mutex.
+    pthread_atfork(nullptr, nullptr, [] { new (&instance().mu_) std::mutex(); });
+  }
 
   // Keeps the freed block for reuse. When the cache is full, blocks of other sizes are released,
   // largest first, to make room: the sizes of the current step's buffers win over stale ones.
@@ -130,7 +137,10 @@ class HostCache final : public c10::Allocator {
       auto it = in_use_.find(p);
       const size_t size = it == in_use_.end() ? 0 : it->second;  // (never unknown: we handed it out)
       if (it != in_use_.end()) in_use_.erase(it);
-      if (size > 0 && size <= limit_) {
+      size_t other = 0;  // cached bytes in blocks of other sizes: what eviction could free
+      if (size > 0 && size <= limit_ && cached_bytes_ + size > limit_)
+        for (auto& [bytes, block] : free_) other += bytes == size ? 0 : bytes;
+      if (size > 0 && cached_bytes_ - other + size <= limit_) {  // evict only if it then fits
         try {
           for (auto f = free_.end(); cached_bytes_ + size > limit_ && f != free_.begin();) {
             --f;
