@@ -103,6 +103,31 @@ MOE_AVX512 inline void store_row(const float* acc, T* o, int64_t D) {
   }
 }
 
+// o[d] = T(sum over k < n of w[k] * float(rows[k][d]))   (w == nullptr: weights 1), accumulated
+// in registers 16 lanes at a time, without a buffer: the scalar loop's operations (acc = 0, then
+// acc += w_k * x_k in slot order) on each element, so the same bits.
+template <typename T>
+MOE_AVX512 inline void combine_rows(const T* const* rows, const float* w, int64_t n, T* o, int64_t D) {
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t k = 0; k < n; ++k) {
+      const __m512 x = load16(rows[k] + d);
+      acc = _mm512_add_ps(acc, w == nullptr ? x : _mm512_mul_ps(_mm512_set1_ps(w[k]), x));
+    }
+    store16(o + d, acc);
+  }
+  if (d < D) {
+    const __mmask16 m = tail_mask(D - d);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t k = 0; k < n; ++k) {
+      const __m512 x = load16(rows[k] + d, m);
+      acc = _mm512_add_ps(acc, w == nullptr ? x : _mm512_mul_ps(_mm512_set1_ps(w[k]), x));
+    }
+    store16(o + d, acc, m);
+  }
+}
+
 // <a, b> in float over 16 partial sums, lane l holding the terms d = l (mod 16), summed l = 0..15
 // at the end: the order of the scalar dot in dispatch.cpp.
 template <typename T>

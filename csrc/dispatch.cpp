@@ -79,12 +79,19 @@ constexpr bool can_stream() {
 }
 template <typename T, typename A>
 void stream_scale_row(const T*, A, T*, int64_t) {}  // never called: can_stream<T>() is false
+template <typename T, typename A>
+void fast_combine_rows(const T* const*, const A*, int64_t, T*, int64_t) {}  // likewise
 
 #ifdef MOE_HAVE_AVX512_ROWS
 template <typename T>
 void stream_scale_row(const T* x, float w, T* o, int64_t D)
   requires(std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>) {
   vec::scale_row_stream(x, w, o, D);
+}
+template <typename T>
+void fast_combine_rows(const T* const* rows, const float* w, int64_t n, T* o, int64_t D)
+  requires(std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>) {
+  vec::combine_rows(rows, w, n, o, D);
 }
 template <typename T>
 bool fast_scale_row(const T* x, float w, T* o, int64_t D)
@@ -189,7 +196,21 @@ at::Tensor unpermute_cpu(const at::Tensor& y_ND, const at::Tensor& order_N,
     const bool fast = vec::avx512_rows();
     at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(D);
+      std::vector<const scalar_t*> slot_rows(K);
+      std::vector<acc_t> slot_w(K);
       for (int64_t t = begin; t < end; ++t) {
+        if (fast && can_stream<scalar_t>()) {  // bf16/fp32 on AVX-512: sum in registers
+          int64_t n = 0;
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t r = row_of[t * K + k];
+            check_index(r, N, "rows_TK", t * K + k);
+            if (r < 0) continue;
+            slot_rows[n] = src + r * ld;
+            slot_w[n++] = w.ptr == nullptr ? acc_t(1) : w.ptr[t * K + k];
+          }
+          fast_combine_rows(slot_rows.data(), w.ptr == nullptr ? nullptr : slot_w.data(), n, dst + t * D, D);
+          continue;
+        }
         std::fill(acc.begin(), acc.end(), acc_t(0));
         for (int64_t k = 0; k < K; ++k) {
           const int64_t r = row_of[t * K + k];
