@@ -187,3 +187,22 @@ def test_unpermute_weights_grad_special_values():
     f32 = torch.ops.moe.unpermute_weights_grad(g.float(), y.float(), p.order_N, p.rows_TK)
     assert got.isnan().any()  # inf * 0 and inf - inf
     assert_same_bits(got, f32)
+
+
+@pytest.mark.parametrize("dtype", VEC_DTYPES)
+@pytest.mark.parametrize("scale", [None, "float32"])
+def test_permute_streaming_stores_bits_equal_twin(dtype, scale):
+    """Outputs of 8 MiB and more are written with non-temporal stores (rows of a multiple of 64
+    bytes): the same bits as the twin, the padding rows still zero. The 16 MiB output here is
+    8192 rows of 1024 bf16 (2 KiB) or 4096 rows of 1024 float32 (4 KiB), incl. empty slots."""
+    T, K, E, D = (2048, 4, 8, 1024) if dtype == BF16 else (1024, 4, 8, 1024)
+    ids = make_ids(T, K, E, seed=3)
+    ids[::7, 1] = -1  # empty slots: padding rows past offs_E[-1]
+    p = ops.plan(ids, E)
+    x = dispatch_values(T, D, seed=4, dtype=dtype)
+    s = None if scale is None else dispatch_weights(T, K, seed=5)
+    got = ops.permute(x, p, s)
+    assert got.numel() * got.element_size() >= 8 << 20
+    assert_same_bits(got, permute_torch(x, p.order_N, p.rows_TK, s))
+    n = int(p.offs_E[-1])
+    assert n < got.shape[0] and (got[n:] == 0).all()
