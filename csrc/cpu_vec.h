@@ -1,8 +1,9 @@
-// AVX-512 row loops for bfloat16 and float32 dispatch (permute with scale, unpermute, its weight gradient).
+// AVX-512 row loops for bfloat16 and float32 dispatch (permute with scale, unpermute, its
+// weight gradient).
 //
 // The extension is compiled for baseline x86-64, where the compiler converts bfloat16 one
-// element at a time and float32 four at a time. These versions are compiled for AVX-512 (function target attributes) and
-// chosen at run time (avx512_rows()). They compute exactly what the scalar loops compute, bit for
+// element at a time and float32 four at a time. These versions are compiled for AVX-512
+// (function target attributes) and chosen at run time (avx512_rows()). They compute exactly what the scalar loops compute, bit for
 // bit: bf16 -> fp32 is exact, fp32 -> bf16 rounds to nearest even with NaN -> 0x7FC0 (as
 // c10::BFloat16 does, denormals kept), and products and sums are separate roundings in the same
 // order (the build passes -ffp-contract=off, so no fused multiply-add).
@@ -75,31 +76,6 @@ MOE_AVX512 inline void scale_row(const T* x, float w, T* o, int64_t D) {
   if (d < D) {
     const __mmask16 m = tail_mask(D - d);
     store16(o + d, _mm512_mul_ps(load16(x + d, m), wv), m);
-  }
-}
-
-// acc[d] += w * float(x[d])   (or += float(x[d]) without weights)
-template <typename T>
-MOE_AVX512 inline void axpy_row(const T* x, const float* w, float* acc, int64_t D) {
-  int64_t d = 0;
-  if (w == nullptr) {
-    for (; d + 16 <= D; d += 16)
-      _mm512_storeu_ps(acc + d, _mm512_add_ps(_mm512_loadu_ps(acc + d), load16(x + d)));
-  } else {
-    const __m512 wv = _mm512_set1_ps(*w);
-    for (; d + 16 <= D; d += 16)
-      _mm512_storeu_ps(acc + d, _mm512_add_ps(_mm512_loadu_ps(acc + d), _mm512_mul_ps(wv, load16(x + d))));
-  }
-  for (; d < D; ++d) acc[d] += w == nullptr ? float(x[d]) : *w * float(x[d]);
-}
-
-template <typename T>
-MOE_AVX512 inline void store_row(const float* acc, T* o, int64_t D) {
-  int64_t d = 0;
-  for (; d + 16 <= D; d += 16) store16(o + d, _mm512_loadu_ps(acc + d));
-  if (d < D) {
-    const __mmask16 m = tail_mask(D - d);
-    store16(o + d, _mm512_maskz_loadu_ps(m, acc + d), m);
   }
 }
 

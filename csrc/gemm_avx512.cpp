@@ -19,6 +19,8 @@
 // below ~1e-38 are lost, far under bf16's useful range. The float32 path has no such limit.
 #include "gemm_avx512.h"
 
+#include "cpu_vec.h"
+
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -333,10 +335,8 @@ bool use_aten() {
   return true;
 }
 
-bool cpu_has(bool bf16) {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && (!bf16 || __builtin_cpu_supports("avx512bf16"));
+bool cpu_has(bool bf16) {  // AVX-512F/BW/VL as for the dispatch loops, plus BF16 for bfloat16
+  return vec::avx512_rows() && (!bf16 || __builtin_cpu_supports("avx512bf16"));
 }
 
 }  // namespace
