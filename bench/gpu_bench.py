@@ -5,11 +5,15 @@ Shape legend: T tokens, K slots, E experts, N = T*K routed rows, D model dim, F 
 grouped_mm (bfloat16, the up projection x_ND @ w_EDF with w in nn.Linear layout, i.e. a
 transposed (E, F, D) tensor) vs ``torch.nn.functional.grouped_mm`` and vs one dense cuBLAS mm of
 the same FLOPs, at the Mixtral-8x7B, Qwen3-30B-A3B and DeepSeek-V3 shapes of issue 8; permute and
-unpermute in effective TB/s (bytes that must move) vs a device-to-device copy of the same bytes.
+unpermute in effective TB/s (bytes that must move) vs a device-to-device copy of the same bytes;
+the whole layer (``moe.MoELayer``: router, dispatch, SwiGLU experts, weighted combine) forward and
+forward+backward vs the same router + transformers' MixtralExperts with experts_implementation
+"grouped_mm" on the same weights, and vs a dense SwiGLU FFN of the same active FLOPs.
 Each figure is the median of CUDA-event timings, cycling through enough input copies that the
 working set exceeds twice the L2 cache. Run by bench/gpu_check.sh; prints a table last.
 
     PYTHONPATH=. python bench/gpu_bench.py [--tokens 4096 16384] [--iters 20] [--json out.json]
+        [--only ops|layer]
 """
 
 from __future__ import annotations
@@ -111,6 +115,39 @@ def bench_dispatch(name, T, iters):
     return rows
 
 
+def bench_layer(name, T, iters, device="cuda"):
+    """Median ms of a layer forward (eval, no grad) and a training step's forward+backward."""
+    from bench.layer import _candidates, _step
+    from moe import DenseFFN, MoELayer
+
+    D, Fh, E, K = SHAPES[name]
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # build in bf16 on the GPU: no fp32 copy of the weights
+    try:
+        with torch.device(device):
+            layer = MoELayer(D, Fh, E, K)
+            dense = DenseFFN(D, K * Fh)
+            x = torch.randn(T, D)
+            cands = {n: f for n, f in _candidates(layer, dense, x).items() if n != "hf_eager"}
+    finally:
+        torch.set_default_dtype(default)
+    rows = []
+    for mode in ("fwd", "fwd+bwd"):
+        for m in (layer, dense):
+            m.train(mode != "fwd")
+        with torch.set_grad_enabled(mode != "fwd"):
+            times = {n: _time_ms(_step(f, x, mode), [()], iters) for n, f in cands.items()}
+        row = {"op": "layer", "mode": mode, "shape": name, "T": T, "ours_ms": times.pop("moekit")}
+        for n, t in times.items():
+            row[f"{n}_ms"] = t
+            row[f"vs_{n}"] = t / row["ours_ms"]
+        rows.append(row)
+        for m in (layer, dense, *getattr(cands.get("hf_gmm"), "modules", ())):
+            m.zero_grad(set_to_none=True)
+    return rows
+
+
 def _table(rows) -> str:
     out = ["| op | shape | T | ours ms | figure | vs baseline |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -119,6 +156,9 @@ def _table(rows) -> str:
             vs = f"{r['vs_torch_grouped_mm']:.2f}x F.grouped_mm, {r['vs_dense']:.2f}x dense"
         elif r["op"] == "plan":
             fig, vs = "", ""
+        elif r["op"] == "layer":
+            fig = r["mode"]
+            vs = ", ".join(f"{r[k]:.2f}x {k[3:]}" for k in r if k.startswith("vs_"))
         else:
             fig = f"{r['ours_tb_s']:.2f} TB/s"
             vs = f"{r['vs_copy']:.2f}x d2d copy ({r['d2d_copy_tb_s']:.2f} TB/s)"
@@ -132,6 +172,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--only", choices=("ops", "layer"), default=None)
     args = parser.parse_args()
     assert ops.HAS_EXTENSION and ops._has_kernel("grouped_mm", torch.device("cuda")), \
         "moe._C has no CUDA kernels: build with MOE_BUILD_CUDA=1"
@@ -139,10 +180,16 @@ def main() -> None:
     rows = []
     for T in args.tokens:
         for name in args.shapes:
-            rows.append(bench_grouped_mm(name, T, args.iters))
-            print(json.dumps(rows[-1]), flush=True)
-            rows += bench_dispatch(name, T, args.iters)
-            print(json.dumps(rows[-3:]), flush=True)
+            if args.only != "layer":
+                rows.append(bench_grouped_mm(name, T, args.iters))
+                rows += bench_dispatch(name, T, args.iters)
+                print(json.dumps(rows[-4:]), flush=True)
+            if args.only != "ops":
+                try:
+                    rows += bench_layer(name, T, max(5, args.iters // 2))
+                    print(json.dumps(rows[-2:]), flush=True)
+                except Exception as exc:  # report and go on: the op rows still matter
+                    print(f"layer {name} T={T} failed: {exc!r}", flush=True)
             torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One prepared call for a machine with a GPU (issue 8): build moe._C with the CUDA kernels in
 # place, run the GPU tests, time the ops, and print a short table last. Full logs go to $OUT
-# (default /tmp/moe_gpu_check). Needs python3 with torch, pytest and nvcc (CUDA_HOME); installs
-# nothing. Budget: under ~8 minutes on 16 cores.
+# (default /tmp/moe_gpu_check; at most 8 files). Needs python3 with torch, pytest, transformers
+# and nvcc (CUDA_HOME); installs nothing. Budget: under ~9 minutes on 16 cores.
 #
 #   OUT=/some/dir bash bench/gpu_check.sh
 set -uo pipefail
@@ -18,12 +18,12 @@ SUMMARY="$OUT/summary.txt"
 note() { echo "$*" | tee -a "$SUMMARY"; }
 
 { nvidia-smi; python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
-  "$CUDA_HOME/bin/nvcc" --version; } > "$OUT/env.txt" 2>&1
+  "$CUDA_HOME/bin/nvcc" --version; echo; } > "$OUT/build.log" 2>&1
 note "env: $(python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())' 2>&1 | tail -1)"
 
 # 1. Build (in place; ptxas -v output lands in the build log).
 t0=$(date +%s)
-python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+python3 setup.py build_ext --inplace >> "$OUT/build.log" 2>&1
 build_rc=$?
 note "build: rc=$build_rc in $(( $(date +%s) - t0 ))s (log: build.log)"
 python3 - "$OUT/build.log" > "$OUT/ptxas.txt" 2>&1 <<'EOF'
@@ -57,19 +57,42 @@ if [ "$build_rc" -ne 0 ]; then
   exit 1
 fi
 
-# 2. GPU tests (each op vs its CPU kernel / twin, gradients, opcheck, no-sync, CUDA graph).
+# 2. GPU tests, in groups run side by side in separate processes (a kernel fault poisons its
+#    process's CUDA context; the other groups still report). A group that hits a CUDA error is
+#    rerun under compute-sanitizer memcheck, stopping at the first failure.
 t0=$(date +%s)
-timeout 240 python3 -m pytest tests/test_gpu.py -m gpu -q -rfE -p no:cacheprovider \
-  > "$OUT/test_gpu.log" 2>&1
-test_rc=$?
-note "tests: rc=$test_rc in $(( $(date +%s) - t0 ))s: $(tail -1 "$OUT/test_gpu.log")"
-grep -E "^(FAILED|ERROR)" "$OUT/test_gpu.log" | head -20 | tee -a "$SUMMARY"
+groups="plan permute grouped_mm layer opcheck routers"
+for g in $groups; do
+  if [ "$g" = routers ]; then sel=(tests/test_routers_common.py -m gpu); else sel=(tests/test_gpu.py -m gpu -k "$g"); fi
+  OMP_NUM_THREADS=2 timeout 200 python3 -m pytest "${sel[@]}" -q -rfE -p no:cacheprovider \
+    > "$OUT/test_$g.log" 2>&1 &
+done
+wait
+test_rc=0
+for g in $groups; do
+  last=$(tail -1 "$OUT/test_$g.log")
+  note "tests[$g]: $last"
+  grep -qE "[0-9]+ passed" <<<"$last" && ! grep -qE "failed|error" <<<"$last" || test_rc=1
+  grep -E "^(FAILED|ERROR)" "$OUT/test_$g.log" | head -8 | cut -c1-220 | tee -a "$SUMMARY"
+  if grep -qiE "illegal (memory )?address|misaligned|CUDA error|device-side assert triggered" "$OUT/test_$g.log" \
+      && [ "$g" != routers ] && command -v compute-sanitizer > /dev/null; then
+    timeout 150 compute-sanitizer --tool memcheck --print-limit 10 python3 -m pytest tests/test_gpu.py \
+      -m gpu -k "$g and not bad_id" -x -q -p no:cacheprovider > "$OUT/memcheck_$g.log" 2>&1
+    note "memcheck[$g]: rc=$? $(grep -m3 -E 'Invalid|ERROR SUMMARY' "$OUT/memcheck_$g.log" | tr '\n' ' ' | cut -c1-400)"
+  fi
+done
+note "tests: rc=$test_rc in $(( $(date +%s) - t0 ))s"
+for g in $groups; do echo "=== $g"; cat "$OUT/test_$g.log"; rm "$OUT/test_$g.log"; done > "$OUT/test_gpu.log"
+cat "$OUT"/memcheck_*.log >> "$OUT/test_gpu.log" 2>/dev/null; rm -f "$OUT"/memcheck_*.log
 
-# 3. Timings (ratios vs F.grouped_mm, dense mm and a device-to-device copy, same run).
+# 3. Timings (ratios vs F.grouped_mm, dense mm, a device-to-device copy and transformers' experts,
+#    same run), the ops first, then the layer.
 t0=$(date +%s)
-timeout 180 python3 bench/gpu_bench.py --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+timeout 150 python3 bench/gpu_bench.py --only ops --json "$OUT/bench_ops.json" > "$OUT/bench.log" 2>&1
 bench_rc=$?
-note "bench: rc=$bench_rc in $(( $(date +%s) - t0 ))s (log: bench.log, bench.json)"
+timeout 180 python3 bench/gpu_bench.py --only layer --json "$OUT/bench_layer.json" >> "$OUT/bench.log" 2>&1
+layer_rc=$?
+note "bench: rc=$bench_rc/$layer_rc in $(( $(date +%s) - t0 ))s (log: bench.log, bench_*.json)"
 
 echo
 echo "== ptxas (regs / smem / spills), sm_90 =="
@@ -79,5 +102,6 @@ echo "== summary =="
 cat "$SUMMARY"
 echo
 echo "== timings =="
-sed -n '/^| op /,$p' "$OUT/bench.log"
-[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+grep -E "^\| " "$OUT/bench.log" | grep -v "^| op \|^|---" 
+grep -E "failed|Error" "$OUT/bench.log" | head -5
+[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$layer_rc" -eq 0 ]

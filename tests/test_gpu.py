@@ -257,3 +257,40 @@ def test_layer_has_no_host_sync_and_replays_in_a_cuda_graph():
     args[0].copy_(torch.randn_like(args[0]))
     graph.replay()
     assert torch.equal(static_out, _layer(args[0], ids, *args[1:]))
+
+
+@pytest.mark.parametrize("shared", [0, 1])
+def test_moelayer_has_no_host_sync_and_replays_in_a_cuda_graph(shared):
+    """The drop-in layer itself (TopKRouter with aux losses, dropless dispatch, grouped experts,
+    optional shared expert): forward and backward under sync_debug_mode="error", and the eval
+    forward captured in a CUDA graph replays to the eager result, also after new inputs."""
+    import moe
+
+    torch.manual_seed(0)
+    layer = moe.MoELayer(64, 96, 16, 4, num_shared_experts=shared).cuda().bfloat16()
+    x = torch.randn(3, 50, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = layer(x)
+        (y.float().square().mean() + layer.aux_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert y.shape == x.shape and torch.isfinite(y.float()).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad.float()).all() for p in layer.parameters())
+    layer.eval()
+    static_x = x.detach().clone()
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                layer(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = layer(static_x)
+        for _ in range(2):
+            graph.replay()
+            assert torch.equal(static_y, layer(static_x))
+            static_x.copy_(torch.randn_like(static_x))  # new tokens, new routing
