@@ -2,7 +2,7 @@
 
 Shape legend: T tokens, K slots, E experts, N = T*K routed rows, D model dim, F expert hidden dim.
 
-grouped_mm (bfloat16, the up projection x_ND @ w_EDF with w in nn.Linear layout, i.e. a
+grouped_mm (bfloat16, default backend, and MOE_CUDA_GEMM=native: moekit's WMMA kernel; the up projection x_ND @ w_EDF with w in nn.Linear layout, i.e. a
 transposed (E, F, D) tensor) vs ``torch.nn.functional.grouped_mm`` and vs one dense cuBLAS mm of
 the same FLOPs, at the Mixtral-8x7B, Qwen3-30B-A3B and DeepSeek-V3 shapes of issue 8; permute and
 unpermute in effective TB/s (bytes that must move) vs a device-to-device copy of the same bytes;
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 
 import torch
@@ -77,6 +78,11 @@ def bench_grouped_mm(name, T, iters):
         sets.append((a, w))
     offs = p.offs_E
     ours = _time_ms(lambda a, w: ops.grouped_mm(a, w, offs), sets, iters)
+    os.environ["MOE_CUDA_GEMM"] = "native"  # moekit's own WMMA kernel, same inputs
+    try:
+        native = _time_ms(lambda a, w: ops.grouped_mm(a, w, offs), sets, iters)
+    finally:
+        os.environ.pop("MOE_CUDA_GEMM")
     tgm = _torch_grouped_mm()
     theirs = _time_ms(lambda a, w: tgm(a, w, offs=offs), sets, iters)
     dense_sets = [(a, w[0]) for a, w in sets]  # (N, D) @ (D, F): the same 2*N*D*F FLOPs
@@ -84,7 +90,8 @@ def bench_grouped_mm(name, T, iters):
     ref = tgm(sets[0][0], sets[0][1], offs=offs).float()
     err = (ops.grouped_mm(sets[0][0], sets[0][1], offs).float() - ref).abs().max().item()
     tflops = 2 * N * D * Fh / 1e12
-    return {"op": "grouped_mm", "shape": name, "T": T, "ours_ms": ours, "torch_grouped_mm_ms": theirs,
+    return {"op": "grouped_mm", "shape": name, "T": T, "ours_ms": ours, "native_ms": native,
+            "native_tflops": tflops / (native / 1e3), "torch_grouped_mm_ms": theirs,
             "dense_ms": dense, "ours_tflops": tflops / (ours / 1e3),
             "vs_torch_grouped_mm": theirs / ours, "vs_dense": dense / ours,
             "max_abs_diff_vs_torch": err}
@@ -153,7 +160,8 @@ def _table(rows) -> str:
     for r in rows:
         if r["op"] == "grouped_mm":
             fig = f"{r['ours_tflops']:.0f} TFLOP/s"
-            vs = f"{r['vs_torch_grouped_mm']:.2f}x F.grouped_mm, {r['vs_dense']:.2f}x dense"
+            vs = (f"{r['vs_torch_grouped_mm']:.2f}x F.grouped_mm, {r['vs_dense']:.2f}x dense; native "
+                  f"{r['native_tflops']:.0f} TFLOP/s")
         elif r["op"] == "plan":
             fig, vs = "", ""
         elif r["op"] == "layer":

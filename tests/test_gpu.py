@@ -122,6 +122,14 @@ def test_permute_unpermute_equal_cpu_kernel(T, K, E, D, dtype, wdtype):
     torch.testing.assert_close(dw.cpu(), want_dw, rtol=tol, atol=tol * max(1, D ** 0.5))
 
 
+@pytest.fixture(params=["auto", "native"])
+def gemm_backend(request, monkeypatch):
+    """Both CUDA GEMM backends: "auto" (bf16 on sm90/sm100 goes to PyTorch's CUTLASS grouped GEMM)
+    and "native" (moekit's own kernels for every dtype)."""
+    monkeypatch.setenv("MOE_CUDA_GEMM", request.param)
+    return request.param
+
+
 def _offs(counts):
     return torch.tensor(counts, dtype=torch.int32).cumsum(0).int().cuda()
 
@@ -144,7 +152,7 @@ def _rule(got, ref64, same_dtype):
 @pytest.mark.parametrize("N,X,Y,counts", GMM_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("b_transposed", [False, True])
-def test_grouped_mm_and_wgrad(N, X, Y, counts, dtype, b_transposed):
+def test_grouped_mm_and_wgrad(N, X, Y, counts, dtype, b_transposed, gemm_backend):
     E, offs = len(counts), _offs(counts)
     a = torch.randn(N, X, device="cuda", dtype=dtype)
     a[sum(counts):] = float("nan")  # rows past offs_E[-1] are never read
@@ -165,6 +173,35 @@ def test_grouped_mm_and_wgrad(N, X, Y, counts, dtype, b_transposed):
         if n == 0:
             assert torch.equal(w[e], torch.zeros_like(w[e]))
     assert torch.equal(c, moe_ops.grouped_mm(a, b, offs))  # deterministic; padding never read
+
+
+@pytest.mark.parametrize("dtype,aligned", [(torch.bfloat16, True), (torch.bfloat16, False),
+                                           (torch.float16, True)])
+def test_grouped_mm_backend_choice(dtype, aligned, monkeypatch):
+    """Which kernels run: MOE_CUDA_GEMM=native always runs moekit's kernels; "auto" hands bf16 with
+    aligned dims to PyTorch's grouped GEMM on sm90/sm100 only; a bad value is an error naming it."""
+    X, Y = (64, 48) if aligned else (60, 48)
+    a = torch.randn(100, X, device="cuda", dtype=dtype)
+    b = torch.randn(3, X, Y, device="cuda", dtype=dtype)
+    offs = _offs([30, 0, 50])
+
+    def kernels(backend):
+        monkeypatch.setenv("MOE_CUDA_GEMM", backend)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            moe_ops.grouped_mm(a, b, offs)
+            moe_ops.grouped_mm_wgrad(a, a[:, :Y], offs)
+            torch.cuda.synchronize()
+        return " ".join(e.name for e in prof.events())
+
+    assert "grouped_mm_kernel" in kernels("native") and "grouped_mm_wgrad_kernel" in kernels("native")
+    cap = torch.cuda.get_device_capability()
+    torch_path = dtype == torch.bfloat16 and aligned and (cap == (9, 0) or cap[0] == 10)
+    names = kernels("auto")
+    assert ("grouped_mm_kernel" not in names) == torch_path, names
+    assert ("grouped_mm_wgrad_kernel" not in names) == torch_path, names
+    monkeypatch.setenv("MOE_CUDA_GEMM", "fast")
+    with pytest.raises(RuntimeError, match="MOE_CUDA_GEMM"):
+        moe_ops.grouped_mm(a, b, offs)
 
 
 def _layer(x_TD, ids_TK, w_TK, w1_EDF, w2_EFD, *, twin=False):
@@ -198,7 +235,7 @@ def _grads(inputs, **kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_layer_gradients(dtype):
+def test_layer_gradients(dtype, gemm_backend):
     """CUDA autograd (forward and every gradient) vs float64 and vs the same-dtype twins."""
     inputs = _layer_inputs(dtype=dtype)
     ref = _grads([inputs[0]] + [t.detach().double().requires_grad_() for t in inputs[1:]])
@@ -232,7 +269,7 @@ def test_opcheck_on_cuda():
         torch.library.opcheck(op.default, args)
 
 
-def test_layer_has_no_host_sync_and_replays_in_a_cuda_graph():
+def test_layer_has_no_host_sync_and_replays_in_a_cuda_graph(gemm_backend):
     ids, x, w, w1, w2 = _layer_inputs(T=256, K=4, E=16, D=64, Fh=96, dtype=torch.bfloat16)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -260,7 +297,7 @@ def test_layer_has_no_host_sync_and_replays_in_a_cuda_graph():
 
 
 @pytest.mark.parametrize("shared", [0, 1])
-def test_moelayer_has_no_host_sync_and_replays_in_a_cuda_graph(shared):
+def test_moelayer_has_no_host_sync_and_replays_in_a_cuda_graph(shared, gemm_backend):
     """The drop-in layer itself (TopKRouter with aux losses, dropless dispatch, grouped experts,
     optional shared expert): forward and backward under sync_debug_mode="error", and the eval
     forward captured in a CUDA graph replays to the eager result, also after new inputs."""

@@ -59,7 +59,7 @@ def check_contract(router, out, T, num_real=None):
     for v in (out.dropped_fraction, out.experts_per_token):
         assert isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype == torch.float32
     num_real = T if num_real is None else num_real
-    assert out.experts_per_token == pytest.approx((~empty).sum().item() / max(num_real, 1))
+    assert out.experts_per_token.item() == pytest.approx((~empty).sum().item() / max(num_real, 1))
     assert 0.0 <= out.dropped_fraction.item() <= 1.0
     for name, loss in out.aux_losses.items():
         assert loss.dim() == 0 and torch.isfinite(loss), name

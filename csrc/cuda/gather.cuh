@@ -3,7 +3,9 @@
 //
 // Shape legend: T tokens, K slots per token, S = T*K slots, N routed rows, D feature dim.
 // One warp per output row; VEC consecutive elements per 16-byte access (VEC = 1 when the rows are
-// not 16-byte aligned). unpermute adds in slot order k = 0..K-1 with separately rounded multiplies
+// not 16-byte aligned); each lane keeps kUnroll accesses in flight (all loads of a step are issued
+// before the first use: with one row per warp, a 4096-token batch fills only half an H200's warp
+// slots, so the bytes in flight must come from each warp). unpermute adds in slot order k = 0..K-1 with separately rounded multiplies
 // and adds (add_rn/mul_rn), in at::opmath_type, exactly like the CPU kernel and the twin.
 #pragma once
 
@@ -16,6 +18,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / kWarp;
+constexpr int kUnroll = 4;
 
 template <typename T, typename W, int VEC>
 __global__ void permute_kernel(const T* __restrict__ x, int64_t ldx,
@@ -37,16 +40,21 @@ __global__ void permute_kernel(const T* __restrict__ x, int64_t ldx,
     return;
   }
   const V* src = reinterpret_cast<const V*>(x + (s / K) * ldx);
-  if (scale == nullptr) {
-    for (int64_t v = lane; v < nvec; v += kWarp) o[v] = src[v];
-    return;
-  }
-  const acc_t w = static_cast<acc_t>(scale[s]);
-  for (int64_t v = lane; v < nvec; v += kWarp) {
-    V a = src[v];
+  const acc_t w = scale == nullptr ? acc_t(1) : static_cast<acc_t>(scale[s]);
+  for (int64_t v0 = lane; v0 < nvec; v0 += kWarp * kUnroll) {
+    V a[kUnroll];
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) a.v[j] = static_cast<T>(mul_rn(static_cast<acc_t>(a.v[j]), w));
-    o[v] = a;
+    for (int u = 0; u < kUnroll; ++u)
+      if (v0 + u * kWarp < nvec) a[u] = src[v0 + u * kWarp];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (v0 + u * kWarp >= nvec) break;
+      if (scale != nullptr) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) a[u].v[j] = static_cast<T>(mul_rn(static_cast<acc_t>(a[u].v[j]), w));
+      }
+      o[v0 + u * kWarp] = a[u];
+    }
   }
 }
 
@@ -61,28 +69,42 @@ __global__ void unpermute_kernel(const T* __restrict__ y, int64_t ldy,
   if (t >= T_) return;
   const int64_t* rows_t = rows + t * K;
   V* o = reinterpret_cast<V*>(out + t * nvec * VEC);
-  for (int64_t v = lane; v < nvec; v += kWarp) {
-    acc_t acc[VEC];
+  for (int64_t v0 = lane; v0 < nvec; v0 += kWarp * kUnroll) {
+    acc_t acc[kUnroll][VEC];
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) acc[j] = acc_t(0);
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) acc[u][j] = acc_t(0);
     for (int k = 0; k < K; ++k) {  // slot order, as the CPU kernel and the twin
       const int64_t r = rows_t[k];
       CUDA_KERNEL_ASSERT(r >= -1 && r < N && "moe.unpermute: rows_TK does not match y_ND");
       if (r < 0 || r >= N) continue;  // empty slot: never read
-      const V a = reinterpret_cast<const V*>(y + r * ldy)[v];
-      if (weights != nullptr) {
-        const acc_t w = static_cast<acc_t>(weights[t * K + k]);
+      const V* yr = reinterpret_cast<const V*>(y + r * ldy);
+      V a[kUnroll];
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) acc[j] = add_rn(acc[j], mul_rn(w, static_cast<acc_t>(a.v[j])));
-      } else {
+      for (int u = 0; u < kUnroll; ++u)
+        if (v0 + u * kWarp < nvec) a[u] = yr[v0 + u * kWarp];
+      const acc_t w = weights != nullptr ? static_cast<acc_t>(weights[t * K + k]) : acc_t(1);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) acc[j] = add_rn(acc[j], static_cast<acc_t>(a.v[j]));
+      for (int u = 0; u < kUnroll; ++u) {
+        if (weights != nullptr) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j)
+            acc[u][j] = add_rn(acc[u][j], mul_rn(w, static_cast<acc_t>(a[u].v[j])));
+        } else {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) acc[u][j] = add_rn(acc[u][j], static_cast<acc_t>(a[u].v[j]));
+        }
       }
     }
-    V res;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) res.v[j] = static_cast<T>(acc[j]);
-    o[v] = res;
+    for (int u = 0; u < kUnroll; ++u) {
+      if (v0 + u * kWarp >= nvec) break;
+      V res;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) res.v[j] = static_cast<T>(acc[u][j]);
+      o[v0 + u * kWarp] = res;
+    }
   }
 }
 
