@@ -92,6 +92,10 @@ timeout 150 python3 bench/gpu_bench.py --only ops --json "$OUT/bench_ops.json" >
 bench_rc=$?
 timeout 180 python3 bench/gpu_bench.py --only layer --json "$OUT/bench_layer.json" >> "$OUT/bench.log" 2>&1
 layer_rc=$?
+# The ops again: the same version timed twice shows the run-to-run spread (METHOD: a difference
+# smaller than that is noise).
+echo "== ops, second run" >> "$OUT/bench.log"
+timeout 120 python3 bench/gpu_bench.py --only ops >> "$OUT/bench.log" 2>&1
 note "bench: rc=$bench_rc/$layer_rc in $(( $(date +%s) - t0 ))s (log: bench.log, bench_*.json)"
 
 echo

@@ -91,7 +91,8 @@ def test_plan_bad_id_trips_device_assert():
 
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
-DISPATCH_CASES = [(0, 2, 3, 16), (37, 3, 5, 13), (300, 8, 64, 1000), (512, 2, 8, 4096)]
+DISPATCH_CASES = [(0, 2, 3, 16), (37, 3, 5, 13), (300, 8, 64, 1000), (512, 2, 8, 4096),
+                  (50, 3, 6, 2100)]  # 2100: rows split in chunks, the last one partial
 
 
 @pytest.mark.parametrize("T,K,E,D", DISPATCH_CASES)

@@ -87,6 +87,13 @@ unsigned flat_grid(int64_t n) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min(ceil_div(n, kThreads), 4 * sms)));
 }
 
+// (rows / warps per block, chunks of kChunk vectors per row) for permute and unpermute.
+dim3 chunked_grid(int64_t rows, int64_t nvec) {
+  const int64_t chunks = ceil_div(nvec, kChunk);
+  TORCH_CHECK(chunks <= 65535, "moe: feature dim too large for one launch (", nvec, " vectors)");
+  return dim3(rows_grid(rows, kWarpsPerBlock), static_cast<unsigned>(std::max<int64_t>(1, chunks)));
+}
+
 // Rows may have any row stride; the feature dim must be unit-stride (else a contiguous copy).
 at::Tensor unit_inner(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 
@@ -175,7 +182,7 @@ at::Tensor permute_cuda(const at::Tensor& x_TD, const at::Tensor& order_N,
       const bool vec = vec16_ok(x.const_data_ptr(), D, x.stride(0), sizeof(scalar_t)) &&
                        vec16_ok(out.const_data_ptr(), D, D, sizeof(scalar_t));
       auto launch = [&](auto kernel, int64_t nvec) {
-        kernel<<<rows_grid(N, kWarpsPerBlock), kThreads, 0, stream>>>(
+        kernel<<<chunked_grid(N, nvec), kThreads, 0, stream>>>(
             x.const_data_ptr<scalar_t>(), x.stride(0), order.const_data_ptr<int64_t>(),
             weight_ptr<W>(scale), N, S, static_cast<int>(K), nvec, out.mutable_data_ptr<scalar_t>());
       };
@@ -208,7 +215,7 @@ at::Tensor unpermute_cuda(const at::Tensor& y_ND, const at::Tensor& order_N,
       const bool vec = vec16_ok(y.const_data_ptr(), D, y.stride(0), sizeof(scalar_t)) &&
                        vec16_ok(out.const_data_ptr(), D, D, sizeof(scalar_t));
       auto launch = [&](auto kernel, int64_t nvec) {
-        kernel<<<rows_grid(T, kWarpsPerBlock), kThreads, 0, stream>>>(
+        kernel<<<chunked_grid(T, nvec), kThreads, 0, stream>>>(
             y.const_data_ptr<scalar_t>(), y.stride(0), rows.const_data_ptr<int64_t>(),
             weight_ptr<W>(w), T, static_cast<int>(K), N, nvec, out.mutable_data_ptr<scalar_t>());
       };

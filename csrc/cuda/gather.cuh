@@ -5,7 +5,7 @@
 // One warp per output row; VEC consecutive elements per 16-byte access (VEC = 1 when the rows are
 // not 16-byte aligned); each lane keeps kUnroll accesses in flight (all loads of a step are issued
 // before the first use: with one row per warp, a 4096-token batch fills only half an H200's warp
-// slots, so the bytes in flight must come from each warp). unpermute adds in slot order k = 0..K-1 with separately rounded multiplies
+// slots, so the bytes in flight must come from each warp, and from splitting rows: kChunk). unpermute adds in slot order k = 0..K-1 with separately rounded multiplies
 // and adds (add_rn/mul_rn), in at::opmath_type, exactly like the CPU kernel and the twin.
 #pragma once
 
@@ -19,6 +19,9 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / kWarp;
 constexpr int kUnroll = 4;
+// Vectors of a row per warp: rows are split into chunks of kChunk (blockIdx.y), so small batches
+// still give every SM enough warps (4096 tokens of an 8 KB row: 16384 warps, not 4096).
+constexpr int64_t kChunk = kWarp * kUnroll;
 
 template <typename T, typename W, int VEC>
 __global__ void permute_kernel(const T* __restrict__ x, int64_t ldx,
@@ -32,23 +35,24 @@ __global__ void permute_kernel(const T* __restrict__ x, int64_t ldx,
   const int64_t s = order[i];
   CUDA_KERNEL_ASSERT(s >= -1 && s < S && "moe.permute: order_N does not match rows_TK");
   V* o = reinterpret_cast<V*>(out + i * nvec * VEC);
+  const int64_t v_lo = int64_t(blockIdx.y) * kChunk, v_hi = min(nvec, v_lo + kChunk);
   if (s < 0 || s >= S) {  // padding row: zeros, nothing read
     V z;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) z.v[j] = static_cast<T>(0.0f);
-    for (int64_t v = lane; v < nvec; v += kWarp) o[v] = z;
+    for (int64_t v = v_lo + lane; v < v_hi; v += kWarp) o[v] = z;
     return;
   }
   const V* src = reinterpret_cast<const V*>(x + (s / K) * ldx);
   const acc_t w = scale == nullptr ? acc_t(1) : static_cast<acc_t>(scale[s]);
-  for (int64_t v0 = lane; v0 < nvec; v0 += kWarp * kUnroll) {
+  for (int64_t v0 = v_lo + lane; v0 < v_hi; v0 += kWarp * kUnroll) {
     V a[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
-      if (v0 + u * kWarp < nvec) a[u] = src[v0 + u * kWarp];
+      if (v0 + u * kWarp < v_hi) a[u] = src[v0 + u * kWarp];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (v0 + u * kWarp >= nvec) break;
+      if (v0 + u * kWarp >= v_hi) break;
       if (scale != nullptr) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) a[u].v[j] = static_cast<T>(mul_rn(static_cast<acc_t>(a[u].v[j]), w));
@@ -69,7 +73,8 @@ __global__ void unpermute_kernel(const T* __restrict__ y, int64_t ldy,
   if (t >= T_) return;
   const int64_t* rows_t = rows + t * K;
   V* o = reinterpret_cast<V*>(out + t * nvec * VEC);
-  for (int64_t v0 = lane; v0 < nvec; v0 += kWarp * kUnroll) {
+  const int64_t v_lo = int64_t(blockIdx.y) * kChunk, v_hi = min(nvec, v_lo + kChunk);
+  for (int64_t v0 = v_lo + lane; v0 < v_hi; v0 += kWarp * kUnroll) {
     acc_t acc[kUnroll][VEC];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
@@ -83,7 +88,7 @@ __global__ void unpermute_kernel(const T* __restrict__ y, int64_t ldy,
       V a[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u)
-        if (v0 + u * kWarp < nvec) a[u] = yr[v0 + u * kWarp];
+        if (v0 + u * kWarp < v_hi) a[u] = yr[v0 + u * kWarp];
       const acc_t w = weights != nullptr ? static_cast<acc_t>(weights[t * K + k]) : acc_t(1);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
@@ -99,7 +104,7 @@ __global__ void unpermute_kernel(const T* __restrict__ y, int64_t ldy,
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (v0 + u * kWarp >= nvec) break;
+      if (v0 + u * kWarp >= v_hi) break;
       V res;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) res.v[j] = static_cast<T>(acc[u][j]);
