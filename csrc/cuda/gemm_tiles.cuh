@@ -3,11 +3,8 @@
 //
 // TcEngine (bfloat16/float16, tensor cores through WMMA, float32 accumulate): a 128x128 CTA tile,
 // BK = 32, 8 warps in a 2x4 grid, each warp 64x32 (4x2 fragments of 16x16x16). Shared tiles are
-// padded by 8 elements per row and filled by a STAGES-deep cp.async pipeline (16-byte copies,
-// zero-filled past the valid extent; 74-80 KB of dynamic shared memory, within every sm80+ GPU's
-// per-block limit) when the operands are 16-byte aligned, else loaded element by element. One
-// barrier per k-step: the loads of step kt + STAGES - 1 are issued after it, into the slot that
-// step kt - 1 finished reading. (The H200 timed the earlier two-stage version at 112-158 TFLOP/s.)
+// padded by 8 elements per row and double buffered with cp.async (16-byte copies, zero-filled
+// past the valid extent) when the operands are 16-byte aligned, else loaded element by element.
 // A and B may each be row- or column-major (template flags). Every load and store is bounds
 // checked against the Problem's m/n/k limits.
 // SimtEngine (float32/float64): a 64x64 tile, BK = 16, 4x4 outputs per thread, any strides.
@@ -60,15 +57,14 @@ __device__ __forceinline__ void cp_async_wait() {
 
 template <typename T, bool A_COL, bool B_COL>
 struct TcEngine {
-  static constexpr int BM = 128, BN = 128, BK = 32, PAD = 8, FM = 4, FN = 2, STAGES = 4;
+  static constexpr int BM = 128, BN = 128, BK = 32, PAD = 8, FM = 4, FN = 2;
   static constexpr int A_ELEMS = A_COL ? BK * (BM + PAD) : BM * (BK + PAD);
   static constexpr int B_ELEMS = B_COL ? BN * (BK + PAD) : BK * (BN + PAD);
   static constexpr int STAGE = A_ELEMS + B_ELEMS;
-  static constexpr int PIPE_BYTES = STAGES * STAGE * int(sizeof(T));
+  static constexpr int PIPE_BYTES = 2 * STAGE * int(sizeof(T));
   static constexpr int EPI_BYTES = (kGemmThreads / kWarp) * 256 * int(sizeof(float));
   static constexpr int SMEM_BYTES = PIPE_BYTES > EPI_BYTES ? PIPE_BYTES : EPI_BYTES;
-  static_assert(SMEM_BYTES <= 96 * 1024, "dynamic shared memory above sm86/sm89's per-block limit");
-  static_assert(STAGE * int(sizeof(T)) % 128 == 0, "stages must stay 128-byte aligned");
+  static_assert(SMEM_BYTES <= 48 * 1024, "static shared memory limit");
 
   // Copies an R x C tile, element (r, c) = g[r * ld + c] valid for r < r_lim and c < c_lim (else
   // zero), into shared memory s[r * (C + PAD) + c], in chunks of 8 contiguous elements.
@@ -114,18 +110,14 @@ struct TcEngine {
 
     T* buf = reinterpret_cast<T*>(smem);
     const int KT = static_cast<int>(ceil_div(p.k_lim, BK));
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {  // prologue: steps 0 .. STAGES-2 in flight
-      if (s < KT) load_stage(buf + s * STAGE, p, s * BK, vec_in);
-      cp_async_commit();  // one group per step, empty past KT, so the wait counts stay exact
-    }
+    if (KT > 0) load_stage(buf, p, 0, vec_in);
+    cp_async_commit();
     for (int kt = 0; kt < KT; ++kt) {
-      cp_async_wait<STAGES - 2>();  // groups 0..kt complete: step kt has landed
-      __syncthreads();              // ... for every thread; and step kt-1's slot is free
-      const int next = kt + STAGES - 1;
-      if (next < KT) load_stage(buf + (next % STAGES) * STAGE, p, next * BK, vec_in);
+      if (kt + 1 < KT) load_stage(buf + ((kt + 1) & 1) * STAGE, p, (kt + 1) * BK, vec_in);
       cp_async_commit();
-      const T* sa = buf + (kt % STAGES) * STAGE;
+      cp_async_wait<1>();  // every group but the one just issued: stage kt has landed
+      __syncthreads();
+      const T* sa = buf + (kt & 1) * STAGE;
       const T* sb = sa + A_ELEMS;
 #pragma unroll
       for (int kk = 0; kk < BK; kk += 16) {
@@ -148,6 +140,7 @@ struct TcEngine {
 #pragma unroll
           for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
       }
+      __syncthreads();  // the next iteration's loads overwrite this stage
     }
     cp_async_wait<0>();
     __syncthreads();

@@ -138,7 +138,7 @@ __device__ void wgrad_schedule(const Params& p, Problem<T>& pr) {
 
 template <typename T, typename Engine>
 __global__ void __launch_bounds__(kGemmThreads, 2) grouped_mm_kernel(Params p) {
-  extern __shared__ __align__(128) unsigned char smem[];  // Engine::SMEM_BYTES, dynamic
+  __shared__ __align__(128) unsigned char smem[Engine::SMEM_BYTES];
   Problem<T> pr;
   if (!grouped_schedule<T, Engine::BM, Engine::BN>(p, pr)) return;
   Engine::run(pr, p.vec_in, p.vec_out, smem);
@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(kGemmThreads, 2) grouped_mm_kernel(Params p) {
 
 template <typename T, typename Engine>
 __global__ void __launch_bounds__(kGemmThreads, 2) grouped_mm_wgrad_kernel(Params p) {
-  extern __shared__ __align__(128) unsigned char smem[];  // Engine::SMEM_BYTES, dynamic
+  __shared__ __align__(128) unsigned char smem[Engine::SMEM_BYTES];
   Problem<T> pr;
   wgrad_schedule<T, Engine::BM, Engine::BN>(p, pr);
   Engine::run(pr, p.vec_in, p.vec_out, smem);
@@ -173,16 +173,6 @@ void check_tensor_cores(const char* op) {
 template <typename T>
 constexpr bool kSimt = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
-// The engine's dynamic shared memory; above the default 48 KB the kernel must opt in (a host-side
-// attribute, set on the current device at each launch: no stream work, fine under graph capture).
-template <typename Engine, typename Kernel>
-int smem_bytes(Kernel kernel) {
-  constexpr int bytes = Engine::SMEM_BYTES;
-  if constexpr (bytes > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  return bytes;
-}
-
 // grid (ceil(N/BM) + E, ceil(Y/BN)): covers every arrangement of the groups' row tiles.
 template <typename T, bool B_COL>
 void launch_grouped(const Params& p) {
@@ -192,8 +182,7 @@ void launch_grouped(const Params& p) {
               " or N+E too large for one launch");
   if constexpr (!kSimt<T>) check_tensor_cores("grouped_mm");
   grouped_mm_kernel<T, Engine>
-      <<<dim3(grid_x, grid_y), kGemmThreads, smem_bytes<Engine>(grouped_mm_kernel<T, Engine>),
-         at::cuda::getCurrentCUDAStream()>>>(p);
+      <<<dim3(grid_x, grid_y), kGemmThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -205,8 +194,7 @@ void launch_wgrad(const Params& p) {
   TORCH_CHECK(tiles < (int64_t{1} << 31), "moe.grouped_mm_wgrad: X*Y too large");
   if constexpr (!kSimt<T>) check_tensor_cores("grouped_mm_wgrad");
   grouped_mm_wgrad_kernel<T, Engine>
-      <<<dim3(tiles, p.E), kGemmThreads, smem_bytes<Engine>(grouped_mm_wgrad_kernel<T, Engine>),
-         at::cuda::getCurrentCUDAStream()>>>(p);
+      <<<dim3(tiles, p.E), kGemmThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
