@@ -263,7 +263,19 @@ at::Tensor grouped_mm_torch_path(const at::Tensor& a, const at::Tensor& b, const
   auto stream = at::cuda::getCurrentCUDAStream();
   check_offs_kernel<<<1, 1024, 0, stream>>>(offs.const_data_ptr<int>(), int(E), N);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  auto c = at::_grouped_mm(a, b, offs);
+  // PyTorch (2.9-2.11) sizes its tile from the mean rows per expert, a_NX.size(0) / E: 64 x 128
+  // at 128 or fewer, 128 x 256 above. With 65-128 rows per expert the short tile reads every
+  // expert's weights twice, and at fine-grained shapes the weights are most of the bytes
+  // (DeepSeek-V3 at 4096 tokens: 7.5 GB, twice). When a few more rows (at most N/16) reach 129
+  // per expert, a_NX is passed with that row count: the extra rows are past offs_E[E-1], so
+  // nothing reads them, and the extra output rows are dropped.
+  at::Tensor a_call = a;
+  if (N / E > 64 && N / E <= 128 && Y > 128 && (129 * E - N) * 16 <= N) {
+    a_call = at::from_blob(const_cast<void*>(a.const_data_ptr()), {129 * E, a.size(1)}, a.strides(),
+                           a.options());
+  }
+  auto c = at::_grouped_mm(a_call, b, offs);
+  if (c.size(0) != N) c = c.narrow(0, 0, N);
   TORCH_INTERNAL_ASSERT(c.is_contiguous() && c.size(0) == N && c.size(1) == Y);
   const int64_t words = Y / 8;  // bf16: 8 per 16 bytes
   zero_tail_rows_kernel<<<fill_blocks(N * words), 256, 0, stream>>>(
