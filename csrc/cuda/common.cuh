@@ -19,6 +19,13 @@ constexpr int kWarp = 32;
 
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Blocks for a grid-stride loop over n items, `threads` per block: enough to fill the GPU (four
+// blocks per SM at most), at least one.
+inline unsigned flat_grid(int64_t n, int threads) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(ceil_div(n, threads), 4 * sms)));
+}
+
 // Blocks for a warp-per-row kernel: `rows` rows, `warps` warps per block (rows >= 1).
 inline unsigned rows_grid(int64_t rows, int warps) {
   return static_cast<unsigned>(ceil_div(rows, warps));

@@ -82,11 +82,6 @@ __global__ void plan_finalize_kernel(const int* __restrict__ keys, const int* __
   }
 }
 
-unsigned flat_grid(int64_t n) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min(ceil_div(n, kThreads), 4 * sms)));
-}
-
 // (rows / warps per block, chunks of kChunk vectors per row) for permute and unpermute.
 dim3 chunked_grid(int64_t rows, int64_t nvec) {
   const int64_t chunks = ceil_div(nvec, kChunk);
@@ -137,7 +132,7 @@ PlanTensors plan_cuda(const at::Tensor& ids_TK, int64_t num_experts) {
     const bool smem_hist = E <= kSmemHistMax;
     const size_t smem = smem_hist ? size_t(E) * sizeof(int) : 0;
     AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "moe_plan_cuda", [&] {
-      plan_keys_kernel<index_t><<<flat_grid(S), kThreads, smem, stream>>>(
+      plan_keys_kernel<index_t><<<flat_grid(S, kThreads), kThreads, smem, stream>>>(
           ids.const_data_ptr<index_t>(), S, E, smem_hist, key_in, val_in,
           counts.mutable_data_ptr<int>());
     });
@@ -155,7 +150,7 @@ PlanTensors plan_cuda(const at::Tensor& ids_TK, int64_t num_experts) {
   C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.mutable_data_ptr(), temp_bytes, key_in,
                                                  key_out, val_in, val_out, static_cast<int>(S), 0,
                                                  end_bit, stream));
-  plan_finalize_kernel<<<flat_grid(S), kThreads, 0, stream>>>(
+  plan_finalize_kernel<<<flat_grid(S, kThreads), kThreads, 0, stream>>>(
       key_out, val_out, S, E, order.mutable_data_ptr<int64_t>(), rows.mutable_data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {counts, offs, order, rows};

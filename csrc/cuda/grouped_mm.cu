@@ -253,11 +253,6 @@ __global__ void zero_empty_experts_kernel(uint4* __restrict__ w, int64_t words_p
     w[e * words_per_expert + i] = make_uint4(0, 0, 0, 0);
 }
 
-unsigned fill_blocks(int64_t words) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min(ceil_div(words, 256), 4 * sms)));
-}
-
 at::Tensor grouped_mm_torch_path(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs) {
   const int64_t N = a.size(0), Y = b.size(2), E = b.size(0);
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -278,7 +273,7 @@ at::Tensor grouped_mm_torch_path(const at::Tensor& a, const at::Tensor& b, const
   if (c.size(0) != N) c = c.narrow(0, 0, N);
   TORCH_INTERNAL_ASSERT(c.is_contiguous() && c.size(0) == N && c.size(1) == Y);
   const int64_t words = Y / 8;  // bf16: 8 per 16 bytes
-  zero_tail_rows_kernel<<<fill_blocks(N * words), 256, 0, stream>>>(
+  zero_tail_rows_kernel<<<flat_grid(N * words, 256), 256, 0, stream>>>(
       reinterpret_cast<uint4*>(c.mutable_data_ptr()), N, words, offs.const_data_ptr<int>(), int(E));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return c;
