@@ -109,4 +109,25 @@ void check_grouped_mm_wgrad_args(const at::Tensor& a_NX, const at::Tensor& g_NY,
   check_offs("grouped_mm_wgrad", offs_E, a_NX);
 }
 
+void check_swiglu_args(const at::Tensor& h) {
+  TORCH_CHECK(h.dim() >= 1, "moe.swiglu: h must have at least one dim (..., 2F), got a scalar");
+  TORCH_CHECK(is_mm_dtype(h.scalar_type()),
+              "moe.swiglu: h must be float32/float64/bfloat16/float16, got ", h.scalar_type());
+  TORCH_CHECK(h.size(-1) > 0 && h.size(-1) % 2 == 0,
+              "moe.swiglu: h's last dim must be 2F = [gate; up], a positive even number, got ",
+              h.size(-1));
+}
+
+void check_swiglu_backward_args(const at::Tensor& grad, const at::Tensor& h) {
+  check_swiglu_args(h);
+  TORCH_CHECK(grad.scalar_type() == h.scalar_type(), "moe.swiglu_backward: grad is ",
+              grad.scalar_type(), " but h is ", h.scalar_type());
+  TORCH_CHECK(grad.device() == h.device(), "moe.swiglu_backward: grad is on ", grad.device(),
+              " but h is on ", h.device());
+  auto expect = h.sizes().vec();
+  expect.back() /= 2;
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef(expect), "moe.swiglu_backward: grad must have shape ",
+              at::IntArrayRef(expect), " (h's with the last dim halved), got ", grad.sizes());
+}
+
 }  // namespace moe

@@ -28,6 +28,8 @@ void check_grouped_mm_args(const at::Tensor& a_NX, const at::Tensor& b_EXY,
                            const at::Tensor& offs_E);
 void check_grouped_mm_wgrad_args(const at::Tensor& a_NX, const at::Tensor& g_NY,
                                  const at::Tensor& offs_E);
+void check_swiglu_args(const at::Tensor& h);
+void check_swiglu_backward_args(const at::Tensor& grad, const at::Tensor& h);
 // Dtype of the unpermute_weights_grad output: float32 for half/bfloat16, else the input dtype.
 at::ScalarType accum_dtype(at::ScalarType t);
 
@@ -43,5 +45,7 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a_NX, const at::Tensor& b_EXY,
                           const at::Tensor& offs_E);
 at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& a_NX, const at::Tensor& g_NY,
                                 const at::Tensor& offs_E);
+at::Tensor swiglu_cpu(const at::Tensor& h);
+at::Tensor swiglu_backward_cpu(const at::Tensor& grad, const at::Tensor& h);
 
 }  // namespace moe

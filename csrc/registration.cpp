@@ -23,6 +23,10 @@ TORCH_LIBRARY(moe, m) {
   m.def("grouped_mm(Tensor a_NX, Tensor b_EXY, Tensor offs_E) -> Tensor");
   // g_EXY[e] = a_NX[rows of e]^T @ g_NY[rows of e]; zero for experts with no rows.
   m.def("grouped_mm_wgrad(Tensor a_NX, Tensor g_NY, Tensor offs_E) -> Tensor");
+  // out = silu(gate) * up on h = [gate; up] (..., 2F) -> (..., F).
+  m.def("swiglu(Tensor h) -> Tensor");
+  // d h = [grad * up * silu'(gate); grad * silu(gate)], grad (..., F), h (..., 2F) -> (..., 2F).
+  m.def("swiglu_backward(Tensor grad, Tensor h) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe, CPU, m) {
@@ -32,6 +36,8 @@ TORCH_LIBRARY_IMPL(moe, CPU, m) {
   m.impl("unpermute_weights_grad", &moe::unpermute_weights_grad_cpu);
   m.impl("grouped_mm", &moe::grouped_mm_cpu);
   m.impl("grouped_mm_wgrad", &moe::grouped_mm_wgrad_cpu);
+  m.impl("swiglu", &moe::swiglu_cpu);
+  m.impl("swiglu_backward", &moe::swiglu_backward_cpu);
 }
 
 #ifdef MOE_PYTHON_MODULE  // defined by setup.py only: the CMake (libtorch) library has no Python

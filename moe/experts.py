@@ -42,6 +42,8 @@ def activate(h_NH: Tensor, activation: str) -> Tensor:
         if torch.compiler.is_compiling():  # the compiler fuses these itself (and rejects strided out=)
             gate, up = h_NH.chunk(2, dim=-1)
             return _GATE_ACT[activation][0](gate) * up
+        if activation == "swiglu" and ops.has_swiglu_kernel(h_NH.device):
+            return ops.swiglu(h_NH)  # one pass each way; same values within an fp32 rounding
         return _GatedActivation.apply(h_NH, activation)
     return F.gelu(h_NH) if activation == "gelu" else F.relu(h_NH)
 

@@ -30,9 +30,11 @@ from moe.ops_torch import (  # noqa: F401  (re-exported twins)
     plan_torch,
     unpermute_torch,
     unpermute_weights_grad_torch,
+    swiglu_torch,
+    swiglu_backward_torch,
 )
 
-__all__ = ["Plan", "plan", "permute", "unpermute", "grouped_mm", "HAS_EXTENSION", "host_cache_stats",
+__all__ = ["Plan", "plan", "permute", "unpermute", "grouped_mm", "swiglu", "HAS_EXTENSION", "host_cache_stats",
            "empty_host_cache"]
 
 _log = logging.getLogger(__name__)
@@ -77,6 +79,8 @@ _TWINS = {
     "unpermute_weights_grad": ops_torch.unpermute_weights_grad_torch,
     "grouped_mm": ops_torch.grouped_mm_torch,
     "grouped_mm_wgrad": ops_torch.grouped_mm_wgrad_torch,
+    "swiglu": ops_torch.swiglu_torch,
+    "swiglu_backward": ops_torch.swiglu_backward_torch,
 }
 
 
@@ -175,6 +179,19 @@ def grouped_mm(a_NX: torch.Tensor, b_EXY: torch.Tensor, offs_E: torch.Tensor) ->
     return _op("grouped_mm", a_NX.device)(a_NX, b_EXY, offs_E)
 
 
+def has_swiglu_kernel(device: torch.device) -> bool:
+    """True where :func:`swiglu` runs a compiled kernel (the CPU, for now); elsewhere it is the
+    PyTorch twin, which layers replace with their own memory-saving composite."""
+    return _has_kernel("swiglu", device)
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gating (Shazeer 2020, Eq. 5): silu(gate) * up on h = [gate; up] (..., 2F) ->
+    (..., F), in one pass, computed in float32 for half/bfloat16. Backward saves only h and
+    writes both halves of d h in one pass (:func:`torch.ops.moe.swiglu_backward`)."""
+    return _op("swiglu", h.device)(h)
+
+
 # --------------------------------------------------------------------------------------------
 # Fake kernels and autograd for the registered ops (only when the extension is loaded).
 # --------------------------------------------------------------------------------------------
@@ -227,6 +244,17 @@ def _register_fakes() -> None:
     def _(a_NX, g_NY, offs_E):
         _same_device("grouped_mm_wgrad", a_NX, g_NY=g_NY, offs_E=offs_E)
         return a_NX.new_empty(offs_E.shape[0], a_NX.shape[1], g_NY.shape[1])
+
+    @reg("moe::swiglu")
+    def _(h):
+        torch._check(h.dim() >= 1 and h.shape[-1] % 2 == 0,
+                     lambda: f"moe.swiglu: h's last dim must be 2F = [gate; up], got shape {tuple(h.shape)}")
+        return h.new_empty(*h.shape[:-1], h.shape[-1] // 2)
+
+    @reg("moe::swiglu_backward")
+    def _(grad, h):
+        _same_device("swiglu_backward", h, grad=grad)
+        return h.new_empty(h.shape)
 
 
 def _register_autograd() -> None:
@@ -292,7 +320,16 @@ def _register_autograd() -> None:
         g_g = ops.grouped_mm(a_NX, d_EXY, offs_E) if ctx.needs_input_grad[1] else None
         return g_a, g_g, None
 
+    # swiglu: out = silu(gate) * up; backward is one pass over h (once differentiable).
+    def swiglu_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    def swiglu_bwd(ctx, g):
+        (h,) = ctx.saved_tensors
+        return ops.swiglu_backward(g, h)
+
     reg = torch.library.register_autograd
+    reg("moe::swiglu", swiglu_bwd, setup_context=swiglu_setup)
     reg("moe::permute", permute_bwd, setup_context=permute_setup)
     reg("moe::unpermute", unpermute_bwd, setup_context=unpermute_setup)
     reg("moe::unpermute_weights_grad", wgrad_bwd, setup_context=wgrad_setup)

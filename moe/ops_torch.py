@@ -20,6 +20,8 @@ __all__ = [
     "unpermute_weights_grad_torch",
     "grouped_mm_torch",
     "grouped_mm_wgrad_torch",
+    "swiglu_torch",
+    "swiglu_backward_torch",
 ]
 
 
@@ -118,3 +120,21 @@ def grouped_mm_wgrad_torch(a_NX, g_NY, offs_E):
     bounds = _group_bounds(offs_E)
     blocks = [a_NX[s:e].t() @ g_NY[s:e] for s, e in zip(bounds[:-1], bounds[1:])]
     return torch.stack(blocks, 0) if blocks else a_NX.new_zeros(0, a_NX.shape[1], g_NY.shape[1])
+
+
+def swiglu_torch(h):
+    """silu(gate) * up on h = [gate; up] (..., 2F) -> (..., F) (Shazeer 2020, Eq. 5), computed in
+    float32 for half/bfloat16 and rounded once, as the kernel does."""
+    acc = _acc_dtype(h.dtype)
+    gate, up = h.to(acc).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(h.dtype)
+
+
+def swiglu_backward_torch(grad, h):
+    """d h = [grad * up * s (1 + gate (1 - s)); grad * gate * s], s = sigmoid(gate): silu'(g) =
+    s + g s (1 - s). (..., F), (..., 2F) -> (..., 2F), in float32 for half/bfloat16."""
+    acc = _acc_dtype(h.dtype)
+    gate, up = h.to(acc).chunk(2, dim=-1)
+    g = grad.to(acc)
+    s = torch.sigmoid(gate)
+    return torch.cat([g * up * (s * (1 + gate * (1 - s))), g * (gate * s)], dim=-1).to(h.dtype)

@@ -286,7 +286,9 @@ def test_opcheck_all_ops(dtype):
         ("unpermute_weights_grad", (t["x"], t["y"], p.order_N, p.rows_TK)),
         ("grouped_mm", (t["y"], t["b"].transpose(-2, -1), p.offs_E)),
         ("grouped_mm_wgrad", (t["y"], t["g"], p.offs_E)),
+        ("swiglu", (t["g"],)),
+        ("swiglu_backward", (t["g"].detach()[:, :3].contiguous(), t["g"].detach())),
     ]
-    assert {n for n, _ in cases} == set(ops._TWINS)  # all six registered ops
+    assert {n for n, _ in cases} == set(ops._TWINS)  # every registered op
     for name, args in cases:
         opcheck(getattr(torch.ops.moe, name).default, args)
