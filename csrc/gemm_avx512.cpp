@@ -274,9 +274,46 @@ uint32_t* scratch(Scratch& buf, int64_t n) {
   return buf.words.get();
 }
 
+// The memory lines of B's panel of columns [c0, c0 + w), K rows, for a software prefetch spread
+// over the microkernel calls of the panel before it. An expert's weight is read from memory
+// once per GEMM (E x D x F bytes in all, 16x a dense layer's at E=128, k=8); packing it when the
+// panel is reached would stall on those reads, so they are started one panel ahead. Rows of B
+// along n (bn == 1) or along k (bk == 1) only; other layouts are not prefetched.
+template <typename T>
+struct PanelLines {
+  const char* base = nullptr;
+  int64_t seg_stride = 0, seg_lines = 0, segs = 0;  // segs runs of seg_lines lines, seg_stride bytes apart
+
+  PanelLines() = default;
+  PanelLines(const T* B, int64_t bk, int64_t bn, int64_t K, int64_t c0, int64_t w) {
+    constexpr int64_t sz = sizeof(T);
+    if (bn == 1) {
+      set(B + c0, bk * sz, w * sz, K);
+    } else if (bk == 1) {
+      set(B + c0 * bn, bn * sz, K * sz, w);
+    }
+  }
+  void set(const T* p, int64_t stride, int64_t bytes, int64_t n) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    base = reinterpret_cast<const char*>(a & ~uintptr_t(63));
+    seg_stride = stride;
+    seg_lines = (int64_t(a & 63) + bytes + 63) / 64;
+    segs = n;
+  }
+  int64_t lines() const { return seg_lines * segs; }
+  // Lines [from, to) of the panel, segment by segment (into L2: the hint T1).
+  void fetch(int64_t from, int64_t to) const {
+    int64_t seg = from / seg_lines, line = from - seg * seg_lines;
+    for (int64_t i = from; i < to; ++i) {
+      __builtin_prefetch(base + seg * seg_stride + line * 64, 0, 2);
+      if (++line == seg_lines) line = 0, ++seg;
+    }
+  }
+};
+
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t am, int64_t ak, const T* B,
-          int64_t bk, int64_t bn, T* C, int64_t ldc) {
+          int64_t bk, int64_t bn, T* C, int64_t ldc, NextB<T> next) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, T(0.0f));
@@ -295,7 +332,6 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t am, int64_t ak, c
   for (int64_t p0 = 0; p0 < panels; p0 += chunk) {
     const int64_t np = std::min(chunk, panels - p0), n0 = p0 * kNR;
     uint32_t* Bp = scratch(b_buf, np * Kw * kNR);
-    pack_b(B + n0 * bn, bk, bn, K, std::min(N - n0, np * kNR), Bp);
     for (int64_t m0 = 0; m0 < M; m0 += kMC) {
       const int64_t mc = std::min(kMC, M - m0);
       const u32* A32;
@@ -311,11 +347,25 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t am, int64_t ak, c
         a_m = 1;
         a_k = mc;
       }
+      const int64_t calls = (mc + kMR - 1) / kMR;
       for (int64_t p = 0; p < np; ++p) {
         const int64_t c0 = n0 + p * kNR;
         const int cols = int(std::min<int64_t>(kNR, N - c0));
-        const uint32_t* panel = Bp + p * Kw * kNR;
-        for (int64_t r = 0; r < mc; r += kMR) {
+        uint32_t* panel = Bp + p * Kw * kNR;
+        // The first row block packs each panel as it reaches it, and fetches the next one's
+        // lines while its microkernels run.
+        // The very last panel fetches the first panel of the next call's B instead.
+        const bool first = m0 == 0;
+        if (first) pack_b(B + c0 * bn, bk, bn, K, cols, panel);
+        const int64_t c1 = c0 + kNR;
+        const bool last = m0 + kMC >= M && p0 + np == panels && p + 1 == np;
+        const PanelLines<T> ahead =
+            first && p + 1 < np ? PanelLines<T>(B, bk, bn, K, c1, std::min<int64_t>(kNR, N - c1))
+            : last && next.B != nullptr ? PanelLines<T>(next.B, bk, bn, next.K, 0, std::min<int64_t>(kNR, next.N))
+                                        : PanelLines<T>();
+        const int64_t L = ahead.lines();
+        for (int64_t r = 0, i = 0; r < mc; r += kMR, ++i) {
+          if (L > 0) ahead.fetch(L * i / calls, L * (i + 1) / calls);
           const int mr = int(std::min<int64_t>(kMR, mc - r));
           micro_any<T>(mr, A32 + r * a_m, a_m, a_k, panel, Kw, C + (m0 + r) * ldc + c0, ldc, cols);
         }
@@ -349,13 +399,14 @@ bool avx512_gemm_available(at::ScalarType dtype) {
 }
 
 void avx512_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t am, int64_t ak,
-                 const c10::BFloat16* B, int64_t bk, int64_t bn, c10::BFloat16* C, int64_t ldc) {
-  gemm(M, N, K, A, am, ak, B, bk, bn, C, ldc);
+                 const c10::BFloat16* B, int64_t bk, int64_t bn, c10::BFloat16* C, int64_t ldc,
+                 NextB<c10::BFloat16> next) {
+  gemm(M, N, K, A, am, ak, B, bk, bn, C, ldc, next);
 }
 
 void avx512_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t am, int64_t ak,
-                 const float* B, int64_t bk, int64_t bn, float* C, int64_t ldc) {
-  gemm(M, N, K, A, am, ak, B, bk, bn, C, ldc);
+                 const float* B, int64_t bk, int64_t bn, float* C, int64_t ldc, NextB<float> next) {
+  gemm(M, N, K, A, am, ak, B, bk, bn, C, ldc, next);
 }
 
 #else  // not x86-64 GCC/Clang: at::mm does every GEMM
@@ -363,12 +414,13 @@ void avx512_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t am, in
 bool avx512_gemm_available(at::ScalarType) { return false; }
 
 void avx512_gemm(int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t, int64_t,
-                 const c10::BFloat16*, int64_t, int64_t, c10::BFloat16*, int64_t) {
+                 const c10::BFloat16*, int64_t, int64_t, c10::BFloat16*, int64_t,
+                 NextB<c10::BFloat16>) {
   TORCH_CHECK(false, "moekit: the AVX-512 GEMM is not compiled on this platform");
 }
 
 void avx512_gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*,
-                 int64_t, int64_t, float*, int64_t) {
+                 int64_t, int64_t, float*, int64_t, NextB<float>) {
   TORCH_CHECK(false, "moekit: the AVX-512 GEMM is not compiled on this platform");
 }
 

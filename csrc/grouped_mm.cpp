@@ -84,23 +84,28 @@ std::vector<Tile> make_tiles(const std::vector<int64_t>& extent, int64_t cols, i
   return tiles;
 }
 
+// fn(tile, upcoming): `upcoming` is the tile this thread will most likely take next (the head of
+// the queue when it started this one; nullptr at the end), for the kernel's prefetch.
 template <typename Fn>
 void run_tiles(const std::vector<Tile>& tiles, const Fn& fn) {
   const int64_t threads = at::get_num_threads();
+  const int64_t count = int64_t(tiles.size());
   if (tiles.size() <= 1 || threads == 1 || at::in_parallel_region()) {
     // A single tile: at::mm threads by itself; the AVX-512 kernel runs it on this thread.
-    for (const auto& t : tiles) fn(t);
+    for (int64_t i = 0; i < count; ++i) fn(tiles[i], i + 1 < count ? &tiles[i + 1] : nullptr);
     return;
   }
   std::atomic<int64_t> next{0};
-  const int64_t count = int64_t(tiles.size());
   // Worker threads do not inherit this thread's dispatcher state (we run below Autograd), so
   // at::mm_out there would go through autograd again: carry the state over.
   const at::ThreadLocalState state;
   at::parallel_for(0, std::min(threads, count), 1, [&](int64_t begin, int64_t end) {
     const at::ThreadLocalStateGuard guard(state);
     for (int64_t w = begin; w < end; ++w)  // one worker per index; each drains the queue
-      for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) fn(tiles[i]);
+      for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) {
+        const int64_t head = next.load(std::memory_order_relaxed);
+        fn(tiles[i], head < count ? &tiles[head] : nullptr);
+      }
   });
 }
 
@@ -124,10 +129,12 @@ void grouped_avx512(const at::Tensor& a_NX, const at::Tensor& b_EXY, at::Tensor&
   const int64_t X = a_NX.size(1), Y = c.size(1);
   const int64_t sa0 = a_NX.stride(0), sa1 = a_NX.stride(1);
   const int64_t sb0 = b_EXY.stride(0), sb1 = b_EXY.stride(1), sb2 = b_EXY.stride(2);
-  run_tiles(tiles, [&](const Tile& t) {
+  run_tiles(tiles, [&](const Tile& t, const Tile* up) {
     const int64_t r0 = starts[t.group] + t.begin;
+    NextB<T> next;
+    if (up != nullptr) next = {b + up->group * sb0 + up->col0 * sb2, X, up->col1 - up->col0};
     avx512_gemm(t.end - t.begin, t.col1 - t.col0, X, a + r0 * sa0, sa0, sa1,
-                b + t.group * sb0 + t.col0 * sb2, sb1, sb2, out + r0 * Y + t.col0, Y);
+                b + t.group * sb0 + t.col0 * sb2, sb1, sb2, out + r0 * Y + t.col0, Y, next);
   });
 }
 
@@ -141,10 +148,15 @@ void wgrad_avx512(const at::Tensor& a_NX, const at::Tensor& g_NY, at::Tensor& ou
   const int64_t X = a_NX.size(1), Y = g_NY.size(1);
   const int64_t sa0 = a_NX.stride(0), sa1 = a_NX.stride(1);
   const int64_t sg0 = g_NY.stride(0), sg1 = g_NY.stride(1);
-  run_tiles(tiles, [&](const Tile& t) {
+  run_tiles(tiles, [&](const Tile& t, const Tile* up) {
     const int64_t r0 = starts[t.group], n = starts[t.group + 1] - r0;
+    NextB<T> next;
+    if (up != nullptr)
+      next = {g + starts[up->group] * sg0 + up->col0 * sg1,
+              starts[up->group + 1] - starts[up->group], up->col1 - up->col0};
     avx512_gemm(t.end - t.begin, t.col1 - t.col0, n, a + r0 * sa0 + t.begin * sa1, sa1, sa0,
-                g + r0 * sg0 + t.col0 * sg1, sg0, sg1, dst + (t.group * X + t.begin) * Y + t.col0, Y);
+                g + r0 * sg0 + t.col0 * sg1, sg0, sg1, dst + (t.group * X + t.begin) * Y + t.col0, Y,
+                next);
   });
 }
 
@@ -166,7 +178,7 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a_NX, const at::Tensor& b_EXY,
                        AT_DISPATCH_CASE(at::kBFloat16, [&] { grouped_avx512<scalar_t>(a_NX, b_EXY, c, starts, tiles); }));
     return c;
   }
-  run_tiles(tiles, [&](const Tile& t) {
+  run_tiles(tiles, [&](const Tile& t, const Tile*) {
     const int64_t r0 = starts[t.group] + t.begin, n = t.end - t.begin, ny = t.col1 - t.col0;
     auto out = c.narrow(0, r0, n).narrow(1, t.col0, ny);
     at::mm_out(out, a_NX.narrow(0, r0, n), b_EXY.select(0, t.group).narrow(1, t.col0, ny));
@@ -196,7 +208,7 @@ at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& a_NX, const at::Tensor& g_NY,
                        AT_DISPATCH_CASE(at::kBFloat16, [&] { wgrad_avx512<scalar_t>(a_NX, g_NY, out, starts, tiles); }));
     return out;
   }
-  run_tiles(tiles, [&](const Tile& t) {
+  run_tiles(tiles, [&](const Tile& t, const Tile*) {
     const int64_t r0 = starts[t.group], n = starts[t.group + 1] - r0, x0 = t.begin;
     const int64_t ny = t.col1 - t.col0;
     auto dst = out.select(0, t.group).narrow(0, x0, t.end - x0).narrow(1, t.col0, ny);
