@@ -130,4 +130,57 @@ void check_swiglu_backward_args(const at::Tensor& grad, const at::Tensor& h) {
               at::IntArrayRef(expect), " (h's with the last dim halved), got ", grad.sizes());
 }
 
+static void check_gather_common(const char* op, const at::Tensor& x_TD, const at::Tensor& order_N,
+                                const at::Tensor& rows_TK, const at::Tensor& other,
+                                const char* other_name, const at::Tensor& offs_E) {
+  check_dispatch_args(op, x_TD, "x_TD", rows_TK.size(0), "T, the plan's tokens", order_N, rows_TK);
+  TORCH_CHECK(is_mm_dtype(x_TD.scalar_type()), "moe.", op,
+              ": x_TD must be float32/float64/bfloat16/float16, got ", x_TD.scalar_type());
+  TORCH_CHECK(other.scalar_type() == x_TD.scalar_type(), "moe.", op, ": x_TD is ",
+              x_TD.scalar_type(), " but ", other_name, " is ", other.scalar_type());
+  TORCH_CHECK(other.device() == x_TD.device(), "moe.", op, ": ", other_name, " is on ",
+              other.device(), " but x_TD is on ", x_TD.device());
+  TORCH_CHECK(offs_E.dim() == 1 && offs_E.scalar_type() == at::kInt, "moe.", op,
+              ": offs_E must be a 1-D int32 tensor (cumulative end row of each expert), got ",
+              offs_E.scalar_type(), " of shape ", offs_E.sizes());
+  TORCH_CHECK(offs_E.device() == x_TD.device(), "moe.", op, ": offs_E is on ", offs_E.device(),
+              " but x_TD is on ", x_TD.device());
+}
+
+void check_gather_grouped_mm_args(const at::Tensor& x_TD, const at::Tensor& order_N,
+                                  const at::Tensor& rows_TK, const at::Tensor& b_EXY,
+                                  const at::Tensor& offs_E) {
+  TORCH_CHECK(b_EXY.dim() == 3, "moe.gather_grouped_mm: b_EXY must be 3-D (E, X, Y), got shape ",
+              b_EXY.sizes());
+  check_gather_common("gather_grouped_mm", x_TD, order_N, rows_TK, b_EXY, "b_EXY", offs_E);
+  TORCH_CHECK(x_TD.size(1) == b_EXY.size(1), "moe.gather_grouped_mm: x_TD has X=", x_TD.size(1),
+              " columns but b_EXY has X=", b_EXY.size(1), " rows per expert");
+  TORCH_CHECK(offs_E.size(0) == b_EXY.size(0), "moe.gather_grouped_mm: offs_E has ", offs_E.size(0),
+              " entries but b_EXY has E=", b_EXY.size(0), " experts");
+}
+
+void check_gather_grouped_mm_wgrad_args(const at::Tensor& x_TD, const at::Tensor& order_N,
+                                        const at::Tensor& rows_TK, const at::Tensor& g_NY,
+                                        const at::Tensor& offs_E) {
+  TORCH_CHECK(g_NY.dim() == 2, "moe.gather_grouped_mm_wgrad: g_NY must be 2-D (N, Y), got shape ",
+              g_NY.sizes());
+  check_gather_common("gather_grouped_mm_wgrad", x_TD, order_N, rows_TK, g_NY, "g_NY", offs_E);
+  TORCH_CHECK(g_NY.size(0) == order_N.size(0), "moe.gather_grouped_mm_wgrad: g_NY has ",
+              g_NY.size(0), " rows but the plan has N=", order_N.size(0));
+}
+
+void check_linear_f32_args(const at::Tensor& x_TD, const at::Tensor& weight_ED) {
+  TORCH_CHECK(x_TD.dim() == 2, "moe.linear_f32: x_TD must be 2-D (T, D), got shape ", x_TD.sizes());
+  TORCH_CHECK(weight_ED.dim() == 2, "moe.linear_f32: weight_ED must be 2-D (E, D), got shape ",
+              weight_ED.sizes());
+  TORCH_CHECK(is_mm_dtype(x_TD.scalar_type()),
+              "moe.linear_f32: x_TD must be float32/float64/bfloat16/float16, got ", x_TD.scalar_type());
+  TORCH_CHECK(weight_ED.scalar_type() == x_TD.scalar_type(), "moe.linear_f32: x_TD is ",
+              x_TD.scalar_type(), " but weight_ED is ", weight_ED.scalar_type());
+  TORCH_CHECK(weight_ED.device() == x_TD.device(), "moe.linear_f32: weight_ED is on ",
+              weight_ED.device(), " but x_TD is on ", x_TD.device());
+  TORCH_CHECK(weight_ED.size(1) == x_TD.size(1), "moe.linear_f32: x_TD has D=", x_TD.size(1),
+              " but weight_ED has D=", weight_ED.size(1));
+}
+
 }  // namespace moe

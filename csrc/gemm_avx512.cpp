@@ -163,22 +163,30 @@ MOE_TARGET void pack_b(const T* B, int64_t bk, int64_t bn, int64_t K, int64_t n,
   }
 }
 
-// Packs A (M x K, strides am, ak in elements) to words laid out [kw][m], zero-padded past K.
+// Packs A (M x K) to words laid out [kw][m], zero-padded past K. A(m, k) = A[mo(m) + ko(k)] with
+// mo(m) = m_off ? m_off[m] : m * am and ko(k) = k_off ? k_off[k] : k * ak (element offsets: the
+// offset tables are the rows of a gathered operand).
 template <typename T>
-MOE_TARGET void pack_a(const T* A, int64_t am, int64_t ak, int64_t M, int64_t K, uint32_t* out) {
+MOE_TARGET void pack_a(const T* A, int64_t am, int64_t ak, const int64_t* m_off, const int64_t* k_off,
+                       int64_t M, int64_t K, uint32_t* out) {
   constexpr int64_t P = kPer<T>;
   const int64_t Kw = (K + P - 1) / P;
   for (int64_t kw = 0; kw < Kw; ++kw) {
-    const T* c0 = A + (P * kw) * ak;
-    const bool has1 = P * kw + 1 < K;
+    const int64_t k = P * kw;
+    const bool has1 = k + 1 < K;
+    const int64_t o0 = k_off ? k_off[k] : k * ak;
+    const int64_t o1 = !has1 ? 0 : k_off ? k_off[k + 1] : (k + 1) * ak;
     uint32_t* d = out + kw * M;
-    if (am == 1) {  // the weight gradient's a^T: rows of a, contiguous along m
+    if (am == 1 && m_off == nullptr) {  // the weight gradient's a^T: rows of a, contiguous along m
       for (int64_t m = 0; m < M; m += 16)
-        words16(c0 + m, has1 ? c0 + ak + m : nullptr, std::min<int64_t>(16, M - m), d + m,
+        words16(A + o0 + m, has1 ? A + o1 + m : nullptr, std::min<int64_t>(16, M - m), d + m,
                 /*all=*/false);
       continue;
     }
-    for (int64_t m = 0; m < M; ++m) d[m] = word(c0 + m * am, ak, has1);
+    for (int64_t m = 0; m < M; ++m) {
+      const T* row = A + (m_off ? m_off[m] : m * am);
+      d[m] = word(row + o0, o1 - o0, has1);
+    }
   }
 }
 
@@ -187,11 +195,15 @@ MOE_TARGET void pack_a(const T* A, int64_t am, int64_t ak, int64_t M, int64_t K,
 // sums into the total: rounding error grows like 2 kKB + K / kKB^2 rather than K (the 2x-of-torch
 // error rule holds at K in the tens of thousands, the weight gradient's rows per expert, where
 // one running FMA chain, or one level of blocks, would not).
-template <typename T, int MR, int NV>
-MOE_TARGET void micro(const u32* A, int64_t am, int64_t ak, const uint32_t* Bp, int64_t Kw,
-                      T* C, int64_t ldc, int cols) {
+// Row r of A is the word sequence arow[r][kw * ak] (A in place: ak = 1; packed: ak = rows).
+// TC: the type of C (T, or float for bfloat16 inputs with a float32 result).
+template <typename T, int MR, int NV, typename TC>
+MOE_TARGET void micro(const u32* const* arow, int64_t ak, const uint32_t* Bp, int64_t Kw,
+                      TC* C, int64_t ldc, int cols) {
+  const u32* ap[MR];
+  for (int r = 0; r < MR; ++r) ap[r] = arow[r];
   // bf16 results are rounded to 8 bits of mantissa: one running sum is accurate enough there.
-  const int64_t block = std::is_same_v<T, c10::BFloat16> ? Kw : kKB;
+  const int64_t block = std::is_same_v<TC, c10::BFloat16> ? Kw : kKB;
   __m512 acc[MR][NV], mid[MR][NV], total[MR][NV];
   for (int64_t k0 = 0; k0 < Kw; k0 += block) {
     for (int r = 0; r < MR; ++r)
@@ -201,9 +213,9 @@ MOE_TARGET void micro(const u32* A, int64_t am, int64_t ak, const uint32_t* Bp, 
       __m512i b[NV];
       for (int v = 0; v < NV; ++v)
         b[v] = _mm512_loadu_si512(reinterpret_cast<const void*>(Bp + kw * kNR + 16 * v));
-      const u32* a = A + kw * ak;
+      const int64_t ka = kw * ak;
       for (int r = 0; r < MR; ++r) {
-        const __m512i ar = _mm512_set1_epi32(int(a[r * am]));
+        const __m512i ar = _mm512_set1_epi32(int(ap[r][ka]));
         for (int v = 0; v < NV; ++v) {
           if constexpr (std::is_same_v<T, c10::BFloat16>)
             acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)ar, (__m512bh)b[v]);
@@ -221,12 +233,12 @@ MOE_TARGET void micro(const u32* A, int64_t am, int64_t ak, const uint32_t* Bp, 
       }
   }
   for (int r = 0; r < MR; ++r) {
-    T* c = C + r * ldc;
+    TC* c = C + r * ldc;
     for (int v = 0; v < NV; ++v) {
       const int left = cols - 16 * v;
       if (left <= 0) break;
       const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-      if constexpr (std::is_same_v<T, c10::BFloat16>)
+      if constexpr (std::is_same_v<TC, c10::BFloat16>)
         _mm256_mask_storeu_epi16(c + 16 * v, mask, (__m256i)_mm512_cvtneps_pbh(total[r][v]));
       else
         _mm512_mask_storeu_ps(c + 16 * v, mask, total[r][v]);
@@ -234,27 +246,27 @@ MOE_TARGET void micro(const u32* A, int64_t am, int64_t ak, const uint32_t* Bp, 
   }
 }
 
-template <typename T, int NV>
-MOE_TARGET void micro_rows(int mr, const u32* A, int64_t am, int64_t ak, const uint32_t* Bp,
-                           int64_t Kw, T* C, int64_t ldc, int cols) {
+template <typename T, int NV, typename TC>
+MOE_TARGET void micro_rows(int mr, const u32* const* arow, int64_t ak, const uint32_t* Bp,
+                           int64_t Kw, TC* C, int64_t ldc, int cols) {
   switch (mr) {
-    case 6: return micro<T, 6, NV>(A, am, ak, Bp, Kw, C, ldc, cols);
-    case 5: return micro<T, 5, NV>(A, am, ak, Bp, Kw, C, ldc, cols);
-    case 4: return micro<T, 4, NV>(A, am, ak, Bp, Kw, C, ldc, cols);
-    case 3: return micro<T, 3, NV>(A, am, ak, Bp, Kw, C, ldc, cols);
-    case 2: return micro<T, 2, NV>(A, am, ak, Bp, Kw, C, ldc, cols);
-    default: return micro<T, 1, NV>(A, am, ak, Bp, Kw, C, ldc, cols);
+    case 6: return micro<T, 6, NV, TC>(arow, ak, Bp, Kw, C, ldc, cols);
+    case 5: return micro<T, 5, NV, TC>(arow, ak, Bp, Kw, C, ldc, cols);
+    case 4: return micro<T, 4, NV, TC>(arow, ak, Bp, Kw, C, ldc, cols);
+    case 3: return micro<T, 3, NV, TC>(arow, ak, Bp, Kw, C, ldc, cols);
+    case 2: return micro<T, 2, NV, TC>(arow, ak, Bp, Kw, C, ldc, cols);
+    default: return micro<T, 1, NV, TC>(arow, ak, Bp, Kw, C, ldc, cols);
   }
 }
 
-template <typename T>
-MOE_TARGET void micro_any(int mr, const u32* A, int64_t am, int64_t ak, const uint32_t* Bp,
-                          int64_t Kw, T* C, int64_t ldc, int cols) {
+template <typename T, typename TC>
+MOE_TARGET void micro_any(int mr, const u32* const* arow, int64_t ak, const uint32_t* Bp,
+                          int64_t Kw, TC* C, int64_t ldc, int cols) {
   switch ((cols + 15) / 16) {
-    case 4: return micro_rows<T, 4>(mr, A, am, ak, Bp, Kw, C, ldc, cols);
-    case 3: return micro_rows<T, 3>(mr, A, am, ak, Bp, Kw, C, ldc, cols);
-    case 2: return micro_rows<T, 2>(mr, A, am, ak, Bp, Kw, C, ldc, cols);
-    default: return micro_rows<T, 1>(mr, A, am, ak, Bp, Kw, C, ldc, cols);
+    case 4: return micro_rows<T, 4, TC>(mr, arow, ak, Bp, Kw, C, ldc, cols);
+    case 3: return micro_rows<T, 3, TC>(mr, arow, ak, Bp, Kw, C, ldc, cols);
+    case 2: return micro_rows<T, 2, TC>(mr, arow, ak, Bp, Kw, C, ldc, cols);
+    default: return micro_rows<T, 1, TC>(mr, arow, ak, Bp, Kw, C, ldc, cols);
   }
 }
 
@@ -311,12 +323,12 @@ struct PanelLines {
   }
 };
 
-template <typename T>
-void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t am, int64_t ak, const T* B,
-          int64_t bk, int64_t bn, T* C, int64_t ldc, NextB<T> next) {
+template <typename T, typename TC = T>
+void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t am, int64_t ak, const int64_t* a_rows,
+          const int64_t* a_cols, const T* B, int64_t bk, int64_t bn, TC* C, int64_t ldc, NextB<T> next) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
-    for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, T(0.0f));
+    for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, TC(0.0f));
     return;
   }
   constexpr int64_t P = kPer<T>;
@@ -327,24 +339,25 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t am, int64_t ak, c
   // scratch stays bounded however large one expert's weight is.
   const int64_t chunk = std::max<int64_t>(1, kPackWords / (Kw * kNR));
   // A in place when its words are contiguous, else packed [kw][m].
-  const bool direct = ak == 1 && K % P == 0 && am % P == 0 &&
+  bool rows_even = a_rows != nullptr || am % P == 0;
+  for (int64_t m = 0; a_rows != nullptr && P > 1 && m < M; ++m) rows_even = rows_even && a_rows[m] % P == 0;
+  const bool direct = ak == 1 && a_cols == nullptr && K % P == 0 && rows_even &&
                       reinterpret_cast<uintptr_t>(A) % alignof(uint32_t) == 0;
+  const u32* rowp[kMC];
   for (int64_t p0 = 0; p0 < panels; p0 += chunk) {
     const int64_t np = std::min(chunk, panels - p0), n0 = p0 * kNR;
     uint32_t* Bp = scratch(b_buf, np * Kw * kNR);
     for (int64_t m0 = 0; m0 < M; m0 += kMC) {
       const int64_t mc = std::min(kMC, M - m0);
-      const u32* A32;
-      int64_t a_m, a_k;
+      int64_t a_k;
       if (direct) {
-        A32 = reinterpret_cast<const u32*>(A + m0 * am);
-        a_m = am / P;
+        for (int64_t r = 0; r < mc; ++r)
+          rowp[r] = reinterpret_cast<const u32*>(A + (a_rows ? a_rows[m0 + r] : (m0 + r) * am));
         a_k = 1;
       } else {
         uint32_t* Ap = scratch(a_buf, Kw * mc);
-        pack_a(A + m0 * am, am, ak, mc, K, Ap);
-        A32 = Ap;
-        a_m = 1;
+        pack_a(a_rows ? A : A + m0 * am, am, ak, a_rows ? a_rows + m0 : nullptr, a_cols, mc, K, Ap);
+        for (int64_t r = 0; r < mc; ++r) rowp[r] = Ap + r;
         a_k = mc;
       }
       const int64_t calls = (mc + kMR - 1) / kMR;
@@ -367,7 +380,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t am, int64_t ak, c
         for (int64_t r = 0, i = 0; r < mc; r += kMR, ++i) {
           if (L > 0) ahead.fetch(L * i / calls, L * (i + 1) / calls);
           const int mr = int(std::min<int64_t>(kMR, mc - r));
-          micro_any<T>(mr, A32 + r * a_m, a_m, a_k, panel, Kw, C + (m0 + r) * ldc + c0, ldc, cols);
+          micro_any<T, TC>(mr, rowp + r, a_k, panel, Kw, C + (m0 + r) * ldc + c0, ldc, cols);
         }
       }
     }
@@ -400,13 +413,19 @@ bool avx512_gemm_available(at::ScalarType dtype) {
 
 void avx512_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t am, int64_t ak,
                  const c10::BFloat16* B, int64_t bk, int64_t bn, c10::BFloat16* C, int64_t ldc,
-                 NextB<c10::BFloat16> next) {
-  gemm(M, N, K, A, am, ak, B, bk, bn, C, ldc, next);
+                 NextB<c10::BFloat16> next, GatherA gather) {
+  gemm(M, N, K, A, am, ak, gather.rows, gather.cols, B, bk, bn, C, ldc, next);
 }
 
 void avx512_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t am, int64_t ak,
-                 const float* B, int64_t bk, int64_t bn, float* C, int64_t ldc, NextB<float> next) {
-  gemm(M, N, K, A, am, ak, B, bk, bn, C, ldc, next);
+                 const float* B, int64_t bk, int64_t bn, float* C, int64_t ldc, NextB<float> next,
+                 GatherA gather) {
+  gemm(M, N, K, A, am, ak, gather.rows, gather.cols, B, bk, bn, C, ldc, next);
+}
+
+void avx512_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t am, int64_t ak,
+                 const c10::BFloat16* B, int64_t bk, int64_t bn, float* C, int64_t ldc) {
+  gemm<c10::BFloat16, float>(M, N, K, A, am, ak, nullptr, nullptr, B, bk, bn, C, ldc, {});
 }
 
 #else  // not x86-64 GCC/Clang: at::mm does every GEMM
@@ -415,12 +434,17 @@ bool avx512_gemm_available(at::ScalarType) { return false; }
 
 void avx512_gemm(int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t, int64_t,
                  const c10::BFloat16*, int64_t, int64_t, c10::BFloat16*, int64_t,
-                 NextB<c10::BFloat16>) {
+                 NextB<c10::BFloat16>, GatherA) {
   TORCH_CHECK(false, "moekit: the AVX-512 GEMM is not compiled on this platform");
 }
 
 void avx512_gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*,
-                 int64_t, int64_t, float*, int64_t, NextB<float>) {
+                 int64_t, int64_t, float*, int64_t, NextB<float>, GatherA) {
+  TORCH_CHECK(false, "moekit: the AVX-512 GEMM is not compiled on this platform");
+}
+
+void avx512_gemm(int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t, int64_t,
+                 const c10::BFloat16*, int64_t, int64_t, float*, int64_t) {
   TORCH_CHECK(false, "moekit: the AVX-512 GEMM is not compiled on this platform");
 }
 

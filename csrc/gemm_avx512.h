@@ -20,14 +20,24 @@ struct NextB {
   int64_t K = 0, N = 0;
 };
 
+// A operand read through offset tables (a gathered operand, never materialized): A(m, k) =
+// A[rows[m] + k * ak] with `rows`, A[m * am + cols[k]] with `cols` (element offsets).
+struct GatherA {
+  const int64_t* rows = nullptr;
+  const int64_t* cols = nullptr;
+};
+
 // C (M x N, row stride ldc) = A (M x K) @ B (K x N), fp32 accumulation, C in the inputs' dtype.
 // A(m, k) = A[m * am + k * ak], B(k, n) = B[k * bk + n * bn] (element strides, any layout).
 // Single-threaded: the grouped GEMM calls it from its own parallel tiles.
 void avx512_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t am, int64_t ak,
                  const c10::BFloat16* B, int64_t bk, int64_t bn, c10::BFloat16* C, int64_t ldc,
-                 NextB<c10::BFloat16> next = {});
+                 NextB<c10::BFloat16> next = {}, GatherA gather = {});
 void avx512_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t am, int64_t ak,
                  const float* B, int64_t bk, int64_t bn, float* C, int64_t ldc,
-                 NextB<float> next = {});
+                 NextB<float> next = {}, GatherA gather = {});
+// bfloat16 inputs, float32 C: the fp32 sums are stored unrounded (blocked like the float32 path).
+void avx512_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t am, int64_t ak,
+                 const c10::BFloat16* B, int64_t bk, int64_t bn, float* C, int64_t ldc);
 
 }  // namespace moe

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <optional>
 #include <vector>
 
 #include "gemm_avx512.h"
@@ -120,33 +121,38 @@ bool use_avx512(at::ScalarType dtype, int64_t X, int64_t Y, int64_t rows) {
   if (!avx512_gemm_available(dtype)) return false;
   return dtype != at::kFloat || (X >= kMinSide && Y >= kMinSide && rows >= kMinSide);
 }
+// a_NX's rows: row i is a_NX[i], or with `gather` (element offsets of the routed rows, from
+// gather_offsets) the row of a that starts at gather[i].
 template <typename T>
-void grouped_avx512(const at::Tensor& a_NX, const at::Tensor& b_EXY, at::Tensor& c,
-                    const std::vector<int64_t>& starts, const std::vector<Tile>& tiles) {
-  const T* a = a_NX.const_data_ptr<T>();
+void grouped_avx512(const at::Tensor& a, const int64_t* gather, const at::Tensor& b_EXY,
+                    at::Tensor& c, const std::vector<int64_t>& starts, const std::vector<Tile>& tiles) {
+  const T* ap = a.const_data_ptr<T>();
   const T* b = b_EXY.const_data_ptr<T>();
   T* out = c.mutable_data_ptr<T>();
-  const int64_t X = a_NX.size(1), Y = c.size(1);
-  const int64_t sa0 = a_NX.stride(0), sa1 = a_NX.stride(1);
+  const int64_t X = a.size(1), Y = c.size(1);
+  const int64_t sa0 = a.stride(0), sa1 = a.stride(1);
   const int64_t sb0 = b_EXY.stride(0), sb1 = b_EXY.stride(1), sb2 = b_EXY.stride(2);
   run_tiles(tiles, [&](const Tile& t, const Tile* up) {
     const int64_t r0 = starts[t.group] + t.begin;
     NextB<T> next;
     if (up != nullptr) next = {b + up->group * sb0 + up->col0 * sb2, X, up->col1 - up->col0};
-    avx512_gemm(t.end - t.begin, t.col1 - t.col0, X, a + r0 * sa0, sa0, sa1,
-                b + t.group * sb0 + t.col0 * sb2, sb1, sb2, out + r0 * Y + t.col0, Y, next);
+    GatherA rows;
+    if (gather != nullptr) rows.rows = gather + r0;
+    avx512_gemm(t.end - t.begin, t.col1 - t.col0, X, gather ? ap : ap + r0 * sa0, sa0, sa1,
+                b + t.group * sb0 + t.col0 * sb2, sb1, sb2, out + r0 * Y + t.col0, Y, next, rows);
   });
 }
 
-// out[e][x, y] = sum over e's rows r of a[r, x] g[r, y]: A = a^T (packed by the kernel).
+// out[e][x, y] = sum over e's rows r of a[r, x] g[r, y]: A = a^T (packed by the kernel), a's
+// rows gathered as in grouped_avx512.
 template <typename T>
-void wgrad_avx512(const at::Tensor& a_NX, const at::Tensor& g_NY, at::Tensor& out,
-                  const std::vector<int64_t>& starts, const std::vector<Tile>& tiles) {
-  const T* a = a_NX.const_data_ptr<T>();
+void wgrad_avx512(const at::Tensor& a, const int64_t* gather, const at::Tensor& g_NY,
+                  at::Tensor& out, const std::vector<int64_t>& starts, const std::vector<Tile>& tiles) {
+  const T* ap = a.const_data_ptr<T>();
   const T* g = g_NY.const_data_ptr<T>();
   T* dst = out.mutable_data_ptr<T>();
-  const int64_t X = a_NX.size(1), Y = g_NY.size(1);
-  const int64_t sa0 = a_NX.stride(0), sa1 = a_NX.stride(1);
+  const int64_t X = a.size(1), Y = g_NY.size(1);
+  const int64_t sa0 = a.stride(0), sa1 = a.stride(1);
   const int64_t sg0 = g_NY.stride(0), sg1 = g_NY.stride(1);
   run_tiles(tiles, [&](const Tile& t, const Tile* up) {
     const int64_t r0 = starts[t.group], n = starts[t.group + 1] - r0;
@@ -154,10 +160,28 @@ void wgrad_avx512(const at::Tensor& a_NX, const at::Tensor& g_NY, at::Tensor& ou
     if (up != nullptr)
       next = {g + starts[up->group] * sg0 + up->col0 * sg1,
               starts[up->group + 1] - starts[up->group], up->col1 - up->col0};
-    avx512_gemm(t.end - t.begin, t.col1 - t.col0, n, a + r0 * sa0 + t.begin * sa1, sa1, sa0,
+    GatherA cols;
+    if (gather != nullptr) cols.cols = gather + r0;
+    avx512_gemm(t.end - t.begin, t.col1 - t.col0, n,
+                (gather ? ap : ap + r0 * sa0) + t.begin * sa1, sa1, sa0,
                 g + r0 * sg0 + t.col0 * sg1, sg0, sg1, dst + (t.group * X + t.begin) * Y + t.col0, Y,
-                next);
+                next, cols);
   });
+}
+
+// Element offset in x_TD of each routed row's token, (order_N[i] / K) * x_TD.stride(0), for the
+// routed rows i < `routed` (the rest are padding, never read). A routed row must name a slot.
+std::vector<int64_t> gather_offsets(const char* op, const at::Tensor& order_N, int64_t K,
+                                    int64_t slots, int64_t routed, int64_t ld) {
+  const auto order = order_N.contiguous();
+  const int64_t* ord = order.const_data_ptr<int64_t>();
+  std::vector<int64_t> off(routed);
+  for (int64_t i = 0; i < routed; ++i) {
+    TORCH_CHECK(ord[i] >= 0 && ord[i] < slots, "moe.", op, ": order_N[", i, "] = ", ord[i],
+                " is outside [0, ", slots, ") for a routed row (< offs_E[-1]): the plan does not match the data");
+    off[i] = (ord[i] / K) * ld;
+  }
+  return off;
 }
 
 }  // namespace
@@ -174,8 +198,8 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a_NX, const at::Tensor& b_EXY,
   const auto tiles = make_tiles(rows, Y, /*min_block=*/64);
   if (use_avx512(a_NX.scalar_type(), a_NX.size(1), Y, starts[E])) {
     AT_DISPATCH_SWITCH(a_NX.scalar_type(), "moe_grouped_mm_avx512",
-                       AT_DISPATCH_CASE(at::kFloat, [&] { grouped_avx512<scalar_t>(a_NX, b_EXY, c, starts, tiles); })
-                       AT_DISPATCH_CASE(at::kBFloat16, [&] { grouped_avx512<scalar_t>(a_NX, b_EXY, c, starts, tiles); }));
+                       AT_DISPATCH_CASE(at::kFloat, [&] { grouped_avx512<scalar_t>(a_NX, nullptr, b_EXY, c, starts, tiles); })
+                       AT_DISPATCH_CASE(at::kBFloat16, [&] { grouped_avx512<scalar_t>(a_NX, nullptr, b_EXY, c, starts, tiles); }));
     return c;
   }
   run_tiles(tiles, [&](const Tile& t, const Tile*) {
@@ -204,8 +228,8 @@ at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& a_NX, const at::Tensor& g_NY,
   // (K here is each expert's rows: a few-row expert still has X x Y >= 64 x 64 outputs to compare.)
   if (use_avx512(a_NX.scalar_type(), X, Y, /*rows=*/kMinSide)) {
     AT_DISPATCH_SWITCH(a_NX.scalar_type(), "moe_grouped_mm_wgrad_avx512",
-                       AT_DISPATCH_CASE(at::kFloat, [&] { wgrad_avx512<scalar_t>(a_NX, g_NY, out, starts, tiles); })
-                       AT_DISPATCH_CASE(at::kBFloat16, [&] { wgrad_avx512<scalar_t>(a_NX, g_NY, out, starts, tiles); }));
+                       AT_DISPATCH_CASE(at::kFloat, [&] { wgrad_avx512<scalar_t>(a_NX, nullptr, g_NY, out, starts, tiles); })
+                       AT_DISPATCH_CASE(at::kBFloat16, [&] { wgrad_avx512<scalar_t>(a_NX, nullptr, g_NY, out, starts, tiles); }));
     return out;
   }
   run_tiles(tiles, [&](const Tile& t, const Tile*) {
@@ -215,6 +239,57 @@ at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& a_NX, const at::Tensor& g_NY,
     at::mm_out(dst, a_NX.narrow(0, r0, n).narrow(1, x0, t.end - x0).t(),
                g_NY.narrow(0, r0, n).narrow(1, t.col0, ny));
   });
+  return out;
+}
+
+// The gathered forms: the same GEMMs on permute(x_TD), with each routed row read from x_TD where
+// it is (no T*K x X copy). On the AVX-512 path the result is the same, bit for bit, as the
+// GEMM on the permuted copy (the same words in the same order); elsewhere it is that composite.
+at::Tensor gather_grouped_mm_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
+                                 const at::Tensor& rows_TK, const at::Tensor& b_EXY,
+                                 const at::Tensor& offs_E) {
+  check_gather_grouped_mm_args(x_TD, order_N, rows_TK, b_EXY, offs_E);
+  const int64_t N = order_N.size(0), X = x_TD.size(1), Y = b_EXY.size(2), E = b_EXY.size(0);
+  const auto starts = read_offsets("gather_grouped_mm", offs_E, N);
+  if (!use_avx512(x_TD.scalar_type(), X, Y, starts[E]))
+    return grouped_mm_cpu(permute_cpu(x_TD, order_N, rows_TK, std::nullopt), b_EXY, offs_E);
+  const auto x = x_TD.stride(1) == 1 ? x_TD : x_TD.contiguous();
+  const auto off = gather_offsets("gather_grouped_mm", order_N, rows_TK.size(1), rows_TK.numel(),
+                                  starts[E], x.stride(0));
+  auto c = empty_cpu({N, Y}, x.options());
+  c.narrow(0, starts[E], N - starts[E]).zero_();
+  std::vector<int64_t> rows(E);
+  for (int64_t e = 0; e < E; ++e) rows[e] = starts[e + 1] - starts[e];
+  const auto tiles = make_tiles(rows, Y, /*min_block=*/64);
+  AT_DISPATCH_SWITCH(x.scalar_type(), "moe_gather_grouped_mm_avx512",
+                     AT_DISPATCH_CASE(at::kFloat, [&] { grouped_avx512<scalar_t>(x, off.data(), b_EXY, c, starts, tiles); })
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { grouped_avx512<scalar_t>(x, off.data(), b_EXY, c, starts, tiles); }));
+  return c;
+}
+
+at::Tensor gather_grouped_mm_wgrad_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
+                                       const at::Tensor& rows_TK, const at::Tensor& g_NY,
+                                       const at::Tensor& offs_E) {
+  check_gather_grouped_mm_wgrad_args(x_TD, order_N, rows_TK, g_NY, offs_E);
+  const int64_t N = order_N.size(0), X = x_TD.size(1), Y = g_NY.size(1), E = offs_E.size(0);
+  if (!use_avx512(x_TD.scalar_type(), X, Y, /*rows=*/kMinSide))
+    return grouped_mm_wgrad_cpu(permute_cpu(x_TD, order_N, rows_TK, std::nullopt), g_NY, offs_E);
+  const auto starts = read_offsets("gather_grouped_mm_wgrad", offs_E, N);
+  const auto x = x_TD.stride(1) == 1 ? x_TD : x_TD.contiguous();
+  const auto off = gather_offsets("gather_grouped_mm_wgrad", order_N, rows_TK.size(1),
+                                  rows_TK.numel(), starts[E], x.stride(0));
+  auto out = empty_cpu({E, X, Y}, x.options());
+  std::vector<int64_t> extent(E, X);
+  for (int64_t e = 0; e < E; ++e) {
+    if (starts[e + 1] == starts[e]) {
+      out.select(0, e).zero_();
+      extent[e] = 0;
+    }
+  }
+  const auto tiles = make_tiles(extent, Y, /*min_block=*/64);
+  AT_DISPATCH_SWITCH(x.scalar_type(), "moe_gather_grouped_mm_wgrad_avx512",
+                     AT_DISPATCH_CASE(at::kFloat, [&] { wgrad_avx512<scalar_t>(x, off.data(), g_NY, out, starts, tiles); })
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { wgrad_avx512<scalar_t>(x, off.data(), g_NY, out, starts, tiles); }));
   return out;
 }
 

@@ -28,6 +28,13 @@ void check_grouped_mm_args(const at::Tensor& a_NX, const at::Tensor& b_EXY,
                            const at::Tensor& offs_E);
 void check_grouped_mm_wgrad_args(const at::Tensor& a_NX, const at::Tensor& g_NY,
                                  const at::Tensor& offs_E);
+void check_gather_grouped_mm_args(const at::Tensor& x_TD, const at::Tensor& order_N,
+                                  const at::Tensor& rows_TK, const at::Tensor& b_EXY,
+                                  const at::Tensor& offs_E);
+void check_gather_grouped_mm_wgrad_args(const at::Tensor& x_TD, const at::Tensor& order_N,
+                                        const at::Tensor& rows_TK, const at::Tensor& g_NY,
+                                        const at::Tensor& offs_E);
+void check_linear_f32_args(const at::Tensor& x_TD, const at::Tensor& weight_ED);
 void check_swiglu_args(const at::Tensor& h);
 void check_swiglu_backward_args(const at::Tensor& grad, const at::Tensor& h);
 // Dtype of the unpermute_weights_grad output: float32 for half/bfloat16, else the input dtype.
@@ -45,6 +52,13 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a_NX, const at::Tensor& b_EXY,
                           const at::Tensor& offs_E);
 at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& a_NX, const at::Tensor& g_NY,
                                 const at::Tensor& offs_E);
+at::Tensor gather_grouped_mm_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
+                                 const at::Tensor& rows_TK, const at::Tensor& b_EXY,
+                                 const at::Tensor& offs_E);
+at::Tensor gather_grouped_mm_wgrad_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
+                                       const at::Tensor& rows_TK, const at::Tensor& g_NY,
+                                       const at::Tensor& offs_E);
+at::Tensor linear_f32_cpu(const at::Tensor& x_TD, const at::Tensor& weight_ED);
 at::Tensor swiglu_cpu(const at::Tensor& h);
 at::Tensor swiglu_backward_cpu(const at::Tensor& grad, const at::Tensor& h);
 

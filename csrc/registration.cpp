@@ -23,6 +23,12 @@ TORCH_LIBRARY(moe, m) {
   m.def("grouped_mm(Tensor a_NX, Tensor b_EXY, Tensor offs_E) -> Tensor");
   // g_EXY[e] = a_NX[rows of e]^T @ g_NY[rows of e]; zero for experts with no rows.
   m.def("grouped_mm_wgrad(Tensor a_NX, Tensor g_NY, Tensor offs_E) -> Tensor");
+  // grouped_mm(permute(x_TD, order_N, rows_TK), b_EXY, offs_E), the rows read from x_TD in place.
+  m.def("gather_grouped_mm(Tensor x_TD, Tensor order_N, Tensor rows_TK, Tensor b_EXY, Tensor offs_E) -> Tensor");
+  // grouped_mm_wgrad(permute(x_TD, order_N, rows_TK), g_NY, offs_E), likewise.
+  m.def("gather_grouped_mm_wgrad(Tensor x_TD, Tensor order_N, Tensor rows_TK, Tensor g_NY, Tensor offs_E) -> Tensor");
+  // x_TD @ weight_ED^T in float32 (float64 for float64): the routers' logits.
+  m.def("linear_f32(Tensor x_TD, Tensor weight_ED) -> Tensor");
   // out = silu(gate) * up on h = [gate; up] (..., 2F) -> (..., F).
   m.def("swiglu(Tensor h) -> Tensor");
   // d h = [grad * up * silu'(gate); grad * silu(gate)], grad (..., F), h (..., 2F) -> (..., 2F).
@@ -36,6 +42,9 @@ TORCH_LIBRARY_IMPL(moe, CPU, m) {
   m.impl("unpermute_weights_grad", &moe::unpermute_weights_grad_cpu);
   m.impl("grouped_mm", &moe::grouped_mm_cpu);
   m.impl("grouped_mm_wgrad", &moe::grouped_mm_wgrad_cpu);
+  m.impl("gather_grouped_mm", &moe::gather_grouped_mm_cpu);
+  m.impl("gather_grouped_mm_wgrad", &moe::gather_grouped_mm_wgrad_cpu);
+  m.impl("linear_f32", &moe::linear_f32_cpu);
   m.impl("swiglu", &moe::swiglu_cpu);
   m.impl("swiglu_backward", &moe::swiglu_backward_cpu);
 }

@@ -51,11 +51,17 @@ class LocalDispatcher(nn.Module):
     def dispatch(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor):
         """x_TD (T, D), ids_TK int (T, K) with -1 for empty slots, weights_TK (T, K) ->
         (x_ND (T*K, D) sorted by expert, offs_E int32 (E,), LocalDispatchState)."""
+        state = self.plan(x_TD, ids_TK, weights_TK)
+        return ops.permute(x_TD, state.plan), state.plan.offs_E, state
+
+    def plan(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> LocalDispatchState:
+        """dispatch without the permuted copy: only the plan and the weights, for experts that
+        read their rows from x_TD in place (:meth:`moe.GroupedExperts.gathered`)."""
         _check_dispatch_args(x_TD, ids_TK, weights_TK)
         plan = ops.plan(ids_TK, self.num_experts)
         if weights_TK.dtype not in (torch.float32, x_TD.dtype):
             weights_TK = weights_TK.to(torch.float32)
-        return ops.permute(x_TD, plan), plan.offs_E, LocalDispatchState(plan, weights_TK)
+        return LocalDispatchState(plan, weights_TK)
 
     def combine(self, y_ND: Tensor, state: LocalDispatchState) -> Tensor:
         """y_ND (N, D) expert outputs in dispatch order -> y_TD (T, D), weighted by the routing

@@ -139,6 +139,28 @@ class GroupedExperts(nn.Module):
             y_ND = y_ND + _row_bias(self.b_out_ED, offs_E, x_ND.shape[0])
         return y_ND
 
+    def gathered(self, x_TD: Tensor, plan: ops.Plan) -> Tensor:
+        """``forward(permute(x_TD, plan), plan.offs_E)`` without the (N, D) permuted copy: the
+        first projection reads each routed row from x_TD in place (ops.gather_grouped_mm), and so
+        does its weight gradient, so backward keeps x_TD rather than a T*K x D buffer. Same
+        values as forward on the permuted rows (bit for bit on the CPU kernels)."""
+        if not isinstance(x_TD, Tensor) or x_TD.dim() != 2 or x_TD.shape[1] != self.hidden_size:
+            shape = tuple(x_TD.shape) if isinstance(x_TD, Tensor) else type(x_TD).__name__
+            raise ValueError(f"GroupedExperts: x_TD must have shape (T, hidden_size={self.hidden_size}), got {shape}")
+        if x_TD.dtype != self.w_in_EDH.dtype:
+            raise TypeError(f"GroupedExperts: x_TD is {x_TD.dtype} but the expert weights are "
+                            f"{self.w_in_EDH.dtype}; cast the input or the module")
+        if plan.num_experts != self.num_experts:
+            raise ValueError(f"GroupedExperts: the plan has {plan.num_experts} experts, the module {self.num_experts}")
+        offs_E, N = plan.offs_E, plan.max_rows
+        h_NH = ops.gather_grouped_mm(x_TD, plan, self.w_in_EDH)
+        if self.b_in_EH is not None:
+            h_NH = h_NH + _row_bias(self.b_in_EH, offs_E, N)
+        y_ND = ops.grouped_mm(activate(h_NH, self.activation), self.w_out_EFD, offs_E)
+        if self.b_out_ED is not None:
+            y_ND = y_ND + _row_bias(self.b_out_ED, offs_E, N)
+        return y_ND
+
     def _check_inputs(self, x_ND: Tensor, offs_E: Tensor) -> None:
         if not isinstance(x_ND, Tensor) or x_ND.dim() != 2 or x_ND.shape[1] != self.hidden_size:
             shape = tuple(x_ND.shape) if isinstance(x_ND, Tensor) else type(x_ND).__name__

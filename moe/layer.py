@@ -152,8 +152,13 @@ class MoELayer(nn.Module):
         if x.dim() != 3 and padding_mask is not None:
             padding_mask = padding_mask.reshape(-1)
         routing = self.router(x if x.dim() == 3 else x_TD, state=state, padding_mask=padding_mask)
-        x_ND, offs_E, dispatch_state = self.dispatcher.dispatch(x_TD, routing.ids_TK, routing.weights_TK)
-        y_TD = self.dispatcher.combine(self.experts(x_ND, offs_E), dispatch_state)
+        if type(self.dispatcher) is LocalDispatcher:  # rows read from x_TD in place, no permuted copy
+            dispatch_state = self.dispatcher.plan(x_TD, routing.ids_TK, routing.weights_TK)
+            y_ND = self.experts.gathered(x_TD, dispatch_state.plan)
+        else:
+            x_ND, offs_E, dispatch_state = self.dispatcher.dispatch(x_TD, routing.ids_TK, routing.weights_TK)
+            y_ND = self.experts(x_ND, offs_E)
+        y_TD = self.dispatcher.combine(y_ND, dispatch_state)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         zero = torch.zeros((), dtype=torch.float32, device=x.device)

@@ -30,11 +30,14 @@ from moe.ops_torch import (  # noqa: F401  (re-exported twins)
     plan_torch,
     unpermute_torch,
     unpermute_weights_grad_torch,
+    gather_grouped_mm_torch,
+    gather_grouped_mm_wgrad_torch,
+    linear_f32_torch,
     swiglu_torch,
     swiglu_backward_torch,
 )
 
-__all__ = ["Plan", "plan", "permute", "unpermute", "grouped_mm", "swiglu", "HAS_EXTENSION", "host_cache_stats",
+__all__ = ["Plan", "plan", "permute", "unpermute", "grouped_mm", "gather_grouped_mm", "swiglu", "HAS_EXTENSION", "host_cache_stats",
            "empty_host_cache"]
 
 _log = logging.getLogger(__name__)
@@ -79,6 +82,9 @@ _TWINS = {
     "unpermute_weights_grad": ops_torch.unpermute_weights_grad_torch,
     "grouped_mm": ops_torch.grouped_mm_torch,
     "grouped_mm_wgrad": ops_torch.grouped_mm_wgrad_torch,
+    "gather_grouped_mm": ops_torch.gather_grouped_mm_torch,
+    "gather_grouped_mm_wgrad": ops_torch.gather_grouped_mm_wgrad_torch,
+    "linear_f32": ops_torch.linear_f32_torch,
     "swiglu": ops_torch.swiglu_torch,
     "swiglu_backward": ops_torch.swiglu_backward_torch,
 }
@@ -179,6 +185,19 @@ def grouped_mm(a_NX: torch.Tensor, b_EXY: torch.Tensor, offs_E: torch.Tensor) ->
     return _op("grouped_mm", a_NX.device)(a_NX, b_EXY, offs_E)
 
 
+def gather_grouped_mm(x_TD: torch.Tensor, plan: Plan, b_EXY: torch.Tensor) -> torch.Tensor:
+    """``grouped_mm(permute(x_TD, plan), b_EXY, plan.offs_E)`` without the permuted copy: each
+    routed row is read from x_TD where it is (scattermoe's gathered GEMM). (N, Y), rows past
+    offs_E[-1] zero; the same values as the two-op form, bit for bit on the CPU kernels. Its weight
+    gradient reads x_TD the same way; the input gradient is the data-gradient GEMM followed by the
+    sum over each token's slots (:func:`unpermute` without weights). Where there is no kernel
+    (CUDA for now) it is the two-op form."""
+    _check_plan("gather_grouped_mm", plan)
+    if _has_kernel("gather_grouped_mm", x_TD.device):
+        return torch.ops.moe.gather_grouped_mm(x_TD, plan.order_N, plan.rows_TK, b_EXY, plan.offs_E)
+    return grouped_mm(permute(x_TD, plan), b_EXY, plan.offs_E)
+
+
 def has_swiglu_kernel(device: torch.device) -> bool:
     """True where :func:`swiglu` runs a compiled kernel (the CPU, for now); elsewhere it is the
     PyTorch twin, which layers replace with their own memory-saving composite."""
@@ -244,6 +263,21 @@ def _register_fakes() -> None:
     def _(a_NX, g_NY, offs_E):
         _same_device("grouped_mm_wgrad", a_NX, g_NY=g_NY, offs_E=offs_E)
         return a_NX.new_empty(offs_E.shape[0], a_NX.shape[1], g_NY.shape[1])
+
+    @reg("moe::gather_grouped_mm")
+    def _(x_TD, order_N, rows_TK, b_EXY, offs_E):
+        _same_device("gather_grouped_mm", x_TD, order_N=order_N, rows_TK=rows_TK, b_EXY=b_EXY, offs_E=offs_E)
+        return x_TD.new_empty(order_N.shape[0], b_EXY.shape[2])
+
+    @reg("moe::gather_grouped_mm_wgrad")
+    def _(x_TD, order_N, rows_TK, g_NY, offs_E):
+        _same_device("gather_grouped_mm_wgrad", x_TD, order_N=order_N, rows_TK=rows_TK, g_NY=g_NY, offs_E=offs_E)
+        return x_TD.new_empty(offs_E.shape[0], x_TD.shape[1], g_NY.shape[1])
+
+    @reg("moe::linear_f32")
+    def _(x_TD, weight_ED):
+        _same_device("linear_f32", x_TD, weight_ED=weight_ED)
+        return x_TD.new_empty(x_TD.shape[0], weight_ED.shape[0], dtype=_acc(x_TD.dtype))
 
     @reg("moe::swiglu")
     def _(h):
@@ -328,7 +362,44 @@ def _register_autograd() -> None:
         (h,) = ctx.saved_tensors
         return ops.swiglu_backward(g, h)
 
+    # gather_grouped_mm: c_i = x[token(i)] @ b_e; d x sums each token's rows of g b_e^T.
+    def gather_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def gather_bwd(ctx, g_NY):
+        x_TD, order_N, rows_TK, b_EXY, offs_E = ctx.saved_tensors
+        g_x = g_b = None
+        if ctx.needs_input_grad[0]:
+            g_x = ops.unpermute(ops.grouped_mm(g_NY, b_EXY.transpose(-2, -1), offs_E), order_N, rows_TK, None)
+        if ctx.needs_input_grad[3]:
+            g_b = ops.gather_grouped_mm_wgrad(x_TD, order_N, rows_TK, g_NY, offs_E)
+        return g_x, None, None, g_b, None
+
+    # gather_grouped_mm_wgrad: w_e = sum over e's rows i of x[token(i)]^T g_i.
+    def gather_wgrad_bwd(ctx, d_EXY):
+        x_TD, order_N, rows_TK, g_NY, offs_E = ctx.saved_tensors
+        g_x = g_g = None
+        if ctx.needs_input_grad[0]:
+            g_x = ops.unpermute(ops.grouped_mm(g_NY, d_EXY.transpose(-2, -1), offs_E), order_N, rows_TK, None)
+        if ctx.needs_input_grad[3]:
+            g_g = ops.gather_grouped_mm(x_TD, order_N, rows_TK, d_EXY, offs_E)
+        return g_x, None, None, g_g, None
+
+    # linear_f32: the gradients of F.linear(x.float(), w.float()), cast back as autograd would.
+    def linear_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def linear_bwd(ctx, g_TE):
+        x_TD, weight_ED = ctx.saved_tensors
+        acc = g_TE.dtype
+        g_x = (g_TE @ weight_ED.to(acc)).to(x_TD.dtype) if ctx.needs_input_grad[0] else None
+        g_w = (g_TE.t() @ x_TD.to(acc)).to(weight_ED.dtype) if ctx.needs_input_grad[1] else None
+        return g_x, g_w
+
     reg = torch.library.register_autograd
+    reg("moe::linear_f32", linear_bwd, setup_context=linear_setup)
+    reg("moe::gather_grouped_mm", gather_bwd, setup_context=gather_setup)
+    reg("moe::gather_grouped_mm_wgrad", gather_wgrad_bwd, setup_context=gather_setup)
     reg("moe::swiglu", swiglu_bwd, setup_context=swiglu_setup)
     reg("moe::permute", permute_bwd, setup_context=permute_setup)
     reg("moe::unpermute", unpermute_bwd, setup_context=unpermute_setup)

@@ -20,6 +20,9 @@ __all__ = [
     "unpermute_weights_grad_torch",
     "grouped_mm_torch",
     "grouped_mm_wgrad_torch",
+    "gather_grouped_mm_torch",
+    "gather_grouped_mm_wgrad_torch",
+    "linear_f32_torch",
     "swiglu_torch",
     "swiglu_backward_torch",
 ]
@@ -120,6 +123,22 @@ def grouped_mm_wgrad_torch(a_NX, g_NY, offs_E):
     bounds = _group_bounds(offs_E)
     blocks = [a_NX[s:e].t() @ g_NY[s:e] for s, e in zip(bounds[:-1], bounds[1:])]
     return torch.stack(blocks, 0) if blocks else a_NX.new_zeros(0, a_NX.shape[1], g_NY.shape[1])
+
+
+def gather_grouped_mm_torch(x_TD, order_N, rows_TK, b_EXY, offs_E):
+    """grouped_mm on the permuted rows: grouped_mm(permute(x_TD), b_EXY, offs_E)."""
+    return grouped_mm_torch(permute_torch(x_TD, order_N, rows_TK), b_EXY, offs_E)
+
+
+def gather_grouped_mm_wgrad_torch(x_TD, order_N, rows_TK, g_NY, offs_E):
+    """grouped_mm_wgrad on the permuted rows: grouped_mm_wgrad(permute(x_TD), g_NY, offs_E)."""
+    return grouped_mm_wgrad_torch(permute_torch(x_TD, order_N, rows_TK), g_NY, offs_E)
+
+
+def linear_f32_torch(x_TD, weight_ED):
+    """x_TD @ weight_ED^T on float32 copies (float64 stays float64): the routers' logits."""
+    acc = _acc_dtype(x_TD.dtype)
+    return torch.nn.functional.linear(x_TD.to(acc), weight_ED.to(acc))
 
 
 def swiglu_torch(h):

@@ -116,6 +116,26 @@ def count_chosen(ids_TK: Tensor, valid_T: Optional[Tensor]) -> Tensor:
     return chosen.sum()
 
 
+_LINEAR_F32 = False  # moe.linear_f32 seen registered for the CPU (it stays so once loaded)
+
+
+def _has_linear_f32(device: torch.device) -> bool:
+    """True where moekit's compiled ``moe.linear_f32`` serves ``device`` (the CPU, once moe._C is
+    loaded, e.g. by ``import moe``): x @ W^T for bfloat16 x and W, with float32 accumulation
+    and a float32 result, which equals the float32 GEMM on upcast copies up to the order of the
+    sums (every bfloat16 product is exact in float32) at about twice its speed. The routers
+    package does not import moe; without it, the float32 GEMM runs."""
+    global _LINEAR_F32
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    if not _LINEAR_F32:
+        try:
+            _LINEAR_F32 = torch._C._dispatch_has_kernel_for_dispatch_key("moe::linear_f32", "CPU")
+        except RuntimeError:  # the op is not registered: moe._C is not loaded
+            return False
+    return _LINEAR_F32
+
+
 class RouterBase(nn.Module):
     """Input checks and the float32 flattening every router does first."""
 
@@ -135,11 +155,13 @@ class RouterBase(nn.Module):
         self.jitter = float(jitter)
         self.check_finite = bool(check_finite)
 
-    def _prepare(self, x: Tensor, padding_mask: Optional[Tensor], device: torch.device):
+    def _prepare(self, x: Tensor, padding_mask: Optional[Tensor], device: torch.device, upcast: bool = True):
         """x (T, D) or (B, S, D) -> (x_TD in compute_dtype, valid_T bool or None, (B, S)).
 
         (T, D) input counts as one sequence (B=1) for the sequence-level loss. Multiplicative
         jitter (Switch Transformer, Sec. 2.4) is applied to the router input in training only.
+        upcast=False keeps x's dtype (for moe.linear_f32, which takes bfloat16 operands; never
+        with jitter, which is applied in float32).
         """
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -152,7 +174,9 @@ class RouterBase(nn.Module):
         if x.device != device:
             raise ValueError(f"x is on {x.device} but the router's parameters are on {device}")
         seq_shape = tuple(x.shape[:2]) if x.dim() == 3 else (1, x.shape[0])
-        x_TD = x.reshape(-1, self.hidden_size).to(compute_dtype(x.dtype))
+        x_TD = x.reshape(-1, self.hidden_size)
+        if upcast:
+            x_TD = x_TD.to(compute_dtype(x.dtype))
         valid_T = None
         if padding_mask is not None:
             if not isinstance(padding_mask, Tensor) or padding_mask.dtype != torch.bool:
@@ -183,7 +207,11 @@ class RouterBase(nn.Module):
 
     def _linear_logits(self, x: Tensor, padding_mask: Optional[Tensor]):
         """-> (logits_TE = x_TD @ weight^T in the compute dtype, valid_T, seq_shape)."""
-        x_TD, valid_T, seq_shape = self._prepare(x, padding_mask, self.weight.device)
+        fast = (isinstance(x, Tensor) and x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16
+                and not (self.training and self.jitter > 0) and _has_linear_f32(x.device))
+        x_TD, valid_T, seq_shape = self._prepare(x, padding_mask, self.weight.device, upcast=not fast)
+        if fast:  # the same float32 logits, from the bfloat16 operands
+            return torch.ops.moe.linear_f32(x_TD, self.weight), valid_T, seq_shape
         return F.linear(x_TD, self.weight.to(x_TD.dtype)), valid_T, seq_shape
 
     def _check_logits(self, logits_TE: Tensor, valid_T: Optional[Tensor]) -> None:
