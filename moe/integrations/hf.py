@@ -7,8 +7,9 @@ transformers (>= 5) decorates its experts classes with ``use_experts_implementat
 forward(hidden_states_TD, top_k_index_TK, top_k_weights_TK) looks up
 ``config._experts_implementation`` in ``ExpertsInterface``. :func:`register` adds "moekit" there,
 so a model built with ``experts_implementation="moekit"`` (or switched by
-``model.set_experts_implementation("moekit")``) runs its experts on moe.ops: plan, permute,
-grouped_mm on the HF weight layout (transposed or not, with biases), the class's own gate
+``model.set_experts_implementation("moekit")``) runs its experts on moe.ops: plan, the gathered
+grouped GEMM (rows read from hidden_states in place; permute + grouped_mm when the dtypes
+differ) and grouped_mm on the HF weight layout (transposed or not, with biases), the class's own gate
 (``_apply_gate``: GPT-OSS's interleaved, clamped SwiGLU included) and the weighted unpermute.
 transformers is imported only inside :func:`register`.
 """
@@ -41,13 +42,18 @@ def moekit_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top
     if getattr(self, "_is_expert_parallel", False):
         ids_TK = ids_TK.masked_fill(ids_TK >= E, -1)  # EP sentinels (ids >= E) become empty slots
     plan = ops.plan(ids_TK, E)
-    x_ND = ops.permute(hidden_states, plan)
     has_bias = getattr(self, "has_bias", False)
     if self.has_gate:
         w_in, b_in = self.gate_up_proj, (self.gate_up_proj_bias if has_bias else None)
     else:
         w_in, b_in = self.up_proj, (self.up_proj_bias if has_bias else None)
-    h_NH = _grouped_linear(x_ND, w_in, plan.offs_E, b_in, self.is_transposed)
+    if hidden_states.dtype == w_in.dtype:  # the first projection reads the routed rows in place
+        w_EXY = w_in if self.is_transposed else w_in.transpose(-2, -1)
+        h_NH = ops.gather_grouped_mm(hidden_states, plan, w_EXY)
+        if b_in is not None:
+            h_NH = h_NH + _row_bias(b_in, plan.offs_E, plan.max_rows).to(h_NH.dtype)
+    else:
+        h_NH = _grouped_linear(ops.permute(hidden_states, plan), w_in, plan.offs_E, b_in, self.is_transposed)
     h_NF = self._apply_gate(h_NH) if self.has_gate else self.act_fn(h_NH)
     b_out = self.down_proj_bias if has_bias else None
     y_ND = _grouped_linear(h_NF, self.down_proj, plan.offs_E, b_out, self.is_transposed)
