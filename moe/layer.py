@@ -6,6 +6,10 @@ K routing slots, N routed rows (T*K), F routed expert hidden size.
     x (..., D) ──router──► Routing(ids_TK, weights_TK, aux_losses)
         └─► dispatcher.dispatch ──► x_ND, offs_E ──► GroupedExperts ──► dispatcher.combine ──► + shared(x)
 
+With the default LocalDispatcher the dispatch is only the plan: the experts' first projection
+reads each routed row from x in place (GroupedExperts.gathered, ops.gather_grouped_mm), the same
+values without the T*K x D permuted copy, in forward or backward.
+
 The output is y = sum_k g_k(x) E_{ids_k}(x) + S(x) (Shazeer et al. 2017, Eq. 1, plus the shared
 experts of DeepSeekMoE, Dai et al. 2024, Eq. 9). Routers come from ``routers/``: any of them plugs
 in, the threshold router (variable k, empty slots -1) and a recurrent chain's layer included.
