@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <cmath>
 #include <cstdio>
 #include <string>
 #include <tuple>
@@ -150,6 +151,48 @@ void test_grouped_mm(int64_t N, int64_t X, int64_t Y, const std::vector<int>& of
   EXPECT(at::allclose(wg, ref_w, 1e-12, 1e-12), "grouped_mm_wgrad vs loops (empty experts zero)");
 }
 
+// gather_grouped_mm(_wgrad) on x_TD equal grouped_mm(_wgrad) on permute(x_TD), bit for bit.
+void test_gather_grouped_mm(at::ScalarType dtype) {
+  const int64_t T = 40, K = 3, E = 5, X = 70, Y = 66;
+  const auto p = plan(random_ids(T, K, E, at::kLong), E);
+  const auto x = at::randn({T, X}).to(dtype);
+  const auto b = at::randn({E, X, Y}).to(dtype);
+  const auto g = at::randn({T * K, Y}).to(dtype);
+  using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&);
+  const auto& offs = std::get<1>(p);
+  const auto got = op<Sig>("moe::gather_grouped_mm").call(x, std::get<2>(p), std::get<3>(p), b, offs);
+  const auto got_w = op<Sig>("moe::gather_grouped_mm_wgrad").call(x, std::get<2>(p), std::get<3>(p), g, offs);
+  const auto x_ND = permute(x, p, std::nullopt);
+  EXPECT(at::equal(got, grouped_mm(x_ND, b, offs)), "gather_grouped_mm == grouped_mm(permute(x))");
+  EXPECT(at::equal(got_w, grouped_mm_wgrad(x_ND, g, offs)),
+         "gather_grouped_mm_wgrad == grouped_mm_wgrad(permute(x))");
+}
+
+// swiglu against silu(gate) * up in float64 loops; linear_f32 against float64 dot products.
+void test_swiglu_and_linear_f32() {
+  const auto h = at::randn({7, 2 * 19}, at::kDouble) * 3;
+  const auto out = op<at::Tensor(const at::Tensor&)>("moe::swiglu").call(h);
+  const auto grad = at::randn({7, 19}, at::kDouble);
+  const auto dh = op<at::Tensor(const at::Tensor&, const at::Tensor&)>("moe::swiglu_backward").call(grad, h);
+  auto ref = at::zeros({7, 19}, at::kDouble), ref_d = at::zeros({7, 38}, at::kDouble);
+  for (int64_t n = 0; n < 7; ++n)
+    for (int64_t f = 0; f < 19; ++f) {
+      const double g = h[n][f].item<double>(), u = h[n][19 + f].item<double>(), d = grad[n][f].item<double>();
+      const double s = 1.0 / (1.0 + std::exp(-g));
+      ref[n][f] = g * s * u;
+      ref_d[n][f] = d * u * s * (1 + g * (1 - s));
+      ref_d[n][19 + f] = d * g * s;
+    }
+  EXPECT(at::allclose(out, ref, 1e-12, 1e-14), "swiglu vs loops");
+  EXPECT(at::allclose(dh, ref_d, 1e-12, 1e-14), "swiglu_backward vs loops");
+  const auto x = at::randn({37, 50}).to(at::kBFloat16), w = at::randn({9, 50}).to(at::kBFloat16);
+  const auto logits = op<at::Tensor(const at::Tensor&, const at::Tensor&)>("moe::linear_f32").call(x, w);
+  EXPECT(logits.scalar_type() == at::kFloat, "linear_f32 returns float32 for bfloat16 operands");
+  const auto ref_l = at::matmul(x.to(at::kDouble), w.to(at::kDouble).t());
+  EXPECT(at::allclose(logits.to(at::kDouble), ref_l, 1e-5, 1e-5), "linear_f32 vs float64");
+}
+
 void test_bad_ids() {
   bool raised = false;
   try {
@@ -198,6 +241,10 @@ int main() {
   test_grouped_mm(20, 7, 5, {0, 6, 6, 15}, false);  // empty experts, 5 padding rows
   test_grouped_mm(20, 7, 5, {3, 3, 20}, true);      // transposed (nn.Linear layout) b
   test_grouped_mm(8, 4, 3, {0, 0}, false);          // nothing routed: all zeros
+  test_gather_grouped_mm(at::kFloat);
+  test_gather_grouped_mm(at::kBFloat16);
+  test_gather_grouped_mm(at::kDouble);
+  test_swiglu_and_linear_f32();
   test_bad_ids();
   test_cuda_matches_cpu();
   if (g_failures) {
