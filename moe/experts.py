@@ -12,6 +12,7 @@ Eq. 5-6): SwiGLU(x) = (Swish(x W) * x V) W2 and GEGLU(x) = (GELU(x W) * x V) W2;
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -127,9 +128,16 @@ class GroupedExperts(nn.Module):
             if b is not None:
                 nn.init.uniform_(b, -bound, bound)
 
-    def forward(self, x_ND: Tensor, offs_E: Tensor) -> Tensor:
+    def forward(self, x: Tensor, offs_E: Optional[Tensor] = None, *, plan: Optional[ops.Plan] = None) -> Tensor:
         """x_ND (N, D) rows sorted by expert, offs_E int32 (E,) cumulative end row of each
-        expert's group -> y_ND (N, D); rows past offs_E[-1] come out zero."""
+        expert's group -> y_ND (N, D); rows past offs_E[-1] come out zero. With ``plan`` (and
+        no offs_E) x is x_TD (T, D), the tokens, and each expert reads its rows from x in
+        place: :meth:`gathered`."""
+        if plan is not None:
+            if offs_E is not None:
+                raise ValueError("GroupedExperts: pass offs_E (x is x_ND) or plan (x is x_TD), not both")
+            return self.gathered(x, plan)
+        x_ND = x
         self._check_inputs(x_ND, offs_E)
         h_NH = ops.grouped_mm(x_ND, self.w_in_EDH, offs_E)
         if self.b_in_EH is not None:
@@ -143,7 +151,9 @@ class GroupedExperts(nn.Module):
         """``forward(permute(x_TD, plan), plan.offs_E)`` without the (N, D) permuted copy: the
         first projection reads each routed row from x_TD in place (ops.gather_grouped_mm), and so
         does its weight gradient, so backward keeps x_TD rather than a T*K x D buffer. Same
-        values as forward on the permuted rows (bit for bit on the CPU kernels)."""
+        values as forward on the permuted rows (bit for bit on the CPU kernels). The plan is
+        dispatch metadata (which rows each expert owns), not routing scores. Call it as
+        ``experts(x_TD, plan=plan)`` so that module hooks run."""
         if not isinstance(x_TD, Tensor) or x_TD.dim() != 2 or x_TD.shape[1] != self.hidden_size:
             shape = tuple(x_TD.shape) if isinstance(x_TD, Tensor) else type(x_TD).__name__
             raise ValueError(f"GroupedExperts: x_TD must have shape (T, hidden_size={self.hidden_size}), got {shape}")

@@ -156,9 +156,10 @@ class MoELayer(nn.Module):
         if x.dim() != 3 and padding_mask is not None:
             padding_mask = padding_mask.reshape(-1)
         routing = self.router(x if x.dim() == 3 else x_TD, state=state, padding_mask=padding_mask)
-        if type(self.dispatcher) is LocalDispatcher:  # rows read from x_TD in place, no permuted copy
+        if type(self.dispatcher) is LocalDispatcher and isinstance(self.experts, GroupedExperts):
+            # rows read from x_TD in place, no permuted copy
             dispatch_state = self.dispatcher.plan(x_TD, routing.ids_TK, routing.weights_TK)
-            y_ND = self.experts.gathered(x_TD, dispatch_state.plan)
+            y_ND = self.experts(x_TD, plan=dispatch_state.plan)
         else:
             x_ND, offs_E, dispatch_state = self.dispatcher.dispatch(x_TD, routing.ids_TK, routing.weights_TK)
             y_ND = self.experts(x_ND, offs_E)

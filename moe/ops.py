@@ -279,15 +279,23 @@ def _register_fakes() -> None:
         _same_device("linear_f32", x_TD, weight_ED=weight_ED)
         return x_TD.new_empty(x_TD.shape[0], weight_ED.shape[0], dtype=_acc(x_TD.dtype))
 
+    def _check_swiglu_h(op, h):
+        torch._check(h.dim() >= 1 and h.shape[-1] > 0 and h.shape[-1] % 2 == 0,
+                     lambda: f"moe.{op}: h's last dim must be 2F = [gate; up], a positive even number, "
+                             f"got shape {tuple(h.shape)}")
+
     @reg("moe::swiglu")
     def _(h):
-        torch._check(h.dim() >= 1 and h.shape[-1] % 2 == 0,
-                     lambda: f"moe.swiglu: h's last dim must be 2F = [gate; up], got shape {tuple(h.shape)}")
+        _check_swiglu_h("swiglu", h)
         return h.new_empty(*h.shape[:-1], h.shape[-1] // 2)
 
     @reg("moe::swiglu_backward")
     def _(grad, h):
+        _check_swiglu_h("swiglu_backward", h)
         _same_device("swiglu_backward", h, grad=grad)
+        torch._check(tuple(grad.shape) == (*h.shape[:-1], h.shape[-1] // 2),
+                     lambda: f"moe.swiglu_backward: grad must have shape {(*h.shape[:-1], h.shape[-1] // 2)}, "
+                             f"got {tuple(grad.shape)}")
         return h.new_empty(h.shape)
 
 
@@ -360,6 +368,8 @@ def _register_autograd() -> None:
 
     def swiglu_bwd(ctx, g):
         (h,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the differentiable twin, for double backward
+            return ops_torch.swiglu_backward_torch(g, h)
         return ops.swiglu_backward(g, h)
 
     # gather_grouped_mm: c_i = x[token(i)] @ b_e; d x sums each token's rows of g b_e^T.

@@ -129,8 +129,9 @@ def _has_linear_f32(device: torch.device) -> bool:
     if device.type != "cpu" or torch.compiler.is_compiling():
         return False
     if not _LINEAR_F32:
-        try:
-            _LINEAR_F32 = torch._C._dispatch_has_kernel_for_dispatch_key("moe::linear_f32", "CPU")
+        has = torch._C._dispatch_has_kernel_for_dispatch_key
+        try:  # the CPU kernel (moe._C) and its autograd (registered by moe.ops)
+            _LINEAR_F32 = has("moe::linear_f32", "CPU") and has("moe::linear_f32", "Autograd")
         except RuntimeError:  # the op is not registered: moe._C is not loaded
             return False
     return _LINEAR_F32

@@ -189,6 +189,21 @@ def test_layer_reads_rows_in_place_and_matches_the_permuted_path():
         assert torch.equal(ga, gb)
 
 
+@needs_ext
+def test_layer_calls_its_experts_module():
+    """The gathered path goes through layer.experts(...) (x_TD, plan=...), so module hooks run
+    (FSDP's, profilers'); GroupedExperts refuses offs_E and plan together."""
+    layer = MoELayer(16, 8, 4, 2)
+    calls = []
+    layer.experts.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(kwargs.get("plan")),
+                                            with_kwargs=True)
+    layer(torch.randn(5, 16))
+    assert len(calls) == 1 and isinstance(calls[0], ops.Plan)
+    p = ops.plan(make_ids(5, 2, 4), 4)
+    with pytest.raises(ValueError, match="not both"):
+        layer.experts(torch.randn(5, 16), p.offs_E, plan=p)
+
+
 # ---------------------------------------------------------------- linear_f32
 
 

@@ -129,6 +129,8 @@ def test_non_contiguous_input():
 def test_gradcheck_float64():
     h = torch.randn(7, 2, 10, dtype=torch.float64, requires_grad=True)
     assert gradcheck(ops.swiglu, (h,))
+    # create_graph=True takes the differentiable twin: second derivatives are there too
+    assert torch.autograd.gradgradcheck(ops.swiglu, (h,))
 
 
 @needs_ext
