@@ -9,11 +9,15 @@
 // Layout. Both operands are read as 32-bit words along K: a bf16 word holds the pair (k, k+1)
 // (vdpbf16ps adds  a.lo * b.lo + a.hi * b.hi  to each fp32 lane), a float word one k.
 // With P elements per word (2 or 1) and Kw = ceil(K / P) words:
-//   A words  A32[m * am + kw * ak]                         (broadcast to all lanes)
+//   A words  row m's words at kw (in place: kw; packed: kw * M)   (broadcast to all lanes)
 //   B panel  Bp[kw][n] = B[P*kw .. P*kw+P-1][n]             64 columns wide, zero-padded past K, N
-// A is read in place when it is K-contiguous (the forward and the data gradient); otherwise (the
-// weight gradient, A = a^T) it is packed to [kw][m] words first. The microkernel keeps a 6 x 64
-// fp32 tile in 24 zmm registers; bf16 results are rounded to nearest even on store.
+// A is read in place when it is K-contiguous (the forward and the data gradient), through one
+// pointer per row, so its rows may be gathered (gather_grouped_mm: the rows of x_TD named by the
+// plan); otherwise (the weight gradient, A = a^T) it is packed to [kw][m] words first, from
+// gathered rows as well. B is packed one panel at a time as the first row block reaches it, while
+// the microkernels of the panel before fetch its memory lines (gemm_pack.h). The microkernel
+// keeps a 6 x 64 fp32 tile in 24 zmm registers; bf16 results are rounded to nearest even on
+// store, or stored as float32 (bf16 inputs, float32 C: moe.linear_f32).
 // vdpbf16ps treats bf16 denormal inputs as zero and flushes denormal results (so does oneDNN's
 // bf16 matmul on the same instruction, which at::mm uses for all but tiny shapes): products
 // below ~1e-38 are lost, far under bf16's useful range. The float32 path has no such limit.
@@ -38,157 +42,23 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
+#ifdef MOE_HAVE_AVX512_GEMM
+// One target for both element types: the float32 instantiations use only AVX-512F/BW/VL
+// intrinsics (the compiler does not invent bf16 instructions), so they run on any AVX-512 CPU.
+#define MOE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#include "gemm_pack.h"  // operand packing and the next panel's prefetch
+#endif
+
 namespace moe {
 
 #ifdef MOE_HAVE_AVX512_GEMM
 
 namespace {
 
-// One target for both element types: the float32 instantiations use only AVX-512F/BW/VL
-// intrinsics (the compiler does not invent bf16 instructions), so they run on any AVX-512 CPU.
-#define MOE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-
 constexpr int kMR = 6;        // rows per microkernel tile
-constexpr int kNR = 64;       // columns per B panel (4 zmm of 16 fp32 lanes)
 constexpr int64_t kMC = 192;  // rows per cache block of A (a multiple of kMR)
 constexpr int64_t kKB = 64;   // K words per block of partial sums in the microkernel
 constexpr int64_t kPackWords = int64_t(1) << 20;  // 4 MiB of packed B per chunk of panels
-
-// Elements read as 32-bit words: may_alias keeps those reads of bf16/float memory well defined.
-typedef uint32_t __attribute__((may_alias)) u32;
-
-template <typename T>
-constexpr int64_t kPer = std::is_same_v<T, c10::BFloat16> ? 2 : 1;  // elements per word
-
-inline uint32_t bits(c10::BFloat16 v) { return v.x; }
-inline uint32_t bits(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  return u;
-}
-
-// Word j < w (w <= 16) from row `lo` (and `hi`, the next k, for bf16; nullptr: zero) at 16
-// consecutive columns. Writes all 16 words (zero past w) when `all`, else only the first w.
-template <typename T>
-MOE_TARGET inline void words16(const T* lo, const T* hi, int64_t w, uint32_t* out, bool all) {
-  const __mmask16 m = w >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << w) - 1);
-  __m512i v;
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    const __m512i l = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, lo));
-    const __m512i h = hi == nullptr ? _mm512_setzero_si512()
-                                    : _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, hi));
-    v = _mm512_or_si512(l, _mm512_slli_epi32(h, 16));
-  } else {
-    v = _mm512_maskz_loadu_epi32(m, lo);
-  }
-  _mm512_mask_storeu_epi32(out, all ? __mmask16(0xFFFF) : m, v);
-}
-
-// Word (k = P*kw ..) of a strided column: element at p, the next k at p + step (if it exists).
-template <typename T>
-inline uint32_t word(const T* p, int64_t step, bool has_next) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>)
-    return bits(p[0]) | (has_next ? bits(p[step]) << 16 : 0u);
-  return bits(p[0]);
-}
-
-// dst[c * ld_dst + r] = src[r * ld_src + c] for a 16 x 16 block of 32-bit words.
-MOE_TARGET inline void transpose16(const u32* src, int64_t ld_src, uint32_t* dst, int64_t ld_dst) {
-  __m512i r[16], a[16], b[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(reinterpret_cast<const void*>(src + i * ld_src));
-  for (int i = 0; i < 16; i += 2) {  // within 128-bit lanes: pairs of rows
-    a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {  // quads of rows: b[i + q] holds column 4L + q of rows i..i+3
-    b[i + 0] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
-    b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
-    b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
-    b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
-  }
-  for (int q = 0; q < 4; ++q) {  // gather lane L of the four quads: column 4L + q
-    const __m512i e0 = _mm512_shuffle_i32x4(b[q], b[4 + q], 0x88);
-    const __m512i e1 = _mm512_shuffle_i32x4(b[8 + q], b[12 + q], 0x88);
-    const __m512i o0 = _mm512_shuffle_i32x4(b[q], b[4 + q], 0xDD);
-    const __m512i o1 = _mm512_shuffle_i32x4(b[8 + q], b[12 + q], 0xDD);
-    _mm512_storeu_si512(dst + (0 + q) * ld_dst, _mm512_shuffle_i32x4(e0, e1, 0x88));
-    _mm512_storeu_si512(dst + (8 + q) * ld_dst, _mm512_shuffle_i32x4(e0, e1, 0xDD));
-    _mm512_storeu_si512(dst + (4 + q) * ld_dst, _mm512_shuffle_i32x4(o0, o1, 0x88));
-    _mm512_storeu_si512(dst + (12 + q) * ld_dst, _mm512_shuffle_i32x4(o0, o1, 0xDD));
-  }
-}
-
-// Packs B (K x n, strides bk, bn in elements) into panels of kNR columns: panel p holds Kw
-// rows of kNR words, zero-padded past n and past K.
-template <typename T>
-MOE_TARGET void pack_b(const T* B, int64_t bk, int64_t bn, int64_t K, int64_t n, uint32_t* out) {
-  constexpr int64_t P = kPer<T>;
-  const int64_t Kw = (K + P - 1) / P;
-  const int64_t panels = (n + kNR - 1) / kNR;
-  // B = W^T with W row-major (the data gradient's transposed weights): each word is an aligned
-  // word of a row of W, so a panel is a transpose of 32-bit words, read row by row.
-  const bool rows_of_words = bk == 1 && K % P == 0 && bn % P == 0 &&
-                             reinterpret_cast<uintptr_t>(B) % alignof(uint32_t) == 0;
-  for (int64_t p = 0; p < panels; ++p) {
-    uint32_t* dst = out + p * Kw * kNR;
-    const int64_t c0 = p * kNR, w = std::min<int64_t>(kNR, n - c0);
-    if (rows_of_words) {
-      const int64_t j16 = w / 16 * 16, k16 = Kw / 16 * 16;
-      for (int64_t j = 0; j < j16; j += 16)  // 16 x 16 blocks in registers
-        for (int64_t kw = 0; kw < k16; kw += 16)
-          transpose16(reinterpret_cast<const u32*>(B + (c0 + j) * bn) + kw, bn / P,
-                      dst + kw * kNR + j, kNR);
-      for (int64_t j = 0; j < w; ++j) {  // the rest one word at a time
-        const u32* row = reinterpret_cast<const u32*>(B + (c0 + j) * bn);
-        for (int64_t kw = j < j16 ? k16 : 0; kw < Kw; ++kw) dst[kw * kNR + j] = row[kw];
-      }
-      for (int64_t j = w; j < kNR; ++j)
-        for (int64_t kw = 0; kw < Kw; ++kw) dst[kw * kNR + j] = 0;
-      continue;
-    }
-    for (int64_t kw = 0; kw < Kw; ++kw) {
-      const T* r0 = B + (P * kw) * bk + c0 * bn;
-      const bool has1 = P * kw + 1 < K;
-      uint32_t* d = dst + kw * kNR;
-      if (bn == 1) {  // rows of B contiguous: 16 words per step
-        int64_t j = 0;
-        for (; j < w; j += 16)
-          words16(r0 + j, has1 ? r0 + bk + j : nullptr, std::min<int64_t>(16, w - j), d + j, /*all=*/true);
-        for (; j < kNR; ++j) d[j] = 0;
-        continue;
-      }
-      for (int64_t j = 0; j < w; ++j) d[j] = word(r0 + j * bn, bk, has1);
-      for (int64_t j = w; j < kNR; ++j) d[j] = 0;
-    }
-  }
-}
-
-// Packs A (M x K) to words laid out [kw][m], zero-padded past K. A(m, k) = A[mo(m) + ko(k)] with
-// mo(m) = m_off ? m_off[m] : m * am and ko(k) = k_off ? k_off[k] : k * ak (element offsets: the
-// offset tables are the rows of a gathered operand).
-template <typename T>
-MOE_TARGET void pack_a(const T* A, int64_t am, int64_t ak, const int64_t* m_off, const int64_t* k_off,
-                       int64_t M, int64_t K, uint32_t* out) {
-  constexpr int64_t P = kPer<T>;
-  const int64_t Kw = (K + P - 1) / P;
-  for (int64_t kw = 0; kw < Kw; ++kw) {
-    const int64_t k = P * kw;
-    const bool has1 = k + 1 < K;
-    const int64_t o0 = k_off ? k_off[k] : k * ak;
-    const int64_t o1 = !has1 ? 0 : k_off ? k_off[k + 1] : (k + 1) * ak;
-    uint32_t* d = out + kw * M;
-    if (am == 1 && m_off == nullptr) {  // the weight gradient's a^T: rows of a, contiguous along m
-      for (int64_t m = 0; m < M; m += 16)
-        words16(A + o0 + m, has1 ? A + o1 + m : nullptr, std::min<int64_t>(16, M - m), d + m,
-                /*all=*/false);
-      continue;
-    }
-    for (int64_t m = 0; m < M; ++m) {
-      const T* row = A + (m_off ? m_off[m] : m * am);
-      d[m] = word(row + o0, o1 - o0, has1);
-    }
-  }
-}
 
 // C[MR x (16*NV)] = sum over kw of A words x B panel words; stores the first `cols` columns.
 // float32 sums run in blocks of kKB words; block sums are added in groups of kKB, and the group
@@ -285,43 +155,6 @@ uint32_t* scratch(Scratch& buf, int64_t n) {
   }
   return buf.words.get();
 }
-
-// The memory lines of B's panel of columns [c0, c0 + w), K rows, for a software prefetch spread
-// over the microkernel calls of the panel before it. An expert's weight is read from memory
-// once per GEMM (E x D x F bytes in all, 16x a dense layer's at E=128, k=8); packing it when the
-// panel is reached would stall on those reads, so they are started one panel ahead. Rows of B
-// along n (bn == 1) or along k (bk == 1) only; other layouts are not prefetched.
-template <typename T>
-struct PanelLines {
-  const char* base = nullptr;
-  int64_t seg_stride = 0, seg_lines = 0, segs = 0;  // segs runs of seg_lines lines, seg_stride bytes apart
-
-  PanelLines() = default;
-  PanelLines(const T* B, int64_t bk, int64_t bn, int64_t K, int64_t c0, int64_t w) {
-    constexpr int64_t sz = sizeof(T);
-    if (bn == 1) {
-      set(B + c0, bk * sz, w * sz, K);
-    } else if (bk == 1) {
-      set(B + c0 * bn, bn * sz, K * sz, w);
-    }
-  }
-  void set(const T* p, int64_t stride, int64_t bytes, int64_t n) {
-    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-    base = reinterpret_cast<const char*>(a & ~uintptr_t(63));
-    seg_stride = stride;
-    seg_lines = (int64_t(a & 63) + bytes + 63) / 64;
-    segs = n;
-  }
-  int64_t lines() const { return seg_lines * segs; }
-  // Lines [from, to) of the panel, segment by segment (into L2: the hint T1).
-  void fetch(int64_t from, int64_t to) const {
-    int64_t seg = from / seg_lines, line = from - seg * seg_lines;
-    for (int64_t i = from; i < to; ++i) {
-      __builtin_prefetch(base + seg * seg_stride + line * 64, 0, 2);
-      if (++line == seg_lines) line = 0, ++seg;
-    }
-  }
-};
 
 template <typename T, typename TC = T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t am, int64_t ak, const int64_t* a_rows,
