@@ -92,13 +92,7 @@ MOE_AVX512 void swiglu_bwd_row_vec(const T* grad, const T* gate, const T* up, T*
 
 #endif
 
-template <typename T>
-constexpr bool kVec =
-#ifdef MOE_HAVE_AVX512_ROWS
-    std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>;
-#else
-    false;
-#endif
+using vec::kVecRows;
 
 template <typename scalar_t>
 void swiglu_rows(const at::Tensor& h, at::Tensor& out) {
@@ -106,13 +100,13 @@ void swiglu_rows(const at::Tensor& h, at::Tensor& out) {
   const int64_t M = h.size(0), F = out.size(1), ld = h.stride(0);
   const scalar_t* src = h.const_data_ptr<scalar_t>();
   scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-  const bool fast = kVec<scalar_t> && vec::avx512_rows();
+  const bool fast = kVecRows<scalar_t> && vec::avx512_rows();
   at::parallel_for(0, M, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(F, 1)), [&](int64_t lo, int64_t hi) {
     for (int64_t n = lo; n < hi; ++n) {
       const scalar_t* gate = src + n * ld;
       const scalar_t* up = gate + F;
       scalar_t* o = dst + n * F;
-      if constexpr (kVec<scalar_t>) {
+      if constexpr (kVecRows<scalar_t>) {
         if (fast) {
           swiglu_row_vec(gate, up, o, F);
           continue;
@@ -133,7 +127,7 @@ void swiglu_bwd_rows(const at::Tensor& grad, const at::Tensor& h, at::Tensor& d_
   const scalar_t* src = h.const_data_ptr<scalar_t>();
   const scalar_t* gsrc = grad.const_data_ptr<scalar_t>();
   scalar_t* dst = d_h.mutable_data_ptr<scalar_t>();
-  const bool fast = kVec<scalar_t> && vec::avx512_rows();
+  const bool fast = kVecRows<scalar_t> && vec::avx512_rows();
   at::parallel_for(0, M, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(F, 1)), [&](int64_t lo, int64_t hi) {
     for (int64_t n = lo; n < hi; ++n) {
       const scalar_t* gate = src + n * ld;
@@ -141,7 +135,7 @@ void swiglu_bwd_rows(const at::Tensor& grad, const at::Tensor& h, at::Tensor& d_
       const scalar_t* d = gsrc + n * ldg;
       scalar_t* d_gate = dst + n * 2 * F;
       scalar_t* d_up = d_gate + F;
-      if constexpr (kVec<scalar_t>) {
+      if constexpr (kVecRows<scalar_t>) {
         if (fast) {
           swiglu_bwd_row_vec(d, gate, up, d_gate, d_up, F);
           continue;

@@ -66,12 +66,13 @@ void check_unpermute_weights_grad_args(const at::Tensor& grad_TD, const at::Tens
               grad_TD.size(1), ") must match y_ND (", y_ND.scalar_type(), ", D=", y_ND.size(1), ")");
 }
 
-static void check_offs(const char* op, const at::Tensor& offs_E, const at::Tensor& a) {
+static void check_offs(const char* op, const at::Tensor& offs_E, const at::Tensor& a,
+                       const char* a_name = "a_NX") {
   TORCH_CHECK(offs_E.dim() == 1 && offs_E.scalar_type() == at::kInt, "moe.", op,
               ": offs_E must be a 1-D int32 tensor (cumulative end row of each expert), got ",
               offs_E.scalar_type(), " of shape ", offs_E.sizes());
   TORCH_CHECK(offs_E.device() == a.device(), "moe.", op, ": offs_E is on ", offs_E.device(),
-              " but a_NX is on ", a.device());
+              " but ", a_name, " is on ", a.device());
 }
 
 void check_grouped_mm_args(const at::Tensor& a_NX, const at::Tensor& b_EXY,
@@ -140,11 +141,7 @@ static void check_gather_common(const char* op, const at::Tensor& x_TD, const at
               x_TD.scalar_type(), " but ", other_name, " is ", other.scalar_type());
   TORCH_CHECK(other.device() == x_TD.device(), "moe.", op, ": ", other_name, " is on ",
               other.device(), " but x_TD is on ", x_TD.device());
-  TORCH_CHECK(offs_E.dim() == 1 && offs_E.scalar_type() == at::kInt, "moe.", op,
-              ": offs_E must be a 1-D int32 tensor (cumulative end row of each expert), got ",
-              offs_E.scalar_type(), " of shape ", offs_E.sizes());
-  TORCH_CHECK(offs_E.device() == x_TD.device(), "moe.", op, ": offs_E is on ", offs_E.device(),
-              " but x_TD is on ", x_TD.device());
+  check_offs(op, offs_E, x_TD, "x_TD");
 }
 
 void check_gather_grouped_mm_args(const at::Tensor& x_TD, const at::Tensor& order_N,

@@ -12,6 +12,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -22,6 +23,16 @@
 #endif
 
 namespace moe::vec {
+
+// bfloat16 and float32 have AVX-512 row loops (here and in activation.cpp), used where the CPU has
+// AVX-512 (avx512_rows()); the other dtypes always run the scalar loops.
+template <typename T>
+constexpr bool kVecRows =
+#ifdef MOE_HAVE_AVX512_ROWS
+    std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>;
+#else
+    false;
+#endif
 
 #ifdef MOE_HAVE_AVX512_ROWS
 

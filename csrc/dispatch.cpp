@@ -58,15 +58,8 @@ acc_t dot(const scalar_t* a, const scalar_t* b, int64_t D) {
   return sum;
 }
 
-// bfloat16 and float32 have AVX-512 row loops (cpu_vec.h), bit-identical to the scalar ones,
-// used where the CPU has AVX-512; the other dtypes always run the scalar loops.
-template <typename T>
-constexpr bool kVecRows =
-#ifdef MOE_HAVE_AVX512_ROWS
-    std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>;
-#else
-    false;
-#endif
+// The AVX-512 row loops (cpu_vec.h) are bit-identical to the scalar ones.
+using vec::kVecRows;
 
 template <typename scalar_t>
 void permute_rows(const at::Tensor& x, const int64_t* ord, const std::optional<at::Tensor>& scale_TK,

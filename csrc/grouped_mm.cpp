@@ -184,38 +184,35 @@ std::vector<int64_t> gather_offsets(const char* op, const at::Tensor& order_N, i
   return off;
 }
 
-}  // namespace
-
-at::Tensor grouped_mm_cpu(const at::Tensor& a_NX, const at::Tensor& b_EXY,
-                          const at::Tensor& offs_E) {
-  check_grouped_mm_args(a_NX, b_EXY, offs_E);
-  const int64_t N = a_NX.size(0), Y = b_EXY.size(2), E = b_EXY.size(0);
-  const auto starts = read_offsets("grouped_mm", offs_E, N);
-  auto c = empty_cpu({N, Y}, a_NX.options());
+// The forward on the rows of `a`: a_NX itself (gather == nullptr), or the rows of x_TD at the
+// offsets `gather` (AVX-512 dtypes only). Rows past offs_E[-1] are zero.
+at::Tensor grouped_forward(const at::Tensor& a, const int64_t* gather, const at::Tensor& b_EXY,
+                           const std::vector<int64_t>& starts, int64_t N) {
+  const int64_t Y = b_EXY.size(2), E = b_EXY.size(0);
+  auto c = empty_cpu({N, Y}, a.options());
   c.narrow(0, starts[E], N - starts[E]).zero_();  // rows past offs_E[-1] are zero, never garbage
   std::vector<int64_t> rows(E);
   for (int64_t e = 0; e < E; ++e) rows[e] = starts[e + 1] - starts[e];
   const auto tiles = make_tiles(rows, Y, /*min_block=*/64);
-  if (use_avx512(a_NX.scalar_type(), a_NX.size(1), Y, starts[E])) {
-    AT_DISPATCH_SWITCH(a_NX.scalar_type(), "moe_grouped_mm_avx512",
-                       AT_DISPATCH_CASE(at::kFloat, [&] { grouped_avx512<scalar_t>(a_NX, nullptr, b_EXY, c, starts, tiles); })
-                       AT_DISPATCH_CASE(at::kBFloat16, [&] { grouped_avx512<scalar_t>(a_NX, nullptr, b_EXY, c, starts, tiles); }));
+  if (gather != nullptr || use_avx512(a.scalar_type(), a.size(1), Y, starts[E])) {
+    AT_DISPATCH_SWITCH(a.scalar_type(), "moe_grouped_mm_avx512",
+                       AT_DISPATCH_CASE(at::kFloat, [&] { grouped_avx512<scalar_t>(a, gather, b_EXY, c, starts, tiles); })
+                       AT_DISPATCH_CASE(at::kBFloat16, [&] { grouped_avx512<scalar_t>(a, gather, b_EXY, c, starts, tiles); }));
     return c;
   }
   run_tiles(tiles, [&](const Tile& t, const Tile*) {
     const int64_t r0 = starts[t.group] + t.begin, n = t.end - t.begin, ny = t.col1 - t.col0;
     auto out = c.narrow(0, r0, n).narrow(1, t.col0, ny);
-    at::mm_out(out, a_NX.narrow(0, r0, n), b_EXY.select(0, t.group).narrow(1, t.col0, ny));
+    at::mm_out(out, a.narrow(0, r0, n), b_EXY.select(0, t.group).narrow(1, t.col0, ny));
   });
   return c;
 }
 
-at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& a_NX, const at::Tensor& g_NY,
-                                const at::Tensor& offs_E) {
-  check_grouped_mm_wgrad_args(a_NX, g_NY, offs_E);
-  const int64_t N = a_NX.size(0), X = a_NX.size(1), Y = g_NY.size(1), E = offs_E.size(0);
-  const auto starts = read_offsets("grouped_mm_wgrad", offs_E, N);
-  auto out = empty_cpu({E, X, Y}, a_NX.options());
+// The weight gradient on the rows of `a`, gathered as in grouped_forward.
+at::Tensor grouped_wgrad(const at::Tensor& a, const int64_t* gather, const at::Tensor& g_NY,
+                         const std::vector<int64_t>& starts) {
+  const int64_t X = a.size(1), Y = g_NY.size(1), E = int64_t(starts.size()) - 1;
+  auto out = empty_cpu({E, X, Y}, a.options());
   // Tiles split X (the output's rows) so no two tiles reduce into the same output element.
   std::vector<int64_t> extent(E, X);
   for (int64_t e = 0; e < E; ++e) {
@@ -226,20 +223,35 @@ at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& a_NX, const at::Tensor& g_NY,
   }
   const auto tiles = make_tiles(extent, Y, /*min_block=*/64);
   // (K here is each expert's rows: a few-row expert still has X x Y >= 64 x 64 outputs to compare.)
-  if (use_avx512(a_NX.scalar_type(), X, Y, /*rows=*/kMinSide)) {
-    AT_DISPATCH_SWITCH(a_NX.scalar_type(), "moe_grouped_mm_wgrad_avx512",
-                       AT_DISPATCH_CASE(at::kFloat, [&] { wgrad_avx512<scalar_t>(a_NX, nullptr, g_NY, out, starts, tiles); })
-                       AT_DISPATCH_CASE(at::kBFloat16, [&] { wgrad_avx512<scalar_t>(a_NX, nullptr, g_NY, out, starts, tiles); }));
+  if (gather != nullptr || use_avx512(a.scalar_type(), X, Y, /*rows=*/kMinSide)) {
+    AT_DISPATCH_SWITCH(a.scalar_type(), "moe_grouped_mm_wgrad_avx512",
+                       AT_DISPATCH_CASE(at::kFloat, [&] { wgrad_avx512<scalar_t>(a, gather, g_NY, out, starts, tiles); })
+                       AT_DISPATCH_CASE(at::kBFloat16, [&] { wgrad_avx512<scalar_t>(a, gather, g_NY, out, starts, tiles); }));
     return out;
   }
   run_tiles(tiles, [&](const Tile& t, const Tile*) {
     const int64_t r0 = starts[t.group], n = starts[t.group + 1] - r0, x0 = t.begin;
     const int64_t ny = t.col1 - t.col0;
     auto dst = out.select(0, t.group).narrow(0, x0, t.end - x0).narrow(1, t.col0, ny);
-    at::mm_out(dst, a_NX.narrow(0, r0, n).narrow(1, x0, t.end - x0).t(),
+    at::mm_out(dst, a.narrow(0, r0, n).narrow(1, x0, t.end - x0).t(),
                g_NY.narrow(0, r0, n).narrow(1, t.col0, ny));
   });
   return out;
+}
+
+}  // namespace
+
+at::Tensor grouped_mm_cpu(const at::Tensor& a_NX, const at::Tensor& b_EXY,
+                          const at::Tensor& offs_E) {
+  check_grouped_mm_args(a_NX, b_EXY, offs_E);
+  const int64_t N = a_NX.size(0);
+  return grouped_forward(a_NX, nullptr, b_EXY, read_offsets("grouped_mm", offs_E, N), N);
+}
+
+at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& a_NX, const at::Tensor& g_NY,
+                                const at::Tensor& offs_E) {
+  check_grouped_mm_wgrad_args(a_NX, g_NY, offs_E);
+  return grouped_wgrad(a_NX, nullptr, g_NY, read_offsets("grouped_mm_wgrad", offs_E, a_NX.size(0)));
 }
 
 // The gathered forms: the same GEMMs on permute(x_TD), with each routed row read from x_TD where
@@ -249,48 +261,28 @@ at::Tensor gather_grouped_mm_cpu(const at::Tensor& x_TD, const at::Tensor& order
                                  const at::Tensor& rows_TK, const at::Tensor& b_EXY,
                                  const at::Tensor& offs_E) {
   check_gather_grouped_mm_args(x_TD, order_N, rows_TK, b_EXY, offs_E);
-  const int64_t N = order_N.size(0), X = x_TD.size(1), Y = b_EXY.size(2), E = b_EXY.size(0);
+  const int64_t N = order_N.size(0), E = b_EXY.size(0);
   const auto starts = read_offsets("gather_grouped_mm", offs_E, N);
-  if (!use_avx512(x_TD.scalar_type(), X, Y, starts[E]))
+  if (!use_avx512(x_TD.scalar_type(), x_TD.size(1), b_EXY.size(2), starts[E]))
     return grouped_mm_cpu(permute_cpu(x_TD, order_N, rows_TK, std::nullopt), b_EXY, offs_E);
   const auto x = x_TD.stride(1) == 1 ? x_TD : x_TD.contiguous();
   const auto off = gather_offsets("gather_grouped_mm", order_N, rows_TK.size(1), rows_TK.numel(),
                                   starts[E], x.stride(0));
-  auto c = empty_cpu({N, Y}, x.options());
-  c.narrow(0, starts[E], N - starts[E]).zero_();
-  std::vector<int64_t> rows(E);
-  for (int64_t e = 0; e < E; ++e) rows[e] = starts[e + 1] - starts[e];
-  const auto tiles = make_tiles(rows, Y, /*min_block=*/64);
-  AT_DISPATCH_SWITCH(x.scalar_type(), "moe_gather_grouped_mm_avx512",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { grouped_avx512<scalar_t>(x, off.data(), b_EXY, c, starts, tiles); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] { grouped_avx512<scalar_t>(x, off.data(), b_EXY, c, starts, tiles); }));
-  return c;
+  return grouped_forward(x, off.data(), b_EXY, starts, N);
 }
 
 at::Tensor gather_grouped_mm_wgrad_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
                                        const at::Tensor& rows_TK, const at::Tensor& g_NY,
                                        const at::Tensor& offs_E) {
   check_gather_grouped_mm_wgrad_args(x_TD, order_N, rows_TK, g_NY, offs_E);
-  const int64_t N = order_N.size(0), X = x_TD.size(1), Y = g_NY.size(1), E = offs_E.size(0);
-  if (!use_avx512(x_TD.scalar_type(), X, Y, /*rows=*/kMinSide))
+  const int64_t E = offs_E.size(0);
+  const auto starts = read_offsets("gather_grouped_mm_wgrad", offs_E, order_N.size(0));
+  if (!use_avx512(x_TD.scalar_type(), x_TD.size(1), g_NY.size(1), /*rows=*/kMinSide))
     return grouped_mm_wgrad_cpu(permute_cpu(x_TD, order_N, rows_TK, std::nullopt), g_NY, offs_E);
-  const auto starts = read_offsets("gather_grouped_mm_wgrad", offs_E, N);
   const auto x = x_TD.stride(1) == 1 ? x_TD : x_TD.contiguous();
   const auto off = gather_offsets("gather_grouped_mm_wgrad", order_N, rows_TK.size(1),
                                   rows_TK.numel(), starts[E], x.stride(0));
-  auto out = empty_cpu({E, X, Y}, x.options());
-  std::vector<int64_t> extent(E, X);
-  for (int64_t e = 0; e < E; ++e) {
-    if (starts[e + 1] == starts[e]) {
-      out.select(0, e).zero_();
-      extent[e] = 0;
-    }
-  }
-  const auto tiles = make_tiles(extent, Y, /*min_block=*/64);
-  AT_DISPATCH_SWITCH(x.scalar_type(), "moe_gather_grouped_mm_wgrad_avx512",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { wgrad_avx512<scalar_t>(x, off.data(), g_NY, out, starts, tiles); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] { wgrad_avx512<scalar_t>(x, off.data(), g_NY, out, starts, tiles); }));
-  return out;
+  return grouped_wgrad(x, off.data(), g_NY, starts);
 }
 
 }  // namespace moe

@@ -154,12 +154,9 @@ class GroupedExperts(nn.Module):
         values as forward on the permuted rows (bit for bit on the CPU kernels). The plan is
         dispatch metadata (which rows each expert owns), not routing scores. Call it as
         ``experts(x_TD, plan=plan)`` so that module hooks run."""
-        if not isinstance(x_TD, Tensor) or x_TD.dim() != 2 or x_TD.shape[1] != self.hidden_size:
-            shape = tuple(x_TD.shape) if isinstance(x_TD, Tensor) else type(x_TD).__name__
-            raise ValueError(f"GroupedExperts: x_TD must have shape (T, hidden_size={self.hidden_size}), got {shape}")
-        if x_TD.dtype != self.w_in_EDH.dtype:
-            raise TypeError(f"GroupedExperts: x_TD is {x_TD.dtype} but the expert weights are "
-                            f"{self.w_in_EDH.dtype}; cast the input or the module")
+        self._check_rows("x_TD", "T", x_TD)
+        if not isinstance(plan, ops.Plan):
+            raise TypeError(f"GroupedExperts: plan must be a moe.ops.Plan, got {type(plan).__name__}")
         if plan.num_experts != self.num_experts:
             raise ValueError(f"GroupedExperts: the plan has {plan.num_experts} experts, the module {self.num_experts}")
         offs_E, N = plan.offs_E, plan.max_rows
@@ -171,13 +168,16 @@ class GroupedExperts(nn.Module):
             y_ND = y_ND + _row_bias(self.b_out_ED, offs_E, N)
         return y_ND
 
-    def _check_inputs(self, x_ND: Tensor, offs_E: Tensor) -> None:
-        if not isinstance(x_ND, Tensor) or x_ND.dim() != 2 or x_ND.shape[1] != self.hidden_size:
-            shape = tuple(x_ND.shape) if isinstance(x_ND, Tensor) else type(x_ND).__name__
-            raise ValueError(f"GroupedExperts: x_ND must have shape (N, hidden_size={self.hidden_size}), got {shape}")
-        if x_ND.dtype != self.w_in_EDH.dtype:
-            raise TypeError(f"GroupedExperts: x_ND is {x_ND.dtype} but the expert weights are "
+    def _check_rows(self, name: str, rows: str, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.hidden_size:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"GroupedExperts: {name} must have shape ({rows}, hidden_size={self.hidden_size}), got {shape}")
+        if x.dtype != self.w_in_EDH.dtype:
+            raise TypeError(f"GroupedExperts: {name} is {x.dtype} but the expert weights are "
                             f"{self.w_in_EDH.dtype}; cast the input or the module")
+
+    def _check_inputs(self, x_ND: Tensor, offs_E: Tensor) -> None:
+        self._check_rows("x_ND", "N", x_ND)
         if not isinstance(offs_E, Tensor) or tuple(offs_E.shape) != (self.num_experts,):
             shape = tuple(offs_E.shape) if isinstance(offs_E, Tensor) else type(offs_E).__name__
             raise ValueError(f"GroupedExperts: offs_E must have shape (num_experts={self.num_experts},), got {shape}")

@@ -372,28 +372,24 @@ def _register_autograd() -> None:
             return ops_torch.swiglu_backward_torch(g, h)
         return ops.swiglu_backward(g, h)
 
-    # gather_grouped_mm: c_i = x[token(i)] @ b_e; d x sums each token's rows of g b_e^T.
+    # gather_grouped_mm(x, ., ., b, offs): c_i = x[token(i)] @ b_e, and gather_grouped_mm_wgrad
+    # (x, ., ., g, offs): w_e = sum over e's rows i of x[token(i)]^T g_i. In both, d x sums each
+    # token's rows of (rows_NY @ w_e^T), with (rows_NY, w_EXY) = (d c, b) or (g, d w), and the
+    # other operand's gradient is the other op on x and the incoming gradient.
     def gather_setup(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
 
-    def gather_bwd(ctx, g_NY):
-        x_TD, order_N, rows_TK, b_EXY, offs_E = ctx.saved_tensors
-        g_x = g_b = None
-        if ctx.needs_input_grad[0]:
-            g_x = ops.unpermute(ops.grouped_mm(g_NY, b_EXY.transpose(-2, -1), offs_E), order_N, rows_TK, None)
-        if ctx.needs_input_grad[3]:
-            g_b = ops.gather_grouped_mm_wgrad(x_TD, order_N, rows_TK, g_NY, offs_E)
-        return g_x, None, None, g_b, None
-
-    # gather_grouped_mm_wgrad: w_e = sum over e's rows i of x[token(i)]^T g_i.
-    def gather_wgrad_bwd(ctx, d_EXY):
-        x_TD, order_N, rows_TK, g_NY, offs_E = ctx.saved_tensors
-        g_x = g_g = None
-        if ctx.needs_input_grad[0]:
-            g_x = ops.unpermute(ops.grouped_mm(g_NY, d_EXY.transpose(-2, -1), offs_E), order_N, rows_TK, None)
-        if ctx.needs_input_grad[3]:
-            g_g = ops.gather_grouped_mm(x_TD, order_N, rows_TK, d_EXY, offs_E)
-        return g_x, None, None, g_g, None
+    def gather_bwd(other_op, grad_is_rows):
+        def bwd(ctx, grad):
+            x_TD, order_N, rows_TK, z, offs_E = ctx.saved_tensors
+            rows_NY, w_EXY = (grad, z) if grad_is_rows else (z, grad)
+            g_x = g_z = None
+            if ctx.needs_input_grad[0]:
+                g_x = ops.unpermute(ops.grouped_mm(rows_NY, w_EXY.transpose(-2, -1), offs_E), order_N, rows_TK, None)
+            if ctx.needs_input_grad[3]:
+                g_z = other_op(x_TD, order_N, rows_TK, grad, offs_E)
+            return g_x, None, None, g_z, None
+        return bwd
 
     # linear_f32: the gradients of F.linear(x.float(), w.float()), cast back as autograd would.
     def linear_setup(ctx, inputs, output):
@@ -408,8 +404,8 @@ def _register_autograd() -> None:
 
     reg = torch.library.register_autograd
     reg("moe::linear_f32", linear_bwd, setup_context=linear_setup)
-    reg("moe::gather_grouped_mm", gather_bwd, setup_context=gather_setup)
-    reg("moe::gather_grouped_mm_wgrad", gather_wgrad_bwd, setup_context=gather_setup)
+    reg("moe::gather_grouped_mm", gather_bwd(ops.gather_grouped_mm_wgrad, True), setup_context=gather_setup)
+    reg("moe::gather_grouped_mm_wgrad", gather_bwd(ops.gather_grouped_mm, False), setup_context=gather_setup)
     reg("moe::swiglu", swiglu_bwd, setup_context=swiglu_setup)
     reg("moe::permute", permute_bwd, setup_context=permute_setup)
     reg("moe::unpermute", unpermute_bwd, setup_context=unpermute_setup)
