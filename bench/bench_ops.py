@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench import fused
 from bench.ops import SHAPES, dispatch_baseline, dispatch_ours, random_topk_ids
 from moe import ops
 
@@ -62,3 +63,19 @@ def test_dispatch(benchmark, impl, dtype, shape):
     w = torch.rand(T, K, generator=g)
     benchmark.group = f"dispatch {dtype} {SHAPE_IDS[SHAPES.index(shape)]}"
     benchmark(dispatch_ours if impl == "ours" else dispatch_baseline, x, ids, w, E)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("op", ["swiglu", "gather", "linear"])
+@pytest.mark.parametrize("impl", ["ours", "baseline"])
+def test_fused(benchmark, impl, op, dtype, shape):
+    """The pairs of bench/fused.py (moekit's fused op, and what it replaces)."""
+    if op == "linear" and dtype != "bfloat16":
+        pytest.skip("linear_f32 is the float32 GEMM itself for float32 inputs")
+    D, Fh, E, K = shape
+    pair = {"swiglu": lambda: fused._swiglu_pair(T * K, Fh, DTYPES[dtype]),
+            "gather": lambda: fused._gather_pair(T, D, Fh, E, K, DTYPES[dtype]),
+            "linear": lambda: fused._linear_pair(T, D, E, DTYPES[dtype])}[op]()
+    benchmark.group = f"{op} {dtype} {SHAPE_IDS[SHAPES.index(shape)]}"
+    benchmark(pair[0] if impl == "ours" else pair[1])

@@ -85,6 +85,14 @@ def fused_rows(*, T: int = 4096, shapes=SHAPES, dtypes=DTYPES, repeat: int = 7) 
     return rows
 
 
+def run(*, quick: bool = False, dtypes=DTYPES, repeat: int | None = None) -> list[dict]:
+    """All rows; ``quick`` uses T=256 and 3 repeats (a smoke run, not a measurement)."""
+    kw = dict(T=256, repeat=3) if quick else dict(T=4096, repeat=7)
+    if repeat is not None:
+        kw["repeat"] = repeat
+    return fused_rows(dtypes=dtypes, **kw)
+
+
 def format_table(rows: list[dict]) -> str:
     out = [f"{'op':<7} {'dtype':<8} {'T':>5} {'D':>5} {'F':>5} {'E':>4} {'K':>2} "
            f"{'ours ms':>8} {'base ms':>8} {'speedup':>8} {'noise':>6}"]
@@ -103,10 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, help="timed rounds per row (median is reported)")
     args = parser.parse_args(argv)
     dtypes = tuple(getattr(torch, d) for d in args.dtype) if args.dtype else DTYPES
-    kw = dict(T=256, repeat=3) if args.quick else dict(T=4096, repeat=7)
-    if args.repeat is not None:
-        kw["repeat"] = args.repeat
-    rows = fused_rows(dtypes=dtypes, **kw)
+    rows = run(quick=args.quick, dtypes=dtypes, repeat=args.repeat)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(format_table(rows))
 

@@ -6,7 +6,7 @@
 
 `moe demo` runs with one torch thread unless --threads says otherwise: its matmuls are tiny, and
 on a shared 2-core machine two OpenMP threads were measured 10x slower than one (spin-waiting).
-Each subcommand's work lives in a module (moe.demo, bench.ops / bench.layer, moe.planner);
+Each subcommand's work lives in a module (moe.demo, bench.ops / bench.fused / bench.layer, moe.planner);
 this file parses arguments, orchestrates and writes the files.
 """
 
@@ -20,7 +20,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-BENCH_MODULES = ("bench.ops", "bench.layer")
+BENCH_MODULES = ("bench.ops", "bench.fused", "bench.layer")
 
 
 def _demo_parser(sub) -> None:

@@ -231,9 +231,11 @@ def test_bench_orchestrates_modules(monkeypatch, tmp_path, capsys):
         "bench.ops", [dict(op="grouped_mm", T=256, ours_ms=2.0, dense_ms=2.6, loop_ms=8.0)]))
     monkeypatch.setitem(sys.modules, "bench.layer", _fake_bench(
         "bench.layer", [dict(mode="fwd", moekit_ms=5.0, hf_gmm_ms=4.0)]))
+    monkeypatch.setitem(sys.modules, "bench.fused", _fake_bench(
+        "bench.fused", [dict(op="swiglu", ours_ms=1.0, baseline_ms=3.0)]))
     sections = run(["bench", "--quick", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "bench.ops: 1 rows" in out and "bench.layer: 1 rows" in out
+    assert "bench.ops: 1 rows" in out and "bench.layer: 1 rows" in out and "bench.fused: 1 rows" in out
     saved = json.loads((tmp_path / "bench_results.json").read_text())
     assert saved["quick"] and saved["sections"] == json.loads(json.dumps(sections))
     assert saved["sections"]["bench.ops"][0]["quick"] is True
