@@ -2,6 +2,10 @@
 
     ids_TK ──plan──► Plan(counts_E, offs_E, order_N, rows_TK)
     x_TD ──permute──► x_ND ──grouped_mm(w_EXY, offs_E)──► y_NY ──unpermute(weights_TK)──► y_TD
+    x_TD ──gather_grouped_mm(plan, w_EXY)──► y_NY          (the same, without the x_ND copy)
+
+and the layers' fused helpers: swiglu (SwiGLU's gating, one pass each way) and
+torch.ops.moe.linear_f32 (the routers' float32 logits from bfloat16 operands).
 
 Shape legend: T tokens, K slots per token, E experts, N routed rows, D feature dim, X/Y GEMM
 input/output dims. N is the host-side bound T*K: buffers never depend on routed counts, so the
