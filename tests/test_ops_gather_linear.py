@@ -156,6 +156,31 @@ def test_bad_input_names_the_argument(case, call, arg):
         call()
 
 
+def _cpu(op):  # the CPU kernel's own checks, reached with a "meta" argument (test_ops_errors)
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    return lambda *args: getattr(torch.ops.moe, op).default.redispatch(keys, *args)
+
+
+META = "meta"
+DEVICE_CASES = [
+    ("gather_b", lambda: _cpu("gather_grouped_mm")(torch.randn(T_, X_), P_.order_N, P_.rows_TK,
+                                                   torch.randn(E_, X_, Y_, device=META), P_.offs_E), "b_EXY"),
+    ("gather_offs", lambda: _cpu("gather_grouped_mm")(torch.randn(T_, X_), P_.order_N, P_.rows_TK,
+                                                      torch.randn(E_, X_, Y_), P_.offs_E.to(META)), "offs_E"),
+    ("gather_wgrad_g", lambda: _cpu("gather_grouped_mm_wgrad")(
+        torch.randn(T_, X_), P_.order_N, P_.rows_TK, torch.randn(T_ * K_, Y_, device=META), P_.offs_E), "g_NY"),
+    ("linear_weight", lambda: _cpu("linear_f32")(torch.randn(3, 4), torch.randn(5, 4, device=META)), "weight_ED"),
+    ("swiglu_grad", lambda: _cpu("swiglu_backward")(torch.randn(3, 2, device=META), torch.randn(3, 4)), "grad"),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("case,call,arg", DEVICE_CASES, ids=[c[0] for c in DEVICE_CASES])
+def test_kernel_device_mismatch_names_the_argument(case, call, arg):
+    with pytest.raises(RuntimeError, match=arg):
+        call()
+
+
 @needs_ext
 def test_layer_reads_rows_in_place_and_matches_the_permuted_path():
     """MoELayer with its LocalDispatcher takes the gathered path (no permute node in the graph);
