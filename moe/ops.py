@@ -41,8 +41,8 @@ from moe.ops_torch import (  # noqa: F401  (re-exported twins)
     swiglu_backward_torch,
 )
 
-__all__ = ["Plan", "plan", "permute", "unpermute", "grouped_mm", "gather_grouped_mm", "swiglu", "HAS_EXTENSION", "host_cache_stats",
-           "empty_host_cache"]
+__all__ = ["Plan", "plan", "permute", "unpermute", "grouped_mm", "gather_grouped_mm", "swiglu",
+           "HAS_EXTENSION", "host_cache_stats", "empty_host_cache"]
 
 _log = logging.getLogger(__name__)
 
@@ -366,7 +366,8 @@ def _register_autograd() -> None:
         g_g = ops.grouped_mm(a_NX, d_EXY, offs_E) if ctx.needs_input_grad[1] else None
         return g_a, g_g, None
 
-    # swiglu: out = silu(gate) * up; backward is one pass over h (once differentiable).
+    # swiglu: out = silu(gate) * up; backward is one pass over h (the twin when it must be
+    # differentiable itself).
     def swiglu_setup(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
 
