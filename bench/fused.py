@@ -22,7 +22,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from bench.ops import DTYPES, SHAPES, random_topk_ids, time_fns
+from bench.ops import DTYPES, SHAPES, add_run_args, random_topk_ids, sizes, time_fns
 from moe import ops
 
 
@@ -87,10 +87,7 @@ def fused_rows(*, T: int = 4096, shapes=SHAPES, dtypes=DTYPES, repeat: int = 7) 
 
 def run(*, quick: bool = False, dtypes=DTYPES, repeat: int | None = None) -> list[dict]:
     """All rows; ``quick`` uses T=256 and 3 repeats (a smoke run, not a measurement)."""
-    kw = dict(T=256, repeat=3) if quick else dict(T=4096, repeat=7)
-    if repeat is not None:
-        kw["repeat"] = repeat
-    return fused_rows(dtypes=dtypes, **kw)
+    return fused_rows(dtypes=dtypes, **sizes(quick, repeat))
 
 
 def format_table(rows: list[dict]) -> str:
@@ -105,10 +102,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="T=256, 3 repeats (smoke run)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], action="append",
-                        help="restrict to these dtypes (repeatable)")
-    parser.add_argument("--repeat", type=int, help="timed rounds per row (median is reported)")
+    add_run_args(parser)
     args = parser.parse_args(argv)
     dtypes = tuple(getattr(torch, d) for d in args.dtype) if args.dtype else DTYPES
     rows = run(quick=args.quick, dtypes=dtypes, repeat=args.repeat)

@@ -129,13 +129,28 @@ def dispatch_rows(*, T: int = 4096, shapes=SHAPES, dtypes=DTYPES, repeat: int = 
     return rows
 
 
+def sizes(quick: bool, repeat: int | None = None) -> dict:
+    """T and repeats of a run: T=4096 and 7 repeats, or T=256 and 3 for a ``quick`` smoke run;
+    ``repeat`` overrides the count."""
+    kw = dict(T=256, repeat=3) if quick else dict(T=4096, repeat=7)
+    if repeat is not None:
+        kw["repeat"] = repeat
+    return kw
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """--quick, --dtype and --repeat, shared by the op benchmarks' command lines."""
+    parser.add_argument("--quick", action="store_true", help="T=256, 3 repeats (smoke run)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], action="append",
+                        help="restrict to these dtypes (repeatable)")
+    parser.add_argument("--repeat", type=int, help="timed rounds per row (median is reported)")
+
+
 def run(*, quick: bool = False, dtypes=DTYPES, only: str | None = None,
         repeat: int | None = None) -> list[dict]:
     """All op benchmark rows (``only``: "grouped_mm" or "dispatch" for one family). ``quick``
     uses T=256 and 3 repeats: a smoke run, not a measurement."""
-    kw = dict(T=256, repeat=3) if quick else dict(T=4096, repeat=7)
-    if repeat is not None:
-        kw["repeat"] = repeat
+    kw = sizes(quick, repeat)
     rows = []
     if only in (None, "grouped_mm"):
         rows += grouped_mm_rows(dtypes=dtypes, **kw)
@@ -170,11 +185,8 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="T=256, 3 repeats (smoke run)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], action="append",
-                        help="restrict to these dtypes (repeatable)")
+    add_run_args(parser)
     parser.add_argument("--only", choices=["grouped_mm", "dispatch"], help="one op family")
-    parser.add_argument("--repeat", type=int, help="timed rounds per row (median is reported)")
     args = parser.parse_args(argv)
     dtypes = tuple(getattr(torch, d) for d in args.dtype) if args.dtype else DTYPES
     rows = run(quick=args.quick, dtypes=dtypes, only=args.only, repeat=args.repeat)

@@ -23,6 +23,7 @@ from moe.dispatch import LocalDispatcher
 from moe.ops_torch import gather_grouped_mm_torch, gather_grouped_mm_wgrad_torch, linear_f32_torch
 
 from tests.test_ops import ROUTINGS, make_ids, rand, strided_cols, strided_rows
+from tests.test_ops_errors import META, _cpu
 from tests.test_ops_props import SETTINGS, routings
 
 needs_ext = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="moe._C extension not built")
@@ -156,12 +157,6 @@ def test_bad_input_names_the_argument(case, call, arg):
         call()
 
 
-def _cpu(op):  # the CPU kernel's own checks, reached with a "meta" argument (test_ops_errors)
-    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
-    return lambda *args: getattr(torch.ops.moe, op).default.redispatch(keys, *args)
-
-
-META = "meta"
 DEVICE_CASES = [
     ("gather_b", lambda: _cpu("gather_grouped_mm")(torch.randn(T_, X_), P_.order_N, P_.rows_TK,
                                                    torch.randn(E_, X_, Y_, device=META), P_.offs_E), "b_EXY"),
