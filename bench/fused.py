@@ -22,7 +22,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from bench.ops import DTYPES, SHAPES, add_run_args, random_topk_ids, sizes, time_fns
+from bench.ops import (DTYPES, SHAPES, SPEEDUP_HEAD, add_run_args, dtypes_arg, random_topk_ids,
+                       sizes, speedup_cells, time_fns)
 from moe import ops
 
 
@@ -91,12 +92,10 @@ def run(*, quick: bool = False, dtypes=DTYPES, repeat: int | None = None) -> lis
 
 
 def format_table(rows: list[dict]) -> str:
-    out = [f"{'op':<7} {'dtype':<8} {'T':>5} {'D':>5} {'F':>5} {'E':>4} {'K':>2} "
-           f"{'ours ms':>8} {'base ms':>8} {'speedup':>8} {'noise':>6}"]
+    out = [f"{'op':<7} {'dtype':<8} {'T':>5} {'D':>5} {'F':>5} {'E':>4} {'K':>2} {SPEEDUP_HEAD}"]
     for r in rows:
         out.append(f"{r['op']:<7} {r['dtype']:<8} {r['T']:>5} {r['D']:>5} {r['F']:>5} {r['E']:>4} "
-                   f"{r['K']:>2} {r['ours_ms']:>8.2f} {r['baseline_ms']:>8.2f} {r['speedup']:>7.2f}x "
-                   f"{r['noise']:>6.0%}")
+                   f"{r['K']:>2} {speedup_cells(r)}")
     return "\n".join(out)
 
 
@@ -104,8 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_args(parser)
     args = parser.parse_args(argv)
-    dtypes = tuple(getattr(torch, d) for d in args.dtype) if args.dtype else DTYPES
-    rows = run(quick=args.quick, dtypes=dtypes, repeat=args.repeat)
+    rows = run(quick=args.quick, dtypes=dtypes_arg(args), repeat=args.repeat)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(format_table(rows))
 

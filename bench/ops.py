@@ -138,6 +138,20 @@ def sizes(quick: bool, repeat: int | None = None) -> dict:
     return kw
 
 
+SPEEDUP_HEAD = f"{'ours ms':>8} {'base ms':>8} {'speedup':>8} {'noise':>6}"
+
+
+def speedup_cells(r: dict) -> str:
+    """The ours / baseline / speedup / noise cells of a row timed against one baseline."""
+    return (f"{r['ours_ms']:>8.2f} {r['baseline_ms']:>8.2f} {r['speedup']:>7.2f}x "
+            f"{r['noise']:>6.0%}")
+
+
+def dtypes_arg(args) -> tuple:
+    """The --dtype choices as torch dtypes (all of DTYPES when none was given)."""
+    return tuple(getattr(torch, d) for d in args.dtype) if args.dtype else DTYPES
+
+
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     """--quick, --dtype and --repeat, shared by the op benchmarks' command lines."""
     parser.add_argument("--quick", action="store_true", help="T=256, 3 repeats (smoke run)")
@@ -174,12 +188,10 @@ def format_table(rows: list[dict]) -> str:
                        f"{r['vs_F.grouped_mm']:>6.2f} {r['vs_loop']:>6.2f} {r['noise']:>6.0%}")
     disp = [r for r in rows if r["op"] == "dispatch"]
     if disp:
-        out.append(f"{'dispatch':<10} {'dtype':<8} {'T':>5} {'D':>5} {'E':>4} {'K':>2} "
-                   f"{'ours ms':>8} {'base ms':>8} {'speedup':>8} {'noise':>6}")
+        out.append(f"{'dispatch':<10} {'dtype':<8} {'T':>5} {'D':>5} {'E':>4} {'K':>2} {SPEEDUP_HEAD}")
         for r in disp:
             out.append(f"{'':<10} {r['dtype']:<8} {r['T']:>5} {r['D']:>5} {r['E']:>4} {r['K']:>2} "
-                       f"{r['ours_ms']:>8.2f} {r['baseline_ms']:>8.2f} {r['speedup']:>7.2f}x "
-                       f"{r['noise']:>6.0%}")
+                       f"{speedup_cells(r)}")
     return "\n".join(out)
 
 
@@ -188,8 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     add_run_args(parser)
     parser.add_argument("--only", choices=["grouped_mm", "dispatch"], help="one op family")
     args = parser.parse_args(argv)
-    dtypes = tuple(getattr(torch, d) for d in args.dtype) if args.dtype else DTYPES
-    rows = run(quick=args.quick, dtypes=dtypes, only=args.only, repeat=args.repeat)
+    rows = run(quick=args.quick, dtypes=dtypes_arg(args), only=args.only, repeat=args.repeat)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"extension={'yes' if ops.HAS_EXTENSION else 'no (twins)'}")
     print(format_table(rows))
