@@ -9,6 +9,9 @@
 
 #include "host_cache.h"
 #include "moe_ops.h"
+#ifdef MOE_WITH_SM90_GEMM
+#include "cuda/sm90/grouped_gemm_sm90.h"
+#endif
 
 TORCH_LIBRARY(moe, m) {
   // counts_E, offs_E (int32), order_N (int64, length T*K, -1 past offs_E[-1]), rows_TK (int64).
@@ -84,11 +87,42 @@ PyObject* host_cache_stats(PyObject*, PyObject*) {
   });
 }
 
+// What this build compiled in: {"cuda": CUDA kernels, "sm90_gemm": moekit's Hopper grouped GEMM,
+// "sm90_forward_configs" / "sm90_wgrad_configs": the names of its configurations, by id}.
+PyObject* build_info(PyObject*, PyObject*) {
+  return guarded([] {
+#ifdef MOE_WITH_CUDA
+    PyObject* cuda = Py_True;
+#else
+    PyObject* cuda = Py_False;
+#endif
+    PyObject* forward = PyList_New(0);
+    PyObject* wgrad = PyList_New(0);
+#ifdef MOE_WITH_SM90_GEMM
+    PyObject* sm90 = Py_True;
+    for (int wg = 0; wg < 2; ++wg) {
+      for (int id = 0; id < moe::cuda::sm90::num_configs(wg == 1); ++id) {
+        PyObject* name = PyUnicode_FromString(moe::cuda::sm90::config(wg == 1, id).name);
+        PyList_Append(wg == 1 ? wgrad : forward, name);
+        Py_DECREF(name);
+      }
+    }
+#else
+    PyObject* sm90 = Py_False;
+#endif
+    PyObject* info = Py_BuildValue("{s:O,s:O,s:N,s:N}", "cuda", cuda, "sm90_gemm", sm90,
+                                   "sm90_forward_configs", forward, "sm90_wgrad_configs", wgrad);
+    return info;
+  });
+}
+
 PyMethodDef methods[] = {
     {"host_cache_clear", host_cache_clear, METH_NOARGS,
      "Release every CPU buffer kept by moekit's host cache."},
     {"host_cache_stats", host_cache_stats, METH_NOARGS,
      "dict: cached_bytes, in_use_bytes, hits, misses, limit_bytes of moekit's host cache."},
+    {"build_info", build_info, METH_NOARGS,
+     "dict: which kernels this build of moe._C holds (cuda, sm90_gemm)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -42,7 +42,7 @@ from moe.ops_torch import (  # noqa: F401  (re-exported twins)
 )
 
 __all__ = ["Plan", "plan", "permute", "unpermute", "grouped_mm", "gather_grouped_mm", "swiglu",
-           "HAS_EXTENSION", "host_cache_stats", "empty_host_cache"]
+           "HAS_EXTENSION", "build_info", "host_cache_stats", "empty_host_cache"]
 
 _log = logging.getLogger(__name__)
 
@@ -70,6 +70,17 @@ def host_cache_stats() -> dict:
         return dict(cached_bytes=0, in_use_bytes=0, hits=0, misses=0, limit_bytes=0)
     from moe import _C
     return _C.host_cache_stats()
+
+
+def build_info() -> dict:
+    """Which kernels the loaded ``moe._C`` holds: ``cuda`` (the CUDA kernels), ``sm90_gemm``
+    (moekit's Hopper grouped GEMM, csrc/cuda/sm90) and the names of its forward and weight-gradient
+    configurations by id (``sm90_forward_configs``, ``sm90_wgrad_configs``: the values that
+    ``MOE_SM90_GEMM_CONFIG`` / ``MOE_SM90_WGRAD_CONFIG`` force). Empty without the extension."""
+    if not HAS_EXTENSION:
+        return dict(cuda=False, sm90_gemm=False, sm90_forward_configs=[], sm90_wgrad_configs=[])
+    from moe import _C
+    return _C.build_info()
 
 
 def empty_host_cache() -> None:
@@ -203,8 +214,9 @@ def gather_grouped_mm(x_TD: torch.Tensor, plan: Plan, b_EXY: torch.Tensor) -> to
 
 
 def has_swiglu_kernel(device: torch.device) -> bool:
-    """True where :func:`swiglu` runs a compiled kernel (the CPU, for now); elsewhere it is the
-    PyTorch twin, which layers replace with their own memory-saving composite."""
+    """True where :func:`swiglu` runs a compiled kernel (the CPU and CUDA kernels, once moe._C is
+    built with them); elsewhere it is the PyTorch twin, which layers replace with their own
+    memory-saving composite."""
     return _has_kernel("swiglu", device)
 
 

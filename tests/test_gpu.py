@@ -12,6 +12,7 @@ filled with NaN/garbage), so rows a kernel forgets to write show up.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -123,12 +124,18 @@ def test_permute_unpermute_equal_cpu_kernel(T, K, E, D, dtype, wdtype):
     torch.testing.assert_close(dw.cpu(), want_dw, rtol=tol, atol=tol * max(1, D ** 0.5))
 
 
-@pytest.fixture(params=["auto", "native"])
+@pytest.fixture(params=["auto", "native", "torch"])
 def gemm_backend(request, monkeypatch):
-    """Both CUDA GEMM backends: "auto" (bf16 on sm90/sm100 goes to PyTorch's CUTLASS grouped GEMM)
-    and "native" (moekit's own kernels for every dtype)."""
+    """The CUDA GEMM backends: "auto" (bf16 on sm90 runs moekit's own CUTLASS 3 kernels where built,
+    else PyTorch's grouped GEMM), "native" (moekit's WMMA kernels, every dtype) and "torch"
+    (PyTorch's CUTLASS grouped GEMM for aligned bf16 on sm90/sm100)."""
     monkeypatch.setenv("MOE_CUDA_GEMM", request.param)
     return request.param
+
+
+def _sm90_gemm() -> bool:
+    """moekit's Hopper grouped GEMM is compiled in and this is a compute capability 9.0 GPU."""
+    return ops.build_info()["sm90_gemm"] and torch.cuda.get_device_capability() == (9, 0)
 
 
 def _offs(counts):
@@ -179,8 +186,9 @@ def test_grouped_mm_and_wgrad(N, X, Y, counts, dtype, b_transposed, gemm_backend
 @pytest.mark.parametrize("dtype,aligned", [(torch.bfloat16, True), (torch.bfloat16, False),
                                            (torch.float16, True)])
 def test_grouped_mm_backend_choice(dtype, aligned, monkeypatch):
-    """Which kernels run: MOE_CUDA_GEMM=native always runs moekit's kernels; "auto" hands bf16 with
-    aligned dims to PyTorch's grouped GEMM on sm90/sm100 only; a bad value is an error naming it."""
+    """Which kernels run: MOE_CUDA_GEMM=native always runs moekit's WMMA kernels; "auto" hands bf16
+    with aligned dims to moekit's sm90 kernels where built (else PyTorch's grouped GEMM on
+    sm90/sm100); "torch" to PyTorch's; a bad value is an error naming it."""
     X, Y = (64, 48) if aligned else (60, 48)
     a = torch.randn(100, X, device="cuda", dtype=dtype)
     b = torch.randn(3, X, Y, device="cuda", dtype=dtype)
@@ -196,13 +204,83 @@ def test_grouped_mm_backend_choice(dtype, aligned, monkeypatch):
 
     assert "grouped_mm_kernel" in kernels("native") and "grouped_mm_wgrad_kernel" in kernels("native")
     cap = torch.cuda.get_device_capability()
-    torch_path = dtype == torch.bfloat16 and aligned and (cap == (9, 0) or cap[0] == 10)
-    names = kernels("auto")
-    assert ("grouped_mm_kernel" not in names) == torch_path, names
-    assert ("grouped_mm_wgrad_kernel" not in names) == torch_path, names
+    cutlass_ok = dtype == torch.bfloat16 and aligned
+    torch_path = cutlass_ok and (cap == (9, 0) or cap[0] == 10)
+    for backend in ("auto", "torch"):
+        names = kernels(backend)
+        assert ("grouped_mm_kernel" not in names) == torch_path, (backend, names)
+        assert ("grouped_mm_wgrad_kernel" not in names) == torch_path, (backend, names)
+        ours = backend == "auto" and cutlass_ok and _sm90_gemm()
+        assert ("prepare_groups_kernel" in names) == ours, (backend, names)
     monkeypatch.setenv("MOE_CUDA_GEMM", "fast")
     with pytest.raises(RuntimeError, match="MOE_CUDA_GEMM"):
         moe_ops.grouped_mm(a, b, offs)
+
+
+def test_sm90_gemm_is_built_where_expected():
+    """bench/gpu_check.sh sets MOE_EXPECT_SM90=1: there the Hopper kernels must be compiled in, so
+    the sm90 tests below cannot pass by skipping."""
+    if os.environ.get("MOE_EXPECT_SM90") != "1":
+        pytest.skip("MOE_EXPECT_SM90 is not set")
+    assert ops.build_info()["sm90_gemm"], ops.build_info()
+    assert torch.cuda.get_device_capability() == (9, 0)
+
+
+SM90_CASES = [  # aligned bf16 problems (X, Y multiples of 8), counts per expert
+    (64, 32, 48, [10, 0, 30, 24]), (512, 256, 384, [512]), (0, 16, 16, [0, 0]),
+    (1000, 1024, 1792, [400, 0, 1, 127, 300, 0, 100, 60]),
+    (600, 64, 40, [(7 * e) % 5 for e in range(256)]),        # E = 256, many empty experts
+    (3000, 128, 136, [(e * 37) % 3 for e in range(1500)]),   # E = 1500: past PyTorch's 1024 groups
+    (4096, 512, 256, [256] * 16),                           # full tiles, every config's sweet spot
+]
+
+
+@pytest.mark.parametrize("config", range(6))
+@pytest.mark.parametrize("N,X,Y,counts", SM90_CASES)
+@pytest.mark.parametrize("b_transposed", [False, True])
+def test_sm90_grouped_mm_every_config(config, N, X, Y, counts, b_transposed, monkeypatch):
+    """Each configuration of moekit's Hopper GEMM (forward: MOE_SM90_GEMM_CONFIG, weight gradient:
+    MOE_SM90_WGRAD_CONFIG, cycled): the 2x-error rule against float64, zero padding rows and
+    empty experts, never reading rows past offs_E[-1], deterministic."""
+    if not _sm90_gemm():
+        pytest.skip("needs moekit's sm90 grouped GEMM on a compute capability 9.0 GPU")
+    info = ops.build_info()
+    if config >= len(info["sm90_forward_configs"]):
+        pytest.skip(f"this build has {len(info['sm90_forward_configs'])} forward configs")
+    monkeypatch.setenv("MOE_CUDA_GEMM", "auto")
+    monkeypatch.setenv("MOE_SM90_GEMM_CONFIG", str(config))
+    monkeypatch.setenv("MOE_SM90_WGRAD_CONFIG", str(config % len(info["sm90_wgrad_configs"])))
+    dtype, E, offs = torch.bfloat16, len(counts), _offs(counts)
+    a = torch.randn(N, X, device="cuda", dtype=dtype)
+    a[sum(counts):] = float("nan")
+    b = (torch.randn(E, Y, X, device="cuda", dtype=dtype).transpose(1, 2) if b_transposed
+         else torch.randn(E, X, Y, device="cuda", dtype=dtype))
+    _poison(((N, Y), dtype))
+    c = moe_ops.grouped_mm(a, b, offs)
+    assert torch.equal(c[sum(counts):], torch.zeros_like(c[sum(counts):]))
+    _rule(c, ops_torch.grouped_mm_torch(a.double(), b.double(), offs), ops_torch.grouped_mm_torch(a, b, offs))
+    assert torch.equal(c, moe_ops.grouped_mm(a, b, offs))
+    a = torch.nan_to_num(a)
+    g = torch.randn(N, Y, device="cuda", dtype=dtype)
+    _poison(((E, X, Y), dtype))
+    w = moe_ops.grouped_mm_wgrad(a, g, offs)
+    _rule(w, ops_torch.grouped_mm_wgrad_torch(a.double(), g.double(), offs),
+          ops_torch.grouped_mm_wgrad_torch(a, g, offs))
+    empty = torch.tensor(counts, device="cuda") == 0
+    assert torch.equal(w[empty], torch.zeros_like(w[empty]))
+
+
+def test_sm90_config_env_is_checked(monkeypatch):
+    if not _sm90_gemm():
+        pytest.skip("needs moekit's sm90 grouped GEMM on a compute capability 9.0 GPU")
+    a = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(2, 32, 48, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setenv("MOE_SM90_GEMM_CONFIG", "99")
+    with pytest.raises(RuntimeError, match="MOE_SM90_GEMM_CONFIG"):
+        moe_ops.grouped_mm(a, b, _offs([30, 34]))
+    monkeypatch.setenv("MOE_SM90_WGRAD_CONFIG", "x")
+    with pytest.raises(RuntimeError, match="MOE_SM90_WGRAD_CONFIG"):
+        moe_ops.grouped_mm_wgrad(a, a, _offs([30, 34]))
 
 
 def _layer(x_TD, ids_TK, w_TK, w1_EDF, w2_EFD, *, twin=False):

@@ -14,23 +14,30 @@
 // offs_E must be non-decreasing and within [0, N]: checked by CUDA_KERNEL_ASSERT (a host check
 // would sync); bad offsets are clamped so memory stays safe if asserts are compiled out.
 //
-// Backends. bfloat16 on compute capability 9.0 / 10.x goes by default to PyTorch's CUTLASS
-// grouped GEMM (at::_grouped_mm: TMA + wgmma, warp-specialised; offsets read on the device, no
-// host sync) when its layout rules hold (X, Y and the strides multiples of 8 elements, 16-byte
-// aligned pointers, E < 1024). Measured on an H200 (bench/RESULTS_H200.md) it runs 2.6-4.5x
-// faster than the WMMA kernels below, which stay the path for float16/float32/float64, for other
-// GPUs and layouts, and for MOE_CUDA_GEMM=native (read at every call). Around that call: a check
-// kernel asserts the offsets first (as the native kernels do), and the contract's zeros are
-// written after it (padding rows of c_NY; experts with no rows in the weight gradient).
+// Backends (MOE_CUDA_GEMM, read at every call). "auto" (the default): bfloat16 on compute
+// capability 9.0 runs moekit's own Hopper grouped GEMM (csrc/cuda/sm90/: CUTLASS 3, TMA + wgmma,
+// warp-specialised, per-expert sizes read on the device, a tile configuration chosen from the
+// host-known N/E) when it was compiled in (MOE_WITH_SM90_GEMM: the build found CUTLASS's headers
+// and 9.0 in the arch list); otherwise, and on 10.x, PyTorch's CUTLASS grouped GEMM
+// (at::_grouped_mm). Both need their layout rules to hold (X, Y and the strides multiples of 8
+// elements, 16-byte aligned pointers; PyTorch's also E < 1024). "torch" forces PyTorch's and
+// "native" moekit's WMMA kernels below, which are also the path for float16/float32/float64,
+// other GPUs and unaligned layouts. Around the CUTLASS calls: a check kernel asserts the offsets
+// first (as the native kernels do), and the contract's zeros are written after (padding rows of
+// c_NY; experts with no rows in the weight gradient).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/_grouped_mm.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <cstdlib>
 #include <cstring>
 
 #include "gemm_tiles.cuh"
 #include "moe_ops.h"
+#ifdef MOE_WITH_SM90_GEMM
+#include "sm90/grouped_gemm_sm90.h"
+#endif
 
 namespace moe::cuda {
 namespace {
@@ -200,27 +207,50 @@ void launch_wgrad(const Params& p) {
 
 // ---- CUTLASS grouped GEMM path (at::_grouped_mm) -------------------------------------------
 
-bool native_forced() {
+enum class Backend { kAuto, kNative, kTorch };
+
+Backend backend() {
   const char* v = std::getenv("MOE_CUDA_GEMM");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return false;
-  TORCH_CHECK(std::strcmp(v, "native") == 0, "MOE_CUDA_GEMM must be \"auto\" or \"native\", got \"",
-              v, "\"");
-  return true;
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return Backend::kAuto;
+  if (std::strcmp(v, "native") == 0) return Backend::kNative;
+  if (std::strcmp(v, "torch") == 0) return Backend::kTorch;
+  TORCH_CHECK(false, "MOE_CUDA_GEMM must be \"auto\", \"native\" or \"torch\", got \"", v, "\"");
 }
 
 // Row-major (s1 == 1) or column-major (s0 == 1) 2-D layout with 16-byte-aligned leading dim.
 bool tma_2d(int64_t s0, int64_t s1) { return (s1 == 1 && s0 % 8 == 0) || (s0 == 1 && s1 % 8 == 0); }
 
-bool torch_gemm_ok(const at::Tensor& a, const at::Tensor& b, int64_t E, int64_t X, int64_t Y) {
-  if (native_forced()) return false;
+// The CUTLASS kernels' layout rules: bf16, X and Y multiples of 8, 16-byte aligned pointers and
+// strides (TMA).
+bool cutlass_layout_ok(const at::Tensor& a, const at::Tensor& b, int64_t E, int64_t X, int64_t Y) {
   if (a.scalar_type() != at::kBFloat16 || b.scalar_type() != at::kBFloat16) return false;
-  if (E < 1 || E >= 1024 || X % 8 != 0 || Y % 8 != 0) return false;
-  const auto* prop = at::cuda::getCurrentDeviceProperties();
-  if (!((prop->major == 9 && prop->minor == 0) || prop->major == 10)) return false;
+  if (E < 1 || X % 8 != 0 || Y % 8 != 0) return false;
   if (!aligned16(a.const_data_ptr()) || !aligned16(b.const_data_ptr())) return false;
   if (!tma_2d(a.stride(a.dim() - 2), a.stride(a.dim() - 1))) return false;
   if (!tma_2d(b.stride(b.dim() - 2), b.stride(b.dim() - 1))) return false;
   return b.dim() == 2 || b.stride(0) % 8 == 0;
+}
+
+bool is_sm90() {
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  return prop->major == 9 && prop->minor == 0;
+}
+
+// moekit's own sm90 kernels serve this call (compiled in, "auto", compute capability 9.0).
+bool use_sm90(Backend be) {
+#ifdef MOE_WITH_SM90_GEMM
+  return be == Backend::kAuto && is_sm90();
+#else
+  (void)be;
+  return false;
+#endif
+}
+
+// PyTorch's grouped GEMM serves this call ("auto" without our sm90 kernels, or "torch"; 9.0/10.x).
+bool use_torch(Backend be, int64_t E) {
+  if (be == Backend::kNative || E >= 1024) return false;
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  return is_sm90() || prop->major == 10;
 }
 
 // One block: offs_E non-decreasing within [0, N] (the native kernels' assert, before the GEMM).
@@ -253,6 +283,89 @@ __global__ void zero_empty_experts_kernel(uint4* __restrict__ w, int64_t words_p
     w[e * words_per_expert + i] = make_uint4(0, 0, 0, 0);
 }
 
+// w[e] = 0 for every expert e with no rows (bf16 (E, X, Y) contiguous, X * Y % 8 == 0).
+void zero_empty_experts(at::Tensor& w, const at::Tensor& offs, int64_t E, int64_t X, int64_t Y) {
+  const int64_t words = X * Y / 8;
+  zero_empty_experts_kernel<<<dim3(std::max<unsigned>(1, std::min<int64_t>(ceil_div(words, 256), 64)),
+                                   unsigned(E)), 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<uint4*>(w.mutable_data_ptr()), words, offs.const_data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#ifdef MOE_WITH_SM90_GEMM
+// MOE_SM90_GEMM_CONFIG / MOE_SM90_WGRAD_CONFIG=<id> force one configuration (benchmarks sweep
+// the tables); otherwise the table's choice from host-known sizes.
+int sm90_config(bool wgrad, int64_t N, int64_t E, int64_t X, int64_t Y) {
+  const char* var = wgrad ? "MOE_SM90_WGRAD_CONFIG" : "MOE_SM90_GEMM_CONFIG";
+  const char* v = std::getenv(var);
+  if (v == nullptr || *v == '\0') return sm90::choose_config(wgrad, N, E, X, Y);
+  char* end = nullptr;
+  const long id = std::strtol(v, &end, 10);
+  TORCH_CHECK(*end == '\0' && id >= 0 && id < sm90::num_configs(wgrad), var,
+              " must be a config id in [0, ", sm90::num_configs(wgrad), "), got \"", v, "\"");
+  return static_cast<int>(id);
+}
+
+// Runs one sm90 grouped GEMM with its scratch from the caching allocator (stream-ordered).
+void run_sm90(const sm90::GroupedGemm& g, int config, const at::Tensor& like) {
+  const auto bytes = static_cast<int64_t>(sm90::workspace_bytes(g, config));
+  auto workspace = at::empty({bytes}, like.options().dtype(at::kByte));
+  const char* err = sm90::run(g, config, workspace.mutable_data_ptr(), at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == nullptr, err);
+}
+
+sm90::GroupedGemm sm90_problem(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs,
+                               void* c, int64_t E, int64_t X, int64_t Y) {
+  sm90::GroupedGemm g;
+  g.a = a.const_data_ptr();
+  g.lda = a.stride(0);
+  g.b = b.const_data_ptr();
+  g.c = c;
+  g.offs = offs.const_data_ptr<int>();
+  g.E = static_cast<int>(E);
+  g.N = static_cast<int>(a.size(0));
+  g.X = static_cast<int>(X);
+  g.Y = static_cast<int>(Y);
+  g.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  g.device = a.get_device();
+  return g;
+}
+
+at::Tensor grouped_mm_sm90_path(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs,
+                                bool b_col) {
+  const int64_t N = a.size(0), X = a.size(1), Y = b.size(2), E = b.size(0);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  check_offs_kernel<<<1, 1024, 0, stream>>>(offs.const_data_ptr<int>(), int(E), N);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto c = at::empty({N, Y}, a.options());
+  auto g = sm90_problem(a, b, offs, c.mutable_data_ptr(), E, X, Y);
+  g.b_col = b_col;
+  g.ldb = b_col ? b.stride(2) : b.stride(1);
+  g.b_batch = b.stride(0);
+  run_sm90(g, sm90_config(false, N, E, X, Y), a);
+  const int64_t words = Y / 8;  // bf16: 8 per 16 bytes
+  zero_tail_rows_kernel<<<flat_grid(N * words, 256), 256, 0, stream>>>(
+      reinterpret_cast<uint4*>(c.mutable_data_ptr()), N, words, offs.const_data_ptr<int>(), int(E));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return c;
+}
+
+at::Tensor grouped_mm_wgrad_sm90_path(const at::Tensor& a, const at::Tensor& g_NY,
+                                      const at::Tensor& offs) {
+  const int64_t N = a.size(0), X = a.size(1), Y = g_NY.size(1), E = offs.size(0);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  check_offs_kernel<<<1, 1024, 0, stream>>>(offs.const_data_ptr<int>(), int(E), N);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto w = at::empty({E, X, Y}, a.options());
+  auto g = sm90_problem(a, g_NY, offs, w.mutable_data_ptr(), E, X, Y);
+  g.wgrad = true;
+  g.ldb = g_NY.stride(0);
+  run_sm90(g, sm90_config(true, N, E, X, Y), a);
+  zero_empty_experts(w, offs, E, X, Y);
+  return w;
+}
+#endif
+
 at::Tensor grouped_mm_torch_path(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs) {
   const int64_t N = a.size(0), Y = b.size(2), E = b.size(0);
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -264,8 +377,12 @@ at::Tensor grouped_mm_torch_path(const at::Tensor& a, const at::Tensor& b, const
   // (DeepSeek-V3 at 4096 tokens: 7.5 GB, twice). When a few more rows (at most N/16) reach 129
   // per expert, a_NX is passed with that row count: the extra rows are past offs_E[E-1], so
   // nothing reads them, and the extra output rows are dropped.
+  // The trick relies on PyTorch internals (its tile heuristic, and that the rows past the offsets are
+  // never read), so it is applied only to the versions it was measured with.
   at::Tensor a_call = a;
-  if (N / E > 64 && N / E <= 128 && Y > 128 && (129 * E - N) * 16 <= N) {
+  constexpr bool kTallTileTrick = TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9 &&
+                                  TORCH_VERSION_MINOR <= 11;
+  if (kTallTileTrick && N / E > 64 && N / E <= 128 && Y > 128 && (129 * E - N) * 16 <= N) {
     a_call = at::from_blob(const_cast<void*>(a.const_data_ptr()), {129 * E, a.size(1)}, a.strides(),
                            a.options());
   }
@@ -287,11 +404,7 @@ at::Tensor grouped_mm_wgrad_torch_path(const at::Tensor& a, const at::Tensor& g,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto w = at::_grouped_mm(a.t(), g, offs);  // (X, N) @ (N, Y) per group of rows: (E, X, Y)
   TORCH_INTERNAL_ASSERT(w.is_contiguous() && w.size(0) == E && w.size(1) == X && w.size(2) == Y);
-  const int64_t words = X * Y / 8;
-  zero_empty_experts_kernel<<<dim3(std::max<unsigned>(1, std::min<int64_t>(ceil_div(words, 256), 64)),
-                                   unsigned(E)), 256, 0, stream>>>(
-      reinterpret_cast<uint4*>(w.mutable_data_ptr()), words, offs.const_data_ptr<int>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  zero_empty_experts(w, offs, E, X, Y);
   return w;
 }
 
@@ -309,7 +422,13 @@ at::Tensor grouped_mm_cuda(const at::Tensor& a_NX, const at::Tensor& b_EXY,
   const bool b_col = b_EXY.stride(2) != 1 && b_EXY.stride(1) == 1;
   const auto b = (b_EXY.stride(2) == 1 || b_col) ? b_EXY : b_EXY.contiguous();
   const auto offs = offs_E.contiguous();
-  if (X > 0 && torch_gemm_ok(a, b, E, X, Y)) return grouped_mm_torch_path(a, b, offs);
+  const Backend be = backend();
+  if (X > 0 && cutlass_layout_ok(a, b, E, X, Y)) {
+#ifdef MOE_WITH_SM90_GEMM
+    if (use_sm90(be)) return grouped_mm_sm90_path(a, b, offs, b_col);
+#endif
+    if (use_torch(be, E)) return grouped_mm_torch_path(a, b, offs);
+  }
   auto c = at::empty({N, Y}, a_NX.options());
   Params p{a.const_data_ptr(), a.stride(0), a.stride(1), b.const_data_ptr(), b.stride(0),
            b.stride(1), b.stride(2), c.mutable_data_ptr(), offs.const_data_ptr<int>(),
@@ -338,7 +457,13 @@ at::Tensor grouped_mm_wgrad_cuda(const at::Tensor& a_NX, const at::Tensor& g_NY,
   const auto a = a_NX.stride(1) == 1 ? a_NX : a_NX.contiguous();
   const auto g = g_NY.stride(1) == 1 ? g_NY : g_NY.contiguous();
   const auto offs = offs_E.contiguous();
-  if (N > 0 && torch_gemm_ok(a, g, E, X, Y)) return grouped_mm_wgrad_torch_path(a, g, offs);
+  const Backend be = backend();
+  if (N > 0 && cutlass_layout_ok(a, g, E, X, Y)) {
+#ifdef MOE_WITH_SM90_GEMM
+    if (use_sm90(be)) return grouped_mm_wgrad_sm90_path(a, g, offs);
+#endif
+    if (use_torch(be, E)) return grouped_mm_wgrad_torch_path(a, g, offs);
+  }
   auto out = at::empty({E, X, Y}, a_NX.options());
   Params p{a.const_data_ptr(), a.stride(0), a.stride(1), g.const_data_ptr(), g.stride(0),
            g.stride(1), 0, out.mutable_data_ptr(), offs.const_data_ptr<int>(),

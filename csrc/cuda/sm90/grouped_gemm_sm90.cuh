@@ -1,0 +1,225 @@
+// The CUTLASS 3 kernel template behind grouped_gemm_sm90.h, included by one translation unit per
+// configuration (gemm_sm90_*.cu), each compiled for sm_90a only with NDEBUG (without it ptxas
+// serialises the wgmma pipeline, warning C7510).
+//
+// One GEMM per expert in one persistent launch: KernelPtrArrayTmaWarpSpecialized{Cooperative,
+// Pingpong} reads each group's pointers, strides and (M, N, K) from device arrays, so the routed
+// counts never reach the host. A one-block kernel fills those arrays from offs_E first.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/cutlass.h>
+#include <cutlass/epilogue/collective/collective_builder.hpp>
+#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/gemm/device/gemm_universal_adapter.h>
+#include <cutlass/gemm/dispatch_policy.hpp>
+#include <cutlass/gemm/group_array_problem_shape.hpp>
+#include <cutlass/gemm/kernel/gemm_universal.hpp>
+
+#include <type_traits>
+
+#include "grouped_gemm_sm90.h"
+
+namespace moe::cuda::sm90 {
+
+template <int TM, int TN, int TK, int CM, bool PINGPONG>
+struct TileConfig {
+  static constexpr int kM = TM, kN = TN, kK = TK, kClusterM = CM;
+  static constexpr bool kPingpong = PINGPONG;
+};
+
+// The CUTLASS kernel for one tile configuration and operand layout. A_COL: A is M-contiguous
+// (the weight gradient's a^T); B_COL: B is K-contiguous (CUTLASS's ColumnMajor B).
+template <class Cfg, bool A_COL, bool B_COL>
+struct Sm90GroupedGemm {
+  using Element = cutlass::bfloat16_t;
+  using Accum = float;
+  using LayoutA = std::conditional_t<A_COL, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
+  using LayoutB = std::conditional_t<B_COL, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
+  using LayoutC = cutlass::layout::RowMajor;
+  static constexpr int kAlign = 16 / sizeof(Element);  // 16-byte TMA alignment
+  using TileShape = cute::Shape<cute::Int<Cfg::kM>, cute::Int<Cfg::kN>, cute::Int<Cfg::kK>>;
+  using ClusterShape = cute::Shape<cute::Int<Cfg::kClusterM>, cute::_1, cute::_1>;
+  using KernelSchedule = std::conditional_t<Cfg::kPingpong,
+                                            cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong,
+                                            cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>;
+  using EpilogueSchedule = std::conditional_t<Cfg::kPingpong,
+                                              cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong,
+                                              cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
+  using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;  // (M, N, K)
+
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, Accum, Accum, Element, LayoutC*, kAlign,
+      Element, LayoutC*, kAlign, EpilogueSchedule,
+      cutlass::epilogue::fusion::LinearCombination<Element, Accum>>::CollectiveOp;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlign, Element,
+      LayoutB*, kAlign, Accum, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename Epilogue::SharedStorage))>,
+      KernelSchedule>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  using StrideA = typename Kernel::InternalStrideA;
+  using StrideB = typename Kernel::InternalStrideB;
+  using StrideC = typename Kernel::InternalStrideD;
+  using Shape = typename ProblemShape::UnderlyingProblemShape;
+
+  // The per-group arrays at the front of the workspace, then CUTLASS's own workspace.
+  struct Layout {
+    size_t ptr_a, ptr_b, ptr_c, stride_a, stride_b, stride_c, shapes, cutlass, total;
+  };
+
+  __host__ __device__ static constexpr size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+
+  __host__ __device__ static Layout layout(int E, size_t cutlass_bytes) {
+    Layout l{};
+    size_t at = 0;
+    auto take = [&](size_t bytes) { size_t here = at; at = round_up(at + bytes, 16); return here; };
+    l.ptr_a = take(sizeof(void*) * E);
+    l.ptr_b = take(sizeof(void*) * E);
+    l.ptr_c = take(sizeof(void*) * E);
+    l.stride_a = take(sizeof(StrideA) * E);
+    l.stride_b = take(sizeof(StrideB) * E);
+    l.stride_c = take(sizeof(StrideC) * E);
+    l.shapes = take(sizeof(Shape) * E);
+    at = round_up(at, 256);
+    l.cutlass = at;
+    l.total = at + cutlass_bytes;
+    return l;
+  }
+
+  // A stride type with one dynamic (int64) mode and a static unit mode: sets the dynamic one.
+  template <class S>
+  __host__ __device__ static S leading(int64_t ld) {
+    S s{};
+    if constexpr (cute::is_static<std::remove_cv_t<std::remove_reference_t<decltype(cute::get<0>(s))>>>::value) {
+      cute::get<1>(s) = ld;
+    } else {
+      cute::get<0>(s) = ld;
+    }
+    return s;
+  }
+
+  static typename Gemm::Arguments arguments(const GroupedGemm& g, char* ws) {
+    const Layout l = layout(g.E, 0);
+    typename Gemm::Arguments args{
+        cutlass::gemm::GemmUniversalMode::kGrouped,
+        {g.E, reinterpret_cast<Shape*>(ws + l.shapes), nullptr},
+        {reinterpret_cast<const Element**>(ws + l.ptr_a), reinterpret_cast<StrideA*>(ws + l.stride_a),
+         reinterpret_cast<const Element**>(ws + l.ptr_b), reinterpret_cast<StrideB*>(ws + l.stride_b)},
+        {{},
+         reinterpret_cast<const Element**>(ws + l.ptr_c), reinterpret_cast<StrideC*>(ws + l.stride_c),
+         reinterpret_cast<Element**>(ws + l.ptr_c), reinterpret_cast<StrideC*>(ws + l.stride_c)}};
+    args.epilogue.thread.alpha = 1.0f;
+    args.epilogue.thread.beta = 0.0f;  // C is never read
+    args.epilogue.thread.dAlpha = {cute::_0{}, cute::_0{}, 0};
+    args.epilogue.thread.dBeta = {cute::_0{}, cute::_0{}, 0};
+    args.hw_info.device_id = g.device;
+    args.hw_info.sm_count = g.sm_count;
+    return args;
+  }
+
+  static size_t workspace_bytes(const GroupedGemm& g) {
+    auto args = arguments(g, nullptr);
+    return layout(g.E, Gemm::get_workspace_size(args)).total;
+  }
+
+  static const char* run(const GroupedGemm& g, void* workspace, cudaStream_t stream);
+};
+
+// One thread per expert: expert e's pointers, strides and (M, N, K) from offs_E. Bad offsets
+// are clamped here (the caller asserts them on the device first).
+template <class G>
+__global__ void prepare_groups_kernel(GroupedGemm g, char* ws) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= g.E) return;
+  const auto l = G::layout(g.E, 0);
+  int lo = e > 0 ? g.offs[e - 1] : 0, hi = g.offs[e];
+  lo = min(max(lo, 0), g.N);
+  hi = min(max(hi, lo), g.N);
+  using E_ = typename G::Element;
+  auto ptr_a = reinterpret_cast<const E_**>(ws + l.ptr_a);
+  auto ptr_b = reinterpret_cast<const E_**>(ws + l.ptr_b);
+  auto ptr_c = reinterpret_cast<E_**>(ws + l.ptr_c);
+  auto shapes = reinterpret_cast<typename G::Shape*>(ws + l.shapes);
+  const E_* a = static_cast<const E_*>(g.a);
+  const E_* b = static_cast<const E_*>(g.b);
+  E_* c = static_cast<E_*>(g.c);
+  const int rows = hi - lo;
+  if (!g.wgrad) {  // (rows, Y, X): A = a rows (row-major), B = b[e], C = c rows
+    ptr_a[e] = a + int64_t(lo) * g.lda;
+    ptr_b[e] = b + int64_t(e) * g.b_batch;
+    ptr_c[e] = c + int64_t(lo) * g.Y;
+    shapes[e] = typename G::Shape{rows, g.Y, g.X};
+    reinterpret_cast<typename G::StrideB*>(ws + l.stride_b)[e] = G::template leading<typename G::StrideB>(g.ldb);
+  } else {  // (X, Y, rows): A = a rows transposed (M-contiguous), B = g rows, C = c[e]
+    ptr_a[e] = a + int64_t(lo) * g.lda;
+    ptr_b[e] = b + int64_t(lo) * g.ldb;
+    ptr_c[e] = c + int64_t(e) * g.X * g.Y;
+    shapes[e] = typename G::Shape{g.X, g.Y, rows};
+    reinterpret_cast<typename G::StrideB*>(ws + l.stride_b)[e] = G::template leading<typename G::StrideB>(g.ldb);
+  }
+  reinterpret_cast<typename G::StrideA*>(ws + l.stride_a)[e] = G::template leading<typename G::StrideA>(g.lda);
+  reinterpret_cast<typename G::StrideC*>(ws + l.stride_c)[e] = G::template leading<typename G::StrideC>(g.Y);
+}
+
+template <class Cfg, bool A_COL, bool B_COL>
+const char* Sm90GroupedGemm<Cfg, A_COL, B_COL>::run(const GroupedGemm& g, void* workspace,
+                                                    cudaStream_t stream) {
+  char* ws = static_cast<char*>(workspace);
+  prepare_groups_kernel<Sm90GroupedGemm><<<(g.E + 127) / 128, 128, 0, stream>>>(g, ws);
+  if (cudaGetLastError() != cudaSuccess) return "moe.grouped_mm (sm90): launching the group setup kernel failed";
+  auto args = arguments(g, ws);
+  Gemm gemm;
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess)
+    return "moe.grouped_mm (sm90): CUTLASS cannot implement this problem (alignment?)";
+  const Layout l = layout(g.E, 0);
+  if (gemm.initialize(args, ws + l.cutlass, stream) != cutlass::Status::kSuccess)
+    return "moe.grouped_mm (sm90): CUTLASS initialisation failed";
+  if (gemm.run(stream) != cutlass::Status::kSuccess) return "moe.grouped_mm (sm90): the CUTLASS kernel failed to launch";
+  if (cudaGetLastError() != cudaSuccess) return "moe.grouped_mm (sm90): the CUTLASS kernel launch reported an error";
+  return nullptr;
+}
+
+// Entry points of one configuration (defined in its translation unit by MOE_SM90_CONFIG).
+template <int ID>
+size_t forward_workspace(const GroupedGemm& g);
+template <int ID>
+const char* forward_run(const GroupedGemm& g, void* ws, cudaStream_t stream);
+template <int ID>
+size_t wgrad_workspace(const GroupedGemm& g);
+template <int ID>
+const char* wgrad_run(const GroupedGemm& g, void* ws, cudaStream_t stream);
+
+}  // namespace moe::cuda::sm90
+
+// Defines forward config ID with tile CFG for both layouts of b (N-contiguous, K-contiguous).
+#define MOE_SM90_FORWARD(ID, CFG)                                                              \
+  namespace moe::cuda::sm90 {                                                                  \
+  template <>                                                                                  \
+  size_t forward_workspace<ID>(const GroupedGemm& g) {                                         \
+    return g.b_col ? Sm90GroupedGemm<CFG, false, true>::workspace_bytes(g)                     \
+                   : Sm90GroupedGemm<CFG, false, false>::workspace_bytes(g);                   \
+  }                                                                                            \
+  template <>                                                                                  \
+  const char* forward_run<ID>(const GroupedGemm& g, void* ws, cudaStream_t stream) {           \
+    return g.b_col ? Sm90GroupedGemm<CFG, false, true>::run(g, ws, stream)                     \
+                   : Sm90GroupedGemm<CFG, false, false>::run(g, ws, stream);                   \
+  }                                                                                            \
+  }
+
+// Defines weight-gradient config ID with tile CFG (A = a^T, M-contiguous; B = g, N-contiguous).
+#define MOE_SM90_WGRAD(ID, CFG)                                                                \
+  namespace moe::cuda::sm90 {                                                                  \
+  template <>                                                                                  \
+  size_t wgrad_workspace<ID>(const GroupedGemm& g) {                                           \
+    return Sm90GroupedGemm<CFG, true, false>::workspace_bytes(g);                              \
+  }                                                                                            \
+  template <>                                                                                  \
+  const char* wgrad_run<ID>(const GroupedGemm& g, void* ws, cudaStream_t stream) {             \
+    return Sm90GroupedGemm<CFG, true, false>::run(g, ws, stream);                              \
+  }                                                                                            \
+  }

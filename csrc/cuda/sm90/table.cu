@@ -1,0 +1,76 @@
+// The configuration tables of moekit's sm90 grouped GEMM and the choice among their entries, from
+// host-known sizes only (no CUTLASS kernels in this unit).
+#include "grouped_gemm_sm90.h"
+
+namespace moe::cuda::sm90 {
+
+template <int ID>
+size_t forward_workspace(const GroupedGemm& g);
+template <int ID>
+const char* forward_run(const GroupedGemm& g, void* ws, cudaStream_t stream);
+template <int ID>
+size_t wgrad_workspace(const GroupedGemm& g);
+template <int ID>
+const char* wgrad_run(const GroupedGemm& g, void* ws, cudaStream_t stream);
+
+namespace {
+
+struct Entry {
+  Config config;
+  size_t (*workspace)(const GroupedGemm&);
+  const char* (*run)(const GroupedGemm&, void*, cudaStream_t);
+};
+
+// Names: tile M x N x K; pp = ping-pong (two consumer warp groups on alternate tiles, so one's
+// epilogue overlaps the other's MMAs), co = cooperative (both on one tile); cM = a cluster of M
+// CTAs along M sharing each B tile by TMA multicast (each group's M tiles round up to M).
+const Entry kForward[] = {
+    {{"64x128x128_pp_c2", 64, 128, 128}, forward_workspace<0>, forward_run<0>},
+    {{"128x256x64_co_c2", 128, 256, 64}, forward_workspace<1>, forward_run<1>},
+    {{"128x128x64_co_c2", 128, 128, 64}, forward_workspace<2>, forward_run<2>},
+    {{"256x128x64_co_c1", 256, 128, 64}, forward_workspace<3>, forward_run<3>},
+    {{"128x256x64_co_c1", 128, 256, 64}, forward_workspace<4>, forward_run<4>},
+    {{"64x256x64_pp_c1", 64, 256, 64}, forward_workspace<5>, forward_run<5>},
+};
+const Entry kWgrad[] = {
+    {{"128x256x64_co_c2", 128, 256, 64}, wgrad_workspace<0>, wgrad_run<0>},
+    {{"128x128x64_pp_c1", 128, 128, 64}, wgrad_workspace<1>, wgrad_run<1>},
+    {{"64x256x64_pp_c1", 64, 256, 64}, wgrad_workspace<2>, wgrad_run<2>},
+};
+constexpr int kNumForward = sizeof(kForward) / sizeof(kForward[0]);
+constexpr int kNumWgrad = sizeof(kWgrad) / sizeof(kWgrad[0]);
+
+const Entry* entry(bool wgrad, int id) {
+  if (id < 0 || id >= (wgrad ? kNumWgrad : kNumForward)) return nullptr;
+  return wgrad ? &kWgrad[id] : &kForward[id];
+}
+
+}  // namespace
+
+int num_configs(bool wgrad) { return wgrad ? kNumWgrad : kNumForward; }
+
+Config config(bool wgrad, int id) {
+  const Entry* e = entry(wgrad, id);
+  return e ? e->config : Config{"invalid", 0, 0, 0};
+}
+
+int choose_config(bool wgrad, int64_t N, int64_t E, int64_t X, int64_t Y) {
+  (void)X;
+  if (wgrad) return 0;
+  const int64_t rows = E > 0 ? N / E : N;  // mean rows per expert (host bound)
+  if (rows <= 64 || Y <= 128) return 0;
+  return 1;
+}
+
+size_t workspace_bytes(const GroupedGemm& g, int id) {
+  const Entry* e = entry(g.wgrad, id);
+  return e ? e->workspace(g) : 0;
+}
+
+const char* run(const GroupedGemm& g, int id, void* workspace, cudaStream_t stream) {
+  const Entry* e = entry(g.wgrad, id);
+  if (e == nullptr) return "moe.grouped_mm (sm90): config id out of range";
+  return e->run(g, workspace, stream);
+}
+
+}  // namespace moe::cuda::sm90
