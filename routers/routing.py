@@ -116,25 +116,29 @@ def count_chosen(ids_TK: Tensor, valid_T: Optional[Tensor]) -> Tensor:
     return chosen.sum()
 
 
-_LINEAR_F32 = False  # moe.linear_f32 seen registered for the CPU (it stays so once loaded)
+_LINEAR_F32_KEYS: set = set()  # dispatch keys seen with moe.linear_f32 registered (they stay so)
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
 def _has_linear_f32(device: torch.device) -> bool:
-    """True where moekit's compiled ``moe.linear_f32`` serves ``device`` (the CPU, once moe._C is
-    loaded, e.g. by ``import moe``): x @ W^T for bfloat16 x and W, with float32 accumulation
-    and a float32 result, which equals the float32 GEMM on upcast copies up to the order of the
-    sums (every bfloat16 product is exact in float32) at about twice its speed. The routers
-    package does not import moe; without it, the float32 GEMM runs."""
-    global _LINEAR_F32
-    if device.type != "cpu" or torch.compiler.is_compiling():
+    """True where moekit's compiled ``moe.linear_f32`` serves ``device`` (the CPU, and CUDA when
+    the extension has its CUDA kernels, once moe._C is loaded, e.g. by ``import moe``): x @ W^T
+    for bfloat16 x and W, with float32 accumulation and a float32 result, which equals the
+    float32 GEMM on upcast copies up to the order of the sums (every bfloat16 product is exact in
+    float32) at about twice its speed. A dispatcher query (metadata only, no host sync), cached
+    once true. The routers package does not import moe; without it, the float32 GEMM runs."""
+    key = _DISPATCH_KEYS.get(device.type)
+    if key is None or torch.compiler.is_compiling():
         return False
-    if not _LINEAR_F32:
+    if key not in _LINEAR_F32_KEYS:
         has = torch._C._dispatch_has_kernel_for_dispatch_key
-        try:  # the CPU kernel (moe._C) and its autograd (registered by moe.ops)
-            _LINEAR_F32 = has("moe::linear_f32", "CPU") and has("moe::linear_f32", "Autograd")
+        try:  # the compiled kernel (moe._C) and its autograd (registered by moe.ops)
+            if not (has("moe::linear_f32", key) and has("moe::linear_f32", "Autograd")):
+                return False
         except RuntimeError:  # the op is not registered: moe._C is not loaded
             return False
-    return _LINEAR_F32
+        _LINEAR_F32_KEYS.add(key)
+    return True
 
 
 class RouterBase(nn.Module):

@@ -1,0 +1,320 @@
+"""GPU tests of the CUDA kernels of moe.swiglu, moe.swiglu_backward and moe.linear_f32
+(csrc/cuda/activation.cu) against the PyTorch twins, the CPU kernels and float64.
+
+Shape legend: F expert hidden size (h = [gate; up] has 2F columns), T tokens, D model dim,
+E experts.
+
+Every test is marked ``gpu`` and skips cleanly without a CUDA device (checked when a test runs,
+never at import). The swiglu kernels evaluate the twin's expression operation by operation (IEEE
+division, expf/exp, no FMA contraction), so on CUDA they equal the twin bit for bit; the CPU
+kernel forms silu as g * s with its own e^x, so CUDA and CPU agree to one rounding of the output
+dtype. linear_f32 follows FlashAttention's rule: its error against float64 is at most 2x that of
+the float32 GEMM on upcast copies (F.linear(x.float(), w.float()), what the routers ran before).
+Outputs are poisoned first (freed caching-allocator blocks of the output's size are filled with
+NaN), so elements a kernel forgets to write show up.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import DeviceType
+from torch.library import opcheck
+
+import routers
+from moe import GroupedExperts, MoELayer, ops
+from moe.ops_torch import linear_f32_torch, swiglu_backward_torch, swiglu_torch
+
+from tests.test_swiglu import ULP, close_to, inputs
+
+pytestmark = pytest.mark.gpu
+moe_ops = torch.ops.moe
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def _acc(dtype):
+    """linear_f32's output dtype: float32, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@pytest.fixture(autouse=True)
+def _cuda_kernels():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    assert ops.HAS_EXTENSION, "moe._C did not load: build it with MOE_BUILD_CUDA=1"
+    for name in ("swiglu", "swiglu_backward", "linear_f32"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"moe::{name}", "CUDA"), name
+    assert ops.has_swiglu_kernel(torch.device("cuda"))
+    torch.manual_seed(0)
+
+
+def _poison(*like: tuple[tuple[int, ...], torch.dtype]) -> None:
+    """Leaves freed blocks of exactly these sizes filled with 0xFF (NaN for every float dtype) in
+    the caching allocator, so the next outputs of those sizes likely reuse them."""
+    blocks = [torch.full((torch.Size(s).numel() * torch.empty((), dtype=d).element_size(),), 0xFF,
+                         dtype=torch.uint8, device="cuda") for s, d in like for _ in range(2)]
+    del blocks
+
+
+def _same(got, want):
+    """Bit for bit, NaN where the reference has NaN (and nowhere else)."""
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def _bwd_close(dh, want, grad, h, dtype):
+    """d h within one rounding of the output dtype, with an absolute floor of one rounding of its
+    terms' size (d gate = grad * up * silu'(gate) cancels near gate = -1.28; test_swiglu.py)."""
+    gate, up = h.double().chunk(2, dim=-1)
+    g = grad.double().abs()
+    size = torch.cat([g * up.abs() * (1 + gate.abs()), g * gate.abs()], -1)
+    want = want.double()
+    assert bool(((dh.double() - want).abs() <= ULP[dtype] * (want.abs() + size)).all())
+
+
+# ---------------------------------------------------------------- swiglu
+
+# (leading shape, F): 0 rows, F = 1 and 17 (no 16-byte vectors), 3-D input, vector paths, and one
+# large enough that every thread of the grid-stride loop takes several steps.
+SWIGLU_CASES = [((0,), 8), ((1,), 1), ((37,), 224), ((5, 3), 17), ((64,), 48), ((2, 3, 50), 40),
+                ((3000,), 1408)]
+
+
+@pytest.mark.parametrize("shape,F_", SWIGLU_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_equals_twin_and_cpu_kernel(shape, F_, dtype):
+    h_cpu, grad_cpu = inputs(shape, F_, dtype)
+    h, grad = h_cpu.cuda(), grad_cpu.cuda()
+    _poison(((*shape, F_), dtype))
+    out = moe_ops.swiglu(h)
+    assert out.shape == (*shape, F_) and out.dtype == dtype and out.is_cuda
+    _same(out, swiglu_torch(h))
+    assert close_to(out.cpu(), moe_ops.swiglu(h_cpu), dtype)
+    _poison(((*shape, 2 * F_), dtype))
+    dh = moe_ops.swiglu_backward(grad, h)
+    assert dh.shape == h.shape and dh.dtype == dtype
+    _same(dh, swiglu_backward_torch(grad, h))
+    _bwd_close(dh.cpu(), moe_ops.swiglu_backward(grad_cpu, h_cpu), grad_cpu, h_cpu, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_swiglu_layouts(dtype):
+    """Strided rows (16-byte aligned: the vector path with a row stride), rows shifted by one
+    element (the element path), a column-strided h and a column-major grad (copied first), and a
+    3-D h whose rows are not one stride apart: all equal the contiguous result bit for bit."""
+    h0, g0 = (t.cuda() for t in inputs((48,), 64, dtype, seed=5))
+    want, want_dh = moe_ops.swiglu(h0), moe_ops.swiglu_backward(g0, h0)
+
+    def within(lo, width):  # h0 in columns [lo, lo + 128) of a NaN-filled (48, width) buffer
+        buf = torch.full((48, width), float("nan"), dtype=dtype, device="cuda")
+        buf[:, lo:lo + 128] = h0
+        return buf[:, lo:lo + 128]
+
+    cols = torch.full((48, 256), float("nan"), dtype=dtype, device="cuda")
+    cols[:, ::2] = h0
+    gv = g0.t().contiguous().t()  # column-major
+    for hv in (within(0, 152), within(1, 152), cols[:, ::2]):  # strided, shifted, column-strided
+        assert not hv.is_contiguous() and not gv.is_contiguous()
+        _same(moe_ops.swiglu(hv), want)
+        _same(moe_ops.swiglu_backward(gv, hv), want_dh)
+        _same(moe_ops.swiglu_backward(g0, hv), want_dh)
+    h3 = h0.view(6, 8, 128).transpose(0, 1)  # (8, 6, 2F): reshape to rows copies
+    g3 = g0.view(6, 8, 64).transpose(0, 1)
+    _same(moe_ops.swiglu(h3), want.view(6, 8, 64).transpose(0, 1))
+    _same(moe_ops.swiglu_backward(g3, h3), want_dh.view(6, 8, 128).transpose(0, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_swiglu_special_values(dtype):
+    """Saturation (silu -> gate or -0), NaN and +-inf propagate exactly as in the twin."""
+    gate = torch.tensor([-1e4, -200.0, -90.0, -20.0, 0.0, 20.0, 90.0, 200.0, 1e4, float("nan"),
+                         float("inf"), -float("inf"), 3.0, -3.0, 1e-30, -1e-30, 0.5, -0.5])
+    up = torch.linspace(-2, 2, gate.numel())
+    h = torch.cat([gate, up])[None].to(dtype).cuda()
+    grad = torch.ones(1, gate.numel(), dtype=dtype, device="cuda")
+    _same(moe_ops.swiglu(h), swiglu_torch(h))
+    _same(moe_ops.swiglu_backward(grad, h), swiglu_backward_torch(grad, h))
+
+
+def test_swiglu_gradcheck_float64():
+    h = torch.randn(7, 2, 10, dtype=torch.float64, device="cuda", requires_grad=True)
+    assert torch.autograd.gradcheck(ops.swiglu, (h,))
+    assert torch.autograd.gradgradcheck(ops.swiglu, (h,))  # create_graph: the twin
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_opcheck_on_cuda(dtype):
+    h = torch.randn(9, 12, dtype=dtype, device="cuda", requires_grad=True)
+    opcheck(moe_ops.swiglu.default, (h,))
+    opcheck(moe_ops.swiglu_backward.default, (torch.randn(9, 6, dtype=dtype, device="cuda"), h.detach()))
+    opcheck(moe_ops.swiglu.default, (torch.randn(0, 4, dtype=dtype, device="cuda", requires_grad=True),))
+    w = torch.randn(5, 40, dtype=dtype, device="cuda", requires_grad=True)
+    for T in (33, 0):
+        x = torch.randn(T, 40, dtype=dtype, device="cuda", requires_grad=True)
+        opcheck(moe_ops.linear_f32.default, (x, w))
+
+
+# ---------------------------------------------------------------- linear_f32
+
+
+def _rule(got, ref64, base):
+    """FlashAttention's rule: error vs float64 at most 2x the float32 GEMM's (+ one float32 eps of
+    the largest value, as tests/test_gpu.py states it)."""
+    if got.numel() == 0:
+        return
+    err = (got.double() - ref64).abs().max().item()
+    err_base = (base.double() - ref64).abs().max().item()
+    scale = ref64.abs().max().item()
+    assert err <= 2 * err_base + torch.finfo(torch.float32).eps * scale + 1e-30, (err, err_base)
+
+
+def _layout(t, kind):
+    """t (rows, D) as a contiguous tensor, a row-strided view, a view shifted by one element (no
+    16-byte alignment, odd row stride) or a column-major copy (copied by the kernel)."""
+    if kind == "contiguous":
+        return t.contiguous()
+    if kind == "column_major":
+        return t.t().contiguous().t()
+    pad = torch.full((t.shape[0], t.shape[1] + 9), float("nan"), dtype=t.dtype, device=t.device)
+    lo = 1 if kind == "shifted" else 0
+    pad[:, lo:lo + t.shape[1]] = t
+    return pad[:, lo:lo + t.shape[1]]
+
+
+@pytest.mark.parametrize("T,D,E", [(4096, 1024, 128), (37, 33, 5), (1, 1, 1), (300, 64, 1), (513, 2048, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "shifted", "column_major"])
+def test_linear_f32_within_the_float32_gemm_error(T, D, E, dtype, layout):
+    x = _layout(torch.randn(T, D, device="cuda").to(dtype), layout)
+    w = _layout((torch.randn(E, D, device="cuda") * 0.05).to(dtype), layout)
+    _poison(((T, E), torch.float32))
+    got = moe_ops.linear_f32(x, w)
+    assert got.dtype == torch.float32 and got.shape == (T, E) and got.is_cuda
+    assert not got.isnan().any()
+    _rule(got, x.double() @ w.double().t(), F.linear(x.float(), w.float()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_f32_float32_is_the_twins_gemm(dtype):
+    x, w = torch.randn(70, 48, dtype=dtype, device="cuda"), torch.randn(9, 48, dtype=dtype, device="cuda")
+    got = moe_ops.linear_f32(x, w)
+    assert got.dtype == dtype
+    _same(got, linear_f32_torch(x, w))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,D,E", [(0, 16, 4), (5, 16, 0), (5, 0, 3)])
+def test_linear_f32_empty(T, D, E, dtype):
+    """No tokens or no experts: an empty output; D = 0: the empty sums, zeros."""
+    x, w = torch.randn(T, D, dtype=dtype, device="cuda"), torch.randn(E, D, dtype=dtype, device="cuda")
+    _poison(((T, E), _acc(dtype)))
+    got = moe_ops.linear_f32(x, w)
+    assert got.shape == (T, E) and got.dtype == _acc(dtype)
+    assert torch.equal(got, torch.zeros_like(got))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_f32_gradients_are_those_of_the_float32_linear(dtype):
+    """The gradients of F.linear(x.float(), w.float()) cast back (equal up to the order of the
+    float32 sums: the weight gradient is the transposed GEMM of autograd's)."""
+    x0, w0 = torch.randn(50, 40, dtype=dtype, device="cuda"), torch.randn(7, 40, dtype=dtype, device="cuda")
+    g = torch.randn(50, 7, dtype=_acc(dtype), device="cuda")
+    res = []
+    for fn in (moe_ops.linear_f32, linear_f32_torch):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        fn(x, w).backward(g)
+        res.append((x.grad, w.grad))
+    for got, want in zip(*res):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, want)
+
+
+def test_linear_f32_gradcheck_float64():
+    x = torch.randn(6, 5, dtype=torch.float64, device="cuda", requires_grad=True)
+    w = torch.randn(3, 5, dtype=torch.float64, device="cuda", requires_grad=True)
+    assert torch.autograd.gradcheck(moe_ops.linear_f32, (x, w))
+
+
+# ---------------------------------------------------------------- the layers and the router
+
+
+def _profile(fn):
+    """(names of the dispatcher ops recorded on the host, names of the CUDA kernels) run by fn."""
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = prof.events()
+    return ({e.name for e in events if e.device_type == DeviceType.CPU},
+            {e.name for e in events if e.device_type == DeviceType.CUDA})
+
+
+def _module(kind):
+    if kind == "grouped":
+        m = GroupedExperts(4, 32, 48).cuda().bfloat16()
+        args = (torch.randn(40, 32, dtype=torch.bfloat16, device="cuda"),
+                torch.tensor([10, 10, 25, 40], dtype=torch.int32, device="cuda"))
+        return m, args
+    m = MoELayer(64, 96, 16, 4, num_shared_experts=1).cuda().bfloat16()
+    return m, (torch.randn(3, 50, 64, dtype=torch.bfloat16, device="cuda"),)
+
+
+@pytest.mark.parametrize("kind", ["grouped", "moelayer"])
+def test_layers_run_the_cuda_kernels_without_host_sync(kind, monkeypatch):
+    """GroupedExperts and MoELayer in bfloat16 on CUDA run swiglu's CUDA kernels both ways (and the
+    router's linear_f32), no aten silu kernel, and no host sync (sync_debug_mode "error"); outputs
+    and gradients match the composite path (_GatedActivation) within bfloat16 rounding."""
+    m, args = _module(kind)
+
+    def step():
+        for p in m.parameters():
+            p.grad = None
+        y = m(*args)
+        loss = y.float().square().mean()
+        if kind == "moelayer":
+            loss = loss + m.aux_loss
+        loss.backward()
+        return y.detach().float(), [p.grad.float() for p in m.parameters()]
+
+    step()  # warm-up: cuBLAS handles and workspaces
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y1, g1 = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    host, kernels = _profile(step)
+    assert {"moe::swiglu", "moe::swiglu_backward"} <= host, sorted(host)
+    assert any("swiglu_kernel" in k for k in kernels) and any("swiglu_backward_kernel" in k for k in kernels)
+    assert not any("silu" in k for k in kernels), sorted(kernels)
+    if kind == "moelayer":
+        assert "moe::linear_f32" in host
+    monkeypatch.setattr(ops, "has_swiglu_kernel", lambda device: False)
+    host2, kernels2 = _profile(step)
+    assert "moe::swiglu" not in host2 and any("silu" in k for k in kernels2)
+    y2, g2 = step()
+    assert torch.allclose(y1, y2, rtol=2 ** -6, atol=1e-2 * y2.abs().max().item())
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, rtol=2 ** -5, atol=2e-2 * b.abs().max().item())
+
+
+def test_bf16_router_uses_linear_f32_on_cuda(monkeypatch):
+    """A bfloat16 TopKRouter on CUDA computes its logits with moe.linear_f32 and gets the float32
+    GEMM's logits within the rounding of two float32 sums of the same exact products: each is
+    within D roundings of at most 2u (u = 2^-24, 2u for truncating tensor-core adds) of the exact
+    sum, so |difference| <= 4 D u (|x| @ |w|^T); and the same routing."""
+    import routers.routing as rr
+
+    D = 64
+    r = routers.TopKRouter(D, 16, 4).cuda().bfloat16()
+    x = torch.randn(200, D, dtype=torch.bfloat16, device="cuda")
+    assert rr._has_linear_f32(x.device)
+    fast = r(x)
+    assert fast.logits_TE.dtype == torch.float32 and "linear_f32" in fast.logits_TE.grad_fn.name()
+    monkeypatch.setattr(rr, "_has_linear_f32", lambda device: False)
+    slow = r(x)
+    assert "linear_f32" not in slow.logits_TE.grad_fn.name()
+    bound = 4 * D * 2.0 ** -24 * (x.float().abs() @ r.weight.float().abs().t())
+    assert bool(((fast.logits_TE - slow.logits_TE).abs() <= bound).all())
+    assert torch.equal(fast.ids_TK, slow.ids_TK)
+    torch.testing.assert_close(fast.weights_TK, slow.weights_TK)
