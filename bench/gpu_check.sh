@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
-# One prepared call for a machine with a GPU (issue 8): build moe._C with the CUDA kernels in
-# place, run the GPU tests, time the ops and the layer, and print a short table last. Full logs go
-# to $OUT (default /tmp/moe_gpu_check; at most 8 files). Needs python3 with torch, pytest,
-# transformers and nvcc (CUDA_HOME); installs nothing. Took 120-142 s of command time per call on
-# an H200 machine with 16 cores (build ~55 s, tests ~21 s, timings ~75 s; bench/RESULTS_H200.md).
+# One prepared call for a machine with a GPU (issues 8, 14, 15): build moe._C with the CUDA kernels
+# and moekit's Hopper grouped GEMM in place, run the GPU tests, time the GEMM configurations, the
+# ops, the expert MLP and the layer, and print a short table last. Full logs go to $OUT (default
+# /tmp/moe_gpu_check; at most 8 files). Needs python3 with torch, pytest, transformers and nvcc
+# (CUDA_HOME); installs nothing. CUTLASS's headers come from $CUTLASS_INCLUDE_DIR, else from
+# ./.cutlass/include (carry a copy of the nvidia-cutlass wheel's cutlass_library/source/include
+# there: the GPU machine has no network), else from an installed nvidia-cutlass.
 #
-#   OUT=/some/dir bash bench/gpu_check.sh
+#   OUT=/some/dir bash bench/gpu_check.sh [quick]     # quick: tests and the GEMM sweep only
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/moe_gpu_check}
+MODE=${1:-full}
 mkdir -p "$OUT"
+START=$(date +%s)
+elapsed() { echo $(( $(date +%s) - START )); }
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MOE_BUILD_CUDA=1
+export MOE_BUILD_SM90=1 MOE_EXPECT_SM90=1
+if [ -z "${CUTLASS_INCLUDE_DIR:-}" ] && [ -f .cutlass/include/cute/tensor.hpp ]; then
+  export CUTLASS_INCLUDE_DIR=$PWD/.cutlass/include
+fi
 export MOE_NVCC_FLAGS="-Xptxas -v"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build of moe
 SUMMARY="$OUT/summary.txt"
@@ -24,9 +33,9 @@ note "env: $(python3 -c 'import torch; print(torch.__version__, torch.cuda.get_d
 
 # 1. Build (in place; ptxas -v output lands in the build log).
 t0=$(date +%s)
-python3 setup.py build_ext --inplace >> "$OUT/build.log" 2>&1
+timeout 360 python3 setup.py build_ext --inplace >> "$OUT/build.log" 2>&1
 build_rc=$?
-note "build: rc=$build_rc in $(( $(date +%s) - t0 ))s (log: build.log)"
+note "build: rc=$build_rc in $(( $(date +%s) - t0 ))s (log: build.log); $(python3 -c 'from moe import ops; print(ops.build_info())' 2>&1 | tail -1)"
 python3 - "$OUT/build.log" > "$OUT/ptxas.txt" 2>&1 <<'EOF'
 # Condenses ptxas -v output: one line per kernel and arch with registers, spills and shared memory.
 import re, subprocess, sys
@@ -62,9 +71,15 @@ fi
 #    process's CUDA context; the other groups still report). A group that hits a CUDA error is
 #    rerun under compute-sanitizer memcheck, stopping at the first failure.
 t0=$(date +%s)
-groups="plan permute grouped_mm layer opcheck routers"
+groups="plan permute grouped_mm sm90 layer opcheck routers activation graphs"
 for g in $groups; do
-  if [ "$g" = routers ]; then sel=(tests/test_routers_common.py -m gpu); else sel=(tests/test_gpu.py -m gpu -k "$g"); fi
+  case $g in
+    routers) sel=(tests/test_routers_common.py -m gpu) ;;
+    activation) sel=(tests/test_gpu_activation.py -m gpu) ;;
+    graphs) sel=(tests/test_gpu_graphs.py -m gpu) ;;
+    grouped_mm) sel=(tests/test_gpu.py -m gpu -k "grouped_mm and not sm90") ;;
+    *) sel=(tests/test_gpu.py -m gpu -k "$g") ;;
+  esac
   OMP_NUM_THREADS=2 timeout 200 python3 -m pytest "${sel[@]}" -q -rfE -p no:cacheprovider \
     > "$OUT/test_$g.log" 2>&1 &
 done
@@ -76,7 +91,8 @@ for g in $groups; do
   grep -qE "[0-9]+ passed" <<<"$last" && ! grep -qE "failed|error" <<<"$last" || test_rc=1
   grep -E "^(FAILED|ERROR)" "$OUT/test_$g.log" | head -8 | cut -c1-220 | tee -a "$SUMMARY"
   if grep -qiE "illegal (memory )?address|misaligned|CUDA error|device-side assert triggered" "$OUT/test_$g.log" \
-      && [ "$g" != routers ] && command -v compute-sanitizer > /dev/null; then
+      && [ "$g" != routers ] && [ "$g" != activation ] && [ "$g" != graphs ] \
+      && command -v compute-sanitizer > /dev/null; then
     timeout 150 compute-sanitizer --tool memcheck --print-limit 10 python3 -m pytest tests/test_gpu.py \
       -m gpu -k "$g and not bad_id" -x -q -p no:cacheprovider > "$OUT/memcheck_$g.log" 2>&1
     note "memcheck[$g]: rc=$? $(grep -m3 -E 'Invalid|ERROR SUMMARY' "$OUT/memcheck_$g.log" | tr '\n' ' ' | cut -c1-400)"
@@ -87,26 +103,51 @@ for g in $groups; do echo "=== $g"; cat "$OUT/test_$g.log"; rm "$OUT/test_$g.log
 cat "$OUT"/memcheck_*.log >> "$OUT/test_gpu.log" 2>/dev/null; rm -f "$OUT"/memcheck_*.log
 
 # 3. Timings (ratios vs F.grouped_mm, dense mm, a device-to-device copy and transformers' experts,
-#    same run), the ops first, then the layer.
+#    same run): the sm90 GEMM's configurations first, then the ops, the expert MLP and decode, the
+#    layer. Each stage is cut short rather than run past the call's deadline (DEADLINE seconds).
 t0=$(date +%s)
-timeout 150 python3 bench/gpu_bench.py --only ops --json "$OUT/bench_ops.json" > "$OUT/bench.log" 2>&1
-bench_rc=$?
-timeout 180 python3 bench/gpu_bench.py --only layer --json "$OUT/bench_layer.json" >> "$OUT/bench.log" 2>&1
-layer_rc=$?
-# The ops again: the same version timed twice shows the run-to-run spread (METHOD: a difference
-# smaller than that is noise).
-echo "== ops, second run" >> "$OUT/bench.log"
-timeout 120 python3 bench/gpu_bench.py --only ops >> "$OUT/bench.log" 2>&1
-note "bench: rc=$bench_rc/$layer_rc in $(( $(date +%s) - t0 ))s (log: bench.log, bench_*.json)"
+bench_rc=0
+: > "$OUT/bench.log"
+run_bench() {  # name time-limit command...
+  local name=$1 limit=$2; shift 2
+  local left=$(( ${DEADLINE:-560} - $(elapsed) ))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -lt 20 ]; then note "bench[$name]: skipped (the call's deadline is near)"; bench_rc=1; return; fi
+  local s0; s0=$(date +%s)
+  echo "== $name" >> "$OUT/bench.log"
+  timeout "$limit" "$@" >> "$OUT/bench.log" 2>&1
+  local rc=$?
+  note "bench[$name]: rc=$rc in $(( $(date +%s) - s0 ))s"
+  [ "$rc" -eq 0 ] || bench_rc=1
+}
+run_bench sweep 170 python3 bench/gpu_gemm_sweep.py --json "$OUT/part_sweep.json"
+if [ "$MODE" != quick ]; then
+  run_bench layer 200 python3 bench/gpu_bench.py --only layer --json "$OUT/part_layer.json"
+  run_bench mlp_decode 100 python3 bench/gpu_bench.py --only mlp decode --json "$OUT/part_mlp_decode.json"
+  run_bench ops 100 python3 bench/gpu_bench.py --only ops --json "$OUT/part_ops.json"
+fi
+# One results.json (the call brings back at most 8 files).
+python3 - "$OUT" <<'EOF2'
+import glob, json, os, sys
+out = sys.argv[1]
+merged = {}
+for path in sorted(glob.glob(os.path.join(out, "part_*.json"))):
+    try:
+        merged[os.path.basename(path)[5:-5]] = json.load(open(path))
+    except Exception as err:  # noqa: BLE001
+        merged[os.path.basename(path)] = f"unreadable: {err}"
+    os.remove(path)
+json.dump(merged, open(os.path.join(out, "results.json"), "w"), indent=1)
+EOF2
+note "bench: rc=$bench_rc in $(( $(date +%s) - t0 ))s (log: bench.log, results.json); call total $(elapsed)s"
 
 echo
 echo "== ptxas (regs / smem / spills), sm_90 =="
-grep -E "^sm_90" "$OUT/ptxas.txt" | cut -c1-160
+grep -E "^sm_90" "$OUT/ptxas.txt" | sort | uniq -c | sort -rn | cut -c1-170 | head -40
 echo
 echo "== summary =="
 cat "$SUMMARY"
 echo
 echo "== timings =="
-grep -E "^\| " "$OUT/bench.log" | grep -v "^| op \|^|---" 
-grep -E "failed|Error" "$OUT/bench.log" | head -5
-[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$layer_rc" -eq 0 ]
+grep -E "^\| |^ceilings|^forward configs|^wgrad configs|^FAILED" "$OUT/bench.log" | grep -v "^|---"
+[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

@@ -15,6 +15,13 @@ experts of DeepSeekMoE, Dai et al. 2024, Eq. 9). Routers come from ``routers/``:
 in, the threshold router (variable k, empty slots -1) and a recurrent chain's layer included.
 After a forward the layer keeps ``aux_loss`` (sum of the routing losses, differentiable; zero in
 eval) and ``last_routing``; :func:`aux_loss` sums the former over a model.
+
+CUDA graphs: the forward has no host sync, so a whole training step (forward, loss with
+``aux_loss(model)``, backward) captures as it is in ``torch.cuda.CUDAGraph`` (PyTorch's
+whole-network capture). ``torch.cuda.make_graphed_callables`` replays only what forward returns,
+so a loss kept on the module would be left from the capture; build the layer with
+``return_aux_loss=True`` there: forward returns ``(y, aux_loss)`` and keeps no aux_loss on the
+module, so ``aux_loss(model)`` does not count it twice (tests/test_gpu_graphs.py).
 """
 
 from __future__ import annotations
@@ -58,6 +65,9 @@ class MoELayer(nn.Module):
     num_experts / world_size experts here (ep_capacity_factor is its padded, sync-free mode).
     x of shape (B, S, D) reaches the router as (B, S, D) (sequence-level losses), any other
     shape as (T, D). forward(x, *, padding_mask=None, state=None) forwards both to the router.
+    return_aux_loss: forward returns ``(y, aux_loss)`` instead of keeping aux_loss on the module
+    (which then stays None): the form ``torch.cuda.make_graphed_callables`` and other
+    transforms that see only a forward's outputs need.
     """
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int,
@@ -65,7 +75,8 @@ class MoELayer(nn.Module):
                  num_shared_experts: int = 0, shared_ffn_hidden_size: Optional[int] = None,
                  activation: str = "swiglu", bias: bool = False,
                  capacity_factor: Optional[float] = None, router_kwargs: Optional[dict] = None,
-                 dispatcher=None, ep_group=None, ep_capacity_factor: Optional[float] = None) -> None:
+                 dispatcher=None, ep_group=None, ep_capacity_factor: Optional[float] = None,
+                 return_aux_loss: bool = False) -> None:
         super().__init__()
         for name, value in (("hidden_size", hidden_size), ("ffn_hidden_size", ffn_hidden_size),
                             ("num_experts", num_experts)):
@@ -84,6 +95,7 @@ class MoELayer(nn.Module):
         self.shared_experts = (DenseFFN(hidden_size, num_shared_experts * self.shared_ffn_hidden_size,
                                         activation=activation, bias=bias) if num_shared_experts else None)
         self.granularity = 1
+        self.return_aux_loss = bool(return_aux_loss)
         self.aux_loss: Optional[Tensor] = None
         self.last_routing = None
 
@@ -145,9 +157,10 @@ class MoELayer(nn.Module):
         layer.granularity = granularity
         return layer
 
-    def forward(self, x: Tensor, *, padding_mask: Optional[Tensor] = None, state=None) -> Tensor:
-        """x (..., D) -> y (..., D). padding_mask (x.shape[:-1], True = real token) keeps padded
-        tokens out of the routed experts and the losses; ``state`` goes to the router."""
+    def forward(self, x: Tensor, *, padding_mask: Optional[Tensor] = None, state=None):
+        """x (..., D) -> y (..., D), or (y, aux_loss) with return_aux_loss. padding_mask
+        (x.shape[:-1], True = real token) keeps padded tokens out of the routed experts and the
+        losses; ``state`` goes to the router."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.hidden_size:
@@ -167,8 +180,11 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         zero = torch.zeros((), dtype=torch.float32, device=x.device)
-        self.aux_loss = sum(routing.aux_losses.values(), zero)
+        aux = sum(routing.aux_losses.values(), zero)
         self.last_routing = routing
+        if self.return_aux_loss:
+            return y_TD.reshape(x.shape), aux
+        self.aux_loss = aux
         return y_TD.reshape(x.shape)
 
     # ---- sizes (the `moe plan` CLI and the docs use these) -----------------------------------
