@@ -7,7 +7,7 @@
 # ./.cutlass/include (carry a copy of the nvidia-cutlass wheel's cutlass_library/source/include
 # there: the GPU machine has no network), else from an installed nvidia-cutlass.
 #
-#   OUT=/some/dir bash bench/gpu_check.sh [quick]     # quick: tests and the GEMM sweep only
+#   OUT=/some/dir bash bench/gpu_check.sh [quick]   # quick: build, tests, graph diagnosis, GEMM sweeps
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/moe_gpu_check}
@@ -78,9 +78,10 @@ for g in $groups; do
     activation) sel=(tests/test_gpu_activation.py -m gpu) ;;
     graphs) sel=(tests/test_gpu_graphs.py -m gpu) ;;
     grouped_mm) sel=(tests/test_gpu.py -m gpu -k "grouped_mm and not sm90") ;;
+    sm90) sel=(tests/test_gpu.py -m gpu -k "$g" -v) ;;  # -v: the test a crash stops in is named
     *) sel=(tests/test_gpu.py -m gpu -k "$g") ;;
   esac
-  OMP_NUM_THREADS=2 timeout 200 python3 -m pytest "${sel[@]}" -q -rfE -p no:cacheprovider \
+  OMP_NUM_THREADS=2 timeout 200 python3 -X faulthandler -m pytest "${sel[@]}" -q -rfE -p no:cacheprovider \
     > "$OUT/test_$g.log" 2>&1 &
 done
 wait
@@ -120,7 +121,9 @@ run_bench() {  # name time-limit command...
   note "bench[$name]: rc=$rc in $(( $(date +%s) - s0 ))s"
   [ "$rc" -eq 0 ] || bench_rc=1
 }
-run_bench sweep 170 python3 bench/gpu_gemm_sweep.py --json "$OUT/part_sweep.json"
+run_bench graph_diag 100 python3 bench/gpu_graph_diag.py
+run_bench sweep 170 python3 bench/gpu_gemm_sweep.py --iters 20 --json "$OUT/part_sweep.json"
+run_bench sweep_again 170 python3 bench/gpu_gemm_sweep.py --iters 20  # the run-to-run spread
 if [ "$MODE" != quick ]; then
   run_bench layer 200 python3 bench/gpu_bench.py --only layer --json "$OUT/part_layer.json"
   run_bench mlp_decode 100 python3 bench/gpu_bench.py --only mlp decode --json "$OUT/part_mlp_decode.json"
@@ -149,5 +152,5 @@ echo "== summary =="
 cat "$SUMMARY"
 echo
 echo "== timings =="
-grep -E "^\| |^ceilings|^forward configs|^wgrad configs|^FAILED" "$OUT/bench.log" | grep -v "^|---"
+grep -E "^\| |^ceilings|^forward configs|^wgrad configs|^FAILED|: OK$|: FAILED|^    frame" "$OUT/bench.log" | grep -v "^|---"
 [ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

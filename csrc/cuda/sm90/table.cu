@@ -54,12 +54,19 @@ Config config(bool wgrad, int id) {
   return e ? e->config : Config{"invalid", 0, 0, 0};
 }
 
+// Chosen from the H200 sweep of bench/gpu_gemm_sweep.py (bench/RESULTS_H200.md, session 5): the
+// 64 x 256 ping-pong tile without a cluster wins wherever the experts' rows are few (one 64-row
+// strip at a time keeps partial tiles cheap, and one warp group's epilogue hides behind the
+// other's MMAs); cooperative 128 x 256 tiles win once there are many rows to fill them, with the
+// 2-CTA cluster only where the outputs are narrow. The weight gradient's K is each expert's rows:
+// ping-pong 128 x 128 where those are many and the total small, else cooperative 128 x 256.
 int choose_config(bool wgrad, int64_t N, int64_t E, int64_t X, int64_t Y) {
   (void)X;
-  if (wgrad) return 0;
   const int64_t rows = E > 0 ? N / E : N;  // mean rows per expert (host bound)
-  if (rows <= 64 || Y <= 128) return 0;
-  return 1;
+  if (wgrad) return rows >= 256 && N <= 16384 ? 1 : 0;
+  if (N > 65536) return Y <= 1024 ? 1 : 4;
+  if (rows >= 2048) return 4;
+  return 5;
 }
 
 size_t workspace_bytes(const GroupedGemm& g, int id) {
