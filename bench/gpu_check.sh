@@ -7,7 +7,9 @@
 # ./.cutlass/include (carry a copy of the nvidia-cutlass wheel's cutlass_library/source/include
 # there: the GPU machine has no network), else from an installed nvidia-cutlass.
 #
-#   OUT=/some/dir bash bench/gpu_check.sh [quick]   # quick: build, tests, graph diagnosis, GEMM sweeps
+#   OUT=/some/dir bash bench/gpu_check.sh [quick|tests]   # quick: build, tests, graph diagnosis,
+#                                                        # GEMM sweeps; tests: build and tests only
+#   GROUPS="sm90 graphs" ...                              # only these test groups
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/moe_gpu_check}
@@ -71,7 +73,7 @@ fi
 #    process's CUDA context; the other groups still report). A group that hits a CUDA error is
 #    rerun under compute-sanitizer memcheck, stopping at the first failure.
 t0=$(date +%s)
-groups="plan permute grouped_mm sm90 layer opcheck routers activation graphs"
+groups=${GROUPS:-"plan permute grouped_mm sm90 layer opcheck routers activation graphs"}
 for g in $groups; do
   case $g in
     routers) sel=(tests/test_routers_common.py -m gpu) ;;
@@ -121,6 +123,7 @@ run_bench() {  # name time-limit command...
   note "bench[$name]: rc=$rc in $(( $(date +%s) - s0 ))s"
   [ "$rc" -eq 0 ] || bench_rc=1
 }
+[ "$MODE" = tests ] && DEADLINE=0  # tests only: every bench stage is skipped
 run_bench graph_diag 100 python3 bench/gpu_graph_diag.py
 run_bench sweep 170 python3 bench/gpu_gemm_sweep.py --iters 20 --json "$OUT/part_sweep.json"
 run_bench sweep_again 170 python3 bench/gpu_gemm_sweep.py --iters 20  # the run-to-run spread

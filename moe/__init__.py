@@ -15,8 +15,8 @@ __all__ = ["ops", "Plan"]
 # Layers (issue 4): grouped experts, local dispatcher, drop-in MoE layer, model-wide aux loss.
 from moe.experts import DenseFFN, GroupedExperts
 from moe.dispatch import LocalDispatcher
-from moe.layer import MoELayer, aux_loss
-__all__ += ["GroupedExperts", "DenseFFN", "LocalDispatcher", "MoELayer", "aux_loss"]
+from moe.layer import MoELayer, aux_loss, release_step
+__all__ += ["GroupedExperts", "DenseFFN", "LocalDispatcher", "MoELayer", "aux_loss", "release_step"]
 
 # Decoder block, causal LM and Mixture-of-Recursions (issue 5).
 from moe.model import CausalLM, DecoderBlock, KVCache, LMCache, LMOutput, RMSNorm, SwiGLUMLP, build_lm

@@ -18,7 +18,11 @@ eval) and ``last_routing``; :func:`aux_loss` sums the former over a model.
 
 CUDA graphs: the forward has no host sync, so a whole training step (forward, loss with
 ``aux_loss(model)``, backward) captures as it is in ``torch.cuda.CUDAGraph`` (PyTorch's
-whole-network capture). ``torch.cuda.make_graphed_callables`` replays only what forward returns,
+whole-network capture: warm-up steps on the capture stream, then the captured one). After eager
+steps on another stream, call :func:`release_step` first: the ``aux_loss`` and ``last_routing``
+a forward leaves keep its autograd graph alive, and with it the parameters' gradient
+accumulators, which remember the stream they were made on; a captured backward then has to
+synchronise with that stream, which CUDA refuses during capture. ``torch.cuda.make_graphed_callables`` replays only what forward returns,
 so a loss kept on the module would be left from the capture; build the layer with
 ``return_aux_loss=True`` there: forward returns ``(y, aux_loss)`` and keeps no aux_loss on the
 module, so ``aux_loss(model)`` does not count it twice (tests/test_gpu_graphs.py).
@@ -34,7 +38,7 @@ from torch import Tensor, nn
 from moe.dispatch import LocalDispatcher
 from moe.experts import DenseFFN, GroupedExperts
 
-__all__ = ["MoELayer", "aux_loss"]
+__all__ = ["MoELayer", "aux_loss", "release_step"]
 
 
 def _check_positive(name: str, value) -> None:
@@ -226,6 +230,17 @@ class MoELayer(nn.Module):
         return (f"hidden_size={self.hidden_size}, ffn_hidden_size={self.ffn_hidden_size}, "
                 f"num_experts={self.num_experts}, top_k={self.top_k}, "
                 f"num_shared_experts={self.num_shared_experts}, granularity={self.granularity}")
+
+
+def release_step(model: nn.Module) -> None:
+    """Drops the ``aux_loss`` and ``last_routing`` that the modules of ``model`` keep after a
+    forward, so that the step's autograd graph is freed (before capturing a training step in a
+    CUDA graph on a new stream; see the module docstring)."""
+    for m in model.modules():
+        if isinstance(getattr(m, "aux_loss", None), Tensor):
+            m.aux_loss = None
+        if getattr(m, "last_routing", None) is not None:
+            m.last_routing = None
 
 
 def aux_loss(model: nn.Module) -> Tensor:

@@ -104,6 +104,7 @@ def _eager_twice(step, xs) -> tuple[list, list]:
 def _capture_step(layer, static_x, warmup: int = 3):
     """PyTorch's whole-network capture: warm-up steps on a side stream, .grad set to None, one
     step captured; its backward allocates .grad in the graph's pool and each replay rewrites them."""
+    moe.release_step(layer)  # eager steps ran on the default stream (moe.layer's docstring)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -159,6 +160,7 @@ def test_make_graphed_callables_with_returned_aux_loss(config):
     xs = _inputs(2)
     eager, again = _eager_twice(step(layer), xs)
     sample = torch.randn(B, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    moe.release_step(layer)  # last_routing from the eager steps (moe.layer's docstring)
     graphed = torch.cuda.make_graphed_callables(layer, (sample,))
     assert graphed is layer  # a module comes back with its forward replaced
     for i in (0, 1, 0):
@@ -196,6 +198,7 @@ def test_torch_compile_reduce_overhead_training_step_matches_eager():
     xs = _inputs(2)
     eager = [step(layer, layer, x) for x in xs]
     ref64 = [step(ref, ref, x.double()) for x in xs]
+    moe.release_step(layer)
     compiled = torch.compile(layer, mode="reduce-overhead")
     torch._logging.set_logs(cudagraphs=True)  # a skipped graph says why (captured stderr)
     try:

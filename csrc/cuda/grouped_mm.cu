@@ -32,6 +32,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "gemm_tiles.cuh"
 #include "moe_ops.h"
@@ -299,11 +300,12 @@ int sm90_config(bool wgrad, int64_t N, int64_t E, int64_t X, int64_t Y) {
   const char* var = wgrad ? "MOE_SM90_WGRAD_CONFIG" : "MOE_SM90_GEMM_CONFIG";
   const char* v = std::getenv(var);
   if (v == nullptr || *v == '\0') return sm90::choose_config(wgrad, N, E, X, Y);
+  const int count = sm90::num_configs(wgrad);
   char* end = nullptr;
   const long id = std::strtol(v, &end, 10);
-  TORCH_CHECK(*end == '\0' && id >= 0 && id < sm90::num_configs(wgrad), var,
-              " must be a config id in [0, ", sm90::num_configs(wgrad), "), got \"", v, "\"");
-  return static_cast<int>(id);
+  if (end != v && *end == '\0' && id >= 0 && id < count) return static_cast<int>(id);
+  const std::string value(v), name(var);
+  TORCH_CHECK(false, name, " must be a config id in [0, ", count, "), got \"", value, "\"");
 }
 
 // Runs one sm90 grouped GEMM with its scratch from the caching allocator (stream-ordered).
@@ -334,6 +336,7 @@ sm90::GroupedGemm sm90_problem(const at::Tensor& a, const at::Tensor& b, const a
 at::Tensor grouped_mm_sm90_path(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs,
                                 bool b_col) {
   const int64_t N = a.size(0), X = a.size(1), Y = b.size(2), E = b.size(0);
+  const int config = sm90_config(false, N, E, X, Y);  // may raise: before any launch
   auto stream = at::cuda::getCurrentCUDAStream();
   check_offs_kernel<<<1, 1024, 0, stream>>>(offs.const_data_ptr<int>(), int(E), N);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -342,7 +345,7 @@ at::Tensor grouped_mm_sm90_path(const at::Tensor& a, const at::Tensor& b, const 
   g.b_col = b_col;
   g.ldb = b_col ? b.stride(2) : b.stride(1);
   g.b_batch = b.stride(0);
-  run_sm90(g, sm90_config(false, N, E, X, Y), a);
+  run_sm90(g, config, a);
   const int64_t words = Y / 8;  // bf16: 8 per 16 bytes
   zero_tail_rows_kernel<<<flat_grid(N * words, 256), 256, 0, stream>>>(
       reinterpret_cast<uint4*>(c.mutable_data_ptr()), N, words, offs.const_data_ptr<int>(), int(E));
@@ -353,6 +356,7 @@ at::Tensor grouped_mm_sm90_path(const at::Tensor& a, const at::Tensor& b, const 
 at::Tensor grouped_mm_wgrad_sm90_path(const at::Tensor& a, const at::Tensor& g_NY,
                                       const at::Tensor& offs) {
   const int64_t N = a.size(0), X = a.size(1), Y = g_NY.size(1), E = offs.size(0);
+  const int config = sm90_config(true, N, E, X, Y);  // may raise: before any launch
   auto stream = at::cuda::getCurrentCUDAStream();
   check_offs_kernel<<<1, 1024, 0, stream>>>(offs.const_data_ptr<int>(), int(E), N);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -360,7 +364,7 @@ at::Tensor grouped_mm_wgrad_sm90_path(const at::Tensor& a, const at::Tensor& g_N
   auto g = sm90_problem(a, g_NY, offs, w.mutable_data_ptr(), E, X, Y);
   g.wgrad = true;
   g.ldb = g_NY.stride(0);
-  run_sm90(g, sm90_config(true, N, E, X, Y), a);
+  run_sm90(g, config, a);
   zero_empty_experts(w, offs, E, X, Y);
   return w;
 }
