@@ -9,7 +9,7 @@
 #
 #   OUT=/some/dir bash bench/gpu_check.sh [quick|tests]   # quick: build, tests, graph diagnosis,
 #                                                        # GEMM sweeps; tests: build and tests only
-#   GROUPS="sm90 graphs" ...                              # only these test groups
+#   TEST_GROUPS="sm90 graphs" ...                         # only these test groups
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/moe_gpu_check}
@@ -73,7 +73,7 @@ fi
 #    process's CUDA context; the other groups still report). A group that hits a CUDA error is
 #    rerun under compute-sanitizer memcheck, stopping at the first failure.
 t0=$(date +%s)
-groups=${GROUPS:-"plan permute grouped_mm sm90 layer opcheck routers activation graphs"}
+groups=${TEST_GROUPS:-"plan permute grouped_mm sm90 layer opcheck routers activation graphs"}
 for g in $groups; do
   case $g in
     routers) sel=(tests/test_routers_common.py -m gpu) ;;

@@ -32,7 +32,6 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <string>
 
 #include "gemm_tiles.cuh"
 #include "moe_ops.h"
@@ -295,17 +294,14 @@ void zero_empty_experts(at::Tensor& w, const at::Tensor& offs, int64_t E, int64_
 
 #ifdef MOE_WITH_SM90_GEMM
 // MOE_SM90_GEMM_CONFIG / MOE_SM90_WGRAD_CONFIG=<id> force one configuration (benchmarks sweep
-// the tables); otherwise the table's choice from host-known sizes.
+// the tables); otherwise the table's choice from host-known sizes. -1 for a bad value: the op
+// entry raises.
 int sm90_config(bool wgrad, int64_t N, int64_t E, int64_t X, int64_t Y) {
-  const char* var = wgrad ? "MOE_SM90_WGRAD_CONFIG" : "MOE_SM90_GEMM_CONFIG";
-  const char* v = std::getenv(var);
+  const char* v = std::getenv(wgrad ? "MOE_SM90_WGRAD_CONFIG" : "MOE_SM90_GEMM_CONFIG");
   if (v == nullptr || *v == '\0') return sm90::choose_config(wgrad, N, E, X, Y);
-  const int count = sm90::num_configs(wgrad);
   char* end = nullptr;
   const long id = std::strtol(v, &end, 10);
-  if (end != v && *end == '\0' && id >= 0 && id < count) return static_cast<int>(id);
-  const std::string value(v), name(var);
-  TORCH_CHECK(false, name, " must be a config id in [0, ", count, "), got \"", value, "\"");
+  return end != v && *end == '\0' && id >= 0 && id < sm90::num_configs(wgrad) ? static_cast<int>(id) : -1;
 }
 
 // Runs one sm90 grouped GEMM with its scratch from the caching allocator (stream-ordered).
@@ -334,9 +330,8 @@ sm90::GroupedGemm sm90_problem(const at::Tensor& a, const at::Tensor& b, const a
 }
 
 at::Tensor grouped_mm_sm90_path(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs,
-                                bool b_col) {
+                                bool b_col, int config) {
   const int64_t N = a.size(0), X = a.size(1), Y = b.size(2), E = b.size(0);
-  const int config = sm90_config(false, N, E, X, Y);  // may raise: before any launch
   auto stream = at::cuda::getCurrentCUDAStream();
   check_offs_kernel<<<1, 1024, 0, stream>>>(offs.const_data_ptr<int>(), int(E), N);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -354,9 +349,8 @@ at::Tensor grouped_mm_sm90_path(const at::Tensor& a, const at::Tensor& b, const 
 }
 
 at::Tensor grouped_mm_wgrad_sm90_path(const at::Tensor& a, const at::Tensor& g_NY,
-                                      const at::Tensor& offs) {
+                                      const at::Tensor& offs, int config) {
   const int64_t N = a.size(0), X = a.size(1), Y = g_NY.size(1), E = offs.size(0);
-  const int config = sm90_config(true, N, E, X, Y);  // may raise: before any launch
   auto stream = at::cuda::getCurrentCUDAStream();
   check_offs_kernel<<<1, 1024, 0, stream>>>(offs.const_data_ptr<int>(), int(E), N);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -429,7 +423,14 @@ at::Tensor grouped_mm_cuda(const at::Tensor& a_NX, const at::Tensor& b_EXY,
   const Backend be = backend();
   if (X > 0 && cutlass_layout_ok(a, b, E, X, Y)) {
 #ifdef MOE_WITH_SM90_GEMM
-    if (use_sm90(be)) return grouped_mm_sm90_path(a, b, offs, b_col);
+    if (use_sm90(be)) {
+      // Raised here, at the op's entry (a raise from inside the sm90 path crashed on the H200 in
+      // session 5, cause not found; bench/RESULTS_H200.md).
+      const int config = sm90_config(false, N, E, X, Y);
+      TORCH_CHECK(config >= 0, "MOE_SM90_GEMM_CONFIG must be a config id in [0, ",
+                  sm90::num_configs(false), ")");
+      return grouped_mm_sm90_path(a, b, offs, b_col, config);
+    }
 #endif
     if (use_torch(be, E)) return grouped_mm_torch_path(a, b, offs);
   }
@@ -464,7 +465,12 @@ at::Tensor grouped_mm_wgrad_cuda(const at::Tensor& a_NX, const at::Tensor& g_NY,
   const Backend be = backend();
   if (N > 0 && cutlass_layout_ok(a, g, E, X, Y)) {
 #ifdef MOE_WITH_SM90_GEMM
-    if (use_sm90(be)) return grouped_mm_wgrad_sm90_path(a, g, offs);
+    if (use_sm90(be)) {
+      const int config = sm90_config(true, N, E, X, Y);
+      TORCH_CHECK(config >= 0, "MOE_SM90_WGRAD_CONFIG must be a config id in [0, ",
+                  sm90::num_configs(true), ")");
+      return grouped_mm_wgrad_sm90_path(a, g, offs, config);
+    }
 #endif
     if (use_torch(be, E)) return grouped_mm_wgrad_torch_path(a, g, offs);
   }
