@@ -55,17 +55,17 @@ Config config(bool wgrad, int id) {
 }
 
 // Chosen from the H200 sweep of bench/gpu_gemm_sweep.py (bench/RESULTS_H200.md, session 5): the
-// 64 x 256 ping-pong tile without a cluster wins wherever the experts' rows are few (one 64-row
-// strip at a time keeps partial tiles cheap, and one warp group's epilogue hides behind the
-// other's MMAs); cooperative 128 x 256 tiles win once there are many rows to fill them, with the
-// 2-CTA cluster only where the outputs are narrow. The weight gradient's K is each expert's rows:
+// 64 x 256 ping-pong tile without a cluster wins up to about a thousand rows per expert (one
+// 64-row strip at a time keeps partial tiles cheap, and one warp group's epilogue hides behind
+// the other's MMAs); cooperative 128 x 256 tiles win once there are thousands of rows per expert
+// to fill them, and with the 2-CTA cluster where many rows meet narrow outputs. The weight gradient's K is each expert's rows:
 // ping-pong 128 x 128 where those are many and the total small, else cooperative 128 x 256.
 int choose_config(bool wgrad, int64_t N, int64_t E, int64_t X, int64_t Y) {
   (void)X;
   const int64_t rows = E > 0 ? N / E : N;  // mean rows per expert (host bound)
   if (wgrad) return rows >= 256 && N <= 16384 ? 1 : 0;
-  if (N > 65536) return Y <= 1024 ? 1 : 4;
   if (rows >= 2048) return 4;
+  if (N > 65536 && Y <= 1024) return 1;
   return 5;
 }
 
