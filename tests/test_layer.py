@@ -395,3 +395,21 @@ def test_fused_gated_activation_equals_the_chunk_formula(activation, dtype, monk
     assert torch.equal(h1.grad, h2.grad)
     h64 = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: activate(t, activation), (h64,))
+
+
+def test_return_aux_loss_gives_the_same_step_and_keeps_nothing_on_the_module():
+    """MoELayer(return_aux_loss=True) returns (y, aux_loss) equal to the default layer's y and
+    aux_loss, keeps no aux_loss (so moe.aux_loss does not count it twice), and release_step drops
+    what a forward leaves on the modules."""
+    torch.manual_seed(0)
+    kept = moe.MoELayer(32, 48, 6, 2)
+    returned = moe.MoELayer(32, 48, 6, 2, return_aux_loss=True)
+    returned.load_state_dict(kept.state_dict())
+    x = torch.randn(2, 10, 32)
+    y_kept = kept(x)
+    y, aux = returned(x)
+    torch.testing.assert_close(y, y_kept, rtol=0, atol=0)
+    torch.testing.assert_close(aux, kept.aux_loss, rtol=0, atol=0)
+    assert aux.requires_grad and returned.aux_loss is None and float(moe.aux_loss(returned)) == 0.0
+    moe.release_step(kept)
+    assert kept.aux_loss is None and kept.last_routing is None

@@ -184,16 +184,6 @@ const char* Sm90GroupedGemm<Cfg, A_COL, B_COL>::run(const GroupedGemm& g, void* 
   return nullptr;
 }
 
-// Entry points of one configuration (defined in its translation unit by MOE_SM90_CONFIG).
-template <int ID>
-size_t forward_workspace(const GroupedGemm& g);
-template <int ID>
-const char* forward_run(const GroupedGemm& g, void* ws, cudaStream_t stream);
-template <int ID>
-size_t wgrad_workspace(const GroupedGemm& g);
-template <int ID>
-const char* wgrad_run(const GroupedGemm& g, void* ws, cudaStream_t stream);
-
 }  // namespace moe::cuda::sm90
 
 // Defines forward config ID with tile CFG for both layouts of b (N-contiguous, K-contiguous).

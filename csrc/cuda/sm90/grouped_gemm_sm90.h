@@ -57,4 +57,15 @@ size_t workspace_bytes(const GroupedGemm& g, int id);
 // else a message naming what failed. No host-device synchronisation.
 const char* run(const GroupedGemm& g, int id, void* workspace, cudaStream_t stream);
 
+// Entry points of one configuration, each defined in its translation unit (forward_c<ID>.cu,
+// wgrad_c<ID>.cu) and listed in table.cu.
+template <int ID>
+size_t forward_workspace(const GroupedGemm& g);
+template <int ID>
+const char* forward_run(const GroupedGemm& g, void* ws, cudaStream_t stream);
+template <int ID>
+size_t wgrad_workspace(const GroupedGemm& g);
+template <int ID>
+const char* wgrad_run(const GroupedGemm& g, void* ws, cudaStream_t stream);
+
 }  // namespace moe::cuda::sm90

@@ -4,15 +4,6 @@
 
 namespace moe::cuda::sm90 {
 
-template <int ID>
-size_t forward_workspace(const GroupedGemm& g);
-template <int ID>
-const char* forward_run(const GroupedGemm& g, void* ws, cudaStream_t stream);
-template <int ID>
-size_t wgrad_workspace(const GroupedGemm& g);
-template <int ID>
-const char* wgrad_run(const GroupedGemm& g, void* ws, cudaStream_t stream);
-
 namespace {
 
 struct Entry {
