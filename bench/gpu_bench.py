@@ -58,7 +58,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moe import ops
+from moe import ops, release_step
 
 DEVICE = "cuda"
 BF16 = torch.bfloat16
@@ -187,11 +187,7 @@ def _release(*modules) -> None:
     graph's pool memory included), then returns cached blocks to the device."""
     for m in (m for m in modules if m is not None):
         m.zero_grad(set_to_none=True)
-        for sub in m.modules():
-            if isinstance(getattr(sub, "aux_loss", None), torch.Tensor):  # (a router's is a str)
-                sub.aux_loss = None
-            if getattr(sub, "last_routing", None) is not None:
-                sub.last_routing = None
+        release_step(m)
     gc.collect()
     torch.cuda.empty_cache()
 

@@ -28,20 +28,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.gpu_bench import SHAPES, _copies, _routing, _time_ms
+from bench.gpu_bench import SHAPES, _copies, _roofline, _routing, _time_ms, measure_ceilings
 from moe import ops
-
-
-def ceilings(iters: int = 10) -> tuple[float, float]:
-    """(device-to-device copy TB/s counting read + write, dense bf16 mm TFLOP/s on random data)."""
-    src = torch.randn(2 ** 30 // 2, device="cuda", dtype=torch.bfloat16)  # 1 GiB
-    dst = torch.empty_like(src)
-    t = _time_ms(lambda: dst.copy_(src), [()], iters)
-    copy = 2 * src.numel() * 2 / (t / 1e3) / 1e12
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    t = _time_ms(lambda: torch.mm(a, b), [()], iters)
-    return copy, 2 * 8192 ** 3 / (t / 1e3) / 1e12
 
 
 def _env(**kv):
@@ -102,11 +90,10 @@ def sweep_row(name, T, proj, iters, rates):
     dense_sets = [(torch.randn(N, X, device="cuda", dtype=torch.bfloat16),
                    torch.randn(X, Y, device="cuda", dtype=torch.bfloat16)) for _ in range(2)]
     row["dense_ms"] = _time_ms(torch.mm, dense_sets, iters)
-    copy, dense_rate = rates
-    floor_ms = max(nbytes / (copy * 1e12), flops / (dense_rate * 1e12)) * 1e3
     best = min(((row[f"c{c}_ms"], c) for c in configs), key=lambda t: (t[0] != t[0], t[0]),
                default=(row["auto_ms"], -1))
-    row.update(best_config=best[1], floor_ms=floor_ms, roofline=floor_ms / row["auto_ms"],
+    roofline = _roofline(rates, row["auto_ms"], nbytes, flops)
+    row.update(best_config=best[1], floor_ms=roofline * row["auto_ms"], roofline=roofline,
                vs_F_grouped_mm=row["F_grouped_mm_ms"] / row["auto_ms"],
                vs_dense=row["dense_ms"] / row["auto_ms"], vs_torch_backend=row["torch_ms"] / row["auto_ms"])
     return row
@@ -125,8 +112,9 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     t0 = time.time()
-    rates = ceilings()
-    print(f"ceilings: copy {rates[0]:.2f} TB/s, dense bf16 mm {rates[1]:.0f} TFLOP/s; build {ops.build_info()}")
+    rates = measure_ceilings(10)
+    print(f"ceilings: copy {rates['copy_tb_s']:.2f} TB/s, dense bf16 mm {rates['dense_tflops']:.0f} TFLOP/s; "
+          f"build {ops.build_info()}")
     rows = []
     for name in args.shapes:
         for T in args.tokens:
@@ -150,7 +138,7 @@ def main() -> None:
               + " | ".join(_fmt(r.get(c, float("nan"))) for c in cols) + " |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"copy_tb_s": rates[0], "dense_tflops": rates[1], "rows": rows}, f, indent=1)
+            json.dump({"ceilings": rates, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -236,16 +236,6 @@ bool is_sm90() {
   return prop->major == 9 && prop->minor == 0;
 }
 
-// moekit's own sm90 kernels serve this call (compiled in, "auto", compute capability 9.0).
-bool use_sm90(Backend be) {
-#ifdef MOE_WITH_SM90_GEMM
-  return be == Backend::kAuto && is_sm90();
-#else
-  (void)be;
-  return false;
-#endif
-}
-
 // PyTorch's grouped GEMM serves this call ("auto" without our sm90 kernels, or "torch"; 9.0/10.x).
 bool use_torch(Backend be, int64_t E) {
   if (be == Backend::kNative || E >= 1024) return false;
@@ -292,7 +282,25 @@ void zero_empty_experts(at::Tensor& w, const at::Tensor& offs, int64_t E, int64_
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Asserts offs_E on the device before a CUTLASS GEMM (the native kernels' own check).
+void check_offs(const at::Tensor& offs, int64_t E, int64_t N) {
+  check_offs_kernel<<<1, 1024, 0, at::cuda::getCurrentCUDAStream()>>>(offs.const_data_ptr<int>(),
+                                                                       int(E), N);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// c[r, :] = 0 for the padding rows r >= offs_E[E-1] of a bf16 (N, Y) contiguous c, Y % 8 == 0.
+void zero_tail_rows(at::Tensor& c, const at::Tensor& offs, int64_t E) {
+  const int64_t N = c.size(0), words = c.size(1) / 8;  // bf16: 8 per 16 bytes
+  zero_tail_rows_kernel<<<flat_grid(N * words, 256), 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<uint4*>(c.mutable_data_ptr()), N, words, offs.const_data_ptr<int>(), int(E));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 #ifdef MOE_WITH_SM90_GEMM
+// moekit's own sm90 kernels serve this call ("auto" on compute capability 9.0).
+bool use_sm90(Backend be) { return be == Backend::kAuto && is_sm90(); }
+
 // MOE_SM90_GEMM_CONFIG / MOE_SM90_WGRAD_CONFIG=<id> force one configuration (benchmarks sweep
 // the tables); otherwise the table's choice from host-known sizes. -1 for a bad value: the op
 // entry raises.
@@ -332,28 +340,21 @@ sm90::GroupedGemm sm90_problem(const at::Tensor& a, const at::Tensor& b, const a
 at::Tensor grouped_mm_sm90_path(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs,
                                 bool b_col, int config) {
   const int64_t N = a.size(0), X = a.size(1), Y = b.size(2), E = b.size(0);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  check_offs_kernel<<<1, 1024, 0, stream>>>(offs.const_data_ptr<int>(), int(E), N);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_offs(offs, E, N);
   auto c = at::empty({N, Y}, a.options());
   auto g = sm90_problem(a, b, offs, c.mutable_data_ptr(), E, X, Y);
   g.b_col = b_col;
   g.ldb = b_col ? b.stride(2) : b.stride(1);
   g.b_batch = b.stride(0);
   run_sm90(g, config, a);
-  const int64_t words = Y / 8;  // bf16: 8 per 16 bytes
-  zero_tail_rows_kernel<<<flat_grid(N * words, 256), 256, 0, stream>>>(
-      reinterpret_cast<uint4*>(c.mutable_data_ptr()), N, words, offs.const_data_ptr<int>(), int(E));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  zero_tail_rows(c, offs, E);
   return c;
 }
 
 at::Tensor grouped_mm_wgrad_sm90_path(const at::Tensor& a, const at::Tensor& g_NY,
                                       const at::Tensor& offs, int config) {
   const int64_t N = a.size(0), X = a.size(1), Y = g_NY.size(1), E = offs.size(0);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  check_offs_kernel<<<1, 1024, 0, stream>>>(offs.const_data_ptr<int>(), int(E), N);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_offs(offs, E, N);
   auto w = at::empty({E, X, Y}, a.options());
   auto g = sm90_problem(a, g_NY, offs, w.mutable_data_ptr(), E, X, Y);
   g.wgrad = true;
@@ -366,9 +367,7 @@ at::Tensor grouped_mm_wgrad_sm90_path(const at::Tensor& a, const at::Tensor& g_N
 
 at::Tensor grouped_mm_torch_path(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs) {
   const int64_t N = a.size(0), Y = b.size(2), E = b.size(0);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  check_offs_kernel<<<1, 1024, 0, stream>>>(offs.const_data_ptr<int>(), int(E), N);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_offs(offs, E, N);
   // PyTorch (2.9-2.11) sizes its tile from the mean rows per expert, a_NX.size(0) / E: 64 x 128
   // at 128 or fewer, 128 x 256 above. With 65-128 rows per expert the short tile reads every
   // expert's weights twice, and at fine-grained shapes the weights are most of the bytes
@@ -387,19 +386,14 @@ at::Tensor grouped_mm_torch_path(const at::Tensor& a, const at::Tensor& b, const
   auto c = at::_grouped_mm(a_call, b, offs);
   if (c.size(0) != N) c = c.narrow(0, 0, N);
   TORCH_INTERNAL_ASSERT(c.is_contiguous() && c.size(0) == N && c.size(1) == Y);
-  const int64_t words = Y / 8;  // bf16: 8 per 16 bytes
-  zero_tail_rows_kernel<<<flat_grid(N * words, 256), 256, 0, stream>>>(
-      reinterpret_cast<uint4*>(c.mutable_data_ptr()), N, words, offs.const_data_ptr<int>(), int(E));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  zero_tail_rows(c, offs, E);
   return c;
 }
 
 at::Tensor grouped_mm_wgrad_torch_path(const at::Tensor& a, const at::Tensor& g,
                                        const at::Tensor& offs) {
   const int64_t N = a.size(0), X = a.size(1), Y = g.size(1), E = offs.size(0);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  check_offs_kernel<<<1, 1024, 0, stream>>>(offs.const_data_ptr<int>(), int(E), N);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_offs(offs, E, N);
   auto w = at::_grouped_mm(a.t(), g, offs);  // (X, N) @ (N, Y) per group of rows: (E, X, Y)
   TORCH_INTERNAL_ASSERT(w.is_contiguous() && w.size(0) == E && w.size(1) == X && w.size(2) == Y);
   zero_empty_experts(w, offs, E, X, Y);
