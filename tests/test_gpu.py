@@ -336,6 +336,19 @@ def test_opcheck_on_cuda():
         torch.library.opcheck(op.default, args)
 
 
+def test_opcheck_on_cuda_bf16_gemm_backends(gemm_backend):
+    """opcheck on aligned bf16 GEMMs, the inputs that reach the CUTLASS paths (moekit's sm90
+    kernels under "auto" on compute capability 9.0, PyTorch's under "torch"), both B layouts.
+    (gradcheck runs in float64, which these bf16-only kernels never see: the float64 cases above.)"""
+    y = torch.randn(40, 24, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    offs = _offs([10, 0, 25, 5])
+    b = torch.randn(4, 24, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b_t = torch.randn(4, 16, 24, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    for args in ((y, b, offs), (y, b_t, offs)):
+        torch.library.opcheck(moe_ops.grouped_mm.default, args)
+    torch.library.opcheck(moe_ops.grouped_mm_wgrad.default, (y, y.detach()[:, :16], offs))
+
+
 def test_layer_has_no_host_sync_and_replays_in_a_cuda_graph(gemm_backend):
     ids, x, w, w1, w2 = _layer_inputs(T=256, K=4, E=16, D=64, Fh=96, dtype=torch.bfloat16)
     torch.cuda.synchronize()
