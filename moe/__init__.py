@@ -26,10 +26,23 @@ __all__ += ["CausalLM", "DecoderBlock", "KVCache", "LMCache", "LMOutput", "RMSNo
             "build_lm", "ExpertChoiceConfig", "TokenChoiceConfig", "MixtureOfRecursions",
             "MoRCache", "build_mor_lm"]
 
-# CLI (issue 7): `moe plan` math (efficiency leverage, arXiv:2507.17702 Eq. 13); `moe` = moe.cli:main.
-# (moe.planner.plan is not re-exported: moe.ops.plan is the dispatch plan.)
-from moe.planner import PlanConfig, efficiency_leverage, optimal_granularity
-__all__ += ["PlanConfig", "efficiency_leverage", "optimal_granularity"]
+# The applications (CLI, demo, plots, planner) live in moe.apps, which the library never imports.
+# moe.PlanConfig / efficiency_leverage / optimal_granularity: deprecated aliases of moe.apps.planner's.
+_MOVED_TO_APPS = {"PlanConfig": "moe.apps.planner", "efficiency_leverage": "moe.apps.planner",
+                  "optimal_granularity": "moe.apps.planner"}
+
+
+def __getattr__(name: str):
+    if name not in _MOVED_TO_APPS:
+        raise AttributeError(f"module 'moe' has no attribute {name!r}")
+    import importlib
+    import warnings
+
+    where = _MOVED_TO_APPS[name]
+    warnings.warn(f"moe.{name} moved to {where}.{name}; the alias moe.{name} will be removed in "
+                  f"the next release", DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(where), name)
+
 
 # Expert parallelism (issue 4): all-to-all token dispatcher over a torch.distributed group.
 from moe.parallel import AllToAllDispatcher, AllToAllState

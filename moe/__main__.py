@@ -1,5 +1,5 @@
-"""`python -m moe` = the `moe` console script (moe.cli.main)."""
+"""`python -m moe` = the `moe` console script (moe.apps.cli.main)."""
 
-from moe.cli import main
+from moe.apps.cli import main
 
 raise SystemExit(main())

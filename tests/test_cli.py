@@ -1,6 +1,7 @@
-"""The `moe` CLI: plan (parameter/FLOP counts against real models, the EL law's published
+"""The `moe` CLI (moe.apps): plan (parameter/FLOP counts against real models, the EL law's published
 claims), demo (short runs on a temp folder of text: files, determinism, resume), bench
-(orchestration, clear failure), data split."""
+(orchestration in child processes, clear failures), data split, and the apps' separation from the
+library (not imported by it, deprecated aliases)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,19 @@ import json
 import math
 import subprocess
 import sys
-import types
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from moe import MoELayer, plots
-from moe.cli import run
-from moe.data import is_validation, load_corpus, stdlib_files, train_batch
-from moe.model import build_lm
-from moe.planner import (EL_CONSTANTS, PlanConfig, efficiency_leverage, optimal_granularity, plan,
-                         saturated_activation)
+import moe
+from moe import MoELayer, build_lm
+from moe.apps import cli, plots
+from moe.apps.cli import run
+from moe.apps.data import is_validation, load_corpus, stdlib_files, train_batch
+from moe.apps.planner import (EL_CONSTANTS, PlanConfig, efficiency_leverage, optimal_granularity,
+                              plan, saturated_activation)
 
 TINY = ["--dim", "16", "--layers", "2", "--heads", "2", "--ffn-hidden", "32", "--experts", "4",
         "--top-k", "2", "--seq-len", "16", "--batch", "4", "--eval-batches", "2", "--no-progress"]
@@ -217,35 +219,68 @@ def test_demo_bad_arguments_name_the_argument(text_dir, tmp_path):
         run(["demo", "--data", str(tmp_path / "tiny.txt"), "--out", str(tmp_path), "--seq-len", "64"])
 
 
-# ---- bench -------------------------------------------------------------------------------------
+# ---- bench ----------------------------------------------------------------------------------
 
-def _fake_bench(name, rows):
-    mod = types.ModuleType(name)
-    mod.run = lambda quick=False: [dict(r, quick=quick) for r in rows]
-    mod.format_table = lambda rs: f"{name}: {len(rs)} rows"
-    return mod
+def _fake_checkout(root: Path, sections: dict) -> Path:
+    """A checkout root whose bench/ holds modules with run(quick) / format_table(rows)."""
+    (root / "bench").mkdir(parents=True)
+    (root / "bench" / "__init__.py").write_text("")
+    for name, rows in sections.items():
+        (root / "bench" / f"{name}.py").write_text(textwrap.dedent(f"""
+            def run(quick=False):
+                return [dict(r, quick=quick) for r in {rows!r}]
+
+            def format_table(rows):
+                return "bench.{name}: %d rows" % len(rows)
+            """))
+    return root
 
 
-def test_bench_orchestrates_modules(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(sys.modules, "bench.ops", _fake_bench(
-        "bench.ops", [dict(op="grouped_mm", T=256, ours_ms=2.0, dense_ms=2.6, loop_ms=8.0)]))
-    monkeypatch.setitem(sys.modules, "bench.layer", _fake_bench(
-        "bench.layer", [dict(mode="fwd", moekit_ms=5.0, hf_gmm_ms=4.0)]))
-    monkeypatch.setitem(sys.modules, "bench.fused", _fake_bench(
-        "bench.fused", [dict(op="swiglu", ours_ms=1.0, baseline_ms=3.0)]))
-    sections = run(["bench", "--quick", "--out", str(tmp_path)])
-    out = capsys.readouterr().out
+def test_bench_runs_each_module_in_the_checkout(monkeypatch, tmp_path, capfd):
+    root = _fake_checkout(tmp_path / "checkout", dict(
+        ops=[dict(op="grouped_mm", T=256, ours_ms=2.0, dense_ms=2.6, loop_ms=8.0)],
+        layer=[dict(mode="fwd", moekit_ms=5.0, hf_gmm_ms=4.0)],
+        fused=[dict(op="swiglu", ours_ms=1.0, baseline_ms=3.0)]))
+    monkeypatch.setattr(cli, "checkout_root", lambda: root)
+    sections = run(["bench", "--quick", "--out", str(tmp_path / "out")])
+    out = capfd.readouterr().out
     assert "bench.ops: 1 rows" in out and "bench.layer: 1 rows" in out and "bench.fused: 1 rows" in out
-    saved = json.loads((tmp_path / "bench_results.json").read_text())
+    saved = json.loads((tmp_path / "out" / "bench_results.json").read_text())
     assert saved["quick"] and saved["sections"] == json.loads(json.dumps(sections))
     assert saved["sections"]["bench.ops"][0]["quick"] is True
-    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert (tmp_path / "out" / "bench.png").stat().st_size > 0
     assert plots.bench_speedups(sections["bench.ops"][0]) == pytest.approx(dict(dense=1.3, loop=4.0))
     assert plots.bench_speedups(sections["bench.layer"][0]) == pytest.approx(dict(hf_gmm=0.8))
 
 
-def test_bench_missing_module_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "bench.nope", None)  # import of it raises ModuleNotFoundError
-    monkeypatch.setattr("moe.cli.BENCH_MODULES", ("bench.nope",))
-    with pytest.raises(SystemExit, match="cannot import bench.nope"):
-        run(["bench", "--quick", "--out", str(tmp_path)])
+def test_bench_failures_are_clear_errors(monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "checkout_root", lambda: tmp_path)  # a wheel install: no bench/
+    with pytest.raises(SystemExit, match="no bench/ folder"):
+        run(["bench", "--quick", "--out", str(tmp_path / "out")])
+    _fake_checkout(tmp_path, {})
+    monkeypatch.setattr(cli, "BENCH_MODULES", ("bench.nope",))
+    with pytest.raises(SystemExit, match="bench.nope failed with exit status 1"):
+        run(["bench", "--quick", "--out", str(tmp_path / "out")])
+
+
+def test_checkout_root_holds_the_benchmarks():
+    assert (cli.checkout_root() / "moe" / "__init__.py").is_file()
+    assert (cli.checkout_root() / "bench" / "ops.py").is_file()  # the tests run from a checkout
+
+
+# ---- the library does not import its applications ---------------------------------------------
+
+def test_library_does_not_import_apps():
+    p = subprocess.run([sys.executable, "-c", "import moe, routers, sys; "
+                        "print([m for m in sys.modules if m.startswith('moe.apps')])"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stderr + p.stdout
+
+
+def test_planner_aliases_are_deprecated():
+    for name in ("PlanConfig", "efficiency_leverage", "optimal_granularity"):
+        with pytest.warns(DeprecationWarning, match=f"moe.apps.planner.{name}"):
+            assert getattr(moe, name) is globals()[name]
+    assert not {"PlanConfig", "efficiency_leverage", "optimal_granularity"} & set(moe.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        moe.nope

@@ -6,25 +6,50 @@
 
 `moe demo` runs with one torch thread unless --threads says otherwise: its matmuls are tiny, and
 on a shared 2-core machine two OpenMP threads were measured 10x slower than one (spin-waiting).
-Each subcommand's work lives in a module (moe.demo, bench.ops / bench.fused / bench.layer, moe.planner);
-this file parses arguments, orchestrates and writes the files.
+Each subcommand's work lives in a module (moe.apps.demo, bench.ops / bench.fused / bench.layer,
+moe.apps.planner); this file parses arguments, orchestrates and writes the files. `moe bench` runs
+each benchmark in a child Python whose working directory is the source checkout's root (bench/ is
+not installed: it ships with the checkout, not the wheel). demo and bench need the `apps` extra.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.util
 import json
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import fields
 from pathlib import Path
 
 BENCH_MODULES = ("bench.ops", "bench.fused", "bench.layer")
 
+# The child of `moe bench`, run with cwd = the checkout root (so `bench` imports from there, as for
+# `python -m bench.ops`): one module's rows (run(quick=...)) to a JSON file, its table to stdout.
+_BENCH_CHILD = """import json, sys
+from importlib import import_module
+name, quick, rows_path = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+mod = import_module(name)
+if not (hasattr(mod, "run") and hasattr(mod, "format_table")):
+    sys.exit(f"moe bench: {name} has no run(quick=...) / format_table(rows)")
+rows = mod.run(quick=quick)
+print(mod.format_table(rows), flush=True)
+with open(rows_path, "w") as f:
+    json.dump(rows, f, default=str)
+"""
+
+
+def _require_apps(command: str, *modules: str) -> None:
+    """A clear exit when the `apps` extra's packages are missing."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"moe {command} needs {', '.join(missing)}: pip install \"moekit[apps]\"")
+
 
 def _demo_parser(sub) -> None:
-    from moe.demo import VARIANTS, DemoConfig
+    from moe.apps.demo import VARIANTS, DemoConfig
 
     p = sub.add_parser("demo", help="train tiny byte-level MoE LMs on CPU and compare routers",
                        description="Train byte-level causal LMs (default data: this Python's standard "
@@ -87,9 +112,10 @@ def run_demo(args) -> dict:
     """Check the arguments, load the data, train the variants with --threads torch threads."""
     import torch
 
-    from moe.data import load_corpus
-    from moe.demo import VARIANTS, DemoConfig
+    from moe.apps.data import load_corpus
+    from moe.apps.demo import VARIANTS, DemoConfig
 
+    _require_apps("demo", "tqdm", "matplotlib")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
@@ -126,8 +152,8 @@ def _demo(args, cfg, corpus, variants, device, t0) -> dict:
     """Train each variant, then write results.json, the plots, and print the table."""
     import torch
 
-    from moe import plots
-    from moe.demo import DemoConfig, train_variant
+    from moe.apps import plots
+    from moe.apps.demo import DemoConfig, train_variant
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,31 +183,37 @@ def _demo(args, cfg, corpus, variants, device, t0) -> dict:
     return report
 
 
-def _import_bench(name: str):
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name not in (name, "bench"):
-            raise
-        if Path("bench", "__init__.py").exists() and "" not in sys.path and "." not in sys.path:
-            sys.path.insert(0, "")  # a source checkout: bench/ is not an installed package
-            return _import_bench(name)
-        raise SystemExit(f"moe bench: cannot import {name}: the benchmarks live in the source "
-                         f"checkout's bench/ folder; run `moe bench` from the repository root") from e
+def checkout_root() -> Path:
+    """The folder that holds the moe package: a source checkout's root, where bench/ lives."""
+    import moe
+
+    return Path(moe.__file__).resolve().parent.parent
+
+
+def _bench_rows(name: str, quick: bool, root: Path, tmp: Path) -> list[dict]:
+    """Run one benchmark module in a child Python (cwd = root); its table streams to stdout."""
+    rows_path = tmp / f"{name}.json"
+    done = subprocess.run([sys.executable, "-c", _BENCH_CHILD, name, str(int(quick)), str(rows_path)],
+                          cwd=root)
+    if done.returncode != 0:
+        raise SystemExit(f"moe bench: {name} failed with exit status {done.returncode} (its error is "
+                         f"printed above)")
+    return json.loads(rows_path.read_text())
 
 
 def run_bench(args) -> dict:
-    from moe import plots
+    from moe.apps import plots
 
-    mods = [_import_bench(n) for n in BENCH_MODULES]
+    _require_apps("bench", "matplotlib")
+    root = checkout_root()
+    if not (root / "bench" / "__init__.py").is_file():
+        raise SystemExit(f"moe bench: no bench/ folder in {root}: the benchmarks ship with the source "
+                         f"checkout, not the wheel; run it from a checkout (pip install -e .)")
     sections = {}
-    for name, mod in zip(BENCH_MODULES, mods):
-        if not (hasattr(mod, "run") and hasattr(mod, "format_table")):
-            raise SystemExit(f"moe bench: {name} has no run(quick=...) / format_table(rows)")
-        print(f"== {name}{' (quick)' if args.quick else ''}")
-        rows = mod.run(quick=args.quick)
-        print(mod.format_table(rows))
-        sections[name] = rows
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in BENCH_MODULES:
+            print(f"== {name}{' (quick)' if args.quick else ''}", flush=True)
+            sections[name] = _bench_rows(name, args.quick, root, Path(tmp))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_results.json").write_text(json.dumps(dict(quick=args.quick, sections=sections),
@@ -192,7 +224,7 @@ def run_bench(args) -> dict:
 
 
 def run_plan(args) -> dict:
-    from moe.planner import PlanConfig, format_plan, plan
+    from moe.apps.planner import PlanConfig, format_plan, plan
 
     try:
         cfg = PlanConfig(hidden=args.hidden, layers=args.layers, experts=args.experts, top_k=args.top_k,

@@ -15,7 +15,7 @@ per token:
 Active parameters are the ones a token touches on average (measured experts per token for the
 variable-k router); MoR reuses its L blocks, so its active = total = the dense model's.
 Reproducible: torch.manual_seed(seed) before each model is built, batches a pure function of
-(seed, step) (moe.data), no dropout or router jitter. Checkpoints hold model, optimizer,
+(seed, step) (moe.apps.data), no dropout or router jitter. Checkpoints hold model, optimizer,
 scheduler, RNG state and loss history, so --resume continues exactly where a run stopped.
 """
 
@@ -29,10 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moe.data import train_batch, val_batches
-from moe.layer import MoELayer
-from moe.model import build_lm
-from moe.mor import ExpertChoiceConfig, MixtureOfRecursions, build_mor_lm
+from moe import ExpertChoiceConfig, MixtureOfRecursions, MoELayer, build_lm, build_mor_lm
+from moe.apps.data import train_batch, val_batches
 
 VARIANTS = ("dense", "topk", "recurrent", "xmoe", "finegrained", "mor")
 
