@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared call for a machine with a GPU (issues 8, 14, 15): build moe._C with the CUDA kernels
+# One prepared call for a machine with a GPU: build moe._C with the CUDA kernels
 # and moekit's Hopper grouped GEMM in place, run the GPU tests, time the GEMM configurations, the
 # ops, the expert MLP and the layer, and print a short table last. Full logs go to $OUT (default
 # /tmp/moe_gpu_check; at most 8 files). Needs python3 with torch, pytest, transformers and nvcc
@@ -76,12 +76,12 @@ t0=$(date +%s)
 groups=${TEST_GROUPS:-"plan permute grouped_mm sm90 layer opcheck routers activation graphs"}
 for g in $groups; do
   case $g in
-    routers) sel=(tests/test_routers_common.py -m gpu) ;;
-    activation) sel=(tests/test_gpu_activation.py -m gpu) ;;
-    graphs) sel=(tests/test_gpu_graphs.py -m gpu) ;;
-    grouped_mm) sel=(tests/test_gpu.py -m gpu -k "grouped_mm and not sm90") ;;
-    sm90) sel=(tests/test_gpu.py -m gpu -k "$g" -v) ;;  # -v: the test a crash stops in is named
-    *) sel=(tests/test_gpu.py -m gpu -k "$g") ;;
+    routers) sel=(tests/routers/test_routers_common.py -m gpu) ;;
+    activation) sel=(tests/gpu/test_gpu_activation.py -m gpu) ;;
+    graphs) sel=(tests/gpu/test_gpu_graphs.py -m gpu) ;;
+    grouped_mm) sel=(tests/gpu/test_gpu.py -m gpu -k "grouped_mm and not sm90") ;;
+    sm90) sel=(tests/gpu/test_gpu.py -m gpu -k "$g" -v) ;;  # -v: the test a crash stops in is named
+    *) sel=(tests/gpu/test_gpu.py -m gpu -k "$g") ;;
   esac
   OMP_NUM_THREADS=2 timeout 200 python3 -X faulthandler -m pytest "${sel[@]}" -q -rfE -p no:cacheprovider \
     > "$OUT/test_$g.log" 2>&1 &
@@ -96,7 +96,7 @@ for g in $groups; do
   if grep -qiE "illegal (memory )?address|misaligned|CUDA error|device-side assert triggered" "$OUT/test_$g.log" \
       && [ "$g" != routers ] && [ "$g" != activation ] && [ "$g" != graphs ] \
       && command -v compute-sanitizer > /dev/null; then
-    timeout 150 compute-sanitizer --tool memcheck --print-limit 10 python3 -m pytest tests/test_gpu.py \
+    timeout 150 compute-sanitizer --tool memcheck --print-limit 10 python3 -m pytest tests/gpu/test_gpu.py \
       -m gpu -k "$g and not bad_id" -x -q -p no:cacheprovider > "$OUT/memcheck_$g.log" 2>&1
     note "memcheck[$g]: rc=$? $(grep -m3 -E 'Invalid|ERROR SUMMARY' "$OUT/memcheck_$g.log" | tr '\n' ' ' | cut -c1-400)"
   fi

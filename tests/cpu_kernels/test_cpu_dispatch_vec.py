@@ -11,8 +11,8 @@ import torch
 
 from moe import ops
 from moe.ops_torch import permute_torch, unpermute_torch, unpermute_weights_grad_torch
-from tests._cpu_kernel_utils import BF16
-from tests.test_ops import make_ids
+from tests.helpers.cpu_kernels import BF16
+from tests.helpers.ops import make_ids
 
 # Every test here is about the compiled kernels: without them the twins would only meet themselves.
 pytestmark = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="moe._C extension not built")

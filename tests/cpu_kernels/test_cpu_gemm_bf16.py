@@ -17,9 +17,9 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from moe import ops
-from tests._cpu_kernel_utils import (A_LAYOUTS, B_LAYOUTS, BF16, check_forward, check_wgrad,
-                                     cpu_has_avx512_bf16, gmm_inputs, one_thread, run_python, view2d,
-                                     view3d, wgrad)
+from tests.helpers.cpu_kernels import (A_LAYOUTS, B_LAYOUTS, BF16, check_forward, check_wgrad,
+                                       cpu_has_avx512_bf16, gmm_inputs, one_thread, run_json, run_saved,
+                                       view2d, view3d, wgrad)
 
 # Every test here is about the compiled kernels: without them the twins would only meet themselves.
 pytestmark = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="moe._C extension not built")
@@ -189,8 +189,10 @@ def test_grouped_mm_bf16_flushes_denormals_as_documented():
     assert torch.equal(got_w[0].double(), want)
 
 
-# A 2^-63 * 2^-64 product: the kernel flushes it, at::mm keeps it (on tiny shapes, here).
+# A 2^-63 * 2^-64 product: the kernel flushes it, at::mm keeps it (on tiny shapes, here). probe()
+# returns (row 1 exact, the product flushed, equal to at::mm).
 GEMM_PROBE = """
+    import json
     import torch
     from moe import ops
     a = torch.tensor([[0.0, 2.0 ** -63], [1.0, 3.0]]).to(torch.bfloat16)
@@ -198,58 +200,66 @@ GEMM_PROBE = """
     offs = torch.tensor([2], dtype=torch.int32)
     def probe():
         c = ops.grouped_mm(a, b, offs)
-        assert torch.equal(c[1], torch.tensor([1.0, -1.0], dtype=torch.bfloat16))
-        return bool(c[0, 0] == 0), torch.equal(c, a @ b[0])
+        return (torch.equal(c[1], torch.tensor([1.0, -1.0], dtype=torch.bfloat16)), bool(c[0, 0] == 0),
+                torch.equal(c, a @ b[0]))
 """
 
 
 @pytest.mark.parametrize("value", ["", "auto"])
 def test_moe_cpu_gemm_auto_uses_the_kernel(value):
-    code = GEMM_PROBE + """
-    flushed, same_as_mm = probe()
-    print(f"flushed={flushed}")
-    print("OK")
-    """
-    out = run_python(code, MOE_CPU_GEMM=value)
+    row1_exact, flushed, _ = run_json(GEMM_PROBE + """
+    print(json.dumps(probe()))
+    """, MOE_CPU_GEMM=value)
+    assert row1_exact
     if cpu_has_avx512_bf16():
-        assert "flushed=True" in out, out
+        assert flushed
 
 
 def test_moe_cpu_gemm_aten_uses_at_mm():
     """MOE_CPU_GEMM=aten (read once per process) forces at::mm: bit for bit at::mm per expert on
-    the probe, and the usual checks on a larger problem."""
-    code = GEMM_PROBE + """
-    from tests._cpu_kernel_utils import check_forward, check_wgrad, gmm_inputs, view2d, view3d
-    flushed, same_as_mm = probe()
-    assert same_as_mm
+    the probe, and the usual checks on a larger problem (outputs computed in the child)."""
+    out = run_saved(GEMM_PROBE + """
+    import os
+    from tests.helpers.cpu_kernels import gmm_inputs, view2d, view3d, wgrad
+    a2, b2, g2, offs2 = gmm_inputs([5, 0, 193, 7], 33, 70, seed=4)
+    fwd = [ops.grouped_mm(a2, view3d(b2, lay), offs2) for lay in ["contig", "transposed"]]
+    torch.save(dict(probe=probe(), fwd=fwd, wgrad=wgrad(view2d(a2, "transposed"), g2, offs2)),
+               os.environ["MOE_TEST_OUT"])
+    """, MOE_CPU_GEMM="aten")
+    row1_exact, _, same_as_mm = out["probe"]
+    assert row1_exact and same_as_mm
     a, b, g, offs = gmm_inputs([5, 0, 193, 7], 33, 70, seed=4)
-    for lay in ["contig", "transposed"]:
-        check_forward(a, view3d(b, lay), offs)
-    check_wgrad(view2d(a, "transposed"), g, offs)
-    print("OK")
-    """
-    run_python(code, MOE_CPU_GEMM="aten")
+    for lay, got in zip(["contig", "transposed"], out["fwd"]):
+        check_forward(a, view3d(b, lay), offs, got=got)
+    check_wgrad(view2d(a, "transposed"), g, offs, got=out["wgrad"])
+
+
+BAD_GEMM_VALUES = ["avx512", "AUTO", " aten", "aten ", "0"]
 
 
 def test_moe_cpu_gemm_bad_value_names_the_variable():
     """Any other value: a RuntimeError naming MOE_CPU_GEMM and the value at the first bfloat16 GEMM
     (forward or weight gradient). It is read again until it is valid: "auto" then works."""
-    code = GEMM_PROBE + """
+    out = run_json(GEMM_PROBE + f"""
     import os
-    for value in ["avx512", "AUTO", " aten", "aten ", "0"]:
+    errors = []
+    for value in {BAD_GEMM_VALUES!r}:
         os.environ["MOE_CPU_GEMM"] = value
         for call in (probe, lambda: torch.ops.moe.grouped_mm_wgrad(a, a, offs)):
             try:
                 call()
-            except RuntimeError as err:
-                assert "MOE_CPU_GEMM" in str(err) and repr(value) in str(err), str(err)
-            else:
-                raise AssertionError(f"no error for MOE_CPU_GEMM={value!r}")
+                errors.append(None)
+            except Exception as err:
+                errors.append([type(err).__name__, str(err)])
     os.environ["MOE_CPU_GEMM"] = "auto"
-    flushed, same_as_mm = probe()
-    print(f"flushed={flushed}")
-    print("OK")
-    """
-    out = run_python(code, MOE_CPU_GEMM="avx512")
+    print(json.dumps(dict(errors=errors, probe=probe())))
+    """, MOE_CPU_GEMM="avx512")
+    assert len(out["errors"]) == 2 * len(BAD_GEMM_VALUES)
+    for i, error in enumerate(out["errors"]):
+        value = BAD_GEMM_VALUES[i // 2]
+        assert error is not None, f"no error for MOE_CPU_GEMM={value!r}"
+        assert error[0] == "RuntimeError" and "MOE_CPU_GEMM" in error[1] and repr(value) in error[1], error
+    row1_exact, flushed, _ = out["probe"]
+    assert row1_exact
     if cpu_has_avx512_bf16():
-        assert "flushed=True" in out, out
+        assert flushed

@@ -21,7 +21,8 @@ import torch
 
 from moe import ops
 from moe.ops_torch import grouped_mm_torch, grouped_mm_wgrad_torch
-from tests._cpu_kernel_utils import A_LAYOUTS, B_LAYOUTS, one_thread, run_python, view2d, view3d
+from tests.helpers.cpu_kernels import (A_LAYOUTS, B_LAYOUTS, f32_inputs, one_thread, run_json, view2d, view3d,
+                                       wgrad)
 
 F32 = torch.float32
 G_LAYOUTS = ["contig", "transposed", "misaligned", "strided_cols"]
@@ -39,21 +40,6 @@ def cpu_has_avx512_f32():
 pytestmark = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="moe._C extension not built")
 needs_kernel = pytest.mark.skipif(not cpu_has_avx512_f32(), reason="CPU lacks avx512f/bw/vl")
 KERNEL_ACTIVE = cpu_has_avx512_f32() and os.environ.get("MOE_CPU_GEMM", "auto") in ("", "auto")
-
-
-def f32_inputs(counts, X, Y, *, pad=3, seed=0):
-    """float32 a_NX, b_EXY, g_NY (rows past offs_E[-1] NaN: never read) and int32 offs_E."""
-    offs = torch.tensor(counts, dtype=torch.int32).cumsum(0).int()
-    n = int(offs[-1])
-    gen = torch.Generator().manual_seed(seed)
-    a = torch.randn(n + pad, X, generator=gen)
-    g = torch.randn(n + pad, Y, generator=gen)
-    a[n:], g[n:] = float("nan"), float("nan")
-    return a, torch.randn(len(counts), X, Y, generator=gen), g, offs
-
-
-def wgrad(a_NX, g_NY, offs_E):
-    return torch.ops.moe.grouped_mm_wgrad(a_NX, g_NY, offs_E)
 
 
 def assert_rule(got, ref, twin):
@@ -224,8 +210,7 @@ SAME_AS_TWIN = """
     import torch
     from moe import ops
     from moe.ops_torch import grouped_mm_torch, grouped_mm_wgrad_torch
-    from tests._cpu_kernel_utils import one_thread
-    from tests.test_cpu_gemm_f32 import f32_inputs, wgrad
+    from tests.helpers.cpu_kernels import f32_inputs, one_thread, wgrad
     def same_as_twin():
         a, b, _, offs = f32_inputs([13, 0, 100, 6], 1000, 130, pad=0, seed=11)
         a2, _, g, offs2 = f32_inputs([120, 0, 1000], 100, 130, pad=0, seed=12)
@@ -243,7 +228,8 @@ def test_grouped_mm_f32_kernel_is_used():
 
 
 def test_moe_cpu_gemm_aten_f32_is_the_twin():
-    run_python(SAME_AS_TWIN + """
-    assert same_as_twin() == (True, True)
-    print("OK")
+    same = run_json(SAME_AS_TWIN + """
+    import json
+    print(json.dumps(same_as_twin()))
     """, MOE_CPU_GEMM="aten")
+    assert same == [True, True]

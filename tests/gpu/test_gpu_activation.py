@@ -26,7 +26,7 @@ import routers
 from moe import GroupedExperts, MoELayer, ops
 from moe.ops_torch import linear_f32_torch, swiglu_backward_torch, swiglu_torch
 
-from tests.test_swiglu import ULP, close_to, inputs
+from tests.helpers.swiglu import ULP, close_to, inputs
 
 pytestmark = pytest.mark.gpu
 moe_ops = torch.ops.moe
@@ -64,7 +64,8 @@ def _same(got, want):
 
 def _bwd_close(dh, want, grad, h, dtype):
     """d h within one rounding of the output dtype, with an absolute floor of one rounding of its
-    terms' size (d gate = grad * up * silu'(gate) cancels near gate = -1.28; test_swiglu.py)."""
+    terms' size (d gate = grad * up * silu'(gate) cancels near gate = -1.28;
+    tests/ops/test_swiglu.py)."""
     gate, up = h.double().chunk(2, dim=-1)
     g = grad.double().abs()
     size = torch.cat([g * up.abs() * (1 + gate.abs()), g * gate.abs()], -1)
@@ -159,7 +160,7 @@ def test_opcheck_on_cuda(dtype):
 
 def _rule(got, ref64, base):
     """FlashAttention's rule: error vs float64 at most 2x the baseline's (+ one float32 eps of the
-    largest value, as tests/test_gpu.py states it)."""
+    largest value, as tests/gpu/test_gpu.py states it)."""
     if got.numel() == 0:
         return
     err = (got.double() - ref64).abs().max().item()

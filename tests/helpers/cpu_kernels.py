@@ -1,14 +1,16 @@
-"""Helpers shared by the CPU kernel tests (test_cpu_gemm_bf16, test_cpu_dispatch_vec,
-test_host_cache): memory layouts with NaN in every gap, grouped-GEMM inputs and the project's GEMM
-rule, and a fresh-interpreter runner for variables read once per process.
+"""Helpers shared by the CPU kernel tests (tests/cpu_kernels/, tests/ops/test_host_cache.py): memory
+layouts with NaN in every gap, grouped-GEMM inputs and the project's GEMM rule, and fresh-interpreter
+runners for variables read once per process (the child reports what it measured; the test asserts).
 
 Shape legend: N routed rows, E experts, X/Y GEMM input/output dims, R/C rows/columns of a 2-D view.
 """
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import torch
@@ -17,7 +19,7 @@ from moe import ops
 from moe.ops_torch import grouped_mm_torch, grouped_mm_wgrad_torch
 
 BF16 = torch.bfloat16
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 A_LAYOUTS = ["contig", "transposed", "col_slice", "misaligned", "strided_cols"]
 B_LAYOUTS = ["contig", "transposed", "transposed_misaligned", "odd_rows", "strided"]
 
@@ -72,6 +74,17 @@ def gmm_inputs(counts, X, Y, *, pad=3, seed=0):
     return a, b, g, offs
 
 
+def f32_inputs(counts, X, Y, *, pad=3, seed=0):
+    """float32 a_NX, b_EXY, g_NY (rows past offs_E[-1] NaN: never read) and int32 offs_E."""
+    offs = torch.tensor(counts, dtype=torch.int32).cumsum(0).int()
+    n = int(offs[-1])
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n + pad, X, generator=gen)
+    g = torch.randn(n + pad, Y, generator=gen)
+    a[n:], g[n:] = float("nan"), float("nan")
+    return a, torch.randn(len(counts), X, Y, generator=gen), g, offs
+
+
 def wgrad(a_NX, g_NY, offs_E):
     return torch.ops.moe.grouped_mm_wgrad(a_NX, g_NY, offs_E)
 
@@ -85,18 +98,20 @@ def assert_twice_torch(got, ref, twin):
     assert err <= 2 * err_pt, (err, err_pt)
 
 
-def check_forward(a, b, offs):
+def check_forward(a, b, offs, got=None):
+    """The bf16 forward rule; ``got`` is ops.grouped_mm(a, b, offs) (computed here when None)."""
     n = int(offs[-1])
-    got = ops.grouped_mm(a, b, offs)
+    got = ops.grouped_mm(a, b, offs) if got is None else got
     assert got.shape == (a.shape[0], b.shape[2])
     assert (got[n:] == 0).all() and not got[n:].isnan().any()  # padding rows exactly zero
     assert_twice_torch(got[:n], grouped_mm_torch(a[:n].double(), b.double(), offs),
                        grouped_mm_torch(a[:n], b, offs))
 
 
-def check_wgrad(a, g, offs):
+def check_wgrad(a, g, offs, got=None):
+    """The bf16 weight-gradient rule; ``got`` is wgrad(a, g, offs) (computed here when None)."""
     n = int(offs[-1])
-    got = wgrad(a, g, offs)
+    got = wgrad(a, g, offs) if got is None else got
     assert got.shape == (offs.shape[0], a.shape[1], g.shape[1])
     empty = offs.diff(prepend=offs.new_zeros(1)) == 0
     assert (got[empty] == 0).all() and not got[empty].isnan().any()  # experts without rows
@@ -134,3 +149,19 @@ def run_python(code, **env):
     assert res.returncode == 0 and res.stdout.strip().endswith("OK"), (res.returncode,
                                                                        res.stderr[-3000:])
     return res.stdout
+
+
+def run_json(code, **env):
+    """Runs ``code`` in a fresh interpreter (see run_python); its last stdout line is one JSON
+    value, the measurements the calling test asserts on. Returns that value."""
+    return json.loads(run_python(textwrap.dedent(code) + "\nprint('OK')\n", **env).strip().splitlines()[-2])
+
+
+def run_saved(code, **env):
+    """Runs ``code`` in a fresh interpreter (see run_python), where it saves one object with
+    ``torch.save(obj, os.environ["MOE_TEST_OUT"])``; returns that object (tensors the calling test
+    checks in its own process)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "out.pt")
+        run_python(textwrap.dedent(code) + "\nprint('OK')\n", MOE_TEST_OUT=path, **env)
+        return torch.load(path)

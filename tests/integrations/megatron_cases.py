@@ -1,8 +1,8 @@
-"""Megatron-Core cases for tests/test_megatron.py, run OUTSIDE pytest's process:
+"""Megatron-Core cases for tests/integrations/test_megatron.py, run OUTSIDE pytest's process:
 
-    python tests/megatron_cases.py OUT.json CASE [CASE ...]
+    python tests/integrations/megatron_cases.py OUT.json CASE [CASE ...]
 
-installs the CPU shim (tests/megatron_shim.py), initialises Megatron (gloo, TP=PP=EP=1), runs
+installs the CPU shim (tests/integrations/megatron_shim.py), initialises Megatron (gloo, TP=PP=EP=1), runs
 each case, and writes {case: {"ok": bool, "error": traceback or ""}} to OUT.json. The case
 "ep2" starts two more gloo processes (expert parallel 2) and compares with expert parallel 1.
 
@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from tests import megatron_shim  # noqa: E402
+from tests.integrations import megatron_shim  # noqa: E402
 
 S, B, VOCAB = 8, 2, 64
 
@@ -505,7 +505,7 @@ def _ep_worker(rank, world, reference):
 
 
 def case_ep2():
-    from tests._dist_utils import run_workers
+    from tests.helpers.dist import run_workers
 
     reference = {}
     for variant in EP_VARIANTS:

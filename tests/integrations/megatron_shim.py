@@ -1,7 +1,7 @@
 """TEST-ONLY shim that lets megatron-core 0.16.1 run on a CPU-only machine (no CUDA, no
-Transformer Engine). It is never imported by the library: only tests/megatron_cases.py calls
-``install()``, and tests/test_megatron.py runs those cases in subprocesses of their own, so
-these patches touch nothing else.
+Transformer Engine). It is never imported by the library: only
+tests/integrations/megatron_cases.py calls ``install()``, and tests/integrations/test_megatron.py
+runs those cases in subprocesses of their own, so these patches touch nothing else.
 
 Each patch fixes one thing Megatron-Core does even with ``use_cpu_initialization=True``:
 

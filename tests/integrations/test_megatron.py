@@ -1,10 +1,10 @@
 """Megatron-Core integration (moe.integrations.megatron), tested on CPU.
 
-Megatron needs a CPU shim (tests/megatron_shim.py) that patches torch.cuda and a few Megatron
-functions, so no Megatron code runs in pytest's process: the cases (tests/megatron_cases.py)
-run in two subprocesses, started together and bounded by a timeout, one for the single-process
-cases and one for expert parallel 2 (which starts two gloo workers); each case is reported
-here as its own test. Skipped when megatron-core is not installed.
+Megatron needs a CPU shim (tests/integrations/megatron_shim.py) that patches torch.cuda and a few
+Megatron functions, so no Megatron code runs in pytest's process: the cases
+(tests/integrations/megatron_cases.py) run in two subprocesses, started together and bounded by a
+timeout, one for the single-process cases and one for expert parallel 2 (which starts two gloo
+workers); each case is reported here as its own test. Skipped when megatron-core is not installed.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CASES_PY = os.path.join(ROOT, "tests", "megatron_cases.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CASES_PY = os.path.join(ROOT, "tests", "integrations", "megatron_cases.py")
 TIMEOUT_S = int(os.environ.get("MOEKIT_MEGATRON_TIMEOUT", "300"))  # per group of cases
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("megatron") is None
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("megatron") is None
 
 # Importing the cases module defines the case table only: it imports neither megatron nor the
 # shim's patches (install() runs in the subprocess).
-from tests.megatron_cases import CASES  # noqa: E402
+from tests.integrations.megatron_cases import CASES  # noqa: E402
 
 SINGLE = [name for name in CASES if name != "ep2"]
 GROUPS = {"single": SINGLE, "ep": ["ep2"]}
@@ -76,7 +76,7 @@ def results(request, tmp_path_factory):
 
 @pytest.mark.parametrize("case", SINGLE + GROUPS["ep"])
 def test_megatron_case(results, case):
-    """See tests/megatron_cases.py: forward+backward of a tiny GPTModel with each injection and
+    """See tests/integrations/megatron_cases.py: forward+backward of a tiny GPTModel with each injection and
     both dispatchers, parity with Megatron's TopKRouter / SequentialMLP / GPT loss, the recurrent
     router across layers (with recompute), a DDP + finalize_model_grads step moving the expert
     bias, newer-version signatures and padding, and expert parallel 2 vs 1."""
@@ -84,9 +84,12 @@ def test_megatron_case(results, case):
 
 
 def test_import_moe_does_not_import_megatron():
-    code = ("import sys, moe, moe.integrations; bad = [m for m in sys.modules if m.split('.')[0] == 'megatron'];"
-            "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+    code = ("import json, sys, moe, moe.integrations;"
+            "print(json.dumps([m for m in sys.modules if m.split('.')[0] == 'megatron']))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120, capture_output=True,
+                         text=True)
+    bad = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not bad, bad
 
 
 def test_shim_not_installed_here():

@@ -375,7 +375,7 @@ def test_fused_gated_activation_equals_the_chunk_formula(activation, dtype, monk
     # moe.experts.activate's composite path (_GatedActivation: geglu, and swiglu where moe.swiglu
     # has no kernel) fuses act(gate) * up with a hand-written backward; it must give the same
     # values and gradients as autograd over the plain formula (Shazeer 2020, Eq. 5-6). The
-    # swiglu kernel's own tests are in test_swiglu.py.
+    # swiglu kernel's own tests are in tests/ops/test_swiglu.py.
     from moe import ops
     from moe.experts import activate
 

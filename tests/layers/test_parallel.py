@@ -20,7 +20,7 @@ import torch.distributed as dist
 from moe import MoELayer, ops
 from moe.dispatch import LocalDispatcher
 from moe.parallel import AllToAllDispatcher
-from tests._dist_utils import run_workers
+from tests.helpers.dist import run_workers
 
 D, H, K = 4, 3, 2
 

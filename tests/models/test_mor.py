@@ -232,7 +232,8 @@ def test_eval_outputs_at_t_ignore_tokens_after_t(router, kv):
 
 
 def test_training_topk_is_non_causal_which_is_why_eval_thresholds():
-    """The paper's top-k lets later tokens evict earlier ones (issues #9, #10); thresholds don't."""
+    """The paper's top-k lets later tokens evict earlier ones (a causality leak at inference);
+    thresholds don't."""
     mor = _mor(EC(capacities=(1.0, 0.5)), nr=2)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 8, 16, dtype=torch.float64, generator=gen)

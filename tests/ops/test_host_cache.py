@@ -14,119 +14,160 @@ import torch
 
 from moe import ops
 from moe.ops_torch import permute_torch
-from tests._cpu_kernel_utils import run_python
-from tests.test_ops import make_ids
+from tests.helpers.cpu_kernels import run_json
+from tests.helpers.ops import make_ids
 
 needs_ext = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="moe._C extension not built")
 
-# permute outputs of `rows` float32 rows of 4 KiB (K = 1, E = 1): 256 rows per MiB.
+NO_CACHE = dict(cached_bytes=0, in_use_bytes=0, hits=0, misses=0, limit_bytes=0)
+MiB, KiB = 1 << 20, 1 << 10
+
+# permute outputs of `rows` float32 rows of 4 KiB (K = 1, E = 1): 256 rows per MiB. stats() is
+# (cached_bytes, hits, misses).
 TAKE = """
+    import json
     import torch
     from moe import _C, ops
-    MiB, KiB = 1 << 20, 1 << 10
     def take(rows):
         return ops.permute(torch.ones(rows, 1024), ops.plan(torch.zeros(rows, 1, dtype=torch.long), 1))
+    def stats():
+        s = ops.host_cache_stats()
+        return [s["cached_bytes"], s["hits"], s["misses"]]
 """
 
 
 @needs_ext
 def test_host_cache_default_reuses_blocks():
     code = """
+        import json
         import torch
         from moe import _C, ops
         from moe.ops_torch import permute_torch
-        from tests.test_ops import make_ids
+        from tests.helpers.ops import make_ids
         T, K, E, D = 256, 4, 8, 512  # permute output 1024 x 512 float32: 2 MiB
         p = ops.plan(make_ids(T, K, E), E)
         x = torch.randn(T, D)
         want = permute_torch(x, p.order_N, p.rows_TK)
-        s0 = ops.host_cache_stats()
-        assert s0 == _C.host_cache_stats() and s0["limit_bytes"] == 2048 << 20, s0
+        m = dict(s0=ops.host_cache_stats(), s0_C=_C.host_cache_stats())
         y = ops.permute(x, p)
-        s1 = ops.host_cache_stats()
-        assert s1["misses"] == s0["misses"] + 1, s1
-        assert s1["in_use_bytes"] >= s0["in_use_bytes"] + (2 << 20), s1
+        m["s1"] = ops.host_cache_stats()
         ptr = y.data_ptr()
         y.fill_(float("nan"))  # stale bytes for the next user of the block
         del y
-        s2 = ops.host_cache_stats()
-        assert s2["in_use_bytes"] == s0["in_use_bytes"] and s2["cached_bytes"] >= 2 << 20, s2
+        m["s2"] = ops.host_cache_stats()
+        m["reuse"] = []
         for _ in range(3):
             y = ops.permute(x, p)
-            assert y.data_ptr() == ptr and torch.equal(y, want)
+            m["reuse"].append([y.data_ptr() == ptr, torch.equal(y, want)])
             del y
-        s3 = ops.host_cache_stats()
-        assert s3["hits"] == s2["hits"] + 3 and s3["misses"] == s2["misses"], s3
-        assert s3["in_use_bytes"] == s0["in_use_bytes"], s3
-        assert ops.empty_host_cache() is None
-        s4 = ops.host_cache_stats()
-        assert s4["cached_bytes"] == 0 and s4["in_use_bytes"] == s0["in_use_bytes"], s4
-        assert torch.equal(ops.permute(x, p), want)
-        print("OK")
+        m["s3"] = ops.host_cache_stats()
+        m["empty_returns_none"] = ops.empty_host_cache() is None
+        m["s4"] = ops.host_cache_stats()
+        m["after_empty_equal"] = torch.equal(ops.permute(x, p), want)
+        print(json.dumps(m))
     """
-    run_python(code, MOE_HOST_CACHE_MB=None)
+    m = run_json(code, MOE_HOST_CACHE_MB=None)
+    s0, s1, s2, s3, s4 = (m[k] for k in ("s0", "s1", "s2", "s3", "s4"))
+    assert s0 == m["s0_C"] and s0["limit_bytes"] == 2048 << 20, s0
+    assert s1["misses"] == s0["misses"] + 1, s1
+    assert s1["in_use_bytes"] >= s0["in_use_bytes"] + (2 << 20), s1
+    assert s2["in_use_bytes"] == s0["in_use_bytes"] and s2["cached_bytes"] >= 2 << 20, s2
+    assert m["reuse"] == [[True, True]] * 3, m["reuse"]
+    assert s3["hits"] == s2["hits"] + 3 and s3["misses"] == s2["misses"], s3
+    assert s3["in_use_bytes"] == s0["in_use_bytes"], s3
+    assert m["empty_returns_none"]
+    assert s4["cached_bytes"] == 0 and s4["in_use_bytes"] == s0["in_use_bytes"], s4
+    assert m["after_empty_equal"]
 
 
 @needs_ext
 def test_host_cache_off():
     code = """
+        import json
         import torch
         from moe import ops
         from moe.ops_torch import permute_torch
-        from tests.test_ops import make_ids
+        from tests.helpers.ops import make_ids
         T, K, E, D = 256, 4, 8, 512
         p = ops.plan(make_ids(T, K, E), E)
         x = torch.randn(T, D)
         want = permute_torch(x, p.order_N, p.rows_TK)
+        equal = []
         for _ in range(3):
             y = ops.permute(x, p)
-            assert torch.equal(y, want)
+            equal.append(torch.equal(y, want))
             y.fill_(float("nan"))
             del y
-        s = ops.host_cache_stats()
-        assert s == dict(cached_bytes=0, in_use_bytes=0, hits=0, misses=0, limit_bytes=0), s
-        print("OK")
+        print(json.dumps(dict(equal=equal, stats=ops.host_cache_stats())))
     """
-    run_python(code, MOE_HOST_CACHE_MB="0")
+    m = run_json(code, MOE_HOST_CACHE_MB="0")
+    assert m["equal"] == [True] * 3
+    assert m["stats"] == NO_CACHE, m["stats"]
+
+
+# (step, expected (cached_bytes, hits, misses)) of test_host_cache_full_evicts_other_sizes_largest_first.
+FULL_STEPS = [
+    ("take 5", (5 * MiB, 0, 1)),
+    ("take 4", (4 * MiB, 0, 2)),  # 5 > 4 + 4/8: a miss; 5 + 4 > 8: 5 evicted
+    ("y5 = take 5", (4 * MiB, 0, 3)),  # the 5 MiB block is gone
+    ("y4 = 3 x take 4", (0, 1, 5)),
+    ("del y4", (8 * MiB, 1, 5)),  # two 4 MiB blocks kept; no room for the third, same size kept
+    ("del y5", (5 * MiB, 1, 5)),  # both 4 MiB blocks evicted for the 5 MiB one
+    ("y2, y3 = take 2, take 3", (5 * MiB, 1, 7)),
+    ("del y2", (7 * MiB, 1, 7)),
+    ("del y3", (5 * MiB, 1, 7)),  # evicts the 5 MiB block, the largest, not the 2 MiB one
+    ("y2, y3 = take 2, take 3 again", (0, 3, 7)),
+    ("del y2, y3", (5 * MiB, 3, 7)),
+    ("take 9", (5 * MiB, 3, 8)),  # over the limit: freed, nothing evicted
+    ("take 255 rows", (5 * MiB, 3, 8)),  # under 1 MiB: plain malloc, not counted
+    ("empty", (0, 3, 8)),
+    ("take 1025 rows", (4 * MiB + 64 * KiB, 3, 9)),  # rounded up to 64 KiB
+    ("take 1040 rows", (4 * MiB + 64 * KiB, 4, 9)),  # the same rounded size: a hit
+    ("empty; take 1152 rows", (4608 * KiB, 4, 10)),  # a 4.5 MiB block
+    ("take 1024 rows", (4608 * KiB, 5, 10)),  # 4.5 <= 4 + 4/8: a hit
+    ("take 1008 rows", (4032 * KiB, 5, 11)),  # 4.5 > 3.94 + 3.94/8: a miss, 4.5 evicted
+]
 
 
 @needs_ext
 def test_host_cache_full_evicts_other_sizes_largest_first():
-    """Limit 8 MiB. Each step checks cached_bytes and the hit/miss counts; an output not bound to
+    """Limit 8 MiB. Each step records cached_bytes and the hit/miss counts; an output not bound to
     a name is freed at once."""
     code = TAKE + """
-    def check(cached, hits, misses):
-        s = ops.host_cache_stats()
-        assert (s["cached_bytes"], s["hits"], s["misses"]) == (cached, hits, misses), s
-
-    assert ops.host_cache_stats()["limit_bytes"] == 8 * MiB
-    take(5 * 256); check(5 * MiB, 0, 1)
-    take(4 * 256); check(4 * MiB, 0, 2)  # 5 > 4 + 4/8: a miss; 5 + 4 > 8: 5 evicted
-    y5 = take(5 * 256); check(4 * MiB, 0, 3)  # the 5 MiB block is gone
-    y4 = [take(4 * 256) for _ in range(3)]; check(0, 1, 5)
-    del y4; check(8 * MiB, 1, 5)  # two 4 MiB blocks kept; no room for the third, same size kept
-    del y5; check(5 * MiB, 1, 5)  # both 4 MiB blocks evicted for the 5 MiB one
-    y2, y3 = take(2 * 256), take(3 * 256); check(5 * MiB, 1, 7)
+    steps = []
+    limit = ops.host_cache_stats()["limit_bytes"]
+    take(5 * 256); steps.append(stats())
+    take(4 * 256); steps.append(stats())
+    y5 = take(5 * 256); steps.append(stats())
+    y4 = [take(4 * 256) for _ in range(3)]; steps.append(stats())
+    del y4; steps.append(stats())
+    del y5; steps.append(stats())
+    y2, y3 = take(2 * 256), take(3 * 256); steps.append(stats())
     p2, p3 = y2.data_ptr(), y3.data_ptr()
-    del y2; check(7 * MiB, 1, 7)
-    del y3; check(5 * MiB, 1, 7)  # evicts the 5 MiB block, the largest, not the 2 MiB one
-    y2, y3 = take(2 * 256), take(3 * 256); check(0, 3, 7)
-    assert (y2.data_ptr(), y3.data_ptr()) == (p2, p3)
-    del y2, y3; check(5 * MiB, 3, 7)
-    take(9 * 256); check(5 * MiB, 3, 8)  # over the limit: freed, nothing evicted
-    take(255); check(5 * MiB, 3, 8)  # under 1 MiB: plain malloc, not counted
-
-    ops.empty_host_cache(); check(0, 3, 8)
-    take(1025); check(4 * MiB + 64 * KiB, 3, 9)  # rounded up to 64 KiB
-    take(1040); check(4 * MiB + 64 * KiB, 4, 9)  # the same rounded size: a hit
+    del y2; steps.append(stats())
+    del y3; steps.append(stats())
+    y2, y3 = take(2 * 256), take(3 * 256); steps.append(stats())
+    same_blocks = (y2.data_ptr(), y3.data_ptr()) == (p2, p3)
+    del y2, y3; steps.append(stats())
+    take(9 * 256); steps.append(stats())
+    take(255); steps.append(stats())
+    ops.empty_host_cache(); steps.append(stats())
+    take(1025); steps.append(stats())
+    take(1040); steps.append(stats())
     ops.empty_host_cache()
-    take(1152); check(4608 * KiB, 4, 10)  # a 4.5 MiB block
-    take(1024); check(4608 * KiB, 5, 10)  # 4.5 <= 4 + 4/8: a hit
-    take(1008); check(4032 * KiB, 5, 11)  # 4.5 > 3.94 + 3.94/8: a miss, 4.5 evicted
-    assert ops.host_cache_stats()["in_use_bytes"] == 0
-    print("OK")
+    take(1152); steps.append(stats())
+    take(1024); steps.append(stats())
+    take(1008); steps.append(stats())
+    in_use = ops.host_cache_stats()["in_use_bytes"]
+    print(json.dumps(dict(limit=limit, steps=steps, same_blocks=same_blocks, in_use=in_use)))
     """
-    run_python(code, MOE_HOST_CACHE_MB="8")
+    m = run_json(code, MOE_HOST_CACHE_MB="8")
+    assert m["limit"] == 8 * MiB
+    assert len(m["steps"]) == len(FULL_STEPS)
+    for (step, want), got in zip(FULL_STEPS, m["steps"]):
+        assert tuple(got) == want, (step, got)
+    assert m["same_blocks"]
+    assert m["in_use"] == 0
 
 
 BAD_VALUES = ["abc", "+5", " 5", "5 ", "-1", "0x10", "1e3", "1.5", "18446744073709551616",
@@ -138,65 +179,77 @@ def test_host_cache_bad_env_names_the_variable():
     """Only digits, without overflow: else every entry point raises a RuntimeError (never an abort)
     naming MOE_HOST_CACHE_MB and the value. It is read again until valid: "" is the default."""
     code = f"""
+        import json
         import os
         import torch
         from moe import _C, ops
-        from tests.test_ops import make_ids
+        from tests.helpers.ops import make_ids
         p = ops.plan(make_ids(8, 2, 3), 3)
         calls = [lambda: ops.permute(torch.randn(8, 4), p), _C.host_cache_stats, _C.host_cache_clear,
                  ops.host_cache_stats, ops.empty_host_cache]
+        errors = []
         for value in {BAD_VALUES!r}:
             os.environ["MOE_HOST_CACHE_MB"] = value
             for call in calls:
                 try:
                     call()
-                except RuntimeError as err:
-                    assert "MOE_HOST_CACHE_MB" in str(err) and repr(value) in str(err), str(err)
-                else:
-                    raise AssertionError(f"no error for MOE_HOST_CACHE_MB={{value!r}}")
+                    errors.append(None)
+                except Exception as err:
+                    errors.append([type(err).__name__, str(err)])
         os.environ["MOE_HOST_CACHE_MB"] = ""
-        assert ops.host_cache_stats()["limit_bytes"] == 2048 << 20
-        print("OK")
+        print(json.dumps(dict(n_calls=len(calls), errors=errors, limit=ops.host_cache_stats()["limit_bytes"])))
     """
-    run_python(code, MOE_HOST_CACHE_MB="abc")
+    m = run_json(code, MOE_HOST_CACHE_MB="abc")
+    assert m["n_calls"] == 5 and len(m["errors"]) == 5 * len(BAD_VALUES)
+    for i, error in enumerate(m["errors"]):
+        value = BAD_VALUES[i // 5]
+        assert error is not None, f"no error for MOE_HOST_CACHE_MB={value!r} (entry point {i % 5})"
+        assert error[0] == "RuntimeError", error
+        assert "MOE_HOST_CACHE_MB" in error[1] and repr(value) in error[1], error[1]
+    assert m["limit"] == 2048 << 20
+
+
+STATS_OR_ERROR = """
+    import json
+    from moe import ops
+    try:
+        print(json.dumps(dict(stats=ops.host_cache_stats())))
+    except Exception as err:
+        print(json.dumps(dict(error=[type(err).__name__, str(err)])))
+"""
 
 
 @needs_ext
 def test_host_cache_largest_accepted_limit_is_reported():
     """The largest value accepted (INT64_MAX >> 20, so limit_bytes fits an int64) is reported as it
     is; one more is rejected with the variable named."""
-    code = """
-        from moe import ops
-        assert ops.host_cache_stats()["limit_bytes"] == ((1 << 43) - 1) << 20, ops.host_cache_stats()
-        print("OK")
-    """
-    run_python(code, MOE_HOST_CACHE_MB=str((1 << 43) - 1))
-    code = """
-        import pytest
-        from moe import ops
-        with pytest.raises(RuntimeError, match="MOE_HOST_CACHE_MB"):
-            ops.host_cache_stats()
-        print("OK")
-    """
-    run_python(code, MOE_HOST_CACHE_MB=str(1 << 43))
+    m = run_json(STATS_OR_ERROR, MOE_HOST_CACHE_MB=str((1 << 43) - 1))
+    assert "stats" in m and m["stats"]["limit_bytes"] == ((1 << 43) - 1) << 20, m
+    m = run_json(STATS_OR_ERROR, MOE_HOST_CACHE_MB=str(1 << 43))
+    assert "error" in m and m["error"][0] == "RuntimeError" and "MOE_HOST_CACHE_MB" in m["error"][1], m
 
 
 def test_host_cache_wrappers_without_extension():
     """MOE_DISABLE_EXTENSION=1: the wrappers report zeros and do nothing (the variable is unread)."""
     code = """
+        import json
         import sys
         import torch
         from moe import ops
-        assert not ops.HAS_EXTENSION and "moe._C" not in sys.modules
-        s = ops.host_cache_stats()
-        assert s == dict(cached_bytes=0, in_use_bytes=0, hits=0, misses=0, limit_bytes=0), s
-        assert ops.empty_host_cache() is None
+        m = dict(has_extension=ops.HAS_EXTENSION, c_loaded="moe._C" in sys.modules)
+        m["stats"] = ops.host_cache_stats()
+        m["empty_returns_none"] = ops.empty_host_cache() is None
         p = ops.plan(torch.zeros(300, 1, dtype=torch.long), 1)
-        assert (ops.permute(torch.ones(300, 1024), p) == 1).all()
-        assert ops.host_cache_stats() == s
-        print("OK")
+        m["permute_ones"] = bool((ops.permute(torch.ones(300, 1024), p) == 1).all())
+        m["stats_after"] = ops.host_cache_stats()
+        print(json.dumps(m))
     """
-    run_python(code, MOE_DISABLE_EXTENSION="1", MOE_HOST_CACHE_MB="abc")
+    m = run_json(code, MOE_DISABLE_EXTENSION="1", MOE_HOST_CACHE_MB="abc")
+    assert not m["has_extension"] and not m["c_loaded"]
+    assert m["stats"] == NO_CACHE, m["stats"]
+    assert m["empty_returns_none"]
+    assert m["permute_ones"]
+    assert m["stats_after"] == m["stats"]
 
 
 def big_permute_case():

@@ -5,6 +5,7 @@ Shape legend: T tokens, K slots per token, E experts, N routed rows (T*K), D fea
 X/Y GEMM input/output dims.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 
 from moe import ops
 from moe.ops_torch import plan_torch
+from tests.helpers.ops import META, cpu_redispatch
 
 needs_ext = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="moe._C extension not built")
 
@@ -91,20 +93,14 @@ def test_op_bad_input_names_the_argument(case, call, arg):
 
 # A second device, emulated with "meta": the CPU kernels' own checks (reached by redispatching to
 # the CPU key, since any meta argument sends the dispatcher to the fake kernel).
-def _cpu(op):
-    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
-    return lambda *args: getattr(torch.ops.moe, op).default.redispatch(keys, *args)
-
-
-META = "meta"
 DEVICE_CASES = [
-    ("permute_x", lambda: _cpu("permute")(x_(T, D, device=META), P.order_N, P.rows_TK, None), "x_TD"),
-    ("permute_scale", lambda: _cpu("permute")(x_(T, D), P.order_N, P.rows_TK, x_(T, K, device=META)), "scale_TK"),
-    ("unpermute_y", lambda: _cpu("unpermute")(x_(N, D, device=META), P.order_N, P.rows_TK, None), "y_ND"),
-    ("unpermute_weights", lambda: _cpu("unpermute")(x_(N, D), P.order_N, P.rows_TK, x_(T, K, device=META)), "weights_TK"),
-    ("gmm_b", lambda: _cpu("grouped_mm")(x_(N, D), x_(E, D, Y, device=META), OFFS), "b_EXY"),
-    ("gmm_offs", lambda: _cpu("grouped_mm")(x_(N, D), x_(E, D, Y), OFFS.to(META)), "offs_E"),
-    ("wgrad_g", lambda: _cpu("grouped_mm_wgrad")(x_(N, D), x_(N, Y, device=META), OFFS), "g_NY"),
+    ("permute_x", lambda: cpu_redispatch("permute")(x_(T, D, device=META), P.order_N, P.rows_TK, None), "x_TD"),
+    ("permute_scale", lambda: cpu_redispatch("permute")(x_(T, D), P.order_N, P.rows_TK, x_(T, K, device=META)), "scale_TK"),
+    ("unpermute_y", lambda: cpu_redispatch("unpermute")(x_(N, D, device=META), P.order_N, P.rows_TK, None), "y_ND"),
+    ("unpermute_weights", lambda: cpu_redispatch("unpermute")(x_(N, D), P.order_N, P.rows_TK, x_(T, K, device=META)), "weights_TK"),
+    ("gmm_b", lambda: cpu_redispatch("grouped_mm")(x_(N, D), x_(E, D, Y, device=META), OFFS), "b_EXY"),
+    ("gmm_offs", lambda: cpu_redispatch("grouped_mm")(x_(N, D), x_(E, D, Y), OFFS.to(META)), "offs_E"),
+    ("wgrad_g", lambda: cpu_redispatch("grouped_mm_wgrad")(x_(N, D), x_(N, Y, device=META), OFFS), "g_NY"),
 ]
 
 
@@ -131,23 +127,23 @@ def test_public_api_device_mismatch_names_the_argument(case):
 # ---------------------------------------------------------------- fallback without the extension
 
 FALLBACK = textwrap.dedent("""
+    import json
     import torch
     import moe, moe.ops as ops
     from moe.ops_torch import grouped_mm_torch, permute_torch
-    assert not ops.HAS_EXTENSION
-    assert not hasattr(torch.ops.moe, "plan"), "the compiled ops must not be registered"
+    m = dict(has_extension=ops.HAS_EXTENSION, plan_registered=hasattr(torch.ops.moe, "plan"), runs=[])
     ids = torch.tensor([[0, 2], [1, -1], [2, 2], [-1, 0]])
     for _ in range(2):
         p = ops.plan(ids, 3)
-        assert p.offs_E.tolist() == [2, 3, 6]
         x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
         b = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
         h = ops.grouped_mm(ops.permute(x, p), b, p.offs_E)
         y = ops.unpermute(h, p, torch.rand(4, 2, dtype=torch.float64))
         y.sum().backward()
-        assert x.grad.shape == x.shape and b.grad[:, :, :].abs().sum() > 0
-        assert torch.equal(ops.permute(x, p), permute_torch(x, p.order_N, p.rows_TK))
-    print("FALLBACK-OK")
+        m["runs"].append(dict(offs=p.offs_E.tolist(), x_grad_shape_ok=x.grad.shape == x.shape,
+                              b_grad_sum=float(b.grad[:, :, :].abs().sum()),
+                              permute_is_twin=torch.equal(ops.permute(x, p), permute_torch(x, p.order_N, p.rows_TK))))
+    print(json.dumps(m))
 """)
 
 
@@ -156,7 +152,14 @@ def test_fallback_to_twins_without_extension_warns_once():
     r = subprocess.run([sys.executable, "-c", FALLBACK], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "FALLBACK-OK" in r.stdout
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    assert not m["has_extension"]
+    assert not m["plan_registered"], "the compiled ops must not be registered"
+    assert len(m["runs"]) == 2
+    for run in m["runs"]:
+        assert run["offs"] == [2, 3, 6], run
+        assert run["x_grad_shape_ok"] and run["b_grad_sum"] > 0, run
+        assert run["permute_is_twin"], run
     assert r.stderr.count("pure-PyTorch ops") == 1, r.stderr
 
 

@@ -22,9 +22,8 @@ from moe import MoELayer, ops
 from moe.dispatch import LocalDispatcher
 from moe.ops_torch import gather_grouped_mm_torch, gather_grouped_mm_wgrad_torch, linear_f32_torch
 
-from tests.test_ops import ROUTINGS, make_ids, rand, strided_cols, strided_rows
-from tests.test_ops_errors import META, _cpu
-from tests.test_ops_props import SETTINGS, routings
+from tests.helpers.ops import META, ROUTINGS, cpu_redispatch, make_ids, rand, strided_cols, strided_rows
+from tests.helpers.props import SETTINGS, routings
 
 needs_ext = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="moe._C extension not built")
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -158,14 +157,14 @@ def test_bad_input_names_the_argument(case, call, arg):
 
 
 DEVICE_CASES = [
-    ("gather_b", lambda: _cpu("gather_grouped_mm")(torch.randn(T_, X_), P_.order_N, P_.rows_TK,
+    ("gather_b", lambda: cpu_redispatch("gather_grouped_mm")(torch.randn(T_, X_), P_.order_N, P_.rows_TK,
                                                    torch.randn(E_, X_, Y_, device=META), P_.offs_E), "b_EXY"),
-    ("gather_offs", lambda: _cpu("gather_grouped_mm")(torch.randn(T_, X_), P_.order_N, P_.rows_TK,
+    ("gather_offs", lambda: cpu_redispatch("gather_grouped_mm")(torch.randn(T_, X_), P_.order_N, P_.rows_TK,
                                                       torch.randn(E_, X_, Y_), P_.offs_E.to(META)), "offs_E"),
-    ("gather_wgrad_g", lambda: _cpu("gather_grouped_mm_wgrad")(
+    ("gather_wgrad_g", lambda: cpu_redispatch("gather_grouped_mm_wgrad")(
         torch.randn(T_, X_), P_.order_N, P_.rows_TK, torch.randn(T_ * K_, Y_, device=META), P_.offs_E), "g_NY"),
-    ("linear_weight", lambda: _cpu("linear_f32")(torch.randn(3, 4), torch.randn(5, 4, device=META)), "weight_ED"),
-    ("swiglu_grad", lambda: _cpu("swiglu_backward")(torch.randn(3, 2, device=META), torch.randn(3, 4)), "grad"),
+    ("linear_weight", lambda: cpu_redispatch("linear_f32")(torch.randn(3, 4), torch.randn(5, 4, device=META)), "weight_ED"),
+    ("swiglu_grad", lambda: cpu_redispatch("swiglu_backward")(torch.randn(3, 2, device=META), torch.randn(3, 4)), "grad"),
 ]
 
 

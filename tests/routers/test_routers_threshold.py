@@ -1,5 +1,5 @@
-"""ThresholdRouter: the issue's test vectors, a NumPy transcription of both rules, and XMoE's
-capacity priority."""
+"""ThresholdRouter: hand-worked vectors (probabilities 0.5/0.3/0.15/0.05 at thresholds 0.5, 0.8,
+0.9), a NumPy transcription of both rules, and XMoE's capacity priority."""
 
 import numpy as np
 import pytest
@@ -14,7 +14,7 @@ VECTOR = [0.5, 0.3, 0.15, 0.05]
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("threshold,n_xmoe,n_top_p", [(0.5, 1, 2), (0.8, 2, 3), (0.9, 3, 3)])
-def test_issue_vectors(dtype, threshold, n_xmoe, n_top_p):
+def test_hand_worked_vectors(dtype, threshold, n_xmoe, n_top_p):
     p = torch.tensor([VECTOR], dtype=dtype)
     assert threshold_keep(p, threshold, "xmoe").sum().item() == n_xmoe
     assert threshold_keep(p, threshold, "top_p").sum().item() == n_top_p
