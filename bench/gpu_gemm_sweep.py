@@ -8,9 +8,9 @@ Rows: the Mixtral-8x7B, Qwen3-30B-A3B and DeepSeek-V3 expert shapes at T tokens,
 top-k routing; "up" is x_ND @ w_EDF (X=D, Y=F), "down" is h_NF @ w_EFD (X=F, Y=D), both with the
 weight in nn.Linear layout (a transposed view, as moe.GroupedExperts' autograd passes it for the
 data gradient and HF checkpoints store it); "wgrad" is the weight gradient a_ND^T g_NF per expert.
-Columns: moekit with each config forced (MOE_SM90_GEMM_CONFIG=c, for wgrad MOE_SM90_WGRAD_CONFIG=c)
+Columns: moekit with each config forced (moe.ops.config.sm90_forward_config=c, for wgrad sm90_wgrad_config=c)
 and with its own choice
-(auto), PyTorch's kernel through moekit's op (MOE_CUDA_GEMM=torch), torch's F.grouped_mm, a dense
+(auto), PyTorch's kernel through moekit's op (cuda_gemm="torch"), torch's F.grouped_mm, a dense
 mm of the same FLOPs; roofline = max(bytes / copy rate, FLOPs / dense rate) / time, where bytes =
 A + the routed experts' weights + C (each read or written once) and both rates are measured in this
 run. Timings: medians of CUDA events with input sets rotating past twice the L2.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import torch
@@ -30,17 +29,6 @@ import torch.nn.functional as F
 
 from bench.gpu_bench import SHAPES, _copies, _roofline, _routing, _time_ms, measure_ceilings
 from moe import ops
-
-
-def _env(**kv):
-    """Sets (or, for None, removes) environment variables; returns the previous values."""
-    old = {k: os.environ.get(k) for k in kv}
-    for k, v in kv.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    return old
 
 
 def sweep_row(name, T, proj, iters, rates):
@@ -64,24 +52,18 @@ def sweep_row(name, T, proj, iters, rates):
         fn = lambda a, w: ops.grouped_mm(a, w, offs)  # noqa: E731
     row = {"shape": name, "T": T, "proj": proj, "used_experts": used, "flops": flops, "bytes": nbytes}
     info = ops.build_info()
-    var = "MOE_SM90_WGRAD_CONFIG" if proj == "wgrad" else "MOE_SM90_GEMM_CONFIG"
+    setting = "sm90_wgrad_config" if proj == "wgrad" else "sm90_forward_config"
     configs = range(len(info["sm90_wgrad_configs" if proj == "wgrad" else "sm90_forward_configs"]))
     for c in configs:
-        old = _env(MOE_CUDA_GEMM="auto", **{var: str(c)})
-        try:
-            row[f"c{c}_ms"] = _time_ms(fn, sets, iters)
-        except RuntimeError as err:
-            row[f"c{c}_ms"] = float("nan")
-            row[f"c{c}_error"] = str(err)[:200]
-        finally:
-            _env(**old)
-    for key, env in (("auto_ms", {"MOE_CUDA_GEMM": "auto", var: None}),
-                     ("torch_ms", {"MOE_CUDA_GEMM": "torch", var: None})):
-        old = _env(**env)
-        try:
+        with ops.config.override(cuda_gemm="auto", **{setting: c}):
+            try:
+                row[f"c{c}_ms"] = _time_ms(fn, sets, iters)
+            except RuntimeError as err:
+                row[f"c{c}_ms"] = float("nan")
+                row[f"c{c}_error"] = str(err)[:200]
+    for key, backend in (("auto_ms", "auto"), ("torch_ms", "torch")):
+        with ops.config.override(cuda_gemm=backend, **{setting: "auto"}):
             row[key] = _time_ms(fn, sets, iters)
-        finally:
-            _env(**old)
     tgm = getattr(F, "grouped_mm", None) or torch._grouped_mm
     if proj == "wgrad":
         row["F_grouped_mm_ms"] = _time_ms(lambda a, g: tgm(a.t(), g, offs=offs), sets, iters)

@@ -23,6 +23,8 @@
 // below ~1e-38 are lost, far under bf16's useful range. The float32 path has no such limit.
 #include "gemm_avx512.h"
 
+#include "config.h"
+
 #include "cpu_vec.h"
 
 #include <c10/util/Exception.h>
@@ -222,15 +224,6 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t am, int64_t ak, c
     if (buf->size > kKeepWords) *buf = Scratch();
 }
 
-// MOE_CPU_GEMM: unset/"auto" uses these kernels where the CPU has the instructions; "aten"
-// forces at::mm (for comparisons).
-bool use_aten() {
-  const char* s = std::getenv("MOE_CPU_GEMM");
-  if (s == nullptr || *s == '\0' || std::strcmp(s, "auto") == 0) return false;
-  TORCH_CHECK(std::strcmp(s, "aten") == 0, "MOE_CPU_GEMM must be \"auto\" or \"aten\", got '", s, "'");
-  return true;
-}
-
 bool cpu_has(bool bf16) {  // AVX-512F/BW/VL as for the dispatch loops, plus BF16 for bfloat16
   return vec::avx512_rows() && (!bf16 || __builtin_cpu_supports("avx512bf16"));
 }
@@ -238,9 +231,8 @@ bool cpu_has(bool bf16) {  // AVX-512F/BW/VL as for the dispatch loops, plus BF1
 }  // namespace
 
 bool avx512_gemm_available(at::ScalarType dtype) {
-  static const bool aten = use_aten();
   static const bool f32 = cpu_has(false), bf16 = cpu_has(true);
-  if (aten) return false;
+  if (config::cpu_gemm() == config::CpuGemm::kAten) return false;  // at::mm, for comparisons
   return dtype == at::kBFloat16 ? bf16 : dtype == at::kFloat ? f32 : false;
 }
 

@@ -1,12 +1,14 @@
 // The one place where moekit's op schemas are defined and the CPU kernels registered.
 // CUDA kernels register themselves in csrc/cuda/*.cu (TORCH_LIBRARY_IMPL(moe, CUDA, m)).
 #ifdef MOE_PYTHON_MODULE
-#include <Python.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #endif
 #include <torch/library.h>
 
 #include <exception>
 
+#include "config.h"
 #include "host_cache.h"
 #include "moe_ops.h"
 #ifdef MOE_WITH_SM90_GEMM
@@ -54,81 +56,68 @@ TORCH_LIBRARY_IMPL(moe, CPU, m) {
 
 #ifdef MOE_PYTHON_MODULE  // defined by setup.py only: the CMake (libtorch) library has no Python
 // `import moe._C` loads this library, which runs the registrations above. The ops are reached
-// through torch.ops.moe.*; the module itself only has the host cache's clear and stats.
+// through torch.ops.moe.*; the module itself holds the host cache's clear and stats, the backend
+// settings (moe.ops.config) and what the build holds.
+namespace py = pybind11;
+
 namespace {
-
-// C++ exceptions (e.g. a bad MOE_HOST_CACHE_MB) become Python RuntimeErrors, never an abort.
-template <typename Fn>
-PyObject* guarded(Fn&& fn) {
-  try {
-    return fn();
-  } catch (const c10::Error& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
-    return nullptr;
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
-  }
-}
-
-PyObject* host_cache_clear(PyObject*, PyObject*) {
-  return guarded([] {
-    moe::host_cache_clear();
-    Py_RETURN_NONE;
-  });
-}
-
-PyObject* host_cache_stats(PyObject*, PyObject*) {
-  return guarded([] {
-    const auto s = moe::host_cache_stats();
-    return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L}", "cached_bytes", (long long)s.cached_bytes,
-                         "in_use_bytes", (long long)s.in_use_bytes, "hits", (long long)s.hits,
-                         "misses", (long long)s.misses, "limit_bytes", (long long)s.limit_bytes);
-  });
-}
 
 // What this build compiled in: {"cuda": CUDA kernels, "sm90_gemm": moekit's Hopper grouped GEMM,
 // "sm90_forward_configs" / "sm90_wgrad_configs": the names of its configurations, by id}.
-PyObject* build_info(PyObject*, PyObject*) {
-  return guarded([] {
+py::dict build_info() {
+  py::dict info;
 #ifdef MOE_WITH_CUDA
-    PyObject* cuda = Py_True;
+  info["cuda"] = true;
 #else
-    PyObject* cuda = Py_False;
+  info["cuda"] = false;
 #endif
-    PyObject* forward = PyList_New(0);
-    PyObject* wgrad = PyList_New(0);
+  py::list forward, wgrad;
 #ifdef MOE_WITH_SM90_GEMM
-    PyObject* sm90 = Py_True;
-    for (int wg = 0; wg < 2; ++wg) {
-      for (int id = 0; id < moe::cuda::sm90::num_configs(wg == 1); ++id) {
-        PyObject* name = PyUnicode_FromString(moe::cuda::sm90::config(wg == 1, id).name);
-        PyList_Append(wg == 1 ? wgrad : forward, name);
-        Py_DECREF(name);
-      }
-    }
+  info["sm90_gemm"] = true;
+  for (int id = 0; id < moe::cuda::sm90::num_configs(false); ++id)
+    forward.append(moe::cuda::sm90::config(false, id).name);
+  for (int id = 0; id < moe::cuda::sm90::num_configs(true); ++id)
+    wgrad.append(moe::cuda::sm90::config(true, id).name);
 #else
-    PyObject* sm90 = Py_False;
+  info["sm90_gemm"] = false;
 #endif
-    PyObject* info = Py_BuildValue("{s:O,s:O,s:N,s:N}", "cuda", cuda, "sm90_gemm", sm90,
-                                   "sm90_forward_configs", forward, "sm90_wgrad_configs", wgrad);
-    return info;
-  });
+  info["sm90_forward_configs"] = forward;
+  info["sm90_wgrad_configs"] = wgrad;
+  return info;
 }
 
-PyMethodDef methods[] = {
-    {"host_cache_clear", host_cache_clear, METH_NOARGS,
-     "Release every CPU buffer kept by moekit's host cache."},
-    {"host_cache_stats", host_cache_stats, METH_NOARGS,
-     "dict: cached_bytes, in_use_bytes, hits, misses, limit_bytes of moekit's host cache."},
-    {"build_info", build_info, METH_NOARGS,
-     "dict: which kernels this build of moe._C holds (cuda, sm90_gemm)."},
-    {nullptr, nullptr, 0, nullptr}};
+py::dict host_cache_stats() {
+  const auto s = moe::host_cache_stats();
+  py::dict out;
+  out["cached_bytes"] = s.cached_bytes;
+  out["in_use_bytes"] = s.in_use_bytes;
+  out["hits"] = s.hits;
+  out["misses"] = s.misses;
+  out["limit_bytes"] = s.limit_bytes;
+  return out;
+}
 
 }  // namespace
 
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
-  return PyModule_Create(&module);
+PYBIND11_MODULE(_C, m) {
+  // C++ errors (a bad MOE_HOST_CACHE_MB, an invalid setting) become RuntimeErrors without the
+  // C++ backtrace.
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const c10::Error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    }
+  });
+  m.def("host_cache_clear", &moe::host_cache_clear,
+        "Release every CPU buffer kept by moekit's host cache.");
+  m.def("host_cache_stats", &host_cache_stats,
+        "dict: cached_bytes, in_use_bytes, hits, misses, limit_bytes of moekit's host cache.");
+  m.def("build_info", &build_info, "dict: which kernels this build of moe._C holds.");
+  m.def("config_names", &moe::config::names, "The backend settings' names (csrc/config.h).");
+  m.def("config_get", &moe::config::get, "A backend setting's current value.");
+  m.def("config_is_set", &moe::config::is_set, "Whether a backend setting was set explicitly.");
+  m.def("config_set", &moe::config::set,
+        "Sets a backend setting (validated); \"\" returns to its environment variable.");
 }
 #endif

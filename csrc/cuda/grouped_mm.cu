@@ -34,6 +34,7 @@
 #include <cstring>
 
 #include "gemm_tiles.cuh"
+#include "config.h"
 #include "moe_ops.h"
 #ifdef MOE_WITH_SM90_GEMM
 #include "sm90/grouped_gemm_sm90.h"
@@ -207,15 +208,7 @@ void launch_wgrad(const Params& p) {
 
 // ---- CUTLASS grouped GEMM path (at::_grouped_mm) -------------------------------------------
 
-enum class Backend { kAuto, kNative, kTorch };
-
-Backend backend() {
-  const char* v = std::getenv("MOE_CUDA_GEMM");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return Backend::kAuto;
-  if (std::strcmp(v, "native") == 0) return Backend::kNative;
-  if (std::strcmp(v, "torch") == 0) return Backend::kTorch;
-  TORCH_CHECK(false, "MOE_CUDA_GEMM must be \"auto\", \"native\" or \"torch\", got \"", v, "\"");
-}
+using Backend = config::CudaGemm;
 
 // Row-major (s1 == 1) or column-major (s0 == 1) 2-D layout with 16-byte-aligned leading dim.
 bool tma_2d(int64_t s0, int64_t s1) { return (s1 == 1 && s0 % 8 == 0) || (s0 == 1 && s1 % 8 == 0); }
@@ -301,15 +294,11 @@ void zero_tail_rows(at::Tensor& c, const at::Tensor& offs, int64_t E) {
 // moekit's own sm90 kernels serve this call ("auto" on compute capability 9.0).
 bool use_sm90(Backend be) { return be == Backend::kAuto && is_sm90(); }
 
-// MOE_SM90_GEMM_CONFIG / MOE_SM90_WGRAD_CONFIG=<id> force one configuration (benchmarks sweep
-// the tables); otherwise the table's choice from host-known sizes. -1 for a bad value: the op
-// entry raises.
+// The configuration forced by moe.ops.config (sm90_forward_config / sm90_wgrad_config, default
+// MOE_SM90_GEMM_CONFIG / MOE_SM90_WGRAD_CONFIG), else the table's choice from host-known sizes.
 int sm90_config(bool wgrad, int64_t N, int64_t E, int64_t X, int64_t Y) {
-  const char* v = std::getenv(wgrad ? "MOE_SM90_WGRAD_CONFIG" : "MOE_SM90_GEMM_CONFIG");
-  if (v == nullptr || *v == '\0') return sm90::choose_config(wgrad, N, E, X, Y);
-  char* end = nullptr;
-  const long id = std::strtol(v, &end, 10);
-  return end != v && *end == '\0' && id >= 0 && id < sm90::num_configs(wgrad) ? static_cast<int>(id) : -1;
+  const int forced = config::sm90_config(wgrad);
+  return forced >= 0 ? forced : sm90::choose_config(wgrad, N, E, X, Y);
 }
 
 // Runs one sm90 grouped GEMM with its scratch from the caching allocator (stream-ordered).
@@ -414,15 +403,11 @@ at::Tensor grouped_mm_cuda(const at::Tensor& a_NX, const at::Tensor& b_EXY,
   const bool b_col = b_EXY.stride(2) != 1 && b_EXY.stride(1) == 1;
   const auto b = (b_EXY.stride(2) == 1 || b_col) ? b_EXY : b_EXY.contiguous();
   const auto offs = offs_E.contiguous();
-  const Backend be = backend();
+  const Backend be = config::cuda_gemm();  // may raise: a bad MOE_CUDA_GEMM
   if (X > 0 && cutlass_layout_ok(a, b, E, X, Y)) {
 #ifdef MOE_WITH_SM90_GEMM
     if (use_sm90(be)) {
-      // Raised here, at the op's entry (a raise from inside the sm90 path crashed on the H200 in
-      // session 5, cause not found; bench/RESULTS_H200.md).
       const int config = sm90_config(false, N, E, X, Y);
-      TORCH_CHECK(config >= 0, "MOE_SM90_GEMM_CONFIG must be a config id in [0, ",
-                  sm90::num_configs(false), ")");
       return grouped_mm_sm90_path(a, b, offs, b_col, config);
     }
 #endif
@@ -456,13 +441,11 @@ at::Tensor grouped_mm_wgrad_cuda(const at::Tensor& a_NX, const at::Tensor& g_NY,
   const auto a = a_NX.stride(1) == 1 ? a_NX : a_NX.contiguous();
   const auto g = g_NY.stride(1) == 1 ? g_NY : g_NY.contiguous();
   const auto offs = offs_E.contiguous();
-  const Backend be = backend();
+  const Backend be = config::cuda_gemm();  // may raise: a bad MOE_CUDA_GEMM
   if (N > 0 && cutlass_layout_ok(a, g, E, X, Y)) {
 #ifdef MOE_WITH_SM90_GEMM
     if (use_sm90(be)) {
       const int config = sm90_config(true, N, E, X, Y);
-      TORCH_CHECK(config >= 0, "MOE_SM90_WGRAD_CONFIG must be a config id in [0, ",
-                  sm90::num_configs(true), ")");
       return grouped_mm_wgrad_sm90_path(a, g, offs, config);
     }
 #endif

@@ -20,7 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe import ops, ops_torch
+from moe import ops
+from moe.ops import twins
 
 pytestmark = pytest.mark.gpu
 moe_ops = torch.ops.moe
@@ -71,7 +72,7 @@ def test_plan_equals_cpu_kernel(T, K, E, dtype):
     want = moe_ops.plan(ids.cpu(), E)
     for g, w, name in zip(got, want, ("counts_E", "offs_E", "order_N", "rows_TK")):
         assert g.dtype == w.dtype and torch.equal(g.cpu(), w), name
-    assert all(torch.equal(g.cpu(), t.cpu()) for g, t in zip(got, ops_torch.plan_torch(ids, E)))
+    assert all(torch.equal(g.cpu(), t.cpu()) for g, t in zip(got, twins.plan_torch(ids, E)))
     assert all(torch.equal(a, b) for a, b in zip(got, moe_ops.plan(ids, E)))  # deterministic
 
 
@@ -125,12 +126,12 @@ def test_permute_unpermute_equal_cpu_kernel(T, K, E, D, dtype, wdtype):
 
 
 @pytest.fixture(params=["auto", "native", "torch"])
-def gemm_backend(request, monkeypatch):
-    """The CUDA GEMM backends: "auto" (bf16 on sm90 runs moekit's own CUTLASS 3 kernels where built,
-    else PyTorch's grouped GEMM), "native" (moekit's WMMA kernels, every dtype) and "torch"
-    (PyTorch's CUTLASS grouped GEMM for aligned bf16 on sm90/sm100)."""
-    monkeypatch.setenv("MOE_CUDA_GEMM", request.param)
-    return request.param
+def gemm_backend(request):
+    """The CUDA GEMM backends (moe.ops.config.cuda_gemm): "auto" (bf16 on sm90 runs moekit's own
+    CUTLASS 3 kernels where built, else PyTorch's grouped GEMM), "native" (moekit's WMMA kernels,
+    every dtype) and "torch" (PyTorch's CUTLASS grouped GEMM for aligned bf16 on sm90/sm100)."""
+    with ops.config.override(cuda_gemm=request.param):
+        yield request.param
 
 
 def _sm90_gemm() -> bool:
@@ -174,16 +175,16 @@ def _check_grouped_mm_and_wgrad(N, X, Y, counts, dtype, b_transposed):
          else torch.randn(E, X, Y, device="cuda", dtype=dtype))
     _poison(((N, Y), dtype))
     c = moe_ops.grouped_mm(a, b, offs)
-    ref = ops_torch.grouped_mm_torch(a.double(), b.double(), offs)
+    ref = twins.grouped_mm_torch(a.double(), b.double(), offs)
     assert torch.equal(c[sum(counts):], torch.zeros_like(c[sum(counts):]))
-    _rule(c, ref, ops_torch.grouped_mm_torch(a, b, offs))
+    _rule(c, ref, twins.grouped_mm_torch(a, b, offs))
     assert torch.equal(c, moe_ops.grouped_mm(a, b, offs))  # deterministic
     a = torch.nan_to_num(a)
     g = torch.randn(N, Y, device="cuda", dtype=dtype)
     _poison(((E, X, Y), dtype))
     w = moe_ops.grouped_mm_wgrad(a, g, offs)
-    _rule(w, ops_torch.grouped_mm_wgrad_torch(a.double(), g.double(), offs),
-          ops_torch.grouped_mm_wgrad_torch(a, g, offs))
+    _rule(w, twins.grouped_mm_wgrad_torch(a.double(), g.double(), offs),
+          twins.grouped_mm_wgrad_torch(a, g, offs))
     empty = torch.tensor(counts, device="cuda") == 0
     assert torch.equal(w[empty], torch.zeros_like(w[empty]))
 
@@ -191,17 +192,17 @@ def _check_grouped_mm_and_wgrad(N, X, Y, counts, dtype, b_transposed):
 @pytest.mark.parametrize("dtype,aligned", [(torch.bfloat16, True), (torch.bfloat16, False),
                                            (torch.float16, True)])
 def test_grouped_mm_backend_choice(dtype, aligned, monkeypatch):
-    """Which kernels run: MOE_CUDA_GEMM=native always runs moekit's WMMA kernels; "auto" hands bf16
+    """Which kernels run: cuda_gemm="native" always runs moekit's WMMA kernels; "auto" hands bf16
     with aligned dims to moekit's sm90 kernels where built (else PyTorch's grouped GEMM on
-    sm90/sm100); "torch" to PyTorch's; a bad value is an error naming it."""
+    sm90/sm100); "torch" to PyTorch's; a bad MOE_CUDA_GEMM is an error naming it."""
     X, Y = (64, 48) if aligned else (60, 48)
     a = torch.randn(100, X, device="cuda", dtype=dtype)
     b = torch.randn(3, X, Y, device="cuda", dtype=dtype)
     offs = _offs([30, 0, 50])
 
     def kernels(backend):
-        monkeypatch.setenv("MOE_CUDA_GEMM", backend)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with ops.config.override(cuda_gemm=backend), \
+                torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             moe_ops.grouped_mm(a, b, offs)
             moe_ops.grouped_mm_wgrad(a, a[:, :Y], offs)
             torch.cuda.synchronize()
@@ -217,7 +218,7 @@ def test_grouped_mm_backend_choice(dtype, aligned, monkeypatch):
         assert ("grouped_mm_wgrad_kernel" not in names) == torch_path, (backend, names)
         ours = backend == "auto" and cutlass_ok and _sm90_gemm()
         assert ("prepare_groups_kernel" in names) == ours, (backend, names)
-    monkeypatch.setenv("MOE_CUDA_GEMM", "fast")
+    monkeypatch.setenv("MOE_CUDA_GEMM", "fast")  # the default, read at each use while unset
     with pytest.raises(RuntimeError, match="MOE_CUDA_GEMM"):
         moe_ops.grouped_mm(a, b, offs)
 
@@ -244,18 +245,17 @@ SM90_CASES = [  # aligned bf16 problems (X, Y multiples of 8), counts per expert
 @pytest.mark.parametrize("N,X,Y,counts", SM90_CASES)
 @pytest.mark.parametrize("b_transposed", [False, True])
 def test_sm90_grouped_mm_every_config(config, N, X, Y, counts, b_transposed, monkeypatch):
-    """Each configuration of moekit's Hopper GEMM (forward: MOE_SM90_GEMM_CONFIG, weight gradient:
-    MOE_SM90_WGRAD_CONFIG, cycled): the 2x-error rule against float64, zero padding rows and
+    """Each configuration of moekit's Hopper GEMM (moe.ops.config.sm90_forward_config, and
+    sm90_wgrad_config cycled): the 2x-error rule against float64, zero padding rows and
     empty experts, never reading rows past offs_E[-1], deterministic."""
     if not _sm90_gemm():
         pytest.skip("needs moekit's sm90 grouped GEMM on a compute capability 9.0 GPU")
     info = ops.build_info()
     if config >= len(info["sm90_forward_configs"]):
         pytest.skip(f"this build has {len(info['sm90_forward_configs'])} forward configs")
-    monkeypatch.setenv("MOE_CUDA_GEMM", "auto")
-    monkeypatch.setenv("MOE_SM90_GEMM_CONFIG", str(config))
-    monkeypatch.setenv("MOE_SM90_WGRAD_CONFIG", str(config % len(info["sm90_wgrad_configs"])))
-    _check_grouped_mm_and_wgrad(N, X, Y, counts, torch.bfloat16, b_transposed)
+    with ops.config.override(cuda_gemm="auto", sm90_forward_config=config,
+                             sm90_wgrad_config=config % len(info["sm90_wgrad_configs"])):
+        _check_grouped_mm_and_wgrad(N, X, Y, counts, torch.bfloat16, b_transposed)
 
 
 def test_sm90_config_env_is_checked(monkeypatch):
@@ -269,16 +269,18 @@ def test_sm90_config_env_is_checked(monkeypatch):
     monkeypatch.setenv("MOE_SM90_WGRAD_CONFIG", "x")
     with pytest.raises(RuntimeError, match="MOE_SM90_WGRAD_CONFIG"):
         moe_ops.grouped_mm_wgrad(a, a, _offs([30, 34]))
+    with pytest.raises(ValueError, match="sm90_forward_config"):
+        ops.config.sm90_forward_config = 99
 
 
 def _layer(x_TD, ids_TK, w_TK, w1_EDF, w2_EFD, *, twin=False):
     """plan -> permute -> grouped_mm -> silu -> grouped_mm -> unpermute (weighted)."""
     E = w1_EDF.shape[0]
     if twin:
-        _, offs, order, rows = ops_torch.plan_torch(ids_TK, E)
-        x_ND = ops_torch.permute_torch(x_TD, order, rows)
-        h = F.silu(ops_torch.grouped_mm_torch(x_ND, w1_EDF, offs))
-        return ops_torch.unpermute_torch(ops_torch.grouped_mm_torch(h, w2_EFD, offs), order, rows, w_TK)
+        _, offs, order, rows = twins.plan_torch(ids_TK, E)
+        x_ND = twins.permute_torch(x_TD, order, rows)
+        h = F.silu(twins.grouped_mm_torch(x_ND, w1_EDF, offs))
+        return twins.unpermute_torch(twins.grouped_mm_torch(h, w2_EFD, offs), order, rows, w_TK)
     p = ops.plan(ids_TK, E)
     h = F.silu(ops.grouped_mm(ops.permute(x_TD, p), w1_EDF, p.offs_E))
     return ops.unpermute(ops.grouped_mm(h, w2_EFD, p.offs_E), p, w_TK)
@@ -390,7 +392,7 @@ def test_moelayer_has_no_host_sync_and_replays_in_a_cuda_graph(shared, gemm_back
     torch.cuda.set_sync_debug_mode("error")
     try:
         y = layer(x)
-        (y.float().square().mean() + layer.aux_loss).backward()
+        (y.float().square().mean() + moe.collect_aux_losses(layer)).backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert y.shape == x.shape and torch.isfinite(y.float()).all()

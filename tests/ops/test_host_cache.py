@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moe import ops
-from moe.ops_torch import permute_torch
+from moe.ops.twins import permute_torch
 from tests.helpers.cpu_kernels import run_json
 from tests.helpers.ops import make_ids
 
@@ -42,7 +42,7 @@ def test_host_cache_default_reuses_blocks():
         import json
         import torch
         from moe import _C, ops
-        from moe.ops_torch import permute_torch
+        from moe.ops.twins import permute_torch
         from tests.helpers.ops import make_ids
         T, K, E, D = 256, 4, 8, 512  # permute output 1024 x 512 float32: 2 MiB
         p = ops.plan(make_ids(T, K, E), E)
@@ -86,7 +86,7 @@ def test_host_cache_off():
         import json
         import torch
         from moe import ops
-        from moe.ops_torch import permute_torch
+        from moe.ops.twins import permute_torch
         from tests.helpers.ops import make_ids
         T, K, E, D = 256, 4, 8, 512
         p = ops.plan(make_ids(T, K, E), E)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from moe import ops
-from moe.ops_torch import plan_torch
+from moe.ops.twins import plan_torch
 from tests.helpers.ops import META, cpu_redispatch
 
 needs_ext = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="moe._C extension not built")
@@ -130,8 +130,9 @@ FALLBACK = textwrap.dedent("""
     import json
     import torch
     import moe, moe.ops as ops
-    from moe.ops_torch import grouped_mm_torch, permute_torch
-    m = dict(has_extension=ops.HAS_EXTENSION, plan_registered=hasattr(torch.ops.moe, "plan"), runs=[])
+    from moe.ops.twins import grouped_mm_torch, permute_torch
+    m = dict(has_extension=ops.HAS_EXTENSION, plan_registered=hasattr(torch.ops.moe, "plan"),
+             compiled=[k for name in ops.registry.OPS for k in ops.compiled_kernels(name)], runs=[])
     ids = torch.tensor([[0, 2], [1, -1], [2, 2], [-1, 0]])
     for _ in range(2):
         p = ops.plan(ids, 3)
@@ -154,7 +155,8 @@ def test_fallback_to_twins_without_extension_warns_once():
     assert r.returncode == 0, r.stderr
     m = json.loads(r.stdout.strip().splitlines()[-1])
     assert not m["has_extension"]
-    assert not m["plan_registered"], "the compiled ops must not be registered"
+    assert m["plan_registered"], "torch.ops.moe.* must exist without the extension (the twins)"
+    assert m["compiled"] == [], "no compiled kernel may be registered"
     assert len(m["runs"]) == 2
     for run in m["runs"]:
         assert run["offs"] == [2, 3, 6], run

@@ -18,9 +18,10 @@ from torch.autograd import gradcheck
 from torch.library import opcheck
 
 import routers
+import moe
 from moe import MoELayer, ops
 from moe.dispatch import LocalDispatcher
-from moe.ops_torch import gather_grouped_mm_torch, gather_grouped_mm_wgrad_torch, linear_f32_torch
+from moe.ops.twins import gather_grouped_mm_torch, gather_grouped_mm_wgrad_torch, linear_f32_torch
 
 from tests.helpers.ops import META, ROUTINGS, cpu_redispatch, make_ids, rand, strided_cols, strided_rows
 from tests.helpers.props import SETTINGS, routings
@@ -178,12 +179,15 @@ def test_kernel_device_mismatch_names_the_argument(case, call, arg):
 @needs_ext
 def test_layer_reads_rows_in_place_and_matches_the_permuted_path():
     """MoELayer with its LocalDispatcher takes the gathered path (no permute node in the graph);
-    a dispatcher subclass takes dispatch + experts; outputs and every gradient are equal."""
+    a dispatcher that hands the experts materialised rows takes permute + grouped_mm; outputs
+    and every gradient are equal."""
     torch.manual_seed(0)
     a = MoELayer(32, 24, 6, 2).to(torch.bfloat16)
 
     class Plain(LocalDispatcher):
-        pass
+        def dispatch(self, x_TD, routing):
+            rows, state = super().dispatch(x_TD, routing)
+            return rows.materialize(), state
 
     b = MoELayer(32, 24, 6, 2, dispatcher=Plain(6)).to(torch.bfloat16)
     b.load_state_dict(a.state_dict())
@@ -192,7 +196,7 @@ def test_layer_reads_rows_in_place_and_matches_the_permuted_path():
     for m in (a, b):
         xi = x.clone().requires_grad_()
         y = m(xi)
-        (y.float().square().sum() + m.aux_loss).backward()
+        (y.float().square().sum() + moe.collect_aux_losses(m)).backward()
         names, todo, seen = set(), [y.grad_fn], set()
         while todo:
             fn = todo.pop()
@@ -210,17 +214,16 @@ def test_layer_reads_rows_in_place_and_matches_the_permuted_path():
 
 @needs_ext
 def test_layer_calls_its_experts_module():
-    """The gathered path goes through layer.experts(...) (x_TD, plan=...), so module hooks run
-    (FSDP's, profilers'); GroupedExperts refuses offs_E and plan together."""
+    """The gathered path goes through layer.experts(rows), so module hooks run (FSDP's,
+    profilers'); GroupedExperts refuses extra offs_E / plan next to ExpertRows."""
     layer = MoELayer(16, 8, 4, 2)
     calls = []
-    layer.experts.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(kwargs.get("plan")),
-                                            with_kwargs=True)
+    layer.experts.register_forward_pre_hook(lambda mod, args: calls.append(args[0]))
     layer(torch.randn(5, 16))
-    assert len(calls) == 1 and isinstance(calls[0], ops.Plan)
+    assert len(calls) == 1 and isinstance(calls[0], moe.ExpertRows) and isinstance(calls[0].plan, ops.Plan)
     p = ops.plan(make_ids(5, 2, 4), 4)
-    with pytest.raises(ValueError, match="not both"):
-        layer.experts(torch.randn(5, 16), p.offs_E, plan=p)
+    with pytest.raises(ValueError, match="ExpertRows alone"):
+        layer.experts(moe.ExpertRows(torch.randn(5, 16), p.offs_E, p), p.offs_E)
 
 
 # ---------------------------------------------------------------- linear_f32
@@ -276,7 +279,7 @@ def test_bf16_router_uses_linear_f32_and_routes_as_the_float32_path(monkeypatch)
     fast = r(x)
     assert fast.logits_TE.dtype == torch.float32
     assert "linear_f32" in fast.logits_TE.grad_fn.name()
-    monkeypatch.setattr(rr, "_has_linear_f32", lambda device: False)
+    monkeypatch.setattr(rr, "_linear_f32_op", lambda: None)
     slow = r(x)
     assert "linear_f32" not in slow.logits_TE.grad_fn.name()
     assert torch.allclose(fast.logits_TE, slow.logits_TE, rtol=1e-6, atol=1e-6)

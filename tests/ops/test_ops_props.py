@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from moe import ops
-from moe.ops_torch import grouped_mm_torch, permute_torch, plan_torch, unpermute_torch
+from moe.ops.twins import grouped_mm_torch, permute_torch, plan_torch, unpermute_torch
 
 from tests.helpers.ops import check_plan_invariants, plan_fields
 from tests.helpers.props import SETTINGS, routings

@@ -2,7 +2,7 @@
 
 Shape legend: N rows, F expert hidden size, H = 2F the first projection's width ([gate; up]).
 The kernel computes in float32 (float64 for float64) and rounds once, as the twin
-moe.ops_torch.swiglu_torch does: the two agree to one rounding of the output dtype (the kernel's
+moe.ops.twins.swiglu_torch does: the two agree to one rounding of the output dtype (the kernel's
 e^x is a polynomial, not libm's), and the kernel's error against float64 is at most that of
 PyTorch's own silu(gate) * up in the same dtype (which rounds twice).
 """
@@ -14,13 +14,13 @@ from hypothesis import given, strategies as st
 from torch.autograd import gradcheck
 from torch.library import opcheck
 
-from moe import DenseFFN, GroupedExperts, ops
-from moe.ops_torch import swiglu_backward_torch, swiglu_torch
+from moe import DenseFFN, ExpertRows, GroupedExperts, ops
+from moe.ops.twins import swiglu_backward_torch, swiglu_torch
 
 from tests.helpers.props import SETTINGS
 from tests.helpers.swiglu import ULP, close_to, inputs
 
-needs_ext = pytest.mark.skipif(not ops.has_swiglu_kernel(torch.device("cpu")),
+needs_ext = pytest.mark.skipif("CPU" not in ops.compiled_kernels("swiglu"),
                                reason="moe._C extension not built")
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -175,8 +175,7 @@ def _graph_names(y):
 @pytest.mark.parametrize("module", ["dense", "grouped"])
 def test_layers_use_the_kernel_and_match_the_composite(module, monkeypatch):
     """DenseFFN and GroupedExperts run "swiglu" through the op, and their outputs and gradients
-    match the composite path (_GatedActivation, used where there is no kernel) within bf16
-    rounding."""
+    match autograd's composite silu(gate) * up within bf16 rounding."""
     torch.manual_seed(0)
     if module == "dense":
         m = DenseFFN(32, 48).to(torch.bfloat16)
@@ -184,7 +183,7 @@ def test_layers_use_the_kernel_and_match_the_composite(module, monkeypatch):
         w_in = m.w_in.weight
     else:
         m = GroupedExperts(4, 32, 48).to(torch.bfloat16)
-        args = (torch.randn(40, 32, dtype=torch.bfloat16), torch.tensor([10, 10, 25, 40], dtype=torch.int32))
+        args = (ExpertRows(torch.randn(40, 32, dtype=torch.bfloat16), torch.tensor([10, 10, 25, 40], dtype=torch.int32)),)
         w_in = m.w_in_EDH
 
     def run():
@@ -193,10 +192,14 @@ def test_layers_use_the_kernel_and_match_the_composite(module, monkeypatch):
         y.float().square().sum().backward()
         return y.detach().float(), w_in.grad.float(), _graph_names(y)
 
+    def composite(h):
+        gate, up = h.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
     y1, g1, names1 = run()
-    monkeypatch.setattr(ops, "has_swiglu_kernel", lambda device: False)
+    monkeypatch.setattr(ops, "swiglu", composite)
     y2, g2, names2 = run()
-    assert any("moe_swiglu" in n for n in names1) and not any("GatedActivation" in n for n in names1)
-    assert any("GatedActivation" in n for n in names2) and not any("moe_swiglu" in n for n in names2)
+    assert any("moe_swiglu" in n for n in names1) and not any("SiluBackward" in n for n in names1)
+    assert any("SiluBackward" in n for n in names2) and not any("moe_swiglu" in n for n in names2)
     assert torch.allclose(y1, y2, rtol=2 ** -6, atol=1e-2 * y2.abs().max().item())
     assert torch.allclose(g1, g2, rtol=2 ** -5, atol=2e-2 * g2.abs().max().item())

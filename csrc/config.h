@@ -1,0 +1,32 @@
+// moekit's backend settings: one table, read by the kernels, set from Python through
+// moe.ops.config (or from C++ with set()). Each setting's default is its environment variable,
+// read at the first use; an invalid value raises an error naming the variable at that use (and
+// again at every use until it is fixed or overridden).
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace moe::config {
+
+// cpu_gemm (MOE_CPU_GEMM): "auto" = moekit's AVX-512 GEMM where the CPU has it; "aten" = at::mm.
+enum class CpuGemm : int { kAuto = 0, kAten = 1 };
+// cuda_gemm (MOE_CUDA_GEMM): "auto" = moekit's sm90 GEMM on compute capability 9.0 where built,
+// else PyTorch's grouped GEMM where it serves the call; "native" = moekit's WMMA kernels;
+// "torch" = PyTorch's grouped GEMM where it serves the call.
+enum class CudaGemm : int { kAuto = 0, kNative = 1, kTorch = 2 };
+
+CpuGemm cpu_gemm();
+CudaGemm cuda_gemm();
+// sm90_forward_config / sm90_wgrad_config (MOE_SM90_GEMM_CONFIG / MOE_SM90_WGRAD_CONFIG): a
+// configuration id of the Hopper GEMM, or "auto" (-1 here): the table picks from the sizes.
+int sm90_config(bool wgrad);
+
+// By name, values as strings (the Python binding): the setting names, the current value
+// (resolving the environment default), set (validated; "" goes back to the environment default).
+std::vector<std::string> names();
+std::string get(const std::string& name);
+bool is_set(const std::string& name);  // set explicitly (else the environment variable decides)
+void set(const std::string& name, const std::string& value);
+
+}  // namespace moe::config

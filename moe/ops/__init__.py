@@ -1,0 +1,53 @@
+"""moekit's token-dispatch and grouped-GEMM ops: the engine of every MoE layer.
+
+    ids_TK ──plan──► Plan(counts_E, offs_E, order_N, rows_TK)
+    x_TD ──permute──► x_ND ──grouped_mm(w_EXY, offs_E)──► y_NY ──unpermute(weights_TK)──► y_TD
+    x_TD ──gather_grouped_mm(plan, w_EXY)──► y_NY          (the same, without the x_ND copy)
+
+and the layers' fused helpers: swiglu (SwiGLU's gating, one pass each way) and linear_f32 (the
+routers' float32 logits from bfloat16 operands).
+
+Shape legend: T tokens, K slots per token, E experts, N routed rows, D feature dim, X/Y GEMM
+input/output dims. N is the host-side bound T*K: buffers never depend on routed counts, so the
+CUDA path has no host-device sync; rows past ``offs_E[-1]`` are padding (zero, never read).
+
+The package, one job per module:
+
+- ``_extension``: loads the compiled ``moe._C`` (C++ CPU and CUDA kernels), ``build_info``,
+  the CPU host cache's stats.
+- ``registry``: :func:`define_op`, the one way an op is registered (schema, fallback, fake,
+  autograd); the fallback runs wherever no compiled kernel is registered.
+- ``defs``: the ops, one define_op call each.
+- ``twins``: the pure-PyTorch twins (the oracle of the tests, the fallback of the dispatcher).
+- ``functional``: :class:`Plan` and the Python functions below.
+- ``config``: ``moe.ops.config``, the kernels' backend settings (read by the C++ side).
+
+``torch.ops.moe.*`` exists as soon as ``moe.ops`` is imported, with or without the compiled
+extension (``MOE_DISABLE_EXTENSION=1`` forces the twins).
+"""
+
+from __future__ import annotations
+
+from moe.ops._extension import HAS_EXTENSION, build_info, empty_host_cache, host_cache_stats
+from moe.ops import defs as _defs  # noqa: F401  (registers torch.ops.moe.*)
+from moe.ops.config import config
+from moe.ops.functional import (Plan, gather_grouped_mm, grouped_mm, linear_f32, permute, plan, swiglu,
+                                unpermute)
+from moe.ops.registry import compiled_kernels
+from moe.ops.twins import (  # noqa: F401  (the twins, by their historical names)
+    gather_grouped_mm_torch,
+    gather_grouped_mm_wgrad_torch,
+    grouped_mm_torch,
+    grouped_mm_wgrad_torch,
+    linear_f32_torch,
+    permute_torch,
+    plan_torch,
+    swiglu_backward_torch,
+    swiglu_torch,
+    unpermute_torch,
+    unpermute_weights_grad_torch,
+)
+
+__all__ = ["Plan", "plan", "permute", "unpermute", "grouped_mm", "gather_grouped_mm", "swiglu",
+           "linear_f32", "config", "HAS_EXTENSION", "build_info", "compiled_kernels",
+           "host_cache_stats", "empty_host_cache"]

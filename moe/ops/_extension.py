@@ -1,0 +1,60 @@
+"""moekit's compiled extension ``moe._C``: loading it, and what it holds.
+
+Importing ``moe._C`` registers the C++ CPU and CUDA kernels of ``torch.ops.moe.*`` (schemas in
+csrc/registration.cpp). Without it, or with ``MOE_DISABLE_EXTENSION=1``, every op runs its
+pure-PyTorch twin through the same dispatcher entry (moe/ops/defs.py), logged once here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch  # noqa: F401  (loads libtorch, which moe._C links against)
+
+__all__ = ["HAS_EXTENSION", "build_info", "host_cache_stats", "empty_host_cache"]
+
+_log = logging.getLogger("moe.ops")
+
+
+def _load():
+    if os.environ.get("MOE_DISABLE_EXTENSION", "0") == "1":
+        _log.warning("moekit: MOE_DISABLE_EXTENSION=1, using the pure-PyTorch ops")
+        return None
+    try:
+        from moe import _C
+    except ImportError as err:
+        _log.warning("moekit: compiled ops unavailable (%s); using the pure-PyTorch ops", err)
+        return None
+    return _C
+
+
+_C = _load()
+HAS_EXTENSION = _C is not None
+
+
+def host_cache_stats() -> dict:
+    """Usage of the CPU kernels' buffer cache (csrc/host_cache.cpp): ``cached_bytes`` (freed
+    output blocks kept for reuse), ``in_use_bytes`` (blocks held by live tensors), ``hits`` /
+    ``misses`` (requests served from the cache / by a new allocation) and ``limit_bytes``
+    (``MOE_HOST_CACHE_MB``, read once; 0 turns the cache off). All zero without the extension."""
+    if _C is None:
+        return dict(cached_bytes=0, in_use_bytes=0, hits=0, misses=0, limit_bytes=0)
+    return _C.host_cache_stats()
+
+
+def empty_host_cache() -> None:
+    """Return every cached CPU buffer to the system (like ``torch.cuda.empty_cache()``)."""
+    if _C is not None:
+        _C.host_cache_clear()
+
+
+def build_info() -> dict:
+    """Which kernels the loaded ``moe._C`` holds: ``cuda`` (the CUDA kernels), ``sm90_gemm``
+    (moekit's Hopper grouped GEMM, csrc/cuda/sm90) and the names of its forward and weight-gradient
+    configurations by id (``sm90_forward_configs``, ``sm90_wgrad_configs``: the values that
+    ``moe.ops.config.sm90_forward_config`` / ``sm90_wgrad_config`` take). Empty without the
+    extension."""
+    if _C is None:
+        return dict(cuda=False, sm90_gemm=False, sm90_forward_configs=[], sm90_wgrad_configs=[])
+    return _C.build_info()

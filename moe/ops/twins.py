@@ -1,0 +1,159 @@
+"""Pure-PyTorch twins of moekit's ops: the test oracle, the benchmark baseline and the fallback
+when the compiled extension ``moe._C`` is absent.
+
+Shape legend: T tokens, K slots per token, E experts, N routed rows (the bound T*K; rows past
+offs_E[-1] are padding), D feature dim, X/Y GEMM input/output dims.
+
+The twins follow the kernels' arithmetic exactly (slot order k = 0..K-1, accumulation in float32
+for half/bfloat16), so the dispatch ops can be compared bit for bit. They are differentiable
+through ordinary autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "plan_torch",
+    "permute_torch",
+    "unpermute_torch",
+    "unpermute_weights_grad_torch",
+    "grouped_mm_torch",
+    "grouped_mm_wgrad_torch",
+    "gather_grouped_mm_torch",
+    "gather_grouped_mm_wgrad_torch",
+    "linear_f32_torch",
+    "swiglu_torch",
+    "swiglu_backward_torch",
+]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _check_ids(ids_TK: torch.Tensor, num_experts: int) -> None:
+    if ids_TK.dim() != 2:
+        raise ValueError(f"moe.plan: ids_TK must be 2-D (T, K), got shape {tuple(ids_TK.shape)}")
+    if ids_TK.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"moe.plan: ids_TK must be int64 or int32 expert ids, got {ids_TK.dtype}")
+    if num_experts < 1:
+        raise ValueError(f"moe.plan: num_experts must be >= 1, got {num_experts}")
+    if ids_TK.numel() and (ids_TK.min() < -1 or ids_TK.max() >= num_experts):  # _sync_: oracle only
+        bad = ids_TK[(ids_TK < -1) | (ids_TK >= num_experts)][0].item()
+        raise ValueError(f"moe.plan: ids_TK holds {bad}, outside [-1, num_experts={num_experts})")
+
+
+def plan_torch(ids_TK: torch.Tensor, num_experts: int):
+    """Stable sort of the T*K slots by expert id (argsort twin of the counting-sort kernel).
+
+    Returns (counts_E int32, offs_E int32, order_N int64 of length T*K with -1 past offs_E[-1],
+    rows_TK int64 with -1 in empty slots).
+    """
+    _check_ids(ids_TK, num_experts)
+    T, K = ids_TK.shape
+    S = T * K
+    flat = ids_TK.reshape(-1).long()
+    valid = flat >= 0
+    key = torch.where(valid, flat, num_experts)  # empty slots sort last
+    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts].int()
+    offs = counts.cumsum(0).int()
+    sorted_slots = torch.argsort(key, stable=True)
+    arange = torch.arange(S, device=flat.device)
+    order = torch.where(arange < offs[-1], sorted_slots, -1)
+    rows = torch.empty_like(arange).scatter_(0, sorted_slots, arange)
+    rows = torch.where(valid, rows, -1).view(T, K)
+    return counts, offs, order, rows
+
+
+def permute_torch(x_TD, order_N, rows_TK, scale_TK=None):
+    """x_ND[i] = x_TD[order_N[i] // K] (times scale_TK.flatten()[order_N[i]]); 0 where order_N < 0."""
+    K = rows_TK.shape[1]
+    valid = order_N >= 0
+    slot = order_N.clamp(min=0)
+    out = x_TD.index_select(0, slot // K)
+    if scale_TK is not None:
+        acc = _acc_dtype(x_TD.dtype)
+        out = (out.to(acc) * scale_TK.reshape(-1)[slot].to(acc)[:, None]).to(x_TD.dtype)
+    return torch.where(valid[:, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def unpermute_torch(y_ND, order_N, rows_TK, weights_TK=None):
+    """y_TD[t] = sum_k weights_TK[t, k] * y_ND[rows_TK[t, k]] over non-empty slots, in slot order,
+    accumulated in float32 for half/bfloat16."""
+    del order_N  # part of the op's signature (its backward needs it), not of the forward
+    T, K = rows_TK.shape
+    acc = _acc_dtype(y_ND.dtype)
+    out = torch.zeros(T, y_ND.shape[1], dtype=acc, device=y_ND.device)
+    for k in range(K):
+        r = rows_TK[:, k]
+        term = y_ND.index_select(0, r.clamp(min=0)).to(acc)
+        if weights_TK is not None:
+            term = weights_TK[:, k].to(acc)[:, None] * term
+        out = out + torch.where((r >= 0)[:, None], term, torch.zeros((), dtype=acc, device=y_ND.device))
+    return out.to(y_ND.dtype)
+
+
+def unpermute_weights_grad_torch(grad_TD, y_ND, order_N, rows_TK):
+    """dw_TK[t, k] = <grad_TD[t], y_ND[rows_TK[t, k]]> (0 for empty slots), float32 for half types."""
+    del order_N
+    acc = _acc_dtype(y_ND.dtype)
+    T, K = rows_TK.shape
+    rows = rows_TK.reshape(-1)
+    y = y_ND.index_select(0, rows.clamp(min=0)).to(acc).view(T, K, -1)
+    dots = (grad_TD.to(acc)[:, None, :] * y).sum(-1)
+    return torch.where(rows_TK >= 0, dots, torch.zeros((), dtype=acc, device=y_ND.device))
+
+
+def _group_bounds(offs_E: torch.Tensor) -> list[int]:
+    return [0] + offs_E.tolist()  # _sync_: the twin loops over experts on the host
+
+
+def grouped_mm_torch(a_NX, b_EXY, offs_E):
+    """c_NY[offs[e-1]:offs[e]] = a_NX[offs[e-1]:offs[e]] @ b_EXY[e] (per-expert loop); rows past
+    offs_E[-1] are zero."""
+    bounds = _group_bounds(offs_E)
+    pieces = [a_NX[s:e] @ b_EXY[g] for g, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    pieces.append(a_NX.new_zeros(a_NX.shape[0] - bounds[-1], b_EXY.shape[2]))
+    return torch.cat(pieces, 0)
+
+
+def grouped_mm_wgrad_torch(a_NX, g_NY, offs_E):
+    """g_EXY[e] = a_NX[rows of e]^T @ g_NY[rows of e]; zero for experts with no rows."""
+    bounds = _group_bounds(offs_E)
+    blocks = [a_NX[s:e].t() @ g_NY[s:e] for s, e in zip(bounds[:-1], bounds[1:])]
+    return torch.stack(blocks, 0) if blocks else a_NX.new_zeros(0, a_NX.shape[1], g_NY.shape[1])
+
+
+def gather_grouped_mm_torch(x_TD, order_N, rows_TK, b_EXY, offs_E):
+    """grouped_mm on the permuted rows: grouped_mm(permute(x_TD), b_EXY, offs_E)."""
+    return grouped_mm_torch(permute_torch(x_TD, order_N, rows_TK), b_EXY, offs_E)
+
+
+def gather_grouped_mm_wgrad_torch(x_TD, order_N, rows_TK, g_NY, offs_E):
+    """grouped_mm_wgrad on the permuted rows: grouped_mm_wgrad(permute(x_TD), g_NY, offs_E)."""
+    return grouped_mm_wgrad_torch(permute_torch(x_TD, order_N, rows_TK), g_NY, offs_E)
+
+
+def linear_f32_torch(x_TD, weight_ED):
+    """x_TD @ weight_ED^T on float32 copies (float64 stays float64): the routers' logits."""
+    acc = _acc_dtype(x_TD.dtype)
+    return torch.nn.functional.linear(x_TD.to(acc), weight_ED.to(acc))
+
+
+def swiglu_torch(h):
+    """silu(gate) * up on h = [gate; up] (..., 2F) -> (..., F) (Shazeer 2020, Eq. 5), computed in
+    float32 for half/bfloat16 and rounded once, as the kernel does."""
+    acc = _acc_dtype(h.dtype)
+    gate, up = h.to(acc).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(h.dtype)
+
+
+def swiglu_backward_torch(grad, h):
+    """d h = [grad * up * s (1 + gate (1 - s)); grad * gate * s], s = sigmoid(gate): silu'(g) =
+    s + g s (1 - s). (..., F), (..., 2F) -> (..., 2F), in float32 for half/bfloat16."""
+    acc = _acc_dtype(h.dtype)
+    gate, up = h.to(acc).chunk(2, dim=-1)
+    g = grad.to(acc)
+    s = torch.sigmoid(gate)
+    return torch.cat([g * up * (s * (1 + gate * (1 - s))), g * (gate * s)], dim=-1).to(h.dtype)
