@@ -10,7 +10,7 @@ ceilings  always, once: a device-to-device copy of 2 GiB (TB/s counting bytes re
           max(bytes / copy rate, FLOPs / mm rate) / measured time, the fraction of the measured
           limit reached. Bytes per row are those any implementation must move (listed below).
 ops       grouped_mm: the up projection x_ND @ w_EDF (w in nn.Linear layout, a transposed
-          (E, F, D) tensor) by the default backend and MOE_CUDA_GEMM=native (moekit's WMMA
+          (E, F, D) tensor) by the default backend and moe.ops.config.cuda_gemm="native" (moekit's WMMA
           kernel), vs ``torch.nn.functional.grouped_mm`` and one dense mm of the same FLOPs;
           bytes 2*(N*D + E_used*D*F + N*F), E_used = experts with rows. permute / unpermute in
           TB/s of the bytes that must move (2*N*D*2 and (N+T)*D*2) vs a copy of the same bytes;
@@ -51,14 +51,13 @@ import argparse
 import gc
 import json
 import math
-import os
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from moe import ops, release_step
+from moe import ExpertRows, ops, release_step
 
 DEVICE = "cuda"
 BF16 = torch.bfloat16
@@ -183,7 +182,7 @@ def _try(label: str, fn, *args, **kwargs):
 
 
 def _release(*modules) -> None:
-    """Drops gradients and the tensors a forward left on the modules (aux_loss, last_routing: a
+    """Drops gradients and the tensors a forward left on the modules (aux_losses, last_routing: a
     graph's pool memory included), then returns cached blocks to the device."""
     for m in (m for m in modules if m is not None):
         m.zero_grad(set_to_none=True)
@@ -245,11 +244,8 @@ def bench_grouped_mm(name, T, iters, ceil=None):
     offs = p.offs_E
     used = int((p.counts_E > 0).sum())  # host sync, before any timing
     ours = _time_ms(lambda a, w: ops.grouped_mm(a, w, offs), sets, iters)
-    os.environ["MOE_CUDA_GEMM"] = "native"  # moekit's own WMMA kernel, same inputs
-    try:
+    with ops.config.override(cuda_gemm="native"):  # moekit's own WMMA kernel, same inputs
         native = _time_ms(lambda a, w: ops.grouped_mm(a, w, offs), sets, iters)
-    finally:
-        os.environ.pop("MOE_CUDA_GEMM")
     tgm = _torch_grouped_mm()
     theirs = _time_ms(lambda a, w: tgm(a, w, offs=offs), sets, iters)
     dense_sets = [(a, w[0]) for a, w in sets]  # (N, D) @ (D, F): the same 2*N*D*F FLOPs
@@ -336,7 +332,7 @@ def bench_mlp(name, T, iters, ceil=None):
     gmm = _torch_grouped_mm()
 
     def moekit():
-        return ops.unpermute(experts(x, plan=p), p, weights)
+        return ops.unpermute(experts(ExpertRows(x, p.offs_E, p)), p, weights)
 
     def composite():
         h = gmm(x.index_select(0, token_idx), w_in, offs=offs)

@@ -24,7 +24,7 @@ import argparse
 import torch
 
 from bench.ops import DTYPES, SHAPES, time_fns
-from moe import DenseFFN, MoELayer, ops
+from moe import DenseFFN, MoELayer, collect_aux_losses, ops
 
 MODES = ("fwd", "fwd+bwd")
 
@@ -52,7 +52,7 @@ def _candidates(layer: MoELayer, dense: DenseFFN, x: torch.Tensor) -> dict:
     """name -> module-like callable x -> (y, aux)."""
 
     def moekit(x):
-        return layer(x), layer.aux_loss
+        return layer(x), collect_aux_losses(layer)
 
     def hf_call(hf):
         def run(x):

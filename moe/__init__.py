@@ -12,13 +12,15 @@ __version__ = "0.1.0"
 # Public API, one line per area (helpers append their own names here).
 __all__ = ["ops", "Plan"]
 
-# Layers (issue 4): grouped experts, local dispatcher, drop-in MoE layer, model-wide aux loss.
+# Layers: the router -> dispatcher -> experts contract (ExpertRows), grouped experts, the local
+# dispatcher, the drop-in MoE layer, the model-wide sum of auxiliary losses.
+from moe.dispatch import ExpertRows, LocalDispatcher
 from moe.experts import DenseFFN, GroupedExperts
-from moe.dispatch import LocalDispatcher
-from moe.layer import MoELayer, aux_loss, release_step
-__all__ += ["GroupedExperts", "DenseFFN", "LocalDispatcher", "MoELayer", "aux_loss", "release_step"]
+from moe.layer import MoELayer, aux_loss, collect_aux_losses, release_step
+__all__ += ["ExpertRows", "GroupedExperts", "DenseFFN", "LocalDispatcher", "MoELayer", "collect_aux_losses",
+            "release_step"]
 
-# Decoder block, causal LM and Mixture-of-Recursions (issue 5).
+# Decoder block, causal LM and Mixture-of-Recursions.
 from moe.model import CausalLM, DecoderBlock, KVCache, LMCache, LMOutput, RMSNorm, SwiGLUMLP, build_lm
 from moe.mor import (ExpertChoiceConfig, MixtureOfRecursions, MoRCache, TokenChoiceConfig,
                      build_mor_lm)
@@ -44,6 +46,6 @@ def __getattr__(name: str):
     return getattr(importlib.import_module(where), name)
 
 
-# Expert parallelism (issue 4): all-to-all token dispatcher over a torch.distributed group.
+# Expert parallelism: all-to-all token dispatcher over a torch.distributed group.
 from moe.parallel import AllToAllDispatcher, AllToAllState
 __all__ += ["AllToAllDispatcher", "AllToAllState"]

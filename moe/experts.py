@@ -12,6 +12,7 @@ Eq. 5-6): SwiGLU(x) = (Swish(x W) * x V) W2 and GEGLU(x) = (GELU(x W) * x V) W2;
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -19,8 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe import ops
+from moe.dispatch import ExpertRows
 
-__all__ = ["ACTIVATIONS", "GroupedExperts", "DenseFFN", "activate"]
+__all__ = ["ACTIVATIONS", "GroupedExperts", "DenseFFN", "activate", "row_bias"]
 
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
 _GATED = ("swiglu", "geglu")
@@ -38,51 +40,29 @@ def _check_positive(name: str, value) -> None:
 
 def activate(h_NH: Tensor, activation: str) -> Tensor:
     """(N, H) first-projection output -> (N, F): act(gate) * up for the gated activations
-    (h = [gate; up], H = 2F), act(h) otherwise (H = F)."""
-    if activation in _GATED:
-        if torch.compiler.is_compiling():  # the compiler fuses these itself (and rejects strided out=)
-            gate, up = h_NH.chunk(2, dim=-1)
-            return _GATE_ACT[activation][0](gate) * up
-        if activation == "swiglu" and ops.has_swiglu_kernel(h_NH.device):
-            return ops.swiglu(h_NH)  # one pass each way; same values within an fp32 rounding
-        return _GatedActivation.apply(h_NH, activation)
+    (h = [gate; up], H = 2F), act(h) otherwise (H = F). SwiGLU is the op ``moe.ops.swiglu``
+    (a one-pass kernel each way where compiled, its twin elsewhere; backward saves only h)."""
+    if activation == "swiglu":
+        return ops.swiglu(h_NH)
+    if activation == "geglu":
+        gate, up = h_NH.chunk(2, dim=-1)
+        return F.gelu(gate) * up
     return F.gelu(h_NH) if activation == "gelu" else F.relu(h_NH)
 
 
-# activation -> (act, act into out=, act' times grad into grad_input=)
-_GATE_ACT = {
-    "swiglu": (F.silu, torch.ops.aten.silu.out, torch.ops.aten.silu_backward.grad_input),
-    "geglu": (F.gelu, torch.ops.aten.gelu.out, torch.ops.aten.gelu_backward.grad_input),
-}
+def _legacy_rows(x: Tensor, offs_E: Optional[Tensor], plan: Optional[ops.Plan], warn: bool = True) -> ExpertRows:
+    """ExpertRows from the deprecated forward arguments (x_ND, offs_E) or (x_TD, plan=plan)."""
+    if (offs_E is None) == (plan is None):
+        raise ValueError("GroupedExperts: pass ExpertRows (or, deprecated, x_ND with offs_E, or x_TD with plan=)")
+    if plan is not None and not isinstance(plan, ops.Plan):
+        raise TypeError(f"GroupedExperts: plan must be a moe.ops.Plan, got {type(plan).__name__}")
+    if warn:
+        warnings.warn("GroupedExperts(x_ND, offs_E) / (x_TD, plan=) is deprecated: pass "
+                      "moe.ExpertRows(x_ND, offs_E) or the dispatcher's rows", DeprecationWarning, stacklevel=3)
+    return ExpertRows(x, offs_E, None) if plan is None else ExpertRows(x, plan.offs_E, plan)
 
 
-class _GatedActivation(torch.autograd.Function):
-    """act(gate) * up on h_NH = [gate; up] (Shazeer 2020, Eq. 5-6), saving only h_NH. Backward
-    writes d gate = g * up * act'(gate) and d up = g * act(gate) straight into the two halves of
-    one (N, 2F) gradient: no chunk -> cat copy and two fewer (N, F) temporaries than autograd's
-    graph of the same expression (same values, bit for bit)."""
-
-    @staticmethod
-    def forward(ctx, h_NH: Tensor, activation: str) -> Tensor:
-        gate, up = h_NH.chunk(2, dim=-1)
-        ctx.save_for_backward(h_NH)
-        ctx.activation = activation
-        return _GATE_ACT[activation][0](gate).mul_(up)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_NF: Tensor):
-        (h_NH,) = ctx.saved_tensors
-        _, act_out, act_backward = _GATE_ACT[ctx.activation]
-        gate, up = h_NH.chunk(2, dim=-1)
-        g_NH = torch.empty(h_NH.shape, dtype=h_NH.dtype, device=h_NH.device)
-        g_gate, g_up = g_NH.chunk(2, dim=-1)
-        act_backward(torch.mul(g_NF, up, out=g_gate), gate, grad_input=g_gate)  # in place
-        act_out(gate, out=g_up).mul_(g_NF)
-        return g_NH, None
-
-
-def _row_bias(b_EY: Tensor, offs_E: Tensor, num_rows: int) -> Tensor:
+def row_bias(b_EY: Tensor, offs_E: Tensor, num_rows: int) -> Tensor:
     """(N, Y) bias of each routed row's expert; zero past offs_E[-1] (padding rows stay zero).
     The expert of row i is searchsorted(offs_E, i, right=True): no host sync."""
     rows = torch.arange(num_rows, device=offs_E.device, dtype=offs_E.dtype)
@@ -128,45 +108,39 @@ class GroupedExperts(nn.Module):
             if b is not None:
                 nn.init.uniform_(b, -bound, bound)
 
-    def forward(self, x: Tensor, offs_E: Optional[Tensor] = None, *, plan: Optional[ops.Plan] = None) -> Tensor:
-        """x_ND (N, D) rows sorted by expert, offs_E int32 (E,) cumulative end row of each
-        expert's group -> y_ND (N, D); rows past offs_E[-1] come out zero. With ``plan`` (and
-        no offs_E) x is x_TD (T, D), the tokens, and each expert reads its rows from x in
-        place: :meth:`gathered`."""
-        if plan is not None:
-            if offs_E is not None:
-                raise ValueError("GroupedExperts: pass offs_E (x is x_ND) or plan (x is x_TD), not both")
-            return self.gathered(x, plan)
-        x_ND = x
-        self._check_inputs(x_ND, offs_E)
-        h_NH = ops.grouped_mm(x_ND, self.w_in_EDH, offs_E)
+    def forward(self, rows: ExpertRows, offs_E: Optional[Tensor] = None, *, plan: Optional[ops.Plan] = None) -> Tensor:
+        """rows: :class:`moe.ExpertRows` from a dispatcher -> y_ND (N, D) in expert-row order;
+        rows past offs_E[-1] come out zero. A gathered view (x_TD and its plan) is read in place:
+        the first projection gathers each routed row from x_TD (ops.gather_grouped_mm), and so
+        does its weight gradient, so backward keeps x_TD rather than a T*K x D buffer; the same
+        values as on the materialised rows (bit for bit on the CPU kernels). The deprecated
+        forms ``experts(x_ND, offs_E)`` and ``experts(x_TD, plan=plan)`` still work."""
+        if not isinstance(rows, ExpertRows):
+            rows = _legacy_rows(rows, offs_E, plan)
+        elif offs_E is not None or plan is not None:
+            raise ValueError("GroupedExperts: pass the ExpertRows alone (offs_E and plan are in it)")
+        if rows.gathered:
+            self._check_rows("x_TD", "T", rows.x)
+            if rows.plan.num_experts != self.num_experts:
+                raise ValueError(f"GroupedExperts: the plan has {rows.plan.num_experts} experts, "
+                                 f"the module {self.num_experts}")
+            h_NH = ops.gather_grouped_mm(rows.x, rows.plan, self.w_in_EDH)
+        else:
+            self._check_inputs(rows.x, rows.offs_E)
+            h_NH = ops.grouped_mm(rows.x, self.w_in_EDH, rows.offs_E)
+        offs_E, N = rows.offs_E, rows.num_rows
         if self.b_in_EH is not None:
-            h_NH = h_NH + _row_bias(self.b_in_EH, offs_E, x_ND.shape[0])
+            h_NH = h_NH + row_bias(self.b_in_EH, offs_E, N)
         y_ND = ops.grouped_mm(activate(h_NH, self.activation), self.w_out_EFD, offs_E)
         if self.b_out_ED is not None:
-            y_ND = y_ND + _row_bias(self.b_out_ED, offs_E, x_ND.shape[0])
+            y_ND = y_ND + row_bias(self.b_out_ED, offs_E, N)
         return y_ND
 
     def gathered(self, x_TD: Tensor, plan: ops.Plan) -> Tensor:
-        """``forward(permute(x_TD, plan), plan.offs_E)`` without the (N, D) permuted copy: the
-        first projection reads each routed row from x_TD in place (ops.gather_grouped_mm), and so
-        does its weight gradient, so backward keeps x_TD rather than a T*K x D buffer. Same
-        values as forward on the permuted rows (bit for bit on the CPU kernels). The plan is
-        dispatch metadata (which rows each expert owns), not routing scores. Call it as
-        ``experts(x_TD, plan=plan)`` so that module hooks run."""
-        self._check_rows("x_TD", "T", x_TD)
-        if not isinstance(plan, ops.Plan):
-            raise TypeError(f"GroupedExperts: plan must be a moe.ops.Plan, got {type(plan).__name__}")
-        if plan.num_experts != self.num_experts:
-            raise ValueError(f"GroupedExperts: the plan has {plan.num_experts} experts, the module {self.num_experts}")
-        offs_E, N = plan.offs_E, plan.max_rows
-        h_NH = ops.gather_grouped_mm(x_TD, plan, self.w_in_EDH)
-        if self.b_in_EH is not None:
-            h_NH = h_NH + _row_bias(self.b_in_EH, offs_E, N)
-        y_ND = ops.grouped_mm(activate(h_NH, self.activation), self.w_out_EFD, offs_E)
-        if self.b_out_ED is not None:
-            y_ND = y_ND + _row_bias(self.b_out_ED, offs_E, N)
-        return y_ND
+        """Deprecated: ``experts(ExpertRows(x_TD, plan.offs_E, plan))``."""
+        warnings.warn("GroupedExperts.gathered(x_TD, plan) is deprecated: call "
+                      "experts(moe.ExpertRows(x_TD, plan.offs_E, plan))", DeprecationWarning, stacklevel=2)
+        return self(_legacy_rows(x_TD, None, plan, warn=False))
 
     def _check_rows(self, name: str, rows: str, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.hidden_size:

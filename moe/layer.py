@@ -4,11 +4,11 @@ Shape legend: T tokens (all leading dims of x flattened), D hidden size, E route
 K routing slots, N routed rows (T*K), F routed expert hidden size.
 
     x (..., D) ──router──► Routing(ids_TK, weights_TK, aux_losses)
-        └─► dispatcher.dispatch ──► x_ND, offs_E ──► GroupedExperts ──► dispatcher.combine ──► + shared(x)
+        └─► dispatcher.dispatch ──► ExpertRows ──► GroupedExperts ──► dispatcher.combine ──► + shared(x)
 
-With the default LocalDispatcher the dispatch is only the plan: the experts' first projection
-reads each routed row from x in place (GroupedExperts.gathered, ops.gather_grouped_mm), the same
-values without the T*K x D permuted copy, in forward or backward.
+With the default LocalDispatcher the rows are a gathered view of x: the experts' first
+projection reads each routed row from x in place (ops.gather_grouped_mm), the same values without
+the T*K x D permuted copy, in forward or backward (moe/dispatch.py has the contract).
 
 The output is y = sum_k g_k(x) E_{ids_k}(x) + S(x) (Shazeer et al. 2017, Eq. 1, plus the shared
 experts of DeepSeekMoE, Dai et al. 2024, Eq. 9). Routers come from ``routers/``: any of them plugs
@@ -30,6 +30,7 @@ module, so ``aux_loss(model)`` does not count it twice (tests/test_gpu_graphs.py
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -38,7 +39,7 @@ from torch import Tensor, nn
 from moe.dispatch import LocalDispatcher
 from moe.experts import DenseFFN, GroupedExperts
 
-__all__ = ["MoELayer", "aux_loss", "release_step"]
+__all__ = ["MoELayer", "collect_aux_losses", "release_step", "aux_loss"]
 
 
 def _check_positive(name: str, value) -> None:
@@ -100,7 +101,7 @@ class MoELayer(nn.Module):
                                         activation=activation, bias=bias) if num_shared_experts else None)
         self.granularity = 1
         self.return_aux_loss = bool(return_aux_loss)
-        self.aux_loss: Optional[Tensor] = None
+        self.aux_losses: dict = {}
         self.last_routing = None
 
     def _make_router(self, top_k, router, capacity_factor, router_kwargs) -> nn.Module:
@@ -173,23 +174,25 @@ class MoELayer(nn.Module):
         if x.dim() != 3 and padding_mask is not None:
             padding_mask = padding_mask.reshape(-1)
         routing = self.router(x if x.dim() == 3 else x_TD, state=state, padding_mask=padding_mask)
-        if type(self.dispatcher) is LocalDispatcher and isinstance(self.experts, GroupedExperts):
-            # rows read from x_TD in place, no permuted copy
-            dispatch_state = self.dispatcher.plan(x_TD, routing.ids_TK, routing.weights_TK)
-            y_ND = self.experts(x_TD, plan=dispatch_state.plan)
-        else:
-            x_ND, offs_E, dispatch_state = self.dispatcher.dispatch(x_TD, routing.ids_TK, routing.weights_TK)
-            y_ND = self.experts(x_ND, offs_E)
-        y_TD = self.dispatcher.combine(y_ND, dispatch_state)
+        rows, dispatch_state = self.dispatcher.dispatch(x_TD, routing)
+        y_TD = self.dispatcher.combine(self.experts(rows), dispatch_state)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
-        zero = torch.zeros((), dtype=torch.float32, device=x.device)
-        aux = sum(routing.aux_losses.values(), zero)
         self.last_routing = routing
         if self.return_aux_loss:
-            return y_TD.reshape(x.shape), aux
-        self.aux_loss = aux
+            zero = torch.zeros((), dtype=torch.float32, device=x.device)
+            return y_TD.reshape(x.shape), sum(routing.aux_losses.values(), zero)
+        self.aux_losses = dict(routing.aux_losses)
         return y_TD.reshape(x.shape)
+
+    @property
+    def aux_loss(self) -> Optional[Tensor]:
+        """Deprecated: the sum of :attr:`aux_losses` (None before the first forward)."""
+        warnings.warn("MoELayer.aux_loss is deprecated: read layer.aux_losses (a dict) or "
+                      "moe.collect_aux_losses(layer)", DeprecationWarning, stacklevel=2)
+        if self.last_routing is None:
+            return None
+        return collect_aux_losses(self)
 
     # ---- sizes (the `moe plan` CLI and the docs use these) -----------------------------------
 
@@ -206,9 +209,7 @@ class MoELayer(nn.Module):
     def nominal_experts_per_token(self) -> float:
         """k for token-choice routers (the maximum for variable-k ones), the capacity factor for
         expert choice (its mean experts per token)."""
-        from routers import ExpertChoiceRouter
-
-        return self.router.capacity_factor if isinstance(self.router, ExpertChoiceRouter) else self.top_k
+        return getattr(self.router, "nominal_experts_per_token", self.top_k)
 
     def num_parameters(self, *, router: bool = True) -> int:
         """Total parameters over all E experts (all ranks under expert parallelism) + shared
@@ -233,26 +234,38 @@ class MoELayer(nn.Module):
 
 
 def release_step(model: nn.Module) -> None:
-    """Drops the ``aux_loss`` and ``last_routing`` that the modules of ``model`` keep after a
+    """Drops the ``aux_losses`` and ``last_routing`` that the modules of ``model`` keep after a
     forward, so that the step's autograd graph is freed (before capturing a training step in a
     CUDA graph on a new stream; see the module docstring)."""
     for m in model.modules():
-        if isinstance(getattr(m, "aux_loss", None), Tensor):
-            m.aux_loss = None
+        if getattr(m, "aux_losses", None):
+            m.aux_losses = {}
         if getattr(m, "last_routing", None) is not None:
             m.last_routing = None
 
 
-def aux_loss(model: nn.Module) -> Tensor:
-    """Sum of the ``aux_loss`` tensors that the modules of ``model`` (itself included) hold after
-    their last forward (MoELayer, MoR routers, ...); a zero tensor when there are none. Reads the
-    modules only: no global state."""
-    total: Optional[Tensor] = None
+def collect_aux_losses(model: nn.Module, *, by_name: bool = False):
+    """The one sum of a model's auxiliary losses: every module of ``model`` (itself included)
+    that keeps an ``aux_losses`` dict after its forward (MoELayer, MixtureOfRecursions, ...:
+    name -> weighted, differentiable scalar; empty in eval) contributes its values. Returns the
+    total (a zero tensor when there are none), or with ``by_name`` a dict name -> total over
+    modules. Reads the modules only: no global state."""
+    totals: dict = {}
     for m in model.modules():
-        a = getattr(m, "aux_loss", None)
-        if isinstance(a, Tensor):
-            total = a if total is None else total + a
-    if total is None:
+        losses = getattr(m, "aux_losses", None)
+        if isinstance(losses, dict):
+            for name, value in losses.items():
+                totals[name] = value if name not in totals else totals[name] + value
+    if by_name:
+        return totals
+    if not totals:
         p = next(model.parameters(), None)
-        total = torch.zeros((), device=None if p is None else p.device)
-    return total
+        return torch.zeros((), device=None if p is None else p.device)
+    return sum(totals.values())
+
+
+def aux_loss(model: nn.Module) -> Tensor:
+    """Deprecated name of :func:`collect_aux_losses`."""
+    warnings.warn("moe.aux_loss(model) is deprecated: use moe.collect_aux_losses(model)",
+                  DeprecationWarning, stacklevel=2)
+    return collect_aux_losses(model)

@@ -31,7 +31,6 @@ group must call dispatch/combine (and backward) the same number of times, in the
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import torch
@@ -39,8 +38,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from einops import rearrange
+
 from moe import ops
-from moe.dispatch import _check_dispatch_args
+from moe.dispatch import ExpertRows, _routing_args, check_dispatch_args
+from routers.capacity import apply_capacity, capacity, check_capacity_factor, position_priority
 
 __all__ = ["AllToAllDispatcher", "AllToAllState"]
 
@@ -105,10 +107,7 @@ class AllToAllDispatcher(nn.Module):
         if num_experts % world:
             raise ValueError(f"AllToAllDispatcher: num_experts={num_experts} is not divisible by the "
                              f"expert-parallel world size {world}")
-        if capacity_factor is not None and not (isinstance(capacity_factor, (int, float))
-                                                and not isinstance(capacity_factor, bool) and capacity_factor > 0):
-            raise ValueError(f"AllToAllDispatcher: capacity_factor must be None (dropless) or > 0, "
-                             f"got {capacity_factor!r}")
+        check_capacity_factor(capacity_factor)
         if capacity_tokens is not None and (capacity_factor is None or not isinstance(capacity_tokens, int)
                                             or capacity_tokens < 0):
             raise ValueError(f"AllToAllDispatcher: capacity_tokens must be an int >= 0 used with "
@@ -127,20 +126,23 @@ class AllToAllDispatcher(nn.Module):
         if self.capacity_factor is None:
             raise ValueError("AllToAllDispatcher.capacity: dropless (capacity_factor=None) has no capacity")
         T = num_tokens if self.capacity_tokens is None else self.capacity_tokens
-        return math.ceil(T * top_k / self.num_experts * self.capacity_factor)
+        return capacity(T, top_k, self.num_experts, self.capacity_factor)
 
-    def dispatch(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor):
-        """x_TD (T, D), ids_TK int (T, K) global expert ids with -1 for empty slots, weights_TK
-        (T, K) -> (x_ND, offs_E, state): the rows this rank's L experts process, sorted by local
-        expert (then source rank, then the source's slot order), offs_E int32 (L,) their
-        cumulative ends. Dropless: R rows, all routed. Capacity: L*W*C rows, each expert's
-        W*C slots holding its routed rows or zeros."""
-        _check_dispatch_args(x_TD, ids_TK, weights_TK)
+    def dispatch(self, x_TD: Tensor, routing, weights_TK: Optional[Tensor] = None):
+        """x_TD (T, D), routing (``ids_TK`` int (T, K) global expert ids with -1 for empty
+        slots, ``weights_TK`` (T, K)) -> (ExpertRows, state): the rows this rank's L experts
+        process, materialised and sorted by local expert (then source rank, then the source's
+        slot order), with their offsets offs_E int32 (L,). Dropless: R rows, all routed.
+        Capacity: L*W*C rows, each expert's W*C slots holding its routed rows or zeros."""
+        ids_TK, weights_TK, legacy = _routing_args("AllToAllDispatcher.dispatch", routing, weights_TK)
+        check_dispatch_args(x_TD, ids_TK, weights_TK)
         if weights_TK.dtype not in (torch.float32, x_TD.dtype):
             weights_TK = weights_TK.to(torch.float32)
         if self.capacity_factor is None:
-            return self._dispatch_dropless(x_TD, ids_TK, weights_TK)
-        return self._dispatch_capacity(x_TD, ids_TK, weights_TK)
+            x_ND, offs_E, state = self._dispatch_dropless(x_TD, ids_TK, weights_TK)
+        else:
+            x_ND, offs_E, state = self._dispatch_capacity(x_TD, ids_TK, weights_TK)
+        return (x_ND, offs_E, state) if legacy else (ExpertRows(x_ND, offs_E), state)
 
     def combine(self, y_ND: Tensor, state: AllToAllState) -> Tensor:
         """y_ND expert outputs in dispatch order (the rows dispatch returned) -> y_TD (T, D) on
@@ -157,8 +159,7 @@ class AllToAllDispatcher(nn.Module):
             y_back = F.pad(y_back, (0, 0, 0, state.plan.max_rows - y_back.shape[0]))
         else:
             W, L, C = self.world_size, self.num_local_experts, state.capacity
-            D = y_ND.shape[1]  # (explicit: C may be 0)
-            y_WLC = y_ND.reshape(L, W, C, D).transpose(0, 1).reshape(W * L * C, D)
+            y_WLC = rearrange(y_ND, "(l w c) d -> (w l c) d", l=L, w=W, c=C)
             y_EC = _AllToAll.apply(y_WLC, None, None, self.group)
             y_back = F.pad(y_EC, (0, 0, 0, 1)).index_select(0, state.slot_N)
         return ops.unpermute(y_back, state.plan, state.weights_TK)
@@ -198,8 +199,11 @@ class AllToAllDispatcher(nn.Module):
         if self.capacity_tokens is not None and T > self.capacity_tokens:
             raise ValueError(f"dispatch: x_TD has T={T} tokens, more than capacity_tokens={self.capacity_tokens}")
         E, W, L, C = self.num_experts, self.world_size, self.num_local_experts, self.capacity(T, K)
-        ids_TK, num_dropped = _drop_over_capacity(ids_TK, E, C)
-        plan = ops.plan(ids_TK, E)
+        # Megatron's "position" policy: each expert keeps its first C routed slots in slot order
+        # (one slot per token and expert, so token order is slot order).
+        kept_TK, weights_TK = apply_capacity(ids_TK, weights_TK, position_priority(ids_TK), C, E)
+        num_dropped = (ids_TK >= 0).sum() - (kept_TK >= 0).sum()
+        plan = ops.plan(kept_TK, E)
         counts_E = plan.counts_E.to(torch.int64)
         start_E = plan.offs_E.to(torch.int64) - counts_E
         # send buffer: slot e*C + j holds routed row start_E[e] + j, or a zero row (index N)
@@ -207,7 +211,7 @@ class AllToAllDispatcher(nn.Module):
         src_EC = torch.where(j_C < counts_E[:, None], start_E[:, None] + j_C, plan.max_rows)
         x_EC = F.pad(ops.permute(x_TD, plan), (0, 0, 0, 1)).index_select(0, src_EC.flatten())
         x_WLC = _AllToAll.apply(x_EC, None, None, self.group)
-        x_LWC = x_WLC.reshape(W, L, C, x_TD.shape[1]).transpose(0, 1).reshape(L * W * C, x_TD.shape[1])
+        x_LWC = rearrange(x_WLC, "(w l c) d -> (l w c) d", w=W, l=L, c=C)
         offs_E = torch.arange(1, L + 1, dtype=torch.int32, device=x_TD.device) * (W * C)
         # inverse map for combine: routed row i -> its slot; padding rows -> E*C (a zero row)
         i_N = torch.arange(plan.max_rows, device=x_TD.device)
@@ -219,13 +223,3 @@ class AllToAllDispatcher(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, world_size={self.world_size}, "
                 f"num_local_experts={self.num_local_experts}, capacity_factor={self.capacity_factor}")
-
-
-def _drop_over_capacity(ids_TK: Tensor, num_experts: int, capacity: int) -> tuple[Tensor, Tensor]:
-    """Keeps each expert's first ``capacity`` routed slots in slot order (t*K + k) and marks the
-    rest -1. Returns (ids_TK, number dropped as an int64 scalar tensor); no host sync."""
-    plan = ops.plan(ids_TK, num_experts)
-    start_E = (plan.offs_E - plan.counts_E).to(torch.int64)
-    rank_TK = plan.rows_TK - start_E[ids_TK.long().clamp(min=0)]  # position within its expert
-    drop_TK = (ids_TK >= 0) & (rank_TK >= capacity)
-    return ids_TK.masked_fill(drop_TK, -1), drop_TK.sum()

@@ -16,18 +16,23 @@ DROP_POLICIES = ("probs", "position")
 
 
 def capacity(T: int, K: int, E: int, factor: float, *, min_capacity: Optional[int] = None) -> int:
-    """Per-expert capacity ceil(T*K/E * factor) (GShard / Switch Transformer, Eq. 3)."""
-    if not factor > 0:
-        raise ValueError(f"capacity_factor must be > 0, got {factor!r}")
+    """Per-expert capacity ceil(T*K/E * factor) (GShard / Switch Transformer, Eq. 3): the one
+    capacity rule of moekit (routers, and the expert-parallel dispatcher per source rank)."""
+    check_capacity_factor(factor, allow_none=False)
     cap = math.ceil(T * K / E * factor)
     if min_capacity is not None:
         cap = max(cap, min_capacity)
     return cap
 
 
-def check_capacity_factor(capacity_factor: Optional[float]) -> None:
-    if capacity_factor is not None and not (isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
-        raise ValueError(f"capacity_factor must be None (dropless) or > 0, got {capacity_factor!r}")
+def check_capacity_factor(capacity_factor: Optional[float], *, allow_none: bool = True) -> None:
+    """The one validation of a capacity factor: a number > 0 (or None = dropless, where allowed)."""
+    if capacity_factor is None and allow_none:
+        return
+    if not (isinstance(capacity_factor, (int, float)) and not isinstance(capacity_factor, bool)
+            and capacity_factor > 0):
+        raise ValueError(f"capacity_factor must be {'None (dropless) or ' if allow_none else ''}> 0, "
+                         f"got {capacity_factor!r}")
 
 
 def apply_capacity(

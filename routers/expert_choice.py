@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from routers.capacity import capacity
+from routers.capacity import capacity, check_capacity_factor
 from routers.losses import z_loss
 from routers.routing import RouterBase, Routing, expert_counts, make_routing
 
@@ -44,14 +44,18 @@ class ExpertChoiceRouter(RouterBase):
     ) -> None:
         super().__init__()
         self._init_common(hidden_size, num_experts, jitter=0.0, check_finite=check_finite)
-        if not isinstance(capacity_factor, (int, float)) or not capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor!r}")
+        check_capacity_factor(capacity_factor, allow_none=False)
         if not z_loss_coeff >= 0:
             raise ValueError(f"z_loss_coeff must be >= 0, got {z_loss_coeff!r}")
         self.capacity_factor = float(capacity_factor)
         self.z_loss_coeff = float(z_loss_coeff)
         self.top_k = num_experts
         self._init_linear(init_std)
+
+    @property
+    def nominal_experts_per_token(self) -> float:
+        """The mean experts per token: the capacity factor (E experts of C = T*f/E tokens each)."""
+        return self.capacity_factor
 
     def forward(self, x: Tensor, *, state=None, padding_mask: Optional[Tensor] = None) -> Routing:
         """x (T, D) or (B, S, D) -> Routing with K = E slots. ``state`` is ignored."""

@@ -7,12 +7,13 @@ scalars of at least float32, differentiable through the probabilities/logits (th
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-AUX_LOSS_KINDS = ("switch", "seq", None)
+BALANCE_LOSS_KINDS = ("switch", "seq", None)
 
 
 def sequence_load_balancing_loss(probs_BSE: Tensor, ids_BSK: Tensor, *, valid_BS: Optional[Tensor] = None) -> Tensor:
@@ -79,19 +80,32 @@ def _masked_mean(v_T: Tensor, valid_T: Optional[Tensor]) -> Tensor:
     return v_T.masked_fill(~valid_T, 0.0).sum() / valid_T.sum().to(v_T.dtype).clamp(min=1.0)
 
 
-def check_aux_config(aux_loss, aux_loss_coeff: float, z_loss_coeff: float) -> None:
-    if aux_loss not in AUX_LOSS_KINDS:
-        raise ValueError(f"aux_loss must be one of {AUX_LOSS_KINDS}, got {aux_loss!r}")
-    if not aux_loss_coeff >= 0:
-        raise ValueError(f"aux_loss_coeff must be >= 0, got {aux_loss_coeff!r}")
+def balance_loss_args(owner: str, balance_loss, balance_loss_coeff, deprecated: dict) -> tuple:
+    """(balance_loss, balance_loss_coeff), taking the deprecated keywords ``aux_loss`` /
+    ``aux_loss_coeff`` (renamed: "aux loss" now means only the sum of a model's routing losses,
+    :func:`moe.collect_aux_losses`). Any other keyword raises TypeError."""
+    unknown = sorted(set(deprecated) - {"aux_loss", "aux_loss_coeff"})
+    if unknown:
+        raise TypeError(f"{owner}: unexpected keyword argument(s) {', '.join(unknown)}")
+    for old, new in (("aux_loss", "balance_loss"), ("aux_loss_coeff", "balance_loss_coeff")):
+        if old in deprecated:
+            warnings.warn(f"{owner}: {old}= is deprecated, use {new}=", DeprecationWarning, stacklevel=3)
+    return deprecated.get("aux_loss", balance_loss), deprecated.get("aux_loss_coeff", balance_loss_coeff)
+
+
+def check_loss_config(balance_loss, balance_loss_coeff: float, z_loss_coeff: float) -> None:
+    if balance_loss not in BALANCE_LOSS_KINDS:
+        raise ValueError(f"balance_loss must be one of {BALANCE_LOSS_KINDS}, got {balance_loss!r}")
+    if not balance_loss_coeff >= 0:
+        raise ValueError(f"balance_loss_coeff must be >= 0, got {balance_loss_coeff!r}")
     if not z_loss_coeff >= 0:
         raise ValueError(f"z_loss_coeff must be >= 0, got {z_loss_coeff!r}")
 
 
 def balance_losses(
     *,
-    aux_loss: Optional[str],
-    aux_loss_coeff: float,
+    balance_loss: Optional[str],
+    balance_loss_coeff: float,
     z_loss_coeff: float,
     probs_TE: Tensor,
     ids_TK: Tensor,
@@ -101,18 +115,40 @@ def balance_losses(
 ) -> dict:
     """The aux_losses dict of a router in training: coefficient * loss for each enabled loss.
 
-    "load_balancing" (aux_loss="switch"), "seq_load_balancing" (aux_loss="seq", per sequence
+    "load_balancing" (balance_loss="switch"), "seq_load_balancing" (balance_loss="seq", per sequence
     of the (B, S) input; a (T, D) input is one sequence) and "z_loss".
     """
     out = {}
-    if aux_loss == "switch" and aux_loss_coeff > 0:
-        out["load_balancing"] = aux_loss_coeff * switch_load_balancing_loss(probs_TE, ids_TK, valid_T=valid_T)
-    elif aux_loss == "seq" and aux_loss_coeff > 0:
+    if balance_loss == "switch" and balance_loss_coeff > 0:
+        out["load_balancing"] = balance_loss_coeff * switch_load_balancing_loss(probs_TE, ids_TK, valid_T=valid_T)
+    elif balance_loss == "seq" and balance_loss_coeff > 0:
         B, S = seq_shape
         valid = None if valid_T is None else valid_T.reshape(B, S)
-        out["seq_load_balancing"] = aux_loss_coeff * sequence_load_balancing_loss(
+        out["seq_load_balancing"] = balance_loss_coeff * sequence_load_balancing_loss(
             probs_TE.reshape(B, S, probs_TE.shape[1]), ids_TK.reshape(B, S, ids_TK.shape[1]), valid_BS=valid
         )
     if z_loss_coeff > 0:
         out["z_loss"] = z_loss_coeff * z_loss(logits_TE, valid_T=valid_T)
     return out
+
+
+def membership_bce_loss(logits_T: Tensor, selected_T: Tensor, *, valid_T: Optional[Tensor] = None) -> Tensor:
+    """Mean binary cross-entropy of sigmoid(logits_T) against the bool selection selected_T: the
+    auxiliary loss of Mixture-of-Recursions' expert-choice routers (Bae et al. 2025, §2.2.1), which
+    trains each step's router to predict its own top-k membership, so eval can threshold at 0.5."""
+    logits = _promote(logits_T)
+    bce_T = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, selected_T.to(logits.dtype), reduction="none")
+    return _masked_mean(bce_T, valid_T)
+
+
+@torch.no_grad()
+def loss_free_bias_update_(bias_E: Tensor, load_E: Tensor, rate: float) -> Tensor:
+    """Auxiliary-loss-free balancing (Wang et al. 2024, Alg. 1; DeepSeek-V3 Sec. 2.1.2), in place:
+    b_i += rate * sign(mean(load) - load_i), lowering the bias of the overloaded choices. load_E
+    (E,) is any per-choice load (token counts, or load fractions summed over micro-batches),
+    compared in float32 (float64 when it is float64). The one bias rule of moekit's routers
+    (TopKRouter's expert bias and the token-choice depth bias of Mixture-of-Recursions)."""
+    dtype = torch.float64 if load_E.dtype == torch.float64 else torch.float32
+    load = load_E.to(device=bias_E.device, dtype=dtype)
+    return bias_E.add_(torch.sign(load.mean() - load), alpha=rate)

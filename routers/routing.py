@@ -9,6 +9,7 @@ or a padded token. Empty slots always carry weight 0. Metrics stay tensors (no h
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -116,29 +117,13 @@ def count_chosen(ids_TK: Tensor, valid_T: Optional[Tensor]) -> Tensor:
     return chosen.sum()
 
 
-_LINEAR_F32_KEYS: set = set()  # dispatch keys seen with moe.linear_f32 registered (they stay so)
-_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
-
-
-def _has_linear_f32(device: torch.device) -> bool:
-    """True where moekit's compiled ``moe.linear_f32`` serves ``device`` (the CPU, and CUDA when
-    the extension has its CUDA kernels, once moe._C is loaded, e.g. by ``import moe``): x @ W^T
-    for bfloat16 x and W, with float32 accumulation and a float32 result, which equals the
-    float32 GEMM on upcast copies up to the order of the sums (every bfloat16 product is exact in
-    float32) at about twice its speed. A dispatcher query (metadata only, no host sync), cached
-    once true. The routers package does not import moe; without it, the float32 GEMM runs."""
-    key = _DISPATCH_KEYS.get(device.type)
-    if key is None or torch.compiler.is_compiling():
-        return False
-    if key not in _LINEAR_F32_KEYS:
-        has = torch._C._dispatch_has_kernel_for_dispatch_key
-        try:  # the compiled kernel (moe._C) and its autograd (registered by moe.ops)
-            if not (has("moe::linear_f32", key) and has("moe::linear_f32", "Autograd")):
-                return False
-        except RuntimeError:  # the op is not registered: moe._C is not loaded
-            return False
-        _LINEAR_F32_KEYS.add(key)
-    return True
+def _linear_f32_op():
+    """``torch.ops.moe.linear_f32`` where moekit's ops are registered (``import moe`` registers
+    them; the dispatcher then runs the compiled kernel or its twin), else None. x @ W^T for
+    bfloat16 x and W with float32 accumulation and a float32 result: the float32 GEMM on upcast
+    copies up to the order of the sums (every bfloat16 product is exact in float32), without
+    the copies. The routers package does not import moe: without it, the float32 GEMM runs."""
+    return getattr(torch.ops.moe, "linear_f32", None)
 
 
 class RouterBase(nn.Module):
@@ -147,6 +132,23 @@ class RouterBase(nn.Module):
     hidden_size: int
     num_experts: int
     top_k: int
+
+    @property
+    def aux_loss(self):
+        """Deprecated name of ``balance_loss`` (the load-balancing loss type)."""
+        warnings.warn("router.aux_loss is deprecated: use router.balance_loss", DeprecationWarning, stacklevel=2)
+        return self.balance_loss
+
+    @aux_loss.setter
+    def aux_loss(self, value) -> None:
+        warnings.warn("router.aux_loss is deprecated: use router.balance_loss", DeprecationWarning, stacklevel=2)
+        self.balance_loss = value
+
+    @property
+    def nominal_experts_per_token(self) -> float:
+        """Experts a token uses, nominally: k (the maximum for variable-k routers); expert choice
+        overrides it. Layers size their active parameters and FLOPs with it."""
+        return self.top_k
 
     def _init_common(self, hidden_size: int, num_experts: int, *, jitter: float, check_finite: bool) -> None:
         if not isinstance(hidden_size, int) or hidden_size < 1:
@@ -212,11 +214,12 @@ class RouterBase(nn.Module):
 
     def _linear_logits(self, x: Tensor, padding_mask: Optional[Tensor]):
         """-> (logits_TE = x_TD @ weight^T in the compute dtype, valid_T, seq_shape)."""
-        fast = (isinstance(x, Tensor) and x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16
-                and not (self.training and self.jitter > 0) and _has_linear_f32(x.device))
+        op = _linear_f32_op()
+        fast = (op is not None and isinstance(x, Tensor) and x.dtype == torch.bfloat16
+                and self.weight.dtype == torch.bfloat16 and not (self.training and self.jitter > 0))
         x_TD, valid_T, seq_shape = self._prepare(x, padding_mask, self.weight.device, upcast=not fast)
         if fast:  # the same float32 logits, from the bfloat16 operands
-            return torch.ops.moe.linear_f32(x_TD, self.weight), valid_T, seq_shape
+            return op(x_TD, self.weight), valid_T, seq_shape
         return F.linear(x_TD, self.weight.to(x_TD.dtype)), valid_T, seq_shape
 
     def _check_logits(self, logits_TE: Tensor, valid_T: Optional[Tensor]) -> None:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from routers.capacity import apply_capacity, capacity, check_capacity_factor, xmoe_priority
-from routers.losses import balance_losses, check_aux_config, entropy_loss
+from routers.losses import balance_loss_args, balance_losses, check_loss_config, entropy_loss
 from routers.routing import RouterBase, Routing, count_chosen, make_routing
 
 RULES = ("xmoe", "top_p")
@@ -56,7 +56,7 @@ class ThresholdRouter(RouterBase):
     expert slots per token; the reference's min_capacity floor is not applied) chosen by XMoE's
     priority (K - rank) + probability, so every first choice outranks every second choice (the
     reference uses (ranks in use - rank) + probability: the same order). Slots are dropped one
-    by one: a token can lose its second expert and keep its first. aux_loss="switch"/"seq":
+    by one: a token can lose its second expert and keep its first. balance_loss="switch"/"seq":
     balance loss E * sum_i f_i P_i with f_i from each token's top-1 expert for rule="xmoe" (the
     XMoE code's l_aux, computed before drops) and from all kept experts for rule="top_p";
     dynamic_loss_coeff adds top-p routing's entropy ("dynamic") loss; z_loss_coeff the z-loss.
@@ -72,15 +72,17 @@ class ThresholdRouter(RouterBase):
         max_experts: Optional[int] = None,
         renormalize: bool = False,
         capacity_factor: Optional[float] = None,
-        aux_loss: Optional[str] = "switch",
-        aux_loss_coeff: float = 1e-2,
+        balance_loss: Optional[str] = "switch",
+        balance_loss_coeff: float = 1e-2,
         z_loss_coeff: float = 0.0,
         dynamic_loss_coeff: float = 0.0,
         jitter: float = 0.0,
         init_std: float = 0.02,
         check_finite: bool = True,
+        **deprecated,
     ) -> None:
         super().__init__()
+        balance_loss, balance_loss_coeff = balance_loss_args("ThresholdRouter", balance_loss, balance_loss_coeff, deprecated)
         self._init_common(hidden_size, num_experts, jitter=jitter, check_finite=check_finite)
         if not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
@@ -89,13 +91,14 @@ class ThresholdRouter(RouterBase):
         if max_experts is not None and (not isinstance(max_experts, int) or not 1 <= max_experts <= num_experts):
             raise ValueError(f"max_experts must be None or an int in [1, num_experts={num_experts}], got {max_experts!r}")
         check_capacity_factor(capacity_factor)
-        check_aux_config(aux_loss, aux_loss_coeff, z_loss_coeff)
+        check_loss_config(balance_loss, balance_loss_coeff, z_loss_coeff)
         if not dynamic_loss_coeff >= 0:
             raise ValueError(f"dynamic_loss_coeff must be >= 0, got {dynamic_loss_coeff!r}")
         self.threshold, self.rule, self.renormalize = float(threshold), rule, bool(renormalize)
         self.top_k = num_experts if max_experts is None else max_experts
         self.capacity_factor = capacity_factor
-        self.aux_loss, self.aux_loss_coeff, self.z_loss_coeff = aux_loss, float(aux_loss_coeff), float(z_loss_coeff)
+        self.balance_loss, self.balance_loss_coeff = balance_loss, float(balance_loss_coeff)
+        self.z_loss_coeff = float(z_loss_coeff)
         self.dynamic_loss_coeff = float(dynamic_loss_coeff)
         self._init_linear(init_std)
 
@@ -124,7 +127,7 @@ class ThresholdRouter(RouterBase):
 
     def _losses(self, probs_TE, ids_TK, logits_TE, valid_T, seq_shape) -> dict:
         ids_aux = ids_TK[:, :1] if self.rule == "xmoe" else ids_TK
-        out = balance_losses(aux_loss=self.aux_loss, aux_loss_coeff=self.aux_loss_coeff,
+        out = balance_losses(balance_loss=self.balance_loss, balance_loss_coeff=self.balance_loss_coeff,
                              z_loss_coeff=self.z_loss_coeff, probs_TE=probs_TE, ids_TK=ids_aux,
                              logits_TE=logits_TE, valid_T=valid_T, seq_shape=seq_shape)
         if self.dynamic_loss_coeff > 0:

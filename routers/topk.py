@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from routers.capacity import DROP_POLICIES, apply_capacity, capacity, check_capacity_factor, position_priority
-from routers.losses import balance_losses, check_aux_config
+from routers.losses import balance_loss_args, balance_losses, check_loss_config
 from routers.routing import RouterBase, Routing, count_chosen, make_routing
 
 
@@ -59,8 +59,8 @@ class TopKBase(RouterBase):
         jitter: float,
         capacity_factor: Optional[float],
         drop_policy: str,
-        aux_loss: Optional[str],
-        aux_loss_coeff: float,
+        balance_loss: Optional[str],
+        balance_loss_coeff: float,
         z_loss_coeff: float,
         check_finite: bool,
     ) -> None:
@@ -72,7 +72,7 @@ class TopKBase(RouterBase):
         if drop_policy not in DROP_POLICIES:
             raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
         check_capacity_factor(capacity_factor)
-        check_aux_config(aux_loss, aux_loss_coeff, z_loss_coeff)
+        check_loss_config(balance_loss, balance_loss_coeff, z_loss_coeff)
         if (num_groups is None) != (topk_groups is None):
             raise ValueError("num_groups and topk_groups must be given together")
         if num_groups is not None:
@@ -91,7 +91,8 @@ class TopKBase(RouterBase):
         self.routed_scaling_factor = float(routed_scaling_factor)
         self.num_groups, self.topk_groups = num_groups, topk_groups
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
-        self.aux_loss, self.aux_loss_coeff, self.z_loss_coeff = aux_loss, float(aux_loss_coeff), float(z_loss_coeff)
+        self.balance_loss, self.balance_loss_coeff = balance_loss, float(balance_loss_coeff)
+        self.z_loss_coeff = float(z_loss_coeff)
         if expert_bias:
             self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
         else:
@@ -132,14 +133,14 @@ class TopKBase(RouterBase):
         """Balance losses use the unbiased, group-free top-k of the (for sigmoid: normalised)
         scores, before capacity (DeepSeek-V3 Eq. 17-20; Megatron compute_routing_scores_for_aux_loss)."""
         scores_TE, ids_aux = probs_TE, ids_TK
-        if self.aux_loss is not None and self.aux_loss_coeff > 0:
+        if self.balance_loss is not None and self.balance_loss_coeff > 0:
             if self.score == "sigmoid":
                 scores_TE = probs_TE / (probs_TE.sum(dim=-1, keepdim=True) + 1e-20)
             if self.expert_bias is not None or self.num_groups is not None:
                 ids_aux = scores_TE.topk(self.top_k, dim=-1).indices
                 if valid_T is not None:
                     ids_aux = ids_aux.masked_fill(~valid_T[:, None], -1)
-        return balance_losses(aux_loss=self.aux_loss, aux_loss_coeff=self.aux_loss_coeff,
+        return balance_losses(balance_loss=self.balance_loss, balance_loss_coeff=self.balance_loss_coeff,
                               z_loss_coeff=self.z_loss_coeff, probs_TE=scores_TE, ids_TK=ids_aux,
                               logits_TE=logits_TE, valid_T=valid_T, seq_shape=seq_shape)
 
@@ -155,7 +156,7 @@ class TopKRouter(TopKBase):
     update_expert_bias. jitter multiplies the router input by U(1-jitter, 1+jitter) in training
     (Switch Transformer). capacity_factor=None is dropless; otherwise capacity(T, K, E, factor)
     slots per expert, dropping the lowest weights ("probs") or the latest tokens ("position").
-    aux_loss "switch" (batch) or "seq" (per sequence, DeepSeek-V3) times aux_loss_coeff, plus
+    balance_loss "switch" (batch) or "seq" (per sequence, DeepSeek-V3) times balance_loss_coeff, plus
     z_loss_coeff * z-loss, all returned in Routing.aux_losses in training mode.
     check_finite=True raises on NaN/inf logits (on CUDA as a device-side assert: no host sync).
     """
@@ -175,18 +176,20 @@ class TopKRouter(TopKBase):
         jitter: float = 0.0,
         capacity_factor: Optional[float] = None,
         drop_policy: str = "probs",
-        aux_loss: Optional[str] = "switch",
-        aux_loss_coeff: float = 1e-2,
+        balance_loss: Optional[str] = "switch",
+        balance_loss_coeff: float = 1e-2,
         z_loss_coeff: float = 0.0,
         init_std: float = 0.02,
         check_finite: bool = True,
+        **deprecated,
     ) -> None:
         super().__init__()
+        balance_loss, balance_loss_coeff = balance_loss_args("TopKRouter", balance_loss, balance_loss_coeff, deprecated)
         self._init_topk(
             hidden_size, num_experts, top_k, score=score, norm_topk=norm_topk,
             routed_scaling_factor=routed_scaling_factor, num_groups=num_groups, topk_groups=topk_groups,
             expert_bias=expert_bias, jitter=jitter, capacity_factor=capacity_factor,
-            drop_policy=drop_policy, aux_loss=aux_loss, aux_loss_coeff=aux_loss_coeff,
+            drop_policy=drop_policy, balance_loss=balance_loss, balance_loss_coeff=balance_loss_coeff,
             z_loss_coeff=z_loss_coeff, check_finite=check_finite,
         )
         self._init_linear(init_std)

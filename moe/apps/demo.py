@@ -203,7 +203,7 @@ def train_variant(variant: str, cfg: DemoConfig, train: torch.Tensor, val: torch
             t0 = time.perf_counter()
             out = model(x, labels=x)
             opt.zero_grad(set_to_none=True)
-            (out.loss + out.aux_loss).backward()
+            (out.loss + sum(out.aux_losses.values(), out.loss.new_zeros(()))).backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from moe import ops
-from moe.experts import _row_bias
+from moe.experts import row_bias
 
 __all__ = ["register", "moekit_experts_forward", "NAME"]
 
@@ -31,7 +31,7 @@ def _grouped_linear(x_NX: Tensor, w: Tensor, offs_E: Tensor, b_EY, is_transposed
     """HF weights are (E, Y, X) (nn.Linear layout) or, when is_transposed, (E, X, Y)."""
     w_EXY = w if is_transposed else w.transpose(-2, -1)
     out_NY = ops.grouped_mm(x_NX.to(w.dtype), w_EXY, offs_E)
-    return out_NY if b_EY is None else out_NY + _row_bias(b_EY, offs_E, x_NX.shape[0]).to(out_NY.dtype)
+    return out_NY if b_EY is None else out_NY + row_bias(b_EY, offs_E, x_NX.shape[0]).to(out_NY.dtype)
 
 
 def moekit_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
@@ -51,7 +51,7 @@ def moekit_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top
         w_EXY = w_in if self.is_transposed else w_in.transpose(-2, -1)
         h_NH = ops.gather_grouped_mm(hidden_states, plan, w_EXY)
         if b_in is not None:
-            h_NH = h_NH + _row_bias(b_in, plan.offs_E, plan.max_rows).to(h_NH.dtype)
+            h_NH = h_NH + row_bias(b_in, plan.offs_E, plan.max_rows).to(h_NH.dtype)
     else:
         h_NH = _grouped_linear(ops.permute(hidden_states, plan), w_in, plan.offs_E, b_in, self.is_transposed)
     h_NF = self._apply_gate(h_NH) if self.has_gate else self.act_fn(h_NH)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moe import ops
-from moe.ops_torch import permute_torch, unpermute_torch, unpermute_weights_grad_torch
+from moe.ops.twins import permute_torch, unpermute_torch, unpermute_weights_grad_torch
 from tests.helpers.cpu_kernels import BF16
 from tests.helpers.ops import make_ids
 

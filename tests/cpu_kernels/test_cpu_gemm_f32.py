@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from moe import ops
-from moe.ops_torch import grouped_mm_torch, grouped_mm_wgrad_torch
+from moe.ops.twins import grouped_mm_torch, grouped_mm_wgrad_torch
 from tests.helpers.cpu_kernels import (A_LAYOUTS, B_LAYOUTS, f32_inputs, one_thread, run_json, view2d, view3d,
                                        wgrad)
 
@@ -209,7 +209,7 @@ def test_grouped_mm_wgrad_f32_below_threshold_is_at_mm(X, Y, counts):
 SAME_AS_TWIN = """
     import torch
     from moe import ops
-    from moe.ops_torch import grouped_mm_torch, grouped_mm_wgrad_torch
+    from moe.ops.twins import grouped_mm_torch, grouped_mm_wgrad_torch
     from tests.helpers.cpu_kernels import f32_inputs, one_thread, wgrad
     def same_as_twin():
         a, b, _, offs = f32_inputs([13, 0, 100, 6], 1000, 130, pad=0, seed=11)

@@ -23,8 +23,9 @@ from torch.autograd import DeviceType
 from torch.library import opcheck
 
 import routers
+import moe
 from moe import GroupedExperts, MoELayer, ops
-from moe.ops_torch import linear_f32_torch, swiglu_backward_torch, swiglu_torch
+from moe.ops.twins import linear_f32_torch, swiglu_backward_torch, swiglu_torch
 
 from tests.helpers.swiglu import ULP, close_to, inputs
 
@@ -45,7 +46,7 @@ def _cuda_kernels():
     assert ops.HAS_EXTENSION, "moe._C did not load: build it with MOE_BUILD_CUDA=1"
     for name in ("swiglu", "swiglu_backward", "linear_f32"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"moe::{name}", "CUDA"), name
-    assert ops.has_swiglu_kernel(torch.device("cuda"))
+    assert "CUDA" in ops.compiled_kernels("swiglu")
     torch.manual_seed(0)
 
 
@@ -262,8 +263,8 @@ def _profile(fn):
 def _module(kind):
     if kind == "grouped":
         m = GroupedExperts(4, 32, 48).cuda().bfloat16()
-        args = (torch.randn(40, 32, dtype=torch.bfloat16, device="cuda"),
-                torch.tensor([10, 10, 25, 40], dtype=torch.int32, device="cuda"))
+        args = (moe.ExpertRows(torch.randn(40, 32, dtype=torch.bfloat16, device="cuda"),
+                               torch.tensor([10, 10, 25, 40], dtype=torch.int32, device="cuda")),)
         return m, args
     m = MoELayer(64, 96, 16, 4, num_shared_experts=1).cuda().bfloat16()
     return m, (torch.randn(3, 50, 64, dtype=torch.bfloat16, device="cuda"),)
@@ -273,7 +274,7 @@ def _module(kind):
 def test_layers_run_the_cuda_kernels_without_host_sync(kind, monkeypatch):
     """GroupedExperts and MoELayer in bfloat16 on CUDA run swiglu's CUDA kernels both ways (and the
     router's linear_f32), no aten silu kernel, and no host sync (sync_debug_mode "error"); outputs
-    and gradients match the composite path (_GatedActivation) within bfloat16 rounding."""
+    and gradients match autograd's composite silu(gate) * up within bfloat16 rounding."""
     m, args = _module(kind)
 
     def step():
@@ -282,7 +283,7 @@ def test_layers_run_the_cuda_kernels_without_host_sync(kind, monkeypatch):
         y = m(*args)
         loss = y.float().square().mean()
         if kind == "moelayer":
-            loss = loss + m.aux_loss
+            loss = loss + moe.collect_aux_losses(m)
         loss.backward()
         return y.detach().float(), [p.grad.float() for p in m.parameters()]
 
@@ -299,7 +300,11 @@ def test_layers_run_the_cuda_kernels_without_host_sync(kind, monkeypatch):
     assert not any("silu" in k for k in kernels), sorted(kernels)
     if kind == "moelayer":
         assert "moe::linear_f32" in host
-    monkeypatch.setattr(ops, "has_swiglu_kernel", lambda device: False)
+    def composite(h):
+        gate, up = h.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
+    monkeypatch.setattr(ops, "swiglu", composite)
     host2, kernels2 = _profile(step)
     assert "moe::swiglu" not in host2 and any("silu" in k for k in kernels2)
     y2, g2 = step()
@@ -318,10 +323,10 @@ def test_bf16_router_uses_linear_f32_on_cuda(monkeypatch):
     D = 64
     r = routers.TopKRouter(D, 16, 4).cuda().bfloat16()
     x = torch.randn(200, D, dtype=torch.bfloat16, device="cuda")
-    assert rr._has_linear_f32(x.device)
+    assert rr._linear_f32_op() is not None
     fast = r(x)
     assert fast.logits_TE.dtype == torch.float32 and "linear_f32" in fast.logits_TE.grad_fn.name()
-    monkeypatch.setattr(rr, "_has_linear_f32", lambda device: False)
+    monkeypatch.setattr(rr, "_linear_f32_op", lambda: None)
     slow = r(x)
     assert "linear_f32" not in slow.logits_TE.grad_fn.name()
     bound = 4 * D * 2.0 ** -24 * (x.float().abs() @ r.weight.float().abs().t())

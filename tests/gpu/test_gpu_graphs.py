@@ -1,5 +1,5 @@
 """CUDA graphs of moe.MoELayer's whole training step (router with aux losses, dispatch, experts,
-combine; forward, loss = y.square().mean() + moe.aux_loss(layer), backward): captured by hand
+combine; forward, loss = y.square().mean() + moe.collect_aux_losses(layer), backward): captured by hand
 (torch.cuda.CUDAGraph, PyTorch's whole-network recipe), through
 torch.cuda.make_graphed_callables, and compiled with torch.compile(mode="reduce-overhead").
 
@@ -39,7 +39,7 @@ CONFIGS = {
     "shared": dict(num_shared_experts=1),
     "capacity": dict(capacity_factor=1.0),  # drops: empty slots (-1) and padding rows
     "deepseek": dict(num_shared_experts=1, router_kwargs=dict(
-        score="sigmoid", num_groups=4, topk_groups=2, expert_bias=True, aux_loss="seq", z_loss_coeff=1e-3)),
+        score="sigmoid", num_groups=4, topk_groups=2, expert_bias=True, balance_loss="seq", z_loss_coeff=1e-3)),
 }
 
 
@@ -67,7 +67,7 @@ def _train_step(layer, x, *, zero: bool = True):
     if zero:
         layer.zero_grad(set_to_none=True)
     y = layer(x)
-    loss = y.square().mean() + moe.aux_loss(layer)
+    loss = y.square().mean() + moe.collect_aux_losses(layer)
     loss.backward()
     return y, loss
 
@@ -124,7 +124,7 @@ def _capture_step(layer, static_x, warmup: int = 3):
 def test_training_step_captured_in_a_cuda_graph_replays_eager_gradients(config, backend, monkeypatch):
     """The whole training step in one CUDA graph, replayed on new tokens (so new routing): y, the
     loss, the routing and every gradient equal eager's."""
-    monkeypatch.setenv("MOE_CUDA_GEMM", backend)
+    monkeypatch.setattr(moe.ops.config, "cuda_gemm", backend)  # set, then reset by monkeypatch
     layer = _layer(config)
     xs = _inputs(3)
     eager, again = _eager_twice(lambda x: _clone(_state(layer, *_train_step(layer, x))), xs[:2])
@@ -153,7 +153,7 @@ def test_make_graphed_callables_with_returned_aux_loss(config):
             x = x.detach().clone().requires_grad_()
             y, aux = fn(x)
             (y.square().mean() + aux).backward()
-            assert layer.aux_loss is None and float(moe.aux_loss(layer)) == 0.0
+            assert layer.aux_losses == {} and float(moe.collect_aux_losses(layer)) == 0.0
             return _clone({"y": y, "aux": aux, "x": x.grad, **{n: p.grad for n, p in layer.named_parameters()}})
         return run
 
@@ -192,7 +192,7 @@ def test_torch_compile_reduce_overhead_training_step_matches_eager():
         be the closer one; y and the gradients carry the check)."""
         module.zero_grad(set_to_none=True)
         y = fn(x)
-        (y.square().mean() + moe.aux_loss(module)).backward()
+        (y.square().mean() + moe.collect_aux_losses(module)).backward()
         return _clone({"y": y, **{n: p.grad for n, p in module.named_parameters()}})
 
     xs = _inputs(2)

@@ -16,7 +16,7 @@ import textwrap
 import torch
 
 from moe import ops
-from moe.ops_torch import grouped_mm_torch, grouped_mm_wgrad_torch
+from moe.ops.twins import grouped_mm_torch, grouped_mm_wgrad_torch
 
 BF16 = torch.bfloat16
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -7,6 +7,8 @@ Shape legend: T tokens, D hidden, E experts, K slots, F expert hidden.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,7 @@ from torch import nn
 
 import moe
 import routers
-from moe import GroupedExperts, LocalDispatcher, MoELayer
+from moe import ExpertRows, GroupedExperts, LocalDispatcher, MoELayer, ops
 from routers import Routing
 
 ACTS = {"swiglu": lambda h: F.silu(h.chunk(2, -1)[0]) * h.chunk(2, -1)[1],
@@ -77,7 +79,7 @@ class Stack(nn.Module):
 
 def make_router(kind, D, E):
     if kind == "topk":
-        return routers.TopKRouter(D, E, 2, aux_loss="seq", z_loss_coeff=1e-3, init_std=0.5)
+        return routers.TopKRouter(D, E, 2, balance_loss="seq", z_loss_coeff=1e-3, init_std=0.5)
     if kind == "threshold":
         return routers.ThresholdRouter(D, E, threshold=0.6, max_experts=3, init_std=0.5)
     if kind == "expert_choice":
@@ -96,7 +98,9 @@ def test_grouped_experts_match_per_expert_loop(activation, bias):
     N = 12  # 9 routed rows + 3 padding rows
     x_ND = torch.randn(N, 6, dtype=torch.float64)
     offs_E = counts.cumsum(0).int()
-    y = ex(x_ND, offs_E)
+    y = ex(ExpertRows(x_ND, offs_E))
+    with pytest.warns(DeprecationWarning, match="ExpertRows"):
+        assert torch.equal(ex(x_ND, offs_E), y)  # the deprecated (x_ND, offs_E) form
     expert_of_row = torch.repeat_interleave(torch.arange(4), counts)
     ref = expert_outputs(ex, x_ND[:9])[expert_of_row, torch.arange(9)]
     torch.testing.assert_close(y[:9], ref)
@@ -119,7 +123,12 @@ def test_local_dispatcher_roundtrip_is_weighted_sum():
     x_TD = torch.randn(7, 4, dtype=torch.float64)
     ids_TK = torch.tensor([[0, 3], [4, -1], [3, 3], [-1, -1], [1, 0], [4, 2], [2, -1]])
     w_TK = torch.rand(7, 2, dtype=torch.float64)
-    x_ND, offs_E, state = d.dispatch(x_TD, ids_TK, w_TK)
+    rows, state = d.dispatch(x_TD, SimpleNamespace(ids_TK=ids_TK, weights_TK=w_TK))
+    assert rows.gathered and rows.x is x_TD and rows.num_rows == 14  # a view: no copy
+    x_ND, offs_E = rows.materialize().x, rows.offs_E
+    with pytest.warns(DeprecationWarning, match="routing"):
+        legacy = d.dispatch(x_TD, ids_TK, w_TK)  # the old (x_ND, offs_E, state) form
+    assert torch.equal(legacy[0], x_ND) and torch.equal(legacy[1], offs_E)
     counts = torch.bincount(ids_TK[ids_TK >= 0], minlength=5)
     assert torch.equal(offs_E, counts.cumsum(0).int())
     expert_of_row = torch.repeat_interleave(torch.arange(5), counts)
@@ -202,20 +211,25 @@ def test_shapes_and_router_gets_sequences():
 
 def test_aux_loss_train_eval_and_model_sum():
     torch.manual_seed(0)
-    model = nn.Sequential(MoELayer(8, 4, 4, 2, router_kwargs=dict(aux_loss="seq", z_loss_coeff=1e-2)),
+    model = nn.Sequential(MoELayer(8, 4, 4, 2, router_kwargs=dict(balance_loss="seq", z_loss_coeff=1e-2)),
                           nn.Linear(8, 8), MoELayer(8, 4, 4, 1))
     x = torch.randn(2, 6, 8)
     model(x)
-    a0, a2 = model[0].aux_loss, model[2].aux_loss
-    assert len(model[0].last_routing.aux_losses) == 2  # the balance loss and the z-loss
-    torch.testing.assert_close(a0, sum(model[0].last_routing.aux_losses.values()))
-    torch.testing.assert_close(moe.aux_loss(model), a0 + a2)
-    moe.aux_loss(model).backward()
+    l0, l2 = model[0].aux_losses, model[2].aux_losses
+    assert set(l0) == {"seq_load_balancing", "z_loss"} and set(l2) == {"load_balancing"}
+    assert l0 == model[0].last_routing.aux_losses
+    total = moe.collect_aux_losses(model)
+    torch.testing.assert_close(total, sum(l0.values()) + l2["load_balancing"])
+    by_name = moe.collect_aux_losses(model, by_name=True)
+    assert set(by_name) == {"seq_load_balancing", "z_loss", "load_balancing"}
+    with pytest.warns(DeprecationWarning):
+        torch.testing.assert_close(moe.aux_loss(model), total)
+    total.backward()
     assert model[0].router.weight.grad.abs().sum() > 0
     model.eval()
     model(x)
-    assert moe.aux_loss(model).item() == 0 and model[0].aux_loss.requires_grad is False
-    assert moe.aux_loss(nn.Linear(2, 2)).item() == 0
+    assert model[0].aux_losses == {} and moe.collect_aux_losses(model).item() == 0
+    assert moe.collect_aux_losses(nn.Linear(2, 2)).item() == 0
 
 
 def test_padding_mask_and_capacity_drops():
@@ -267,12 +281,12 @@ def test_torch_compile_fullgraph_matches_eager():
     x = torch.randn(2, 5, 16, requires_grad=True)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     y = compiled(x)
-    (y.square().sum() + layer.aux_loss).backward()
+    (y.square().sum() + moe.collect_aux_losses(layer)).backward()
     g_x, g_w = x.grad.clone(), layer.experts.w_in_EDH.grad.clone()
     x.grad = None
     layer.zero_grad()
     y_ref = layer(x)
-    (y_ref.square().sum() + layer.aux_loss).backward()
+    (y_ref.square().sum() + moe.collect_aux_losses(layer)).backward()
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(g_x, x.grad)
     torch.testing.assert_close(g_w, layer.experts.w_in_EDH.grad)
@@ -334,13 +348,17 @@ def test_bad_inputs_name_themselves():
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         layer([1.0] * 8)
     with pytest.raises(TypeError, match="x_ND is torch.float64"):
-        layer.experts(torch.randn(3, 8, dtype=torch.float64), torch.tensor([1, 2, 3, 3], dtype=torch.int32))
+        layer.experts(ExpertRows(torch.randn(3, 8, dtype=torch.float64), torch.tensor([1, 2, 3, 3], dtype=torch.int32)))
     with pytest.raises(ValueError, match="offs_E"):
-        layer.experts(torch.randn(3, 8), torch.tensor([3], dtype=torch.int32))
+        layer.experts(ExpertRows(torch.randn(3, 8), torch.tensor([3], dtype=torch.int32)))
     with pytest.raises(ValueError, match="ids_TK"):
-        layer.dispatcher.dispatch(torch.randn(3, 8), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2))
+        layer.dispatcher.dispatch(torch.randn(3, 8), SimpleNamespace(ids_TK=torch.zeros(2, 2, dtype=torch.long),
+                                                                     weights_TK=torch.ones(2, 2)))
     with pytest.raises(ValueError, match="weights_TK"):
-        layer.dispatcher.dispatch(torch.randn(3, 8), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 1))
+        layer.dispatcher.dispatch(torch.randn(3, 8), SimpleNamespace(ids_TK=torch.zeros(3, 2, dtype=torch.long),
+                                                                     weights_TK=torch.ones(3, 1)))
+    with pytest.raises(TypeError, match="routing"):
+        layer.dispatcher.dispatch(torch.randn(3, 8), torch.zeros(3, 2, dtype=torch.long))
 
 
 @pytest.mark.parametrize("shape", [(0, 8), (2, 0, 8)])
@@ -349,7 +367,7 @@ def test_empty_batch(shape):
     x = torch.randn(shape, requires_grad=True)
     y = layer(x)
     assert y.shape == shape
-    (y.sum() + layer.aux_loss).backward()
+    (y.sum() + moe.collect_aux_losses(layer)).backward()
     assert x.grad.shape == shape
     assert layer.experts.w_in_EDH.grad is not None and layer.experts.w_in_EDH.grad.abs().sum() == 0
 
@@ -369,37 +387,25 @@ def test_all_tokens_to_one_expert():
     assert g[2].abs().sum() > 0 and g[[0, 1, 3]].abs().sum() == 0
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_gated_activation_equals_the_chunk_formula(activation, dtype, monkeypatch):
-    # moe.experts.activate's composite path (_GatedActivation: geglu, and swiglu where moe.swiglu
-    # has no kernel) fuses act(gate) * up with a hand-written backward; it must give the same
-    # values and gradients as autograd over the plain formula (Shazeer 2020, Eq. 5-6). The
-    # swiglu kernel's own tests are in tests/ops/test_swiglu.py.
-    from moe import ops
+def test_gated_activations(dtype):
+    # moe.experts.activate: swiglu is the op moe.ops.swiglu (kernel or twin; its own tests are in
+    # tests/ops/test_swiglu.py), geglu the formula gelu(gate) * up (Shazeer 2020, Eq. 5-6).
     from moe.experts import activate
-
-    monkeypatch.setattr(ops, "has_swiglu_kernel", lambda device: False)
 
     torch.manual_seed(0)
     h = torch.randn(37, 2 * 24, dtype=dtype)
-    g = torch.randn(37, 24, dtype=dtype)
-    act = torch.nn.functional.silu if activation == "swiglu" else torch.nn.functional.gelu
-    h1, h2 = h.clone().requires_grad_(), h.clone().requires_grad_()
-    y1 = activate(h1, activation)
-    gate, up = h2.chunk(2, dim=-1)
-    y2 = act(gate) * up
-    assert torch.equal(y1, y2)
-    y1.backward(g)
-    y2.backward(g)
-    assert torch.equal(h1.grad, h2.grad)
-    h64 = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: activate(t, activation), (h64,))
+    assert torch.equal(activate(h, "swiglu"), ops.swiglu(h))
+    gate, up = h.chunk(2, dim=-1)
+    assert torch.equal(activate(h, "geglu"), torch.nn.functional.gelu(gate) * up)
+    for activation in ("swiglu", "geglu"):
+        h64 = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda t: activate(t, activation), (h64,))
 
 
 def test_return_aux_loss_gives_the_same_step_and_keeps_nothing_on_the_module():
     """MoELayer(return_aux_loss=True) returns (y, aux_loss) equal to the default layer's y and
-    aux_loss, keeps no aux_loss (so moe.aux_loss does not count it twice), and release_step drops
+    aux losses, keeps no aux_losses (so moe.collect_aux_losses does not count them twice), and release_step drops
     what a forward leaves on the modules."""
     torch.manual_seed(0)
     kept = moe.MoELayer(32, 48, 6, 2)
@@ -409,7 +415,7 @@ def test_return_aux_loss_gives_the_same_step_and_keeps_nothing_on_the_module():
     y_kept = kept(x)
     y, aux = returned(x)
     torch.testing.assert_close(y, y_kept, rtol=0, atol=0)
-    torch.testing.assert_close(aux, kept.aux_loss, rtol=0, atol=0)
-    assert aux.requires_grad and returned.aux_loss is None and float(moe.aux_loss(returned)) == 0.0
+    torch.testing.assert_close(aux, moe.collect_aux_losses(kept), rtol=0, atol=0)
+    assert aux.requires_grad and returned.aux_losses == {} and float(moe.collect_aux_losses(returned)) == 0.0
     moe.release_step(kept)
-    assert kept.aux_loss is None and kept.last_routing is None
+    assert kept.aux_losses == {} and kept.last_routing is None

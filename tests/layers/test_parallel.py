@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 import math
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -82,6 +84,11 @@ def _close(actual, expected, what):
         assert err <= bound, f"{what}: error {err} > {bound}"
 
 
+def _routing(ids_TK, weights_TK):
+    """What a dispatcher reads of a routers.Routing."""
+    return SimpleNamespace(ids_TK=ids_TK, weights_TK=weights_TK)
+
+
 def _run_case(group, d, E, *, capacity_factor=None, capacity_tokens=None, spy=False) -> dict:
     """dispatch -> stand-in experts -> combine -> backward on this rank's share; every check
     against the single-process reference. Returns a few facts for the caller's own asserts."""
@@ -98,7 +105,9 @@ def _run_case(group, d, E, *, capacity_factor=None, capacity_tokens=None, spy=Fa
     w = d["w"][lo:hi].clone().requires_grad_()
     w1 = d["w1"][rank * L:(rank + 1) * L].clone().requires_grad_()
     w2 = d["w2"][rank * L:(rank + 1) * L].clone().requires_grad_()
-    x_ND, offs_E, state = disp.dispatch(x, d["ids"][lo:hi], w)
+    rows, state = disp.dispatch(x, _routing(d["ids"][lo:hi], w))
+    assert not rows.gathered
+    x_ND, offs_E = rows.x, rows.offs_E
     y_ND = _experts(x_ND, offs_E, w1, w2)
     y = disp.combine(y_ND, state)
     (y * d["cot"][lo:hi]).sum().backward()
@@ -203,8 +212,9 @@ class _RankDropDispatcher(LocalDispatcher):
         super().__init__(num_experts)
         self.Ts, self.C = Ts, capacity
 
-    def dispatch(self, x_TD, ids_TK, weights_TK):
-        return super().dispatch(x_TD, _drop_reference(ids_TK, self.Ts, self.num_experts, self.C), weights_TK)
+    def dispatch(self, x_TD, routing):
+        ids_TK = _drop_reference(routing.ids_TK, self.Ts, self.num_experts, self.C)
+        return super().dispatch(x_TD, _routing(ids_TK, routing.weights_TK))
 
 
 def _check_layer(group, E, Ts, *, ep_capacity_factor=None) -> None:
@@ -250,7 +260,8 @@ def _check_dtypes(group, E) -> list:
             disp = AllToAllDispatcher(E, group, capacity_factor=cf)
             x = d["x"][5 * rank:5 * rank + 5].clone().requires_grad_()
             w = d["w"][5 * rank:5 * rank + 5].float()
-            x_ND, _, state = disp.dispatch(x, d["ids"][5 * rank:5 * rank + 5], w)
+            rows, state = disp.dispatch(x, _routing(d["ids"][5 * rank:5 * rank + 5], w))
+            x_ND = rows.x
             y = disp.combine(x_ND * 2, state)
             y.backward(torch.ones_like(y))
             xr = x.detach().clone().requires_grad_()
@@ -274,8 +285,8 @@ def _check_gradcheck(group, E) -> None:
         disp = AllToAllDispatcher(E, group, capacity_factor=cf)
 
         def f(x, w, disp=disp):
-            x_ND, offs_E, state = disp.dispatch(x, d["ids"][sl], w)
-            return disp.combine(_experts(x_ND, offs_E, w1, w2), state)
+            rows, state = disp.dispatch(x, _routing(d["ids"][sl], w))
+            return disp.combine(_experts(rows.x, rows.offs_E, w1, w2), state)
 
         torch.autograd.gradcheck(f, (d["x"][sl].clone().requires_grad_(), d["w"][sl].clone().requires_grad_()))
 
@@ -288,15 +299,16 @@ def _check_errors(group, E) -> None:
     disp = AllToAllDispatcher(E, group)
     x, ids, w = torch.randn(3, D), torch.zeros(3, K, dtype=torch.long), torch.ones(3, K)
     with pytest.raises(ValueError, match="ids_TK"):
-        disp.dispatch(x, ids[:2], w)
+        disp.dispatch(x, _routing(ids[:2], w))
     with pytest.raises(ValueError, match="weights_TK"):
-        disp.dispatch(x, ids, w[:, :1])
-    x_ND, _, state = disp.dispatch(x, ids, w)
+        disp.dispatch(x, _routing(ids, w[:, :1]))
+    with pytest.warns(DeprecationWarning, match="routing"):
+        x_ND, _, state = disp.dispatch(x, ids, w)  # the deprecated (ids_TK, weights_TK) form
     with pytest.raises(ValueError, match="y_ND"):
         disp.combine(torch.cat([x_ND, x_ND.new_zeros(1, D)]), state)
     disp.combine(x_ND, state)  # keep the ranks' collectives matched
     with pytest.raises(ValueError, match="capacity_tokens"):
-        AllToAllDispatcher(E, group, capacity_factor=1.0, capacity_tokens=2).dispatch(x, ids, w)
+        AllToAllDispatcher(E, group, capacity_factor=1.0, capacity_tokens=2).dispatch(x, _routing(ids, w))
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -23,7 +23,7 @@ FACTORIES = {
     "topk_sigmoid_groups_bias": lambda: TopKRouter(
         D, E, 2, score="sigmoid", num_groups=3, topk_groups=2, expert_bias=True, routed_scaling_factor=2.5
     ),
-    "topk_capacity_seq": lambda: TopKRouter(D, E, 2, capacity_factor=0.5, aux_loss="seq"),
+    "topk_capacity_seq": lambda: TopKRouter(D, E, 2, capacity_factor=0.5, balance_loss="seq"),
     "threshold_xmoe": lambda: ThresholdRouter(D, E, threshold=0.6, capacity_factor=1.0),
     "threshold_top_p": lambda: ThresholdRouter(D, E, threshold=0.4, rule="top_p", max_experts=4, dynamic_loss_coeff=1e-3),
     "recurrent": lambda: RecurrentRouter(D, E, 2, router_dim=8, init_std=0.5),
@@ -199,8 +199,8 @@ def test_constructor_errors_name_the_argument():
         TopKRouter(D, 4, 1, capacity_factor=0.0)
     with pytest.raises(ValueError, match="capacity_factor"):
         ExpertChoiceRouter(D, 4, -1.0)
-    with pytest.raises(ValueError, match="aux_loss"):
-        TopKRouter(D, 4, 1, aux_loss="gshard")
+    with pytest.raises(ValueError, match="balance_loss"):
+        TopKRouter(D, 4, 1, balance_loss="gshard")
     with pytest.raises(ValueError, match="score"):
         TopKRouter(D, 4, 1, score="relu")
     with pytest.raises(ValueError, match="drop_policy"):

@@ -160,7 +160,7 @@ def test_xmoe_aux_loss_is_the_reference_l_aux():
     capacity drops, whatever the number of experts each token keeps."""
     torch.manual_seed(3)
     E = 6
-    r = ThresholdRouter(5, E, threshold=0.9, capacity_factor=1.5, aux_loss_coeff=1.0)
+    r = ThresholdRouter(5, E, threshold=0.9, capacity_factor=1.5, balance_loss_coeff=1.0)
     r.weight.data.normal_(0, 0.3)  # flat router: tokens keep several experts, some dropped
     out = r(torch.randn(30, 5))
     assert out.experts_per_token.item() > 1 and out.dropped_fraction.item() > 0

@@ -114,7 +114,7 @@ def test_group_limited_routing_stays_in_topk_groups():
 
 def test_expert_bias_moves_selection_not_weights():
     torch.manual_seed(1)
-    r = TopKRouter(8, 6, 2, score="sigmoid", expert_bias=True, aux_loss=None)
+    r = TopKRouter(8, 6, 2, score="sigmoid", expert_bias=True, balance_loss=None)
     x = torch.randn(20, 8)
     base = r(x)
     r.expert_bias[3] = 10.0  # expert 3 now wins every selection ...
@@ -276,7 +276,7 @@ def test_z_loss_formula():
 
 def test_router_aux_losses_use_coefficients():
     torch.manual_seed(0)
-    r = TopKRouter(6, 4, 2, aux_loss="seq", aux_loss_coeff=0.3, z_loss_coeff=0.01)
+    r = TopKRouter(6, 4, 2, balance_loss="seq", balance_loss_coeff=0.3, z_loss_coeff=0.01)
     x = torch.randn(2, 5, 6)
     out = r(x)
     assert set(out.aux_losses) == {"seq_load_balancing", "z_loss"}
@@ -284,15 +284,15 @@ def test_router_aux_losses_use_coefficients():
     ids = out.ids_TK.reshape(2, 5, 2)
     torch.testing.assert_close(out.aux_losses["seq_load_balancing"], 0.3 * sequence_load_balancing_loss(probs, ids))
     torch.testing.assert_close(out.aux_losses["z_loss"], 0.01 * z_loss(out.logits_TE))
-    r.aux_loss = "switch"
+    r.balance_loss = "switch"
     assert set(r(x).aux_losses) == {"load_balancing", "z_loss"}
-    r.aux_loss, r.z_loss_coeff = None, 0.0
+    r.balance_loss, r.z_loss_coeff = None, 0.0
     assert r(x).aux_losses == {}
 
 
 def test_sigmoid_aux_loss_uses_normalised_unbiased_scores():
     torch.manual_seed(0)
-    r = TopKRouter(6, 8, 2, score="sigmoid", expert_bias=True, aux_loss_coeff=1.0)
+    r = TopKRouter(6, 8, 2, score="sigmoid", expert_bias=True, balance_loss_coeff=1.0)
     r.expert_bias[0] = 5.0
     out = r(torch.randn(12, 6))
     s = out.probs_TE / out.probs_TE.sum(-1, keepdim=True)
@@ -302,7 +302,7 @@ def test_sigmoid_aux_loss_uses_normalised_unbiased_scores():
 
 def test_balance_loss_gradient_pushes_towards_balance():
     torch.manual_seed(0)
-    r = TopKRouter(6, 4, 1, aux_loss_coeff=1.0)
+    r = TopKRouter(6, 4, 1, balance_loss_coeff=1.0)
     r.weight.data.normal_(0, 1.0)
     x = torch.randn(64, 6)
     opt = torch.optim.SGD(r.parameters(), lr=1.0)
@@ -322,7 +322,7 @@ def test_seq_loss_is_deepseek_v3_eq_17_to_20():
     torch.manual_seed(4)
     B, S, E, K, alpha = 3, 7, 8, 2, 0.1
     r = TopKRouter(6, E, K, score="sigmoid", num_groups=4, topk_groups=2, expert_bias=True,
-                   aux_loss="seq", aux_loss_coeff=alpha)
+                   balance_loss="seq", balance_loss_coeff=alpha)
     r.weight.data.normal_(0, 1.0)
     r.expert_bias.normal_(0, 0.5)  # moves selection, but not the loss's top-K
     out = r(torch.randn(B, S, 6))

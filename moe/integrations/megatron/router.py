@@ -20,8 +20,8 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_t
 import routers
 
 # moekit aux-loss name -> (Megatron tracker name, the router attribute holding its coefficient)
-_LOSS_NAMES = {"load_balancing": ("load_balancing_loss", "aux_loss_coeff"),
-               "seq_load_balancing": ("seq_load_balancing_loss", "aux_loss_coeff"),
+_LOSS_NAMES = {"load_balancing": ("load_balancing_loss", "balance_loss_coeff"),
+               "seq_load_balancing": ("seq_load_balancing_loss", "balance_loss_coeff"),
                "z_loss": ("z_loss", "z_loss_coeff"), "dynamic": ("dynamic_loss", "dynamic_loss_coeff")}
 _LB_TYPES = {"aux_loss": "switch", "seq_aux_loss": "seq", "none": None}
 
@@ -37,7 +37,7 @@ def _loss_and_capacity_kwargs(config) -> dict:
         raise ValueError(f"moe_router_load_balancing_type={lb!r} is not supported (use one of {list(_LB_TYPES)})")
     if config.moe_pad_expert_input_to_capacity:
         raise ValueError("moe_pad_expert_input_to_capacity is not supported by moekit routers")
-    return dict(aux_loss=_LB_TYPES[lb], aux_loss_coeff=float(coeff or 0.0), z_loss_coeff=config.moe_z_loss_coeff or 0.0,
+    return dict(balance_loss=_LB_TYPES[lb], balance_loss_coeff=float(coeff or 0.0), z_loss_coeff=config.moe_z_loss_coeff or 0.0,
                 capacity_factor=config.moe_expert_capacity_factor, drop_policy=config.moe_token_drop_policy,
                 jitter=config.moe_input_jitter_eps or 0.0, init_std=config.init_method_std)
 
