@@ -1,7 +1,7 @@
 """pytest-benchmark suite for the MoE layer (the same candidates as ``python -m bench.layer``).
 
     python -m pytest bench/bench_layer.py --benchmark-only                       # T=256 (quick)
-    MOE_BENCH_T=4096 python -m pytest bench/bench_layer.py --benchmark-only      # issue-4 size
+    MOE_BENCH_T=4096 python -m pytest bench/bench_layer.py --benchmark-only      # the reference layer size
 
 Shape legend: T tokens, D hidden size, F expert hidden size, E experts, K top-k. Each benchmark
 times one call (forward, or forward+backward) of one candidate on one (dtype, shape); compare

@@ -1,6 +1,6 @@
 """pytest-benchmark versions of the op benchmarks in bench/ops.py (same shapes and baselines).
 
-    python -m pytest bench/bench_ops.py --benchmark-only      # T=4096, the issue-2 shapes
+    python -m pytest bench/bench_ops.py --benchmark-only      # T=4096, the reference op shapes
 
 Each benchmark is grouped by (op, dtype, shape), so pytest-benchmark's table puts the candidates
 of one shape side by side. The file name does not match ``test_*.py`` and ``testpaths`` is

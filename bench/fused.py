@@ -3,7 +3,7 @@
 Shape legend: T tokens, K slots per token, E experts, N routed rows (T*K), D model dim,
 F expert hidden dim.
 
-    python -m bench.fused               # T=4096, the issue-4 shapes, float32 and bfloat16
+    python -m bench.fused               # T=4096, the reference layer shapes, float32 and bfloat16
     python -m bench.fused --quick       # T=256, 3 repeats: a smoke run, not a measurement
 
 Rows (times in ms, medians of interleaved repeats; speedup = baseline / ours):

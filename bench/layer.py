@@ -2,7 +2,7 @@
 
 Shape legend: T tokens, D hidden size, F expert hidden size, E experts, K top-k.
 
-    python -m bench.layer                 # full table: float32 and bfloat16, T=4096, issue-4 shapes
+    python -m bench.layer                 # full table: float32 and bfloat16, T=4096, the reference layer shapes
     python -m bench.layer --quick         # T=256, 2 repeats: a smoke run, not a measurement
 
 Candidates, on the same weights and the same routing (moekit's TopKRouter, dropless):
@@ -13,7 +13,7 @@ Candidates, on the same weights and the same routing (moekit's TopKRouter, dropl
 "fwd" is an inference forward (eval, no_grad); "fwd+bwd" a training step's forward and backward
 (train mode, aux loss included for the MoE rows). Times are medians over interleaved repeats
 (bench.ops.time_fns); the ratios are moekit's time over each baseline's (< 1 = moekit faster).
-Target (issue 4): moekit fwd+bwd <= 1.15x dense and < 1x hf_gmm. transformers is optional: its
+Target: moekit fwd+bwd <= 1.15x dense and < 1x hf_gmm. transformers is optional: its
 rows are skipped without it.
 """
 

@@ -3,7 +3,7 @@
 Shape legend: T tokens, K slots per token (top-k), E experts, N routed rows (T*K), D model dim,
 F expert hidden dim.
 
-    python -m bench.ops                 # full table: float32 and bfloat16, T=4096, issue-2 shapes
+    python -m bench.ops                 # full table: float32 and bfloat16, T=4096, the reference op shapes
     python -m bench.ops --quick         # small T, few repeats: a smoke run
 
 grouped_mm rows: the up projection x_ND (N, D) x w_EDF (E, D, F) with counts from random top-k

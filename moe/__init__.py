@@ -1,7 +1,15 @@
 """moekit: Mixture-of-Experts building blocks for PyTorch.
 
-Shape legend used throughout the package (torchtitan style): T tokens, D model dim,
-E experts, K top-k slots, N routed rows (<= T*K), F expert hidden dim, X/Y GEMM in/out dims.
+Shape legend, one meaning per letter across the Python and C++ code (a tensor's suffix names its
+dims, torchtitan style: ``x_TD`` is (T, D)):
+
+    B batch          S positions (query)   U key positions      G attention heads   A head dim
+    T tokens         D model dim           V vocabulary         E experts           K top-k slots
+    N routed rows (the host-side bound T*K)                     F FFN hidden dim
+    H a first projection's width (2F for gated activations)     X / Y a GEMM's input / output dim
+    M rows of one plain GEMM (C++ GEMM routines)               C capacity per expert
+    W expert-parallel ranks   L local experts (E / W)           Q rows an expert-parallel rank receives
+    R recurrent router dim (RMoE)   P recursion steps (MoR)     J tokens of one recursion step (MoR)
 """
 
 from moe import ops

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from moe import ops
 
-__all__ = ["ExpertRows", "LocalDispatcher", "LocalDispatchState", "check_dispatch_args"]
+__all__ = ["ExpertRows", "LocalDispatcher", "LocalDispatchState", "check_dispatch_args", "routing_args"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +75,7 @@ class LocalDispatchState:
     weights_TK: Tensor
 
 
-def _routing_args(op: str, routing, weights_TK):
+def routing_args(op: str, routing, weights_TK):
     """(ids_TK, weights_TK, legacy) from dispatch's arguments: a Routing, or the deprecated
     (ids_TK, weights_TK) pair."""
     if weights_TK is None:
@@ -104,7 +104,7 @@ class LocalDispatcher(nn.Module):
     def dispatch(self, x_TD: Tensor, routing, weights_TK: Optional[Tensor] = None):
         """x_TD (T, D), routing (``ids_TK`` int (T, K) with -1 for empty slots, ``weights_TK``
         (T, K)) -> (ExpertRows gathered from x_TD, LocalDispatchState)."""
-        ids_TK, weights_TK, legacy = _routing_args("LocalDispatcher.dispatch", routing, weights_TK)
+        ids_TK, weights_TK, legacy = routing_args("LocalDispatcher.dispatch", routing, weights_TK)
         check_dispatch_args(x_TD, ids_TK, weights_TK)
         plan = ops.plan(ids_TK, self.num_experts)
         if weights_TK.dtype not in (torch.float32, x_TD.dtype):

@@ -4,7 +4,7 @@ dispatched and combined by all-to-all; Megatron-core's all-to-all token dispatch
 
 Shape legend: T tokens on this rank, D hidden size, K routing slots, E experts (global),
 W ranks in the expert-parallel group, L = E / W local experts (global expert e lives on rank
-e // L, as local expert e % L), N = T*K routed-row bound, R rows received by this rank,
+e // L, as local expert e % L), N = T*K routed-row bound, Q rows received by this rank,
 C capacity slots per (source rank, expert) pair.
 
 Dropless mode (``capacity_factor=None``)::
@@ -12,8 +12,8 @@ Dropless mode (``capacity_factor=None``)::
     ids_TK ─plan─► x_ND sorted by global expert (rows for rank r contiguous)
     counts_WL ─all_to_all─► recv_WL           (counts first: recv_WL[s, l] = rows s sends to l)
     _sync_split_sizes(counts_WL, recv_WL)     (THE host sync: split sizes to Python ints)
-    x_ND ─all_to_all_single(splits)─► x_RD    (ordered by source, local expert, source's order)
-    x_RD ─stable re-sort by local expert─► (local expert, source, source's order), offs_E
+    x_ND ─all_to_all_single(splits)─► x_QD    (ordered by source, local expert, source's order)
+    x_QD ─stable re-sort by local expert─► (local expert, source, source's order), offs_E
 
 Capacity mode (``capacity_factor=f``): every (source, expert) pair owns C = ceil(T*K/E * f)
 slots, so all splits are L*C rows, known on the host: no counts exchange, no host sync. The
@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from einops import rearrange
 
 from moe import ops
-from moe.dispatch import ExpertRows, _routing_args, check_dispatch_args
+from moe.dispatch import ExpertRows, routing_args, check_dispatch_args
 from routers.capacity import apply_capacity, capacity, check_capacity_factor, position_priority
 
 __all__ = ["AllToAllDispatcher", "AllToAllState"]
@@ -70,7 +70,7 @@ class _AllToAll(torch.autograd.Function):
 class AllToAllState:
     """What combine needs. plan: this rank's tokens by global expert (after capacity drops);
     weights_TK: routing weights. Dropless: send_splits / recv_splits (rows to / from each rank,
-    host ints) and local_plan (re-sort of the R received rows by local expert). Capacity:
+    host ints) and local_plan (re-sort of the Q received rows by local expert). Capacity:
     capacity C and slot_N (send-buffer slot of each routed row; E*C = none). num_dropped: int64
     scalar tensor, slots dropped by the capacity on this rank (0 when dropless)."""
 
@@ -132,9 +132,9 @@ class AllToAllDispatcher(nn.Module):
         """x_TD (T, D), routing (``ids_TK`` int (T, K) global expert ids with -1 for empty
         slots, ``weights_TK`` (T, K)) -> (ExpertRows, state): the rows this rank's L experts
         process, materialised and sorted by local expert (then source rank, then the source's
-        slot order), with their offsets offs_E int32 (L,). Dropless: R rows, all routed.
+        slot order), with their offsets offs_E int32 (L,). Dropless: Q rows, all routed.
         Capacity: L*W*C rows, each expert's W*C slots holding its routed rows or zeros."""
-        ids_TK, weights_TK, legacy = _routing_args("AllToAllDispatcher.dispatch", routing, weights_TK)
+        ids_TK, weights_TK, legacy = routing_args("AllToAllDispatcher.dispatch", routing, weights_TK)
         check_dispatch_args(x_TD, ids_TK, weights_TK)
         if weights_TK.dtype not in (torch.float32, x_TD.dtype):
             weights_TK = weights_TK.to(torch.float32)
@@ -154,8 +154,8 @@ class AllToAllDispatcher(nn.Module):
             raise ValueError(f"combine: y_ND must be 2-D with the {rows} rows dispatch returned, got "
                              f"{tuple(y_ND.shape) if isinstance(y_ND, Tensor) else type(y_ND).__name__}")
         if state.capacity is None:
-            y_RD = ops.unpermute(y_ND, state.local_plan)  # back to (source, local expert, order)
-            y_back = _AllToAll.apply(y_RD, state.send_splits, state.recv_splits, self.group)
+            y_QD = ops.unpermute(y_ND, state.local_plan)  # back to (source, local expert, order)
+            y_back = _AllToAll.apply(y_QD, state.send_splits, state.recv_splits, self.group)
             y_back = F.pad(y_back, (0, 0, 0, state.plan.max_rows - y_back.shape[0]))
         else:
             W, L, C = self.world_size, self.num_local_experts, state.capacity
@@ -186,13 +186,13 @@ class AllToAllDispatcher(nn.Module):
         counts_WL = plan.counts_E.to(torch.int64).view(W, L)
         recv_WL = self._exchange_counts(counts_WL)
         send_splits, recv_splits = self._sync_split_sizes(counts_WL, recv_WL)
-        x_RD = _AllToAll.apply(x_ND[: sum(send_splits)], recv_splits, send_splits, self.group)
+        x_QD = _AllToAll.apply(x_ND[: sum(send_splits)], recv_splits, send_splits, self.group)
         expert_of_block = torch.arange(L, device=x_TD.device).repeat(W)
-        local_ids_R = torch.repeat_interleave(expert_of_block, recv_WL.flatten(), output_size=x_RD.shape[0])
-        local_plan = ops.plan(local_ids_R[:, None], L)  # stable: source, then source order
+        local_ids_Q = torch.repeat_interleave(expert_of_block, recv_WL.flatten(), output_size=x_QD.shape[0])
+        local_plan = ops.plan(local_ids_Q[:, None], L)  # stable: source, then source order
         zero = torch.zeros((), dtype=torch.int64, device=x_TD.device)
         state = AllToAllState(plan, weights_TK, zero, send_splits, recv_splits, local_plan)
-        return ops.permute(x_RD, local_plan), local_plan.offs_E, state
+        return ops.permute(x_QD, local_plan), local_plan.offs_E, state
 
     def _dispatch_capacity(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor):
         T, K = ids_TK.shape

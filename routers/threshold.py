@@ -31,7 +31,7 @@ def threshold_keep(probs_sorted_TK: Tensor, threshold: float, rule: str) -> Tens
     that crosses p, i.e. rank i iff c_i <= p: the smallest prefix whose sum exceeds p. A
     cumulative sum equal to p is settled as in the authors' code (mask cumulative > p, then
     unmask the first crossing): that expert and the next are kept. So the two rules differ
-    only when some c_i equals the threshold exactly (issue 3's test vectors).
+    only when some c_i equals the threshold exactly (the hand-worked vectors of the tests).
     """
     T = probs_sorted_TK.shape[0]
     above_TK = torch.cat(

@@ -21,7 +21,7 @@ from moe.apps import cli, plots
 from moe.apps.cli import run
 from moe.apps.data import is_validation, load_corpus, stdlib_files, train_batch
 from moe.apps.planner import (EL_CONSTANTS, PlanConfig, efficiency_leverage, optimal_granularity,
-                              plan, saturated_activation)
+                              saturated_activation, size_model)
 
 TINY = ["--dim", "16", "--layers", "2", "--heads", "2", "--ffn-hidden", "32", "--experts", "4",
         "--top-k", "2", "--seq-len", "16", "--batch", "4", "--eval-batches", "2", "--no-progress"]
@@ -74,7 +74,7 @@ def test_plan_counts_match_built_model(E, K, F, S):
     D, L, V = 16, 3, 40
     cfg = PlanConfig(hidden=D, layers=L, experts=E, top_k=K, expert_hidden=F, shared_experts=S,
                      vocab=V, seq_len=10, heads=2)
-    r = plan(cfg)
+    r = size_model(cfg)
     model = build_lm(vocab_size=V, dim=D, n_layers=L, n_heads=2, mlp_factory=lambda i: MoELayer(
         D, F, E, K, num_shared_experts=S))
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]

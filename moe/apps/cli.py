@@ -224,7 +224,7 @@ def run_bench(args) -> dict:
 
 
 def run_plan(args) -> dict:
-    from moe.apps.planner import PlanConfig, format_plan, plan
+    from moe.apps.planner import PlanConfig, format_plan, size_model
 
     try:
         cfg = PlanConfig(hidden=args.hidden, layers=args.layers, experts=args.experts, top_k=args.top_k,
@@ -235,7 +235,7 @@ def run_plan(args) -> dict:
                          param_bytes=args.param_bytes)
     except ValueError as e:
         raise SystemExit(f"moe plan: {e}") from e
-    r = plan(cfg)
+    r = size_model(cfg)
     print(json.dumps(r, indent=1) if args.json else format_plan(r))
     return r
 

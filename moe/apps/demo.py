@@ -1,6 +1,6 @@
 """`moe demo`: train small byte-level causal LMs on CPU and compare routers at equal active parameters.
 
-Shape legend: B batch, S sequence length (bytes), D model dim, L layers, E experts, K top-k,
+Shape legend (moe/__init__.py): B batch, S sequence length (bytes), D model dim, E experts, K top-k,
 F dense SwiGLU hidden (the baseline's FFN); every variant's FFN touches about 3*D*F weights
 per token:
 

@@ -1,7 +1,8 @@
 """`moe plan`: parameters, FLOPs, memory and predicted efficiency leverage of an MoE LM config.
 
-Shape legend: D model dim (hidden), L layers, E routed experts, K experts per token (top-k),
-S shared experts, F expert hidden dim, V vocabulary, H attention heads.
+Shape letters as in moe/__init__.py (D model dim, E routed experts, K experts per token, F expert
+hidden dim, V vocabulary). The scalars of the formulas keep the paper's symbols: L layers, S shared
+experts, A activation ratio, G granularity, C training compute; they name no tensor dims.
 
 The model counted is the one moekit builds (moe.model.CausalLM of DecoderBlocks whose MLP is a
 moe.MoELayer): per layer two RMSNorms (2D), attention without biases (4D^2), a linear router
@@ -35,7 +36,7 @@ import math
 from dataclasses import asdict, dataclass
 from types import MappingProxyType
 
-# Table 2 of arXiv:2507.17702 (the constants quoted in issue 7); read-only.
+# Table 2 of arXiv:2507.17702 (its fitted constants); read-only.
 EL_CONSTANTS = MappingProxyType(dict(a=1.23, d=-7.61e-2, gamma=1.67e-2, beta=-1.17e-1,
                                      A_start=1.63e-2, A_max=5.28e16))
 
@@ -132,7 +133,7 @@ class PlanConfig:
         return self.shared_hidden if self.shared_hidden is not None else self.F
 
 
-def plan(cfg: PlanConfig) -> dict:
+def size_model(cfg: PlanConfig) -> dict:
     """Parameter counts, FLOPs per token, memory and EL of `cfg` (plain dict, JSON-ready).
 
     FLOPs per token, forward: 2 per multiply-add of every active matmul weight (attention

@@ -100,7 +100,7 @@ def unpermute_weights_grad_torch(grad_TD, y_ND, order_N, rows_TK):
     acc = _acc_dtype(y_ND.dtype)
     T, K = rows_TK.shape
     rows = rows_TK.reshape(-1)
-    y = y_ND.index_select(0, rows.clamp(min=0)).to(acc).view(T, K, -1)
+    y = y_ND.index_select(0, rows.clamp(min=0)).to(acc).view(T, K, y_ND.shape[1])
     dots = (grad_TD.to(acc)[:, None, :] * y).sum(-1)
     return torch.where(rows_TK >= 0, dots, torch.zeros((), dtype=acc, device=y_ND.device))
 
