@@ -9,11 +9,14 @@ run on any subset of a sequence, e.g. the tokens a Mixture-of-Recursions router 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moe.layer import collect_aux_losses
 
 
 class RMSNorm(nn.Module):
@@ -61,6 +64,22 @@ class KVCache:
     def num_tokens(self) -> int:
         """Number of real (non-padding) cached key/value pairs."""
         return 0 if self.valid is None else int(self.valid.sum())
+
+
+class MoRCache:
+    """KV caches of one Mixture-of-Recursions module (moe.mor), keyed (recursion step r, layer j
+    of the shared block). recursion_wise: every step caches its own selected tokens (Bae et al.
+    2025 §2.2.2, memory (Nr+1)/2Nr of vanilla under the default schedule); recursive_sharing:
+    only step 0 caches (memory 1/Nr)."""
+
+    def __init__(self):
+        self.sites: dict = {}
+
+    def site(self, r: int, j: int) -> KVCache:
+        return self.sites.setdefault((r, j), KVCache())
+
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens() for c in self.sites.values())
 
 
 class CausalSelfAttention(nn.Module):
@@ -167,8 +186,15 @@ class LMCache:
 class LMOutput:
     logits: torch.Tensor  # (B, S, V)
     loss: torch.Tensor | None  # next-token cross-entropy, None without labels
-    aux_loss: torch.Tensor  # sum of `aux_loss` attributes of submodules (MoE, MoR routers)
+    aux_losses: dict  # moe.collect_aux_losses(model, by_name=True): name -> total over modules
     cache: LMCache | None = None
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """Deprecated: the sum of ``aux_losses`` (``moe.collect_aux_losses(model)``)."""
+        warnings.warn("LMOutput.aux_loss is deprecated: use sum(out.aux_losses.values()) or "
+                      "moe.collect_aux_losses(model)", DeprecationWarning, stacklevel=2)
+        return sum(self.aux_losses.values(), self.logits.new_zeros(()))
 
 
 class CausalLM(nn.Module):
@@ -222,15 +248,7 @@ class CausalLM(nn.Module):
             tgt = labels.masked_fill(~valid_BS, -100)[:, 1:]
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, self.vocab_size),
                                    tgt.reshape(-1).long(), ignore_index=-100)
-        return LMOutput(logits, loss, self._aux_loss(logits), cache)
-
-    def _aux_loss(self, like):
-        total = like.new_zeros(())
-        for m in self.modules():
-            a = getattr(m, "aux_loss", None)
-            if m is not self and isinstance(a, torch.Tensor):
-                total = total + a
-        return total
+        return LMOutput(logits, loss, collect_aux_losses(self, by_name=True), cache)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, *, attention_mask=None,

@@ -83,7 +83,7 @@ def test_block_incremental_cache_equals_full_forward():
 
 
 class _RecordingMLP(nn.Module):
-    """Stands in for moe.MoELayer: (..., D) -> (..., D) and an `aux_loss` attribute."""
+    """Stands in for moe.MoELayer: (..., D) -> (..., D) and an `aux_losses` dict."""
 
     def __init__(self, dim):
         super().__init__()
@@ -92,11 +92,11 @@ class _RecordingMLP(nn.Module):
 
     def forward(self, x):
         self.shapes.append(tuple(x.shape))
-        self.aux_loss = x.pow(2).mean()
+        self.aux_losses = {"square": x.pow(2).mean()}
         return self.lin(x)
 
 
-def test_mlp_slot_takes_any_module_and_aux_loss_is_collected():
+def test_mlp_slot_takes_any_module_and_aux_losses_are_collected():
     torch.manual_seed(0)
     model = build_lm(vocab_size=11, dim=8, n_layers=2, n_heads=2,
                      mlp_factory=lambda i: _RecordingMLP(8))
@@ -105,8 +105,12 @@ def test_mlp_slot_takes_any_module_and_aux_loss_is_collected():
     out = model(ids, attention_mask=mask)
     mlps = [layer.mlp for layer in model.layers]
     assert mlps[0].shapes == [(10, 8)]  # padding never reaches the MLP (routing slots)
-    torch.testing.assert_close(out.aux_loss, mlps[0].aux_loss + mlps[1].aux_loss)
-    out.aux_loss.backward()
+    assert out.aux_losses.keys() == {"square"}  # summed by name over the layers
+    torch.testing.assert_close(out.aux_losses["square"],
+                               mlps[0].aux_losses["square"] + mlps[1].aux_losses["square"])
+    with pytest.warns(DeprecationWarning, match="aux_losses"):  # the old name: their sum
+        torch.testing.assert_close(out.aux_loss, out.aux_losses["square"])
+    out.aux_losses["square"].backward()
     assert model.embed.weight.grad is not None
 
 
@@ -116,7 +120,7 @@ def test_loss_is_shifted_next_token_cross_entropy():
     out = model(ids, labels=ids)
     ref = F.cross_entropy(out.logits[:, :-1].reshape(-1, 13), ids[:, 1:].reshape(-1))
     torch.testing.assert_close(out.loss, ref)
-    assert out.aux_loss.item() == 0.0
+    assert out.aux_losses == {}
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
