@@ -1,8 +1,11 @@
 """Mixture-of-Recursions (Bae et al. 2025, arXiv:2507.10524): one shared block applied up to Nr
 times, with a router giving each token its own recursion depth.
 
-Shape legend: B batch, S positions, K tokens gathered for one recursion step (padded to the
-row maximum, `kvalid_BK` marks real ones), D model dim, R recursions (Nr).
+Shape legend: B batch, S positions, J tokens gathered for one recursion step (padded to the
+row maximum, `kvalid_BJ` marks real ones), D model dim, P recursion steps (Nr).
+The depth routers live in routers/ (:mod:`routers.depth`, on the package's losses and bias rule);
+this module moves the tokens: it gathers each step's tokens, runs the shared block on them and
+scatters the results back. The KV cache keyed by step is :class:`moe.model.MoRCache`.
 Reference code (read, not copied): raymin0223/mixture_of_recursions, model/mor_model/.
 Departure (their issues #9, #10): the reference routes only with a top-k over the whole
 sequence, which is non-causal. Here eval mode decides each token from its own score
@@ -16,31 +19,64 @@ attention copies).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from moe.model import CausalLM, DecoderBlock
-from moe.mor_routing import (  # noqa: F401 (re-exported: moe.mor is the public path)
-    KV_STRATEGIES, ExpertChoiceConfig, MoRCache, TokenChoiceConfig, _gather, _sync_max_count, _topk_mask, compact,
-    default_capacities)
+from moe.model import CausalLM, DecoderBlock, MoRCache
+from routers.depth import (ExpertChoiceConfig, ExpertChoiceStepRouter, TokenChoiceConfig,
+                           TokenChoiceDepthRouter, capacity_schedule, default_capacities)
+
+__all__ = ["MixtureOfRecursions", "build_mor_lm", "ExpertChoiceConfig", "TokenChoiceConfig",
+           "MoRCache", "KV_STRATEGIES", "compact", "default_capacities"]
+
+KV_STRATEGIES = ("recursion_wise", "recursive_sharing")
+
+
+def _sync_max_count(sel_BS: torch.Tensor) -> int:
+    return int(sel_BS.sum(1).max()) if sel_BS.numel() else 0
+
+
+def compact(sel_BS: torch.Tensor):
+    """Selected positions of each row in causal (ascending) order: idx_BJ, kvalid_BJ.
+    idx rows are distinct (a prefix of a permutation), so scatters through them never collide."""
+    order_BS = torch.argsort((~sel_BS).to(torch.int8), dim=1, stable=True)
+    J = _sync_max_count(sel_BS)
+    kvalid_BJ = torch.arange(J, device=sel_BS.device) < sel_BS.sum(1, keepdim=True)
+    return order_BS[:, :J], kvalid_BJ
+
+
+def _gather(t_BS_, idx_BJ):
+    if t_BS_.dim() == 3:
+        return t_BS_.gather(1, idx_BJ[..., None].expand(-1, -1, t_BS_.shape[-1]))
+    return t_BS_.gather(1, idx_BJ)
+
+
+def _accumulate(total: dict, losses: dict) -> None:
+    """total[name] += value for each auxiliary loss (name -> scalar tensor)."""
+    for name, value in losses.items():
+        total[name] = total[name] + value if name in total else value
 
 
 class MixtureOfRecursions(nn.Module):
     """Shared block (a ModuleList of DecoderBlocks, weights tied across steps) applied up to Nr
     times per token. forward(x_BSD, pos_BS=None, valid_BS=None, cache=None) -> y_BSD.
 
-    Expert-choice step r (§2.2.1): g = alpha*sigmoid(theta_r^T h); for the chosen tokens
+    Expert-choice step r (§2.2.1): g = alpha*sigmoid(theta_r^T h) from the step's router
+    ``routers[r]`` (:class:`routers.depth.ExpertChoiceStepRouter`); for the chosen tokens
     h <- h + g * f(h), others keep h. f is the whole shared block *including its own residual*
     (f(h) = h + Attn + MLP, attention only among chosen tokens at their own positions): the
     reference scatter-adds weight * block output onto the step input (expert_choice_router.py,
-    "combine results"), so it is not h + g * (f(h) - h). Token-choice (§2.2.1): with
-    depth i = argmax, h <- f(h) unweighted for steps < i, output x + g_i * f(h) at step i, x the
-    MoR input (token_choice_router.py). Routers: bias-free linear, weights N(0, 0.02)
-    (reference LinearRouter). After forward: `aux_loss` (weighted router losses, 0 in eval),
-    `last_depth` (B, S) steps taken (-1 on padding), `last_stats` (dict of losses and per-step
-    attention FLOPs / token counts). Forward has no side effects on routing: the loss-free
-    bias only moves in update_router_bias().
+    "combine results"), so it is not h + g * (f(h) - h). Token-choice (§2.2.1, ``router``, a
+    :class:`routers.depth.TokenChoiceDepthRouter`): with depth i = argmax, h <- f(h) unweighted
+    for steps < i, output x + g_i * f(h) at step i, x the MoR input (token_choice_router.py).
+    After forward: `aux_losses` (name -> weighted router loss summed over steps: "bce", "z_loss"
+    for expert choice, "load_balancing", "z_loss" for token choice; empty in eval), `last_depth`
+    (B, S) steps taken (-1 on padding), `last_stats` (dict of unweighted losses and per-step
+    attention FLOPs / token counts). Modules of the shared block that keep an `aux_losses` dict
+    (a moe.MoELayer) hold its sum over the steps they ran. Forward has no side effects on
+    routing: the loss-free bias only moves in update_router_bias().
     """
 
     def __init__(self, block, *, num_recursions: int, router, kv_cache: str = "recursion_wise"):
@@ -56,97 +92,71 @@ class MixtureOfRecursions(nn.Module):
             raise ValueError(f"kv_cache={kv_cache!r} must be one of {KV_STRATEGIES}")
         self.num_recursions, self.kv_cache, self.cfg = num_recursions, kv_cache, router
         if isinstance(router, ExpertChoiceConfig):
-            self.capacities = self._check_expert(router, num_recursions, kv_cache)
-            self.routers = nn.ModuleList(nn.Linear(dim, 1, bias=False)
-                                         for _ in range(num_recursions))
+            self.capacities = capacity_schedule(router, num_recursions)
+            if kv_cache == "recursive_sharing" and self.capacities[0] != 1.0:
+                raise ValueError(f"capacities[0]={self.capacities[0]} must be 1.0 for "
+                                 "kv_cache='recursive_sharing'")
+            self.routers = nn.ModuleList(ExpertChoiceStepRouter(dim, c, router)
+                                         for c in self.capacities)
         elif isinstance(router, TokenChoiceConfig):
-            self.alpha = self._check_token(router)
-            self.router = nn.Linear(dim, num_recursions, bias=False)
-            self.register_buffer("router_bias", torch.zeros(num_recursions))
-            self.register_buffer("load_sum", torch.zeros(num_recursions), persistent=False)
+            self.router = TokenChoiceDepthRouter(dim, num_recursions, router)
         else:
             raise ValueError(f"router must be ExpertChoiceConfig or TokenChoiceConfig, "
                              f"got {router!r}")
-        self.aux_loss, self.last_depth, self.last_stats, self._inner_aux = None, None, {}, {}
-        self.reset_router_parameters()
+        self.aux_losses: dict = {}
+        self.last_depth, self.last_stats, self._inner_aux = None, {}, {}
+        self.register_load_state_dict_pre_hook(_rename_old_router_bias)
+
+    @property
+    def aux_loss(self):
+        """Deprecated: the sum of :attr:`aux_losses` (None before the first forward)."""
+        warnings.warn("MixtureOfRecursions.aux_loss is deprecated: read mor.aux_losses (a dict) "
+                      "or moe.collect_aux_losses(model)", DeprecationWarning, stacklevel=2)
+        if self.last_depth is None:
+            return None
+        return sum(self.aux_losses.values(), torch.zeros((), device=self.last_depth.device))
+
+    def _depth_routers(self):
+        return list(self.routers) if isinstance(self.cfg, ExpertChoiceConfig) else [self.router]
 
     @torch.no_grad()
     def reset_router_parameters(self):
         """Router weights ~ N(0, router_init_std) as the reference LinearRouter (std 0.02 =
         Llama initializer_range); a small start keeps sigmoid/softmax near uniform."""
-        for lin in (self.routers if isinstance(self.cfg, ExpertChoiceConfig) else [self.router]):
-            lin.weight.normal_(0.0, self.cfg.router_init_std)
+        for router in self._depth_routers():
+            router.reset_parameters()
 
     @torch.no_grad()
     def update_router_bias(self):
-        """Loss-free balancing (Wang et al. 2024, Alg. 1): b_i += u * sign(mean(load) - load_i),
-        load summed over the training forwards since the last call. Call it once per optimizer
-        step, as the reference trainer does (trainer_pt.py); forward never moves the bias, so a
-        recomputed forward (activation checkpointing) routes identically."""
-        if not isinstance(self.cfg, TokenChoiceConfig) or self.cfg.balancing != "loss_free":
+        """Loss-free balancing of the token-choice router (TokenChoiceDepthRouter.update_bias):
+        b_i += u * sign(mean(load) - load_i), load summed over the training forwards since the
+        last call. Call it once per optimizer step."""
+        if not isinstance(self.cfg, TokenChoiceConfig):
             raise RuntimeError("update_router_bias needs TokenChoiceConfig(balancing='loss_free')")
-        self.router_bias += self.cfg.bias_rate * torch.sign(self.load_sum.mean() - self.load_sum)
-        self.load_sum.zero_()
-
-    @staticmethod
-    def _check_expert(cfg, nr, kv_cache):
-        caps = tuple(cfg.capacities) if cfg.capacities is not None else default_capacities(nr)
-        if len(caps) != nr:
-            raise ValueError(f"capacities has {len(caps)} entries, num_recursions={nr}")
-        if any(not 0.0 <= c <= 1.0 for c in caps):
-            raise ValueError(f"capacities={caps} must lie in [0, 1]")
-        if any(b > a for a, b in zip(caps, caps[1:])):
-            raise ValueError(f"capacities={caps} must be non-increasing (hierarchical filtering)")
-        if kv_cache == "recursive_sharing" and caps[0] != 1.0:
-            raise ValueError(f"capacities[0]={caps[0]} must be 1.0 for "
-                             "kv_cache='recursive_sharing'")
-        if not cfg.alpha > 0:
-            raise ValueError(f"alpha={cfg.alpha} must be > 0")
-        if not cfg.router_init_std >= 0:
-            raise ValueError(f"router_init_std={cfg.router_init_std} must be >= 0")
-        if cfg.eval_routing not in ("threshold", "topk"):
-            raise ValueError(f"eval_routing={cfg.eval_routing!r} must be 'threshold' or 'topk'")
-        return caps
-
-    @staticmethod
-    def _check_token(cfg):
-        if cfg.router_func not in ("softmax", "sigmoid"):
-            raise ValueError(f"router_func={cfg.router_func!r} must be 'softmax' or 'sigmoid'")
-        if cfg.balancing not in ("loss", "loss_free", "none"):
-            raise ValueError(f"balancing={cfg.balancing!r} must be 'loss', 'loss_free' or 'none'")
-        alpha = cfg.alpha
-        if alpha is None:
-            alpha = 1.0 if cfg.router_func == "softmax" else 0.1
-        if not alpha > 0:
-            raise ValueError(f"alpha={alpha} must be > 0")
-        if not cfg.router_init_std >= 0:
-            raise ValueError(f"router_init_std={cfg.router_init_std} must be >= 0")
-        return alpha
+        self.router.update_bias()
 
     def new_cache(self) -> MoRCache:
         return MoRCache()
 
     def _step(self, r, h_BSD, pos_BS, sel_BS, cache):
-        """Run the shared block on the tokens sel_BS: returns idx_BK, kvalid_BK, y_BKD."""
-        idx_BK, kvalid_BK = compact(sel_BS)
-        if idx_BK.shape[1] == 0:
-            return idx_BK, kvalid_BK, None
-        y, pos_BK = _gather(h_BSD, idx_BK), _gather(pos_BS, idx_BK)
+        """Run the shared block on the tokens sel_BS: returns idx_BJ, kvalid_BJ, y_BJD."""
+        idx_BJ, kvalid_BJ = compact(sel_BS)
+        self.last_stats["tokens"][r] = int(sel_BS.sum())
+        if idx_BJ.shape[1] == 0:
+            return idx_BJ, kvalid_BJ, None
+        y, pos_BJ = _gather(h_BSD, idx_BJ), _gather(pos_BS, idx_BJ)
         flops0 = sum(blk.attn.flops for blk in self.block)
         for j, blk in enumerate(self.block):
             if self.kv_cache == "recursive_sharing" and r > 0:
-                y = blk(y, pos_BK, kvalid_BK, shared_kv=cache.site(0, j))
+                y = blk(y, pos_BJ, kvalid_BJ, shared_kv=cache.site(0, j))
             else:
-                y = blk(y, pos_BK, kvalid_BK, cache=cache.site(r, j))
-        self._collect_inner_aux()
+                y = blk(y, pos_BJ, kvalid_BJ, cache=cache.site(r, j))
+        for m in self.block.modules():  # MoE layers in the block: sum over recursion steps
+            losses = getattr(m, "aux_losses", None)
+            if isinstance(losses, dict):
+                _accumulate(self._inner_aux.setdefault(m, {}), losses)
         self.last_stats["attn_flops"][r] = sum(blk.attn.flops for blk in self.block) - flops0
-        return idx_BK, kvalid_BK, y
-
-    def _collect_inner_aux(self):
-        for m in self.block.modules():
-            a = getattr(m, "aux_loss", None)
-            if isinstance(a, torch.Tensor):
-                self._inner_aux[m] = self._inner_aux.get(m, 0) + a
+        return idx_BJ, kvalid_BJ, y
 
     def forward(self, x_BSD, pos_BS=None, valid_BS=None, cache: MoRCache | None = None):
         B, S, D = x_BSD.shape
@@ -157,89 +167,64 @@ class MixtureOfRecursions(nn.Module):
         cache = cache if cache is not None else MoRCache()
         self.last_stats = {"attn_flops": [0] * self.num_recursions,
                            "tokens": [0] * self.num_recursions}
-        self._inner_aux = {}
+        self.aux_losses, self._inner_aux = {}, {}
         if isinstance(self.cfg, ExpertChoiceConfig):
             y = self._expert_choice(x_BSD, pos_BS, valid_BS, cache)
         else:
             y = self._token_choice(x_BSD, pos_BS, valid_BS, cache)
-        for m, a in self._inner_aux.items():  # MoE layers in the block: sum over recursion steps
-            m.aux_loss = a
+        for m, losses in self._inner_aux.items():
+            m.aux_losses = losses
         self._inner_aux = {}
         return y
 
     def _expert_choice(self, x_BSD, pos_BS, valid_BS, cache):
-        cfg, h = self.cfg, x_BSD
+        (B, S, D), h = x_BSD.shape, x_BSD
         active_BS, depth_BS = valid_BS, torch.zeros_like(pos_BS)
-        bce = z = x_BSD.new_zeros(())
-        for r in range(self.num_recursions):
-            logit_BS = self.routers[r](h).squeeze(-1)
-            cap = self.capacities[r]
-            if cap >= 1.0:
-                sel_BS = active_BS
-            elif self.training or cfg.eval_routing == "topk":
-                sel_BS = _topk_mask(logit_BS.detach(), active_BS, valid_BS.sum(1), cap)
-            else:
-                sel_BS = active_BS & (logit_BS > 0)  # sigmoid(logit) > 0.5
-            if self.training and bool(active_BS.any()):
-                lg = logit_BS[active_BS]
-                bce = bce + F.binary_cross_entropy_with_logits(lg, sel_BS[active_BS].to(lg.dtype))
-                z = z + lg.pow(2).mean()  # logsumexp over a single logit is the logit
-            gate_BS = cfg.alpha * torch.sigmoid(logit_BS)
-            idx_BK, kvalid_BK, y_BKD = self._step(r, h, pos_BS, sel_BS, cache)
-            self.last_stats["tokens"][r] = int(sel_BS.sum())
-            if y_BKD is None:
+        stats = {"bce": x_BSD.new_zeros(()), "z_loss": x_BSD.new_zeros(())}
+        for r, router in enumerate(self.routers):
+            routing = router(h, padding_mask=valid_BS, active=active_BS)
+            _accumulate(self.aux_losses, routing.aux_losses)
+            _accumulate(stats, router.last_stats)
+            sel_BS = (routing.ids_TK[:, 0] >= 0).view(B, S)
+            gate_BS = routing.weights_TK[:, 0].view(B, S).to(h.dtype)  # alpha * sigmoid(logit)
+            idx_BJ, kvalid_BJ, y_BJD = self._step(r, h, pos_BS, sel_BS, cache)
+            if y_BJD is None:
                 break
-            w_BK1 = (_gather(gate_BS, idx_BK) * kvalid_BK)[..., None]
-            h = h.scatter_add(1, idx_BK[..., None].expand(-1, -1, h.shape[-1]), w_BK1 * y_BKD)
+            w_BJ1 = (_gather(gate_BS, idx_BJ) * kvalid_BJ)[..., None]
+            h = h.scatter_add(1, idx_BJ[..., None].expand(-1, -1, D), w_BJ1 * y_BJD)
             depth_BS, active_BS = depth_BS + sel_BS.long(), sel_BS
-        self.aux_loss = cfg.bce_coef * bce + cfg.z_coef * z
-        self.last_stats.update(bce=bce.detach(), z_loss=z.detach())
+        self.last_stats.update(stats)
         self.last_depth = depth_BS.masked_fill(~valid_BS, -1)
         return h
 
     def _token_choice(self, x_BSD, pos_BS, valid_BS, cache):
-        cfg, nr = self.cfg, self.num_recursions
-        logits_BSR = self.router(x_BSD)
-        act = torch.softmax if cfg.router_func == "softmax" else (lambda t, dim: torch.sigmoid(t))
-        probs_BSR = act(logits_BSR, dim=-1) * self.alpha
-        choice_BSR = probs_BSR + self.router_bias if cfg.balancing == "loss_free" else probs_BSR
-        depth_BS = choice_BSR.detach().argmax(-1)
-        gate_BS = probs_BSR.gather(-1, depth_BS[..., None]).squeeze(-1)
+        B, S, D = x_BSD.shape
+        routing = self.router(x_BSD, padding_mask=valid_BS)
+        depth_BS = routing.ids_TK[:, 0].view(B, S)  # steps - 1; -1 on padding
+        gate_BS = routing.weights_TK[:, 0].view(B, S).to(x_BSD.dtype)
         out, h = x_BSD, x_BSD
-        for r in range(nr):
-            sel_BS = valid_BS & (depth_BS >= r)
-            idx_BK, kvalid_BK, y_BKD = self._step(r, h, pos_BS, sel_BS, cache)
-            self.last_stats["tokens"][r] = int(sel_BS.sum())
-            if y_BKD is None:
+        for r in range(self.num_recursions):
+            sel_BS = depth_BS >= r
+            idx_BJ, kvalid_BJ, y_BJD = self._step(r, h, pos_BS, sel_BS, cache)
+            if y_BJD is None:
                 break
-            d_BK = _gather(depth_BS, idx_BK)
-            done_BK1 = ((d_BK == r) & kvalid_BK)[..., None]
-            w_BK1 = _gather(gate_BS, idx_BK)[..., None] * done_BK1
-            out = out.scatter_add(1, idx_BK[..., None].expand(-1, -1, h.shape[-1]), w_BK1 * y_BKD)
-            keep_BKD = torch.where(done_BK1 | ~kvalid_BK[..., None], _gather(h, idx_BK), y_BKD)
-            h = h.scatter(1, idx_BK[..., None].expand(-1, -1, h.shape[-1]), keep_BKD)
-        self._token_losses(logits_BSR, probs_BSR, depth_BS, valid_BS)
+            done_BJ1 = ((_gather(depth_BS, idx_BJ) == r) & kvalid_BJ)[..., None]
+            w_BJ1 = _gather(gate_BS, idx_BJ)[..., None] * done_BJ1
+            out = out.scatter_add(1, idx_BJ[..., None].expand(-1, -1, D), w_BJ1 * y_BJD)
+            keep_BJD = torch.where(done_BJ1 | ~kvalid_BJ[..., None], _gather(h, idx_BJ), y_BJD)
+            h = h.scatter(1, idx_BJ[..., None].expand(-1, -1, D), keep_BJD)
+        self.aux_losses = dict(routing.aux_losses)
+        self.last_stats.update(self.router.last_stats)
         self.last_depth = (depth_BS + 1).masked_fill(~valid_BS, -1)
         return out
 
-    def _token_losses(self, logits_BSR, probs_BSR, depth_BS, valid_BS):
-        """Balancing loss sum_i P_i f_i (Fedus et al. 2022, Eq. 4; f_i = Nr * load share, P_i the
-        mean alpha-scaled probability), router z-loss (Zoph et al. 2022, Eq. 5) on the logits;
-        loss_free accumulates the load for update_router_bias()."""
-        cfg, nr, zero = self.cfg, self.num_recursions, logits_BSR.new_zeros(())
-        n = int(valid_BS.sum())
-        if not self.training or n == 0:
-            self.aux_loss = zero
-            return
-        counts_R = torch.bincount(depth_BS[valid_BS], minlength=nr).to(probs_BSR.dtype)
-        bal = (probs_BSR[valid_BS].mean(0) * nr * counts_R / n).sum()
-        z = torch.logsumexp(logits_BSR[valid_BS], dim=-1).pow(2).mean()
-        if cfg.balancing == "loss_free":
-            self.load_sum += (counts_R / n).detach().to(self.load_sum.dtype)
-        use_bal = cfg.balance_coef if cfg.balancing == "loss" else 0.0
-        self.aux_loss = use_bal * bal + cfg.z_coef * z
-        self.last_stats.update(balancing_loss=bal.detach(), z_loss=z.detach(),
-                               load=(counts_R / n).detach())
+
+def _rename_old_router_bias(module, state_dict, prefix, *args) -> None:
+    """Checkpoints from before the depth routers moved to routers/ kept the token-choice bias
+    as ``router_bias``; it is now ``router.depth_bias``."""
+    old = prefix + "router_bias"
+    if old in state_dict:
+        state_dict[prefix + "router.depth_bias"] = state_dict.pop(old)
 
 
 def build_mor_lm(*, vocab_size: int, dim: int, n_layers: int, n_heads: int, num_recursions: int,

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
+from moe.layer import collect_aux_losses
 from moe.model import DecoderBlock, build_lm
 from moe.mor import (ExpertChoiceConfig, MixtureOfRecursions, TokenChoiceConfig, build_mor_lm,
                      compact, default_capacities)
@@ -31,6 +32,11 @@ def _mor_lm(router, kv="recursion_wise", seed=0, **kw):
 
 def _n_params(m):
     return sum(p.numel() for p in m.parameters())
+
+
+def _logits(router, h):
+    """The router's linear map h @ theta^T: (..., D) -> (..., out)."""
+    return h @ router.weight.T
 
 
 # ----------------------------------------------------------------------------- sharing
@@ -63,7 +69,7 @@ def _expert_choice_reference(mor, x, train, bce_terms=None):
     for b in range(x.shape[0]):
         h, sel = x[b].clone(), torch.arange(x.shape[1])
         for r, cap in enumerate(mor.capacities):
-            logit, prev = mor.routers[r](h).squeeze(-1), sel
+            logit, prev = _logits(mor.routers[r], h).squeeze(-1), sel
             if cap < 1 and train:
                 k = int(cap * x.shape[1] + 1e-6)
                 sel = sel[logit[sel].topk(k).indices].sort().values
@@ -104,9 +110,11 @@ def test_expert_choice_bce_aux_loss_is_topk_membership():
         z = z + logit.pow(2).mean()
     assert [int(torch.cat([t[1] for t in terms[r]]).sum()) for r in terms] == [12, 8, 4]
     torch.testing.assert_close(mor.last_stats["bce"], bce.detach())
-    torch.testing.assert_close(mor.aux_loss, 1e-3 * bce + 1e-4 * z)
+    assert mor.aux_losses.keys() == {"bce", "z_loss"}
+    torch.testing.assert_close(mor.aux_losses["bce"], 1e-3 * bce)
+    torch.testing.assert_close(mor.aux_losses["z_loss"], 1e-4 * z)
     mor.eval()(x)
-    assert mor.aux_loss.item() == 0.0
+    assert mor.aux_losses == {}
 
 
 def test_attention_flops_per_step_fall_as_k_over_T_squared():
@@ -126,7 +134,7 @@ def test_token_choice_matches_rowwise_reference_and_losses():
     x = torch.randn(2, 10, 16, dtype=torch.float64)
     y = mor(x)
     for b in range(2):
-        probs = torch.softmax(mor.router(x[b]), -1)
+        probs = torch.softmax(_logits(mor.router, x[b]), -1)
         depth = probs.argmax(-1)
         out, h = x[b].clone(), x[b].clone()
         for r in range(3):
@@ -139,12 +147,14 @@ def test_token_choice_matches_rowwise_reference_and_losses():
             h[idx[~fin]] = f[~fin]
         torch.testing.assert_close(y[b], out, rtol=0, atol=1e-12)
         assert torch.equal(mor.last_depth[b], depth + 1)
-    logits = mor.router(x)
+    logits = _logits(mor.router, x)
     probs = torch.softmax(logits, -1).reshape(-1, 3)
     load = torch.bincount(probs.argmax(-1), minlength=3).double() / 20
     bal = (probs.mean(0) * 3 * load).sum()
     z = torch.logsumexp(logits, -1).pow(2).mean()
-    torch.testing.assert_close(mor.aux_loss, 0.1 * bal + 1e-5 * z)
+    assert mor.aux_losses.keys() == {"load_balancing", "z_loss"}
+    torch.testing.assert_close(mor.aux_losses["load_balancing"], 0.1 * bal)
+    torch.testing.assert_close(mor.aux_losses["z_loss"], 1e-5 * z)
 
 
 def test_loss_free_bias_moves_toward_balance_once_per_update():
@@ -155,16 +165,38 @@ def test_loss_free_bias_moves_toward_balance_once_per_update():
     for _ in range(2):  # two micro-batches, one update
         mor(torch.randn(2, 10, 16, dtype=torch.float64))
         loads.append(mor.last_stats["load"])
-        assert torch.equal(mor.router_bias, torch.zeros(3, dtype=torch.float64))
-        assert mor.aux_loss.item() == pytest.approx(1e-5 * mor.last_stats["z_loss"].item())
+        assert torch.equal(mor.router.depth_bias, torch.zeros(3, dtype=torch.float64))
+        assert mor.aux_losses.keys() == {"z_loss"}
+        assert mor.aux_losses["z_loss"].item() == pytest.approx(1e-5 * mor.last_stats["z_loss"].item())
     load = loads[0] + loads[1]
     mor.update_router_bias()
-    torch.testing.assert_close(mor.router_bias, 0.01 * torch.sign(load.mean() - load), rtol=0, atol=0)
-    assert torch.equal(mor.load_sum, torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(mor.router.depth_bias, 0.01 * torch.sign(load.mean() - load), rtol=0, atol=0)
+    assert torch.equal(mor.router.load_sum, torch.zeros(3, dtype=torch.float64))
     mor.eval()(torch.randn(2, 10, 16, dtype=torch.float64))  # eval forwards record no load
-    assert torch.equal(mor.load_sum, torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(mor.router.load_sum, torch.zeros(3, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="loss_free"):
         _mor(TC()).update_router_bias()
+
+
+def test_state_dict_names_and_old_checkpoints_load():
+    """Parameter names are those of the inline routers (routers.{r}.weight, router.weight); the
+    token-choice bias saved as `router_bias` loads into router.depth_bias."""
+    assert [k for k in _mor(EC()).state_dict() if "router" in k] == [f"routers.{r}.weight" for r in range(3)]
+    mor = _mor(TC(balancing="loss_free"))
+    assert [k for k in mor.state_dict() if "router" in k] == ["router.weight", "router.depth_bias"]
+    old = {k: v for k, v in mor.state_dict().items() if k != "router.depth_bias"}
+    old["router_bias"] = torch.tensor([0.5, -0.5, 0.0], dtype=torch.float64)
+    mor.load_state_dict(old)
+    assert mor.router.depth_bias.tolist() == [0.5, -0.5, 0.0]
+
+
+def test_deprecated_aux_loss_is_the_sum_of_aux_losses():
+    mor = _mor(EC(z_coef=1e-4)).train()
+    with pytest.warns(DeprecationWarning, match="aux_losses"):
+        assert mor.aux_loss is None  # before the first forward
+    mor(torch.randn(2, 6, 16, dtype=torch.float64))
+    with pytest.warns(DeprecationWarning, match="aux_losses"):
+        torch.testing.assert_close(mor.aux_loss, mor.aux_losses["bce"] + mor.aux_losses["z_loss"])
 
 
 @pytest.mark.parametrize("router", [EC(), TC(), TC(router_func="sigmoid")])
@@ -172,7 +204,7 @@ def test_routers_are_bias_free_linear_with_normal_002_init(router):
     """Reference LinearRouter: nn.Linear(D, out, bias=False), weight ~ N(0, initializer_range)."""
     mor = _mor(router, nr=4, dim=64)
     lins = list(mor.routers) if isinstance(router, EC) else [mor.router]
-    assert all(lin.bias is None for lin in lins)
+    assert all([n for n, _ in lin.named_parameters()] == ["weight"] for lin in lins)  # no bias
     assert [tuple(lin.weight.shape) for lin in lins] == ([(1, 64)] * 4 if isinstance(router, EC)
                                                          else [(4, 64)])
     w = torch.cat([lin.weight.flatten() for lin in lins])  # 256 draws; default init has std 0.072
@@ -263,7 +295,7 @@ def test_padded_batch_equals_rows_alone(router):
         torch.testing.assert_close(y[1, :6], mor(b)[0], rtol=0, atol=1e-12)
         assert (depth[1, 6:] == -1).all() and torch.equal(y[1, 6:], x[1, 6:])
         if isinstance(router, TC):  # forward never moves the loss-free bias
-            assert torch.equal(mor.router_bias, torch.zeros(3, dtype=torch.float64))
+            assert torch.equal(mor.router.depth_bias, torch.zeros(3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -289,7 +321,7 @@ def test_capacity_zero_and_full():
     mor_full = _mor(EC(capacities=(1.0, 1.0, 1.0))).eval()
     y_full, h = mor_full(x), x
     for r in range(3):  # every token, every step: the plain recursive block with the update rule
-        h = h + 0.1 * torch.sigmoid(mor_full.routers[r](h)) * mor_full.block[0](h)
+        h = h + 0.1 * torch.sigmoid(_logits(mor_full.routers[r], h)) * mor_full.block[0](h)
     torch.testing.assert_close(y_full, h, rtol=0, atol=1e-12)
     assert (mor_full.last_depth == 3).all() and y.shape == x.shape
 
@@ -300,7 +332,7 @@ def test_single_recursion_equals_plain_shared_block(router):
     x = torch.randn(2, 7, 16, dtype=torch.float64)
     y = mor(x)
     if isinstance(router, EC):
-        gate = 0.1 * torch.sigmoid(mor.routers[0](x))
+        gate = 0.1 * torch.sigmoid(_logits(mor.routers[0], x))
     else:
         gate = torch.ones(2, 7, 1, dtype=torch.float64)  # softmax over one depth
     torch.testing.assert_close(y, x + gate * mor.block[0](x), rtol=0, atol=1e-12)
@@ -312,20 +344,23 @@ def test_sequence_length_one(router):
     model = _mor_lm(router)
     for train in (True, False):
         out = model.train(train)(torch.tensor([[4], [7]]), labels=torch.tensor([[4], [7]]))
-        assert out.logits.shape == (2, 1, 13) and torch.isfinite(out.aux_loss)
+        assert out.logits.shape == (2, 1, 13) and torch.isfinite(collect_aux_losses(model))
+        assert all(torch.isfinite(v) for v in out.aux_losses.values())
 
 
 def test_moe_layers_inside_the_shared_block_report_the_sum_over_steps():
     class FakeMoE(nn.Module):
         def forward(self, x):
-            self.aux_loss = x.new_ones(())
+            self.aux_losses = {"fake": x.new_ones(()), "other": x.new_full((), 0.5)}
             return x
 
     torch.manual_seed(0)
     mor = MixtureOfRecursions([DecoderBlock(8, 2, mlp=FakeMoE())], num_recursions=3,
                               router=EC(capacities=(1.0, 0.5, 0.0))).train()
     mor(torch.randn(1, 4, 8))
-    assert mor.block[0].mlp.aux_loss.item() == 2.0  # steps 0 and 1 ran, step 2 selected nobody
+    # steps 0 and 1 ran, step 2 selected nobody: the sum over steps, per name
+    assert {k: v.item() for k, v in mor.block[0].mlp.aux_losses.items()} == {"fake": 2.0, "other": 1.0}
+    assert collect_aux_losses(mor, by_name=True).keys() == {"fake", "other", "bce"}
 
 
 def test_bad_configs_raise_value_errors_naming_the_argument():
@@ -361,8 +396,8 @@ def test_gradcheck_float64(router):
     x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
     valid = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
     assert torch.autograd.gradcheck(lambda t: mor(t, None, valid), (x,), fast_mode=True)
-    assert torch.autograd.gradcheck(lambda t: (mor(t, None, valid), mor.aux_loss)[1], (x,),
-                                     fast_mode=True)
+    assert torch.autograd.gradcheck(lambda t: (mor(t, None, valid), sum(mor.aux_losses.values()))[1],
+                                     (x,), fast_mode=True)
 
 
 @settings(max_examples=40, deadline=None)
@@ -395,7 +430,7 @@ def test_tiny_mor_and_vanilla_lm_of_equal_budget_both_learn():
         for _ in range(60):
             ids = _batch(gen, B=8)
             out = model(ids, labels=ids)
-            (out.loss + out.aux_loss).backward()
+            (out.loss + sum(out.aux_losses.values(), out.loss.new_zeros(()))).backward()
             opt.step()
             opt.zero_grad()
             losses.append(out.loss.item())
@@ -412,8 +447,9 @@ def test_moe_layer_in_the_shared_block_and_aux_collection():
                          mlp_factory=lambda i: moe.MoELayer(16, 8, 4, 2)).double()
     ids = torch.randint(0, 13, (2, 8))
     out = model.train()(ids, labels=ids)
-    torch.testing.assert_close(out.aux_loss, moe.aux_loss(model))
-    (out.loss + out.aux_loss).backward()
+    assert out.aux_losses.keys() == {"bce", "load_balancing"}  # MoR's router, the MoE layers'
+    torch.testing.assert_close(sum(out.aux_losses.values()), moe.collect_aux_losses(model))
+    (out.loss + moe.collect_aux_losses(model)).backward()
     shared = model.layers[1].block[0].mlp
     assert any(p.grad is not None for p in shared.parameters())
     model.eval()
