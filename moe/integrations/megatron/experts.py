@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 
+from moe.dispatch import ExpertRows
 from moe.experts import GroupedExperts
 from moe.integrations.megatron.recurrent import RecurrentRouters
 from moe.integrations.megatron.router import _attach_losses, _group_size, topk_router_from_config
@@ -86,8 +87,8 @@ class MoekitExperts(MegatronModule):
         offs_E = torch.cumsum(counts, 0).to(torch.int32)
         probs_N1 = permuted_probs.reshape(-1, 1)
         if self.config.moe_apply_probs_on_input:
-            return self.experts((probs_N1 * x_ND).to(x_ND.dtype), offs_E), None
-        return (self.experts(x_ND, offs_E) * probs_N1).to(x_ND.dtype), None
+            return self.experts(ExpertRows((probs_N1 * x_ND).to(x_ND.dtype), offs_E)), None
+        return (self.experts(ExpertRows(x_ND, offs_E)) * probs_N1).to(x_ND.dtype), None
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None) -> dict:
         """Distributed checkpointing: see :func:`_shard_experts`."""
