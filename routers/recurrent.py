@@ -21,7 +21,12 @@ once per model over the logits of all layers concatenated, with f_i = count_i / 
 slots summed, so K times Megatron's count_i / (K*T)) and coefficient 1e-3. A per-layer
 router cannot see the other layers, so each layer returns its own Switch loss (Megatron's
 normalisation, see routers.losses); for one layer the reference's value is exactly
-K * ours, i.e. aux_loss_coeff = K * 1e-3 reproduces its per-layer scale.
+K * ours, i.e. balance_loss_coeff = K * 1e-3 reproduces its per-layer scale.
+
+State passing: ``RecurrentRouter(x, state=h_prev)`` -> Routing with ``.state`` = h_new is the
+primitive (MoELayer forwards ``state=`` and keeps ``last_routing``). RecurrentRouterChain adds
+one convenience for models whose layers call ``mlp(x)`` only: a RecurrentState object, shared by
+its routers, that carries h_i to layer i+1 within a forward (the Megatron adapter uses it too).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from routers.losses import balance_loss_args
 from routers.routing import Routing
 from routers.topk import TopKBase
 
@@ -52,12 +58,14 @@ def gru_step(cell: nn.GRUCell, x_TR: Tensor, h_TR: Tensor) -> Tensor:
 
 
 class RecurrentRouter(TopKBase):
-    """One layer of the RMoE router: Routing.state is h_i, pass it to the next layer.
+    """One layer of the RMoE router: ``forward(x, state=h_{i-1})`` returns Routing with
+    ``.state`` = h_i (Eq. 4-6); pass it to the next layer.
 
     ``cell=None`` makes a standalone router that owns its GRU cell. Inside a
     RecurrentRouterChain the chain owns the shared cell and this router only holds a reference
-    to it (not registered as a submodule, so model.parameters() sees the cell once).
-    Other keywords (capacity_factor, aux_loss, ...) are TopKRouter's; the paper's routing is
+    to it (not registered as a submodule, so model.parameters() sees the cell once), its index
+    ``layer_idx`` and the chain's :class:`RecurrentState` ``states`` (None when standalone).
+    Other keywords (capacity_factor, balance_loss, ...) are TopKRouter's; the paper's routing is
     softmax top-k with renormalised weights (norm_topk=True).
     """
 
@@ -74,17 +82,19 @@ class RecurrentRouter(TopKBase):
         jitter: float = 0.0,
         capacity_factor: Optional[float] = None,
         drop_policy: str = "probs",
-        aux_loss: Optional[str] = "switch",
-        aux_loss_coeff: float = 1e-2,
+        balance_loss: Optional[str] = "switch",
+        balance_loss_coeff: float = 1e-2,
         z_loss_coeff: float = 0.0,
         check_finite: bool = True,
+        **deprecated,
     ) -> None:
         super().__init__()
+        balance_loss, balance_loss_coeff = balance_loss_args("RecurrentRouter", balance_loss, balance_loss_coeff, deprecated)
         self._init_topk(
             hidden_size, num_experts, top_k, score="softmax", norm_topk=norm_topk,
             routed_scaling_factor=1.0, num_groups=None, topk_groups=None, expert_bias=False,
             jitter=jitter, capacity_factor=capacity_factor, drop_policy=drop_policy,
-            aux_loss=aux_loss, aux_loss_coeff=aux_loss_coeff, z_loss_coeff=z_loss_coeff,
+            balance_loss=balance_loss, balance_loss_coeff=balance_loss_coeff, z_loss_coeff=z_loss_coeff,
             check_finite=check_finite,
         )
         if not isinstance(router_dim, int) or router_dim < 1:
@@ -99,7 +109,7 @@ class RecurrentRouter(TopKBase):
             if not isinstance(cell, nn.GRUCell) or cell.input_size != router_dim or cell.hidden_size != router_dim:
                 raise ValueError(f"cell must be an nn.GRUCell({router_dim}, {router_dim}), got {cell!r}")
             object.__setattr__(self, "_shared_cell", cell)  # a reference, not a submodule
-        object.__setattr__(self, "_chain", None)  # set by RecurrentRouterChain, a reference too
+        self.states: Optional[RecurrentState] = None  # set by RecurrentRouterChain
         self.layer_idx = 0
         self.reset_parameters()
 
@@ -117,20 +127,24 @@ class RecurrentRouter(TopKBase):
             _reset_gru(self.cell)
 
     def forward(self, x: Tensor, *, state: Optional[Tensor] = None, padding_mask: Optional[Tensor] = None) -> Routing:
-        """x (T, D) or (B, S, D); state h_{i-1} of shape (T, R) (or x.shape[:-1] + (R,)).
+        """x (T, D) or (B, S, D); state h_{i-1} of shape (T, R) or x.shape[:-1] + (R,).
+        Returns Routing with .state = h_i, float32 (T, R).
 
-        Without ``state``: zeros, or inside a chain the state this forward's previous layer
-        produced (see RecurrentRouterChain). Returns Routing with .state = h_i, float32 (T, R).
+        With ``state`` (the primitive): routes from that state and nothing else, no side effect.
+        Without it: zeros (h_0) for a standalone router; in a chain, h_{i-1} read from
+        ``self.states`` and h_i written back to it (the drop-in use, see RecurrentState).
         """
         x_TD, valid_T, seq_shape = self._prepare(x, padding_mask, self.w1_RD.device)
         T = x_TD.shape[0]
-        if state is None:
-            chain = self._chain
-            state = chain._input_state(self.layer_idx, x_TD) if chain is not None else x_TD.new_zeros(T, self.router_dim)
+        chained = state is None and self.states is not None
+        if chained:
+            state = self.states.read(self.layer_idx, x_TD, self.router_dim)
+        elif state is None:
+            state = x_TD.new_zeros(T, self.router_dim)
         h_prev = self._check_state(state, x, T).to(x_TD.dtype)
         h_TR = gru_step(self.gru, F.linear(x_TD, self.w1_RD.to(x_TD.dtype)), h_prev)
-        if self._chain is not None:
-            self._chain._states[self.layer_idx] = h_TR
+        if chained:
+            h_TR = self.states.write(self.layer_idx, h_TR)
         logits_TE = F.linear(h_TR, self.w2_ER.to(x_TD.dtype))
         return self._route(logits_TE, valid_T, seq_shape, state=h_TR)
 
@@ -155,29 +169,126 @@ def _reset_gru(cell: nn.GRUCell) -> None:
         nn.init.uniform_(p, -bound, bound)
 
 
-class _StateStore(dict):
-    """Per-forward states by layer index. Copies and pickles as empty (the states are
-    activations with autograd history, not model state)."""
+class _AddGrad(torch.autograd.Function):
+    """Identity on h_TR; its backward adds g_TR, a gradient of h_TR computed earlier, to h_TR's."""
 
-    def __deepcopy__(self, memo):
-        return _StateStore()
+    @staticmethod
+    def forward(ctx, h_TR: Tensor, g_TR: Tensor) -> Tensor:
+        ctx.save_for_backward(g_TR)
+        return h_TR.view_as(h_TR)
+
+    @staticmethod
+    def backward(ctx, grad_TR: Tensor):
+        (g_TR,) = ctx.saved_tensors
+        return grad_TR + g_TR, None
+
+
+class RecurrentState:
+    """The states a RecurrentRouterChain hands from layer to layer when its layers are called
+    without ``state=`` (drop-in use): h_i by layer index, for the current model forward. One
+    object per chain, ``chain.states``; each router of the chain holds it as ``router.states``.
+
+    ``read(i)`` is h_{i-1} for layer i (zeros at layer 0: h_0 = 0, every forward restarts the
+    recurrence); ``write(i, h)`` stores h_i. Layer i reads layer i-1's entry, not the latest one,
+    so a layer recomputed during backward (activation checkpointing) reads the same input state
+    as in its forward: recomputation runs top-down, layer i before layer i-1.
+
+    Recompute whose forward ran without grad (``checkpoint(use_reentrant=True)``, Megatron's
+    recompute): the stored h_{i-1} has no autograd history, so recomputed layer i routes from a
+    leaf copy of it kept here; layer i's backward fills the leaf's gradient, and the next
+    ``write(i-1, h)`` with grad enabled (layer i-1's recompute) adds that gradient to its new h
+    (``_AddGrad``): the recurrent gradient reaches the layers below as without recompute. A
+    recompute with grad (``use_reentrant=False``) just reads the stored tensors.
+
+    ``reset()`` drops the states and pending gradients: call it at the start of each model
+    forward, e.g. through ``reset_on_forward(model)`` (a forward pre-hook). Without it in-order
+    forwards still work (layer 0 starts from zeros, each layer overwrites its entry) but the
+    last forward's states stay alive until overwritten. Never reset between a forward and the
+    backward that recomputes it. One forward at a time: interleaved forwards (e.g. pipeline
+    micro-batches) overwrite states a recompute needs; pass ``state=`` explicitly there. The
+    states are activations, not model state: a copy or pickle starts empty.
+    """
+
+    def __init__(self) -> None:
+        self._h: dict = {}  # layer i -> h_i (T, R) written in this forward
+        self._leaves: dict = {}  # layer i -> the leaf recomputed layer i routed from
+
+    def __len__(self) -> int:
+        return len(self._h)
+
+    def __contains__(self, i: int) -> bool:
+        return i in self._h
+
+    def __getitem__(self, i: int) -> Tensor:
+        """h_i, the state layer i wrote in this forward."""
+        return self._h[i]
+
+    def reset(self) -> None:
+        """Forget the stored states and pending gradients (frees their autograd graph)."""
+        self._h.clear()
+        self._leaves.clear()
+
+    def reset_on_forward(self, model: nn.Module):
+        """Calls reset() at the start of every forward of ``model`` (a forward pre-hook, which
+        recomputation does not run); returns the hook's handle (``handle.remove()``)."""
+        return model.register_forward_pre_hook(self._reset_hook)
+
+    def _reset_hook(self, module: nn.Module, args) -> None:
+        self.reset()
+
+    def read(self, i: int, x_TD: Tensor, R: int) -> Tensor:
+        """h_{i-1} (T, R) for layer i, whose input is x_TD."""
+        T = x_TD.shape[0]
+        if i == 0:
+            return x_TD.new_zeros(T, R)
+        prev = self._h.get(i - 1)
+        if prev is None:
+            raise RuntimeError(
+                f"RecurrentRouterChain: layer {i} was called without state= but layer {i - 1} has not "
+                f"run yet; call the layers in order or pass state="
+            )
+        if prev.shape[0] != T:
+            raise RuntimeError(
+                f"RecurrentRouterChain: layer {i - 1}'s stored state has {prev.shape[0]} tokens but x has "
+                f"{T}; layer {i - 1} did not run in this forward (pass state= explicitly)"
+            )
+        if torch.is_grad_enabled() and not prev.requires_grad:  # recompute after a no-grad forward
+            prev = prev.detach().requires_grad_()
+            self._leaves[i] = prev
+        return prev
+
+    def write(self, i: int, h_TR: Tensor) -> Tensor:
+        """Stores h_i; returns it, carrying the gradient layer i+1's recompute left for it."""
+        leaf = self._leaves.pop(i + 1, None) if torch.is_grad_enabled() else None
+        g_TR = None if leaf is None else leaf.grad
+        if g_TR is not None and h_TR.requires_grad and g_TR.shape == h_TR.shape:
+            h_TR = _AddGrad.apply(h_TR, g_TR)
+        # Without grad, keep a separate tensor: the returned one may become the output of a
+        # reentrant checkpoint (and get its grad_fn) if the caller returns it.
+        self._h[i] = h_TR if torch.is_grad_enabled() else h_TR.detach()
+        return h_TR
+
+    def __deepcopy__(self, memo) -> "RecurrentState":
+        return RecurrentState()
 
     def __reduce__(self):
-        return (_StateStore, ())
+        return (RecurrentState, ())
+
+    def __repr__(self) -> str:
+        return f"RecurrentState(layers={sorted(self._h)}, pending_gradients={sorted(self._leaves)})"
 
 
 class RecurrentRouterChain(nn.Module):
     """The RMoE router of a whole model: one shared GRU cell (``cell``) and a RecurrentRouter per
     layer (``layers``, ``chain[i]``).
 
-    Explicit use: ``r = chain[i](x, state=h)``; pass ``r.state`` to layer i+1 (None at layer 0).
-    Drop-in use, for models whose layers only call ``mlp(x)``: call ``chain[i](x)``. Layer 0
-    starts from zeros (every forward restarts the recurrence); layer i > 0 reads the state
-    layer i-1 stored in this chain during the current forward. States are stored per layer
-    index, so a layer recomputed by activation checkpointing reads the same input state as in
-    the forward. Limitation: one forward at a time per chain; a second forward before the
-    first one's backward (e.g. interleaved pipeline micro-batches) overwrites the stored
-    states that recomputation needs: pass ``state=`` explicitly there. ``reset()`` drops them.
+    Explicit use (the primitive): ``r = chain[i](x, state=h)`` with h the previous layer's
+    ``r.state`` (None at layer 0); through MoELayers, ``layer(x, state=prev.last_routing.state)``.
+    Drop-in use, for models whose layers only call ``mlp(x)``: ``chain[i](x)`` reads h_{i-1} from
+    and writes h_i to ``chain.states``, the chain's one :class:`RecurrentState` (its docstring
+    has the rules: layer 0 starts from zeros; ``chain.reset()`` or ``chain.reset_on_forward(model)``
+    at the start of each model forward; a recomputed layer reads the same input state as in its
+    forward, and the recurrent gradient crosses recomputed layers, reentrant or not).
     The shared cell is a submodule of layer 0's router, so a model that registers only the
     per-layer routers (each in its MoE block) still sees it, once; registering the chain too
     is harmless (parameters() de-duplicates it, state_dict lists it like tied weights).
@@ -190,18 +301,14 @@ class RecurrentRouterChain(nn.Module):
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
         if not isinstance(router_dim, int) or router_dim < 1:
             raise ValueError(f"router_dim must be a positive int, got {router_dim!r}")
-        # Layer 0 owns the shared cell as a submodule; layers 1.. hold a reference. So the cell
-        # is in parameters() exactly once whether the model registers the chain, the per-layer
-        # routers (e.g. each inside its MoE block), or both (then it is de-duplicated).
         first = RecurrentRouter(hidden_size, num_experts, top_k, router_dim=router_dim, **router_kwargs)
         self.layers = nn.ModuleList(
             [first] + [RecurrentRouter(hidden_size, num_experts, top_k, router_dim=router_dim, cell=first.gru,
                                        **router_kwargs) for _ in range(num_layers - 1)]
         )
+        self.states = RecurrentState()
         for i, layer in enumerate(self.layers):
-            object.__setattr__(layer, "_chain", self)
-            layer.layer_idx = i
-        self._states = _StateStore()
+            layer.states, layer.layer_idx = self.states, i
 
     @property
     def cell(self) -> nn.GRUCell:
@@ -218,22 +325,9 @@ class RecurrentRouterChain(nn.Module):
         return iter(self.layers)
 
     def reset(self) -> None:
-        """Forget the states stored by the last forward (frees their autograd graph)."""
-        self._states.clear()
+        """``self.states.reset()``: forget the states stored by the last forward."""
+        self.states.reset()
 
-    def _input_state(self, layer_idx: int, x_TD: Tensor) -> Tensor:
-        T, R = x_TD.shape[0], self.cell.hidden_size
-        if layer_idx == 0:
-            return x_TD.new_zeros(T, R)
-        prev = self._states.get(layer_idx - 1)
-        if prev is None:
-            raise RuntimeError(
-                f"RecurrentRouterChain: layer {layer_idx} was called without state= but layer "
-                f"{layer_idx - 1} has not run yet; call the layers in order or pass state="
-            )
-        if prev.shape[0] != T:
-            raise RuntimeError(
-                f"RecurrentRouterChain: layer {layer_idx - 1}'s stored state has {prev.shape[0]} tokens but "
-                f"x has {T}; layer {layer_idx - 1} did not run in this forward (pass state= explicitly)"
-            )
-        return prev
+    def reset_on_forward(self, model: nn.Module):
+        """``self.states.reset_on_forward(model)``: reset at the start of each forward of model."""
+        return self.states.reset_on_forward(model)

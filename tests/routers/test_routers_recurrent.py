@@ -1,15 +1,18 @@
-"""RecurrentRouter / RecurrentRouterChain (RMoE): parameter count, the shared GRU, recurrent
-gradient, explicit vs drop-in state, and activation checkpointing."""
+"""RecurrentRouter / RecurrentRouterChain (RMoE): parameter count, the shared GRU, the recurrence
+h_i = GRU(W1_i x_i, h_{i-1}), recurrent gradient, explicit vs drop-in state (RecurrentState),
+reset between forwards, and activation checkpointing (reentrant or not)."""
 
 import copy
+import io
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from moe import MoELayer
 from routers import RecurrentRouter, RecurrentRouterChain
-from routers.recurrent import gru_step
+from routers.recurrent import RecurrentState, gru_step
 
 
 def test_paper_enwik8_parameter_count():
@@ -46,12 +49,12 @@ def test_balancing_loss_vs_the_reference_mixtral_loss():
 class TinyMoEModel(nn.Module):
     """Layers that only call ``router(x)`` (the drop-in use) with dense toy experts."""
 
-    def __init__(self, chain, D, E, use_checkpoint=False, explicit=False):
+    def __init__(self, chain, D, E, use_checkpoint=False, explicit=False, reentrant=False):
         super().__init__()
         self.router_chain = chain  # registered once: the shared cell lives here
         self.routers = nn.ModuleList(chain[i] for i in range(len(chain)))  # and again per layer
         self.experts = nn.ParameterList(nn.Parameter(torch.randn(E, D, D) * 0.3) for _ in range(len(chain)))
-        self.use_checkpoint, self.explicit = use_checkpoint, explicit
+        self.use_checkpoint, self.explicit, self.reentrant = use_checkpoint, explicit, reentrant
 
     def block(self, i, x, state=None):
         r = self.routers[i](x, state=state) if self.explicit else self.routers[i](x)
@@ -65,7 +68,8 @@ class TinyMoEModel(nn.Module):
         aux, state = 0.0, None
         for i in range(len(self.routers)):
             if self.use_checkpoint:
-                x, a, state = checkpoint(self.block, i, x, state if self.explicit else None, use_reentrant=False)
+                x, a, state = checkpoint(self.block, i, x, state if self.explicit else None,
+                                         use_reentrant=self.reentrant)
             else:
                 x, a, state = self.block(i, x, state if self.explicit else None)
             aux = aux + a
@@ -180,15 +184,15 @@ def test_checkpointing_test_detects_a_single_latest_state():
     model = make_model(use_checkpoint=True)
     chain = model.router_chain
 
-    def latest_state(layer_idx, x_TD):
+    def latest_state(layer_idx, x_TD, R):
         if layer_idx == 0:
-            return x_TD.new_zeros(x_TD.shape[0], 6)
-        return chain._states[max(chain._states)]
+            return x_TD.new_zeros(x_TD.shape[0], R)
+        return chain.states[max(i for i in range(len(chain)) if i in chain.states)]
 
     x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
     reference = make_model(use_checkpoint=False)
     reference(x).backward()
-    chain._input_state = latest_state
+    chain.states.read = latest_state
     try:
         model(x).backward()
     except RuntimeError:
@@ -250,12 +254,155 @@ def test_deepcopy_and_state_dict():
     model = make_model()
     model(torch.randn(4, 8))
     clone = copy.deepcopy(model)  # stored states are activations: not copied
-    assert len(clone.router_chain._states) == 0
+    assert len(clone.router_chain.states) == 0
     assert clone.routers[1].gru is clone.router_chain.cell
-    assert clone.routers[1]._chain is clone.router_chain
+    assert clone.routers[1].states is clone.router_chain.states is clone.routers[0].states
     sd = model.state_dict()
     assert "router_chain.layers.0.cell.weight_ih" in sd and "routers.1.w1_RD" in sd
     fresh = make_model()
     fresh.load_state_dict(sd)
     x = torch.randn(4, 8)
     torch.testing.assert_close(fresh(x), model(x))
+
+
+# ---- the recurrence, explicit state, RecurrentState ---------------------------------------------
+
+def test_state_is_the_gru_of_the_projection_and_the_previous_state():
+    """The method (Eq. 4-6): h_i = GRU(W1_i x_i, h_{i-1}), h_0 = 0, one cell for every layer,
+    logits_i = W2_i h_i. The explicit loop, the drop-in chain and this recursion agree."""
+    torch.manual_seed(0)
+    L, T, D, E, R = 4, 7, 8, 5, 6
+    chain = RecurrentRouterChain(L, D, E, 2, router_dim=R, init_std=1.0)
+    xs = [torch.randn(T, D) for _ in range(L)]
+    h, expected = torch.zeros(T, R), []
+    for i in range(L):
+        h = chain.cell(xs[i] @ chain[i].w1_RD.T, h)
+        expected.append(h)
+    state = torch.zeros(T, R)
+    for i in range(L):
+        explicit = chain[i](xs[i], state=state)
+        drop_in = chain[i](xs[i])
+        torch.testing.assert_close(explicit.state, expected[i])
+        torch.testing.assert_close(drop_in.state, expected[i])
+        torch.testing.assert_close(explicit.logits_TE, expected[i] @ chain[i].w2_ER.T)
+        assert torch.equal(explicit.ids_TK, drop_in.ids_TK)
+        state = explicit.state
+
+
+def test_explicit_state_leaves_the_chain_alone():
+    chain = RecurrentRouterChain(3, 8, 4, 2, router_dim=6)
+    chain[1](torch.randn(5, 8), state=torch.zeros(5, 6))
+    assert len(chain.states) == 0 and isinstance(chain.states, RecurrentState)
+    assert all(layer.states is chain.states for layer in chain)
+    assert RecurrentRouter(8, 4, 2, router_dim=6).states is None  # standalone: zeros, nothing stored
+
+
+def test_moelayer_loop_with_explicit_state_equals_the_chain():
+    """Users who run the layers themselves hand on ``layer.last_routing.state``."""
+    torch.manual_seed(0)
+    L, D, E = 3, 8, 4
+    chain = RecurrentRouterChain(L, D, E, 2, router_dim=6, init_std=1.0)
+    layers = nn.ModuleList(MoELayer(D, 6, E, router=chain[i]) for i in range(L)).double()
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    y, prev = x, None
+    for layer in layers:
+        y = layer(y, state=None if prev is None else prev.last_routing.state)
+        prev = layer
+    explicit = [layer.last_routing for layer in layers]
+    chain.reset()
+    z = x
+    for layer in layers:  # drop-in: the chain hands the state on
+        z = layer(z)
+    torch.testing.assert_close(z, y)
+    for layer, r in zip(layers, explicit):
+        torch.testing.assert_close(layer.last_routing.state, r.state)
+        assert torch.equal(layer.last_routing.ids_TK, r.ids_TK)
+
+
+class TwoLayers(nn.Module):
+    def __init__(self, chain, explicit):
+        super().__init__()
+        self.chain, self.explicit = chain, explicit
+
+    def forward(self, x0, x1):
+        self.chain.reset()
+        r0 = self.chain[0](x0)
+        r1 = self.chain[1](x1, state=r0.state) if self.explicit else self.chain[1](x1)
+        return r1.state, r1.probs_TE
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_gradient_through_the_state_gradcheck(explicit):
+    """float64 gradcheck of layer 1's state and probabilities w.r.t. both layers' inputs and every
+    parameter (W1, W2 per layer, the shared cell): layer 1's gradient reaches x_0 and W1_0
+    through h_0 (the paper's recurrent gradient)."""
+    torch.manual_seed(0)
+    model = TwoLayers(RecurrentRouterChain(2, 5, 3, 2, router_dim=4, init_std=0.5), explicit).double()
+    names = [n for n, _ in model.named_parameters()]
+    assert sum(".cell." in n for n in names) == 4
+    params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    x0 = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    x1 = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+
+    def f(x0, x1, *ps):
+        return torch.func.functional_call(model, dict(zip(names, ps)), (x0, x1))
+
+    assert torch.autograd.gradcheck(f, (x0, x1, *params))
+    h1, _ = f(x0, x1, *params)
+    g_x0, g_w1 = torch.autograd.grad(h1.sum(), (x0, params[names.index("chain.layers.0.w1_RD")]))
+    assert g_x0.abs().sum() > 0 and g_w1.abs().sum() > 0
+
+
+def test_state_is_reset_between_model_forwards():
+    model = make_model().eval()
+    chain = model.router_chain
+    handle = chain.reset_on_forward(model)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(len(chain.states)))
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        a = model(x)
+        assert len(chain.states) == 3
+        b = model(x)
+    assert seen == [0, 0]  # the reset hook ran first, each time
+    assert torch.equal(a, b)
+    handle.remove()
+    with torch.no_grad():
+        model(torch.randn(3, 8))  # without reset, layer 0 still restarts from zeros
+        assert torch.equal(model(x), a)
+
+
+def test_copies_keep_one_state_per_chain():
+    model = make_model()
+    model.router_chain.reset_on_forward(model)
+    x = torch.randn(4, 8)
+    model(x)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for clone in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
+        chain = clone.router_chain
+        assert len(chain.states) == 0 and chain.states is not model.router_chain.states
+        assert all(r.states is chain.states for r in clone.routers)
+        clone(x)  # its hook resets its own state, not the original's
+        assert len(chain.states) == 3 and len(model.router_chain.states) == 3
+        torch.testing.assert_close(clone(x), model(x))
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_reentrant_checkpointing_gives_same_gradients(explicit):
+    """checkpoint(use_reentrant=True) runs the forward without grad, so the stored states have no
+    history; the recurrent gradient still reaches the lower layers (RecurrentState hands layer
+    i's gradient to layer i-1's recompute)."""
+    grads = {}
+    for use_ckpt in (False, True):
+        model = make_model(use_checkpoint=use_ckpt, explicit=explicit, reentrant=True)
+        x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        loss = model(x)
+        loss.backward()
+        grads[use_ckpt] = (loss.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(grads[True][0], grads[False][0])
+    torch.testing.assert_close(grads[True][1], grads[False][1])
+    for n, g in grads[False][2].items():
+        torch.testing.assert_close(grads[True][2][n], g, msg=n)
+    assert grads[True][2]["router_chain.layers.0.w1_RD"].abs().sum() > 0
