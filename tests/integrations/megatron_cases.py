@@ -283,20 +283,25 @@ def check_sharding(model):
 # ---- the recurrent router across layers ----------------------------------------------------------
 
 def case_recurrent():
-    """Cell registered once; state flows layer to layer; MoE recompute gives the same loss and the
-    same gradients (the recurrent gradient included) as no recompute."""
+    """Cell registered once; state flows layer to layer through the chain's one RecurrentState; MoE
+    and full-layer recompute give the same loss and the same gradients (the recurrent gradient
+    included) as no recompute; reset at each forward, two eval forwards agree."""
     from moe.integrations.megatron import RecurrentRouters, moekit_gpt_layer_spec
 
     models, results = [], []
-    spec = moekit_gpt_layer_spec(router=RecurrentRouters(router_dim=8))  # builds both models
-    for recompute in (False, True):
-        kw = dict(recompute_granularity="selective", recompute_modules=["moe"]) if recompute else {}
+    builder = RecurrentRouters(router_dim=8)
+    spec = moekit_gpt_layer_spec(router=builder)  # builds every model
+    recomputes = {"none": {}, "moe": dict(recompute_granularity="selective", recompute_modules=["moe"]),
+                  "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)}
+    for kw in recomputes.values():
         config = make_config(num_layers=3, **kw)
         model = make_gpt(config, spec)
         if models:
             model.load_state_dict(models[0].state_dict())
             assert not set(map(id, model.parameters())) & set(map(id, models[0].parameters()))
         models.append(model)
+        states = {id(layer.mlp.router.router.states) for layer in model.decoder.layers}
+        assert states == {id(builder.chain.states)}, "one RecurrentState per model, the chain's"
         cells = [n for n, _ in model.named_parameters() if "cell" in n]
         assert len(cells) == 4 and all(n.startswith("decoder.layers.0.mlp.router.") for n in cells), cells
         assert sum("cell" in k for k in model.state_dict()) == 4
@@ -323,12 +328,21 @@ def case_recurrent():
         E = routing.probs_TE.shape[1]
         probs = torch.zeros(B, S, E).scatter(2, routing.ids_TK.view(B, S, -1), routing.weights_TK.view(B, S, -1))
         assert_close(outputs[i], probs.transpose(0, 1).reshape(S * B, E))
-    (l0, g0), (l1, g1) = results
-    assert_close(l1, l0)
-    for n in g0:
-        assert_close(g1[n], g0[n], msg=n)
+    (l0, g0) = results[0]
+    for name, (l1, g1) in zip(list(recomputes)[1:], results[1:]):
+        assert_close(l1, l0, msg=name)
+        for n in g0:
+            assert_close(g1[n], g0[n], msg=f"{name}: {n}")
     w1 = g0["decoder.layers.0.mlp.router.router.w1_RD"]
     assert w1.abs().sum() > 0
+    model, chain = models[-1], builder.chain  # the model built last
+    assert models[0].decoder.layers[0].mlp.router.router.states is not chain.states
+    chain.reset_on_forward(model)
+    model.eval()
+    with torch.no_grad():
+        first = gpt_loss(model)
+        assert len(chain.states) == 3
+        assert_close(gpt_loss(model), first, rtol=0, atol=0)
 
 
 # ---- Megatron training step: DDP + finalize_model_grads moves the expert bias ---------------------

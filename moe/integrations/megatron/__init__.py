@@ -36,8 +36,7 @@ except ImportError as err:  # pragma: no cover
 # importable from here, as they were from the single module this package replaces.
 from moe.integrations.megatron.router import (_LB_TYPES, _LOSS_NAMES, MoekitRouter, _attach_losses, _dense_routing,
                                               _group_size, _loss_and_capacity_kwargs, topk_router_from_config)
-from moe.integrations.megatron.recurrent import (_ChainRun, _InjectGrad, _RecurrentLayerRouter,
-                                                 RecurrentRouters)
+from moe.integrations.megatron.recurrent import _RecurrentLayerRouter, RecurrentRouters
 from moe.integrations.megatron.experts import (MoekitExperts, MoekitMoELayer, _shard_experts,
                                                activation_from_config)
 from moe.integrations.megatron.spec import RouterArg, _router_builder, moekit_gpt_layer_spec
