@@ -14,7 +14,7 @@ from routers.depth import (ExpertChoiceStepRouter, TokenChoiceDepthRouter, capac
 from routers.expert_choice import ExpertChoiceRouter
 from routers.losses import (entropy_loss, loss_free_bias_update_, membership_bce_loss, sequence_load_balancing_loss,
                             switch_load_balancing_loss, z_loss)
-from routers.recurrent import RecurrentRouter, RecurrentRouterChain
+from routers.recurrent import RecurrentRouter, RecurrentRouterChain, RecurrentState
 from routers.routing import Routing, expert_counts
 from routers.threshold import ThresholdRouter, threshold_keep
 from routers.topk import TopKRouter, group_limited_topk
@@ -25,6 +25,7 @@ __all__ = [
     "ThresholdRouter",
     "RecurrentRouter",
     "RecurrentRouterChain",
+    "RecurrentState",
     "ExpertChoiceRouter",
     "switch_load_balancing_loss",
     "sequence_load_balancing_loss",

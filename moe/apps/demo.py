@@ -95,6 +95,7 @@ def build_model(variant: str, cfg: DemoConfig) -> nn.Module:
     chain = RecurrentRouterChain(L, D, E, K, router_dim=max(8, D // 4))
     model = build_lm(n_layers=L, mlp_factory=lambda i: MoELayer(D, F // K, E, router=chain[i]), **lm)
     model.router_chain = chain  # registers the shared GRU cell once
+    chain.reset_on_forward(model)  # the drop-in state starts from zeros at every model forward
     return model
 
 
