@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from routers.capacity import DROP_POLICIES, apply_capacity, capacity, check_capacity_factor, position_priority
-from routers.losses import balance_loss_args, balance_losses, check_loss_config
+from routers.losses import balance_loss_args, balance_losses, check_loss_config, loss_free_bias_update_
 from routers.routing import RouterBase, Routing, count_chosen, make_routing
 
 
@@ -213,8 +213,7 @@ class TopKRouter(TopKBase):
         if not isinstance(counts_E, Tensor) or tuple(counts_E.shape) != (self.num_experts,):
             raise ValueError(f"counts_E must be a tensor of shape ({self.num_experts},), got "
                              f"{tuple(counts_E.shape) if isinstance(counts_E, Tensor) else type(counts_E).__name__}")
-        counts = counts_E.to(device=self.expert_bias.device, dtype=torch.float32)
-        self.expert_bias.add_(torch.sign(counts.mean() - counts), alpha=rate)
+        loss_free_bias_update_(self.expert_bias, counts_E, rate)
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}, "
