@@ -13,19 +13,21 @@ the T*K x D permuted copy, in forward or backward (moe/dispatch.py has the contr
 The output is y = sum_k g_k(x) E_{ids_k}(x) + S(x) (Shazeer et al. 2017, Eq. 1, plus the shared
 experts of DeepSeekMoE, Dai et al. 2024, Eq. 9). Routers come from ``routers/``: any of them plugs
 in, the threshold router (variable k, empty slots -1) and a recurrent chain's layer included.
-After a forward the layer keeps ``aux_loss`` (sum of the routing losses, differentiable; zero in
-eval) and ``last_routing``; :func:`aux_loss` sums the former over a model.
+After a forward the layer keeps ``aux_losses`` (its routing losses by name, coefficients applied,
+differentiable; empty in eval) and ``last_routing``; :func:`collect_aux_losses` sums every
+module's ``aux_losses`` over a model (the one sum of auxiliary losses in moekit).
 
 CUDA graphs: the forward has no host sync, so a whole training step (forward, loss with
-``aux_loss(model)``, backward) captures as it is in ``torch.cuda.CUDAGraph`` (PyTorch's
+``collect_aux_losses(model)``, backward) captures as it is in ``torch.cuda.CUDAGraph`` (PyTorch's
 whole-network capture: warm-up steps on the capture stream, then the captured one). After eager
-steps on another stream, call :func:`release_step` first: the ``aux_loss`` and ``last_routing``
-a forward leaves keep its autograd graph alive, and with it the parameters' gradient
-accumulators, which remember the stream they were made on; a captured backward then has to
-synchronise with that stream, which CUDA refuses during capture. ``torch.cuda.make_graphed_callables`` replays only what forward returns,
-so a loss kept on the module would be left from the capture; build the layer with
-``return_aux_loss=True`` there: forward returns ``(y, aux_loss)`` and keeps no aux_loss on the
-module, so ``aux_loss(model)`` does not count it twice (tests/test_gpu_graphs.py).
+steps on another stream, call :func:`release_step` first: the ``aux_losses`` and
+``last_routing`` a forward leaves keep its autograd graph alive, and with it the parameters'
+gradient accumulators, which remember the stream they were made on; a captured backward then has
+to synchronise with that stream, which CUDA refuses during capture.
+``torch.cuda.make_graphed_callables`` replays only what forward returns, so losses kept on the
+module would be left from the capture; build the layer with ``return_aux_loss=True`` there:
+forward returns ``(y, total auxiliary loss)`` and keeps no ``aux_losses`` on the module, so
+``collect_aux_losses(model)`` does not count them twice (tests/gpu/test_gpu_graphs.py).
 """
 
 from __future__ import annotations
