@@ -32,14 +32,11 @@ except ImportError as err:  # pragma: no cover
     raise ImportError("moe.integrations.megatron needs megatron-core: pip install moekit[megatron]") from err
 
 # Submodules: router (MoekitRouter, config -> router, aux-loss plumbing), recurrent (RecurrentRouters),
-# experts (MoekitExperts, MoekitMoELayer), spec (moekit_gpt_layer_spec). The private helpers stay
-# importable from here, as they were from the single module this package replaces.
-from moe.integrations.megatron.router import (_LB_TYPES, _LOSS_NAMES, MoekitRouter, _attach_losses, _dense_routing,
-                                              _group_size, _loss_and_capacity_kwargs, topk_router_from_config)
-from moe.integrations.megatron.recurrent import _RecurrentLayerRouter, RecurrentRouters
-from moe.integrations.megatron.experts import (MoekitExperts, MoekitMoELayer, _shard_experts,
-                                               activation_from_config)
-from moe.integrations.megatron.spec import RouterArg, _router_builder, moekit_gpt_layer_spec
+# experts (MoekitExperts, MoekitMoELayer), spec (moekit_gpt_layer_spec).
+from moe.integrations.megatron.router import MoekitRouter, topk_router_from_config
+from moe.integrations.megatron.recurrent import RecurrentRouters
+from moe.integrations.megatron.experts import MoekitExperts, MoekitMoELayer, activation_from_config
+from moe.integrations.megatron.spec import RouterArg, moekit_gpt_layer_spec
 
 __all__ = ["MoekitRouter", "RecurrentRouters", "MoekitExperts", "MoekitMoELayer", "moekit_gpt_layer_spec",
            "topk_router_from_config", "activation_from_config"]

@@ -21,7 +21,7 @@ from megatron.core.transformer.module import MegatronModule
 from moe.dispatch import ExpertRows
 from moe.experts import GroupedExperts
 from moe.integrations.megatron.recurrent import RecurrentRouters
-from moe.integrations.megatron.router import _attach_losses, _group_size, topk_router_from_config
+from moe.integrations.megatron.router import attach_losses, group_size, topk_router_from_config
 from moe.layer import MoELayer
 
 
@@ -79,7 +79,7 @@ class MoekitExperts(MegatronModule):
         self.expt_dp_group = (pg_collection.expt_dp if pg_collection is not None
                               else parallel_state.get_expert_data_parallel_group())
         for p in self.experts.parameters():
-            p.allreduce = _group_size(self.ep_group) == 1
+            p.allreduce = group_size(self.ep_group) == 1
 
     def forward(self, permuted_local_hidden_states: Tensor, tokens_per_expert, permuted_probs: Tensor, **kwargs):
         x_ND = permuted_local_hidden_states
@@ -127,9 +127,9 @@ class MoekitMoELayer(MegatronModule):
             config.hidden_size, config.moe_ffn_hidden_size, config.num_moe_experts,
             router=(make_router or topk_router_from_config)(config), activation=activation_from_config(config),
             bias=config.add_bias_linear, num_shared_experts=1 if shared else 0, shared_ffn_hidden_size=shared,
-            ep_group=ep if _group_size(ep) > 1 else None)
+            ep_group=ep if group_size(ep) > 1 else None)
         for p in self.layer.experts.parameters():
-            p.allreduce = _group_size(ep) == 1
+            p.allreduce = group_size(ep) == 1
         self.layer_number: Optional[int] = None
         self.tp_cp_group = pg_collection.tp_cp if pg_collection is not None else None
 
@@ -147,6 +147,6 @@ class MoekitMoELayer(MegatronModule):
         y = self.layer(hidden_states.transpose(0, 1), padding_mask=valid_BS).transpose(0, 1).contiguous()
         S, B = hidden_states.shape[:2]
         num_tokens = S * B if valid_BS is None else valid_BS.sum()
-        y = _attach_losses(y, self.layer.last_routing.aux_losses, self.layer.router, self.config,
+        y = attach_losses(y, self.layer.last_routing.aux_losses, self.layer.router, self.config,
                            self.layer_number, num_tokens, self.tp_cp_group)
         return y, None

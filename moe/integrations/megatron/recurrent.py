@@ -18,7 +18,7 @@ from typing import Optional
 from megatron.core.transformer.module import MegatronModule
 
 import routers
-from moe.integrations.megatron.router import MoekitRouter, _loss_and_capacity_kwargs
+from moe.integrations.megatron.router import MoekitRouter, loss_and_capacity_kwargs
 
 
 class _RecurrentLayerRouter(MoekitRouter):
@@ -81,7 +81,7 @@ class RecurrentRouters:
 
     def _bind(self, config, idx: int) -> routers.RecurrentRouter:
         if self.chain is None or idx in self._bound:  # a layer number seen again: a new model
-            kwargs = {**_loss_and_capacity_kwargs(config), **self.router_kwargs}
+            kwargs = {**loss_and_capacity_kwargs(config), **self.router_kwargs}
             self.chain = routers.RecurrentRouterChain(config.num_layers, config.hidden_size, config.num_moe_experts,
                                                       config.moe_router_topk, router_dim=self.router_dim, **kwargs)
             self._bound = set()

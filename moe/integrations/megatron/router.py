@@ -26,7 +26,7 @@ _LOSS_NAMES = {"load_balancing": ("load_balancing_loss", "balance_loss_coeff"),
 _LB_TYPES = {"aux_loss": "switch", "seq_aux_loss": "seq", "none": None}
 
 
-def _loss_and_capacity_kwargs(config) -> dict:
+def loss_and_capacity_kwargs(config) -> dict:
     """The router keywords every moekit top-k style router shares, from Megatron's config."""
     lb, coeff = config.moe_router_load_balancing_type, config.moe_aux_loss_coeff
     if isinstance(lb, (list, tuple)):
@@ -64,7 +64,7 @@ def topk_router_from_config(config) -> routers.TopKRouter:
         norm_topk=(not config.moe_router_pre_softmax) if score == "softmax" else None,
         routed_scaling_factor=config.moe_router_topk_scaling_factor or 1.0,
         num_groups=groups if group_topk else None, topk_groups=group_topk or None,
-        expert_bias=config.moe_router_enable_expert_bias, **_loss_and_capacity_kwargs(config))
+        expert_bias=config.moe_router_enable_expert_bias, **loss_and_capacity_kwargs(config))
 
 
 def _dense_routing(ids_TK: Tensor, weights_TK: Tensor, num_experts: int):
@@ -76,7 +76,7 @@ def _dense_routing(ids_TK: Tensor, weights_TK: Tensor, num_experts: int):
     return probs, routing_map
 
 
-def _attach_losses(out: Tensor, aux_losses: dict, owner, config, layer_number, num_tokens, reduce_group) -> Tensor:
+def attach_losses(out: Tensor, aux_losses: dict, owner, config, layer_number, num_tokens, reduce_group) -> Tensor:
     """Megatron's aux-loss plumbing: each loss rides MoEAuxLossAutoScaler on ``out`` (its
     gradient is scaled like the main loss) and is logged, divided by its coefficient, to the
     aux-loss tracker. Only in training with grad enabled (Megatron skips the no-grad pass of a
@@ -93,7 +93,7 @@ def _attach_losses(out: Tensor, aux_losses: dict, owner, config, layer_number, n
     return out
 
 
-def _group_size(group) -> int:
+def group_size(group) -> int:
     return 1 if group is None else group.size()
 
 
@@ -161,9 +161,9 @@ class MoekitRouter(MegatronModule):
         probs, routing_map = _dense_routing(ids_TK, weights_TK, self.router.num_experts)
         if hasattr(self.router, "local_tokens_per_expert") and torch.is_grad_enabled():
             self.router.local_tokens_per_expert += routing.counts_E.to(self.router.local_tokens_per_expert.dtype)
-        P = _group_size(self.tp_cp_group)
+        P = group_size(self.tp_cp_group)
         losses = {n: v / P for n, v in routing.aux_losses.items()} if P > 1 else routing.aux_losses
         num_tokens = S * B if valid_BS is None else valid_BS.sum()
-        probs = _attach_losses(probs, losses, self.router, self.config, self.layer_number, num_tokens,
+        probs = attach_losses(probs, losses, self.router, self.config, self.layer_number, num_tokens,
                                self.tp_cp_group)
         return probs, routing_map
