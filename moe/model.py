@@ -1,7 +1,7 @@
 """Decoder block and small causal LM: RMSNorm, rotary attention on SDPA with explicit positions.
 
-Shape legend (torchtitan style): B batch, S query positions in this call, M key positions
-(cached + new), H heads, A head dim, D model dim, F MLP hidden dim, V vocabulary.
+Shape legend (moe/__init__.py): B batch, S query positions in this call, U key positions
+(cached + new), G attention heads, A head dim, D model dim, F MLP hidden dim, V vocabulary.
 `pos_BS` are absolute token positions (RoPE and the causal mask both use them, so a block can
 run on any subset of a sequence, e.g. the tokens a Mixture-of-Recursions router selected);
 `valid_BS` is False on padding (such keys are never attended, such tokens never routed).
@@ -31,18 +31,18 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-def rotary(x_BHSA: torch.Tensor, pos_BS: torch.Tensor, base: float) -> torch.Tensor:
+def rotary(x_BGSA: torch.Tensor, pos_BS: torch.Tensor, base: float) -> torch.Tensor:
     """RoPE (Su et al. 2021, Eq. 34) in rotate-half form at the absolute positions pos_BS."""
-    half = x_BHSA.shape[-1] // 2
-    inv_freq = base ** (-torch.arange(half, device=x_BHSA.device, dtype=torch.float64) / half)
+    half = x_BGSA.shape[-1] // 2
+    inv_freq = base ** (-torch.arange(half, device=x_BGSA.device, dtype=torch.float64) / half)
     ang_BSA = (pos_BS.to(torch.float64)[..., None] * inv_freq).repeat(1, 1, 2)[:, None]
-    cos, sin = ang_BSA.cos().to(x_BHSA.dtype), ang_BSA.sin().to(x_BHSA.dtype)
-    x1, x2 = x_BHSA[..., :half], x_BHSA[..., half:]
-    return x_BHSA * cos + torch.cat((-x2, x1), dim=-1) * sin
+    cos, sin = ang_BSA.cos().to(x_BGSA.dtype), ang_BSA.sin().to(x_BGSA.dtype)
+    x1, x2 = x_BGSA[..., :half], x_BGSA[..., half:]
+    return x_BGSA * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class KVCache:
-    """Keys and values of one attention site: k_BHMA, v_BHMA, pos_BM, valid_BM (grown by append).
+    """Keys and values of one attention site: k_BGUA, v_BGUA, pos_BU, valid_BU (grown by append).
 
     Entries keep their absolute positions, so a cache may hold any subset of a sequence
     (recursion-wise caching stores only the tokens selected at one recursion step).
@@ -87,7 +87,7 @@ class CausalSelfAttention(nn.Module):
 
     Token i attends key j iff pos_j <= pos_i and j is valid, so a call on a subset of tokens
     gives attention among that subset at its original positions. `flops` counts the multiply-
-    adds of QK^T and PV (4*B*H*S*M*A per call) from the shapes actually sent to SDPA.
+    adds of QK^T and PV (4*B*G*S*U*A per call) from the shapes actually sent to SDPA.
     """
 
     def __init__(self, dim: int, n_heads: int, *, rope_base: float = 10000.0):
@@ -108,16 +108,16 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
         q = rotary(q, pos_BS, self.rope_base)
         if shared_kv is not None:
-            k, v, kpos_BM, kvalid_BM = shared_kv.k, shared_kv.v, shared_kv.pos, shared_kv.valid
+            k, v, kpos_BU, kvalid_BU = shared_kv.k, shared_kv.v, shared_kv.pos, shared_kv.valid
         else:
             k = rotary(k, pos_BS, self.rope_base)
-            kpos_BM, kvalid_BM = pos_BS, valid_BS
+            kpos_BU, kvalid_BU = pos_BS, valid_BS
             if cache is not None:
-                k, v, kpos_BM, kvalid_BM = cache.append(k, v, pos_BS, valid_BS)
-        allow_BSM = (kpos_BM[:, None, :] <= pos_BS[:, :, None]) & kvalid_BM[:, None, :]
-        any_BS1 = allow_BSM.any(-1, keepdim=True)  # padding queries may see no key at all
-        allow_BSM = allow_BSM | ~any_BS1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allow_BSM[:, None])
+                k, v, kpos_BU, kvalid_BU = cache.append(k, v, pos_BS, valid_BS)
+        allow_BSU = (kpos_BU[:, None, :] <= pos_BS[:, :, None]) & kvalid_BU[:, None, :]
+        any_BS1 = allow_BSU.any(-1, keepdim=True)  # padding queries may see no key at all
+        allow_BSU = allow_BSU | ~any_BS1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allow_BSU[:, None])
         self.flops += 4 * B * self.n_heads * S * k.shape[2] * q.shape[-1]
         y = y * any_BS1[:, None].to(y.dtype)
         return self.out(y.transpose(1, 2).reshape(B, S, D))

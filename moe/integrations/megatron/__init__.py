@@ -1,6 +1,6 @@
 """Megatron-Core: moekit routers, grouped experts and the whole MoE layer inside Megatron models.
 
-Shape legend: S sequence length, B micro-batch size, H = D hidden size, T tokens (S*B, Megatron's
+Shape legend (moe/__init__.py): S sequence length, B micro-batch size, D hidden size, T tokens (S*B, Megatron's
 s-major order t = s*B + b), E experts (global), L local experts, K routing slots, N routed rows,
 R recurrent router dim.
 

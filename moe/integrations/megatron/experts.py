@@ -2,7 +2,7 @@
 on the local experts), :class:`MoekitMoELayer` (``moe.MoELayer`` as a TransformerLayer mlp),
 :func:`activation_from_config` and expert sharding for distributed checkpoints.
 
-Shape legend: S sequence length, B micro-batch size, H = D hidden size, T tokens (S*B, Megatron's
+Shape legend (moe/__init__.py): S sequence length, B micro-batch size, D hidden size, T tokens (S*B, Megatron's
 s-major order t = s*B + b), E experts (global), L local experts, K routing slots, N routed rows,
 R recurrent router dim.
 """

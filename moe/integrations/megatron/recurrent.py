@@ -1,7 +1,7 @@
 """Megatron-Core recurrent router: :class:`RecurrentRouters`, the RMoE router (Qiu et al. 2024,
 Eq. 3-4) shared across Megatron layers.
 
-Shape legend: S sequence length, B micro-batch size, H = D hidden size, T tokens (S*B, Megatron's
+Shape legend (moe/__init__.py): S sequence length, B micro-batch size, D hidden size, T tokens (S*B, Megatron's
 s-major order t = s*B + b), E experts (global), L local experts, K routing slots, N routed rows,
 R recurrent router dim.
 

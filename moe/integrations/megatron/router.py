@@ -2,7 +2,7 @@
 ``MoESubmodules.router``), :func:`topk_router_from_config` and the aux-loss plumbing shared by
 the adapters (losses ride ``MoEAuxLossAutoScaler`` and go to Megatron's aux-loss tracker).
 
-Shape legend: S sequence length, B micro-batch size, H = D hidden size, T tokens (S*B, Megatron's
+Shape legend (moe/__init__.py): S sequence length, B micro-batch size, D hidden size, T tokens (S*B, Megatron's
 s-major order t = s*B + b), E experts (global), L local experts, K routing slots, N routed rows,
 R recurrent router dim.
 """
