@@ -9,6 +9,7 @@ dims, torchtitan style: ``x_TD`` is (T, D)):
     H a first projection's width (2F for gated activations)     X / Y a GEMM's input / output dim
     M rows of one plain GEMM (C++ GEMM routines)               C capacity per expert
     W expert-parallel ranks   L local experts (E / W)           Q rows an expert-parallel rank receives
+    Z expert groups (group-limited routing)
     R recurrent router dim (RMoE)   P recursion steps (MoR)     J tokens of one recursion step (MoR)
 """
 

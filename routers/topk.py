@@ -1,7 +1,7 @@
 """Token-choice top-k routing: softmax or sigmoid scores, group-limited selection, the
 auxiliary-loss-free expert bias, capacity and balancing losses.
 
-Shape legend: T tokens, D hidden size, E experts, K top-k slots, G expert groups.
+Shape legend: T tokens, D hidden size, E experts, K top-k slots, Z expert groups (moe/__init__.py: G is attention heads).
 
 Follows Mixtral / Qwen3-MoE (softmax, optional renormalisation of the top-k) and DeepSeek-V3
 (sigmoid affinities, node-limited group selection by the sum of each group's top-2 scores,
@@ -33,10 +33,10 @@ def group_limited_topk(choice_TE: Tensor, top_k: int, num_groups: int, topk_grou
     T, E = choice_TE.shape
     per_group = E // num_groups
     grouped = choice_TE.view(T, num_groups, per_group)
-    group_scores_TG = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
-    groups_TG = group_scores_TG.topk(topk_groups, dim=-1).indices
-    keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter(1, groups_TG, True)
-    keep_TE = keep_TG[:, :, None].expand(T, num_groups, per_group).reshape(T, E)
+    group_scores_TZ = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
+    groups_TZ = group_scores_TZ.topk(topk_groups, dim=-1).indices
+    keep_TZ = torch.zeros_like(group_scores_TZ, dtype=torch.bool).scatter(1, groups_TZ, True)
+    keep_TE = keep_TZ[:, :, None].expand(T, num_groups, per_group).reshape(T, E)
     masked = choice_TE.masked_fill(~keep_TE, float("-inf"))
     return masked.topk(top_k, dim=-1).indices
 
