@@ -38,7 +38,7 @@ def test_balancing_loss_vs_the_reference_mixtral_loss():
     that is exactly K times our Switch loss (f_i = count_i / (K*T))."""
     torch.manual_seed(0)
     K, E = 2, 5
-    r = RecurrentRouter(8, E, K, router_dim=6, init_std=1.0, aux_loss_coeff=1.0)
+    r = RecurrentRouter(8, E, K, router_dim=6, init_std=1.0, balance_loss_coeff=1.0)
     out = r(torch.randn(40, 8))
     probs = torch.softmax(out.logits_TE, -1)
     one_hot_TKE = torch.nn.functional.one_hot(probs.topk(K, -1).indices, E).float()
