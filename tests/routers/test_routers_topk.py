@@ -344,7 +344,7 @@ def test_seq_loss_is_deepseek_v3_eq_17_to_20():
 def test_deprecated_aux_loss_keywords_map_to_balance_loss():
     """The loss-type option was renamed balance_loss ("aux loss" is only the model-wide sum); the
     old keywords and attribute still work, with a DeprecationWarning, and typos still raise."""
-    with pytest.warns(DeprecationWarning, match="balance_loss="):
+    with pytest.warns(DeprecationWarning, match="is deprecated, use balance_loss"):
         r = TopKRouter(6, 4, 2, aux_loss="seq", aux_loss_coeff=0.3)
     assert r.balance_loss == "seq" and r.balance_loss_coeff == 0.3
     with pytest.warns(DeprecationWarning, match="balance_loss"):
