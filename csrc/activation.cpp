@@ -3,6 +3,9 @@
 // rows. PyTorch's version of the same expression is silu then mul forward (two passes over the
 // (N, F) half, each strided by 2F) and four elementwise ops backward.
 //
+// Shape legend: N rows (h's leading dims flattened: the routed rows of the experts' h_NH), F FFN
+// hidden, H = 2F = [gate; up] the first projection's width.
+//
 //   out[n, f]    = silu(g) * u                    g = h[n, f], u = h[n, F + f]
 //   d_h[n, f]    = grad * u * s * (1 + g (1 - s)) silu(g) = g s, s = sigmoid(g) = 1 / (1 + e^-g)
 //   d_h[n, F+f]  = grad * g * s
@@ -27,7 +30,7 @@ namespace {
 
 constexpr int64_t kElemGrain = 1 << 14;  // elements per parallel task
 
-// (..., H) -> (M, H) rows with unit stride along H (a view when the layout allows, else a copy).
+// (..., H) -> (N, H) rows with unit stride along H (a view when the layout allows, else a copy).
 at::Tensor as_rows(const at::Tensor& t) {
   auto r = t.reshape({-1, t.size(-1)});
   return r.stride(1) == 1 ? r : r.contiguous();
@@ -97,11 +100,11 @@ using vec::kVecRows;
 template <typename scalar_t>
 void swiglu_rows(const at::Tensor& h, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t M = h.size(0), F = out.size(1), ld = h.stride(0);
+  const int64_t N = h.size(0), F = out.size(1), ld = h.stride(0);
   const scalar_t* src = h.const_data_ptr<scalar_t>();
   scalar_t* dst = out.mutable_data_ptr<scalar_t>();
   const bool fast = kVecRows<scalar_t> && vec::avx512_rows();
-  at::parallel_for(0, M, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(F, 1)), [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, N, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(F, 1)), [&](int64_t lo, int64_t hi) {
     for (int64_t n = lo; n < hi; ++n) {
       const scalar_t* gate = src + n * ld;
       const scalar_t* up = gate + F;
@@ -123,12 +126,12 @@ void swiglu_rows(const at::Tensor& h, at::Tensor& out) {
 template <typename scalar_t>
 void swiglu_bwd_rows(const at::Tensor& grad, const at::Tensor& h, at::Tensor& d_h) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t M = h.size(0), F = grad.size(1), ld = h.stride(0), ldg = grad.stride(0);
+  const int64_t N = h.size(0), F = grad.size(1), ld = h.stride(0), ldg = grad.stride(0);
   const scalar_t* src = h.const_data_ptr<scalar_t>();
   const scalar_t* gsrc = grad.const_data_ptr<scalar_t>();
   scalar_t* dst = d_h.mutable_data_ptr<scalar_t>();
   const bool fast = kVecRows<scalar_t> && vec::avx512_rows();
-  at::parallel_for(0, M, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(F, 1)), [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, N, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(F, 1)), [&](int64_t lo, int64_t hi) {
     for (int64_t n = lo; n < hi; ++n) {
       const scalar_t* gate = src + n * ld;
       const scalar_t* up = gate + F;

@@ -2,18 +2,19 @@
 //
 // Why not at::mm per expert: oneDNN/MKL re-pack B on every call and pay their per-call setup once
 // per expert. With E=128 experts of 256 rows the per-expert calls reach 0.82-0.87 of one dense mm
-// of the same FLOPs in bf16 (bench/ops.py), and the weight gradients (K = the expert's rows) lose
-// more. Here B is packed once per tile, straight into the layout the microkernel streams from L2,
-// and there is no per-call setup.
+// of the same FLOPs in bf16 (bench/ops.py), and the weight gradients (depth X = the expert's
+// rows) lose more. Here B is packed once per tile, straight into the layout the microkernel
+// streams from L2, and there is no per-call setup.
 //
-// Layout. Both operands are read as 32-bit words along K: a bf16 word holds the pair (k, k+1)
-// (vdpbf16ps adds  a.lo * b.lo + a.hi * b.hi  to each fp32 lane), a float word one k.
-// With P elements per word (2 or 1) and Kw = ceil(K / P) words:
-//   A words  row m's words at kw (in place: kw; packed: kw * M)   (broadcast to all lanes)
-//   B panel  Bp[kw][n] = B[P*kw .. P*kw+P-1][n]             64 columns wide, zero-padded past K, N
-// A is read in place when it is K-contiguous (the forward and the data gradient), through one
+// Shapes (gemm_avx512.h): C (M x Y) = A (M x X) @ B (X x Y), M rows, depth X, Y columns.
+// Layout. Both operands are read as 32-bit words along X: a bf16 word holds the pair (x, x+1)
+// (vdpbf16ps adds  a.lo * b.lo + a.hi * b.hi  to each fp32 lane), a float word one x.
+// With P elements per word (2 or 1) and Xw = ceil(X / P) words:
+//   A words  row m's words at xw (in place: xw; packed: xw * M)   (broadcast to all lanes)
+//   B panel  Bp[xw][y] = B[P*xw .. P*xw+P-1][y]             64 columns wide, zero-padded past X, Y
+// A is read in place when it is X-contiguous (the forward and the data gradient), through one
 // pointer per row, so its rows may be gathered (gather_grouped_mm: the rows of x_TD named by the
-// plan); otherwise (the weight gradient, A = a^T) it is packed to [kw][m] words first, from
+// plan); otherwise (the weight gradient, A = a^T) it is packed to [xw][m] words first, from
 // gathered rows as well. B is packed one panel at a time as the first row block reaches it, while
 // the microkernels of the panel before fetch its memory lines (gemm_pack.h). The microkernel
 // keeps a 6 x 64 fp32 tile in 24 zmm registers; bf16 results are rounded to nearest even on
@@ -59,36 +60,36 @@ namespace {
 
 constexpr int kMR = 6;        // rows per microkernel tile
 constexpr int64_t kMC = 192;  // rows per cache block of A (a multiple of kMR)
-constexpr int64_t kKB = 64;   // K words per block of partial sums in the microkernel
+constexpr int64_t kXB = 64;   // X words per block of partial sums in the microkernel
 constexpr int64_t kPackWords = int64_t(1) << 20;  // 4 MiB of packed B per chunk of panels
 
-// C[MR x (16*NV)] = sum over kw of A words x B panel words; stores the first `cols` columns.
-// float32 sums run in blocks of kKB words; block sums are added in groups of kKB, and the group
-// sums into the total: rounding error grows like 2 kKB + K / kKB^2 rather than K (the 2x-of-torch
-// error rule holds at K in the tens of thousands, the weight gradient's rows per expert, where
+// C[MR x (16*YV)] = sum over xw of A words x B panel words; stores the first `cols` columns.
+// float32 sums run in blocks of kXB words; block sums are added in groups of kXB, and the group
+// sums into the total: rounding error grows like 2 kXB + X / kXB^2 rather than X (the 2x-of-torch
+// error rule holds at X in the tens of thousands, the weight gradient's rows per expert, where
 // one running FMA chain, or one level of blocks, would not).
-// Row r of A is the word sequence arow[r][kw * ak] (A in place: ak = 1; packed: ak = rows).
+// Row r of A is the word sequence arow[r][xw * ax] (A in place: ax = 1; packed: ax = rows).
 // TC: the type of C (T, or float for bfloat16 inputs with a float32 result).
-template <typename T, int MR, int NV, typename TC>
-MOE_TARGET void micro(const u32* const* arow, int64_t ak, const uint32_t* Bp, int64_t Kw,
+template <typename T, int MR, int YV, typename TC>
+MOE_TARGET void micro(const u32* const* arow, int64_t ax, const uint32_t* Bp, int64_t Xw,
                       TC* C, int64_t ldc, int cols) {
   const u32* ap[MR];
   for (int r = 0; r < MR; ++r) ap[r] = arow[r];
   // bf16 results are rounded to 8 bits of mantissa: one running sum is accurate enough there.
-  const int64_t block = std::is_same_v<TC, c10::BFloat16> ? Kw : kKB;
-  __m512 acc[MR][NV], mid[MR][NV], total[MR][NV];
-  for (int64_t k0 = 0; k0 < Kw; k0 += block) {
+  const int64_t block = std::is_same_v<TC, c10::BFloat16> ? Xw : kXB;
+  __m512 acc[MR][YV], mid[MR][YV], total[MR][YV];
+  for (int64_t x0 = 0; x0 < Xw; x0 += block) {
     for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-    const int64_t k1 = std::min(Kw, k0 + block);
-    for (int64_t kw = k0; kw < k1; ++kw) {
-      __m512i b[NV];
-      for (int v = 0; v < NV; ++v)
-        b[v] = _mm512_loadu_si512(reinterpret_cast<const void*>(Bp + kw * kNR + 16 * v));
-      const int64_t ka = kw * ak;
+      for (int v = 0; v < YV; ++v) acc[r][v] = _mm512_setzero_ps();
+    const int64_t x1 = std::min(Xw, x0 + block);
+    for (int64_t xw = x0; xw < x1; ++xw) {
+      __m512i b[YV];
+      for (int v = 0; v < YV; ++v)
+        b[v] = _mm512_loadu_si512(reinterpret_cast<const void*>(Bp + xw * kYR + 16 * v));
+      const int64_t xa = xw * ax;
       for (int r = 0; r < MR; ++r) {
-        const __m512i ar = _mm512_set1_epi32(int(ap[r][ka]));
-        for (int v = 0; v < NV; ++v) {
+        const __m512i ar = _mm512_set1_epi32(int(ap[r][xa]));
+        for (int v = 0; v < YV; ++v) {
           if constexpr (std::is_same_v<T, c10::BFloat16>)
             acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)ar, (__m512bh)b[v]);
           else
@@ -96,17 +97,17 @@ MOE_TARGET void micro(const u32* const* arow, int64_t ak, const uint32_t* Bp, in
         }
       }
     }
-    // Two levels: kKB blocks add into `mid`, and every kKB of those into `total`.
-    const bool first = k0 % (block * kKB) == 0, last = k1 == Kw || (k1 / block) % kKB == 0;
+    // Two levels: kXB blocks add into `mid`, and every kXB of those into `total`.
+    const bool first = x0 % (block * kXB) == 0, last = x1 == Xw || (x1 / block) % kXB == 0;
     for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) {
+      for (int v = 0; v < YV; ++v) {
         mid[r][v] = first ? acc[r][v] : _mm512_add_ps(mid[r][v], acc[r][v]);
-        if (last) total[r][v] = k0 < block * kKB ? mid[r][v] : _mm512_add_ps(total[r][v], mid[r][v]);
+        if (last) total[r][v] = x0 < block * kXB ? mid[r][v] : _mm512_add_ps(total[r][v], mid[r][v]);
       }
   }
   for (int r = 0; r < MR; ++r) {
     TC* c = C + r * ldc;
-    for (int v = 0; v < NV; ++v) {
+    for (int v = 0; v < YV; ++v) {
       const int left = cols - 16 * v;
       if (left <= 0) break;
       const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
@@ -118,27 +119,27 @@ MOE_TARGET void micro(const u32* const* arow, int64_t ak, const uint32_t* Bp, in
   }
 }
 
-template <typename T, int NV, typename TC>
-MOE_TARGET void micro_rows(int mr, const u32* const* arow, int64_t ak, const uint32_t* Bp,
-                           int64_t Kw, TC* C, int64_t ldc, int cols) {
+template <typename T, int YV, typename TC>
+MOE_TARGET void micro_rows(int mr, const u32* const* arow, int64_t ax, const uint32_t* Bp,
+                           int64_t Xw, TC* C, int64_t ldc, int cols) {
   switch (mr) {
-    case 6: return micro<T, 6, NV, TC>(arow, ak, Bp, Kw, C, ldc, cols);
-    case 5: return micro<T, 5, NV, TC>(arow, ak, Bp, Kw, C, ldc, cols);
-    case 4: return micro<T, 4, NV, TC>(arow, ak, Bp, Kw, C, ldc, cols);
-    case 3: return micro<T, 3, NV, TC>(arow, ak, Bp, Kw, C, ldc, cols);
-    case 2: return micro<T, 2, NV, TC>(arow, ak, Bp, Kw, C, ldc, cols);
-    default: return micro<T, 1, NV, TC>(arow, ak, Bp, Kw, C, ldc, cols);
+    case 6: return micro<T, 6, YV, TC>(arow, ax, Bp, Xw, C, ldc, cols);
+    case 5: return micro<T, 5, YV, TC>(arow, ax, Bp, Xw, C, ldc, cols);
+    case 4: return micro<T, 4, YV, TC>(arow, ax, Bp, Xw, C, ldc, cols);
+    case 3: return micro<T, 3, YV, TC>(arow, ax, Bp, Xw, C, ldc, cols);
+    case 2: return micro<T, 2, YV, TC>(arow, ax, Bp, Xw, C, ldc, cols);
+    default: return micro<T, 1, YV, TC>(arow, ax, Bp, Xw, C, ldc, cols);
   }
 }
 
 template <typename T, typename TC>
-MOE_TARGET void micro_any(int mr, const u32* const* arow, int64_t ak, const uint32_t* Bp,
-                          int64_t Kw, TC* C, int64_t ldc, int cols) {
+MOE_TARGET void micro_any(int mr, const u32* const* arow, int64_t ax, const uint32_t* Bp,
+                          int64_t Xw, TC* C, int64_t ldc, int cols) {
   switch ((cols + 15) / 16) {
-    case 4: return micro_rows<T, 4, TC>(mr, arow, ak, Bp, Kw, C, ldc, cols);
-    case 3: return micro_rows<T, 3, TC>(mr, arow, ak, Bp, Kw, C, ldc, cols);
-    case 2: return micro_rows<T, 2, TC>(mr, arow, ak, Bp, Kw, C, ldc, cols);
-    default: return micro_rows<T, 1, TC>(mr, arow, ak, Bp, Kw, C, ldc, cols);
+    case 4: return micro_rows<T, 4, TC>(mr, arow, ax, Bp, Xw, C, ldc, cols);
+    case 3: return micro_rows<T, 3, TC>(mr, arow, ax, Bp, Xw, C, ldc, cols);
+    case 2: return micro_rows<T, 2, TC>(mr, arow, ax, Bp, Xw, C, ldc, cols);
+    default: return micro_rows<T, 1, TC>(mr, arow, ax, Bp, Xw, C, ldc, cols);
   }
 }
 
@@ -159,63 +160,63 @@ uint32_t* scratch(Scratch& buf, int64_t n) {
 }
 
 template <typename T, typename TC = T>
-void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t am, int64_t ak, const int64_t* a_rows,
-          const int64_t* a_cols, const T* B, int64_t bk, int64_t bn, TC* C, int64_t ldc, NextB<T> next) {
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, TC(0.0f));
+void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, const int64_t* a_rows,
+          const int64_t* a_cols, const T* B, int64_t bx, int64_t by, TC* C, int64_t ldc, NextB<T> next) {
+  if (M == 0 || Y == 0) return;
+  if (X == 0) {
+    for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + Y, TC(0.0f));
     return;
   }
   constexpr int64_t P = kPer<T>;
   thread_local Scratch a_buf, b_buf;
-  const int64_t Kw = (K + P - 1) / P;
-  const int64_t panels = (N + kNR - 1) / kNR;
+  const int64_t Xw = (X + P - 1) / P;
+  const int64_t panels = (Y + kYR - 1) / kYR;
   // B is packed a chunk of panels at a time (all of it for the usual expert shapes), so the
   // scratch stays bounded however large one expert's weight is.
-  const int64_t chunk = std::max<int64_t>(1, kPackWords / (Kw * kNR));
-  // A in place when its words are contiguous, else packed [kw][m].
+  const int64_t chunk = std::max<int64_t>(1, kPackWords / (Xw * kYR));
+  // A in place when its words are contiguous, else packed [xw][m].
   bool rows_even = a_rows != nullptr || am % P == 0;
   for (int64_t m = 0; a_rows != nullptr && P > 1 && m < M; ++m) rows_even = rows_even && a_rows[m] % P == 0;
-  const bool direct = ak == 1 && a_cols == nullptr && K % P == 0 && rows_even &&
+  const bool direct = ax == 1 && a_cols == nullptr && X % P == 0 && rows_even &&
                       reinterpret_cast<uintptr_t>(A) % alignof(uint32_t) == 0;
   const u32* rowp[kMC];
   for (int64_t p0 = 0; p0 < panels; p0 += chunk) {
-    const int64_t np = std::min(chunk, panels - p0), n0 = p0 * kNR;
-    uint32_t* Bp = scratch(b_buf, np * Kw * kNR);
+    const int64_t np = std::min(chunk, panels - p0), y0 = p0 * kYR;
+    uint32_t* Bp = scratch(b_buf, np * Xw * kYR);
     for (int64_t m0 = 0; m0 < M; m0 += kMC) {
       const int64_t mc = std::min(kMC, M - m0);
-      int64_t a_k;
+      int64_t a_x;
       if (direct) {
         for (int64_t r = 0; r < mc; ++r)
           rowp[r] = reinterpret_cast<const u32*>(A + (a_rows ? a_rows[m0 + r] : (m0 + r) * am));
-        a_k = 1;
+        a_x = 1;
       } else {
-        uint32_t* Ap = scratch(a_buf, Kw * mc);
-        pack_a(a_rows ? A : A + m0 * am, am, ak, a_rows ? a_rows + m0 : nullptr, a_cols, mc, K, Ap);
+        uint32_t* Ap = scratch(a_buf, Xw * mc);
+        pack_a(a_rows ? A : A + m0 * am, am, ax, a_rows ? a_rows + m0 : nullptr, a_cols, mc, X, Ap);
         for (int64_t r = 0; r < mc; ++r) rowp[r] = Ap + r;
-        a_k = mc;
+        a_x = mc;
       }
       const int64_t calls = (mc + kMR - 1) / kMR;
       for (int64_t p = 0; p < np; ++p) {
-        const int64_t c0 = n0 + p * kNR;
-        const int cols = int(std::min<int64_t>(kNR, N - c0));
-        uint32_t* panel = Bp + p * Kw * kNR;
+        const int64_t c0 = y0 + p * kYR;
+        const int cols = int(std::min<int64_t>(kYR, Y - c0));
+        uint32_t* panel = Bp + p * Xw * kYR;
         // The first row block packs each panel as it reaches it, and fetches the next one's
         // lines while its microkernels run.
         // The very last panel fetches the first panel of the next call's B instead.
         const bool first = m0 == 0;
-        if (first) pack_b(B + c0 * bn, bk, bn, K, cols, panel);
-        const int64_t c1 = c0 + kNR;
+        if (first) pack_b(B + c0 * by, bx, by, X, cols, panel);
+        const int64_t c1 = c0 + kYR;
         const bool last = m0 + kMC >= M && p0 + np == panels && p + 1 == np;
         const PanelLines<T> ahead =
-            first && p + 1 < np ? PanelLines<T>(B, bk, bn, K, c1, std::min<int64_t>(kNR, N - c1))
-            : last && next.B != nullptr ? PanelLines<T>(next.B, bk, bn, next.K, 0, std::min<int64_t>(kNR, next.N))
+            first && p + 1 < np ? PanelLines<T>(B, bx, by, X, c1, std::min<int64_t>(kYR, Y - c1))
+            : last && next.B != nullptr ? PanelLines<T>(next.B, bx, by, next.X, 0, std::min<int64_t>(kYR, next.Y))
                                         : PanelLines<T>();
         const int64_t L = ahead.lines();
         for (int64_t r = 0, i = 0; r < mc; r += kMR, ++i) {
           if (L > 0) ahead.fetch(L * i / calls, L * (i + 1) / calls);
           const int mr = int(std::min<int64_t>(kMR, mc - r));
-          micro_any<T, TC>(mr, rowp + r, a_k, panel, Kw, C + (m0 + r) * ldc + c0, ldc, cols);
+          micro_any<T, TC>(mr, rowp + r, a_x, panel, Xw, C + (m0 + r) * ldc + c0, ldc, cols);
         }
       }
     }
@@ -236,21 +237,21 @@ bool avx512_gemm_available(at::ScalarType dtype) {
   return dtype == at::kBFloat16 ? bf16 : dtype == at::kFloat ? f32 : false;
 }
 
-void avx512_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t am, int64_t ak,
-                 const c10::BFloat16* B, int64_t bk, int64_t bn, c10::BFloat16* C, int64_t ldc,
+void avx512_gemm(int64_t M, int64_t Y, int64_t X, const c10::BFloat16* A, int64_t am, int64_t ax,
+                 const c10::BFloat16* B, int64_t bx, int64_t by, c10::BFloat16* C, int64_t ldc,
                  NextB<c10::BFloat16> next, GatherA gather) {
-  gemm(M, N, K, A, am, ak, gather.rows, gather.cols, B, bk, bn, C, ldc, next);
+  gemm(M, Y, X, A, am, ax, gather.rows, gather.cols, B, bx, by, C, ldc, next);
 }
 
-void avx512_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t am, int64_t ak,
-                 const float* B, int64_t bk, int64_t bn, float* C, int64_t ldc, NextB<float> next,
+void avx512_gemm(int64_t M, int64_t Y, int64_t X, const float* A, int64_t am, int64_t ax,
+                 const float* B, int64_t bx, int64_t by, float* C, int64_t ldc, NextB<float> next,
                  GatherA gather) {
-  gemm(M, N, K, A, am, ak, gather.rows, gather.cols, B, bk, bn, C, ldc, next);
+  gemm(M, Y, X, A, am, ax, gather.rows, gather.cols, B, bx, by, C, ldc, next);
 }
 
-void avx512_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t am, int64_t ak,
-                 const c10::BFloat16* B, int64_t bk, int64_t bn, float* C, int64_t ldc) {
-  gemm<c10::BFloat16, float>(M, N, K, A, am, ak, nullptr, nullptr, B, bk, bn, C, ldc, {});
+void avx512_gemm(int64_t M, int64_t Y, int64_t X, const c10::BFloat16* A, int64_t am, int64_t ax,
+                 const c10::BFloat16* B, int64_t bx, int64_t by, float* C, int64_t ldc) {
+  gemm<c10::BFloat16, float>(M, Y, X, A, am, ax, nullptr, nullptr, B, bx, by, C, ldc, {});
 }
 
 #else  // not x86-64 GCC/Clang: at::mm does every GEMM

@@ -1,7 +1,8 @@
 // Operand packing for the AVX-512 GEMM (gemm_avx512.cpp, its only includer): A and B as 32-bit
-// words along K (a bfloat16 word holds the pair k, k+1), B in panels of kNR columns, and the
-// memory lines of the next panel for a software prefetch. Included by gemm_avx512.cpp on
-// x86-64 only, after it defines MOE_TARGET.
+// words along X, the GEMM depth (a bfloat16 word holds the pair x, x+1), B in panels of kYR of
+// its Y columns, and the memory lines of the next panel for a software prefetch. Included by
+// gemm_avx512.cpp on x86-64 only, after it defines MOE_TARGET. Shapes as in gemm_avx512.h:
+// C (M x Y) = A (M x X) @ B (X x Y).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -16,7 +17,7 @@
 namespace moe {
 namespace {
 
-constexpr int kNR = 64;  // columns per B panel (4 zmm of 16 fp32 lanes)
+constexpr int kYR = 64;  // columns per B panel (4 zmm of 16 fp32 lanes)
 
 // Elements read as 32-bit words: may_alias keeps those reads of bf16/float memory well defined.
 typedef uint32_t __attribute__((may_alias)) u32;
@@ -31,7 +32,7 @@ inline uint32_t bits(float v) {
   return u;
 }
 
-// Word j < w (w <= 16) from row `lo` (and `hi`, the next k, for bf16; nullptr: zero) at 16
+// Word j < w (w <= 16) from row `lo` (and `hi`, the next x, for bf16; nullptr: zero) at 16
 // consecutive columns. Writes all 16 words (zero past w) when `all`, else only the first w.
 template <typename T>
 MOE_TARGET inline void words16(const T* lo, const T* hi, int64_t w, uint32_t* out, bool all) {
@@ -48,7 +49,7 @@ MOE_TARGET inline void words16(const T* lo, const T* hi, int64_t w, uint32_t* ou
   _mm512_mask_storeu_epi32(out, all ? __mmask16(0xFFFF) : m, v);
 }
 
-// Word (k = P*kw ..) of a strided column: element at p, the next k at p + step (if it exists).
+// Word (x = P*xw ..) of a strided column: element at p, the next x at p + step (if it exists).
 template <typename T>
 inline uint32_t word(const T* p, int64_t step, bool has_next) {
   if constexpr (std::is_same_v<T, c10::BFloat16>)
@@ -82,65 +83,65 @@ MOE_TARGET inline void transpose16(const u32* src, int64_t ld_src, uint32_t* dst
   }
 }
 
-// Packs B (K x n, strides bk, bn in elements) into panels of kNR columns: panel p holds Kw
-// rows of kNR words, zero-padded past n and past K.
+// Packs B (X x cols, strides bx, by in elements) into panels of kYR columns: panel p holds Xw
+// rows of kYR words, zero-padded past cols and past X.
 template <typename T>
-MOE_TARGET void pack_b(const T* B, int64_t bk, int64_t bn, int64_t K, int64_t n, uint32_t* out) {
+MOE_TARGET void pack_b(const T* B, int64_t bx, int64_t by, int64_t X, int64_t cols, uint32_t* out) {
   constexpr int64_t P = kPer<T>;
-  const int64_t Kw = (K + P - 1) / P;
-  const int64_t panels = (n + kNR - 1) / kNR;
+  const int64_t Xw = (X + P - 1) / P;
+  const int64_t panels = (cols + kYR - 1) / kYR;
   // B = W^T with W row-major (the data gradient's transposed weights): each word is an aligned
   // word of a row of W, so a panel is a transpose of 32-bit words, read row by row.
-  const bool rows_of_words = bk == 1 && K % P == 0 && bn % P == 0 &&
+  const bool rows_of_words = bx == 1 && X % P == 0 && by % P == 0 &&
                              reinterpret_cast<uintptr_t>(B) % alignof(uint32_t) == 0;
   for (int64_t p = 0; p < panels; ++p) {
-    uint32_t* dst = out + p * Kw * kNR;
-    const int64_t c0 = p * kNR, w = std::min<int64_t>(kNR, n - c0);
+    uint32_t* dst = out + p * Xw * kYR;
+    const int64_t c0 = p * kYR, w = std::min<int64_t>(kYR, cols - c0);
     if (rows_of_words) {
-      const int64_t j16 = w / 16 * 16, k16 = Kw / 16 * 16;
+      const int64_t j16 = w / 16 * 16, x16 = Xw / 16 * 16;
       for (int64_t j = 0; j < j16; j += 16)  // 16 x 16 blocks in registers
-        for (int64_t kw = 0; kw < k16; kw += 16)
-          transpose16(reinterpret_cast<const u32*>(B + (c0 + j) * bn) + kw, bn / P,
-                      dst + kw * kNR + j, kNR);
+        for (int64_t xw = 0; xw < x16; xw += 16)
+          transpose16(reinterpret_cast<const u32*>(B + (c0 + j) * by) + xw, by / P,
+                      dst + xw * kYR + j, kYR);
       for (int64_t j = 0; j < w; ++j) {  // the rest one word at a time
-        const u32* row = reinterpret_cast<const u32*>(B + (c0 + j) * bn);
-        for (int64_t kw = j < j16 ? k16 : 0; kw < Kw; ++kw) dst[kw * kNR + j] = row[kw];
+        const u32* row = reinterpret_cast<const u32*>(B + (c0 + j) * by);
+        for (int64_t xw = j < j16 ? x16 : 0; xw < Xw; ++xw) dst[xw * kYR + j] = row[xw];
       }
-      for (int64_t j = w; j < kNR; ++j)
-        for (int64_t kw = 0; kw < Kw; ++kw) dst[kw * kNR + j] = 0;
+      for (int64_t j = w; j < kYR; ++j)
+        for (int64_t xw = 0; xw < Xw; ++xw) dst[xw * kYR + j] = 0;
       continue;
     }
-    for (int64_t kw = 0; kw < Kw; ++kw) {
-      const T* r0 = B + (P * kw) * bk + c0 * bn;
-      const bool has1 = P * kw + 1 < K;
-      uint32_t* d = dst + kw * kNR;
-      if (bn == 1) {  // rows of B contiguous: 16 words per step
+    for (int64_t xw = 0; xw < Xw; ++xw) {
+      const T* r0 = B + (P * xw) * bx + c0 * by;
+      const bool has1 = P * xw + 1 < X;
+      uint32_t* d = dst + xw * kYR;
+      if (by == 1) {  // rows of B contiguous: 16 words per step
         int64_t j = 0;
         for (; j < w; j += 16)
-          words16(r0 + j, has1 ? r0 + bk + j : nullptr, std::min<int64_t>(16, w - j), d + j, /*all=*/true);
-        for (; j < kNR; ++j) d[j] = 0;
+          words16(r0 + j, has1 ? r0 + bx + j : nullptr, std::min<int64_t>(16, w - j), d + j, /*all=*/true);
+        for (; j < kYR; ++j) d[j] = 0;
         continue;
       }
-      for (int64_t j = 0; j < w; ++j) d[j] = word(r0 + j * bn, bk, has1);
-      for (int64_t j = w; j < kNR; ++j) d[j] = 0;
+      for (int64_t j = 0; j < w; ++j) d[j] = word(r0 + j * by, bx, has1);
+      for (int64_t j = w; j < kYR; ++j) d[j] = 0;
     }
   }
 }
 
-// Packs A (M x K) to words laid out [kw][m], zero-padded past K. A(m, k) = A[mo(m) + ko(k)] with
-// mo(m) = m_off ? m_off[m] : m * am and ko(k) = k_off ? k_off[k] : k * ak (element offsets: the
+// Packs A (M x X) to words laid out [xw][m], zero-padded past X. A(m, x) = A[mo(m) + xo(x)] with
+// mo(m) = m_off ? m_off[m] : m * am and xo(x) = x_off ? x_off[x] : x * ax (element offsets: the
 // offset tables are the rows of a gathered operand).
 template <typename T>
-MOE_TARGET void pack_a(const T* A, int64_t am, int64_t ak, const int64_t* m_off, const int64_t* k_off,
-                       int64_t M, int64_t K, uint32_t* out) {
+MOE_TARGET void pack_a(const T* A, int64_t am, int64_t ax, const int64_t* m_off, const int64_t* x_off,
+                       int64_t M, int64_t X, uint32_t* out) {
   constexpr int64_t P = kPer<T>;
-  const int64_t Kw = (K + P - 1) / P;
-  for (int64_t kw = 0; kw < Kw; ++kw) {
-    const int64_t k = P * kw;
-    const bool has1 = k + 1 < K;
-    const int64_t o0 = k_off ? k_off[k] : k * ak;
-    const int64_t o1 = !has1 ? 0 : k_off ? k_off[k + 1] : (k + 1) * ak;
-    uint32_t* d = out + kw * M;
+  const int64_t Xw = (X + P - 1) / P;
+  for (int64_t xw = 0; xw < Xw; ++xw) {
+    const int64_t x = P * xw;
+    const bool has1 = x + 1 < X;
+    const int64_t o0 = x_off ? x_off[x] : x * ax;
+    const int64_t o1 = !has1 ? 0 : x_off ? x_off[x + 1] : (x + 1) * ax;
+    uint32_t* d = out + xw * M;
     if (am == 1 && m_off == nullptr) {  // the weight gradient's a^T: rows of a, contiguous along m
       for (int64_t m = 0; m < M; m += 16)
         words16(A + o0 + m, has1 ? A + o1 + m : nullptr, std::min<int64_t>(16, M - m), d + m,
@@ -154,31 +155,31 @@ MOE_TARGET void pack_a(const T* A, int64_t am, int64_t ak, const int64_t* m_off,
   }
 }
 
-// The memory lines of B's panel of columns [c0, c0 + w), K rows, for a software prefetch spread
+// The memory lines of B's panel of columns [c0, c0 + w), X rows, for a software prefetch spread
 // over the microkernel calls of the panel before it. An expert's weight is read from memory
-// once per GEMM (E x D x F bytes in all, 16x a dense layer's at E=128, k=8); packing it when the
+// once per GEMM (E x D x F bytes in all, 16x a dense layer's at E=128, K=8); packing it when the
 // panel is reached would stall on those reads, so they are started one panel ahead. Rows of B
-// along n (bn == 1) or along k (bk == 1) only; other layouts are not prefetched.
+// along y (by == 1) or along x (bx == 1) only; other layouts are not prefetched.
 template <typename T>
 struct PanelLines {
   const char* base = nullptr;
   int64_t seg_stride = 0, seg_lines = 0, segs = 0;  // segs runs of seg_lines lines, seg_stride bytes apart
 
   PanelLines() = default;
-  PanelLines(const T* B, int64_t bk, int64_t bn, int64_t K, int64_t c0, int64_t w) {
+  PanelLines(const T* B, int64_t bx, int64_t by, int64_t X, int64_t c0, int64_t w) {
     constexpr int64_t sz = sizeof(T);
-    if (bn == 1) {
-      set(B + c0, bk * sz, w * sz, K);
-    } else if (bk == 1) {
-      set(B + c0 * bn, bn * sz, K * sz, w);
+    if (by == 1) {
+      set(B + c0, bx * sz, w * sz, X);
+    } else if (bx == 1) {
+      set(B + c0 * by, by * sz, X * sz, w);
     }
   }
-  void set(const T* p, int64_t stride, int64_t bytes, int64_t n) {
+  void set(const T* p, int64_t stride, int64_t bytes, int64_t count) {
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
     base = reinterpret_cast<const char*>(a & ~uintptr_t(63));
     seg_stride = stride;
     seg_lines = (int64_t(a & 63) + bytes + 63) / 64;
-    segs = n;
+    segs = count;
   }
   int64_t lines() const { return seg_lines * segs; }
   // Lines [from, to) of the panel, segment by segment (into L2: the hint T1).

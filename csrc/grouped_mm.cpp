@@ -1,5 +1,8 @@
 // moe.grouped_mm and moe.grouped_mm_wgrad on the CPU.
 //
+// Shape legend (moe_ops.h): N routed rows of a_NX, E experts, X/Y the GEMM input/output dims
+// (a_NX @ b_EXY -> c_NY), T tokens and K top-k slots (the gathered forms' x_TD and rows_TK).
+//
 // Each expert's rows form one GEMM; the work is cut into (expert, row block, column block) tiles
 // so that many small experts (E=128, F=224) still keep every core busy, and each tile calls
 // at::mm_out, the optimized (MKL/oneDNN) matmul, single-threaded inside the parallel region.
@@ -144,7 +147,9 @@ void grouped_avx512(const at::Tensor& a, const int64_t* gather, const at::Tensor
 }
 
 // out[e][x, y] = sum over e's rows r of a[r, x] g[r, y]: A = a^T (packed by the kernel), a's
-// rows gathered as in grouped_avx512.
+// rows gathered as in grouped_avx512. Each tile is one plain GEMM (gemm_avx512.h) whose M rows
+// are a slice of the output's X, whose columns a slice of its Y, and whose depth the expert's n
+// rows.
 template <typename T>
 void wgrad_avx512(const at::Tensor& a, const int64_t* gather, const at::Tensor& g_NY,
                   at::Tensor& out, const std::vector<int64_t>& starts, const std::vector<Tile>& tiles) {
@@ -222,7 +227,8 @@ at::Tensor grouped_wgrad(const at::Tensor& a, const int64_t* gather, const at::T
     }
   }
   const auto tiles = make_tiles(extent, Y, /*min_block=*/64);
-  // (K here is each expert's rows: a few-row expert still has X x Y >= 64 x 64 outputs to compare.)
+  // (The GEMM depth here is each expert's rows: a few-row expert still has X x Y >= 64 x 64
+  // outputs to compare.)
   if (gather != nullptr || use_avx512(a.scalar_type(), X, Y, /*rows=*/kMinSide)) {
     AT_DISPATCH_SWITCH(a.scalar_type(), "moe_grouped_mm_wgrad_avx512",
                        AT_DISPATCH_CASE(at::kFloat, [&] { wgrad_avx512<scalar_t>(a, gather, g_NY, out, starts, tiles); })

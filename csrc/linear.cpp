@@ -29,7 +29,8 @@ at::Tensor linear_f32_cpu(const at::Tensor& x_TD, const at::Tensor& weight_ED) {
   const auto* wp = w.const_data_ptr<c10::BFloat16>();
   float* op = out.mutable_data_ptr<float>();
   const int64_t ldx = x.stride(0), ldw = w.stride(0);
-  // Row blocks, a few per thread; each packs the (small) weight once.
+  // Row blocks, a few per thread; each packs the (small) weight once. Each block is one plain
+  // GEMM (gemm_avx512.h): M = its rows, depth X = D, Y = E columns.
   const int64_t threads = at::get_num_threads();
   const int64_t grain = std::max<int64_t>(48, (T + 4 * threads - 1) / (4 * threads));
   at::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) {

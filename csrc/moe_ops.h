@@ -1,7 +1,11 @@
 // moekit ops: declarations shared by the CPU (csrc/*.cpp) and CUDA (csrc/cuda/*.cu) kernels.
 //
-// Shape legend: T tokens, K slots per token, E experts, N routed rows (the host-side bound
-// N = T*K; rows past offs_E[E-1] are padding), D feature dim, X/Y GEMM input/output dims.
+// Shape legend (one meaning per letter, as in moe/__init__.py): T tokens, K top-k routing slots
+// per token, E experts, N routed rows (the host-side bound N = T*K; rows past offs_E[E-1] are
+// padding), D feature (model) dim, X/Y a GEMM's input/output dims (a_NX @ b_EXY -> c_NY), F FFN
+// hidden, H a first projection's width (2F for swiglu's h), C capacity per expert. The plain-GEMM
+// routines (gemm_avx512.h, cuda/gemm_tiles.cuh) compute C (M x Y) = A (M x X) @ B (X x Y): M the
+// rows of one GEMM (e.g. one expert's rows), X its depth, Y its output columns.
 // Schemas are registered once, in registration.cpp (TORCH_LIBRARY(moe, m)); autograd and fake
 // (meta) kernels are registered from Python in moe/ops.py.
 #pragma once

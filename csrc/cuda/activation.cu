@@ -1,7 +1,7 @@
 // moe.swiglu / moe.swiglu_backward / moe.linear_f32 on CUDA: the layers' fused helpers.
 //
-// Shape legend: M rows (h's leading dims flattened), F expert hidden size, 2F = [gate; up] the
-// first projection's width; T tokens, D model dim, E experts.
+// Shape legend: N rows (h's leading dims flattened: the routed rows of the experts' h_NH), F FFN
+// hidden, H = 2F = [gate; up] the first projection's width; T tokens, D model dim, E experts.
 //
 // swiglu (Shazeer 2020, "GLU Variants Improve Transformer", Eq. 5-6), one pass each way:
 //
@@ -71,7 +71,7 @@ __device__ __forceinline__ void split(int64_t i, int64_t nvec, bool narrow, int6
   }
 }
 
-// out (M, F) contiguous = swiglu of h's rows (M, 2F) with row stride ld; nvec = F / VEC.
+// out (N, F) contiguous = swiglu of h's rows (N, 2F) with row stride ld; nvec = F / VEC.
 template <typename T, int VEC>
 __global__ void swiglu_kernel(const T* __restrict__ h, int64_t ld, int64_t F, int64_t nvec,
                               int64_t total, T* __restrict__ out) {
@@ -104,7 +104,7 @@ __global__ void swiglu_kernel(const T* __restrict__ h, int64_t ld, int64_t F, in
   }
 }
 
-// d_h (M, 2F) contiguous from grad's rows (M, F, row stride ldg) and h's rows (M, 2F, stride ld).
+// d_h (N, 2F) contiguous from grad's rows (N, F, row stride ldg) and h's rows (N, 2F, stride ld).
 template <typename T, int VEC>
 __global__ void swiglu_backward_kernel(const T* __restrict__ grad, int64_t ldg,
                                        const T* __restrict__ h, int64_t ld, int64_t F,
@@ -147,7 +147,7 @@ __global__ void swiglu_backward_kernel(const T* __restrict__ grad, int64_t ldg,
   }
 }
 
-// (..., H) -> (M, H) rows with a unit-stride last dim (a view when the layout allows, else a
+// (..., H) -> (N, H) rows with a unit-stride last dim (a view when the layout allows, else a
 // copy): the CPU kernel's as_rows.
 at::Tensor as_rows(const at::Tensor& t) {
   auto r = t.reshape({-1, t.size(-1)});
@@ -174,8 +174,8 @@ at::Tensor swiglu_cuda(const at::Tensor& h) {
   check_swiglu_args(h);
   c10::cuda::CUDAGuard guard(h.device());
   const auto rows = as_rows(h);
-  const int64_t M = rows.size(0), F = rows.size(1) / 2, ld = rows.stride(0);
-  auto out = at::empty({M, F}, rows.options());
+  const int64_t N = rows.size(0), F = rows.size(1) / 2, ld = rows.stride(0);
+  auto out = at::empty({N, F}, rows.options());
   if (out.numel() > 0) {
     const auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "moe_swiglu_cuda", [&] {
@@ -183,7 +183,7 @@ at::Tensor swiglu_cuda(const at::Tensor& h) {
       const bool vec = vec16_ok(rows.const_data_ptr(), F, ld, sizeof(scalar_t)) &&
                        vec16_ok(out.const_data_ptr(), F, F, sizeof(scalar_t));
       auto launch = [&](auto kernel, int64_t width) {
-        const int64_t nvec = F / width, total = M * nvec;
+        const int64_t nvec = F / width, total = N * nvec;
         kernel<<<items_grid(total), kThreads, 0, stream>>>(
             rows.const_data_ptr<scalar_t>(), ld, F, nvec, total, out.mutable_data_ptr<scalar_t>());
       };
@@ -202,8 +202,8 @@ at::Tensor swiglu_backward_cuda(const at::Tensor& grad, const at::Tensor& h) {
   c10::cuda::CUDAGuard guard(h.device());
   const auto rows = as_rows(h);
   const auto grows = as_rows(grad);
-  const int64_t M = rows.size(0), F = grows.size(1), ld = rows.stride(0), ldg = grows.stride(0);
-  auto d_h = at::empty({M, 2 * F}, rows.options());
+  const int64_t N = rows.size(0), F = grows.size(1), ld = rows.stride(0), ldg = grows.stride(0);
+  auto d_h = at::empty({N, 2 * F}, rows.options());
   if (d_h.numel() > 0) {
     const auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "moe_swiglu_backward_cuda", [&] {
@@ -212,7 +212,7 @@ at::Tensor swiglu_backward_cuda(const at::Tensor& grad, const at::Tensor& h) {
                        vec16_ok(grows.const_data_ptr(), F, ldg, sizeof(scalar_t)) &&
                        vec16_ok(d_h.const_data_ptr(), F, 2 * F, sizeof(scalar_t));
       auto launch = [&](auto kernel, int64_t width) {
-        const int64_t nvec = F / width, total = M * nvec;
+        const int64_t nvec = F / width, total = N * nvec;
         kernel<<<items_grid(total), kThreads, 0, stream>>>(
             grows.const_data_ptr<scalar_t>(), ldg, rows.const_data_ptr<scalar_t>(), ld, F, nvec,
             total, d_h.mutable_data_ptr<scalar_t>());
@@ -243,7 +243,8 @@ at::Tensor linear_f32_cuda(const at::Tensor& x_TD, const at::Tensor& weight_ED) 
   const cudaDataType_t in = dtype == at::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F;
   const float one = 1.f, zero = 0.f;
   // cuBLAS is column-major: the row-major (T, E) out is out^T (E x T, ld E) = weight_ED x_TD^T,
-  // with weight read as D x E (ld ldw, transposed: op T) and x as D x T (ld ldx, op N).
+  // with weight read as D x E (ld ldw, transposed: CUBLAS_OP_T) and x as D x T (ld ldx,
+  // CUBLAS_OP_N): cuBLAS's (m, n, k) = (E, T, D).
   TORCH_CUDABLAS_CHECK(cublasGemmEx(
       at::cuda::getCurrentCUDABlasHandle(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(E),
       static_cast<int>(T), static_cast<int>(D), &one, w.const_data_ptr(), in, static_cast<int>(ldw),

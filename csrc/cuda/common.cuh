@@ -1,8 +1,8 @@
 // Helpers shared by moekit's CUDA kernels (csrc/cuda/*.cu): launch sizes, a block-wide scan,
 // 16-byte vectors and no-contraction arithmetic (so sums round exactly like the CPU kernels).
 //
-// Shape legend: T tokens, K slots per token, E experts, N routed rows (the host bound T*K),
-// D feature dim, X/Y GEMM input/output dims.
+// Shape legend (moe_ops.h): T tokens, K top-k slots per token, E experts, N routed rows (the
+// host-side bound T*K), D feature dim, X/Y GEMM input/output dims, M the rows of one plain GEMM.
 #pragma once
 
 #include <ATen/ATen.h>

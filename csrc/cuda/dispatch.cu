@@ -1,7 +1,7 @@
 // moe.plan / moe.permute / moe.unpermute / moe.unpermute_weights_grad on CUDA.
 //
-// Shape legend: T tokens, K slots per token, E experts, S = T*K slots, N routed rows (= S, the host
-// bound; rows past offs_E[E-1] are padding), D feature dim.
+// Shape legend: T tokens, K top-k slots per token, E experts, S = T*K slots, N routed rows (= S,
+// the host-side bound; rows past offs_E[E-1] are padding), D feature dim.
 //
 // plan: (1) keys: key[s] = ids[s] (E for an empty slot), value[s] = s, and a per-expert histogram
 // (shared-memory atomics, then one global atomic per block and expert; integer sums, so the

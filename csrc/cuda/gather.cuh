@@ -1,7 +1,7 @@
 // Gather/scatter kernels of moe.permute / moe.unpermute / moe.unpermute_weights_grad, launched by
 // csrc/cuda/dispatch.cu (kept in a header so the CUDA build stays at two translation units).
 //
-// Shape legend: T tokens, K slots per token, S = T*K slots, N routed rows, D feature dim.
+// Shape legend: T tokens, K top-k slots per token, S = T*K slots, N routed rows, D feature dim.
 // One warp per output row; VEC consecutive elements per 16-byte access (VEC = 1 when the rows are
 // not 16-byte aligned); each lane keeps kUnroll accesses in flight (all loads of a step are issued
 // before the first use: with one row per warp, a 4096-token batch fills only half an H200's warp

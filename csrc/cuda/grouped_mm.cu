@@ -1,15 +1,17 @@
 // moe.grouped_mm and moe.grouped_mm_wgrad on CUDA: one launch over all groups, offs_E read on
 // the device, no host sync; buffers are sized from host-known bounds (c_NY has a_NX's N rows).
 //
-// Shape legend: N rows of a_NX (the host bound; rows past offs_E[E-1] are padding), E experts,
-// X/Y the GEMM input/output dims.
+// Shape legend: N routed rows of a_NX (the host-side bound T*K; rows past offs_E[E-1] are
+// padding), E experts, X/Y the GEMM input/output dims (a_NX @ b_EXY -> c_NY). The tile engines
+// (gemm_tiles.cuh) compute plain GEMMs of M rows, depth X and Y columns: M is a row tile of c_NY
+// in the forward, a slice of X in the weight gradient (whose depth is then the expert's rows).
 //
-// grouped_mm schedule: grid (ceil(N/BM) + E, ceil(Y/BN)). Block x is a flat row-tile index; each
+// grouped_mm schedule: grid (ceil(N/BM) + E, ceil(Y/BY)). Block x is a flat row-tile index; each
 // CTA scans offs_E (a block-wide scan of ceil(rows_e / BM), E/256 steps) to find the expert and
 // the row tile it owns: the groups need at most ceil(N/BM) + E row tiles including the padding
 // rows, so the grid covers every arrangement. Tiles past the groups zero-fill the padding rows
 // [offs_E[E-1], N); the rest exit. Rows of a are read only inside their group.
-// grouped_mm_wgrad schedule: grid (ceil(X/BM) * ceil(Y/BN), E); CTA (tile, e) computes
+// grouped_mm_wgrad schedule: grid (ceil(X/BM) * ceil(Y/BY), E); CTA (tile, e) computes
 // a_e^T @ g_e over expert e's rows (zero when it has none).
 // offs_E must be non-decreasing and within [0, N]: checked by CUDA_KERNEL_ASSERT (a host check
 // would sync); bad offsets are clamped so memory stays safe if asserts are compiled out.
@@ -66,11 +68,11 @@ __device__ __forceinline__ void group_rows(const Params& p, int e, int& lo, int&
 
 // Locates this CTA's row tile. Returns true with `pr` set for a GEMM tile; zero-fills and
 // returns false for a padding tile; returns false for a surplus CTA.
-template <typename T, int BM, int BN>
+template <typename T, int BM, int BY>
 __device__ bool grouped_schedule(const Params& p, Problem<T>& pr) {
   __shared__ int warp_sums[kGemmThreads / kWarp];
   __shared__ int found_e, found_tile;
-  const int tile = blockIdx.x, n0 = blockIdx.y * BN;
+  const int tile = blockIdx.x, y0 = blockIdx.y * BY;
   if (threadIdx.x == 0) found_e = -1;
   __syncthreads();
   int carry = 0;  // row tiles of the experts before `base`
@@ -102,53 +104,54 @@ __device__ bool grouped_schedule(const Params& p, Problem<T>& pr) {
     pr.a = static_cast<const T*>(p.a) + row * p.a_s0;
     pr.a_rs = p.a_s0;
     pr.a_cs = p.a_s1;
-    pr.b = b + e * p.b_s0 + n0 * p.b_s2;
+    pr.b = b + e * p.b_s0 + y0 * p.b_s2;
     pr.b_rs = p.b_s1;
     pr.b_cs = p.b_s2;
-    pr.c = c + row * p.Y + n0;
+    pr.c = c + row * p.Y + y0;
     pr.ldc = p.Y;
     pr.m_lim = hi - lo - r0;
-    pr.n_lim = p.Y - n0;
-    pr.k_lim = p.X;
+    pr.y_lim = p.Y - y0;
+    pr.x_lim = p.X;
     return true;
   }
   int pad_lo = 0, unused = 0;
   if (p.E > 0) group_rows(p, p.E - 1, unused, pad_lo);
   const int64_t r0 = pad_lo + int64_t(tile - carry) * BM;  // padding rows of this tile
   if (r0 >= p.N) return false;                              // surplus CTA
-  const int rows = static_cast<int>(min(int64_t(BM), p.N - r0)), cols = min(BN, p.Y - n0);
-  for (int idx = threadIdx.x; idx < BM * BN; idx += kGemmThreads) {
-    const int r = idx / BN, col = idx % BN;
-    if (r < rows && col < cols) c[(r0 + r) * p.Y + n0 + col] = from_float<T>(0.0f);
+  const int rows = static_cast<int>(min(int64_t(BM), p.N - r0)), cols = min(BY, p.Y - y0);
+  for (int idx = threadIdx.x; idx < BM * BY; idx += kGemmThreads) {
+    const int r = idx / BY, col = idx % BY;
+    if (r < rows && col < cols) c[(r0 + r) * p.Y + y0 + col] = from_float<T>(0.0f);
   }
   return false;
 }
 
-template <typename T, int BM, int BN>
+template <typename T, int BM, int BY>
 __device__ void wgrad_schedule(const Params& p, Problem<T>& pr) {
-  const int e = blockIdx.y, tiles_n = static_cast<int>(ceil_div(p.Y, BN));
-  const int m0 = (blockIdx.x / tiles_n) * BM, n0 = (blockIdx.x % tiles_n) * BN;
+  const int e = blockIdx.y, tiles_y = static_cast<int>(ceil_div(p.Y, BY));
+  const int m0 = (blockIdx.x / tiles_y) * BM, y0 = (blockIdx.x % tiles_y) * BY;
   int lo, hi;
   group_rows(p, e, lo, hi);
-  // A[m, k] = a_NX[lo + k, m0 + m] (column-major), B[k, n] = g_NY[lo + k, n0 + n].
+  // A[m, x] = a_NX[lo + x, m0 + m] (column-major), B[x, y] = g_NY[lo + x, y0 + y]: the plain
+  // GEMM's depth x runs over the expert's rows, its m over a_NX's X.
   pr.a = static_cast<const T*>(p.a) + int64_t(lo) * p.a_s0 + int64_t(m0) * p.a_s1;
   pr.a_rs = p.a_s1;
   pr.a_cs = p.a_s0;
-  pr.b = static_cast<const T*>(p.b) + int64_t(lo) * p.b_s0 + int64_t(n0) * p.b_s1;
+  pr.b = static_cast<const T*>(p.b) + int64_t(lo) * p.b_s0 + int64_t(y0) * p.b_s1;
   pr.b_rs = p.b_s0;
   pr.b_cs = p.b_s1;
-  pr.c = static_cast<T*>(p.c) + (int64_t(e) * p.X + m0) * p.Y + n0;
+  pr.c = static_cast<T*>(p.c) + (int64_t(e) * p.X + m0) * p.Y + y0;
   pr.ldc = p.Y;
   pr.m_lim = p.X - m0;
-  pr.n_lim = p.Y - n0;
-  pr.k_lim = hi - lo;
+  pr.y_lim = p.Y - y0;
+  pr.x_lim = hi - lo;
 }
 
 template <typename T, typename Engine>
 __global__ void __launch_bounds__(kGemmThreads, 2) grouped_mm_kernel(Params p) {
   __shared__ __align__(128) unsigned char smem[Engine::SMEM_BYTES];
   Problem<T> pr;
-  if (!grouped_schedule<T, Engine::BM, Engine::BN>(p, pr)) return;
+  if (!grouped_schedule<T, Engine::BM, Engine::BY>(p, pr)) return;
   Engine::run(pr, p.vec_in, p.vec_out, smem);
 }
 
@@ -156,7 +159,7 @@ template <typename T, typename Engine>
 __global__ void __launch_bounds__(kGemmThreads, 2) grouped_mm_wgrad_kernel(Params p) {
   __shared__ __align__(128) unsigned char smem[Engine::SMEM_BYTES];
   Problem<T> pr;
-  wgrad_schedule<T, Engine::BM, Engine::BN>(p, pr);
+  wgrad_schedule<T, Engine::BM, Engine::BY>(p, pr);
   Engine::run(pr, p.vec_in, p.vec_out, smem);
 }
 
@@ -181,11 +184,11 @@ void check_tensor_cores(const char* op) {
 template <typename T>
 constexpr bool kSimt = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
-// grid (ceil(N/BM) + E, ceil(Y/BN)): covers every arrangement of the groups' row tiles.
+// grid (ceil(N/BM) + E, ceil(Y/BY)): covers every arrangement of the groups' row tiles.
 template <typename T, bool B_COL>
 void launch_grouped(const Params& p) {
   using Engine = std::conditional_t<kSimt<T>, SimtEngine<T>, TcEngine<T, false, B_COL>>;
-  const int64_t grid_x = ceil_div(p.N, Engine::BM) + p.E, grid_y = ceil_div(p.Y, Engine::BN);
+  const int64_t grid_x = ceil_div(p.N, Engine::BM) + p.E, grid_y = ceil_div(p.Y, Engine::BY);
   TORCH_CHECK(grid_y <= 65535 && grid_x < (int64_t{1} << 31), "moe.grouped_mm: Y=", p.Y,
               " or N+E too large for one launch");
   if constexpr (!kSimt<T>) check_tensor_cores("grouped_mm");
@@ -194,11 +197,11 @@ void launch_grouped(const Params& p) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// grid (ceil(X/BM) * ceil(Y/BN), E).
+// grid (ceil(X/BM) * ceil(Y/BY), E).
 template <typename T>
 void launch_wgrad(const Params& p) {
   using Engine = std::conditional_t<kSimt<T>, SimtEngine<T>, TcEngine<T, true, false>>;
-  const int64_t tiles = ceil_div(p.X, Engine::BM) * ceil_div(p.Y, Engine::BN);
+  const int64_t tiles = ceil_div(p.X, Engine::BM) * ceil_div(p.Y, Engine::BY);
   TORCH_CHECK(tiles < (int64_t{1} << 31), "moe.grouped_mm_wgrad: X*Y too large");
   if constexpr (!kSimt<T>) check_tensor_cores("grouped_mm_wgrad");
   grouped_mm_wgrad_kernel<T, Engine>

@@ -3,8 +3,9 @@
 // serialises the wgmma pipeline, warning C7510).
 //
 // One GEMM per expert in one persistent launch: KernelPtrArrayTmaWarpSpecialized{Cooperative,
-// Pingpong} reads each group's pointers, strides and (M, N, K) from device arrays, so the routed
-// counts never reach the host. A one-block kernel fills those arrays from offs_E first.
+// Pingpong} reads each group's pointers, strides and CUTLASS (M, N, K) shape ((rows, Y, X) in the
+// forward, (X, Y, rows) in the weight gradient: grouped_gemm_sm90.h) from device arrays, so the
+// routed counts never reach the host. A one-block kernel fills those arrays from offs_E first.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -22,14 +23,16 @@
 
 namespace moe::cuda::sm90 {
 
+// CUTLASS's CTA tile shape (M, N, K), cluster size along M, and ping-pong or cooperative schedule.
 template <int TM, int TN, int TK, int CM, bool PINGPONG>
 struct TileConfig {
   static constexpr int kM = TM, kN = TN, kK = TK, kClusterM = CM;
   static constexpr bool kPingpong = PINGPONG;
 };
 
-// The CUTLASS kernel for one tile configuration and operand layout. A_COL: A is M-contiguous
-// (the weight gradient's a^T); B_COL: B is K-contiguous (CUTLASS's ColumnMajor B).
+// The CUTLASS kernel for one tile configuration and operand layout. A_COL: A is contiguous along
+// CUTLASS's M (the weight gradient's a^T, along X); B_COL: B is contiguous along CUTLASS's K
+// (CUTLASS's ColumnMajor B: the forward's b along X, a transposed nn.Linear weight).
 template <class Cfg, bool A_COL, bool B_COL>
 struct Sm90GroupedGemm {
   using Element = cutlass::bfloat16_t;
@@ -46,7 +49,7 @@ struct Sm90GroupedGemm {
   using EpilogueSchedule = std::conditional_t<Cfg::kPingpong,
                                               cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong,
                                               cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
-  using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;  // (M, N, K)
+  using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;  // CUTLASS's (M, N, K)
 
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
@@ -130,8 +133,8 @@ struct Sm90GroupedGemm {
   static const char* run(const GroupedGemm& g, void* workspace, cudaStream_t stream);
 };
 
-// One thread per expert: expert e's pointers, strides and (M, N, K) from offs_E. Bad offsets
-// are clamped here (the caller asserts them on the device first).
+// One thread per expert: expert e's pointers, strides and CUTLASS (M, N, K) from offs_E. Bad
+// offsets are clamped here (the caller asserts them on the device first).
 template <class G>
 __global__ void prepare_groups_kernel(GroupedGemm g, char* ws) {
   const int e = blockIdx.x * blockDim.x + threadIdx.x;
@@ -155,7 +158,7 @@ __global__ void prepare_groups_kernel(GroupedGemm g, char* ws) {
     ptr_c[e] = c + int64_t(lo) * g.Y;
     shapes[e] = typename G::Shape{rows, g.Y, g.X};
     reinterpret_cast<typename G::StrideB*>(ws + l.stride_b)[e] = G::template leading<typename G::StrideB>(g.ldb);
-  } else {  // (X, Y, rows): A = a rows transposed (M-contiguous), B = g rows, C = c[e]
+  } else {  // (X, Y, rows): A = a rows transposed (contiguous along X), B = g rows, C = c[e]
     ptr_a[e] = a + int64_t(lo) * g.lda;
     ptr_b[e] = b + int64_t(lo) * g.ldb;
     ptr_c[e] = c + int64_t(e) * g.X * g.Y;
@@ -186,7 +189,7 @@ const char* Sm90GroupedGemm<Cfg, A_COL, B_COL>::run(const GroupedGemm& g, void* 
 
 }  // namespace moe::cuda::sm90
 
-// Defines forward config ID with tile CFG for both layouts of b (N-contiguous, K-contiguous).
+// Defines forward config ID with tile CFG for both layouts of b (contiguous along Y or along X).
 #define MOE_SM90_FORWARD(ID, CFG)                                                              \
   namespace moe::cuda::sm90 {                                                                  \
   template <>                                                                                  \
@@ -201,7 +204,7 @@ const char* Sm90GroupedGemm<Cfg, A_COL, B_COL>::run(const GroupedGemm& g, void* 
   }                                                                                            \
   }
 
-// Defines weight-gradient config ID with tile CFG (A = a^T, M-contiguous; B = g, N-contiguous).
+// Defines weight-gradient config ID with tile CFG (A = a^T, contiguous along X; B = g, along Y).
 #define MOE_SM90_WGRAD(ID, CFG)                                                                \
   namespace moe::cuda::sm90 {                                                                  \
   template <>                                                                                  \

@@ -3,8 +3,9 @@
 // C++ interface so that these translation units need no torch headers and compile for sm_90a
 // alone (setup.py and CMake build them apart from the other CUDA sources).
 //
-// Shape legend: N rows of a_NX (the host bound T*K; rows past offs_E[E-1] are padding), E experts,
-// X/Y the GEMM input/output dims.
+// Shape legend (moe_ops.h): N routed rows of a_NX (the host-side bound T*K; rows past
+// offs_E[E-1] are padding), E experts, X/Y the GEMM input/output dims, rows_e expert e's rows.
+// CUTLASS's problem shape (M, N, K) is (rows, Y, X) in moekit's legend (rows: one GEMM's M).
 //
 //   forward: c_NY[rows of e] = a_NX[rows of e] @ b_EXY[e]     problem e = (rows_e, Y, X)
 //   wgrad:   c_EXY[e] = a_NX[rows of e]^T @ g_NY[rows of e]    problem e = (X, Y, rows_e)
@@ -39,7 +40,7 @@ struct GroupedGemm {
 // A kernel configuration: CTA tile, cluster and warp-group schedule.
 struct Config {
   const char* name;
-  int tile_m, tile_n, tile_k;
+  int tile_m, tile_n, tile_k;  // CUTLASS's tile shape (M, N, K) = (rows, Y, X) of one problem
 };
 
 // The forward (wgrad=false) or weight-gradient configurations compiled in, in a fixed order (the

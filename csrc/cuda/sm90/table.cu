@@ -12,9 +12,10 @@ struct Entry {
   const char* (*run)(const GroupedGemm&, void*, cudaStream_t);
 };
 
-// Names: tile M x N x K; pp = ping-pong (two consumer warp groups on alternate tiles, so one's
-// epilogue overlaps the other's MMAs), co = cooperative (both on one tile); cM = a cluster of M
-// CTAs along M sharing each B tile by TMA multicast (each group's M tiles round up to M).
+// Names: CUTLASS's tile M x N x K (the problem's rows x Y x X, grouped_gemm_sm90.h); pp =
+// ping-pong (two consumer warp groups on alternate tiles, so one's epilogue overlaps the other's
+// MMAs), co = cooperative (both on one tile); c2 = a cluster of 2 CTAs along CUTLASS's M sharing
+// each B tile by TMA multicast (each group's row tiles round up to 2), c1 = no cluster.
 const Entry kForward[] = {
     {{"64x128x128_pp_c2", 64, 128, 128}, forward_workspace<0>, forward_run<0>},
     {{"128x256x64_co_c2", 128, 256, 64}, forward_workspace<1>, forward_run<1>},
@@ -49,8 +50,9 @@ Config config(bool wgrad, int id) {
 // 64 x 256 ping-pong tile without a cluster wins up to about a thousand rows per expert (one
 // 64-row strip at a time keeps partial tiles cheap, and one warp group's epilogue hides behind
 // the other's MMAs); cooperative 128 x 256 tiles win once there are thousands of rows per expert
-// to fill them, and with the 2-CTA cluster where many rows meet narrow outputs. The weight gradient's K is each expert's rows:
-// ping-pong 128 x 128 where those are many and the total small, else cooperative 128 x 256.
+// to fill them, and with the 2-CTA cluster where many rows meet narrow outputs. The weight
+// gradient's depth (CUTLASS's K) is each expert's rows: ping-pong 128 x 128 where those are many
+// and the total small, else cooperative 128 x 256.
 int choose_config(bool wgrad, int64_t N, int64_t E, int64_t X, int64_t Y) {
   (void)X;
   const int64_t rows = E > 0 ? N / E : N;  // mean rows per expert (host bound)
