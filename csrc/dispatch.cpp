@@ -63,7 +63,7 @@ using vec::kVecRows;
 
 template <typename scalar_t>
 void permute_rows(const at::Tensor& x, const int64_t* ord, const std::optional<at::Tensor>& scale_TK,
-                  int64_t N, int64_t K, int64_t S, at::Tensor& out) {
+                  int64_t N, int64_t K, int64_t num_slots, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const AccWeights<acc_t> scale(scale_TK);
   const scalar_t* src = x.const_data_ptr<scalar_t>();
@@ -78,10 +78,10 @@ void permute_rows(const at::Tensor& x, const int64_t* ord, const std::optional<a
   at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t s = ord[i];
-      check_index(s, S, "order_N", i);
+      check_index(s, num_slots, "order_N", i);
       // Rows are gathered in expert order, i.e. from scattered tokens: start fetching a later
       // row now (the hardware prefetcher follows within a row, not across rows).
-      if (i + kAhead < end && ord[i + kAhead] >= 0 && ord[i + kAhead] < S)
+      if (i + kAhead < end && ord[i + kAhead] >= 0 && ord[i + kAhead] < num_slots)
         for (int64_t b = 0; b < row_bytes; b += 64)
           __builtin_prefetch(reinterpret_cast<const char*>(src + (ord[i + kAhead] / K) * ld) + b);
       scalar_t* o = dst + i * D;
@@ -201,13 +201,13 @@ at::Tensor permute_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
   check_dispatch_args("permute", x_TD, "x_TD", rows_TK.size(0), "T, the plan's tokens", order_N,
                       rows_TK);
   if (scale_TK.has_value()) check_weights_arg("permute", "scale_TK", *scale_TK, rows_TK, x_TD);
-  const int64_t N = order_N.size(0), K = rows_TK.size(1), D = x_TD.size(1), S = rows_TK.numel();
+  const int64_t N = order_N.size(0), K = rows_TK.size(1), D = x_TD.size(1), num_slots = rows_TK.numel();
   const auto x = x_TD.stride(1) == 1 ? x_TD : x_TD.contiguous();
   const auto order = order_N.contiguous();
   auto out = empty_cpu({N, D}, x.options());
   const int64_t* ord = order.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "moe_permute_cpu", [&] {
-    permute_rows<scalar_t>(x, ord, scale_TK, N, K, S, out);
+    permute_rows<scalar_t>(x, ord, scale_TK, N, K, num_slots, out);
   });
   return out;
 }

@@ -7,7 +7,7 @@
 // routines (gemm_avx512.h, cuda/gemm_tiles.cuh) compute C (M x Y) = A (M x X) @ B (X x Y): M the
 // rows of one GEMM (e.g. one expert's rows), X its depth, Y its output columns.
 // Schemas are registered once, in registration.cpp (TORCH_LIBRARY(moe, m)); autograd and fake
-// (meta) kernels are registered from Python in moe/ops.py.
+// (meta) kernels are registered from Python, one define_op call per op in moe/ops/defs.py.
 #pragma once
 
 #include <ATen/ATen.h>

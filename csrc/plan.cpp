@@ -10,9 +10,9 @@ namespace moe {
 template <typename index_t>
 static void plan_kernel(const index_t* ids, int64_t T, int64_t K, int64_t E, int32_t* counts,
                         int32_t* offs, int64_t* order, int64_t* rows) {
-  const int64_t S = T * K;
+  const int64_t num_slots = T * K;
   std::vector<int64_t> cursor(E, 0);
-  for (int64_t s = 0; s < S; ++s) {
+  for (int64_t s = 0; s < num_slots; ++s) {
     const int64_t id = static_cast<int64_t>(ids[s]);
     TORCH_CHECK(id >= -1 && id < E, "moe.plan: ids_TK[", s / K, ", ", s % K, "] = ", id,
                 " is outside [-1, num_experts=", E, ")");
@@ -25,7 +25,7 @@ static void plan_kernel(const index_t* ids, int64_t T, int64_t K, int64_t E, int
     end += counts[e];
     offs[e] = static_cast<int32_t>(end);
   }
-  for (int64_t s = 0; s < S; ++s) {
+  for (int64_t s = 0; s < num_slots; ++s) {
     const int64_t id = static_cast<int64_t>(ids[s]);
     if (id < 0) {
       rows[s] = -1;
@@ -35,7 +35,7 @@ static void plan_kernel(const index_t* ids, int64_t T, int64_t K, int64_t E, int
     order[r] = s;
     rows[s] = r;
   }
-  for (int64_t r = end; r < S; ++r) order[r] = -1;
+  for (int64_t r = end; r < num_slots; ++r) order[r] = -1;
 }
 
 PlanTensors plan_cpu(const at::Tensor& ids_TK, int64_t num_experts) {

@@ -1,7 +1,7 @@
 // moe.plan / moe.permute / moe.unpermute / moe.unpermute_weights_grad on CUDA.
 //
-// Shape legend: T tokens, K top-k slots per token, E experts, S = T*K slots, N routed rows (= S,
-// the host-side bound; rows past offs_E[E-1] are padding), D feature dim.
+// Shape legend: T tokens, K top-k slots per token, E experts, N routed rows (the host-side bound
+// T*K, also the count num_slots of slots; rows past offs_E[E-1] are padding), D feature dim.
 //
 // plan: (1) keys: key[s] = ids[s] (E for an empty slot), value[s] = s, and a per-expert histogram
 // (shared-memory atomics, then one global atomic per block and expert; integer sums, so the
@@ -32,7 +32,7 @@ namespace {
 constexpr int kSmemHistMax = 8192;  // experts counted in shared memory (32 KiB)
 
 template <typename index_t>
-__global__ void plan_keys_kernel(const index_t* __restrict__ ids, int64_t S, int E,
+__global__ void plan_keys_kernel(const index_t* __restrict__ ids, int64_t num_slots, int E,
                                  bool smem_hist, int* __restrict__ keys, int* __restrict__ vals,
                                  int* __restrict__ counts) {
   extern __shared__ int hist[];
@@ -41,7 +41,7 @@ __global__ void plan_keys_kernel(const index_t* __restrict__ ids, int64_t S, int
     __syncthreads();
   }
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t s = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; s < S; s += stride) {
+  for (int64_t s = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; s < num_slots; s += stride) {
     const int64_t id = static_cast<int64_t>(ids[s]);
     CUDA_KERNEL_ASSERT(id >= -1 && id < E && "moe.plan: ids_TK holds an id outside [-1, E)");
     const bool valid = id >= 0 && id < E;
@@ -71,10 +71,10 @@ __global__ void offsets_kernel(const int* __restrict__ counts, int E, int* __res
 }
 
 __global__ void plan_finalize_kernel(const int* __restrict__ keys, const int* __restrict__ vals,
-                                     int64_t S, int E, int64_t* __restrict__ order,
+                                     int64_t num_slots, int E, int64_t* __restrict__ order,
                                      int64_t* __restrict__ rows) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < S; i += stride) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < num_slots; i += stride) {
     const int s = vals[i];
     const bool valid = keys[i] < E;
     order[i] = valid ? s : -1;
@@ -115,25 +115,25 @@ PlanTensors plan_cuda(const at::Tensor& ids_TK, int64_t num_experts) {
               ids_TK.numel(), "): counts are int32");
   c10::cuda::CUDAGuard guard(ids_TK.device());
   const auto ids = ids_TK.contiguous();
-  const int64_t T = ids.size(0), K = ids.size(1), S = T * K;
+  const int64_t T = ids.size(0), K = ids.size(1), num_slots = T * K;
   const int E = static_cast<int>(num_experts);
   auto i32 = ids.options().dtype(at::kInt);
   auto counts = at::zeros({E}, i32);
   auto offs = at::empty({E}, i32);
-  auto order = at::empty({S}, ids.options().dtype(at::kLong));
+  auto order = at::empty({num_slots}, ids.options().dtype(at::kLong));
   auto rows = at::empty({T, K}, ids.options().dtype(at::kLong));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  auto keys = at::empty({4, S}, i32);  // keys in/out, slots in/out
+  auto keys = at::empty({4, num_slots}, i32);  // keys in/out, slots in/out
   int* key_in = keys[0].mutable_data_ptr<int>();
   int* key_out = keys[1].mutable_data_ptr<int>();
   int* val_in = keys[2].mutable_data_ptr<int>();
   int* val_out = keys[3].mutable_data_ptr<int>();
-  if (S > 0) {
+  if (num_slots > 0) {
     const bool smem_hist = E <= kSmemHistMax;
     const size_t smem = smem_hist ? size_t(E) * sizeof(int) : 0;
     AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "moe_plan_cuda", [&] {
-      plan_keys_kernel<index_t><<<flat_grid(S, kThreads), kThreads, smem, stream>>>(
-          ids.const_data_ptr<index_t>(), S, E, smem_hist, key_in, val_in,
+      plan_keys_kernel<index_t><<<flat_grid(num_slots, kThreads), kThreads, smem, stream>>>(
+          ids.const_data_ptr<index_t>(), num_slots, E, smem_hist, key_in, val_in,
           counts.mutable_data_ptr<int>());
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -141,17 +141,17 @@ PlanTensors plan_cuda(const at::Tensor& ids_TK, int64_t num_experts) {
   offsets_kernel<<<1, kScanThreads, 0, stream>>>(counts.const_data_ptr<int>(), E,
                                                   offs.mutable_data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (S == 0) return {counts, offs, order, rows};
+  if (num_slots == 0) return {counts, offs, order, rows};
   const int end_bit = 32 - __builtin_clz(static_cast<unsigned>(E));  // keys are in [0, E]
   size_t temp_bytes = 0;  // size query: host-only, no device work
   C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, key_in, key_out, val_in,
-                                                 val_out, static_cast<int>(S), 0, end_bit, stream));
+                                                 val_out, static_cast<int>(num_slots), 0, end_bit, stream));
   auto temp = at::empty({static_cast<int64_t>(temp_bytes)}, ids.options().dtype(at::kByte));
   C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.mutable_data_ptr(), temp_bytes, key_in,
-                                                 key_out, val_in, val_out, static_cast<int>(S), 0,
+                                                 key_out, val_in, val_out, static_cast<int>(num_slots), 0,
                                                  end_bit, stream));
-  plan_finalize_kernel<<<flat_grid(S, kThreads), kThreads, 0, stream>>>(
-      key_out, val_out, S, E, order.mutable_data_ptr<int64_t>(), rows.mutable_data_ptr<int64_t>());
+  plan_finalize_kernel<<<flat_grid(num_slots, kThreads), kThreads, 0, stream>>>(
+      key_out, val_out, num_slots, E, order.mutable_data_ptr<int64_t>(), rows.mutable_data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {counts, offs, order, rows};
 }
@@ -162,7 +162,7 @@ at::Tensor permute_cuda(const at::Tensor& x_TD, const at::Tensor& order_N,
                       rows_TK);
   if (scale_TK.has_value()) check_weights_arg("permute", "scale_TK", *scale_TK, rows_TK, x_TD);
   c10::cuda::CUDAGuard guard(x_TD.device());
-  const int64_t N = order_N.size(0), K = rows_TK.size(1), D = x_TD.size(1), S = rows_TK.numel();
+  const int64_t N = order_N.size(0), K = rows_TK.size(1), D = x_TD.size(1), num_slots = rows_TK.numel();
   const auto x = unit_inner(x_TD);
   const auto order = order_N.contiguous();
   const auto scale = scale_TK.has_value() ? std::optional<at::Tensor>(scale_TK->contiguous())
@@ -179,7 +179,7 @@ at::Tensor permute_cuda(const at::Tensor& x_TD, const at::Tensor& order_N,
       auto launch = [&](auto kernel, int64_t nvec) {
         kernel<<<chunked_grid(N, nvec), kThreads, 0, stream>>>(
             x.const_data_ptr<scalar_t>(), x.stride(0), order.const_data_ptr<int64_t>(),
-            weight_ptr<W>(scale), N, S, static_cast<int>(K), nvec, out.mutable_data_ptr<scalar_t>());
+            weight_ptr<W>(scale), N, num_slots, static_cast<int>(K), nvec, out.mutable_data_ptr<scalar_t>());
       };
       if (vec) launch(permute_kernel<scalar_t, W, V>, D / V);
       else launch(permute_kernel<scalar_t, W, 1>, D);
@@ -227,12 +227,12 @@ at::Tensor unpermute_weights_grad_cuda(const at::Tensor& grad_TD, const at::Tens
   check_unpermute_weights_grad_args(grad_TD, y_ND, order_N, rows_TK);
   c10::cuda::CUDAGuard guard(y_ND.device());
   const int64_t N = y_ND.size(0), T = rows_TK.size(0), K = rows_TK.size(1), D = y_ND.size(1);
-  const int64_t S = T * K;
+  const int64_t num_slots = T * K;
   const auto y = unit_inner(y_ND);
   const auto g = unit_inner(grad_TD);
   const auto rows = rows_TK.contiguous();
   auto out = at::empty({T, K}, y.options().dtype(accum_dtype(y.scalar_type())));
-  if (S == 0) return out;
+  if (num_slots == 0) return out;
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "moe_unpermute_wgrad_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -240,9 +240,9 @@ at::Tensor unpermute_weights_grad_cuda(const at::Tensor& grad_TD, const at::Tens
     const bool vec = vec16_ok(y.const_data_ptr(), D, y.stride(0), sizeof(scalar_t)) &&
                      vec16_ok(g.const_data_ptr(), D, g.stride(0), sizeof(scalar_t));
     auto launch = [&](auto kernel, int64_t nvec) {
-      kernel<<<rows_grid(S, kWarpsPerBlock), kThreads, 0, stream>>>(
+      kernel<<<rows_grid(num_slots, kWarpsPerBlock), kThreads, 0, stream>>>(
           g.const_data_ptr<scalar_t>(), g.stride(0), y.const_data_ptr<scalar_t>(), y.stride(0),
-          rows.const_data_ptr<int64_t>(), S, static_cast<int>(K), N, nvec,
+          rows.const_data_ptr<int64_t>(), num_slots, static_cast<int>(K), N, nvec,
           out.mutable_data_ptr<acc_t>());
     };
     if (vec) launch(unpermute_wgrad_kernel<scalar_t, V>, D / V);
