@@ -82,7 +82,16 @@ def test_grouped_mm_property(r, X, Y, dtype, transposed, strided, seed):
     assert got.shape == (N, Y) and got.dtype == dtype
     assert (got[n:] == 0).all()
     ref = grouped_mm_torch(a[:n].double(), b.double(), p.offs_E)
-    twin = grouped_mm_torch(a[:n], b, p.offs_E)
+    # The same-dtype PyTorch computation, as torch runs it with its threads and on one thread (the
+    # kernel's tiles call at::mm single-threaded inside its parallel region, and MKL's small-M
+    # kernels round differently with one thread): the 2x rule holds against the larger error.
+    twins = [grouped_mm_torch(a[:n], b, p.offs_E)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        twins.append(grouped_mm_torch(a[:n], b, p.offs_E))
+    finally:
+        torch.set_num_threads(threads)
     err = (got[:n].double() - ref).abs().max() if n else torch.tensor(0.0)
-    err_pt = (twin.double() - ref).abs().max() if n else torch.tensor(0.0)
+    err_pt = max((t.double() - ref).abs().max() for t in twins) if n else torch.tensor(0.0)
     assert err <= 2 * err_pt, (err, err_pt)
