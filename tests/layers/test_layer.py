@@ -419,3 +419,14 @@ def test_return_aux_loss_gives_the_same_step_and_keeps_nothing_on_the_module():
     assert aux.requires_grad and returned.aux_losses == {} and float(moe.collect_aux_losses(returned)) == 0.0
     moe.release_step(kept)
     assert kept.aux_losses == {} and kept.last_routing is None
+
+
+def test_layer_builds_and_runs_on_the_meta_device():
+    """A big model is built on the meta device first (torch.device("meta")): the layer and its
+    router run there through the ops' fake kernels, never the twins (which would read data)."""
+    with torch.device("meta"):
+        layer = MoELayer(16, 32, 4, 2, num_shared_experts=1)
+        x = torch.randn(3, 5, 16)
+    y = layer(x)
+    assert y.device.type == "meta" and y.shape == x.shape
+    assert set(layer.aux_losses) == {"load_balancing"}
