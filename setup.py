@@ -1,9 +1,14 @@
 """Build of moekit's extension ``moe._C`` (torch.utils.cpp_extension).
 
 The C++ sources in ``csrc/`` are always built (CPU kernels, op schemas). The CUDA sources in
-``csrc/cuda/`` are built whenever a CUDA toolkit is found; ``MOE_BUILD_CUDA=0`` or ``=1``
-overrides the detection. The arch list comes from ``TORCH_CUDA_ARCH_LIST`` (default "8.0;9.0"),
-never from querying a device, so the build works on machines without a GPU.
+``csrc/cuda/`` are built when a CUDA toolkit is found and a GPU is visible at build time;
+``MOE_BUILD_CUDA=1`` builds them without a GPU (CI does, so a CUDA compile error fails it),
+``MOE_BUILD_CUDA=0`` never. The arch list comes from ``TORCH_CUDA_ARCH_LIST`` (default
+"8.0;9.0"), never from querying a device. The build prints one line saying what it builds.
+
+Objects are kept in ``build/`` next to this file (ninja's incremental build), so a second
+``pip install -e .`` on the same checkout (the README's second command after the first) only
+relinks what did not change.
 
 moekit's Hopper grouped GEMM (``csrc/cuda/sm90/``, CUTLASS 3) is built when the arch list holds
 9.0 and CUTLASS's C++ headers are found: ``$CUTLASS_INCLUDE_DIR``, else the PyPI wheel
@@ -39,11 +44,18 @@ def _find_cuda_home():
     return None
 
 
+def _gpu_visible() -> bool:
+    """A CUDA device this build could run on (torch's own check; no kernels are compiled for it)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _want_cuda(cuda_home):
     flag = os.environ.get("MOE_BUILD_CUDA")
     if flag is not None:
         return flag.strip() not in ("0", "", "false", "False", "no")
-    return cuda_home is not None
+    return cuda_home is not None and _gpu_visible()
 
 
 def _find_cutlass():
@@ -94,6 +106,16 @@ if build_cuda:
     build_sm90, cutlass_include = _want_sm90(os.environ["TORCH_CUDA_ARCH_LIST"])
 else:
     build_sm90, cutlass_include = False, None
+
+if build_cuda:
+    print(f"moekit build: CPU kernels, CUDA kernels for TORCH_CUDA_ARCH_LIST="
+          f"{os.environ['TORCH_CUDA_ARCH_LIST']}{' and the sm90 GEMM' if build_sm90 else ''} "
+          "(MOE_BUILD_CUDA=0: CPU only; the CUDA units take a few minutes each on 2 cores)", file=sys.stderr)
+else:
+    print("moekit build: CPU kernels only ("
+          + ("no GPU visible" if cuda_home is not None and "MOE_BUILD_CUDA" not in os.environ
+             else "no CUDA toolkit found" if cuda_home is None else "MOE_BUILD_CUDA=0")
+          + "; MOE_BUILD_CUDA=1 with a CUDA toolkit builds the CUDA kernels too)", file=sys.stderr)
 
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
@@ -191,6 +213,10 @@ class BuildExt(BuildExtension.with_options(use_ninja=True)):
     """torch's build, plus the sm90 objects compiled first and linked into moe._C."""
 
     def build_extensions(self):
+        # A fixed folder in the checkout, not pip's temporary one: ninja then skips the objects
+        # that are up to date when the same checkout is installed again.
+        self.build_temp = os.path.join(here, "build", f"temp-{sys.implementation.cache_tag}")
+        os.makedirs(self.build_temp, exist_ok=True)
         if build_sm90:
             objects = _compile_sm90(self.build_temp)
             for ext in self.extensions:
