@@ -34,13 +34,22 @@ def _grouped_linear(x_NX: Tensor, w: Tensor, offs_E: Tensor, b_EY, is_transposed
     return out_NY if b_EY is None else out_NY + row_bias(b_EY, offs_E, x_NX.shape[0]).to(out_NY.dtype)
 
 
+def _empty_slots(top_k_index_TK: Tensor, E: int) -> Tensor:
+    """(T, K) int64 ids with every id outside [0, E) set to -1 (the library's empty slot), on the
+    device, no host sync. transformers' expert-parallel code hands a rank's experts placeholder ids
+    >= E for the routes to other ranks' experts (AllReduceEP: id E, weight 0); its own backends drop
+    them whether or not the module carries ``_is_expert_parallel`` (eager skips id E, grouped_mm's
+    sort and histc leave ids >= E past the last offset), so this does too. A dropped slot adds
+    nothing and gets no weight gradient."""
+    ids_TK = top_k_index_TK.to(torch.int64)
+    return ids_TK.masked_fill((ids_TK < 0) | (ids_TK >= E), -1)
+
+
 def moekit_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
     """The "moekit" experts forward: hidden_states (T, D), top_k_index (T, K), top_k_weights
     (T, K) -> (T, D) in hidden_states' dtype. ``self`` is a transformers experts module."""
-    E = self.num_experts
-    ids_TK = top_k_index.to(torch.int64)
-    if getattr(self, "_is_expert_parallel", False):
-        ids_TK = ids_TK.masked_fill(ids_TK >= E, -1)  # EP sentinels (ids >= E) become empty slots
+    E = self.num_experts  # the local expert count (transformers' EP sharding sets it per rank)
+    ids_TK = _empty_slots(top_k_index, E)
     plan = ops.plan(ids_TK, E)
     has_bias = getattr(self, "has_bias", False)
     if self.has_gate:

@@ -118,20 +118,88 @@ def test_register_is_idempotent():
     assert list(ALL_EXPERTS_FUNCTIONS.keys()).count(hf.NAME) == 1
 
 
-def test_expert_parallel_sentinels_are_dropped():
-    """Ids >= num_experts (transformers' EP sentinels) contribute nothing, as in its grouped_mm."""
+def _ep_block(E_global: int, E_local: int, impl: str, seed: int):
+    """A float64 Qwen3-MoE sparse block of E_global experts and, built as transformers' EP sharding
+    leaves a rank (``num_experts`` the local count, dim 0 of the weights sliced), the experts of
+    each rank: E_local each, ``_is_expert_parallel`` left as transformers' decorator sets it."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts, Qwen3MoeSparseMoeBlock
+    cfg = transformers.Qwen3MoeConfig(hidden_size=16, moe_intermediate_size=12, num_experts=E_global,
+                                      num_experts_per_tok=3, norm_topk_prob=True)
+    cfg._experts_implementation = impl
+    block = Qwen3MoeSparseMoeBlock(cfg).double()
+    _randomize(block, seed)
+    ranks = []
+    for r in range(E_global // E_local):
+        experts = Qwen3MoeExperts(cfg).double()
+        experts.num_experts = E_local
+        with torch.no_grad():
+            for name in ("gate_up_proj", "down_proj"):
+                full = getattr(block.experts, name)[r * E_local:(r + 1) * E_local]
+                setattr(experts, name, torch.nn.Parameter(full.clone()))
+        ranks.append(experts)
+    return block, ranks
+
+
+def _all_reduce_ep_local(ids_TK, w_TK, rank, E_local):
+    """What transformers' AllReduceEP hands rank ``rank``'s experts: the routes to other ranks'
+    experts get the placeholder id E_local and weight 0."""
+    off_rank = (ids_TK // E_local) != rank
+    return torch.where(off_rank, E_local, ids_TK % E_local), w_TK.masked_fill(off_rank, 0.0)
+
+
+def _ep_forward_backward(ranks, x, ids, w, cot):
+    """Sum of the ranks' outputs (the all-reduce) and the gradients of x, w and every rank's weights."""
+    x = x.clone().requires_grad_(True)
+    w = w.clone().requires_grad_(True)
+    out = sum(experts(x, *_all_reduce_ep_local(ids, w, r, experts.num_experts)) for r, experts in enumerate(ranks))
+    out.backward(cot)
+    grads = [x.grad, w.grad] + [p.grad for experts in ranks for p in (experts.gate_up_proj, experts.down_proj)]
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("E_global,E_local", [(8, 4), (6, 2)])
+def test_expert_parallel_placeholders_match_eager(E_global, E_local):
+    """transformers' EP placeholder ids (>= the local expert count) on a module whose
+    ``_is_expert_parallel`` is False (as transformers 5.15 leaves it): "moekit" drops them as
+    transformers' eager does, and gives eager's outputs and gradients, bit for bit in float64."""
+    hf.register()
+    block, ranks = _ep_block(E_global, E_local, "eager", seed=3)
+    assert not any(experts._is_expert_parallel for experts in ranks)
+    g = torch.Generator().manual_seed(4)
+    T = 13
+    x = torch.randn(T, 16, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        _, w, ids = block.gate(x)
+    ids[0] = torch.arange(3)  # a token whose experts all live on rank 0: placeholders on every other rank
+    cot = torch.randn(T, 16, generator=g, dtype=torch.float64)
+    ref_out, ref_grads = _ep_forward_backward(ranks, x, ids, w, cot)
+    torch.testing.assert_close(ref_out, block.experts(x, ids, w), rtol=1e-12, atol=1e-14)  # the EP sum is the block
+    for experts in ranks:
+        experts.zero_grad(set_to_none=True)
+        experts.config._experts_implementation = hf.NAME
+    out, grads = _ep_forward_backward(ranks, x, ids, w, cot)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref, rtol=0, atol=0)
+
+
+def test_ids_outside_the_local_experts_are_empty_slots():
+    """Every id outside [0, E) (above E included, with any weight) is an empty slot: it adds
+    nothing and its weight gets a zero gradient, flags or not."""
     hf.register()
     model = transformers.AutoModelForCausalLM.from_config(_mixtral(), experts_implementation="moekit")
     experts = model.model.layers[0].mlp.experts
+    assert not experts._is_expert_parallel
     x = torch.randn(5, 32)
-    ids = torch.tensor([[0, 1], [2, 4], [4, 4], [3, 0], [1, 2]])
-    w = torch.rand(5, 2)
-    experts._is_expert_parallel = True
+    ids = torch.tensor([[0, 1], [2, 4], [7, 4], [3, -1], [1, 2]])
+    w = torch.rand(5, 2, requires_grad=True)
     out = hf.moekit_experts_forward(experts, x, ids, w)
-    experts._is_expert_parallel = False
-    ref = hf.moekit_experts_forward(experts, x, ids.clamp(max=3), w.masked_fill(ids >= 4, 0.0))
-    torch.testing.assert_close(out, ref)
+    keep = (ids >= 0) & (ids < 4)
+    ref = hf.moekit_experts_forward(experts, x, ids.clamp(0, 3), w.detach().masked_fill(~keep, 0.0))
+    torch.testing.assert_close(out, ref)  # same values; the reference's GEMMs see other row counts
     assert out[2].abs().max() == 0
+    out.sum().backward()
+    assert (w.grad[~keep] == 0).all() and (w.grad[keep] != 0).all()
 
 
 def test_importing_moe_does_not_import_transformers():
