@@ -1,12 +1,14 @@
 """The `moe` CLI (moe.apps): plan (parameter/FLOP counts against real models, the EL law's published
 claims), demo (short runs on a temp folder of text: files, determinism, resume), bench
 (orchestration in child processes, clear failures), data split, and the apps' separation from the
-library (not imported by it, deprecated aliases)."""
+library (not imported by it, deprecated aliases), and the CLI's polish: a closed stdout, noise at
+--quick sizes, chart labels that fit."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -107,6 +109,24 @@ def test_python_m_moe_plan():
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["params_total"] > 0
+
+
+PLAN_ARGS = ["plan", "--hidden", "256", "--layers", "2", "--experts", "8", "--top-k", "2",
+             "--expert-hidden", "128"]
+
+
+@pytest.mark.parametrize("extra", [["--json"], []])
+def test_plan_into_a_closed_pipe_exits_quietly(extra):
+    """`moe plan --json | head -1`, with the reader gone before the first write: status 141
+    (128 + SIGPIPE), no traceback, no "Exception ignored" from the final flush."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run([sys.executable, "-m", "moe", *PLAN_ARGS, *extra], stdout=w,
+                           stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert p.returncode == 141 and p.stderr == "", p.stderr
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -266,6 +286,104 @@ def test_bench_failures_are_clear_errors(monkeypatch, tmp_path):
 def test_checkout_root_holds_the_benchmarks():
     assert (cli.checkout_root() / "moe" / "__init__.py").is_file()
     assert (cli.checkout_root() / "bench" / "ops.py").is_file()  # the tests run from a checkout
+
+
+def test_bench_into_a_pipe_closed_after_one_line_exits_quietly(tmp_path):
+    """`moe bench | head -1`: the reader leaves after the first header; neither the child that
+    prints the table nor the parent prints a traceback, and the parent exits with 141."""
+    root = _fake_checkout(tmp_path / "checkout", dict(ops=[dict(op="mm", ours_ms=2.0, base_ms=3.0)]))
+    code = (f"from pathlib import Path; from moe.apps import cli; "
+            f"cli.checkout_root = lambda: Path({str(root)!r}); cli.BENCH_MODULES = ('bench.ops',) * 2; "
+            f"raise SystemExit(cli.main(['bench', '--quick', '--out', {str(tmp_path / 'out')!r}]))")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        assert p.stdout.readline() == "== bench.ops (quick)\n"
+        p.stdout.close()
+        err = p.stderr.read()
+        assert p.wait(timeout=120) == 141 and "Traceback" not in err and "Exception" not in err, err
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_noise_cells_are_na_where_the_spread_means_nothing():
+    full, short = dict(ours_ms=2.0, noise=0.123), dict(moekit_ms=plots.NOISE_MIN_MS / 2, noise=0.4)
+    assert plots.noise_is_reliable(full, quick=False)
+    assert not plots.noise_is_reliable(dict(full, noise=49.11), quick=True)  # the 4,911% of --quick
+    assert not plots.noise_is_reliable(short, quick=False)
+    assert plots.noise_is_reliable(dict(moekit_ms=plots.NOISE_MIN_MS), quick=False)
+    # the benchmark modules format noise as {noise:>6.0%}: the rejected value keeps the column
+    shown = plots.bench_rows_shown([full, short, dict(ours_ms=1.0)], quick=False)
+    assert [f"{r['noise']:>6.0%}" for r in shown[:2]] == ["   12%", "   n/a"]
+    assert f"{shown[1]['noise']:.0%}|{shown[1]['noise']:*^7}" == "n/a|    n/a"
+    assert shown[0] is full and short["noise"] == 0.4 and "noise" not in shown[2]
+    quick = plots.bench_rows_shown([full], quick=True)
+    assert f"{quick[0]['noise']:>6.0%}" == "   n/a"
+    saved = plots.bench_rows_saved([full, short, dict(ours_ms=1.0)], quick=False)
+    assert saved == [full, dict(short, noise=None, noise_raw=0.4), dict(ours_ms=1.0)]
+
+
+def test_bench_report_shows_na_noise_at_quick_sizes(monkeypatch, tmp_path, capfd):
+    root = tmp_path / "checkout"
+    (root / "bench").mkdir(parents=True)
+    (root / "bench" / "__init__.py").write_text("")
+    (root / "bench" / "ops.py").write_text(textwrap.dedent("""
+        def run(quick=False):
+            return [dict(op="mm", ours_ms=0.02 if quick else 2.0, base_ms=3.0,
+                         noise=49.11 if quick else 0.05)]
+
+        def format_table(rows):
+            return "\\n".join(f"{r['op']:<4} {r['noise']:>6.0%}|" for r in rows)
+        """))
+    monkeypatch.setattr(cli, "checkout_root", lambda: root)
+    monkeypatch.setattr(cli, "BENCH_MODULES", ("bench.ops",))
+    quick = run(["bench", "--quick", "--out", str(tmp_path / "q")])
+    out = capfd.readouterr().out
+    assert "mm      n/a|" in out and "4911%" not in out and plots.NOISE_NOTE in out
+    saved = json.loads((tmp_path / "q" / "bench_results.json").read_text())
+    assert saved["sections"]["bench.ops"][0]["noise"] is None == quick["bench.ops"][0]["noise"]
+    assert saved["sections"]["bench.ops"][0]["noise_raw"] == 49.11
+    assert saved["noise_note"] == plots.NOISE_NOTE
+    run(["bench", "--out", str(tmp_path / "full")])
+    out = capfd.readouterr().out
+    assert "mm       5%|" in out and "n/a" not in out
+    saved = json.loads((tmp_path / "full" / "bench_results.json").read_text())
+    assert saved["sections"]["bench.ops"][0]["noise"] == 0.05 and "noise_note" not in saved
+
+
+def test_bench_chart_labels_lie_inside_the_saved_figure(monkeypatch, tmp_path):
+    from matplotlib.figure import Figure
+
+    saved = []
+    real_savefig = Figure.savefig
+
+    def savefig(fig, path, **kw):  # the labels' extents as laid out, at the dpi of the PNG
+        fig.set_dpi(kw.get("dpi", fig.dpi))
+        fig.canvas.draw()
+        renderer, ax = fig.canvas.get_renderer(), fig.axes[0]
+        lo, hi = sorted(ax.get_xlim())
+        x_ticks = [t for minor in (False, True) for x, t in zip(ax.get_xticks(minor=minor),
+                                                                ax.get_xticklabels(minor=minor))
+                   if lo <= x <= hi]  # the ones drawn: inside the view
+        texts = ax.get_yticklabels() + x_ticks + [ax.title, ax.xaxis.label]
+        boxes = {t.get_text(): t.get_window_extent(renderer) for t in texts if t.get_text()}
+        saved.append((fig.bbox.frozen(), boxes, len(ax.get_yticklabels()), kw))
+        return real_savefig(fig, path, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    long_row = dict(op="grouped_mm_with_a_very_long_name", dtype="bfloat16", D=1024, F=1792, E=128,
+                    K=8, mode="fwd+bwd", ours_ms=1.0, dense_ms=0.9, loop_ms=3.0)
+    path = plots.bench_chart({"bench.ops": [long_row] * 3, "bench.layer": [dict(moekit_ms=1.0,
+                                                                                 hf_gmm_ms=2.0)]},
+                             tmp_path / "bench.png")
+    assert path.stat().st_size > 0 and len(saved) == 1
+    fig_box, boxes, n_bars, kw = saved[0]
+    assert kw.get("bbox_inches") == "tight" and n_bars == 7
+    assert any("grouped_mm_with_a_very_long_name" in t for t in boxes)
+    for text, box in boxes.items():
+        assert fig_box.x0 <= box.x0 and box.x1 <= fig_box.x1, text
+        assert fig_box.y0 <= box.y0 and box.y1 <= fig_box.y1, text
 
 
 # ---- the library does not import its applications ---------------------------------------------

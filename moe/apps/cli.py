@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,15 +28,22 @@ from pathlib import Path
 BENCH_MODULES = ("bench.ops", "bench.fused", "bench.layer")
 
 # The child of `moe bench`, run with cwd = the checkout root (so `bench` imports from there, as for
-# `python -m bench.ops`): one module's rows (run(quick=...)) to a JSON file, its table to stdout.
-_BENCH_CHILD = """import json, sys
+# `python -m bench.ops`): one module's rows (run(quick=...)) to a JSON file, its table to stdout
+# with the noise cells that mean nothing at these sizes shown as "n/a" (moe.apps.plots). A closed
+# stdout only stops the table: the rows are still written, and the parent exits quietly on its
+# next print (see main).
+_BENCH_CHILD = """import json, os, sys
 from importlib import import_module
+from moe.apps.plots import bench_rows_shown
 name, quick, rows_path = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
 mod = import_module(name)
 if not (hasattr(mod, "run") and hasattr(mod, "format_table")):
     sys.exit(f"moe bench: {name} has no run(quick=...) / format_table(rows)")
 rows = mod.run(quick=quick)
-print(mod.format_table(rows), flush=True)
+try:
+    print(mod.format_table(bench_rows_shown(rows, quick=quick)), flush=True)
+except BrokenPipeError:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 with open(rows_path, "w") as f:
     json.dump(rows, f, default=str)
 """
@@ -213,11 +221,15 @@ def run_bench(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for name in BENCH_MODULES:
             print(f"== {name}{' (quick)' if args.quick else ''}", flush=True)
-            sections[name] = _bench_rows(name, args.quick, root, Path(tmp))
+            sections[name] = plots.bench_rows_saved(_bench_rows(name, args.quick, root, Path(tmp)),
+                                                    quick=args.quick)
+    report = dict(quick=args.quick, sections=sections)
+    if any(r.get("noise_raw") is not None for rows in sections.values() for r in rows):
+        report["noise_note"] = plots.NOISE_NOTE
+        print(plots.NOISE_NOTE)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_results.json").write_text(json.dumps(dict(quick=args.quick, sections=sections),
-                                                       indent=1, default=str))
+    (out / "bench_results.json").write_text(json.dumps(report, indent=1, default=str))
     chart = plots.bench_chart(sections, out / "bench.png")
     print(f"wrote {out / 'bench_results.json'}" + (f", {chart}" if chart else ""))
     return sections
@@ -247,9 +259,18 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `moe` console script and `python -m moe`: exit status 0 on success."""
+    """Entry point of the `moe` console script and `python -m moe`: exit status 0 on success.
+
+    A closed stdout (`moe plan --json | head -1`) ends any subcommand quietly with status 141, the
+    128 + SIGPIPE that a shell reports for a C tool the closed pipe killed (so `set -o pipefail`
+    still sees that the output was cut short). stdout is pointed at /dev/null first, so the
+    interpreter's final flush of what is still buffered does not raise a second time."""
     try:
         run(argv)
+        sys.stdout.flush()  # a pipe closed under buffered output raises here, not at exit
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("\ninterrupted: the running variant saved a checkpoint; continue with --resume",
               file=sys.stderr)

@@ -7,6 +7,7 @@ baseline of every benchmark row (baseline time / moekit time, from the rows' *_m
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -93,10 +94,56 @@ def results_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+# The benchmarks' ``noise`` is max/min - 1 of the repeats of moekit's op. At --quick sizes (2-3
+# repeats of a sub-millisecond op) one descheduled repeat makes it 4,911%: timer and scheduler
+# jitter, not a property of the op. Such a spread is reported as "n/a": always for --quick runs,
+# and for any row whose moekit median is under NOISE_MIN_MS.
+NOISE_MIN_MS = 0.1
+NOISE_NOTE = (f"noise n/a: the spread (max/min - 1) of 2-3 repeats at --quick sizes, or of an op "
+              f"under {NOISE_MIN_MS} ms, is timer and scheduler jitter, not a measurement")
+
+
+def _ours_ms(row: dict):
+    return row.get("ours_ms", row.get("moekit_ms"))
+
+
+def noise_is_reliable(row: dict, *, quick: bool) -> bool:
+    """Whether a benchmark row's ``noise`` means something: a full-size run (not ``quick``) of an
+    op whose median took at least NOISE_MIN_MS."""
+    ms = _ours_ms(row)
+    return not quick and isinstance(ms, (int, float)) and ms >= NOISE_MIN_MS
+
+
+class _Unmeasured(float):
+    """A NaN that formats as "n/a" under any format spec's width: the benchmark modules' tables
+    format noise as ``{noise:>6.0%}``; this keeps their columns without editing them."""
+
+    def __new__(cls):
+        return super().__new__(cls, float("nan"))
+
+    def __format__(self, spec: str) -> str:
+        width = re.match(r"(?:.?[<>=^])?[-+ ]?z?#?0?(\d*)", spec).group(1)
+        return format("n/a", ">" + width)
+
+
+def bench_rows_shown(rows: list[dict], *, quick: bool) -> list[dict]:
+    """Copies of a benchmark module's rows for its format_table: noise that
+    :func:`noise_is_reliable` rejects becomes a value printed as "n/a"."""
+    return [dict(r, noise=_Unmeasured()) if "noise" in r and not noise_is_reliable(r, quick=quick)
+            else r for r in rows]
+
+
+def bench_rows_saved(rows: list[dict], *, quick: bool) -> list[dict]:
+    """Copies of a benchmark module's rows for bench_results.json: rejected noise becomes null,
+    the measured spread kept as ``noise_raw``."""
+    return [dict(r, noise=None, noise_raw=r["noise"]) if "noise" in r and not noise_is_reliable(
+        r, quick=quick) else r for r in rows]
+
+
 def bench_speedups(row: dict) -> dict:
     """{baseline: baseline time / moekit time} of one benchmark row (> 1: moekit faster), from
     its ``*_ms`` columns; moekit's column is ``ours_ms`` or ``moekit_ms``."""
-    ours = row.get("ours_ms", row.get("moekit_ms"))
+    ours = _ours_ms(row)
     if not isinstance(ours, (int, float)) or ours <= 0:
         return {}
     return {k[:-3]: v / ours for k, v in row.items()
@@ -105,7 +152,9 @@ def bench_speedups(row: dict) -> dict:
 
 def bench_chart(sections: dict, path: Path) -> Path | None:
     """Horizontal bars: moekit's speedup over every baseline of every benchmark row, computed
-    from the rows' times (the modules' own ratio columns differ in direction)."""
+    from the rows' times (the modules' own ratio columns differ in direction). The figure is as
+    wide as its longest label needs and is saved with ``bbox_inches="tight"``, so no label is
+    clipped."""
     bars = []
     for section, rows in sections.items():
         for row in rows:
@@ -115,7 +164,10 @@ def bench_chart(sections: dict, path: Path) -> Path | None:
     if not bars:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(11, 0.8 + 0.25 * len(bars)))
+    label_in = 0.055 * max(len(k) for k, _ in bars)  # ~0.055 in per character at 7 pt
+    # laid out at the dpi it is saved at: text does not scale exactly with dpi, and a layout
+    # measured at matplotlib's default 100 dpi clipped the labels of the 110 dpi PNG
+    fig, ax = plt.subplots(figsize=(max(11.0, 7.0 + label_in), 0.8 + 0.25 * len(bars)), dpi=110)
     ax.barh(range(len(bars)), [v for _, v in bars],
             color=["tab:green" if v >= 1 else "tab:red" for _, v in bars])
     ax.set_yticks(range(len(bars)))
@@ -126,6 +178,6 @@ def bench_chart(sections: dict, path: Path) -> Path | None:
     ax.set_xlabel("baseline time / moekit time (> 1: moekit faster)")
     ax.set_title("moe bench")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
