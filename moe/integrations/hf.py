@@ -45,6 +45,31 @@ def _empty_slots(top_k_index_TK: Tensor, E: int) -> Tensor:
     return ids_TK.masked_fill((ids_TK < 0) | (ids_TK >= E), -1)
 
 
+def _is_concatenated_swiglu(experts) -> bool:
+    """True when the module's gate is transformers' default one, ``act_fn(gate) * up`` on
+    h = [gate; up] concatenated, with act_fn exactly SiLU (Mixtral, Qwen2/Qwen3-MoE, OLMoE,
+    DeepSeek-V3): SwiGLU, which :func:`moe.ops.swiglu` computes in one pass each way. Any other
+    gate (GPT-OSS's interleaved clamped SwiGLU, an overridden ``_apply_gate``, another or a
+    subclassed activation) answers False and keeps the class's own."""
+    try:
+        from transformers.activations import SiLUActivation
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:
+        return False
+    act = getattr(experts, "act_fn", None)
+    is_silu = act is torch.nn.functional.silu or type(act) in (torch.nn.SiLU, SiLUActivation)
+    return (is_silu and getattr(experts, "is_concatenated", False) and "_apply_gate" not in vars(experts)
+            and getattr(type(experts), "_apply_gate", None) is _default_apply_gate)
+
+
+def _gate(experts, h_NH: Tensor) -> Tensor:
+    """(N, H) -> (N, F): moe.ops.swiglu for SiLU-gated [gate; up] (float32 inside for half types,
+    rounded once), else the class's ``_apply_gate``; ``act_fn`` alone without a gate."""
+    if not experts.has_gate:
+        return experts.act_fn(h_NH)
+    return ops.swiglu(h_NH) if _is_concatenated_swiglu(experts) else experts._apply_gate(h_NH)
+
+
 def moekit_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
     """The "moekit" experts forward: hidden_states (T, D), top_k_index (T, K), top_k_weights
     (T, K) -> (T, D) in hidden_states' dtype. ``self`` is a transformers experts module."""
@@ -63,7 +88,7 @@ def moekit_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top
             h_NH = h_NH + row_bias(b_in, plan.offs_E, plan.max_rows).to(h_NH.dtype)
     else:
         h_NH = _grouped_linear(ops.permute(hidden_states, plan), w_in, plan.offs_E, b_in, self.is_transposed)
-    h_NF = self._apply_gate(h_NH) if self.has_gate else self.act_fn(h_NH)
+    h_NF = _gate(self, h_NH)
     b_out = self.down_proj_bias if has_bias else None
     y_ND = _grouped_linear(h_NF, self.down_proj, plan.offs_E, b_out, self.is_transposed)
     if getattr(self, "has_post_expert_norm", False):
