@@ -1,6 +1,9 @@
 """The "moekit" experts implementation for Hugging Face transformers: tiny random Mixtral,
 Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 and GPT-OSS give the logits and parameter gradients of
-transformers' "eager" experts (float32 and float64 tolerances)."""
+transformers' "eager" experts (float32 and float64 tolerances); the fused SwiGLU gate is taken only
+for transformers' default SiLU gate and stays within 2x eager's bfloat16 error; expert-parallel
+placeholder ids (>= the local expert count) are dropped, in one process and through transformers'
+AllReduceEP on 2 gloo ranks."""
 
 from __future__ import annotations
 
@@ -189,6 +192,48 @@ def test_expert_parallel_placeholders_match_eager(E_global, E_local):
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
     for grad, ref in zip(grads, ref_grads):
         torch.testing.assert_close(grad, ref, rtol=1e-9, atol=1e-11)
+
+
+def _all_reduce_ep_worker(rank, world, E_global):
+    """One rank of transformers' own AllReduceEP on a gloo group: this rank's "moekit" experts see
+    the placeholder ids; output and gradients against the single-process eager block."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers.distributed.expert_parallel import AllReduceEP
+    hf.register()
+    E_local = E_global // world
+    block, ranks = _ep_block(E_global, E_local, "eager", seed=3)
+    experts = ranks[rank]
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(13, 16, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        _, w, ids = block.gate(x)
+    cot = torch.randn(13, 16, generator=g, dtype=torch.float64)
+    ref_x, ref_w = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    block.experts(ref_x, ids, ref_w).backward(cot)
+    ref = block.experts(x, ids, w).detach()
+    mesh = init_device_mesh("cpu", (world,))
+    experts.config._experts_implementation = hf.NAME
+    assert not experts._is_expert_parallel and ((ids // E_local) != rank).any()  # placeholders reach it
+    ep = AllReduceEP(experts, mesh, mesh)
+    xi, wi = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    out = ep(xi, ids, wi)
+    out.backward(cot)
+    shard = slice(rank * E_local, (rank + 1) * E_local)
+    pairs = [(out, ref), (xi.grad, ref_x.grad), (wi.grad, ref_w.grad),
+             (experts.gate_up_proj.grad, block.experts.gate_up_proj.grad[shard]),
+             (experts.down_proj.grad, block.experts.down_proj.grad[shard])]
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    return True
+
+
+def test_transformers_all_reduce_ep_on_two_gloo_ranks():
+    """transformers' AllReduceEP (the EP path that hands experts placeholder ids) on 2 gloo CPU
+    ranks with "moekit" experts and ``_is_expert_parallel`` unset: the single-process eager
+    block's output and gradients (float64 tolerances)."""
+    pytest.importorskip("transformers.distributed.expert_parallel")
+    from tests.helpers.dist import run_workers
+    assert run_workers(_all_reduce_ep_worker, 2, 8, timeout=120) == [True, True]
 
 
 def test_ids_outside_the_local_experts_are_empty_slots():
