@@ -9,9 +9,11 @@ forward(hidden_states_TD, top_k_index_TK, top_k_weights_TK) looks up
 so a model built with ``experts_implementation="moekit"`` (or switched by
 ``model.set_experts_implementation("moekit")``) runs its experts on moe.ops: plan, the gathered
 grouped GEMM (rows read from hidden_states in place; permute + grouped_mm when the dtypes
-differ) and grouped_mm on the HF weight layout (transposed or not, with biases), the class's own gate
-(``_apply_gate``: GPT-OSS's interleaved, clamped SwiGLU included) and the weighted unpermute.
-transformers is imported only inside :func:`register`.
+differ) and grouped_mm on the HF weight layout read in place (transposed or not, with biases),
+the gate (moe.ops.swiglu where it is transformers' default SiLU on [gate; up], else the class's own
+``_apply_gate``: GPT-OSS's interleaved, clamped SwiGLU included) and the weighted unpermute. Expert
+ids outside [0, E) are empty slots. transformers is imported only inside :func:`register` and,
+once imported by the model that calls it, by the forward's gate check.
 """
 
 from __future__ import annotations
