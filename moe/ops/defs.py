@@ -139,7 +139,15 @@ def _grouped_mm_fake(a_NX, b_EXY, offs_E):
 def _grouped_mm_backward(ctx, g_NY):
     a_NX, b_EXY, offs_E = ctx.saved_tensors
     g_a = ops.grouped_mm(g_NY, b_EXY.transpose(-2, -1), offs_E) if ctx.needs_input_grad[0] else None
-    g_b = ops.grouped_mm_wgrad(a_NX, g_NY, offs_E) if ctx.needs_input_grad[1] else None
+    g_b = None
+    if ctx.needs_input_grad[1]:
+        if b_EXY.dim() == 3 and b_EXY.stride(-2) == 1 and b_EXY.stride(-1) != 1:
+            # b is a transposed view of an (E, Y, X) weight (nn.Linear layout, e.g. transformers'
+            # experts): write its gradient in that layout, (g_e^T a_e)^T, so that autograd does not
+            # copy an (E, X, Y) gradient into the weight's strides.
+            g_b = ops.grouped_mm_wgrad(g_NY, a_NX, offs_E).transpose(-2, -1)
+        else:
+            g_b = ops.grouped_mm_wgrad(a_NX, g_NY, offs_E)
     return g_a, g_b, None
 
 

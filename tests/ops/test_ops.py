@@ -231,3 +231,22 @@ def test_opcheck_all_ops(dtype):
     assert {n for n, _ in cases} == set(ops.registry.OPS)  # every registered op
     for name, args in cases:
         opcheck(getattr(torch.ops.moe, name).default, args)
+
+
+def test_weight_gradient_of_a_transposed_weight_keeps_its_layout():
+    """b_EXY passed as the transposed view of an (E, Y, X) weight (nn.Linear layout, transformers'
+    experts): its gradient comes back in that layout (no (E, X, Y) -> (E, Y, X) copy by autograd)
+    with the values of the per-expert float64 product."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)  # (E, Y, X)
+    a = torch.randn(9, 4, dtype=torch.float64)
+    offs = torch.tensor([2, 2, 9], dtype=torch.int32)
+    g = torch.randn(9, 5, dtype=torch.float64)
+    b = w.transpose(-2, -1)
+    seen = []
+    b.register_hook(lambda grad: seen.append(grad.stride()))
+    ops.grouped_mm(a, b, offs).backward(g)
+    assert seen == [(20, 1, 4)], seen  # the gradient of b is a view of an (E, Y, X) tensor
+    ref = torch.stack([g[0:2].t() @ a[0:2], torch.zeros(5, 4, dtype=torch.float64), g[2:9].t() @ a[2:9]])
+    torch.testing.assert_close(w.grad, ref)
+    assert torch.autograd.gradcheck(lambda t: ops.grouped_mm(a, t.transpose(-2, -1), offs), (w,))
