@@ -42,7 +42,7 @@ from einops import rearrange
 
 from moe import ops
 from moe.dispatch import ExpertRows, routing_args, check_dispatch_args
-from routers.capacity import apply_capacity, capacity, check_capacity_factor, position_priority
+from routers.capacity import capacity, check_capacity_factor, keep_first_slots
 
 __all__ = ["AllToAllDispatcher", "AllToAllState"]
 
@@ -201,7 +201,7 @@ class AllToAllDispatcher(nn.Module):
         E, W, L, C = self.num_experts, self.world_size, self.num_local_experts, self.capacity(T, K)
         # Megatron's "position" policy: each expert keeps its first C routed slots in slot order
         # (one slot per token and expert, so token order is slot order).
-        kept_TK, weights_TK = apply_capacity(ids_TK, weights_TK, position_priority(ids_TK), C, E)
+        kept_TK, weights_TK = keep_first_slots(ids_TK, weights_TK, C, E)
         num_dropped = (ids_TK >= 0).sum() - (kept_TK >= 0).sum()
         plan = ops.plan(kept_TK, E)
         counts_E = plan.counts_E.to(torch.int64)

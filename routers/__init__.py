@@ -8,7 +8,7 @@ Mixture-of-Recursions (routers.depth, configs ``routers.depth.ExpertChoiceConfig
 ``TokenChoiceConfig``) return the same Routing, their "experts" being recursion depths or steps.
 """
 
-from routers.capacity import apply_capacity, capacity, position_priority, xmoe_priority
+from routers.capacity import apply_capacity, capacity, keep_first_slots, position_priority, xmoe_priority
 from routers.depth import (ExpertChoiceStepRouter, TokenChoiceDepthRouter, capacity_schedule, default_capacities,
                            per_row_topk)
 from routers.expert_choice import ExpertChoiceRouter
@@ -33,6 +33,7 @@ __all__ = [
     "entropy_loss",
     "capacity",
     "apply_capacity",
+    "keep_first_slots",
     "position_priority",
     "xmoe_priority",
     "threshold_keep",

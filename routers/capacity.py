@@ -59,6 +59,25 @@ def apply_capacity(
     return ids_TK.masked_fill(~keep_TK, -1), weights_TK.masked_fill(~keep_TK, 0.0)
 
 
+def keep_first_slots(
+    ids_TK: Tensor, weights_TK: Tensor, capacity: int, num_experts: int
+) -> tuple[Tensor, Tensor]:
+    """``apply_capacity`` with :func:`position_priority` (Megatron's "position" policy: each expert
+    keeps its first ``capacity`` routed slots in slot order t*K + k; a token routes to an expert at
+    most once, so that is token order), from each slot's rank within its expert: one stable sort
+    of the T*K slots instead of a dense (T, E) priority table. Same result; no host sync."""
+    if capacity >= ids_TK.shape[0]:
+        return ids_TK, weights_TK
+    flat = ids_TK.reshape(-1).long()
+    key = torch.where(flat >= 0, flat, num_experts)  # empty slots sort last, in their own group
+    order = torch.argsort(key, stable=True)
+    position = torch.empty_like(order).scatter_(0, order, torch.arange(flat.numel(), device=flat.device))
+    counts = torch.bincount(key, minlength=num_experts + 1)
+    rank = position - (counts.cumsum(0) - counts)[key]  # position within the slot's expert
+    drop_TK = ((flat >= 0) & (rank >= capacity)).view_as(ids_TK)
+    return ids_TK.masked_fill(drop_TK, -1), weights_TK.masked_fill(drop_TK, 0.0)
+
+
 def position_priority(ids_TK: Tensor) -> Tensor:
     """Earlier tokens first (Megatron's "position" drop policy): priority T - t for all slots of t."""
     T, K = ids_TK.shape

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from routers.capacity import DROP_POLICIES, apply_capacity, capacity, check_capacity_factor, position_priority
+from routers.capacity import DROP_POLICIES, apply_capacity, capacity, check_capacity_factor, keep_first_slots
 from routers.losses import balance_loss_args, balance_losses, check_loss_config, loss_free_bias_update_
 from routers.routing import RouterBase, Routing, count_chosen, make_routing
 
@@ -122,8 +122,10 @@ class TopKBase(RouterBase):
         if self.capacity_factor is not None:
             T = ids_TK.shape[0]
             cap = capacity(T, self.top_k, self.num_experts, self.capacity_factor)
-            prio = weights_TK if self.drop_policy == "probs" else position_priority(ids_TK)
-            ids_TK, weights_TK = apply_capacity(ids_TK, weights_TK, prio, cap, self.num_experts)
+            if self.drop_policy == "probs":
+                ids_TK, weights_TK = apply_capacity(ids_TK, weights_TK, weights_TK, cap, self.num_experts)
+            else:
+                ids_TK, weights_TK = keep_first_slots(ids_TK, weights_TK, cap, self.num_experts)
         return make_routing(
             ids_TK=ids_TK, weights_TK=weights_TK, probs_TE=probs_TE, logits_TE=logits_TE,
             valid_T=valid_T, chosen_slots=chosen, aux_losses=aux, state=state,

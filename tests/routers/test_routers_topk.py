@@ -352,3 +352,17 @@ def test_deprecated_aux_loss_keywords_map_to_balance_loss():
     assert r.balance_loss is None
     with pytest.raises(TypeError, match="aux_los"):
         TopKRouter(6, 4, 2, aux_los="seq")
+
+
+@pytest.mark.parametrize("T,K,E,C", [(300, 4, 16, 50), (37, 3, 5, 4), (10, 2, 4, 0), (0, 2, 4, 0), (50, 2, 3, 100)])
+def test_keep_first_slots_is_apply_capacity_with_position_priority(T, K, E, C):
+    """The position policy from ranks within each expert equals the dense-priority form."""
+    from routers.capacity import apply_capacity, keep_first_slots, position_priority
+
+    g = torch.Generator().manual_seed(T + C)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else torch.zeros(0, K, dtype=torch.long)
+    ids[torch.rand(T, K, generator=g) < 0.2] = -1
+    w = torch.rand(T, K, generator=g).masked_fill(ids < 0, 0)
+    want = apply_capacity(ids, w, position_priority(ids), C, E)
+    got = keep_first_slots(ids, w, C, E)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
