@@ -4,7 +4,9 @@ The C++ sources in ``csrc/`` are always built (CPU kernels, op schemas). The CUD
 ``csrc/cuda/`` are built when a CUDA toolkit is found and a GPU is visible at build time;
 ``MOE_BUILD_CUDA=1`` builds them without a GPU (CI does, so a CUDA compile error fails it),
 ``MOE_BUILD_CUDA=0`` never. The arch list comes from ``TORCH_CUDA_ARCH_LIST`` (default
-"8.0;9.0"), never from querying a device. The build prints one line saying what it builds.
+"8.0;9.0"), never from querying a device. The build prints one line saying what it builds;
+where it builds CUDA it also says how many units it compiles, an estimate of the time, and a
+progress line every 30 s, on the terminal (pip shows a build's own output only with -v).
 
 Objects are kept in ``build/`` next to this file (ninja's incremental build), so a second
 ``pip install -e .`` on the same checkout (the README's second command after the first) only
@@ -19,6 +21,7 @@ headers an error.
 """
 
 import concurrent.futures
+import contextlib
 import glob
 import importlib.util
 import os
@@ -26,6 +29,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 from setuptools import setup
 
@@ -209,6 +214,61 @@ def _compile_sm90(build_temp):
     return [obj for obj, _ in results]
 
 
+def _progress_stream():
+    """Where build progress goes: the terminal when there is one (pip captures the build's
+    stdout and stderr and shows them only with -v or on failure), else stderr."""
+    try:
+        return open("/dev/tty", "w")
+    except OSError:
+        return contextlib.nullcontext(sys.stderr)
+
+
+@contextlib.contextmanager
+def _report_progress(build_temp, sources, seconds_per_unit, interval=30):
+    """Every 30 s, one line: compiled units out of those to compile, elapsed time and an estimate
+    of the rest (from the units done so far, else `seconds_per_unit`). A unit is to compile when
+    its object is missing or older than its source (header changes are not counted)."""
+    start = time.time()
+
+    def objects():
+        return glob.glob(os.path.join(build_temp, "**", "*.o"), recursive=True)
+
+    def object_suffixes(src):  # csrc/x.cpp -> csrc/x.o, csrc/cuda/x.cu -> csrc/cuda/x[.cuda].o, sm90/x.o
+        stem = os.path.splitext(os.path.basename(src))[0]
+        if os.path.dirname(src) == SM90_DIR:
+            return [os.path.join("sm90", stem + ".o")]
+        folder = os.path.dirname(src)
+        return [os.path.join(folder, stem + ".o"), os.path.join(folder, stem + ".cuda.o")]
+
+    def up_to_date(src):
+        return any(o.endswith(tuple(os.sep + s for s in object_suffixes(src)))
+                   and os.path.getmtime(o) > os.path.getmtime(src) for o in objects())
+
+    stale = [s for s in sources if not up_to_date(s)]
+    done = threading.Event()
+
+    def loop():
+        with _progress_stream() as out:
+            while not done.wait(interval):
+                built = sum(os.path.getmtime(o) >= start for o in objects())
+                elapsed = time.time() - start
+                rate = elapsed / built if built else seconds_per_unit
+                left = max(len(stale) - built, 0) * rate
+                rest = f"about {left / 60:.0f} min left" if left >= 90 else "about a minute left"
+                print(f"moekit build: {min(built, len(stale))}/{len(stale)} units compiled, "
+                      f"{elapsed / 60:.1f} min so far, {rest}", file=out, flush=True)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    if stale:
+        thread.start()
+    try:
+        yield stale
+    finally:
+        done.set()
+        if stale:
+            thread.join()
+
+
 class BuildExt(BuildExtension.with_options(use_ninja=True)):
     """torch's build, plus the sm90 objects compiled first and linked into moe._C."""
 
@@ -217,6 +277,20 @@ class BuildExt(BuildExtension.with_options(use_ninja=True)):
         # that are up to date when the same checkout is installed again.
         self.build_temp = os.path.join(here, "build", f"temp-{sys.implementation.cache_tag}")
         os.makedirs(self.build_temp, exist_ok=True)
+        if not build_cuda:  # the CPU units take about a minute in all
+            return self._build()
+        units = sources + (sorted(glob.glob(os.path.join(SM90_DIR, "*.cu"))) if build_sm90 else [])
+        jobs = max(1, int(os.environ.get("MAX_JOBS", os.cpu_count() or 1)))
+        with _report_progress(self.build_temp, units, seconds_per_unit=120 / jobs) as stale:
+            cuda_units = sum(u.endswith(".cu") for u in stale)
+            with _progress_stream() as out:
+                print(f"moekit build: {len(stale)} units to compile ({cuda_units} CUDA), about "
+                      f"{max(1, round(len(stale) * 120 / jobs / 60))} min with {jobs} parallel jobs "
+                      "(a CUDA unit takes one to two minutes of one core); a line every 30 s",
+                      file=out, flush=True)
+            self._build()
+
+    def _build(self):
         if build_sm90:
             objects = _compile_sm90(self.build_temp)
             for ext in self.extensions:
