@@ -48,7 +48,7 @@ __all__ = [
     "loss_free_bias_update_",
 ]
 
-from routers.hash import HashRouter, balanced_hash_table  # noqa: E402
+from routers.hash import HashRouter, balanced_hash_table, frequency_balanced_hash_table  # noqa: E402
 from routers.sbase import SBaseRouter, sinkhorn  # noqa: E402
 
-__all__ += ["SBaseRouter", "sinkhorn", "HashRouter", "balanced_hash_table"]
+__all__ += ["SBaseRouter", "sinkhorn", "HashRouter", "balanced_hash_table", "frequency_balanced_hash_table"]

@@ -10,6 +10,11 @@ ranks r; rank r sits in block r // E at column r % E, and slot j of the token is
 tau_b[(r % E + j) mod E], tau_b a random permutation of the experts for block b. Each slot of
 each full block of E ranks is a permutation of the experts, so over a uniform vocabulary every
 expert gets floor(V/E) or ceil(V/E) token ids per slot, and a token's k experts are distinct.
+With ``token_counts`` (how often each id occurs in the training data) the table is instead
+Roller et al.'s "balanced assignment": ids in decreasing frequency go greedily to the K least
+loaded experts, so the expected token loads differ by at most the largest count (over
+uniformly random ids the plain table balances ids, not tokens, and a Zipfian vocabulary puts
+its few frequent ids wherever the hash sends them).
 Hash routing has no parameters and no losses: the choice never depends on x, on the context or
 on the batch, only on the id. Gates are 1/K per slot (Roller et al. use one expert with weight
 1; for K > 1 their MultiHash splits each expert into K segments instead, here the K experts
@@ -39,19 +44,44 @@ def balanced_hash_table(vocab_size: int, num_experts: int, top_k: int = 1, *, se
     return tau_BE[(rank_V // E)[:, None], cols_VK]
 
 
+def frequency_balanced_hash_table(token_counts_V: Tensor, num_experts: int, top_k: int = 1, *,
+                                  seed: int = 0) -> Tensor:
+    """int64 (V, K): Roller et al.'s balanced assignment. Ids in decreasing count (ties in a random
+    order from seed) each take the K distinct experts of least load so far (ties: fewer ids, then
+    lower expert), the load growing by the id's count. Greedy list scheduling keeps the largest
+    and smallest expert load (sum of the counts of its ids) within max(token_counts) of each other,
+    and ids of count 0 go round-robin."""
+    import heapq
+
+    counts = token_counts_V.detach().to("cpu", torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    shuffled = torch.randperm(counts.numel(), generator=g)
+    order = shuffled[counts[shuffled].argsort(descending=True, stable=True)].tolist()
+    counts_list = counts.tolist()
+    heap = [(0.0, 0, e) for e in range(num_experts)]  # (load, ids, expert): a min-heap
+    table = [[0] * top_k for _ in range(len(counts_list))]
+    for v in order:
+        picked = [heapq.heappop(heap) for _ in range(top_k)]
+        table[v] = [e for _, _, e in picked]
+        for load, n, e in picked:
+            heapq.heappush(heap, (load + counts_list[v], n + 1, e))
+    return torch.tensor(table, dtype=torch.int64).reshape(len(counts_list), top_k)
+
+
 class HashRouter(RouterBase):
     """A fixed expert (or K distinct ones) per token id: forward(x, input_ids=ids).
 
     vocab_size V: ids must lie in [0, V) (padded positions may hold anything). seed picks the
-    table (``balanced_hash_table``), kept as the buffer ``expert_VK`` (saved in state_dict, so a
-    checkpoint keeps its hash). hidden_size is only checked against x (MoELayer's contract).
+    table (``balanced_hash_table``; with token_counts (V,), the counts of each id in the training
+    data, ``frequency_balanced_hash_table``), kept as the buffer ``expert_VK`` (saved in
+    state_dict, so a checkpoint keeps its hash). hidden_size is only checked against x (MoELayer's contract).
     ``routes_on_input_ids`` tells MoELayer and the LM to pass the token ids.
     """
 
     routes_on_input_ids = True
 
     def __init__(self, hidden_size: int, num_experts: int, vocab_size: int, top_k: int = 1, *,
-                 seed: int = 0, check_finite: bool = True) -> None:
+                 seed: int = 0, token_counts: Optional[Tensor] = None, check_finite: bool = True) -> None:
         super().__init__()
         self._init_common(hidden_size, num_experts, jitter=0.0, check_finite=check_finite)
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
@@ -61,7 +91,14 @@ class HashRouter(RouterBase):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.vocab_size, self.top_k, self.seed = vocab_size, top_k, seed
-        self.register_buffer("expert_VK", balanced_hash_table(vocab_size, num_experts, top_k, seed=seed))
+        if token_counts is None:
+            table = balanced_hash_table(vocab_size, num_experts, top_k, seed=seed)
+        else:
+            if not isinstance(token_counts, Tensor) or tuple(token_counts.shape) != (vocab_size,) \
+                    or token_counts.is_complex() or not bool((token_counts >= 0).all()):
+                raise ValueError(f"token_counts must be a tensor of shape ({vocab_size},) of counts >= 0")
+            table = frequency_balanced_hash_table(token_counts, num_experts, top_k, seed=seed)
+        self.register_buffer("expert_VK", table)
 
     def forward(self, x: Tensor, *, state=None, padding_mask: Optional[Tensor] = None,
                 input_ids: Optional[Tensor] = None) -> Routing:

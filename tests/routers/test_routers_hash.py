@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import moe
 from moe.model import MoEConfig
-from routers import HashRouter, balanced_hash_table
+from routers import HashRouter, balanced_hash_table, frequency_balanced_hash_table
 from tests.routers.test_routers_common import check_contract
 
 D, E, V = 12, 6, 50
@@ -29,6 +29,32 @@ def test_table_is_balanced_and_distinct(V, E, data, seed):
         assert loads.min() >= V // E and loads.max() <= -(-V // E)
     assert (table.sort(dim=1).values.diff(dim=1) > 0).all()
     assert torch.equal(table, balanced_hash_table(V, E, K, seed=seed))
+
+
+@settings(max_examples=40, deadline=None)
+@given(V=st.integers(1, 200), E=st.integers(1, 9), data=st.data(), seed=st.integers(0, 2**16))
+def test_frequency_balanced_table_bounds_the_token_loads(V, E, data, seed):
+    """Roller et al.'s balanced assignment: the expected token loads of the experts differ by at
+    most the largest count (greedy list scheduling); count-0 ids spread round-robin."""
+    K = data.draw(st.integers(1, E))
+    g = torch.Generator().manual_seed(seed)
+    counts = (torch.rand(V, generator=g) ** 4 * 1000).floor()  # skewed, with ties and zeros
+    table = frequency_balanced_hash_table(counts, E, K, seed=seed)
+    assert table.shape == (V, K) and (table.sort(dim=1).values.diff(dim=1) > 0).all()
+    load = torch.zeros(E, dtype=torch.float64).index_add_(0, table.reshape(-1), counts.double().repeat_interleave(K))
+    assert load.max() - load.min() <= counts.max()
+    zero = frequency_balanced_hash_table(torch.zeros(V), E, K, seed=seed)
+    per_expert = torch.bincount(zero.reshape(-1), minlength=E)
+    assert per_expert.max() - per_expert.min() <= 1
+
+
+def test_router_takes_token_counts():
+    counts = torch.arange(V, dtype=torch.float32)
+    router = HashRouter(D, E, V, 2, token_counts=counts, seed=4)
+    assert torch.equal(router.expert_VK, frequency_balanced_hash_table(counts, E, 2, seed=4))
+    for bad in (torch.ones(V + 1), -torch.ones(V), [1.0] * V):
+        with pytest.raises(ValueError, match="token_counts"):
+            HashRouter(D, E, V, token_counts=bad)
 
 
 def test_seeds_give_different_hashes_and_pairs_vary():
