@@ -338,7 +338,7 @@ def build_lm(*, vocab_size: int, dim: int, n_layers: int, n_heads: int,
         if mlp_factory is not None:
             raise ValueError("pass either mlp_factory or moe, not both")
         if not isinstance(moe, MoEConfig):
-            raise TypeError(f"moe must be a moe.MoEConfig, got {type(moe).__name__}")
+            raise TypeError(f"moe must be a moe.model.MoEConfig, got {type(moe).__name__}")
         mlp_factory = lambda i: moe.make_layer(dim, vocab_size, i)  # noqa: E731
     blocks = [DecoderBlock(dim, n_heads, mlp_hidden=mlp_hidden,
                            mlp=mlp_factory(i) if mlp_factory else None) for i in range(n_layers)]
