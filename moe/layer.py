@@ -164,10 +164,17 @@ class MoELayer(nn.Module):
         layer.granularity = granularity
         return layer
 
-    def forward(self, x: Tensor, *, padding_mask: Optional[Tensor] = None, state=None):
+    @property
+    def routes_on_input_ids(self) -> bool:
+        """True when the router routes on token ids (routers.HashRouter): forward then needs input_ids."""
+        return bool(getattr(self.router, "routes_on_input_ids", False))
+
+    def forward(self, x: Tensor, *, padding_mask: Optional[Tensor] = None, state=None,
+                input_ids: Optional[Tensor] = None):
         """x (..., D) -> y (..., D), or (y, aux_loss) with return_aux_loss. padding_mask
         (x.shape[:-1], True = real token) keeps padded tokens out of the routed experts and the
-        losses; ``state`` goes to the router."""
+        losses; ``state`` goes to the router; input_ids (x.shape[:-1], the tokens' ids) go to a
+        router that routes on them (``routes_on_input_ids``) and are ignored by the others."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.hidden_size:
@@ -175,7 +182,11 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, self.hidden_size)
         if x.dim() != 3 and padding_mask is not None:
             padding_mask = padding_mask.reshape(-1)
-        routing = self.router(x if x.dim() == 3 else x_TD, state=state, padding_mask=padding_mask)
+        ids = {}
+        if self.routes_on_input_ids:
+            flat = x.dim() != 3 and isinstance(input_ids, Tensor)
+            ids = {"input_ids": input_ids.reshape(-1) if flat else input_ids}
+        routing = self.router(x if x.dim() == 3 else x_TD, state=state, padding_mask=padding_mask, **ids)
         rows, dispatch_state = self.dispatcher.dispatch(x_TD, routing)
         y_TD = self.dispatcher.combine(self.experts(rows), dispatch_state)
         if self.shared_experts is not None:

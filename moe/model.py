@@ -10,13 +10,13 @@ run on any subset of a sequence, e.g. the tokens a Mixture-of-Recursions router 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe.layer import collect_aux_losses
+from moe.layer import MoELayer, collect_aux_losses
 
 
 class RMSNorm(nn.Module):
@@ -141,7 +141,8 @@ class DecoderBlock(nn.Module):
 
     `mlp` is any module mapping (..., D) -> (..., D): a SwiGLUMLP (default) or a moe.MoELayer.
     Only valid tokens reach the MLP (as an (N, D) batch), so padding never takes routing slots.
-    forward(x_BSD, pos_BS=None, valid_BS=None, cache=None, shared_kv=None) -> y_BSD.
+    forward(x_BSD, pos_BS=None, valid_BS=None, cache=None, shared_kv=None, input_ids=None) -> y_BSD;
+    input_ids (B, S) reach an MLP whose router routes on token ids (``routes_on_input_ids``).
     """
 
     def __init__(self, dim: int, n_heads: int, *, mlp: nn.Module | None = None,
@@ -155,7 +156,12 @@ class DecoderBlock(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache()
 
-    def forward(self, x_BSD, pos_BS=None, valid_BS=None, cache=None, shared_kv=None):
+    @property
+    def routes_on_input_ids(self) -> bool:
+        """True when the MLP routes on token ids (a MoELayer with routers.HashRouter)."""
+        return bool(getattr(self.mlp, "routes_on_input_ids", False))
+
+    def forward(self, x_BSD, pos_BS=None, valid_BS=None, cache=None, shared_kv=None, input_ids=None):
         B, S, _ = x_BSD.shape
         if pos_BS is None:
             pos_BS = torch.arange(S, device=x_BSD.device).expand(B, S)
@@ -163,10 +169,11 @@ class DecoderBlock(nn.Module):
             valid_BS = torch.ones(B, S, dtype=torch.bool, device=x_BSD.device)
         h = x_BSD + self.attn(self.attn_norm(x_BSD), pos_BS, valid_BS, cache, shared_kv)
         z = self.mlp_norm(h)
+        ids = input_ids is not None and self.routes_on_input_ids
         if bool(valid_BS.all()):
-            return h + self.mlp(z)
+            return h + (self.mlp(z, input_ids=input_ids) if ids else self.mlp(z))
         out = torch.zeros_like(h)
-        out[valid_BS] = self.mlp(z[valid_BS])
+        out[valid_BS] = self.mlp(z[valid_BS], input_ids=input_ids[valid_BS]) if ids else self.mlp(z[valid_BS])
         return h + out
 
 
@@ -200,7 +207,8 @@ class LMOutput:
 class CausalLM(nn.Module):
     """Embedding -> layers -> RMSNorm -> head. A layer is any module called as
     layer(x_BSD, pos_BS, valid_BS, cache) -> x_BSD with a `new_cache()` method (DecoderBlock,
-    moe.MixtureOfRecursions)."""
+    moe.MixtureOfRecursions); a layer whose ``routes_on_input_ids`` is True (a DecoderBlock with a
+    hash-routed MoELayer) also gets ``input_ids=`` (B, S)."""
 
     def __init__(self, vocab_size: int, dim: int, layers, *, norm_eps: float = 1e-6):
         super().__init__()
@@ -239,7 +247,8 @@ class CausalLM(nn.Module):
         caches = cache.layers if cache is not None else [None] * len(self.layers)
         x = self.embed(input_ids)
         for layer, c in zip(self.layers, caches):
-            x = layer(x, pos_BS, valid_BS, c)
+            ids = {"input_ids": input_ids} if getattr(layer, "routes_on_input_ids", False) else {}
+            x = layer(x, pos_BS, valid_BS, c, **ids)
         logits = self.head(self.norm(x))
         if cache is not None:
             cache.next_pos_B = start_B + valid_BS.long().sum(1)
@@ -276,12 +285,61 @@ class CausalLM(nn.Module):
             self.train(was_training)
 
 
+MOE_ROUTERS = ("topk", "sbase", "hash")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """The MoE FFN of every block of :func:`build_lm`: E experts of hidden F, top_k, and the router.
+
+    router: "topk" (routers.TopKRouter: softmax top-k, Switch balancing loss), "sbase"
+    (routers.SBaseRouter: Sinkhorn-balanced top-k in training, plain top-k at inference; Clark et
+    al. 2022) or "hash" (routers.HashRouter: fixed balanced experts per token id, Roller et al.
+    2021; the LM passes its input_ids; layer i hashes with seed i unless router_kwargs sets seed).
+    router_kwargs go to the router's constructor; num_shared_experts as moe.MoELayer.
+    """
+
+    num_experts: int
+    ffn_hidden_size: int
+    top_k: int = 2
+    router: str = "topk"
+    num_shared_experts: int = 0
+    router_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.router not in MOE_ROUTERS:
+            raise ValueError(f"router must be one of {MOE_ROUTERS}, got {self.router!r}")
+        if not isinstance(self.router_kwargs, dict):
+            raise TypeError(f"router_kwargs must be a dict, got {type(self.router_kwargs).__name__}")
+
+    def make_layer(self, dim: int, vocab_size: int, layer_index: int) -> MoELayer:
+        """The MoELayer of block ``layer_index`` of a (vocab_size, dim) LM."""
+        import routers
+
+        E, K, kw = self.num_experts, self.top_k, dict(self.router_kwargs)
+        if self.router == "topk":
+            router = routers.TopKRouter(dim, E, K, **kw)
+        elif self.router == "sbase":
+            router = routers.SBaseRouter(dim, E, K, **kw)
+        else:
+            kw.setdefault("seed", layer_index)
+            router = routers.HashRouter(dim, E, vocab_size, K, **kw)
+        return MoELayer(dim, self.ffn_hidden_size, E, router=router, num_shared_experts=self.num_shared_experts)
+
+
 def build_lm(*, vocab_size: int, dim: int, n_layers: int, n_heads: int,
-             mlp_hidden: int | None = None, mlp_factory=None) -> CausalLM:
+             mlp_hidden: int | None = None, mlp_factory=None, moe: MoEConfig | None = None) -> CausalLM:
     """A vanilla LM of n_layers unique DecoderBlocks; mlp_factory(layer_index) -> nn.Module
-    (e.g. a moe.MoELayer) replaces the dense SwiGLU MLP."""
+    (e.g. a moe.MoELayer) replaces the dense SwiGLU MLP, or ``moe`` (a MoEConfig) makes every
+    block's MLP a MoELayer with the router it names."""
     if n_layers < 1:
         raise ValueError(f"n_layers={n_layers} must be >= 1")
+    if moe is not None:
+        if mlp_factory is not None:
+            raise ValueError("pass either mlp_factory or moe, not both")
+        if not isinstance(moe, MoEConfig):
+            raise TypeError(f"moe must be a moe.model.MoEConfig, got {type(moe).__name__}")
+        mlp_factory = lambda i: moe.make_layer(dim, vocab_size, i)  # noqa: E731
     blocks = [DecoderBlock(dim, n_heads, mlp_hidden=mlp_hidden,
                            mlp=mlp_factory(i) if mlp_factory else None) for i in range(n_layers)]
     return CausalLM(vocab_size, dim, blocks)

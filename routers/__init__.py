@@ -47,3 +47,8 @@ __all__ = [
     "membership_bce_loss",
     "loss_free_bias_update_",
 ]
+
+from routers.hash import HashRouter, balanced_hash_table, frequency_balanced_hash_table  # noqa: E402
+from routers.sbase import SBaseRouter, sinkhorn  # noqa: E402
+
+__all__ += ["SBaseRouter", "sinkhorn", "HashRouter", "balanced_hash_table", "frequency_balanced_hash_table"]
