@@ -103,7 +103,7 @@ def advise(cfg: AdviceConfig) -> dict:
     C = [r["compute"] for r in rows]
     return dict(config=asdict(cfg), compute_min=min(C), compute_max=max(C),
                 compute_source="--compute" if cfg.compute is not None else
-                "--tokens x non-embedding training FLOPs/token (per candidate: routers differ)",
+                "--tokens x each candidate's non-embedding training FLOPs/token",
                 compute_warning=compute_range_warning(max(C)) or compute_range_warning(min(C)),
                 candidates_considered=len(rows), candidates_within_caps=len(fits),
                 reasoning_tpp=REASONING_TPP, ranked=fits[:cfg.top])

@@ -77,8 +77,9 @@ def optimal_granularity(*, constants=EL_CONSTANTS) -> float:
 
 # The compute budgets (training FLOPs) the law's constants were fitted on, and the one budget it was
 # validated at beyond them (Ling-mini-beta: 0.85B active parameters x 1T tokens, 6 x 0.85e9 x 1e12
-# = 5.1e21). The fitted range is the span of the paper's scaling-law experiments as read from its
-# figures; it could not be re-checked against the paper's text from this machine.
+# = 5.1e21). The fitted range is the span of the paper's scaling-law experiments as recalled from
+# its experiment section: the paper's body could not be read from this machine, so it is not
+# re-checked (nor is the non-embedding convention of compute_budget).
 EL_FIT_COMPUTE = (1e18, 3e20)
 EL_VALIDATED_COMPUTE = 5.1e21
 FAR_OUTSIDE = 10.0  # a warning when C is more than this factor outside EL_FIT_COMPUTE
@@ -153,7 +154,10 @@ def compute_budget(cfg: PlanConfig, flops_per_token_non_embedding: float) -> tup
     """(C, where it came from): --compute as given; else tokens x M, M the non-embedding training
     FLOPs per token (3x the forward matmuls of attention, router and active experts, plus the
     attention scores; no embedding or head: the C = M x tokens of DeepSeek LLM, arXiv:2401.02954
-    Sec. 3, which the efficiency-leverage experiments count compute by); else the default 1e22."""
+    Sec. 3, which the efficiency-leverage experiments count compute by); else the default 1e22.
+    The attention scores are counted as moekit's attention counts them (2 L seq D forward, causal);
+    DeepSeek's M counts 4 L seq D: a difference of about 10% in C at seq = 2 D with a 4 D FFN,
+    about 1% in EL (whose exponent moves by d log10 C)."""
     if cfg.compute is not None:
         return cfg.compute, "--compute"
     if cfg.tokens is not None:
