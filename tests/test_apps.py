@@ -135,6 +135,25 @@ def test_ctrl_c_during_final_evaluation_keeps_the_training(text_dir, tmp_path, u
     assert steps[0] == 0 and _numbers(resumed)["topk"] == uninterrupted["topk"]
 
 
+def test_sigint_is_deferred_only_where_python_handles_it():
+    """Ctrl-C sets the flag and a second one raises; an ignored SIGINT (a background job) stays
+    ignored; the previous handler comes back."""
+    with demo.interrupts_between_steps() as interrupted:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert interrupted()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with demo.interrupts_between_steps() as interrupted:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            assert not interrupted()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     """A failure while writing leaves the previous checkpoint whole and no partial file in its place."""
     path = tmp_path / "v.pt"

@@ -101,7 +101,8 @@ def _demo_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     defaults = DemoConfig()
     for f in fields(DemoConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=arg_type(f.metadata["kind"]),
+        p.add_argument("--" + f.name.replace("_", "-"),
+                       type=arg_type(f.metadata["kind"]) if "kind" in f.metadata else type(f.default),
                        default=getattr(defaults, f.name), help=f"(default {getattr(defaults, f.name)})")
 
 

@@ -177,10 +177,13 @@ def interrupts_between_steps():
     """Within the block, Ctrl-C (SIGINT) sets a flag instead of raising; the training loop reads
     it (the yielded callable) between steps, where model, optimizer, scheduler, RNG and step counter
     all belong to the same step, and checkpoints there. A second Ctrl-C raises at once (nothing is
-    written then: the last checkpoint on disk stays consistent). Outside the main thread, where
-    Python cannot install signal handlers, Ctrl-C raises where it lands, as it does everywhere."""
+    written then: the last checkpoint on disk stays consistent). It takes over only Python's own
+    handler in the main thread: where SIGINT is ignored (a background job) or handled by the host
+    program, or off the main thread (no signal handlers there), nothing changes and a Ctrl-C
+    raises where it lands, which train_variant handles too."""
     flag = []
-    if threading.current_thread() is not threading.main_thread():
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         yield lambda: False
         return
 
@@ -193,7 +196,7 @@ def interrupts_between_steps():
     try:
         yield lambda: bool(flag)
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        signal.signal(signal.SIGINT, previous)
 
 
 def train_variant(variant: str, cfg: DemoConfig, train: torch.Tensor, val: torch.Tensor, *,
