@@ -223,7 +223,7 @@ def test_demo_resume_continues_exactly(full_run, text_dir, tmp_path):
     assert _numbers(resumed) == _numbers(first)
     again = run(args + ["--resume", "--variants", "topk"])  # finished: reused, not retrained
     assert again["variants"]["topk"] == resumed["variants"]["topk"]
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(SystemExit, match="different config"):
         run(args[:-len(TINY)] + [a if a != "32" else "64" for a in TINY] + ["--resume"])
 
 
@@ -231,7 +231,7 @@ def test_demo_bad_arguments_name_the_argument(text_dir, tmp_path):
     base = ["demo", "--data", str(text_dir), "--out", str(tmp_path)]
     with pytest.raises(SystemExit, match="unknown"):
         run(base + ["--variants", "dense,nope"])
-    with pytest.raises(SystemExit, match="steps must be a positive int"):
+    with pytest.raises(SystemExit, match="--steps: '0' is not an integer >= 1"):
         run(base + ["--steps", "0"])
     with pytest.raises(SystemExit, match="ffn_hidden=30 must be divisible"):
         run(base + ["--ffn-hidden", "30"])

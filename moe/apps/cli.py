@@ -3,6 +3,11 @@
     moe demo [--variants dense,topk,...] [--steps N] [--seed S] [--data PATH] [--out DIR] [--resume]
     moe bench [--quick] [--out DIR]
     moe plan --hidden 2048 --layers 20 --experts 256 --top-k 8 --expert-hidden 512 --shared-experts 1
+    moe plan --advise --hidden 2048 --layers 20 --tokens 1e12 [--max-params N] [--max-memory GIB]
+
+A bad argument is one line on stderr ("moe plan: error: argument --granularity: ...") and exit
+status 2, as argparse gives: each option's argparse type is its config field's kind
+(moe.apps.checks), and the configs' own cross-field checks become the same one-line error.
 
 `moe demo` runs with one torch thread unless --threads says otherwise: its matmuls are tiny, and
 on a shared 2-core machine two OpenMP threads were measured 10x slower than one (spin-waiting).
@@ -24,6 +29,8 @@ import tempfile
 import time
 from dataclasses import fields
 from pathlib import Path
+
+from moe.apps.checks import arg_type, field_kind
 
 BENCH_MODULES = ("bench.ops", "bench.fused", "bench.layer")
 
@@ -49,6 +56,22 @@ with open(rows_path, "w") as f:
 """
 
 
+class UsageError(SystemExit):
+    """A bad argument: one line ("moe plan: error: ..."), exit status 2 as argparse gives.
+    main() prints it; str(e) is the line, e.code is 2."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as UsageError: one line naming the argument, no usage block."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
 def _require_apps(command: str, *modules: str) -> None:
     """A clear exit when the `apps` extra's packages are missing."""
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
@@ -66,52 +89,75 @@ def _demo_parser(sub) -> None:
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
     p.add_argument("--data", default=None, help="a text file or folder (default: stdlib sources)")
-    p.add_argument("--out", default="moe_demo_out", help="output folder (default ./moe_demo_out)")
+    p.add_argument("--out", default="moe_demo_out", type=arg_type("out_dir"),
+                   help="output folder (default ./moe_demo_out)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+    p.add_argument("--stop-after", type=arg_type("positive_int"), default=None, metavar="N",
                    help="train each variant at most N more steps, checkpoint, stop (continue with --resume)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=arg_type("nonnegative_int"), default=1,
                    help="torch CPU threads during the demo (default 1: the tiny matmuls gain little "
                    "from more, and on busy cores OpenMP threads spin; 0 = torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     defaults = DemoConfig()
     for f in fields(DemoConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
+        p.add_argument("--" + f.name.replace("_", "-"),
+                       type=arg_type(f.metadata["kind"]) if "kind" in f.metadata else type(f.default),
                        default=getattr(defaults, f.name), help=f"(default {getattr(defaults, f.name)})")
 
 
 def _plan_parser(sub) -> None:
+    from moe.apps.advice import AdviceConfig
+    from moe.apps.planner import PlanConfig
+
     p = sub.add_parser("plan", help="parameters, FLOPs, memory and efficiency leverage of a config",
                        description="Parameters, FLOPs/token, memory and the efficiency leverage of "
-                       "arXiv:2507.17702 (Eq. 13, Table 2) for an MoE LM config.")
-    p.add_argument("--hidden", type=int, required=True, help="model dim D")
-    p.add_argument("--layers", type=int, required=True)
-    p.add_argument("--experts", type=int, required=True, help="routed experts E")
-    p.add_argument("--top-k", type=int, required=True, help="routed experts per token K")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--expert-hidden", type=int, help="expert FFN hidden F")
-    g.add_argument("--granularity", type=float, help="Krajewski granularity: F = ffn_hidden / G")
-    p.add_argument("--ffn-hidden", type=int, default=None, help="dense reference d_ff (default 4*hidden)")
-    p.add_argument("--shared-experts", type=int, default=0)
-    p.add_argument("--shared-hidden", type=int, default=None, help="(default: expert hidden)")
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=1, help="sequences per step (activation memory)")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--compute", type=float, default=None, help="training FLOPs C for EL")
-    p.add_argument("--tokens", type=float, default=None, help="training tokens (C = tokens x FLOPs/token)")
-    p.add_argument("--param-bytes", type=int, default=2, help="bytes per weight/gradient (default 2)")
+                       "arXiv:2507.17702 (Eq. 13, Table 2) for an MoE LM config; with --advise, "
+                       "candidate (experts, top-k, granularity, shared) configurations for a compute "
+                       "budget ranked by that leverage.")
+
+    def arg(flag, cls=PlanConfig, **kw):  # an option whose type is its config field's kind
+        p.add_argument(flag, type=arg_type(field_kind(cls, flag[2:].replace("-", "_"))), **kw)
+
+    arg("--hidden", required=True, help="model dim D")
+    arg("--layers", required=True)
+    arg("--experts", help="routed experts E")
+    arg("--top-k", help="routed experts per token K")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--expert-hidden", type=arg_type(field_kind(PlanConfig, "expert_hidden")),
+                   help="expert FFN hidden F")
+    g.add_argument("--granularity", type=arg_type(field_kind(PlanConfig, "granularity")),
+                   help="Krajewski granularity: F = ffn_hidden / G")
+    arg("--ffn-hidden", help="dense reference d_ff (default 4*hidden); --advise: the active FFN width")
+    arg("--shared-experts", default=0)
+    arg("--shared-hidden", help="(default: expert hidden)")
+    arg("--vocab", default=32000)
+    arg("--seq-len", default=2048)
+    arg("--batch", default=1, help="sequences per step (activation memory)")
+    arg("--heads", default=8)
+    c = p.add_mutually_exclusive_group()
+    c.add_argument("--compute", type=arg_type(field_kind(PlanConfig, "compute")),
+                   help="training FLOPs C for EL (counted without embedding and head)")
+    c.add_argument("--tokens", type=arg_type(field_kind(PlanConfig, "tokens")),
+                   help="training tokens: C = tokens x non-embedding training FLOPs/token")
+    arg("--param-bytes", default=2, help="bytes per weight/gradient (default 2)")
+    p.add_argument("--advise", action="store_true",
+                   help="rank candidate (E, K, G, S) configurations for the --compute/--tokens budget")
+    arg("--max-params", cls=AdviceConfig, help="--advise: cap on total parameters")
+    p.add_argument("--max-memory", type=arg_type(field_kind(AdviceConfig, "max_memory_gib")),
+                   metavar="GIB", help="--advise: cap on weights + gradients + Adam state, GiB")
+    arg("--top", cls=AdviceConfig, default=10, help="--advise: how many to print (default 10)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe", description="moekit command line")
+    parser = _Parser(prog="moe", description="moekit command line")
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
     b = sub.add_parser("bench", help="op and layer benchmarks side by side")
     b.add_argument("--quick", action="store_true", help="small sizes, few repeats (a smoke run)")
-    b.add_argument("--out", default=".", help="folder for bench_results.json and bench.png")
+    b.add_argument("--out", default=".", type=arg_type("out_dir"),
+                   help="folder for bench_results.json and bench.png")
     _plan_parser(sub)
     return parser
 
@@ -127,26 +173,24 @@ def run_demo(args) -> dict:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
-        raise SystemExit(f"moe demo: --variants {args.variants!r}: unknown {bad}; choose from {VARIANTS}")
+        raise UsageError(f"moe demo: error: --variants {args.variants!r}: unknown {bad}; choose from "
+                         f"{VARIANTS}")
     try:
         device = torch.device(args.device)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
-        raise SystemExit(f"moe demo: --device {args.device!r} is not usable here: {e}") from e
-    if args.threads < 0:
-        raise SystemExit(f"moe demo: --threads {args.threads} must be >= 0")
-    if args.stop_after is not None and args.stop_after < 1:
-        raise SystemExit(f"moe demo: --stop-after {args.stop_after} must be >= 1")
+        raise UsageError(f"moe demo: error: --device {args.device!r} is not usable here: {e}") from e
     t0 = time.perf_counter()
     try:
         cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in fields(DemoConfig)})
         corpus = load_corpus(args.data)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"moe demo: {e}") from e
+        raise UsageError(f"moe demo: error: {e}") from e
     for split in ("train", "val"):
         if getattr(corpus, split).numel() <= cfg.seq_len:
-            raise SystemExit(f"moe demo: the {split} split of --data has {getattr(corpus, split).numel()} "
-                             f"bytes, fewer than --seq-len (seq_len={cfg.seq_len}) + 1")
+            raise UsageError(f"moe demo: error: the {split} split of --data has "
+                             f"{getattr(corpus, split).numel()} bytes, fewer than --seq-len "
+                             f"(seq_len={cfg.seq_len}) + 1")
     prev_threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,7 +205,7 @@ def _demo(args, cfg, corpus, variants, device, t0) -> dict:
     import torch
 
     from moe.apps import plots
-    from moe.apps.demo import DemoConfig, train_variant
+    from moe.apps.demo import DemoConfig, ResumeError, train_variant
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,9 +213,12 @@ def _demo(args, cfg, corpus, variants, device, t0) -> dict:
           f"{corpus.val.numel():,} validation bytes")
     results, stopped = {}, {}
     for v in variants:
-        r = train_variant(v, cfg, corpus.train, corpus.val, ckpt_dir=out / "checkpoints",
-                          resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress,
-                          device=device)
+        try:
+            r = train_variant(v, cfg, corpus.train, corpus.val, ckpt_dir=out / "checkpoints",
+                              resume=args.resume, stop_after=args.stop_after,
+                              progress=not args.no_progress, device=device)
+        except ResumeError as e:
+            raise UsageError(f"moe demo: error: {e}") from e
         (stopped if "stopped_at" in r else results)[v] = r
     if stopped:
         print(f"stopped (checkpoints in {out / 'checkpoints'}; continue with --resume): "
@@ -236,9 +283,29 @@ def run_bench(args) -> dict:
 
 
 def run_plan(args) -> dict:
+    """Size one config, or with --advise rank candidate configs for a compute budget."""
+    from moe.apps.advice import AdviceConfig, advise, format_advice
     from moe.apps.planner import PlanConfig, format_plan, size_model
 
     try:
+        if args.advise:
+            given = [f for f in ("experts", "top_k", "expert_hidden", "granularity", "shared_experts",
+                                 "shared_hidden") if getattr(args, f) not in (None, 0)]
+            if given:
+                raise ValueError(f"--advise chooses {', '.join('--' + f.replace('_', '-') for f in given)} "
+                                 "itself; leave them out")
+            r = advise(AdviceConfig(hidden=args.hidden, layers=args.layers, ffn_hidden=args.ffn_hidden,
+                                    vocab=args.vocab, seq_len=args.seq_len, batch=args.batch,
+                                    heads=args.heads, compute=args.compute, tokens=args.tokens,
+                                    max_params=args.max_params, max_memory_gib=args.max_memory,
+                                    param_bytes=args.param_bytes, top=args.top))
+            print(json.dumps(r, indent=1) if args.json else format_advice(r))
+            return r
+        missing = [f"--{f.replace('_', '-')}" for f in ("experts", "top_k") if getattr(args, f) is None]
+        if args.expert_hidden is None and args.granularity is None:
+            missing.append("--expert-hidden or --granularity")
+        if missing:
+            raise ValueError(f"the following arguments are required: {', '.join(missing)} (or --advise)")
         cfg = PlanConfig(hidden=args.hidden, layers=args.layers, experts=args.experts, top_k=args.top_k,
                          expert_hidden=args.expert_hidden, granularity=args.granularity,
                          ffn_hidden=args.ffn_hidden, shared_experts=args.shared_experts,
@@ -246,9 +313,11 @@ def run_plan(args) -> dict:
                          batch=args.batch, heads=args.heads, compute=args.compute, tokens=args.tokens,
                          param_bytes=args.param_bytes)
     except ValueError as e:
-        raise SystemExit(f"moe plan: {e}") from e
+        raise UsageError(f"moe plan: error: {e}") from e
     r = size_model(cfg)
     print(json.dumps(r, indent=1) if args.json else format_plan(r))
+    if r["compute_warning"] and args.json:
+        print(f"moe plan: warning: {r['compute_warning']}", file=sys.stderr)
     return r
 
 
@@ -271,8 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except KeyboardInterrupt:
-        print("\ninterrupted: the running variant saved a checkpoint; continue with --resume",
-              file=sys.stderr)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # moe demo's DemoInterrupted says what it saved
+        print("\n" + (str(e) or "interrupted (nothing saved)"), file=sys.stderr)
         return 130
     return 0

@@ -50,14 +50,16 @@ def stdlib_files() -> tuple[Path, list[Path]]:
     return root, _walk(root, ".py")
 
 
+def is_text_file(path: Path) -> bool:
+    """The one text test of --data, for a file and for a folder's files: no NUL byte in the first
+    4 KiB (as git and grep tell binary files; NUL is also the demo's file SEPARATOR)."""
+    with open(path, "rb") as f:
+        return b"\0" not in f.read(4096)
+
+
 def _text_files(root: Path) -> list[Path]:
-    """Every non-binary file under root (no NUL byte in its first 4 KiB)."""
-    files = []
-    for p in _walk(root):
-        with open(p, "rb") as f:
-            if b"\0" not in f.read(4096):
-                files.append(p)
-    return files
+    """Every text file under root (is_text_file); binary ones are skipped."""
+    return [p for p in _walk(root) if is_text_file(p)]
 
 
 def is_validation(rel_path: str, val_percent: int) -> bool:
@@ -89,8 +91,9 @@ def _split_bytes(data: bytes, val_percent: int) -> tuple[torch.Tensor, torch.Ten
 
 def load_corpus(path: str | None = None, *, val_percent: int = 10,
                 max_bytes: int | None = 8 << 20) -> ByteCorpus:
-    """Load and split. path None: the stdlib sources; a file: split by position; a folder: every
-    non-binary file, split by path hash. max_bytes caps each split (None: no cap)."""
+    """Load and split. path None: the stdlib sources; a text file: split by position (a binary file
+    is a ValueError); a folder: every text file, split by path hash. max_bytes caps each split
+    (None: no cap)."""
     if not 0 < val_percent < 100:
         raise ValueError(f"val_percent={val_percent} must be in (0, 100)")
     if path is None:
@@ -101,6 +104,9 @@ def load_corpus(path: str | None = None, *, val_percent: int = 10,
         if not root.exists():
             raise FileNotFoundError(f"--data {path}: no such file or directory")
         if root.is_file():
+            if not is_text_file(root):
+                raise ValueError(f"--data {path} is a binary file (a NUL byte in its first 4 KiB); give "
+                                 f"a text file, or a folder (whose binary files are skipped)")
             train, val = _split_bytes(root.read_bytes(), val_percent)
             if max_bytes is not None:
                 train, val = train[:max_bytes], val[:max_bytes]

@@ -16,20 +16,26 @@ Active parameters are the ones a token touches on average (measured experts per 
 variable-k router); MoR reuses its L blocks, so its active = total = the dense model's.
 Reproducible: torch.manual_seed(seed) before each model is built, batches a pure function of
 (seed, step) (moe.apps.data), no dropout or router jitter. Checkpoints hold model, optimizer,
-scheduler, RNG state and loss history, so --resume continues exactly where a run stopped.
+scheduler, RNG state, loss history and step counter of one step boundary, written atomically, so
+--resume continues exactly wherever a run stopped, Ctrl-C included (train_variant).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
 import time
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from moe import ExpertChoiceConfig, MixtureOfRecursions, MoELayer, build_lm, build_mor_lm
+from moe.apps.checks import check_fields, kind
 from moe.apps.data import train_batch, val_batches
 
 VARIANTS = ("dense", "topk", "recurrent", "xmoe", "finegrained", "mor")
@@ -37,34 +43,34 @@ VARIANTS = ("dense", "topk", "recurrent", "xmoe", "finegrained", "mor")
 
 @dataclass(frozen=True, kw_only=True)
 class DemoConfig:
-    """Model, data and optimiser settings shared by every variant."""
+    """Model, data and optimiser settings shared by every variant (each field's kind, in its
+    metadata, is checked here and is the CLI option's argparse type: moe.apps.checks)."""
 
-    dim: int = 64
-    layers: int = 4
-    heads: int = 4
-    ffn_hidden: int = 256  # F: the dense baseline's SwiGLU hidden
-    experts: int = 8
-    top_k: int = 2
-    xmoe_threshold: float = 0.5
-    seq_len: int = 128
-    batch: int = 16
-    steps: int = 200
-    lr: float = 3e-3
-    seed: int = 0
-    eval_batches: int = 8
-    ckpt_every: int = 100
+    dim: int = field(default=64, metadata=kind("positive_int"))
+    layers: int = field(default=4, metadata=kind("positive_int"))
+    heads: int = field(default=4, metadata=kind("positive_int"))
+    ffn_hidden: int = field(default=256, metadata=kind("positive_int"))  # F: the dense SwiGLU hidden
+    experts: int = field(default=8, metadata=kind("positive_int"))
+    top_k: int = field(default=2, metadata=kind("positive_int"))
+    xmoe_threshold: float = field(default=0.5, metadata=kind("probability"))
+    seq_len: int = field(default=128, metadata=kind("positive_int"))
+    batch: int = field(default=16, metadata=kind("positive_int"))
+    steps: int = field(default=200, metadata=kind("positive_int"))
+    lr: float = field(default=3e-3, metadata=kind("positive_float"))
+    seed: int = field(default=0, metadata=kind("nonnegative_int"))
+    eval_batches: int = field(default=8, metadata=kind("positive_int"))
+    ckpt_every: int = field(default=100, metadata=kind("positive_int"))
 
     def __post_init__(self):
-        for name in ("dim", "layers", "heads", "ffn_hidden", "experts", "top_k", "seq_len", "batch",
-                     "steps", "eval_batches", "ckpt_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_fields(self)
         if self.top_k > self.experts:
             raise ValueError(f"top_k={self.top_k} must be <= experts={self.experts}")
         if self.ffn_hidden % (4 * self.top_k):
             raise ValueError(f"ffn_hidden={self.ffn_hidden} must be divisible by 4*top_k={4 * self.top_k} "
                              "(expert sizes F/K, F/2K of every variant)")
+        if self.dim % self.heads or (self.dim // self.heads) % 2:
+            raise ValueError(f"dim={self.dim} must be a multiple of heads={self.heads} with an even "
+                             f"head dim dim/heads (rotary embeddings)")
 
 
 def build_model(variant: str, cfg: DemoConfig) -> nn.Module:
@@ -155,80 +161,137 @@ def param_counts(model: nn.Module, experts_per_token_by_layer=None) -> tuple[int
 
 
 def _save(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
+    """Write state to path atomically: to a temporary file, then os.replace, so a checkpoint on
+    disk is always a whole one (an interrupted save leaves the previous checkpoint)."""
+    tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
-    tmp.replace(path)  # atomic: an interrupted save never leaves a broken checkpoint
+    os.replace(tmp, path)
+
+
+class DemoInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `moe demo`; its message says what is saved (the CLI prints it)."""
+
+
+@contextmanager
+def interrupts_between_steps():
+    """Within the block, Ctrl-C (SIGINT) sets a flag instead of raising; the training loop reads
+    it (the yielded callable) between steps, where model, optimizer, scheduler, RNG and step counter
+    all belong to the same step, and checkpoints there. A second Ctrl-C raises at once (nothing is
+    written then: the last checkpoint on disk stays consistent). It takes over only Python's own
+    handler in the main thread: where SIGINT is ignored (a background job) or handled by the host
+    program, or off the main thread (no signal handlers there), nothing changes and a Ctrl-C
+    raises where it lands, which train_variant handles too."""
+    flag = []
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield lambda: False
+        return
+
+    def on_sigint(signum, frame):
+        if flag:
+            raise KeyboardInterrupt
+        flag.append(signum)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield lambda: bool(flag)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def train_variant(variant: str, cfg: DemoConfig, train: torch.Tensor, val: torch.Tensor, *,
                   ckpt_dir: Path, resume: bool = False, stop_after: int | None = None,
                   progress: bool = True, device: torch.device | str = "cpu") -> dict:
     """Train one variant for cfg.steps (or until stop_after steps this call), checkpointing every
-    cfg.ckpt_every steps and at the end; return its result dict (no result if stopped early)."""
+    cfg.ckpt_every steps, on Ctrl-C, and on the last step before the final evaluation; return its
+    result dict (no result if stopped early).
+
+    A checkpoint holds the model, optimizer, scheduler, RNG state, loss history and the step
+    counter of one step boundary (the data order is a function of the step: moe.apps.data), so
+    `--resume` continues exactly wherever the run was interrupted: a Ctrl-C in a step finishes
+    that step and saves (interrupts_between_steps); one in the final evaluation keeps the
+    training, and the resumed run only evaluates. Raises DemoInterrupted saying what is saved."""
     from tqdm import tqdm
 
     model = build_model(variant, cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path, step, history = ckpt_dir / f"{variant}.pt", 0, []
+    path, step, history, saved_step = ckpt_dir / f"{variant}.pt", 0, [], None
     if resume and path.exists():
         state = torch.load(path, weights_only=False, map_location=device)
         saved = {k: v for k, v in state["config"].items() if k not in ("steps", "ckpt_every")}
         mine = {k: v for k, v in asdict(cfg).items() if k not in ("steps", "ckpt_every")}
         if saved != mine:
-            raise ValueError(f"--resume: checkpoint {path} was trained with a different config "
-                             f"{ {k: v for k, v in saved.items() if mine.get(k) != v} }; use a fresh --out")
+            raise ResumeError(f"--resume: checkpoint {path} was trained with a different config "
+                              f"{ {k: v for k, v in saved.items() if mine.get(k) != v} }; use a fresh --out")
         if state["step"] > cfg.steps:
-            raise ValueError(f"--resume: checkpoint {path} is at step {state['step']} > --steps {cfg.steps}")
+            raise ResumeError(f"--resume: checkpoint {path} is at step {state['step']} > --steps {cfg.steps}")
         if state.get("result") is not None and state["step"] == cfg.steps:
             return state["result"]
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])
         torch.set_rng_state(state["rng"].cpu())
-        step, history = state["step"], state["history"]
+        step, history, saved_step = state["step"], state["history"], state["step"]
 
     def save(result=None):
+        nonlocal saved_step
         _save(path, dict(variant=variant, config=asdict(cfg), step=step, model=model.state_dict(),
                          optim=opt.state_dict(), sched=sched.state_dict(), rng=torch.get_rng_state(),
                          history=history, result=result))
+        saved_step = step
 
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
-    tokens, elapsed = 0, 0.0
+    tokens, elapsed, phase = 0, 0.0, "training"
     bar = tqdm(total=cfg.steps, initial=step, desc=f"{variant:<11}", disable=not progress,
                dynamic_ncols=True, leave=True)
     try:
-        while step < end:
-            x = train_batch(train, step=step, seed=cfg.seed, batch=cfg.batch, seq_len=cfg.seq_len).to(device)
-            t0 = time.perf_counter()
-            out = model(x, labels=x)
-            opt.zero_grad(set_to_none=True)
-            (out.loss + sum(out.aux_losses.values(), out.loss.new_zeros(()))).backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            elapsed += time.perf_counter() - t0
-            tokens += x.numel()
-            step += 1
-            history.append(out.loss.item() / math.log(2))
-            bar.update(1)
-            bar.set_postfix(loss_bpb=f"{history[-1]:.3f}", tok_s=f"{tokens / elapsed:,.0f}")
-            if step % cfg.ckpt_every == 0 and step < end:
-                save()
-    except KeyboardInterrupt:
-        save()
-        bar.close()
+        with interrupts_between_steps() as interrupted:
+            while step < end:
+                x = train_batch(train, step=step, seed=cfg.seed, batch=cfg.batch,
+                                seq_len=cfg.seq_len).to(device)
+                t0 = time.perf_counter()
+                out = model(x, labels=x)
+                opt.zero_grad(set_to_none=True)
+                (out.loss + sum(out.aux_losses.values(), out.loss.new_zeros(()))).backward()
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                elapsed += time.perf_counter() - t0
+                tokens += x.numel()
+                step += 1
+                history.append(out.loss.item() / math.log(2))
+                bar.update(1)
+                bar.set_postfix(loss_bpb=f"{history[-1]:.3f}", tok_s=f"{tokens / elapsed:,.0f}")
+                if interrupted():
+                    save()
+                    raise DemoInterrupted(f"interrupted: {variant} saved its checkpoint at step {step} "
+                                          f"of {cfg.steps} ({path}); continue with --resume")
+                if step % cfg.ckpt_every == 0 and step < end:
+                    save()
+        save()  # the last step of this call: Ctrl-C in the evaluation below keeps the training
+        if step < cfg.steps:
+            return dict(stopped_at=step)
+        phase = "evaluation"
+        metrics = evaluate(model, [b.to(device) for b in val_batches(
+            val, batch=cfg.batch, seq_len=cfg.seq_len, num_batches=cfg.eval_batches)])
+        total, active = param_counts(model, metrics.get("experts_per_token_by_layer"))
+        result = dict(variant=variant, steps=step, params_total=total, params_active=active,
+                      tokens_per_s=tokens / elapsed if elapsed else None, train_loss_bpb=history,
+                      **metrics)
+        save(result)
+        return result
+    except DemoInterrupted:
         raise
-    bar.close()
-    if step < cfg.steps:
-        save()
-        return dict(stopped_at=step)
-    metrics = evaluate(model, [b.to(device) for b in val_batches(
-        val, batch=cfg.batch, seq_len=cfg.seq_len, num_batches=cfg.eval_batches)])
-    total, active = param_counts(model, metrics.get("experts_per_token_by_layer"))
-    result = dict(variant=variant, steps=step, params_total=total, params_active=active,
-                  tokens_per_s=tokens / elapsed if elapsed else None, train_loss_bpb=history,
-                  **metrics)
-    save(result)
-    return result
+    except KeyboardInterrupt:
+        kept = (f"its checkpoint holds step {saved_step} of {cfg.steps} ({path}); continue with --resume"
+                if saved_step is not None else "no checkpoint of it was written yet; --resume starts it over")
+        raise DemoInterrupted(f"interrupted during {variant}'s {phase} ({step} steps done): {kept}"
+                              + (" (it only evaluates)" if phase == "evaluation" else "")) from None
+    finally:
+        bar.close()
+
+
+class ResumeError(ValueError):
+    """--resume found a checkpoint that does not belong to this run."""
