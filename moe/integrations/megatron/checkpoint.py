@@ -69,7 +69,8 @@ def experts_to_megatron(state: Mapping[str, Optional[Tensor]], layout: str = "se
     L, D, H = w_in.shape
     if layout == "grouped":
         if b_in is not None or b_out is not None:
-            raise ValueError("layout='grouped': Megatron's GroupedMLP has no expert biases (add_bias_linear=False)")
+            raise ValueError("layout='grouped': Megatron's GroupedMLP has no expert biases (add_bias_linear=False); "
+                             "save as 'sequential' (the adapters' checkpoint_layout attribute)")
         return {"weight1": w_in.reshape(D, L * H), "weight2": w_out.reshape(-1, D)}
     out: Dict[str, Optional[Tensor]] = {}
     for e in range(L):
