@@ -40,7 +40,8 @@ try:  # the clear error when megatron-core is missing, before any submodule impo
 except ImportError as err:  # pragma: no cover
     raise ImportError("moe.integrations.megatron needs megatron-core: pip install moekit[megatron]") from err
 
-# Submodules: checkpoint (Megatron's native state-dict layouts), router (MoekitRouter, config -> router, aux-loss plumbing), recurrent (RecurrentRouters),
+# Submodules: checkpoint (Megatron's native state-dict layouts), router (MoekitRouter, config -> router,
+# aux-loss plumbing), recurrent (RecurrentRouters),
 # experts (MoekitExperts, MoekitMoELayer), spec (moekit_gpt_layer_spec).
 from moe.integrations.megatron.checkpoint import experts_from_megatron, experts_to_megatron
 from moe.integrations.megatron.router import MoekitRouter, topk_router_from_config
@@ -49,4 +50,5 @@ from moe.integrations.megatron.experts import MoekitExperts, MoekitMoELayer, act
 from moe.integrations.megatron.spec import RouterArg, moekit_gpt_layer_spec
 
 __all__ = ["MoekitRouter", "RecurrentRouters", "MoekitExperts", "MoekitMoELayer", "moekit_gpt_layer_spec",
-           "topk_router_from_config", "activation_from_config", "experts_to_megatron", "experts_from_megatron"]
+           "topk_router_from_config", "activation_from_config", "experts_to_megatron",
+           "experts_from_megatron"]

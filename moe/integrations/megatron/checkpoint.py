@@ -8,22 +8,20 @@ hidden size, H the first projection's width (2F for gated activations, else F).
 Key mapping, relative to the adapter's own prefix ``p`` (e.g. ``decoder.layers.0.mlp.router.``
 for the router, ``decoder.layers.0.mlp.experts.`` for the experts), Megatron-Core 0.16.1:
 
-==============================================  ===============================================  =====================================
-moekit tensor                                   Megatron-Core state-dict key                      conversion
-==============================================  ===============================================  =====================================
-MoekitRouter ``router.weight`` (E, D)            TopKRouter ``p.weight`` (E, D)                    same tensor
-MoekitRouter ``router.expert_bias`` (E)          TopKRouter ``p.expert_bias`` (E)                  same tensor
-MoekitRouter ``router.<name>`` (other routers)   ``p.<name>`` (no Megatron counterpart)            same tensor
-MoekitExperts ``experts.w_in_EDH`` (L, D, H)     SequentialMLP ``p.local_experts.{e}.linear_fc1.weight`` (H, D)  ``w_in_EDH[e].T``
-                                                 GroupedMLP ``p.weight1`` (D, L*H)                 ``w_in_EDH.reshape(D, L*H)``
-MoekitExperts ``experts.w_out_EFD`` (L, F, D)    SequentialMLP ``p.local_experts.{e}.linear_fc2.weight`` (D, F)  ``w_out_EFD[e].T``
-                                                 GroupedMLP ``p.weight2`` (L*F, D)                 ``w_out_EFD.reshape(L*F, D)``
-MoekitExperts ``experts.b_in_EH`` / ``b_out_ED``  SequentialMLP ``linear_fc1.bias`` (H) / ``linear_fc2.bias`` (D)  row e
-MoekitMoELayer ``layer.router.*``               MoELayer ``p.router.*``                           as the router
-MoekitMoELayer ``layer.experts.*``              MoELayer ``p.experts.*``                          as the experts
-MoekitMoELayer ``layer.shared_experts.w_in.*``   SharedExpertMLP ``p.shared_experts.linear_fc1.*``  same tensor
-MoekitMoELayer ``layer.shared_experts.w_out.*``  SharedExpertMLP ``p.shared_experts.linear_fc2.*``  same tensor
-==============================================  ===============================================  =====================================
+- MoekitRouter ``router.weight`` (E, D), ``router.expert_bias`` (E) <-> TopKRouter ``p.weight``,
+  ``p.expert_bias`` (the same tensors); another moekit router's ``router.<name>`` <-> ``p.<name>``
+  (no Megatron counterpart: the recurrent router's cell, for instance).
+- MoekitExperts ``experts.w_in_EDH`` (L, D, H) <-> SequentialMLP
+  ``p.local_experts.{e}.linear_fc1.weight`` (H, D) = ``w_in_EDH[e].T``, or GroupedMLP ``p.weight1``
+  (D, L*H) = ``w_in_EDH.reshape(D, L*H)``.
+- MoekitExperts ``experts.w_out_EFD`` (L, F, D) <-> SequentialMLP
+  ``p.local_experts.{e}.linear_fc2.weight`` (D, F) = ``w_out_EFD[e].T``, or GroupedMLP ``p.weight2``
+  (L*F, D) = ``w_out_EFD.reshape(L*F, D)``.
+- MoekitExperts ``experts.b_in_EH`` (L, H) / ``experts.b_out_ED`` (L, D) <-> SequentialMLP
+  ``p.local_experts.{e}.linear_fc1.bias`` / ``linear_fc2.bias`` (row e; GroupedMLP has none).
+- MoekitMoELayer ``layer.router.*`` <-> MoELayer ``p.router.*``; ``layer.experts.*`` <->
+  ``p.experts.*`` as above; shared experts ``layer.shared_experts.w_in.*`` / ``w_out.*`` <->
+  SharedExpertMLP ``p.shared_experts.linear_fc1.*`` / ``linear_fc2.*`` (the same tensors).
 
 The gated first projection is ``[gate; up]`` in both libraries: Megatron's ``glu`` (mlp.py,
 experts.py) and ``bias_swiglu_impl`` take ``silu(chunk 0) * chunk 1`` of fc1's output, moekit's
@@ -57,7 +55,8 @@ def check_layout(layout: str) -> str:
     return layout
 
 
-def experts_to_megatron(state: Mapping[str, Optional[Tensor]], layout: str = "sequential") -> Dict[str, Optional[Tensor]]:
+def experts_to_megatron(state: Mapping[str, Optional[Tensor]],
+                        layout: str = "sequential") -> Dict[str, Optional[Tensor]]:
     """moekit experts {"w_in_EDH": (L, D, H), "w_out_EFD": (L, F, D), optional "b_in_EH" (L, H),
     "b_out_ED" (L, D)} -> Megatron's state-dict entries relative to the experts module:
     ``local_experts.{e}.linear_fc1.weight`` (H, D) ... for layout="sequential" (SequentialMLP),
@@ -164,7 +163,8 @@ def experts_module_from_megatron(own: dict, num_local_experts: int) -> dict:
     """Inverse of :func:`experts_module_to_megatron` for either layout; moekit's own names
     (``experts.w_in_EDH``, ...) pass through. ``_extra_state`` entries are dropped."""
     own = {k: v for k, v in own.items() if not k.endswith("_extra_state")}
-    theirs = {k: own.pop(k) for k in [k for k in own if k.startswith("local_experts.") or k in ("weight1", "weight2")]}
+    names = [k for k in own if k.startswith("local_experts.") or k in ("weight1", "weight2")]
+    theirs = {k: own.pop(k) for k in names}
     if not theirs:
         return own
     return {**own, **{"experts." + k: v for k, v in experts_from_megatron(theirs, num_local_experts).items()}}
@@ -250,8 +250,8 @@ def _merge_expert_shards(sub, *, transpose, halves):
     return x.transpose(-1, -2) if transpose else x
 
 
-def sharded_experts(experts: nn.Module, dict_prefix: str, key_prefix: str, sharded_offsets: tuple, metadata,
-                    ep_group, expt_dp_group) -> dict:
+def sharded_experts(experts: nn.Module, dict_prefix: str, key_prefix: str, sharded_offsets: tuple,
+                    metadata, ep_group, expt_dp_group) -> dict:
     """Distributed-checkpoint entries of a ``moe.GroupedExperts`` (local experts of this
     expert-parallel rank): dict keys ``dict_prefix + "w_in_EDH"`` ... (the local state-dict
     names), sharded keys Megatron's (``key_prefix + "experts.linear_fc1.weight"`` ..., with
@@ -281,7 +281,8 @@ def sharded_experts(experts: nn.Module, dict_prefix: str, key_prefix: str, shard
         g = ep_rank * L + e
         for fc in ("linear_fc1", "linear_fc2"):
             out[f"{key_prefix}expert{g}.{fc}._extra_state"] = make_sharded_object_for_checkpoint(
-                None, f"{key_prefix}experts.{fc}._extra_state", (*sharded_offsets, (n, g, ep_size * L)), (0, 0, dp_rank))
+                None, f"{key_prefix}experts.{fc}._extra_state", (*sharded_offsets, (n, g, ep_size * L)),
+                (0, 0, dp_rank))
     return out
 
 

@@ -78,7 +78,8 @@ class MoekitExperts(MegatronModule):
         for p in self.experts.parameters():
             p.allreduce = group_size(self.ep_group) == 1
         self.checkpoint_layout = "grouped" if config.moe_grouped_gemm else "sequential"
-        install_native_layout(self, lambda own: experts_module_to_megatron(own, check_layout(self.checkpoint_layout)),
+        install_native_layout(self,
+                              lambda own: experts_module_to_megatron(own, check_layout(self.checkpoint_layout)),
                               lambda own: experts_module_from_megatron(own, num_local_experts))
 
     def forward(self, permuted_local_hidden_states: Tensor, tokens_per_expert, permuted_probs: Tensor, **kwargs):
