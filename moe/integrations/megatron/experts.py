@@ -15,17 +15,17 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 
 from moe.dispatch import ExpertRows
-from moe.integrations.megatron.checkpoint import (take_prefixed, check_layout, experts_module_from_megatron,
+from moe.experts import GroupedExperts
+from moe.integrations.megatron.checkpoint import (check_layout, experts_module_from_megatron,
                                                   experts_module_to_megatron, install_native_layout,
                                                   moe_layer_from_megatron, moe_layer_to_megatron, rename_sharded,
-                                                  sharded_dense_ffn, sharded_experts)
-from moe.experts import GroupedExperts
+                                                  sharded_dense_ffn, sharded_experts, take_prefixed)
 from moe.integrations.megatron.recurrent import RecurrentRouters
 from moe.integrations.megatron.router import attach_losses, group_size, topk_router_from_config
 from moe.layer import MoELayer
