@@ -508,6 +508,69 @@ def case_checkpoint_roundtrip(variant: str, distributed: bool):
         assert off > 5 * (BF16_LOSS_ATOL if config.bf16 else 1e-4), f"{variant}: gate/up swap moves the loss by {off}"
 
 
+def _optim_sharded(model, opt, model_sharded: dict) -> dict:
+    """A torch optimizer's distributed-checkpoint entries as Megatron's optimizers build them: each
+    state tensor sharded (and transformed, through the parameter's factory) like its parameter."""
+    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
+                                                            optim_state_to_sharding_state)
+
+    ids = get_param_id_to_sharded_param_map(model_sharded, [p for g in opt.param_groups for p in g["params"]])
+    state = opt.state_dict()
+    optim_state_to_sharding_state(state, ids, exclude_keys=("step",))
+    return state
+
+
+def _adam_state_as_model(model, opt, key: str) -> dict:
+    """The optimizer's ``key`` state in the model's checkpoint layout: the model's state_dict()
+    with that state in place of each parameter (the parameters are restored after)."""
+    saved = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(opt.state[p][key])
+        out = {k: None if v is None else v.clone() for k, v in model.state_dict().items()}
+        for p, value in zip(model.parameters(), saved):
+            p.copy_(value)
+    return out
+
+
+def case_optimizer_checkpoint():
+    """Optimizer states in a distributed checkpoint, both ways: Adam's exp_avg / exp_avg_sq of
+    native Megatron (SequentialMLP) load into moekit's optimizer through moekit's sharded state
+    dict (and back), holding the same values in Megatron's layout bit for bit."""
+    import tempfile
+
+    from megatron.core import dist_checkpointing
+
+    config, build = _ckpt_models("sequential")
+    models = {kind: build(kind, seed)[1] for kind, seed in (("native", 0), ("moekit", 5))}
+    opts = {kind: torch.optim.Adam(model.parameters(), lr=1e-2) for kind, model in models.items()}
+    fresh()
+    gpt_loss(models["moekit"], seed=4).backward()
+    opts["moekit"].step()  # the destination's states exist before the first load
+    for src, dst in (("native", "moekit"), ("moekit", "native")):
+        fresh()
+        opts[src].zero_grad()
+        gpt_loss(models[src], seed=7).backward()
+        opts[src].step()  # src's states differ from dst's before the load
+        fc1 = "decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight"
+        assert not torch.equal(_adam_state_as_model(models[src], opts[src], "exp_avg")[fc1],
+                               _adam_state_as_model(models[dst], opts[dst], "exp_avg")[fc1])
+        with tempfile.TemporaryDirectory() as tmp:
+            msd = models[src].sharded_state_dict()
+            dist_checkpointing.save({"model": msd, "optimizer": _optim_sharded(models[src], opts[src], msd)}, tmp)
+            msd = models[dst].sharded_state_dict()
+            loaded = dist_checkpointing.load({"model": msd, "optimizer": _optim_sharded(models[dst], opts[dst], msd)},
+                                             tmp, strict="raise_all")
+        models[dst].load_state_dict(loaded["model"])
+        steps = opts[dst].state_dict()["state"]  # "step" is not sharded (Megatron keeps it apart)
+        for pid, st in loaded["optimizer"]["state"].items():
+            st["step"] = steps[pid]["step"]
+        opts[dst].load_state_dict(loaded["optimizer"])
+        for key in ("exp_avg", "exp_avg_sq"):
+            _assert_same_state(_adam_state_as_model(models[dst], opts[dst], key),
+                               _adam_state_as_model(models[src], opts[src], key))
+
+
 # ---- the recurrent router across layers ----------------------------------------------------------
 
 def case_recurrent():
@@ -772,7 +835,7 @@ CASES.update({f"experts_parity_{a}": (case_experts_parity, a) for a in ("swiglu"
 CASES.update({f"gpt_loss_parity_{d}": (case_gpt_loss_parity, d) for d in ("allgather", "alltoall", "whole")})
 CASES.update({f"checkpoint_{v}_{kind}": (case_checkpoint_roundtrip, v, kind == "dist")
               for v in CKPT_VARIANTS for kind in ("torch", "dist")})
-CASES.update({"expert_layouts": (case_expert_layouts,)})
+CASES.update({"expert_layouts": (case_expert_layouts,), "checkpoint_optimizer": (case_optimizer_checkpoint,)})
 CASES.update({"gpt_bf16": (case_gpt_bf16,), "recurrent": (case_recurrent,), "expert_bias_step": (case_expert_bias_step,),
               "signatures": (case_signatures,), "gradcheck": (case_gradcheck,), "errors": (case_errors,),
               "ep2": (case_ep2,)})
