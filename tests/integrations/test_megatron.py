@@ -2,10 +2,11 @@
 
 Megatron needs a CPU shim (tests/integrations/megatron_shim.py) that patches torch.cuda and a few
 Megatron functions, so no Megatron code runs in pytest's process: the cases
-(tests/integrations/megatron_cases.py) run in two subprocesses, started together and bounded by a
-timeout, one for the single-process cases, one for the checkpoint round trips (native Megatron <->
-moekit, torch.save and distributed checkpoints; the writer needs psutil) and one for expert
-parallel 2 (which starts two gloo workers); each case is reported here as its own test. Skipped when megatron-core is not installed.
+(tests/integrations/megatron_cases.py) run in three subprocesses, started together and bounded by
+a timeout: one for the single-process cases, one for the checkpoint round trips (native Megatron
+<-> moekit, torch.save and distributed checkpoints; the writer needs psutil) and one for expert
+parallel 2 (which starts two gloo workers); each case is reported here as its own test. Skipped
+when megatron-core is not installed.
 """
 
 from __future__ import annotations
