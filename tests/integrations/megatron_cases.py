@@ -160,6 +160,7 @@ def case_router_parity(kind: str):
         if ref.expert_bias is not None:
             ref.expert_bias.copy_(torch.linspace(-0.05, 0.05, config.num_moe_experts))
             ours.router.expert_bias.copy_(ref.expert_bias)
+    _assert_same_state(ours.state_dict(), ref.state_dict())  # TopKRouter's keys, the same tensors
     x = torch.randn(S, B, config.hidden_size)
     mix = torch.randn(S * B, config.num_moe_experts)
     got = []
@@ -272,12 +273,302 @@ def case_gpt_loss_parity(variant: str):
 
 def check_sharding(model):
     """Megatron's distributed-checkpoint access check (every global element saved exactly once
-    across ranks) without writing files -> {sharded key: ShardedTensor}."""
+    across ranks) without writing files -> {sharded key: [ShardedTensor, ...]} (factories applied)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
 
-    sharded = model.sharded_state_dict()
-    save_preprocess(sharded, validate_access_integrity=True)
-    return {t.key: t for t in sharded.values() if hasattr(t, "global_shape")}
+    sharded, _ = save_preprocess(model.sharded_state_dict(), validate_access_integrity=True)
+    out = {}
+    for t in nested_values(sharded):
+        if hasattr(t, "global_shape"):
+            out.setdefault(t.key, []).append(t)
+    return out
+
+
+# ---- checkpoints in Megatron's native layouts, both ways --------------------------------------------
+
+def _assert_same_state(got: dict, want: dict):
+    """Same keys and, per key, the same value bit for bit (None for _extra_state)."""
+    assert set(got) == set(want), sorted(set(got) ^ set(want))
+    for k, v in want.items():
+        if v is None:
+            assert got[k] is None, k
+        else:
+            assert got[k].shape == v.shape and got[k].dtype == v.dtype and torch.equal(got[k], v), k
+
+
+def case_expert_layouts():
+    """MoekitExperts <-> SequentialMLP (gated and not, with biases) and <-> GroupedMLP (float32
+    weights; GroupedMLP's gmm from the shim): moekit loads Megatron's state dict strictly, holds
+    what the hand-written mapping (_copy_experts) holds and gives Megatron's output; Megatron
+    loads moekit's state dict back bit for bit. Conversion functions are inverses; bad checkpoints
+    fail naming the Megatron key."""
+    import pytest
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import build_module
+
+    from moe.integrations.megatron import MoekitExperts
+    from moe.integrations.megatron.checkpoint import experts_from_megatron, experts_to_megatron
+
+    cases = {"swiglu_bias": (dict(add_bias_linear=True), False), "gelu_bias": (
+        dict(add_bias_linear=True, gated_linear_unit=False, activation_func=F.gelu), False),
+        "grouped": (dict(moe_grouped_gemm=True, bf16=True), True), "grouped_gelu": (
+        dict(moe_grouped_gemm=True, bf16=True, gated_linear_unit=False, activation_func=F.gelu), True)}
+    counts = torch.tensor([5, 0, 7, 3])  # an expert with no token
+    x, p = torch.randn(15, 16), torch.rand(15)
+    for name, (cfg, grouped) in cases.items():
+        config = make_config(**cfg)
+        spec = get_gpt_layer_local_spec(num_experts=4, moe_grouped_gemm=grouped).submodules.mlp.submodules.experts
+        torch.manual_seed(0)
+        ref, back = (build_module(spec, 4, config, pg_collection=_pg()) for _ in range(2))
+        ours = MoekitExperts(4, config, pg_collection=_pg())
+        with torch.no_grad():
+            for t in ref.parameters():  # biases too (Megatron zeroes them)
+                t.add_(torch.randn_like(t) * 0.1)
+        ours.load_state_dict(ref.state_dict())
+        assert ours.checkpoint_layout == ("grouped" if grouped else "sequential")
+        if not grouped:
+            oracle = MoekitExperts(4, config, pg_collection=_pg())
+            _copy_experts(ref, oracle)
+            assert torch.equal(ours.experts.w_in_EDH, oracle.experts.w_in_EDH), name
+            assert torch.equal(ours.experts.w_out_EFD, oracle.experts.w_out_EFD), name
+        with torch.no_grad():  # (Megatron's expert MLP adds its bias in place on a view: no autograd with bias)
+            assert_close(ours(x, counts, p)[0], ref(x, counts, p)[0], msg=name)
+        back.load_state_dict(ours.state_dict())
+        _assert_same_state(back.state_dict(), ref.state_dict())
+        mine = {k: t for k, t in ours.experts.state_dict().items()}
+        for layout in ("sequential", "grouped"):
+            if layout == "grouped" and "b_in_EH" in mine:
+                with pytest.raises(ValueError, match="GroupedMLP has no expert biases"):
+                    experts_to_megatron(mine, layout)
+                continue
+            _assert_same_state(experts_from_megatron(experts_to_megatron(mine, layout), 4), mine)
+    with pytest.raises(ValueError, match="layout='nope'"):
+        experts_to_megatron(mine, "nope")
+    config = make_config()
+    ours = MoekitExperts(4, config, pg_collection=_pg())
+    theirs = ours.state_dict()
+    assert any(k.startswith("local_experts.3.") for k in theirs) and not any("w_in_EDH" in k for k in theirs)
+    legacy = {"experts." + k: t for k, t in ours.experts.state_dict().items()}  # moekit's earlier names
+    MoekitExperts(4, config, pg_collection=_pg()).load_state_dict(legacy)
+    broken = {k: t for k, t in theirs.items() if k != "local_experts.2.linear_fc1.weight"}
+    with pytest.raises(RuntimeError, match="no 'local_experts.2.linear_fc1.weight'"):
+        MoekitExperts(4, config, pg_collection=_pg()).load_state_dict(broken)
+    with pytest.raises(RuntimeError, match=r"local_experts \[2, 3\] but this module holds 2"):
+        MoekitExperts(2, config, pg_collection=_pg()).load_state_dict(theirs)
+    from moe.integrations.megatron import MoekitMoELayer, MoekitRouter
+
+    for build in (lambda: MoekitRouter(config=config, pg_collection=_pg()), lambda: MoekitMoELayer(config, _pg())):
+        mod = build()  # moekit's earlier checkpoints (its own parameter names) still load
+        legacy = {n: t.detach() for n, t in mod.named_parameters()}
+        build().load_state_dict(legacy)
+
+
+CKPT_VARIANTS = {  # name -> (config overrides, moekit spec, Megatron expert layout)
+    "sequential": (dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                        moe_router_topk_scaling_factor=2.0), dict(router="topk", experts=True), False),
+    "grouped": (dict(moe_grouped_gemm=True, bf16=True, params_dtype=torch.bfloat16),
+                dict(router="topk", experts=True), True),
+    "whole": (dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                   moe_shared_expert_intermediate_size=20), dict(router="topk", whole_layer=True), False),
+}
+# bf16 loss error floor (see _check_loss); a swapped gate/up moves the loss >5x more
+BF16_LOSS_ATOL = 2e-2
+
+
+def _ckpt_models(variant):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.module import Float16Module
+
+    from moe.integrations.megatron import moekit_gpt_layer_spec
+
+    cfg, spec, grouped = CKPT_VARIANTS[variant]
+    config = make_config(moe_router_dtype="fp32", init_method_std=0.2, **cfg)  # experts that move the loss
+
+    def build(kind, seed):
+        native = get_gpt_layer_local_spec(num_experts=4, moe_grouped_gemm=grouped)
+        model = make_gpt(config, native if kind == "native" else moekit_gpt_layer_spec(**spec), seed=seed)
+        return (Float16Module(config, model) if config.bf16 else model), model
+
+    return config, build
+
+
+def _train(run, model, seed, steps=3, lr=0.05):
+    """A few SGD steps, then expert biases set to distinct values (they decide routing, so a bias
+    that is not carried over changes the loss)."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for i in range(steps):
+        fresh()
+        opt.zero_grad()
+        gpt_loss(run, seed=seed + i).backward()
+        opt.step()
+    g = torch.Generator().manual_seed(seed)
+    for n, b in model.named_buffers():
+        if n.endswith("expert_bias"):
+            b.copy_(torch.randn(b.shape, generator=g) * 0.05)
+
+
+def _eval_loss(run):
+    run.eval()
+    with torch.no_grad():
+        loss = gpt_loss(run, seed=99)
+    run.train()
+    return loss
+
+
+def _swap_gate_up(state: dict) -> dict:
+    """The same checkpoint with fc1's gate and up halves exchanged (a layout mistake to detect)."""
+    out = dict(state)
+    for k, t in state.items():
+        if k.endswith("linear_fc1.weight"):
+            out[k] = torch.cat(t.chunk(2, 0)[::-1])
+        elif k.endswith("weight1"):
+            L = 4
+            out[k] = t.reshape(L, t.shape[0], 2, -1).flip(2).reshape(t.shape)
+    return out
+
+
+def _fp32_loss(state: dict):
+    """The float32 loss of a checkpoint (either layout): a float32 moekit model holding it (the
+    sequential variant shows float32 moekit and Megatron agree)."""
+    from moe.integrations.megatron import moekit_gpt_layer_spec
+
+    model = make_gpt(make_config(moe_router_dtype="fp32"), moekit_gpt_layer_spec(router="topk", experts=True))
+    model.load_state_dict({k: None if v is None else v.float() for k, v in state.items()})
+    return _eval_loss(model)
+
+
+def _check_loss(got, want, config, msg, *, theirs=None, state=None):
+    """float32: the same loss. bf16 (``state`` given): against the checkpoint's float32 loss,
+    ``got``'s error is at most 2x the error of ``theirs`` (the other library's bf16 loss on the same
+    checkpoint) or BF16_LOSS_ATOL (one routing decision flipped by bf16 rounding moves the loss
+    ~1e-2 here)."""
+    if not config.bf16:
+        assert_close(got, want, msg=msg)
+        return
+    ref = _fp32_loss(state)
+    err, their_err = (got - ref).abs(), (theirs - ref).abs()
+    assert err <= max(2 * their_err, BF16_LOSS_ATOL), f"{msg}: error {err:.2e}, the other's {their_err:.2e}"
+
+
+def case_checkpoint_roundtrip(variant: str, distributed: bool):
+    """Native Megatron (SequentialMLP, GroupedMLP, or MoELayer with shared experts for the whole
+    moekit layer) trains a few steps and saves: torch.save of its state_dict, or a distributed
+    checkpoint (megatron.core.dist_checkpointing, loaded with strict="raise_all": the same sharded
+    keys, nothing missing or unexpected). The moekit spec loads it (holding the same tensors: its
+    state_dict equals Megatron's bit for bit) and gets Megatron's loss; trains, saves; native
+    Megatron loads that (bit for bit again) and gets moekit's loss. Loading a checkpoint with
+    fc1's gate and up halves swapped changes the loss far beyond the tolerance."""
+    import tempfile
+
+    from megatron.core import dist_checkpointing
+
+    config, build = _ckpt_models(variant)
+    run_n, native = build("native", 0)
+    _train(run_n, native, seed=20)
+    want = _eval_loss(run_n)
+    with tempfile.TemporaryDirectory() as tmp:
+        def save(model, name):
+            path = os.path.join(tmp, name)
+            if distributed:
+                os.makedirs(path)
+                dist_checkpointing.save(model.sharded_state_dict(), path)
+            else:
+                torch.save(model.state_dict(), path)
+            return path
+
+        def load(model, path):
+            state = (dist_checkpointing.load(model.sharded_state_dict(), path, strict="raise_all") if distributed
+                     else torch.load(path, weights_only=True))
+            model.load_state_dict(state)  # strict
+            return state
+
+        first = save(native, "native")
+        run_o, ours = build("moekit", 5)
+        load(ours, first)
+        _assert_same_state(ours.state_dict(), native.state_dict())
+        loaded = _eval_loss(run_o)
+        _check_loss(loaded, want, config, f"{variant}: moekit loading Megatron's checkpoint", theirs=want,
+                    state=native.state_dict())
+        _train(run_o, ours, seed=40)
+        trained = _eval_loss(run_o)
+        assert (trained - want).abs() > 1e-3, "moekit's training did not change the loss"
+        second = save(ours, "moekit")
+        run_b, back = build("native", 7)
+        load(back, second)
+        _assert_same_state(back.state_dict(), ours.state_dict())
+        returned = _eval_loss(run_b)
+        _check_loss(returned, trained, config, f"{variant}: Megatron loading moekit's checkpoint", theirs=trained,
+                    state=ours.state_dict())
+        back.load_state_dict(_swap_gate_up(back.state_dict()))
+        off = (_eval_loss(run_b) - returned).abs()
+        print(f"{variant} distributed={distributed}: loss {float(want):.5f} (moekit loaded: "
+              f"{float(loaded - want):+.1e}) -> trained {float(trained):.5f} (Megatron loaded: "
+              f"{float(returned - trained):+.1e}); gate/up swapped: {float(off):.2e} off", flush=True)
+        assert off > 5 * (BF16_LOSS_ATOL if config.bf16 else 1e-4), f"{variant}: gate/up swap moves the loss by {off}"
+
+
+def _optim_sharded(model, opt, model_sharded: dict) -> dict:
+    """A torch optimizer's distributed-checkpoint entries as Megatron's optimizers build them: each
+    state tensor sharded (and transformed, through the parameter's factory) like its parameter."""
+    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
+                                                            optim_state_to_sharding_state)
+
+    ids = get_param_id_to_sharded_param_map(model_sharded, [p for g in opt.param_groups for p in g["params"]])
+    state = opt.state_dict()
+    optim_state_to_sharding_state(state, ids, exclude_keys=("step",))
+    return state
+
+
+def _adam_state_as_model(model, opt, key: str) -> dict:
+    """The optimizer's ``key`` state in the model's checkpoint layout: the model's state_dict()
+    with that state in place of each parameter (the parameters are restored after)."""
+    saved = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(opt.state[p][key])
+        out = {k: None if v is None else v.clone() for k, v in model.state_dict().items()}
+        for p, value in zip(model.parameters(), saved):
+            p.copy_(value)
+    return out
+
+
+def case_optimizer_checkpoint():
+    """Optimizer states in a distributed checkpoint, both ways: Adam's exp_avg / exp_avg_sq of
+    native Megatron (SequentialMLP) load into moekit's optimizer through moekit's sharded state
+    dict (and back), holding the same values in Megatron's layout bit for bit."""
+    import tempfile
+
+    from megatron.core import dist_checkpointing
+
+    config, build = _ckpt_models("sequential")
+    models = {kind: build(kind, seed)[1] for kind, seed in (("native", 0), ("moekit", 5))}
+    opts = {kind: torch.optim.Adam(model.parameters(), lr=1e-2) for kind, model in models.items()}
+    fresh()
+    gpt_loss(models["moekit"], seed=4).backward()
+    opts["moekit"].step()  # the destination's states exist before the first load
+    for src, dst in (("native", "moekit"), ("moekit", "native")):
+        fresh()
+        opts[src].zero_grad()
+        gpt_loss(models[src], seed=7).backward()
+        opts[src].step()  # src's states differ from dst's before the load
+        fc1 = "decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight"
+        assert not torch.equal(_adam_state_as_model(models[src], opts[src], "exp_avg")[fc1],
+                               _adam_state_as_model(models[dst], opts[dst], "exp_avg")[fc1])
+        with tempfile.TemporaryDirectory() as tmp:
+            msd = models[src].sharded_state_dict()
+            dist_checkpointing.save({"model": msd, "optimizer": _optim_sharded(models[src], opts[src], msd)}, tmp)
+            msd = models[dst].sharded_state_dict()
+            loaded = dist_checkpointing.load({"model": msd, "optimizer": _optim_sharded(models[dst], opts[dst], msd)},
+                                             tmp, strict="raise_all")
+        models[dst].load_state_dict(loaded["model"])
+        steps = opts[dst].state_dict()["state"]  # "step" is not sharded (Megatron keeps it apart)
+        for pid, st in loaded["optimizer"]["state"].items():
+            st["step"] = steps[pid]["step"]
+        opts[dst].load_state_dict(loaded["optimizer"])
+        for key in ("exp_avg", "exp_avg_sq"):
+            _assert_same_state(_adam_state_as_model(models[dst], opts[dst], key),
+                               _adam_state_as_model(models[src], opts[src], key))
 
 
 # ---- the recurrent router across layers ----------------------------------------------------------
@@ -305,7 +596,7 @@ def case_recurrent():
         cells = [n for n, _ in model.named_parameters() if "cell" in n]
         assert len(cells) == 4 and all(n.startswith("decoder.layers.0.mlp.router.") for n in cells), cells
         assert sum("cell" in k for k in model.state_dict()) == 4
-        cell = [t for k, t in check_sharding(model).items() if k.endswith("cell.weight_ih")]
+        cell = [t for k, ts in check_sharding(model).items() if k.endswith("cell.weight_ih") for t in ts]
         assert len(cell) == 1 and cell[0].global_shape == (24, 8), cell  # one tensor, no per-layer axis
         inputs, outputs = [], []
 
@@ -512,9 +803,11 @@ def _ep_worker(rank, world, reference):
             else:
                 torch.distributed.all_reduce(g)
                 assert_close(g, grad_sum[n], atol=1e-6, rtol=1e-4, msg=n)
-        shards = [t for k, t in check_sharding(model).items() if k.endswith("w_in_EDH")]
-        assert len(shards) == 1 and shards[0].global_shape[:2] == (2, 4), shards  # (layers, E, D, H)
-        assert shards[0].global_offset[1] == rank * L, shards
+        # Megatron's key and global shape (layers, E, H, D); gate and up halves as two fragments
+        shards = check_sharding(model)["decoder.layers.mlp.experts.experts.linear_fc1.weight"]
+        assert len(shards) == 4 and all(t.global_shape == (2, 4, 48, 16) for t in shards), shards
+        assert sorted(t.global_offset for t in shards) == [(layer, rank * L, h, 0) for layer in (0, 1)
+                                                           for h in (0, 24)], shards
     return True
 
 
@@ -540,6 +833,9 @@ CASES.update({f"router_parity_{k}": (case_router_parity, k)
               for k in ("softmax", "pre_softmax", "sigmoid", "group", "group_softmax", "capacity")})
 CASES.update({f"experts_parity_{a}": (case_experts_parity, a) for a in ("swiglu", "gelu", "probs_on_input")})
 CASES.update({f"gpt_loss_parity_{d}": (case_gpt_loss_parity, d) for d in ("allgather", "alltoall", "whole")})
+CASES.update({f"checkpoint_{v}_{kind}": (case_checkpoint_roundtrip, v, kind == "dist")
+              for v in CKPT_VARIANTS for kind in ("torch", "dist")})
+CASES.update({"expert_layouts": (case_expert_layouts,), "checkpoint_optimizer": (case_optimizer_checkpoint,)})
 CASES.update({"gpt_bf16": (case_gpt_bf16,), "recurrent": (case_recurrent,), "expert_bias_step": (case_expert_bias_step,),
               "signatures": (case_signatures,), "gradcheck": (case_gradcheck,), "errors": (case_errors,),
               "ep2": (case_ep2,)})

@@ -7,8 +7,9 @@ Each patch fixes one thing Megatron-Core does even with ``use_cpu_initialization
 
 1. ``torch.cuda.current_device()`` -> ``torch.device("cpu")``: Megatron uses it as the device of
    buffers (memory buffer, expert-bias buffers, all-to-all outputs, router weights).
-2. ``torch.cuda.Stream`` / ``Event`` / ``current_stream`` / ``stream(...)`` -> no-op stand-ins: the
-   all-to-all dispatcher copies split sizes device-to-host on a side stream.
+2. ``torch.cuda.Stream`` / ``Event`` / ``current_stream`` / ``stream(...)`` / ``synchronize`` ->
+   no-op stand-ins: the all-to-all dispatcher copies split sizes device-to-host on a side stream,
+   the distributed-checkpoint writer synchronizes before it copies tensors to the host.
 3. The CUDA RNG tracker runs on the CPU generator: ``torch.cuda.get_rng_state`` /
    ``manual_seed`` and Megatron's ``_get_cuda_rng_state`` / ``_set_cuda_rng_state`` use the CPU
    RNG, so ``tracker.fork()`` still forks and restores a real state.
@@ -21,6 +22,9 @@ Each patch fixes one thing Megatron-Core does even with ``use_cpu_initialization
    new case on those paths from failing for this reason.)
 7. ``torch.distributed.all_to_all_single``: gloo needs the split sizes as a list, Megatron passes
    CPU tensors (on GPU it would have numpy arrays); converted with ``.tolist()``.
+8. ``grouped_gemm_util``: Megatron's (legacy) GroupedMLP needs the ``grouped_gemm`` CUDA package;
+   ``gg.ops.gmm`` becomes :func:`_gmm`, one ``torch.mm`` per expert group (autograd through
+   PyTorch), so GroupedMLP's own weights, layout and forward run on the CPU.
 """
 
 from __future__ import annotations
@@ -69,8 +73,19 @@ def _split_list(sizes):
     return [int(s) for s in (sizes.tolist() if hasattr(sizes, "tolist") else sizes)]
 
 
+def _gmm(a, b, batch_sizes, trans_b=False):
+    """grouped_gemm.ops.gmm on the CPU: rows of ``a`` (N, X) in groups of ``batch_sizes`` (E,)
+    times ``b[e]`` (E, X, Y) (``b[e].T`` with trans_b) -> (N, Y)."""
+    parts = torch.split(a, [int(n) for n in batch_sizes])
+    return torch.cat([p @ (b[e].t() if trans_b else b[e]) for e, p in enumerate(parts)])
+
+
+class _GroupedGemmOps:
+    gmm = staticmethod(_gmm)
+
+
 def install() -> None:
-    """Apply patches 1-7 (idempotent). Call before building any Megatron module."""
+    """Apply patches 1-8 (idempotent). Call before building any Megatron module."""
     if getattr(torch.cuda, "_moekit_shim", False):
         return
     import packaging.version
@@ -90,6 +105,7 @@ def install() -> None:
     torch.cuda.Event = _NoStream
     torch.cuda.current_stream = lambda *a, **k: no_stream
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    torch.cuda.synchronize = lambda *a, **k: None
     # 3. RNG tracker on the CPU generator
     torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
@@ -113,6 +129,10 @@ def install() -> None:
         return a2a(output, input, _split_list(output_split_sizes), _split_list(input_split_sizes), **kwargs)
 
     dist.all_to_all_single = all_to_all_single
+    # 8. GroupedMLP's grouped GEMM
+    from megatron.core.transformer.moe import grouped_gemm_util
+
+    grouped_gemm_util.grouped_gemm = grouped_gemm_util.ops = _GroupedGemmOps
     torch.cuda._moekit_shim = True
 
 

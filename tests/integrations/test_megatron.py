@@ -2,9 +2,11 @@
 
 Megatron needs a CPU shim (tests/integrations/megatron_shim.py) that patches torch.cuda and a few
 Megatron functions, so no Megatron code runs in pytest's process: the cases
-(tests/integrations/megatron_cases.py) run in two subprocesses, started together and bounded by a
-timeout, one for the single-process cases and one for expert parallel 2 (which starts two gloo
-workers); each case is reported here as its own test. Skipped when megatron-core is not installed.
+(tests/integrations/megatron_cases.py) run in three subprocesses, started together and bounded by
+a timeout: one for the single-process cases, one for the checkpoint round trips (native Megatron
+<-> moekit, torch.save and distributed checkpoints; the writer needs psutil) and one for expert
+parallel 2 (which starts two gloo workers); each case is reported here as its own test. Skipped
+when megatron-core is not installed.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("megatron") is None
 # shim's patches (install() runs in the subprocess).
 from tests.integrations.megatron_cases import CASES  # noqa: E402
 
-SINGLE = [name for name in CASES if name != "ep2"]
-GROUPS = {"single": SINGLE, "ep": ["ep2"]}
+CHECKPOINT = [name for name in CASES if name.startswith("checkpoint_")]
+SINGLE = [name for name in CASES if name != "ep2" and name not in CHECKPOINT]
+GROUPS = {"single": SINGLE, "checkpoint": CHECKPOINT, "ep": ["ep2"]}
 
 
 def _free_port() -> int:
@@ -74,12 +77,14 @@ def results(request, tmp_path_factory):
     return merged
 
 
-@pytest.mark.parametrize("case", SINGLE + GROUPS["ep"])
+@pytest.mark.parametrize("case", SINGLE + CHECKPOINT + GROUPS["ep"])
 def test_megatron_case(results, case):
     """See tests/integrations/megatron_cases.py: forward+backward of a tiny GPTModel with each injection and
     both dispatchers, parity with Megatron's TopKRouter / SequentialMLP / GPT loss, the recurrent
     router across layers (with recompute), a DDP + finalize_model_grads step moving the expert
-    bias, newer-version signatures and padding, and expert parallel 2 vs 1."""
+    bias, newer-version signatures and padding, Megatron's native checkpoint layouts both ways
+    (SequentialMLP, GroupedMLP, the whole layer; torch.save and distributed checkpoints), and
+    expert parallel 2 vs 1."""
     assert results[case]["ok"], results[case]["error"]
 
 

@@ -20,6 +20,15 @@ tokens_per_expert[L], permuted_probs[N])`` -> ``(y_ND, None)``. The adapters her
       spec = moekit_gpt_layer_spec(router="topk", experts=True)
       model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=..., max_sequence_length=...)
 
+Checkpoints use Megatron-Core's native keys both ways, so a model trained with Megatron's own
+router and experts loads into the moekit spec and back (``load_state_dict`` and distributed
+checkpoints): the router's entries as TopKRouter's (``mlp.router.weight``, ``mlp.router.expert_bias``),
+the experts as SequentialMLP's (``mlp.experts.local_experts.{e}.linear_fc1.weight`` (H, D),
+``linear_fc2.weight`` (D, F)) or, with ``config.moe_grouped_gemm``, GroupedMLP's (``mlp.experts.weight1``
+(D, L*H) holding (L, D, H), ``weight2`` (L*F, D)), fc1 as ``[gate; up]`` in both libraries; the full
+table and :func:`experts_to_megatron` / :func:`experts_from_megatron` are in
+moe/integrations/megatron/checkpoint.py.
+
 Importing this module imports megatron.core (``pip install moekit[megatron]``); importing
 ``moe`` does not. Tested with megatron-core 0.16.1; newer keyword arguments are accepted.
 """
@@ -31,12 +40,15 @@ try:  # the clear error when megatron-core is missing, before any submodule impo
 except ImportError as err:  # pragma: no cover
     raise ImportError("moe.integrations.megatron needs megatron-core: pip install moekit[megatron]") from err
 
-# Submodules: router (MoekitRouter, config -> router, aux-loss plumbing), recurrent (RecurrentRouters),
+# Submodules: checkpoint (Megatron's native state-dict layouts), router (MoekitRouter, config -> router,
+# aux-loss plumbing), recurrent (RecurrentRouters),
 # experts (MoekitExperts, MoekitMoELayer), spec (moekit_gpt_layer_spec).
+from moe.integrations.megatron.checkpoint import experts_from_megatron, experts_to_megatron
 from moe.integrations.megatron.router import MoekitRouter, topk_router_from_config
 from moe.integrations.megatron.recurrent import RecurrentRouters
 from moe.integrations.megatron.experts import MoekitExperts, MoekitMoELayer, activation_from_config
 from moe.integrations.megatron.spec import RouterArg, moekit_gpt_layer_spec
 
 __all__ = ["MoekitRouter", "RecurrentRouters", "MoekitExperts", "MoekitMoELayer", "moekit_gpt_layer_spec",
-           "topk_router_from_config", "activation_from_config"]
+           "topk_router_from_config", "activation_from_config", "experts_to_megatron",
+           "experts_from_megatron"]

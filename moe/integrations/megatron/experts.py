@@ -1,6 +1,8 @@
 """Megatron-Core experts and whole-layer adapters: :class:`MoekitExperts` (``moe.GroupedExperts``
 on the local experts), :class:`MoekitMoELayer` (``moe.MoELayer`` as a TransformerLayer mlp),
-:func:`activation_from_config` and expert sharding for distributed checkpoints.
+:func:`activation_from_config`. Both save and load Megatron's native checkpoint keys
+(SequentialMLP's or GroupedMLP's experts, TopKRouter's router, SharedExpertMLP's shared experts;
+the mapping is in moe/integrations/megatron/checkpoint.py).
 
 Shape legend (moe/__init__.py): S sequence length, B micro-batch size, D hidden size, T tokens (S*B, Megatron's
 s-major order t = s*B + b), E experts (global), L local experts, K routing slots, N routed rows,
@@ -13,13 +15,17 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 
 from moe.dispatch import ExpertRows
 from moe.experts import GroupedExperts
+from moe.integrations.megatron.checkpoint import (check_layout, experts_module_from_megatron,
+                                                  experts_module_to_megatron, install_native_layout,
+                                                  moe_layer_from_megatron, moe_layer_to_megatron, rename_sharded,
+                                                  sharded_dense_ffn, sharded_experts, take_prefixed)
 from moe.integrations.megatron.recurrent import RecurrentRouters
 from moe.integrations.megatron.router import attach_losses, group_size, topk_router_from_config
 from moe.layer import MoELayer
@@ -35,30 +41,21 @@ def activation_from_config(config) -> str:
     return names[key]
 
 
-def _shard_experts(out: dict, experts: nn.Module, sharded_offsets: tuple, ep_group, expt_dp_group) -> dict:
-    """Re-declare the expert weights in a sharded state dict: each is a ShardedTensor of global
-    shape (E, ...) split over the expert-parallel group (this rank holds experts
-    [ep_rank * L, (ep_rank + 1) * L)) and replicated over the expert-data-parallel group."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    ptrs = {p.data_ptr() for p in experts.parameters()}
-    ep_rank, ep_size = (0, 1) if ep_group is None else (ep_group.rank(), ep_group.size())
-    replica = (0, 0, 0 if expt_dp_group is None else expt_dp_group.rank())
-    for key, t in list(out.items()):
-        if isinstance(t, ShardedTensor) and t.data.data_ptr() in ptrs:
-            out[key] = ShardedTensor.from_rank_offsets(
-                t.key, t.data, *sharded_offsets, (len(sharded_offsets), ep_rank, ep_size),
-                replica_id=replica, prepend_axis_num=len(sharded_offsets))
-    return out
-
-
 class MoekitExperts(MegatronModule):
     """``moe.GroupedExperts`` as ``MoESubmodules.experts``: built as ``(num_local_experts, config,
     pg_collection=...)``; forward(x_ND sorted by local expert, tokens_per_expert[L],
     permuted_probs[N]) -> (y_ND, None) with y = p * FFN_e(x) (Megatron's weighted expert output;
     with moe_apply_probs_on_input, FFN_e(p * x)). Weights w_in_EDH (L, D, H), w_out_EFD (L, F, D),
     initialised with config.init_method / output_layer_init_method; under expert parallelism
-    they carry ``allreduce=False`` (Megatron reduces them over the expert-data-parallel group)."""
+    they carry ``allreduce=False`` (Megatron reduces them over the expert-data-parallel group).
+
+    Checkpoints: ``state_dict()`` writes the experts as Megatron's GroupedMLP (``weight1`` (D, L*H),
+    ``weight2`` (L*F, D)) when ``config.moe_grouped_gemm`` is set, else as SequentialMLP
+    (``local_experts.{e}.linear_fc1.weight`` (H, D), ``linear_fc2.weight`` (D, F), biases,
+    ``_extra_state``); ``checkpoint_layout`` ("sequential" / "grouped") overrides it.
+    ``load_state_dict`` reads either layout (and moekit's own ``experts.w_in_EDH`` names);
+    ``sharded_state_dict`` gives both modules' distributed-checkpoint keys
+    (moe/integrations/megatron/checkpoint.py)."""
 
     def __init__(self, num_local_experts: int, config, pg_collection=None, **kwargs) -> None:
         super().__init__(config)
@@ -80,6 +77,10 @@ class MoekitExperts(MegatronModule):
                               else parallel_state.get_expert_data_parallel_group())
         for p in self.experts.parameters():
             p.allreduce = group_size(self.ep_group) == 1
+        self.checkpoint_layout = "grouped" if config.moe_grouped_gemm else "sequential"
+        install_native_layout(self,
+                              lambda own: experts_module_to_megatron(own, check_layout(self.checkpoint_layout)),
+                              lambda own: experts_module_from_megatron(own, num_local_experts))
 
     def forward(self, permuted_local_hidden_states: Tensor, tokens_per_expert, permuted_probs: Tensor, **kwargs):
         x_ND = permuted_local_hidden_states
@@ -91,9 +92,10 @@ class MoekitExperts(MegatronModule):
         return (self.experts(ExpertRows(x_ND, offs_E)) * probs_N1).to(x_ND.dtype), None
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None) -> dict:
-        """Distributed checkpointing: see :func:`_shard_experts`."""
-        out = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        return _shard_experts(out, self.experts, sharded_offsets, self.ep_group, self.expt_dp_group)
+        """Distributed checkpointing with SequentialMLP's / GroupedMLP's keys (global shape (E, H, D)
+        for fc1, split over expert parallelism, replicated over expert data parallelism)."""
+        return sharded_experts(self.experts, prefix + "experts.", prefix, sharded_offsets, metadata, self.ep_group,
+                               self.expt_dp_group)
 
     def backward_dw(self) -> None:
         """Megatron's delayed weight-gradient hook: moekit computes weight gradients in the normal
@@ -107,7 +109,12 @@ class MoekitMoELayer(MegatronModule):
     :func:`topk_router_from_config`). Shared experts come from
     moe_shared_expert_intermediate_size; under expert parallelism moekit's own all-to-all
     dispatcher shards the experts (``allreduce=False`` on their weights). Aux losses go through
-    Megatron's plumbing as for :class:`MoekitRouter`."""
+    Megatron's plumbing as for :class:`MoekitRouter`.
+
+    Checkpoints hold Megatron MoELayer's keys (``router.weight``, the experts as
+    :class:`MoekitExperts` writes them, ``shared_experts.linear_fc1.weight`` ...), loaded from
+    either expert layout or moekit's own ``layer.*`` names; ``sharded_state_dict`` gives MoELayer's
+    distributed-checkpoint keys (moe/integrations/megatron/checkpoint.py)."""
 
     def __init__(self, config, pg_collection=None, *, make_router: Optional[Callable] = None, **kwargs) -> None:
         super().__init__(config)
@@ -132,15 +139,25 @@ class MoekitMoELayer(MegatronModule):
             p.allreduce = group_size(ep) == 1
         self.layer_number: Optional[int] = None
         self.tp_cp_group = pg_collection.tp_cp if pg_collection is not None else None
+        self.checkpoint_layout = "grouped" if config.moe_grouped_gemm else "sequential"
+        install_native_layout(self, lambda own: moe_layer_to_megatron(own, check_layout(self.checkpoint_layout)),
+                              lambda own: moe_layer_from_megatron(own, self.layer.experts.num_experts))
 
     def set_layer_number(self, layer_number: int) -> None:
         self.layer_number = layer_number
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None) -> dict:
-        """Distributed checkpointing: the routed experts sharded over expert parallelism
-        (:func:`_shard_experts`), everything else as Megatron's default."""
+        """Distributed checkpointing with Megatron MoELayer's keys: the router's (TopKRouter), the
+        routed experts' (SequentialMLP / GroupedMLP, split over expert parallelism), the shared
+        experts' (SharedExpertMLP); anything else as Megatron's default."""
         out = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        return _shard_experts(out, self.layer.experts, sharded_offsets, self.ep_group, self.expt_dp_group)
+        take_prefixed(out, prefix + "layer.experts.")
+        out.update(sharded_experts(self.layer.experts, prefix + "layer.experts.", prefix + "experts.",
+                                   sharded_offsets, metadata, self.ep_group, self.expt_dp_group))
+        if self.layer.shared_experts is not None:
+            take_prefixed(out, prefix + "layer.shared_experts.")
+            out.update(sharded_dense_ffn(self.layer.shared_experts, prefix + "shared_experts.", sharded_offsets))
+        return rename_sharded(out, prefix + "layer.router.", prefix + "router.")
 
     def forward(self, hidden_states: Tensor, padding_mask: Optional[Tensor] = None, **kwargs):
         valid_BS = None if padding_mask is None else ~padding_mask.bool()

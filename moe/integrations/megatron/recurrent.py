@@ -41,8 +41,8 @@ class _RecurrentLayerRouter(MoekitRouter):
         self._check_router(self.router)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None) -> dict:
-        """As Megatron's default, except the shared cell (held by layer 1 only): one replicated
-        tensor without the per-layer axis."""
+        """As :class:`MoekitRouter`'s (the router's entries one level up), except the shared cell
+        (held by layer 1 only): one replicated tensor without the per-layer axis."""
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
         out = super().sharded_state_dict(prefix, sharded_offsets, metadata)

@@ -18,6 +18,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker
 
 import routers
+from moe.integrations.megatron.checkpoint import (install_native_layout, rename_sharded, router_from_megatron,
+                                                  router_to_megatron)
 
 # moekit aux-loss name -> (Megatron tracker name, the router attribute holding its coefficient)
 _LOSS_NAMES = {"load_balancing": ("load_balancing_loss", "balance_loss_coeff"),
@@ -107,6 +109,12 @@ class MoekitRouter(MegatronModule):
     router sees (B, S, H) so per-sequence losses see whole sequences. Losses are computed on this
     rank's tokens; with tensor x context parallel size P > 1 they are scaled by 1/P (their sum
     over the P ranks is the mean of the per-rank losses).
+
+    Checkpoints hold Megatron's TopKRouter keys: the moekit router's entries one level up
+    (``<p>.weight`` (E, D), ``<p>.expert_bias`` (E) where ``<p>`` is this module's prefix, not
+    ``<p>.router.weight``; moe/integrations/megatron/checkpoint.py). ``load_state_dict`` takes
+    those and moekit's earlier ``<p>.router.*`` names; ``sharded_state_dict`` gives TopKRouter's
+    distributed-checkpoint keys.
     """
 
     def __init__(self, *, config, pg_collection=None, make_router: Optional[Callable] = None, **kwargs) -> None:
@@ -118,6 +126,15 @@ class MoekitRouter(MegatronModule):
     def _init_common(self, pg_collection) -> None:
         self.layer_number: Optional[int] = None
         self.tp_cp_group = pg_collection.tp_cp if pg_collection is not None else None
+        install_native_layout(self, router_to_megatron, lambda own: router_from_megatron(own, self._router_names()))
+
+    def _router_names(self) -> set:
+        return set() if self.router is None else set(self.router.state_dict(keep_vars=True))
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None) -> dict:
+        """Megatron's default, with the router's entries one level up (TopKRouter's keys)."""
+        out = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        return rename_sharded(out, prefix + "router.", prefix)
 
     def _check_router(self, router: nn.Module) -> None:
         """Sizes must match the config; router weights get Megatron's ``sequence_parallel`` flag

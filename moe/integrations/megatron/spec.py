@@ -40,7 +40,10 @@ def moekit_gpt_layer_spec(*, router: RouterArg = None, experts: bool = False, wh
     threshold=0.5)``). experts=True: :class:`MoekitExperts`. whole_layer=True: the mlp is a
     :class:`MoekitMoELayer` (router as above, None meaning "topk", a RecurrentRouters excepted).
     Other keywords go to get_gpt_layer_local_spec. A spec may build several models one after
-    another (a recurrent router gives each its own chain)."""
+    another (a recurrent router gives each its own chain). The model's checkpoints (state dict and
+    distributed) use the native keys of the Megatron modules replaced, so checkpoints of a
+    ``get_gpt_layer_local_spec`` model load into it and its load into that model
+    (moe/integrations/megatron/checkpoint.py)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec
 
