@@ -41,6 +41,13 @@ void check_gather_grouped_mm_wgrad_args(const at::Tensor& x_TD, const at::Tensor
 void check_linear_f32_args(const at::Tensor& x_TD, const at::Tensor& weight_ED);
 void check_swiglu_args(const at::Tensor& h);
 void check_swiglu_backward_args(const at::Tensor& grad, const at::Tensor& h);
+void check_topk_route_args(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E,
+                           int64_t top_k, c10::string_view score, int64_t num_groups,
+                           int64_t topk_groups, double scaling);
+void check_topk_route_backward_args(const at::Tensor& grad_weights_TK,
+                                    const std::optional<at::Tensor>& grad_probs_TE,
+                                    const at::Tensor& ids_TK, const at::Tensor& probs_TE,
+                                    c10::string_view score);
 // Dtype of the unpermute_weights_grad output: float32 for half/bfloat16, else the input dtype.
 at::ScalarType accum_dtype(at::ScalarType t);
 
@@ -65,5 +72,12 @@ at::Tensor gather_grouped_mm_wgrad_cpu(const at::Tensor& x_TD, const at::Tensor&
 at::Tensor linear_f32_cpu(const at::Tensor& x_TD, const at::Tensor& weight_ED);
 at::Tensor swiglu_cpu(const at::Tensor& h);
 at::Tensor swiglu_backward_cpu(const at::Tensor& grad, const at::Tensor& h);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_route_cpu(
+    const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E, int64_t top_k,
+    c10::string_view score, int64_t num_groups, int64_t topk_groups, bool norm_topk, double scaling);
+at::Tensor topk_route_backward_cpu(const at::Tensor& grad_weights_TK,
+                                   const std::optional<at::Tensor>& grad_probs_TE,
+                                   const at::Tensor& ids_TK, const at::Tensor& probs_TE,
+                                   c10::string_view score, bool norm_topk, double scaling);
 
 }  // namespace moe

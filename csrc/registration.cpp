@@ -38,6 +38,13 @@ TORCH_LIBRARY(moe, m) {
   m.def("swiglu(Tensor h) -> Tensor");
   // d h = [grad * up * silu'(gate); grad * silu(gate)], grad (..., F), h (..., 2F) -> (..., 2F).
   m.def("swiglu_backward(Tensor grad, Tensor h) -> Tensor");
+  // A token-choice router in one pass per token: (ids_TK, weights_TK, probs_TE) from logits_TE
+  // (csrc/router.cpp; num_groups = topk_groups = 0: no group limit).
+  m.def("topk_route(Tensor logits_TE, Tensor? bias_E, int top_k, str score, int num_groups, int topk_groups, "
+        "bool norm_topk, float scaling) -> (Tensor, Tensor, Tensor)");
+  // d logits_TE from d weights_TK and (optional) d probs_TE.
+  m.def("topk_route_backward(Tensor grad_weights_TK, Tensor? grad_probs_TE, Tensor ids_TK, Tensor probs_TE, "
+        "str score, bool norm_topk, float scaling) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe, CPU, m) {
@@ -52,6 +59,8 @@ TORCH_LIBRARY_IMPL(moe, CPU, m) {
   m.impl("linear_f32", &moe::linear_f32_cpu);
   m.impl("swiglu", &moe::swiglu_cpu);
   m.impl("swiglu_backward", &moe::swiglu_backward_cpu);
+  m.impl("topk_route", &moe::topk_route_cpu);
+  m.impl("topk_route_backward", &moe::topk_route_backward_cpu);
 }
 
 #ifdef MOE_PYTHON_MODULE  // defined by setup.py only: the CMake (libtorch) library has no Python

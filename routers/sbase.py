@@ -34,6 +34,7 @@ from torch import Tensor
 
 from routers.losses import z_loss
 from routers.routing import RouterBase, Routing, count_chosen, make_routing
+from routers.topk import topk_route
 
 SBASE_SCORES = ("sigmoid", "softmax")
 
@@ -131,16 +132,17 @@ class SBaseRouter(RouterBase):
         """x (T, D) or (B, S, D) -> Routing over the T tokens. ``state`` is ignored."""
         logits_TE, valid_T, _ = self._linear_logits(x, padding_mask)
         self._check_logits(logits_TE, valid_T)
-        probs_TE = torch.sigmoid(logits_TE) if self.score == "sigmoid" else torch.softmax(logits_TE, dim=-1)
         if self.training:
+            probs_TE = torch.sigmoid(logits_TE) if self.score == "sigmoid" else torch.softmax(logits_TE, dim=-1)
             plan_TE = sinkhorn(logits_TE.detach(), valid_T=valid_T, tol=self.sinkhorn_tol,
                                max_iters=self.sinkhorn_iters)
             ids_TK = plan_TE.topk(self.top_k, dim=-1).indices
-        else:
-            ids_TK = probs_TE.topk(self.top_k, dim=-1).indices
-        weights_TK = probs_TE.gather(1, ids_TK)
-        if self.norm_topk:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp(min=1e-20)
+            weights_TK = probs_TE.gather(1, ids_TK)
+            if self.norm_topk:
+                weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp(min=1e-20)
+        else:  # plain top-k: TopKRouter's selection (the fused kernel where moekit's ops are registered)
+            ids_TK, weights_TK, probs_TE = topk_route(logits_TE, None, self.top_k, self.score, None, None,
+                                                      self.norm_topk, 1.0)
         if valid_T is not None:
             ids_TK = ids_TK.masked_fill(~valid_T[:, None], -1)
         aux = {}

@@ -41,6 +41,54 @@ def group_limited_topk(choice_TE: Tensor, top_k: int, num_groups: int, topk_grou
     return masked.topk(top_k, dim=-1).indices
 
 
+def route_topk(logits_TE: Tensor, bias_E: Optional[Tensor], top_k: int, score: str,
+               num_groups: Optional[int], topk_groups: Optional[int], norm_topk: bool,
+               scaling: float) -> tuple:
+    """(ids_TK, weights_TK, probs_TE): a token-choice router's scores, selection and weights.
+
+    probs = softmax(logits) or sigmoid(logits); the choice scores probs + bias_E (DeepSeek-V3
+    Eq. 16: the bias steers selection only) pick the top_k experts, best first, optionally
+    within the topk_groups best of num_groups groups (:func:`group_limited_topk`); the weights
+    are the chosen probs, renormalised to sum to 1 if norm_topk (Mixtral, Qwen3-MoE;
+    DeepSeek-V3 Eq. 13 for sigmoid, with a 1e-20 guard), times ``scaling``
+    (routed_scaling_factor). This is the PyTorch form of ``torch.ops.moe.topk_route``, the fused
+    kernel the routers call once moekit's ops are registered (its twin, moe/ops/twins.py).
+    """
+    if score == "softmax":
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+    else:
+        probs_TE = torch.sigmoid(logits_TE)
+    choice_TE = probs_TE if bias_E is None else probs_TE + bias_E
+    if num_groups is None:
+        ids_TK = choice_TE.topk(top_k, dim=-1).indices
+    else:
+        ids_TK = group_limited_topk(choice_TE, top_k, num_groups, topk_groups)
+    weights_TK = probs_TE.gather(1, ids_TK)
+    if norm_topk:
+        eps = 1e-20 if score == "sigmoid" else 0.0
+        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + eps)
+    return ids_TK, weights_TK * scaling, probs_TE
+
+
+def _topk_route_op():
+    """``torch.ops.moe.topk_route`` where moekit's ops are registered (``import moe``), else None
+    (the routers package does not import moe; :func:`route_topk` then runs)."""
+    return getattr(torch.ops.moe, "topk_route", None)
+
+
+def topk_route(logits_TE: Tensor, bias_E: Optional[Tensor], top_k: int, score: str,
+               num_groups: Optional[int], topk_groups: Optional[int], norm_topk: bool,
+               scaling: float) -> tuple:
+    """:func:`route_topk`'s (ids_TK, weights_TK, probs_TE) through the fused kernel
+    ``torch.ops.moe.topk_route`` where moekit's ops are registered (one pass per token, the same
+    experts; probabilities and weights to a few roundings), else through route_topk itself.
+    Every top-k style router selects with it."""
+    op = _topk_route_op()
+    if op is None:
+        return route_topk(logits_TE, bias_E, top_k, score, num_groups, topk_groups, norm_topk, scaling)
+    return op(logits_TE, bias_E, top_k, score, num_groups or 0, topk_groups or 0, norm_topk, scaling)
+
+
 class TopKBase(RouterBase):
     """Selection, weighting, capacity and losses shared by TopKRouter and RecurrentRouter."""
 
@@ -101,20 +149,9 @@ class TopKBase(RouterBase):
     def _route(self, logits_TE: Tensor, valid_T: Optional[Tensor], seq_shape: tuple, state=None) -> Routing:
         """Scores -> top-k ids and weights -> losses (on the routing before drops, as Megatron) -> capacity."""
         self._check_logits(logits_TE, valid_T)
-        if self.score == "softmax":
-            probs_TE = torch.softmax(logits_TE, dim=-1)
-        else:
-            probs_TE = torch.sigmoid(logits_TE)
-        choice_TE = probs_TE if self.expert_bias is None else probs_TE + self.expert_bias
-        if self.num_groups is None:
-            ids_TK = choice_TE.topk(self.top_k, dim=-1).indices
-        else:
-            ids_TK = group_limited_topk(choice_TE, self.top_k, self.num_groups, self.topk_groups)
-        weights_TK = probs_TE.gather(1, ids_TK)
-        if self.norm_topk:
-            eps = 1e-20 if self.score == "sigmoid" else 0.0
-            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + eps)
-        weights_TK = weights_TK * self.routed_scaling_factor
+        ids_TK, weights_TK, probs_TE = topk_route(
+            logits_TE, self.expert_bias, self.top_k, self.score, self.num_groups, self.topk_groups,
+            self.norm_topk, self.routed_scaling_factor)
         if valid_T is not None:
             ids_TK = ids_TK.masked_fill(~valid_T[:, None], -1)
         chosen = count_chosen(ids_TK, valid_T)

@@ -284,3 +284,49 @@ swiglu = define_op(
     "swiglu", "(Tensor h) -> Tensor",
     fallback=twins.swiglu_torch, fake=_swiglu_fake,
     backward=_swiglu_backward, setup_context=_save_inputs)
+
+
+# ---- topk_route: a token-choice router's scores, top-k and weights in one pass per token ---------
+
+def _topk_route_fake(logits_TE, bias_E, top_k, score, num_groups, topk_groups, norm_topk, scaling):
+    _same_device("topk_route", logits_TE, bias_E=bias_E)
+    torch._check(logits_TE.dim() == 2, lambda: f"moe.topk_route: logits_TE must be 2-D (T, E), got {tuple(logits_TE.shape)}")
+    T, E = logits_TE.shape
+    torch._check(1 <= top_k <= E, lambda: f"moe.topk_route: top_k must be in [1, {E}], got {top_k}")
+    return (logits_TE.new_empty(T, top_k, dtype=torch.int64), logits_TE.new_empty(T, top_k),
+            logits_TE.new_empty(T, E))
+
+
+def _topk_route_backward_fake(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score, norm_topk, scaling):
+    _same_device("topk_route_backward", probs_TE, grad_weights_TK=grad_weights_TK,
+                 grad_probs_TE=grad_probs_TE, ids_TK=ids_TK)
+    return torch.empty_like(probs_TE)
+
+
+def _topk_route_setup(ctx, inputs, output):
+    ids_TK, _, probs_TE = output
+    ctx.save_for_backward(ids_TK, probs_TE)
+    ctx.score, ctx.norm_topk, ctx.scaling = inputs[3], inputs[6], inputs[7]
+    ctx.mark_non_differentiable(ids_TK)
+
+
+def _topk_route_backward(ctx, g_ids, g_weights, g_probs):
+    ids_TK, probs_TE = ctx.saved_tensors
+    if g_weights is None:
+        g_weights = torch.zeros_like(ids_TK, dtype=probs_TE.dtype)
+    g_logits = ops.topk_route_backward(g_weights, g_probs, ids_TK, probs_TE, ctx.score, ctx.norm_topk, ctx.scaling)
+    return g_logits, None, None, None, None, None, None, None
+
+
+topk_route_backward = define_op(
+    "topk_route_backward",
+    "(Tensor grad_weights_TK, Tensor? grad_probs_TE, Tensor ids_TK, Tensor probs_TE, str score, "
+    "bool norm_topk, float scaling) -> Tensor",
+    fallback=twins.topk_route_backward_torch, fake=_topk_route_backward_fake)
+
+topk_route = define_op(
+    "topk_route",
+    "(Tensor logits_TE, Tensor? bias_E, int top_k, str score, int num_groups, int topk_groups, "
+    "bool norm_topk, float scaling) -> (Tensor, Tensor, Tensor)",
+    fallback=twins.topk_route_torch, fake=_topk_route_fake,
+    backward=_topk_route_backward, setup_context=_topk_route_setup)

@@ -25,6 +25,8 @@ __all__ = [
     "linear_f32_torch",
     "swiglu_torch",
     "swiglu_backward_torch",
+    "topk_route_torch",
+    "topk_route_backward_torch",
 ]
 
 
@@ -157,3 +159,30 @@ def swiglu_backward_torch(grad, h):
     g = grad.to(acc)
     s = torch.sigmoid(gate)
     return torch.cat([g * up * (s * (1 + gate * (1 - s))), g * (gate * s)], dim=-1).to(h.dtype)
+
+
+def topk_route_torch(logits_TE, bias_E, top_k, score, num_groups, topk_groups, norm_topk, scaling):
+    """(ids_TK, weights_TK, probs_TE): routers.topk.route_topk, the routers' own PyTorch code
+    (num_groups = topk_groups = 0: no group limit)."""
+    from routers.topk import route_topk
+
+    ids, weights, probs = route_topk(logits_TE, bias_E, top_k, score, num_groups or None,
+                                     topk_groups or None, norm_topk, scaling)
+    return ids, weights, probs
+
+
+def topk_route_backward_torch(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score, norm_topk, scaling):
+    """d logits_TE of topk_route. With p_k = probs at ids_k, D = sum_k p_k + eps and
+    w_k = s p_k / D (norm_topk) or s p_k: d p_k = s (g_k / D - sum_j g_j p_j / D^2) or s g_k,
+    scattered onto d probs; then softmax's p (dp - <dp, p>) or sigmoid's dp p (1 - p)."""
+    p_TK = probs_TE.gather(1, ids_TK)
+    g_TK = grad_weights_TK * scaling
+    if norm_topk:
+        denom = p_TK.sum(dim=-1, keepdim=True) + (1e-20 if score == "sigmoid" else 0.0)
+        dot = (g_TK * p_TK).sum(dim=-1, keepdim=True)
+        g_TK = g_TK / denom - dot / (denom * denom)
+    dp_TE = torch.zeros_like(probs_TE) if grad_probs_TE is None else grad_probs_TE.clone()
+    dp_TE.scatter_add_(1, ids_TK, g_TK)
+    if score == "softmax":
+        return probs_TE * (dp_TE - (dp_TE * probs_TE).sum(dim=-1, keepdim=True))
+    return dp_TE * probs_TE * (1 - probs_TE)

@@ -1,0 +1,224 @@
+"""Tests for moe.topk_route (torch.ops.moe.topk_route / topk_route_backward): a token-choice
+router's scores, group-limited top-k and weights in one pass per token.
+
+Shape legend: T tokens, E experts, K top-k slots, Z expert groups.
+The twin is routers.topk.route_topk, the routers' own PyTorch code: the kernel picks the same
+experts and its probabilities and weights agree to a few roundings (its softmax divides where
+PyTorch's multiplies by a reciprocal, and sums in another order). Ties between choice scores go
+to the lower expert id in the kernel; torch.topk's order among ties is unspecified.
+"""
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+from torch.autograd import gradcheck
+from torch.library import opcheck
+
+from moe import ops
+from moe.ops.registry import OPS
+from moe.ops.twins import topk_route_backward_torch, topk_route_torch
+from routers import TopKRouter
+from routers.topk import route_topk
+
+from tests.helpers.props import SETTINGS
+
+needs_ext = pytest.mark.skipif("CPU" not in ops.compiled_kernels("topk_route"),
+                               reason="moe._C extension not built")
+
+# (score, E, K, Z, topk_groups, bias, norm, scaling): Mixtral, Qwen3, DeepSeek-V3-like and edge cases.
+CONFIGS = [
+    ("softmax", 8, 2, 0, 0, False, True, 1.0),
+    ("softmax", 128, 8, 0, 0, False, True, 1.0),
+    ("softmax", 16, 4, 0, 0, False, False, 1.0),
+    ("sigmoid", 64, 8, 8, 4, True, True, 2.5),
+    ("sigmoid", 32, 6, 4, 2, False, True, 1.0),
+    ("softmax", 12, 3, 3, 1, True, False, 0.5),
+    ("softmax", 1, 1, 0, 0, False, False, 1.0),
+    ("sigmoid", 5, 5, 0, 0, True, True, 1.0),
+]
+
+
+def make(T, E, dtype=torch.float32, seed=0, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(T, E, generator=g) * 2).to(dtype)
+    b = (torch.randn(E, generator=g) * 0.1) if bias else None
+    return logits, b
+
+
+def test_op_is_registered():
+    assert "topk_route" in OPS and "topk_route_backward" in OPS
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_kernel_matches_twin(cfg, dtype):
+    score, E, K, Z, G, bias, norm, scale = cfg
+    logits, b = make(257, E, dtype, bias=bias)
+    ids, w, p = torch.ops.moe.topk_route(logits, b, K, score, Z, G, norm, scale)
+    ids_t, w_t, p_t = topk_route_torch(logits, b, K, score, Z, G, norm, scale)
+    tol = dict(rtol=4e-7, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-14, atol=1e-15)
+    assert ids.dtype == torch.int64 and w.dtype == dtype and p.dtype == dtype
+    assert torch.equal(ids, ids_t)
+    torch.testing.assert_close(p, p_t, **tol)
+    torch.testing.assert_close(w, w_t, **tol)
+    # the backward, from random output gradients: p (dp - <dp, p>) cancels, so an absolute
+    # floor of a few roundings of |dp| ~ 1
+    tol = dict(rtol=1e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    gw, gp = torch.randn_like(w), torch.randn_like(p)
+    d = torch.ops.moe.topk_route_backward(gw, gp, ids, p, score, norm, scale)
+    torch.testing.assert_close(d, topk_route_backward_torch(gw, gp, ids, p, score, norm, scale), **tol)
+    d0 = torch.ops.moe.topk_route_backward(gw, None, ids, p, score, norm, scale)
+    torch.testing.assert_close(d0, topk_route_backward_torch(gw, None, ids, p, score, norm, scale), **tol)
+
+
+@given(T=st.integers(0, 40), E=st.integers(1, 24), data=st.data())
+@SETTINGS
+def test_properties(T, E, data):
+    """Whatever the kernel: K distinct ids per token within the allowed groups, best choice first,
+    weights = the chosen probs (normalised), probs a softmax / sigmoid of the logits."""
+    K = data.draw(st.integers(1, E))
+    score = data.draw(st.sampled_from(["softmax", "sigmoid"]))
+    norm = data.draw(st.booleans())
+    divisors = [z for z in range(1, E + 1) if E % z == 0]
+    Z = data.draw(st.sampled_from([0] + divisors))
+    G = 0
+    if Z:
+        G = data.draw(st.integers(-(-K // (E // Z)), Z))  # enough groups to hold K experts
+    logits, b = make(T, E, torch.float64, seed=data.draw(st.integers(0, 1000)), bias=data.draw(st.booleans()))
+    ids, w, p = torch.ops.moe.topk_route(logits, b, K, score, Z, G, norm, 1.0)
+    assert ids.shape == (T, K) and w.shape == (T, K) and p.shape == (T, E)
+    ref_p = torch.softmax(logits, -1) if score == "softmax" else torch.sigmoid(logits)
+    torch.testing.assert_close(p, ref_p, rtol=1e-13, atol=1e-15)
+    assert bool(((ids >= 0) & (ids < E)).all())
+    assert all(len(set(row)) == K for row in ids.tolist())
+    choice = p + (b if b is not None else 0)
+    picked = choice.gather(1, ids)
+    assert bool((picked[:, :-1] >= picked[:, 1:]).all()), "ids are best first"
+    if Z:
+        groups = ids // (E // Z)
+        assert all(len(set(row)) <= G for row in groups.tolist())
+    else:  # no expert left out beats the worst chosen one
+        left = choice.scatter(1, ids, float("-inf"))
+        assert bool((left.max(-1).values <= picked[:, -1]).all()) if T and K < E else True
+    ref_w = p.gather(1, ids)
+    if norm:
+        ref_w = ref_w / (ref_w.sum(-1, keepdim=True) + (1e-20 if score == "sigmoid" else 0.0))
+    torch.testing.assert_close(w, ref_w, rtol=1e-13, atol=1e-15)
+
+
+@needs_ext
+def test_ties_go_to_the_lower_id():
+    logits = torch.zeros(3, 8)
+    ids, w, _ = torch.ops.moe.topk_route(logits, None, 3, "softmax", 0, 0, True, 1.0)
+    assert ids.tolist() == [[0, 1, 2]] * 3
+    torch.testing.assert_close(w, torch.full((3, 3), 1 / 3))
+    ids, _, _ = torch.ops.moe.topk_route(logits, None, 2, "sigmoid", 4, 2, True, 1.0)
+    assert ids.tolist() == [[0, 1]] * 3  # groups 0 and 1 tie with the rest: the first two win
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_gradcheck(cfg):
+    score, E, K, Z, G, bias, norm, scale = cfg
+    logits, b = make(6, E, torch.float64, seed=3, bias=bias)
+    logits.requires_grad_()
+    b = b.double() if b is not None else None
+
+    def f(x):
+        _, w, p = torch.ops.moe.topk_route(x, b, K, score, Z, G, norm, scale)
+        return w, p
+
+    assert gradcheck(f, (logits,))
+    # and the gradient equals autograd through the routers' PyTorch code
+    gw = torch.randn(6, K, dtype=torch.float64)
+    gp = torch.randn(6, E, dtype=torch.float64)
+    _, w, p = torch.ops.moe.topk_route(logits, b, K, score, Z, G, norm, scale)
+    (d,) = torch.autograd.grad((w * gw).sum() + (p * gp).sum(), logits)
+    _, w2, p2 = route_topk(logits, b, K, score, Z or None, G or None, norm, scale)
+    (d2,) = torch.autograd.grad((w2 * gw).sum() + (p2 * gp).sum(), logits)
+    torch.testing.assert_close(d, d2, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:4])
+def test_opcheck(cfg):
+    score, E, K, Z, G, bias, norm, scale = cfg
+    logits, b = make(9, E, bias=bias)
+    # opcheck's AOT-autograd check sums the outputs into the first one's dtype (int64 ids here),
+    # which fails before the op is involved: test_compiled_gradients covers that path instead.
+    opcheck(torch.ops.moe.topk_route.default, (logits.requires_grad_(), b, K, score, Z, G, norm, scale),
+            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    ids, w, p = torch.ops.moe.topk_route(logits.detach(), b, K, score, Z, G, norm, scale)
+    opcheck(torch.ops.moe.topk_route_backward.default, (torch.randn_like(w), torch.randn_like(p), ids, p, score, norm, scale))
+
+
+def test_empty_batch():
+    ids, w, p = torch.ops.moe.topk_route(torch.zeros(0, 8), None, 2, "softmax", 0, 0, True, 1.0)
+    assert ids.shape == (0, 2) and w.shape == (0, 2) and p.shape == (0, 8)
+
+
+@needs_ext
+@pytest.mark.parametrize("args,match", [
+    ((torch.zeros(4, 8), None, 9, "softmax", 0, 0, True, 1.0), "top_k must be in"),
+    ((torch.zeros(4, 8), None, 0, "softmax", 0, 0, True, 1.0), "top_k must be in"),
+    ((torch.zeros(4, 8), None, 2, "relu", 0, 0, True, 1.0), "score must be"),
+    ((torch.zeros(4, 8), None, 2, "softmax", 3, 1, True, 1.0), "num_groups=3 must divide"),
+    ((torch.zeros(4, 8), None, 2, "softmax", 4, 5, True, 1.0), "topk_groups must be in"),
+    ((torch.zeros(4, 8), None, 5, "softmax", 4, 2, True, 1.0), r"top_k must be in \[1, 4\]"),
+    ((torch.zeros(4, 8), None, 2, "softmax", 0, 2, True, 1.0), "topk_groups must be 0"),
+    ((torch.zeros(4, 8), torch.zeros(7), 2, "softmax", 0, 0, True, 1.0), "bias_E must have shape"),
+    ((torch.zeros(4, 8, dtype=torch.bfloat16), None, 2, "softmax", 0, 0, True, 1.0), "float32 or float64"),
+    ((torch.zeros(8), None, 2, "softmax", 0, 0, True, 1.0), "must be 2-D"),
+    ((torch.zeros(4, 8), None, 2, "softmax", 0, 0, True, float("nan")), "scaling must be finite"),
+])
+def test_bad_input_names_the_argument(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.moe.topk_route(*args)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(score="softmax"),
+    dict(score="sigmoid", num_groups=4, topk_groups=2, expert_bias=True, routed_scaling_factor=2.5),
+    dict(score="softmax", norm_topk=False, capacity_factor=1.0),
+])
+def test_router_uses_the_op_with_its_own_results(kwargs, monkeypatch):
+    """TopKRouter through the op gives the ids, weights, losses and gradients of its PyTorch code."""
+    torch.manual_seed(0)
+    router = TopKRouter(32, 16, 4, **kwargs)
+    if router.expert_bias is not None:
+        router.expert_bias.normal_(0, 0.05)
+    x = torch.randn(2, 50, 32)
+    c = torch.randn(100, 4)  # (the plain sum of renormalised weights is constant: no gradient)
+    r1 = router(x)
+    loss1 = ((r1.weights_TK * c).sum() + sum(r1.aux_losses.values()))
+    (g1,) = torch.autograd.grad(loss1, router.weight)
+    monkeypatch.setattr("routers.topk._topk_route_op", lambda: None)
+    r2 = router(x)
+    loss2 = ((r2.weights_TK * c).sum() + sum(r2.aux_losses.values()))
+    (g2,) = torch.autograd.grad(loss2, router.weight)
+    assert torch.equal(r1.ids_TK, r2.ids_TK)
+    torch.testing.assert_close(r1.weights_TK, r2.weights_TK, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(r1.probs_TE, r2.probs_TE, rtol=1e-6, atol=1e-7)
+    for name in r1.aux_losses:
+        torch.testing.assert_close(r1.aux_losses[name], r2.aux_losses[name], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6 * g2.abs().max().item())
+
+
+@pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[3]])
+def test_compiled_gradients(cfg):
+    """torch.compile (AOT autograd, dynamic shapes) through the fake kernel and the registered
+    backward gives the eager outputs and gradients."""
+    score, E, K, Z, G, bias, norm, scale = cfg
+    logits, b = make(33, E, bias=bias)
+
+    def f(x):
+        ids, w, p = torch.ops.moe.topk_route(x, b, K, score, Z, G, norm, scale)
+        return ids, (w * torch.arange(1, K + 1)).sum() + (p * p).sum()
+
+    x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ids1, l1 = f(x1)
+    ids2, l2 = torch.compile(f, backend="aot_eager", dynamic=True, fullgraph=True)(x2)
+    l1.backward()
+    l2.backward()
+    assert torch.equal(ids1, ids2)
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(x1.grad, x2.grad)
