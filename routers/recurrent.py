@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from routers.checks import check_int, check_number
 from routers.losses import balance_loss_args
 from routers.routing import Routing
 from routers.topk import TopKBase
@@ -97,12 +98,10 @@ class RecurrentRouter(TopKBase):
             balance_loss=balance_loss, balance_loss_coeff=balance_loss_coeff, z_loss_coeff=z_loss_coeff,
             check_finite=check_finite,
         )
-        if not isinstance(router_dim, int) or router_dim < 1:
-            raise ValueError(f"router_dim must be a positive int, got {router_dim!r}")
-        self.router_dim = router_dim
-        self.init_std = float(init_std)
-        self.w1_RD = nn.Parameter(torch.empty(router_dim, hidden_size))
-        self.w2_ER = nn.Parameter(torch.empty(num_experts, router_dim))
+        self.router_dim = router_dim = check_int("router_dim", router_dim)
+        self.init_std = check_number("init_std", init_std, ge=0.0)
+        self.w1_RD = nn.Parameter(torch.empty(router_dim, self.hidden_size))
+        self.w2_ER = nn.Parameter(torch.empty(self.num_experts, router_dim))
         if cell is None:
             self.cell = nn.GRUCell(router_dim, router_dim)
         else:
@@ -297,10 +296,8 @@ class RecurrentRouterChain(nn.Module):
     def __init__(self, num_layers: int, hidden_size: int, num_experts: int, top_k: int,
                  router_dim: int = 128, **router_kwargs) -> None:
         super().__init__()
-        if not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
-        if not isinstance(router_dim, int) or router_dim < 1:
-            raise ValueError(f"router_dim must be a positive int, got {router_dim!r}")
+        num_layers = check_int("num_layers", num_layers)
+        router_dim = check_int("router_dim", router_dim)
         first = RecurrentRouter(hidden_size, num_experts, top_k, router_dim=router_dim, **router_kwargs)
         self.layers = nn.ModuleList(
             [first] + [RecurrentRouter(hidden_size, num_experts, top_k, router_dim=router_dim, cell=first.gru,
