@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from routers.checks import check_coefficient, check_number
+from routers.checks import check_coefficient, check_int, check_number
 from routers.losses import loss_free_bias_update_, membership_bce_loss, switch_load_balancing_loss, z_loss
 from routers.routing import RouterBase, Routing, count_chosen, expert_counts, make_routing
 
@@ -175,6 +175,7 @@ class TokenChoiceDepthRouter(RouterBase):
     def __init__(self, hidden_size: int, num_recursions: int, cfg: TokenChoiceConfig, *,
                  check_finite: bool = True) -> None:
         super().__init__()
+        num_recursions = check_int("num_recursions", num_recursions)
         self._init_common(hidden_size, num_recursions, jitter=0.0, check_finite=check_finite)
         if cfg.router_func not in ("softmax", "sigmoid"):
             raise ValueError(f"router_func={cfg.router_func!r} must be 'softmax' or 'sigmoid'")

@@ -65,7 +65,7 @@ INT_ARGS = [
     (lambda v: RecurrentRouter(D, E, v, router_dim=4), "top_k", (0, E + 1), (E,)),
     (lambda v: RecurrentRouterChain(v, D, E, 2, router_dim=4), "num_layers", (0,), (1, 3)),
     (lambda v: RecurrentRouterChain(2, D, E, 2, router_dim=v), "router_dim", (0,), (2,)),
-    (lambda v: TokenChoiceDepthRouter(D, v, TC()), "num_experts", (0,), (1, 4)),
+    (lambda v: TokenChoiceDepthRouter(D, v, TC()), "num_recursions", (0,), (1, 4)),
     (lambda v: ExpertChoiceStepRouter(v, 0.5, EC()), "hidden_size", (0,), (3,)),
 ]
 
