@@ -68,8 +68,11 @@ class MoELayer(nn.Module):
     shared_ffn_hidden_size (default F): one dense FFN of hidden num_shared * shared_ffn, added
     to every token (DeepSeekMoE). activation: "swiglu" | "geglu" | "gelu" | "relu"; bias for
     the experts. dispatcher: a token dispatcher (default ``LocalDispatcher``); ep_group: an
-    expert-parallel process group, which makes ``moe.parallel.AllToAllDispatcher`` and keeps
-    num_experts / world_size experts here (ep_capacity_factor is its padded, sync-free mode).
+    expert-parallel process group, which makes ``moe.parallel.AllToAllDispatcher(num_experts,
+    ep_group, capacity_factor=ep_capacity_factor, capacity_tokens=ep_capacity_tokens)`` and keeps
+    num_experts / world_size experts here. ep_capacity_factor is its padded capacity mode; C is
+    sized from ep_capacity_tokens, a bound on every rank's T (sync-free), else from the largest T
+    of the ranks, agreed at each forward (one small all_gather and host sync).
     x of shape (B, S, D) reaches the router as (B, S, D) (sequence-level losses), any other
     shape as (T, D). forward(x, *, padding_mask=None, state=None) forwards both to the router.
     return_aux_loss: forward returns ``(y, aux_loss)`` instead of keeping aux_loss on the module
@@ -83,7 +86,7 @@ class MoELayer(nn.Module):
                  activation: str = "swiglu", bias: bool = False,
                  capacity_factor: Optional[float] = None, router_kwargs: Optional[dict] = None,
                  dispatcher=None, ep_group=None, ep_capacity_factor: Optional[float] = None,
-                 return_aux_loss: bool = False) -> None:
+                 ep_capacity_tokens: Optional[int] = None, return_aux_loss: bool = False) -> None:
         super().__init__()
         for name, value in (("hidden_size", hidden_size), ("ffn_hidden_size", ffn_hidden_size),
                             ("num_experts", num_experts)):
@@ -91,7 +94,7 @@ class MoELayer(nn.Module):
         self.hidden_size, self.ffn_hidden_size, self.num_experts = hidden_size, ffn_hidden_size, num_experts
         self.router = self._make_router(top_k, router, capacity_factor, router_kwargs or {})
         self.top_k = self.router.top_k
-        self.dispatcher = self._make_dispatcher(dispatcher, ep_group, ep_capacity_factor)
+        self.dispatcher = self._make_dispatcher(dispatcher, ep_group, ep_capacity_factor, ep_capacity_tokens)
         self.experts = GroupedExperts(self.dispatcher.num_local_experts, hidden_size, ffn_hidden_size,
                                       activation=activation, bias=bias)
         if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
@@ -124,11 +127,13 @@ class MoELayer(nn.Module):
             raise ValueError(f"top_k={top_k!r} but router.top_k={router.top_k}; omit top_k with router=")
         return router
 
-    def _make_dispatcher(self, dispatcher, ep_group, ep_capacity_factor):
+    def _make_dispatcher(self, dispatcher, ep_group, ep_capacity_factor, ep_capacity_tokens):
         E = self.num_experts
         if ep_group is None:
-            if ep_capacity_factor is not None:
-                raise ValueError("ep_capacity_factor needs ep_group")
+            for name, value in (("ep_capacity_factor", ep_capacity_factor),
+                                ("ep_capacity_tokens", ep_capacity_tokens)):
+                if value is not None:
+                    raise ValueError(f"{name} needs ep_group")
             return LocalDispatcher(E) if dispatcher is None else dispatcher
         if dispatcher is not None:
             raise ValueError("pass either dispatcher or ep_group, not both")
@@ -137,7 +142,8 @@ class MoELayer(nn.Module):
             raise ValueError(f"num_experts={E} is not divisible by the expert-parallel world size {world}")
         from moe.parallel import AllToAllDispatcher
 
-        return AllToAllDispatcher(E, ep_group, capacity_factor=ep_capacity_factor)
+        return AllToAllDispatcher(E, ep_group, capacity_factor=ep_capacity_factor,
+                                  capacity_tokens=ep_capacity_tokens)
 
     @classmethod
     def fine_grained(cls, hidden_size: int, ffn_hidden_size: int, num_experts: int, top_k: int,

@@ -16,9 +16,12 @@ Dropless mode (``capacity_factor=None``)::
     x_QD ─stable re-sort by local expert─► (local expert, source, source's order), offs_E
 
 Capacity mode (``capacity_factor=f``): every (source, expert) pair owns C = ceil(T*K/E * f)
-slots, so all splits are L*C rows, known on the host: no counts exchange, no host sync. The
-first C routed slots of an expert (in slot order t*K + k, Megatron's "position" policy) are
-kept; the rest are dropped, exactly as if their id were -1 (no output, no gradient), and
+slots, so all splits are L*C rows: no counts exchange. T is one number for the whole group:
+``capacity_tokens`` (a bound the caller passes: no host sync at all after the first dispatch),
+else the largest T of the ranks, agreed at every dispatch by :meth:`_sync_check_config` (one
+all_gather of a few int64 and one host sync), so ranks with different token counts size C
+alike. The first C routed slots of an expert (in slot order t*K + k, Megatron's "position"
+policy) are kept; the rest are dropped, exactly as if their id were -1 (no output, no gradient), and
 counted in ``state.num_dropped``. Unused slots are zero rows; the experts compute on them but
 combine never reads them, so they affect no output and no gradient.
 
@@ -26,11 +29,20 @@ combine reverses the exchange and applies the routing weights (Shazeer et al. 20
 y_t = sum_k w_tk E_{e_tk}(x_t)), accumulated in float32. Both exchanges are differentiable:
 the backward of an all-to-all is the all-to-all with the splits swapped. Every rank of the
 group must call dispatch/combine (and backward) the same number of times, in the same order.
+
+The group's configuration is checked before any token moves: at the first dispatch (and again
+when this rank's D, dtype or K change), :meth:`_sync_check_config` gathers every rank's E, D,
+K, dtype, mode, capacity_factor, capacity_tokens and T (one all_gather of W x 9 int64, one
+host sync) and every rank raises the same ValueError naming the setting and each rank's value
+when they differ, or when a rank's dispatch arguments are invalid, instead of one rank
+aborting the process in a mismatched all-to-all. Later dispatches check their arguments
+locally (a rank that raises there leaves the others waiting in the next collective).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import struct
 from typing import Optional
 
 import torch
@@ -43,8 +55,19 @@ from einops import rearrange
 from moe import ops
 from moe.dispatch import ExpertRows, routing_args, check_dispatch_args
 from routers.capacity import capacity, check_capacity_factor, keep_first_slots
+from routers.checks import check_int
 
 __all__ = ["AllToAllDispatcher", "AllToAllState"]
+
+# The fields of _sync_check_config's int64 vector, in order, with the words of its error.
+_CONFIG_FIELDS = (("E", "num_experts E"), ("D", "hidden size D (x_TD.shape[1])"),
+                  ("K", "routing slots K (ids_TK.shape[1])"), ("dtype", "dtype of x_TD"),
+                  ("mode", "mode"), ("capacity_factor", "capacity_factor"),
+                  ("capacity_tokens", "capacity_tokens"), ("T", "T"), ("bad_args", "bad_args"))
+_DTYPES = tuple(getattr(torch, n) for n in ("float32", "float64", "float16", "bfloat16", "float8_e4m3fn",
+                                             "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                if hasattr(torch, n))
+_MODES = ("dropless", "capacity")
 
 
 class _AllToAll(torch.autograd.Function):
@@ -91,9 +114,12 @@ class AllToAllDispatcher(nn.Module):
     num_experts: E, global (must be divisible by W). group: the expert-parallel process group
     (None: the default group). capacity_factor: None = dropless (one host sync per dispatch,
     :meth:`_sync_split_sizes`); f > 0 = capacity mode, C = ceil(T*K/E * f) slots per (source
-    rank, expert), sync-free. capacity_tokens: the T that C is sized from, a bound shared by all
-    ranks (default: this rank's T, which must then be equal on every rank: with unequal T the
-    ranks disagree on the split sizes)."""
+    rank, expert). capacity_tokens: the T that C is sized from, a bound on every rank's T
+    (sync-free after the first dispatch); default: the largest T of the group's ranks, agreed at
+    every dispatch (:meth:`_sync_check_config`, one small all_gather and host sync), so the
+    ranks may hold different token counts. The first dispatch checks that all ranks agree on
+    E, D, K, dtype, mode and capacity settings and raises the same ValueError on every rank
+    when they do not (see the module docstring)."""
 
     def __init__(self, num_experts: int, group=None, *, capacity_factor: Optional[float] = None,
                  capacity_tokens: Optional[int] = None) -> None:
@@ -107,17 +133,19 @@ class AllToAllDispatcher(nn.Module):
         if num_experts % world:
             raise ValueError(f"AllToAllDispatcher: num_experts={num_experts} is not divisible by the "
                              f"expert-parallel world size {world}")
-        check_capacity_factor(capacity_factor)
-        if capacity_tokens is not None and (capacity_factor is None or not isinstance(capacity_tokens, int)
-                                            or capacity_tokens < 0):
-            raise ValueError(f"AllToAllDispatcher: capacity_tokens must be an int >= 0 used with "
-                             f"capacity_factor, got {capacity_tokens!r}")
+        capacity_factor = check_capacity_factor(capacity_factor)
+        if capacity_tokens is not None:
+            if capacity_factor is None:
+                raise ValueError(f"AllToAllDispatcher: capacity_tokens={capacity_tokens!r} needs capacity_factor "
+                                 f"(dropless mode has no capacity)")
+            capacity_tokens = check_int("capacity_tokens", capacity_tokens, minimum=0)
         self.num_experts, self.group, self.world_size = num_experts, group, world
         self.rank = dist.get_rank(group)
         if self.rank < 0:
             raise ValueError("AllToAllDispatcher: this process is not a member of group")
         self.num_local_experts = num_experts // world
         self.capacity_factor, self.capacity_tokens = capacity_factor, capacity_tokens
+        self._agreed = None  # (D, dtype, K) the group last agreed on in _sync_check_config
 
     def capacity(self, num_tokens: int, top_k: int) -> int:
         """C = ceil(T*K/E * capacity_factor) slots per (source rank, expert) (the expert
@@ -134,15 +162,62 @@ class AllToAllDispatcher(nn.Module):
         process, materialised and sorted by local expert (then source rank, then the source's
         slot order), with their offsets offs_E int32 (L,). Dropless: Q rows, all routed.
         Capacity: L*W*C rows, each expert's W*C slots holding its routed rows or zeros."""
-        ids_TK, weights_TK, legacy = routing_args("AllToAllDispatcher.dispatch", routing, weights_TK)
-        check_dispatch_args(x_TD, ids_TK, weights_TK)
+        try:
+            ids_TK, weights_TK, legacy = routing_args("AllToAllDispatcher.dispatch", routing, weights_TK)
+            check_dispatch_args(x_TD, ids_TK, weights_TK)
+            error, key = None, (x_TD.shape[1], x_TD.dtype, ids_TK.shape[1])
+        except (TypeError, ValueError) as e:
+            error, key = e, None
+        T_group = self._agree(x_TD, key, error)
         if weights_TK.dtype not in (torch.float32, x_TD.dtype):
             weights_TK = weights_TK.to(torch.float32)
         if self.capacity_factor is None:
             x_ND, offs_E, state = self._dispatch_dropless(x_TD, ids_TK, weights_TK)
         else:
-            x_ND, offs_E, state = self._dispatch_capacity(x_TD, ids_TK, weights_TK)
+            x_ND, offs_E, state = self._dispatch_capacity(x_TD, ids_TK, weights_TK, T_group)
         return (x_ND, offs_E, state) if legacy else (ExpertRows(x_ND, offs_E), state)
+
+    def _agree(self, x_TD, key, error) -> Optional[int]:
+        """Runs :meth:`_sync_check_config`, which reports a rank's invalid arguments (``error``)
+        to every rank, at the first dispatch, when this rank's key (D, dtype, K) changed, and at
+        every dispatch in capacity mode without capacity_tokens; otherwise raises ``error`` here.
+        Returns the T that capacity mode sizes C from."""
+        collective = self._agreed is None or (self.capacity_factor is not None and self.capacity_tokens is None)
+        if error is not None and not collective:
+            raise error
+        if not collective and key == self._agreed:
+            T = x_TD.shape[0]
+            if self.capacity_tokens is not None and T > self.capacity_tokens:
+                raise ValueError(f"dispatch: x_TD has T={T} tokens, more than capacity_tokens={self.capacity_tokens}")
+            return self.capacity_tokens
+        T_group = self._sync_check_config(x_TD, key, error)
+        self._agreed = key
+        return T_group
+
+    def _sync_check_config(self, x_TD, key, error) -> int:
+        """THE configuration check of the group (and, in capacity mode without capacity_tokens,
+        the agreement on T): one all_gather of every rank's (E, D, K, dtype, mode,
+        capacity_factor, capacity_tokens, T, bad arguments) as W x 9 int64 and one host sync.
+        Raises the same ValueError on every rank when the ranks disagree (or a rank's
+        arguments are invalid: that rank raises its own error). Returns the T capacity mode
+        sizes C from: capacity_tokens, else the largest T of the group."""
+        D, dtype, K = key if key is not None else (-1, None, -1)
+        cf = -1 if self.capacity_factor is None else struct.unpack("<q", struct.pack("<d", self.capacity_factor))[0]
+        mine = [self.num_experts, D, K, _DTYPES.index(dtype) if dtype in _DTYPES else -1,
+                int(self.capacity_factor is not None), cf,
+                -1 if self.capacity_tokens is None else self.capacity_tokens,
+                x_TD.shape[0] if key is not None else -1, int(error is not None)]
+        device = x_TD.device if isinstance(x_TD, Tensor) else _group_device(self.group)
+        mine_t = torch.tensor(mine, dtype=torch.int64, device=device)
+        gathered = [torch.empty_like(mine_t) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine_t, group=self.group)
+        rows = [dict(zip((f for f, _ in _CONFIG_FIELDS), r)) for r in torch.stack(gathered).tolist()]
+        if error is not None:
+            raise error
+        _raise_on_disagreement(rows, self.rank)
+        if self.capacity_tokens is not None:
+            return self.capacity_tokens
+        return max(r["T"] for r in rows)
 
     def combine(self, y_ND: Tensor, state: AllToAllState) -> Tensor:
         """y_ND expert outputs in dispatch order (the rows dispatch returned) -> y_TD (T, D) on
@@ -194,11 +269,9 @@ class AllToAllDispatcher(nn.Module):
         state = AllToAllState(plan, weights_TK, zero, send_splits, recv_splits, local_plan)
         return ops.permute(x_QD, local_plan), local_plan.offs_E, state
 
-    def _dispatch_capacity(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor):
-        T, K = ids_TK.shape
-        if self.capacity_tokens is not None and T > self.capacity_tokens:
-            raise ValueError(f"dispatch: x_TD has T={T} tokens, more than capacity_tokens={self.capacity_tokens}")
-        E, W, L, C = self.num_experts, self.world_size, self.num_local_experts, self.capacity(T, K)
+    def _dispatch_capacity(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, T_group: int):
+        K = ids_TK.shape[1]
+        E, W, L, C = self.num_experts, self.world_size, self.num_local_experts, self.capacity(T_group, K)
         # Megatron's "position" policy: each expert keeps its first C routed slots in slot order
         # (one slot per token and expert, so token order is slot order).
         kept_TK, weights_TK = keep_first_slots(ids_TK, weights_TK, C, E)
@@ -223,3 +296,46 @@ class AllToAllDispatcher(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, world_size={self.world_size}, "
                 f"num_local_experts={self.num_local_experts}, capacity_factor={self.capacity_factor}")
+
+
+def _group_device(group) -> torch.device:
+    """Where the group's collectives take tensors when x_TD gives no device: CUDA for NCCL."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _raise_on_disagreement(rows: list, rank: int) -> None:
+    """rows: each rank's fields of _sync_check_config (the same list on every rank), so every
+    rank raises the same error, naming each setting the ranks disagree on and each rank's value."""
+    bad = [r for r, row in enumerate(rows) if row["bad_args"]]
+    if bad:
+        raise ValueError(f"AllToAllDispatcher.dispatch: rank(s) {bad} of the expert-parallel group got invalid "
+                         f"arguments (their own error says which); no rank exchanged tokens")
+    problems = []
+    for field, words in _CONFIG_FIELDS[:7]:
+        values = [row[field] for row in rows]
+        if len(set(values)) > 1:
+            shown = ", ".join(f"rank {r}: {_show(field, v)}" for r, v in enumerate(values))
+            problems.append(f"{words} ({shown})")
+    cap = rows[0]["capacity_tokens"]
+    over = [(r, row["T"]) for r, row in enumerate(rows) if cap >= 0 and row["T"] > cap]
+    if over and not problems:
+        problems.append(f"T within capacity_tokens={cap} (" + ", ".join(f"rank {r}: T={t}" for r, t in over) + ")")
+    if problems:
+        raise ValueError("AllToAllDispatcher: the ranks of the expert-parallel group disagree on "
+                         + "; ".join(problems) + f" (this is rank {rank}); no rank exchanged tokens")
+
+
+def _show(field: str, value: int):
+    """A field of _sync_check_config's vector as the user wrote it."""
+    if field == "dtype":
+        return _DTYPES[value] if 0 <= value < len(_DTYPES) else "another dtype"
+    if field == "mode":
+        return _MODES[value]
+    if field == "capacity_factor":
+        return None if value == -1 else struct.unpack("<d", struct.pack("<q", value))[0]
+    if field == "capacity_tokens":
+        return None if value == -1 else value
+    return value
+

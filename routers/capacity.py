@@ -12,27 +12,33 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from routers.checks import check_number
+
 DROP_POLICIES = ("probs", "position")
 
 
 def capacity(T: int, K: int, E: int, factor: float, *, min_capacity: Optional[int] = None) -> int:
     """Per-expert capacity ceil(T*K/E * factor) (GShard / Switch Transformer, Eq. 3): the one
     capacity rule of moekit (routers, and the expert-parallel dispatcher per source rank)."""
-    check_capacity_factor(factor, allow_none=False)
-    cap = math.ceil(T * K / E * factor)
+    factor = check_capacity_factor(factor, allow_none=False)
+    raw = T * K / E * factor
+    if not math.isfinite(raw):
+        raise ValueError(f"capacity_factor={factor!r} makes the capacity of {T} tokens x {K} slots / {E} "
+                         f"experts overflow")
+    cap = math.ceil(raw)
     if min_capacity is not None:
         cap = max(cap, min_capacity)
     return cap
 
 
-def check_capacity_factor(capacity_factor: Optional[float], *, allow_none: bool = True) -> None:
-    """The one validation of a capacity factor: a number > 0 (or None = dropless, where allowed)."""
-    if capacity_factor is None and allow_none:
-        return
-    if not (isinstance(capacity_factor, (int, float)) and not isinstance(capacity_factor, bool)
-            and capacity_factor > 0):
-        raise ValueError(f"capacity_factor must be {'None (dropless) or ' if allow_none else ''}> 0, "
-                         f"got {capacity_factor!r}")
+def check_capacity_factor(capacity_factor: Optional[float], *, allow_none: bool = True) -> Optional[float]:
+    """The one validation of a capacity factor: a finite number > 0 (or None = dropless, where
+    allowed); returns it as float (or None). inf, NaN and bools are refused."""
+    if capacity_factor is None:
+        if allow_none:
+            return None
+        raise ValueError("capacity_factor must be a finite number > 0 here, got None (dropless)")
+    return check_number("capacity_factor", capacity_factor, gt=0.0)
 
 
 def apply_capacity(

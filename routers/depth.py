@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from routers.checks import check_coefficient, check_int, check_number
 from routers.losses import loss_free_bias_update_, membership_bce_loss, switch_load_balancing_loss, z_loss
 from routers.routing import RouterBase, Routing, count_chosen, expert_counts, make_routing
 
@@ -68,8 +69,7 @@ def capacity_schedule(cfg: ExpertChoiceConfig, num_recursions: int) -> tuple:
     caps = tuple(cfg.capacities) if cfg.capacities is not None else default_capacities(num_recursions)
     if len(caps) != num_recursions:
         raise ValueError(f"capacities has {len(caps)} entries, num_recursions={num_recursions}")
-    if any(not 0.0 <= c <= 1.0 for c in caps):
-        raise ValueError(f"capacities={caps} must lie in [0, 1]")
+    caps = tuple(check_number(f"capacities[{r}]", c, ge=0.0, le=1.0) for r, c in enumerate(caps))
     if any(b > a for a, b in zip(caps, caps[1:])):
         raise ValueError(f"capacities={caps} must be non-increasing (hierarchical filtering)")
     return caps
@@ -105,15 +105,14 @@ class ExpertChoiceStepRouter(RouterBase):
                  check_finite: bool = True) -> None:
         super().__init__()
         self._init_common(hidden_size, 1, jitter=0.0, check_finite=check_finite)
-        if not 0.0 <= capacity <= 1.0:
-            raise ValueError(f"capacity={capacity} must lie in [0, 1] (see capacities)")
-        if not cfg.alpha > 0:
-            raise ValueError(f"alpha={cfg.alpha} must be > 0")
-        if not cfg.router_init_std >= 0:
-            raise ValueError(f"router_init_std={cfg.router_init_std} must be >= 0")
+        capacity = check_number("capacity", capacity, ge=0.0, le=1.0)
+        check_number("alpha", cfg.alpha, gt=0.0)
+        check_number("router_init_std", cfg.router_init_std, ge=0.0)
+        check_coefficient("bce_coef", cfg.bce_coef)
+        check_coefficient("z_coef", cfg.z_coef)
         if cfg.eval_routing not in EVAL_ROUTINGS:
             raise ValueError(f"eval_routing={cfg.eval_routing!r} must be one of {EVAL_ROUTINGS}")
-        self.top_k, self.capacity, self.cfg = 1, float(capacity), cfg
+        self.top_k, self.capacity, self.cfg = 1, capacity, cfg
         self.last_stats: dict = {}
         self._init_linear(cfg.router_init_std)
 
@@ -176,17 +175,18 @@ class TokenChoiceDepthRouter(RouterBase):
     def __init__(self, hidden_size: int, num_recursions: int, cfg: TokenChoiceConfig, *,
                  check_finite: bool = True) -> None:
         super().__init__()
+        num_recursions = check_int("num_recursions", num_recursions)
         self._init_common(hidden_size, num_recursions, jitter=0.0, check_finite=check_finite)
         if cfg.router_func not in ("softmax", "sigmoid"):
             raise ValueError(f"router_func={cfg.router_func!r} must be 'softmax' or 'sigmoid'")
         if cfg.balancing not in DEPTH_BALANCING:
             raise ValueError(f"balancing={cfg.balancing!r} must be one of {DEPTH_BALANCING}")
         alpha = cfg.alpha if cfg.alpha is not None else (1.0 if cfg.router_func == "softmax" else 0.1)
-        if not alpha > 0:
-            raise ValueError(f"alpha={alpha} must be > 0")
-        if not cfg.router_init_std >= 0:
-            raise ValueError(f"router_init_std={cfg.router_init_std} must be >= 0")
-        self.top_k, self.alpha, self.cfg = 1, float(alpha), cfg
+        alpha = check_number("alpha", alpha, gt=0.0)
+        check_number("router_init_std", cfg.router_init_std, ge=0.0)
+        for name in ("balance_coef", "z_coef", "bias_rate"):
+            check_coefficient(name, getattr(cfg, name))
+        self.top_k, self.alpha, self.cfg = 1, alpha, cfg
         self.register_buffer("depth_bias", torch.zeros(num_recursions))
         self.register_buffer("load_sum", torch.zeros(num_recursions), persistent=False)
         self.last_stats: dict = {}

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from routers.capacity import capacity, check_capacity_factor
+from routers.checks import check_coefficient
 from routers.losses import z_loss
 from routers.routing import RouterBase, Routing, expert_counts, make_routing
 
@@ -44,12 +45,9 @@ class ExpertChoiceRouter(RouterBase):
     ) -> None:
         super().__init__()
         self._init_common(hidden_size, num_experts, jitter=0.0, check_finite=check_finite)
-        check_capacity_factor(capacity_factor, allow_none=False)
-        if not z_loss_coeff >= 0:
-            raise ValueError(f"z_loss_coeff must be >= 0, got {z_loss_coeff!r}")
-        self.capacity_factor = float(capacity_factor)
-        self.z_loss_coeff = float(z_loss_coeff)
-        self.top_k = num_experts
+        self.capacity_factor = check_capacity_factor(capacity_factor, allow_none=False)
+        self.z_loss_coeff = check_coefficient("z_loss_coeff", z_loss_coeff)
+        self.top_k = self.num_experts
         self._init_linear(init_std)
 
     @property

@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from routers.checks import check_coefficient
+
 BALANCE_LOSS_KINDS = ("switch", "seq", None)
 
 
@@ -93,13 +95,12 @@ def balance_loss_args(owner: str, balance_loss, balance_loss_coeff, deprecated: 
     return deprecated.get("aux_loss", balance_loss), deprecated.get("aux_loss_coeff", balance_loss_coeff)
 
 
-def check_loss_config(balance_loss, balance_loss_coeff: float, z_loss_coeff: float) -> None:
+def check_loss_config(balance_loss, balance_loss_coeff: float, z_loss_coeff: float) -> tuple:
+    """-> (balance_loss, balance_loss_coeff, z_loss_coeff) checked (coefficients as floats)."""
     if balance_loss not in BALANCE_LOSS_KINDS:
         raise ValueError(f"balance_loss must be one of {BALANCE_LOSS_KINDS}, got {balance_loss!r}")
-    if not balance_loss_coeff >= 0:
-        raise ValueError(f"balance_loss_coeff must be >= 0, got {balance_loss_coeff!r}")
-    if not z_loss_coeff >= 0:
-        raise ValueError(f"z_loss_coeff must be >= 0, got {z_loss_coeff!r}")
+    return (balance_loss, check_coefficient("balance_loss_coeff", balance_loss_coeff),
+            check_coefficient("z_loss_coeff", z_loss_coeff))
 
 
 def balance_losses(
@@ -149,6 +150,7 @@ def loss_free_bias_update_(bias_E: Tensor, load_E: Tensor, rate: float) -> Tenso
     (E,) is any per-choice load (token counts, or load fractions summed over micro-batches),
     compared in float32 (float64 when it is float64). The one bias rule of moekit's routers
     (TopKRouter's expert bias and the token-choice depth bias of Mixture-of-Recursions)."""
+    rate = check_coefficient("rate", rate)
     dtype = torch.float64 if load_E.dtype == torch.float64 else torch.float32
     load = load_E.to(device=bias_E.device, dtype=dtype)
     return bias_E.add_(torch.sign(load.mean() - load), alpha=rate)

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from routers.checks import check_int, check_number
 from routers.losses import balance_loss_args
 from routers.routing import Routing
 from routers.topk import TopKBase
@@ -97,12 +98,10 @@ class RecurrentRouter(TopKBase):
             balance_loss=balance_loss, balance_loss_coeff=balance_loss_coeff, z_loss_coeff=z_loss_coeff,
             check_finite=check_finite,
         )
-        if not isinstance(router_dim, int) or router_dim < 1:
-            raise ValueError(f"router_dim must be a positive int, got {router_dim!r}")
-        self.router_dim = router_dim
-        self.init_std = float(init_std)
-        self.w1_RD = nn.Parameter(torch.empty(router_dim, hidden_size))
-        self.w2_ER = nn.Parameter(torch.empty(num_experts, router_dim))
+        self.router_dim = router_dim = check_int("router_dim", router_dim)
+        self.init_std = check_number("init_std", init_std, ge=0.0)
+        self.w1_RD = nn.Parameter(torch.empty(router_dim, self.hidden_size))
+        self.w2_ER = nn.Parameter(torch.empty(self.num_experts, router_dim))
         if cell is None:
             self.cell = nn.GRUCell(router_dim, router_dim)
         else:
@@ -183,6 +182,12 @@ class _AddGrad(torch.autograd.Function):
         return grad_TR + g_TR, None
 
 
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward pass on this thread: a layer called then is
+    a recomputation (activation checkpointing, reentrant or not), not a new forward."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class RecurrentState:
     """The states a RecurrentRouterChain hands from layer to layer when its layers are called
     without ``state=`` (drop-in use): h_i by layer index, for the current model forward. One
@@ -192,6 +197,13 @@ class RecurrentState:
     recurrence); ``write(i, h)`` stores h_i. Layer i reads layer i-1's entry, not the latest one,
     so a layer recomputed during backward (activation checkpointing) reads the same input state
     as in its forward: recomputation runs top-down, layer i before layer i-1.
+
+    What a forward is: layer 0, called outside a backward pass, starts one; every layer i > 0
+    then runs at most once, after layer i-1, in that forward. So a layer i > 0 whose layer i-1
+    has not run since layer 0 last ran, or that already ran since then (a new forward that
+    skipped layer 0), raises RuntimeError instead of routing from the previous forward's state,
+    whatever the token count. Calls inside a backward pass are recomputations (activation
+    checkpointing): they read the states of the forward they recompute and start nothing.
 
     Recompute whose forward ran without grad (``checkpoint(use_reentrant=True)``, Megatron's
     recompute): the stored h_{i-1} has no autograd history, so recomputed layer i routes from a
@@ -212,6 +224,8 @@ class RecurrentState:
     def __init__(self) -> None:
         self._h: dict = {}  # layer i -> h_i (T, R) written in this forward
         self._leaves: dict = {}  # layer i -> the leaf recomputed layer i routed from
+        self._forward = 0  # forwards started (layer 0 called outside a backward pass)
+        self._written_in: dict = {}  # layer i -> the forward that wrote h_i
 
     def __len__(self) -> int:
         return len(self._h)
@@ -227,6 +241,7 @@ class RecurrentState:
         """Forget the stored states and pending gradients (frees their autograd graph)."""
         self._h.clear()
         self._leaves.clear()
+        self._written_in.clear()
 
     def reset_on_forward(self, model: nn.Module):
         """Calls reset() at the start of every forward of ``model`` (a forward pre-hook, which
@@ -238,8 +253,9 @@ class RecurrentState:
 
     def read(self, i: int, x_TD: Tensor, R: int) -> Tensor:
         """h_{i-1} (T, R) for layer i, whose input is x_TD."""
-        T = x_TD.shape[0]
+        T, recompute = x_TD.shape[0], _in_backward()
         if i == 0:
+            self._forward += 0 if recompute else 1
             return x_TD.new_zeros(T, R)
         prev = self._h.get(i - 1)
         if prev is None:
@@ -247,10 +263,20 @@ class RecurrentState:
                 f"RecurrentRouterChain: layer {i} was called without state= but layer {i - 1} has not "
                 f"run yet; call the layers in order or pass state="
             )
+        if not recompute and self._written_in.get(i) == self._forward:
+            raise RuntimeError(
+                f"RecurrentRouterChain: layer {i} already ran since layer 0 last ran: a new forward must "
+                f"start at layer 0 (h_0 = 0), or pass state= explicitly"
+            )
+        if not recompute and self._written_in[i - 1] != self._forward:
+            raise RuntimeError(
+                f"RecurrentRouterChain: layer {i - 1} did not run in this forward (its stored state is "
+                f"from an earlier one); call the layers in order from layer 0 or pass state="
+            )
         if prev.shape[0] != T:
             raise RuntimeError(
-                f"RecurrentRouterChain: layer {i - 1}'s stored state has {prev.shape[0]} tokens but x has "
-                f"{T}; layer {i - 1} did not run in this forward (pass state= explicitly)"
+                f"RecurrentRouterChain: layer {i - 1} routed {prev.shape[0]} tokens in this forward but "
+                f"layer {i}'s x has {T}"
             )
         if torch.is_grad_enabled() and not prev.requires_grad:  # recompute after a no-grad forward
             prev = prev.detach().requires_grad_()
@@ -266,6 +292,7 @@ class RecurrentState:
         # Without grad, keep a separate tensor: the returned one may become the output of a
         # reentrant checkpoint (and get its grad_fn) if the caller returns it.
         self._h[i] = h_TR if torch.is_grad_enabled() else h_TR.detach()
+        self._written_in[i] = self._forward
         return h_TR
 
     def __deepcopy__(self, memo) -> "RecurrentState":
@@ -286,8 +313,9 @@ class RecurrentRouterChain(nn.Module):
     ``r.state`` (None at layer 0); through MoELayers, ``layer(x, state=prev.last_routing.state)``.
     Drop-in use, for models whose layers only call ``mlp(x)``: ``chain[i](x)`` reads h_{i-1} from
     and writes h_i to ``chain.states``, the chain's one :class:`RecurrentState` (its docstring
-    has the rules: layer 0 starts from zeros; ``chain.reset()`` or ``chain.reset_on_forward(model)``
-    at the start of each model forward; a recomputed layer reads the same input state as in its
+    has the rules: layer 0 starts from zeros and starts a forward, in which each later layer runs
+    once, in order, or raises; ``chain.reset()`` or ``chain.reset_on_forward(model)`` at the start
+    of each model forward frees the last one's states; a recomputed layer reads the same input state as in its
     forward, and the recurrent gradient crosses recomputed layers, reentrant or not).
     The shared cell is a submodule of layer 0's router, so a model that registers only the
     per-layer routers (each in its MoE block) still sees it, once; registering the chain too
@@ -297,10 +325,8 @@ class RecurrentRouterChain(nn.Module):
     def __init__(self, num_layers: int, hidden_size: int, num_experts: int, top_k: int,
                  router_dim: int = 128, **router_kwargs) -> None:
         super().__init__()
-        if not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
-        if not isinstance(router_dim, int) or router_dim < 1:
-            raise ValueError(f"router_dim must be a positive int, got {router_dim!r}")
+        num_layers = check_int("num_layers", num_layers)
+        router_dim = check_int("router_dim", router_dim)
         first = RecurrentRouter(hidden_size, num_experts, top_k, router_dim=router_dim, **router_kwargs)
         self.layers = nn.ModuleList(
             [first] + [RecurrentRouter(hidden_size, num_experts, top_k, router_dim=router_dim, cell=first.gru,

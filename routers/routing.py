@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from routers.checks import check_int, check_number
+
 
 @dataclass(frozen=True)
 class Routing:
@@ -151,15 +153,9 @@ class RouterBase(nn.Module):
         return self.top_k
 
     def _init_common(self, hidden_size: int, num_experts: int, *, jitter: float, check_finite: bool) -> None:
-        if not isinstance(hidden_size, int) or hidden_size < 1:
-            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
-        if not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-        if not 0.0 <= jitter < 1.0:
-            raise ValueError(f"jitter must be in [0, 1), got {jitter!r}")
-        self.hidden_size = hidden_size
-        self.num_experts = num_experts
-        self.jitter = float(jitter)
+        self.hidden_size = check_int("hidden_size", hidden_size)
+        self.num_experts = check_int("num_experts", num_experts)
+        self.jitter = check_number("jitter", jitter, ge=0.0, lt=1.0)
         self.check_finite = bool(check_finite)
 
     def _prepare(self, x: Tensor, padding_mask: Optional[Tensor], device: torch.device, upcast: bool = True):
@@ -204,7 +200,7 @@ class RouterBase(nn.Module):
 
     def _init_linear(self, init_std: float) -> None:
         """A linear gate: weight (E, D), the layout of Hugging Face's router ``weight``."""
-        self.init_std = float(init_std)
+        self.init_std = check_number("init_std", init_std, ge=0.0)
         self.weight = nn.Parameter(torch.empty(self.num_experts, self.hidden_size))
         nn.init.normal_(self.weight, std=self.init_std)
 

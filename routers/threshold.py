@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from routers.capacity import apply_capacity, capacity, check_capacity_factor, xmoe_priority
+from routers.checks import check_coefficient, check_int, check_number
 from routers.losses import balance_loss_args, balance_losses, check_loss_config, entropy_loss
 from routers.routing import RouterBase, Routing, count_chosen, make_routing
 
@@ -84,22 +85,16 @@ class ThresholdRouter(RouterBase):
         super().__init__()
         balance_loss, balance_loss_coeff = balance_loss_args("ThresholdRouter", balance_loss, balance_loss_coeff, deprecated)
         self._init_common(hidden_size, num_experts, jitter=jitter, check_finite=check_finite)
-        if not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
-            raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+        threshold = check_number("threshold", threshold, gt=0.0, le=1.0)
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-        if max_experts is not None and (not isinstance(max_experts, int) or not 1 <= max_experts <= num_experts):
-            raise ValueError(f"max_experts must be None or an int in [1, num_experts={num_experts}], got {max_experts!r}")
-        check_capacity_factor(capacity_factor)
-        check_loss_config(balance_loss, balance_loss_coeff, z_loss_coeff)
-        if not dynamic_loss_coeff >= 0:
-            raise ValueError(f"dynamic_loss_coeff must be >= 0, got {dynamic_loss_coeff!r}")
-        self.threshold, self.rule, self.renormalize = float(threshold), rule, bool(renormalize)
-        self.top_k = num_experts if max_experts is None else max_experts
-        self.capacity_factor = capacity_factor
-        self.balance_loss, self.balance_loss_coeff = balance_loss, float(balance_loss_coeff)
-        self.z_loss_coeff = float(z_loss_coeff)
-        self.dynamic_loss_coeff = float(dynamic_loss_coeff)
+        E = self.num_experts
+        self.top_k = E if max_experts is None else check_int("max_experts", max_experts, maximum=E)
+        self.capacity_factor = check_capacity_factor(capacity_factor)
+        self.balance_loss, self.balance_loss_coeff, self.z_loss_coeff = check_loss_config(
+            balance_loss, balance_loss_coeff, z_loss_coeff)
+        self.dynamic_loss_coeff = check_coefficient("dynamic_loss_coeff", dynamic_loss_coeff)
+        self.threshold, self.rule, self.renormalize = threshold, rule, bool(renormalize)
         self._init_linear(init_std)
 
     def forward(self, x: Tensor, *, state=None, padding_mask: Optional[Tensor] = None) -> Routing:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from routers.capacity import DROP_POLICIES, apply_capacity, capacity, check_capacity_factor, keep_first_slots
+from routers.checks import check_int, check_number
 from routers.losses import balance_loss_args, balance_losses, check_loss_config, loss_free_bias_update_
 from routers.routing import RouterBase, Routing, count_chosen, make_routing
 
@@ -113,21 +114,23 @@ class TopKBase(RouterBase):
         check_finite: bool,
     ) -> None:
         self._init_common(hidden_size, num_experts, jitter=jitter, check_finite=check_finite)
-        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+        num_experts = self.num_experts
+        top_k = check_int("top_k", top_k, maximum=num_experts)
         if score not in ("softmax", "sigmoid"):
             raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
         if drop_policy not in DROP_POLICIES:
             raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
-        check_capacity_factor(capacity_factor)
-        check_loss_config(balance_loss, balance_loss_coeff, z_loss_coeff)
+        capacity_factor = check_capacity_factor(capacity_factor)
+        balance_loss, balance_loss_coeff, z_loss_coeff = check_loss_config(balance_loss, balance_loss_coeff,
+                                                                           z_loss_coeff)
+        routed_scaling_factor = check_number("routed_scaling_factor", routed_scaling_factor, gt=0.0)
         if (num_groups is None) != (topk_groups is None):
             raise ValueError("num_groups and topk_groups must be given together")
         if num_groups is not None:
-            if not isinstance(num_groups, int) or num_groups < 1 or num_experts % num_groups:
+            num_groups = check_int("num_groups", num_groups, maximum=num_experts)
+            if num_experts % num_groups:
                 raise ValueError(f"num_groups must divide num_experts={num_experts}, got {num_groups!r}")
-            if not isinstance(topk_groups, int) or not 1 <= topk_groups <= num_groups:
-                raise ValueError(f"topk_groups must be in [1, num_groups={num_groups}], got {topk_groups!r}")
+            topk_groups = check_int("topk_groups", topk_groups, maximum=num_groups)
             if top_k > topk_groups * (num_experts // num_groups):
                 raise ValueError(
                     f"top_k={top_k} exceeds the {topk_groups * (num_experts // num_groups)} experts in "
@@ -136,11 +139,10 @@ class TopKBase(RouterBase):
         self.top_k = top_k
         self.score = score
         self.norm_topk = (top_k > 1) if norm_topk is None else bool(norm_topk)
-        self.routed_scaling_factor = float(routed_scaling_factor)
+        self.routed_scaling_factor = routed_scaling_factor
         self.num_groups, self.topk_groups = num_groups, topk_groups
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
-        self.balance_loss, self.balance_loss_coeff = balance_loss, float(balance_loss_coeff)
-        self.z_loss_coeff = float(z_loss_coeff)
+        self.balance_loss, self.balance_loss_coeff, self.z_loss_coeff = balance_loss, balance_loss_coeff, z_loss_coeff
         if expert_bias:
             self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
         else:

@@ -113,7 +113,9 @@ def _run_case(group, d, E, *, capacity_factor=None, capacity_tokens=None, spy=Fa
     (y * d["cot"][lo:hi]).sum().backward()
 
     ids = d["ids"]
-    C = None if capacity_factor is None else disp.capacity(hi - lo, d["ids"].shape[1])
+    # capacity mode: C from capacity_tokens, else from the largest T of the group
+    C = None if capacity_factor is None else disp.capacity(max(d["Ts"]), d["ids"].shape[1])
+    assert state.capacity == C
     if C is not None:
         ids = _drop_reference(ids, d["Ts"], E, C)
         n_drop = int(((d["ids"][lo:hi] >= 0) & (ids[lo:hi] < 0)).sum())
@@ -174,6 +176,9 @@ def _worker_cases(rank: int, W: int) -> dict:
     facts["cap_sender_T0"] = _run_case(group, _data(7, t0, E, L, f64), E, capacity_factor=1.5,
                                        capacity_tokens=max(t0))
     facts["cap_float32"] = _run_case(group, _data(8, eq, E, L, f32), E, capacity_factor=0.75)
+    # different token counts per rank, no capacity_tokens: the ranks agree on the largest T
+    facts["cap_uneven"] = _run_case(group, _data(12, uneven, E, L, f64), E, capacity_factor=1.0, spy=True)
+    facts["cap_uneven_T0"] = _run_case(group, _data(13, t0, E, L, f64), E, capacity_factor=0.5)
     if W == 4:  # two expert-parallel groups of 2 inside the world of 4, different data each
         subs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
         facts["subgroup"] = _run_case(subs[rank // 2], _data(9 + rank // 2, [3, 5], 4, 2, f64), 4)
@@ -183,9 +188,13 @@ def _worker_cases(rank: int, W: int) -> dict:
         _run_case(group, _data(20, [0] * W, E, L, f64), E, capacity_factor=cf)
     _check_layer(group, E, t0)
     _check_layer(group, E, eq, ep_capacity_factor=1.0)
+    _check_layer(group, E, uneven, ep_capacity_factor=1.0)  # C from the largest T, agreed
+    _check_layer(group, E, uneven, ep_capacity_factor=0.5, ep_capacity_tokens=max(uneven) + 2)
     _check_gradcheck(group, E)
     _check_errors(group, E)
-    assert _module_state() == before, "moe module-level state changed"
+    after = _module_state()
+    changed = sorted(k for k in set(after) | set(before) if after.get(k) != before.get(k))
+    assert not changed, f"moe module-level state changed: {changed}"
     return facts
 
 
@@ -201,7 +210,8 @@ def _check_sweep(group, n: int = 12) -> int:
         Ts = torch.randint(0, 7, (W,), generator=g).tolist()
         cf = [None, None, 0.5, 1.0, 2.0][int(torch.randint(0, 5, (), generator=g))]
         d = _data(200 + i, Ts, L * W, L, torch.float64, to_rank0=to_rank0, k=k)
-        _run_case(group, d, L * W, capacity_factor=cf, capacity_tokens=None if cf is None else max(Ts))
+        tokens = None if cf is None or i % 2 else max(Ts) + i % 3  # a bound, or the agreed largest T
+        _run_case(group, d, L * W, capacity_factor=cf, capacity_tokens=tokens)
     return n
 
 
@@ -217,7 +227,7 @@ class _RankDropDispatcher(LocalDispatcher):
         return super().dispatch(x_TD, _routing(ids_TK, routing.weights_TK))
 
 
-def _check_layer(group, E, Ts, *, ep_capacity_factor=None) -> None:
+def _check_layer(group, E, Ts, *, ep_capacity_factor=None, ep_capacity_tokens=None) -> None:
     """moe.MoELayer(ep_group=group) vs the single-process layer with the same weights: output,
     x grad, gathered expert grads, and the summed grads of the replicated router and shared
     expert (each rank holds its tokens' share). The aux loss is batch-level, so it is left out."""
@@ -225,8 +235,10 @@ def _check_layer(group, E, Ts, *, ep_capacity_factor=None) -> None:
     L, lo, hi = E // W, sum(Ts[:rank]), sum(Ts[: rank + 1])
     torch.manual_seed(12)
     kw = dict(num_shared_experts=1, bias=True, activation="swiglu")
-    ep = MoELayer(D, 5, E, K, ep_group=group, ep_capacity_factor=ep_capacity_factor, **kw).double()
-    C = None if ep_capacity_factor is None else ep.dispatcher.capacity(Ts[rank], K)
+    ep = MoELayer(D, 5, E, K, ep_group=group, ep_capacity_factor=ep_capacity_factor,
+                  ep_capacity_tokens=ep_capacity_tokens, **kw).double()
+    assert ep.dispatcher.capacity_tokens == ep_capacity_tokens
+    C = None if ep_capacity_factor is None else ep.dispatcher.capacity(max(Ts), K)
     ref = MoELayer(D, 5, E, K, dispatcher=None if C is None else _RankDropDispatcher(E, Ts, C), **kw).double()
     assert [n for n, _ in ep.named_parameters()] == [n for n, _ in ref.named_parameters()]
     with torch.no_grad():
@@ -294,8 +306,14 @@ def _check_gradcheck(group, E) -> None:
 def _check_errors(group, E) -> None:
     with pytest.raises(ValueError, match="num_experts"):
         AllToAllDispatcher(E + 1, group)
-    with pytest.raises(ValueError, match="capacity_factor"):
-        AllToAllDispatcher(E, group, capacity_factor=0)
+    for bad in (0, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="capacity_factor must be a finite number > 0"):
+            AllToAllDispatcher(E, group, capacity_factor=bad)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="capacity_tokens must be an int >= 0"):
+            AllToAllDispatcher(E, group, capacity_factor=1.0, capacity_tokens=bad)
+    with pytest.raises(ValueError, match="capacity_tokens=4 needs capacity_factor"):
+        AllToAllDispatcher(E, group, capacity_tokens=4)
     disp = AllToAllDispatcher(E, group)
     x, ids, w = torch.randn(3, D), torch.zeros(3, K, dtype=torch.long), torch.ones(3, K)
     with pytest.raises(ValueError, match="ids_TK"):
@@ -316,6 +334,7 @@ def test_expert_parallel_matches_single_process(world):
     facts = run_workers(_worker_cases, world, timeout=150)
     for f in facts:
         assert f["random"]["syncs"] == 1 and f["cap_random"]["syncs"] == 0  # the one named sync
+        assert f["cap_uneven"]["syncs"] == 0
         assert f["sweep"] == 12
         assert f["dtypes"] == ["torch.float64", "torch.float32", "torch.bfloat16", "torch.float16"]
     E = 6 if world == 2 else 8
@@ -329,3 +348,91 @@ def test_needs_initialized_process_group(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     with pytest.raises(RuntimeError, match="not initialized"):
         AllToAllDispatcher(4, None)
+
+
+# ---- configuration checks: every rank raises, no rank aborts or hangs ----------------------------
+
+def _first_dispatch(group, E, x, ids, **kw):
+    """One dispatch + combine of a new dispatcher; the error it raised as (type name, message)."""
+    try:
+        disp = AllToAllDispatcher(E, group, **kw)
+        rows, state = disp.dispatch(x, _routing(ids, torch.ones(ids.shape, dtype=torch.float32)))
+        disp.combine(rows.x, state)
+    except Exception as e:  # noqa: BLE001  (reported to the parent, which checks every rank's)
+        return type(e).__name__, str(e)
+    return None
+
+
+def _worker_mismatches(rank: int, W: int) -> dict:
+    """Each case gives the ranks a different setting at the first dispatch; the group must still
+    work afterwards (the all_reduce after each case would hang or fail otherwise)."""
+    group, out = dist.group.WORLD, {}
+    g = torch.Generator().manual_seed(rank)
+
+    def batch(T=5, D_=D, dtype=torch.float32, k=K, E=6):
+        return torch.randn(T, D_, generator=g).to(dtype), torch.randint(0, E, (T, k), generator=g)
+
+    x, ids = batch()
+    cases = {
+        "E": lambda: _first_dispatch(group, 6 if rank == 0 else 4, *batch(E=4)),
+        "D": lambda: _first_dispatch(group, 6, *batch(D_=D + rank)),
+        "dtype": lambda: _first_dispatch(group, 6, *batch(dtype=(torch.float32, torch.bfloat16)[rank])),
+        "K": lambda: _first_dispatch(group, 6, *batch(k=2 - rank)),
+        "mode": lambda: _first_dispatch(group, 6, x, ids, capacity_factor=(None, 1.0)[rank]),
+        "capacity_factor": lambda: _first_dispatch(group, 6, x, ids, capacity_factor=(1.0, 1.25)[rank]),
+        "capacity_tokens": lambda: _first_dispatch(group, 6, x, ids, capacity_factor=1.0,
+                                                   capacity_tokens=(8, None)[rank]),
+        "T_over_bound": lambda: _first_dispatch(group, 6, *batch(T=5 + 4 * rank), capacity_factor=1.0,
+                                                capacity_tokens=8),
+        "bad_args": lambda: _first_dispatch(group, 6, x, ids[: 5 - rank]),
+        "layer_mode": lambda: _layer_forward(group, (None, 1.0)[rank]),
+        "agree": lambda: _first_dispatch(group, 6, x, ids, capacity_factor=1.0),  # control: no error
+    }
+    for name, case in cases.items():
+        out[name] = case()
+        alive = torch.ones(1)
+        dist.all_reduce(alive, group=group)  # every rank is still here and in step
+        assert alive.item() == W
+    return out
+
+
+def _layer_forward(group, ep_capacity_factor):
+    try:
+        MoELayer(D, 5, 6, K, ep_group=group, ep_capacity_factor=ep_capacity_factor)(torch.randn(2, 3, D))
+    except Exception as e:  # noqa: BLE001
+        return type(e).__name__, str(e)
+    return None
+
+
+def test_mismatched_configuration_raises_on_every_rank():
+    """Issue 18 item 3: ranks that disagree on E, D, dtype, K, mode or capacity settings used to
+    abort the process in a mismatched all-to-all (gloo EnforceNotMet, SIGABRT); now every rank
+    raises the same ValueError naming the setting and each rank's value, and the group goes on."""
+    r0, r1 = run_workers(_worker_mismatches, 2, timeout=120)
+    expected = {
+        "E": "num_experts E (rank 0: 6, rank 1: 4)",
+        "D": f"hidden size D (x_TD.shape[1]) (rank 0: {D}, rank 1: {D + 1})",
+        "dtype": "dtype of x_TD (rank 0: torch.float32, rank 1: torch.bfloat16)",
+        "K": "routing slots K (ids_TK.shape[1]) (rank 0: 2, rank 1: 1)",
+        "mode": "mode (rank 0: dropless, rank 1: capacity)",
+        "capacity_factor": "capacity_factor (rank 0: 1.0, rank 1: 1.25)",
+        "capacity_tokens": "capacity_tokens (rank 0: 8, rank 1: None)",
+        "T_over_bound": "T within capacity_tokens=8 (rank 1: T=9)",
+        "layer_mode": "mode (rank 0: dropless, rank 1: capacity)",
+    }
+    for name, words in expected.items():
+        for rank, res in enumerate((r0, r1)):
+            assert res[name] is not None, f"{name}: rank {rank} raised nothing"
+            kind, msg = res[name]
+            assert kind == "ValueError" and words in msg and f"(this is rank {rank})" in msg, (name, rank, msg)
+        assert r0[name][1].replace("rank 0)", "rank 1)") == r1[name][1]  # the same error on both
+    # a rank with invalid arguments raises its own error; the others say which rank it was
+    assert r1["bad_args"][0] == "ValueError" and "ids_TK must have shape" in r1["bad_args"][1]
+    assert r0["bad_args"][0] == "ValueError" and "rank(s) [1]" in r0["bad_args"][1]
+    assert r0["agree"] is None and r1["agree"] is None
+
+
+def test_layer_ep_arguments_need_ep_group():
+    for kw in (dict(ep_capacity_factor=1.0), dict(ep_capacity_tokens=8)):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} needs ep_group"):
+            MoELayer(8, 4, 4, 2, **kw)

@@ -406,3 +406,53 @@ def test_reentrant_checkpointing_gives_same_gradients(explicit):
     for n, g in grads[False][2].items():
         torch.testing.assert_close(grads[True][2][n], g, msg=n)
     assert grads[True][2]["router_chain.layers.0.w1_RD"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("T_next", [5, 3])
+def test_a_forward_that_skips_layer_0_is_an_error_whatever_T(T_next):
+    """Issue 18 item 8: after a full forward, layer i > 0 called in a new forward without layer 0
+    used to route from the previous forward's h_{i-1} when T was unchanged. A forward starts at
+    layer 0 and runs each layer once: both ways of skipping raise, with T equal or not."""
+    torch.manual_seed(0)
+    chain = RecurrentRouterChain(3, 8, 4, 2, router_dim=6, init_std=1.0)
+    for i in range(3):
+        chain[i](torch.randn(5, 8))
+    x = torch.randn(T_next, 8)
+    with pytest.raises(RuntimeError, match="layer 1 already ran since layer 0 last ran"):
+        chain[1](x)  # a new forward that skipped layer 0
+    with pytest.raises(RuntimeError, match="layer 2 already ran since layer 0 last ran"):
+        chain[2](x)
+    chain[0](x)
+    with pytest.raises(RuntimeError, match="layer 1 did not run in this forward"):
+        chain[2](x)  # layer 1 skipped: its state is the previous forward's
+    # the states are untouched by the refused calls: a forward in order gives the recursion
+    xs = [torch.randn(T_next, 8) for _ in range(3)]
+    h = torch.zeros(T_next, 6)
+    for i in range(3):
+        h = chain.cell(xs[i] @ chain[i].w1_RD.T, h)
+        torch.testing.assert_close(chain[i](xs[i]).state, h)
+
+
+def test_a_layer_called_twice_in_one_forward_is_an_error():
+    chain = RecurrentRouterChain(2, 8, 4, 2, router_dim=6)
+    x = torch.randn(4, 8)
+    chain[0](x)
+    chain[1](x)
+    with pytest.raises(RuntimeError, match="layer 1 already ran"):
+        chain[1](x)
+    chain[0](x)  # layer 0 again: a new forward
+    chain[1](x)
+    chain[1](x, state=torch.zeros(4, 6))  # explicit state: no chain bookkeeping, allowed
+
+
+def test_recomputation_in_backward_is_not_a_new_forward():
+    """Recomputed layers (called inside backward) re-run layers 0..L-1 of the forward they
+    recompute without counting as a new forward: a forward after that backward starts cleanly,
+    and a layer skipped after it is still refused."""
+    model = make_model(use_checkpoint=True)
+    chain = model.router_chain
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(4))
+    model(x).backward()  # recomputes layers 2, 1, 0 in backward
+    model(x).backward()
+    with pytest.raises(RuntimeError, match="layer 1 already ran"):
+        chain[1](x.reshape(-1, 8))
