@@ -3,12 +3,12 @@
 Shape legend (moe/__init__.py): D model dim, F the dense FFN's hidden dim, E copies of the FFN
 (coarse experts), G granularity, K = k*G routed slots; the layer has E*G experts of hidden F/G.
 
-- Sparse upcycling (Komatsuzaki et al. 2022, "Sparse Upcycling", Sec. 3.1): every expert is a
-  copy of the dense MLP, the router is new. With G = 1 the layer's output is
+- Sparse upcycling (Komatsuzaki et al. 2022, "Sparse Upcycling: Training Mixture-of-Experts
+  from Dense Checkpoints"): every expert is a copy of the dense MLP, the router is new. With G = 1 the layer's output is
   sum_k w_k FFN(x) = FFN(x) whenever the top-k weights sum to 1 (norm_topk), for any router.
 - Fine-grained upcycling (He et al. 2024, "Upcycling Large Language Models into Mixture of
-  Experts", arXiv 2410.07524, Sec. 3.2-3.3, and its reference code, Megatron-Core's
-  ``moe/upcycling_utils.py``; Qwen1.5-MoE's practice): the FFN hidden is cut into G segments,
+  Experts", arXiv 2410.07524: the virtual-group initialisation and weight scaling; its
+  reference code, Megatron-Core's ``moe/upcycling_utils.py``; Qwen1.5-MoE's practice): the FFN hidden is cut into G segments,
   FFN(x) = sum_g W_down[:, g] act(W_gate[g] x) * (W_up[g] x), and expert e = c*G + g holds segment
   g (c = e // G, its "virtual group"). The router's rows are equal within a virtual group (the
   virtual-group initialisation: one random row per copy, repeated G times), so the k*G chosen
