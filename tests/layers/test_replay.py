@@ -266,3 +266,27 @@ def test_hf_gates_record_and_replay(arch):
     for n in rec.layers:
         assert torch.equal(again[n][0].ids_TK, rec[n][0].ids_TK)
         assert model.get_submodule(n).weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("config", ["expert_choice", "token_choice"])
+def test_replay_mixture_of_recursions_depth_routers(config):
+    """MoR's depth routers return Routing too: the same hook replays which tokens recurse."""
+    cfg = moe.ExpertChoiceConfig(alpha=0.7) if config == "expert_choice" else moe.TokenChoiceConfig()
+    torch.manual_seed(0)
+    lm = moe.build_mor_lm(vocab_size=40, dim=D, n_layers=4, n_heads=2, num_recursions=2, router=cfg)
+    ids = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(11))
+    lm.eval()
+    with R.record(lm) as rec, torch.no_grad():
+        ref = lm(ids).logits
+    assert rec.layers
+    with R.replay(lm, rec), torch.no_grad():
+        assert torch.equal(lm(ids).logits, ref)
+    _perturb_routers(lm)
+    lm.train()
+    with R.record(lm) as fresh, torch.no_grad():
+        lm(ids)
+    assert any(not torch.equal(a.ids_TK, b.ids_TK) for n in rec.layers for a, b in zip(fresh[n], rec[n]))
+    with R.replay(lm, rec), R.record(lm) as again:
+        lm(ids, labels=ids).loss.backward()
+    for n in rec.layers:
+        assert all(torch.equal(a.ids_TK, b.ids_TK) for a, b in zip(again[n], rec[n]))
