@@ -92,13 +92,30 @@ class RoutingRecord:
         full forward. Calls on (B, S, D) inputs with the same B (decoding steps, or B = 1 rows run
         one by one) are joined along S, then flattened b-major; other calls are concatenated.
         Calls with fewer slots are padded with -1."""
+        return self._joined(name)[0]
+
+    def _joined(self, name: str) -> tuple:
+        """(ids_TK, weights_TK or None, lead_shape) of router ``name``'s calls joined (see ids)."""
         calls = self.calls[name]
         K = max(c.ids_TK.shape[1] for c in calls)
-        ids = [torch.nn.functional.pad(c.ids_TK, (0, K - c.ids_TK.shape[1]), value=-1) for c in calls]
-        B = {c.lead_shape[0] for c in calls if len(c.lead_shape) == 2}
-        if len(B) == 1 and all(len(c.lead_shape) == 2 for c in calls):
-            return torch.cat([i.view(*c.lead_shape, K) for i, c in zip(ids, calls)], dim=1).reshape(-1, K)
-        return torch.cat(ids, dim=0)
+        by_seq = len({c.lead_shape[0] for c in calls}) == 1 and all(len(c.lead_shape) == 2 for c in calls)
+
+        def join(ts, fill):
+            ts = [torch.nn.functional.pad(t, (0, K - t.shape[1]), value=fill) for t in ts]
+            if by_seq:
+                return torch.cat([t.view(*c.lead_shape, K) for t, c in zip(ts, calls)], dim=1).reshape(-1, K)
+            return torch.cat(ts, dim=0)
+
+        ids = join([c.ids_TK for c in calls], -1)
+        weights = None if any(c.weights_TK is None for c in calls) else join([c.weights_TK for c in calls], 0.0)
+        lead = (calls[0].lead_shape[0], ids.shape[0] // calls[0].lead_shape[0]) if by_seq else (ids.shape[0],)
+        return ids, weights, lead
+
+    def merged(self) -> "RoutingRecord":
+        """One call per router, its calls joined as :meth:`ids` joins them: the record of
+        token-by-token decoding (``CausalLM.generate`` or a ``cache=`` loop) replayed in one full
+        forward over the same tokens."""
+        return RoutingRecord({name: [RoutedCall(*self._joined(name))] for name in self.calls})
 
     def select(self, rows) -> "RoutingRecord":
         """The record of a mini-batch: ``rows`` (an index, slice or index tensor) of the batch

@@ -240,23 +240,26 @@ def _hf_models():
             n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
             first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
             qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=2.5),
+        "gpt_oss": transformers.GptOssConfig(**common, head_dim=8, intermediate_size=24, num_local_experts=4,
+                                             num_experts_per_tok=2, sliding_window=8,
+                                             layer_types=["sliding_attention", "full_attention"]),
     }, transformers
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_hf_gates_record_and_replay(arch):
     configs, transformers = _hf_models()
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(configs[arch], experts_implementation="moekit").float()
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if n.endswith("gate.weight"):
+            if n.endswith(("mlp.gate.weight", "mlp.router.weight")):
                 p.normal_(0, 1.0)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
     model.eval()
     with R.record(model) as rec, torch.no_grad():
         ref = model(input_ids=ids).logits
-    assert rec.layers and all(n.endswith("mlp.gate") for n in rec.layers)
+    assert rec.layers and all(n.endswith(("mlp.gate", "mlp.router")) for n in rec.layers)
     with R.replay(model, rec), torch.no_grad():  # the gate's own weight rule: the same pass
         torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=1e-6, atol=1e-6)
     _perturb_routers(model)
@@ -290,3 +293,28 @@ def test_replay_mixture_of_recursions_depth_routers(config):
         lm(ids, labels=ids).loss.backward()
     for n in rec.layers:
         assert all(torch.equal(a.ids_TK, b.ids_TK) for a, b in zip(again[n], rec[n]))
+
+
+def test_decoding_steps_merge_into_one_training_forward():
+    """A KV-cached decoding pass, merged, replays in one full forward over the same tokens."""
+    lm = _lm("threshold").eval()
+    ids = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(12))
+    with R.record(lm) as rec, torch.no_grad():
+        cache = lm.new_cache()
+        lm(ids[:, :3], cache=cache)
+        for s in range(3, 8):
+            lm(ids[:, s:s + 1], cache=cache)
+    assert all(len(c) == 6 for c in rec.calls.values())
+    merged = rec.merged()
+    with R.record(lm) as full, torch.no_grad():
+        lm(ids)
+    for n in rec.layers:
+        (call,) = merged[n]
+        assert call.lead_shape == (2, 8) and call.weights_TK.shape == call.ids_TK.shape
+        assert R.topk_set_changes(call.ids_TK, full[n][0].ids_TK).float().mean() <= 0.1
+    _perturb_routers(lm)
+    with R.replay(lm, merged, weights="recorded"), R.record(lm) as again, torch.no_grad():
+        lm(ids)
+    for n in rec.layers:
+        assert torch.equal(again[n][0].ids_TK, merged[n][0].ids_TK)
+        assert torch.equal(again[n][0].weights_TK, merged[n][0].weights_TK)
