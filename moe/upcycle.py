@@ -4,19 +4,20 @@ Shape legend (moe/__init__.py): D model dim, F the dense FFN's hidden dim, E cop
 (coarse experts), G granularity, K = k*G routed slots; the layer has E*G experts of hidden F/G.
 
 - Sparse upcycling (Komatsuzaki et al. 2022, "Sparse Upcycling: Training Mixture-of-Experts
-  from Dense Checkpoints"): every expert is a copy of the dense MLP, the router is new. With G = 1 the layer's output is
-  sum_k w_k FFN(x) = FFN(x) whenever the top-k weights sum to 1 (norm_topk), for any router.
+  from Dense Checkpoints"): every expert is a copy of the dense MLP, the router is new. With
+  G = 1 the output is sum_k w_k FFN(x) = FFN(x) whenever the weights sum to 1 (norm_topk), for
+  any router.
 - Fine-grained upcycling (He et al. 2024, "Upcycling Large Language Models into Mixture of
   Experts", arXiv 2410.07524: the virtual-group initialisation and weight scaling; its
-  reference code, Megatron-Core's ``moe/upcycling_utils.py``; Qwen1.5-MoE's practice): the FFN hidden is cut into G segments,
-  FFN(x) = sum_g W_down[:, g] act(W_gate[g] x) * (W_up[g] x), and expert e = c*G + g holds segment
-  g (c = e // G, its "virtual group"). The router's rows are equal within a virtual group (the
-  virtual-group initialisation: one random row per copy, repeated G times), so the k*G chosen
-  experts are k whole copies, each segment with the same weight w_c; with norm_topk the G*k
-  weights sum to 1, the output is FFN(x) / G, and the down projections are scaled by G.
-  Without norm_topk (softmax-then-top-K) the reference scales by E*G*G / (k*G), which restores
-  the output when the router's probabilities are uniform (1 / (E*G) each); then equality is
-  only approximate.
+  reference code, Megatron-Core's ``moe/upcycling_utils.py``; Qwen1.5-MoE's practice): the FFN
+  hidden is cut into G segments, FFN(x) = sum_g W_down[:, g] act(W_gate[g] x) * (W_up[g] x),
+  and expert e = c*G + g holds segment g (c = e // G, its "virtual group"). The router's rows
+  are equal within a virtual group (one random row per copy, repeated G times), so the k*G
+  chosen experts are k whole copies, every segment of copy c with the same weight w_c; with
+  norm_topk the k*G weights sum to 1, the output is FFN(x) / G, and the down projections are
+  scaled by G. Without norm_topk (softmax-then-top-K) the reference's factor is
+  (E*G) * G / (k*G) = E*G/k, which restores the output when the router's probabilities are
+  uniform (1 / (E*G) each); then equality is approximate.
 
 Departure from the reference code: it spreads the factor over the projections (s^(1/3) on each
 of the gated projections, s^(1/2) on both for a plain activation), which preserves the output
@@ -63,9 +64,10 @@ def _bias(linear: nn.Linear, rows: slice = slice(None)) -> Optional[Tensor]:
 
 def _gated_activation(act) -> Optional[str]:
     """'swiglu' for SiLU, 'geglu' for exact GELU (torch's or transformers' classes), else None."""
-    if act in (F.silu,) or type(act).__name__ in ("SiLU", "SiLUActivation"):
+    if act is F.silu or type(act).__name__ in ("SiLU", "SiLUActivation"):
         return "swiglu"
-    if act in (F.gelu,) or (isinstance(act, nn.GELU) and act.approximate == "none") or type(act).__name__ == "GELUActivation":
+    exact_gelu = isinstance(act, nn.GELU) and act.approximate == "none"
+    if act is F.gelu or exact_gelu or type(act).__name__ == "GELUActivation":
         return "geglu"
     return None
 
