@@ -114,7 +114,8 @@ class RoutingRecord:
     def merged(self) -> "RoutingRecord":
         """One call per router, its calls joined as :meth:`ids` joins them: the record of
         token-by-token decoding (``CausalLM.generate`` or a ``cache=`` loop) replayed in one full
-        forward over the same tokens."""
+        forward over the same tokens. transformers' gates see (T, D), so their decoding steps are
+        joined in call order (step-major): merge those for B = 1 only."""
         return RoutingRecord({name: [RoutedCall(*self._joined(name))] for name in self.calls})
 
     def select(self, rows) -> "RoutingRecord":
@@ -201,6 +202,7 @@ def _replaced(module: nn.Module, output, ids_TK: Tensor, weights_TK: Optional[Te
     if isinstance(output, Routing):
         if weights_TK is None:
             weights_TK = module.combine_weights(output.probs_TE, ids_TK)
+        # experts_per_token over the tokens with a slot (padded tokens have none); nothing is dropped
         kept_T = (ids_TK >= 0).any(dim=1).sum().to(torch.float32).clamp(min=1.0)
         counts_E = expert_counts(ids_TK, output.num_experts)
         return dataclasses.replace(
@@ -234,7 +236,8 @@ def _hooked(model: nn.Module, hook_for: Callable):
 def record(model: nn.Module, *, weights: bool = True):
     """``with moe.replay.record(model) as rec: model(batch)`` fills ``rec``, a
     :class:`RoutingRecord`, with every router call's ids (and weights, detached, unless
-    ``weights=False``). Works in any mode, with or without grad."""
+    ``weights=False``). Works in any mode, with or without grad. Inside :func:`replay`, a
+    ``record`` entered after it sees the replayed routing (hooks run in registration order)."""
     rec = RoutingRecord()
 
     def hook_for(name):
