@@ -206,7 +206,8 @@ def upcycle_model(model: nn.Module, num_experts: int, k: int, *, select: Optiona
     (moe.DenseFFN, moe.SwiGLUMLP, gate/up/down MLPs of transformers models), except those inside
     an MoELayer (shared experts), by ``upcycle(ffn, num_experts, k, **upcycle_kwargs)``.
     ``select(name, module) -> bool`` chooses among them (e.g. every other layer, as Komatsuzaki et
-    al. upcycle half of the MLP layers in some runs). Returns the replaced modules' names.
+    al. upcycle half of the MLP layers in some runs; the shared-expert MLPs of transformers' MoE
+    blocks are gate/up/down MLPs too, leave them out with it). Returns the replaced modules' names.
     A transformers model's config is not updated (save the model with torch, not save_pretrained).
     """
     inside_moe = {id(m) for layer in model.modules() if isinstance(layer, MoELayer) for m in layer.modules()}
