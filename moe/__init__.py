@@ -58,3 +58,9 @@ def __getattr__(name: str):
 # Expert parallelism: all-to-all token dispatcher over a torch.distributed group.
 from moe.parallel import AllToAllDispatcher, AllToAllState
 __all__ += ["AllToAllDispatcher", "AllToAllState"]
+
+# Routing replay and consistency (RL on MoE: moe.replay.record / replay / routing_consistency) and
+# sparse upcycling of dense FFNs into MoE layers.
+from moe import replay
+from moe.upcycle import upcycle, upcycle_model
+__all__ += ["replay", "upcycle", "upcycle_model"]

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from routers.checks import check_coefficient, check_int, check_number
 from routers.losses import loss_free_bias_update_, membership_bce_loss, switch_load_balancing_loss, z_loss
-from routers.routing import RouterBase, Routing, count_chosen, expert_counts, make_routing
+from routers.routing import RouterBase, Routing, count_chosen, expert_counts, make_routing, topk_weights
 
 EVAL_ROUTINGS = ("threshold", "topk")
 DEPTH_BALANCING = ("loss", "loss_free", "none")
@@ -120,6 +120,10 @@ class ExpertChoiceStepRouter(RouterBase):
     def nominal_experts_per_token(self) -> float:
         return self.capacity
 
+    def combine_weights(self, probs_TE: Tensor, ids_TK: Tensor) -> Tensor:
+        """alpha * sigmoid gate of the kept tokens (0 for the others)."""
+        return self.cfg.alpha * topk_weights(probs_TE, ids_TK)
+
     def forward(self, x: Tensor, *, state=None, padding_mask: Optional[Tensor] = None,
                 active: Optional[Tensor] = None) -> Routing:
         """x (B, S, D) (or (T, D): one row) -> Routing over B*S tokens, E = K = 1.
@@ -143,8 +147,8 @@ class ExpertChoiceStepRouter(RouterBase):
         probs_T1 = torch.sigmoid(logits_T1)
         ids_T1 = torch.where(keep_T, 0, -1)[:, None]
         aux = self._losses(logits_T1, keep_T, active_T) if self.training else {}
-        return make_routing(ids_TK=ids_T1, weights_TK=self.cfg.alpha * probs_T1, probs_TE=probs_T1,
-                            logits_TE=logits_T1, valid_T=active_T, chosen_slots=active_T.sum(),
+        return make_routing(ids_TK=ids_T1, weights_TK=self.combine_weights(probs_T1, ids_T1),
+                            probs_TE=probs_T1, logits_TE=logits_T1, valid_T=active_T, chosen_slots=active_T.sum(),
                             aux_losses=aux)
 
     def _losses(self, logits_T1, keep_T, active_T) -> dict:

@@ -119,6 +119,19 @@ def count_chosen(ids_TK: Tensor, valid_T: Optional[Tensor]) -> Tensor:
     return chosen.sum()
 
 
+def topk_weights(probs_TE: Tensor, ids_TK: Tensor, *, normalize: bool = False, scale: float = 1.0,
+                 eps: float = 0.0) -> Tensor:
+    """The combine weights of the experts ids_TK (T, K) from the scores probs_TE (T, E): each
+    slot's score, 0 in empty slots (-1); with ``normalize`` divided by the token's sum over its
+    non-empty slots (+ eps), then times ``scale`` (Mixtral / Qwen3-MoE's renormalised top-k,
+    DeepSeek-V3's Eq. 13 with routed_scaling_factor). The one weight rule of the top-k style
+    routers, also used to recompute weights at replayed ids (moe.replay)."""
+    weights_TK = probs_TE.gather(1, ids_TK.clamp(min=0)).masked_fill(ids_TK < 0, 0.0)
+    if normalize:
+        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + eps)
+    return weights_TK * scale if scale != 1.0 else weights_TK
+
+
 def _linear_f32_op():
     """``torch.ops.moe.linear_f32`` where moekit's ops are registered (``import moe`` registers
     them; the dispatcher then runs the compiled kernel or its twin), else None. x @ W^T for
@@ -197,6 +210,12 @@ class RouterBase(nn.Module):
             noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             x_TD = x_TD * noise
         return x_TD, valid_T, seq_shape
+
+    def combine_weights(self, probs_TE: Tensor, ids_TK: Tensor) -> Tensor:
+        """weights_TK (T, K) this router gives the experts ids_TK (T, K; -1 empty) from its scores
+        probs_TE (T, E): the score of each chosen expert (routers that renormalise or scale
+        override it). moe.replay recomputes the weights of replayed ids with it."""
+        return topk_weights(probs_TE, ids_TK)
 
     def _init_linear(self, init_std: float) -> None:
         """A linear gate: weight (E, D), the layout of Hugging Face's router ``weight``."""

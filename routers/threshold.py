@@ -16,7 +16,7 @@ from torch import Tensor
 from routers.capacity import apply_capacity, capacity, check_capacity_factor, xmoe_priority
 from routers.checks import check_coefficient, check_int, check_number
 from routers.losses import balance_loss_args, balance_losses, check_loss_config, entropy_loss
-from routers.routing import RouterBase, Routing, count_chosen, make_routing
+from routers.routing import RouterBase, Routing, count_chosen, make_routing, topk_weights
 
 RULES = ("xmoe", "top_p")
 
@@ -107,9 +107,7 @@ class ThresholdRouter(RouterBase):
         if valid_T is not None:
             keep_TK = keep_TK & valid_T[:, None]
         ids_TK = ids_TK.masked_fill(~keep_TK, -1)
-        weights_TK = sorted_TK.masked_fill(~keep_TK, 0.0)
-        if self.renormalize:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp(min=1e-20)
+        weights_TK = self.combine_weights(probs_TE, ids_TK)
         chosen = count_chosen(ids_TK, valid_T)
         aux = self._losses(probs_TE, ids_TK, logits_TE, valid_T, seq_shape) if self.training else {}
         if self.capacity_factor is not None:
@@ -119,6 +117,13 @@ class ThresholdRouter(RouterBase):
             ids_TK=ids_TK, weights_TK=weights_TK, probs_TE=probs_TE, logits_TE=logits_TE,
             valid_T=valid_T, chosen_slots=chosen, aux_losses=aux,
         )
+
+    def combine_weights(self, probs_TE: Tensor, ids_TK: Tensor) -> Tensor:
+        """The kept experts' probabilities, renormalised to sum to 1 with renormalize."""
+        weights_TK = topk_weights(probs_TE, ids_TK)
+        if self.renormalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp(min=1e-20)
+        return weights_TK
 
     def _losses(self, probs_TE, ids_TK, logits_TE, valid_T, seq_shape) -> dict:
         ids_aux = ids_TK[:, :1] if self.rule == "xmoe" else ids_TK

@@ -19,7 +19,7 @@ from torch import Tensor
 from routers.capacity import DROP_POLICIES, apply_capacity, capacity, check_capacity_factor, keep_first_slots
 from routers.checks import check_int, check_number
 from routers.losses import balance_loss_args, balance_losses, check_loss_config, loss_free_bias_update_
-from routers.routing import RouterBase, Routing, count_chosen, make_routing
+from routers.routing import RouterBase, Routing, count_chosen, make_routing, topk_weights
 
 
 def group_limited_topk(choice_TE: Tensor, top_k: int, num_groups: int, topk_groups: int) -> Tensor:
@@ -64,11 +64,8 @@ def route_topk(logits_TE: Tensor, bias_E: Optional[Tensor], top_k: int, score: s
         ids_TK = choice_TE.topk(top_k, dim=-1).indices
     else:
         ids_TK = group_limited_topk(choice_TE, top_k, num_groups, topk_groups)
-    weights_TK = probs_TE.gather(1, ids_TK)
-    if norm_topk:
-        eps = 1e-20 if score == "sigmoid" else 0.0
-        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + eps)
-    return ids_TK, weights_TK * scaling, probs_TE
+    eps = 1e-20 if score == "sigmoid" else 0.0
+    return ids_TK, topk_weights(probs_TE, ids_TK, normalize=norm_topk, scale=scaling, eps=eps), probs_TE
 
 
 def _topk_route_op():
@@ -169,6 +166,12 @@ class TopKBase(RouterBase):
             ids_TK=ids_TK, weights_TK=weights_TK, probs_TE=probs_TE, logits_TE=logits_TE,
             valid_T=valid_T, chosen_slots=chosen, aux_losses=aux, state=state,
         )
+
+    def combine_weights(self, probs_TE: Tensor, ids_TK: Tensor) -> Tensor:
+        """The chosen scores, renormalised over the token's non-empty slots with norm_topk
+        (+1e-20 for sigmoid, as DeepSeek-V3), times routed_scaling_factor."""
+        eps = 1e-20 if self.score == "sigmoid" else 0.0
+        return topk_weights(probs_TE, ids_TK, normalize=self.norm_topk, scale=self.routed_scaling_factor, eps=eps)
 
     def _losses(self, probs_TE, ids_TK, logits_TE, valid_T, seq_shape) -> dict:
         """Balance losses use the unbiased, group-free top-k of the (for sigmoid: normalised)

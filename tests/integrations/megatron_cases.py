@@ -701,6 +701,34 @@ def case_signatures():
     assert not maps[0][t_pad].any() and (maps[0][~t_pad].sum(-1) == config.moe_router_topk).all()
 
 
+def case_replay():
+    """moe.replay through the Megatron adapter: the MoekitRouter's moekit router is hooked, so a
+    replayed forward gives Megatron the recorded routing map, and the router still gets gradients."""
+    import moe.replay
+    from moe.integrations.megatron import moekit_gpt_layer_spec
+
+    model = make_gpt(make_config(), moekit_gpt_layer_spec(router="topk"))
+    maps = []
+    for layer in model.decoder.layers:
+        layer.mlp.router.register_forward_hook(lambda m, a, o: maps.append(o[1].clone()) and None)
+    model.eval()
+    with moe.replay.record(model) as rec, torch.no_grad():
+        gpt_loss(model)
+    assert rec.layers == [f"decoder.layers.{i}.mlp.router.router" for i in range(2)], rec.layers
+    recorded, maps[:] = list(maps), []
+    with torch.no_grad():
+        for layer in model.decoder.layers:
+            layer.mlp.router.router.weight.add_(torch.randn_like(layer.mlp.router.router.weight))
+    model.train()
+    gpt_loss(model)
+    assert any(not torch.equal(a, b) for a, b in zip(maps, recorded))  # the perturbed routers differ
+    maps[:] = []
+    with moe.replay.replay(model, rec):
+        gpt_loss(model).backward()
+    assert all(torch.equal(a, b) for a, b in zip(maps, recorded))
+    assert all(layer.mlp.router.router.weight.grad.abs().sum() > 0 for layer in model.decoder.layers)
+
+
 def case_gradcheck():
     """float64 gradcheck of the router adapter's probs (eval: no aux loss) and of the experts
     adapter (w.r.t. tokens and probs); in training the aux losses riding on the probs give x
@@ -837,7 +865,7 @@ CASES.update({f"checkpoint_{v}_{kind}": (case_checkpoint_roundtrip, v, kind == "
               for v in CKPT_VARIANTS for kind in ("torch", "dist")})
 CASES.update({"expert_layouts": (case_expert_layouts,), "checkpoint_optimizer": (case_optimizer_checkpoint,)})
 CASES.update({"gpt_bf16": (case_gpt_bf16,), "recurrent": (case_recurrent,), "expert_bias_step": (case_expert_bias_step,),
-              "signatures": (case_signatures,), "gradcheck": (case_gradcheck,), "errors": (case_errors,),
+              "signatures": (case_signatures,), "gradcheck": (case_gradcheck,), "errors": (case_errors,), "replay": (case_replay,),
               "ep2": (case_ep2,)})
 
 
