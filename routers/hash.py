@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from routers.checks import check_int
 from routers.routing import RouterBase, Routing, compute_dtype, count_chosen, make_routing
 
 
@@ -84,12 +85,9 @@ class HashRouter(RouterBase):
                  seed: int = 0, token_counts: Optional[Tensor] = None, check_finite: bool = True) -> None:
         super().__init__()
         self._init_common(hidden_size, num_experts, jitter=0.0, check_finite=check_finite)
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
+        vocab_size = check_int("vocab_size", vocab_size)
+        top_k = check_int("top_k", top_k, maximum=num_experts)
+        seed = check_int("seed", seed, minimum=-(2**63))
         self.vocab_size, self.top_k, self.seed = vocab_size, top_k, seed
         if token_counts is None:
             table = balanced_hash_table(vocab_size, num_experts, top_k, seed=seed)

@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from routers.checks import check_coefficient, check_int, check_number
 from routers.losses import z_loss
 from routers.routing import RouterBase, Routing, count_chosen, make_routing
 from routers.topk import topk_route
@@ -39,13 +40,10 @@ from routers.topk import topk_route
 SBASE_SCORES = ("sigmoid", "softmax")
 
 
-def check_sinkhorn_args(tol, iters, names=("tol", "max_iters")) -> None:
+def check_sinkhorn_args(tol, iters, names=("tol", "max_iters")) -> tuple:
     """The one check of the Sinkhorn stopping rule (a tolerance >= 0, iterations >= 1); names: the
-    caller's names of the two arguments, for the message."""
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
-        raise ValueError(f"{names[0]} must be a number >= 0, got {tol!r}")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"{names[1]} must be a positive int, got {iters!r}")
+    caller's names of the two arguments, for the message. Returns (tol, iters)."""
+    return check_number(names[0], tol, ge=0.0), check_int(names[1], iters)
 
 
 def _sync_sinkhorn_converged(d1_new: Tensor, d1_old: Tensor, tol: float) -> bool:
@@ -115,14 +113,12 @@ class SBaseRouter(RouterBase):
     ) -> None:
         super().__init__()
         self._init_common(hidden_size, num_experts, jitter=jitter, check_finite=check_finite)
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+        top_k = check_int("top_k", top_k, maximum=num_experts)
         score = ("sigmoid" if top_k == 1 else "softmax") if score is None else score
         if score not in SBASE_SCORES:
             raise ValueError(f"score must be one of {SBASE_SCORES} or None, got {score!r}")
         check_sinkhorn_args(sinkhorn_tol, sinkhorn_iters, ("sinkhorn_tol", "sinkhorn_iters"))
-        if not z_loss_coeff >= 0:
-            raise ValueError(f"z_loss_coeff must be >= 0, got {z_loss_coeff!r}")
+        check_coefficient("z_loss_coeff", z_loss_coeff)
         self.top_k, self.score, self.norm_topk = top_k, score, bool(norm_topk)
         self.sinkhorn_tol, self.sinkhorn_iters = float(sinkhorn_tol), sinkhorn_iters
         self.z_loss_coeff = float(z_loss_coeff)
