@@ -52,7 +52,10 @@ def host_cache_stats() -> dict:
     """Usage of the CPU kernels' buffer cache (csrc/host_cache.cpp): ``cached_bytes`` (freed
     output blocks kept for reuse), ``in_use_bytes`` (blocks held by live tensors), ``hits`` /
     ``misses`` (requests served from the cache / by a new allocation) and ``limit_bytes``
-    (``MOE_HOST_CACHE_MB``, read once; 0 turns the cache off). All zero without the extension."""
+    (``MOE_HOST_CACHE_MB``, read once; 0 turns the cache off), the most ``cached_bytes`` reaches.
+    Before a new block larger than every cached one, cached blocks are released until
+    ``in_use_bytes + cached_bytes`` fits in the most ``in_use_bytes`` has been. All zero without
+    the extension."""
     if _C is None:
         return dict(cached_bytes=0, in_use_bytes=0, hits=0, misses=0, limit_bytes=0)
     return _C.host_cache_stats()
