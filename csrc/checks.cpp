@@ -8,6 +8,9 @@ at::ScalarType accum_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
 
+// The most experts a plan takes (moe.ops.MAX_EXPERTS): its outputs and scratch are O(E).
+constexpr int64_t kMaxExperts = int64_t{1} << 20;
+
 static bool is_index_dtype(at::ScalarType t) { return t == at::kLong || t == at::kInt; }
 
 static bool is_mm_dtype(at::ScalarType t) {
@@ -19,8 +22,9 @@ void check_plan_args(const at::Tensor& ids_TK, int64_t num_experts) {
               ids_TK.sizes());
   TORCH_CHECK(is_index_dtype(ids_TK.scalar_type()),
               "moe.plan: ids_TK must be int64 or int32 expert ids, got ", ids_TK.scalar_type());
-  TORCH_CHECK(num_experts >= 1, "moe.plan: num_experts must be >= 1, got ", num_experts);
-  TORCH_CHECK(num_experts < (int64_t{1} << 31), "moe.plan: num_experts too large: ", num_experts);
+  TORCH_CHECK(num_experts >= 1 && num_experts <= kMaxExperts,
+              "moe.plan: num_experts must be in [1, 2^20 = ", kMaxExperts, "] (the plan holds ",
+              "counts_E and offs_E, one int32 each per expert), got ", num_experts);
 }
 
 void check_dispatch_args(const char* op, const at::Tensor& x, const char* x_name,

@@ -12,8 +12,13 @@
 // cached block that fits and is at most 1/8 larger than the request (rounded up to 64 KiB), else
 // a new one. A freed block is kept while the cached (free) bytes stay under the limit, set by
 // MOE_HOST_CACHE_MB (default 2048; 0 turns the cache off); to make room, cached blocks of other
-// sizes are released, largest first, when that makes room. A forked child keeps its parent's
-// cached blocks (copy on write), as with any malloc arena, and gets a fresh lock.
+// sizes are released, largest first, when that makes room. Before a new allocation larger than
+// every cached block (the workload has outgrown them), cached blocks are released, largest first,
+// until the blocks in use plus the cached ones plus the new one fit in the high-water mark of the
+// bytes in use (the most that moekit outputs ever held at once, the new block included): blocks a
+// growing workload has outgrown never push the process past its largest working set.
+// A forked child keeps its parent's cached blocks (copy on write), as with any malloc arena, and
+// gets a fresh lock.
 // moe._C.host_cache_clear() releases every cached block; host_cache_stats() reports usage.
 // Blocks are never shared: a block is reused only after the tensor that held it is freed.
 #include "host_cache.h"
@@ -26,6 +31,7 @@
 
 #include <cctype>
 #include <cerrno>
+#include <algorithm>
 #include <cstdlib>
 #include <limits>
 #include <map>
@@ -70,21 +76,12 @@ class HostCache final : public c10::Allocator {
         in_use_.emplace(it->second, it->first);  // first: if it throws, the cache is unchanged
         p = it->second;
         cached_bytes_ -= it->first;
+        in_use_bytes_ += it->first;
         free_.erase(it);
         ++hits_;
       }
     }
-    if (p == nullptr) {
-      p = c10::alloc_cpu(size);
-      std::lock_guard<std::mutex> lock(mu_);
-      try {
-        in_use_.emplace(p, size);
-      } catch (...) {
-        c10::free_cpu(p);
-        throw;
-      }
-      ++misses_;
-    }
+    if (p == nullptr) p = allocate_fresh(size);
     return {p, p, &HostCache::release, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -115,9 +112,7 @@ class HostCache final : public c10::Allocator {
 
   HostCacheStats stats() {
     std::lock_guard<std::mutex> lock(mu_);
-    size_t in_use = 0;
-    for (auto& [p, size] : in_use_) in_use += size;
-    return {int64_t(cached_bytes_), int64_t(in_use), hits_, misses_, int64_t(limit_)};
+    return {int64_t(cached_bytes_), int64_t(in_use_bytes_), hits_, misses_, int64_t(limit_)};
   }
 
  private:
@@ -125,6 +120,48 @@ class HostCache final : public c10::Allocator {
     // A child forked while another thread held the lock (a DataLoader worker, say) would
     // deadlock on its first moekit allocation: give the child a fresh, unlocked mutex.
     pthread_atfork(nullptr, nullptr, [] { new (&instance().mu_) std::mutex(); });
+  }
+
+  // A miss: reserves `size` bytes in use; if every cached block is smaller than `size` (the
+  // workload has outgrown them), releases them, largest first, until in use + cached fits in the
+  // high-water mark of the bytes in use; then allocates the block. While some cached block is
+  // larger, the workload still has requests of that size (a smaller last batch, alternating
+  // shapes) and everything stays: releasing whenever the blocks one step uses add up to more
+  // than its peak would make every step miss. If the allocation fails, the reservation is
+  // undone; the mark stays where it was raised.
+  void* allocate_fresh(size_t size) {
+    std::vector<void*> released;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      in_use_bytes_ += size;  // reserved now, so that concurrent misses see each other
+      peak_in_use_bytes_ = std::max(peak_in_use_bytes_, in_use_bytes_);
+      try {
+        auto f = free_.end();
+        const bool outgrown = free_.lower_bound(size) == f;  // every cached block is smaller
+        while (outgrown && f != free_.begin() &&
+               in_use_bytes_ + cached_bytes_ > peak_in_use_bytes_) {
+          --f;
+          released.push_back(f->second);  // first: if it throws, this block stays cached
+          cached_bytes_ -= f->first;
+          f = free_.erase(f);
+        }
+      } catch (...) {  // out of memory for the list: release what it holds, keep the rest
+      }
+      ++misses_;
+    }
+    for (void* b : released) c10::free_cpu(b);
+    void* p = nullptr;
+    try {
+      p = c10::alloc_cpu(size);
+      std::lock_guard<std::mutex> lock(mu_);
+      in_use_.emplace(p, size);
+    } catch (...) {
+      if (p != nullptr) c10::free_cpu(p);
+      std::lock_guard<std::mutex> lock(mu_);
+      in_use_bytes_ -= size;
+      throw;
+    }
+    return p;
   }
 
   // Keeps the freed block for reuse. When the cache is full, blocks of other sizes are released,
@@ -136,7 +173,10 @@ class HostCache final : public c10::Allocator {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = in_use_.find(p);
       const size_t size = it == in_use_.end() ? 0 : it->second;  // (never unknown: we handed it out)
-      if (it != in_use_.end()) in_use_.erase(it);
+      if (it != in_use_.end()) {
+        in_use_.erase(it);
+        in_use_bytes_ -= size;
+      }
       size_t other = 0;  // cached bytes in blocks of other sizes: what eviction could free
       if (size > 0 && size <= limit_ && cached_bytes_ + size > limit_)
         for (auto& [bytes, block] : free_) other += bytes == size ? 0 : bytes;
@@ -166,6 +206,8 @@ class HostCache final : public c10::Allocator {
   std::multimap<size_t, void*> free_;        // size -> block, free for reuse
   std::unordered_map<void*, size_t> in_use_;  // block -> size, held by a live tensor
   size_t cached_bytes_ = 0;
+  size_t in_use_bytes_ = 0;       // the sizes in in_use_, summed
+  size_t peak_in_use_bytes_ = 0;  // the high-water mark of in_use_bytes_
   int64_t hits_ = 0, misses_ = 0;
   const size_t limit_;
 };

@@ -18,6 +18,8 @@ The package, one job per module:
 - ``registry``: :func:`define_op`, the one way an op is registered (schema, fallback, fake,
   autograd); the fallback runs wherever no compiled kernel is registered.
 - ``defs``: the ops, one define_op call each.
+- ``checks``: the ops' argument checks on the Python side (the fake kernels' and the fallbacks'
+  mirror of csrc/checks.cpp; :func:`~moe.ops.checks.check_int` for the wrappers' int arguments).
 - ``twins``: the pure-PyTorch twins (the oracle of the tests, the fallback of the dispatcher).
 - ``functional``: :class:`Plan` and the Python functions below.
 - ``config``: ``moe.ops.config``, the kernels' backend settings (read by the C++ side).
@@ -31,7 +33,7 @@ from __future__ import annotations
 from moe.ops._extension import HAS_EXTENSION, build_info, empty_host_cache, host_cache_stats
 from moe.ops import defs as _defs  # noqa: F401  (registers torch.ops.moe.*)
 from moe.ops.config import config
-from moe.ops.functional import (Plan, gather_grouped_mm, grouped_mm, linear_f32, permute, plan, swiglu,
+from moe.ops.functional import (MAX_EXPERTS, Plan, gather_grouped_mm, grouped_mm, linear_f32, permute, plan, swiglu,
                                 unpermute)
 from moe.ops.registry import compiled_kernels
 from moe.ops.twins import (  # noqa: F401  (the twins, by their historical names)
@@ -48,6 +50,6 @@ from moe.ops.twins import (  # noqa: F401  (the twins, by their historical names
     unpermute_weights_grad_torch,
 )
 
-__all__ = ["Plan", "plan", "permute", "unpermute", "grouped_mm", "gather_grouped_mm", "swiglu",
+__all__ = ["MAX_EXPERTS", "Plan", "plan", "permute", "unpermute", "grouped_mm", "gather_grouped_mm", "swiglu",
            "linear_f32", "config", "HAS_EXTENSION", "build_info", "compiled_kernels",
            "host_cache_stats", "empty_host_cache"]

@@ -2,7 +2,9 @@
 
 Importing ``moe._C`` registers the C++ CPU and CUDA kernels of ``torch.ops.moe.*`` (schemas in
 csrc/registration.cpp). Without it, or with ``MOE_DISABLE_EXTENSION=1``, every op runs its
-pure-PyTorch twin through the same dispatcher entry (moe/ops/defs.py), logged once here.
+pure-PyTorch twin through the same dispatcher entry (moe/ops/defs.py), logged once here. A
+child forked from a process that imported moekit runs torch on one thread (see
+``_one_thread_in_child``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 
-import torch  # noqa: F401  (loads libtorch, which moe._C links against)
+import torch  # (also loads libtorch, which moe._C links against)
 
 __all__ = ["HAS_EXTENSION", "build_info", "host_cache_stats", "empty_host_cache"]
 
@@ -33,11 +35,27 @@ _C = _load()
 HAS_EXTENSION = _C is not None
 
 
+def _one_thread_in_child() -> None:
+    """After ``os.fork()`` (``multiprocessing``'s "fork" context included), the child runs torch
+    on one thread, as PyTorch's DataLoader workers do: GNU OpenMP's thread pool does not survive a
+    fork, so a child that enters a parallel region of the parent's pool (any op on 2+ threads,
+    a plain matmul too) waits forever for threads that do not exist. Raising the count again in
+    the child (``torch.set_num_threads``) is safe only if the parent never ran a parallel op."""
+    if torch.get_num_threads() > 1:
+        torch.set_num_threads(1)
+
+
+os.register_at_fork(after_in_child=_one_thread_in_child)
+
+
 def host_cache_stats() -> dict:
     """Usage of the CPU kernels' buffer cache (csrc/host_cache.cpp): ``cached_bytes`` (freed
     output blocks kept for reuse), ``in_use_bytes`` (blocks held by live tensors), ``hits`` /
     ``misses`` (requests served from the cache / by a new allocation) and ``limit_bytes``
-    (``MOE_HOST_CACHE_MB``, read once; 0 turns the cache off). All zero without the extension."""
+    (``MOE_HOST_CACHE_MB``, read once; 0 turns the cache off), the most ``cached_bytes`` reaches.
+    Before a new block larger than every cached one, cached blocks are released until
+    ``in_use_bytes + cached_bytes`` fits in the most ``in_use_bytes`` has been. All zero without
+    the extension."""
     if _C is None:
         return dict(cached_bytes=0, in_use_bytes=0, hits=0, misses=0, limit_bytes=0)
     return _C.host_cache_stats()

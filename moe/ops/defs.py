@@ -1,5 +1,6 @@
 """The ops of ``torch.ops.moe``, one :func:`define_op` call each: schema, fallback (the twin, or
-a composition of other moe ops), fake kernel and autograd formula. Importing ``moe.ops`` runs this
+a composition of other moe ops), fake kernel, metadata checks (moe/ops/checks.py, those of the
+compiled kernels, run before the fake kernel and the fallback) and autograd formula. Importing ``moe.ops`` runs this
 module once. The schemas equal those of csrc/registration.cpp (define_op checks it).
 
 Shape legend: T tokens, K slots per token, E experts, N routed rows (the host-side bound T*K),
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from moe.ops import twins
+from moe.ops import checks, twins
 from moe.ops.registry import define_op
 
 ops = torch.ops.moe  # resolved at call time: the ops below refer to each other
@@ -48,13 +49,12 @@ def _plan_fake(ids_TK, num_experts):
 
 plan = define_op(
     "plan", "(Tensor ids_TK, int num_experts) -> (Tensor, Tensor, Tensor, Tensor)",
-    fallback=twins.plan_torch, fake=_plan_fake)
+    fallback=twins.plan_torch, fake=_plan_fake, check=checks.check_plan_args)
 
 
 # ---- permute: x_ND[i] = x_TD[order_N[i] // K] * scale_TK[t, k] ----------------------------------
 
 def _permute_fake(x_TD, order_N, rows_TK, scale_TK=None):
-    _same_device("permute", x_TD, order_N=order_N, rows_TK=rows_TK, scale_TK=scale_TK)
     return x_TD.new_empty(order_N.shape[0], x_TD.shape[1])
 
 
@@ -75,14 +75,13 @@ def _permute_backward(ctx, g_ND):
 
 permute = define_op(
     "permute", "(Tensor x_TD, Tensor order_N, Tensor rows_TK, Tensor? scale_TK=None) -> Tensor",
-    fallback=twins.permute_torch, fake=_permute_fake,
+    fallback=twins.permute_torch, fake=_permute_fake, check=checks.check_permute_args,
     backward=_permute_backward, setup_context=_permute_setup)
 
 
 # ---- unpermute: y_TD[t] = sum_k weights_TK[t, k] * y_ND[rows_TK[t, k]] ---------------------------
 
 def _unpermute_fake(y_ND, order_N, rows_TK, weights_TK=None):
-    _same_device("unpermute", y_ND, order_N=order_N, rows_TK=rows_TK, weights_TK=weights_TK)
     return y_ND.new_empty(rows_TK.shape[0], y_ND.shape[1])
 
 
@@ -103,14 +102,13 @@ def _unpermute_backward(ctx, g_TD):
 
 unpermute = define_op(
     "unpermute", "(Tensor y_ND, Tensor order_N, Tensor rows_TK, Tensor? weights_TK=None) -> Tensor",
-    fallback=twins.unpermute_torch, fake=_unpermute_fake,
+    fallback=twins.unpermute_torch, fake=_unpermute_fake, check=checks.check_unpermute_args,
     backward=_unpermute_backward, setup_context=_unpermute_setup)
 
 
 # ---- unpermute_weights_grad: dw_TK[t, k] = <grad_TD[t], y_ND[rows_TK[t, k]]> ---------------------
 
 def _weights_grad_fake(grad_TD, y_ND, order_N, rows_TK):
-    _same_device("unpermute_weights_grad", y_ND, grad_TD=grad_TD, order_N=order_N, rows_TK=rows_TK)
     return y_ND.new_empty(rows_TK.shape, dtype=_acc(y_ND.dtype))
 
 
@@ -126,13 +124,13 @@ def _weights_grad_backward(ctx, d_TK):
 unpermute_weights_grad = define_op(
     "unpermute_weights_grad", "(Tensor grad_TD, Tensor y_ND, Tensor order_N, Tensor rows_TK) -> Tensor",
     fallback=twins.unpermute_weights_grad_torch, fake=_weights_grad_fake,
+    check=checks.check_unpermute_weights_grad_args,
     backward=_weights_grad_backward, setup_context=_save_inputs)
 
 
 # ---- grouped_mm: c_e = a_e @ b_e; grouped_mm_wgrad: w_e = a_e^T @ g_e ----------------------------
 
 def _grouped_mm_fake(a_NX, b_EXY, offs_E):
-    _same_device("grouped_mm", a_NX, b_EXY=b_EXY, offs_E=offs_E)
     return a_NX.new_empty(a_NX.shape[0], b_EXY.shape[2])
 
 
@@ -153,12 +151,11 @@ def _grouped_mm_backward(ctx, g_NY):
 
 grouped_mm = define_op(
     "grouped_mm", "(Tensor a_NX, Tensor b_EXY, Tensor offs_E) -> Tensor",
-    fallback=twins.grouped_mm_torch, fake=_grouped_mm_fake,
+    fallback=twins.grouped_mm_torch, fake=_grouped_mm_fake, check=checks.check_grouped_mm_args,
     backward=_grouped_mm_backward, setup_context=_save_inputs)
 
 
 def _wgrad_fake(a_NX, g_NY, offs_E):
-    _same_device("grouped_mm_wgrad", a_NX, g_NY=g_NY, offs_E=offs_E)
     return a_NX.new_empty(offs_E.shape[0], a_NX.shape[1], g_NY.shape[1])
 
 
@@ -171,7 +168,7 @@ def _wgrad_backward(ctx, d_EXY):
 
 grouped_mm_wgrad = define_op(
     "grouped_mm_wgrad", "(Tensor a_NX, Tensor g_NY, Tensor offs_E) -> Tensor",
-    fallback=twins.grouped_mm_wgrad_torch, fake=_wgrad_fake,
+    fallback=twins.grouped_mm_wgrad_torch, fake=_wgrad_fake, check=checks.check_grouped_mm_wgrad_args,
     backward=_wgrad_backward, setup_context=_save_inputs)
 
 
@@ -191,12 +188,10 @@ def _gather_wgrad_fallback(x_TD, order_N, rows_TK, g_NY, offs_E):
 
 
 def _gather_fake(x_TD, order_N, rows_TK, b_EXY, offs_E):
-    _same_device("gather_grouped_mm", x_TD, order_N=order_N, rows_TK=rows_TK, b_EXY=b_EXY, offs_E=offs_E)
     return x_TD.new_empty(order_N.shape[0], b_EXY.shape[2])
 
 
 def _gather_wgrad_fake(x_TD, order_N, rows_TK, g_NY, offs_E):
-    _same_device("gather_grouped_mm_wgrad", x_TD, order_N=order_N, rows_TK=rows_TK, g_NY=g_NY, offs_E=offs_E)
     return x_TD.new_empty(offs_E.shape[0], x_TD.shape[1], g_NY.shape[1])
 
 
@@ -216,19 +211,18 @@ def _gather_backward(grad_is_rows: bool):
 
 gather_grouped_mm = define_op(
     "gather_grouped_mm", "(Tensor x_TD, Tensor order_N, Tensor rows_TK, Tensor b_EXY, Tensor offs_E) -> Tensor",
-    fallback=_gather_fallback, fake=_gather_fake,
+    fallback=_gather_fallback, fake=_gather_fake, check=checks.check_gather_grouped_mm_args,
     backward=_gather_backward(True), setup_context=_save_inputs)
 
 gather_grouped_mm_wgrad = define_op(
     "gather_grouped_mm_wgrad", "(Tensor x_TD, Tensor order_N, Tensor rows_TK, Tensor g_NY, Tensor offs_E) -> Tensor",
-    fallback=_gather_wgrad_fallback, fake=_gather_wgrad_fake,
+    fallback=_gather_wgrad_fallback, fake=_gather_wgrad_fake, check=checks.check_gather_grouped_mm_wgrad_args,
     backward=_gather_backward(False), setup_context=_save_inputs)
 
 
 # ---- linear_f32: x_TD @ weight_ED^T in float32 (the routers' logits) ------------------------------
 
 def _linear_fake(x_TD, weight_ED):
-    _same_device("linear_f32", x_TD, weight_ED=weight_ED)
     return x_TD.new_empty(x_TD.shape[0], weight_ED.shape[0], dtype=_acc(x_TD.dtype))
 
 
@@ -243,29 +237,17 @@ def _linear_backward(ctx, g_TE):
 
 linear_f32 = define_op(
     "linear_f32", "(Tensor x_TD, Tensor weight_ED) -> Tensor",
-    fallback=twins.linear_f32_torch, fake=_linear_fake,
+    fallback=twins.linear_f32_torch, fake=_linear_fake, check=checks.check_linear_f32_args,
     backward=_linear_backward, setup_context=_save_inputs)
 
 
 # ---- swiglu: silu(gate) * up on h = [gate; up]; backward one pass over h -------------------------
 
-def _check_swiglu_h(op, h):
-    torch._check(h.dim() >= 1 and h.shape[-1] > 0 and h.shape[-1] % 2 == 0,
-                 lambda: f"moe.{op}: h's last dim must be 2F = [gate; up], a positive even number, "
-                         f"got shape {tuple(h.shape)}")
-
-
 def _swiglu_fake(h):
-    _check_swiglu_h("swiglu", h)
     return h.new_empty(*h.shape[:-1], h.shape[-1] // 2)
 
 
 def _swiglu_backward_fake(grad, h):
-    _check_swiglu_h("swiglu_backward", h)
-    _same_device("swiglu_backward", h, grad=grad)
-    torch._check(tuple(grad.shape) == (*h.shape[:-1], h.shape[-1] // 2),
-                 lambda: f"moe.swiglu_backward: grad must have shape {(*h.shape[:-1], h.shape[-1] // 2)}, "
-                         f"got {tuple(grad.shape)}")
     return h.new_empty(h.shape)
 
 
@@ -278,11 +260,12 @@ def _swiglu_backward(ctx, g):
 
 swiglu_backward = define_op(
     "swiglu_backward", "(Tensor grad, Tensor h) -> Tensor",
-    fallback=twins.swiglu_backward_torch, fake=_swiglu_backward_fake)
+    fallback=twins.swiglu_backward_torch, fake=_swiglu_backward_fake,
+    check=checks.check_swiglu_backward_args)
 
 swiglu = define_op(
     "swiglu", "(Tensor h) -> Tensor",
-    fallback=twins.swiglu_torch, fake=_swiglu_fake,
+    fallback=twins.swiglu_torch, fake=_swiglu_fake, check=checks.check_swiglu_args,
     backward=_swiglu_backward, setup_context=_save_inputs)
 
 

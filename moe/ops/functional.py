@@ -12,7 +12,9 @@ import dataclasses
 
 import torch
 
-__all__ = ["Plan", "plan", "permute", "unpermute", "grouped_mm", "gather_grouped_mm", "swiglu",
+from moe.ops.checks import MAX_EXPERTS, check_int
+
+__all__ = ["MAX_EXPERTS", "Plan", "plan", "permute", "unpermute", "grouped_mm", "gather_grouped_mm", "swiglu",
            "linear_f32"]
 
 ops = torch.ops.moe
@@ -57,10 +59,12 @@ class Plan:
 
 def plan(ids_TK: torch.Tensor, num_experts: int) -> Plan:
     """Plans the dispatch of ``ids_TK`` (T, K) expert ids (-1 = empty slot) to ``num_experts``
-    experts: a stable counting sort, O(T*K), deterministic. Ids outside [-1, E) raise."""
+    experts: a stable counting sort, O(T*K + E), deterministic. Ids outside [-1, E) raise;
+    ``num_experts`` is an int (a bool or float raises a TypeError) in [1, ``MAX_EXPERTS`` = 2^20]
+    (the plan holds O(E) counts and offsets)."""
     if not isinstance(ids_TK, torch.Tensor):
         raise TypeError(f"moe.plan: ids_TK must be a tensor, got {type(ids_TK).__name__}")
-    return Plan(*ops.plan(ids_TK, int(num_experts)))
+    return Plan(*ops.plan(ids_TK, check_int("plan", "num_experts", num_experts)))
 
 
 def _check_plan(op: str, p: Plan) -> None:

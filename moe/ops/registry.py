@@ -15,6 +15,7 @@ that the two agree instead of defining the op again.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -26,10 +27,15 @@ OPS: dict = {}  # name -> schema, in definition order
 
 
 def define_op(name: str, schema: str, *, fallback: Callable, fake: Callable,
-              backward: Optional[Callable] = None, setup_context: Optional[Callable] = None):
+              check: Optional[Callable] = None, backward: Optional[Callable] = None,
+              setup_context: Optional[Callable] = None):
     """Registers ``moe::<name><schema>`` with its fallback, fake and (optional) autograd formula
-    and returns the op's default overload (``torch.ops.moe.<name>.default``)."""
+    and returns the op's default overload (``torch.ops.moe.<name>.default``). ``check`` (the op's
+    metadata checks, moe/ops/checks.py: those of its compiled kernels) runs before the fake kernel
+    and the fallback, so meta / fake tensors and the twins reject what the kernels reject."""
     qualname = f"moe::{name}"
+    if check is not None:
+        fallback, fake = _checked(check, fallback), _checked(check, fake)
     wanted = torch._C.parse_schema(qualname + schema)
     if torch._C._dispatch_has_kernel(qualname) or _is_defined(qualname):  # defined by moe._C
         have = getattr(torch.ops.moe, name).default._schema
@@ -44,6 +50,14 @@ def define_op(name: str, schema: str, *, fallback: Callable, fake: Callable,
         torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=_LIB)
     OPS[name] = schema
     return getattr(torch.ops.moe, name).default
+
+
+def _checked(check: Callable, kernel: Callable) -> Callable:
+    @functools.wraps(kernel)
+    def checked(*args, **kwargs):
+        check(*args, **kwargs)
+        return kernel(*args, **kwargs)
+    return checked
 
 
 def _is_defined(qualname: str) -> bool:

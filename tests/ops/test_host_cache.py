@@ -4,7 +4,10 @@ and its wrappers moe.ops.host_cache_stats / moe.ops.empty_host_cache.
 The variable is read once per process, so most tests run a fresh interpreter. Policy under test:
 requests of 1 MiB or more are rounded up to 64 KiB and served by the smallest cached block at most
 1/8 larger; a freed block is kept while the cached bytes stay within the limit, evicting cached
-blocks of other sizes (largest first) to make room; blocks are never handed out while live.
+blocks of other sizes (largest first) to make room; before a new allocation larger than every
+cached block (the workload has outgrown them), cached blocks are released, largest first, until in
+use + cached fits in the high-water mark of the bytes in use (the new block included); blocks are
+never handed out while live.
 
 Shape legend: T tokens, K slots per token, E experts, D feature dim.
 """
@@ -105,27 +108,28 @@ def test_host_cache_off():
     assert m["stats"] == NO_CACHE, m["stats"]
 
 
-# (step, expected (cached_bytes, hits, misses)) of test_host_cache_full_evicts_other_sizes_largest_first.
+# (step, expected (cached_bytes, hits, misses)) of test_host_cache_full_evicts_other_sizes_largest_first;
+# "peak" is the high-water mark of the bytes in use.
 FULL_STEPS = [
     ("take 5", (5 * MiB, 0, 1)),
-    ("take 4", (4 * MiB, 0, 2)),  # 5 > 4 + 4/8: a miss; 5 + 4 > 8: 5 evicted
-    ("y5 = take 5", (4 * MiB, 0, 3)),  # the 5 MiB block is gone
-    ("y4 = 3 x take 4", (0, 1, 5)),
-    ("del y4", (8 * MiB, 1, 5)),  # two 4 MiB blocks kept; no room for the third, same size kept
-    ("del y5", (5 * MiB, 1, 5)),  # both 4 MiB blocks evicted for the 5 MiB one
-    ("y2, y3 = take 2, take 3", (5 * MiB, 1, 7)),
-    ("del y2", (7 * MiB, 1, 7)),
-    ("del y3", (5 * MiB, 1, 7)),  # evicts the 5 MiB block, the largest, not the 2 MiB one
-    ("y2, y3 = take 2, take 3 again", (0, 3, 7)),
-    ("del y2, y3", (5 * MiB, 3, 7)),
-    ("take 9", (5 * MiB, 3, 8)),  # over the limit: freed, nothing evicted
-    ("take 255 rows", (5 * MiB, 3, 8)),  # under 1 MiB: plain malloc, not counted
-    ("empty", (0, 3, 8)),
-    ("take 1025 rows", (4 * MiB + 64 * KiB, 3, 9)),  # rounded up to 64 KiB
-    ("take 1040 rows", (4 * MiB + 64 * KiB, 4, 9)),  # the same rounded size: a hit
-    ("empty; take 1152 rows", (4608 * KiB, 4, 10)),  # a 4.5 MiB block
-    ("take 1024 rows", (4608 * KiB, 5, 10)),  # 4.5 <= 4 + 4/8: a hit
-    ("take 1008 rows", (4032 * KiB, 5, 11)),  # 4.5 > 3.94 + 3.94/8: a miss, 4.5 evicted
+    ("take 4", (4 * MiB, 0, 2)),  # 5 > 4 + 4/8: a miss (5 is larger: kept); 5 + 4 > 8: 5 evicted
+    ("y5 = take 5", (0, 0, 3)),  # larger than all cached; 5 + 4 cached > peak 5: the 4 MiB block released
+    ("y4 = 3 x take 4", (0, 0, 6)),  # peak 17
+    ("del y4", (8 * MiB, 0, 6)),  # two 4 MiB blocks kept; no room for the third, same size kept
+    ("del y5", (5 * MiB, 0, 6)),  # both 4 MiB blocks evicted for the 5 MiB one
+    ("y2, y3 = take 2, take 3", (5 * MiB, 0, 8)),  # misses, but the 5 MiB block is larger: it stays
+    ("del y2", (7 * MiB, 0, 8)),
+    ("del y3", (5 * MiB, 0, 8)),  # evicts the 5 MiB block, the largest, not the 2 MiB one
+    ("y2, y3 = take 2, take 3 again", (0, 2, 8)),
+    ("del y2, y3", (5 * MiB, 2, 8)),
+    ("take 9", (5 * MiB, 2, 9)),  # outgrown, but 9 + 5 <= peak 17; over the limit: freed, nothing evicted
+    ("take 255 rows", (5 * MiB, 2, 9)),  # under 1 MiB: plain malloc, not counted
+    ("empty", (0, 2, 9)),
+    ("take 1025 rows", (4 * MiB + 64 * KiB, 2, 10)),  # rounded up to 64 KiB
+    ("take 1040 rows", (4 * MiB + 64 * KiB, 3, 10)),  # the same rounded size: a hit
+    ("empty; take 1152 rows", (4608 * KiB, 3, 11)),  # a 4.5 MiB block
+    ("take 1024 rows", (4608 * KiB, 4, 11)),  # 4.5 <= 4 + 4/8: a hit
+    ("take 1008 rows", (4032 * KiB, 4, 12)),  # 4.5 > 3.94 + 3.94/8: a miss; freed, 4.5 evicted
 ]
 
 
@@ -168,6 +172,97 @@ def test_host_cache_full_evicts_other_sizes_largest_first():
         assert tuple(got) == want, (step, got)
     assert m["same_blocks"]
     assert m["in_use"] == 0
+
+
+@needs_ext
+def test_host_cache_releases_what_a_miss_cannot_reuse():
+    """Issue 18 item 12. Blocks of 1, 2 and 3 MiB live at once (peak 6 MiB), then freed: cached.
+    A 4 MiB request is larger than all of them: before allocating it the cache releases the 3 and
+    2 MiB blocks (largest first) until in use + cached fits in the 6 MiB peak, so the process never
+    holds more than its largest working set; the 1 MiB block stays and serves the next 1 MiB
+    request. (The old policy kept all 6 MiB cached next to the new 4: 10 MiB for a 6 MiB working
+    set.)"""
+    code = TAKE + """
+    s = ops.host_cache_stats
+    ys = [take(n * 256) for n in (1, 2, 3)]
+    peak = s()["in_use_bytes"]
+    del ys
+    before = s()
+    y4 = take(4 * 256)
+    during = s()
+    del y4
+    after = s()
+    y1 = take(256)
+    reuse = s()
+    print(json.dumps(dict(peak=peak, before=before, during=during, after=after, reuse=reuse)))
+    """
+    m = run_json(code, MOE_HOST_CACHE_MB=None)
+    assert m["peak"] == 6 * MiB and m["before"]["cached_bytes"] == 6 * MiB, m
+    d = m["during"]
+    assert (d["in_use_bytes"], d["cached_bytes"], d["misses"]) == (4 * MiB, 1 * MiB, 4), d
+    assert d["in_use_bytes"] + d["cached_bytes"] <= m["peak"]
+    assert (m["after"]["cached_bytes"], m["after"]["in_use_bytes"]) == (5 * MiB, 0), m["after"]
+    r = m["reuse"]
+    assert (r["hits"], r["misses"], r["cached_bytes"]) == (1, 4, 4 * MiB), r
+
+
+@needs_ext
+def test_host_cache_growing_workload_stays_within_its_peak():
+    """Random steps of a workload whose request size only grows (1 to ~40 MiB; each step allocates
+    an output of the current size or frees a random live one; now and then the cache is emptied),
+    under the default limit and an 8 MiB one: every cached block a miss finds is smaller than the
+    request, so after every step in use + cached is at most the largest in-use total seen so far
+    (the old policy kept the outgrown blocks), and the cached bytes at most the limit."""
+    code = TAKE + """
+    import random
+    rng = random.Random(0)
+    live, peak, rows, over = [], 0, 256, []
+    limit = ops.host_cache_stats()["limit_bytes"]
+    for step in range(300):
+        r = rng.random()
+        if r < 0.12:
+            rows += rng.choice([17, 256, 700])
+        if r < 0.6 or not live:
+            live.append(take(rows))
+        elif r < 0.98:
+            live.pop(rng.randrange(len(live)))
+        else:
+            ops.empty_host_cache()
+        st = ops.host_cache_stats()
+        peak = max(peak, st["in_use_bytes"])
+        over.append([st["in_use_bytes"] + st["cached_bytes"] - peak, st["cached_bytes"] - limit])
+    print(json.dumps(dict(over_peak=max(o[0] for o in over), over_limit=max(o[1] for o in over),
+                          rows=rows, stats=ops.host_cache_stats())))
+    """
+    for limit in (None, "8"):
+        m = run_json(code, MOE_HOST_CACHE_MB=limit)
+        assert m["over_peak"] <= 0 and m["over_limit"] <= 0, (limit, m)
+        assert m["stats"]["hits"] > 0 and m["stats"]["misses"] > 0 and m["rows"] > 256 * 20, m
+
+
+@needs_ext
+def test_host_cache_repeated_step_reuses_every_block():
+    """A step that allocates 3, 5, 2, 4 and 6 MiB, freeing each before the step ends in another
+    order (peak 12 MiB in use, 20 MiB of distinct blocks): after the first steps every request is
+    a hit. (A cache that bounded in use + cached by the peak at every miss would miss in every
+    step; one that released the smaller blocks at every miss takes longer to settle.)"""
+    code = TAKE + """
+    per_step = []
+    for step in range(8):
+        h0, m0 = ops.host_cache_stats()["hits"], ops.host_cache_stats()["misses"]
+        a = take(3 * 256); b = take(5 * 256)
+        del a
+        c = take(2 * 256); d = take(4 * 256)
+        del b
+        e = take(6 * 256)
+        del c, d, e
+        st = ops.host_cache_stats()
+        per_step.append([st["hits"] - h0, st["misses"] - m0])
+    print(json.dumps(per_step))
+    """
+    per_step = run_json(code, MOE_HOST_CACHE_MB=None)
+    assert per_step[0] == [0, 5], per_step
+    assert per_step[4:] == [[5, 0]] * 4, per_step
 
 
 BAD_VALUES = ["abc", "+5", " 5", "5 ", "-1", "0x10", "1e3", "1.5", "18446744073709551616",

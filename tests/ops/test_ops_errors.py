@@ -1,18 +1,22 @@
-"""Tests for moe.ops beyond the numbers: bad input raises an error naming the argument, the
-fallback to the PyTorch twins without the extension, and torch.compile(fullgraph=True).
+"""Tests for moe.ops beyond the numbers: bad input raises an error naming the argument (on the
+compiled kernels, the twins' fallback and the fake kernels alike), the fallback to the PyTorch
+twins without the extension, and torch.compile(fullgraph=True).
 
 Shape legend: T tokens, K slots per token, E experts, N routed rows (T*K), D feature dim,
 X/Y GEMM input/output dims.
 """
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from moe import ops
 from moe.ops.twins import plan_torch
@@ -73,7 +77,35 @@ OP_CASES = [
     ("wgrad_dtype", lambda: torch.ops.moe.grouped_mm_wgrad(x_(N, D), x_(N, Y, dtype=torch.float64), OFFS), "g_NY"),
     ("wgrad_offs_not_monotone", lambda: torch.ops.moe.grouped_mm_wgrad(x_(N, D), x_(N, Y), torch.tensor([3, 2, 5, 6], **i32)), "offs_E"),
     ("wgrad_offs_past_rows", lambda: torch.ops.moe.grouped_mm_wgrad(x_(N, D), x_(N, Y), torch.tensor([3, 4, 5, N + 1], **i32)), "offs_E"),
+    ("wgrad_g_rank", lambda: torch.ops.moe.grouped_mm_wgrad(x_(N, D), x_(N, Y, 1), OFFS), "g_NY"),
+    ("uwgrad_y_rank", lambda: torch.ops.moe.unpermute_weights_grad(x_(T, D), x_(N, D, 1), P.order_N, P.rows_TK), "y_ND"),
+    ("uwgrad_grad_rows", lambda: torch.ops.moe.unpermute_weights_grad(x_(T + 1, D), x_(N, D), P.order_N, P.rows_TK), "grad_TD"),
+    ("permute_order_dtype", lambda: torch.ops.moe.permute(x_(T, D), P.order_N.int(), P.rows_TK), "order_N"),
+    ("permute_rows_rank", lambda: torch.ops.moe.permute(x_(T, D), P.order_N, P.rows_TK.reshape(-1)), "rows_TK"),
+    ("permute_plan_sizes", lambda: torch.ops.moe.permute(x_(T, D), P.order_N[1:], P.rows_TK), "order_N"),
+    ("gather_x_rank", lambda: ops.gather_grouped_mm(x_(T, D, 1), P, x_(E, D, Y)), "x_TD"),
+    ("gather_b_rank", lambda: ops.gather_grouped_mm(x_(T, D), P, x_(D, Y)), "b_EXY"),
+    ("gather_dtype_mismatch", lambda: ops.gather_grouped_mm(x_(T, D), P, x_(E, D, Y, dtype=torch.float64)), "b_EXY"),
+    ("gather_inner_dim", lambda: ops.gather_grouped_mm(x_(T, D), P, x_(E, D + 1, Y)), "b_EXY"),
+    ("gather_offs_len", lambda: ops.gather_grouped_mm(x_(T, D), P, x_(E + 1, D, Y)), "offs_E"),
+    ("gather_wgrad_g_rows", lambda: torch.ops.moe.gather_grouped_mm_wgrad(x_(T, D), P.order_N, P.rows_TK, x_(N + 1, Y), OFFS), "g_NY"),
+    ("gather_wgrad_g_rank", lambda: torch.ops.moe.gather_grouped_mm_wgrad(x_(T, D), P.order_N, P.rows_TK, x_(N), OFFS), "g_NY"),
+    ("linear_x_rank", lambda: ops.linear_f32(x_(2, T, D), x_(E, D)), "x_TD"),
+    ("linear_w_rank", lambda: ops.linear_f32(x_(T, D), x_(E, D, 1)), "weight_ED"),
+    ("linear_width", lambda: ops.linear_f32(x_(T, D), x_(E, D + 1)), "weight_ED"),
+    ("linear_dtype", lambda: ops.linear_f32(x_(T, D), x_(E, D, dtype=torch.float64)), "weight_ED"),
+    ("linear_int", lambda: ops.linear_f32(torch.ones(T, D, dtype=torch.long), torch.ones(E, D, dtype=torch.long)), "x_TD"),
+    ("swiglu_odd", lambda: ops.swiglu(x_(T, 2 * D + 1)), "h"),
+    ("swiglu_int", lambda: ops.swiglu(torch.ones(T, 2 * D, dtype=torch.long)), "h"),
+    ("swiglu_scalar", lambda: ops.swiglu(x_()), "h"),
+    ("swiglu_backward_shape", lambda: torch.ops.moe.swiglu_backward(x_(T, D + 1), x_(T, 2 * D)), "grad"),
+    ("swiglu_backward_dtype", lambda: torch.ops.moe.swiglu_backward(x_(T, D, dtype=torch.float64), x_(T, 2 * D)), "grad"),
 ]
+# Checks that read tensor data (ids, plan entries, offsets): the compiled kernels' alone (the fake
+# kernels cannot read data; the twins fail on them without naming the argument).
+DATA_CASES = {"id_too_large", "id_below_minus_one", "permute_stale_plan", "unpermute_stale_plan",
+              "gmm_offs_not_monotone", "gmm_offs_negative", "gmm_offs_past_rows", "wgrad_offs_not_monotone",
+              "wgrad_offs_past_rows"}
 
 
 @pytest.mark.parametrize("case,call,arg", PLAN_CASES, ids=[c[0] for c in PLAN_CASES])
@@ -84,11 +116,60 @@ def test_plan_bad_input_names_the_argument(case, call, arg, path):
         call(plan)
 
 
-@needs_ext
+@pytest.mark.parametrize("case,call,arg", PLAN_CASES, ids=[c[0] for c in PLAN_CASES])
+def test_plan_bad_input_on_fake_tensors_names_the_argument(case, call, arg):
+    if case in DATA_CASES:
+        pytest.skip("a data check: the kernels' and the twin's alone")
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(RuntimeError, match=arg):
+        call(ops.plan)
+
+
 @pytest.mark.parametrize("case,call,arg", OP_CASES, ids=[c[0] for c in OP_CASES])
-def test_op_bad_input_names_the_argument(case, call, arg):
-    with pytest.raises((RuntimeError, ValueError, TypeError), match=arg):
+@pytest.mark.parametrize("path", ["dispatch", "fake"])
+def test_op_bad_input_names_the_argument(case, call, arg, path):
+    """"dispatch": the compiled kernel (the twin's fallback without the extension, which runs the
+    same metadata checks); "fake": the fake kernel (meta / fake tensors, torch.compile)."""
+    if case in DATA_CASES and (path == "fake" or not ops.HAS_EXTENSION):
+        pytest.skip("a data check: the compiled kernels' alone")
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if path == "fake" else contextlib.nullcontext()
+    with mode, pytest.raises((RuntimeError, ValueError, TypeError), match=arg):
         call()
+
+
+@pytest.mark.parametrize("value", [3.7, 4.0, True, False, "4", None, torch.tensor(4), np.float64(4.0)])
+def test_plan_num_experts_must_be_an_int(value):
+    """A float is not truncated (3.7 planned 3 experts), a bool is not an int (True planned 1)."""
+    with pytest.raises(TypeError, match="num_experts must be an int"):
+        ops.plan(IDS, value)
+
+
+def test_plan_num_experts_takes_python_and_numpy_ints():
+    want = ops.plan(IDS, E)
+    for value in (np.int64(E), np.int32(E)):
+        got = ops.plan(IDS, value)
+        assert got.num_experts == E and all(torch.equal(a, b) for a, b in zip(got.__dict__.values(), want.__dict__.values()))
+
+
+@pytest.mark.parametrize("num_experts", [ops.MAX_EXPERTS + 1, 2**31 - 1, 2**31, 2**63 - 1])
+@pytest.mark.parametrize("device", ["cpu", META])
+def test_plan_num_experts_above_the_bound_raises_before_allocating(num_experts, device):
+    """Past moe.ops.MAX_EXPERTS = 2^20 the plan raises, naming num_experts, instead of allocating
+    O(E) memory (2^31 - 1 experts: 8 GiB per int32 output, 16 GiB of kernel scratch) for ids that
+    use 4 experts; on the public wrapper, the op itself (kernel or twin) and the fake kernel."""
+    ids = IDS.to(device)
+    for plan in (ops.plan, torch.ops.moe.plan):
+        with pytest.raises(RuntimeError, match=r"num_experts must be in \[1, 2\^20 = 1048576\]"):
+            plan(ids, num_experts)
+
+
+def test_plan_takes_max_experts():
+    """The bound itself plans, the same as the twin (E = 2^20: 16 MiB of plan outputs)."""
+    p, want = ops.plan(IDS, ops.MAX_EXPERTS), plan_torch(IDS, ops.MAX_EXPERTS)
+    assert p.num_experts == ops.MAX_EXPERTS
+    for got, ref in zip((p.counts_E, p.offs_E, p.order_N, p.rows_TK), want):
+        assert torch.equal(got, ref)
+    meta = ops.plan(IDS.to(META), ops.MAX_EXPERTS)
+    assert meta.counts_E.shape == (ops.MAX_EXPERTS,) and meta.counts_E.device.type == "meta"
 
 
 # A second device, emulated with "meta": the CPU kernels' own checks (reached by redispatching to

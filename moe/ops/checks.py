@@ -1,0 +1,191 @@
+"""Argument checks of the ops on the Python side, one helper per kind of argument.
+
+- :func:`check_int`: the integer arguments of the op wrappers (``moe.ops.plan``'s num_experts):
+  an int, never a bool or a float that would be truncated.
+- ``check_<op>_args``: the metadata checks of csrc/checks.cpp (ranks, dtypes, sizes, devices;
+  never tensor data, so no host sync), the same rules and argument names. ``define_op`` runs them
+  before an op's fake kernel (meta and fake tensors, ``torch.compile``) and before its fallback
+  (the twins, where no compiled kernel is registered), so every path rejects what the compiled
+  kernels reject. Data checks (ids in range, offsets monotone) stay in the kernels and twins.
+
+Shape legend: T tokens, K slots per token, E experts, N routed rows (T*K), D feature dim, X/Y
+GEMM input/output dims.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+__all__ = ["MAX_EXPERTS", "check_int"]
+
+MAX_EXPERTS = 1 << 20
+"""The most experts ``moe.ops.plan`` takes (csrc/checks.cpp's kMaxExperts): a plan holds counts_E
+and offs_E (int32 each) and its kernels O(E) scratch, so an absurd ``num_experts`` (up to 2^31 - 1)
+would allocate gigabytes for ids that need a handful; 2^20 costs at most 16 MiB."""
+
+_INDEX = (torch.int64, torch.int32)
+_MM = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_int(op: str, name: str, value):
+    """``value`` as an int, or a TypeError naming ``moe.<op>``'s argument ``name``: Python and
+    NumPy integers (and torch.SymInt while tracing) pass; bool, float and tensors do not (a
+    float would be truncated, a tensor read with a host sync)."""
+    if isinstance(value, torch.SymInt):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"moe.{op}: {name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def _check(cond, op: str, message: str) -> None:
+    torch._check(cond, lambda: f"moe.{op}: {message}")
+
+
+def _shape(t) -> tuple:
+    return tuple(t.shape)
+
+
+def check_plan_args(ids_TK, num_experts) -> None:
+    _check(ids_TK.dim() == 2, "plan", f"ids_TK must be 2-D (T, K), got shape {_shape(ids_TK)}")
+    _check(ids_TK.dtype in _INDEX, "plan", f"ids_TK must be int64 or int32 expert ids, got {ids_TK.dtype}")
+    _check(1 <= num_experts <= MAX_EXPERTS, "plan",
+           f"num_experts must be in [1, 2^20 = {MAX_EXPERTS}] (the plan holds counts_E and offs_E, "
+           f"one int32 each per expert), got {num_experts}")
+
+
+def check_dispatch_args(op, x, x_name, rows, order_N, rows_TK) -> None:
+    """x (``rows`` x D, "T" the plan's tokens or "N" its rows) against a plan's order_N, rows_TK."""
+    _check(order_N.dim() == 1 and order_N.dtype == torch.int64, op,
+           f"order_N must be a 1-D int64 tensor (Plan.order_N), got {order_N.dtype} of shape {_shape(order_N)}")
+    _check(rows_TK.dim() == 2 and rows_TK.dtype == torch.int64, op,
+           f"rows_TK must be a 2-D int64 tensor (Plan.rows_TK), got {rows_TK.dtype} of shape {_shape(rows_TK)}")
+    _check(order_N.shape[0] == rows_TK.numel(), op,
+           f"order_N has {order_N.shape[0]} rows but rows_TK has {rows_TK.numel()} slots "
+           "(both come from one Plan)")
+    _check(x.dim() == 2, op, f"{x_name} must be 2-D, got shape {_shape(x)}")
+    _check(x.dtype.is_floating_point, op, f"{x_name} must be a floating tensor, got {x.dtype}")
+    if rows == "T":
+        expect, desc = rows_TK.shape[0], "T, the plan's tokens"
+    else:
+        expect, desc = order_N.shape[0], "N, the plan's rows"
+    _check(x.shape[0] == expect, op, f"{x_name} has {x.shape[0]} rows, expected {expect} ({desc})")
+    _check(x.device == order_N.device and x.device == rows_TK.device, op,
+           f"{x_name} is on {x.device} but the plan (order_N/rows_TK) is on {order_N.device}")
+
+
+def check_weights_arg(op, name, w_TK, rows_TK, x) -> None:
+    if w_TK is None:
+        return
+    _check(w_TK.shape == rows_TK.shape, op,
+           f"{name} must have shape {_shape(rows_TK)} (T, K), got {_shape(w_TK)}")
+    _check(w_TK.dtype in (x.dtype, torch.float32), op,
+           f"{name} must be float32 or match the data dtype {x.dtype}, got {w_TK.dtype}")
+    _check(w_TK.device == x.device, op, f"{name} is on {w_TK.device} but the data is on {x.device}")
+
+
+def check_permute_args(x_TD, order_N, rows_TK, scale_TK=None) -> None:
+    check_dispatch_args("permute", x_TD, "x_TD", "T", order_N, rows_TK)
+    check_weights_arg("permute", "scale_TK", scale_TK, rows_TK, x_TD)
+
+
+def check_unpermute_args(y_ND, order_N, rows_TK, weights_TK=None) -> None:
+    check_dispatch_args("unpermute", y_ND, "y_ND", "N", order_N, rows_TK)
+    check_weights_arg("unpermute", "weights_TK", weights_TK, rows_TK, y_ND)
+
+
+def check_unpermute_weights_grad_args(grad_TD, y_ND, order_N, rows_TK) -> None:
+    op = "unpermute_weights_grad"
+    check_dispatch_args(op, y_ND, "y_ND", "N", order_N, rows_TK)
+    check_dispatch_args(op, grad_TD, "grad_TD", "T", order_N, rows_TK)
+    _check(grad_TD.dtype == y_ND.dtype and grad_TD.shape[1] == y_ND.shape[1], op,
+           f"grad_TD ({grad_TD.dtype}, D={grad_TD.shape[1]}) must match y_ND ({y_ND.dtype}, D={y_ND.shape[1]})")
+
+
+def _check_offs(op, offs_E, a, a_name="a_NX") -> None:
+    _check(offs_E.dim() == 1 and offs_E.dtype == torch.int32, op,
+           "offs_E must be a 1-D int32 tensor (cumulative end row of each expert), "
+           f"got {offs_E.dtype} of shape {_shape(offs_E)}")
+    _check(offs_E.device == a.device, op, f"offs_E is on {offs_E.device} but {a_name} is on {a.device}")
+
+
+def check_grouped_mm_args(a_NX, b_EXY, offs_E) -> None:
+    op = "grouped_mm"
+    _check(a_NX.dim() == 2, op, f"a_NX must be 2-D (N, X), got shape {_shape(a_NX)}")
+    _check(b_EXY.dim() == 3, op, f"b_EXY must be 3-D (E, X, Y), got shape {_shape(b_EXY)}")
+    _check(a_NX.dtype in _MM, op, f"a_NX must be float32/float64/bfloat16/float16, got {a_NX.dtype}")
+    _check(a_NX.dtype == b_EXY.dtype, op, f"a_NX is {a_NX.dtype} but b_EXY is {b_EXY.dtype}")
+    _check(a_NX.device == b_EXY.device, op, f"a_NX is on {a_NX.device} but b_EXY is on {b_EXY.device}")
+    _check(a_NX.shape[1] == b_EXY.shape[1], op,
+           f"a_NX has X={a_NX.shape[1]} columns but b_EXY has X={b_EXY.shape[1]} rows per expert")
+    _check_offs(op, offs_E, a_NX)
+    _check(offs_E.shape[0] == b_EXY.shape[0], op,
+           f"offs_E has {offs_E.shape[0]} entries but b_EXY has E={b_EXY.shape[0]} experts")
+
+
+def check_grouped_mm_wgrad_args(a_NX, g_NY, offs_E) -> None:
+    op = "grouped_mm_wgrad"
+    _check(a_NX.dim() == 2 and g_NY.dim() == 2, op,
+           f"a_NX and g_NY must be 2-D, got shapes {_shape(a_NX)} and {_shape(g_NY)}")
+    _check(a_NX.dtype in _MM and a_NX.dtype == g_NY.dtype, op,
+           f"a_NX and g_NY must share a float dtype, got {a_NX.dtype} and {g_NY.dtype}")
+    _check(a_NX.shape[0] == g_NY.shape[0], op, f"a_NX has {a_NX.shape[0]} rows but g_NY has {g_NY.shape[0]}")
+    _check(a_NX.device == g_NY.device, op, f"a_NX is on {a_NX.device} but g_NY is on {g_NY.device}")
+    _check_offs(op, offs_E, a_NX)
+
+
+def _check_gather_common(op, x_TD, order_N, rows_TK, other, other_name, offs_E) -> None:
+    check_dispatch_args(op, x_TD, "x_TD", "T", order_N, rows_TK)
+    _check(x_TD.dtype in _MM, op, f"x_TD must be float32/float64/bfloat16/float16, got {x_TD.dtype}")
+    _check(other.dtype == x_TD.dtype, op, f"x_TD is {x_TD.dtype} but {other_name} is {other.dtype}")
+    _check(other.device == x_TD.device, op, f"{other_name} is on {other.device} but x_TD is on {x_TD.device}")
+    _check_offs(op, offs_E, x_TD, "x_TD")
+
+
+def check_gather_grouped_mm_args(x_TD, order_N, rows_TK, b_EXY, offs_E) -> None:
+    op = "gather_grouped_mm"
+    _check(b_EXY.dim() == 3, op, f"b_EXY must be 3-D (E, X, Y), got shape {_shape(b_EXY)}")
+    _check_gather_common(op, x_TD, order_N, rows_TK, b_EXY, "b_EXY", offs_E)
+    _check(x_TD.shape[1] == b_EXY.shape[1], op,
+           f"x_TD has X={x_TD.shape[1]} columns but b_EXY has X={b_EXY.shape[1]} rows per expert")
+    _check(offs_E.shape[0] == b_EXY.shape[0], op,
+           f"offs_E has {offs_E.shape[0]} entries but b_EXY has E={b_EXY.shape[0]} experts")
+
+
+def check_gather_grouped_mm_wgrad_args(x_TD, order_N, rows_TK, g_NY, offs_E) -> None:
+    op = "gather_grouped_mm_wgrad"
+    _check(g_NY.dim() == 2, op, f"g_NY must be 2-D (N, Y), got shape {_shape(g_NY)}")
+    _check_gather_common(op, x_TD, order_N, rows_TK, g_NY, "g_NY", offs_E)
+    _check(g_NY.shape[0] == order_N.shape[0], op,
+           f"g_NY has {g_NY.shape[0]} rows but the plan has N={order_N.shape[0]}")
+
+
+def check_linear_f32_args(x_TD, weight_ED) -> None:
+    op = "linear_f32"
+    _check(x_TD.dim() == 2, op, f"x_TD must be 2-D (T, D), got shape {_shape(x_TD)}")
+    _check(weight_ED.dim() == 2, op, f"weight_ED must be 2-D (E, D), got shape {_shape(weight_ED)}")
+    _check(x_TD.dtype in _MM, op, f"x_TD must be float32/float64/bfloat16/float16, got {x_TD.dtype}")
+    _check(weight_ED.dtype == x_TD.dtype, op, f"x_TD is {x_TD.dtype} but weight_ED is {weight_ED.dtype}")
+    _check(weight_ED.device == x_TD.device, op,
+           f"weight_ED is on {weight_ED.device} but x_TD is on {x_TD.device}")
+    _check(weight_ED.shape[1] == x_TD.shape[1], op,
+           f"x_TD has D={x_TD.shape[1]} but weight_ED has D={weight_ED.shape[1]}")
+
+
+def check_swiglu_args(h, op="swiglu") -> None:
+    _check(h.dim() >= 1, op, "h must have at least one dim (..., 2F), got a scalar")
+    _check(h.dtype in _MM, op, f"h must be float32/float64/bfloat16/float16, got {h.dtype}")
+    _check(h.shape[-1] > 0 and h.shape[-1] % 2 == 0, op,
+           f"h's last dim must be 2F = [gate; up], a positive even number, got shape {_shape(h)}")
+
+
+def check_swiglu_backward_args(grad, h) -> None:
+    op = "swiglu_backward"
+    check_swiglu_args(h, op)
+    _check(grad.dtype == h.dtype, op, f"grad is {grad.dtype} but h is {h.dtype}")
+    _check(grad.device == h.device, op, f"grad is on {grad.device} but h is on {h.device}")
+    want = (*h.shape[:-1], h.shape[-1] // 2)
+    _check(_shape(grad) == want, op,
+           f"grad must have shape {want} (h's with the last dim halved), got {_shape(grad)}")
