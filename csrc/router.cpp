@@ -175,7 +175,11 @@ void route_backward_rows(const at::Tensor& gw, const T* gp, const at::Tensor& id
       for (int64_t e = 0; e < E; ++e) dp[e] = gp ? gp[t * E + e] : T(0);
       // w_k = s * p_k / (S + eps) with S = sum_j p_j: d p_k = s * (g_k / (S + eps) - sum_j g_j p_j / (S + eps)^2)
       T denom = 0, dot = 0;
-      for (int64_t k = 0; k < K; ++k) denom += p[id[k]];
+      for (int64_t k = 0; k < K; ++k) {
+        TORCH_CHECK(id[k] >= 0 && id[k] < E, "moe.topk_route_backward: ids_TK[", t, ", ", k, "] = ", id[k],
+                    " is outside [0, E=", E, ")");
+        denom += p[id[k]];
+      }
       denom += eps;
       for (int64_t k = 0; k < K; ++k) dot += g[k] * scaling * p[id[k]];
       for (int64_t k = 0; k < K; ++k) {

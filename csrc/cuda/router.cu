@@ -165,7 +165,10 @@ __global__ void topk_route_backward_kernel(const T* __restrict__ gw, const T* __
   for (int e = lane; e < E; e += kWarp) dp[e] = gp ? gp[t * E + e] : T(0);
   T denom = 0, dot = 0;
   if (lane == 0) {  // in slot order, as the CPU kernel
-    for (int k = 0; k < K; ++k) denom += p[id[k]];
+    for (int k = 0; k < K; ++k) {
+      CUDA_KERNEL_ASSERT(id[k] >= 0 && id[k] < E && "moe.topk_route_backward: ids_TK outside [0, E)");
+      denom += p[id[k]];
+    }
     denom += softmax ? T(0) : T(1e-20);
     for (int k = 0; k < K; ++k) dot += g[k] * scaling * p[id[k]];
   }

@@ -14,6 +14,7 @@ GEMM input/output dims.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -189,3 +190,45 @@ def check_swiglu_backward_args(grad, h) -> None:
     want = (*h.shape[:-1], h.shape[-1] // 2)
     _check(_shape(grad) == want, op,
            f"grad must have shape {want} (h's with the last dim halved), got {_shape(grad)}")
+
+
+def check_topk_route_args(logits_TE, bias_E, top_k, score, num_groups, topk_groups, norm_topk, scaling) -> None:
+    op = "topk_route"
+    _check(logits_TE.dim() == 2, op, f"logits_TE must be 2-D (T, E), got shape {_shape(logits_TE)}")
+    _check(logits_TE.dtype in (torch.float32, torch.float64), op,
+           f"logits_TE must be float32 or float64, got {logits_TE.dtype}")
+    E = logits_TE.shape[1]
+    _check(E >= 1, op, "logits_TE must have at least one expert column")
+    if bias_E is not None:
+        _check(bias_E.dim() == 1 and bias_E.shape[0] == E, op, f"bias_E must have shape ({E},), got {_shape(bias_E)}")
+        _check(bias_E.is_floating_point(), op, f"bias_E must be floating point, got {bias_E.dtype}")
+        _check(bias_E.device == logits_TE.device, op, f"bias_E is on {bias_E.device} but logits_TE is on {logits_TE.device}")
+    _check(score in ("softmax", "sigmoid"), op, f"score must be 'softmax' or 'sigmoid', got '{score}'")
+    _check(num_groups >= 0, op, f"num_groups must be >= 0 (0: no groups), got {num_groups}")
+    allowed = E
+    if num_groups > 0:
+        _check(E % num_groups == 0, op, f"num_groups={num_groups} must divide the number of experts E={E}")
+        _check(1 <= topk_groups <= num_groups, op, f"topk_groups must be in [1, num_groups={num_groups}], got {topk_groups}")
+        allowed = topk_groups * (E // num_groups)
+    else:
+        _check(topk_groups == 0, op, f"topk_groups must be 0 when num_groups is 0, got {topk_groups}")
+    _check(1 <= top_k <= allowed, op, f"top_k must be in [1, {allowed}] (the experts it may choose from), got {top_k}")
+    _check(math.isfinite(scaling), op, f"scaling must be finite, got {scaling}")
+
+
+def check_topk_route_backward_args(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score, norm_topk, scaling) -> None:
+    op = "topk_route_backward"
+    _check(probs_TE.dim() == 2 and probs_TE.dtype in (torch.float32, torch.float64), op,
+           f"probs_TE must be a 2-D float32 or float64 tensor, got {probs_TE.dtype} {_shape(probs_TE)}")
+    _check(ids_TK.dim() == 2 and ids_TK.dtype == torch.int64 and ids_TK.shape[0] == probs_TE.shape[0], op,
+           f"ids_TK must be int64 (T, K) with T={probs_TE.shape[0]}, got {ids_TK.dtype} {_shape(ids_TK)}")
+    _check(_shape(grad_weights_TK) == _shape(ids_TK) and grad_weights_TK.dtype == probs_TE.dtype, op,
+           f"grad_weights_TK must have ids_TK's shape {_shape(ids_TK)} and probs_TE's dtype {probs_TE.dtype}, "
+           f"got {grad_weights_TK.dtype} {_shape(grad_weights_TK)}")
+    if grad_probs_TE is not None:
+        _check(_shape(grad_probs_TE) == _shape(probs_TE) and grad_probs_TE.dtype == probs_TE.dtype, op,
+               f"grad_probs_TE must match probs_TE ({probs_TE.dtype} {_shape(probs_TE)}), "
+               f"got {grad_probs_TE.dtype} {_shape(grad_probs_TE)}")
+    for t in (grad_weights_TK, ids_TK) + ((grad_probs_TE,) if grad_probs_TE is not None else ()):
+        _check(t.device == probs_TE.device, op, f"all inputs must be on {probs_TE.device}")
+    _check(score in ("softmax", "sigmoid"), op, f"score must be 'softmax' or 'sigmoid', got '{score}'")

@@ -272,17 +272,12 @@ swiglu = define_op(
 # ---- topk_route: a token-choice router's scores, top-k and weights in one pass per token ---------
 
 def _topk_route_fake(logits_TE, bias_E, top_k, score, num_groups, topk_groups, norm_topk, scaling):
-    _same_device("topk_route", logits_TE, bias_E=bias_E)
-    torch._check(logits_TE.dim() == 2, lambda: f"moe.topk_route: logits_TE must be 2-D (T, E), got {tuple(logits_TE.shape)}")
     T, E = logits_TE.shape
-    torch._check(1 <= top_k <= E, lambda: f"moe.topk_route: top_k must be in [1, {E}], got {top_k}")
     return (logits_TE.new_empty(T, top_k, dtype=torch.int64), logits_TE.new_empty(T, top_k),
             logits_TE.new_empty(T, E))
 
 
 def _topk_route_backward_fake(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score, norm_topk, scaling):
-    _same_device("topk_route_backward", probs_TE, grad_weights_TK=grad_weights_TK,
-                 grad_probs_TE=grad_probs_TE, ids_TK=ids_TK)
     return torch.empty_like(probs_TE)
 
 
@@ -305,11 +300,12 @@ topk_route_backward = define_op(
     "topk_route_backward",
     "(Tensor grad_weights_TK, Tensor? grad_probs_TE, Tensor ids_TK, Tensor probs_TE, str score, "
     "bool norm_topk, float scaling) -> Tensor",
-    fallback=twins.topk_route_backward_torch, fake=_topk_route_backward_fake)
+    fallback=twins.topk_route_backward_torch, fake=_topk_route_backward_fake,
+    check=checks.check_topk_route_backward_args)
 
 topk_route = define_op(
     "topk_route",
     "(Tensor logits_TE, Tensor? bias_E, int top_k, str score, int num_groups, int topk_groups, "
     "bool norm_topk, float scaling) -> (Tensor, Tensor, Tensor)",
-    fallback=twins.topk_route_torch, fake=_topk_route_fake,
+    fallback=twins.topk_route_torch, fake=_topk_route_fake, check=checks.check_topk_route_args,
     backward=_topk_route_backward, setup_context=_topk_route_setup)

@@ -32,6 +32,10 @@ def op_calls(device):
     y_ND = torch.randn(T * K, Y, generator=g).to(device)
     x_ND = torch.randn(T * K, D, generator=g).to(device)
     h = torch.randn(T, 2 * Y, dtype=torch.bfloat16, generator=g).to(device)
+    logits = torch.randn(T, E, generator=g).to(device)
+    bias = torch.randn(E, generator=g).to(device)
+    probs = torch.softmax(logits, -1)
+    route_ids = torch.stack([torch.arange(T) % E, (torch.arange(T) + 1) % E], 1).to(device)
     m = torch.ops.moe
     return [
         ("plan", lambda: m.plan(ids, E)),
@@ -46,6 +50,8 @@ def op_calls(device):
         ("linear_f32", lambda: m.linear_f32(x.to(torch.bfloat16), b[0].t().to(torch.bfloat16))),
         ("swiglu", lambda: m.swiglu(h)),
         ("swiglu_backward", lambda: m.swiglu_backward(h[:, :Y], h)),
+        ("topk_route", lambda: m.topk_route(logits, bias, K, "sigmoid", 0, 0, True, 2.0)),
+        ("topk_route_backward", lambda: m.topk_route_backward(w, None, route_ids, probs, "softmax", True, 1.0)),
     ]
 
 

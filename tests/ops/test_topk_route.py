@@ -156,7 +156,6 @@ def test_empty_batch():
     assert ids.shape == (0, 2) and w.shape == (0, 2) and p.shape == (0, 8)
 
 
-@needs_ext
 @pytest.mark.parametrize("args,match", [
     ((torch.zeros(4, 8), None, 9, "softmax", 0, 0, True, 1.0), "top_k must be in"),
     ((torch.zeros(4, 8), None, 0, "softmax", 0, 0, True, 1.0), "top_k must be in"),
@@ -171,8 +170,19 @@ def test_empty_batch():
     ((torch.zeros(4, 8), None, 2, "softmax", 0, 0, True, float("nan")), "scaling must be finite"),
 ])
 def test_bad_input_names_the_argument(args, match):
+    """The kernel, the twin (moe/ops/checks.py) and the fake kernel give the same error."""
     with pytest.raises(RuntimeError, match=match):
         torch.ops.moe.topk_route(*args)
+    meta = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.moe.topk_route(*meta)
+
+
+def test_backward_rejects_ids_out_of_range():
+    probs = torch.softmax(torch.randn(3, 4), -1)
+    ids = torch.tensor([[0, 1], [2, 4], [3, 0]])
+    with pytest.raises(RuntimeError, match="outside|out of bounds"):
+        torch.ops.moe.topk_route_backward(torch.ones(3, 2), None, ids, probs, "softmax", True, 1.0)
 
 
 @pytest.mark.parametrize("kwargs", [
