@@ -123,6 +123,16 @@ def test_register_is_idempotent():
     assert list(ALL_EXPERTS_FUNCTIONS.keys()).count(hf.NAME) == 1
 
 
+def test_register_refuses_a_transformers_older_than_declared(monkeypatch):
+    """5.0-5.6 have ExpertsInterface, but their models reject a registered implementation:
+    register() says which version it needs instead of failing later in from_config."""
+    monkeypatch.setattr(transformers, "__version__", "5.6.2")
+    with pytest.raises(ImportError, match=r"transformers >= 5\.7, found 5\.6\.2"):
+        hf.register()
+    monkeypatch.setattr(transformers, "__version__", hf.MIN_TRANSFORMERS + ".0.dev0")
+    hf.register()
+
+
 def _ep_block(E_global: int, E_local: int, impl: str, seed: int):
     """A float64 Qwen3-MoE sparse block of E_global experts and, built as transformers' EP sharding
     leaves a rank (``num_experts`` the local count, dim 0 of the weights sliced), the experts of
