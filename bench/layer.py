@@ -9,12 +9,15 @@ Candidates, on the same weights and the same routing (moekit's TopKRouter, dropl
   dense       a SwiGLU FFN of hidden K*F (the same active FLOPs, no router)
   hf_eager    router + transformers' MixtralExperts, experts_implementation="eager"
   hf_gmm      router + MixtralExperts, "grouped_mm" (torch.nn.functional.grouped_mm)
-  moekit      moe.MoELayer (router + plan/permute + grouped_mm + weighted unpermute)
+  hf_moekit   router + MixtralExperts, "moekit" (moe.integrations.hf: moekit's ops on
+              transformers' (E, 2F, D) / (E, D, F) weights, read in place)
+  moekit      moe.MoELayer (router + plan + gathered grouped_mm + swiglu + weighted unpermute)
 "fwd" is an inference forward (eval, no_grad); "fwd+bwd" a training step's forward and backward
 (train mode, aux loss included for the MoE rows). Times are medians over interleaved repeats
-(bench.ops.time_fns); the ratios are moekit's time over each baseline's (< 1 = moekit faster).
-Target: moekit fwd+bwd <= 1.15x dense and < 1x hf_gmm. transformers is optional: its
-rows are skipped without it.
+(bench.ops.time_fns); the "/name" ratios are moekit's time over each baseline's (< 1 = moekit
+faster) and "hf/mk" is hf_moekit's time over moekit's (the cost of going through transformers).
+Targets: moekit fwd+bwd <= 1.15x dense and < 1x hf_gmm; hf/mk <= 1.10. transformers is
+optional: its rows are skipped without it.
 """
 
 from __future__ import annotations
@@ -30,10 +33,14 @@ MODES = ("fwd", "fwd+bwd")
 
 
 def _hf_experts(layer: MoELayer, impl: str):
-    """transformers' MixtralExperts holding ``layer``'s expert weights, or None without it."""
+    """transformers' MixtralExperts holding ``layer``'s expert weights, or None without it (or,
+    for "moekit", without a transformers that takes registered experts implementations)."""
     try:
         from transformers import MixtralConfig
         from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+        if impl == "moekit":
+            from moe.integrations import hf
+            hf.register()
     except ImportError:
         return None
     ex = layer.experts
@@ -68,7 +75,7 @@ def _candidates(layer: MoELayer, dense: DenseFFN, x: torch.Tensor) -> dict:
     dense_call.modules = (dense,)
     moekit.modules = (layer,)
     cands = {"dense": dense_call}
-    for name, impl in (("hf_eager", "eager"), ("hf_gmm", "grouped_mm")):
+    for name, impl in (("hf_eager", "eager"), ("hf_gmm", "grouped_mm"), ("hf_moekit", "moekit")):
         hf = _hf_experts(layer, impl)
         if hf is not None:
             cands[name] = hf_call(hf)
@@ -117,8 +124,10 @@ def layer_rows(*, T: int = 4096, shapes=SHAPES, dtypes=DTYPES, modes=MODES, repe
                     row[f"{name}_ms"] = sec * 1e3
                 row["noise"] = timed["moekit"][1]
                 for name in timed:
-                    if name != "moekit":
+                    if name not in ("moekit", "hf_moekit"):
                         row[f"vs_{name}"] = row["moekit_ms"] / row[f"{name}_ms"]
+                if "hf_moekit" in timed:
+                    row["hf_over_moekit"] = row["hf_moekit_ms"] / row["moekit_ms"]
                 rows.append(row)
                 layer.zero_grad(set_to_none=True)
                 dense.zero_grad(set_to_none=True)
@@ -141,17 +150,37 @@ def _cell(row: dict, key: str, width: int, fmt: str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    names = [n for n in ("dense", "hf_eager", "hf_gmm", "moekit") if any(f"{n}_ms" in r for r in rows)]
-    ratios = [n for n in names if n != "moekit"]
+    names = [n for n in ("dense", "hf_eager", "hf_gmm", "hf_moekit", "moekit") if any(f"{n}_ms" in r for r in rows)]
+    ratios = [n for n in names if n not in ("moekit", "hf_moekit")]
+    hf = any("hf_over_moekit" in r for r in rows)
     head = (f"{'dtype':<8} {'T':>5} {'D':>5} {'F':>5} {'E':>4} {'K':>2} {'mode':<8} "
-            + " ".join(f"{n + ' ms':>11}" for n in names) + "  "
-            + " ".join(f"{'/' + n:>9}" for n in ratios) + f" {'noise':>6}")
+            + " ".join(f"{n + ' ms':>12}" for n in names) + "  "
+            + " ".join(f"{'/' + n:>9}" for n in ratios) + (f" {'hf/mk':>6}" if hf else "") + f" {'noise':>6}")
     out = [head]
     for r in rows:
         out.append(f"{r['dtype']:<8} {r['T']:>5} {r['D']:>5} {r['F']:>5} {r['E']:>4} {r['K']:>2} "
-                   f"{r['mode']:<8} " + " ".join(_cell(r, n + "_ms", 11, ".1f") for n in names) + "  "
-                   + " ".join(_cell(r, "vs_" + n, 9, ".2f") for n in ratios) + f" {r['noise']:>6.0%}")
+                   f"{r['mode']:<8} " + " ".join(_cell(r, n + "_ms", 12, ".1f") for n in names) + "  "
+                   + " ".join(_cell(r, "vs_" + n, 9, ".2f") for n in ratios)
+                   + (" " + _cell(r, "hf_over_moekit", 6, ".2f") if hf else "") + f" {r['noise']:>6.0%}")
     return "\n".join(out)
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or platform.processor() elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "CPU ?")
+    except OSError:
+        import platform
+        return platform.processor() or "CPU ?"
+
+
+def _transformers_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("transformers")
+    except Exception:  # not installed
+        return "absent"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -173,8 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     shapes = tuple(SHAPES[i] for i in args.shape) if args.shape else SHAPES
     rows = layer_rows(dtypes=dtypes, shapes=shapes, modes=tuple(args.mode or MODES),
                       skip=tuple(args.skip) if args.skip is not None else DEFAULT_SKIP, **kw)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"extension={'yes' if ops.HAS_EXTENSION else 'no (twins)'}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {_cpu_model()}, "
+          f"extension={'yes' if ops.HAS_EXTENSION else 'no (twins)'}, transformers {_transformers_version()}")
     print(format_table(rows))
 
 

@@ -16,7 +16,8 @@
 // pointer per row, so its rows may be gathered (gather_grouped_mm: the rows of x_TD named by the
 // plan); otherwise (the weight gradient, A = a^T) it is packed to [xw][m] words first, from
 // gathered rows as well. B is packed one panel at a time as the first row block reaches it, while
-// the microkernels of the panel before fetch its memory lines (gemm_pack.h). The microkernel
+// the microkernels of the panel before fetch its memory lines (gemm_pack.h); its depth rows may
+// be gathered too (the weight gradient g^T x in an nn.Linear-style layout: B = the rows of x). The microkernel
 // keeps a 6 x 64 fp32 tile in 24 zmm registers; bf16 results are rounded to nearest even on
 // store, or stored as float32 (bf16 inputs, float32 C: moe.linear_f32).
 // vdpbf16ps treats bf16 denormal inputs as zero and flushes denormal results (so does oneDNN's
@@ -160,14 +161,15 @@ uint32_t* scratch(Scratch& buf, int64_t n) {
 }
 
 template <typename T, typename TC = T>
-void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, const int64_t* a_rows,
-          const int64_t* a_cols, const T* B, int64_t bx, int64_t by, TC* C, int64_t ldc, NextB<T> next) {
+void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, Gather gather,
+          const T* B, int64_t bx, int64_t by, TC* C, int64_t ldc, NextB<T> next) {
   if (M == 0 || Y == 0) return;
   if (X == 0) {
     for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + Y, TC(0.0f));
     return;
   }
   constexpr int64_t P = kPer<T>;
+  const int64_t *a_rows = gather.a_rows, *a_cols = gather.a_cols, *b_rows = gather.b_rows;
   thread_local Scratch a_buf, b_buf;
   const int64_t Xw = (X + P - 1) / P;
   const int64_t panels = (Y + kYR - 1) / kYR;
@@ -205,13 +207,14 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, c
         // lines while its microkernels run.
         // The very last panel fetches the first panel of the next call's B instead.
         const bool first = m0 == 0;
-        if (first) pack_b(B + c0 * by, bx, by, X, cols, panel);
+        if (first) pack_b(B + c0 * by, bx, by, b_rows, X, cols, panel);
         const int64_t c1 = c0 + kYR;
         const bool last = m0 + kMC >= M && p0 + np == panels && p + 1 == np;
         const PanelLines<T> ahead =
-            first && p + 1 < np ? PanelLines<T>(B, bx, by, X, c1, std::min<int64_t>(kYR, Y - c1))
-            : last && next.B != nullptr ? PanelLines<T>(next.B, bx, by, next.X, 0, std::min<int64_t>(kYR, next.Y))
-                                        : PanelLines<T>();
+            first && p + 1 < np ? PanelLines<T>(B, bx, by, b_rows, X, c1, std::min<int64_t>(kYR, Y - c1))
+            : last && next.B != nullptr
+                ? PanelLines<T>(next.B, bx, by, next.rows, next.X, 0, std::min<int64_t>(kYR, next.Y))
+                : PanelLines<T>();
         const int64_t L = ahead.lines();
         for (int64_t r = 0, i = 0; r < mc; r += kMR, ++i) {
           if (L > 0) ahead.fetch(L * i / calls, L * (i + 1) / calls);
@@ -239,19 +242,19 @@ bool avx512_gemm_available(at::ScalarType dtype) {
 
 void avx512_gemm(int64_t M, int64_t Y, int64_t X, const c10::BFloat16* A, int64_t am, int64_t ax,
                  const c10::BFloat16* B, int64_t bx, int64_t by, c10::BFloat16* C, int64_t ldc,
-                 NextB<c10::BFloat16> next, GatherA gather) {
-  gemm(M, Y, X, A, am, ax, gather.rows, gather.cols, B, bx, by, C, ldc, next);
+                 NextB<c10::BFloat16> next, Gather gather) {
+  gemm(M, Y, X, A, am, ax, gather, B, bx, by, C, ldc, next);
 }
 
 void avx512_gemm(int64_t M, int64_t Y, int64_t X, const float* A, int64_t am, int64_t ax,
                  const float* B, int64_t bx, int64_t by, float* C, int64_t ldc, NextB<float> next,
-                 GatherA gather) {
-  gemm(M, Y, X, A, am, ax, gather.rows, gather.cols, B, bx, by, C, ldc, next);
+                 Gather gather) {
+  gemm(M, Y, X, A, am, ax, gather, B, bx, by, C, ldc, next);
 }
 
 void avx512_gemm(int64_t M, int64_t Y, int64_t X, const c10::BFloat16* A, int64_t am, int64_t ax,
                  const c10::BFloat16* B, int64_t bx, int64_t by, float* C, int64_t ldc) {
-  gemm<c10::BFloat16, float>(M, Y, X, A, am, ax, nullptr, nullptr, B, bx, by, C, ldc, {});
+  gemm<c10::BFloat16, float>(M, Y, X, A, am, ax, {}, B, bx, by, C, ldc, {});
 }
 
 #else  // not x86-64 GCC/Clang: at::mm does every GEMM
@@ -260,12 +263,12 @@ bool avx512_gemm_available(at::ScalarType) { return false; }
 
 void avx512_gemm(int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t, int64_t,
                  const c10::BFloat16*, int64_t, int64_t, c10::BFloat16*, int64_t,
-                 NextB<c10::BFloat16>, GatherA) {
+                 NextB<c10::BFloat16>, Gather) {
   TORCH_CHECK(false, "moekit: the AVX-512 GEMM is not compiled on this platform");
 }
 
 void avx512_gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*,
-                 int64_t, int64_t, float*, int64_t, NextB<float>, GatherA) {
+                 int64_t, int64_t, float*, int64_t, NextB<float>, Gather) {
   TORCH_CHECK(false, "moekit: the AVX-512 GEMM is not compiled on this platform");
 }
 

@@ -12,19 +12,24 @@ namespace moe {
 // and MOE_CPU_GEMM is not "aten". Other dtypes: false.
 bool avx512_gemm_available(at::ScalarType dtype);
 
-// The B operand (X x Y, the same strides) of the call likely to run next on this thread: its
-// first panel is prefetched during this call's last one. B == nullptr: no hint.
+// The B operand (X x Y, the same strides; with `rows`, its own row table as in Gather::b_rows)
+// of the call likely to run next on this thread: its first panel is prefetched during this
+// call's last one. B == nullptr: no hint.
 template <typename T>
 struct NextB {
   const T* B = nullptr;
   int64_t X = 0, Y = 0;
+  const int64_t* rows = nullptr;
 };
 
-// A operand read through offset tables (a gathered operand, never materialized): A(m, x) =
-// A[rows[m] + x * ax] with `rows`, A[m * am + cols[x]] with `cols` (element offsets).
-struct GatherA {
-  const int64_t* rows = nullptr;
-  const int64_t* cols = nullptr;
+// Operands read through offset tables (gathered operands, never materialized), element offsets:
+// A(m, x) = A[a_rows[m] + x * ax] with `a_rows`, A[m * am + a_cols[x]] with `a_cols`, and
+// B(x, y) = B[b_rows[x] + y * by] with `b_rows` (B's depth rows gathered: the weight gradient
+// g^T x of a gathered x, stored in an nn.Linear-style (Y, X) layout).
+struct Gather {
+  const int64_t* a_rows = nullptr;
+  const int64_t* a_cols = nullptr;
+  const int64_t* b_rows = nullptr;
 };
 
 // C (M x Y, row stride ldc) = A (M x X) @ B (X x Y), fp32 accumulation, C in the inputs' dtype:
@@ -33,10 +38,10 @@ struct GatherA {
 // Single-threaded: the grouped GEMM calls it from its own parallel tiles.
 void avx512_gemm(int64_t M, int64_t Y, int64_t X, const c10::BFloat16* A, int64_t am, int64_t ax,
                  const c10::BFloat16* B, int64_t bx, int64_t by, c10::BFloat16* C, int64_t ldc,
-                 NextB<c10::BFloat16> next = {}, GatherA gather = {});
+                 NextB<c10::BFloat16> next = {}, Gather gather = {});
 void avx512_gemm(int64_t M, int64_t Y, int64_t X, const float* A, int64_t am, int64_t ax,
                  const float* B, int64_t bx, int64_t by, float* C, int64_t ldc,
-                 NextB<float> next = {}, GatherA gather = {});
+                 NextB<float> next = {}, Gather gather = {});
 // bfloat16 inputs, float32 C: the fp32 sums are stored unrounded (blocked like the float32 path).
 void avx512_gemm(int64_t M, int64_t Y, int64_t X, const c10::BFloat16* A, int64_t am, int64_t ax,
                  const c10::BFloat16* B, int64_t bx, int64_t by, float* C, int64_t ldc);

@@ -84,15 +84,18 @@ MOE_TARGET inline void transpose16(const u32* src, int64_t ld_src, uint32_t* dst
 }
 
 // Packs B (X x cols, strides bx, by in elements) into panels of kYR columns: panel p holds Xw
-// rows of kYR words, zero-padded past cols and past X.
+// rows of kYR words, zero-padded past cols and past X. With `rows` (a gathered B), row x of B
+// starts at B + rows[x] instead of B + x * bx.
 template <typename T>
-MOE_TARGET void pack_b(const T* B, int64_t bx, int64_t by, int64_t X, int64_t cols, uint32_t* out) {
+MOE_TARGET void pack_b(const T* B, int64_t bx, int64_t by, const int64_t* rows, int64_t X, int64_t cols,
+                       uint32_t* out) {
   constexpr int64_t P = kPer<T>;
   const int64_t Xw = (X + P - 1) / P;
   const int64_t panels = (cols + kYR - 1) / kYR;
+  auto row = [&](int64_t x) { return rows ? rows[x] : x * bx; };
   // B = W^T with W row-major (the data gradient's transposed weights): each word is an aligned
   // word of a row of W, so a panel is a transpose of 32-bit words, read row by row.
-  const bool rows_of_words = bx == 1 && X % P == 0 && by % P == 0 &&
+  const bool rows_of_words = rows == nullptr && bx == 1 && X % P == 0 && by % P == 0 &&
                              reinterpret_cast<uintptr_t>(B) % alignof(uint32_t) == 0;
   for (int64_t p = 0; p < panels; ++p) {
     uint32_t* dst = out + p * Xw * kYR;
@@ -112,17 +115,18 @@ MOE_TARGET void pack_b(const T* B, int64_t bx, int64_t by, int64_t X, int64_t co
       continue;
     }
     for (int64_t xw = 0; xw < Xw; ++xw) {
-      const T* r0 = B + (P * xw) * bx + c0 * by;
       const bool has1 = P * xw + 1 < X;
+      const int64_t o0 = row(P * xw), step = has1 ? row(P * xw + 1) - o0 : 0;
+      const T* r0 = B + o0 + c0 * by;
       uint32_t* d = dst + xw * kYR;
       if (by == 1) {  // rows of B contiguous: 16 words per step
         int64_t j = 0;
         for (; j < w; j += 16)
-          words16(r0 + j, has1 ? r0 + bx + j : nullptr, std::min<int64_t>(16, w - j), d + j, /*all=*/true);
+          words16(r0 + j, has1 ? r0 + step + j : nullptr, std::min<int64_t>(16, w - j), d + j, /*all=*/true);
         for (; j < kYR; ++j) d[j] = 0;
         continue;
       }
-      for (int64_t j = 0; j < w; ++j) d[j] = word(r0 + j * by, bx, has1);
+      for (int64_t j = 0; j < w; ++j) d[j] = word(r0 + j * by, step, has1);
       for (int64_t j = w; j < kYR; ++j) d[j] = 0;
     }
   }
@@ -159,18 +163,24 @@ MOE_TARGET void pack_a(const T* A, int64_t am, int64_t ax, const int64_t* m_off,
 // over the microkernel calls of the panel before it. An expert's weight is read from memory
 // once per GEMM (E x D x F bytes in all, 16x a dense layer's at E=128, K=8); packing it when the
 // panel is reached would stall on those reads, so they are started one panel ahead. Rows of B
-// along y (by == 1) or along x (bx == 1) only; other layouts are not prefetched.
+// along y (by == 1, gathered or not) or along x (bx == 1) only; other layouts are not prefetched.
 template <typename T>
 struct PanelLines {
   const char* base = nullptr;
+  const int64_t* rows = nullptr;  // gathered rows: segment s starts at base + rows[s] elements
   int64_t seg_stride = 0, seg_lines = 0, segs = 0;  // segs runs of seg_lines lines, seg_stride bytes apart
 
   PanelLines() = default;
-  PanelLines(const T* B, int64_t bx, int64_t by, int64_t X, int64_t c0, int64_t w) {
+  PanelLines(const T* B, int64_t bx, int64_t by, const int64_t* b_rows, int64_t X, int64_t c0, int64_t w) {
     constexpr int64_t sz = sizeof(T);
-    if (by == 1) {
+    if (by == 1 && b_rows != nullptr) {  // rows anywhere: one line more covers any alignment
+      base = reinterpret_cast<const char*>(B + c0);
+      rows = b_rows;
+      seg_lines = (w * sz + 63) / 64 + 1;
+      segs = X;
+    } else if (by == 1) {
       set(B + c0, bx * sz, w * sz, X);
-    } else if (bx == 1) {
+    } else if (bx == 1 && b_rows == nullptr) {
       set(B + c0 * by, by * sz, X * sz, w);
     }
   }
@@ -186,9 +196,13 @@ struct PanelLines {
   void fetch(int64_t from, int64_t to) const {
     int64_t seg = from / seg_lines, line = from - seg * seg_lines;
     for (int64_t i = from; i < to; ++i) {
-      __builtin_prefetch(base + seg * seg_stride + line * 64, 0, 2);
+      const char* start = rows ? aligned(base + rows[seg] * int64_t(sizeof(T))) : base + seg * seg_stride;
+      __builtin_prefetch(start + line * 64, 0, 2);
       if (++line == seg_lines) line = 0, ++seg;
     }
+  }
+  static const char* aligned(const char* p) {
+    return reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63));
   }
 };
 

@@ -139,19 +139,21 @@ void grouped_avx512(const at::Tensor& a, const int64_t* gather, const at::Tensor
     const int64_t r0 = starts[t.group] + t.begin;
     NextB<T> next;
     if (up != nullptr) next = {b + up->group * sb0 + up->col0 * sb2, X, up->col1 - up->col0};
-    GatherA rows;
-    if (gather != nullptr) rows.rows = gather + r0;
+    Gather rows;
+    if (gather != nullptr) rows.a_rows = gather + r0;
     avx512_gemm(t.end - t.begin, t.col1 - t.col0, X, gather ? ap : ap + r0 * sa0, sa0, sa1,
                 b + t.group * sb0 + t.col0 * sb2, sb1, sb2, out + r0 * Y + t.col0, Y, next, rows);
   });
 }
 
-// out[e][x, y] = sum over e's rows r of a[r, x] g[r, y]: A = a^T (packed by the kernel), a's
-// rows gathered as in grouped_avx512. Each tile is one plain GEMM (gemm_avx512.h) whose M rows
-// are a slice of the output's X, whose columns a slice of its Y, and whose depth the expert's n
-// rows.
+// out[e][x, y] = sum over e's rows r of a[r, x] g[r, y], a's rows gathered as in grouped_avx512.
+// Each tile is one plain GEMM (gemm_avx512.h) whose depth is the expert's n rows. out (E, X, Y)
+// row-major: C = a^T g, A = a^T (packed by the kernel), M rows a slice of X, columns a slice of
+// Y. With `yx` out is stored (E, Y, X) (strides X*Y, 1, X: nn.Linear's layout): C = g^T a, the
+// tile's M rows a slice of Y, its columns a slice of X, B = a with its depth rows gathered. Both
+// sum the same products in the same order: the values are equal bit for bit.
 template <typename T>
-void wgrad_avx512(const at::Tensor& a, const int64_t* gather, const at::Tensor& g_NY,
+void wgrad_avx512(const at::Tensor& a, const int64_t* gather, const at::Tensor& g_NY, bool yx,
                   at::Tensor& out, const std::vector<int64_t>& starts, const std::vector<Tile>& tiles) {
   const T* ap = a.const_data_ptr<T>();
   const T* g = g_NY.const_data_ptr<T>();
@@ -159,18 +161,28 @@ void wgrad_avx512(const at::Tensor& a, const int64_t* gather, const at::Tensor& 
   const int64_t X = a.size(1), Y = g_NY.size(1);
   const int64_t sa0 = a.stride(0), sa1 = a.stride(1);
   const int64_t sg0 = g_NY.stride(0), sg1 = g_NY.stride(1);
+  // The operand whose rows are read as the GEMM's A^T (packed) and the one read as B, with the
+  // element offset of a row's start: a's rows through `gather` when there is one.
+  const T *pa = ap, *pb = g;
+  int64_t la0 = sa0, la1 = sa1, lb0 = sg0, lb1 = sg1, M = X;
+  if (yx) std::swap(pa, pb), std::swap(la0, lb0), std::swap(la1, lb1), M = Y;
+  const int64_t* ga = yx ? nullptr : gather;  // a^T's gathered depth (columns of A)
+  const int64_t* gb = yx ? gather : nullptr;  // B's gathered depth rows
+  const int64_t ldc = yx ? X : Y;
   run_tiles(tiles, [&](const Tile& t, const Tile* up) {
     const int64_t r0 = starts[t.group], n = starts[t.group + 1] - r0;
     NextB<T> next;
-    if (up != nullptr)
-      next = {g + starts[up->group] * sg0 + up->col0 * sg1,
-              starts[up->group + 1] - starts[up->group], up->col1 - up->col0};
-    GatherA cols;
-    if (gather != nullptr) cols.cols = gather + r0;
-    avx512_gemm(t.end - t.begin, t.col1 - t.col0, n,
-                (gather ? ap : ap + r0 * sa0) + t.begin * sa1, sa1, sa0,
-                g + r0 * sg0 + t.col0 * sg1, sg0, sg1, dst + (t.group * X + t.begin) * Y + t.col0, Y,
-                next, cols);
+    if (up != nullptr) {
+      const int64_t u0 = starts[up->group];
+      next = {(gb ? pb : pb + u0 * lb0) + up->col0 * lb1, starts[up->group + 1] - u0, up->col1 - up->col0,
+              gb ? gb + u0 : nullptr};
+    }
+    Gather rows;
+    rows.a_cols = ga ? ga + r0 : nullptr;
+    rows.b_rows = gb ? gb + r0 : nullptr;
+    avx512_gemm(t.end - t.begin, t.col1 - t.col0, n, (ga ? pa : pa + r0 * la0) + t.begin * la1, la1, la0,
+                (gb ? pb : pb + r0 * lb0) + t.col0 * lb1, lb0, lb1,
+                dst + (t.group * M + t.begin) * ldc + t.col0, ldc, next, rows);
   });
 }
 
@@ -213,28 +225,30 @@ at::Tensor grouped_forward(const at::Tensor& a, const int64_t* gather, const at:
   return c;
 }
 
-// The weight gradient on the rows of `a`, gathered as in grouped_forward.
+// The weight gradient on the rows of `a`, gathered as in grouped_forward: (E, X, Y), stored
+// (E, Y, X) with `yx` (gathered a on the AVX-512 path only).
 at::Tensor grouped_wgrad(const at::Tensor& a, const int64_t* gather, const at::Tensor& g_NY,
-                         const std::vector<int64_t>& starts) {
+                         const std::vector<int64_t>& starts, bool yx = false) {
   const int64_t X = a.size(1), Y = g_NY.size(1), E = int64_t(starts.size()) - 1;
-  auto out = empty_cpu({E, X, Y}, a.options());
-  // Tiles split X (the output's rows) so no two tiles reduce into the same output element.
-  std::vector<int64_t> extent(E, X);
+  auto out = yx ? empty_cpu({E, Y, X}, a.options()).transpose(1, 2) : empty_cpu({E, X, Y}, a.options());
+  // Tiles split the output's rows (X, or Y with yx) so no two tiles reduce into the same element.
+  std::vector<int64_t> extent(E, yx ? Y : X);
   for (int64_t e = 0; e < E; ++e) {
     if (starts[e + 1] == starts[e]) {
       out.select(0, e).zero_();  // an expert with no rows gets a zero gradient
       extent[e] = 0;
     }
   }
-  const auto tiles = make_tiles(extent, Y, /*min_block=*/64);
+  const auto tiles = make_tiles(extent, yx ? X : Y, /*min_block=*/64);
   // (The GEMM depth here is each expert's rows: a few-row expert still has X x Y >= 64 x 64
   // outputs to compare.)
   if (gather != nullptr || use_avx512(a.scalar_type(), X, Y, /*rows=*/kMinSide)) {
     AT_DISPATCH_SWITCH(a.scalar_type(), "moe_grouped_mm_wgrad_avx512",
-                       AT_DISPATCH_CASE(at::kFloat, [&] { wgrad_avx512<scalar_t>(a, gather, g_NY, out, starts, tiles); })
-                       AT_DISPATCH_CASE(at::kBFloat16, [&] { wgrad_avx512<scalar_t>(a, gather, g_NY, out, starts, tiles); }));
+                       AT_DISPATCH_CASE(at::kFloat, [&] { wgrad_avx512<scalar_t>(a, gather, g_NY, yx, out, starts, tiles); })
+                       AT_DISPATCH_CASE(at::kBFloat16, [&] { wgrad_avx512<scalar_t>(a, gather, g_NY, yx, out, starts, tiles); }));
     return out;
   }
+  TORCH_INTERNAL_ASSERT(!yx, "moe.grouped_wgrad: the (E, Y, X) layout is on the AVX-512 path only");
   run_tiles(tiles, [&](const Tile& t, const Tile*) {
     const int64_t r0 = starts[t.group], n = starts[t.group + 1] - r0, x0 = t.begin;
     const int64_t ny = t.col1 - t.col0;
@@ -277,18 +291,22 @@ at::Tensor gather_grouped_mm_cpu(const at::Tensor& x_TD, const at::Tensor& order
   return grouped_forward(x, off.data(), b_EXY, starts, N);
 }
 
+// out_yx: the same (E, X, Y) values stored (E, Y, X), computed as g^T x (see wgrad_avx512).
 at::Tensor gather_grouped_mm_wgrad_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
                                        const at::Tensor& rows_TK, const at::Tensor& g_NY,
-                                       const at::Tensor& offs_E) {
+                                       const at::Tensor& offs_E, bool out_yx) {
   check_gather_grouped_mm_wgrad_args(x_TD, order_N, rows_TK, g_NY, offs_E);
   const int64_t E = offs_E.size(0);
   const auto starts = read_offsets("gather_grouped_mm_wgrad", offs_E, order_N.size(0));
-  if (!use_avx512(x_TD.scalar_type(), x_TD.size(1), g_NY.size(1), /*rows=*/kMinSide))
-    return grouped_mm_wgrad_cpu(permute_cpu(x_TD, order_N, rows_TK, std::nullopt), g_NY, offs_E);
+  if (!use_avx512(x_TD.scalar_type(), x_TD.size(1), g_NY.size(1), /*rows=*/kMinSide)) {
+    const auto x_ND = permute_cpu(x_TD, order_N, rows_TK, std::nullopt);
+    return out_yx ? grouped_mm_wgrad_cpu(g_NY, x_ND, offs_E).transpose(1, 2)
+                  : grouped_mm_wgrad_cpu(x_ND, g_NY, offs_E);
+  }
   const auto x = x_TD.stride(1) == 1 ? x_TD : x_TD.contiguous();
   const auto off = gather_offsets("gather_grouped_mm_wgrad", order_N, rows_TK.size(1),
                                   rows_TK.numel(), starts[E], x.stride(0));
-  return grouped_wgrad(x, off.data(), g_NY, starts);
+  return grouped_wgrad(x, off.data(), g_NY, starts, out_yx);
 }
 
 }  // namespace moe

@@ -68,7 +68,7 @@ at::Tensor gather_grouped_mm_cpu(const at::Tensor& x_TD, const at::Tensor& order
                                  const at::Tensor& offs_E);
 at::Tensor gather_grouped_mm_wgrad_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
                                        const at::Tensor& rows_TK, const at::Tensor& g_NY,
-                                       const at::Tensor& offs_E);
+                                       const at::Tensor& offs_E, bool out_yx);
 at::Tensor linear_f32_cpu(const at::Tensor& x_TD, const at::Tensor& weight_ED);
 at::Tensor swiglu_cpu(const at::Tensor& h);
 at::Tensor swiglu_backward_cpu(const at::Tensor& grad, const at::Tensor& h);

@@ -30,8 +30,9 @@ TORCH_LIBRARY(moe, m) {
   m.def("grouped_mm_wgrad(Tensor a_NX, Tensor g_NY, Tensor offs_E) -> Tensor");
   // grouped_mm(permute(x_TD, order_N, rows_TK), b_EXY, offs_E), the rows read from x_TD in place.
   m.def("gather_grouped_mm(Tensor x_TD, Tensor order_N, Tensor rows_TK, Tensor b_EXY, Tensor offs_E) -> Tensor");
-  // grouped_mm_wgrad(permute(x_TD, order_N, rows_TK), g_NY, offs_E), likewise.
-  m.def("gather_grouped_mm_wgrad(Tensor x_TD, Tensor order_N, Tensor rows_TK, Tensor g_NY, Tensor offs_E) -> Tensor");
+  // grouped_mm_wgrad(permute(x_TD, order_N, rows_TK), g_NY, offs_E), likewise; out_yx: the same
+  // (E, X, Y) values stored (E, Y, X), the layout of an nn.Linear-style weight.
+  m.def("gather_grouped_mm_wgrad(Tensor x_TD, Tensor order_N, Tensor rows_TK, Tensor g_NY, Tensor offs_E, bool out_yx=False) -> Tensor");
   // x_TD @ weight_ED^T in float32 (float64 for float64): the routers' logits.
   m.def("linear_f32(Tensor x_TD, Tensor weight_ED) -> Tensor");
   // out = silu(gate) * up on h = [gate; up] (..., 2F) -> (..., F).

@@ -3,17 +3,22 @@
 Shape legend: T tokens, D hidden size, K routing slots, E experts, N routed rows (T*K),
 H the first projection's width (2F gated, [gate; up] concatenated or interleaved), F expert hidden.
 
-transformers (>= 5) decorates its experts classes with ``use_experts_implementation``: their
-forward(hidden_states_TD, top_k_index_TK, top_k_weights_TK) looks up
-``config._experts_implementation`` in ``ExpertsInterface``. :func:`register` adds "moekit" there,
-so a model built with ``experts_implementation="moekit"`` (or switched by
+transformers (>= 5.7, :data:`MIN_TRANSFORMERS`: the first release whose ``experts_implementation``
+accepts a registered implementation) decorates its experts classes with
+``use_experts_implementation``: their forward(hidden_states_TD, top_k_index_TK, top_k_weights_TK)
+looks up ``config._experts_implementation`` in ``ExpertsInterface``. :func:`register` adds
+"moekit" there, so a model built with ``experts_implementation="moekit"`` (or switched by
 ``model.set_experts_implementation("moekit")``) runs its experts on moe.ops: plan, the gathered
 grouped GEMM (rows read from hidden_states in place; permute + grouped_mm when the dtypes
-differ) and grouped_mm on the HF weight layout read in place (transposed or not, with biases),
-the gate (moe.ops.swiglu where it is transformers' default SiLU on [gate; up], else the class's own
-``_apply_gate``: GPT-OSS's interleaved, clamped SwiGLU included) and the weighted unpermute. Expert
-ids outside [0, E) are empty slots. transformers is imported only inside :func:`register` and,
-once imported by the model that calls it, by the forward's gate check.
+differ) and grouped_mm on the HF weight layout read in place (transposed or not, with biases;
+the weight gradients are written in the weights' own layout, so autograd copies none: for an
+(E, 2F, D) gate_up_proj through ``gather_grouped_mm_wgrad(..., out_yx=True)``), the gate
+(moe.ops.swiglu where it is transformers' default SiLU on [gate; up], else the class's own
+``_apply_gate``: GPT-OSS's interleaved, clamped SwiGLU included) and the weighted unpermute (in
+bfloat16 it sums the weighted products in float32 and rounds once, where eager rounds each
+product and each sum: the two differ by bfloat16 rounding, moekit's being the more accurate).
+Expert ids outside [0, E) are empty slots. transformers is imported only inside :func:`register`
+and, once imported by the model that calls it, by the forward's gate check.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from torch import Tensor
 from moe import ops
 from moe.experts import row_bias
 
-__all__ = ["register", "moekit_experts_forward", "NAME"]
+__all__ = ["register", "moekit_experts_forward", "NAME", "MIN_TRANSFORMERS"]
 
 NAME = "moekit"
+MIN_TRANSFORMERS = "5.7"  # pyproject's hf extra; .ci/run tests 5.7.0 and the newest
 
 
 def _grouped_linear(x_NX: Tensor, w: Tensor, offs_E: Tensor, b_EY, is_transposed: bool) -> Tensor:
@@ -103,10 +109,16 @@ def moekit_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top
 
 def register() -> None:
     """Registers "moekit" in transformers' ExpertsInterface (idempotent). Raises ImportError
-    naming the requirement when transformers (>= 5, with ExpertsInterface) is missing."""
+    naming the requirement when transformers is missing or older than :data:`MIN_TRANSFORMERS`
+    (5.0-5.6 have ExpertsInterface but their models accept only their own implementations)."""
     try:
+        import transformers
+        from packaging.version import Version
         from transformers.integrations.moe import ExpertsInterface
     except ImportError as err:
-        raise ImportError("moe.integrations.hf.register needs transformers >= 5 "
+        raise ImportError(f"moe.integrations.hf.register needs transformers >= {MIN_TRANSFORMERS} "
                           "(transformers.integrations.moe.ExpertsInterface)") from err
+    if Version(transformers.__version__).release < Version(MIN_TRANSFORMERS).release:
+        raise ImportError(f"moe.integrations.hf.register needs transformers >= {MIN_TRANSFORMERS}, found "
+                          f"{transformers.__version__} (its experts_implementation takes no registered one)")
     ExpertsInterface.register(NAME, moekit_experts_forward)

@@ -155,7 +155,7 @@ def check_gather_grouped_mm_args(x_TD, order_N, rows_TK, b_EXY, offs_E) -> None:
            f"offs_E has {offs_E.shape[0]} entries but b_EXY has E={b_EXY.shape[0]} experts")
 
 
-def check_gather_grouped_mm_wgrad_args(x_TD, order_N, rows_TK, g_NY, offs_E) -> None:
+def check_gather_grouped_mm_wgrad_args(x_TD, order_N, rows_TK, g_NY, offs_E, out_yx=False) -> None:
     op = "gather_grouped_mm_wgrad"
     _check(g_NY.dim() == 2, op, f"g_NY must be 2-D (N, Y), got shape {_shape(g_NY)}")
     _check_gather_common(op, x_TD, order_N, rows_TK, g_NY, "g_NY", offs_E)

@@ -134,15 +134,19 @@ def _grouped_mm_fake(a_NX, b_EXY, offs_E):
     return a_NX.new_empty(a_NX.shape[0], b_EXY.shape[2])
 
 
+def _is_yx_layout(b_EXY) -> bool:
+    """True when b_EXY is a transposed view of an (E, Y, X) weight (nn.Linear layout, e.g.
+    transformers' experts): its gradient is then written in that layout, (g_e^T a_e)^T, so that
+    autograd does not copy an (E, X, Y) gradient into the weight's strides."""
+    return b_EXY.dim() == 3 and b_EXY.stride(-2) == 1 and b_EXY.stride(-1) != 1
+
+
 def _grouped_mm_backward(ctx, g_NY):
     a_NX, b_EXY, offs_E = ctx.saved_tensors
     g_a = ops.grouped_mm(g_NY, b_EXY.transpose(-2, -1), offs_E) if ctx.needs_input_grad[0] else None
     g_b = None
     if ctx.needs_input_grad[1]:
-        if b_EXY.dim() == 3 and b_EXY.stride(-2) == 1 and b_EXY.stride(-1) != 1:
-            # b is a transposed view of an (E, Y, X) weight (nn.Linear layout, e.g. transformers'
-            # experts): write its gradient in that layout, (g_e^T a_e)^T, so that autograd does not
-            # copy an (E, X, Y) gradient into the weight's strides.
+        if _is_yx_layout(b_EXY):
             g_b = ops.grouped_mm_wgrad(g_NY, a_NX, offs_E).transpose(-2, -1)
         else:
             g_b = ops.grouped_mm_wgrad(a_NX, g_NY, offs_E)
@@ -173,51 +177,65 @@ grouped_mm_wgrad = define_op(
 
 
 # ---- gather_grouped_mm(x, ., ., b, offs): c_i = x[token(i)] @ b_e, and gather_grouped_mm_wgrad
-# (x, ., ., g, offs): w_e = sum over e's rows i of x[token(i)]^T g_i. Their fallback is the
-# two-op form on the registered ops (permute, then the GEMM: each runs its kernel where there is
-# one, so CUDA gets its kernels, not the twin's loop). In both backwards, d x sums each token's
-# rows of (rows_NY @ w_e^T), with (rows_NY, w_EXY) = (d c, b) or (g, d w), and the other
-# operand's gradient is the other op on x and the incoming gradient.
+# (x, ., ., g, offs, out_yx): w_e = sum over e's rows i of x[token(i)]^T g_i, (E, X, Y), stored
+# (E, Y, X) when out_yx (the layout of an nn.Linear-style weight read as a transposed view: the
+# CPU kernel computes g^T x with x's rows gathered, so no (E, X, Y) result is copied into the
+# weight's layout; the values are the same). Their fallback is the two-op form on the registered
+# ops (permute, then the GEMM: each runs its kernel where there is one, so CUDA gets its kernels,
+# not the twin's loop). In both backwards, d x sums each token's rows of (rows_NY @ w_e^T), with
+# (rows_NY, w_EXY) = (d c, b) or (g, d w), and the other operand's gradient is the other op on x
+# and the incoming gradient (the weight gradient in b's layout).
 
 def _gather_fallback(x_TD, order_N, rows_TK, b_EXY, offs_E):
     return ops.grouped_mm(ops.permute(x_TD, order_N, rows_TK, None), b_EXY, offs_E)
 
 
-def _gather_wgrad_fallback(x_TD, order_N, rows_TK, g_NY, offs_E):
-    return ops.grouped_mm_wgrad(ops.permute(x_TD, order_N, rows_TK, None), g_NY, offs_E)
+def _gather_wgrad_fallback(x_TD, order_N, rows_TK, g_NY, offs_E, out_yx=False):
+    x_ND = ops.permute(x_TD, order_N, rows_TK, None)
+    if out_yx:
+        return ops.grouped_mm_wgrad(g_NY, x_ND, offs_E).transpose(-2, -1)
+    return ops.grouped_mm_wgrad(x_ND, g_NY, offs_E)
 
 
 def _gather_fake(x_TD, order_N, rows_TK, b_EXY, offs_E):
     return x_TD.new_empty(order_N.shape[0], b_EXY.shape[2])
 
 
-def _gather_wgrad_fake(x_TD, order_N, rows_TK, g_NY, offs_E):
-    return x_TD.new_empty(offs_E.shape[0], x_TD.shape[1], g_NY.shape[1])
+def _gather_wgrad_fake(x_TD, order_N, rows_TK, g_NY, offs_E, out_yx=False):
+    E, X, Y = offs_E.shape[0], x_TD.shape[1], g_NY.shape[1]
+    return x_TD.new_empty(E, Y, X).transpose(-2, -1) if out_yx else x_TD.new_empty(E, X, Y)
+
+
+def _gather_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:5])  # the tensors (out_yx only sets the output's layout)
 
 
 def _gather_backward(grad_is_rows: bool):
-    def backward(ctx, grad):
+    def backward(ctx, grad, *_):
         x_TD, order_N, rows_TK, z, offs_E = ctx.saved_tensors
         rows_NY, w_EXY = (grad, z) if grad_is_rows else (z, grad)
-        other = ops.gather_grouped_mm_wgrad if grad_is_rows else ops.gather_grouped_mm
         g_x = g_z = None
         if ctx.needs_input_grad[0]:
             g_x = ops.unpermute(ops.grouped_mm(rows_NY, w_EXY.transpose(-2, -1), offs_E), order_N, rows_TK, None)
         if ctx.needs_input_grad[3]:
-            g_z = other(x_TD, order_N, rows_TK, grad, offs_E)
-        return g_x, None, None, g_z, None
+            if grad_is_rows:
+                g_z = ops.gather_grouped_mm_wgrad(x_TD, order_N, rows_TK, grad, offs_E, _is_yx_layout(z))
+            else:
+                g_z = ops.gather_grouped_mm(x_TD, order_N, rows_TK, grad, offs_E)
+        return (g_x, None, None, g_z, None) + (() if grad_is_rows else (None,))
     return backward
 
 
 gather_grouped_mm = define_op(
     "gather_grouped_mm", "(Tensor x_TD, Tensor order_N, Tensor rows_TK, Tensor b_EXY, Tensor offs_E) -> Tensor",
     fallback=_gather_fallback, fake=_gather_fake, check=checks.check_gather_grouped_mm_args,
-    backward=_gather_backward(True), setup_context=_save_inputs)
+    backward=_gather_backward(True), setup_context=_gather_setup)
 
 gather_grouped_mm_wgrad = define_op(
-    "gather_grouped_mm_wgrad", "(Tensor x_TD, Tensor order_N, Tensor rows_TK, Tensor g_NY, Tensor offs_E) -> Tensor",
+    "gather_grouped_mm_wgrad",
+    "(Tensor x_TD, Tensor order_N, Tensor rows_TK, Tensor g_NY, Tensor offs_E, bool out_yx=False) -> Tensor",
     fallback=_gather_wgrad_fallback, fake=_gather_wgrad_fake, check=checks.check_gather_grouped_mm_wgrad_args,
-    backward=_gather_backward(False), setup_context=_save_inputs)
+    backward=_gather_backward(False), setup_context=_gather_setup)
 
 
 # ---- linear_f32: x_TD @ weight_ED^T in float32 (the routers' logits) ------------------------------

@@ -132,9 +132,13 @@ def gather_grouped_mm_torch(x_TD, order_N, rows_TK, b_EXY, offs_E):
     return grouped_mm_torch(permute_torch(x_TD, order_N, rows_TK), b_EXY, offs_E)
 
 
-def gather_grouped_mm_wgrad_torch(x_TD, order_N, rows_TK, g_NY, offs_E):
-    """grouped_mm_wgrad on the permuted rows: grouped_mm_wgrad(permute(x_TD), g_NY, offs_E)."""
-    return grouped_mm_wgrad_torch(permute_torch(x_TD, order_N, rows_TK), g_NY, offs_E)
+def gather_grouped_mm_wgrad_torch(x_TD, order_N, rows_TK, g_NY, offs_E, out_yx=False):
+    """grouped_mm_wgrad on the permuted rows: grouped_mm_wgrad(permute(x_TD), g_NY, offs_E),
+    (E, X, Y); with out_yx the same values stored (E, Y, X), computed as g_e^T x_e per expert."""
+    x_ND = permute_torch(x_TD, order_N, rows_TK)
+    if out_yx:
+        return grouped_mm_wgrad_torch(g_NY, x_ND, offs_E).transpose(-2, -1)
+    return grouped_mm_wgrad_torch(x_ND, g_NY, offs_E)
 
 
 def linear_f32_torch(x_TD, weight_ED):

@@ -162,11 +162,17 @@ void test_gather_grouped_mm(at::ScalarType dtype) {
                          const at::Tensor&);
   const auto& offs = std::get<1>(p);
   const auto got = op<Sig>("moe::gather_grouped_mm").call(x, std::get<2>(p), std::get<3>(p), b, offs);
-  const auto got_w = op<Sig>("moe::gather_grouped_mm_wgrad").call(x, std::get<2>(p), std::get<3>(p), g, offs);
+  using SigW = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                          const at::Tensor&, bool);
+  const auto wgrad = op<SigW>("moe::gather_grouped_mm_wgrad");
+  const auto got_w = wgrad.call(x, std::get<2>(p), std::get<3>(p), g, offs, false);
+  const auto got_yx = wgrad.call(x, std::get<2>(p), std::get<3>(p), g, offs, true);
   const auto x_ND = permute(x, p, std::nullopt);
   EXPECT(at::equal(got, grouped_mm(x_ND, b, offs)), "gather_grouped_mm == grouped_mm(permute(x))");
   EXPECT(at::equal(got_w, grouped_mm_wgrad(x_ND, g, offs)),
          "gather_grouped_mm_wgrad == grouped_mm_wgrad(permute(x))");
+  EXPECT(at::equal(got_yx, got_w) && got_yx.stride(1) == 1,
+         "gather_grouped_mm_wgrad(out_yx=true): the same values, stored (E, Y, X)");
 }
 
 // swiglu against silu(gate) * up in float64 loops; linear_f32 against float64 dot products.
