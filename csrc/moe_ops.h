@@ -66,4 +66,10 @@ at::Tensor linear_f32_cpu(const at::Tensor& x_TD, const at::Tensor& weight_ED);
 at::Tensor swiglu_cpu(const at::Tensor& h);
 at::Tensor swiglu_backward_cpu(const at::Tensor& grad, const at::Tensor& h);
 
+// Weight-only int8 experts (csrc/grouped_mm_int8.cpp): q_EYX int8, scale_EY float32.
+void check_grouped_mm_w8_args(const at::Tensor& a_NX, const at::Tensor& q_EYX,
+                              const at::Tensor& scale_EY, const at::Tensor& offs_E);
+at::Tensor grouped_mm_w8_cpu(const at::Tensor& a_NX, const at::Tensor& q_EYX,
+                             const at::Tensor& scale_EY, const at::Tensor& offs_E);
+
 }  // namespace moe

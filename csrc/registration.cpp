@@ -38,6 +38,9 @@ TORCH_LIBRARY(moe, m) {
   m.def("swiglu(Tensor h) -> Tensor");
   // d h = [grad * up * silu'(gate); grad * silu(gate)], grad (..., F), h (..., 2F) -> (..., 2F).
   m.def("swiglu_backward(Tensor grad, Tensor h) -> Tensor");
+  // Weight-only int8 experts (inference): c_NY[i, y] = (a_NX[i] . q_EYX[e, y]) * scale_EY[e, y]
+  // for the rows i of expert e, float32 sums, in a_NX's dtype; rows past offs[E-1] are zero.
+  m.def("grouped_mm_w8(Tensor a_NX, Tensor q_EYX, Tensor scale_EY, Tensor offs_E) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe, CPU, m) {
@@ -52,6 +55,7 @@ TORCH_LIBRARY_IMPL(moe, CPU, m) {
   m.impl("linear_f32", &moe::linear_f32_cpu);
   m.impl("swiglu", &moe::swiglu_cpu);
   m.impl("swiglu_backward", &moe::swiglu_backward_cpu);
+  m.impl("grouped_mm_w8", &moe::grouped_mm_w8_cpu);  // csrc/grouped_mm_int8.cpp
 }
 
 #ifdef MOE_PYTHON_MODULE  // defined by setup.py only: the CMake (libtorch) library has no Python

@@ -58,3 +58,7 @@ def __getattr__(name: str):
 # Expert parallelism: all-to-all token dispatcher over a torch.distributed group.
 from moe.parallel import AllToAllDispatcher, AllToAllState
 __all__ += ["AllToAllDispatcher", "AllToAllState"]
+
+# Weight-only int8 experts for inference.
+from moe.quant import Int8GroupedExperts, quantize_experts
+__all__ += ["Int8GroupedExperts", "quantize_experts"]

@@ -25,6 +25,8 @@ __all__ = [
     "linear_f32_torch",
     "swiglu_torch",
     "swiglu_backward_torch",
+    "grouped_mm_w8_torch",
+    "check_grouped_mm_w8_args",
 ]
 
 
@@ -157,3 +159,48 @@ def swiglu_backward_torch(grad, h):
     g = grad.to(acc)
     s = torch.sigmoid(gate)
     return torch.cat([g * up * (s * (1 + gate * (1 - s))), g * (gate * s)], dim=-1).to(h.dtype)
+
+
+# ---- weight-only int8 experts (inference) -----------------------------------------------------
+
+def check_grouped_mm_w8_args(a_NX, q_EYX, scale_EY, offs_E) -> None:
+    """The checks of csrc/grouped_mm_int8.cpp (metadata only), for the twin and the fake kernel:
+    a_NX (N, X) float32/bfloat16/float16, q_EYX (E, Y, X) int8, scale_EY (E, Y) float32, offs_E
+    (E,) int32, one device. Raises RuntimeError naming the argument."""
+    def need(cond, msg):
+        torch._check(bool(cond), lambda: f"moe.grouped_mm_w8: {msg}")
+
+    need(a_NX.dim() == 2, f"a_NX must be 2-D (N, X), got shape {tuple(a_NX.shape)}")
+    need(a_NX.dtype in (torch.float32, torch.bfloat16, torch.float16),
+         f"a_NX must be float32/bfloat16/float16, got {a_NX.dtype}")
+    need(q_EYX.dim() == 3 and q_EYX.dtype == torch.int8,
+         f"q_EYX must be a 3-D int8 tensor (E, Y, X), got {q_EYX.dtype} of shape {tuple(q_EYX.shape)}")
+    E, Y, X = q_EYX.shape
+    need(X == a_NX.shape[1], f"a_NX has X={a_NX.shape[1]} columns but q_EYX has X={X} inputs per channel")
+    need(scale_EY.dtype == torch.float32 and tuple(scale_EY.shape) == (E, Y),
+         f"scale_EY must be float32 of shape (E, Y) = ({E}, {Y}), got {scale_EY.dtype} of shape "
+         f"{tuple(scale_EY.shape)}")
+    need(offs_E.dim() == 1 and offs_E.dtype == torch.int32 and offs_E.shape[0] == E,
+         f"offs_E must be 1-D int32 of length E={E} (cumulative end row of each expert), got "
+         f"{offs_E.dtype} of shape {tuple(offs_E.shape)}")
+    for name, t in (("q_EYX", q_EYX), ("scale_EY", scale_EY), ("offs_E", offs_E)):
+        need(t.device == a_NX.device, f"{name} is on {t.device} but a_NX is on {a_NX.device}")
+
+
+def grouped_mm_w8_torch(a_NX, q_EYX, scale_EY, offs_E):
+    """c_NY[i] = (a_NX[i] @ q_EYX[e]^T) * scale_EY[e] for the rows i of expert e (offs_E as in
+    grouped_mm), in float32 and rounded once to a_NX's dtype; rows past offs_E[-1] are zero. The
+    int8 weights are dequantised per expert (float32 copies of one expert at a time)."""
+    check_grouped_mm_w8_args(a_NX, q_EYX, scale_EY, offs_E)
+    bounds = _group_bounds(offs_E)
+    bad = [e for e in range(len(bounds) - 1) if bounds[e + 1] < bounds[e]]
+    if bad:
+        raise RuntimeError(f"moe.grouped_mm_w8: offs_E must be non-decreasing, but offs_E[{bad[0]}] = "
+                           f"{bounds[bad[0] + 1]} < {bounds[bad[0]]}")
+    if bounds[-1] > a_NX.shape[0]:
+        raise RuntimeError(f"moe.grouped_mm_w8: offs_E[-1] = {bounds[-1]} exceeds the {a_NX.shape[0]} rows of a_NX")
+    a = a_NX.float()
+    pieces = [(a[s:e] @ q_EYX[g].float().t()) * scale_EY[g]
+              for g, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])) if e > s]
+    pieces.append(a.new_zeros(a_NX.shape[0] - bounds[-1], q_EYX.shape[1]))
+    return torch.cat(pieces, 0).to(a_NX.dtype)

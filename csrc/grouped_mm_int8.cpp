@@ -1,0 +1,186 @@
+// moe.grouped_mm_w8 on the CPU: the grouped GEMM with weight-only int8 experts, for inference.
+//
+// Shape legend (moe_ops.h): N routed rows of a_NX, E experts, X/Y the GEMM input/output dims.
+// q_EYX holds each expert's int8 weight in nn.Linear layout (output channel y, then its X inputs
+// contiguous) and scale_EY the float32 scale of each output channel:
+//   c[i, y] = (sum_x float(a[i, x]) * float(q[e, y, x])) * scale[e, y]   for the rows i of expert e,
+// summed in float32 and rounded once to a's dtype; rows past offs_E[E-1] are zero.
+//
+// Decode sizes (a few rows per expert) are the target, where the layer is bound by the bytes of
+// the chosen experts' weights: each expert's int8 weights are streamed once, front to back, and
+// dequantised in registers (int8 -> int32 -> float32, exact), never written back as a float copy.
+// A task is (expert, block of kBlockY output channels): its kBlockY * X weight bytes are one
+// contiguous stretch of memory. Inside it, 4 channels x up to 4 rows are one register tile of 16
+// float32 accumulators, 16 x-elements per step; rows beyond 4 re-read the 4 channels' weights
+// from L1. Activations are converted to float32 once (bf16 -> fp32 is exact). The scale is applied
+// once per output after the sum. The AVX-512 loop (cpu_vec.h's MOE_AVX512) runs where the CPU has
+// it; the scalar loop computes the same sums in x order elsewhere.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu_vec.h"
+#include "moe_ops.h"
+
+namespace moe {
+
+void check_grouped_mm_w8_args(const at::Tensor& a_NX, const at::Tensor& q_EYX,
+                              const at::Tensor& scale_EY, const at::Tensor& offs_E) {
+  TORCH_CHECK(a_NX.dim() == 2, "moe.grouped_mm_w8: a_NX must be 2-D (N, X), got shape ", a_NX.sizes());
+  const auto t = a_NX.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf,
+              "moe.grouped_mm_w8: a_NX must be float32/bfloat16/float16, got ", t);
+  TORCH_CHECK(q_EYX.dim() == 3 && q_EYX.scalar_type() == at::kChar,
+              "moe.grouped_mm_w8: q_EYX must be a 3-D int8 tensor (E, Y, X), got ",
+              q_EYX.scalar_type(), " of shape ", q_EYX.sizes());
+  TORCH_CHECK(q_EYX.size(2) == a_NX.size(1), "moe.grouped_mm_w8: a_NX has X=", a_NX.size(1),
+              " columns but q_EYX has X=", q_EYX.size(2), " inputs per channel");
+  TORCH_CHECK(scale_EY.scalar_type() == at::kFloat && scale_EY.dim() == 2 &&
+                  scale_EY.size(0) == q_EYX.size(0) && scale_EY.size(1) == q_EYX.size(1),
+              "moe.grouped_mm_w8: scale_EY must be float32 of shape (E, Y) = (", q_EYX.size(0),
+              ", ", q_EYX.size(1), "), got ", scale_EY.scalar_type(), " of shape ", scale_EY.sizes());
+  TORCH_CHECK(offs_E.dim() == 1 && offs_E.scalar_type() == at::kInt && offs_E.size(0) == q_EYX.size(0),
+              "moe.grouped_mm_w8: offs_E must be 1-D int32 of length E=", q_EYX.size(0),
+              " (cumulative end row of each expert), got ", offs_E.scalar_type(), " of shape ",
+              offs_E.sizes());
+  for (const auto& [name, other] : {std::pair<const char*, const at::Tensor*>{"q_EYX", &q_EYX},
+                                    {"scale_EY", &scale_EY}, {"offs_E", &offs_E}})
+    TORCH_CHECK(other->device() == a_NX.device(), "moe.grouped_mm_w8: ", name, " is on ",
+                other->device(), " but a_NX is on ", a_NX.device());
+}
+
+namespace {
+
+constexpr int64_t kBlockY = 64;  // output channels per task
+constexpr int kTileY = 4;        // channels per register tile
+constexpr int kTileN = 4;        // rows per register tile
+
+// Scalar tile: out[r][c] = sum_x a[r][x] * q[c][x] (float32, x order).
+template <int R, int C>
+void tile_scalar(const float* a, int64_t lda, const int8_t* q, int64_t X, float* out) {
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      float acc = 0.f;
+      for (int64_t x = 0; x < X; ++x) acc += a[r * lda + x] * float(q[c * X + x]);
+      out[r * C + c] = acc;
+    }
+}
+
+#ifdef MOE_HAVE_AVX512_ROWS
+// One 16-wide step of the AVX-512 tile: acc[r][c] += a[r][x:x+16] * float(q[c][x:x+16]) (masked).
+template <int R, int C>
+MOE_AVX512 inline void tile_step(const float* a, int64_t lda, const int8_t* q, int64_t X, int64_t x,
+                                 __mmask16 m, __m512 (&acc)[R][C]) {
+  __m512 w[C];
+  for (int c = 0; c < C; ++c)
+    w[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q + c * X + x)));
+  for (int r = 0; r < R; ++r) {
+    const __m512 av = _mm512_maskz_loadu_ps(m, a + r * lda + x);
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(av, w[c], acc[r][c]);
+  }
+}
+
+// AVX-512 tile: R rows x C channels of 16-lane partial sums, reduced at the end.
+template <int R, int C>
+MOE_AVX512 void tile_avx512(const float* a, int64_t lda, const int8_t* q, int64_t X, float* out) {
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  int64_t x = 0;
+  for (; x + 16 <= X; x += 16) tile_step<R, C>(a, lda, q, X, x, 0xFFFF, acc);
+  if (x < X) tile_step<R, C>(a, lda, q, X, x, vec::tail_mask(X - x), acc);
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) out[r * C + c] = _mm512_reduce_add_ps(acc[r][c]);
+}
+#endif
+
+using TileFn = void (*)(const float*, int64_t, const int8_t*, int64_t, float*);
+
+template <int C>
+TileFn pick_tile(int rows, bool avx512) {
+  static const TileFn scalar[kTileN] = {tile_scalar<1, C>, tile_scalar<2, C>, tile_scalar<3, C>,
+                                        tile_scalar<4, C>};
+#ifdef MOE_HAVE_AVX512_ROWS
+  static const TileFn vector[kTileN] = {tile_avx512<1, C>, tile_avx512<2, C>, tile_avx512<3, C>,
+                                        tile_avx512<4, C>};
+  if (avx512) return vector[rows - 1];
+#endif
+  (void)avx512;
+  return scalar[rows - 1];
+}
+
+struct Task {
+  int64_t expert, y0, y1;
+};
+
+template <typename T>
+void run_w8(const float* a, int64_t X, const int8_t* q, const float* scale, int64_t Y,
+            const std::vector<int64_t>& starts, const std::vector<Task>& tasks, T* c) {
+  const bool avx512 = vec::avx512_rows();
+  at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+    float tile[kTileN * kTileY];
+    for (int64_t t = t0; t < t1; ++t) {
+      const Task& task = tasks[t];
+      const int64_t e = task.expert, r_begin = starts[e], r_end = starts[e + 1];
+      for (int64_t y = task.y0; y < task.y1; y += kTileY) {
+        const int C = int(std::min<int64_t>(kTileY, task.y1 - y));
+        const int8_t* qy = q + (e * Y + y) * X;
+        const float* sy = scale + e * Y + y;
+        for (int64_t r = r_begin; r < r_end; r += kTileN) {
+          const int R = int(std::min<int64_t>(kTileN, r_end - r));
+          const TileFn fn = C == kTileY ? pick_tile<kTileY>(R, avx512) : pick_tile<1>(R, avx512);
+          for (int c0 = 0; c0 < C; c0 += (C == kTileY ? kTileY : 1)) {
+            const int cw = C == kTileY ? kTileY : 1;
+            fn(a + r * X, X, qy + c0 * X, X, tile);
+            for (int i = 0; i < R; ++i)
+              for (int j = 0; j < cw; ++j) c[(r + i) * Y + y + c0 + j] = T(tile[i * cw + j] * sy[c0 + j]);
+          }
+        }
+      }
+    }
+  });
+}
+
+std::vector<int64_t> read_starts(const at::Tensor& offs_E, int64_t rows) {
+  const auto offs = offs_E.contiguous();
+  const int32_t* p = offs.const_data_ptr<int32_t>();
+  std::vector<int64_t> starts(offs.size(0) + 1, 0);
+  for (int64_t e = 0; e < offs.size(0); ++e) {
+    TORCH_CHECK(p[e] >= starts[e], "moe.grouped_mm_w8: offs_E must be non-decreasing, but offs_E[",
+                e, "] = ", p[e], " < ", starts[e]);
+    starts[e + 1] = p[e];
+  }
+  TORCH_CHECK(starts.back() <= rows, "moe.grouped_mm_w8: offs_E[-1] = ", starts.back(),
+              " exceeds the ", rows, " rows of a_NX");
+  return starts;
+}
+
+}  // namespace
+
+at::Tensor grouped_mm_w8_cpu(const at::Tensor& a_NX, const at::Tensor& q_EYX,
+                             const at::Tensor& scale_EY, const at::Tensor& offs_E) {
+  check_grouped_mm_w8_args(a_NX, q_EYX, scale_EY, offs_E);
+  const int64_t N = a_NX.size(0), X = a_NX.size(1), E = q_EYX.size(0), Y = q_EYX.size(1);
+  const auto starts = read_starts(offs_E, N);
+  const int64_t used = starts.back();
+  auto c = at::empty({N, Y}, a_NX.options());
+  if (used < N) c.narrow(0, used, N - used).zero_();
+  if (used == 0 || Y == 0) return c;
+  // float32 rows (bf16/fp16 -> fp32 is exact); the int8 weights and scales are read in place.
+  const auto a = a_NX.narrow(0, 0, used).to(at::kFloat).contiguous();
+  const auto q = q_EYX.contiguous();
+  const auto s = scale_EY.contiguous();
+  std::vector<Task> tasks;
+  for (int64_t e = 0; e < E; ++e)
+    if (starts[e + 1] > starts[e])
+      for (int64_t y = 0; y < Y; y += kBlockY) tasks.push_back({e, y, std::min(Y, y + kBlockY)});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a_NX.scalar_type(), "grouped_mm_w8", [&] {
+    run_w8<scalar_t>(a.const_data_ptr<float>(), X, q.const_data_ptr<int8_t>(), s.const_data_ptr<float>(),
+                     Y, starts, tasks, c.mutable_data_ptr<scalar_t>());
+  });
+  return c;
+}
+
+}  // namespace moe
