@@ -10,11 +10,12 @@
 // the chosen experts' weights: each expert's int8 weights are streamed once, front to back, and
 // dequantised in registers (int8 -> int32 -> float32, exact), never written back as a float copy.
 // A task is (expert, block of kBlockY output channels): its kBlockY * X weight bytes are one
-// contiguous stretch of memory. Inside it, 4 channels x up to 4 rows are one register tile of 16
-// float32 accumulators, 16 x-elements per step; rows beyond 4 re-read the 4 channels' weights
-// from L1. Activations are converted to float32 once (bf16 -> fp32 is exact). The scale is applied
-// once per output after the sum. The AVX-512 loop (cpu_vec.h's MOE_AVX512) runs where the CPU has
-// it; the scalar loop computes the same sums in x order elsewhere.
+// contiguous stretch of memory. Inside it, 4 channels x up to 6 rows are one register tile of 24
+// float32 accumulators, 16 x-elements per step; rows beyond 6 re-read the 4 channels' weights from
+// L1 (each int8 weight is converted once per 6 rows). Activations are converted to float32 once
+// (bf16 -> fp32 is exact). The scale is applied once per output after the sum. The AVX-512 loop
+// (cpu_vec.h's MOE_AVX512) runs where the CPU has it; the scalar loop computes the same sums in x
+// order elsewhere.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -55,7 +56,7 @@ namespace {
 
 constexpr int64_t kBlockY = 64;  // output channels per task
 constexpr int kTileY = 4;        // channels per register tile
-constexpr int kTileN = 4;        // rows per register tile
+constexpr int kTileN = 6;        // rows per register tile (6 x 4 accumulators of 32 registers)
 
 // Scalar tile: out[r][c] = sum_x a[r][x] * q[c][x] (float32, x order).
 template <int R, int C>
@@ -69,28 +70,36 @@ void tile_scalar(const float* a, int64_t lda, const int8_t* q, int64_t X, float*
 }
 
 #ifdef MOE_HAVE_AVX512_ROWS
-// One 16-wide step of the AVX-512 tile: acc[r][c] += a[r][x:x+16] * float(q[c][x:x+16]) (masked).
-template <int R, int C>
-MOE_AVX512 inline void tile_step(const float* a, int64_t lda, const int8_t* q, int64_t X, int64_t x,
-                                 __mmask16 m, __m512 (&acc)[R][C]) {
-  __m512 w[C];
-  for (int c = 0; c < C; ++c)
-    w[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q + c * X + x)));
-  for (int r = 0; r < R; ++r) {
-    const __m512 av = _mm512_maskz_loadu_ps(m, a + r * lda + x);
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(av, w[c], acc[r][c]);
-  }
-}
-
-// AVX-512 tile: R rows x C channels of 16-lane partial sums, reduced at the end.
+// AVX-512 tile: R rows x C channels of 16-lane partial sums, reduced at the end. The full steps
+// and the masked tail are separate loops written out in place (no helper taking acc by reference,
+// no mask inside the main loop): that way GCC keeps the R*C accumulators in registers instead of
+// storing them to the stack at every step (4x slower).
 template <int R, int C>
 MOE_AVX512 void tile_avx512(const float* a, int64_t lda, const int8_t* q, int64_t X, float* out) {
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
   int64_t x = 0;
-  for (; x + 16 <= X; x += 16) tile_step<R, C>(a, lda, q, X, x, 0xFFFF, acc);
-  if (x < X) tile_step<R, C>(a, lda, q, X, x, vec::tail_mask(X - x), acc);
+  for (; x + 16 <= X; x += 16) {
+    __m512 w[C];
+    for (int c = 0; c < C; ++c)
+      w[c] = _mm512_cvtepi32_ps(
+          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c * X + x))));
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_loadu_ps(a + r * lda + x);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(av, w[c], acc[r][c]);
+    }
+  }
+  if (x < X) {
+    const __mmask16 m = vec::tail_mask(X - x);
+    __m512 w[C];
+    for (int c = 0; c < C; ++c)
+      w[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q + c * X + x)));
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_maskz_loadu_ps(m, a + r * lda + x);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(av, w[c], acc[r][c]);
+    }
+  }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) out[r * C + c] = _mm512_reduce_add_ps(acc[r][c]);
 }
@@ -101,10 +110,10 @@ using TileFn = void (*)(const float*, int64_t, const int8_t*, int64_t, float*);
 template <int C>
 TileFn pick_tile(int rows, bool avx512) {
   static const TileFn scalar[kTileN] = {tile_scalar<1, C>, tile_scalar<2, C>, tile_scalar<3, C>,
-                                        tile_scalar<4, C>};
+                                        tile_scalar<4, C>, tile_scalar<5, C>, tile_scalar<6, C>};
 #ifdef MOE_HAVE_AVX512_ROWS
   static const TileFn vector[kTileN] = {tile_avx512<1, C>, tile_avx512<2, C>, tile_avx512<3, C>,
-                                        tile_avx512<4, C>};
+                                        tile_avx512<4, C>, tile_avx512<5, C>, tile_avx512<6, C>};
   if (avx512) return vector[rows - 1];
 #endif
   (void)avx512;
