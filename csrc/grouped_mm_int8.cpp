@@ -60,7 +60,8 @@ constexpr int kTileN = 6;        // rows per register tile (6 x 4 accumulators o
 
 // Scalar tile: out[r][c] = sum_x a[r][x] * q[c][x] (float32, x order).
 template <int R, int C>
-void tile_scalar(const float* a, int64_t lda, const int8_t* q, int64_t X, float* out) {
+void tile_scalar(const void* a_rows, int64_t lda, const int8_t* q, int64_t X, float* out) {
+  const float* a = static_cast<const float*>(a_rows);
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) {
       float acc = 0.f;
@@ -75,7 +76,8 @@ void tile_scalar(const float* a, int64_t lda, const int8_t* q, int64_t X, float*
 // no mask inside the main loop): that way GCC keeps the R*C accumulators in registers instead of
 // storing them to the stack at every step (4x slower).
 template <int R, int C>
-MOE_AVX512 void tile_avx512(const float* a, int64_t lda, const int8_t* q, int64_t X, float* out) {
+MOE_AVX512 void tile_avx512(const void* a_rows, int64_t lda, const int8_t* q, int64_t X, float* out) {
+  const float* a = static_cast<const float*>(a_rows);
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -103,20 +105,79 @@ MOE_AVX512 void tile_avx512(const float* a, int64_t lda, const int8_t* q, int64_
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) out[r * C + c] = _mm512_reduce_add_ps(acc[r][c]);
 }
+
+#define MOE_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// 16 int8 -> 16 float32 (exact).
+MOE_AVX512 inline __m512 widen16(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)); }
+
+bool has_bf16_dot() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return vec::avx512_rows() && __builtin_cpu_supports("avx512bf16");
+  }();
+  return ok;
+}
+
+// bfloat16 rows on CPUs with AVX512_BF16: the int8 weights become bfloat16 exactly (|q| <= 127
+// fits bf16's 8-bit significand) and vdpbf16ps adds the exact products of 32 x-elements into 16
+// float32 lanes (pairs x = 2i, 2i+1 into lane i, each addition rounded, denormals flushed, as the
+// instruction defines): half the instructions per multiply-add of the float32 path, the rows
+// read as they are (no float32 copy). Same structure as tile_avx512.
+template <int R, int C>
+MOE_AVX512_BF16 void tile_bf16dot(const void* a_rows, int64_t lda, const int8_t* q, int64_t X, float* out) {
+  const uint16_t* a = static_cast<const uint16_t*>(a_rows);
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  int64_t x = 0;
+  for (; x + 32 <= X; x += 32) {
+    __m512bh w[C];
+    for (int c = 0; c < C; ++c) {
+      const __m512 lo = widen16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c * X + x)));
+      const __m512 hi = widen16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c * X + x + 16)));
+      w[c] = _mm512_cvtne2ps_pbh(hi, lo);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512bh av = (__m512bh)_mm512_loadu_si512(a + r * lda + x);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], av, w[c]);
+    }
+  }
+  if (x < X) {
+    const __mmask32 m = __mmask32((uint64_t{1} << (X - x)) - 1);
+    __m512bh w[C];
+    for (int c = 0; c < C; ++c)
+      w[c] = _mm512_cvtne2ps_pbh(widen16(_mm_maskz_loadu_epi8(__mmask16(m >> 16), q + c * X + x + 16)),
+                                 widen16(_mm_maskz_loadu_epi8(__mmask16(m), q + c * X + x)));
+    for (int r = 0; r < R; ++r) {
+      const __m512bh av = (__m512bh)_mm512_maskz_loadu_epi16(m, a + r * lda + x);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], av, w[c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) out[r * C + c] = _mm512_reduce_add_ps(acc[r][c]);
+}
+#else
+bool has_bf16_dot() { return false; }
 #endif
 
-using TileFn = void (*)(const float*, int64_t, const int8_t*, int64_t, float*);
+// Which loop runs: float32 rows on the scalar or AVX-512 loop, or bfloat16 rows on vdpbf16ps.
+enum class Path { kScalar, kAvx512, kBf16Dot };
+
+using TileFn = void (*)(const void*, int64_t, const int8_t*, int64_t, float*);
 
 template <int C>
-TileFn pick_tile(int rows, bool avx512) {
+TileFn pick_tile(int rows, Path path) {
   static const TileFn scalar[kTileN] = {tile_scalar<1, C>, tile_scalar<2, C>, tile_scalar<3, C>,
                                         tile_scalar<4, C>, tile_scalar<5, C>, tile_scalar<6, C>};
 #ifdef MOE_HAVE_AVX512_ROWS
   static const TileFn vector[kTileN] = {tile_avx512<1, C>, tile_avx512<2, C>, tile_avx512<3, C>,
                                         tile_avx512<4, C>, tile_avx512<5, C>, tile_avx512<6, C>};
-  if (avx512) return vector[rows - 1];
+  static const TileFn bf16dot[kTileN] = {tile_bf16dot<1, C>, tile_bf16dot<2, C>, tile_bf16dot<3, C>,
+                                         tile_bf16dot<4, C>, tile_bf16dot<5, C>, tile_bf16dot<6, C>};
+  if (path == Path::kAvx512) return vector[rows - 1];
+  if (path == Path::kBf16Dot) return bf16dot[rows - 1];
 #endif
-  (void)avx512;
   return scalar[rows - 1];
 }
 
@@ -124,10 +185,10 @@ struct Task {
   int64_t expert, y0, y1;
 };
 
+// a: the rows (float32, or bfloat16 for Path::kBf16Dot), `a_bytes` bytes per element.
 template <typename T>
-void run_w8(const float* a, int64_t X, const int8_t* q, const float* scale, int64_t Y,
-            const std::vector<int64_t>& starts, const std::vector<Task>& tasks, T* c) {
-  const bool avx512 = vec::avx512_rows();
+void run_w8(Path path, const void* a, int64_t a_bytes, int64_t X, const int8_t* q, const float* scale,
+            int64_t Y, const std::vector<int64_t>& starts, const std::vector<Task>& tasks, T* c) {
   at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
     float tile[kTileN * kTileY];
     for (int64_t t = t0; t < t1; ++t) {
@@ -139,10 +200,10 @@ void run_w8(const float* a, int64_t X, const int8_t* q, const float* scale, int6
         const float* sy = scale + e * Y + y;
         for (int64_t r = r_begin; r < r_end; r += kTileN) {
           const int R = int(std::min<int64_t>(kTileN, r_end - r));
-          const TileFn fn = C == kTileY ? pick_tile<kTileY>(R, avx512) : pick_tile<1>(R, avx512);
+          const TileFn fn = C == kTileY ? pick_tile<kTileY>(R, path) : pick_tile<1>(R, path);
           for (int c0 = 0; c0 < C; c0 += (C == kTileY ? kTileY : 1)) {
             const int cw = C == kTileY ? kTileY : 1;
-            fn(a + r * X, X, qy + c0 * X, X, tile);
+            fn(static_cast<const char*>(a) + r * X * a_bytes, X, qy + c0 * X, X, tile);
             for (int i = 0; i < R; ++i)
               for (int j = 0; j < cw; ++j) c[(r + i) * Y + y + c0 + j] = T(tile[i * cw + j] * sy[c0 + j]);
           }
@@ -177,8 +238,13 @@ at::Tensor grouped_mm_w8_cpu(const at::Tensor& a_NX, const at::Tensor& q_EYX,
   auto c = at::empty({N, Y}, a_NX.options());
   if (used < N) c.narrow(0, used, N - used).zero_();
   if (used == 0 || Y == 0) return c;
-  // float32 rows (bf16/fp16 -> fp32 is exact); the int8 weights and scales are read in place.
-  const auto a = a_NX.narrow(0, 0, used).to(at::kFloat).contiguous();
+  // bfloat16 rows as they are where the CPU has AVX512_BF16, else float32 rows (bf16/fp16 -> fp32
+  // is exact); the int8 weights and scales are read in place.
+  const Path path = !vec::avx512_rows() ? Path::kScalar
+                    : a_NX.scalar_type() == at::kBFloat16 && has_bf16_dot() ? Path::kBf16Dot
+                                                                           : Path::kAvx512;
+  const auto a = path == Path::kBf16Dot ? a_NX.narrow(0, 0, used).contiguous()
+                                        : a_NX.narrow(0, 0, used).to(at::kFloat).contiguous();
   const auto q = q_EYX.contiguous();
   const auto s = scale_EY.contiguous();
   std::vector<Task> tasks;
@@ -186,8 +252,8 @@ at::Tensor grouped_mm_w8_cpu(const at::Tensor& a_NX, const at::Tensor& q_EYX,
     if (starts[e + 1] > starts[e])
       for (int64_t y = 0; y < Y; y += kBlockY) tasks.push_back({e, y, std::min(Y, y + kBlockY)});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a_NX.scalar_type(), "grouped_mm_w8", [&] {
-    run_w8<scalar_t>(a.const_data_ptr<float>(), X, q.const_data_ptr<int8_t>(), s.const_data_ptr<float>(),
-                     Y, starts, tasks, c.mutable_data_ptr<scalar_t>());
+    run_w8<scalar_t>(path, a.const_data_ptr(), a.element_size(), X, q.const_data_ptr<int8_t>(),
+                     s.const_data_ptr<float>(), Y, starts, tasks, c.mutable_data_ptr<scalar_t>());
   });
   return c;
 }
