@@ -4,7 +4,9 @@ Shape legend: T tokens, K slots per token, E experts, N routed rows (T*K), D mod
 hidden dim, X/Y a projection's input/output dim.
 
 What defines them: grouped_mm_w8 is c_i = (a_i . q_e[y]) * s_e[y] summed in float32 (the twin, up
-to the order of the float32 sums; exactly where every sum is exact); the quantisation is absmax per
+to the order of the float32 sums; exactly where every sum is exact). On this CPU the float32 and
+float16 rows run the AVX-512 float32 loop and the bfloat16 rows the AVX512_BF16 (vdpbf16ps) loop,
+so the dtype grid covers both; the quantisation is absmax per
 output channel, so each weight is off by at most s_y / 2 and a projection's output by at most
 (s_y / 2) sum_x |a_x| (plus the output's rounding); the layer's error against the bf16 layer is
 stated below (relative RMS over the outputs).
