@@ -163,7 +163,7 @@ def _rel_rms(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.double() - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-300)).sqrt().item()
 
 
-def decode_rows(name: str, tokens=TOKENS, *, repeat: int = 7, skip=()) -> list[dict]:
+def decode_rows(name: str, tokens=TOKENS, *, repeat: int = 7, skip=(), copy_bytes: int = COPY_BYTES) -> list[dict]:
     """One row per T: {shape, T, distinct, rate (copy bytes/s), bound_ms, <candidate>_ms,
     <candidate>_frac, int8_x, int8_bound_ms, int8_err}."""
     s = SHAPES[name]
@@ -174,7 +174,7 @@ def decode_rows(name: str, tokens=TOKENS, *, repeat: int = 7, skip=()) -> list[d
     if block is not None:
         fns.update(hf_gmm=_hf(block, "grouped_mm"), hf_eager=_hf(block, "eager"))
     fns = {k: v for k, v in fns.items() if k not in skip}
-    copy = copy_fn()
+    copy = copy_fn(copy_bytes)
     rows = []
     g = torch.Generator().manual_seed(0)
     for T in tokens:
@@ -183,7 +183,7 @@ def decode_rows(name: str, tokens=TOKENS, *, repeat: int = 7, skip=()) -> list[d
             distinct = int(layer.router(x).ids_TK.unique().numel())
             outs = {k: f(x) for k, f in fns.items()}
             timed = time_fns({"copy": copy, **{k: (lambda f=f: f(x)) for k, f in fns.items()}}, repeat=repeat)
-        rate = COPY_BYTES / timed.pop("copy")[0]
+        rate = copy_bytes / timed.pop("copy")[0]
         bound = _bytes(s, distinct, False) / rate
         row = {"shape": name, "T": T, "distinct": distinct, "rate": rate, "bound_ms": bound * 1e3}
         for k, (sec, _) in timed.items():
