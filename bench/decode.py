@@ -217,8 +217,8 @@ def format_table(rows: list[dict]) -> str:
                     f"  {'int8':>15} {'x bf16':>6} {'int8 err':>8}"]
         x = f"{r['int8_x']:6.2f}" if "int8_x" in r else f"{'-':>6}"
         err = f"{100 * r['int8_err']:7.2f}%" if "int8_err" in r else f"{'-':>8}"
-        out.append(f"{r['T']:>3} {r['distinct']:>7} {r['rate'] / 1e9:5.1f} {r['bound_ms']:7.2f}  {_cell(r, 'moekit')} {_cell(r, 'hf_gmm')} "
-                   f"{_cell(r, 'hf_eager')}  {_cell(r, 'int8')} {x} {err}")
+        out.append(f"{r['T']:>3} {r['distinct']:>7} {r['rate'] / 1e9:5.1f} {r['bound_ms']:7.2f}  "
+                   f"{_cell(r, 'moekit')} {_cell(r, 'hf_gmm')} {_cell(r, 'hf_eager')}  {_cell(r, 'int8')} {x} {err}")
     out.append("int8's % is against its own bound (int8 codes + scales); x bf16 = moekit time / int8 time; "
                "int8 err = relative RMS of the int8 layer's output against the bf16 layer's")
     return "\n".join(out)
