@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "cpu_vec.h"
@@ -189,9 +190,13 @@ struct Task {
 template <typename T>
 void run_w8(Path path, const void* a, int64_t a_bytes, int64_t X, const int8_t* q, const float* scale,
             int64_t Y, const std::vector<int64_t>& starts, const std::vector<Task>& tasks, T* c) {
-  at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+  // Tasks are handed out from a shared counter, so a thread the OS deschedules (a loaded machine)
+  // leaves its share to the others instead of holding up the region's end.
+  const int64_t count = int64_t(tasks.size());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), count), 1, [&](int64_t, int64_t) {
     float tile[kTileN * kTileY];
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t = next.fetch_add(1); t < count; t = next.fetch_add(1)) {
       const Task& task = tasks[t];
       const int64_t e = task.expert, r_begin = starts[e], r_end = starts[e + 1];
       for (int64_t y = task.y0; y < task.y1; y += kTileY) {
