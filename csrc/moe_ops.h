@@ -80,4 +80,10 @@ at::Tensor topk_route_backward_cpu(const at::Tensor& grad_weights_TK,
                                    const at::Tensor& ids_TK, const at::Tensor& probs_TE,
                                    c10::string_view score, bool norm_topk, double scaling);
 
+// Weight-only int8 experts (csrc/grouped_mm_int8.cpp): q_EYX int8, scale_EY float32.
+void check_grouped_mm_w8_args(const at::Tensor& a_NX, const at::Tensor& q_EYX,
+                              const at::Tensor& scale_EY, const at::Tensor& offs_E);
+at::Tensor grouped_mm_w8_cpu(const at::Tensor& a_NX, const at::Tensor& q_EYX,
+                             const at::Tensor& scale_EY, const at::Tensor& offs_E);
+
 }  // namespace moe

@@ -46,6 +46,9 @@ TORCH_LIBRARY(moe, m) {
   // d logits_TE from d weights_TK and (optional) d probs_TE.
   m.def("topk_route_backward(Tensor grad_weights_TK, Tensor? grad_probs_TE, Tensor ids_TK, Tensor probs_TE, "
         "str score, bool norm_topk, float scaling) -> Tensor");
+  // Weight-only int8 experts (inference): c_NY[i, y] = (a_NX[i] . q_EYX[e, y]) * scale_EY[e, y]
+  // for the rows i of expert e, float32 sums, in a_NX's dtype; rows past offs[E-1] are zero.
+  m.def("grouped_mm_w8(Tensor a_NX, Tensor q_EYX, Tensor scale_EY, Tensor offs_E) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe, CPU, m) {
@@ -62,6 +65,7 @@ TORCH_LIBRARY_IMPL(moe, CPU, m) {
   m.impl("swiglu_backward", &moe::swiglu_backward_cpu);
   m.impl("topk_route", &moe::topk_route_cpu);
   m.impl("topk_route_backward", &moe::topk_route_backward_cpu);
+  m.impl("grouped_mm_w8", &moe::grouped_mm_w8_cpu);  // csrc/grouped_mm_int8.cpp
 }
 
 #ifdef MOE_PYTHON_MODULE  // defined by setup.py only: the CMake (libtorch) library has no Python

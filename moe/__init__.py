@@ -64,3 +64,7 @@ __all__ += ["AllToAllDispatcher", "AllToAllState"]
 from moe import replay
 from moe.upcycle import upcycle, upcycle_model
 __all__ += ["replay", "upcycle", "upcycle_model"]
+
+# Weight-only int8 experts for inference.
+from moe.quant import Int8GroupedExperts, quantize_experts
+__all__ += ["Int8GroupedExperts", "quantize_experts"]

@@ -232,3 +232,27 @@ def check_topk_route_backward_args(grad_weights_TK, grad_probs_TE, ids_TK, probs
     for t in (grad_weights_TK, ids_TK) + ((grad_probs_TE,) if grad_probs_TE is not None else ()):
         _check(t.device == probs_TE.device, op, f"all inputs must be on {probs_TE.device}")
     _check(score in ("softmax", "sigmoid"), op, f"score must be 'softmax' or 'sigmoid', got '{score}'")
+
+
+def check_grouped_mm_w8_args(a_NX, q_EYX, scale_EY, offs_E) -> None:
+    """The checks of csrc/grouped_mm_int8.cpp (metadata only), for the twin and the fake kernel:
+    a_NX (N, X) float32/bfloat16/float16, q_EYX (E, Y, X) int8, scale_EY (E, Y) float32, offs_E
+    (E,) int32, one device. Raises RuntimeError naming the argument."""
+    def need(cond, msg):
+        torch._check(bool(cond), lambda: f"moe.grouped_mm_w8: {msg}")
+
+    need(a_NX.dim() == 2, f"a_NX must be 2-D (N, X), got shape {tuple(a_NX.shape)}")
+    need(a_NX.dtype in (torch.float32, torch.bfloat16, torch.float16),
+         f"a_NX must be float32/bfloat16/float16, got {a_NX.dtype}")
+    need(q_EYX.dim() == 3 and q_EYX.dtype == torch.int8,
+         f"q_EYX must be a 3-D int8 tensor (E, Y, X), got {q_EYX.dtype} of shape {tuple(q_EYX.shape)}")
+    E, Y, X = q_EYX.shape
+    need(X == a_NX.shape[1], f"a_NX has X={a_NX.shape[1]} columns but q_EYX has X={X} inputs per channel")
+    need(scale_EY.dtype == torch.float32 and tuple(scale_EY.shape) == (E, Y),
+         f"scale_EY must be float32 of shape (E, Y) = ({E}, {Y}), got {scale_EY.dtype} of shape "
+         f"{tuple(scale_EY.shape)}")
+    need(offs_E.dim() == 1 and offs_E.dtype == torch.int32 and offs_E.shape[0] == E,
+         f"offs_E must be 1-D int32 of length E={E} (cumulative end row of each expert), got "
+         f"{offs_E.dtype} of shape {tuple(offs_E.shape)}")
+    for name, t in (("q_EYX", q_EYX), ("scale_EY", scale_EY), ("offs_E", offs_E)):
+        need(t.device == a_NX.device, f"{name} is on {t.device} but a_NX is on {a_NX.device}")

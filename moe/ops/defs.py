@@ -327,3 +327,20 @@ topk_route = define_op(
     "bool norm_topk, float scaling) -> (Tensor, Tensor, Tensor)",
     fallback=twins.topk_route_torch, fake=_topk_route_fake, check=checks.check_topk_route_args,
     backward=_topk_route_backward, setup_context=_topk_route_setup)
+
+
+# ---- grouped_mm_w8: c_i = (a_i @ q_e^T) * scale_e, weight-only int8 experts (inference) --------
+
+def _grouped_mm_w8_fake(a_NX, q_EYX, scale_EY, offs_E):
+    return a_NX.new_empty(a_NX.shape[0], q_EYX.shape[1])
+
+
+def _grouped_mm_w8_backward(ctx, g_NY):
+    raise RuntimeError("moe.grouped_mm_w8 is for inference: int8 experts have no gradient (run under "
+                       "torch.no_grad() / torch.inference_mode(), or train the bfloat16 experts)")
+
+
+grouped_mm_w8 = define_op(
+    "grouped_mm_w8", "(Tensor a_NX, Tensor q_EYX, Tensor scale_EY, Tensor offs_E) -> Tensor",
+    fallback=twins.grouped_mm_w8_torch, fake=_grouped_mm_w8_fake, check=checks.check_grouped_mm_w8_args,
+    backward=_grouped_mm_w8_backward, setup_context=lambda ctx, inputs, output: None)

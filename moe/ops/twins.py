@@ -27,6 +27,7 @@ __all__ = [
     "swiglu_backward_torch",
     "topk_route_torch",
     "topk_route_backward_torch",
+    "grouped_mm_w8_torch",
 ]
 
 
@@ -190,3 +191,23 @@ def topk_route_backward_torch(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, 
     if score == "softmax":
         return probs_TE * (dp_TE - (dp_TE * probs_TE).sum(dim=-1, keepdim=True))
     return dp_TE * probs_TE * (1 - probs_TE)
+
+
+# ---- weight-only int8 experts (inference) -----------------------------------------------------
+
+def grouped_mm_w8_torch(a_NX, q_EYX, scale_EY, offs_E):
+    """c_NY[i] = (a_NX[i] @ q_EYX[e]^T) * scale_EY[e] for the rows i of expert e (offs_E as in
+    grouped_mm), in float32 and rounded once to a_NX's dtype; rows past offs_E[-1] are zero. The
+    int8 weights are dequantised per expert (float32 copies of one expert at a time)."""
+    bounds = _group_bounds(offs_E)
+    bad = [e for e in range(len(bounds) - 1) if bounds[e + 1] < bounds[e]]
+    if bad:
+        raise RuntimeError(f"moe.grouped_mm_w8: offs_E must be non-decreasing, but offs_E[{bad[0]}] = "
+                           f"{bounds[bad[0] + 1]} < {bounds[bad[0]]}")
+    if bounds[-1] > a_NX.shape[0]:
+        raise RuntimeError(f"moe.grouped_mm_w8: offs_E[-1] = {bounds[-1]} exceeds the {a_NX.shape[0]} rows of a_NX")
+    a = a_NX.float()
+    pieces = [(a[s:e] @ q_EYX[g].float().t()) * scale_EY[g]
+              for g, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])) if e > s]
+    pieces.append(a.new_zeros(a_NX.shape[0] - bounds[-1], q_EYX.shape[1]))
+    return torch.cat(pieces, 0).to(a_NX.dtype)

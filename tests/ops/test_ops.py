@@ -215,6 +215,8 @@ def test_opcheck_all_ops(dtype):
     t = {k: v.detach().to(dtype).requires_grad_() for k, v in c.items() if k != "p"}
     w32 = c["w"].detach().float().requires_grad_()
     logits = torch.randn(w32.shape[0], 4, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    q8 = torch.randint(-127, 128, (p.offs_E.shape[0], 3, t["y"].shape[1]), dtype=torch.int8,
+                       generator=torch.Generator().manual_seed(2))
     route = torch.ops.moe.topk_route(logits.detach(), None, 2, "softmax", 2, 1, True, 1.0)
     cases = [
         ("plan", (make_ids(11, 3, 4, seed=2), 4)),
@@ -231,6 +233,7 @@ def test_opcheck_all_ops(dtype):
         ("swiglu_backward", (t["g"].detach()[:, :3].contiguous(), t["g"].detach())),
         ("topk_route", (logits, None, 2, "softmax", 2, 1, True, 1.0)),
         ("topk_route_backward", (w32.detach()[:, :2].contiguous(), None, route[0], route[2], "softmax", True, 1.0)),
+        ("grouped_mm_w8", (t["y"].detach().float(), q8, torch.rand(q8.shape[:2]) + 0.5, p.offs_E)),
     ]
     assert {n for n, _ in cases} == set(ops.registry.OPS)  # every registered op
     for name, args in cases:

@@ -36,6 +36,8 @@ def op_calls(device):
     bias = torch.randn(E, generator=g).to(device)
     probs = torch.softmax(logits, -1)
     route_ids = torch.stack([torch.arange(T) % E, (torch.arange(T) + 1) % E], 1).to(device)
+    q8 = torch.randint(-127, 128, (E, Y, D), dtype=torch.int8, generator=g).to(device)
+    scale8 = torch.rand(E, Y, generator=g).to(device)
     m = torch.ops.moe
     return [
         ("plan", lambda: m.plan(ids, E)),
@@ -52,6 +54,7 @@ def op_calls(device):
         ("swiglu_backward", lambda: m.swiglu_backward(h[:, :Y], h)),
         ("topk_route", lambda: m.topk_route(logits, bias, K, "sigmoid", 0, 0, True, 2.0)),
         ("topk_route_backward", lambda: m.topk_route_backward(w, None, route_ids, probs, "softmax", True, 1.0)),
+        ("grouped_mm_w8", lambda: m.grouped_mm_w8(x_ND, q8, scale8, p.offs_E)),
     ]
 
 
