@@ -21,14 +21,6 @@ def _acc(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _same_device(op: str, first, **named) -> None:
-    """Fake kernels run for meta/fake tensors, where the C++ device checks never run."""
-    for name, t in named.items():
-        if t is not None:
-            torch._check(t.device == first.device,
-                         lambda: f"moe.{op}: {name} is on {t.device} but the other inputs are on {first.device}")
-
-
 def _cast(grad, like):
     return None if grad is None or like is None else grad.to(like.dtype)
 
