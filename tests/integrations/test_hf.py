@@ -126,10 +126,12 @@ def test_register_is_idempotent():
 def test_register_refuses_a_transformers_older_than_declared(monkeypatch):
     """5.0-5.6 have ExpertsInterface, but their models reject a registered implementation:
     register() says which version it needs instead of failing later in from_config."""
-    monkeypatch.setattr(transformers, "__version__", "5.6.2")
+    # (the module register() imports: building a model can leave another object in sys.modules)
+    module = sys.modules["transformers"]
+    monkeypatch.setattr(module, "__version__", "5.6.2")
     with pytest.raises(ImportError, match=r"transformers >= 5\.7, found 5\.6\.2"):
         hf.register()
-    monkeypatch.setattr(transformers, "__version__", hf.MIN_TRANSFORMERS + ".0.dev0")
+    monkeypatch.setattr(module, "__version__", hf.MIN_TRANSFORMERS + ".0.dev0")
     hf.register()
 
 
