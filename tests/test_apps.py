@@ -24,9 +24,9 @@ from moe.apps.data import load_corpus
 from moe.apps.planner import (EL_FIT_COMPUTE, PlanConfig, compute_range_warning, efficiency_leverage,
                               size_model)
 
-TINY = ["--dim", "16", "--layers", "2", "--heads", "2", "--ffn-hidden", "32", "--experts", "4",
+TINY = ["--dim", "16", "--layers", "4", "--heads", "2", "--ffn-hidden", "32", "--experts", "4",
         "--top-k", "2", "--seq-len", "16", "--batch", "4", "--eval-batches", "2", "--no-progress",
-        "--steps", "4"]
+        "--steps", "4", "--seeds", "1", "--jobs", "1"]
 TIMING_KEYS = {"tokens_per_s", "wall_time_s", "threads"}
 VARIANTS = "topk,recurrent"  # a plain router and one with state across layers
 
@@ -92,7 +92,7 @@ def test_ctrl_c_between_opt_step_and_counter_resumes_exactly(text_dir, tmp_path,
     after_opt_step(lambda n: n == 4 + 3 and os.kill(os.getpid(), signal.SIGINT))
     with pytest.raises(demo.DemoInterrupted, match=r"recurrent saved its checkpoint at step 3 of 4"):
         cli.run(_demo_args(text_dir, tmp_path))
-    assert _checkpoint_steps(tmp_path / "checkpoints" / "recurrent.pt") == (3, 3)
+    assert _checkpoint_steps(tmp_path / "checkpoints" / "seed0" / "recurrent.pt") == (3, 3)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     assert _numbers(cli.run(_demo_args(text_dir, tmp_path, "--resume"))) == uninterrupted
 
@@ -110,7 +110,7 @@ def test_hard_interrupt_mid_step_keeps_the_last_consistent_checkpoint(text_dir, 
     with pytest.raises(demo.DemoInterrupted, match=r"during topk's training \(2 steps done\): its "
                                                    r"checkpoint holds step 2 of 4"):
         cli.run(_demo_args(text_dir, tmp_path, "--ckpt-every", "2"))
-    assert _checkpoint_steps(tmp_path / "checkpoints" / "topk.pt") == (2, 2)
+    assert _checkpoint_steps(tmp_path / "checkpoints" / "seed0" / "topk.pt") == (2, 2)
     assert _numbers(cli.run(_demo_args(text_dir, tmp_path, "--resume"))) == uninterrupted
 
 
@@ -128,7 +128,7 @@ def test_ctrl_c_during_final_evaluation_keeps_the_training(text_dir, tmp_path, u
     err = capsys.readouterr().err
     assert "interrupted during topk's evaluation (4 steps done): its checkpoint holds step 4 of 4" in err
     assert "it only evaluates" in err and "Traceback" not in err
-    assert _checkpoint_steps(tmp_path / "checkpoints" / "topk.pt") == (4, 4)
+    assert _checkpoint_steps(tmp_path / "checkpoints" / "seed0" / "topk.pt") == (4, 4)
     monkeypatch.setattr(demo, "evaluate", real_evaluate)
     steps = after_opt_step(lambda n: None)
     resumed = cli.run(_demo_args(text_dir, tmp_path, "--resume", "--variants", "topk"))

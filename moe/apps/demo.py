@@ -131,9 +131,9 @@ def build_model(variant: str, cfg: DemoConfig) -> nn.Module:
         return build_lm(n_layers=L, mlp_factory=lambda i: MoELayer.fine_grained(
             D, F // K, E, K, granularity=G, num_shared_experts=shared, router_kwargs=bal), **lm)
     if variant in EXTRA_VARIANTS:
-        kw = bal if variant == "sbase" else {}
-        return build_lm(n_layers=L, moe=MoEConfig(num_experts=E, ffn_hidden_size=F // K, top_k=K, router=variant,
-                                                  router_kwargs=kw), **lm)
+        # S-BASE balances by its Sinkhorn assignment and hash routing by construction: no loss
+        return build_lm(n_layers=L, moe=MoEConfig(num_experts=E, ffn_hidden_size=F // K, top_k=K, router=variant),
+                        **lm)
     if variant == "xmoe":
         return build_lm(n_layers=L, mlp_factory=lambda i: MoELayer(
             D, F // (2 * K), 2 * E, router=routers.ThresholdRouter(
