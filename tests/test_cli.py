@@ -251,8 +251,9 @@ def test_recurrent_arm_matches_topk_balancing_and_reference_gru_init():
     bias = torch.cat([cell.bias_ih, cell.bias_hh])
     assert bias.abs().max() > 0 and bias.std().item() == pytest.approx(0.02, rel=0.25)  # N(0, 0.02)
     assert (cell.weight_hh.abs() < 0.2).all()  # not torch's U(-1/sqrt(R), 1/sqrt(R)) = U(-0.35, 0.35)
-    assert [m.experts.num_experts if hasattr(m.experts, "num_experts") else m.num_experts
-            for m in rec.modules() if isinstance(m, MoELayer)] == [cfg.experts] * cfg.layers
+    same = [(m.num_experts, m.ffn_hidden_size, m.top_k) for model in (topk, rec) for m in model.modules()
+            if isinstance(m, MoELayer)]
+    assert same == [(cfg.experts, cfg.ffn_hidden // cfg.top_k, cfg.top_k)] * (2 * cfg.layers)  # topk's experts
 
 
 def test_mor_capacity_warmup_follows_the_reference():

@@ -47,7 +47,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -83,7 +83,7 @@ class DemoConfig:
     mor_cap_warmup: int = field(default=0, metadata=kind("nonnegative_int"))
     seq_len: int = field(default=128, metadata=kind("positive_int"))
     batch: int = field(default=16, metadata=kind("positive_int"))
-    steps: int = field(default=400, metadata=kind("positive_int"))
+    steps: int = field(default=300, metadata=kind("positive_int"))
     lr: float = field(default=3e-3, metadata=kind("positive_float"))
     seed: int = field(default=0, metadata=kind("nonnegative_int"))
     eval_batches: int = field(default=8, metadata=kind("positive_int"))
