@@ -256,6 +256,22 @@ def test_recurrent_arm_matches_topk_balancing_and_reference_gru_init():
     assert same == [(cfg.experts, cfg.ffn_hidden // cfg.top_k, cfg.top_k)] * (2 * cfg.layers)  # topk's experts
 
 
+def test_verdicts_say_within_noise_unless_every_seed_agrees_beyond_3_std():
+    from moe.apps.seeds import summarize, verdict
+
+    assert verdict(-0.03, 0.008, [-0.04, -0.03, -0.02]) == "better"
+    assert verdict(-0.03, 0.011, [-0.04, -0.03, -0.02]) == "within noise"  # 3 std > |mean|
+    assert verdict(-0.01, 0.001, [-0.011, 0.0001, -0.01]) == "within noise"  # one seed disagrees
+    assert verdict(0.05, 0.01, [0.04, 0.05, 0.06]) == "worse"
+    runs = {"dense": {0: dict(val_bpb=2.0, train_loss_bpb=[3.0]), 1: dict(val_bpb=2.1, train_loss_bpb=[3.0])},
+            "topk": {0: dict(val_bpb=2.05, train_loss_bpb=[3.0]), 1: dict(val_bpb=2.15, train_loss_bpb=[3.0])},
+            "recurrent": {0: dict(val_bpb=1.9, train_loss_bpb=[3.0]), 1: dict(val_bpb=2.0, train_loss_bpb=[2.0])}}
+    s = summarize(runs, [0, 1])
+    assert s["topk"]["gap_to_dense_seeds"] == pytest.approx([0.05, 0.05]) and s["topk"]["vs_dense"] == "worse"
+    assert s["recurrent"]["paper_comparison"]["seeds"] == pytest.approx([-0.15, -0.15])
+    assert s["recurrent"]["train_loss_bpb"] == [2.5] and s["dense"]["val_bpb_std"] == pytest.approx(0.1 / 2 ** 0.5)
+
+
 def test_mor_capacity_warmup_follows_the_reference():
     assert demo.mor_capacity(0.5, 1, 0) == 0.5
     assert demo.mor_capacity(0.5, 0, 10) == 1.0 and demo.mor_capacity(0.5, 10, 10) == 0.5

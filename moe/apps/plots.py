@@ -132,10 +132,16 @@ def results_table(results: dict) -> str:
         if "mean_recursion_depth" in r:
             notes.append(f"{name}: recursion depth {r['mean_recursion_depth']:.2f} at eval, "
                          f"{r.get('train_recursion_depth', float('nan')):.2f} in training")
+        if "vs_dense" in r:
+            pc = r.get("paper_comparison")
+            notes.append(f"{name}: {r['vs_dense']} vs dense" + (
+                f"; vs {pc['vs']} (its paper's baseline): {pc['mean']:+.3f} +- {pc['std']:.3f}, {pc['verdict']}"
+                if pc else ""))
         if name == "xmoe" and "cap_reached_fraction" in r:
             notes.append(f"{name}: {ept:.2f} experts/token chosen by the threshold; the cap was reached "
                          f"by {r['cap_reached_fraction']:.1%} of tokens")
     rows += notes
+    rows.append("better / worse: every seed on the same side and the mean gap beyond 3 std; else within noise")
     rows.append("val bits/byte: mean +- sample std over seeds; gap to dense: per-seed difference to dense "
                 "(same data order), mean +- std;\nall seeds: below/above dense in every seed, or mixed; "
                 "tok/s: training throughput; active: parameters a token uses;\nexp/tok: routed experts per "

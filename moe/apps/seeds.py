@@ -94,10 +94,32 @@ def _mean_of(rows: list, key: str):
     return sum(vals) / len(vals) if len(vals) == len(rows) else None
 
 
+# The papers' own comparisons, reported as paired gaps next to the gap to dense: (arm, its baseline)
+PAPER_PAIRS = (("recurrent", "topk"), ("xmoe", "topk"), ("finegrained", "topk"),
+               ("finegrained_shared", "finegrained"))
+
+
+def paired_gap(runs: dict, arm: str, base: str, seeds: list[int]) -> dict:
+    """arm's val_bpb minus base's, per seed (same data order): mean, std, per seed."""
+    gaps = [runs[arm][s]["val_bpb"] - runs[base][s]["val_bpb"] for s in seeds]
+    m, sd = _mean_std(gaps)
+    return dict(vs=base, mean=m, std=sd, seeds=gaps)
+
+
+def verdict(mean: float, std: float, gaps: list[float]) -> str:
+    """'better' / 'worse' when every seed agrees and |mean| > 3 std, else 'within noise'."""
+    if all(g < 0 for g in gaps) and mean + 3 * std < 0:
+        return "better"
+    if all(g > 0 for g in gaps) and mean - 3 * std > 0:
+        return "worse"
+    return "within noise"
+
+
 def summarize(runs: dict, seeds: list[int]) -> dict:
     """{variant: summary} from runs {variant: {seed: result}}: val_bpb (mean), val_bpb_std,
     val_bpb_seeds; gap_to_dense (mean of the per-seed differences, negative = better than dense),
-    gap_to_dense_std, gap_to_dense_seeds, below_dense_every_seed; every other numeric result
+    gap_to_dense_std, gap_to_dense_seeds, below_dense_every_seed, vs_dense (verdict);
+    paper_comparison (the paired gap to the arm its paper compares with, PAPER_PAIRS); every other numeric result
     averaged over seeds, train_loss_bpb the mean curve, expert_load the mean map."""
     out = {}
     dense = runs.get("dense")
@@ -121,6 +143,10 @@ def summarize(runs: dict, seeds: list[int]) -> dict:
             gaps = [r["val_bpb"] - dense[seed]["val_bpb"] for r, seed in zip(rows, seeds)]
             g, gs = _mean_std(gaps)
             s.update(gap_to_dense=g, gap_to_dense_std=gs, gap_to_dense_seeds=gaps,
-                     below_dense_every_seed=all(x < 0 for x in gaps))
+                     below_dense_every_seed=all(x < 0 for x in gaps), vs_dense=verdict(g, gs, gaps))
+        for arm, base in PAPER_PAIRS:
+            if arm == v and base in runs:
+                s["paper_comparison"] = p = paired_gap(runs, arm, base, seeds)
+                p["verdict"] = verdict(p["mean"], p["std"], p["seeds"])
         out[v] = s
     return out
