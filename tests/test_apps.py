@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -133,6 +134,34 @@ def test_ctrl_c_during_final_evaluation_keeps_the_training(text_dir, tmp_path, u
     steps = after_opt_step(lambda n: None)
     resumed = cli.run(_demo_args(text_dir, tmp_path, "--resume", "--variants", "topk"))
     assert steps[0] == 0 and _numbers(resumed)["topk"] == uninterrupted["topk"]
+
+
+def test_ctrl_c_with_runs_in_worker_processes_saves_each_and_resumes(text_dir, tmp_path):
+    """`moe demo --jobs 2`: Ctrl-C to the whole process group (as a terminal sends it) while two
+    runs train in workers: each saves its step, exit 130 saying what is saved, no traceback, and
+    --resume finishes with the numbers of an uninterrupted run."""
+    args = [sys.executable, "-m", "moe", *_demo_args(text_dir, tmp_path), "--jobs", "2", "--seeds", "2",
+            "--variants", "dense,topk", "--steps", "100", "--ckpt-every", "10"]
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    p = subprocess.Popen(args, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env)
+    ckpts = tmp_path / "checkpoints"
+    for _ in range(600):  # until both workers have trained past a checkpoint
+        if len(list(ckpts.glob("seed*/*.pt"))) >= 2:
+            break
+        time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 130 and "Traceback" not in err and "saved its checkpoint at step" in err, err
+    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    whole = subprocess.run([a if a != str(tmp_path) else str(tmp_path / "whole") for a in args],
+                           capture_output=True, text=True, env=env)
+    assert whole.returncode == 0, whole.stderr
+    strip = lambda rep: {v: {s: {k: x for k, x in r.items() if k not in TIMING_KEYS} for s, r in by.items()}
+                         for v, by in rep["runs"].items()}
+    assert strip(json.loads((tmp_path / "results.json").read_text())) == strip(
+        json.loads((tmp_path / "whole" / "results.json").read_text()))
 
 
 def test_sigint_is_deferred_only_where_python_handles_it():

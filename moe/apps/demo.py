@@ -299,7 +299,7 @@ def interrupts_between_steps():
 
 def train_variant(variant: str, cfg: DemoConfig, train: torch.Tensor, val: torch.Tensor, *,
                   ckpt_dir: Path, resume: bool = False, stop_after: int | None = None,
-                  progress: bool = True, device: torch.device | str = "cpu") -> dict:
+                  progress: bool = True, device: torch.device | str = "cpu", should_stop=None) -> dict:
     """Train one variant for steps (or until stop_after steps this call), checkpointing every
     cfg.ckpt_every steps, on Ctrl-C, and on the last step before the final evaluation; return its
     result dict (no result if stopped early).
@@ -308,7 +308,9 @@ def train_variant(variant: str, cfg: DemoConfig, train: torch.Tensor, val: torch
     counter of one step boundary (the data order is a function of the step: moe.apps.data), so
     `--resume` continues exactly wherever the run was interrupted: a Ctrl-C in a step finishes
     that step and saves (interrupts_between_steps); one in the final evaluation keeps the
-    training, and the resumed run only evaluates. Raises DemoInterrupted saying what is saved."""
+    training, and the resumed run only evaluates. should_stop() (a worker process's stop event,
+    moe.apps.seeds) true between steps stops it the same way. Raises DemoInterrupted saying what
+    is saved."""
     from tqdm import tqdm
 
     steps = variant_steps(variant, cfg)
@@ -366,7 +368,7 @@ def train_variant(variant: str, cfg: DemoConfig, train: torch.Tensor, val: torch
                 depth.append(_mor_depth(model))
                 bar.update(1)
                 bar.set_postfix(loss_bpb=f"{history[-1]:.3f}", tok_s=f"{tokens / elapsed:,.0f}")
-                if interrupted():
+                if interrupted() or (should_stop is not None and should_stop()):
                     save()
                     raise DemoInterrupted(f"interrupted: {variant} saved its checkpoint at step {step} "
                                           f"of {steps} ({path}); continue with --resume")

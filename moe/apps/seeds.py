@@ -19,21 +19,23 @@ from pathlib import Path
 _WORKER: dict = {}  # the corpus of one worker process, loaded once by _init_worker
 
 
-def _init_worker(data, threads: int) -> None:
+def _init_worker(data, threads: int, stop) -> None:
+    """A worker ignores SIGINT (the parent owns Ctrl-C and sets ``stop``), loads the corpus once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
 
     from moe.apps.data import load_corpus
 
     torch.set_num_threads(max(1, threads))
-    _WORKER["corpus"] = load_corpus(data)
+    _WORKER.update(corpus=load_corpus(data), stop=stop)
 
 
 def _run_one(variant, cfg, ckpt_dir, resume, stop_after):
     from moe.apps.demo import train_variant
 
-    corpus = _WORKER["corpus"]
+    corpus, stop = _WORKER["corpus"], _WORKER["stop"]
     return train_variant(variant, cfg, corpus.train, corpus.val, ckpt_dir=ckpt_dir, resume=resume,
-                         stop_after=stop_after, progress=False)
+                         stop_after=stop_after, progress=False, should_stop=stop.is_set)
 
 
 def run_dir(out: Path, seed: int) -> Path:
@@ -46,17 +48,26 @@ def run_parallel(jobs: list[tuple[str, int]], cfg, *, data, out: Path, workers: 
     """Train every (variant, seed) of ``jobs`` in ``workers`` spawned processes (``threads`` torch
     threads each); on_done(variant, seed, result) as each finishes. Returns {(variant, seed): result}.
 
-    Ctrl-C reaches the workers too (one process group): each finishes its step, saves and stops
-    (demo.train_variant); runs not yet started are cancelled; then DemoInterrupted is raised."""
+    Ctrl-C is the parent's (workers ignore SIGINT): it sets a shared event that each running
+    train_variant reads between steps, so each finishes its step, saves and stops; runs not yet
+    started are cancelled; then DemoInterrupted is raised. A second Ctrl-C raises at once."""
     from moe.apps.demo import DemoInterrupted
 
-    results, interrupted = {}, []
+    ctx = get_context("spawn")
+    results, interrupted, stop = {}, [], ctx.Event()
+
+    def on_sigint(signum, frame):
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(signum)
+        stop.set()
+
     previous = signal.getsignal(signal.SIGINT)
     if previous is signal.default_int_handler:
-        signal.signal(signal.SIGINT, lambda s, f: interrupted.append(s))
+        signal.signal(signal.SIGINT, on_sigint)
     try:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                                 initargs=(data, threads)) as pool:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(data, threads, stop)) as pool:
             pending = {pool.submit(_run_one, v, replace(cfg, seed=s), run_dir(out, s), resume, stop_after): (v, s)
                        for v, s in jobs}
             messages = []
@@ -70,8 +81,9 @@ def run_parallel(jobs: list[tuple[str, int]], cfg, *, data, out: Path, workers: 
                     try:
                         results[v, s] = f.result()
                         on_done(v, s, results[v, s])
-                    except KeyboardInterrupt as e:
-                        messages.append(f"seed {s}: {e}")
+                    except KeyboardInterrupt as e:  # DemoInterrupted: what it saved
+                        messages.append(str(e).removeprefix("interrupted: ").removesuffix(
+                            "; continue with --resume"))
                 pending = {f: vs for f, vs in pending.items() if not f.cancelled()}
             if interrupted or messages:
                 raise DemoInterrupted("interrupted: " + "; ".join(messages or ["no run had started"])
