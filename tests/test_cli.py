@@ -327,6 +327,8 @@ def test_demo_bad_arguments_name_the_argument(text_dir, tmp_path):
         run(base + ["--steps", "0"])
     with pytest.raises(SystemExit, match="ffn_hidden=30 must be divisible"):
         run(base + ["--ffn-hidden", "30"])
+    with pytest.raises(SystemExit, match="layers=5: mor's middle-cycle sharing"):
+        run(base + ["--layers", "5"])
     with pytest.raises(SystemExit, match="--data"):
         run(["demo", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="seq_len=64"):  # 3 bytes of text: no window fits

@@ -178,7 +178,7 @@ def run_demo(args) -> dict:
     import torch
 
     from moe.apps.data import load_corpus
-    from moe.apps.demo import ALL_VARIANTS, DemoConfig
+    from moe.apps.demo import ALL_VARIANTS, DemoConfig, check_variant
 
     _require_apps("demo", "tqdm", "matplotlib")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -199,6 +199,8 @@ def run_demo(args) -> dict:
     t0 = time.perf_counter()
     try:
         cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in fields(DemoConfig)})
+        for v in variants:
+            check_variant(v, cfg)
         corpus = load_corpus(args.data)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(f"moe demo: error: {e}") from e

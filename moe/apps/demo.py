@@ -99,18 +99,23 @@ class DemoConfig:
         if self.granularity * self.top_k < 2:
             raise ValueError(f"granularity={self.granularity} * top_k={self.top_k} must be >= 2 "
                              "(finegrained_shared carves one shared expert out of them)")
-        if self.layers < 2 + MOR_RECURSIONS or (self.layers - 2) % MOR_RECURSIONS:
-            raise ValueError(f"layers={self.layers}: mor's middle-cycle sharing needs layers - 2 to be a "
-                             f"positive multiple of {MOR_RECURSIONS}")
         if self.dim % self.heads or (self.dim // self.heads) % 2:
             raise ValueError(f"dim={self.dim} must be a multiple of heads={self.heads} with an even "
                              f"head dim dim/heads (rotary embeddings)")
 
 
-def build_model(variant: str, cfg: DemoConfig) -> nn.Module:
-    """The CausalLM of one variant (vocabulary 256 bytes), built after torch.manual_seed(cfg.seed)."""
+def check_variant(variant: str, cfg: DemoConfig) -> None:
+    """ValueError naming the setting when ``variant`` cannot be built from cfg."""
     if variant not in ALL_VARIANTS:
         raise ValueError(f"variant {variant!r} is not one of {ALL_VARIANTS}")
+    if variant == "mor" and (cfg.layers < 2 + MOR_RECURSIONS or (cfg.layers - 2) % MOR_RECURSIONS):
+        raise ValueError(f"layers={cfg.layers}: mor's middle-cycle sharing needs layers - 2 to be a "
+                         f"positive multiple of {MOR_RECURSIONS}")
+
+
+def build_model(variant: str, cfg: DemoConfig) -> nn.Module:
+    """The CausalLM of one variant (vocabulary 256 bytes), built after torch.manual_seed(cfg.seed)."""
+    check_variant(variant, cfg)
     import routers
     from moe.model import MoEConfig
 
