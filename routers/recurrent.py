@@ -15,13 +15,19 @@ detached: the loss of layer i trains the projections of the layers below it (the
 "recurrent gradient"). The GRU is torch.nn.GRUCell's (gates r, z, n; two biases per gate),
 which is what the reference's CustomGRUCell computes.
 
-Deliberate departures from the reference code: (1) explicit initialisation (the reference
-leaves W1/W2 as torch.empty); (2) the balancing loss. The reference adds Mixtral's loss
-once per model over the logits of all layers concatenated, with f_i = count_i / T (top-k
-slots summed, so K times Megatron's count_i / (K*T)) and coefficient 1e-3. A per-layer
-router cannot see the other layers, so each layer returns its own Switch loss (Megatron's
-normalisation, see routers.losses); for one layer the reference's value is exactly
-K * ours, i.e. balance_loss_coeff = K * 1e-3 reproduces its per-layer scale.
+Initialisation: W1, W2 ~ N(0, init_std) (the reference's HF port leaves them as torch.empty).
+The GRU cell: gru_init="torch" (default) is torch's U(-1/sqrt(R), 1/sqrt(R)) for weights and
+biases; gru_init="reference" is the reference's CustomGRUCell.init_weights, which applies the
+config's init_method (Megatron's N(0, init_method_std), init_std here) to every weight AND bias.
+
+Balancing loss (a deliberate departure): the reference adds Mixtral's loss ONCE per model,
+coefficient 1e-3, over the logits of all L layers concatenated (f_i = count_i / (L*T) with the
+top-k slots summed, P_i the mean probability over the L*T rows). A per-layer router cannot see
+the other layers, so each layer returns its own Switch loss (Megatron's normalisation
+f_i = count_i / (K*T), see routers.losses), and the model sums the L of them. When the layers'
+f and P agree, the reference's one loss equals K * (the mean of our per-layer losses), so
+its pressure is reproduced by balance_loss_coeff = K * 1e-3 / L per layer (the L per-layer
+losses are summed; with unequal layers the two differ by the layers' f-P covariance).
 
 State passing: ``RecurrentRouter(x, state=h_prev)`` -> Routing with ``.state`` = h_new is the
 primitive (MoELayer forwards ``state=`` and keeps ``last_routing``). RecurrentRouterChain adds
@@ -42,6 +48,8 @@ from routers.checks import check_int, check_number
 from routers.losses import balance_loss_args
 from routers.routing import Routing
 from routers.topk import TopKBase
+
+GRU_INITS = ("torch", "reference")
 
 
 def gru_step(cell: nn.GRUCell, x_TR: Tensor, h_TR: Tensor) -> Tensor:
@@ -79,6 +87,7 @@ class RecurrentRouter(TopKBase):
         router_dim: int = 128,
         cell: Optional[nn.GRUCell] = None,
         init_std: float = 0.02,
+        gru_init: str = "torch",
         norm_topk: bool = True,
         jitter: float = 0.0,
         capacity_factor: Optional[float] = None,
@@ -100,6 +109,9 @@ class RecurrentRouter(TopKBase):
         )
         self.router_dim = router_dim = check_int("router_dim", router_dim)
         self.init_std = check_number("init_std", init_std, ge=0.0)
+        if gru_init not in GRU_INITS:
+            raise ValueError(f"gru_init={gru_init!r} must be one of {GRU_INITS}")
+        self.gru_init = gru_init
         self.w1_RD = nn.Parameter(torch.empty(router_dim, self.hidden_size))
         self.w2_ER = nn.Parameter(torch.empty(self.num_experts, router_dim))
         if cell is None:
@@ -118,12 +130,11 @@ class RecurrentRouter(TopKBase):
         return shared if shared is not None else self._modules["cell"]
 
     def reset_parameters(self) -> None:
-        """Explicit init (the reference leaves W1/W2 uninitialised): N(0, init_std) for W1, W2;
-        an owned GRU cell gets torch's U(-1/sqrt(R), 1/sqrt(R))."""
+        """N(0, init_std) for W1, W2; an owned GRU cell as gru_init says (module docstring)."""
         nn.init.normal_(self.w1_RD, std=self.init_std)
         nn.init.normal_(self.w2_ER, std=self.init_std)
         if "cell" in self._modules:
-            _reset_gru(self.cell)
+            _reset_gru(self.cell, self.gru_init, self.init_std)
 
     def forward(self, x: Tensor, *, state: Optional[Tensor] = None, padding_mask: Optional[Tensor] = None) -> Routing:
         """x (T, D) or (B, S, D); state h_{i-1} of shape (T, R) or x.shape[:-1] + (R,).
@@ -162,10 +173,14 @@ class RecurrentRouter(TopKBase):
                 f"router_dim={self.router_dim}, layer_idx={self.layer_idx}")
 
 
-def _reset_gru(cell: nn.GRUCell) -> None:
+def _reset_gru(cell: nn.GRUCell, gru_init: str = "torch", std: float = 0.02) -> None:
+    """torch's U(-1/sqrt(R), 1/sqrt(R)), or the reference's N(0, std) for every weight and bias."""
     bound = 1.0 / math.sqrt(cell.hidden_size)
     for p in cell.parameters():
-        nn.init.uniform_(p, -bound, bound)
+        if gru_init == "reference":
+            nn.init.normal_(p, std=std)
+        else:
+            nn.init.uniform_(p, -bound, bound)
 
 
 class _AddGrad(torch.autograd.Function):

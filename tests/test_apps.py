@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -24,9 +25,9 @@ from moe.apps.data import load_corpus
 from moe.apps.planner import (EL_FIT_COMPUTE, PlanConfig, compute_range_warning, efficiency_leverage,
                               size_model)
 
-TINY = ["--dim", "16", "--layers", "2", "--heads", "2", "--ffn-hidden", "32", "--experts", "4",
+TINY = ["--dim", "16", "--layers", "4", "--heads", "2", "--ffn-hidden", "32", "--experts", "4",
         "--top-k", "2", "--seq-len", "16", "--batch", "4", "--eval-batches", "2", "--no-progress",
-        "--steps", "4"]
+        "--steps", "4", "--seeds", "1", "--jobs", "1"]
 TIMING_KEYS = {"tokens_per_s", "wall_time_s", "threads"}
 VARIANTS = "topk,recurrent"  # a plain router and one with state across layers
 
@@ -92,7 +93,7 @@ def test_ctrl_c_between_opt_step_and_counter_resumes_exactly(text_dir, tmp_path,
     after_opt_step(lambda n: n == 4 + 3 and os.kill(os.getpid(), signal.SIGINT))
     with pytest.raises(demo.DemoInterrupted, match=r"recurrent saved its checkpoint at step 3 of 4"):
         cli.run(_demo_args(text_dir, tmp_path))
-    assert _checkpoint_steps(tmp_path / "checkpoints" / "recurrent.pt") == (3, 3)
+    assert _checkpoint_steps(tmp_path / "checkpoints" / "seed0" / "recurrent.pt") == (3, 3)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     assert _numbers(cli.run(_demo_args(text_dir, tmp_path, "--resume"))) == uninterrupted
 
@@ -110,7 +111,7 @@ def test_hard_interrupt_mid_step_keeps_the_last_consistent_checkpoint(text_dir, 
     with pytest.raises(demo.DemoInterrupted, match=r"during topk's training \(2 steps done\): its "
                                                    r"checkpoint holds step 2 of 4"):
         cli.run(_demo_args(text_dir, tmp_path, "--ckpt-every", "2"))
-    assert _checkpoint_steps(tmp_path / "checkpoints" / "topk.pt") == (2, 2)
+    assert _checkpoint_steps(tmp_path / "checkpoints" / "seed0" / "topk.pt") == (2, 2)
     assert _numbers(cli.run(_demo_args(text_dir, tmp_path, "--resume"))) == uninterrupted
 
 
@@ -128,11 +129,39 @@ def test_ctrl_c_during_final_evaluation_keeps_the_training(text_dir, tmp_path, u
     err = capsys.readouterr().err
     assert "interrupted during topk's evaluation (4 steps done): its checkpoint holds step 4 of 4" in err
     assert "it only evaluates" in err and "Traceback" not in err
-    assert _checkpoint_steps(tmp_path / "checkpoints" / "topk.pt") == (4, 4)
+    assert _checkpoint_steps(tmp_path / "checkpoints" / "seed0" / "topk.pt") == (4, 4)
     monkeypatch.setattr(demo, "evaluate", real_evaluate)
     steps = after_opt_step(lambda n: None)
     resumed = cli.run(_demo_args(text_dir, tmp_path, "--resume", "--variants", "topk"))
     assert steps[0] == 0 and _numbers(resumed)["topk"] == uninterrupted["topk"]
+
+
+def test_ctrl_c_with_runs_in_worker_processes_saves_each_and_resumes(text_dir, tmp_path):
+    """`moe demo --jobs 2`: Ctrl-C to the whole process group (as a terminal sends it) while two
+    runs train in workers: each saves its step, exit 130 saying what is saved, no traceback, and
+    --resume finishes with the numbers of an uninterrupted run."""
+    args = [sys.executable, "-m", "moe", *_demo_args(text_dir, tmp_path), "--jobs", "2", "--seeds", "2",
+            "--variants", "dense,topk", "--steps", "100", "--ckpt-every", "10"]
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    p = subprocess.Popen(args, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env)
+    ckpts = tmp_path / "checkpoints"
+    for _ in range(600):  # until both workers have trained past a checkpoint
+        if len(list(ckpts.glob("seed*/*.pt"))) >= 2:
+            break
+        time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 130 and "Traceback" not in err and "saved its checkpoint at step" in err, err
+    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    whole = subprocess.run([a if a != str(tmp_path) else str(tmp_path / "whole") for a in args],
+                           capture_output=True, text=True, env=env)
+    assert whole.returncode == 0, whole.stderr
+    strip = lambda rep: {v: {s: {k: x for k, x in r.items() if k not in TIMING_KEYS} for s, r in by.items()}
+                         for v, by in rep["runs"].items()}
+    assert strip(json.loads((tmp_path / "results.json").read_text())) == strip(
+        json.loads((tmp_path / "whole" / "results.json").read_text()))
 
 
 def test_sigint_is_deferred_only_where_python_handles_it():

@@ -19,14 +19,15 @@ import torch
 
 import moe
 from moe import MoELayer, build_lm
-from moe.apps import cli, plots
+from moe.apps import cli, demo, plots
 from moe.apps.cli import run
 from moe.apps.data import is_validation, load_corpus, stdlib_files, train_batch
 from moe.apps.planner import (EL_CONSTANTS, PlanConfig, efficiency_leverage, optimal_granularity,
                               saturated_activation, size_model)
 
-TINY = ["--dim", "16", "--layers", "2", "--heads", "2", "--ffn-hidden", "32", "--experts", "4",
-        "--top-k", "2", "--seq-len", "16", "--batch", "4", "--eval-batches", "2", "--no-progress"]
+TINY = ["--dim", "16", "--layers", "4", "--heads", "2", "--ffn-hidden", "32", "--experts", "4",
+        "--top-k", "2", "--seq-len", "16", "--batch", "4", "--eval-batches", "2", "--no-progress",
+        "--seeds", "1", "--jobs", "1"]
 TIMING_KEYS = {"tokens_per_s", "wall_time_s", "threads"}
 
 
@@ -180,28 +181,119 @@ def full_run(text_dir, tmp_path_factory):
     return out, run(["demo", "--data", str(text_dir), "--out", str(out), "--steps", "4"] + TINY)
 
 
-def test_demo_writes_results_plots_and_checkpoints(full_run, capsys):
+def test_demo_writes_results_plots_and_checkpoints(full_run):
     out, report = full_run
-    assert set(report["variants"]) == {"dense", "topk", "recurrent", "xmoe", "finegrained", "mor"}
-    for name in ("results.json", "loss_curves.png", "expert_load.png"):
+    cfg = demo.DemoConfig(**report["config"])
+    assert set(report["variants"]) == set(demo.VARIANTS)
+    for name in ("results.json", "loss_curves.png", "val_bpb.png", "expert_load.png"):
         assert (out / name).stat().st_size > 0
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(
+    assert sorted(p.name for p in (out / "checkpoints" / "seed0").iterdir()) == sorted(
         f"{v}.pt" for v in report["variants"])
     saved = json.loads((out / "results.json").read_text())
     assert _numbers(saved) == _numbers(report)
     v = report["variants"]
-    for r in v.values():
-        assert math.isfinite(r["val_bpb"]) and 0 < r["val_bpb"] < 9 and len(r["train_loss_bpb"]) == 4
-    dense_active = v["dense"]["params_active"]
-    for name in ("topk", "recurrent", "finegrained", "mor"):  # equal active parameters (+ routers)
-        assert abs(v[name]["params_active"] - dense_active) / dense_active < 0.1
-        assert v[name]["params_total"] >= v[name]["params_active"]
-    # top-k: a token skips E - K = 2 experts of 3*D*(F/K) weights in each of the L = 2 layers
-    assert v["topk"]["params_total"] - v["topk"]["params_active"] == 2 * 2 * 3 * 16 * 16
-    assert v["topk"]["experts_per_token"] == 2 and v["finegrained"]["experts_per_token"] == 3
-    assert 1 <= v["xmoe"]["experts_per_token"] <= 4 and v["topk"]["dropped_fraction"] == 0
-    assert 1 <= v["mor"]["mean_recursion_depth"] <= 2 and "experts_per_token" not in v["mor"]
-    assert len(v["topk"]["expert_load"]) == 2 and sum(v["topk"]["expert_load"][0]) == pytest.approx(1)
+    for name, r in v.items():
+        assert math.isfinite(r["val_bpb"]) and 0 < r["val_bpb"] < 9
+        assert len(r["train_loss_bpb"]) == report["steps"][name] == (4 if name != "mor" else
+                                                                     demo.variant_steps("mor", cfg))
+        assert r["val_bpb_seeds"] == [r["val_bpb"]] and r["val_bpb_std"] == 0
+        if name != "dense":
+            assert r["gap_to_dense"] == pytest.approx(r["val_bpb"] - v["dense"]["val_bpb"])
+    # top-k: a token skips E - K = 2 experts of 3*D*(F/K) weights in each of the L = 4 layers
+    assert v["topk"]["params_total"] - v["topk"]["params_active"] == 4 * 2 * 3 * 16 * 16
+    assert v["topk"]["experts_per_token"] == 2 and v["finegrained"]["experts_per_token"] == 8
+    assert v["finegrained_shared"]["experts_per_token"] == 7  # + the shared one
+    assert 1 <= v["xmoe"]["experts_per_token"] <= 8 and v["xmoe"]["cap_reached_fraction"] <= 1
+    assert v["topk"]["dropped_fraction"] == 0
+    assert v["mor"]["mean_recursion_depth"] == v["mor"]["train_recursion_depth"] == 1.5  # top-k eval routing
+    assert "experts_per_token" not in v["mor"]
+    assert len(v["topk"]["expert_load"]) == 4 and sum(v["topk"]["expert_load"][0]) == pytest.approx(1)
+
+
+def _router_params(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "router" in n)
+
+
+@pytest.mark.parametrize("D,L,E,K,F,G", [(64, 4, 8, 2, 256, 4), (16, 6, 4, 1, 48, 3)])
+def test_demo_arms_have_dense_active_parameters(D, L, E, K, F, G):
+    """Every MoE arm applies 3*D*F FFN weights per token, as dense does: its active parameters
+    are dense's plus its router's, exactly (shared experts counted active, xmoe at its nominal 2K
+    of 2E experts of F/2K); mor has fewer parameters and as many training FLOPs as dense."""
+    cfg = demo.DemoConfig(dim=D, layers=L, heads=4 if D % 8 == 0 else 2, ffn_hidden=F, experts=E,
+                          top_k=K, granularity=G, steps=600)
+    dense = demo.build_model("dense", cfg)
+    dense_active = demo.param_counts(dense)[1]
+    assert demo.param_counts(dense)[0] == dense_active
+    for name in ("topk", "finegrained", "finegrained_shared", "recurrent", "sbase", "hash"):
+        model = demo.build_model(name, cfg)
+        total, active = demo.param_counts(model)
+        assert active - dense_active == _router_params(model), name
+        assert total > active
+    xmoe = demo.build_model("xmoe", cfg)
+    nominal = [2 * K] * L  # 2K experts of F/(2K): K experts' worth of F/K
+    assert demo.param_counts(xmoe, nominal)[1] - dense_active == _router_params(xmoe)
+    fine = [m for m in demo.build_model("finegrained_shared", cfg).modules() if isinstance(m, MoELayer)][0]
+    assert (fine.num_experts, fine.top_k, fine.num_shared_experts) == (E * G - 1, K * G - 1, 1)
+    mor = demo.build_model("mor", cfg)
+    assert demo.param_counts(mor)[0] < demo.param_counts(dense)[0]
+    flops = {v: demo.variant_steps(v, cfg) * demo.train_flops_per_token(v, cfg) for v in ("dense", "mor")}
+    assert demo.variant_steps("mor", cfg) > cfg.steps
+    assert flops["mor"] == pytest.approx(flops["dense"], rel=1 / cfg.steps)
+
+
+def test_recurrent_arm_matches_topk_balancing_and_reference_gru_init():
+    cfg = demo.DemoConfig(dim=32, heads=2, ffn_hidden=64, balance_coeff=3e-3)
+    topk, rec = demo.build_model("topk", cfg), demo.build_model("recurrent", cfg)
+    coeff = {m.router.balance_loss_coeff for model in (topk, rec) for m in model.modules()
+             if isinstance(m, MoELayer)}
+    assert coeff == {3e-3}
+    cell = rec.router_chain.cell
+    bias = torch.cat([cell.bias_ih, cell.bias_hh])
+    assert bias.abs().max() > 0 and bias.std().item() == pytest.approx(0.02, rel=0.25)  # N(0, 0.02)
+    assert (cell.weight_hh.abs() < 0.2).all()  # not torch's U(-1/sqrt(R), 1/sqrt(R)) = U(-0.35, 0.35)
+    same = [(m.num_experts, m.ffn_hidden_size, m.top_k) for model in (topk, rec) for m in model.modules()
+            if isinstance(m, MoELayer)]
+    assert same == [(cfg.experts, cfg.ffn_hidden // cfg.top_k, cfg.top_k)] * (2 * cfg.layers)  # topk's experts
+
+
+def test_verdicts_say_within_noise_unless_every_seed_agrees_beyond_3_std():
+    from moe.apps.seeds import summarize, verdict
+
+    assert verdict(-0.03, 0.008, [-0.04, -0.03, -0.02]) == "better"
+    assert verdict(-0.03, 0.011, [-0.04, -0.03, -0.02]) == "within noise"  # 3 std > |mean|
+    assert verdict(-0.01, 0.001, [-0.011, 0.0001, -0.01]) == "within noise"  # one seed disagrees
+    assert verdict(0.05, 0.01, [0.04, 0.05, 0.06]) == "worse"
+    runs = {"dense": {0: dict(val_bpb=2.0, train_loss_bpb=[3.0]), 1: dict(val_bpb=2.1, train_loss_bpb=[3.0])},
+            "topk": {0: dict(val_bpb=2.05, train_loss_bpb=[3.0]), 1: dict(val_bpb=2.15, train_loss_bpb=[3.0])},
+            "recurrent": {0: dict(val_bpb=1.9, train_loss_bpb=[3.0]), 1: dict(val_bpb=2.0, train_loss_bpb=[2.0])}}
+    s = summarize(runs, [0, 1])
+    assert s["topk"]["gap_to_dense_seeds"] == pytest.approx([0.05, 0.05]) and s["topk"]["vs_dense"] == "worse"
+    assert s["recurrent"]["paper_comparison"]["seeds"] == pytest.approx([-0.15, -0.15])
+    assert s["recurrent"]["train_loss_bpb"] == [2.5] and s["dense"]["val_bpb_std"] == pytest.approx(0.1 / 2 ** 0.5)
+
+
+def test_mor_capacity_warmup_follows_the_reference():
+    assert demo.mor_capacity(0.5, 1, 0) == 0.5
+    assert demo.mor_capacity(0.5, 0, 10) == 1.0 and demo.mor_capacity(0.5, 10, 10) == 0.5
+    assert demo.mor_capacity(0.5, 5, 10) == pytest.approx(0.75)  # half way: cos(pi/2) = 0
+    assert demo.mor_capacity(0.5, 50, 10) == 0.5
+
+
+def test_demo_quick_parallel_matches_sequential(text_dir, tmp_path):
+    """--quick with two seeds in two processes: completes, and each (arm, seed) has the numbers of
+    the same run in this process (same seed, same numbers, across processes)."""
+    args = ["demo", "--quick", "--data", str(text_dir), "--variants", "dense,finegrained", "--steps", "3"]
+    args += [a for a in TINY if a not in ("--seeds", "1", "--jobs")]
+    par = run(args + ["--out", str(tmp_path / "p"), "--jobs", "2"])
+    seq = run(args + ["--out", str(tmp_path / "s"), "--jobs", "1"])
+    assert par["seeds"] == [0, 1] and par["jobs"] == 2
+    strip = lambda rep: {v: {s: {k: x for k, x in r.items() if k not in TIMING_KEYS} for s, r in by.items()}
+                         for v, by in rep["runs"].items()}
+    assert strip(par) == strip(seq)
+    fg = par["variants"]["finegrained"]
+    gaps = [par["runs"]["finegrained"][s]["val_bpb"] - par["runs"]["dense"][s]["val_bpb"] for s in ("0", "1")]
+    assert fg["gap_to_dense_seeds"] == gaps and fg["gap_to_dense"] == pytest.approx(sum(gaps) / 2)
+    assert fg["gap_to_dense_std"] == pytest.approx(abs(gaps[0] - gaps[1]) / math.sqrt(2))
 
 
 def test_demo_same_seed_same_numbers(full_run, text_dir, tmp_path):
@@ -222,7 +314,7 @@ def test_demo_resume_continues_exactly(full_run, text_dir, tmp_path):
     resumed = run(args + ["--resume"])
     assert _numbers(resumed) == _numbers(first)
     again = run(args + ["--resume", "--variants", "topk"])  # finished: reused, not retrained
-    assert again["variants"]["topk"] == resumed["variants"]["topk"]
+    assert again["runs"]["topk"] == resumed["runs"]["topk"]
     with pytest.raises(SystemExit, match="different config"):
         run(args[:-len(TINY)] + [a if a != "32" else "64" for a in TINY] + ["--resume"])
 
@@ -235,6 +327,8 @@ def test_demo_bad_arguments_name_the_argument(text_dir, tmp_path):
         run(base + ["--steps", "0"])
     with pytest.raises(SystemExit, match="ffn_hidden=30 must be divisible"):
         run(base + ["--ffn-hidden", "30"])
+    with pytest.raises(SystemExit, match="layers=5: mor's middle-cycle sharing"):
+        run(base + ["--layers", "5"])
     with pytest.raises(SystemExit, match="--data"):
         run(["demo", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="seq_len=64"):  # 3 bytes of text: no window fits

@@ -7,7 +7,8 @@ prints "argument --name: ..." and exits 2). So a bad value gets the same rule an
 error whether it comes from Python or from the command line.
 
 Kinds: positive_int (>= 1), nonnegative_int (>= 0), positive_float (finite, > 0), probability
-(finite, in (0, 1]), out_dir (a folder, or a path where one can be made: no part of it is a file).
+(finite, in (0, 1]), out_dir (a folder, or a path where one can be made: no part of it is a file),
+mor_eval_routing (topk or threshold: routers.depth's eval routings).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ KINDS = {
     "probability": ("a number in (0, 1]", float,
                     lambda v: None if _is_real(v) and math.isfinite(v) and 0 < v <= 1 else "bad"),
     "out_dir": ("a folder (or a path where one can be made)", str, _out_dir_problem),
+    "mor_eval_routing": ("one of topk, threshold", str,
+                         lambda v: None if v in ("topk", "threshold") else "bad"),
 }
 
 

@@ -1,6 +1,6 @@
 """The `moe` console script (also `python -m moe`): demo, bench and plan.
 
-    moe demo [--variants dense,topk,...] [--steps N] [--seed S] [--data PATH] [--out DIR] [--resume]
+    moe demo [--quick] [--variants dense,topk,...] [--steps N] [--seeds N] [--jobs N] [--data PATH] [--resume]
     moe bench [--quick] [--out DIR]
     moe plan --hidden 2048 --layers 20 --experts 256 --top-k 8 --expert-hidden 512 --shared-experts 1
     moe plan --advise --hidden 2048 --layers 20 --tokens 1e12 [--max-params N] [--max-memory GIB]
@@ -27,12 +27,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from moe.apps.checks import arg_type, field_kind
 
 BENCH_MODULES = ("bench.ops", "bench.fused", "bench.layer")
+DEMO_SEEDS = 3
+DEMO_JOBS = max(1, min(2, os.cpu_count() or 1))
+QUICK = dict(steps=40, seeds=2, eval_batches=4)  # --quick's settings where the option is left at its default
 
 # The child of `moe bench`, run with cwd = the checkout root (so `bench` imports from there, as for
 # `python -m bench.ops`): one module's rows (run(quick=...)) to a JSON file, its table to stdout
@@ -80,14 +83,22 @@ def _require_apps(command: str, *modules: str) -> None:
 
 
 def _demo_parser(sub) -> None:
-    from moe.apps.demo import VARIANTS, DemoConfig
+    from moe.apps.demo import ALL_VARIANTS, VARIANTS, DemoConfig
 
     p = sub.add_parser("demo", help="train tiny byte-level MoE LMs on CPU and compare routers",
                        description="Train byte-level causal LMs (default data: this Python's standard "
                        "library sources; no downloads) and compare, at equal active parameters: "
                        + ", ".join(VARIANTS) + ".")
     p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
+                   help=f"comma-separated subset of {','.join(ALL_VARIANTS)} (default: {','.join(VARIANTS)})")
+    p.add_argument("--seeds", type=arg_type("positive_int"), default=DEMO_SEEDS,
+                   help=f"seeds --seed, --seed+1, ... (default {DEMO_SEEDS}): mean and spread per arm")
+    p.add_argument("--jobs", type=arg_type("positive_int"), default=DEMO_JOBS,
+                   help=f"runs trained at once, in separate processes (default {DEMO_JOBS}: "
+                   "the cores; 1 = in this process, one after another)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run: {QUICK['steps']} steps, {QUICK['seeds']} seeds, {QUICK['eval_batches']} eval "
+                   "batches (unless given)")
     p.add_argument("--data", default=None, help="a text file or folder (default: stdlib sources)")
     p.add_argument("--out", default="moe_demo_out", type=arg_type("out_dir"),
                    help="output folder (default ./moe_demo_out)")
@@ -167,14 +178,19 @@ def run_demo(args) -> dict:
     import torch
 
     from moe.apps.data import load_corpus
-    from moe.apps.demo import VARIANTS, DemoConfig
+    from moe.apps.demo import ALL_VARIANTS, DemoConfig, check_variant
 
     _require_apps("demo", "tqdm", "matplotlib")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in VARIANTS]
+    bad = [v for v in variants if v not in ALL_VARIANTS]
     if bad or not variants:
         raise UsageError(f"moe demo: error: --variants {args.variants!r}: unknown {bad}; choose from "
-                         f"{VARIANTS}")
+                         f"{ALL_VARIANTS}")
+    if args.quick:
+        defaults = build_parser().parse_args(["demo"])
+        for name, value in QUICK.items():
+            if getattr(args, name) == getattr(defaults, name):
+                setattr(args, name, value)
     try:
         device = torch.device(args.device)
         torch.empty(0, device=device)
@@ -183,6 +199,8 @@ def run_demo(args) -> dict:
     t0 = time.perf_counter()
     try:
         cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in fields(DemoConfig)})
+        for v in variants:
+            check_variant(v, cfg)
         corpus = load_corpus(args.data)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(f"moe demo: error: {e}") from e
@@ -201,39 +219,68 @@ def run_demo(args) -> dict:
 
 
 def _demo(args, cfg, corpus, variants, device, t0) -> dict:
-    """Train each variant, then write results.json, the plots, and print the table."""
+    """Train each (variant, seed), in --jobs processes, then write results.json, the plots, and
+    print the table (mean +- spread over seeds, each arm's paired gap to dense)."""
     import torch
 
     from moe.apps import plots
-    from moe.apps.demo import DemoConfig, ResumeError, train_variant
+    from moe.apps.demo import DemoConfig, ResumeError, train_variant, variant_steps
+    from moe.apps.seeds import run_dir, run_parallel, summarize
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    seeds = list(range(cfg.seed, cfg.seed + args.seeds))
+    jobs = [(v, s) for s in seeds for v in variants]
     print(f"data: {corpus.source}: {corpus.num_files} files, {corpus.train.numel():,} train / "
-          f"{corpus.val.numel():,} validation bytes")
-    results, stopped = {}, {}
-    for v in variants:
-        try:
-            r = train_variant(v, cfg, corpus.train, corpus.val, ckpt_dir=out / "checkpoints",
-                              resume=args.resume, stop_after=args.stop_after,
-                              progress=not args.no_progress, device=device)
-        except ResumeError as e:
-            raise UsageError(f"moe demo: error: {e}") from e
-        (stopped if "stopped_at" in r else results)[v] = r
+          f"{corpus.val.numel():,} validation bytes; {len(variants)} arms x {len(seeds)} seeds, "
+          f"{cfg.steps} steps" + (f" (mor {variant_steps('mor', cfg)}: equal training FLOPs)"
+                                 if "mor" in variants else "") + f", {min(args.jobs, len(jobs))} at a time",
+          flush=True)
+    done = []
+
+    def on_done(v, s, r):
+        done.append((v, s))
+        if not args.no_progress or args.jobs > 1:
+            what = (f"stopped at step {r['stopped_at']}" if "stopped_at" in r
+                    else f"val {r['val_bpb']:.3f} bits/byte")
+            print(f"[{len(done)}/{len(jobs)}] {v} seed {s}: {what}", flush=True)
+
+    try:
+        if args.jobs > 1 and len(jobs) > 1:
+            by_job = run_parallel(jobs, cfg, data=args.data, out=out, workers=min(args.jobs, len(jobs)),
+                                  threads=torch.get_num_threads(), resume=args.resume,
+                                  stop_after=args.stop_after, on_done=on_done)
+        else:
+            by_job = {}
+            for v, s in jobs:
+                by_job[v, s] = train_variant(v, replace(cfg, seed=s), corpus.train, corpus.val,
+                                             ckpt_dir=run_dir(out, s), resume=args.resume,
+                                             stop_after=args.stop_after, progress=not args.no_progress,
+                                             device=device)
+                if len(jobs) > 1:
+                    on_done(v, s, by_job[v, s])
+    except ResumeError as e:
+        raise UsageError(f"moe demo: error: {e}") from e
+    stopped = {f"{v} seed {s}": r for (v, s), r in by_job.items() if "stopped_at" in r}
     if stopped:
         print(f"stopped (checkpoints in {out / 'checkpoints'}; continue with --resume): "
-              + ", ".join(f"{v} at step {r['stopped_at']}" for v, r in stopped.items()))
+              + ", ".join(f"{k} at step {r['stopped_at']}" for k, r in stopped.items()))
         return dict(stopped=stopped)
-    report = dict(config={f.name: getattr(cfg, f.name) for f in fields(DemoConfig)},
+    runs = {v: {s: by_job[v, s] for s in seeds} for v in variants}
+    summary = summarize(runs, seeds)
+    report = dict(config={f.name: getattr(cfg, f.name) for f in fields(DemoConfig)}, seeds=seeds,
+                  steps={v: variant_steps(v, cfg) for v in variants},
                   data=dict(source=corpus.source, files=corpus.num_files,
                             train_bytes=corpus.train.numel(), val_bytes=corpus.val.numel()),
                   torch=torch.__version__, device=str(device), threads=torch.get_num_threads(),
-                  wall_time_s=time.perf_counter() - t0, variants=results)
+                  jobs=min(args.jobs, len(jobs)), wall_time_s=time.perf_counter() - t0, variants=summary,
+                  runs={v: {str(s): r for s, r in by_seed.items()} for v, by_seed in runs.items()})
     (out / "results.json").write_text(json.dumps(report, indent=1))
-    plots.loss_curves(results, out / "loss_curves.png")
-    heat = plots.expert_load_heatmap(results, out / "expert_load.png")
-    print(plots.results_table(results))
-    print(f"wrote {out / 'results.json'}, {out / 'loss_curves.png'}"
+    plots.loss_curves(summary, out / "loss_curves.png")
+    bars = plots.seed_bars(summary, out / "val_bpb.png")
+    heat = plots.expert_load_heatmap(summary, out / "expert_load.png")
+    print(plots.results_table(summary))
+    print(f"wrote {out / 'results.json'}, {out / 'loss_curves.png'}, {bars}"
           + (f", {heat}" if heat else "") + f", checkpoints in {out / 'checkpoints'}")
     return report
 

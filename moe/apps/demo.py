@@ -1,23 +1,42 @@
 """`moe demo`: train small byte-level causal LMs on CPU and compare routers at equal active parameters.
 
-Shape legend (moe/__init__.py): B batch, S sequence length (bytes), D model dim, E experts, K top-k,
-F dense SwiGLU hidden (the baseline's FFN); every variant's FFN touches about 3*D*F weights
-per token:
+Shape legend (moe/__init__.py): B batch, S sequence length (bytes), D model dim, L layers, E experts,
+K top-k, G granularity, F dense SwiGLU hidden (the baseline's FFN). Every MoE arm's FFN applies
+3*D*F weights per token, as the dense FFN does (asserted by tests/test_cli.py):
 
-    dense        SwiGLU FFN of hidden F                                  (moe.model.SwiGLUMLP)
-    topk         E experts of F/K, top-K softmax router, Switch aux loss  (routers.TopKRouter)
-    recurrent    the same experts, routed by the GRU router chain (RMoE)  (routers.RecurrentRouterChain)
-    xmoe         2E experts of F/(2K), XMoE threshold router, at most 2K  (routers.ThresholdRouter)
-    finegrained  DeepSeekMoE segmentation of topk by 2, 1 shared expert   (MoELayer.fine_grained)
-    mor          dense blocks, Mixture-of-Recursions: L unique blocks run as 2L layers
-                 (cycle sharing, 2 recursions, expert-choice capacities 1 and 1/2) (moe.mor)
+    dense               SwiGLU FFN of hidden F                                (moe.model.SwiGLUMLP)
+    topk                E experts of F/K, softmax top-K, Switch loss          (routers.TopKRouter)
+    finegrained         DeepSeekMoE segmentation (Dai et al. 2024, Sec. 3.1): G*E experts of F/(G*K),
+                        top G*K (MoELayer.fine_grained); default G = 4: 32 experts, top-8
+    finegrained_shared  the same with one shared expert carved out (Sec. 3.2, Eq. 9-11): 31 routed,
+                        top-7, + 1 shared of F/(G*K)
+    recurrent           topk's experts routed by the RMoE GRU chain (Qiu et al. 2025, Eq. 4-6) with
+                        the same balance coefficient as topk; GRU initialised as the reference's
+                        CustomGRUCell (every weight and bias N(0, 0.02): routers.recurrent)
+    xmoe                2E experts of F/(2K), XMoE threshold router (Yang et al. 2024): the fewest
+                        experts whose probability mass reaches the threshold, cap 2E (never binds;
+                        results report experts per token and how often the cap was reached)
+    mor                 Mixture-of-Recursions (Bae et al. 2025) with middle-cycle sharing (Sec. 2.1):
+                        first and last layers unique, the L-2 middle layers one shared block run
+                        Nr = 2 times, expert-choice capacities (1, 1/2); dense blocks, so fewer
+                        parameters; trained on more tokens at the dense model's training FLOPs
+                        (the paper's equal-compute comparison, Sec. 3.1): mor_steps()
+    sbase, hash         optional (--variants): S-BASE (Clark et al. 2022) and hash routing (Roller et
+                        al. 2021) on topk's experts (moe.model.MoEConfig)
 
-Active parameters are the ones a token touches on average (measured experts per token for the
-variable-k router); MoR reuses its L blocks, so its active = total = the dense model's.
+Active parameters are the ones a token touches on average (measured experts per token for xmoe).
 Reproducible: torch.manual_seed(seed) before each model is built, batches a pure function of
-(seed, step) (moe.apps.data), no dropout or router jitter. Checkpoints hold model, optimizer,
-scheduler, RNG state, loss history and step counter of one step boundary, written atomically, so
---resume continues exactly wherever a run stopped, Ctrl-C included (train_variant).
+(seed, step) (moe.apps.data), so the arms of one seed see the same data in the same order
+(paired), no dropout or router jitter. Checkpoints hold model, optimizer, scheduler, RNG state,
+loss history and step counter of one step boundary, written atomically, so --resume continues
+exactly wherever a run stopped, Ctrl-C included (train_variant).
+
+MoR calibration (issue 16's trial, D=64, 4 layers, 600 steps): the gate scale alpha = 0.1 of the
+reference's expert-choice config cost most of MoR's gain against alpha = 1.0, and the causal
+eval routing sigmoid > 0.5 ran depth 1.28 against 1.50 in training (0.025 bits/byte lost), so the
+demo uses alpha = 1.0 and the reference's eval routing, per-row top-k ("topk": eval depth = train
+depth); both are DemoConfig fields, and results report the eval-time depth next to the train-time
+one. mor_cap_warmup > 0 turns on the reference's capacity warm-up (mor_capacity).
 """
 
 from __future__ import annotations
@@ -38,7 +57,11 @@ from moe import ExpertChoiceConfig, MixtureOfRecursions, MoELayer, build_lm, bui
 from moe.apps.checks import check_fields, kind
 from moe.apps.data import train_batch, val_batches
 
-VARIANTS = ("dense", "topk", "recurrent", "xmoe", "finegrained", "mor")
+VARIANTS = ("dense", "topk", "finegrained", "finegrained_shared", "recurrent", "xmoe", "mor")
+EXTRA_VARIANTS = ("sbase", "hash")
+ALL_VARIANTS = VARIANTS + EXTRA_VARIANTS
+MOR_EVAL_ROUTINGS = ("topk", "threshold")
+MOR_RECURSIONS = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,10 +75,15 @@ class DemoConfig:
     ffn_hidden: int = field(default=256, metadata=kind("positive_int"))  # F: the dense SwiGLU hidden
     experts: int = field(default=8, metadata=kind("positive_int"))
     top_k: int = field(default=2, metadata=kind("positive_int"))
+    granularity: int = field(default=4, metadata=kind("positive_int"))
+    balance_coeff: float = field(default=1e-2, metadata=kind("positive_float"))
     xmoe_threshold: float = field(default=0.5, metadata=kind("probability"))
+    mor_alpha: float = field(default=1.0, metadata=kind("positive_float"))
+    mor_eval_routing: str = field(default="topk", metadata=kind("mor_eval_routing"))
+    mor_cap_warmup: int = field(default=0, metadata=kind("nonnegative_int"))
     seq_len: int = field(default=128, metadata=kind("positive_int"))
     batch: int = field(default=16, metadata=kind("positive_int"))
-    steps: int = field(default=200, metadata=kind("positive_int"))
+    steps: int = field(default=300, metadata=kind("positive_int"))
     lr: float = field(default=3e-3, metadata=kind("positive_float"))
     seed: int = field(default=0, metadata=kind("nonnegative_int"))
     eval_batches: int = field(default=8, metadata=kind("positive_int"))
@@ -65,48 +93,120 @@ class DemoConfig:
         check_fields(self)
         if self.top_k > self.experts:
             raise ValueError(f"top_k={self.top_k} must be <= experts={self.experts}")
-        if self.ffn_hidden % (4 * self.top_k):
-            raise ValueError(f"ffn_hidden={self.ffn_hidden} must be divisible by 4*top_k={4 * self.top_k} "
-                             "(expert sizes F/K, F/2K of every variant)")
+        if self.ffn_hidden % (2 * self.top_k * self.granularity):
+            raise ValueError(f"ffn_hidden={self.ffn_hidden} must be divisible by 2*top_k*granularity="
+                             f"{2 * self.top_k * self.granularity} (expert sizes F/K, F/2K, F/GK)")
+        if self.granularity * self.top_k < 2:
+            raise ValueError(f"granularity={self.granularity} * top_k={self.top_k} must be >= 2 "
+                             "(finegrained_shared carves one shared expert out of them)")
         if self.dim % self.heads or (self.dim // self.heads) % 2:
             raise ValueError(f"dim={self.dim} must be a multiple of heads={self.heads} with an even "
                              f"head dim dim/heads (rotary embeddings)")
 
 
+def check_variant(variant: str, cfg: DemoConfig) -> None:
+    """ValueError naming the setting when ``variant`` cannot be built from cfg."""
+    if variant not in ALL_VARIANTS:
+        raise ValueError(f"variant {variant!r} is not one of {ALL_VARIANTS}")
+    if variant == "mor" and (cfg.layers < 2 + MOR_RECURSIONS or (cfg.layers - 2) % MOR_RECURSIONS):
+        raise ValueError(f"layers={cfg.layers}: mor's middle-cycle sharing needs layers - 2 to be a "
+                         f"positive multiple of {MOR_RECURSIONS}")
+
+
 def build_model(variant: str, cfg: DemoConfig) -> nn.Module:
     """The CausalLM of one variant (vocabulary 256 bytes), built after torch.manual_seed(cfg.seed)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"variant {variant!r} is not one of {VARIANTS}")
+    check_variant(variant, cfg)
+    import routers
+    from moe.model import MoEConfig
+
     torch.manual_seed(cfg.seed)
-    D, L, E, K, F = cfg.dim, cfg.layers, cfg.experts, cfg.top_k, cfg.ffn_hidden
+    D, L, E, K, F, G = cfg.dim, cfg.layers, cfg.experts, cfg.top_k, cfg.ffn_hidden, cfg.granularity
     lm = dict(vocab_size=256, dim=D, n_heads=cfg.heads)
+    bal = dict(balance_loss_coeff=cfg.balance_coeff)
     if variant == "dense":
         return build_lm(n_layers=L, mlp_hidden=F, **lm)
     if variant == "mor":
-        return build_mor_lm(n_layers=2 * L, num_recursions=2, sharing="cycle", mlp_hidden=F,
-                            router=ExpertChoiceConfig(), **lm)
+        return build_mor_lm(n_layers=L, num_recursions=MOR_RECURSIONS, sharing="middle_cycle", mlp_hidden=F,
+                            router=ExpertChoiceConfig(alpha=cfg.mor_alpha, eval_routing=cfg.mor_eval_routing),
+                            **lm)
     if variant == "topk":
-        return build_lm(n_layers=L, mlp_factory=lambda i: MoELayer(D, F // K, E, K), **lm)
-    if variant == "finegrained":
+        return build_lm(n_layers=L, mlp_factory=lambda i: MoELayer(D, F // K, E, K, router_kwargs=bal), **lm)
+    if variant in ("finegrained", "finegrained_shared"):
+        shared = int(variant == "finegrained_shared")
         return build_lm(n_layers=L, mlp_factory=lambda i: MoELayer.fine_grained(
-            D, F // K, E, K, granularity=2, num_shared_experts=1), **lm)
+            D, F // K, E, K, granularity=G, num_shared_experts=shared, router_kwargs=bal), **lm)
+    if variant in EXTRA_VARIANTS:
+        # S-BASE balances by its Sinkhorn assignment and hash routing by construction: no loss
+        return build_lm(n_layers=L, moe=MoEConfig(num_experts=E, ffn_hidden_size=F // K, top_k=K, router=variant),
+                        **lm)
     if variant == "xmoe":
-        from routers import ThresholdRouter
-
         return build_lm(n_layers=L, mlp_factory=lambda i: MoELayer(
-            D, F // (2 * K), 2 * E, router=ThresholdRouter(
-                D, 2 * E, threshold=cfg.xmoe_threshold, rule="xmoe", max_experts=2 * K)), **lm)
-    from routers import RecurrentRouterChain
-
-    chain = RecurrentRouterChain(L, D, E, K, router_dim=max(8, D // 4))
+            D, F // (2 * K), 2 * E, router=routers.ThresholdRouter(
+                D, 2 * E, threshold=cfg.xmoe_threshold, rule="xmoe", max_experts=2 * E, **bal)), **lm)
+    chain = routers.RecurrentRouterChain(L, D, E, K, router_dim=max(8, D // 4), gru_init="reference", **bal)
     model = build_lm(n_layers=L, mlp_factory=lambda i: MoELayer(D, F // K, E, router=chain[i]), **lm)
     model.router_chain = chain  # registers the shared GRU cell once
     chain.reset_on_forward(model)  # the drop-in state starts from zeros at every model forward
     return model
 
 
+def train_flops_per_token(variant: str, cfg: DemoConfig) -> float:
+    """Training FLOPs per token, 3x the forward's (forward + backward): 2 per multiply-add of each
+    weight matrix a token passes (attention 4 D^2, FFN 3 D F at equal active width, the output head
+    256 D; routers left out), plus causal attention's 2 S D per layer (QK^T and AV over S/2 keys
+    on average). A MoR step of capacity c runs on a c share of the tokens, each attending over
+    c S keys of its recursion's cache: c (2 D^2 * 4 + 6 D F) + c^2 2 S D per shared layer."""
+    D, L, F, S = cfg.dim, cfg.layers, cfg.ffn_hidden, cfg.seq_len
+    block, attn = 2 * (4 * D * D + 3 * D * F), 2 * S * D
+    head = 2 * 256 * D
+    if variant != "mor":
+        return 3 * (L * (block + attn) + head)
+    caps = [(MOR_RECURSIONS - r) / MOR_RECURSIONS for r in range(MOR_RECURSIONS)]  # routers.depth defaults
+    shared = (L - 2) // MOR_RECURSIONS
+    per_layer = sum(c * block + c * c * attn for c in caps)
+    return 3 * (2 * (block + attn) + shared * per_layer + head)
+
+
+def variant_steps(variant: str, cfg: DemoConfig) -> int:
+    """Training steps of a variant: cfg.steps, except mor, which gets the dense model's training
+    FLOPs (cfg.steps x its FLOPs per token / mor's, rounded)."""
+    if variant != "mor":
+        return cfg.steps
+    return round(cfg.steps * train_flops_per_token("dense", cfg) / train_flops_per_token("mor", cfg))
+
+
+def mor_capacity(target: float, step: int, warmup: int) -> float:
+    """The reference's expert-choice capacity warm-up (raymin0223/mixture_of_recursions,
+    MoRLlamaDecoderLayer.forward): at training step t (1-based) the capacity is
+    target + (1 - target) * (1 + cos(pi * min(1, t / warmup))) / 2, from 1 down to the target;
+    warmup = 0: the target throughout."""
+    if warmup <= 0:
+        return target
+    return target + (1 - target) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / warmup)))
+
+
+def set_mor_capacities(model: nn.Module, step: int, warmup: int) -> None:
+    """Each expert-choice step router's capacity for training step ``step`` (mor_capacity)."""
+    if warmup <= 0:
+        return
+    from routers.depth import ExpertChoiceStepRouter
+
+    for m in model.modules():
+        if isinstance(m, ExpertChoiceStepRouter):
+            if not hasattr(m, "target_capacity"):
+                m.target_capacity = m.capacity
+            m.capacity = mor_capacity(m.target_capacity, step, warmup)
+
+
 def moe_layers(model: nn.Module) -> list[MoELayer]:
     return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def _mor_depth(model: nn.Module):
+    """The mean recursion depth of the model's last forward (None without MoR)."""
+    d = [m.last_depth.float().mean().item() for m in model.modules()
+         if isinstance(m, MixtureOfRecursions) and m.last_depth is not None]
+    return sum(d) / len(d) if d else None
 
 
 def lr_factor(step: int, steps: int) -> float:
@@ -125,6 +225,7 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor]) -> dict:
     layers = moe_layers(model)
     counts = [torch.zeros(m.num_experts, dtype=torch.float64) for m in layers]
     ept, dropped, nats, depth = [[] for _ in layers], [[] for _ in layers], [], []
+    at_cap = [[] for _ in layers]
     for x in batches:
         nats.append(model(x, labels=x).loss.item())
         for i, m in enumerate(layers):
@@ -132,6 +233,7 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor]) -> dict:
             counts[i] += r.counts_E.double().cpu()
             ept[i].append(r.experts_per_token.item())
             dropped[i].append(r.dropped_fraction.item())
+            at_cap[i].append(((r.ids_TK >= 0).sum(1) >= m.top_k).double().mean().item())
         depth += [m.last_depth.float().mean().item() for m in model.modules()
                   if isinstance(m, MixtureOfRecursions)]
     model.train()
@@ -143,6 +245,7 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor]) -> dict:
                    experts_per_token_by_layer=[sum(e) / len(e) for e in ept],
                    load_cv=sum(cv) / len(cv), load_cv_by_layer=cv,
                    dropped_fraction=sum(map(sum, dropped)) / sum(map(len, dropped)),
+                   cap_reached_fraction=sum(map(sum, at_cap)) / sum(map(len, at_cap)),
                    expert_load=[row.tolist() for row in load])
     if depth:
         out["mean_recursion_depth"] = sum(depth) / len(depth)
@@ -201,8 +304,8 @@ def interrupts_between_steps():
 
 def train_variant(variant: str, cfg: DemoConfig, train: torch.Tensor, val: torch.Tensor, *,
                   ckpt_dir: Path, resume: bool = False, stop_after: int | None = None,
-                  progress: bool = True, device: torch.device | str = "cpu") -> dict:
-    """Train one variant for cfg.steps (or until stop_after steps this call), checkpointing every
+                  progress: bool = True, device: torch.device | str = "cpu", should_stop=None) -> dict:
+    """Train one variant for steps (or until stop_after steps this call), checkpointing every
     cfg.ckpt_every steps, on Ctrl-C, and on the last step before the final evaluation; return its
     result dict (no result if stopped early).
 
@@ -210,14 +313,17 @@ def train_variant(variant: str, cfg: DemoConfig, train: torch.Tensor, val: torch
     counter of one step boundary (the data order is a function of the step: moe.apps.data), so
     `--resume` continues exactly wherever the run was interrupted: a Ctrl-C in a step finishes
     that step and saves (interrupts_between_steps); one in the final evaluation keeps the
-    training, and the resumed run only evaluates. Raises DemoInterrupted saying what is saved."""
+    training, and the resumed run only evaluates. should_stop() (a worker process's stop event,
+    moe.apps.seeds) true between steps stops it the same way. Raises DemoInterrupted saying what
+    is saved."""
     from tqdm import tqdm
 
+    steps = variant_steps(variant, cfg)
     model = build_model(variant, cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path, step, history, saved_step = ckpt_dir / f"{variant}.pt", 0, [], None
+    path, step, history, depth, saved_step = ckpt_dir / f"{variant}.pt", 0, [], [], None
     if resume and path.exists():
         state = torch.load(path, weights_only=False, map_location=device)
         saved = {k: v for k, v in state["config"].items() if k not in ("steps", "ckpt_every")}
@@ -225,26 +331,27 @@ def train_variant(variant: str, cfg: DemoConfig, train: torch.Tensor, val: torch
         if saved != mine:
             raise ResumeError(f"--resume: checkpoint {path} was trained with a different config "
                               f"{ {k: v for k, v in saved.items() if mine.get(k) != v} }; use a fresh --out")
-        if state["step"] > cfg.steps:
-            raise ResumeError(f"--resume: checkpoint {path} is at step {state['step']} > --steps {cfg.steps}")
-        if state.get("result") is not None and state["step"] == cfg.steps:
+        if state["step"] > steps:
+            raise ResumeError(f"--resume: checkpoint {path} is at step {state['step']} > --steps {steps}")
+        if state.get("result") is not None and state["step"] == steps:
             return state["result"]
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])
         torch.set_rng_state(state["rng"].cpu())
         step, history, saved_step = state["step"], state["history"], state["step"]
+        depth = state.get("depth", [None] * step)
 
     def save(result=None):
         nonlocal saved_step
         _save(path, dict(variant=variant, config=asdict(cfg), step=step, model=model.state_dict(),
                          optim=opt.state_dict(), sched=sched.state_dict(), rng=torch.get_rng_state(),
-                         history=history, result=result))
+                         history=history, depth=depth, result=result))
         saved_step = step
 
-    end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
+    end = steps if stop_after is None else min(steps, step + stop_after)
     tokens, elapsed, phase = 0, 0.0, "training"
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"{variant:<11}", disable=not progress,
+    bar = tqdm(total=steps, initial=step, desc=f"{variant:<11}", disable=not progress,
                dynamic_ncols=True, leave=True)
     try:
         with interrupts_between_steps() as interrupted:
@@ -252,6 +359,7 @@ def train_variant(variant: str, cfg: DemoConfig, train: torch.Tensor, val: torch
                 x = train_batch(train, step=step, seed=cfg.seed, batch=cfg.batch,
                                 seq_len=cfg.seq_len).to(device)
                 t0 = time.perf_counter()
+                set_mor_capacities(model, step + 1, cfg.mor_cap_warmup)
                 out = model(x, labels=x)
                 opt.zero_grad(set_to_none=True)
                 (out.loss + sum(out.aux_losses.values(), out.loss.new_zeros(()))).backward()
@@ -262,30 +370,35 @@ def train_variant(variant: str, cfg: DemoConfig, train: torch.Tensor, val: torch
                 tokens += x.numel()
                 step += 1
                 history.append(out.loss.item() / math.log(2))
+                depth.append(_mor_depth(model))
                 bar.update(1)
                 bar.set_postfix(loss_bpb=f"{history[-1]:.3f}", tok_s=f"{tokens / elapsed:,.0f}")
-                if interrupted():
+                if interrupted() or (should_stop is not None and should_stop()):
                     save()
                     raise DemoInterrupted(f"interrupted: {variant} saved its checkpoint at step {step} "
-                                          f"of {cfg.steps} ({path}); continue with --resume")
+                                          f"of {steps} ({path}); continue with --resume")
                 if step % cfg.ckpt_every == 0 and step < end:
                     save()
         save()  # the last step of this call: Ctrl-C in the evaluation below keeps the training
-        if step < cfg.steps:
+        if step < steps:
             return dict(stopped_at=step)
         phase = "evaluation"
+        set_mor_capacities(model, cfg.mor_cap_warmup, cfg.mor_cap_warmup)  # the target capacities
         metrics = evaluate(model, [b.to(device) for b in val_batches(
             val, batch=cfg.batch, seq_len=cfg.seq_len, num_batches=cfg.eval_batches)])
         total, active = param_counts(model, metrics.get("experts_per_token_by_layer"))
         result = dict(variant=variant, steps=step, params_total=total, params_active=active,
                       tokens_per_s=tokens / elapsed if elapsed else None, train_loss_bpb=history,
                       **metrics)
+        tail = [d for d in depth[-max(1, steps // 10):] if d is not None]
+        if tail:  # MoR: the mean depth of the last tenth of training next to the eval-time depth
+            result["train_recursion_depth"] = sum(tail) / len(tail)
         save(result)
         return result
     except DemoInterrupted:
         raise
     except KeyboardInterrupt:
-        kept = (f"its checkpoint holds step {saved_step} of {cfg.steps} ({path}); continue with --resume"
+        kept = (f"its checkpoint holds step {saved_step} of {steps} ({path}); continue with --resume"
                 if saved_step is not None else "no checkpoint of it was written yet; --resume starts it over")
         raise DemoInterrupted(f"interrupted during {variant}'s {phase} ({step} steps done): {kept}"
                               + (" (it only evaluates)" if phase == "evaluation" else "")) from None

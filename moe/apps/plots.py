@@ -1,7 +1,8 @@
 """PNG charts and text tables of the `moe` CLI (matplotlib, Agg backend: no display needed).
 
-demo: loss curves (train loss per step, validation bits per byte at the end) and an expert-load
-heatmap (layers x experts, share of routed slots) per MoE variant. bench: moekit's speedup over each
+demo: loss curves (train loss per step, validation bits per byte at the end), the arms' validation
+bits per byte and gap to dense with error bars over seeds, and an expert-load heatmap (layers x
+experts, share of routed slots) per MoE variant. bench: moekit's speedup over each
 baseline of every benchmark row (baseline time / moekit time, from the rows' *_ms columns).
 """
 
@@ -74,23 +75,77 @@ def _fmt_params(n: float) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
 
 
+def seed_bars(summary: dict, path: Path) -> Path:
+    """Two panels: each arm's validation bits per byte (mean over seeds, error bar = the spread,
+    dots = the seeds), and its paired gap to dense (mean +- spread; below 0 = better than dense)."""
+    plt = _pyplot()
+    names = list(summary)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, n in enumerate(names):
+        r = summary[n]
+        a.errorbar([i], [r["val_bpb"]], yerr=[r["val_bpb_std"]], fmt="o", capsize=5, color="tab:blue")
+        a.plot([i] * len(r["val_bpb_seeds"]), r["val_bpb_seeds"], ".", color="gray", alpha=0.7)
+    a.set_xticks(range(len(names)))
+    a.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    a.set_ylabel("validation bits per byte")
+    a.set_title(f"mean +- spread over {len(summary[names[0]]['seeds'])} seeds (dots: seeds)", fontsize=9)
+    gaps = [n for n in names if "gap_to_dense" in summary[n]]
+    for i, n in enumerate(gaps):
+        r = summary[n]
+        b.errorbar([i], [r["gap_to_dense"]], yerr=[r["gap_to_dense_std"]], fmt="o", capsize=5,
+                   color="tab:green" if r["gap_to_dense"] + 3 * r["gap_to_dense_std"] < 0 else "tab:gray")
+        b.plot([i] * len(r["gap_to_dense_seeds"]), r["gap_to_dense_seeds"], ".", color="gray", alpha=0.7)
+    b.axhline(0, color="black", lw=0.8)
+    b.set_xticks(range(len(gaps)))
+    b.set_xticklabels(gaps, rotation=30, ha="right", fontsize=8)
+    b.set_ylabel("val bits/byte - dense's (same seed)")
+    b.set_title("paired gap to dense (green: below 0 by more than 3 spreads)", fontsize=9)
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _pm(mean, std, digits=3) -> str:
+    return f"{mean:.{digits}f} +- {std:.{digits}f}"
+
+
 def results_table(results: dict) -> str:
-    """The demo's final table: one row per variant."""
-    head = (f"{'variant':<12} {'val bpb':>8} {'tok/s':>8} {'total':>8} {'active':>8} "
-            f"{'exp/tok':>8} {'load CV':>8} {'dropped':>8}")
+    """The demo's final table: one row per arm, mean +- spread over seeds, paired gap to dense."""
+    head = (f"{'variant':<19} {'val bits/byte':>15} {'gap to dense':>16} {'all seeds':>9} {'steps':>5} "
+            f"{'tok/s':>7} {'total':>7} {'active':>7} {'exp/tok':>7} {'load CV':>7}")
     rows = [head, "-" * len(head)]
+    notes = []
     for name, r in results.items():
-        moe = "experts_per_token" in r
         tps = r.get("tokens_per_s")
+        gap = (_pm(r["gap_to_dense"], r["gap_to_dense_std"]) if "gap_to_dense" in r else "-")
+        every = ("-" if "below_dense_every_seed" not in r else "below" if r["below_dense_every_seed"]
+                 else "above" if all(g > 0 for g in r["gap_to_dense_seeds"]) else "mixed")
+        ept = r.get("experts_per_token")
         rows.append(
-            f"{name:<12} {r['val_bpb']:>8.3f} {tps if tps is not None else float('nan'):>8,.0f} "
-            f"{_fmt_params(r['params_total']):>8} {_fmt_params(r['params_active']):>8} "
-            + (f"{r['experts_per_token']:>8.2f} {r['load_cv']:>8.3f} {r['dropped_fraction']:>8.1%}"
-               if moe else f"{'-':>8} {'-':>8} {'-':>8}")
-            + (f"   (MoR mean depth {r['mean_recursion_depth']:.2f})" if "mean_recursion_depth" in r else ""))
-    rows.append("val bpb: validation bits per byte; tok/s: training throughput; active: parameters a "
-                "token uses;\nexp/tok: routed experts per token (shared experts not counted); load CV: "
-                "std/mean of expert loads, mean over layers")
+            f"{name:<19} {_pm(r['val_bpb'], r['val_bpb_std']):>15} {gap:>16} {every:>9} "
+            f"{len(r['train_loss_bpb']):>5} {tps if tps is not None else float('nan'):>7,.0f} "
+            f"{_fmt_params(r['params_total']):>7} {_fmt_params(r['params_active']):>7} "
+            + (f"{ept:>7.2f} {r['load_cv']:>7.3f}" if ept is not None else f"{'-':>7} {'-':>7}"))
+        if "mean_recursion_depth" in r:
+            notes.append(f"{name}: recursion depth {r['mean_recursion_depth']:.2f} at eval, "
+                         f"{r.get('train_recursion_depth', float('nan')):.2f} in training")
+        if "vs_dense" in r:
+            pc = r.get("paper_comparison")
+            notes.append(f"{name}: {r['vs_dense']} vs dense" + (
+                f"; vs {pc['vs']} (its paper's baseline): {pc['mean']:+.3f} +- {pc['std']:.3f}, {pc['verdict']}"
+                if pc else ""))
+        if name == "xmoe" and "cap_reached_fraction" in r:
+            notes.append(f"{name}: {ept:.2f} experts/token chosen by the threshold; the cap was reached "
+                         f"by {r['cap_reached_fraction']:.1%} of tokens")
+    rows += notes
+    rows.append("better / worse: every seed on the same side and the mean gap beyond 3 std; else within noise")
+    rows.append("val bits/byte: mean +- sample std over seeds; gap to dense: per-seed difference to dense "
+                "(same data order), mean +- std;\nall seeds: below/above dense in every seed, or mixed; "
+                "tok/s: training throughput; active: parameters a token uses;\nexp/tok: routed experts per "
+                "token (shared experts not counted); load CV: std/mean of expert loads, mean over layers")
     return "\n".join(rows)
 
 
