@@ -32,17 +32,6 @@ TIMING_KEYS = {"tokens_per_s", "wall_time_s", "threads"}
 VARIANTS = "topk,recurrent"  # a plain router and one with state across layers
 
 
-@pytest.fixture(scope="module")
-def text_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("text")
-    g = torch.Generator().manual_seed(0)
-    words = "the experts route every token through a small gated network of layers".split()
-    for i in range(12):
-        ids = torch.randint(0, len(words), (600,), generator=g).tolist()
-        (d / f"doc{i:02d}.txt").write_text(" ".join(words[j] for j in ids))
-    return d
-
-
 def _demo_args(text_dir, out, *extra):
     return ["demo", "--data", str(text_dir), "--out", str(out), "--variants", VARIANTS, *TINY, *extra]
 

@@ -160,17 +160,6 @@ def test_data_file_and_errors(tmp_path):
 
 # ---- demo --------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def text_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("text")
-    g = torch.Generator().manual_seed(0)
-    words = "the experts route every token through a small gated network of layers".split()
-    for i in range(12):
-        ids = torch.randint(0, len(words), (600,), generator=g).tolist()
-        (d / f"doc{i:02d}.txt").write_text(" ".join(words[j] for j in ids))
-    return d
-
-
 def _numbers(report: dict) -> dict:
     return {v: {k: x for k, x in r.items() if k not in TIMING_KEYS} for v, r in report["variants"].items()}
 
