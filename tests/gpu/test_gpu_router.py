@@ -1,0 +1,85 @@
+"""GPU tests of the CUDA kernels of moe.topk_route / moe.topk_route_backward (csrc/cuda/router.cu)
+against the CPU kernel and the twin (routers.topk.route_topk).
+
+Shape legend: T tokens, E experts, K top-k slots, Z expert groups.
+
+Every test is marked ``gpu`` and skips cleanly without a CUDA device. The CUDA kernel picks the
+same experts as the CPU kernel (ties: the lower id in both); its softmax sums in a warp's order,
+so probabilities and weights agree to a few roundings. No host synchronisation: a CUDA-graph
+capture of the router's forward must succeed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe import ops  # noqa: F401  (registers torch.ops.moe.*)
+from routers import TopKRouter
+
+pytestmark = pytest.mark.gpu
+
+# (score, E, K, Z, topk_groups, bias, norm, scaling): Mixtral, Qwen3, DeepSeek-V3 and edge cases
+CONFIGS = [
+    ("softmax", 8, 2, 0, 0, False, True, 1.0),
+    ("softmax", 128, 8, 0, 0, False, True, 1.0),
+    ("sigmoid", 256, 8, 8, 4, True, True, 2.5),
+    ("softmax", 60, 4, 0, 0, False, False, 1.0),
+    ("sigmoid", 33, 33, 0, 0, True, True, 1.0),
+    ("softmax", 1, 1, 0, 0, False, False, 1.0),
+    ("softmax", 96, 6, 32, 3, True, True, 1.0),
+]
+
+
+def _inputs(T, E, dtype, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(T, E, generator=g) * 2).to(dtype)
+    b = torch.randn(E, generator=g) * 0.1 if bias else None
+    return logits, b
+
+
+@pytest.mark.parametrize("T", [0, 1, 37, 4096])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_cuda_matches_cpu(cfg, dtype, T):
+    score, E, K, Z, G, bias, norm, scale = cfg
+    logits, b = _inputs(T, E, dtype, bias)
+    cpu = torch.ops.moe.topk_route(logits, b, K, score, Z, G, norm, scale)
+    cuda = torch.ops.moe.topk_route(logits.cuda(), None if b is None else b.cuda(), K, score, Z, G, norm, scale)
+    tol = dict(rtol=2e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-15)
+    assert torch.equal(cuda[0].cpu(), cpu[0])
+    torch.testing.assert_close(cuda[1].cpu(), cpu[1], **tol)
+    torch.testing.assert_close(cuda[2].cpu(), cpu[2], **tol)
+    gw, gp = torch.randn_like(cpu[1]), torch.randn_like(cpu[2])
+    d_cpu = torch.ops.moe.topk_route_backward(gw, gp, cpu[0], cpu[2], score, norm, scale)
+    d_cuda = torch.ops.moe.topk_route_backward(gw.cuda(), gp.cuda(), cuda[0], cuda[2], score, norm, scale)
+    btol = dict(rtol=1e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(d_cuda.cpu(), d_cpu, **btol)
+
+
+def test_strided_logits_and_ties():
+    logits = torch.zeros(5, 16, device="cuda")
+    ids, w, _ = torch.ops.moe.topk_route(logits, None, 4, "softmax", 0, 0, True, 1.0)
+    assert ids.tolist() == [[0, 1, 2, 3]] * 5
+    wide = torch.randn(40, 32, device="cuda")[:, ::2]  # a column stride of 2
+    a = torch.ops.moe.topk_route(wide, None, 3, "sigmoid", 4, 2, True, 1.0)
+    b = torch.ops.moe.topk_route(wide.contiguous(), None, 3, "sigmoid", 4, 2, True, 1.0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_router_forward_captures_in_a_cuda_graph():
+    """No host sync in the fused router: its forward captures (check_finite is a device assert)."""
+    router = TopKRouter(64, 32, 4, score="sigmoid", num_groups=4, topk_groups=2, expert_bias=True).cuda().eval()
+    x = torch.randn(256, 64, device="cuda")
+    eager = router(x)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        router(x)  # warm-up on the side stream
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = router(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.ids_TK, eager.ids_TK)
+    torch.testing.assert_close(out.weights_TK, eager.weights_TK)
