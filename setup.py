@@ -223,11 +223,20 @@ def _progress_stream():
         return contextlib.nullcontext(sys.stderr)
 
 
+# One unit's compile time on one core of the 2-core CI machine, about: a C++ unit, a CUDA unit.
+UNIT_SECONDS = {".cpp": 20, ".cu": 60}
+
+
+def _estimate_seconds(units, jobs):
+    return sum(UNIT_SECONDS[os.path.splitext(u)[1]] for u in units) / jobs
+
+
 @contextlib.contextmanager
-def _report_progress(build_temp, sources, seconds_per_unit, interval=30):
+def _report_progress(build_temp, sources, jobs, interval=30):
     """Every 30 s, one line: compiled units out of those to compile, elapsed time and an estimate
-    of the rest (from the units done so far, else `seconds_per_unit`). A unit is to compile when
-    its object is missing or older than its source (header changes are not counted)."""
+    of the rest (UNIT_SECONDS over `jobs` parallel jobs, less the time spent; once half the units
+    are done, the rate so far). A unit is to compile when its object is missing or older than its
+    source (header changes are not counted)."""
     start = time.time()
 
     def objects():
@@ -252,8 +261,11 @@ def _report_progress(build_temp, sources, seconds_per_unit, interval=30):
             while not done.wait(interval):
                 built = sum(os.path.getmtime(o) >= start for o in objects())
                 elapsed = time.time() - start
-                rate = elapsed / built if built else seconds_per_unit
-                left = max(len(stale) - built, 0) * rate
+                todo = max(len(stale) - built, 0)
+                if 2 * built >= len(stale):
+                    left = todo * elapsed / max(built, 1)
+                else:
+                    left = max(_estimate_seconds(stale, jobs) - elapsed, todo * UNIT_SECONDS[".cpp"] / jobs)
                 rest = f"about {left / 60:.0f} min left" if left >= 90 else "about a minute left"
                 print(f"moekit build: {min(built, len(stale))}/{len(stale)} units compiled, "
                       f"{elapsed / 60:.1f} min so far, {rest}", file=out, flush=True)
@@ -281,12 +293,12 @@ class BuildExt(BuildExtension.with_options(use_ninja=True)):
             return self._build()
         units = sources + (sorted(glob.glob(os.path.join(SM90_DIR, "*.cu"))) if build_sm90 else [])
         jobs = max(1, int(os.environ.get("MAX_JOBS", os.cpu_count() or 1)))
-        with _report_progress(self.build_temp, units, seconds_per_unit=120 / jobs) as stale:
+        with _report_progress(self.build_temp, units, jobs) as stale:
             cuda_units = sum(u.endswith(".cu") for u in stale)
             with _progress_stream() as out:
                 print(f"moekit build: {len(stale)} units to compile ({cuda_units} CUDA), about "
-                      f"{max(1, round(len(stale) * 120 / jobs / 60))} min with {jobs} parallel jobs "
-                      "(a CUDA unit takes one to two minutes of one core); a line every 30 s",
+                      f"{max(1, round(_estimate_seconds(stale, jobs) / 60))} min with {jobs} parallel jobs "
+                      "(a CUDA unit takes about a minute of one core); a line every 30 s",
                       file=out, flush=True)
             self._build()
 
