@@ -171,9 +171,7 @@ def topk_route_torch(logits_TE, bias_E, top_k, score, num_groups, topk_groups, n
     (num_groups = topk_groups = 0: no group limit)."""
     from routers.topk import route_topk
 
-    ids, weights, probs = route_topk(logits_TE, bias_E, top_k, score, num_groups or None,
-                                     topk_groups or None, norm_topk, scaling)
-    return ids, weights, probs
+    return route_topk(logits_TE, bias_E, top_k, score, num_groups or None, topk_groups or None, norm_topk, scaling)
 
 
 def topk_route_backward_torch(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score, norm_topk, scaling):

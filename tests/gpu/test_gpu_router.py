@@ -17,6 +17,8 @@ import torch
 from moe import ops  # noqa: F401  (registers torch.ops.moe.*)
 from routers import TopKRouter
 
+from tests.helpers.ops import router_logits
+
 pytestmark = pytest.mark.gpu
 
 # (score, E, K, Z, topk_groups, bias, norm, scaling): Mixtral, Qwen3, DeepSeek-V3 and edge cases
@@ -31,19 +33,12 @@ CONFIGS = [
 ]
 
 
-def _inputs(T, E, dtype, bias, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(T, E, generator=g) * 2).to(dtype)
-    b = torch.randn(E, generator=g) * 0.1 if bias else None
-    return logits, b
-
-
 @pytest.mark.parametrize("T", [0, 1, 37, 4096])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_cuda_matches_cpu(cfg, dtype, T):
     score, E, K, Z, G, bias, norm, scale = cfg
-    logits, b = _inputs(T, E, dtype, bias)
+    logits, b = router_logits(T, E, dtype, bias=bias)
     cpu = torch.ops.moe.topk_route(logits, b, K, score, Z, G, norm, scale)
     cuda = torch.ops.moe.topk_route(logits.cuda(), None if b is None else b.cuda(), K, score, Z, G, norm, scale)
     tol = dict(rtol=2e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-15)

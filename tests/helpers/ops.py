@@ -79,3 +79,11 @@ def cpu_redispatch(op):
     CPU kernels' own device checks (else any meta argument selects the fake kernel)."""
     keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
     return lambda *args: getattr(torch.ops.moe, op).default.redispatch(keys, *args)
+
+
+def router_logits(T, E, dtype=torch.float32, *, seed=0, bias=False):
+    """(logits_TE ~ 2 N(0, 1) in ``dtype``, bias_E ~ 0.1 N(0, 1) float32 or None): the inputs of
+    the topk_route tests (CPU and GPU)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(T, E, generator=g) * 2).to(dtype)
+    return logits, (torch.randn(E, generator=g) * 0.1 if bias else None)

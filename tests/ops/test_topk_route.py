@@ -20,6 +20,7 @@ from moe.ops.twins import topk_route_backward_torch, topk_route_torch
 from routers import TopKRouter
 from routers.topk import route_topk
 
+from tests.helpers.ops import router_logits
 from tests.helpers.props import SETTINGS
 
 needs_ext = pytest.mark.skipif("CPU" not in ops.compiled_kernels("topk_route"),
@@ -39,10 +40,7 @@ CONFIGS = [
 
 
 def make(T, E, dtype=torch.float32, seed=0, bias=False):
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(T, E, generator=g) * 2).to(dtype)
-    b = (torch.randn(E, generator=g) * 0.1) if bias else None
-    return logits, b
+    return router_logits(T, E, dtype, seed=seed, bias=bias)
 
 
 def test_op_is_registered():

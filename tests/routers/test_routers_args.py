@@ -74,26 +74,26 @@ def _ids(cases):
     return [f"{name}-{i}" for i, (_, name, _, _) in enumerate(cases)]
 
 
-@pytest.mark.parametrize("make, name, bad, good", REAL_ARGS, ids=_ids(REAL_ARGS))
-def test_real_arguments_refuse_non_finite_bools_and_out_of_range(make, name, bad, good):
-    for value in NOT_A_NUMBER + bad:
+def _check_refuses(make, name, refused, good):
+    """Every value of ``refused`` (but those in ``good``) raises a ValueError naming ``name``;
+    every value of ``good`` builds."""
+    for value in refused:
         if any(value is g for g in good):
             continue
         with pytest.raises(ValueError, match=name):
             make(value)
     for value in good:
         make(value)
+
+
+@pytest.mark.parametrize("make, name, bad, good", REAL_ARGS, ids=_ids(REAL_ARGS))
+def test_real_arguments_refuse_non_finite_bools_and_out_of_range(make, name, bad, good):
+    _check_refuses(make, name, NOT_A_NUMBER + bad, good)
 
 
 @pytest.mark.parametrize("make, name, bad, good", INT_ARGS, ids=_ids(INT_ARGS))
 def test_count_arguments_refuse_bools_floats_and_out_of_range(make, name, bad, good):
-    for value in NOT_A_COUNT + bad:
-        if any(value is g for g in good):
-            continue
-        with pytest.raises(ValueError, match=name):
-            make(value)
-    for value in good:
-        make(value)
+    _check_refuses(make, name, NOT_A_COUNT + bad, good)
 
 
 def test_the_issue_cases():
