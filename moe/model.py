@@ -103,9 +103,20 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x_BSD, pos_BS, valid_BS, cache: KVCache | None = None, shared_kv=None):
         """x_BSD -> (B, S, D). `shared_kv` is a cache whose keys/values are used instead of
-        this call's (recursive KV sharing); otherwise new K/V are appended to `cache`."""
+        this call's (recursive KV sharing); otherwise new K/V are appended to `cache`.
+        pos_BS and valid_BS both None: every row is a whole sequence from position 0 (no padding,
+        no cache), the plain causal mask, which SDPA applies itself (is_causal)."""
         B, S, D = x_BSD.shape
         q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        if pos_BS is None and valid_BS is None and cache is None and shared_kv is None:
+            pos_1S = torch.arange(S, device=x_BSD.device)[None]
+            q, k = rotary(q, pos_1S, self.rope_base), rotary(k, pos_1S, self.rope_base)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            self.flops += 4 * B * self.n_heads * S * S * q.shape[-1]
+            return self.out(y.transpose(1, 2).reshape(B, S, D))
+        if pos_BS is None or valid_BS is None:
+            raise ValueError("CausalSelfAttention: pos_BS and valid_BS are given together (or both None "
+                             "for whole sequences without a cache)")
         q = rotary(q, pos_BS, self.rope_base)
         if shared_kv is not None:
             k, v, kpos_BU, kvalid_BU = shared_kv.k, shared_kv.v, shared_kv.pos, shared_kv.valid
@@ -163,14 +174,16 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x_BSD, pos_BS=None, valid_BS=None, cache=None, shared_kv=None, input_ids=None):
         B, S, _ = x_BSD.shape
-        if pos_BS is None:
-            pos_BS = torch.arange(S, device=x_BSD.device).expand(B, S)
-        if valid_BS is None:
-            valid_BS = torch.ones(B, S, dtype=torch.bool, device=x_BSD.device)
+        plain = pos_BS is None and valid_BS is None and cache is None and shared_kv is None
+        if not plain:
+            if pos_BS is None:
+                pos_BS = torch.arange(S, device=x_BSD.device).expand(B, S)
+            if valid_BS is None:
+                valid_BS = torch.ones(B, S, dtype=torch.bool, device=x_BSD.device)
         h = x_BSD + self.attn(self.attn_norm(x_BSD), pos_BS, valid_BS, cache, shared_kv)
         z = self.mlp_norm(h)
         ids = input_ids is not None and self.routes_on_input_ids
-        if bool(valid_BS.all()):
+        if plain or bool(valid_BS.all()):
             return h + (self.mlp(z, input_ids=input_ids) if ids else self.mlp(z))
         out = torch.zeros_like(h)
         out[valid_BS] = self.mlp(z[valid_BS], input_ids=input_ids[valid_BS]) if ids else self.mlp(z[valid_BS])
@@ -239,12 +252,15 @@ class CausalLM(nn.Module):
         the input ids (shifted inside; -100 and padding ignored)."""
         self._check(input_ids, attention_mask)
         B, S = input_ids.shape
-        valid_BS = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
-                    else attention_mask.bool())
-        start_B = (cache.next_pos_B if cache is not None and cache.next_pos_B is not None
-                   else torch.zeros(B, dtype=torch.long, device=input_ids.device))
-        pos_BS = start_B[:, None] + (valid_BS.long().cumsum(1) - 1).clamp(min=0)
         caches = cache.layers if cache is not None else [None] * len(self.layers)
+        if attention_mask is None and cache is None:  # whole sequences: the plain causal mask
+            valid_BS = pos_BS = None
+        else:
+            valid_BS = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                        else attention_mask.bool())
+            start_B = (cache.next_pos_B if cache is not None and cache.next_pos_B is not None
+                       else torch.zeros(B, dtype=torch.long, device=input_ids.device))
+            pos_BS = start_B[:, None] + (valid_BS.long().cumsum(1) - 1).clamp(min=0)
         x = self.embed(input_ids)
         for layer, c in zip(self.layers, caches):
             ids = {"input_ids": input_ids} if getattr(layer, "routes_on_input_ids", False) else {}
@@ -254,7 +270,7 @@ class CausalLM(nn.Module):
             cache.next_pos_B = start_B + valid_BS.long().sum(1)
         loss = None
         if labels is not None:
-            tgt = labels.masked_fill(~valid_BS, -100)[:, 1:]
+            tgt = (labels if valid_BS is None else labels.masked_fill(~valid_BS, -100))[:, 1:]
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, self.vocab_size),
                                    tgt.reshape(-1).long(), ignore_index=-100)
         return LMOutput(logits, loss, collect_aux_losses(self, by_name=True), cache)
