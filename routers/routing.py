@@ -9,6 +9,8 @@ or a padded token. Empty slots always carry weight 0. Metrics stay tensors (no h
 
 from __future__ import annotations
 
+import functools
+
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -141,12 +143,34 @@ def _linear_f32_op():
     return getattr(torch.ops.moe, "linear_f32", None)
 
 
+def _float32_forward(forward):
+    """forward run with autocast off on x's device: a router computes its logits, scores and
+    losses in float32 at least (compute_dtype), and autocast would round its matmuls to 16 bits
+    (then moe.topk_route refuses the bfloat16 logits)."""
+
+    @functools.wraps(forward)
+    def run(self, x, *args, **kwargs):
+        device = x.device.type if isinstance(x, Tensor) else "cpu"
+        if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+            return forward(self, x, *args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return forward(self, x, *args, **kwargs)
+
+    return run
+
+
 class RouterBase(nn.Module):
-    """Input checks and the float32 flattening every router does first."""
+    """Input checks and the float32 flattening every router does first. Every subclass's forward
+    runs with autocast off (_float32_forward)."""
 
     hidden_size: int
     num_experts: int
     top_k: int
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__:
+            cls.forward = _float32_forward(cls.__dict__["forward"])
 
     @property
     def aux_loss(self):

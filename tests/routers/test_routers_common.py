@@ -92,6 +92,23 @@ def test_low_precision_input_is_routed_in_float32(name):
 
 
 @pytest.mark.parametrize("name", FACTORIES)
+def test_autocast_does_not_round_the_router(name):
+    """Under bfloat16 autocast (mixed-precision training) a router still computes in float32:
+    the same routing, bit for bit, as without autocast."""
+    router = make(name).train()
+    x = torch.randn(2, 9, D)
+    plain = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = router(x)
+    check_contract(router, mixed, 18)
+    for field in ("ids_TK", "weights_TK", "logits_TE"):
+        assert torch.equal(getattr(mixed, field), getattr(plain, field)), field
+    assert mixed.aux_losses.keys() == plain.aux_losses.keys()
+    for k in plain.aux_losses:
+        assert torch.equal(mixed.aux_losses[k], plain.aux_losses[k]), k
+
+
+@pytest.mark.parametrize("name", FACTORIES)
 def test_aux_losses_are_differentiable(name):
     router = make(name)
     out = router(torch.randn(2, 6, D))
