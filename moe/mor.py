@@ -26,7 +26,8 @@ from torch import nn
 
 from moe.model import CausalLM, DecoderBlock, MoRCache
 from routers.depth import (ExpertChoiceConfig, ExpertChoiceStepRouter, TokenChoiceConfig,
-                           TokenChoiceDepthRouter, capacity_schedule, default_capacities)
+                           TokenChoiceDepthRouter, capacity_schedule, default_capacities,
+                           in_balancing_warmup, warmup_capacity)
 
 __all__ = ["MixtureOfRecursions", "build_mor_lm", "ExpertChoiceConfig", "TokenChoiceConfig",
            "MoRCache", "KV_STRATEGIES", "compact", "default_capacities"]
@@ -77,6 +78,12 @@ class MixtureOfRecursions(nn.Module):
     attention FLOPs / token counts). Modules of the shared block that keep an `aux_losses` dict
     (a moe.MoELayer) hold its sum over the steps they ran. Forward has no side effects on
     routing: the loss-free bias only moves in update_router_bias().
+
+    Warm-ups, as the reference counts them (training forwards t = 1, 2, ... of this module,
+    `train_forwards`, saved in its state dict): ExpertChoiceConfig(cap_warmup_steps=W) runs
+    step r at capacity :func:`routers.depth.warmup_capacity` (1 falling to capacities[r] by a
+    half cosine over W forwards); TokenChoiceConfig(bal_warmup_steps=W) sends every token to the
+    deepest step while t < W (:func:`routers.depth.in_balancing_warmup`). Eval uses the targets.
     """
 
     def __init__(self, block, *, num_recursions: int, router, kv_cache: str = "recursion_wise"):
@@ -105,7 +112,14 @@ class MixtureOfRecursions(nn.Module):
                              f"got {router!r}")
         self.aux_losses: dict = {}
         self.last_depth, self.last_stats, self._inner_aux = None, {}, {}
-        self.register_load_state_dict_pre_hook(_rename_old_router_bias)
+        self.train_forwards = 0  # training forwards so far: the warm-ups' clock (a host int, no sync)
+        self.register_load_state_dict_pre_hook(_upgrade_old_state)
+
+    def get_extra_state(self):
+        return {"train_forwards": self.train_forwards}
+
+    def set_extra_state(self, state) -> None:
+        self.train_forwards = int(state["train_forwards"])
 
     @property
     def aux_loss(self):
@@ -168,6 +182,8 @@ class MixtureOfRecursions(nn.Module):
         self.last_stats = {"attn_flops": [0] * self.num_recursions,
                            "tokens": [0] * self.num_recursions}
         self.aux_losses, self._inner_aux = {}, {}
+        if self.training:
+            self.train_forwards += 1
         if isinstance(self.cfg, ExpertChoiceConfig):
             y = self._expert_choice(x_BSD, pos_BS, valid_BS, cache)
         else:
@@ -182,7 +198,9 @@ class MixtureOfRecursions(nn.Module):
         active_BS, depth_BS = valid_BS, torch.zeros_like(pos_BS)
         stats = {"bce": x_BSD.new_zeros(()), "z_loss": x_BSD.new_zeros(())}
         for r, router in enumerate(self.routers):
-            routing = router(h, padding_mask=valid_BS, active=active_BS)
+            capacity = (warmup_capacity(router.capacity, self.train_forwards, self.cfg.cap_warmup_steps)
+                        if self.training else None)
+            routing = router(h, padding_mask=valid_BS, active=active_BS, capacity=capacity)
             _accumulate(self.aux_losses, routing.aux_losses)
             _accumulate(stats, router.last_stats)
             sel_BS = (routing.ids_TK[:, 0] >= 0).view(B, S)
@@ -199,7 +217,8 @@ class MixtureOfRecursions(nn.Module):
 
     def _token_choice(self, x_BSD, pos_BS, valid_BS, cache):
         B, S, D = x_BSD.shape
-        routing = self.router(x_BSD, padding_mask=valid_BS)
+        deepest = self.training and in_balancing_warmup(self.train_forwards, self.cfg.bal_warmup_steps)
+        routing = self.router(x_BSD, padding_mask=valid_BS, deepest=deepest)
         depth_BS = routing.ids_TK[:, 0].view(B, S)  # steps - 1; -1 on padding
         gate_BS = routing.weights_TK[:, 0].view(B, S).to(x_BSD.dtype)
         out, h = x_BSD, x_BSD
@@ -219,12 +238,13 @@ class MixtureOfRecursions(nn.Module):
         return out
 
 
-def _rename_old_router_bias(module, state_dict, prefix, *args) -> None:
-    """Checkpoints from before the depth routers moved to routers/ kept the token-choice bias
-    as ``router_bias``; it is now ``router.depth_bias``."""
+def _upgrade_old_state(module, state_dict, prefix, *args) -> None:
+    """Older checkpoints: before the depth routers moved to routers/ the token-choice bias was
+    ``router_bias`` (now ``router.depth_bias``); before the warm-ups there was no train_forwards."""
     old = prefix + "router_bias"
     if old in state_dict:
         state_dict[prefix + "router.depth_bias"] = state_dict.pop(old)
+    state_dict.setdefault(prefix + "_extra_state", {"train_forwards": 0})  # saved before the warm-ups
 
 
 def build_mor_lm(*, vocab_size: int, dim: int, n_layers: int, n_heads: int, num_recursions: int,

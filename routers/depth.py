@@ -18,6 +18,8 @@ in float32 (float64 for float64 input), as every router of this package.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -43,6 +45,7 @@ class ExpertChoiceConfig:
     bce_coef: float = 1e-3  # auxiliary BCE of logits vs top-k membership
     z_coef: float = 0.0  # optional router z-loss
     eval_routing: str = "threshold"  # "threshold" (causal) or "topk" (reference, non-causal)
+    cap_warmup_steps: int = 0  # reference cap_warmup_step: capacity 1 -> target (warmup_capacity)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +59,25 @@ class TokenChoiceConfig:
     z_coef: float = 1e-5
     bias_rate: float = 1e-3  # loss-free bias step u, applied by update_bias()
     router_init_std: float = 0.02
+    bal_warmup_steps: int = 0  # reference bal_warmup_step: every token to the deepest step at first
+
+
+def warmup_capacity(target: float, forward: int, warmup_steps: int) -> float:
+    """The reference's expert-choice capacity warm-up (model/mor_model/expert_choice_router.py,
+    cap_warmup_step): at training forward t (1-based) the capacity is
+    target + (1 - target) * (1 + cos(pi * min(1, t / warmup_steps))) / 2, from 1 down to the
+    target; warmup_steps = 0: the target throughout."""
+    if warmup_steps <= 0:
+        return target
+    return target + (1 - target) * 0.5 * (1 + math.cos(math.pi * min(1.0, forward / warmup_steps)))
+
+
+def in_balancing_warmup(forward: int, warmup_steps: int) -> bool:
+    """The reference's token-choice balancing warm-up (model/mor_model/token_choice_router.py,
+    bal_warmup_step): training forward t (1-based) with t < warmup_steps sends every token to the
+    deepest recursion (its gate the router's probability of that depth; a loss-free bias is held
+    at zero), so the router learns before it decides."""
+    return forward < warmup_steps
 
 
 def default_capacities(num_recursions: int) -> tuple:
@@ -110,6 +132,7 @@ class ExpertChoiceStepRouter(RouterBase):
         check_number("router_init_std", cfg.router_init_std, ge=0.0)
         check_coefficient("bce_coef", cfg.bce_coef)
         check_coefficient("z_coef", cfg.z_coef)
+        check_int("cap_warmup_steps", cfg.cap_warmup_steps, minimum=0)
         if cfg.eval_routing not in EVAL_ROUTINGS:
             raise ValueError(f"eval_routing={cfg.eval_routing!r} must be one of {EVAL_ROUTINGS}")
         self.top_k, self.capacity, self.cfg = 1, capacity, cfg
@@ -125,23 +148,25 @@ class ExpertChoiceStepRouter(RouterBase):
         return self.cfg.alpha * topk_weights(probs_TE, ids_TK)
 
     def forward(self, x: Tensor, *, state=None, padding_mask: Optional[Tensor] = None,
-                active: Optional[Tensor] = None) -> Routing:
+                active: Optional[Tensor] = None, capacity: Optional[float] = None) -> Routing:
         """x (B, S, D) (or (T, D): one row) -> Routing over B*S tokens, E = K = 1.
         padding_mask (B, S): real tokens, whose count per row sets k; active (B, S): the tokens
         the previous step kept (default: the real ones), the only candidates and the only
         tokens in the losses. Routing.dropped_fraction is the fraction of active tokens not kept.
-        ``state`` is ignored."""
+        capacity: this call's capacity instead of the router's (the capacity warm-up,
+        :func:`warmup_capacity`). ``state`` is ignored."""
         logits_T1, valid_T, (B, S) = self._linear_logits(x, padding_mask)
         self._check_logits(logits_T1, valid_T)
         self.last_stats = {}
+        capacity = self.capacity if capacity is None else check_number("capacity", capacity, ge=0.0, le=1.0)
         real_T = valid_T if valid_T is not None else torch.ones(B * S, dtype=torch.bool, device=x.device)
         active_T = real_T if active is None else active.reshape(-1) & real_T
         logit_BS = logits_T1.view(B, S)
-        if self.capacity >= 1.0:
+        if capacity >= 1.0:
             keep_T = active_T
         elif self.training or self.cfg.eval_routing == "topk":
             keep_T = per_row_topk(logit_BS.detach(), active_T.view(B, S), real_T.view(B, S).sum(1),
-                                  self.capacity).reshape(-1)
+                                  capacity).reshape(-1)
         else:
             keep_T = active_T & (logits_T1[:, 0] > 0)  # sigmoid(logit) > 0.5
         probs_T1 = torch.sigmoid(logits_T1)
@@ -190,15 +215,19 @@ class TokenChoiceDepthRouter(RouterBase):
         check_number("router_init_std", cfg.router_init_std, ge=0.0)
         for name in ("balance_coef", "z_coef", "bias_rate"):
             check_coefficient(name, getattr(cfg, name))
+        check_int("bal_warmup_steps", cfg.bal_warmup_steps, minimum=0)
         self.top_k, self.alpha, self.cfg = 1, alpha, cfg
         self.register_buffer("depth_bias", torch.zeros(num_recursions))
         self.register_buffer("load_sum", torch.zeros(num_recursions), persistent=False)
         self.last_stats: dict = {}
         self._init_linear(cfg.router_init_std)
 
-    def forward(self, x: Tensor, *, state=None, padding_mask: Optional[Tensor] = None) -> Routing:
+    def forward(self, x: Tensor, *, state=None, padding_mask: Optional[Tensor] = None,
+                deepest: bool = False) -> Routing:
         """x (B, S, D) or (T, D) -> Routing over T tokens: ids_TK (T, 1) the depth index (steps
-        taken - 1; -1 on padding), E = P. ``state`` is ignored."""
+        taken - 1; -1 on padding), E = P. deepest (training only): every token takes the
+        deepest step and a loss-free bias is reset to zero (the balancing warm-up,
+        :func:`in_balancing_warmup`). ``state`` is ignored."""
         logits_TP, valid_T, _ = self._linear_logits(x, padding_mask)
         self._check_logits(logits_TP, valid_T)
         self.last_stats = {}
@@ -206,8 +235,12 @@ class TokenChoiceDepthRouter(RouterBase):
             probs_TP = torch.softmax(logits_TP, dim=-1) * self.alpha
         else:
             probs_TP = torch.sigmoid(logits_TP) * self.alpha
-        choice_TP = probs_TP + self.depth_bias if self.cfg.balancing == "loss_free" else probs_TP
-        ids_T1 = choice_TP.detach().argmax(-1, keepdim=True)
+        if deepest and self.training:
+            self.depth_bias.zero_()
+            ids_T1 = torch.full_like(logits_TP[:, :1], self.num_experts - 1, dtype=torch.long)
+        else:
+            choice_TP = probs_TP + self.depth_bias if self.cfg.balancing == "loss_free" else probs_TP
+            ids_T1 = choice_TP.detach().argmax(-1, keepdim=True)
         weights_T1 = probs_TP.gather(-1, ids_T1)
         if valid_T is not None:
             ids_T1 = ids_T1.masked_fill(~valid_T[:, None], -1)

@@ -11,6 +11,7 @@ from moe.layer import collect_aux_losses
 from moe.model import DecoderBlock, build_lm
 from moe.mor import (ExpertChoiceConfig, MixtureOfRecursions, TokenChoiceConfig, build_mor_lm,
                      compact, default_capacities)
+from routers.depth import warmup_capacity
 
 EC, TC = ExpertChoiceConfig, TokenChoiceConfig
 ROUTERS = [EC(), TC(), TC(router_func="sigmoid", balancing="loss_free")]
@@ -188,6 +189,49 @@ def test_state_dict_names_and_old_checkpoints_load():
     old["router_bias"] = torch.tensor([0.5, -0.5, 0.0], dtype=torch.float64)
     mor.load_state_dict(old)
     assert mor.router.depth_bias.tolist() == [0.5, -0.5, 0.0]
+
+
+def test_capacity_warmup_follows_the_reference_schedule():
+    """cap_warmup_step (expert_choice_router.py): capacity c + (1 - c)(1 + cos(pi min(1, t/W)))/2
+    at training forward t: 1 at the start, the target from t = W on."""
+    assert warmup_capacity(0.5, 1, 0) == 0.5 and warmup_capacity(0.5, 0, 10) == 1.0
+    assert warmup_capacity(0.5, 10, 10) == 0.5 and warmup_capacity(0.5, 50, 10) == 0.5
+    assert warmup_capacity(0.5, 5, 10) == pytest.approx(0.75)  # half way: cos(pi/2) = 0
+
+
+def test_expert_choice_capacity_warmup_keeps_more_tokens_first_and_counts_training_forwards():
+    W, S = 8, 32
+    mor = _mor(EC(cap_warmup_steps=W), nr=2).train()
+    x = torch.randn(2, S, 16, dtype=torch.float64)
+    kept = []
+    for t in range(1, W + 3):
+        mor(x)
+        assert mor.train_forwards == t
+        kept.append(int((mor.last_depth == 2).sum(1)[0]))
+        assert kept[-1] == int(warmup_capacity(0.5, t, W) * S + 1e-6)  # floor(capacity * len) per row
+    assert kept[0] > kept[W // 2] > kept[W - 1] == S // 2 and kept[-1] == S // 2
+    mor.eval()(x)
+    assert mor.train_forwards == W + 2  # eval forwards do not count
+    fresh = _mor(EC(cap_warmup_steps=W), nr=2)
+    fresh.load_state_dict(mor.state_dict())
+    assert fresh.train_forwards == W + 2  # the clock is in the state dict: a resumed run goes on
+
+
+def test_token_choice_balancing_warmup_sends_every_token_deepest_first():
+    """bal_warmup_step (token_choice_router.py): training forwards t < W take every token to the
+    deepest step (gate = its probability), with a loss-free bias held at zero; then argmax."""
+    W, P = 3, 3
+    mor = _mor(TC(bal_warmup_steps=W, balancing="loss_free"), nr=P).train()
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    for t in range(1, W):
+        mor.router.depth_bias.fill_(0.25)
+        mor(x)
+        assert (mor.last_depth == P).all() and (mor.router.depth_bias == 0).all()
+    mor.router.depth_bias.zero_()
+    mor(x)  # t = W: the router decides
+    assert not (mor.last_depth == P).all()
+    logits = _logits(mor.router, x).reshape(-1, P)
+    assert torch.equal(mor.last_depth.reshape(-1), logits.argmax(-1) + 1)
 
 
 def test_deprecated_aux_loss_is_the_sum_of_aux_losses():
@@ -383,6 +427,8 @@ def test_bad_configs_raise_value_errors_naming_the_argument():
            (dict(num_recursions=2, router=EC(), kv_cache="paged"), "kv_cache"),
            (dict(num_recursions=2, router=TC(router_func="relu")), "router_func"),
            (dict(num_recursions=2, router=TC(balancing="aux")), "balancing"),
+           (dict(num_recursions=2, router=EC(cap_warmup_steps=-1)), "cap_warmup_steps"),
+           (dict(num_recursions=2, router=TC(bal_warmup_steps=2.5)), "bal_warmup_steps"),
            (dict(num_recursions=2, router="expert"), "router")]
     for kwargs, name in bad:
         with pytest.raises(ValueError, match=name):
