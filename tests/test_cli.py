@@ -245,6 +245,22 @@ def test_recurrent_arm_matches_topk_balancing_and_reference_gru_init():
     assert same == [(cfg.experts, cfg.ffn_hidden // cfg.top_k, cfg.top_k)] * (2 * cfg.layers)  # topk's experts
 
 
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.07])
+def test_xmoe_cap_never_binds(threshold):
+    """The xmoe arm's ceil(t * 2E) slots always hold the threshold's mass: every token's chosen
+    experts reach t, for sharp, flat and exactly uniform router probabilities."""
+    cfg = demo.DemoConfig(xmoe_threshold=threshold)
+    router = [m for m in demo.build_model("xmoe", cfg).modules() if isinstance(m, MoELayer)][0].router
+    assert router.top_k == demo.xmoe_cap(cfg) < 2 * cfg.experts
+    torch.manual_seed(0)
+    for scale in (0.0, 0.01, 1.0, 30.0):
+        with torch.no_grad():
+            router.weight.normal_(std=scale)
+        r = router(torch.randn(512, cfg.dim))
+        chosen = torch.where(r.ids_TK >= 0, r.probs_TE.gather(1, r.ids_TK.clamp(min=0)), 0.0).sum(1)
+        assert (chosen >= threshold - 1e-6).all(), scale
+
+
 def test_verdicts_say_within_noise_unless_every_seed_agrees_beyond_3_std():
     from moe.apps.seeds import summarize, verdict
 
@@ -252,20 +268,16 @@ def test_verdicts_say_within_noise_unless_every_seed_agrees_beyond_3_std():
     assert verdict(-0.03, 0.011, [-0.04, -0.03, -0.02]) == "within noise"  # 3 std > |mean|
     assert verdict(-0.01, 0.001, [-0.011, 0.0001, -0.01]) == "within noise"  # one seed disagrees
     assert verdict(0.05, 0.01, [0.04, 0.05, 0.06]) == "worse"
+    assert verdict(-0.03, 0.008, [-0.04, -0.03, -0.02], pooled=0.011) == "within noise"  # the arms' own spread
     runs = {"dense": {0: dict(val_bpb=2.0, train_loss_bpb=[3.0]), 1: dict(val_bpb=2.1, train_loss_bpb=[3.0])},
-            "topk": {0: dict(val_bpb=2.05, train_loss_bpb=[3.0]), 1: dict(val_bpb=2.15, train_loss_bpb=[3.0])},
+            "topk": {0: dict(val_bpb=2.3, train_loss_bpb=[3.0]), 1: dict(val_bpb=2.4, train_loss_bpb=[3.0])},
             "recurrent": {0: dict(val_bpb=1.9, train_loss_bpb=[3.0]), 1: dict(val_bpb=2.0, train_loss_bpb=[2.0])}}
     s = summarize(runs, [0, 1])
-    assert s["topk"]["gap_to_dense_seeds"] == pytest.approx([0.05, 0.05]) and s["topk"]["vs_dense"] == "worse"
-    assert s["recurrent"]["paper_comparison"]["seeds"] == pytest.approx([-0.15, -0.15])
+    assert s["topk"]["gap_to_dense_seeds"] == pytest.approx([0.3, 0.3]) and s["topk"]["vs_dense"] == "worse"
+    assert s["recurrent"]["paper_comparison"]["seeds"] == pytest.approx([-0.4, -0.4])
     assert s["recurrent"]["train_loss_bpb"] == [2.5] and s["dense"]["val_bpb_std"] == pytest.approx(0.1 / 2 ** 0.5)
-
-
-def test_mor_capacity_warmup_follows_the_reference():
-    assert demo.mor_capacity(0.5, 1, 0) == 0.5
-    assert demo.mor_capacity(0.5, 0, 10) == 1.0 and demo.mor_capacity(0.5, 10, 10) == 0.5
-    assert demo.mor_capacity(0.5, 5, 10) == pytest.approx(0.75)  # half way: cos(pi/2) = 0
-    assert demo.mor_capacity(0.5, 50, 10) == 0.5
+    assert s["topk"]["gap_to_dense_pooled_std"] == pytest.approx(0.1 / 2 ** 0.5)  # both arms' std 0.0707
+    assert s["topk"]["gap_to_dense_std"] == pytest.approx(0.0)
 
 
 def test_demo_quick_parallel_matches_sequential(text_dir, tmp_path):

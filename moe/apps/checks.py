@@ -8,7 +8,8 @@ error whether it comes from Python or from the command line.
 
 Kinds: positive_int (>= 1), nonnegative_int (>= 0), positive_float (finite, > 0), probability
 (finite, in (0, 1]), out_dir (a folder, or a path where one can be made: no part of it is a file),
-mor_eval_routing (topk or threshold: routers.depth's eval routings).
+mor_eval_routing (topk or threshold: routers.depth's eval routings), mor_routing (expert or token:
+MoR's expert-choice or token-choice depth routing).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ KINDS = {
     "out_dir": ("a folder (or a path where one can be made)", str, _out_dir_problem),
     "mor_eval_routing": ("one of topk, threshold", str,
                          lambda v: None if v in ("topk", "threshold") else "bad"),
+    "mor_routing": ("one of expert, token", str, lambda v: None if v in ("expert", "token") else "bad"),
 }
 
 

@@ -111,18 +111,28 @@ PAPER_PAIRS = (("recurrent", "topk"), ("xmoe", "topk"), ("finegrained", "topk"),
                ("finegrained_shared", "finegrained"))
 
 
+def pooled_std(a: list[float], b: list[float]) -> float:
+    """The pooled spread of two arms over the same seeds: sqrt((s_a^2 + s_b^2) / 2), s the sample
+    standard deviations."""
+    return math.sqrt((_mean_std(a)[1] ** 2 + _mean_std(b)[1] ** 2) / 2)
+
+
 def paired_gap(runs: dict, arm: str, base: str, seeds: list[int]) -> dict:
-    """arm's val_bpb minus base's, per seed (same data order): mean, std, per seed."""
-    gaps = [runs[arm][s]["val_bpb"] - runs[base][s]["val_bpb"] for s in seeds]
+    """arm's val_bpb minus base's, per seed (same data order): mean, std, per seed, and the two
+    arms' pooled spread."""
+    a, b = ([runs[v][s]["val_bpb"] for s in seeds] for v in (arm, base))
+    gaps = [x - y for x, y in zip(a, b)]
     m, sd = _mean_std(gaps)
-    return dict(vs=base, mean=m, std=sd, seeds=gaps)
+    return dict(vs=base, mean=m, std=sd, seeds=gaps, pooled_std=pooled_std(a, b))
 
 
-def verdict(mean: float, std: float, gaps: list[float]) -> str:
-    """'better' / 'worse' when every seed agrees and |mean| > 3 std, else 'within noise'."""
-    if all(g < 0 for g in gaps) and mean + 3 * std < 0:
+def verdict(mean: float, std: float, gaps: list[float], pooled: float = 0.0) -> str:
+    """'better' / 'worse' when every seed agrees and |mean| is beyond 3 spreads, the larger of the
+    paired gap's std and the two arms' pooled std; else 'within noise'."""
+    spread = max(std, pooled)
+    if all(g < 0 for g in gaps) and mean + 3 * spread < 0:
         return "better"
-    if all(g > 0 for g in gaps) and mean - 3 * std > 0:
+    if all(g > 0 for g in gaps) and mean - 3 * spread > 0:
         return "worse"
     return "within noise"
 
@@ -130,7 +140,8 @@ def verdict(mean: float, std: float, gaps: list[float]) -> str:
 def summarize(runs: dict, seeds: list[int]) -> dict:
     """{variant: summary} from runs {variant: {seed: result}}: val_bpb (mean), val_bpb_std,
     val_bpb_seeds; gap_to_dense (mean of the per-seed differences, negative = better than dense),
-    gap_to_dense_std, gap_to_dense_seeds, below_dense_every_seed, vs_dense (verdict);
+    gap_to_dense_std, gap_to_dense_seeds, gap_to_dense_pooled_std (the two arms' pooled spread),
+    below_dense_every_seed, vs_dense (verdict);
     paper_comparison (the paired gap to the arm its paper compares with, PAPER_PAIRS); every other numeric result
     averaged over seeds, train_loss_bpb the mean curve, expert_load the mean map."""
     out = {}
@@ -152,13 +163,13 @@ def summarize(runs: dict, seeds: list[int]) -> dict:
                                  for e in range(len(rows[0]["expert_load"][i]))]
                                 for i in range(len(rows[0]["expert_load"]))]
         if dense is not None and v != "dense":
-            gaps = [r["val_bpb"] - dense[seed]["val_bpb"] for r, seed in zip(rows, seeds)]
-            g, gs = _mean_std(gaps)
-            s.update(gap_to_dense=g, gap_to_dense_std=gs, gap_to_dense_seeds=gaps,
-                     below_dense_every_seed=all(x < 0 for x in gaps), vs_dense=verdict(g, gs, gaps))
+            d = paired_gap(runs, v, "dense", seeds)
+            s.update(gap_to_dense=d["mean"], gap_to_dense_std=d["std"], gap_to_dense_seeds=d["seeds"],
+                     gap_to_dense_pooled_std=d["pooled_std"], below_dense_every_seed=all(x < 0 for x in d["seeds"]),
+                     vs_dense=verdict(d["mean"], d["std"], d["seeds"], d["pooled_std"]))
         for arm, base in PAPER_PAIRS:
             if arm == v and base in runs:
                 s["paper_comparison"] = p = paired_gap(runs, arm, base, seeds)
-                p["verdict"] = verdict(p["mean"], p["std"], p["seeds"])
+                p["verdict"] = verdict(p["mean"], p["std"], p["seeds"], p["pooled_std"])
         out[v] = s
     return out
