@@ -71,7 +71,7 @@ def layer_counts(layer: torch.nn.Module, x: torch.Tensor) -> dict:
     included) and of one training step: that forward, the sum of the layer's aux losses and the
     backward of (y, aux) into x and every parameter. The output's gradient and the loss seed are
     allocated outside the count (the caller's loss makes them); parameter gradients are None
-    before the step, as after ``zero_grad()``. One uncounted step runs first (lazy set-up). The
+    (and x's) before the step, as after ``zero_grad()``. One uncounted step runs first (lazy set-up). The
     layer is left in training mode."""
     x = x.detach().requires_grad_(True)
     dy = torch.ones_like(x)
@@ -79,6 +79,7 @@ def layer_counts(layer: torch.nn.Module, x: torch.Tensor) -> dict:
 
     def step():
         layer.zero_grad(set_to_none=True)
+        x.grad = None
         y = layer(x)
         aux = _sum(list(getattr(layer, "aux_losses", {}).values()))
         pairs = [(y, dy)] + ([(aux, seed)] if aux is not None else [])
@@ -93,7 +94,6 @@ def layer_counts(layer: torch.nn.Module, x: torch.Tensor) -> dict:
     layer.train()
     with torch.no_grad(), count_ops() as out["train_forward"]:
         layer(x)
-    layer.zero_grad(set_to_none=True)
     with count_ops() as out["step"]:
         step()
     return out
