@@ -8,9 +8,12 @@ counts once whether its compiled kernel or its twin runs (the twin's inner ops a
 
 On CUDA one counted op is one kernel launch, except: cuBLAS may split a GEMM in two (split-K),
 ``_local_scalar_dense`` is a device-to-host copy, and moekit's CUDA ops launch several kernels
-(csrc/cuda/*.cu: ``plan`` 4 + cub's radix-sort passes, ``grouped_mm`` 3 on the sm90 path: offsets
-check, group setup, the GEMM; ``topk_route`` with statistics 3: zeroing, route, finalize).
-bench/gpu_bench.py prints both this count and the profiler's.
+(csrc/cuda/*.cu): ``plan`` a zero fill, the keys/histogram kernel, the offsets scan, cub's radix
+sort (its own passes) and the finalize kernel; ``grouped_mm`` on the sm90 path the offsets check,
+the group setup, the CUTLASS GEMM and the zeroing of padding rows; ``gather_grouped_mm`` (no CUDA
+kernel yet) permute + grouped_mm; ``topk_route`` 2 kernels (route, final statistics), 3 with
+the loss statistics (+ the partial sums). bench/gpu_bench.py prints both this count and the
+profiler's.
 
 :func:`layer_counts` measures a layer's forward and training step (forward, the layer's
 auxiliary losses, backward into x and every parameter), the figures the tests hold to a budget.
