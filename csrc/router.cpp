@@ -286,14 +286,20 @@ void route_statistics(const at::Tensor& ids, const at::Tensor& probs, const Rout
     for (int64_t k = 0; k < K; ++k)
       if (lid[t * K + k] >= 0) f[(t / S) * E + lid[t * K + k]] += T(1);
   }
-  at::parallel_for(0, E, 8, [&](int64_t e0, int64_t e1) {
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t e = e0; e < e1; ++e) {
-        T acc = 0;
-        for (int64_t t = b * S; t < (b + 1) * S; ++t)
-          if (a.valid == nullptr || a.valid[t]) acc += a.softmax ? p[t * E + e] : p[t * E + e] / a.norm_T[t];
-        ps[b * E + e] = acc;
+  at::parallel_for(0, E, 16, [&](int64_t e0, int64_t e1) {  // each expert's sum in token order, row-wise
+    for (int64_t b = 0; b < B; ++b) {
+      T* acc = ps + b * E;
+      std::fill(acc + e0, acc + e1, T(0));
+      for (int64_t t = b * S; t < (b + 1) * S; ++t) {
+        if (a.valid != nullptr && !a.valid[t]) continue;
+        const T* pt = p + t * E;
+        if (a.softmax) {
+          for (int64_t e = e0; e < e1; ++e) acc[e] += pt[e];
+        } else {
+          for (int64_t e = e0; e < e1; ++e) acc[e] += pt[e] / a.norm_T[t];
+        }
       }
+    }
   });
   T has_total = 0;
   for (int64_t b = 0; b < B; ++b) has_total += tokens[b] > T(0) ? T(1) : T(0);
