@@ -183,24 +183,35 @@ def test_backward_rejects_ids_out_of_range():
         torch.ops.moe.topk_route_backward(torch.ones(3, 2), None, ids, probs, "softmax", True, 1.0)
 
 
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("kwargs", [
     dict(score="softmax"),
     dict(score="sigmoid", num_groups=4, topk_groups=2, expert_bias=True, routed_scaling_factor=2.5),
     dict(score="softmax", norm_topk=False, capacity_factor=1.0),
+    dict(score="softmax", balance_loss="seq", z_loss_coeff=1e-2),
+    dict(score="sigmoid", expert_bias=True, balance_loss="seq", z_loss_coeff=1e-2),
 ])
-def test_router_uses_the_op_with_its_own_results(kwargs, monkeypatch):
-    """TopKRouter through the op gives the ids, weights, losses and gradients of its PyTorch code."""
+def test_router_uses_the_op_with_its_own_results(kwargs, padded, monkeypatch):
+    """TopKRouter through the op gives the ids, weights, losses, metrics and gradients of its
+    PyTorch code (the statistics of the losses and metrics included)."""
     torch.manual_seed(0)
     router = TopKRouter(32, 16, 4, **kwargs)
     if router.expert_bias is not None:
         router.expert_bias.normal_(0, 0.05)
     x = torch.randn(2, 50, 32)
+    mask = None
+    if padded:
+        mask = torch.ones(2, 50, dtype=torch.bool)
+        mask[1, 30:] = False
     c = torch.randn(100, 4)  # (the plain sum of renormalised weights is constant: no gradient)
-    r1 = router(x)
+    r1 = router(x, padding_mask=mask)
     loss1 = ((r1.weights_TK * c).sum() + sum(r1.aux_losses.values()))
     (g1,) = torch.autograd.grad(loss1, router.weight)
     monkeypatch.setattr("routers.topk._topk_route_op", lambda: None)
-    r2 = router(x)
+    r2 = router(x, padding_mask=mask)
+    assert torch.equal(r1.counts_E, r2.counts_E) and r1.aux_losses.keys() == r2.aux_losses.keys()
+    assert torch.equal(r1.dropped_fraction, r2.dropped_fraction)
+    assert torch.equal(r1.experts_per_token, r2.experts_per_token)
     loss2 = ((r2.weights_TK * c).sum() + sum(r2.aux_losses.values()))
     (g2,) = torch.autograd.grad(loss2, router.weight)
     assert torch.equal(r1.ids_TK, r2.ids_TK)
