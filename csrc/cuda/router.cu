@@ -16,10 +16,11 @@
 // Statistics (csrc/router.cpp states them), deterministic, with no atomics on floats:
 // the route kernel also writes, per token, logsumexp(l)^2, the sigmoid loss scores' divisor and
 // the loss ids (top-k of the loss scores, with a bias or groups); route_stats_partial_kernel
-// (num_seqs = B > 0) sums each (sequence, expert)'s loss scores and loss slots over P token
-// ranges in token order, and each range's real tokens and lse^2; route_stats_final_kernel (one
-// block) counts counts_E and the real tokens, writes metrics, adds the P partial sums in order
-// and forms fw_BE, psum_BE and zsum. Launches: 2 without statistics, 3 with.
+// (num_seqs = B > 0) sums each (sequence, expert)'s loss scores and loss slots over ranges of
+// 32 tokens in token order, and each range's real tokens and lse^2; route_stats_final_kernel (one
+// block) counts counts_E and the real tokens, writes metrics, adds the ranges' partial sums (a
+// warp per sequence and expert, in a fixed tree) and forms fw_BE, psum_BE and zsum. Launches: 2
+// without statistics, 3 with.
 // Shared memory per warp: 2 E values (probs, choice) and Z group scores; a block holds up to four
 // warps, fewer when E is large; E must fit one warp's share in 48 KiB.
 #include <ATen/Dispatch.h>
@@ -252,26 +253,39 @@ __global__ void route_stats_partial_kernel(const T* __restrict__ probs, const T*
 }
 
 constexpr int kFinalThreads = 1024;
+constexpr int kSmemHist = 8192;  // experts counted in shared memory (32 KiB)
 
-// One block: counts_E and metrics; with B > 0, the R partial sums added in order and fw_BE,
+// One block: counts_E (a shared-memory histogram when E <= kSmemHist) and metrics; with B > 0, the
+// R partial sums added in a fixed order and fw_BE,
 // psum_BE, zsum formed (the arithmetic of csrc/router.cpp's route_statistics).
 template <typename T>
 __global__ void route_stats_final_kernel(const int64_t* __restrict__ ids, const bool* __restrict__ valid,
-                                         int64_t Tn, int E, int K, int64_t B, int64_t R,
+                                         int64_t Tn, int E, int K, int64_t B, int64_t R, bool smem_hist,
                                          const T* __restrict__ psum_part, const int* __restrict__ cnt_part,
-                                         const T* __restrict__ z_part, const int* __restrict__ tok_part,
+                                         T* __restrict__ z_part, const int* __restrict__ tok_part,
                                          T* __restrict__ tok_B, int64_t* __restrict__ counts,
                                          float* __restrict__ metrics, T* __restrict__ fw, T* __restrict__ psum,
                                          T* __restrict__ zsum) {
   __shared__ unsigned long long red[2][kFinalThreads / kWarp];
+  extern __shared__ int hist[];  // E counts when smem_hist
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  for (int e = threadIdx.x; e < E; e += blockDim.x) counts[e] = 0;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    if (smem_hist) {
+      hist[e] = 0;
+    } else {
+      counts[e] = 0;
+    }
+  }
   __syncthreads();
   unsigned long long kept = 0, real = 0;
   for (int64_t s = threadIdx.x; s < Tn * K; s += blockDim.x) {
     const int64_t id = ids[s];
     if (id >= 0) {
-      atomicAdd(reinterpret_cast<unsigned long long*>(counts + id), 1ull);
+      if (smem_hist) {
+        atomicAdd(&hist[id], 1);
+      } else {
+        atomicAdd(reinterpret_cast<unsigned long long*>(counts + id), 1ull);
+      }
       ++kept;
     }
   }
@@ -283,6 +297,8 @@ __global__ void route_stats_final_kernel(const int64_t* __restrict__ ids, const 
     red[1][warp] = real;
   }
   __syncthreads();
+  if (smem_hist)
+    for (int e = threadIdx.x; e < E; e += blockDim.x) counts[e] = hist[e];
   if (threadIdx.x == 0) {
     kept = real = 0;
     for (int w = 0; w < int(blockDim.x) / kWarp; ++w) {
@@ -296,26 +312,42 @@ __global__ void route_stats_final_kernel(const int64_t* __restrict__ ids, const 
     if (threadIdx.x == 0) zsum[0] = T(0);
     return;
   }
-  for (int64_t i = threadIdx.x; i < B * E; i += blockDim.x) {  // fw holds the loss-slot counts for now
-    T acc = 0, cnt = 0;
-    for (int64_t r = 0; r < R; ++r) {
+  // One warp per (sequence, expert): lane-strided partials, then the warp's tree (a fixed order).
+  const int warps = blockDim.x / kWarp;
+  for (int64_t i = warp; i < B * E; i += warps) {  // fw holds the loss-slot counts for now
+    T acc = 0;
+    int cnt = 0;
+    for (int64_t r = lane; r < R; r += kWarp) {
       acc += psum_part[r * B * E + i];
-      cnt += T(cnt_part[r * B * E + i]);
+      cnt += cnt_part[r * B * E + i];
     }
-    psum[i] = acc;
-    fw[i] = cnt;
+    acc = warp_sum(acc);
+    cnt = warp_sum(cnt);
+    if (lane == 0) {
+      psum[i] = acc;
+      fw[i] = T(cnt);
+    }
   }
-  for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
+  for (int64_t b = warp; b < B; b += warps) {  // z_part's row r = 0 then holds each sequence's sum
     int tok = 0;
-    for (int64_t r = 0; r < R; ++r) tok += tok_part[r * B + b];
-    tok_B[b] = T(tok);
+    T z = 0;
+    for (int64_t r = lane; r < R; r += kWarp) {
+      tok += tok_part[r * B + b];
+      z += z_part[r * B + b];
+    }
+    tok = warp_sum(tok);
+    z = warp_sum(z);
+    if (lane == 0) {
+      tok_B[b] = T(tok);
+      z_part[b] = z;
+    }
   }
   __syncthreads();
   __shared__ T has_total;
   if (threadIdx.x == 0) {
     T z = 0, h = 0;
     for (int64_t b = 0; b < B; ++b) {
-      for (int64_t r = 0; r < R; ++r) z += z_part[r * B + b];
+      z += R > 0 ? z_part[b] : T(0);
       h += tok_B[b] > T(0) ? T(1) : T(0);
     }
     zsum[0] = z;
@@ -435,7 +467,8 @@ RouteOutputs topk_route_cuda(const at::Tensor& logits_TE, const std::optional<at
   const bool* vp = valid.defined() ? valid.const_data_ptr<bool>() : nullptr;
   const bool softmax = score == "softmax", aux_topk = bias.defined() || num_groups > 0;
   const int64_t S = B > 0 ? T / B : 0;
-  const int64_t R = B > 0 ? std::clamp<int64_t>(ceil_div(S, 256), 1, 64) : 0;  // token ranges per sequence
+  // token ranges of 32 tokens per sequence (at most 1024): enough blocks to hide the loads' latency
+  const int64_t R = B > 0 ? std::clamp<int64_t>(ceil_div(S, 32), 1, 1024) : 0;
   const int64_t chunk = R > 0 ? ceil_div(S, R) : 0;
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(logits_TE.scalar_type(), "moe_topk_route_cuda", [&] {
@@ -469,8 +502,9 @@ RouteOutputs topk_route_cuda(const at::Tensor& logits_TE, const std::optional<at
           S, chunk, int(E), int(K), psum_part, cnt_part, z_part, tok_part);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    route_stats_final_kernel<T_><<<1, kFinalThreads, 0, stream>>>(
-        ids.const_data_ptr<int64_t>(), vp, T, int(E), int(K), B, T > 0 ? R : 0, psum_part, cnt_part, z_part,
+    const bool smem_hist = E <= kSmemHist;
+    route_stats_final_kernel<T_><<<1, kFinalThreads, smem_hist ? E * sizeof(int) : 0, stream>>>(
+        ids.const_data_ptr<int64_t>(), vp, T, int(E), int(K), B, T > 0 ? R : 0, smem_hist, psum_part, cnt_part, z_part,
         tok_part, tok_B, counts.mutable_data_ptr<int64_t>(), metrics.mutable_data_ptr<float>(),
         fw.mutable_data_ptr<T_>(), psum.mutable_data_ptr<T_>(), zsum.mutable_data_ptr<T_>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
