@@ -170,6 +170,18 @@ def _launches(fn) -> dict:
     return {"kernels": kernels, "memcpy_memset": copies, "top": top}
 
 
+def _op_count(fn) -> dict:
+    """The ops of one fn() that run kernels, counted by moe.launches.count_ops (device-independent:
+    the count the CPU tests hold to issue 15's budgets, tests/layers/test_launches.py); against the
+    profiler's kernels it shows what each op launches on the GPU (CUTLASS set-up, cub passes)."""
+    from moe.launches import count_ops
+
+    with count_ops() as c:
+        fn()
+    torch.cuda.synchronize()
+    return {"total": c.total, "ops": dict(c.ops.most_common())}
+
+
 def _try(label: str, fn, *args, **kwargs):
     """fn(*args, **kwargs), or None after printing the error: one failed row never ends the run."""
     try:
@@ -444,6 +456,7 @@ def bench_layer(name, T, iters, ceil=None):
         with torch.set_grad_enabled(mode != "fwd"):
             row["launches"] = {n: _try(f"layer {name} T={T} {mode} {n} launches", _launches, _step(f, x, mode))
                                for n, f in cands.items()}
+            row["ops"] = _try(f"layer {name} T={T} {mode} ops", _op_count, _step(cands["moekit"], x, mode))
         _release(*modules)
     return rows
 
@@ -525,11 +538,14 @@ def _mlp_table(rows) -> list[str]:
 
 
 def _launch_cell(r) -> str:
+    """"moekit k+m (o ops), hf_gmm ..., dense ...": profiler kernels + memcpy/memset, and for
+    moekit the ops count_ops counts in the same call (the step's loss ops included)."""
     cells = []
     for n in ("moekit", "hf_gmm", "dense"):
         if n in r.get("launches", {}):
             c = r["launches"][n]
-            cells.append(f"{n} {c['kernels']}+{c['memcpy_memset']}" if c else f"{n} -")
+            ops = f" ({r['ops']['total']} ops)" if n == "moekit" and r.get("ops") else ""
+            cells.append(f"{n} {c['kernels']}+{c['memcpy_memset']}{ops}" if c else f"{n} -")
     return ", ".join(cells)
 
 

@@ -43,11 +43,18 @@ void check_swiglu_args(const at::Tensor& h);
 void check_swiglu_backward_args(const at::Tensor& grad, const at::Tensor& h);
 void check_topk_route_args(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E,
                            int64_t top_k, c10::string_view score, int64_t num_groups,
-                           int64_t topk_groups, double scaling);
+                           int64_t topk_groups, double scaling, const std::optional<at::Tensor>& valid_T,
+                           int64_t num_seqs);
 void check_topk_route_backward_args(const at::Tensor& grad_weights_TK,
                                     const std::optional<at::Tensor>& grad_probs_TE,
                                     const at::Tensor& ids_TK, const at::Tensor& probs_TE,
-                                    c10::string_view score);
+                                    c10::string_view score, const std::optional<at::Tensor>& grad_psum_BE,
+                                    const std::optional<at::Tensor>& grad_zsum,
+                                    const std::optional<at::Tensor>& logits_TE,
+                                    const std::optional<at::Tensor>& valid_T);
+// topk_route's results: ids_TK, weights_TK, probs_TE, counts_E, metrics (2,), fw_BE, psum_BE, zsum.
+using RouteOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                at::Tensor, at::Tensor>;
 // Dtype of the unpermute_weights_grad output: float32 for half/bfloat16, else the input dtype.
 at::ScalarType accum_dtype(at::ScalarType t);
 
@@ -72,13 +79,18 @@ at::Tensor gather_grouped_mm_wgrad_cpu(const at::Tensor& x_TD, const at::Tensor&
 at::Tensor linear_f32_cpu(const at::Tensor& x_TD, const at::Tensor& weight_ED);
 at::Tensor swiglu_cpu(const at::Tensor& h);
 at::Tensor swiglu_backward_cpu(const at::Tensor& grad, const at::Tensor& h);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_route_cpu(
-    const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E, int64_t top_k,
-    c10::string_view score, int64_t num_groups, int64_t topk_groups, bool norm_topk, double scaling);
+RouteOutputs topk_route_cpu(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E, int64_t top_k,
+                            c10::string_view score, int64_t num_groups, int64_t topk_groups, bool norm_topk,
+                            double scaling, const std::optional<at::Tensor>& valid_T, int64_t num_seqs,
+                            bool check_finite);
 at::Tensor topk_route_backward_cpu(const at::Tensor& grad_weights_TK,
                                    const std::optional<at::Tensor>& grad_probs_TE,
                                    const at::Tensor& ids_TK, const at::Tensor& probs_TE,
-                                   c10::string_view score, bool norm_topk, double scaling);
+                                   c10::string_view score, bool norm_topk, double scaling,
+                                   const std::optional<at::Tensor>& grad_psum_BE,
+                                   const std::optional<at::Tensor>& grad_zsum,
+                                   const std::optional<at::Tensor>& logits_TE,
+                                   const std::optional<at::Tensor>& valid_T);
 
 // Weight-only int8 experts (csrc/grouped_mm_int8.cpp): q_EYX int8, scale_EY float32.
 void check_grouped_mm_w8_args(const at::Tensor& a_NX, const at::Tensor& q_EYX,

@@ -39,13 +39,17 @@ TORCH_LIBRARY(moe, m) {
   m.def("swiglu(Tensor h) -> Tensor");
   // d h = [grad * up * silu'(gate); grad * silu(gate)], grad (..., F), h (..., 2F) -> (..., 2F).
   m.def("swiglu_backward(Tensor grad, Tensor h) -> Tensor");
-  // A token-choice router in one pass per token: (ids_TK, weights_TK, probs_TE) from logits_TE
-  // (csrc/router.cpp; num_groups = topk_groups = 0: no group limit).
+  // A token-choice router in one pass per token (csrc/router.cpp; num_groups = topk_groups = 0: no
+  // group limit): (ids_TK, weights_TK, probs_TE, counts_E, metrics (dropped_fraction 0,
+  // experts_per_token), fw_BE, psum_BE, zsum) from logits_TE; padded tokens (valid_T false) get
+  // ids -1; num_seqs = B > 0 adds the loss statistics over B sequences.
   m.def("topk_route(Tensor logits_TE, Tensor? bias_E, int top_k, str score, int num_groups, int topk_groups, "
-        "bool norm_topk, float scaling) -> (Tensor, Tensor, Tensor)");
-  // d logits_TE from d weights_TK and (optional) d probs_TE.
+        "bool norm_topk, float scaling, Tensor? valid_T=None, int num_seqs=0, bool check_finite=False) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // d logits_TE from d weights_TK and (optional) d probs_TE, d psum_BE and d zsum.
   m.def("topk_route_backward(Tensor grad_weights_TK, Tensor? grad_probs_TE, Tensor ids_TK, Tensor probs_TE, "
-        "str score, bool norm_topk, float scaling) -> Tensor");
+        "str score, bool norm_topk, float scaling, Tensor? grad_psum_BE=None, Tensor? grad_zsum=None, "
+        "Tensor? logits_TE=None, Tensor? valid_T=None) -> Tensor");
   // Weight-only int8 experts (inference): c_NY[i, y] = (a_NX[i] . q_EYX[e, y]) * scale_EY[e, y]
   // for the rows i of expert e, float32 sums, in a_NX's dtype; rows past offs[E-1] are zero.
   m.def("grouped_mm_w8(Tensor a_NX, Tensor q_EYX, Tensor scale_EY, Tensor offs_E) -> Tensor");
@@ -114,11 +118,19 @@ py::dict host_cache_stats() {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  // C++ errors (a bad MOE_HOST_CACHE_MB, an invalid setting) become RuntimeErrors without the
-  // C++ backtrace.
+  // C++ errors (a bad MOE_HOST_CACHE_MB, an invalid setting) become RuntimeErrors (ValueError,
+  // TypeError, IndexError for c10's subclasses of those names) without the C++ backtrace.
+  // pybind11 shares its translators between modules and tries the latest first, so this one sees
+  // every c10::Error raised through pybind11 (torch.ops included): keep PyTorch's Python types.
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
+    } catch (const c10::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    } catch (const c10::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
+    } catch (const c10::IndexError& e) {
+      PyErr_SetString(PyExc_IndexError, e.what_without_backtrace());
     } catch (const c10::Error& e) {
       PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
     }

@@ -9,12 +9,24 @@
 //   topk_groups best groups are excluded (DeepSeek-V3 Sec. 2.1.2)
 //   ids_TK = the top_k experts by c_e, best first (ties: the lower expert id first)
 //   w_k = p_{ids_k} (/ (sum_k p_{ids_k} + eps) if norm_topk) * scaling, eps = 1e-20 for sigmoid
-// The backward takes d weights_TK and (optional) d probs_TE (the balancing losses read the probs)
-// and returns d logits_TE.
+//   padded tokens (valid_T false): ids -1, weights 0; check_finite: a real token's non-finite
+//   logit raises a ValueError
+// Statistics, in the same call: counts_E (routed slots per expert, real tokens) and metrics
+// (dropped_fraction 0, experts_per_token); with num_seqs = B > 0, over B sequences of S = T/B
+// tokens, the loss statistics of routers.topk.route_statistics: s_e the loss scores (p_e, or for
+// sigmoid p_e / (sum_j p_j + 1e-20)), the loss ids (ids_TK, or with a bias or groups the top_k of
+// s), psum_BE[b, e] = sum of s_e over b's real tokens, fw_BE[b, e] = f_be * has_b / (max(1,
+// tokens_b) * max(1, sequences with a token)) with f_be = (b's loss slots on e) / max(1, b's loss
+// slots), zsum = sum over real tokens of logsumexp(l)^2. The sums over tokens run in token order
+// after the parallel pass (deterministic).
+// The backward takes d weights_TK, (optional) d probs_TE, d psum_BE and d zsum and returns
+// d logits_TE.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "moe_ops.h"
@@ -23,7 +35,8 @@ namespace moe {
 
 void check_topk_route_args(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E,
                            int64_t top_k, c10::string_view score, int64_t num_groups,
-                           int64_t topk_groups, double scaling) {
+                           int64_t topk_groups, double scaling, const std::optional<at::Tensor>& valid_T,
+                           int64_t num_seqs) {
   TORCH_CHECK(logits_TE.dim() == 2, "moe.topk_route: logits_TE must be 2-D (T, E), got shape ",
               logits_TE.sizes());
   TORCH_CHECK(logits_TE.scalar_type() == at::kFloat || logits_TE.scalar_type() == at::kDouble,
@@ -54,12 +67,23 @@ void check_topk_route_args(const at::Tensor& logits_TE, const std::optional<at::
   TORCH_CHECK(top_k >= 1 && top_k <= allowed, "moe.topk_route: top_k must be in [1, ", allowed,
               "] (the experts it may choose from), got ", top_k);
   TORCH_CHECK(std::isfinite(scaling), "moe.topk_route: scaling must be finite, got ", scaling);
+  const int64_t T = logits_TE.size(0);
+  if (valid_T.has_value())
+    TORCH_CHECK(valid_T->dim() == 1 && valid_T->size(0) == T && valid_T->scalar_type() == at::kBool &&
+                    valid_T->device() == logits_TE.device(),
+                "moe.topk_route: valid_T must be a bool tensor of shape (", T, ",) on ", logits_TE.device(),
+                ", got ", valid_T->scalar_type(), " ", valid_T->sizes(), " on ", valid_T->device());
+  TORCH_CHECK(num_seqs >= 0 && (num_seqs == 0 || T % num_seqs == 0),
+              "moe.topk_route: num_seqs must be 0 (no loss statistics) or divide T=", T, ", got ", num_seqs);
 }
 
 void check_topk_route_backward_args(const at::Tensor& grad_weights_TK,
                                     const std::optional<at::Tensor>& grad_probs_TE,
                                     const at::Tensor& ids_TK, const at::Tensor& probs_TE,
-                                    c10::string_view score) {
+                                    c10::string_view score, const std::optional<at::Tensor>& grad_psum_BE,
+                                    const std::optional<at::Tensor>& grad_zsum,
+                                    const std::optional<at::Tensor>& logits_TE,
+                                    const std::optional<at::Tensor>& valid_T) {
   const char* op = "moe.topk_route_backward";
   TORCH_CHECK(probs_TE.dim() == 2 && (probs_TE.scalar_type() == at::kFloat || probs_TE.scalar_type() == at::kDouble),
               op, ": probs_TE must be a 2-D float32 or float64 tensor, got ", probs_TE.scalar_type(), " ",
@@ -78,6 +102,30 @@ void check_topk_route_backward_args(const at::Tensor& grad_weights_TK,
     TORCH_CHECK(t->device() == probs_TE.device(), op, ": all inputs must be on ", probs_TE.device());
   TORCH_CHECK(score == "softmax" || score == "sigmoid",
               op, ": score must be 'softmax' or 'sigmoid', got '", std::string(score), "'");
+  const int64_t T = probs_TE.size(0), E = probs_TE.size(1);
+  const auto dt = probs_TE.scalar_type();
+  if (grad_psum_BE.has_value())
+    TORCH_CHECK(grad_psum_BE->dim() == 2 && grad_psum_BE->size(1) == E && grad_psum_BE->size(0) >= 1 &&
+                    T % grad_psum_BE->size(0) == 0 && grad_psum_BE->scalar_type() == dt &&
+                    grad_psum_BE->device() == probs_TE.device(),
+                op, ": grad_psum_BE must be (B, E=", E, ") with B dividing T=", T, ", of probs_TE's dtype ", dt,
+                " on ", probs_TE.device(), ", got ", grad_psum_BE->scalar_type(), " ", grad_psum_BE->sizes());
+  if (grad_zsum.has_value()) {
+    TORCH_CHECK(grad_zsum->dim() == 0 && grad_zsum->scalar_type() == dt && grad_zsum->device() == probs_TE.device(),
+                op, ": grad_zsum must be a 0-d ", dt, " tensor on ", probs_TE.device(), ", got ",
+                grad_zsum->scalar_type(), " ", grad_zsum->sizes());
+    TORCH_CHECK(logits_TE.has_value(), op, ": grad_zsum needs logits_TE (the z statistic's input)");
+  }
+  if (logits_TE.has_value())
+    TORCH_CHECK(logits_TE->sizes() == probs_TE.sizes() && logits_TE->scalar_type() == dt &&
+                    logits_TE->device() == probs_TE.device(),
+                op, ": logits_TE must match probs_TE (", dt, " ", probs_TE.sizes(), "), got ",
+                logits_TE->scalar_type(), " ", logits_TE->sizes());
+  if (valid_T.has_value())
+    TORCH_CHECK(valid_T->dim() == 1 && valid_T->size(0) == T && valid_T->scalar_type() == at::kBool &&
+                    valid_T->device() == probs_TE.device(),
+                op, ": valid_T must be a bool tensor of shape (", T, ",), got ", valid_T->scalar_type(), " ",
+                valid_T->sizes());
 }
 
 namespace {
@@ -97,35 +145,60 @@ inline void insert_topk(T value, int64_t id, T* best_v, int64_t* best_i, int64_t
   best_i[j] = id;
 }
 
+// The options of one routing call, and where its per-token results go.
 template <typename T>
-void route_rows(const at::Tensor& logits, const float* bias, int64_t K, bool softmax, int64_t Z,
-                int64_t topk_groups, bool norm, T scaling, at::Tensor& ids, at::Tensor& weights,
+struct RouteArgs {
+  const float* bias;
+  const bool* valid;  // null: every token is real
+  int64_t K, Z, topk_groups;
+  bool softmax, norm, check_finite;
+  bool stats, aux_topk;  // loss statistics; their ids are the top-k of the loss scores
+  T scaling;
+  T* lse2;               // (T,) logsumexp(l)^2 (stats)
+  T* norm_T;             // (T,) sum_j p_j + 1e-20, the sigmoid loss scores' divisor (stats, sigmoid)
+  int64_t* aux_ids;      // (T, K) the loss ids (stats, aux_topk)
+};
+
+template <typename T>
+void route_rows(const at::Tensor& logits, const RouteArgs<T>& a, at::Tensor& ids, at::Tensor& weights,
                 at::Tensor& probs) {
-  const int64_t Tn = logits.size(0), E = logits.size(1);
+  const int64_t Tn = logits.size(0), E = logits.size(1), K = a.K, Z = a.Z;
   const T* lp = logits.const_data_ptr<T>();
   const int64_t ls = logits.stride(0), le = logits.stride(1);
   T* pp = probs.mutable_data_ptr<T>();
   T* wp = weights.mutable_data_ptr<T>();
   int64_t* ip = ids.mutable_data_ptr<int64_t>();
-  const T eps = softmax ? T(0) : T(1e-20);
+  const T eps = a.softmax ? T(0) : T(1e-20);
+  std::atomic<bool> not_finite{false};
   at::parallel_for(0, Tn, 16, [&](int64_t begin, int64_t end) {
     std::vector<T> choice(E), group_score(std::max<int64_t>(Z, 1)), best_v(K);
-    std::vector<int64_t> best_i(K), group_best_i(std::max<int64_t>(topk_groups, 1));
+    std::vector<int64_t> best_i(K), group_best_i(std::max<int64_t>(a.topk_groups, 1));
     std::vector<char> allowed(E, 1);
-    std::vector<T> group_best_v(std::max<int64_t>(topk_groups, 1));
+    std::vector<T> group_best_v(std::max<int64_t>(a.topk_groups, 1));
     for (int64_t t = begin; t < end; ++t) {
       const T* l = lp + t * ls;
       T* p = pp + t * E;
-      if (softmax) {
-        T mx = -std::numeric_limits<T>::infinity();
+      const bool real = a.valid == nullptr || a.valid[t];
+      if (a.check_finite && real)
+        for (int64_t e = 0; e < E; ++e)
+          if (!std::isfinite(l[e * le])) not_finite.store(true, std::memory_order_relaxed);
+      T mx = -std::numeric_limits<T>::infinity(), sum = 0;
+      if (a.softmax || a.stats) {
         for (int64_t e = 0; e < E; ++e) mx = std::max(mx, l[e * le]);
-        T sum = 0;
+      }
+      if (a.softmax) {
         for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(l[e * le] - mx));
         for (int64_t e = 0; e < E; ++e) p[e] = p[e] / sum;
       } else {
         for (int64_t e = 0; e < E; ++e) p[e] = T(1) / (T(1) + std::exp(-l[e * le]));
+        if (a.stats)
+          for (int64_t e = 0; e < E; ++e) sum += std::exp(l[e * le] - mx);
       }
-      for (int64_t e = 0; e < E; ++e) choice[e] = bias ? p[e] + T(bias[e]) : p[e];
+      if (a.stats) {
+        const T lse = mx + std::log(sum);
+        a.lse2[t] = lse * lse;
+      }
+      for (int64_t e = 0; e < E; ++e) choice[e] = a.bias ? p[e] + T(a.bias[e]) : p[e];
       if (Z > 0) {  // the topk_groups best groups by the sum of their two best choice scores
         const int64_t per = E / Z;
         for (int64_t z = 0; z < Z; ++z) {
@@ -136,7 +209,7 @@ void route_rows(const at::Tensor& logits, const float* bias, int64_t K, bool sof
         }
         int64_t ng = 0;
         for (int64_t z = 0; z < Z; ++z)
-          insert_topk(group_score[z], z, group_best_v.data(), group_best_i.data(), ng, topk_groups);
+          insert_topk(group_score[z], z, group_best_v.data(), group_best_i.data(), ng, a.topk_groups);
         std::fill(allowed.begin(), allowed.end(), 0);
         for (int64_t g = 0; g < ng; ++g)
           std::fill(allowed.begin() + group_best_i[g] * per, allowed.begin() + (group_best_i[g] + 1) * per, 1);
@@ -146,20 +219,112 @@ void route_rows(const at::Tensor& logits, const float* bias, int64_t K, bool sof
         if (allowed[e]) insert_topk(choice[e], e, best_v.data(), best_i.data(), n, K);
       T* w = wp + t * K;
       int64_t* id = ip + t * K;
-      T sum = 0;
+      T wsum = 0;
       for (int64_t k = 0; k < K; ++k) {
         id[k] = best_i[k];
         w[k] = p[best_i[k]];
-        sum += w[k];
+        wsum += w[k];
       }
-      for (int64_t k = 0; k < K; ++k) w[k] = (norm ? w[k] / (sum + eps) : w[k]) * scaling;
+      for (int64_t k = 0; k < K; ++k) w[k] = (a.norm ? w[k] / (wsum + eps) : w[k]) * a.scaling;
+      if (!real)
+        for (int64_t k = 0; k < K; ++k) {
+          id[k] = -1;
+          w[k] = T(0);
+        }
+      if (a.stats && !a.softmax) {
+        T d = 0;
+        for (int64_t e = 0; e < E; ++e) d += p[e];
+        a.norm_T[t] = d + T(1e-20);
+      }
+      if (a.stats && a.aux_topk) {  // the plain top-k of the loss scores (no bias, no groups)
+        int64_t na = 0;
+        for (int64_t e = 0; e < E; ++e)
+          insert_topk(a.softmax ? p[e] : p[e] / a.norm_T[t], e, best_v.data(), best_i.data(), na, K);
+        for (int64_t k = 0; k < K; ++k) a.aux_ids[t * K + k] = real ? best_i[k] : -1;
+      }
     }
   });
+  TORCH_CHECK_VALUE(!not_finite.load(), "router logits contain NaN or inf (x or the router weights are not finite); "
+                    "the router refuses to route them");
+}
+
+// counts_E and metrics (every call); fw_BE, psum_BE and zsum (num_seqs > 0). Sums over tokens
+// run in token order (psum_BE in parallel over experts), so the results do not depend on threads.
+template <typename T>
+void route_statistics(const at::Tensor& ids, const at::Tensor& probs, const RouteArgs<T>& a, int64_t B,
+                      at::Tensor& counts, at::Tensor& metrics, at::Tensor& fw, at::Tensor& psum, at::Tensor& zsum) {
+  const int64_t Tn = probs.size(0), E = probs.size(1), K = a.K;
+  const int64_t* id = ids.const_data_ptr<int64_t>();
+  int64_t* cnt = counts.mutable_data_ptr<int64_t>();
+  std::fill(cnt, cnt + E, 0);
+  int64_t real = 0, kept = 0;
+  for (int64_t t = 0; t < Tn; ++t) {
+    real += (a.valid == nullptr || a.valid[t]) ? 1 : 0;
+    for (int64_t k = 0; k < K; ++k)
+      if (id[t * K + k] >= 0) {
+        ++cnt[id[t * K + k]];
+        ++kept;
+      }
+  }
+  float* m = metrics.mutable_data_ptr<float>();
+  m[0] = 0.0f;
+  m[1] = static_cast<float>(kept) / std::max(1.0f, static_cast<float>(real));
+  T* z = zsum.mutable_data_ptr<T>();
+  z[0] = T(0);
+  if (B == 0) return;
+  const int64_t S = Tn / B;
+  const int64_t* lid = a.aux_topk ? a.aux_ids : id;
+  const T* p = probs.const_data_ptr<T>();
+  T* ps = psum.mutable_data_ptr<T>();
+  T* f = fw.mutable_data_ptr<T>();
+  std::fill(f, f + B * E, T(0));
+  std::vector<T> tokens(B, T(0));
+  for (int64_t t = 0; t < Tn; ++t) {
+    if (a.valid != nullptr && !a.valid[t]) continue;
+    tokens[t / S] += T(1);
+    z[0] += a.lse2[t];
+    for (int64_t k = 0; k < K; ++k)
+      if (lid[t * K + k] >= 0) f[(t / S) * E + lid[t * K + k]] += T(1);
+  }
+  at::parallel_for(0, E, 16, [&](int64_t e0, int64_t e1) {  // each expert's sum in token order, row-wise
+    for (int64_t b = 0; b < B; ++b) {
+      T* acc = ps + b * E;
+      std::fill(acc + e0, acc + e1, T(0));
+      for (int64_t t = b * S; t < (b + 1) * S; ++t) {
+        if (a.valid != nullptr && !a.valid[t]) continue;
+        const T* pt = p + t * E;
+        if (a.softmax) {
+          for (int64_t e = e0; e < e1; ++e) acc[e] += pt[e];
+        } else {
+          for (int64_t e = e0; e < e1; ++e) acc[e] += pt[e] / a.norm_T[t];
+        }
+      }
+    }
+  });
+  T has_total = 0;
+  for (int64_t b = 0; b < B; ++b) has_total += tokens[b] > T(0) ? T(1) : T(0);
+  for (int64_t b = 0; b < B; ++b) {
+    T slots = 0;
+    for (int64_t e = 0; e < E; ++e) slots += f[b * E + e];
+    const T has = tokens[b] > T(0) ? T(1) : T(0);
+    const T scale = has / (std::max(T(1), tokens[b]) * std::max(T(1), has_total));
+    for (int64_t e = 0; e < E; ++e) f[b * E + e] = f[b * E + e] / std::max(T(1), slots) * scale;
+  }
 }
 
 template <typename T>
-void route_backward_rows(const at::Tensor& gw, const T* gp, const at::Tensor& ids, const at::Tensor& probs,
-                         bool softmax, bool norm, T scaling, at::Tensor& out) {
+struct RouteGrads {
+  const T* gp;       // (T, E) d probs, or null
+  const T* gpsum;    // (B, E) d psum_BE, or null
+  int64_t S;         // tokens per sequence (with gpsum)
+  T gz;              // d zsum (0 without)
+  const T* logits;   // (T, E) contiguous (with gz)
+  const bool* valid;
+};
+
+template <typename T>
+void route_backward_rows(const at::Tensor& gw, const RouteGrads<T>& g_in, const at::Tensor& ids,
+                         const at::Tensor& probs, bool softmax, bool norm, T scaling, at::Tensor& out) {
   const int64_t Tn = probs.size(0), E = probs.size(1), K = ids.size(1);
   const T* p_all = probs.const_data_ptr<T>();
   const T* gw_all = gw.const_data_ptr<T>();
@@ -171,20 +336,36 @@ void route_backward_rows(const at::Tensor& gw, const T* gp, const at::Tensor& id
       const T* p = p_all + t * E;
       const T* g = gw_all + t * K;
       const int64_t* id = id_all + t * K;
+      const bool real = g_in.valid == nullptr || g_in.valid[t];
       T* dp = o_all + t * E;  // d probs first, then d logits in place
-      for (int64_t e = 0; e < E; ++e) dp[e] = gp ? gp[t * E + e] : T(0);
+      for (int64_t e = 0; e < E; ++e) dp[e] = g_in.gp ? g_in.gp[t * E + e] : T(0);
       // w_k = s * p_k / (S + eps) with S = sum_j p_j: d p_k = s * (g_k / (S + eps) - sum_j g_j p_j / (S + eps)^2)
+      // (slots with id -1, padded tokens, carry a constant 0 weight: no gradient)
       T denom = 0, dot = 0;
       for (int64_t k = 0; k < K; ++k) {
-        TORCH_CHECK(id[k] >= 0 && id[k] < E, "moe.topk_route_backward: ids_TK[", t, ", ", k, "] = ", id[k],
-                    " is outside [0, E=", E, ")");
-        denom += p[id[k]];
+        TORCH_CHECK(id[k] >= -1 && id[k] < E, "moe.topk_route_backward: ids_TK[", t, ", ", k, "] = ", id[k],
+                    " is outside [-1, E=", E, ")");
+        if (id[k] >= 0) denom += p[id[k]];
       }
       denom += eps;
-      for (int64_t k = 0; k < K; ++k) dot += g[k] * scaling * p[id[k]];
+      for (int64_t k = 0; k < K; ++k)
+        if (id[k] >= 0) dot += g[k] * scaling * p[id[k]];
       for (int64_t k = 0; k < K; ++k) {
+        if (id[k] < 0) continue;
         const T gs = g[k] * scaling;
         dp[id[k]] += norm ? gs / denom - dot / (denom * denom) : gs;
+      }
+      if (g_in.gpsum && real) {  // psum_BE[b] += s: s = p (softmax) or p / (sum p + 1e-20) (sigmoid)
+        const T* gs = g_in.gpsum + (t / g_in.S) * E;
+        if (softmax) {
+          for (int64_t e = 0; e < E; ++e) dp[e] += gs[e];
+        } else {
+          T d = 0, sdot = 0;
+          for (int64_t e = 0; e < E; ++e) d += p[e];
+          d += T(1e-20);
+          for (int64_t e = 0; e < E; ++e) sdot += gs[e] * (p[e] / d);
+          for (int64_t e = 0; e < E; ++e) dp[e] += (gs[e] - sdot) / d;
+        }
       }
       if (softmax) {
         T s = 0;
@@ -193,43 +374,77 @@ void route_backward_rows(const at::Tensor& gw, const T* gp, const at::Tensor& id
       } else {
         for (int64_t e = 0; e < E; ++e) dp[e] = dp[e] * p[e] * (T(1) - p[e]);
       }
+      if (g_in.logits && real && g_in.gz != T(0)) {  // zsum += lse^2: d l_e = 2 lse softmax(l)_e
+        const T* l = g_in.logits + t * E;
+        T mx = -std::numeric_limits<T>::infinity(), sum = 0;
+        for (int64_t e = 0; e < E; ++e) mx = std::max(mx, l[e]);
+        for (int64_t e = 0; e < E; ++e) sum += std::exp(l[e] - mx);
+        const T c = T(2) * g_in.gz * (mx + std::log(sum)) / sum;
+        for (int64_t e = 0; e < E; ++e) dp[e] += c * std::exp(l[e] - mx);
+      }
     }
   });
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_route_cpu(
-    const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E, int64_t top_k,
-    c10::string_view score, int64_t num_groups, int64_t topk_groups, bool norm_topk, double scaling) {
-  check_topk_route_args(logits_TE, bias_E, top_k, score, num_groups, topk_groups, scaling);
-  const int64_t T = logits_TE.size(0), E = logits_TE.size(1);
-  auto probs = at::empty({T, E}, logits_TE.options());
-  auto weights = at::empty({T, top_k}, logits_TE.options());
-  auto ids = at::empty({T, top_k}, logits_TE.options().dtype(at::kLong));
-  at::Tensor bias;
+RouteOutputs topk_route_cpu(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E, int64_t top_k,
+                            c10::string_view score, int64_t num_groups, int64_t topk_groups, bool norm_topk,
+                            double scaling, const std::optional<at::Tensor>& valid_T, int64_t num_seqs,
+                            bool check_finite) {
+  check_topk_route_args(logits_TE, bias_E, top_k, score, num_groups, topk_groups, scaling, valid_T, num_seqs);
+  const int64_t T = logits_TE.size(0), E = logits_TE.size(1), B = num_seqs;
+  const auto opts = logits_TE.options();
+  auto probs = at::empty({T, E}, opts);
+  auto weights = at::empty({T, top_k}, opts);
+  auto ids = at::empty({T, top_k}, opts.dtype(at::kLong));
+  auto counts = at::empty({E}, opts.dtype(at::kLong));
+  auto metrics = at::empty({2}, opts.dtype(at::kFloat));
+  auto fw = at::empty({B, E}, opts);
+  auto psum = at::empty({B, E}, opts);
+  auto zsum = at::empty({}, opts);
+  at::Tensor bias, valid;
   if (bias_E.has_value()) bias = bias_E->to(at::kFloat).contiguous();
-  const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  if (valid_T.has_value()) valid = valid_T->contiguous();
+  const bool softmax = score == "softmax", aux_topk = bias.defined() || num_groups > 0;
   AT_DISPATCH_FLOATING_TYPES(logits_TE.scalar_type(), "moe_topk_route_cpu", [&] {
-    route_rows<scalar_t>(logits_TE, bp, top_k, score == "softmax", num_groups, topk_groups, norm_topk,
-                         scalar_t(scaling), ids, weights, probs);
+    std::vector<scalar_t> lse2(B > 0 ? T : 0), norm_T(B > 0 && !softmax ? T : 0);
+    std::vector<int64_t> aux_ids(B > 0 && aux_topk ? T * top_k : 0);
+    RouteArgs<scalar_t> a{bias.defined() ? bias.const_data_ptr<float>() : nullptr,
+                          valid.defined() ? valid.const_data_ptr<bool>() : nullptr,
+                          top_k, num_groups, topk_groups, softmax, norm_topk, check_finite, B > 0, aux_topk,
+                          scalar_t(scaling), lse2.data(), norm_T.data(), aux_ids.data()};
+    route_rows<scalar_t>(logits_TE, a, ids, weights, probs);
+    route_statistics<scalar_t>(ids, probs, a, B, counts, metrics, fw, psum, zsum);
   });
-  return {ids, weights, probs};
+  return {ids, weights, probs, counts, metrics, fw, psum, zsum};
 }
 
 at::Tensor topk_route_backward_cpu(const at::Tensor& grad_weights_TK, const std::optional<at::Tensor>& grad_probs_TE,
                                    const at::Tensor& ids_TK, const at::Tensor& probs_TE, c10::string_view score,
-                                   bool norm_topk, double scaling) {
-  check_topk_route_backward_args(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score);
+                                   bool norm_topk, double scaling, const std::optional<at::Tensor>& grad_psum_BE,
+                                   const std::optional<at::Tensor>& grad_zsum,
+                                   const std::optional<at::Tensor>& logits_TE,
+                                   const std::optional<at::Tensor>& valid_T) {
+  check_topk_route_backward_args(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score, grad_psum_BE, grad_zsum,
+                                 logits_TE, valid_T);
   const auto probs = probs_TE.contiguous();
   const auto gw = grad_weights_TK.contiguous();
   const auto ids = ids_TK.contiguous();
-  at::Tensor gp;
+  at::Tensor gp, gpsum, logits, valid;
   if (grad_probs_TE.has_value()) gp = grad_probs_TE->contiguous();
+  if (grad_psum_BE.has_value()) gpsum = grad_psum_BE->contiguous();
+  if (grad_zsum.has_value()) logits = logits_TE->contiguous();
+  if (valid_T.has_value()) valid = valid_T->contiguous();
   auto out = at::empty_like(probs);
   AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "moe_topk_route_backward_cpu", [&] {
-    route_backward_rows<scalar_t>(gw, gp.defined() ? gp.const_data_ptr<scalar_t>() : nullptr, ids, probs,
-                                  score == "softmax", norm_topk, scalar_t(scaling), out);
+    RouteGrads<scalar_t> g{gp.defined() ? gp.const_data_ptr<scalar_t>() : nullptr,
+                           gpsum.defined() ? gpsum.const_data_ptr<scalar_t>() : nullptr,
+                           gpsum.defined() ? probs.size(0) / gpsum.size(0) : 1,
+                           grad_zsum.has_value() ? grad_zsum->item<scalar_t>() : scalar_t(0),
+                           logits.defined() ? logits.const_data_ptr<scalar_t>() : nullptr,
+                           valid.defined() ? valid.const_data_ptr<bool>() : nullptr};
+    route_backward_rows<scalar_t>(gw, g, ids, probs, score == "softmax", norm_topk, scalar_t(scaling), out);
   });
   return out;
 }

@@ -32,6 +32,8 @@ forward returns ``(y, total auxiliary loss)`` and keeps no ``aux_losses`` on the
 
 from __future__ import annotations
 
+import functools
+import operator
 import warnings
 from typing import Optional
 
@@ -198,9 +200,11 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         self.last_routing = routing
-        if self.return_aux_loss:
-            zero = torch.zeros((), dtype=torch.float32, device=x.device)
-            return y_TD.reshape(x.shape), sum(routing.aux_losses.values(), zero)
+        if self.return_aux_loss:  # the sum of the losses, or a zero without any (no "0 +": one op less)
+            losses = list(routing.aux_losses.values())
+            total = (functools.reduce(operator.add, losses) if losses
+                     else torch.zeros((), dtype=torch.float32, device=x.device))
+            return y_TD.reshape(x.shape), total
         self.aux_losses = dict(routing.aux_losses)
         return y_TD.reshape(x.shape)
 

@@ -24,8 +24,19 @@ def sequence_load_balancing_loss(probs_BSE: Tensor, ids_BSK: Tensor, *, valid_BS
     For each sequence: E * sum_i f_i * P_i with f_i = (slots routed to expert i) / (slots routed)
     and P_i = the mean over its tokens of probs_i. With a fixed top-k and no drops the slot total
     is S*K, i.e. f_i = count_i / (K*S) as in the paper; -1 slots and padded tokens are excluded.
-    Sequences without a real token contribute nothing to the mean.
+    Sequences without a real token contribute nothing to the mean. Computed as
+    :func:`balance_loss_from_statistics` of :func:`balance_statistics` (the statistics that
+    ``torch.ops.moe.topk_route`` returns from its routing pass).
     """
+    return balance_loss_from_statistics(*balance_statistics(probs_BSE, ids_BSK, valid_BS=valid_BS))
+
+
+def balance_statistics(probs_BSE: Tensor, ids_BSK: Tensor, *, valid_BS: Optional[Tensor] = None) -> tuple:
+    """(fw_BE, psum_BE), the statistics of the balance losses over B sequences of S tokens:
+    psum_BE, the sum of each expert's scores over the sequence's real tokens (differentiable),
+    and fw_BE, the weight of each (sequence, expert) in the loss (no gradient): f_i of
+    :func:`sequence_load_balancing_loss` / (real tokens of the sequence * sequences with a real
+    token), 0 for a sequence without one. The loss is E * sum(fw_BE * psum_BE)."""
     B, S, E = probs_BSE.shape
     probs = _promote(probs_BSE)
     K = ids_BSK.shape[-1]
@@ -36,12 +47,17 @@ def sequence_load_balancing_loss(probs_BSE: Tensor, ids_BSK: Tensor, *, valid_BS
     routed = routed * valid_BS[..., None].expand(B, S, K).reshape(B, S * K).to(probs.dtype)
     counts_BE = probs.new_zeros(B, E + 1).scatter_add_(1, (ids + 1).clamp(min=0), routed)[:, 1:]
     f_BE = counts_BE / counts_BE.sum(dim=1, keepdim=True).clamp(min=1.0)
-    valid = valid_BS.to(probs.dtype)
-    tokens_B = valid.sum(dim=1)
-    P_BE = probs.masked_fill(~valid_BS[..., None], 0.0).sum(dim=1) / tokens_B[:, None].clamp(min=1.0)
-    loss_B = E * (f_BE * P_BE).sum(dim=1)
-    has_tokens = (tokens_B > 0).to(probs.dtype)
-    return (loss_B * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
+    tokens_B = valid_BS.to(probs.dtype).sum(dim=1)
+    psum_BE = probs.masked_fill(~valid_BS[..., None], 0.0).sum(dim=1)
+    has_B = (tokens_B > 0).to(probs.dtype)
+    fw_BE = f_BE * (has_B / (tokens_B.clamp(min=1.0) * has_B.sum().clamp(min=1.0)))[:, None]
+    return fw_BE, psum_BE
+
+
+def balance_loss_from_statistics(fw_BE: Tensor, psum_BE: Tensor, scale: float = 1.0) -> Tensor:
+    """scale * E * sum(fw_BE * psum_BE): the balance loss from :func:`balance_statistics`'s (or
+    ``torch.ops.moe.topk_route``'s) statistics, in two ops (a dot product and one scaling)."""
+    return torch.dot(fw_BE.reshape(-1), psum_BE.reshape(-1)) * (scale * fw_BE.shape[1])
 
 
 def switch_load_balancing_loss(probs_TE: Tensor, ids_TK: Tensor, *, valid_T: Optional[Tensor] = None) -> Tensor:
@@ -60,6 +76,13 @@ def z_loss(logits_TE: Tensor, *, valid_T: Optional[Tensor] = None) -> Tensor:
     """Router z-loss (ST-MoE, Zoph et al. 2022, Eq. 5): mean over tokens of logsumexp(logits)^2."""
     lse_T = torch.logsumexp(_promote(logits_TE), dim=-1) ** 2
     return _masked_mean(lse_T, valid_T)
+
+
+def z_statistic(logits_TE: Tensor, *, valid_T: Optional[Tensor] = None) -> Tensor:
+    """The sum over real tokens of logsumexp(logits)^2: :func:`z_loss` times the real tokens
+    (the z statistic of ``torch.ops.moe.topk_route``)."""
+    lse_T = torch.logsumexp(_promote(logits_TE), dim=-1) ** 2
+    return (lse_T if valid_T is None else lse_T.masked_fill(~valid_T, 0.0)).sum()
 
 
 def entropy_loss(probs_TE: Tensor, *, valid_T: Optional[Tensor] = None) -> Tensor:
@@ -130,6 +153,25 @@ def balance_losses(
         )
     if z_loss_coeff > 0:
         out["z_loss"] = z_loss_coeff * z_loss(logits_TE, valid_T=valid_T)
+    return out
+
+
+def losses_from_statistics(*, balance_loss: Optional[str], balance_loss_coeff: float, z_loss_coeff: float,
+                           fw_BE: Tensor, psum_BE: Tensor, zsum: Tensor, num_tokens) -> dict:
+    """:func:`balance_losses`' dict from the routing statistics (:func:`balance_statistics`'
+    fw_BE and psum_BE over one sequence for "switch", over the batch's sequences for "seq", and
+    :func:`z_statistic`'s zsum; ``torch.ops.moe.topk_route`` returns all three). num_tokens, the
+    real tokens (an int, or a 0-d tensor when padding makes it data-dependent), turns zsum into
+    the z-loss's mean. Two ops per balance loss, one for the z-loss over a host-known count."""
+    out = {}
+    if balance_loss is not None and balance_loss_coeff > 0:
+        name = "load_balancing" if balance_loss == "switch" else "seq_load_balancing"
+        out[name] = balance_loss_from_statistics(fw_BE, psum_BE, balance_loss_coeff)
+    if z_loss_coeff > 0:
+        if isinstance(num_tokens, Tensor):
+            out["z_loss"] = zsum * z_loss_coeff / num_tokens.to(zsum.dtype).clamp(min=1.0)
+        else:
+            out["z_loss"] = zsum * (z_loss_coeff / max(int(num_tokens), 1))
     return out
 
 

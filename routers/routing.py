@@ -264,10 +264,17 @@ class RouterBase(nn.Module):
     def _check_logits(self, logits_TE: Tensor, valid_T: Optional[Tensor]) -> None:
         if not self.check_finite or torch.compiler.is_compiling():
             return
-        if logits_TE.device.type == "cpu":
-            _check_finite(logits_TE, valid_T)
-        else:  # no host sync on accelerators: a device-side assert fails the next sync point
-            torch._assert_async(_all_finite(logits_TE, valid_T), _NOT_FINITE)
+        check_logits_finite(logits_TE, valid_T)
+
+
+def check_logits_finite(logits_TE: Tensor, valid_T: Optional[Tensor]) -> None:
+    """Refuse NaN/inf router logits of real tokens: a ValueError on the CPU (reading the flag is
+    free), a device-side assert elsewhere (torch._assert_async: no host sync). The top-k routers
+    pass check_finite to ``torch.ops.moe.topk_route``, whose kernels check in their pass."""
+    if logits_TE.device.type == "cpu":
+        _check_finite(logits_TE, valid_T)
+    else:  # no host sync on accelerators: a device-side assert fails the next sync point
+        torch._assert_async(_all_finite(logits_TE, valid_T), _NOT_FINITE)
 
 
 _NOT_FINITE = ("router logits contain NaN or inf (x or the router weights are not finite); "

@@ -138,7 +138,7 @@ class SBaseRouter(RouterBase):
                 weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp(min=1e-20)
         else:  # plain top-k: TopKRouter's selection (the fused kernel where moekit's ops are registered)
             ids_TK, weights_TK, probs_TE = topk_route(logits_TE, None, self.top_k, self.score, None, None,
-                                                      self.norm_topk, 1.0)
+                                                      self.norm_topk, 1.0)[:3]
         if valid_T is not None:
             ids_TK = ids_TK.masked_fill(~valid_T[:, None], -1)
         aux = {}

@@ -18,8 +18,10 @@ from torch import Tensor
 
 from routers.capacity import DROP_POLICIES, apply_capacity, capacity, check_capacity_factor, keep_first_slots
 from routers.checks import check_int, check_number
-from routers.losses import balance_loss_args, balance_losses, check_loss_config, loss_free_bias_update_
-from routers.routing import RouterBase, Routing, count_chosen, make_routing, topk_weights
+from routers.losses import (balance_loss_args, balance_statistics, check_loss_config, loss_free_bias_update_,
+                            losses_from_statistics, z_statistic)
+from routers.routing import (RouterBase, Routing, check_logits_finite, count_chosen, expert_counts, make_routing,
+                             topk_weights)
 
 
 def group_limited_topk(choice_TE: Tensor, top_k: int, num_groups: int, topk_groups: int) -> Tensor:
@@ -44,17 +46,24 @@ def group_limited_topk(choice_TE: Tensor, top_k: int, num_groups: int, topk_grou
 
 def route_topk(logits_TE: Tensor, bias_E: Optional[Tensor], top_k: int, score: str,
                num_groups: Optional[int], topk_groups: Optional[int], norm_topk: bool,
-               scaling: float) -> tuple:
-    """(ids_TK, weights_TK, probs_TE): a token-choice router's scores, selection and weights.
+               scaling: float, valid_T: Optional[Tensor] = None, num_seqs: int = 0,
+               check_finite: bool = False) -> tuple:
+    """(ids_TK, weights_TK, probs_TE, counts_E, metrics_2, fw_BE, psum_BE, zsum): a token-choice
+    router's scores, selection and weights, and the statistics its metrics and losses need.
 
     probs = softmax(logits) or sigmoid(logits); the choice scores probs + bias_E (DeepSeek-V3
     Eq. 16: the bias steers selection only) pick the top_k experts, best first, optionally
     within the topk_groups best of num_groups groups (:func:`group_limited_topk`); the weights
     are the chosen probs, renormalised to sum to 1 if norm_topk (Mixtral, Qwen3-MoE;
     DeepSeek-V3 Eq. 13 for sigmoid, with a 1e-20 guard), times ``scaling``
-    (routed_scaling_factor). This is the PyTorch form of ``torch.ops.moe.topk_route``, the fused
-    kernel the routers call once moekit's ops are registered (its twin, moe/ops/twins.py).
+    (routed_scaling_factor). Padded tokens (valid_T False) get ids -1 and weights 0; with
+    check_finite, non-finite logits of a real token raise (CPU) or fail a device-side assert.
+    The statistics are :func:`route_statistics`'. This is the PyTorch form of
+    ``torch.ops.moe.topk_route``, the fused kernel the routers call once moekit's ops are
+    registered (its twin, moe/ops/twins.py).
     """
+    if check_finite:
+        check_logits_finite(logits_TE, valid_T)
     if score == "softmax":
         probs_TE = torch.softmax(logits_TE, dim=-1)
     else:
@@ -65,7 +74,50 @@ def route_topk(logits_TE: Tensor, bias_E: Optional[Tensor], top_k: int, score: s
     else:
         ids_TK = group_limited_topk(choice_TE, top_k, num_groups, topk_groups)
     eps = 1e-20 if score == "sigmoid" else 0.0
-    return ids_TK, topk_weights(probs_TE, ids_TK, normalize=norm_topk, scale=scaling, eps=eps), probs_TE
+    weights_TK = topk_weights(probs_TE, ids_TK, normalize=norm_topk, scale=scaling, eps=eps)
+    if valid_T is not None:
+        ids_TK = ids_TK.masked_fill(~valid_T[:, None], -1)
+        weights_TK = weights_TK.masked_fill(~valid_T[:, None], 0.0)
+    stats = route_statistics(logits_TE, probs_TE, ids_TK, score=score,
+                             aux_topk=bias_E is not None or num_groups is not None, valid_T=valid_T,
+                             num_seqs=num_seqs)
+    return (ids_TK, weights_TK, probs_TE) + stats
+
+
+def route_statistics(logits_TE: Tensor, probs_TE: Tensor, ids_TK: Tensor, *, score: str, aux_topk: bool,
+                     valid_T: Optional[Tensor], num_seqs: int) -> tuple:
+    """(counts_E, metrics_2, fw_BE, psum_BE, zsum) of a top-k routing (ids_TK, -1 for padded
+    tokens), before capacity.
+
+    counts_E int64 (E,): routed slots per expert (Routing.counts_E); metrics_2 float32
+    (dropped_fraction = 0, experts_per_token), Routing's metrics of a routing without drops.
+    With num_seqs = B > 0 (T = B*S tokens, sequence b the tokens b*S..b*S+S-1), the statistics of
+    the losses (:func:`routers.losses.losses_from_statistics`): fw_BE and psum_BE of
+    :func:`routers.losses.balance_statistics` on the loss scores (the probs, normalised to sum 1
+    per token for sigmoid) and the loss ids (the ids, or with aux_topk, i.e. an expert bias or
+    groups, the plain top-k of the loss scores: DeepSeek-V3 Eq. 17-20 and Megatron's
+    compute_routing_scores_for_aux_loss), and zsum of :func:`routers.losses.z_statistic`. With
+    num_seqs = 0: fw_BE and psum_BE are (0, E) and zsum 0.
+    """
+    T, E = probs_TE.shape
+    K = ids_TK.shape[1]
+    counts_E = expert_counts(ids_TK, E).clone()  # (an op's result owns its storage: no view)
+    kept = counts_E.sum().to(torch.float32)
+    tokens = valid_T.sum() if valid_T is not None else ids_TK.new_full((), T)
+    metrics_2 = torch.stack([kept * 0.0, kept / tokens.to(torch.float32).clamp(min=1.0)])
+    if num_seqs == 0:
+        return counts_E, metrics_2, probs_TE.new_zeros(0, E), probs_TE.new_zeros(0, E), probs_TE.new_zeros(())
+    scores_TE = probs_TE if score == "softmax" else probs_TE / (probs_TE.sum(dim=-1, keepdim=True) + 1e-20)
+    ids_aux = ids_TK
+    if aux_topk:
+        ids_aux = scores_TE.topk(K, dim=-1).indices
+        if valid_T is not None:
+            ids_aux = ids_aux.masked_fill(~valid_T[:, None], -1)
+    B = num_seqs
+    S = T // B
+    fw_BE, psum_BE = balance_statistics(scores_TE.reshape(B, S, E), ids_aux.reshape(B, S, K),
+                                        valid_BS=None if valid_T is None else valid_T.reshape(B, S))
+    return counts_E, metrics_2, fw_BE, psum_BE, z_statistic(logits_TE, valid_T=valid_T)
 
 
 def _topk_route_op():
@@ -76,15 +128,18 @@ def _topk_route_op():
 
 def topk_route(logits_TE: Tensor, bias_E: Optional[Tensor], top_k: int, score: str,
                num_groups: Optional[int], topk_groups: Optional[int], norm_topk: bool,
-               scaling: float) -> tuple:
-    """:func:`route_topk`'s (ids_TK, weights_TK, probs_TE) through the fused kernel
-    ``torch.ops.moe.topk_route`` where moekit's ops are registered (one pass per token, the same
-    experts; probabilities and weights to a few roundings), else through route_topk itself.
-    Every top-k style router selects with it."""
+               scaling: float, valid_T: Optional[Tensor] = None, num_seqs: int = 0,
+               check_finite: bool = False) -> tuple:
+    """:func:`route_topk`'s eight results through the fused kernel ``torch.ops.moe.topk_route``
+    where moekit's ops are registered (one pass per token, the same experts; probabilities,
+    weights and statistics to a few roundings), else through route_topk itself. Every top-k
+    style router selects with it."""
     op = _topk_route_op()
     if op is None:
-        return route_topk(logits_TE, bias_E, top_k, score, num_groups, topk_groups, norm_topk, scaling)
-    return op(logits_TE, bias_E, top_k, score, num_groups or 0, topk_groups or 0, norm_topk, scaling)
+        return route_topk(logits_TE, bias_E, top_k, score, num_groups, topk_groups, norm_topk, scaling,
+                          valid_T, num_seqs, check_finite)
+    return op(logits_TE, bias_E, top_k, score, num_groups or 0, topk_groups or 0, norm_topk, scaling,
+              valid_T, num_seqs, check_finite)
 
 
 class TopKBase(RouterBase):
@@ -146,22 +201,32 @@ class TopKBase(RouterBase):
             self.expert_bias = None
 
     def _route(self, logits_TE: Tensor, valid_T: Optional[Tensor], seq_shape: tuple, state=None) -> Routing:
-        """Scores -> top-k ids and weights -> losses (on the routing before drops, as Megatron) -> capacity."""
-        self._check_logits(logits_TE, valid_T)
-        ids_TK, weights_TK, probs_TE = topk_route(
+        """Scores -> top-k ids, weights, metrics and loss statistics in one op (topk_route) ->
+        losses (on the routing before drops, as Megatron) -> capacity."""
+        balance = self.balance_loss is not None and self.balance_loss_coeff > 0
+        stats = self.training and (balance or self.z_loss_coeff > 0)
+        num_seqs = (seq_shape[0] if self.balance_loss == "seq" else 1) if stats else 0
+        check = self.check_finite and not torch.compiler.is_compiling()
+        ids_TK, weights_TK, probs_TE, counts_E, metrics_2, fw_BE, psum_BE, zsum = topk_route(
             logits_TE, self.expert_bias, self.top_k, self.score, self.num_groups, self.topk_groups,
-            self.norm_topk, self.routed_scaling_factor)
-        if valid_T is not None:
-            ids_TK = ids_TK.masked_fill(~valid_T[:, None], -1)
+            self.norm_topk, self.routed_scaling_factor, valid_T, num_seqs, check)
+        aux = {}
+        if stats:
+            num_tokens = valid_T.sum() if valid_T is not None and self.z_loss_coeff > 0 else logits_TE.shape[0]
+            aux = losses_from_statistics(balance_loss=self.balance_loss, balance_loss_coeff=self.balance_loss_coeff,
+                                         z_loss_coeff=self.z_loss_coeff, fw_BE=fw_BE, psum_BE=psum_BE, zsum=zsum,
+                                         num_tokens=num_tokens)
+        if self.capacity_factor is None:
+            return Routing(ids_TK=ids_TK, weights_TK=weights_TK, probs_TE=probs_TE, logits_TE=logits_TE,
+                           aux_losses=aux, state=state, counts_E=counts_E, dropped_fraction=metrics_2[0],
+                           experts_per_token=metrics_2[1])
         chosen = count_chosen(ids_TK, valid_T)
-        aux = self._losses(probs_TE, ids_TK, logits_TE, valid_T, seq_shape) if self.training else {}
-        if self.capacity_factor is not None:
-            T = ids_TK.shape[0]
-            cap = capacity(T, self.top_k, self.num_experts, self.capacity_factor)
-            if self.drop_policy == "probs":
-                ids_TK, weights_TK = apply_capacity(ids_TK, weights_TK, weights_TK, cap, self.num_experts)
-            else:
-                ids_TK, weights_TK = keep_first_slots(ids_TK, weights_TK, cap, self.num_experts)
+        T = ids_TK.shape[0]
+        cap = capacity(T, self.top_k, self.num_experts, self.capacity_factor)
+        if self.drop_policy == "probs":
+            ids_TK, weights_TK = apply_capacity(ids_TK, weights_TK, weights_TK, cap, self.num_experts)
+        else:
+            ids_TK, weights_TK = keep_first_slots(ids_TK, weights_TK, cap, self.num_experts)
         return make_routing(
             ids_TK=ids_TK, weights_TK=weights_TK, probs_TE=probs_TE, logits_TE=logits_TE,
             valid_T=valid_T, chosen_slots=chosen, aux_losses=aux, state=state,
@@ -172,21 +237,6 @@ class TopKBase(RouterBase):
         (+1e-20 for sigmoid, as DeepSeek-V3), times routed_scaling_factor."""
         eps = 1e-20 if self.score == "sigmoid" else 0.0
         return topk_weights(probs_TE, ids_TK, normalize=self.norm_topk, scale=self.routed_scaling_factor, eps=eps)
-
-    def _losses(self, probs_TE, ids_TK, logits_TE, valid_T, seq_shape) -> dict:
-        """Balance losses use the unbiased, group-free top-k of the (for sigmoid: normalised)
-        scores, before capacity (DeepSeek-V3 Eq. 17-20; Megatron compute_routing_scores_for_aux_loss)."""
-        scores_TE, ids_aux = probs_TE, ids_TK
-        if self.balance_loss is not None and self.balance_loss_coeff > 0:
-            if self.score == "sigmoid":
-                scores_TE = probs_TE / (probs_TE.sum(dim=-1, keepdim=True) + 1e-20)
-            if self.expert_bias is not None or self.num_groups is not None:
-                ids_aux = scores_TE.topk(self.top_k, dim=-1).indices
-                if valid_T is not None:
-                    ids_aux = ids_aux.masked_fill(~valid_T[:, None], -1)
-        return balance_losses(balance_loss=self.balance_loss, balance_loss_coeff=self.balance_loss_coeff,
-                              z_loss_coeff=self.z_loss_coeff, probs_TE=scores_TE, ids_TK=ids_aux,
-                              logits_TE=logits_TE, valid_T=valid_T, seq_shape=seq_shape)
 
 
 class TopKRouter(TopKBase):

@@ -9,12 +9,24 @@
 // (probs + bias) in shared memory; with groups, lane z scores group z (its two best choices) and
 // the warp picks the topk_groups best groups in as many arg-max rounds; then K arg-max rounds pick
 // the experts (ties: the lower id), and lane 0 sums the chosen probs in slot order, normalises
-// and scales. No host synchronisation: every size is known on the host.
+// and scales. Padded tokens (valid_T false) get ids -1 and weights 0; check_finite turns a real
+// token's non-finite logit into a device-side assert. No host synchronisation: every size is
+// known on the host.
+//
+// Statistics (csrc/router.cpp states them), deterministic, with no atomics on floats:
+// the route kernel also writes, per token, logsumexp(l)^2, the sigmoid loss scores' divisor and
+// the loss ids (top-k of the loss scores, with a bias or groups); route_stats_partial_kernel
+// (num_seqs = B > 0) sums each (sequence, expert)'s loss scores and loss slots over ranges of
+// 32 tokens in token order, and each range's real tokens and lse^2; route_stats_final_kernel (one
+// block) counts counts_E and the real tokens, writes metrics, adds the ranges' partial sums (a
+// warp per sequence and expert, in a fixed tree) and forms fw_BE, psum_BE and zsum. Launches: 2
+// without statistics, 3 with.
 // Shared memory per warp: 2 E values (probs, choice) and Z group scores; a block holds up to four
 // warps, fewer when E is large; E must fit one warp's share in 48 KiB.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <climits>
 #include <limits>
 
@@ -57,11 +69,44 @@ __device__ __forceinline__ void warp_argmax(T& v, int& i) {
 
 __device__ __forceinline__ float exp_(float x) { return ::expf(x); }
 __device__ __forceinline__ double exp_(double x) { return ::exp(x); }
+__device__ __forceinline__ float log_(float x) { return ::logf(x); }
+__device__ __forceinline__ double log_(double x) { return ::log(x); }
+
+// K arg-max rounds over score[0..E) (in shared memory; the taken ones become -inf): out[k] = the
+// k-th best id, ties to the lower id. Every lane of the warp takes part; lane 0 writes.
+template <typename T>
+__device__ void topk_rounds(T* score, int E, int K, int lane, int64_t* out) {
+  for (int k = 0; k < K; ++k) {
+    T v = -std::numeric_limits<T>::infinity();
+    int i = INT_MAX;
+    for (int e = lane; e < E; e += kWarp)
+      if (score[e] > v) {  // lanes scan increasing ids: a tie keeps the lower one
+        v = score[e];
+        i = e;
+      }
+    warp_argmax(v, i);
+    if (i == INT_MAX) i = 0;  // unreachable for finite logits: K <= the allowed experts
+    if (lane == 0) {
+      out[k] = i;
+      score[i] = -std::numeric_limits<T>::infinity();
+    }
+    __syncwarp();
+  }
+}
+
+// Per-token outputs of the route kernel for the statistics kernels (null when not needed).
+template <typename T>
+struct TokenStats {
+  T* lse2;           // (T,) logsumexp(l)^2
+  T* norm;           // (T,) sum_e p_e + 1e-20 (sigmoid)
+  int64_t* aux_ids;  // (T, K) the loss ids (with a bias or groups)
+};
 
 template <typename T>
 __global__ void topk_route_kernel(const T* __restrict__ logits, int64_t ls, int64_t le,
-                                  const float* __restrict__ bias, int64_t Tn, int E, int K, bool softmax,
-                                  int Z, int topk_groups, bool norm, T scaling, int64_t* __restrict__ ids,
+                                  const float* __restrict__ bias, const bool* __restrict__ valid, int64_t Tn,
+                                  int E, int K, bool softmax, int Z, int topk_groups, bool norm, T scaling,
+                                  bool check_finite, TokenStats<T> st, int64_t* __restrict__ ids,
                                   T* __restrict__ weights, T* __restrict__ probs) {
   extern __shared__ unsigned char smem_raw[];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
@@ -72,17 +117,33 @@ __global__ void topk_route_kernel(const T* __restrict__ logits, int64_t ls, int6
   T* group = choice + E;
   const T* l = logits + t * ls;
   const T neg_inf = -std::numeric_limits<T>::infinity();
+  const bool real = valid == nullptr || valid[t];
 
-  if (softmax) {
-    T mx = neg_inf;
+  if (check_finite && real) {
+    bool bad = false;
+    for (int e = lane; e < E; e += kWarp) bad |= !isfinite(l[e * le]);
+    bad = __any_sync(0xffffffffu, bad);
+    CUDA_KERNEL_ASSERT(!bad && "router logits contain NaN or inf; the router refuses to route them");
+  }
+  T mx = neg_inf, sum = 0;
+  if (softmax || st.lse2) {
     for (int e = lane; e < E; e += kWarp) mx = max(mx, l[e * le]);
     mx = warp_max(mx);
-    T sum = 0;
+  }
+  if (softmax) {
     for (int e = lane; e < E; e += kWarp) sum += (p[e] = exp_(l[e * le] - mx));
     sum = warp_sum(sum);
     for (int e = lane; e < E; e += kWarp) p[e] = p[e] / sum;
   } else {
     for (int e = lane; e < E; e += kWarp) p[e] = T(1) / (T(1) + exp_(-l[e * le]));
+    if (st.lse2) {
+      for (int e = lane; e < E; e += kWarp) sum += exp_(l[e * le] - mx);
+      sum = warp_sum(sum);
+    }
+  }
+  if (st.lse2 && lane == 0) {
+    const T lse = mx + log_(sum);
+    st.lse2[t] = lse * lse;
   }
   for (int e = lane; e < E; e += kWarp) {
     probs[t * E + e] = p[e];
@@ -125,27 +186,180 @@ __global__ void topk_route_kernel(const T* __restrict__ logits, int64_t ls, int6
 
   int64_t* id = ids + t * K;
   T* w = weights + t * K;
-  for (int k = 0; k < K; ++k) {
-    T v = neg_inf;
-    int i = INT_MAX;
-    for (int e = lane; e < E; e += kWarp)
-      if (choice[e] > v) {  // lanes scan increasing ids: a tie keeps the lower one
-        v = choice[e];
-        i = e;
-      }
-    warp_argmax(v, i);
-    if (i == INT_MAX) i = 0;  // unreachable for finite logits: K <= the allowed experts
-    if (lane == 0) {
-      id[k] = i;
-      choice[i] = neg_inf;
-    }
-    __syncwarp();
-  }
+  topk_rounds(choice, E, K, lane, id);
   if (lane == 0) {
     const T eps = softmax ? T(0) : T(1e-20);
-    T sum = 0;
-    for (int k = 0; k < K; ++k) sum += (w[k] = p[id[k]]);
-    for (int k = 0; k < K; ++k) w[k] = (norm ? w[k] / (sum + eps) : w[k]) * scaling;
+    T wsum = 0;
+    for (int k = 0; k < K; ++k) wsum += (w[k] = p[id[k]]);
+    for (int k = 0; k < K; ++k) w[k] = real ? (norm ? w[k] / (wsum + eps) : w[k]) * scaling : T(0);
+  }
+  __syncwarp();
+  if (st.norm) {  // the sigmoid loss scores' divisor, sum_e p_e + 1e-20
+    T d = 0;
+    for (int e = lane; e < E; e += kWarp) d += p[e];
+    d = warp_sum(d) + T(1e-20);
+    if (lane == 0) st.norm[t] = d;
+    if (st.aux_ids)
+      for (int e = lane; e < E; e += kWarp) choice[e] = p[e] / d;
+  } else if (st.aux_ids) {
+    for (int e = lane; e < E; e += kWarp) choice[e] = p[e];
+  }
+  __syncwarp();
+  if (st.aux_ids) {  // the plain top-k of the loss scores (no bias, no groups)
+    topk_rounds(choice, E, K, lane, st.aux_ids + t * K);
+    if (!real && lane == 0)
+      for (int k = 0; k < K; ++k) st.aux_ids[t * K + k] = -1;
+  }
+  if (!real && lane == 0)
+    for (int k = 0; k < K; ++k) id[k] = -1;
+}
+
+// Per (expert e = thread, sequence b, token range r): the loss scores' and loss slots' sums over
+// the range's real tokens, in token order; thread 0 of the row of blocks x = 0 also sums the
+// range's real tokens and lse^2. Grid (ceil(E / 128), B, R).
+template <typename T>
+__global__ void route_stats_partial_kernel(const T* __restrict__ probs, const T* __restrict__ norm,
+                                           const int64_t* __restrict__ loss_ids, const bool* __restrict__ valid,
+                                           const T* __restrict__ lse2, int64_t S, int64_t chunk, int E, int K,
+                                           T* __restrict__ psum_part, int* __restrict__ cnt_part,
+                                           T* __restrict__ z_part, int* __restrict__ tok_part) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t b = blockIdx.y, r = blockIdx.z, B = gridDim.y;
+  const int64_t t0 = b * S + r * chunk, t1 = min(b * S + S, t0 + chunk);
+  const int64_t out = (r * B + b) * E + e;
+  if (e < E) {
+    T acc = 0;
+    int cnt = 0;
+    for (int64_t t = t0; t < t1; ++t) {
+      if (valid != nullptr && !valid[t]) continue;
+      const T pe = probs[t * E + e];
+      acc += norm ? pe / norm[t] : pe;
+      for (int k = 0; k < K; ++k) cnt += loss_ids[t * K + k] == e ? 1 : 0;
+    }
+    psum_part[out] = acc;
+    cnt_part[out] = cnt;
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    T z = 0;
+    int tok = 0;
+    for (int64_t t = t0; t < t1; ++t)
+      if (valid == nullptr || valid[t]) {
+        z += lse2[t];
+        ++tok;
+      }
+    z_part[r * B + b] = z;
+    tok_part[r * B + b] = tok;
+  }
+}
+
+constexpr int kFinalThreads = 1024;
+constexpr int kSmemHist = 8192;  // experts counted in shared memory (32 KiB)
+
+// One block: counts_E (a shared-memory histogram when E <= kSmemHist) and metrics; with B > 0, the
+// R partial sums added in a fixed order and fw_BE,
+// psum_BE, zsum formed (the arithmetic of csrc/router.cpp's route_statistics).
+template <typename T>
+__global__ void route_stats_final_kernel(const int64_t* __restrict__ ids, const bool* __restrict__ valid,
+                                         int64_t Tn, int E, int K, int64_t B, int64_t R, bool smem_hist,
+                                         const T* __restrict__ psum_part, const int* __restrict__ cnt_part,
+                                         T* __restrict__ z_part, const int* __restrict__ tok_part,
+                                         T* __restrict__ tok_B, int64_t* __restrict__ counts,
+                                         float* __restrict__ metrics, T* __restrict__ fw, T* __restrict__ psum,
+                                         T* __restrict__ zsum) {
+  __shared__ unsigned long long red[2][kFinalThreads / kWarp];
+  extern __shared__ int hist[];  // E counts when smem_hist
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    if (smem_hist) {
+      hist[e] = 0;
+    } else {
+      counts[e] = 0;
+    }
+  }
+  __syncthreads();
+  unsigned long long kept = 0, real = 0;
+  for (int64_t s = threadIdx.x; s < Tn * K; s += blockDim.x) {
+    const int64_t id = ids[s];
+    if (id >= 0) {
+      if (smem_hist) {
+        atomicAdd(&hist[id], 1);
+      } else {
+        atomicAdd(reinterpret_cast<unsigned long long*>(counts + id), 1ull);
+      }
+      ++kept;
+    }
+  }
+  for (int64_t t = threadIdx.x; t < Tn; t += blockDim.x) real += (valid == nullptr || valid[t]) ? 1 : 0;
+  kept = warp_sum(kept);
+  real = warp_sum(real);
+  if (lane == 0) {
+    red[0][warp] = kept;
+    red[1][warp] = real;
+  }
+  __syncthreads();
+  if (smem_hist)
+    for (int e = threadIdx.x; e < E; e += blockDim.x) counts[e] = hist[e];
+  if (threadIdx.x == 0) {
+    kept = real = 0;
+    for (int w = 0; w < int(blockDim.x) / kWarp; ++w) {
+      kept += red[0][w];
+      real += red[1][w];
+    }
+    metrics[0] = 0.0f;
+    metrics[1] = static_cast<float>(kept) / fmaxf(1.0f, static_cast<float>(real));
+  }
+  if (B == 0) {
+    if (threadIdx.x == 0) zsum[0] = T(0);
+    return;
+  }
+  // One warp per (sequence, expert): lane-strided partials, then the warp's tree (a fixed order).
+  const int warps = blockDim.x / kWarp;
+  for (int64_t i = warp; i < B * E; i += warps) {  // fw holds the loss-slot counts for now
+    T acc = 0;
+    int cnt = 0;
+    for (int64_t r = lane; r < R; r += kWarp) {
+      acc += psum_part[r * B * E + i];
+      cnt += cnt_part[r * B * E + i];
+    }
+    acc = warp_sum(acc);
+    cnt = warp_sum(cnt);
+    if (lane == 0) {
+      psum[i] = acc;
+      fw[i] = T(cnt);
+    }
+  }
+  for (int64_t b = warp; b < B; b += warps) {  // z_part's row r = 0 then holds each sequence's sum
+    int tok = 0;
+    T z = 0;
+    for (int64_t r = lane; r < R; r += kWarp) {
+      tok += tok_part[r * B + b];
+      z += z_part[r * B + b];
+    }
+    tok = warp_sum(tok);
+    z = warp_sum(z);
+    if (lane == 0) {
+      tok_B[b] = T(tok);
+      z_part[b] = z;
+    }
+  }
+  __syncthreads();
+  __shared__ T has_total;
+  if (threadIdx.x == 0) {
+    T z = 0, h = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      z += R > 0 ? z_part[b] : T(0);
+      h += tok_B[b] > T(0) ? T(1) : T(0);
+    }
+    zsum[0] = z;
+    has_total = h;
+  }
+  __syncthreads();
+  for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
+    T slots = 0;
+    for (int e = 0; e < E; ++e) slots += fw[b * E + e];
+    const T has = tok_B[b] > T(0) ? T(1) : T(0);
+    const T scale = has / (max(T(1), tok_B[b]) * max(T(1), has_total));
+    for (int e = 0; e < E; ++e) fw[b * E + e] = fw[b * E + e] / max(T(1), slots) * scale;
   }
 }
 
@@ -153,6 +367,8 @@ template <typename T>
 __global__ void topk_route_backward_kernel(const T* __restrict__ gw, const T* __restrict__ gp,
                                            const int64_t* __restrict__ ids, const T* __restrict__ probs,
                                            int64_t Tn, int E, int K, bool softmax, bool norm, T scaling,
+                                           const T* __restrict__ gpsum, int64_t S, const T* __restrict__ gz,
+                                           const T* __restrict__ logits, const bool* __restrict__ valid,
                                            T* __restrict__ out) {
   extern __shared__ unsigned char smem_raw[];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
@@ -162,31 +378,62 @@ __global__ void topk_route_backward_kernel(const T* __restrict__ gw, const T* __
   const T* p = probs + t * E;
   const T* g = gw + t * K;
   const int64_t* id = ids + t * K;
+  const bool real = valid == nullptr || valid[t];
   for (int e = lane; e < E; e += kWarp) dp[e] = gp ? gp[t * E + e] : T(0);
   T denom = 0, dot = 0;
-  if (lane == 0) {  // in slot order, as the CPU kernel
+  if (lane == 0) {  // in slot order, as the CPU kernel; id -1 (a padded token) carries no gradient
     for (int k = 0; k < K; ++k) {
-      CUDA_KERNEL_ASSERT(id[k] >= 0 && id[k] < E && "moe.topk_route_backward: ids_TK outside [0, E)");
-      denom += p[id[k]];
+      CUDA_KERNEL_ASSERT(id[k] >= -1 && id[k] < E && "moe.topk_route_backward: ids_TK outside [-1, E)");
+      if (id[k] >= 0) denom += p[id[k]];
     }
     denom += softmax ? T(0) : T(1e-20);
-    for (int k = 0; k < K; ++k) dot += g[k] * scaling * p[id[k]];
+    for (int k = 0; k < K; ++k)
+      if (id[k] >= 0) dot += g[k] * scaling * p[id[k]];
   }
   denom = __shfl_sync(0xffffffffu, denom, 0);
   dot = __shfl_sync(0xffffffffu, dot, 0);
   __syncwarp();
   for (int k = lane; k < K; k += kWarp) {  // ids of one token are distinct: no two lanes collide
+    if (id[k] < 0) continue;
     const T gs = g[k] * scaling;
     dp[id[k]] += norm ? gs / denom - dot / (denom * denom) : gs;
   }
   __syncwarp();
+  if (gpsum != nullptr && real) {  // psum_BE[b] += the loss scores s (p, or p / (sum p + 1e-20))
+    const T* gs = gpsum + (t / S) * E;
+    if (softmax) {
+      for (int e = lane; e < E; e += kWarp) dp[e] += gs[e];
+    } else {
+      T d = 0;
+      for (int e = lane; e < E; e += kWarp) d += p[e];
+      d = warp_sum(d) + T(1e-20);
+      T sdot = 0;
+      for (int e = lane; e < E; e += kWarp) sdot += gs[e] * (p[e] / d);
+      sdot = warp_sum(sdot);
+      for (int e = lane; e < E; e += kWarp) dp[e] += (gs[e] - sdot) / d;
+    }
+    __syncwarp();
+  }
+  T c = 0, mx = 0;
+  const T* l = logits != nullptr ? logits + t * E : nullptr;
+  if (l != nullptr && real) {  // zsum += lse^2: d l_e = 2 lse softmax(l)_e
+    mx = -std::numeric_limits<T>::infinity();
+    for (int e = lane; e < E; e += kWarp) mx = max(mx, l[e]);
+    mx = warp_max(mx);
+    T sum = 0;
+    for (int e = lane; e < E; e += kWarp) sum += exp_(l[e] - mx);
+    sum = warp_sum(sum);
+    c = T(2) * gz[0] * (mx + log_(sum)) / sum;
+  }
   if (softmax) {
     T s = 0;
     for (int e = lane; e < E; e += kWarp) s += dp[e] * p[e];
     s = warp_sum(s);
-    for (int e = lane; e < E; e += kWarp) out[t * E + e] = p[e] * (dp[e] - s);
+    for (int e = lane; e < E; e += kWarp)
+      out[t * E + e] = p[e] * (dp[e] - s) + (c != T(0) ? c * exp_(l[e] - mx) : T(0));
   } else {
-    for (int e = lane; e < E; e += kWarp) out[t * E + e] = dp[e] * p[e] * (T(1) - p[e]);
+    for (int e = lane; e < E; e += kWarp)
+      out[t * E + e] = dp[e] * p[e] * (T(1) - p[e]) + (c != T(0) ? c * exp_(l[e] - mx) : T(0));
   }
 }
 
@@ -198,40 +445,90 @@ std::pair<int, int64_t> warp_layout(const char* op, int64_t per_warp, int64_t E)
   return {warps, per_warp * warps};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_route_cuda(
-    const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E, int64_t top_k,
-    c10::string_view score, int64_t num_groups, int64_t topk_groups, bool norm_topk, double scaling) {
-  check_topk_route_args(logits_TE, bias_E, top_k, score, num_groups, topk_groups, scaling);
+RouteOutputs topk_route_cuda(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E, int64_t top_k,
+                             c10::string_view score, int64_t num_groups, int64_t topk_groups, bool norm_topk,
+                             double scaling, const std::optional<at::Tensor>& valid_T, int64_t num_seqs,
+                             bool check_finite) {
+  check_topk_route_args(logits_TE, bias_E, top_k, score, num_groups, topk_groups, scaling, valid_T, num_seqs);
   const c10::cuda::CUDAGuard guard(logits_TE.device());
-  const int64_t T = logits_TE.size(0), E = logits_TE.size(1);
-  auto probs = at::empty({T, E}, logits_TE.options());
-  auto weights = at::empty({T, top_k}, logits_TE.options());
-  auto ids = at::empty({T, top_k}, logits_TE.options().dtype(at::kLong));
-  if (T == 0) return {ids, weights, probs};
-  at::Tensor bias;
+  const int64_t T = logits_TE.size(0), E = logits_TE.size(1), B = num_seqs, K = top_k;
+  const auto opts = logits_TE.options();
+  auto probs = at::empty({T, E}, opts);
+  auto weights = at::empty({T, K}, opts);
+  auto ids = at::empty({T, K}, opts.dtype(at::kLong));
+  auto counts = at::empty({E}, opts.dtype(at::kLong));
+  auto metrics = at::empty({2}, opts.dtype(at::kFloat));
+  auto fw = at::empty({B, E}, opts);
+  auto psum = at::empty({B, E}, opts);
+  auto zsum = at::empty({}, opts);
+  at::Tensor bias, valid;
   if (bias_E.has_value()) bias = bias_E->to(at::kFloat).contiguous();
+  if (valid_T.has_value()) valid = valid_T->contiguous();
+  const bool* vp = valid.defined() ? valid.const_data_ptr<bool>() : nullptr;
+  const bool softmax = score == "softmax", aux_topk = bias.defined() || num_groups > 0;
+  const int64_t S = B > 0 ? T / B : 0;
+  // token ranges of 32 tokens per sequence (at most 1024): enough blocks to hide the loads' latency
+  const int64_t R = B > 0 ? std::clamp<int64_t>(ceil_div(S, 32), 1, 1024) : 0;
+  const int64_t chunk = R > 0 ? ceil_div(S, R) : 0;
+  const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(logits_TE.scalar_type(), "moe_topk_route_cuda", [&] {
-    const auto [warps, smem] = warp_layout("topk_route", int64_t(sizeof(scalar_t)) * (2 * E + num_groups), E);
-    topk_route_kernel<scalar_t><<<rows_grid(T, warps), warps * kWarp, smem, at::cuda::getCurrentCUDAStream()>>>(
-        logits_TE.const_data_ptr<scalar_t>(), logits_TE.stride(0), logits_TE.stride(1),
-        bias.defined() ? bias.const_data_ptr<float>() : nullptr, T, int(E), int(top_k), score == "softmax",
-        int(num_groups), int(topk_groups), norm_topk, scalar_t(scaling), ids.mutable_data_ptr<int64_t>(),
-        weights.mutable_data_ptr<scalar_t>(), probs.mutable_data_ptr<scalar_t>());
+    using T_ = scalar_t;
+    // workspace: lse2 (T), norm (T, sigmoid), psum partials (R B E), z partials (R B), tok_B (B)
+    auto ws = at::empty({B > 0 ? 2 * T + R * B * E + R * B + B : 0}, opts);
+    auto iws = at::empty({B > 0 ? R * B * E + R * B : 0}, opts.dtype(at::kInt));
+    auto aux = at::empty({B > 0 && aux_topk ? T * K : 0}, opts.dtype(at::kLong));
+    T_* w0 = ws.mutable_data_ptr<T_>();
+    TokenStats<T_> st{B > 0 ? w0 : nullptr, B > 0 && !softmax ? w0 + T : nullptr,
+                      B > 0 && aux_topk ? aux.mutable_data_ptr<int64_t>() : nullptr};
+    if (T > 0) {
+      const auto [warps, smem] = warp_layout("topk_route", int64_t(sizeof(T_)) * (2 * E + num_groups), E);
+      topk_route_kernel<T_><<<rows_grid(T, warps), warps * kWarp, smem, stream>>>(
+          logits_TE.const_data_ptr<T_>(), logits_TE.stride(0), logits_TE.stride(1),
+          bias.defined() ? bias.const_data_ptr<float>() : nullptr, vp, T, int(E), int(K), softmax,
+          int(num_groups), int(topk_groups), norm_topk, T_(scaling), check_finite, st,
+          ids.mutable_data_ptr<int64_t>(), weights.mutable_data_ptr<T_>(), probs.mutable_data_ptr<T_>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    T_* psum_part = B > 0 ? w0 + 2 * T : nullptr;
+    T_* z_part = B > 0 ? psum_part + R * B * E : nullptr;
+    T_* tok_B = B > 0 ? z_part + R * B : nullptr;
+    int* cnt_part = B > 0 ? iws.mutable_data_ptr<int>() : nullptr;
+    int* tok_part = B > 0 ? cnt_part + R * B * E : nullptr;
+    if (B > 0 && T > 0) {
+      const dim3 grid(unsigned(ceil_div(E, 128)), unsigned(B), unsigned(R));
+      TORCH_CHECK(B <= 65535, "moe.topk_route: num_seqs=", B, " exceeds the 65535 sequences of one CUDA launch");
+      route_stats_partial_kernel<T_><<<grid, 128, 0, stream>>>(
+          probs.const_data_ptr<T_>(), st.norm, aux_topk ? st.aux_ids : ids.const_data_ptr<int64_t>(), vp, st.lse2,
+          S, chunk, int(E), int(K), psum_part, cnt_part, z_part, tok_part);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    const bool smem_hist = E <= kSmemHist;
+    route_stats_final_kernel<T_><<<1, kFinalThreads, smem_hist ? E * sizeof(int) : 0, stream>>>(
+        ids.const_data_ptr<int64_t>(), vp, T, int(E), int(K), B, T > 0 ? R : 0, smem_hist, psum_part, cnt_part, z_part,
+        tok_part, tok_B, counts.mutable_data_ptr<int64_t>(), metrics.mutable_data_ptr<float>(),
+        fw.mutable_data_ptr<T_>(), psum.mutable_data_ptr<T_>(), zsum.mutable_data_ptr<T_>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {ids, weights, probs};
+  return {ids, weights, probs, counts, metrics, fw, psum, zsum};
 }
 
 at::Tensor topk_route_backward_cuda(const at::Tensor& grad_weights_TK, const std::optional<at::Tensor>& grad_probs_TE,
                                     const at::Tensor& ids_TK, const at::Tensor& probs_TE, c10::string_view score,
-                                    bool norm_topk, double scaling) {
-  check_topk_route_backward_args(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score);
+                                    bool norm_topk, double scaling, const std::optional<at::Tensor>& grad_psum_BE,
+                                    const std::optional<at::Tensor>& grad_zsum,
+                                    const std::optional<at::Tensor>& logits_TE,
+                                    const std::optional<at::Tensor>& valid_T) {
+  check_topk_route_backward_args(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score, grad_psum_BE, grad_zsum,
+                                 logits_TE, valid_T);
   const c10::cuda::CUDAGuard guard(probs_TE.device());
   const auto probs = probs_TE.contiguous();
   const auto gw = grad_weights_TK.contiguous();
   const auto ids = ids_TK.contiguous();
-  at::Tensor gp;
+  at::Tensor gp, gpsum, logits, valid;
   if (grad_probs_TE.has_value()) gp = grad_probs_TE->contiguous();
+  if (grad_psum_BE.has_value()) gpsum = grad_psum_BE->contiguous();
+  if (grad_zsum.has_value()) logits = logits_TE->contiguous();
+  if (valid_T.has_value()) valid = valid_T->contiguous();
   auto out = at::empty_like(probs);
   const int64_t T = probs.size(0), E = probs.size(1);
   if (T == 0) return out;
@@ -241,7 +538,11 @@ at::Tensor topk_route_backward_cuda(const at::Tensor& grad_weights_TK, const std
                                            at::cuda::getCurrentCUDAStream()>>>(
         gw.const_data_ptr<scalar_t>(), gp.defined() ? gp.const_data_ptr<scalar_t>() : nullptr,
         ids.const_data_ptr<int64_t>(), probs.const_data_ptr<scalar_t>(), T, int(E), int(ids.size(1)),
-        score == "softmax", norm_topk, scalar_t(scaling), out.mutable_data_ptr<scalar_t>());
+        score == "softmax", norm_topk, scalar_t(scaling),
+        gpsum.defined() ? gpsum.const_data_ptr<scalar_t>() : nullptr, gpsum.defined() ? T / gpsum.size(0) : 1,
+        grad_zsum.has_value() ? grad_zsum->const_data_ptr<scalar_t>() : nullptr,
+        logits.defined() ? logits.const_data_ptr<scalar_t>() : nullptr,
+        valid.defined() ? valid.const_data_ptr<bool>() : nullptr, out.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -192,7 +192,8 @@ def check_swiglu_backward_args(grad, h) -> None:
            f"grad must have shape {want} (h's with the last dim halved), got {_shape(grad)}")
 
 
-def check_topk_route_args(logits_TE, bias_E, top_k, score, num_groups, topk_groups, norm_topk, scaling) -> None:
+def check_topk_route_args(logits_TE, bias_E, top_k, score, num_groups, topk_groups, norm_topk, scaling,
+                          valid_T=None, num_seqs=0, check_finite=False) -> None:
     op = "topk_route"
     _check(logits_TE.dim() == 2, op, f"logits_TE must be 2-D (T, E), got shape {_shape(logits_TE)}")
     _check(logits_TE.dtype in (torch.float32, torch.float64), op,
@@ -214,9 +215,18 @@ def check_topk_route_args(logits_TE, bias_E, top_k, score, num_groups, topk_grou
         _check(topk_groups == 0, op, f"topk_groups must be 0 when num_groups is 0, got {topk_groups}")
     _check(1 <= top_k <= allowed, op, f"top_k must be in [1, {allowed}] (the experts it may choose from), got {top_k}")
     _check(math.isfinite(scaling), op, f"scaling must be finite, got {scaling}")
+    T = logits_TE.shape[0]
+    if valid_T is not None:
+        _check(valid_T.dim() == 1 and valid_T.shape[0] == T and valid_T.dtype == torch.bool
+               and valid_T.device == logits_TE.device, op,
+               f"valid_T must be a bool tensor of shape ({T},) on {logits_TE.device}, got {valid_T.dtype} "
+               f"{_shape(valid_T)} on {valid_T.device}")
+    _check(num_seqs >= 0 and (num_seqs == 0 or T % num_seqs == 0), op,
+           f"num_seqs must be 0 (no loss statistics) or divide T={T}, got {num_seqs}")
 
 
-def check_topk_route_backward_args(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score, norm_topk, scaling) -> None:
+def check_topk_route_backward_args(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score, norm_topk, scaling,
+                                   grad_psum_BE=None, grad_zsum=None, logits_TE=None, valid_T=None) -> None:
     op = "topk_route_backward"
     _check(probs_TE.dim() == 2 and probs_TE.dtype in (torch.float32, torch.float64), op,
            f"probs_TE must be a 2-D float32 or float64 tensor, got {probs_TE.dtype} {_shape(probs_TE)}")
@@ -232,6 +242,23 @@ def check_topk_route_backward_args(grad_weights_TK, grad_probs_TE, ids_TK, probs
     for t in (grad_weights_TK, ids_TK) + ((grad_probs_TE,) if grad_probs_TE is not None else ()):
         _check(t.device == probs_TE.device, op, f"all inputs must be on {probs_TE.device}")
     _check(score in ("softmax", "sigmoid"), op, f"score must be 'softmax' or 'sigmoid', got '{score}'")
+    T, E = probs_TE.shape
+    dt, dev = probs_TE.dtype, probs_TE.device
+    if grad_psum_BE is not None:
+        _check(grad_psum_BE.dim() == 2 and grad_psum_BE.shape[1] == E and grad_psum_BE.shape[0] >= 1
+               and T % grad_psum_BE.shape[0] == 0 and grad_psum_BE.dtype == dt and grad_psum_BE.device == dev, op,
+               f"grad_psum_BE must be (B, E={E}) with B dividing T={T}, of probs_TE's dtype {dt} on {dev}, "
+               f"got {grad_psum_BE.dtype} {_shape(grad_psum_BE)}")
+    if grad_zsum is not None:
+        _check(grad_zsum.dim() == 0 and grad_zsum.dtype == dt and grad_zsum.device == dev, op,
+               f"grad_zsum must be a 0-d {dt} tensor on {dev}, got {grad_zsum.dtype} {_shape(grad_zsum)}")
+        _check(logits_TE is not None, op, "grad_zsum needs logits_TE (the z statistic's input)")
+    if logits_TE is not None:
+        _check(_shape(logits_TE) == _shape(probs_TE) and logits_TE.dtype == dt and logits_TE.device == dev, op,
+               f"logits_TE must match probs_TE ({dt} {_shape(probs_TE)}), got {logits_TE.dtype} {_shape(logits_TE)}")
+    if valid_T is not None:
+        _check(valid_T.dim() == 1 and valid_T.shape[0] == T and valid_T.dtype == torch.bool and valid_T.device == dev,
+               op, f"valid_T must be a bool tensor of shape ({T},), got {valid_T.dtype} {_shape(valid_T)}")
 
 
 def check_grouped_mm_w8_args(a_NX, q_EYX, scale_EY, offs_E) -> None:

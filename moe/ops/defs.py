@@ -279,44 +279,59 @@ swiglu = define_op(
     backward=_swiglu_backward, setup_context=_save_inputs)
 
 
-# ---- topk_route: a token-choice router's scores, top-k and weights in one pass per token ---------
+# ---- topk_route: a token-choice router's scores, top-k, weights and the statistics of its metrics
+# and losses (counts_E, metrics, fw_BE, psum_BE, zsum: routers.topk.route_statistics) in one pass
+# per token; psum_BE and zsum are differentiable, the backward takes their gradients too ----------
 
-def _topk_route_fake(logits_TE, bias_E, top_k, score, num_groups, topk_groups, norm_topk, scaling):
+def _topk_route_fake(logits_TE, bias_E, top_k, score, num_groups, topk_groups, norm_topk, scaling,
+                     valid_T=None, num_seqs=0, check_finite=False):
     T, E = logits_TE.shape
     return (logits_TE.new_empty(T, top_k, dtype=torch.int64), logits_TE.new_empty(T, top_k),
-            logits_TE.new_empty(T, E))
+            logits_TE.new_empty(T, E), logits_TE.new_empty(E, dtype=torch.int64),
+            logits_TE.new_empty(2, dtype=torch.float32), logits_TE.new_empty(num_seqs, E),
+            logits_TE.new_empty(num_seqs, E), logits_TE.new_empty(()))
 
 
-def _topk_route_backward_fake(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score, norm_topk, scaling):
+def _topk_route_backward_fake(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score, norm_topk, scaling,
+                              grad_psum_BE=None, grad_zsum=None, logits_TE=None, valid_T=None):
     return torch.empty_like(probs_TE)
 
 
 def _topk_route_setup(ctx, inputs, output):
-    ids_TK, _, probs_TE = output
-    ctx.save_for_backward(ids_TK, probs_TE)
+    ids_TK, _, probs_TE, counts_E, metrics_2, fw_BE = output[:6]
+    logits_TE, valid_T, num_seqs = inputs[0], inputs[8], inputs[9]
+    ctx.save_for_backward(ids_TK, probs_TE, logits_TE if num_seqs > 0 else None, valid_T)
     ctx.score, ctx.norm_topk, ctx.scaling = inputs[3], inputs[6], inputs[7]
-    ctx.mark_non_differentiable(ids_TK)
+    ctx.mark_non_differentiable(ids_TK, counts_E, metrics_2, fw_BE)
+    ctx.set_materialize_grads(False)  # no zero (T, E) gradient for probs nobody differentiated
 
 
-def _topk_route_backward(ctx, g_ids, g_weights, g_probs):
-    ids_TK, probs_TE = ctx.saved_tensors
+def _topk_route_backward(ctx, g_ids, g_weights, g_probs, g_counts, g_metrics, g_fw, g_psum, g_zsum):
+    """d logits_TE from the weights', the probs' and (with num_seqs > 0) psum_BE's and zsum's
+    gradients, in one moe.topk_route_backward."""
+    ids_TK, probs_TE, logits_TE, valid_T = ctx.saved_tensors
     if g_weights is None:
         g_weights = torch.zeros_like(ids_TK, dtype=probs_TE.dtype)
-    g_logits = ops.topk_route_backward(g_weights, g_probs, ids_TK, probs_TE, ctx.score, ctx.norm_topk, ctx.scaling)
-    return g_logits, None, None, None, None, None, None, None
+    if logits_TE is None:  # num_seqs = 0: psum_BE and zsum are constants
+        g_psum = g_zsum = None
+    g_logits = ops.topk_route_backward(g_weights, g_probs, ids_TK, probs_TE, ctx.score, ctx.norm_topk, ctx.scaling,
+                                       g_psum, g_zsum, logits_TE if g_zsum is not None else None, valid_T)
+    return (g_logits,) + (None,) * 10
 
 
 topk_route_backward = define_op(
     "topk_route_backward",
     "(Tensor grad_weights_TK, Tensor? grad_probs_TE, Tensor ids_TK, Tensor probs_TE, str score, "
-    "bool norm_topk, float scaling) -> Tensor",
+    "bool norm_topk, float scaling, Tensor? grad_psum_BE=None, Tensor? grad_zsum=None, "
+    "Tensor? logits_TE=None, Tensor? valid_T=None) -> Tensor",
     fallback=twins.topk_route_backward_torch, fake=_topk_route_backward_fake,
     check=checks.check_topk_route_backward_args)
 
 topk_route = define_op(
     "topk_route",
     "(Tensor logits_TE, Tensor? bias_E, int top_k, str score, int num_groups, int topk_groups, "
-    "bool norm_topk, float scaling) -> (Tensor, Tensor, Tensor)",
+    "bool norm_topk, float scaling, Tensor? valid_T=None, int num_seqs=0, bool check_finite=False) -> "
+    "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     fallback=twins.topk_route_torch, fake=_topk_route_fake, check=checks.check_topk_route_args,
     backward=_topk_route_backward, setup_context=_topk_route_setup)
 

@@ -166,29 +166,54 @@ def swiglu_backward_torch(grad, h):
     return torch.cat([g * up * (s * (1 + gate * (1 - s))), g * (gate * s)], dim=-1).to(h.dtype)
 
 
-def topk_route_torch(logits_TE, bias_E, top_k, score, num_groups, topk_groups, norm_topk, scaling):
-    """(ids_TK, weights_TK, probs_TE): routers.topk.route_topk, the routers' own PyTorch code
-    (num_groups = topk_groups = 0: no group limit)."""
+def topk_route_torch(logits_TE, bias_E, top_k, score, num_groups, topk_groups, norm_topk, scaling,
+                     valid_T=None, num_seqs=0, check_finite=False):
+    """(ids_TK, weights_TK, probs_TE, counts_E, metrics_2, fw_BE, psum_BE, zsum):
+    routers.topk.route_topk, the routers' own PyTorch code (num_groups = topk_groups = 0: no
+    group limit)."""
     from routers.topk import route_topk
 
-    return route_topk(logits_TE, bias_E, top_k, score, num_groups or None, topk_groups or None, norm_topk, scaling)
+    return route_topk(logits_TE, bias_E, top_k, score, num_groups or None, topk_groups or None, norm_topk, scaling,
+                      valid_T, num_seqs, check_finite)
 
 
-def topk_route_backward_torch(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score, norm_topk, scaling):
+def topk_route_backward_torch(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score, norm_topk, scaling,
+                              grad_psum_BE=None, grad_zsum=None, logits_TE=None, valid_T=None):
     """d logits_TE of topk_route. With p_k = probs at ids_k, D = sum_k p_k + eps and
     w_k = s p_k / D (norm_topk) or s p_k: d p_k = s (g_k / D - sum_j g_j p_j / D^2) or s g_k,
-    scattered onto d probs; then softmax's p (dp - <dp, p>) or sigmoid's dp p (1 - p)."""
-    p_TK = probs_TE.gather(1, ids_TK)
-    g_TK = grad_weights_TK * scaling
+    scattered onto d probs (slots with id -1 carry none); psum_BE's gradient adds to each real
+    token's d scores (sigmoid: through s = p / (sum p + 1e-20)); then softmax's p (dp - <dp, p>)
+    or sigmoid's dp p (1 - p); zsum's adds 2 g lse(l) softmax(l) to each real token's d logits."""
+    live_TK = ids_TK >= 0
+    ids0_TK = ids_TK.clamp(min=0)
+    p_TK = probs_TE.gather(1, ids0_TK) * live_TK
+    g_TK = grad_weights_TK * scaling * live_TK
     if norm_topk:
         denom = p_TK.sum(dim=-1, keepdim=True) + (1e-20 if score == "sigmoid" else 0.0)
         dot = (g_TK * p_TK).sum(dim=-1, keepdim=True)
-        g_TK = g_TK / denom - dot / (denom * denom)
+        g_TK = torch.where(live_TK, g_TK / denom - dot / (denom * denom), 0.0)  # (a padded token: 0 / 0)
     dp_TE = torch.zeros_like(probs_TE) if grad_probs_TE is None else grad_probs_TE.clone()
-    dp_TE.scatter_add_(1, ids_TK, g_TK)
+    dp_TE.scatter_add_(1, ids0_TK, g_TK)
+    real_T1 = None if valid_T is None else valid_T[:, None]
+    if grad_psum_BE is not None:
+        T, E = probs_TE.shape
+        B = grad_psum_BE.shape[0]
+        gs_TE = grad_psum_BE[:, None, :].expand(B, T // B, E).reshape(T, E)
+        if real_T1 is not None:
+            gs_TE = gs_TE * real_T1
+        if score == "sigmoid":
+            d_T1 = probs_TE.sum(dim=-1, keepdim=True) + 1e-20
+            gs_TE = (gs_TE - (gs_TE * (probs_TE / d_T1)).sum(dim=-1, keepdim=True)) / d_T1
+        dp_TE = dp_TE + gs_TE
     if score == "softmax":
-        return probs_TE * (dp_TE - (dp_TE * probs_TE).sum(dim=-1, keepdim=True))
-    return dp_TE * probs_TE * (1 - probs_TE)
+        out = probs_TE * (dp_TE - (dp_TE * probs_TE).sum(dim=-1, keepdim=True))
+    else:
+        out = dp_TE * probs_TE * (1 - probs_TE)
+    if grad_zsum is not None:
+        lse_T1 = torch.logsumexp(logits_TE, dim=-1, keepdim=True)
+        dz_TE = 2 * grad_zsum * lse_T1 * torch.softmax(logits_TE, dim=-1)
+        out = out + (dz_TE if real_T1 is None else dz_TE * real_T1)
+    return out
 
 
 # ---- weight-only int8 experts (inference) -----------------------------------------------------

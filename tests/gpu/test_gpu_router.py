@@ -54,7 +54,7 @@ def test_cuda_matches_cpu(cfg, dtype, T):
 
 def test_strided_logits_and_ties():
     logits = torch.zeros(5, 16, device="cuda")
-    ids, w, _ = torch.ops.moe.topk_route(logits, None, 4, "softmax", 0, 0, True, 1.0)
+    ids, w, _ = torch.ops.moe.topk_route(logits, None, 4, "softmax", 0, 0, True, 1.0)[:3]
     assert ids.tolist() == [[0, 1, 2, 3]] * 5
     wide = torch.randn(40, 32, device="cuda")[:, ::2]  # a column stride of 2
     a = torch.ops.moe.topk_route(wide, None, 3, "sigmoid", 4, 2, True, 1.0)
@@ -78,3 +78,53 @@ def test_router_forward_captures_in_a_cuda_graph():
     torch.cuda.synchronize()
     assert torch.equal(out.ids_TK, eager.ids_TK)
     torch.testing.assert_close(out.weights_TK, eager.weights_TK)
+
+
+@pytest.mark.parametrize("T,B,padded", [(37, 1, False), (4096, 1, True), (4096, 8, True), (0, 1, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_cuda_statistics_match_cpu(cfg, dtype, T, B, padded):
+    """counts_E, metrics, fw_BE (exact: integer counts and the CPU's arithmetic), psum_BE and zsum
+    (sums in another order), and the backward with psum_BE's and zsum's gradients."""
+    score, E, K, Z, G, bias, norm, scale = cfg
+    logits, b = router_logits(T, E, dtype, bias=bias)
+    valid = None
+    if padded:
+        valid = torch.ones(T, dtype=torch.bool)
+        valid[5:40] = False
+        valid[-(T // max(B, 2)):] = False  # a whole padded sequence (B > 1), the second half (B = 1)
+    args = (K, score, Z, G, norm, scale)
+    cpu = torch.ops.moe.topk_route(logits, b, *args, valid, B, True)
+    cuda = torch.ops.moe.topk_route(logits.cuda(), None if b is None else b.cuda(), *args,
+                                    None if valid is None else valid.cuda(), B, True)
+    assert torch.equal(cuda[0].cpu(), cpu[0]) and torch.equal(cuda[3].cpu(), cpu[3])
+    assert torch.equal(cuda[4].cpu(), cpu[4])
+    tol = dict(rtol=2e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-15)
+    for i in (1, 2, 5, 6, 7):
+        torch.testing.assert_close(cuda[i].cpu(), cpu[i], **tol)
+    gw, gp = torch.randn_like(cpu[1]), torch.randn_like(cpu[2])
+    gs, gz = torch.randn(B, E, dtype=dtype), torch.randn((), dtype=dtype)
+    d_cpu = torch.ops.moe.topk_route_backward(gw, gp, cpu[0], cpu[2], score, norm, scale, gs, gz, logits, valid)
+    d_cuda = torch.ops.moe.topk_route_backward(gw.cuda(), gp.cuda(), cuda[0], cuda[2], score, norm, scale, gs.cuda(),
+                                               gz.cuda(), logits.cuda(), None if valid is None else valid.cuda())
+    btol = dict(rtol=1e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(d_cuda.cpu(), d_cpu, **btol)
+
+
+def test_training_router_captures_in_a_cuda_graph():
+    """The training forward (losses from the fused statistics) has no host sync either."""
+    router = TopKRouter(64, 32, 4, balance_loss="seq", z_loss_coeff=1e-3).cuda().train()
+    x = torch.randn(4, 64, 64, device="cuda")
+    eager = router(x)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        router(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = router(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    for name in eager.aux_losses:
+        torch.testing.assert_close(out.aux_losses[name], eager.aux_losses[name])
+    assert torch.equal(out.counts_E, eager.counts_E)

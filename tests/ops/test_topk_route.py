@@ -53,8 +53,8 @@ def test_op_is_registered():
 def test_kernel_matches_twin(cfg, dtype):
     score, E, K, Z, G, bias, norm, scale = cfg
     logits, b = make(257, E, dtype, bias=bias)
-    ids, w, p = torch.ops.moe.topk_route(logits, b, K, score, Z, G, norm, scale)
-    ids_t, w_t, p_t = topk_route_torch(logits, b, K, score, Z, G, norm, scale)
+    ids, w, p = torch.ops.moe.topk_route(logits, b, K, score, Z, G, norm, scale)[:3]
+    ids_t, w_t, p_t = topk_route_torch(logits, b, K, score, Z, G, norm, scale)[:3]
     tol = dict(rtol=4e-7, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-14, atol=1e-15)
     assert ids.dtype == torch.int64 and w.dtype == dtype and p.dtype == dtype
     assert torch.equal(ids, ids_t)
@@ -84,7 +84,7 @@ def test_properties(T, E, data):
     if Z:
         G = data.draw(st.integers(-(-K // (E // Z)), Z))  # enough groups to hold K experts
     logits, b = make(T, E, torch.float64, seed=data.draw(st.integers(0, 1000)), bias=data.draw(st.booleans()))
-    ids, w, p = torch.ops.moe.topk_route(logits, b, K, score, Z, G, norm, 1.0)
+    ids, w, p = torch.ops.moe.topk_route(logits, b, K, score, Z, G, norm, 1.0)[:3]
     assert ids.shape == (T, K) and w.shape == (T, K) and p.shape == (T, E)
     ref_p = torch.softmax(logits, -1) if score == "softmax" else torch.sigmoid(logits)
     torch.testing.assert_close(p, ref_p, rtol=1e-13, atol=1e-15)
@@ -108,10 +108,10 @@ def test_properties(T, E, data):
 @needs_ext
 def test_ties_go_to_the_lower_id():
     logits = torch.zeros(3, 8)
-    ids, w, _ = torch.ops.moe.topk_route(logits, None, 3, "softmax", 0, 0, True, 1.0)
+    ids, w, _ = torch.ops.moe.topk_route(logits, None, 3, "softmax", 0, 0, True, 1.0)[:3]
     assert ids.tolist() == [[0, 1, 2]] * 3
     torch.testing.assert_close(w, torch.full((3, 3), 1 / 3))
-    ids, _, _ = torch.ops.moe.topk_route(logits, None, 2, "sigmoid", 4, 2, True, 1.0)
+    ids, _, _ = torch.ops.moe.topk_route(logits, None, 2, "sigmoid", 4, 2, True, 1.0)[:3]
     assert ids.tolist() == [[0, 1]] * 3  # groups 0 and 1 tie with the rest: the first two win
 
 
@@ -123,16 +123,16 @@ def test_gradcheck(cfg):
     b = b.double() if b is not None else None
 
     def f(x):
-        _, w, p = torch.ops.moe.topk_route(x, b, K, score, Z, G, norm, scale)
+        _, w, p = torch.ops.moe.topk_route(x, b, K, score, Z, G, norm, scale)[:3]
         return w, p
 
     assert gradcheck(f, (logits,))
     # and the gradient equals autograd through the routers' PyTorch code
     gw = torch.randn(6, K, dtype=torch.float64)
     gp = torch.randn(6, E, dtype=torch.float64)
-    _, w, p = torch.ops.moe.topk_route(logits, b, K, score, Z, G, norm, scale)
+    _, w, p = torch.ops.moe.topk_route(logits, b, K, score, Z, G, norm, scale)[:3]
     (d,) = torch.autograd.grad((w * gw).sum() + (p * gp).sum(), logits)
-    _, w2, p2 = route_topk(logits, b, K, score, Z or None, G or None, norm, scale)
+    _, w2, p2 = route_topk(logits, b, K, score, Z or None, G or None, norm, scale)[:3]
     (d2,) = torch.autograd.grad((w2 * gw).sum() + (p2 * gp).sum(), logits)
     torch.testing.assert_close(d, d2, rtol=1e-12, atol=1e-14)
 
@@ -145,12 +145,12 @@ def test_opcheck(cfg):
     # which fails before the op is involved: test_compiled_gradients covers that path instead.
     opcheck(torch.ops.moe.topk_route.default, (logits.requires_grad_(), b, K, score, Z, G, norm, scale),
             test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    ids, w, p = torch.ops.moe.topk_route(logits.detach(), b, K, score, Z, G, norm, scale)
+    ids, w, p = torch.ops.moe.topk_route(logits.detach(), b, K, score, Z, G, norm, scale)[:3]
     opcheck(torch.ops.moe.topk_route_backward.default, (torch.randn_like(w), torch.randn_like(p), ids, p, score, norm, scale))
 
 
 def test_empty_batch():
-    ids, w, p = torch.ops.moe.topk_route(torch.zeros(0, 8), None, 2, "softmax", 0, 0, True, 1.0)
+    ids, w, p = torch.ops.moe.topk_route(torch.zeros(0, 8), None, 2, "softmax", 0, 0, True, 1.0)[:3]
     assert ids.shape == (0, 2) and w.shape == (0, 2) and p.shape == (0, 8)
 
 
@@ -183,24 +183,35 @@ def test_backward_rejects_ids_out_of_range():
         torch.ops.moe.topk_route_backward(torch.ones(3, 2), None, ids, probs, "softmax", True, 1.0)
 
 
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("kwargs", [
     dict(score="softmax"),
     dict(score="sigmoid", num_groups=4, topk_groups=2, expert_bias=True, routed_scaling_factor=2.5),
     dict(score="softmax", norm_topk=False, capacity_factor=1.0),
+    dict(score="softmax", balance_loss="seq", z_loss_coeff=1e-2),
+    dict(score="sigmoid", expert_bias=True, balance_loss="seq", z_loss_coeff=1e-2),
 ])
-def test_router_uses_the_op_with_its_own_results(kwargs, monkeypatch):
-    """TopKRouter through the op gives the ids, weights, losses and gradients of its PyTorch code."""
+def test_router_uses_the_op_with_its_own_results(kwargs, padded, monkeypatch):
+    """TopKRouter through the op gives the ids, weights, losses, metrics and gradients of its
+    PyTorch code (the statistics of the losses and metrics included)."""
     torch.manual_seed(0)
     router = TopKRouter(32, 16, 4, **kwargs)
     if router.expert_bias is not None:
         router.expert_bias.normal_(0, 0.05)
     x = torch.randn(2, 50, 32)
+    mask = None
+    if padded:
+        mask = torch.ones(2, 50, dtype=torch.bool)
+        mask[1, 30:] = False
     c = torch.randn(100, 4)  # (the plain sum of renormalised weights is constant: no gradient)
-    r1 = router(x)
+    r1 = router(x, padding_mask=mask)
     loss1 = ((r1.weights_TK * c).sum() + sum(r1.aux_losses.values()))
     (g1,) = torch.autograd.grad(loss1, router.weight)
     monkeypatch.setattr("routers.topk._topk_route_op", lambda: None)
-    r2 = router(x)
+    r2 = router(x, padding_mask=mask)
+    assert torch.equal(r1.counts_E, r2.counts_E) and r1.aux_losses.keys() == r2.aux_losses.keys()
+    assert torch.equal(r1.dropped_fraction, r2.dropped_fraction)
+    assert torch.equal(r1.experts_per_token, r2.experts_per_token)
     loss2 = ((r2.weights_TK * c).sum() + sum(r2.aux_losses.values()))
     (g2,) = torch.autograd.grad(loss2, router.weight)
     assert torch.equal(r1.ids_TK, r2.ids_TK)
@@ -219,7 +230,7 @@ def test_compiled_gradients(cfg):
     logits, b = make(33, E, bias=bias)
 
     def f(x):
-        ids, w, p = torch.ops.moe.topk_route(x, b, K, score, Z, G, norm, scale)
+        ids, w, p = torch.ops.moe.topk_route(x, b, K, score, Z, G, norm, scale)[:3]
         return ids, (w * torch.arange(1, K + 1)).sum() + (p * p).sum()
 
     x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
@@ -230,3 +241,136 @@ def test_compiled_gradients(cfg):
     assert torch.equal(ids1, ids2)
     torch.testing.assert_close(l1, l2)
     torch.testing.assert_close(x1.grad, x2.grad)
+
+
+# ---- the statistics of the metrics and losses (counts_E, metrics, fw_BE, psum_BE, zsum) --------
+
+def make_valid(T, seed=0):
+    """A padding mask with a padded stretch, one padded token elsewhere, and (when T >= 12) a
+    whole padded sequence of 4 tokens at the end."""
+    valid = torch.ones(T, dtype=torch.bool)
+    valid[1:3] = False
+    if T >= 12:
+        valid[-4:] = False
+    return valid
+
+
+STAT_CONFIGS = [CONFIGS[0], CONFIGS[1], CONFIGS[3], CONFIGS[4], CONFIGS[5], CONFIGS[7]]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,padded", [(1, False), (1, True), (4, True), (3, False)])
+@pytest.mark.parametrize("cfg", STAT_CONFIGS)
+def test_statistics_match_twin(cfg, B, padded, dtype):
+    score, E, K, Z, G, bias, norm, scale = cfg
+    T = 12 * 8
+    logits, b = make(T, E, dtype, seed=1, bias=bias)
+    valid = make_valid(T) if padded else None
+    out = torch.ops.moe.topk_route(logits, b, K, score, Z, G, norm, scale, valid, B, True)
+    ref = topk_route_torch(logits, b, K, score, Z, G, norm, scale, valid, B, True)
+    ids, w, p, counts, metrics, fw, psum, zsum = out
+    assert torch.equal(ids, ref[0]) and torch.equal(counts, ref[3])
+    assert counts.dtype == torch.int64 and metrics.dtype == torch.float32
+    assert fw.shape == psum.shape == (B, E) and zsum.shape == ()
+    if padded:
+        assert bool((ids[~valid] == -1).all()) and bool((w[~valid] == 0).all())
+    torch.testing.assert_close(metrics, ref[4], rtol=0, atol=0)
+    tol = dict(rtol=2e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-15)
+    for got, want in zip(out[5:], ref[5:]):
+        torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("B,padded", [(1, False), (2, True)])
+@pytest.mark.parametrize("cfg", CONFIGS[:6])
+def test_statistics_gradcheck(cfg, B, padded):
+    """psum_BE's and zsum's gradients (with the weights' and probs'): numerically, and equal to
+    autograd through the routers' PyTorch code."""
+    score, E, K, Z, G, bias, norm, scale = cfg
+    T = 12
+    logits, b = make(T, E, torch.float64, seed=4, bias=bias)
+    logits.requires_grad_()
+    b = b.double() if b is not None else None
+    valid = make_valid(T) if padded else None
+
+    def f(x, fn=torch.ops.moe.topk_route):
+        _, w, p, _, _, _, psum, zsum = fn(x, b, K, score, Z, G, norm, scale, valid, B)
+        return w, p, psum, zsum
+
+    assert gradcheck(f, (logits,))
+    g = [torch.randn(T, K, dtype=torch.float64), torch.randn(T, E, dtype=torch.float64),
+         torch.randn(B, E, dtype=torch.float64), torch.randn((), dtype=torch.float64)]
+    (d,) = torch.autograd.grad(sum((o * gi).sum() for o, gi in zip(f(logits), g)), logits)
+    twin = lambda x, *a: route_topk(x, *a[:3], a[3] or None, a[4] or None, *a[5:])  # noqa: E731
+    (d2,) = torch.autograd.grad(sum((o * gi).sum() for o, gi in zip(f(logits, twin), g)), logits)
+    torch.testing.assert_close(d, d2, rtol=1e-12, atol=1e-14)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cfg", STAT_CONFIGS)
+def test_statistics_backward_kernel_matches_twin(cfg, dtype):
+    score, E, K, Z, G, bias, norm, scale = cfg
+    T, B = 48, 4
+    logits, b = make(T, E, dtype, seed=2, bias=bias)
+    valid = make_valid(T)
+    ids, w, p = torch.ops.moe.topk_route(logits, b, K, score, Z, G, norm, scale, valid, B)[:3]
+    gw, gp = torch.randn_like(w), torch.randn_like(p)
+    gs, gz = torch.randn(B, E, dtype=dtype), torch.randn((), dtype=dtype)
+    args = (gw, gp, ids, p, score, norm, scale, gs, gz, logits, valid)
+    tol = dict(rtol=1e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(torch.ops.moe.topk_route_backward(*args), topk_route_backward_torch(*args), **tol)
+
+
+@pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[3]])
+def test_statistics_opcheck(cfg):
+    score, E, K, Z, G, bias, norm, scale = cfg
+    logits, b = make(12, E, bias=bias)
+    valid = make_valid(12)
+    opcheck(torch.ops.moe.topk_route.default, (logits.requires_grad_(), b, K, score, Z, G, norm, scale, valid, 3, True),
+            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    ids, w, p = torch.ops.moe.topk_route(logits.detach(), b, K, score, Z, G, norm, scale, valid, 3)[:3]
+    opcheck(torch.ops.moe.topk_route_backward.default,
+            (torch.randn_like(w), None, ids, p, score, norm, scale, torch.randn(3, E), torch.randn(()),
+             logits.detach(), valid))
+
+
+def test_check_finite_refuses_real_tokens_only():
+    logits = torch.randn(6, 8)
+    logits[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        torch.ops.moe.topk_route(logits, None, 2, "softmax", 0, 0, True, 1.0, None, 0, True)
+    valid = torch.ones(6, dtype=torch.bool)
+    valid[2] = False
+    ids = torch.ops.moe.topk_route(logits, None, 2, "softmax", 0, 0, True, 1.0, valid, 0, True)[0]
+    assert ids[2].tolist() == [-1, -1]
+    torch.ops.moe.topk_route(logits, None, 2, "softmax", 0, 0, True, 1.0)  # unchecked: routes
+
+
+@pytest.mark.parametrize("extra,match", [
+    ((torch.ones(5, dtype=torch.bool), 0), r"valid_T must be a bool tensor of shape \(4,\)"),
+    ((torch.ones(4), 0), "valid_T must be a bool tensor"),
+    ((None, 3), "num_seqs must be 0 .* or divide T=4"),
+    ((None, -1), "num_seqs must be 0"),
+])
+def test_bad_statistics_args_name_the_argument(extra, match):
+    args = (torch.zeros(4, 8), None, 2, "softmax", 0, 0, True, 1.0) + extra
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.moe.topk_route(*args)
+    meta = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.moe.topk_route(*meta)
+
+
+@pytest.mark.parametrize("extra,match", [
+    ((torch.zeros(3, 4), None, None, None), r"grad_psum_BE must be \(B, E=4\) with B dividing T=4"),
+    ((None, torch.zeros(()), None, None), "grad_zsum needs logits_TE"),
+    ((None, torch.zeros(1), torch.zeros(4, 4), None), "grad_zsum must be a 0-d"),
+    ((None, None, torch.zeros(4, 5), None), "logits_TE must match probs_TE"),
+    ((None, None, None, torch.ones(3, dtype=torch.bool)), "valid_T must be a bool tensor"),
+])
+def test_bad_backward_statistics_args_name_the_argument(extra, match):
+    probs = torch.softmax(torch.randn(4, 4), -1)
+    args = (torch.ones(4, 2), None, torch.tensor([[0, 1]] * 4), probs, "softmax", True, 1.0) + extra
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.moe.topk_route_backward(*args)

