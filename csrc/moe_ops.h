@@ -55,6 +55,12 @@ void check_topk_route_backward_args(const at::Tensor& grad_weights_TK,
 // topk_route's results: ids_TK, weights_TK, probs_TE, counts_E, metrics (2,), fw_BE, psum_BE, zsum.
 using RouteOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                 at::Tensor, at::Tensor>;
+// topk_route's results allocated (uninitialised) for its arguments, then the float32 bias and the
+// contiguous valid mask its kernels read (undefined where absent); CPU and CUDA share it.
+using RouteBuffers = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+RouteBuffers route_buffers(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E, int64_t top_k,
+                           const std::optional<at::Tensor>& valid_T, int64_t num_seqs);
 // Dtype of the unpermute_weights_grad output: float32 for half/bfloat16, else the input dtype.
 at::ScalarType accum_dtype(at::ScalarType t);
 

@@ -388,24 +388,27 @@ void route_backward_rows(const at::Tensor& gw, const RouteGrads<T>& g_in, const 
 
 }  // namespace
 
+RouteBuffers route_buffers(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E, int64_t top_k,
+                           const std::optional<at::Tensor>& valid_T, int64_t num_seqs) {
+  const int64_t T = logits_TE.size(0), E = logits_TE.size(1), B = num_seqs;
+  const auto opts = logits_TE.options();
+  at::Tensor bias, valid;
+  if (bias_E.has_value()) bias = bias_E->to(at::kFloat).contiguous();
+  if (valid_T.has_value()) valid = valid_T->contiguous();
+  return {at::empty({T, top_k}, opts.dtype(at::kLong)), at::empty({T, top_k}, opts), at::empty({T, E}, opts),
+          at::empty({E}, opts.dtype(at::kLong)), at::empty({2}, opts.dtype(at::kFloat)),
+          at::empty({B, E}, opts), at::empty({B, E}, opts), at::empty({}, opts), bias, valid};
+}
+
 RouteOutputs topk_route_cpu(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E, int64_t top_k,
                             c10::string_view score, int64_t num_groups, int64_t topk_groups, bool norm_topk,
                             double scaling, const std::optional<at::Tensor>& valid_T, int64_t num_seqs,
                             bool check_finite) {
   check_topk_route_args(logits_TE, bias_E, top_k, score, num_groups, topk_groups, scaling, valid_T, num_seqs);
-  const int64_t T = logits_TE.size(0), E = logits_TE.size(1), B = num_seqs;
-  const auto opts = logits_TE.options();
-  auto probs = at::empty({T, E}, opts);
-  auto weights = at::empty({T, top_k}, opts);
-  auto ids = at::empty({T, top_k}, opts.dtype(at::kLong));
-  auto counts = at::empty({E}, opts.dtype(at::kLong));
-  auto metrics = at::empty({2}, opts.dtype(at::kFloat));
-  auto fw = at::empty({B, E}, opts);
-  auto psum = at::empty({B, E}, opts);
-  auto zsum = at::empty({}, opts);
-  at::Tensor bias, valid;
-  if (bias_E.has_value()) bias = bias_E->to(at::kFloat).contiguous();
-  if (valid_T.has_value()) valid = valid_T->contiguous();
+  const int64_t T = logits_TE.size(0), B = num_seqs;
+  at::Tensor ids, weights, probs, counts, metrics, fw, psum, zsum, bias, valid;
+  std::tie(ids, weights, probs, counts, metrics, fw, psum, zsum, bias, valid) =
+      route_buffers(logits_TE, bias_E, top_k, valid_T, num_seqs);
   const bool softmax = score == "softmax", aux_topk = bias.defined() || num_groups > 0;
   AT_DISPATCH_FLOATING_TYPES(logits_TE.scalar_type(), "moe_topk_route_cpu", [&] {
     std::vector<scalar_t> lse2(B > 0 ? T : 0), norm_T(B > 0 && !softmax ? T : 0);

@@ -453,17 +453,9 @@ RouteOutputs topk_route_cuda(const at::Tensor& logits_TE, const std::optional<at
   const c10::cuda::CUDAGuard guard(logits_TE.device());
   const int64_t T = logits_TE.size(0), E = logits_TE.size(1), B = num_seqs, K = top_k;
   const auto opts = logits_TE.options();
-  auto probs = at::empty({T, E}, opts);
-  auto weights = at::empty({T, K}, opts);
-  auto ids = at::empty({T, K}, opts.dtype(at::kLong));
-  auto counts = at::empty({E}, opts.dtype(at::kLong));
-  auto metrics = at::empty({2}, opts.dtype(at::kFloat));
-  auto fw = at::empty({B, E}, opts);
-  auto psum = at::empty({B, E}, opts);
-  auto zsum = at::empty({}, opts);
-  at::Tensor bias, valid;
-  if (bias_E.has_value()) bias = bias_E->to(at::kFloat).contiguous();
-  if (valid_T.has_value()) valid = valid_T->contiguous();
+  at::Tensor ids, weights, probs, counts, metrics, fw, psum, zsum, bias, valid;
+  std::tie(ids, weights, probs, counts, metrics, fw, psum, zsum, bias, valid) =
+      route_buffers(logits_TE, bias_E, top_k, valid_T, num_seqs);
   const bool* vp = valid.defined() ? valid.const_data_ptr<bool>() : nullptr;
   const bool softmax = score == "softmax", aux_topk = bias.defined() || num_groups > 0;
   const int64_t S = B > 0 ? T / B : 0;

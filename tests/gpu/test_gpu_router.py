@@ -62,20 +62,25 @@ def test_strided_logits_and_ties():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def test_router_forward_captures_in_a_cuda_graph():
-    """No host sync in the fused router: its forward captures (check_finite is a device assert)."""
-    router = TopKRouter(64, 32, 4, score="sigmoid", num_groups=4, topk_groups=2, expert_bias=True).cuda().eval()
-    x = torch.randn(256, 64, device="cuda")
-    eager = router(x)
+def captured_forward(router, x):
+    """router(x) captured in a CUDA graph (after a warm-up on a side stream) and replayed."""
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        router(x)  # warm-up on the side stream
+        router(x)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = router(x)
     graph.replay()
     torch.cuda.synchronize()
+    return out
+
+
+def test_router_forward_captures_in_a_cuda_graph():
+    """No host sync in the fused router: its forward captures (check_finite is a device assert)."""
+    router = TopKRouter(64, 32, 4, score="sigmoid", num_groups=4, topk_groups=2, expert_bias=True).cuda().eval()
+    x = torch.randn(256, 64, device="cuda")
+    eager, out = router(x), captured_forward(router, x)
     assert torch.equal(out.ids_TK, eager.ids_TK)
     torch.testing.assert_close(out.weights_TK, eager.weights_TK)
 
@@ -115,16 +120,7 @@ def test_training_router_captures_in_a_cuda_graph():
     """The training forward (losses from the fused statistics) has no host sync either."""
     router = TopKRouter(64, 32, 4, balance_loss="seq", z_loss_coeff=1e-3).cuda().train()
     x = torch.randn(4, 64, 64, device="cuda")
-    eager = router(x)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        router(x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = router(x)
-    graph.replay()
-    torch.cuda.synchronize()
+    eager, out = router(x), captured_forward(router, x)
     for name in eager.aux_losses:
         torch.testing.assert_close(out.aux_losses[name], eager.aux_losses[name])
     assert torch.equal(out.counts_E, eager.counts_E)
