@@ -63,16 +63,86 @@ constexpr int kMR = 6;        // rows per microkernel tile
 constexpr int64_t kMC = 192;  // rows per cache block of A (a multiple of kMR)
 constexpr int64_t kXB = 64;   // X words per block of partial sums in the microkernel
 constexpr int64_t kPackWords = int64_t(1) << 20;  // 4 MiB of packed B per chunk of panels
+constexpr int64_t kStreamWords = 8;  // depth words per block of the streamed path (divides kXB)
 
-// C[MR x (16*YV)] = sum over xw of A words x B panel words; stores the first `cols` columns.
+// Where the microkernel reads B's words: a packed panel (PanelB), or B's own rows (RowsB, the
+// streamed path for few rows). load(xw, b) sets b[v] to the words of depth word xw for columns
+// 16v..16v+15 (RowsB<bf16>: in its interleaved order); order(t) puts a row of results back in
+// column order.
+struct PanelB {
+  const uint32_t* p;
+  template <int YV>
+  MOE_TARGET void load(int64_t xw, __m512i* b) const {
+    for (int v = 0; v < YV; ++v) b[v] = _mm512_loadu_si512(reinterpret_cast<const void*>(p + xw * kYR + 16 * v));
+  }
+  template <int YV>
+  void order(__m512*) const {}
+};
+
+// Rows of B read in place (B(x, y) = B[x * bx + y], a strip of up to kYR columns): the streamed
+// path, where each word of B is read from memory once and nothing is written. float32: 16 columns
+// of row x per vector, the last one masked. bfloat16 (YV even): rows 2xw and 2xw+1, 32 columns
+// each, interleaved by vpunpck{l,h}wd into the (x, x+1) words vdpbf16ps takes; within each 128-bit
+// lane the low half's columns go to b[2j] and the high half's to b[2j+1], which order() undoes. An
+// odd X reads a zero row for the missing x.
+template <typename T>
+struct RowsB {
+  static constexpr int kVecs = kYR * int(sizeof(T)) / 64;  // 64-byte loads per row of a strip
+  const T* B;
+  int64_t bx, X;
+  int cols;
+  __mmask64 mask[kVecs];  // of each load: the columns < cols (in elements)
+
+  MOE_TARGET RowsB(const T* B_, int64_t bx_, int64_t X_, int cols_) : B(B_), bx(bx_), X(X_), cols(cols_) {
+    constexpr int per = 64 / int(sizeof(T));
+    for (int j = 0; j < kVecs; ++j) {
+      const int left = std::clamp(cols - per * j, 0, per);
+      mask[j] = left == 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
+    }
+  }
+  template <int YV>
+  MOE_TARGET void load(int64_t xw, __m512i* b) const {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      static_assert(YV % 2 == 0, "bfloat16 rows are read 32 columns at a time");
+      alignas(64) static const T zeros[kYR] = {};
+      const T* lo = B + 2 * xw * bx;
+      const T* hi = 2 * xw + 1 < X ? lo + bx : zeros;  // an odd X's last word: x + 1 reads zero
+      for (int j = 0; j < YV / 2; ++j) {
+        const __m512i l = _mm512_maskz_loadu_epi16(__mmask32(mask[j]), lo + 32 * j);
+        const __m512i h = _mm512_maskz_loadu_epi16(__mmask32(mask[j]), hi + 32 * j);
+        b[2 * j] = _mm512_unpacklo_epi16(l, h);
+        b[2 * j + 1] = _mm512_unpackhi_epi16(l, h);
+      }
+    } else {
+      const T* r = B + xw * bx;
+      for (int v = 0; v < YV; ++v) b[v] = _mm512_maskz_loadu_epi32(__mmask16(mask[v]), r + 16 * v);
+    }
+  }
+  template <int YV>
+  MOE_TARGET void order(__m512* t) const {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      // Column c of a 32-column group: lane 8L + i (i < 4) is word 4L + i of b[2j], lane 8L + 4 + i
+      // word 4L + i of b[2j + 1] (index 16 + ...) in _mm512_permutex2var_ps.
+      const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+      const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+      for (int j = 0; j < YV / 2; ++j) {
+        const __m512 a = t[2 * j], b = t[2 * j + 1];
+        t[2 * j] = _mm512_permutex2var_ps(a, first, b);
+        t[2 * j + 1] = _mm512_permutex2var_ps(a, second, b);
+      }
+    }
+  }
+};
+
+// C[MR x (16*YV)] = sum over xw of A words x B words (from `src`); stores the first `cols` columns.
 // float32 sums run in blocks of kXB words; block sums are added in groups of kXB, and the group
 // sums into the total: rounding error grows like 2 kXB + X / kXB^2 rather than X (the 2x-of-torch
 // error rule holds at X in the tens of thousands, the weight gradient's rows per expert, where
 // one running FMA chain, or one level of blocks, would not).
 // Row r of A is the word sequence arow[r][xw * ax] (A in place: ax = 1; packed: ax = rows).
 // TC: the type of C (T, or float for bfloat16 inputs with a float32 result).
-template <typename T, int MR, int YV, typename TC>
-MOE_TARGET void micro(const u32* const* arow, int64_t ax, const uint32_t* Bp, int64_t Xw,
+template <typename T, int MR, int YV, typename TC, typename Src>
+MOE_TARGET void micro(const u32* const* arow, int64_t ax, const Src& src, int64_t Xw,
                       TC* C, int64_t ldc, int cols) {
   const u32* ap[MR];
   for (int r = 0; r < MR; ++r) ap[r] = arow[r];
@@ -85,8 +155,7 @@ MOE_TARGET void micro(const u32* const* arow, int64_t ax, const uint32_t* Bp, in
     const int64_t x1 = std::min(Xw, x0 + block);
     for (int64_t xw = x0; xw < x1; ++xw) {
       __m512i b[YV];
-      for (int v = 0; v < YV; ++v)
-        b[v] = _mm512_loadu_si512(reinterpret_cast<const void*>(Bp + xw * kYR + 16 * v));
+      src.template load<YV>(xw, b);
       const int64_t xa = xw * ax;
       for (int r = 0; r < MR; ++r) {
         const __m512i ar = _mm512_set1_epi32(int(ap[r][xa]));
@@ -107,6 +176,7 @@ MOE_TARGET void micro(const u32* const* arow, int64_t ax, const uint32_t* Bp, in
       }
   }
   for (int r = 0; r < MR; ++r) {
+    src.template order<YV>(total[r]);
     TC* c = C + r * ldc;
     for (int v = 0; v < YV; ++v) {
       const int left = cols - 16 * v;
@@ -120,27 +190,104 @@ MOE_TARGET void micro(const u32* const* arow, int64_t ax, const uint32_t* Bp, in
   }
 }
 
-template <typename T, int YV, typename TC>
-MOE_TARGET void micro_rows(int mr, const u32* const* arow, int64_t ax, const uint32_t* Bp,
-                           int64_t Xw, TC* C, int64_t ldc, int cols) {
-  switch (mr) {
-    case 6: return micro<T, 6, YV, TC>(arow, ax, Bp, Xw, C, ldc, cols);
-    case 5: return micro<T, 5, YV, TC>(arow, ax, Bp, Xw, C, ldc, cols);
-    case 4: return micro<T, 4, YV, TC>(arow, ax, Bp, Xw, C, ldc, cols);
-    case 3: return micro<T, 3, YV, TC>(arow, ax, Bp, Xw, C, ldc, cols);
-    case 2: return micro<T, 2, YV, TC>(arow, ax, Bp, Xw, C, ldc, cols);
-    default: return micro<T, 1, YV, TC>(arow, ax, Bp, Xw, C, ldc, cols);
+// The streamed path's microkernel: depth words [x0, x1) of micro's sums (the same operations in
+// the same order: the same bits as the packed path), the partial sums kept between calls in three
+// float32 planes, `plane` floats apart (row stride lds): the running acc, and micro's two levels
+// mid and total (bfloat16 results keep only acc). [x0, x1) lies inside one of micro's blocks. The
+// call that reaches x1 == Xw stores C.
+template <typename T, int MR, int YV, typename TC>
+MOE_TARGET void micro_block(const u32* const* arow, int64_t ax, const RowsB<T>& src, int64_t x0,
+                            int64_t x1, int64_t Xw, float* st, int64_t plane, int64_t lds, TC* C, int64_t ldc) {
+  const u32* ap[MR];
+  _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r) ap[r] = arow[r];
+  const int64_t block = std::is_same_v<TC, c10::BFloat16> ? Xw : kXB;
+  float *s_acc = st, *s_mid = st + plane, *s_total = st + 2 * plane;
+  __m512 acc[MR][YV];
+  const bool fresh = x0 % block == 0;
+  _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r)
+    _Pragma("GCC unroll 8") for (int v = 0; v < YV; ++v) acc[r][v] = fresh ? _mm512_setzero_ps() : _mm512_loadu_ps(s_acc + r * lds + 16 * v);
+  for (int64_t xw = x0; xw < x1; ++xw) {
+    __m512i b[YV];
+    src.template load<YV>(xw, b);
+    const int64_t xa = xw * ax;
+    _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r) {
+      const __m512i ar = _mm512_set1_epi32(int(ap[r][xa]));
+      _Pragma("GCC unroll 8") for (int v = 0; v < YV; ++v) {
+        if constexpr (std::is_same_v<T, c10::BFloat16>)
+          acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)ar, (__m512bh)b[v]);
+        else
+          acc[r][v] = _mm512_fmadd_ps(_mm512_castsi512_ps(ar), _mm512_castsi512_ps(b[v]), acc[r][v]);
+      }
+    }
+  }
+  if (x1 < Xw && x1 % block != 0) {  // inside one of micro's blocks: keep acc
+    _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r)
+      _Pragma("GCC unroll 8") for (int v = 0; v < YV; ++v) _mm512_storeu_ps(s_acc + r * lds + 16 * v, acc[r][v]);
+    return;
+  }
+  // The end of a block: micro's two levels, kXB blocks into mid, every kXB of those into total.
+  __m512 total[MR][YV];  // (not acc: an array whose address is taken is kept in memory)
+  const int64_t b0 = x0 / block * block;
+  const bool first = b0 % (block * kXB) == 0, last = x1 == Xw || (x1 / block) % kXB == 0;
+  _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r)
+    _Pragma("GCC unroll 8") for (int v = 0; v < YV; ++v) {
+      const int64_t o = r * lds + 16 * v;
+      const __m512 mid = first ? acc[r][v] : _mm512_add_ps(_mm512_loadu_ps(s_mid + o), acc[r][v]);
+      if (!last) {
+        _mm512_storeu_ps(s_mid + o, mid);
+        continue;
+      }
+      total[r][v] = b0 < block * kXB ? mid : _mm512_add_ps(_mm512_loadu_ps(s_total + o), mid);
+      if (x1 < Xw) _mm512_storeu_ps(s_total + o, total[r][v]);
+    }
+  if (x1 < Xw) return;
+  _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r) {
+    src.template order<YV>(total[r]);
+    TC* c = C + r * ldc;
+    _Pragma("GCC unroll 8") for (int v = 0; v < YV; ++v) {
+      const int left = src.cols - 16 * v;
+      if (left <= 0) break;
+      const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      if constexpr (std::is_same_v<TC, c10::BFloat16>)
+        _mm256_mask_storeu_epi16(c + 16 * v, mask, (__m256i)_mm512_cvtneps_pbh(total[r][v]));
+      else
+        _mm512_mask_storeu_ps(c + 16 * v, mask, total[r][v]);
+    }
   }
 }
 
+// The microkernels by shape: K::run<MR, YV>(args...) with MR = mr (1..6) rows and YV =
+// ceil(cols / 16) vectors of 16 columns (rounded up to even with `pairs`: RowsB<bfloat16>).
+template <typename T, typename TC, typename Src>
+struct Micro {
+  template <int MR, int YV, typename... A>
+  MOE_TARGET static void run(const A&... a) { micro<T, MR, YV, TC>(a...); }
+};
 template <typename T, typename TC>
-MOE_TARGET void micro_any(int mr, const u32* const* arow, int64_t ax, const uint32_t* Bp,
-                          int64_t Xw, TC* C, int64_t ldc, int cols) {
+struct MicroBlock {
+  template <int MR, int YV, typename... A>
+  MOE_TARGET static void run(const A&... a) { micro_block<T, MR, YV, TC>(a...); }
+};
+
+template <typename K, int YV, typename... A>
+MOE_TARGET void by_rows(int mr, const A&... a) {
+  switch (mr) {
+    case 6: return K::template run<6, YV>(a...);
+    case 5: return K::template run<5, YV>(a...);
+    case 4: return K::template run<4, YV>(a...);
+    case 3: return K::template run<3, YV>(a...);
+    case 2: return K::template run<2, YV>(a...);
+    default: return K::template run<1, YV>(a...);
+  }
+}
+
+template <typename K, bool pairs, typename... A>
+MOE_TARGET void by_shape(int mr, int cols, const A&... a) {
   switch ((cols + 15) / 16) {
-    case 4: return micro_rows<T, 4, TC>(mr, arow, ax, Bp, Xw, C, ldc, cols);
-    case 3: return micro_rows<T, 3, TC>(mr, arow, ax, Bp, Xw, C, ldc, cols);
-    case 2: return micro_rows<T, 2, TC>(mr, arow, ax, Bp, Xw, C, ldc, cols);
-    default: return micro_rows<T, 1, TC>(mr, arow, ax, Bp, Xw, C, ldc, cols);
+    case 4: return by_rows<K, 4>(mr, a...);
+    case 3: return by_rows<K, pairs ? 4 : 3>(mr, a...);
+    case 2: return by_rows<K, 2>(mr, a...);
+    default: return by_rows<K, pairs ? 2 : 1>(mr, a...);
   }
 }
 
@@ -162,7 +309,7 @@ uint32_t* scratch(Scratch& buf, int64_t n) {
 
 template <typename T, typename TC = T>
 void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, Gather gather,
-          const T* B, int64_t bx, int64_t by, TC* C, int64_t ldc, NextB<T> next) {
+          const T* B, int64_t bx, int64_t by, TC* C, int64_t ldc, NextB<T> next, bool stream = false) {
   if (M == 0 || Y == 0) return;
   if (X == 0) {
     for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + Y, TC(0.0f));
@@ -182,22 +329,57 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
   const bool direct = ax == 1 && a_cols == nullptr && X % P == 0 && rows_even &&
                       reinterpret_cast<uintptr_t>(A) % alignof(uint32_t) == 0;
   const u32* rowp[kMC];
+  // Sets rowp for rows [m0, m0 + mc): A's rows in place, or packed; returns their word stride.
+  auto a_rows_at = [&](int64_t m0, int64_t mc) -> int64_t {
+    if (direct) {
+      for (int64_t r = 0; r < mc; ++r)
+        rowp[r] = reinterpret_cast<const u32*>(A + (a_rows ? a_rows[m0 + r] : (m0 + r) * am));
+      return 1;
+    }
+    uint32_t* Ap = scratch(a_buf, Xw * mc);
+    pack_a(a_rows ? A : A + m0 * am, am, ax, a_rows ? a_rows + m0 : nullptr, a_cols, mc, X, Ap);
+    for (int64_t r = 0; r < mc; ++r) rowp[r] = Ap + r;
+    return mc;
+  };
+  if (stream && by == 1 && b_rows == nullptr && M <= kMC) {
+    // Few rows: B's rows read in place. Depth blocks of kStreamWords words (the kStreamWords * P
+    // rows of B, all Y columns: one stretch of memory when B is a whole weight), strip by strip
+    // of kYR columns; the partial sums wait in scratch (L1/L2) between blocks, and the next block's
+    // lines are fetched into L2 while this one runs (during the last: the next call's first).
+    thread_local Scratch s_buf;
+    const int64_t a_x = a_rows_at(0, M);
+    const int64_t lds = panels * kYR, plane = M * lds, calls = panels * ((M + kMR - 1) / kMR);
+    float* st = reinterpret_cast<float*>(scratch(s_buf, 3 * plane));
+    constexpr bool pairs = std::is_same_v<T, c10::BFloat16>;
+    for (int64_t x0 = 0; x0 < Xw; x0 += kStreamWords) {
+      const int64_t x1 = std::min(Xw, x0 + kStreamWords);
+      const PanelLines<T> ahead =
+          x1 < Xw ? PanelLines<T>(B + P * x1 * bx, bx, 1, nullptr, std::min(X, P * (x1 + kStreamWords)) - P * x1, 0, Y)
+          : next.B != nullptr && next.rows == nullptr
+              ? PanelLines<T>(next.B, bx, 1, nullptr, std::min(next.X, P * kStreamWords), 0, next.Y)
+              : PanelLines<T>();
+      const int64_t L = ahead.lines();
+      int64_t i = 0;
+      for (int64_t c0 = 0; c0 < Y; c0 += kYR) {
+        const RowsB<T> strip(B + c0, bx, X, int(std::min<int64_t>(kYR, Y - c0)));
+        for (int64_t r = 0; r < M; r += kMR, ++i) {
+          if (L > 0) ahead.fetch(L * i / calls, L * (i + 1) / calls);
+          by_shape<MicroBlock<T, TC>, pairs>(int(std::min<int64_t>(kMR, M - r)), strip.cols, rowp + r, a_x,
+                                             strip, x0, x1, Xw, st + r * lds + c0, plane, lds,
+                                             C + r * ldc + c0, ldc);
+        }
+      }
+    }
+    for (auto* buf : {&a_buf, &s_buf})
+      if (buf->size > kKeepWords) *buf = Scratch();
+    return;
+  }
   for (int64_t p0 = 0; p0 < panels; p0 += chunk) {
     const int64_t np = std::min(chunk, panels - p0), y0 = p0 * kYR;
     uint32_t* Bp = scratch(b_buf, np * Xw * kYR);
     for (int64_t m0 = 0; m0 < M; m0 += kMC) {
       const int64_t mc = std::min(kMC, M - m0);
-      int64_t a_x;
-      if (direct) {
-        for (int64_t r = 0; r < mc; ++r)
-          rowp[r] = reinterpret_cast<const u32*>(A + (a_rows ? a_rows[m0 + r] : (m0 + r) * am));
-        a_x = 1;
-      } else {
-        uint32_t* Ap = scratch(a_buf, Xw * mc);
-        pack_a(a_rows ? A : A + m0 * am, am, ax, a_rows ? a_rows + m0 : nullptr, a_cols, mc, X, Ap);
-        for (int64_t r = 0; r < mc; ++r) rowp[r] = Ap + r;
-        a_x = mc;
-      }
+      const int64_t a_x = a_rows_at(m0, mc);
       const int64_t calls = (mc + kMR - 1) / kMR;
       for (int64_t p = 0; p < np; ++p) {
         const int64_t c0 = y0 + p * kYR;
@@ -219,7 +401,8 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
         for (int64_t r = 0, i = 0; r < mc; r += kMR, ++i) {
           if (L > 0) ahead.fetch(L * i / calls, L * (i + 1) / calls);
           const int mr = int(std::min<int64_t>(kMR, mc - r));
-          micro_any<T, TC>(mr, rowp + r, a_x, panel, Xw, C + (m0 + r) * ldc + c0, ldc, cols);
+          by_shape<Micro<T, TC, PanelB>, false>(mr, cols, rowp + r, a_x, PanelB{panel}, Xw, C + (m0 + r) * ldc + c0,
+                                                 ldc, cols);
         }
       }
     }
@@ -242,14 +425,14 @@ bool avx512_gemm_available(at::ScalarType dtype) {
 
 void avx512_gemm(int64_t M, int64_t Y, int64_t X, const c10::BFloat16* A, int64_t am, int64_t ax,
                  const c10::BFloat16* B, int64_t bx, int64_t by, c10::BFloat16* C, int64_t ldc,
-                 NextB<c10::BFloat16> next, Gather gather) {
-  gemm(M, Y, X, A, am, ax, gather, B, bx, by, C, ldc, next);
+                 NextB<c10::BFloat16> next, Gather gather, bool stream) {
+  gemm(M, Y, X, A, am, ax, gather, B, bx, by, C, ldc, next, stream);
 }
 
 void avx512_gemm(int64_t M, int64_t Y, int64_t X, const float* A, int64_t am, int64_t ax,
                  const float* B, int64_t bx, int64_t by, float* C, int64_t ldc, NextB<float> next,
-                 Gather gather) {
-  gemm(M, Y, X, A, am, ax, gather, B, bx, by, C, ldc, next);
+                 Gather gather, bool stream) {
+  gemm(M, Y, X, A, am, ax, gather, B, bx, by, C, ldc, next, stream);
 }
 
 void avx512_gemm(int64_t M, int64_t Y, int64_t X, const c10::BFloat16* A, int64_t am, int64_t ax,
@@ -263,12 +446,12 @@ bool avx512_gemm_available(at::ScalarType) { return false; }
 
 void avx512_gemm(int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t, int64_t,
                  const c10::BFloat16*, int64_t, int64_t, c10::BFloat16*, int64_t,
-                 NextB<c10::BFloat16>, Gather) {
+                 NextB<c10::BFloat16>, Gather, bool) {
   TORCH_CHECK(false, "moekit: the AVX-512 GEMM is not compiled on this platform");
 }
 
 void avx512_gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*,
-                 int64_t, int64_t, float*, int64_t, NextB<float>, Gather) {
+                 int64_t, int64_t, float*, int64_t, NextB<float>, Gather, bool) {
   TORCH_CHECK(false, "moekit: the AVX-512 GEMM is not compiled on this platform");
 }
 
