@@ -17,7 +17,11 @@
 // plan); otherwise (the weight gradient, A = a^T) it is packed to [xw][m] words first, from
 // gathered rows as well. B is packed one panel at a time as the first row block reaches it, while
 // the microkernels of the panel before fetch its memory lines (gemm_pack.h); its depth rows may
-// be gathered too (the weight gradient g^T x in an nn.Linear-style layout: B = the rows of x). The microkernel
+// be gathered too (the weight gradient g^T x in an nn.Linear-style layout: B = the rows of x).
+// Few rows (decode: 1-12 rows per expert, the caller's `stream`): packing B would cost more than the
+// GEMM uses it, so B's rows (by == 1) are read in place instead (RowsB, micro_block), each word once
+// from memory, in depth blocks whose partial sums wait in scratch while the next block is fetched
+// into L2; the sums are the packed path's, bit for bit. The microkernel
 // keeps a 6 x 64 fp32 tile in 24 zmm registers; bf16 results are rounded to nearest even on
 // store, or stored as float32 (bf16 inputs, float32 C: moe.linear_f32).
 // vdpbf16ps treats bf16 denormal inputs as zero and flushes denormal results (so does oneDNN's

@@ -34,7 +34,7 @@ struct Gather {
 
 // The most rows of one GEMM (one tile of an expert) that the grouped forward streams
 // (avx512_gemm's `stream`): up to it each word of the expert's weight is read once from memory,
-// in place; above it packing B pays for itself (one thread, Zen 5, the Qwen3 layer's two
+// in place; above it packing B pays for itself (one thread, Zen 4 EPYC, the Qwen3 layer's two
 // projections: streaming is 0.6-0.8x the packed time at 1-12 rows, about even at 16-20).
 constexpr int64_t kStreamRows = 12;
 
