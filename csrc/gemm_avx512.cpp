@@ -163,6 +163,32 @@ MOE_TARGET void by_rows(int mr, const A&... a) {
   }
 }
 
+// The same for kMR + 1 .. 2 kMR rows on at most 32 columns (YV = 2 for RowsB<bfloat16>).
+template <typename K, bool pairs, typename... A>
+MOE_TARGET void by_shape_tall(int mr, int cols, const A&... a) {
+  constexpr int YV = 2;
+  if constexpr (!pairs) {
+    if (cols <= 16) {
+      switch (mr) {
+        case 12: return K::template run<12, 1>(a...);
+        case 11: return K::template run<11, 1>(a...);
+        case 10: return K::template run<10, 1>(a...);
+        case 9: return K::template run<9, 1>(a...);
+        case 8: return K::template run<8, 1>(a...);
+        default: return K::template run<7, 1>(a...);
+      }
+    }
+  }
+  switch (mr) {
+    case 12: return K::template run<12, YV>(a...);
+    case 11: return K::template run<11, YV>(a...);
+    case 10: return K::template run<10, YV>(a...);
+    case 9: return K::template run<9, YV>(a...);
+    case 8: return K::template run<8, YV>(a...);
+    default: return K::template run<7, YV>(a...);
+  }
+}
+
 template <typename K, bool pairs, typename... A>
 MOE_TARGET void by_shape(int mr, int cols, const A&... a) {
   switch ((cols + 15) / 16) {
@@ -226,11 +252,15 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
   if (stream && by == 1 && b_rows == nullptr && M <= kMC) {
     // Few rows: B's rows read in place. Depth blocks of kStreamWords words (the kStreamWords * P
     // rows of B, all Y columns: one stretch of memory when B is a whole weight), strip by strip
-    // of kYR columns; the partial sums wait in scratch (L1/L2) between blocks, and the next block's
+    // of kYR columns (kYR / 2 for 7-12 rows); the partial sums wait in scratch (L1/L2) between blocks, and the next block's
     // lines are fetched into L2 while this one runs (during the last: the next call's first).
     thread_local Scratch s_buf;
     const int64_t a_x = a_rows_at(0, M);
-    const int64_t lds = panels * kYR, plane = M * lds, calls = panels * ((M + kMR - 1) / kMR);
+    // 7 to 2 * kMR rows: every row in one pass over strips of kYR / 2 columns (12 x 2 vectors of
+    // accumulators), so B's words are loaded once rather than once per block of kMR rows.
+    const int64_t width = M > kMR && M <= 2 * kMR ? kYR / 2 : kYR;
+    const int64_t strips = (Y + width - 1) / width;
+    const int64_t lds = panels * kYR, plane = M * lds, calls = width < kYR ? strips : panels * ((M + kMR - 1) / kMR);
     float* st = reinterpret_cast<float*>(scratch(s_buf, 3 * plane));
     constexpr bool pairs = std::is_same_v<T, c10::BFloat16>;
     for (int64_t x0 = 0; x0 < Xw; x0 += kStreamWords) {
@@ -242,8 +272,15 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
               : PanelLines<T>();
       const int64_t L = ahead.lines();
       int64_t i = 0;
-      for (int64_t c0 = 0; c0 < Y; c0 += kYR) {
-        const RowsB<T> strip(B + c0, bx, X, int(std::min<int64_t>(kYR, Y - c0)));
+      for (int64_t c0 = 0; c0 < Y; c0 += width) {
+        const RowsB<T> strip(B + c0, bx, X, int(std::min<int64_t>(width, Y - c0)));
+        if (width < kYR) {  // all rows at once on a half-width strip
+          if (L > 0) ahead.fetch(L * i / calls, L * (i + 1) / calls);
+          ++i;
+          by_shape_tall<MicroBlock<T, TC>, pairs>(int(M), strip.cols, rowp, a_x, strip, x0, x1, Xw,
+                                                  st + c0, plane, lds, C + c0, ldc);
+          continue;
+        }
         for (int64_t r = 0; r < M; r += kMR, ++i) {
           if (L > 0) ahead.fetch(L * i / calls, L * (i + 1) / calls);
           by_shape<MicroBlock<T, TC>, pairs>(int(std::min<int64_t>(kMR, M - r)), strip.cols, rowp + r, a_x,

@@ -95,9 +95,9 @@ MOE_TARGET void micro_block(const u32* const* arow, int64_t ax, const RowsB<T>& 
   const bool fresh = x0 % block == 0;
   // (Every loop over r and v is unrolled: an accumulator array indexed by a loop variable after the
   // main loop would be kept in memory and stored at every step.)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int v = 0; v < YV; ++v)
       acc[r][v] = fresh ? _mm512_setzero_ps() : _mm512_loadu_ps(s_acc + r * lds + 16 * v);
   }
@@ -105,10 +105,10 @@ MOE_TARGET void micro_block(const u32* const* arow, int64_t ax, const RowsB<T>& 
     __m512i b[YV];
     src.template load<YV>(xw, b);
     const int64_t xa = xw * ax;
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const __m512i ar = _mm512_set1_epi32(int(ap[r][xa]));
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int v = 0; v < YV; ++v) {
         if constexpr (std::is_same_v<T, c10::BFloat16>)
           acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)ar, (__m512bh)b[v]);
@@ -118,9 +118,9 @@ MOE_TARGET void micro_block(const u32* const* arow, int64_t ax, const RowsB<T>& 
     }
   }
   if (x1 < Xw && x1 % block != 0) {  // inside one of micro's blocks: keep acc
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int v = 0; v < YV; ++v) _mm512_storeu_ps(s_acc + r * lds + 16 * v, acc[r][v]);
     }
     return;
@@ -129,9 +129,9 @@ MOE_TARGET void micro_block(const u32* const* arow, int64_t ax, const RowsB<T>& 
   __m512 total[MR][YV];  // (not acc: order() takes its address, which would keep it in memory)
   const int64_t b0 = x0 / block * block;
   const bool first = b0 % (block * kXB) == 0, last = x1 == Xw || (x1 / block) % kXB == 0;
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int v = 0; v < YV; ++v) {
       const int64_t o = r * lds + 16 * v;
       const __m512 mid = first ? acc[r][v] : _mm512_add_ps(_mm512_loadu_ps(s_mid + o), acc[r][v]);
@@ -144,11 +144,11 @@ MOE_TARGET void micro_block(const u32* const* arow, int64_t ax, const RowsB<T>& 
     }
   }
   if (x1 < Xw) return;
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
     src.template order<YV>(total[r]);
     TC* c = C + r * ldc;
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int v = 0; v < YV; ++v) {
       const int left = src.cols - 16 * v;
       if (left <= 0) break;

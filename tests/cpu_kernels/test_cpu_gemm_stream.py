@@ -1,7 +1,8 @@
 """The streamed path of the CPU forward GEMM (csrc/gemm_avx512.cpp: RowsB, micro_block): a tile of
 at most S = moe.ops.build_info()["cpu_stream_rows"] rows of one expert reads the expert's weight
 rows in place (B(x, y) at x * bx + y) instead of packing B panels; larger tiles pack. The choice
-is made per tile from offs_E (read on the host). It serves grouped_mm and gather_grouped_mm, and
+is made per tile from offs_E (read on the host). Up to 6 rows run on 64-column strips, 7 to 12 all
+at once on 32-column strips. It serves grouped_mm and gather_grouped_mm, and
 the data gradient wherever the weight the backward multiplies by has contiguous rows (b_EXY a
 transposed view of an (E, Y, X) weight, as transformers' experts hold it).
 
