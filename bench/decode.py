@@ -42,11 +42,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import platform
 
 import torch
 
-from bench.ops import time_fns
+from bench.ops import machine_line, time_fns
 from moe import MoELayer
 from moe.quant import Int8GroupedExperts
 
@@ -68,17 +67,6 @@ SHAPES = {
     "deepseek": Shape(7168, 2048, 12, 8, "DeepSeek-V3, 12 of its 256 routed experts"),
 }
 CANDIDATES = ("moekit", "int8", "hf_gmm", "hf_eager")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 COPY_BYTES = 256 << 20
@@ -205,8 +193,8 @@ def _cell(row: dict, key: str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    out = [f"CPU: {cpu_model()}, {torch.get_num_threads()} threads; bf16, times in ms, % = copy-rate bound / "
-           "time, copy = the copy rate measured with each row (GB/s, bytes copied per second)"]
+    out = [machine_line(), "bf16, times in ms, % = copy-rate bound / time, copy = the copy rate measured with "
+           "each row (GB/s, bytes copied per second)"]
     shape = None
     for r in rows:
         if r["shape"] != shape:

@@ -18,6 +18,13 @@ Candidates, on the same weights and the same routing (moekit's TopKRouter, dropl
 faster) and "hf/mk" is hf_moekit's time over moekit's (the cost of going through transformers).
 Targets: moekit fwd+bwd <= 1.15x dense and < 1x hf_gmm; hf/mk <= 1.10. transformers is
 optional: its rows are skipped without it.
+
+"best" is the best dense GEMM reference, the machine's limit for the layer's matrix products: the
+layer's GEMMs on one expert holding all N = T*K rows ((N, D) x (D, 2F) and (N, F) x (F, D); in
+fwd+bwd also their data and weight gradients), timed with torch's matmul and with moekit's grouped
+GEMM (E = 1), the faster of the two ("by": which). The layer's other work (router, dispatch,
+SwiGLU, combine) is outside it, so "/best" above 1 is that work plus the grouped GEMMs' loss to
+one large GEMM. The header names the CPU and the path of moekit's CPU GEMMs (bench.ops.machine_line).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import argparse
 
 import torch
 
-from bench.ops import DTYPES, SHAPES, time_fns
+from bench.ops import DTYPES, SHAPES, machine_line, time_fns
 from moe import DenseFFN, MoELayer, collect_aux_losses, ops
 
 MODES = ("fwd", "fwd+bwd")
@@ -100,6 +107,34 @@ def _step(fn, x, mode):
     return train
 
 
+def best_dense(T: int, D: int, Fh: int, K: int, dtype, mode: str, *, repeat: int, seed: int = 0) -> tuple[float, str]:
+    """(seconds, "torch" or "moekit"): the best dense GEMM reference of one row (module docstring):
+    the layer's GEMMs on one expert holding all N = T*K rows, the faster of torch's matmul and
+    moekit's grouped GEMM with E = 1."""
+    N, g = T * K, torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    x, w_in, h, w_out, g_y, g_h = r(N, D), r(D, 2 * Fh), r(N, Fh), r(Fh, D), r(N, D), r(N, 2 * Fh)
+    offs = torch.tensor([N], dtype=torch.int32)
+    wgrad = torch.ops.moe.grouped_mm_wgrad
+    # (forward GEMMs, gradient GEMMs) of each implementation
+    gemms = {"torch": ((lambda: x @ w_in, lambda: h @ w_out),
+                       (lambda: g_y @ w_out.t(), lambda: h.t() @ g_y, lambda: g_h @ w_in.t(), lambda: x.t() @ g_h)),
+             "moekit": ((lambda: ops.grouped_mm(x, w_in[None], offs), lambda: ops.grouped_mm(h, w_out[None], offs)),
+                        (lambda: ops.grouped_mm(g_y, w_out.t()[None], offs), lambda: wgrad(h, g_y, offs),
+                         lambda: ops.grouped_mm(g_h, w_in.t()[None], offs), lambda: wgrad(x, g_h, offs)))}
+
+    def step(fwd, bwd):
+        for f in fwd + (bwd if mode == "fwd+bwd" else ()):
+            f()
+    with torch.no_grad():
+        timed = time_fns({name: (lambda p=pair: step(*p)) for name, pair in gemms.items()}, repeat=repeat)
+    name = min(timed, key=lambda n: timed[n][0])
+    return timed[name][0], name
+
+
 def layer_rows(*, T: int = 4096, shapes=SHAPES, dtypes=DTYPES, modes=MODES, repeat: int = 5,
                seed: int = 0, skip=()) -> list[dict]:
     """One row per (dtype, shape, mode): median ms of each candidate and moekit's ratios.
@@ -123,6 +158,9 @@ def layer_rows(*, T: int = 4096, shapes=SHAPES, dtypes=DTYPES, modes=MODES, repe
                 for name, (sec, _) in timed.items():
                     row[f"{name}_ms"] = sec * 1e3
                 row["noise"] = timed["moekit"][1]
+                best, row["best_by"] = best_dense(T, D, Fh, K, dtype, mode, repeat=repeat, seed=seed)
+                row["best_ms"] = best * 1e3
+                row["vs_best"] = row["moekit_ms"] / row["best_ms"]
                 for name in timed:
                     if name not in ("moekit", "hf_moekit"):
                         row[f"vs_{name}"] = row["moekit_ms"] / row[f"{name}_ms"]
@@ -150,29 +188,22 @@ def _cell(row: dict, key: str, width: int, fmt: str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    names = [n for n in ("dense", "hf_eager", "hf_gmm", "hf_moekit", "moekit") if any(f"{n}_ms" in r for r in rows)]
+    names = [n for n in ("best", "dense", "hf_eager", "hf_gmm", "hf_moekit", "moekit")
+             if any(f"{n}_ms" in r for r in rows)]
     ratios = [n for n in names if n not in ("moekit", "hf_moekit")]
     hf = any("hf_over_moekit" in r for r in rows)
     head = (f"{'dtype':<8} {'T':>5} {'D':>5} {'F':>5} {'E':>4} {'K':>2} {'mode':<8} "
             + " ".join(f"{n + ' ms':>12}" for n in names) + "  "
-            + " ".join(f"{'/' + n:>9}" for n in ratios) + (f" {'hf/mk':>6}" if hf else "") + f" {'noise':>6}")
+            + " ".join(f"{'/' + n:>9}" for n in ratios) + (f" {'hf/mk':>6}" if hf else "") + f" {'noise':>6}"
+            + (f" {'best by':>7}" if "best" in names else ""))
     out = [head]
     for r in rows:
         out.append(f"{r['dtype']:<8} {r['T']:>5} {r['D']:>5} {r['F']:>5} {r['E']:>4} {r['K']:>2} "
                    f"{r['mode']:<8} " + " ".join(_cell(r, n + "_ms", 12, ".1f") for n in names) + "  "
                    + " ".join(_cell(r, "vs_" + n, 9, ".2f") for n in ratios)
-                   + (" " + _cell(r, "hf_over_moekit", 6, ".2f") if hf else "") + f" {r['noise']:>6.0%}")
+                   + (" " + _cell(r, "hf_over_moekit", 6, ".2f") if hf else "") + f" {r['noise']:>6.0%}"
+                   + (f" {r.get('best_by', '-'):>7}" if "best" in names else ""))
     return "\n".join(out)
-
-
-def _cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), or platform.processor() elsewhere."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "CPU ?")
-    except OSError:
-        import platform
-        return platform.processor() or "CPU ?"
 
 
 def _transformers_version() -> str:
@@ -202,8 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     shapes = tuple(SHAPES[i] for i in args.shape) if args.shape else SHAPES
     rows = layer_rows(dtypes=dtypes, shapes=shapes, modes=tuple(args.mode or MODES),
                       skip=tuple(args.skip) if args.skip is not None else DEFAULT_SKIP, **kw)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {_cpu_model()}, "
-          f"extension={'yes' if ops.HAS_EXTENSION else 'no (twins)'}, transformers {_transformers_version()}")
+    print(f"{machine_line()}; extension={'yes' if ops.HAS_EXTENSION else 'no (twins)'}, "
+          f"transformers {_transformers_version()}")
     print(format_table(rows))
 
 

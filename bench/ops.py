@@ -50,6 +50,39 @@ def time_fns(fns: dict[str, Callable[[], object]], *, repeat: int, warmup: int =
     return {n: (statistics.median(t), max(t) / min(t) - 1.0) for n, t in times.items()}
 
 
+def cpu_model() -> str:
+    """The CPU's model name with its family and model numbers (/proc/cpuinfo: a virtual machine
+    may name only the brand, "AMD EPYC"; family 25 model 17 is Zen 4), or platform.processor()
+    elsewhere."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if not key.strip():
+                    break  # the first processor's block only
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    if "model name" not in fields:
+        import platform
+        return platform.processor() or platform.machine()
+    nums = [f"{k} {fields[k]}" for k in ("cpu family", "model") if k in fields]
+    return fields["model name"] + (f" ({', '.join(nums)})" if nums else "")
+
+
+def machine_line() -> str:
+    """One header line: the CPU, torch's thread count, the path moekit's CPU grouped GEMMs take
+    here by dtype (moekit's kernel by instruction set: avx512 / avx512_bf16; at::mm: "aten"; the
+    pure-PyTorch twins without the extension), the rows per expert up to which the forward streams
+    each expert's weights, and torch's own CPU kernel level (what at::mm and the baselines run)."""
+    info = ops.build_info()
+    gemm = ", ".join(f"{dt} {path}" for dt, path in info["cpu_gemm"].items())
+    return (f"CPU: {cpu_model()}, {torch.get_num_threads()} threads; moekit CPU GEMM: {gemm}, streamed up to "
+            f"{info['cpu_stream_rows']} rows per expert; torch {torch.__version__} CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}")
+
+
 def random_topk_ids(T: int, E: int, K: int, *, seed: int = 0, skew: float = 0.0) -> torch.Tensor:
     """(T, K) int64 ids of a random top-k router (distinct experts per token) over Gaussian
     logits; ``skew`` > 0 adds a per-expert bias of that scale, making counts uneven."""
@@ -201,8 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", choices=["grouped_mm", "dispatch"], help="one op family")
     args = parser.parse_args(argv)
     rows = run(quick=args.quick, dtypes=dtypes_arg(args), only=args.only, repeat=args.repeat)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"extension={'yes' if ops.HAS_EXTENSION else 'no (twins)'}")
+    print(machine_line())
     print(format_table(rows))
 
 

@@ -17,7 +17,11 @@
 // plan); otherwise (the weight gradient, A = a^T) it is packed to [xw][m] words first, from
 // gathered rows as well. B is packed one panel at a time as the first row block reaches it, while
 // the microkernels of the panel before fetch its memory lines (gemm_pack.h); its depth rows may
-// be gathered too (the weight gradient g^T x in an nn.Linear-style layout: B = the rows of x). The microkernel
+// be gathered too (the weight gradient g^T x in an nn.Linear-style layout: B = the rows of x).
+// Few rows (decode: 1-12 rows per expert, the caller's `stream`): packing B would cost more than the
+// GEMM uses it, so B's rows (by == 1) are read in place instead (gemm_stream.h), each word once
+// from memory, in depth blocks whose partial sums wait in scratch while the next block is fetched
+// into L2; the sums are the packed path's, bit for bit. The microkernel
 // keeps a 6 x 64 fp32 tile in 24 zmm registers; bf16 results are rounded to nearest even on
 // store, or stored as float32 (bf16 inputs, float32 C: moe.linear_f32).
 // vdpbf16ps treats bf16 denormal inputs as zero and flushes denormal results (so does oneDNN's
@@ -50,7 +54,8 @@
 // One target for both element types: the float32 instantiations use only AVX-512F/BW/VL
 // intrinsics (the compiler does not invent bf16 instructions), so they run on any AVX-512 CPU.
 #define MOE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-#include "gemm_pack.h"  // operand packing and the next panel's prefetch
+#include "gemm_pack.h"    // operand packing and the next panel's prefetch
+#include "gemm_stream.h"  // B read in place: the streamed path for few rows
 #endif
 
 namespace moe {
@@ -61,18 +66,31 @@ namespace {
 
 constexpr int kMR = 6;        // rows per microkernel tile
 constexpr int64_t kMC = 192;  // rows per cache block of A (a multiple of kMR)
-constexpr int64_t kXB = 64;   // X words per block of partial sums in the microkernel
 constexpr int64_t kPackWords = int64_t(1) << 20;  // 4 MiB of packed B per chunk of panels
 
-// C[MR x (16*YV)] = sum over xw of A words x B panel words; stores the first `cols` columns.
+// Where the microkernel reads B's words: a packed panel (PanelB), or B's own rows (RowsB, the
+// streamed path for few rows). load(xw, b) sets b[v] to the words of depth word xw for columns
+// 16v..16v+15 (RowsB<bf16>: in its interleaved order); order(t) puts a row of results back in
+// column order.
+struct PanelB {
+  const uint32_t* p;
+  template <int YV>
+  MOE_TARGET void load(int64_t xw, __m512i* b) const {
+    for (int v = 0; v < YV; ++v) b[v] = _mm512_loadu_si512(reinterpret_cast<const void*>(p + xw * kYR + 16 * v));
+  }
+  template <int YV>
+  void order(__m512*) const {}
+};
+
+// C[MR x (16*YV)] = sum over xw of A words x B words (from `src`); stores the first `cols` columns.
 // float32 sums run in blocks of kXB words; block sums are added in groups of kXB, and the group
 // sums into the total: rounding error grows like 2 kXB + X / kXB^2 rather than X (the 2x-of-torch
 // error rule holds at X in the tens of thousands, the weight gradient's rows per expert, where
 // one running FMA chain, or one level of blocks, would not).
 // Row r of A is the word sequence arow[r][xw * ax] (A in place: ax = 1; packed: ax = rows).
 // TC: the type of C (T, or float for bfloat16 inputs with a float32 result).
-template <typename T, int MR, int YV, typename TC>
-MOE_TARGET void micro(const u32* const* arow, int64_t ax, const uint32_t* Bp, int64_t Xw,
+template <typename T, int MR, int YV, typename TC, typename Src>
+MOE_TARGET void micro(const u32* const* arow, int64_t ax, const Src& src, int64_t Xw,
                       TC* C, int64_t ldc, int cols) {
   const u32* ap[MR];
   for (int r = 0; r < MR; ++r) ap[r] = arow[r];
@@ -85,8 +103,7 @@ MOE_TARGET void micro(const u32* const* arow, int64_t ax, const uint32_t* Bp, in
     const int64_t x1 = std::min(Xw, x0 + block);
     for (int64_t xw = x0; xw < x1; ++xw) {
       __m512i b[YV];
-      for (int v = 0; v < YV; ++v)
-        b[v] = _mm512_loadu_si512(reinterpret_cast<const void*>(Bp + xw * kYR + 16 * v));
+      src.template load<YV>(xw, b);
       const int64_t xa = xw * ax;
       for (int r = 0; r < MR; ++r) {
         const __m512i ar = _mm512_set1_epi32(int(ap[r][xa]));
@@ -107,6 +124,7 @@ MOE_TARGET void micro(const u32* const* arow, int64_t ax, const uint32_t* Bp, in
       }
   }
   for (int r = 0; r < MR; ++r) {
+    src.template order<YV>(total[r]);
     TC* c = C + r * ldc;
     for (int v = 0; v < YV; ++v) {
       const int left = cols - 16 * v;
@@ -120,27 +138,64 @@ MOE_TARGET void micro(const u32* const* arow, int64_t ax, const uint32_t* Bp, in
   }
 }
 
-template <typename T, int YV, typename TC>
-MOE_TARGET void micro_rows(int mr, const u32* const* arow, int64_t ax, const uint32_t* Bp,
-                           int64_t Xw, TC* C, int64_t ldc, int cols) {
+// The microkernels by shape: K::run<MR, YV>(args...) with MR = mr (1..6) rows and YV =
+// ceil(cols / 16) vectors of 16 columns (rounded up to even with `pairs`: RowsB<bfloat16>).
+template <typename T, typename TC>
+struct Micro {
+  template <int MR, int YV, typename... A>
+  MOE_TARGET static void run(const A&... a) { micro<T, MR, YV, TC>(a...); }
+};
+template <typename T, typename TC>
+struct MicroBlock {
+  template <int MR, int YV, typename... A>
+  MOE_TARGET static void run(const A&... a) { micro_block<T, MR, YV, TC>(a...); }
+};
+
+template <typename K, int YV, typename... A>
+MOE_TARGET void by_rows(int mr, const A&... a) {
   switch (mr) {
-    case 6: return micro<T, 6, YV, TC>(arow, ax, Bp, Xw, C, ldc, cols);
-    case 5: return micro<T, 5, YV, TC>(arow, ax, Bp, Xw, C, ldc, cols);
-    case 4: return micro<T, 4, YV, TC>(arow, ax, Bp, Xw, C, ldc, cols);
-    case 3: return micro<T, 3, YV, TC>(arow, ax, Bp, Xw, C, ldc, cols);
-    case 2: return micro<T, 2, YV, TC>(arow, ax, Bp, Xw, C, ldc, cols);
-    default: return micro<T, 1, YV, TC>(arow, ax, Bp, Xw, C, ldc, cols);
+    case 6: return K::template run<6, YV>(a...);
+    case 5: return K::template run<5, YV>(a...);
+    case 4: return K::template run<4, YV>(a...);
+    case 3: return K::template run<3, YV>(a...);
+    case 2: return K::template run<2, YV>(a...);
+    default: return K::template run<1, YV>(a...);
   }
 }
 
-template <typename T, typename TC>
-MOE_TARGET void micro_any(int mr, const u32* const* arow, int64_t ax, const uint32_t* Bp,
-                          int64_t Xw, TC* C, int64_t ldc, int cols) {
+// The same for kMR + 1 .. 2 kMR rows on at most 32 columns (YV = 2 for RowsB<bfloat16>).
+template <typename K, bool pairs, typename... A>
+MOE_TARGET void by_shape_tall(int mr, int cols, const A&... a) {
+  constexpr int YV = 2;
+  if constexpr (!pairs) {
+    if (cols <= 16) {
+      switch (mr) {
+        case 12: return K::template run<12, 1>(a...);
+        case 11: return K::template run<11, 1>(a...);
+        case 10: return K::template run<10, 1>(a...);
+        case 9: return K::template run<9, 1>(a...);
+        case 8: return K::template run<8, 1>(a...);
+        default: return K::template run<7, 1>(a...);
+      }
+    }
+  }
+  switch (mr) {
+    case 12: return K::template run<12, YV>(a...);
+    case 11: return K::template run<11, YV>(a...);
+    case 10: return K::template run<10, YV>(a...);
+    case 9: return K::template run<9, YV>(a...);
+    case 8: return K::template run<8, YV>(a...);
+    default: return K::template run<7, YV>(a...);
+  }
+}
+
+template <typename K, bool pairs, typename... A>
+MOE_TARGET void by_shape(int mr, int cols, const A&... a) {
   switch ((cols + 15) / 16) {
-    case 4: return micro_rows<T, 4, TC>(mr, arow, ax, Bp, Xw, C, ldc, cols);
-    case 3: return micro_rows<T, 3, TC>(mr, arow, ax, Bp, Xw, C, ldc, cols);
-    case 2: return micro_rows<T, 2, TC>(mr, arow, ax, Bp, Xw, C, ldc, cols);
-    default: return micro_rows<T, 1, TC>(mr, arow, ax, Bp, Xw, C, ldc, cols);
+    case 4: return by_rows<K, 4>(mr, a...);
+    case 3: return by_rows<K, pairs ? 4 : 3>(mr, a...);
+    case 2: return by_rows<K, 2>(mr, a...);
+    default: return by_rows<K, pairs ? 2 : 1>(mr, a...);
   }
 }
 
@@ -162,7 +217,7 @@ uint32_t* scratch(Scratch& buf, int64_t n) {
 
 template <typename T, typename TC = T>
 void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, Gather gather,
-          const T* B, int64_t bx, int64_t by, TC* C, int64_t ldc, NextB<T> next) {
+          const T* B, int64_t bx, int64_t by, TC* C, int64_t ldc, NextB<T> next, bool stream = false) {
   if (M == 0 || Y == 0) return;
   if (X == 0) {
     for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + Y, TC(0.0f));
@@ -182,22 +237,68 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
   const bool direct = ax == 1 && a_cols == nullptr && X % P == 0 && rows_even &&
                       reinterpret_cast<uintptr_t>(A) % alignof(uint32_t) == 0;
   const u32* rowp[kMC];
+  // Sets rowp for rows [m0, m0 + mc): A's rows in place, or packed; returns their word stride.
+  auto a_rows_at = [&](int64_t m0, int64_t mc) -> int64_t {
+    if (direct) {
+      for (int64_t r = 0; r < mc; ++r)
+        rowp[r] = reinterpret_cast<const u32*>(A + (a_rows ? a_rows[m0 + r] : (m0 + r) * am));
+      return 1;
+    }
+    uint32_t* Ap = scratch(a_buf, Xw * mc);
+    pack_a(a_rows ? A : A + m0 * am, am, ax, a_rows ? a_rows + m0 : nullptr, a_cols, mc, X, Ap);
+    for (int64_t r = 0; r < mc; ++r) rowp[r] = Ap + r;
+    return mc;
+  };
+  if (stream && by == 1 && b_rows == nullptr && M <= kMC) {
+    // Few rows: B's rows read in place. Depth blocks of kStreamWords words (the kStreamWords * P
+    // rows of B, all Y columns: one stretch of memory when B is a whole weight), strip by strip
+    // of kYR columns (kYR / 2 for 7-12 rows); the partial sums wait in scratch (L1/L2) between blocks, and the next block's
+    // lines are fetched into L2 while this one runs (during the last: the next call's first).
+    thread_local Scratch s_buf;
+    const int64_t a_x = a_rows_at(0, M);
+    // 7 to 2 * kMR rows: every row in one pass over strips of kYR / 2 columns (12 x 2 vectors of
+    // accumulators), so B's words are loaded once rather than once per block of kMR rows.
+    const int64_t width = M > kMR && M <= 2 * kMR ? kYR / 2 : kYR;
+    const int64_t strips = (Y + width - 1) / width;
+    const int64_t lds = panels * kYR, plane = M * lds, calls = width < kYR ? strips : panels * ((M + kMR - 1) / kMR);
+    float* st = reinterpret_cast<float*>(scratch(s_buf, 3 * plane));
+    constexpr bool pairs = std::is_same_v<T, c10::BFloat16>;
+    for (int64_t x0 = 0; x0 < Xw; x0 += kStreamWords) {
+      const int64_t x1 = std::min(Xw, x0 + kStreamWords);
+      const PanelLines<T> ahead =
+          x1 < Xw ? PanelLines<T>(B + P * x1 * bx, bx, 1, nullptr, std::min(X, P * (x1 + kStreamWords)) - P * x1, 0, Y)
+          : next.B != nullptr && next.rows == nullptr
+              ? PanelLines<T>(next.B, bx, 1, nullptr, std::min(next.X, P * kStreamWords), 0, next.Y)
+              : PanelLines<T>();
+      const int64_t L = ahead.lines();
+      int64_t i = 0;
+      for (int64_t c0 = 0; c0 < Y; c0 += width) {
+        const RowsB<T> strip(B + c0, bx, X, int(std::min<int64_t>(width, Y - c0)));
+        if (width < kYR) {  // all rows at once on a half-width strip
+          if (L > 0) ahead.fetch(L * i / calls, L * (i + 1) / calls);
+          ++i;
+          by_shape_tall<MicroBlock<T, TC>, pairs>(int(M), strip.cols, rowp, a_x, strip, x0, x1, Xw,
+                                                  st + c0, plane, lds, C + c0, ldc);
+          continue;
+        }
+        for (int64_t r = 0; r < M; r += kMR, ++i) {
+          if (L > 0) ahead.fetch(L * i / calls, L * (i + 1) / calls);
+          by_shape<MicroBlock<T, TC>, pairs>(int(std::min<int64_t>(kMR, M - r)), strip.cols, rowp + r, a_x,
+                                             strip, x0, x1, Xw, st + r * lds + c0, plane, lds,
+                                             C + r * ldc + c0, ldc);
+        }
+      }
+    }
+    for (auto* buf : {&a_buf, &s_buf})
+      if (buf->size > kKeepWords) *buf = Scratch();
+    return;
+  }
   for (int64_t p0 = 0; p0 < panels; p0 += chunk) {
     const int64_t np = std::min(chunk, panels - p0), y0 = p0 * kYR;
     uint32_t* Bp = scratch(b_buf, np * Xw * kYR);
     for (int64_t m0 = 0; m0 < M; m0 += kMC) {
       const int64_t mc = std::min(kMC, M - m0);
-      int64_t a_x;
-      if (direct) {
-        for (int64_t r = 0; r < mc; ++r)
-          rowp[r] = reinterpret_cast<const u32*>(A + (a_rows ? a_rows[m0 + r] : (m0 + r) * am));
-        a_x = 1;
-      } else {
-        uint32_t* Ap = scratch(a_buf, Xw * mc);
-        pack_a(a_rows ? A : A + m0 * am, am, ax, a_rows ? a_rows + m0 : nullptr, a_cols, mc, X, Ap);
-        for (int64_t r = 0; r < mc; ++r) rowp[r] = Ap + r;
-        a_x = mc;
-      }
+      const int64_t a_x = a_rows_at(m0, mc);
       const int64_t calls = (mc + kMR - 1) / kMR;
       for (int64_t p = 0; p < np; ++p) {
         const int64_t c0 = y0 + p * kYR;
@@ -219,7 +320,8 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
         for (int64_t r = 0, i = 0; r < mc; r += kMR, ++i) {
           if (L > 0) ahead.fetch(L * i / calls, L * (i + 1) / calls);
           const int mr = int(std::min<int64_t>(kMR, mc - r));
-          micro_any<T, TC>(mr, rowp + r, a_x, panel, Xw, C + (m0 + r) * ldc + c0, ldc, cols);
+          by_shape<Micro<T, TC>, false>(mr, cols, rowp + r, a_x, PanelB{panel}, Xw, C + (m0 + r) * ldc + c0,
+                                                 ldc, cols);
         }
       }
     }
@@ -242,14 +344,14 @@ bool avx512_gemm_available(at::ScalarType dtype) {
 
 void avx512_gemm(int64_t M, int64_t Y, int64_t X, const c10::BFloat16* A, int64_t am, int64_t ax,
                  const c10::BFloat16* B, int64_t bx, int64_t by, c10::BFloat16* C, int64_t ldc,
-                 NextB<c10::BFloat16> next, Gather gather) {
-  gemm(M, Y, X, A, am, ax, gather, B, bx, by, C, ldc, next);
+                 NextB<c10::BFloat16> next, Gather gather, bool stream) {
+  gemm(M, Y, X, A, am, ax, gather, B, bx, by, C, ldc, next, stream);
 }
 
 void avx512_gemm(int64_t M, int64_t Y, int64_t X, const float* A, int64_t am, int64_t ax,
                  const float* B, int64_t bx, int64_t by, float* C, int64_t ldc, NextB<float> next,
-                 Gather gather) {
-  gemm(M, Y, X, A, am, ax, gather, B, bx, by, C, ldc, next);
+                 Gather gather, bool stream) {
+  gemm(M, Y, X, A, am, ax, gather, B, bx, by, C, ldc, next, stream);
 }
 
 void avx512_gemm(int64_t M, int64_t Y, int64_t X, const c10::BFloat16* A, int64_t am, int64_t ax,
@@ -263,12 +365,12 @@ bool avx512_gemm_available(at::ScalarType) { return false; }
 
 void avx512_gemm(int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t, int64_t,
                  const c10::BFloat16*, int64_t, int64_t, c10::BFloat16*, int64_t,
-                 NextB<c10::BFloat16>, Gather) {
+                 NextB<c10::BFloat16>, Gather, bool) {
   TORCH_CHECK(false, "moekit: the AVX-512 GEMM is not compiled on this platform");
 }
 
 void avx512_gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*,
-                 int64_t, int64_t, float*, int64_t, NextB<float>, Gather) {
+                 int64_t, int64_t, float*, int64_t, NextB<float>, Gather, bool) {
   TORCH_CHECK(false, "moekit: the AVX-512 GEMM is not compiled on this platform");
 }
 

@@ -17,7 +17,8 @@
 namespace moe {
 namespace {
 
-constexpr int kYR = 64;  // columns per B panel (4 zmm of 16 fp32 lanes)
+constexpr int kYR = 64;      // columns per B panel (4 zmm of 16 fp32 lanes)
+constexpr int64_t kXB = 64;  // X words per block of float32 partial sums in the microkernels
 
 // Elements read as 32-bit words: may_alias keeps those reads of bf16/float memory well defined.
 typedef uint32_t __attribute__((may_alias)) u32;

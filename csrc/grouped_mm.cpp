@@ -142,7 +142,8 @@ void grouped_avx512(const at::Tensor& a, const int64_t* gather, const at::Tensor
     Gather rows;
     if (gather != nullptr) rows.a_rows = gather + r0;
     avx512_gemm(t.end - t.begin, t.col1 - t.col0, X, gather ? ap : ap + r0 * sa0, sa0, sa1,
-                b + t.group * sb0 + t.col0 * sb2, sb1, sb2, out + r0 * Y + t.col0, Y, next, rows);
+                b + t.group * sb0 + t.col0 * sb2, sb1, sb2, out + r0 * Y + t.col0, Y, next, rows,
+                /*stream=*/t.end - t.begin <= kStreamRows);
   });
 }
 

@@ -9,6 +9,7 @@
 #include <exception>
 
 #include "config.h"
+#include "gemm_avx512.h"
 #include "host_cache.h"
 #include "moe_ops.h"
 #ifdef MOE_WITH_SM90_GEMM
@@ -101,6 +102,14 @@ py::dict build_info() {
 #endif
   info["sm90_forward_configs"] = forward;
   info["sm90_wgrad_configs"] = wgrad;
+  // What the CPU grouped GEMMs run here, now (this CPU's features, moe.ops.config.cpu_gemm):
+  // moekit's kernel by its instruction set, or "aten" (at::mm), and the most rows per expert
+  // that the forward streams (gemm_avx512.h).
+  py::dict cpu;
+  cpu["float32"] = moe::avx512_gemm_available(at::kFloat) ? "avx512" : "aten";
+  cpu["bfloat16"] = moe::avx512_gemm_available(at::kBFloat16) ? "avx512_bf16" : "aten";
+  info["cpu_gemm"] = cpu;
+  info["cpu_stream_rows"] = moe::kStreamRows;
   return info;
 }
 

@@ -71,8 +71,14 @@ def build_info() -> dict:
     """Which kernels the loaded ``moe._C`` holds: ``cuda`` (the CUDA kernels), ``sm90_gemm``
     (moekit's Hopper grouped GEMM, csrc/cuda/sm90) and the names of its forward and weight-gradient
     configurations by id (``sm90_forward_configs``, ``sm90_wgrad_configs``: the values that
-    ``moe.ops.config.sm90_forward_config`` / ``sm90_wgrad_config`` take). Empty without the
-    extension."""
+    ``moe.ops.config.sm90_forward_config`` / ``sm90_wgrad_config`` take); ``cpu_gemm``, what the
+    CPU grouped GEMMs run on this CPU under the current ``moe.ops.config.cpu_gemm``, by dtype
+    ({"float32": "avx512" or "aten", "bfloat16": "avx512_bf16" or "aten"}; "aten" is at::mm, float32
+    GEMMs under 64 in a dimension run there too); ``cpu_stream_rows``, the most rows of one
+    expert (one tile) that the CPU forward GEMM reads the expert's weight rows in place for,
+    instead of packing them. Without the extension: no kernels (cpu_gemm "twin" for both dtypes,
+    cpu_stream_rows 0)."""
     if _C is None:
-        return dict(cuda=False, sm90_gemm=False, sm90_forward_configs=[], sm90_wgrad_configs=[])
+        return dict(cuda=False, sm90_gemm=False, sm90_forward_configs=[], sm90_wgrad_configs=[],
+                    cpu_gemm=dict(float32="twin", bfloat16="twin"), cpu_stream_rows=0)
     return _C.build_info()

@@ -1,0 +1,175 @@
+"""The streamed path of the CPU forward GEMM (csrc/gemm_avx512.cpp: RowsB, micro_block): a tile of
+at most S = moe.ops.build_info()["cpu_stream_rows"] rows of one expert reads the expert's weight
+rows in place (B(x, y) at x * bx + y) instead of packing B panels; larger tiles pack. The choice
+is made per tile from offs_E (read on the host). Up to 6 rows run on 64-column strips, 7 to 12 all
+at once on 32-column strips. It serves grouped_mm and gather_grouped_mm, and
+the data gradient wherever the weight the backward multiplies by has contiguous rows (b_EXY a
+transposed view of an (E, Y, X) weight, as transformers' experts hold it).
+
+What defines it: the same operations in the same order as the packed path, so a row's output has
+the same bits whether its expert has S rows (streamed) or S + 1 (packed), and the project's GEMM
+rule (error against float64 at most 2x the same-dtype twin's). Covered at the boundaries of the
+choice (0, 1, S - 1, S, S + 1 rows, empty experts), odd X (bfloat16's zero row for the missing x),
+masked column tails (Y not a multiple of 16 or 32), the float32 blocks of 64 words and groups of
+64 blocks (X = 4200), A gathered, strided or packed, bfloat16 and float32.
+
+Shape legend: T tokens, N routed rows, E experts, X/Y GEMM input/output dims.
+"""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from moe import ops
+from moe.ops.twins import gather_grouped_mm_torch, grouped_mm_torch
+from tests.helpers.cpu_kernels import A_LAYOUTS, BF16, view2d, view3d
+
+pytestmark = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="moe._C extension not built")
+
+F32 = torch.float32
+S = ops.build_info()["cpu_stream_rows"] if ops.HAS_EXTENSION else 0
+# The weight layouts: rows contiguous (streamed when rows are few) and a transposed buffer (packed).
+STREAMED_B = ["contig", "odd_rows"]
+
+
+def around(s):
+    """Rows per expert at the boundaries of the choice, with empty experts between them."""
+    return [0, 1, s - 1, 0, s, s + 1, 2]
+
+
+def inputs(counts, X, Y, dtype, *, seed=0, pad=2):
+    """a_NX (rows past offs_E[-1] NaN: never read), b_EXY, int32 offs_E. float32 problems get a
+    64-row expert at the end: the float32 kernel runs where a GEMM has 64 routed rows, and the rule
+    is compared over at least 64 x 64 outputs."""
+    counts = list(counts) + ([64] if dtype == F32 else [])
+    offs = torch.tensor(counts, dtype=torch.int32).cumsum(0).int()
+    n = int(offs[-1])
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n + pad, X, generator=gen).to(dtype)
+    a[n:] = float("nan")
+    return a, torch.randn(len(counts), X, Y, generator=gen).to(dtype), offs
+
+
+def assert_rule(got, a, b, offs):
+    """Padding rows exactly zero; error vs float64 at most 2x the same-dtype twin's."""
+    n = int(offs[-1])
+    assert got.shape == (a.shape[0], b.shape[2]) and got.dtype == a.dtype
+    assert (got[n:] == 0).all() and not got.isnan().any()
+    ref = grouped_mm_torch(a[:n].double(), b.double(), offs)
+    twin = grouped_mm_torch(a[:n], b, offs)
+    err = (got[:n].double() - ref).abs().max().item() if n else 0.0
+    err_twin = (twin.double() - ref).abs().max().item() if n else 0.0
+    assert err <= 2 * err_twin, (err, err_twin)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32])
+@pytest.mark.parametrize("X,Y", [(7, 33), (64, 64), (131, 130), (66, 257), (2048, 70)])
+def test_rows_at_the_boundary_follow_the_rule(dtype, X, Y):
+    a, b, offs = inputs(around(S), X, Y, dtype)
+    for a_layout in A_LAYOUTS:
+        for b_layout in STREAMED_B + ["transposed"]:
+            assert_rule(ops.grouped_mm(view2d(a, a_layout), view3d(b, b_layout), offs), a, b, offs)
+
+
+def shared_rows(s, X, Y, dtype, seed=0):
+    """Experts 0 and 1 with the same weight; expert 0 has s rows, expert 1 S + 1 whose first s are
+    expert 0's. Returns a, b, offs and the two row ranges that must be equal."""
+    a, b, offs = inputs([s, S + 1], X, Y, dtype, seed=seed)
+    b[1] = b[0]
+    a[s : 2 * s] = a[:s]
+    return a, b, offs, (slice(0, s), slice(s, 2 * s))
+
+
+# float32 from 64 in X and Y (below that at::mm runs, whose sums depend on the row count).
+EQUAL_CASES = [(BF16, 7, 70), (BF16, 131, 65), (BF16, 4201, 33)] + [(F32, 131, 65), (F32, 4200, 70), (F32, 64, 200)]
+
+
+@pytest.mark.parametrize("dtype,X,Y", EQUAL_CASES)
+@pytest.mark.parametrize("s", [1, "S-1", "S"])
+def test_streamed_rows_equal_packed_rows_bit_for_bit(dtype, X, Y, s):
+    s = {"S-1": S - 1, "S": S}.get(s, s)
+    a, b, offs, (r0, r1) = shared_rows(s, X, Y, dtype)
+    for a_layout in ["contig", "misaligned", "transposed"]:  # in place, odd offset, packed
+        for b_layout in STREAMED_B:
+            c = ops.grouped_mm(view2d(a, a_layout), view3d(b, b_layout), offs)
+            assert torch.equal(c[r0], c[r1]), (a_layout, b_layout)
+    assert_rule(c, a, b, offs)
+
+
+def counts_plan(counts, T_extra=0, seed=0):
+    """A one-slot plan whose experts get ``counts`` rows (tokens in a shuffled order), over
+    T = sum(counts) + T_extra tokens (the extra ones routed nowhere: id -1)."""
+    ids = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    ids = torch.cat([ids, torch.full((T_extra,), -1)])
+    perm = torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(seed))
+    return ops.plan(ids[perm][:, None], len(counts))
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32])
+@pytest.mark.parametrize("X,Y", [(9, 40), (130, 131), (2048, 66)])
+def test_gathered_rows_at_the_boundary(dtype, X, Y):
+    """gather_grouped_mm streams the same tiles, each row read from x_TD where it is: bit for bit
+    the GEMM on the permuted copy, and the rule against the twin."""
+    counts = around(S) + ([64] if dtype == F32 else [])
+    p = counts_plan(counts, T_extra=3)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(p.rows_TK.shape[0], X, generator=gen).to(dtype)
+    b = torch.randn(len(counts), X, Y, generator=gen).to(dtype)
+    for b_layout in STREAMED_B:
+        bv = view3d(b, b_layout)
+        got = ops.gather_grouped_mm(x, p, bv)
+        assert torch.equal(got, ops.grouped_mm(ops.permute(x, p), bv, p.offs_E))
+        n = int(p.offs_E[-1])
+        ref = gather_grouped_mm_torch(x.double(), p.order_N, p.rows_TK, b.double(), p.offs_E)
+        twin = gather_grouped_mm_torch(x, p.order_N, p.rows_TK, b, p.offs_E)
+        assert (got[n:] == 0).all()
+        assert (got[:n].double() - ref[:n]).abs().max() <= 2 * (twin[:n].double() - ref[:n]).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32])
+def test_data_gradient_of_a_transposed_weight(dtype):
+    """b_EXY a transposed view of an (E, Y, X) weight: the forward packs (its B is column-major),
+    the data gradient g @ b^T reads the (E, Y, X) rows in place (streamed for few rows). Both
+    gradients within the rule of the twin's."""
+    X, Y = 96, 130
+    a, b, offs = inputs(around(S), X, Y, dtype, pad=0)
+    w_EYX = b.transpose(1, 2).contiguous().requires_grad_()
+    a.requires_grad_()
+    g = torch.randn(a.shape[0], Y, generator=torch.Generator().manual_seed(5)).to(dtype)
+    ga, gw = torch.autograd.grad(ops.grouped_mm(a, w_EYX.transpose(1, 2), offs), (a, w_EYX), g)
+    a64, w64 = a.detach().double().requires_grad_(), w_EYX.detach().double().requires_grad_()
+    ra, rw = torch.autograd.grad(grouped_mm_torch(a64, w64.transpose(1, 2), offs), (a64, w64), g.double())
+    at, wt = a.detach().clone().requires_grad_(), w_EYX.detach().clone().requires_grad_()
+    ta, tw = torch.autograd.grad(grouped_mm_torch(at, wt.transpose(1, 2), offs), (at, wt), g)
+    for got, ref, twin in [(ga, ra, ta), (gw, rw, tw)]:
+        assert got.shape == twin.shape and got.dtype == dtype
+        assert (got.double() - ref).abs().max() <= 2 * (twin.double() - ref).abs().max()
+
+
+@st.composite
+def problems(draw):
+    dtype = draw(st.sampled_from([BF16, F32]))
+    E = draw(st.integers(1, 8))
+    counts = draw(st.lists(st.one_of(st.sampled_from([0, 1, S - 1, S, S + 1]), st.integers(0, 2 * S + 2)),
+                           min_size=E, max_size=E))
+    lo = 64 if dtype == F32 else 1  # float32 GEMMs under 64 in a dimension run on at::mm
+    X = draw(st.one_of(st.sampled_from([lo, lo + 1, 2 * lo + 3]), st.integers(lo, 300)))
+    Y = draw(st.one_of(st.sampled_from([lo, lo + 1, 129]), st.integers(lo, 300)))
+    return dict(counts=counts, X=X, Y=Y, dtype=dtype, seed=draw(st.integers(0, 2**20)),
+                a_layout=draw(st.sampled_from(A_LAYOUTS)), b_layout=draw(st.sampled_from(STREAMED_B)),
+                gathered=draw(st.booleans()))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(p=problems())
+def test_streamed_path_property(p):
+    a, b, offs = inputs(p["counts"], p["X"], p["Y"], p["dtype"], seed=p["seed"])
+    bv = view3d(b, p["b_layout"])
+    got = ops.grouped_mm(view2d(a, p["a_layout"]), bv, offs)
+    assert_rule(got, a, b, offs)
+    if p["gathered"]:  # the same rows gathered from a token-ordered x
+        counts = offs.diff(prepend=offs.new_zeros(1)).tolist()
+        plan = counts_plan(counts, seed=p["seed"])
+        x = torch.empty(plan.rows_TK.shape[0], p["X"], dtype=a.dtype)
+        x[plan.order_N[: int(offs[-1])]] = a[: int(offs[-1])]  # one slot per token: order_N is the token
+        assert torch.equal(ops.gather_grouped_mm(x, plan, bv)[: int(offs[-1])], got[: int(offs[-1])])

@@ -1,0 +1,32 @@
+"""bench.layer on a tiny shape: the best dense GEMM reference and the header's machine line (a
+smoke test of the benchmark's code, not a measurement).
+
+Shape legend: T tokens, D hidden size, F expert hidden size, E experts, K top-k.
+"""
+
+import pytest
+import torch
+
+from bench import layer
+from bench.ops import machine_line
+from moe import ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_carry_the_best_dense_reference(dtype):
+    rows = layer.layer_rows(T=16, shapes=((64, 40, 4, 2),), dtypes=(dtype,), repeat=1,
+                            skip=("hf_eager", "hf_gmm", "hf_moekit"))
+    assert [r["mode"] for r in rows] == ["fwd", "fwd+bwd"]
+    for r in rows:
+        assert r["best_by"] in ("torch", "moekit") and r["best_ms"] > 0
+        assert r["vs_best"] == pytest.approx(r["moekit_ms"] / r["best_ms"])
+    table = layer.format_table(rows)
+    assert "best ms" in table and "/best" in table and "best by" in table
+
+
+def test_machine_line_names_the_cpu_and_the_gemm_path():
+    line, info = machine_line(), ops.build_info()
+    assert line.startswith("CPU: ") and f"{torch.get_num_threads()} threads" in line
+    for dtype, path in info["cpu_gemm"].items():
+        assert f"{dtype} {path}" in line
+    assert f"streamed up to {info['cpu_stream_rows']} rows" in line
