@@ -125,16 +125,7 @@ MOE_TARGET void micro(const u32* const* arow, int64_t ax, const Src& src, int64_
   }
   for (int r = 0; r < MR; ++r) {
     src.template order<YV>(total[r]);
-    TC* c = C + r * ldc;
-    for (int v = 0; v < YV; ++v) {
-      const int left = cols - 16 * v;
-      if (left <= 0) break;
-      const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-      if constexpr (std::is_same_v<TC, c10::BFloat16>)
-        _mm256_mask_storeu_epi16(c + 16 * v, mask, (__m256i)_mm512_cvtneps_pbh(total[r][v]));
-      else
-        _mm512_mask_storeu_ps(c + 16 * v, mask, total[r][v]);
-    }
+    store_row<YV>(C + r * ldc, total[r], cols);
   }
 }
 

@@ -207,5 +207,22 @@ struct PanelLines {
   }
 };
 
+// Stores one row of a microkernel's float32 sums (YV vectors of 16 columns) into c, float32 or
+// bfloat16 (rounded to nearest even), masked to its first `cols` columns.
+template <int YV, typename TC>
+MOE_TARGET inline void store_row(TC* c, const __m512* row, int cols) {
+#pragma GCC unroll 16
+  for (int v = 0; v < YV; ++v) {
+    const int left = cols - 16 * v;
+    if (left <= 0) break;
+    const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+    if constexpr (std::is_same_v<TC, c10::BFloat16>)
+      _mm256_mask_storeu_epi16(c + 16 * v, mask, (__m256i)_mm512_cvtneps_pbh(row[v]));
+    else
+      _mm512_mask_storeu_ps(c + 16 * v, mask, row[v]);
+  }
+}
+
 }  // namespace
+
 }  // namespace moe
