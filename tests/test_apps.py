@@ -32,6 +32,16 @@ TIMING_KEYS = {"tokens_per_s", "wall_time_s", "threads"}
 VARIANTS = "topk,recurrent"  # a plain router and one with state across layers
 
 
+@pytest.fixture(autouse=True)
+def python_handles_sigint():
+    """These tests send Ctrl-C. A pytest started as a background job (`cmd &`) inherits SIGINT
+    ignored, and so would the demo's subprocesses; each test gets Python's own handler back (the
+    subprocesses then start with the default one)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _demo_args(text_dir, out, *extra):
     return ["demo", "--data", str(text_dir), "--out", str(out), "--variants", VARIANTS, *TINY, *extra]
 
