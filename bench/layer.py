@@ -19,12 +19,20 @@ faster) and "hf/mk" is hf_moekit's time over moekit's (the cost of going through
 Targets: moekit fwd+bwd <= 1.15x dense and < 1x hf_gmm; hf/mk <= 1.10. transformers is
 optional: its rows are skipped without it.
 
-"best" is the best dense GEMM reference, the machine's limit for the layer's matrix products: the
-layer's GEMMs on one expert holding all N = T*K rows ((N, D) x (D, 2F) and (N, F) x (F, D); in
-fwd+bwd also their data and weight gradients), timed with torch's matmul and with moekit's grouped
-GEMM (E = 1), the faster of the two ("by": which). The layer's other work (router, dispatch,
-SwiGLU, combine) is outside it, so "/best" above 1 is that work plus the grouped GEMMs' loss to
-one large GEMM. The header names the CPU and the path of moekit's CPU GEMMs (bench.ops.machine_line).
+"best" is the best dense GEMM reference, the machine's limit for the layer's matrix products: each
+of the layer's GEMMs ((N, D) x (D, 2F) and (N, F) x (F, D); in fwd+bwd also their data and weight
+gradients) timed four ways, and the fastest taken per GEMM: with torch's matmul and with moekit's
+grouped GEMM (E = 1), on one expert holding all N = T*K rows and in the dense layer's shape (T rows,
+hidden K*F: the same FLOPs with fewer, wider rows). So "best" is at most the dense layer's GEMM
+time, and "by" says how many of the GEMMs each implementation won ("t" torch, "m" moekit). The
+layer's other work (router, dispatch, SwiGLU, combine) is outside it, so "/best" above 1 is that
+work plus the grouped GEMMs' loss to the best dense GEMMs. The header names the CPU and the path
+of moekit's CPU GEMMs (bench.ops.machine_line).
+
+In fwd+bwd the input x requires a gradient, as a layer inside a model does (its data gradient is
+one of the GEMMs), and every candidate's step sets it to None first. The backward starts from a
+fixed gradient of the output (the same random tensor for every candidate) and 1 for the aux loss,
+as if the layer sat inside a model: no loss of the benchmark's own is computed or timed.
 """
 
 from __future__ import annotations
@@ -90,49 +98,60 @@ def _candidates(layer: MoELayer, dense: DenseFFN, x: torch.Tensor) -> dict:
     return cands
 
 
-def _step(fn, x, mode):
+def _step(fn, x, mode, g_y):
     """A zero-argument timed call; the caller sets grad mode (off for "fwd"). A "fwd+bwd" step is
-    a training step's: the gradients of the candidate's modules are set to None first (what
-    ``optimizer.zero_grad()`` does by default), so backward writes them afresh every step rather
-    than adding into the previous step's."""
+    a training step's: the gradients of the candidate's modules and of x (which requires one in
+    this mode) are set to None first (what ``optimizer.zero_grad()`` does by default), so backward
+    writes them afresh every step rather than adding into the previous step's; backward starts
+    from ``g_y`` for the output and 1 for the aux loss."""
     if mode == "fwd":
         return lambda: fn(x)
 
     def train():
+        x.grad = None
         for m in getattr(fn, "modules", ()):
             m.zero_grad(set_to_none=True)
         y, aux = fn(x)
-        loss = y.float().square().mean() + (0 if aux is None else aux)
-        loss.backward()
+        outs, grads = ([y], [g_y]) if aux is None or not aux.requires_grad else ([y, aux], [g_y, torch.ones_like(aux)])
+        torch.autograd.backward(outs, grads)
     return train
 
 
-def best_dense(T: int, D: int, Fh: int, K: int, dtype, mode: str, *, repeat: int, seed: int = 0) -> tuple[float, str]:
-    """(seconds, "torch" or "moekit"): the best dense GEMM reference of one row (module docstring):
-    the layer's GEMMs on one expert holding all N = T*K rows, the faster of torch's matmul and
-    moekit's grouped GEMM with E = 1."""
-    N, g = T * K, torch.Generator().manual_seed(seed)
-
+def _gemms(M: int, D: int, H: int, dtype, mode: str, g: torch.Generator) -> list[dict]:
+    """The layer's GEMMs on M rows of hidden H, each as {"torch": fn, "moekit": fn}: the up and down
+    projections, and in fwd+bwd the down projection's data and weight gradients and the up
+    projection's (in backward's order)."""
     def r(*shape):
         return torch.randn(*shape, generator=g).to(dtype)
 
-    x, w_in, h, w_out, g_y, g_h = r(N, D), r(D, 2 * Fh), r(N, Fh), r(Fh, D), r(N, D), r(N, 2 * Fh)
-    offs = torch.tensor([N], dtype=torch.int32)
-    wgrad = torch.ops.moe.grouped_mm_wgrad
-    # (forward GEMMs, gradient GEMMs) of each implementation
-    gemms = {"torch": ((lambda: x @ w_in, lambda: h @ w_out),
-                       (lambda: g_y @ w_out.t(), lambda: h.t() @ g_y, lambda: g_h @ w_in.t(), lambda: x.t() @ g_h)),
-             "moekit": ((lambda: ops.grouped_mm(x, w_in[None], offs), lambda: ops.grouped_mm(h, w_out[None], offs)),
-                        (lambda: ops.grouped_mm(g_y, w_out.t()[None], offs), lambda: wgrad(h, g_y, offs),
-                         lambda: ops.grouped_mm(g_h, w_in.t()[None], offs), lambda: wgrad(x, g_h, offs)))}
+    x, w_in, h, w_out, g_y, g_h = r(M, D), r(D, 2 * H), r(M, H), r(H, D), r(M, D), r(M, 2 * H)
+    offs, wgrad, mm = torch.tensor([M], dtype=torch.int32), torch.ops.moe.grouped_mm_wgrad, ops.grouped_mm
+    out = [dict(torch=lambda: x @ w_in, moekit=lambda: mm(x, w_in[None], offs)),
+           dict(torch=lambda: h @ w_out, moekit=lambda: mm(h, w_out[None], offs))]
+    if mode == "fwd+bwd":
+        out += [dict(torch=lambda: g_y @ w_out.t(), moekit=lambda: mm(g_y, w_out.t()[None], offs)),
+                dict(torch=lambda: h.t() @ g_y, moekit=lambda: wgrad(h, g_y, offs)),
+                dict(torch=lambda: g_h @ w_in.t(), moekit=lambda: mm(g_h, w_in.t()[None], offs)),
+                dict(torch=lambda: x.t() @ g_h, moekit=lambda: wgrad(x, g_h, offs))]
+    return out
 
-    def step(fwd, bwd):
-        for f in fwd + (bwd if mode == "fwd+bwd" else ()):
-            f()
+
+def best_dense(T: int, D: int, Fh: int, K: int, dtype, mode: str, *, repeat: int, seed: int = 0) -> tuple[float, str]:
+    """(seconds, "by"): the best dense GEMM reference of one row (module docstring): per GEMM of
+    the layer, the fastest of torch's matmul and moekit's grouped GEMM (E = 1), each on one expert
+    holding all T*K rows and in the dense layer's shape (T rows, hidden K*F); "by" counts the GEMMs
+    each implementation won ("t4 m2": torch 4, moekit 2)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"expert": _gemms(T * K, D, Fh, dtype, mode, g), "dense": _gemms(T, D, K * Fh, dtype, mode, g)}
+    total, wins = 0.0, {"torch": 0, "moekit": 0}
     with torch.no_grad():
-        timed = time_fns({name: (lambda p=pair: step(*p)) for name, pair in gemms.items()}, repeat=repeat)
-    name = min(timed, key=lambda n: timed[n][0])
-    return timed[name][0], name
+        for i in range(len(shapes["expert"])):
+            fns = {(impl, shape): fn for shape, gemms in shapes.items() for impl, fn in gemms[i].items()}
+            timed = time_fns(fns, repeat=repeat)
+            impl, shape = min(timed, key=lambda n: timed[n][0])
+            total += timed[impl, shape][0]
+            wins[impl] += 1
+    return total, f"t{wins['torch']} m{wins['moekit']}"
 
 
 def layer_rows(*, T: int = 4096, shapes=SHAPES, dtypes=DTYPES, modes=MODES, repeat: int = 5,
@@ -146,13 +165,14 @@ def layer_rows(*, T: int = 4096, shapes=SHAPES, dtypes=DTYPES, modes=MODES, repe
             torch.manual_seed(seed)
             layer = MoELayer(D, Fh, E, K).to(dtype)
             dense = DenseFFN(D, K * Fh).to(dtype)
-            x = torch.randn(T, D).to(dtype)
+            x, g_y = torch.randn(T, D).to(dtype), torch.randn(T, D).to(dtype)
             cands = _candidates(layer, dense, x)
             for mode in modes:
                 for m in (layer, dense):
                     m.train(mode != "fwd")
+                x.requires_grad_(mode != "fwd")
                 with torch.set_grad_enabled(mode != "fwd"):
-                    timed = time_fns({n: _step(f, x, mode) for n, f in cands.items()
+                    timed = time_fns({n: _step(f, x, mode, g_y) for n, f in cands.items()
                                       if n not in skip and f"{n}:{mode}" not in skip}, repeat=repeat)
                 row = dict(dtype=str(dtype).removeprefix("torch."), T=T, D=D, F=Fh, E=E, K=K, mode=mode)
                 for name, (sec, _) in timed.items():
