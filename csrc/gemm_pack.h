@@ -86,7 +86,10 @@ MOE_TARGET inline void transpose16(const u32* src, int64_t ld_src, uint32_t* dst
 
 // Packs B (X x cols, strides bx, by in elements) into panels of kYR columns: panel p holds Xw
 // rows of kYR words, zero-padded past cols and past X. With `rows` (a gathered B), row x of B
-// starts at B + rows[x] instead of B + x * bx.
+// starts at B + rows[x] instead of B + x * bx. B is read in its memory order, so that the
+// hardware prefetchers stream it: a transposed W a panel (kYR rows of W) at a time, and rows of
+// B a word row (x, x+1) at a time across every panel (reading one panel's columns of all X rows
+// instead touches each line of B in a separate pass and stalls on every load).
 template <typename T>
 MOE_TARGET void pack_b(const T* B, int64_t bx, int64_t by, const int64_t* rows, int64_t X, int64_t cols,
                        uint32_t* out) {
@@ -98,10 +101,10 @@ MOE_TARGET void pack_b(const T* B, int64_t bx, int64_t by, const int64_t* rows, 
   // word of a row of W, so a panel is a transpose of 32-bit words, read row by row.
   const bool rows_of_words = rows == nullptr && bx == 1 && X % P == 0 && by % P == 0 &&
                              reinterpret_cast<uintptr_t>(B) % alignof(uint32_t) == 0;
-  for (int64_t p = 0; p < panels; ++p) {
-    uint32_t* dst = out + p * Xw * kYR;
-    const int64_t c0 = p * kYR, w = std::min<int64_t>(kYR, cols - c0);
-    if (rows_of_words) {
+  if (rows_of_words) {
+    for (int64_t p = 0; p < panels; ++p) {
+      uint32_t* dst = out + p * Xw * kYR;
+      const int64_t c0 = p * kYR, w = std::min<int64_t>(kYR, cols - c0);
       const int64_t j16 = w / 16 * 16, x16 = Xw / 16 * 16;
       for (int64_t j = 0; j < j16; j += 16)  // 16 x 16 blocks in registers
         for (int64_t xw = 0; xw < x16; xw += 16)
@@ -113,13 +116,16 @@ MOE_TARGET void pack_b(const T* B, int64_t bx, int64_t by, const int64_t* rows, 
       }
       for (int64_t j = w; j < kYR; ++j)
         for (int64_t xw = 0; xw < Xw; ++xw) dst[xw * kYR + j] = 0;
-      continue;
     }
-    for (int64_t xw = 0; xw < Xw; ++xw) {
-      const bool has1 = P * xw + 1 < X;
-      const int64_t o0 = row(P * xw), step = has1 ? row(P * xw + 1) - o0 : 0;
+    return;
+  }
+  for (int64_t xw = 0; xw < Xw; ++xw) {
+    const bool has1 = P * xw + 1 < X;
+    const int64_t o0 = row(P * xw), step = has1 ? row(P * xw + 1) - o0 : 0;
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t c0 = p * kYR, w = std::min<int64_t>(kYR, cols - c0);
       const T* r0 = B + o0 + c0 * by;
-      uint32_t* d = dst + xw * kYR;
+      uint32_t* d = out + p * Xw * kYR + xw * kYR;
       if (by == 1) {  // rows of B contiguous: 16 words per step
         int64_t j = 0;
         for (; j < w; j += 16)
