@@ -28,7 +28,8 @@ from tests.helpers.cpu_kernels import (A_LAYOUTS, BF16, F32, around, assert_forw
 pytestmark = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="moe._C extension not built")
 
 S = ops.build_info()["cpu_stream_rows"] if ops.HAS_EXTENSION else 0
-# The weight layouts: rows contiguous (streamed when rows are few) and a transposed buffer (packed).
+# The weight layouts whose rows are contiguous along Y (streamed here when rows are few); a
+# transposed (E, Y, X) buffer streams by its own rows (test_cpu_gemm_stream_yx.py).
 STREAMED_B = ["contig", "odd_rows"]
 
 
@@ -89,9 +90,9 @@ def test_gathered_rows_at_the_boundary(dtype, X, Y):
 
 @pytest.mark.parametrize("dtype", [BF16, F32])
 def test_data_gradient_of_a_transposed_weight(dtype):
-    """b_EXY a transposed view of an (E, Y, X) weight: the forward packs (its B is column-major),
-    the data gradient g @ b^T reads the (E, Y, X) rows in place (streamed for few rows). Both
-    gradients within the rule of the twin's."""
+    """b_EXY a transposed view of an (E, Y, X) weight: the forward streams its rows along X
+    (gemm_stream_yx.h), the data gradient g @ b^T reads the (E, Y, X) rows in place here (streamed
+    for few rows). Both gradients within the rule of the twin's."""
     X, Y = 96, 130
     a, b, offs = stream_inputs(around(S), X, Y, dtype, pad=0)
     w_EYX = b.transpose(1, 2).contiguous().requires_grad_()
