@@ -20,8 +20,10 @@ softmax, renormalised):
   moekit      moe.MoELayer (router, plan, gathered grouped GEMM, swiglu, grouped GEMM, combine)
   int8        the same layer after moe.quantize_experts (weight-only int8, per-channel scales):
               its time, its speed over moekit's bf16 ("x bf16") and % of its own bound (int8 bytes)
-  hf_gmm      transformers' Qwen3MoeSparseMoeBlock (router + experts), experts_implementation
-              "grouped_mm"
+  hf_moekit   transformers' Qwen3MoeSparseMoeBlock (router + experts), experts_implementation
+              "moekit" (moe.integrations.hf.register()): moekit's ops on transformers' layout, the
+              weights read as transposed views
+  hf_gmm      the same block, "grouped_mm"
   hf_eager    the same block, "eager" (a Python loop over the chosen experts)
 
 The Qwen3MoeSparseMoeBlock runs at every shape: its experts are the SiLU-gated [gate; up] experts
@@ -47,6 +49,7 @@ import torch
 
 from bench.ops import machine_line, time_fns
 from moe import MoELayer
+from moe.integrations import hf
 from moe.quant import Int8GroupedExperts
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64)
@@ -66,7 +69,8 @@ SHAPES = {
     "mixtral": Shape(4096, 14336, 3, 2, "Mixtral-8x7B, 3 of its 8 experts"),
     "deepseek": Shape(7168, 2048, 12, 8, "DeepSeek-V3, 12 of its 256 routed experts"),
 }
-CANDIDATES = ("moekit", "int8", "hf_gmm", "hf_eager")
+CANDIDATES = ("moekit", "hf_moekit", "int8", "hf_gmm", "hf_eager")
+HF = ("hf_moekit", "hf_gmm", "hf_eager")
 
 
 COPY_BYTES = 256 << 20
@@ -140,6 +144,16 @@ def _hf(block, impl: str):
     return run
 
 
+def _register_moekit() -> bool:
+    """Registers transformers' "moekit" experts implementation; False where this transformers is
+    older than hf.MIN_TRANSFORMERS (its models take no registered implementation)."""
+    try:
+        hf.register()
+    except ImportError:
+        return False
+    return True
+
+
 def _bytes(s: Shape, distinct: int, int8: bool) -> int:
     """Weight bytes a forward reads: the distinct experts' (int8: codes + float32 scales) + router."""
     per_expert = 3 * s.D * s.F * (1 if int8 else 2) + (4 * (2 * s.F + s.D) if int8 else 0)
@@ -157,10 +171,12 @@ def decode_rows(name: str, tokens=TOKENS, *, repeat: int = 7, skip=(), copy_byte
     s = SHAPES[name]
     layer = build_layer(s)
     int8 = Int8GroupedExperts(layer.experts)
-    block = None if {"hf_gmm", "hf_eager"} <= set(skip) else hf_block(layer)
+    block = None if set(HF) <= set(skip) else hf_block(layer)
     fns = {"moekit": layer, "int8": _swapped(layer, int8)}
     if block is not None:
         fns.update(hf_gmm=_hf(block, "grouped_mm"), hf_eager=_hf(block, "eager"))
+        if "hf_moekit" not in skip and _register_moekit():
+            fns["hf_moekit"] = _hf(block, hf.NAME)
     fns = {k: v for k, v in fns.items() if k not in skip}
     copy = copy_fn(copy_bytes)
     rows = []
@@ -188,8 +204,8 @@ def decode_rows(name: str, tokens=TOKENS, *, repeat: int = 7, skip=(), copy_byte
 
 def _cell(row: dict, key: str) -> str:
     if f"{key}_ms" not in row:
-        return f"{'-':>15}"
-    return f"{row[key + '_ms']:8.2f} {100 * row[key + '_frac']:4.0f}%"
+        return f"{'-':>13}"
+    return f"{row[key + '_ms']:7.2f} {100 * row[key + '_frac']:4.0f}%"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -201,12 +217,13 @@ def format_table(rows: list[dict]) -> str:
             shape = r["shape"]
             s = SHAPES[shape]
             out += ["", f"{shape}: {s.note} (D {s.D}, F {s.F}, E {s.E}, k {s.K})",
-                    f"{'T':>3} {'experts':>7} {'copy':>5} {'bound':>7}  {'moekit':>15} {'hf_gmm':>15} {'hf_eager':>15}"
-                    f"  {'int8':>15} {'x bf16':>6} {'int8 err':>8}"]
+                    f"{'T':>3} {'experts':>7} {'copy':>5} {'bound':>7}  {'moekit':>13} {'hf_moekit':>13}"
+                    f" {'hf_gmm':>13} {'hf_eager':>13}  {'int8':>13} {'x bf16':>6} {'int8 err':>8}"]
         x = f"{r['int8_x']:6.2f}" if "int8_x" in r else f"{'-':>6}"
         err = f"{100 * r['int8_err']:7.2f}%" if "int8_err" in r else f"{'-':>8}"
         out.append(f"{r['T']:>3} {r['distinct']:>7} {r['rate'] / 1e9:5.1f} {r['bound_ms']:7.2f}  "
-                   f"{_cell(r, 'moekit')} {_cell(r, 'hf_gmm')} {_cell(r, 'hf_eager')}  {_cell(r, 'int8')} {x} {err}")
+                   f"{_cell(r, 'moekit')} {_cell(r, 'hf_moekit')} {_cell(r, 'hf_gmm')} {_cell(r, 'hf_eager')}"
+                   f"  {_cell(r, 'int8')} {x} {err}")
     out.append("int8's % is against its own bound (int8 codes + scales); x bf16 = moekit time / int8 time; "
                "int8 err = relative RMS of the int8 layer's output against the bf16 layer's")
     return "\n".join(out)

@@ -21,7 +21,9 @@
 // Few rows (decode: 1-12 rows per expert, the caller's `stream`): packing B would cost more than the
 // GEMM uses it, so B's rows (by == 1) are read in place instead (gemm_stream.h), each word once
 // from memory, in depth blocks whose partial sums wait in scratch while the next block is fetched
-// into L2; the sums are the packed path's, bit for bit. The microkernel
+// into L2; the sums are the packed path's, bit for bit. B stored (Y x X) (bx == 1: an nn.Linear
+// weight read as a transposed view) streams too, each of its rows dotted with A's rows along X
+// (gemm_stream_yx.h: float32 lanes reduced at the end, not the packed path's bits). The microkernel
 // keeps a 6 x 64 fp32 tile in 24 zmm registers; bf16 results are rounded to nearest even on
 // store, or stored as float32 (bf16 inputs, float32 C: moe.linear_f32).
 // vdpbf16ps treats bf16 denormal inputs as zero and flushes denormal results (so does oneDNN's
@@ -56,6 +58,7 @@
 #define MOE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #include "gemm_pack.h"    // operand packing and the next panel's prefetch
 #include "gemm_stream.h"  // B read in place: the streamed path for few rows
+#include "gemm_stream_yx.h"  // the same for B stored (Y x X): rows of B dotted with rows of A
 #endif
 
 namespace moe {
@@ -240,6 +243,23 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
     for (int64_t r = 0; r < mc; ++r) rowp[r] = Ap + r;
     return mc;
   };
+  if (stream && by != 1 && bx == 1 && b_rows == nullptr && M <= kStreamRows) {
+    // Few rows, B stored (Y x X): each row of B dotted with A's rows (gemm_stream_yx.h), which
+    // are read along X in place when they are contiguous there, else copied so first.
+    const T* arow[kStreamRows];
+    if (ax == 1 && a_cols == nullptr) {
+      for (int64_t m = 0; m < M; ++m) arow[m] = A + (a_rows ? a_rows[m] : m * am);
+    } else {
+      T* Ar = reinterpret_cast<T*>(scratch(a_buf, (M * X * int64_t(sizeof(T)) + 3) / 4));
+      for (int64_t m = 0; m < M; ++m) {
+        const T* src = A + (a_rows ? a_rows[m] : m * am);
+        for (int64_t x = 0; x < X; ++x) Ar[m * X + x] = src[a_cols ? a_cols[x] : x * ax];
+        arow[m] = Ar + m * X;
+      }
+    }
+    stream_yx(int(M), arow, B, by, X, Y, next, C, ldc);
+    return;
+  }
   if (stream && by == 1 && b_rows == nullptr && M <= kMC) {
     // Few rows: B's rows read in place. Depth blocks of kStreamWords words (the kStreamWords * P
     // rows of B, all Y columns: one stretch of memory when B is a whole weight), strip by strip

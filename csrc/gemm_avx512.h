@@ -35,14 +35,17 @@ struct Gather {
 // The most rows of one GEMM (one tile of an expert) that the grouped forward streams
 // (avx512_gemm's `stream`): up to it each word of the expert's weight is read once from memory,
 // in place; above it packing B pays for itself (one thread, Zen 4 EPYC, the Qwen3 layer's two
-// projections: streaming is 0.6-0.8x the packed time at 1-12 rows, about even at 16-20).
+// projections: streaming is 0.6-0.8x the packed time at 1-12 rows, about even at 16-20). The
+// same bound serves weights stored (E, Y, X), whose packing is a transpose (gemm_stream_yx.h).
 constexpr int64_t kStreamRows = 12;
 
 // C (M x Y, row stride ldc) = A (M x X) @ B (X x Y), fp32 accumulation, C in the inputs' dtype:
 // one plain GEMM of M rows, depth X and Y output columns (the shape legend of moe_ops.h).
 // A(m, x) = A[m * am + x * ax], B(x, y) = B[x * bx + y * by] (element strides, any layout).
 // With `stream` and B's rows contiguous (by == 1, no b_rows), B is read in place, 64 columns at a
-// time, instead of packed (for few rows: each word of B is used M times). Single-threaded: the
+// time, instead of packed (for few rows: each word of B is used M times); with `stream`, B stored
+// (Y x X) (bx == 1, no b_rows) and M <= kStreamRows, each of B's rows is read in place once and
+// dotted with A's rows (the same rule, another summation order). Single-threaded: the
 // grouped GEMM calls it from its own parallel tiles.
 void avx512_gemm(int64_t M, int64_t Y, int64_t X, const c10::BFloat16* A, int64_t am, int64_t ax,
                  const c10::BFloat16* B, int64_t bx, int64_t by, c10::BFloat16* C, int64_t ldc,

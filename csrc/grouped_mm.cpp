@@ -125,7 +125,9 @@ bool use_avx512(at::ScalarType dtype, int64_t X, int64_t Y, int64_t rows) {
   return dtype != at::kFloat || (X >= kMinSide && Y >= kMinSide && rows >= kMinSide);
 }
 // a_NX's rows: row i is a_NX[i], or with `gather` (element offsets of the routed rows, from
-// gather_offsets) the row of a that starts at gather[i].
+// gather_offsets) the row of a that starts at gather[i]. A tile of at most kStreamRows rows
+// streams its expert's weight (read in place by rows along Y, or along X where b_EXY is a
+// transposed view of an (E, Y, X) weight: gemm_avx512.h); larger tiles pack it.
 template <typename T>
 void grouped_avx512(const at::Tensor& a, const int64_t* gather, const at::Tensor& b_EXY,
                     at::Tensor& c, const std::vector<int64_t>& starts, const std::vector<Tile>& tiles) {

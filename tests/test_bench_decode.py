@@ -4,6 +4,8 @@ the benchmark's code, not a measurement).
 Shape legend: T tokens, D hidden size, F expert hidden size, E experts, K top-k.
 """
 
+import importlib.util
+
 import pytest
 
 from bench import decode
@@ -19,6 +21,9 @@ def test_decode_rows_on_a_tiny_shape(monkeypatch):
             decode._bytes(decode.SHAPES["tiny"], r["distinct"], False) / r["rate"] * 1e3)
         assert r["int8_x"] == pytest.approx(r["moekit_ms"] / r["int8_ms"])
         assert 0 < r["int8_err"] < 0.015
+    hf = importlib.util.find_spec("transformers") is not None and decode._register_moekit()
+    for r in rows if hf else ():  # transformers' block on moekit's ops: a fraction of the same bound
+        assert r["hf_moekit_ms"] > 0 and r["hf_moekit_frac"] == pytest.approx(r["bound_ms"] / r["hf_moekit_ms"])
     table = decode.format_table(rows)
     assert "tiny: a tiny layer (D 64, F 40, E 6, k 2)" in table and "CPU:" in table
 

@@ -22,59 +22,30 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from moe import ops
 from moe.ops.twins import gather_grouped_mm_torch, grouped_mm_torch
-from tests.helpers.cpu_kernels import A_LAYOUTS, BF16, view2d, view3d
+from tests.helpers.cpu_kernels import (A_LAYOUTS, BF16, F32, around, assert_forward_rule, counts_plan,
+                                       stream_inputs, view2d, view3d)
 
 pytestmark = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="moe._C extension not built")
 
-F32 = torch.float32
 S = ops.build_info()["cpu_stream_rows"] if ops.HAS_EXTENSION else 0
-# The weight layouts: rows contiguous (streamed when rows are few) and a transposed buffer (packed).
+# The weight layouts whose rows are contiguous along Y (streamed here when rows are few); a
+# transposed (E, Y, X) buffer streams by its own rows (test_cpu_gemm_stream_yx.py).
 STREAMED_B = ["contig", "odd_rows"]
-
-
-def around(s):
-    """Rows per expert at the boundaries of the choice, with empty experts between them."""
-    return [0, 1, s - 1, 0, s, s + 1, 2]
-
-
-def inputs(counts, X, Y, dtype, *, seed=0, pad=2):
-    """a_NX (rows past offs_E[-1] NaN: never read), b_EXY, int32 offs_E. float32 problems get a
-    64-row expert at the end: the float32 kernel runs where a GEMM has 64 routed rows, and the rule
-    is compared over at least 64 x 64 outputs."""
-    counts = list(counts) + ([64] if dtype == F32 else [])
-    offs = torch.tensor(counts, dtype=torch.int32).cumsum(0).int()
-    n = int(offs[-1])
-    gen = torch.Generator().manual_seed(seed)
-    a = torch.randn(n + pad, X, generator=gen).to(dtype)
-    a[n:] = float("nan")
-    return a, torch.randn(len(counts), X, Y, generator=gen).to(dtype), offs
-
-
-def assert_rule(got, a, b, offs):
-    """Padding rows exactly zero; error vs float64 at most 2x the same-dtype twin's."""
-    n = int(offs[-1])
-    assert got.shape == (a.shape[0], b.shape[2]) and got.dtype == a.dtype
-    assert (got[n:] == 0).all() and not got.isnan().any()
-    ref = grouped_mm_torch(a[:n].double(), b.double(), offs)
-    twin = grouped_mm_torch(a[:n], b, offs)
-    err = (got[:n].double() - ref).abs().max().item() if n else 0.0
-    err_twin = (twin.double() - ref).abs().max().item() if n else 0.0
-    assert err <= 2 * err_twin, (err, err_twin)
 
 
 @pytest.mark.parametrize("dtype", [BF16, F32])
 @pytest.mark.parametrize("X,Y", [(7, 33), (64, 64), (131, 130), (66, 257), (2048, 70)])
 def test_rows_at_the_boundary_follow_the_rule(dtype, X, Y):
-    a, b, offs = inputs(around(S), X, Y, dtype)
+    a, b, offs = stream_inputs(around(S), X, Y, dtype)
     for a_layout in A_LAYOUTS:
         for b_layout in STREAMED_B + ["transposed"]:
-            assert_rule(ops.grouped_mm(view2d(a, a_layout), view3d(b, b_layout), offs), a, b, offs)
+            assert_forward_rule(ops.grouped_mm(view2d(a, a_layout), view3d(b, b_layout), offs), a, b, offs)
 
 
 def shared_rows(s, X, Y, dtype, seed=0):
     """Experts 0 and 1 with the same weight; expert 0 has s rows, expert 1 S + 1 whose first s are
     expert 0's. Returns a, b, offs and the two row ranges that must be equal."""
-    a, b, offs = inputs([s, S + 1], X, Y, dtype, seed=seed)
+    a, b, offs = stream_inputs([s, S + 1], X, Y, dtype, seed=seed)
     b[1] = b[0]
     a[s : 2 * s] = a[:s]
     return a, b, offs, (slice(0, s), slice(s, 2 * s))
@@ -93,16 +64,7 @@ def test_streamed_rows_equal_packed_rows_bit_for_bit(dtype, X, Y, s):
         for b_layout in STREAMED_B:
             c = ops.grouped_mm(view2d(a, a_layout), view3d(b, b_layout), offs)
             assert torch.equal(c[r0], c[r1]), (a_layout, b_layout)
-    assert_rule(c, a, b, offs)
-
-
-def counts_plan(counts, T_extra=0, seed=0):
-    """A one-slot plan whose experts get ``counts`` rows (tokens in a shuffled order), over
-    T = sum(counts) + T_extra tokens (the extra ones routed nowhere: id -1)."""
-    ids = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-    ids = torch.cat([ids, torch.full((T_extra,), -1)])
-    perm = torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(seed))
-    return ops.plan(ids[perm][:, None], len(counts))
+    assert_forward_rule(c, a, b, offs)
 
 
 @pytest.mark.parametrize("dtype", [BF16, F32])
@@ -128,11 +90,11 @@ def test_gathered_rows_at_the_boundary(dtype, X, Y):
 
 @pytest.mark.parametrize("dtype", [BF16, F32])
 def test_data_gradient_of_a_transposed_weight(dtype):
-    """b_EXY a transposed view of an (E, Y, X) weight: the forward packs (its B is column-major),
-    the data gradient g @ b^T reads the (E, Y, X) rows in place (streamed for few rows). Both
-    gradients within the rule of the twin's."""
+    """b_EXY a transposed view of an (E, Y, X) weight: the forward streams its rows along X
+    (gemm_stream_yx.h), the data gradient g @ b^T reads the (E, Y, X) rows in place here (streamed
+    for few rows). Both gradients within the rule of the twin's."""
     X, Y = 96, 130
-    a, b, offs = inputs(around(S), X, Y, dtype, pad=0)
+    a, b, offs = stream_inputs(around(S), X, Y, dtype, pad=0)
     w_EYX = b.transpose(1, 2).contiguous().requires_grad_()
     a.requires_grad_()
     g = torch.randn(a.shape[0], Y, generator=torch.Generator().manual_seed(5)).to(dtype)
@@ -163,10 +125,10 @@ def problems(draw):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(p=problems())
 def test_streamed_path_property(p):
-    a, b, offs = inputs(p["counts"], p["X"], p["Y"], p["dtype"], seed=p["seed"])
+    a, b, offs = stream_inputs(p["counts"], p["X"], p["Y"], p["dtype"], seed=p["seed"])
     bv = view3d(b, p["b_layout"])
     got = ops.grouped_mm(view2d(a, p["a_layout"]), bv, offs)
-    assert_rule(got, a, b, offs)
+    assert_forward_rule(got, a, b, offs)
     if p["gathered"]:  # the same rows gathered from a token-ordered x
         counts = offs.diff(prepend=offs.new_zeros(1)).tolist()
         plan = counts_plan(counts, seed=p["seed"])

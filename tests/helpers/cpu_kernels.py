@@ -19,6 +19,7 @@ from moe import ops
 from moe.ops.twins import grouped_mm_torch, grouped_mm_wgrad_torch
 
 BF16 = torch.bfloat16
+F32 = torch.float32
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 A_LAYOUTS = ["contig", "transposed", "col_slice", "misaligned", "strided_cols"]
 B_LAYOUTS = ["contig", "transposed", "transposed_misaligned", "odd_rows", "strided"]
@@ -83,6 +84,46 @@ def f32_inputs(counts, X, Y, *, pad=3, seed=0):
     g = torch.randn(n + pad, Y, generator=gen)
     a[n:], g[n:] = float("nan"), float("nan")
     return a, torch.randn(len(counts), X, Y, generator=gen), g, offs
+
+
+def around(s):
+    """Rows per expert at the boundaries of the streamed path's choice (s = its most rows), with
+    empty experts between them."""
+    return [0, 1, s - 1, 0, s, s + 1, 2]
+
+
+def stream_inputs(counts, X, Y, dtype, *, seed=0, pad=2):
+    """a_NX (rows past offs_E[-1] NaN: never read), b_EXY, int32 offs_E. float32 problems get a
+    64-row expert at the end: the float32 kernel runs where a GEMM has 64 routed rows, and the rule
+    is compared over at least 64 x 64 outputs."""
+    counts = list(counts) + ([64] if dtype == F32 else [])
+    offs = torch.tensor(counts, dtype=torch.int32).cumsum(0).int()
+    n = int(offs[-1])
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n + pad, X, generator=gen).to(dtype)
+    a[n:] = float("nan")
+    return a, torch.randn(len(counts), X, Y, generator=gen).to(dtype), offs
+
+
+def assert_forward_rule(got, a, b, offs):
+    """Padding rows exactly zero; error vs float64 at most 2x the same-dtype twin's."""
+    n = int(offs[-1])
+    assert got.shape == (a.shape[0], b.shape[2]) and got.dtype == a.dtype
+    assert (got[n:] == 0).all() and not got.isnan().any()
+    ref = grouped_mm_torch(a[:n].double(), b.double(), offs)
+    twin = grouped_mm_torch(a[:n], b, offs)
+    err = (got[:n].double() - ref).abs().max().item() if n else 0.0
+    err_twin = (twin.double() - ref).abs().max().item() if n else 0.0
+    assert err <= 2 * err_twin, (err, err_twin)
+
+
+def counts_plan(counts, T_extra=0, seed=0):
+    """A one-slot plan whose experts get ``counts`` rows (tokens in a shuffled order), over
+    T = sum(counts) + T_extra tokens (the extra ones routed nowhere: id -1)."""
+    ids = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    ids = torch.cat([ids, torch.full((T_extra,), -1)])
+    perm = torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(seed))
+    return ops.plan(ids[perm][:, None], len(counts))
 
 
 def wgrad(a_NX, g_NY, offs_E):
