@@ -75,11 +75,12 @@ def machine_line() -> str:
     """One header line: the CPU, torch's thread count, the path moekit's CPU grouped GEMMs take
     here by dtype (moekit's kernel by instruction set: avx512 / avx512_bf16; at::mm: "aten"; the
     pure-PyTorch twins without the extension), the rows per expert up to which the forward streams
-    each expert's weights, and torch's own CPU kernel level (what at::mm and the baselines run)."""
+    each expert's weights, the L2 size the kernels are blocked for, and torch's own CPU kernel level
+    (what at::mm and the baselines run)."""
     info = ops.build_info()
     gemm = ", ".join(f"{dt} {path}" for dt, path in info["cpu_gemm"].items())
     return (f"CPU: {cpu_model()}, {torch.get_num_threads()} threads; moekit CPU GEMM: {gemm}, streamed up to "
-            f"{info['cpu_stream_rows']} rows per expert; torch {torch.__version__} CPU capability "
+            f"{info['cpu_stream_rows']} rows per expert, L2 {info['cpu_l2_bytes'] >> 10} KiB; torch {torch.__version__} CPU capability "
             f"{torch.backends.cpu.get_cpu_capability()}")
 
 

@@ -44,6 +44,8 @@
 #include <memory>
 #include <vector>
 
+#include <unistd.h>
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define MOE_HAVE_AVX512_GEMM 1
@@ -62,6 +64,14 @@
 #endif
 
 namespace moe {
+
+int64_t cpu_l2_bytes() {
+  static const int64_t bytes = [] {
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return v > 0 ? int64_t(v) : int64_t(1) << 20;
+  }();
+  return bytes;
+}
 
 #ifdef MOE_HAVE_AVX512_GEMM
 
@@ -201,6 +211,13 @@ struct Scratch {
 };
 constexpr int64_t kKeepWords = int64_t(8) << 20;  // 32 MiB
 
+// A quarter of this CPU's L2 (per core; sysconf, 1 MiB where the system does not say): the
+// streamed path's partial sums stay within it (gemm below).
+int64_t stream_scratch_bytes() {
+  static const int64_t bytes = cpu_l2_bytes() / 4;
+  return bytes;
+}
+
 uint32_t* scratch(Scratch& buf, int64_t n) {
   if (buf.size < n) {
     buf.words.reset(new uint32_t[n]);
@@ -270,33 +287,44 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
     // 7 to 2 * kMR rows: every row in one pass over strips of kYR / 2 columns (12 x 2 vectors of
     // accumulators), so B's words are loaded once rather than once per block of kMR rows.
     const int64_t width = M > kMR && M <= 2 * kMR ? kYR / 2 : kYR;
-    const int64_t strips = (Y + width - 1) / width;
-    const int64_t lds = panels * kYR, plane = M * lds, calls = width < kYR ? strips : panels * ((M + kMR - 1) / kMR);
+    const int64_t lds = panels * kYR, plane = M * lds;
     float* st = reinterpret_cast<float*>(scratch(s_buf, 3 * plane));
     constexpr bool pairs = std::is_same_v<T, c10::BFloat16>;
-    for (int64_t x0 = 0; x0 < Xw; x0 += kStreamWords) {
-      const int64_t x1 = std::min(Xw, x0 + kStreamWords);
-      const PanelLines<T> ahead =
-          x1 < Xw ? PanelLines<T>(B + P * x1 * bx, bx, 1, nullptr, std::min(X, P * (x1 + kStreamWords)) - P * x1, 0, Y)
-          : next.B != nullptr && next.rows == nullptr
-              ? PanelLines<T>(next.B, bx, 1, nullptr, std::min(next.X, P * kStreamWords), 0, next.Y)
-              : PanelLines<T>();
-      const int64_t L = ahead.lines();
-      int64_t i = 0;
-      for (int64_t c0 = 0; c0 < Y; c0 += width) {
-        const RowsB<T> strip(B + c0, bx, X, int(std::min<int64_t>(width, Y - c0)));
-        if (width < kYR) {  // all rows at once on a half-width strip
-          if (L > 0) ahead.fetch(L * i / calls, L * (i + 1) / calls);
-          ++i;
-          by_shape_tall<MicroBlock<T, TC>, pairs>(int(M), strip.cols, rowp, a_x, strip, x0, x1, Xw,
-                                                  st + c0, plane, lds, C + c0, ldc);
-          continue;
-        }
-        for (int64_t r = 0; r < M; r += kMR, ++i) {
-          if (L > 0) ahead.fetch(L * i / calls, L * (i + 1) / calls);
-          by_shape<MicroBlock<T, TC>, pairs>(int(std::min<int64_t>(kMR, M - r)), strip.cols, rowp + r, a_x,
-                                             strip, x0, x1, Xw, st + r * lds + c0, plane, lds,
-                                             C + r * ldc + c0, ldc);
+    // Columns in ranges whose partial sums (3 planes of M x range floats) take at most a quarter
+    // of this CPU's L2: a range runs down the whole depth before the next one starts, so the
+    // scratch stays in L2 however wide B is (Mixtral's up projection: 28672 columns). The sums
+    // of each column are the same, in the same order, whatever the ranges.
+    const int64_t range = std::max<int64_t>(kYR, stream_scratch_bytes() / (3 * M * int64_t(sizeof(float))) / kYR * kYR);
+    for (int64_t ya = 0; ya < Y; ya += range) {
+      const int64_t yb = std::min(Y, ya + range), cols = yb - ya;
+      const int64_t calls = width < kYR ? (cols + width - 1) / width : (cols + kYR - 1) / kYR * ((M + kMR - 1) / kMR);
+      for (int64_t x0 = 0; x0 < Xw; x0 += kStreamWords) {
+        const int64_t x1 = std::min(Xw, x0 + kStreamWords);
+        // The lines of the next block: this range's next rows, the next range's first, or the
+        // next call's first block.
+        const PanelLines<T> ahead =
+            x1 < Xw ? PanelLines<T>(B + P * x1 * bx, bx, 1, nullptr, std::min(X, P * (x1 + kStreamWords)) - P * x1, ya, cols)
+            : yb < Y ? PanelLines<T>(B, bx, 1, nullptr, std::min(X, P * kStreamWords), yb, std::min(range, Y - yb))
+            : next.B != nullptr && next.rows == nullptr
+                ? PanelLines<T>(next.B, bx, 1, nullptr, std::min(next.X, P * kStreamWords), 0, std::min(range, next.Y))
+                : PanelLines<T>();
+        const int64_t L = ahead.lines();
+        int64_t i = 0;
+        for (int64_t c0 = ya; c0 < yb; c0 += width) {
+          const RowsB<T> strip(B + c0, bx, X, int(std::min<int64_t>(width, yb - c0)));
+          if (width < kYR) {  // all rows at once on a half-width strip
+            if (L > 0) ahead.fetch(L * i / calls, L * (i + 1) / calls);
+            ++i;
+            by_shape_tall<MicroBlock<T, TC>, pairs>(int(M), strip.cols, rowp, a_x, strip, x0, x1, Xw,
+                                                    st + c0, plane, lds, C + c0, ldc);
+            continue;
+          }
+          for (int64_t r = 0; r < M; r += kMR, ++i) {
+            if (L > 0) ahead.fetch(L * i / calls, L * (i + 1) / calls);
+            by_shape<MicroBlock<T, TC>, pairs>(int(std::min<int64_t>(kMR, M - r)), strip.cols, rowp + r, a_x,
+                                               strip, x0, x1, Xw, st + r * lds + c0, plane, lds,
+                                               C + r * ldc + c0, ldc);
+          }
         }
       }
     }

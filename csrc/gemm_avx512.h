@@ -39,6 +39,10 @@ struct Gather {
 // same bound serves weights stored (E, Y, X), whose packing is a transpose (gemm_stream_yx.h).
 constexpr int64_t kStreamRows = 12;
 
+// This CPU's L2 cache per core in bytes (sysconf; 1 MiB where the system does not say): the
+// streamed path keeps its partial sums within a quarter of it.
+int64_t cpu_l2_bytes();
+
 // C (M x Y, row stride ldc) = A (M x X) @ B (X x Y), fp32 accumulation, C in the inputs' dtype:
 // one plain GEMM of M rows, depth X and Y output columns (the shape legend of moe_ops.h).
 // A(m, x) = A[m * am + x * ax], B(x, y) = B[x * bx + y * by] (element strides, any layout).

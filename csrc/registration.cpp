@@ -104,12 +104,13 @@ py::dict build_info() {
   info["sm90_wgrad_configs"] = wgrad;
   // What the CPU grouped GEMMs run here, now (this CPU's features, moe.ops.config.cpu_gemm):
   // moekit's kernel by its instruction set, or "aten" (at::mm), and the most rows per expert
-  // that the forward streams (gemm_avx512.h).
+  // that the forward streams (gemm_avx512.h), and the L2 size its blocking is sized from.
   py::dict cpu;
   cpu["float32"] = moe::avx512_gemm_available(at::kFloat) ? "avx512" : "aten";
   cpu["bfloat16"] = moe::avx512_gemm_available(at::kBFloat16) ? "avx512_bf16" : "aten";
   info["cpu_gemm"] = cpu;
   info["cpu_stream_rows"] = moe::kStreamRows;
+  info["cpu_l2_bytes"] = moe::cpu_l2_bytes();
   return info;
 }
 

@@ -31,4 +31,4 @@ def test_machine_line_names_the_cpu_and_the_gemm_path():
     assert line.startswith("CPU: ") and f"{torch.get_num_threads()} threads" in line
     for dtype, path in info["cpu_gemm"].items():
         assert f"{dtype} {path}" in line
-    assert f"streamed up to {info['cpu_stream_rows']} rows" in line
+    assert f"streamed up to {info['cpu_stream_rows']} rows" in line and f"L2 {info['cpu_l2_bytes'] >> 10} KiB" in line
