@@ -138,26 +138,37 @@ def _gemms(M: int, D: int, H: int, dtype, mode: str, g: torch.Generator) -> list
     return out
 
 
-def best_dense(T: int, D: int, Fh: int, K: int, dtype, mode: str, *, repeat: int, seed: int = 0
-               ) -> tuple[float, str, float]:
-    """(seconds, "by", seconds of "best1"): the best dense GEMM reference of one row (module
-    docstring): per GEMM of the layer, the fastest of torch's matmul and moekit's grouped GEMM
-    (E = 1), each on one expert holding all T*K rows and in the dense layer's shape (T rows, hidden
-    K*F); "by" counts the GEMMs each implementation won ("t4 m2": torch 4, moekit 2). "best1" is
-    the looser reference of the same timings: the faster of the two implementations doing all the
-    GEMMs, on one expert holding all rows."""
+def best_fns(T: int, D: int, Fh: int, K: int, dtype, mode: str, *, seed: int = 0) -> dict:
+    """The timed calls of the best dense GEMM reference of one row (module docstring), keyed
+    ("best", i, impl, shape): GEMM i of the layer with torch's matmul or moekit's grouped GEMM
+    (E = 1), on one expert holding all T*K rows ("expert") and in the dense layer's shape (T rows,
+    hidden K*F: "dense"). They are timed with the candidates, interleaved (bench.ops.time_fns), so
+    load on the machine hits the reference and the layers alike."""
     g = torch.Generator().manual_seed(seed)
     shapes = {"expert": _gemms(T * K, D, Fh, dtype, mode, g), "dense": _gemms(T, D, K * Fh, dtype, mode, g)}
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                return fn()
+        return run
+    return {("best", i, impl, shape): no_grad(fn) for shape, gemms in shapes.items()
+            for i, gemm in enumerate(gemms) for impl, fn in gemm.items()}
+
+
+def best_of(timed: dict) -> tuple[float, str, float]:
+    """(seconds, "by", seconds of "best1") from the timings of :func:`best_fns`' calls: per GEMM
+    the fastest call ("by" counts the GEMMs each implementation won: "t4 m2" is torch 4, moekit
+    2), summed; "best1" is the looser reference of the same timings, the faster of the two
+    implementations doing all the GEMMs on one expert holding all rows."""
+    keys = [k for k in timed if isinstance(k, tuple) and k[0] == "best"]
     total, wins, sets = 0.0, {"torch": 0, "moekit": 0}, {"torch": 0.0, "moekit": 0.0}
-    with torch.no_grad():
-        for i in range(len(shapes["expert"])):
-            fns = {(impl, shape): fn for shape, gemms in shapes.items() for impl, fn in gemms[i].items()}
-            timed = time_fns(fns, repeat=repeat)
-            impl, shape = min(timed, key=lambda n: timed[n][0])
-            total += timed[impl, shape][0]
-            wins[impl] += 1
-            for name in sets:
-                sets[name] += timed[name, "expert"][0]
+    for i in sorted({k[1] for k in keys}):
+        fastest = min((k for k in keys if k[1] == i), key=lambda k: timed[k][0])
+        total += timed[fastest][0]
+        wins[fastest[2]] += 1
+        for name in sets:
+            sets[name] += timed["best", i, name, "expert"][0]
     return total, f"t{wins['torch']} m{wins['moekit']}", min(sets.values())
 
 
@@ -178,14 +189,16 @@ def layer_rows(*, T: int = 4096, shapes=SHAPES, dtypes=DTYPES, modes=MODES, repe
                 for m in (layer, dense):
                     m.train(mode != "fwd")
                 x.requires_grad_(mode != "fwd")
+                fns = {n: _step(f, x, mode, g_y) for n, f in cands.items() if n not in skip and f"{n}:{mode}" not in skip}
+                fns.update(best_fns(T, D, Fh, K, dtype, mode, seed=seed))
                 with torch.set_grad_enabled(mode != "fwd"):
-                    timed = time_fns({n: _step(f, x, mode, g_y) for n, f in cands.items()
-                                      if n not in skip and f"{n}:{mode}" not in skip}, repeat=repeat)
+                    timed = time_fns(fns, repeat=repeat)
                 row = dict(dtype=str(dtype).removeprefix("torch."), T=T, D=D, F=Fh, E=E, K=K, mode=mode)
+                best, row["best_by"], best1 = best_of(timed)
+                timed = {n: t for n, t in timed.items() if isinstance(n, str)}
                 for name, (sec, _) in timed.items():
                     row[f"{name}_ms"] = sec * 1e3
                 row["noise"] = timed["moekit"][1]
-                best, row["best_by"], best1 = best_dense(T, D, Fh, K, dtype, mode, repeat=repeat, seed=seed)
                 row["best_ms"], row["best1_ms"] = best * 1e3, best1 * 1e3
                 row["vs_best"], row["vs_best1"] = row["moekit_ms"] / row["best_ms"], row["moekit_ms"] / row["best1_ms"]
                 for name in timed:
