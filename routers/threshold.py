@@ -17,35 +17,8 @@ from routers.capacity import apply_capacity, capacity, check_capacity_factor, xm
 from routers.checks import check_coefficient, check_int, check_number
 from routers.losses import balance_loss_args, balance_losses, check_loss_config, entropy_loss
 from routers.routing import RouterBase, Routing, count_chosen, make_routing, topk_weights
-
-RULES = ("xmoe", "top_p")
-
-
-def threshold_keep(probs_sorted_TK: Tensor, threshold: float, rule: str) -> Tensor:
-    """bool (T, K): which ranks of the descending probabilities a token keeps.
-
-    With c_i = sum of the probabilities ranked above i (c_0 = 0):
-    rule="xmoe" (Yang et al. 2024, XMoE, threshold-based router; reference
-    main_thresholdGating): keep rank i iff c_i < threshold; rank 0 is always kept.
-    rule="top_p" (Huang et al. 2024, "Harder Tasks Need More Experts", Sec. 3.1, and the
-    authors' code): keep every expert whose cumulative probability is <= p plus the first one
-    that crosses p, i.e. rank i iff c_i <= p: the smallest prefix whose sum exceeds p. A
-    cumulative sum equal to p is settled as in the authors' code (mask cumulative > p, then
-    unmask the first crossing): that expert and the next are kept. So the two rules differ
-    only when some c_i equals the threshold exactly (the hand-worked vectors of the tests).
-    """
-    T = probs_sorted_TK.shape[0]
-    above_TK = torch.cat(
-        [probs_sorted_TK.new_zeros(T, 1), torch.cumsum(probs_sorted_TK, dim=-1)[:, :-1]], dim=-1
-    )
-    if rule == "xmoe":
-        keep = above_TK < threshold
-        keep[:, 0] = True
-        return keep
-    if rule == "top_p":
-        return above_TK <= threshold
-    raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-
+from routers.topk import THRESHOLD_RULES as RULES
+from routers.topk import threshold_keep
 
 class ThresholdRouter(RouterBase):
     """Softmax router that gives each token as many experts as its probability mass needs.
