@@ -182,6 +182,28 @@ def topk_route(logits_TE: Tensor, bias_E: Optional[Tensor], top_k: int, score: s
               valid_T, num_seqs, check_finite, rule, threshold)
 
 
+def statistics_seqs(router: RouterBase, seq_shape: tuple) -> int:
+    """topk_route's num_seqs for ``router`` in its mode (its balance_loss, balance_loss_coeff and
+    z_loss_coeff): 0, no loss statistics, outside training or without a balance loss or z-loss;
+    else the B sequences of the (B, S) input for balance_loss="seq", 1 (the batch) otherwise."""
+    balance = router.balance_loss is not None and router.balance_loss_coeff > 0
+    if not (router.training and (balance or router.z_loss_coeff > 0)):
+        return 0
+    return seq_shape[0] if router.balance_loss == "seq" else 1
+
+
+def statistics_losses(router: RouterBase, num_seqs: int, fw_BE: Tensor, psum_BE: Tensor, zsum: Tensor,
+                      logits_TE: Tensor, valid_T: Optional[Tensor]) -> dict:
+    """``router``'s balance loss and z-loss from topk_route's statistics (num_seqs from
+    :func:`statistics_seqs`; {} when it is 0): :func:`routers.losses.losses_from_statistics`."""
+    if num_seqs == 0:
+        return {}
+    num_tokens = valid_T.sum() if valid_T is not None and router.z_loss_coeff > 0 else logits_TE.shape[0]
+    return losses_from_statistics(balance_loss=router.balance_loss, balance_loss_coeff=router.balance_loss_coeff,
+                                  z_loss_coeff=router.z_loss_coeff, fw_BE=fw_BE, psum_BE=psum_BE, zsum=zsum,
+                                  num_tokens=num_tokens)
+
+
 class TopKBase(RouterBase):
     """Selection, weighting, capacity and losses shared by TopKRouter and RecurrentRouter."""
 
@@ -243,19 +265,12 @@ class TopKBase(RouterBase):
     def _route(self, logits_TE: Tensor, valid_T: Optional[Tensor], seq_shape: tuple, state=None) -> Routing:
         """Scores -> top-k ids, weights, metrics and loss statistics in one op (topk_route) ->
         losses (on the routing before drops, as Megatron) -> capacity."""
-        balance = self.balance_loss is not None and self.balance_loss_coeff > 0
-        stats = self.training and (balance or self.z_loss_coeff > 0)
-        num_seqs = (seq_shape[0] if self.balance_loss == "seq" else 1) if stats else 0
+        num_seqs = statistics_seqs(self, seq_shape)
         check = self.check_finite and not torch.compiler.is_compiling()
         ids_TK, weights_TK, probs_TE, counts_E, metrics_2, fw_BE, psum_BE, zsum = topk_route(
             logits_TE, self.expert_bias, self.top_k, self.score, self.num_groups, self.topk_groups,
             self.norm_topk, self.routed_scaling_factor, valid_T, num_seqs, check)
-        aux = {}
-        if stats:
-            num_tokens = valid_T.sum() if valid_T is not None and self.z_loss_coeff > 0 else logits_TE.shape[0]
-            aux = losses_from_statistics(balance_loss=self.balance_loss, balance_loss_coeff=self.balance_loss_coeff,
-                                         z_loss_coeff=self.z_loss_coeff, fw_BE=fw_BE, psum_BE=psum_BE, zsum=zsum,
-                                         num_tokens=num_tokens)
+        aux = statistics_losses(self, num_seqs, fw_BE, psum_BE, zsum, logits_TE, valid_T)
         if self.capacity_factor is None:
             return Routing(ids_TK=ids_TK, weights_TK=weights_TK, probs_TE=probs_TE, logits_TE=logits_TE,
                            aux_losses=aux, state=state, counts_E=counts_E, dropped_fraction=metrics_2[0],

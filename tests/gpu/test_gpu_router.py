@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from moe import ops  # noqa: F401  (registers torch.ops.moe.*)
-from routers import TopKRouter
+from routers import ThresholdRouter, TopKRouter
 
 from tests.helpers.ops import router_logits
 
@@ -177,3 +177,14 @@ def test_rule_ties_at_the_threshold(rule):
     assert ids.tolist() == [list(range(n)) + [-1] * (4 - n)] * 5
     assert w.tolist() == [[0.25] * n + [0.0] * (4 - n)] * 5
 
+
+def test_threshold_router_captures_in_a_cuda_graph():
+    """The threshold router's training forward (one fused op, the entropy loss, capacity) has no
+    host sync: it captures in a CUDA graph."""
+    router = ThresholdRouter(64, 32, threshold=0.6, rule="top_p", max_experts=6, balance_loss="seq",
+                             z_loss_coeff=1e-3, dynamic_loss_coeff=1e-3, capacity_factor=1.5).cuda().train()
+    x = torch.randn(4, 64, 64, device="cuda")
+    eager, out = router(x), captured_forward(router, x)
+    assert torch.equal(out.ids_TK, eager.ids_TK) and torch.equal(out.counts_E, eager.counts_E)
+    for name in eager.aux_losses:
+        torch.testing.assert_close(out.aux_losses[name], eager.aux_losses[name])
