@@ -44,7 +44,26 @@ void check_swiglu_backward_args(const at::Tensor& grad, const at::Tensor& h);
 void check_topk_route_args(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E,
                            int64_t top_k, c10::string_view score, int64_t num_groups,
                            int64_t topk_groups, double scaling, const std::optional<at::Tensor>& valid_T,
-                           int64_t num_seqs);
+                           int64_t num_seqs, c10::string_view rule, double threshold);
+// topk_route's threshold rule (csrc/router.cpp): keep all top_k slots, or the prefix that XMoE's
+// threshold gating / top-p routing keeps (routers.topk.threshold_keep).
+enum class RouteRule : int { kNone = 0, kXmoe = 1, kTopP = 2 };
+RouteRule route_rule(c10::string_view rule);
+// How many of a token's top-k slots (ids best first, p its probabilities) `rule` keeps, for the
+// CPU and CUDA kernels alike: the first k > 0 whose a_k, the sum of p over the ranks above k
+// accumulated in double and rounded to T (torch.cumsum's arithmetic on the CPU), fails
+// a_k < threshold (kXmoe) or a_k <= threshold (kTopP), in T; K with kNone or when none fails.
+template <typename T>
+C10_HOST_DEVICE inline int64_t kept_slots(RouteRule rule, T threshold, const T* p, const int64_t* ids, int64_t K) {
+  if (rule == RouteRule::kNone) return K;
+  double above = 0.0;
+  for (int64_t k = 1; k < K; ++k) {
+    above += static_cast<double>(p[ids[k - 1]]);
+    const T a = static_cast<T>(above);
+    if (rule == RouteRule::kXmoe ? !(a < threshold) : !(a <= threshold)) return k;
+  }
+  return K;
+}
 void check_topk_route_backward_args(const at::Tensor& grad_weights_TK,
                                     const std::optional<at::Tensor>& grad_probs_TE,
                                     const at::Tensor& ids_TK, const at::Tensor& probs_TE,
@@ -88,7 +107,7 @@ at::Tensor swiglu_backward_cpu(const at::Tensor& grad, const at::Tensor& h);
 RouteOutputs topk_route_cpu(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E, int64_t top_k,
                             c10::string_view score, int64_t num_groups, int64_t topk_groups, bool norm_topk,
                             double scaling, const std::optional<at::Tensor>& valid_T, int64_t num_seqs,
-                            bool check_finite);
+                            bool check_finite, c10::string_view rule, double threshold);
 at::Tensor topk_route_backward_cpu(const at::Tensor& grad_weights_TK,
                                    const std::optional<at::Tensor>& grad_probs_TE,
                                    const at::Tensor& ids_TK, const at::Tensor& probs_TE,

@@ -43,10 +43,12 @@ TORCH_LIBRARY(moe, m) {
   // A token-choice router in one pass per token (csrc/router.cpp; num_groups = topk_groups = 0: no
   // group limit): (ids_TK, weights_TK, probs_TE, counts_E, metrics (dropped_fraction 0,
   // experts_per_token), fw_BE, psum_BE, zsum) from logits_TE; padded tokens (valid_T false) get
-  // ids -1; num_seqs = B > 0 adds the loss statistics over B sequences.
+  // ids -1; num_seqs = B > 0 adds the loss statistics over B sequences. rule "xmoe" / "top_p" (the
+  // threshold router: softmax, no bias or groups) keeps the prefix of each token's top_k that the
+  // rule keeps at threshold, the other slots -1 with weight 0; "none" keeps all top_k.
   m.def("topk_route(Tensor logits_TE, Tensor? bias_E, int top_k, str score, int num_groups, int topk_groups, "
-        "bool norm_topk, float scaling, Tensor? valid_T=None, int num_seqs=0, bool check_finite=False) -> "
-        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "bool norm_topk, float scaling, Tensor? valid_T=None, int num_seqs=0, bool check_finite=False, "
+        "str rule=\"none\", float threshold=1.0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // d logits_TE from d weights_TK and (optional) d probs_TE, d psum_BE and d zsum.
   m.def("topk_route_backward(Tensor grad_weights_TK, Tensor? grad_probs_TE, Tensor ids_TK, Tensor probs_TE, "
         "str score, bool norm_topk, float scaling, Tensor? grad_psum_BE=None, Tensor? grad_zsum=None, "

@@ -8,19 +8,28 @@
 //   groups (num_groups > 0): a group's score is the sum of its two best c_e; experts outside the
 //   topk_groups best groups are excluded (DeepSeek-V3 Sec. 2.1.2)
 //   ids_TK = the top_k experts by c_e, best first (ties: the lower expert id first)
-//   w_k = p_{ids_k} (/ (sum_k p_{ids_k} + eps) if norm_topk) * scaling, eps = 1e-20 for sigmoid
+//   rule "xmoe" / "top_p" (the threshold router; softmax, no bias or groups): with a_k the sum of
+//   p over the slots ranked above k (accumulated in double, rounded to the logits' dtype, as
+//   torch.cumsum on the CPU), slot k > 0 is kept iff a_k < threshold ("xmoe", XMoE's threshold
+//   gating) or a_k <= threshold ("top_p", top-p routing), compared in the logits' dtype; a_k
+//   never decreases, so a token keeps a prefix (slot 0 always); the other slots get id -1 and
+//   weight 0 (routers.topk.threshold_keep)
+//   w_k = p_{ids_k} (/ (sum_k p_{ids_k} + eps) if norm_topk) * scaling over the kept slots, eps =
+//   1e-20 for sigmoid
 //   padded tokens (valid_T false): ids -1, weights 0; check_finite: a real token's non-finite
 //   logit raises a ValueError
 // Statistics, in the same call: counts_E (routed slots per expert, real tokens) and metrics
 // (dropped_fraction 0, experts_per_token); with num_seqs = B > 0, over B sequences of S = T/B
 // tokens, the loss statistics of routers.topk.route_statistics: s_e the loss scores (p_e, or for
 // sigmoid p_e / (sum_j p_j + 1e-20)), the loss ids (ids_TK, or with a bias or groups the top_k of
-// s), psum_BE[b, e] = sum of s_e over b's real tokens, fw_BE[b, e] = f_be * has_b / (max(1,
-// tokens_b) * max(1, sequences with a token)) with f_be = (b's loss slots on e) / max(1, b's loss
-// slots), zsum = sum over real tokens of logsumexp(l)^2. The sums over tokens run in token order
-// after the parallel pass (deterministic).
+// s, or with rule "xmoe" each token's first slot: XMoE's l_aux), psum_BE[b, e] = sum of s_e over
+// b's real tokens, fw_BE[b, e] = f_be * has_b / (max(1, tokens_b) * max(1, sequences with a
+// token)) with f_be = (b's loss slots on e) / max(1, b's loss slots), zsum = sum over real tokens
+// of logsumexp(l)^2. The sums over tokens run in token order after the parallel pass
+// (deterministic).
 // The backward takes d weights_TK, (optional) d probs_TE, d psum_BE and d zsum and returns
-// d logits_TE.
+// d logits_TE; slots with id -1 (padded tokens, slots a rule dropped) carry no gradient, and the
+// renormalisation runs over the others, so the rules need nothing more there.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -36,7 +45,7 @@ namespace moe {
 void check_topk_route_args(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E,
                            int64_t top_k, c10::string_view score, int64_t num_groups,
                            int64_t topk_groups, double scaling, const std::optional<at::Tensor>& valid_T,
-                           int64_t num_seqs) {
+                           int64_t num_seqs, c10::string_view rule, double threshold) {
   TORCH_CHECK(logits_TE.dim() == 2, "moe.topk_route: logits_TE must be 2-D (T, E), got shape ",
               logits_TE.sizes());
   TORCH_CHECK(logits_TE.scalar_type() == at::kFloat || logits_TE.scalar_type() == at::kDouble,
@@ -75,6 +84,19 @@ void check_topk_route_args(const at::Tensor& logits_TE, const std::optional<at::
                 ", got ", valid_T->scalar_type(), " ", valid_T->sizes(), " on ", valid_T->device());
   TORCH_CHECK(num_seqs >= 0 && (num_seqs == 0 || T % num_seqs == 0),
               "moe.topk_route: num_seqs must be 0 (no loss statistics) or divide T=", T, ", got ", num_seqs);
+  TORCH_CHECK(rule == "none" || rule == "xmoe" || rule == "top_p",
+              "moe.topk_route: rule must be 'none', 'xmoe' or 'top_p', got '", std::string(rule), "'");
+  TORCH_CHECK(threshold > 0.0 && threshold <= 1.0, "moe.topk_route: threshold must be in (0, 1], got ", threshold);
+  if (rule != "none") {
+    TORCH_CHECK(score == "softmax", "moe.topk_route: rule='", std::string(rule),
+                "' needs score='softmax' (it cuts the cumulative probability), got '", std::string(score), "'");
+    TORCH_CHECK(!bias_E.has_value() && num_groups == 0, "moe.topk_route: rule='", std::string(rule),
+                "' takes no bias_E and no groups (num_groups=0): it ranks by probability");
+  }
+}
+
+RouteRule route_rule(c10::string_view rule) {
+  return rule == "xmoe" ? RouteRule::kXmoe : rule == "top_p" ? RouteRule::kTopP : RouteRule::kNone;
 }
 
 void check_topk_route_backward_args(const at::Tensor& grad_weights_TK,
@@ -153,6 +175,9 @@ struct RouteArgs {
   int64_t K, Z, topk_groups;
   bool softmax, norm, check_finite;
   bool stats, aux_topk;  // loss statistics; their ids are the top-k of the loss scores
+  RouteRule rule;
+  T threshold;
+  int64_t loss_k;        // the loss ids are the first loss_k of each token's K (1 for "xmoe")
   T scaling;
   T* lse2;               // (T,) logsumexp(l)^2 (stats)
   T* norm_T;             // (T,) sum_j p_j + 1e-20, the sigmoid loss scores' divisor (stats, sigmoid)
@@ -219,13 +244,14 @@ void route_rows(const at::Tensor& logits, const RouteArgs<T>& a, at::Tensor& ids
         if (allowed[e]) insert_topk(choice[e], e, best_v.data(), best_i.data(), n, K);
       T* w = wp + t * K;
       int64_t* id = ip + t * K;
+      const int64_t kept = kept_slots(a.rule, a.threshold, p, best_i.data(), K);
       T wsum = 0;
       for (int64_t k = 0; k < K; ++k) {
-        id[k] = best_i[k];
-        w[k] = p[best_i[k]];
+        id[k] = k < kept ? best_i[k] : -1;
+        w[k] = k < kept ? p[best_i[k]] : T(0);
         wsum += w[k];
       }
-      for (int64_t k = 0; k < K; ++k) w[k] = (a.norm ? w[k] / (wsum + eps) : w[k]) * a.scaling;
+      for (int64_t k = 0; k < kept; ++k) w[k] = (a.norm ? w[k] / (wsum + eps) : w[k]) * a.scaling;
       if (!real)
         for (int64_t k = 0; k < K; ++k) {
           id[k] = -1;
@@ -283,7 +309,7 @@ void route_statistics(const at::Tensor& ids, const at::Tensor& probs, const Rout
     if (a.valid != nullptr && !a.valid[t]) continue;
     tokens[t / S] += T(1);
     z[0] += a.lse2[t];
-    for (int64_t k = 0; k < K; ++k)
+    for (int64_t k = 0; k < a.loss_k; ++k)
       if (lid[t * K + k] >= 0) f[(t / S) * E + lid[t * K + k]] += T(1);
   }
   at::parallel_for(0, E, 16, [&](int64_t e0, int64_t e1) {  // each expert's sum in token order, row-wise
@@ -403,19 +429,22 @@ RouteBuffers route_buffers(const at::Tensor& logits_TE, const std::optional<at::
 RouteOutputs topk_route_cpu(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E, int64_t top_k,
                             c10::string_view score, int64_t num_groups, int64_t topk_groups, bool norm_topk,
                             double scaling, const std::optional<at::Tensor>& valid_T, int64_t num_seqs,
-                            bool check_finite) {
-  check_topk_route_args(logits_TE, bias_E, top_k, score, num_groups, topk_groups, scaling, valid_T, num_seqs);
+                            bool check_finite, c10::string_view rule, double threshold) {
+  check_topk_route_args(logits_TE, bias_E, top_k, score, num_groups, topk_groups, scaling, valid_T, num_seqs, rule,
+                        threshold);
   const int64_t T = logits_TE.size(0), B = num_seqs;
   at::Tensor ids, weights, probs, counts, metrics, fw, psum, zsum, bias, valid;
   std::tie(ids, weights, probs, counts, metrics, fw, psum, zsum, bias, valid) =
       route_buffers(logits_TE, bias_E, top_k, valid_T, num_seqs);
   const bool softmax = score == "softmax", aux_topk = bias.defined() || num_groups > 0;
+  const RouteRule r = route_rule(rule);
   AT_DISPATCH_FLOATING_TYPES(logits_TE.scalar_type(), "moe_topk_route_cpu", [&] {
     std::vector<scalar_t> lse2(B > 0 ? T : 0), norm_T(B > 0 && !softmax ? T : 0);
     std::vector<int64_t> aux_ids(B > 0 && aux_topk ? T * top_k : 0);
     RouteArgs<scalar_t> a{bias.defined() ? bias.const_data_ptr<float>() : nullptr,
                           valid.defined() ? valid.const_data_ptr<bool>() : nullptr,
                           top_k, num_groups, topk_groups, softmax, norm_topk, check_finite, B > 0, aux_topk,
+                          r, scalar_t(threshold), r == RouteRule::kXmoe ? 1 : top_k,
                           scalar_t(scaling), lse2.data(), norm_T.data(), aux_ids.data()};
     route_rows<scalar_t>(logits_TE, a, ids, weights, probs);
     route_statistics<scalar_t>(ids, probs, a, B, counts, metrics, fw, psum, zsum);

@@ -16,8 +16,8 @@ from routers.losses import (entropy_loss, loss_free_bias_update_, membership_bce
                             switch_load_balancing_loss, z_loss)
 from routers.recurrent import RecurrentRouter, RecurrentRouterChain, RecurrentState
 from routers.routing import Routing, expert_counts
-from routers.threshold import ThresholdRouter, threshold_keep
-from routers.topk import TopKRouter, group_limited_topk
+from routers.threshold import ThresholdRouter
+from routers.topk import TopKRouter, group_limited_topk, threshold_keep
 
 __all__ = [
     "Routing",

@@ -15,44 +15,18 @@ from torch import Tensor
 
 from routers.capacity import apply_capacity, capacity, check_capacity_factor, xmoe_priority
 from routers.checks import check_coefficient, check_int, check_number
-from routers.losses import balance_loss_args, balance_losses, check_loss_config, entropy_loss
+from routers.losses import balance_loss_args, check_loss_config, entropy_loss
 from routers.routing import RouterBase, Routing, count_chosen, make_routing, topk_weights
-
-RULES = ("xmoe", "top_p")
-
-
-def threshold_keep(probs_sorted_TK: Tensor, threshold: float, rule: str) -> Tensor:
-    """bool (T, K): which ranks of the descending probabilities a token keeps.
-
-    With c_i = sum of the probabilities ranked above i (c_0 = 0):
-    rule="xmoe" (Yang et al. 2024, XMoE, threshold-based router; reference
-    main_thresholdGating): keep rank i iff c_i < threshold; rank 0 is always kept.
-    rule="top_p" (Huang et al. 2024, "Harder Tasks Need More Experts", Sec. 3.1, and the
-    authors' code): keep every expert whose cumulative probability is <= p plus the first one
-    that crosses p, i.e. rank i iff c_i <= p: the smallest prefix whose sum exceeds p. A
-    cumulative sum equal to p is settled as in the authors' code (mask cumulative > p, then
-    unmask the first crossing): that expert and the next are kept. So the two rules differ
-    only when some c_i equals the threshold exactly (the hand-worked vectors of the tests).
-    """
-    T = probs_sorted_TK.shape[0]
-    above_TK = torch.cat(
-        [probs_sorted_TK.new_zeros(T, 1), torch.cumsum(probs_sorted_TK, dim=-1)[:, :-1]], dim=-1
-    )
-    if rule == "xmoe":
-        keep = above_TK < threshold
-        keep[:, 0] = True
-        return keep
-    if rule == "top_p":
-        return above_TK <= threshold
-    raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+from routers.topk import THRESHOLD_RULES, statistics_losses, statistics_seqs, topk_route
 
 
 class ThresholdRouter(RouterBase):
     """Softmax router that gives each token as many experts as its probability mass needs.
 
-    threshold in (0, 1]; rule "xmoe" or "top_p" (see threshold_keep). max_experts caps the slots
-    K (default E). Weights are the raw probabilities of the kept experts (both references), or
-    renormalised to sum to 1 when renormalize=True. capacity_factor=None is dropless; otherwise
+    threshold in (0, 1]; rule "xmoe" or "top_p" (see routers.topk.threshold_keep). max_experts
+    caps the slots K (default E). Weights are the raw probabilities of the kept experts (both
+    references), or renormalised to sum to 1 when renormalize=True. Routed by one
+    ``torch.ops.moe.topk_route`` with the rule. capacity_factor=None is dropless; otherwise
     each expert keeps ceil(T/E * capacity_factor) slots (XMoE's capacity: the factor counts
     expert slots per token; the reference's min_capacity floor is not applied) chosen by XMoE's
     priority (K - rank) + probability, so every first choice outranks every second choice (the
@@ -86,8 +60,8 @@ class ThresholdRouter(RouterBase):
         balance_loss, balance_loss_coeff = balance_loss_args("ThresholdRouter", balance_loss, balance_loss_coeff, deprecated)
         self._init_common(hidden_size, num_experts, jitter=jitter, check_finite=check_finite)
         threshold = check_number("threshold", threshold, gt=0.0, le=1.0)
-        if rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if rule not in THRESHOLD_RULES:
+            raise ValueError(f"rule must be one of {THRESHOLD_RULES}, got {rule!r}")
         E = self.num_experts
         self.top_k = E if max_experts is None else check_int("max_experts", max_experts, maximum=E)
         self.capacity_factor = check_capacity_factor(capacity_factor)
@@ -98,41 +72,41 @@ class ThresholdRouter(RouterBase):
         self._init_linear(init_std)
 
     def forward(self, x: Tensor, *, state=None, padding_mask: Optional[Tensor] = None) -> Routing:
-        """x (T, D) or (B, S, D) -> Routing with K = max_experts slots. ``state`` is ignored."""
+        """x (T, D) or (B, S, D) -> Routing with K = max_experts slots. ``state`` is ignored.
+
+        One ``torch.ops.moe.topk_route`` with the rule (routers.topk.topk_route: the fused kernel
+        where moekit's ops are registered, else its PyTorch twin route_topk) gives the kept ids,
+        weights, counts, metrics and the statistics of the balance and z losses; the entropy loss
+        and capacity follow in PyTorch."""
         logits_TE, valid_T, seq_shape = self._linear_logits(x, padding_mask)
-        self._check_logits(logits_TE, valid_T)
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        sorted_TK, ids_TK = probs_TE.topk(self.top_k, dim=-1, sorted=True)
-        keep_TK = threshold_keep(sorted_TK, self.threshold, self.rule)
-        if valid_T is not None:
-            keep_TK = keep_TK & valid_T[:, None]
-        ids_TK = ids_TK.masked_fill(~keep_TK, -1)
-        weights_TK = self.combine_weights(probs_TE, ids_TK)
+        num_seqs = statistics_seqs(self, seq_shape)
+        check = self.check_finite and not torch.compiler.is_compiling()
+        ids_TK, weights_TK, probs_TE, counts_E, metrics_2, fw_BE, psum_BE, zsum = topk_route(
+            logits_TE, None, self.top_k, "softmax", None, None, self.renormalize, 1.0, valid_T, num_seqs, check,
+            self.rule, self.threshold)
+        aux = statistics_losses(self, num_seqs, fw_BE, psum_BE, zsum, logits_TE, valid_T)
+        if self.training and self.dynamic_loss_coeff > 0:
+            aux["dynamic"] = self.dynamic_loss_coeff * entropy_loss(probs_TE, valid_T=valid_T)
+        if self.capacity_factor is None:
+            return Routing(ids_TK=ids_TK, weights_TK=weights_TK, probs_TE=probs_TE, logits_TE=logits_TE,
+                           aux_losses=aux, state=None, counts_E=counts_E, dropped_fraction=metrics_2[0],
+                           experts_per_token=metrics_2[1])
         chosen = count_chosen(ids_TK, valid_T)
-        aux = self._losses(probs_TE, ids_TK, logits_TE, valid_T, seq_shape) if self.training else {}
-        if self.capacity_factor is not None:
-            cap = capacity(ids_TK.shape[0], 1, self.num_experts, self.capacity_factor)
-            ids_TK, weights_TK = apply_capacity(ids_TK, weights_TK, xmoe_priority(sorted_TK), cap, self.num_experts)
+        cap = capacity(ids_TK.shape[0], 1, self.num_experts, self.capacity_factor)
+        priority_TK = xmoe_priority(probs_TE.gather(1, ids_TK.clamp(min=0)))  # (empty slots: not ranked)
+        ids_TK, weights_TK = apply_capacity(ids_TK, weights_TK, priority_TK, cap, self.num_experts)
         return make_routing(
             ids_TK=ids_TK, weights_TK=weights_TK, probs_TE=probs_TE, logits_TE=logits_TE,
             valid_T=valid_T, chosen_slots=chosen, aux_losses=aux,
         )
 
     def combine_weights(self, probs_TE: Tensor, ids_TK: Tensor) -> Tensor:
-        """The kept experts' probabilities, renormalised to sum to 1 with renormalize."""
+        """The kept experts' probabilities, renormalised to sum to 1 with renormalize (the weights
+        of forward's op; a token without a kept slot, e.g. replayed, gets zeros)."""
         weights_TK = topk_weights(probs_TE, ids_TK)
         if self.renormalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp(min=1e-20)
         return weights_TK
-
-    def _losses(self, probs_TE, ids_TK, logits_TE, valid_T, seq_shape) -> dict:
-        ids_aux = ids_TK[:, :1] if self.rule == "xmoe" else ids_TK
-        out = balance_losses(balance_loss=self.balance_loss, balance_loss_coeff=self.balance_loss_coeff,
-                             z_loss_coeff=self.z_loss_coeff, probs_TE=probs_TE, ids_TK=ids_aux,
-                             logits_TE=logits_TE, valid_T=valid_T, seq_shape=seq_shape)
-        if self.dynamic_loss_coeff > 0:
-            out["dynamic"] = self.dynamic_loss_coeff * entropy_loss(probs_TE, valid_T=valid_T)
-        return out
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, rule={self.rule}, "

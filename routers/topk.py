@@ -1,5 +1,6 @@
 """Token-choice top-k routing: softmax or sigmoid scores, group-limited selection, the
-auxiliary-loss-free expert bias, capacity and balancing losses.
+auxiliary-loss-free expert bias, the threshold rules of variable-k routing, capacity and
+balancing losses.
 
 Shape legend: T tokens, D hidden size, E experts, K top-k slots, Z expert groups (moe/__init__.py: G is attention heads).
 
@@ -44,10 +45,41 @@ def group_limited_topk(choice_TE: Tensor, top_k: int, num_groups: int, topk_grou
     return masked.topk(top_k, dim=-1).indices
 
 
+THRESHOLD_RULES = ("xmoe", "top_p")
+
+
+def threshold_keep(probs_sorted_TK: Tensor, threshold: float, rule: str) -> Tensor:
+    """bool (T, K): which ranks of the descending probabilities a token keeps.
+
+    With c_i = sum of the probabilities ranked above i (c_0 = 0):
+    rule="xmoe" (Yang et al. 2024, XMoE, threshold-based router; reference
+    main_thresholdGating): keep rank i iff c_i < threshold; rank 0 is always kept.
+    rule="top_p" (Huang et al. 2024, "Harder Tasks Need More Experts", Sec. 3.1, and the
+    authors' code): keep every expert whose cumulative probability is <= p plus the first one
+    that crosses p, i.e. rank i iff c_i <= p: the smallest prefix whose sum exceeds p. A
+    cumulative sum equal to p is settled as in the authors' code (mask cumulative > p, then
+    unmask the first crossing): that expert and the next are kept. So the two rules differ
+    only when some c_i equals the threshold exactly (the hand-worked vectors of the tests).
+    The sums c_i accumulate in float64 and are rounded to the probabilities' dtype, where they
+    meet the threshold (rounded to that dtype too): torch.cumsum's arithmetic on the CPU, and
+    that of ``torch.ops.moe.topk_route``'s kernels, so ties at the threshold fall the same way.
+    """
+    T = probs_sorted_TK.shape[0]
+    upto_TK = torch.cumsum(probs_sorted_TK, dim=-1, dtype=torch.float64).to(probs_sorted_TK.dtype)
+    above_TK = torch.cat([upto_TK.new_zeros(T, 1), upto_TK[:, :-1]], dim=-1)
+    if rule == "xmoe":
+        keep = above_TK < threshold
+        keep[:, 0] = True
+        return keep
+    if rule == "top_p":
+        return above_TK <= threshold
+    raise ValueError(f"rule must be one of {THRESHOLD_RULES}, got {rule!r}")
+
+
 def route_topk(logits_TE: Tensor, bias_E: Optional[Tensor], top_k: int, score: str,
                num_groups: Optional[int], topk_groups: Optional[int], norm_topk: bool,
                scaling: float, valid_T: Optional[Tensor] = None, num_seqs: int = 0,
-               check_finite: bool = False) -> tuple:
+               check_finite: bool = False, rule: str = "none", threshold: float = 1.0) -> tuple:
     """(ids_TK, weights_TK, probs_TE, counts_E, metrics_2, fw_BE, psum_BE, zsum): a token-choice
     router's scores, selection and weights, and the statistics its metrics and losses need.
 
@@ -56,9 +88,14 @@ def route_topk(logits_TE: Tensor, bias_E: Optional[Tensor], top_k: int, score: s
     within the topk_groups best of num_groups groups (:func:`group_limited_topk`); the weights
     are the chosen probs, renormalised to sum to 1 if norm_topk (Mixtral, Qwen3-MoE;
     DeepSeek-V3 Eq. 13 for sigmoid, with a 1e-20 guard), times ``scaling``
-    (routed_scaling_factor). Padded tokens (valid_T False) get ids -1 and weights 0; with
+    (routed_scaling_factor). rule "xmoe" or "top_p" (softmax scores, no bias or groups: the
+    threshold router, top_k = its max_experts) keeps the prefix of each token's top_k that
+    :func:`threshold_keep` keeps at ``threshold``; the other slots get id -1 and weight 0, so the
+    weights are the kept probs (renormalised over them with norm_topk); rule "none" keeps all.
+    Padded tokens (valid_T False) get ids -1 and weights 0; with
     check_finite, non-finite logits of a real token raise (CPU) or fail a device-side assert.
-    The statistics are :func:`route_statistics`'. This is the PyTorch form of
+    The statistics are :func:`route_statistics`' (the loss ids of rule "xmoe": each token's
+    first choice, XMoE's l_aux). This is the PyTorch form of
     ``torch.ops.moe.topk_route``, the fused kernel the routers call once moekit's ops are
     registered (its twin, moe/ops/twins.py).
     """
@@ -73,6 +110,8 @@ def route_topk(logits_TE: Tensor, bias_E: Optional[Tensor], top_k: int, score: s
         ids_TK = choice_TE.topk(top_k, dim=-1).indices
     else:
         ids_TK = group_limited_topk(choice_TE, top_k, num_groups, topk_groups)
+    if rule != "none":
+        ids_TK = ids_TK.masked_fill(~threshold_keep(probs_TE.gather(1, ids_TK), threshold, rule), -1)
     eps = 1e-20 if score == "sigmoid" else 0.0
     weights_TK = topk_weights(probs_TE, ids_TK, normalize=norm_topk, scale=scaling, eps=eps)
     if valid_T is not None:
@@ -80,14 +119,14 @@ def route_topk(logits_TE: Tensor, bias_E: Optional[Tensor], top_k: int, score: s
         weights_TK = weights_TK.masked_fill(~valid_T[:, None], 0.0)
     stats = route_statistics(logits_TE, probs_TE, ids_TK, score=score,
                              aux_topk=bias_E is not None or num_groups is not None, valid_T=valid_T,
-                             num_seqs=num_seqs)
+                             num_seqs=num_seqs, first_choice=rule == "xmoe")
     return (ids_TK, weights_TK, probs_TE) + stats
 
 
 def route_statistics(logits_TE: Tensor, probs_TE: Tensor, ids_TK: Tensor, *, score: str, aux_topk: bool,
-                     valid_T: Optional[Tensor], num_seqs: int) -> tuple:
+                     valid_T: Optional[Tensor], num_seqs: int, first_choice: bool = False) -> tuple:
     """(counts_E, metrics_2, fw_BE, psum_BE, zsum) of a top-k routing (ids_TK, -1 for padded
-    tokens), before capacity.
+    tokens and for the slots a threshold rule dropped), before capacity.
 
     counts_E int64 (E,): routed slots per expert (Routing.counts_E); metrics_2 float32
     (dropped_fraction = 0, experts_per_token), Routing's metrics of a routing without drops.
@@ -96,7 +135,8 @@ def route_statistics(logits_TE: Tensor, probs_TE: Tensor, ids_TK: Tensor, *, sco
     :func:`routers.losses.balance_statistics` on the loss scores (the probs, normalised to sum 1
     per token for sigmoid) and the loss ids (the ids, or with aux_topk, i.e. an expert bias or
     groups, the plain top-k of the loss scores: DeepSeek-V3 Eq. 17-20 and Megatron's
-    compute_routing_scores_for_aux_loss), and zsum of :func:`routers.losses.z_statistic`. With
+    compute_routing_scores_for_aux_loss; with first_choice, the ids' first slot ids_TK[:, :1]),
+    and zsum of :func:`routers.losses.z_statistic`. With
     num_seqs = 0: fw_BE and psum_BE are (0, E) and zsum 0.
     """
     T, E = probs_TE.shape
@@ -108,14 +148,14 @@ def route_statistics(logits_TE: Tensor, probs_TE: Tensor, ids_TK: Tensor, *, sco
     if num_seqs == 0:
         return counts_E, metrics_2, probs_TE.new_zeros(0, E), probs_TE.new_zeros(0, E), probs_TE.new_zeros(())
     scores_TE = probs_TE if score == "softmax" else probs_TE / (probs_TE.sum(dim=-1, keepdim=True) + 1e-20)
-    ids_aux = ids_TK
+    ids_aux = ids_TK[:, :1] if first_choice else ids_TK
     if aux_topk:
         ids_aux = scores_TE.topk(K, dim=-1).indices
         if valid_T is not None:
             ids_aux = ids_aux.masked_fill(~valid_T[:, None], -1)
     B = num_seqs
     S = T // B
-    fw_BE, psum_BE = balance_statistics(scores_TE.reshape(B, S, E), ids_aux.reshape(B, S, K),
+    fw_BE, psum_BE = balance_statistics(scores_TE.reshape(B, S, E), ids_aux.reshape(B, S, ids_aux.shape[1]),
                                         valid_BS=None if valid_T is None else valid_T.reshape(B, S))
     return counts_E, metrics_2, fw_BE, psum_BE, z_statistic(logits_TE, valid_T=valid_T)
 
@@ -129,17 +169,39 @@ def _topk_route_op():
 def topk_route(logits_TE: Tensor, bias_E: Optional[Tensor], top_k: int, score: str,
                num_groups: Optional[int], topk_groups: Optional[int], norm_topk: bool,
                scaling: float, valid_T: Optional[Tensor] = None, num_seqs: int = 0,
-               check_finite: bool = False) -> tuple:
+               check_finite: bool = False, rule: str = "none", threshold: float = 1.0) -> tuple:
     """:func:`route_topk`'s eight results through the fused kernel ``torch.ops.moe.topk_route``
     where moekit's ops are registered (one pass per token, the same experts; probabilities,
     weights and statistics to a few roundings), else through route_topk itself. Every top-k
-    style router selects with it."""
+    style router selects with it, the threshold router too (``rule``)."""
     op = _topk_route_op()
     if op is None:
         return route_topk(logits_TE, bias_E, top_k, score, num_groups, topk_groups, norm_topk, scaling,
-                          valid_T, num_seqs, check_finite)
+                          valid_T, num_seqs, check_finite, rule, threshold)
     return op(logits_TE, bias_E, top_k, score, num_groups or 0, topk_groups or 0, norm_topk, scaling,
-              valid_T, num_seqs, check_finite)
+              valid_T, num_seqs, check_finite, rule, threshold)
+
+
+def statistics_seqs(router: RouterBase, seq_shape: tuple) -> int:
+    """topk_route's num_seqs for ``router`` in its mode (its balance_loss, balance_loss_coeff and
+    z_loss_coeff): 0, no loss statistics, outside training or without a balance loss or z-loss;
+    else the B sequences of the (B, S) input for balance_loss="seq", 1 (the batch) otherwise."""
+    balance = router.balance_loss is not None and router.balance_loss_coeff > 0
+    if not (router.training and (balance or router.z_loss_coeff > 0)):
+        return 0
+    return seq_shape[0] if router.balance_loss == "seq" else 1
+
+
+def statistics_losses(router: RouterBase, num_seqs: int, fw_BE: Tensor, psum_BE: Tensor, zsum: Tensor,
+                      logits_TE: Tensor, valid_T: Optional[Tensor]) -> dict:
+    """``router``'s balance loss and z-loss from topk_route's statistics (num_seqs from
+    :func:`statistics_seqs`; {} when it is 0): :func:`routers.losses.losses_from_statistics`."""
+    if num_seqs == 0:
+        return {}
+    num_tokens = valid_T.sum() if valid_T is not None and router.z_loss_coeff > 0 else logits_TE.shape[0]
+    return losses_from_statistics(balance_loss=router.balance_loss, balance_loss_coeff=router.balance_loss_coeff,
+                                  z_loss_coeff=router.z_loss_coeff, fw_BE=fw_BE, psum_BE=psum_BE, zsum=zsum,
+                                  num_tokens=num_tokens)
 
 
 class TopKBase(RouterBase):
@@ -203,19 +265,12 @@ class TopKBase(RouterBase):
     def _route(self, logits_TE: Tensor, valid_T: Optional[Tensor], seq_shape: tuple, state=None) -> Routing:
         """Scores -> top-k ids, weights, metrics and loss statistics in one op (topk_route) ->
         losses (on the routing before drops, as Megatron) -> capacity."""
-        balance = self.balance_loss is not None and self.balance_loss_coeff > 0
-        stats = self.training and (balance or self.z_loss_coeff > 0)
-        num_seqs = (seq_shape[0] if self.balance_loss == "seq" else 1) if stats else 0
+        num_seqs = statistics_seqs(self, seq_shape)
         check = self.check_finite and not torch.compiler.is_compiling()
         ids_TK, weights_TK, probs_TE, counts_E, metrics_2, fw_BE, psum_BE, zsum = topk_route(
             logits_TE, self.expert_bias, self.top_k, self.score, self.num_groups, self.topk_groups,
             self.norm_topk, self.routed_scaling_factor, valid_T, num_seqs, check)
-        aux = {}
-        if stats:
-            num_tokens = valid_T.sum() if valid_T is not None and self.z_loss_coeff > 0 else logits_TE.shape[0]
-            aux = losses_from_statistics(balance_loss=self.balance_loss, balance_loss_coeff=self.balance_loss_coeff,
-                                         z_loss_coeff=self.z_loss_coeff, fw_BE=fw_BE, psum_BE=psum_BE, zsum=zsum,
-                                         num_tokens=num_tokens)
+        aux = statistics_losses(self, num_seqs, fw_BE, psum_BE, zsum, logits_TE, valid_T)
         if self.capacity_factor is None:
             return Routing(ids_TK=ids_TK, weights_TK=weights_TK, probs_TE=probs_TE, logits_TE=logits_TE,
                            aux_losses=aux, state=state, counts_E=counts_E, dropped_fraction=metrics_2[0],

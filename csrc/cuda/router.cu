@@ -8,14 +8,16 @@
 // softmax (or applies the sigmoid), writes probs_TE and keeps probs and choice scores
 // (probs + bias) in shared memory; with groups, lane z scores group z (its two best choices) and
 // the warp picks the topk_groups best groups in as many arg-max rounds; then K arg-max rounds pick
-// the experts (ties: the lower id), and lane 0 sums the chosen probs in slot order, normalises
-// and scales. Padded tokens (valid_T false) get ids -1 and weights 0; check_finite turns a real
-// token's non-finite logit into a device-side assert. No host synchronisation: every size is
-// known on the host.
+// the experts (ties: the lower id), and lane 0 applies the threshold rule (rule "xmoe" / "top_p":
+// moe_ops.h's kept_slots, the CPU kernel's; the dropped slots get id -1 and weight 0), sums the
+// kept probs in slot order, normalises and scales. Padded tokens (valid_T false) get ids -1 and
+// weights 0; check_finite turns a real token's non-finite logit into a device-side assert. No
+// host synchronisation: every size is known on the host.
 //
 // Statistics (csrc/router.cpp states them), deterministic, with no atomics on floats:
 // the route kernel also writes, per token, logsumexp(l)^2, the sigmoid loss scores' divisor and
-// the loss ids (top-k of the loss scores, with a bias or groups); route_stats_partial_kernel
+// the loss ids (top-k of the loss scores, with a bias or groups; rule "xmoe" counts each token's
+// first slot only); route_stats_partial_kernel
 // (num_seqs = B > 0) sums each (sequence, expert)'s loss scores and loss slots over ranges of
 // 32 tokens in token order, and each range's real tokens and lse^2; route_stats_final_kernel (one
 // block) counts counts_E and the real tokens, writes metrics, adds the ranges' partial sums (a
@@ -106,7 +108,8 @@ template <typename T>
 __global__ void topk_route_kernel(const T* __restrict__ logits, int64_t ls, int64_t le,
                                   const float* __restrict__ bias, const bool* __restrict__ valid, int64_t Tn,
                                   int E, int K, bool softmax, int Z, int topk_groups, bool norm, T scaling,
-                                  bool check_finite, TokenStats<T> st, int64_t* __restrict__ ids,
+                                  RouteRule rule, T threshold, bool check_finite, TokenStats<T> st,
+                                  int64_t* __restrict__ ids,
                                   T* __restrict__ weights, T* __restrict__ probs) {
   extern __shared__ unsigned char smem_raw[];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
@@ -189,9 +192,13 @@ __global__ void topk_route_kernel(const T* __restrict__ logits, int64_t ls, int6
   topk_rounds(choice, E, K, lane, id);
   if (lane == 0) {
     const T eps = softmax ? T(0) : T(1e-20);
+    const int kept = int(kept_slots(rule, threshold, p, id, K));
     T wsum = 0;
-    for (int k = 0; k < K; ++k) wsum += (w[k] = p[id[k]]);
-    for (int k = 0; k < K; ++k) w[k] = real ? (norm ? w[k] / (wsum + eps) : w[k]) * scaling : T(0);
+    for (int k = 0; k < kept; ++k) wsum += (w[k] = p[id[k]]);
+    for (int k = 0; k < K; ++k) {
+      w[k] = real && k < kept ? (norm ? w[k] / (wsum + eps) : w[k]) * scaling : T(0);
+      if (k >= kept) id[k] = -1;
+    }
   }
   __syncwarp();
   if (st.norm) {  // the sigmoid loss scores' divisor, sum_e p_e + 1e-20
@@ -215,13 +222,14 @@ __global__ void topk_route_kernel(const T* __restrict__ logits, int64_t ls, int6
 }
 
 // Per (expert e = thread, sequence b, token range r): the loss scores' and loss slots' sums over
-// the range's real tokens, in token order; thread 0 of the row of blocks x = 0 also sums the
-// range's real tokens and lse^2. Grid (ceil(E / 128), B, R).
+// the range's real tokens, in token order (the loss slots: the first loss_k of each token's K);
+// thread 0 of the row of blocks x = 0 also sums the range's real tokens and lse^2. Grid
+// (ceil(E / 128), B, R).
 template <typename T>
 __global__ void route_stats_partial_kernel(const T* __restrict__ probs, const T* __restrict__ norm,
                                            const int64_t* __restrict__ loss_ids, const bool* __restrict__ valid,
                                            const T* __restrict__ lse2, int64_t S, int64_t chunk, int E, int K,
-                                           T* __restrict__ psum_part, int* __restrict__ cnt_part,
+                                           int loss_k, T* __restrict__ psum_part, int* __restrict__ cnt_part,
                                            T* __restrict__ z_part, int* __restrict__ tok_part) {
   const int e = blockIdx.x * blockDim.x + threadIdx.x;
   const int64_t b = blockIdx.y, r = blockIdx.z, B = gridDim.y;
@@ -234,7 +242,7 @@ __global__ void route_stats_partial_kernel(const T* __restrict__ probs, const T*
       if (valid != nullptr && !valid[t]) continue;
       const T pe = probs[t * E + e];
       acc += norm ? pe / norm[t] : pe;
-      for (int k = 0; k < K; ++k) cnt += loss_ids[t * K + k] == e ? 1 : 0;
+      for (int k = 0; k < loss_k; ++k) cnt += loss_ids[t * K + k] == e ? 1 : 0;
     }
     psum_part[out] = acc;
     cnt_part[out] = cnt;
@@ -448,8 +456,9 @@ std::pair<int, int64_t> warp_layout(const char* op, int64_t per_warp, int64_t E)
 RouteOutputs topk_route_cuda(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E, int64_t top_k,
                              c10::string_view score, int64_t num_groups, int64_t topk_groups, bool norm_topk,
                              double scaling, const std::optional<at::Tensor>& valid_T, int64_t num_seqs,
-                             bool check_finite) {
-  check_topk_route_args(logits_TE, bias_E, top_k, score, num_groups, topk_groups, scaling, valid_T, num_seqs);
+                             bool check_finite, c10::string_view rule, double threshold) {
+  check_topk_route_args(logits_TE, bias_E, top_k, score, num_groups, topk_groups, scaling, valid_T, num_seqs, rule,
+                        threshold);
   const c10::cuda::CUDAGuard guard(logits_TE.device());
   const int64_t T = logits_TE.size(0), E = logits_TE.size(1), B = num_seqs, K = top_k;
   const auto opts = logits_TE.options();
@@ -458,6 +467,8 @@ RouteOutputs topk_route_cuda(const at::Tensor& logits_TE, const std::optional<at
       route_buffers(logits_TE, bias_E, top_k, valid_T, num_seqs);
   const bool* vp = valid.defined() ? valid.const_data_ptr<bool>() : nullptr;
   const bool softmax = score == "softmax", aux_topk = bias.defined() || num_groups > 0;
+  const RouteRule r = route_rule(rule);
+  const int loss_k = r == RouteRule::kXmoe ? 1 : int(K);  // XMoE's l_aux: each token's first choice
   const int64_t S = B > 0 ? T / B : 0;
   // token ranges of 32 tokens per sequence (at most 1024): enough blocks to hide the loads' latency
   const int64_t R = B > 0 ? std::clamp<int64_t>(ceil_div(S, 32), 1, 1024) : 0;
@@ -477,7 +488,7 @@ RouteOutputs topk_route_cuda(const at::Tensor& logits_TE, const std::optional<at
       topk_route_kernel<T_><<<rows_grid(T, warps), warps * kWarp, smem, stream>>>(
           logits_TE.const_data_ptr<T_>(), logits_TE.stride(0), logits_TE.stride(1),
           bias.defined() ? bias.const_data_ptr<float>() : nullptr, vp, T, int(E), int(K), softmax,
-          int(num_groups), int(topk_groups), norm_topk, T_(scaling), check_finite, st,
+          int(num_groups), int(topk_groups), norm_topk, T_(scaling), r, T_(threshold), check_finite, st,
           ids.mutable_data_ptr<int64_t>(), weights.mutable_data_ptr<T_>(), probs.mutable_data_ptr<T_>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -491,7 +502,7 @@ RouteOutputs topk_route_cuda(const at::Tensor& logits_TE, const std::optional<at
       TORCH_CHECK(B <= 65535, "moe.topk_route: num_seqs=", B, " exceeds the 65535 sequences of one CUDA launch");
       route_stats_partial_kernel<T_><<<grid, 128, 0, stream>>>(
           probs.const_data_ptr<T_>(), st.norm, aux_topk ? st.aux_ids : ids.const_data_ptr<int64_t>(), vp, st.lse2,
-          S, chunk, int(E), int(K), psum_part, cnt_part, z_part, tok_part);
+          S, chunk, int(E), int(K), loss_k, psum_part, cnt_part, z_part, tok_part);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     const bool smem_hist = E <= kSmemHist;

@@ -193,7 +193,7 @@ def check_swiglu_backward_args(grad, h) -> None:
 
 
 def check_topk_route_args(logits_TE, bias_E, top_k, score, num_groups, topk_groups, norm_topk, scaling,
-                          valid_T=None, num_seqs=0, check_finite=False) -> None:
+                          valid_T=None, num_seqs=0, check_finite=False, rule="none", threshold=1.0) -> None:
     op = "topk_route"
     _check(logits_TE.dim() == 2, op, f"logits_TE must be 2-D (T, E), got shape {_shape(logits_TE)}")
     _check(logits_TE.dtype in (torch.float32, torch.float64), op,
@@ -223,6 +223,13 @@ def check_topk_route_args(logits_TE, bias_E, top_k, score, num_groups, topk_grou
                f"{_shape(valid_T)} on {valid_T.device}")
     _check(num_seqs >= 0 and (num_seqs == 0 or T % num_seqs == 0), op,
            f"num_seqs must be 0 (no loss statistics) or divide T={T}, got {num_seqs}")
+    _check(rule in ("none", "xmoe", "top_p"), op, f"rule must be 'none', 'xmoe' or 'top_p', got '{rule}'")
+    _check(0.0 < threshold <= 1.0, op, f"threshold must be in (0, 1], got {threshold}")
+    if rule != "none":
+        _check(score == "softmax", op,
+               f"rule='{rule}' needs score='softmax' (it cuts the cumulative probability), got '{score}'")
+        _check(bias_E is None and num_groups == 0, op,
+               f"rule='{rule}' takes no bias_E and no groups (num_groups=0): it ranks by probability")
 
 
 def check_topk_route_backward_args(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score, norm_topk, scaling,

@@ -1,5 +1,5 @@
 """GPU tests of the CUDA kernels of moe.topk_route / moe.topk_route_backward (csrc/cuda/router.cu)
-against the CPU kernel and the twin (routers.topk.route_topk).
+against the CPU kernel and the twin (routers.topk.route_topk), the threshold rules included.
 
 Shape legend: T tokens, E experts, K top-k slots, Z expert groups.
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from moe import ops  # noqa: F401  (registers torch.ops.moe.*)
-from routers import TopKRouter
+from routers import ThresholdRouter, TopKRouter
 
 from tests.helpers.ops import router_logits
 
@@ -124,3 +124,67 @@ def test_training_router_captures_in_a_cuda_graph():
     for name in eager.aux_losses:
         torch.testing.assert_close(out.aux_losses[name], eager.aux_losses[name])
     assert torch.equal(out.counts_E, eager.counts_E)
+
+
+# (rule, E, K, threshold, norm): the threshold router's rules, K = max_experts (K = E included)
+RULE_CONFIGS = [
+    ("xmoe", 8, 8, 0.5, False),
+    ("xmoe", 128, 8, 0.8, True),
+    ("top_p", 60, 60, 0.5, True),
+    ("top_p", 256, 16, 0.3, False),
+    ("top_p", 12, 12, 1.0, False),
+    ("xmoe", 1, 1, 0.5, False),
+]
+
+
+@pytest.mark.parametrize("T,B,padded", [(0, 0, False), (37, 0, False), (4096, 1, True), (4096, 8, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cfg", RULE_CONFIGS)
+def test_cuda_rule_matches_cpu(cfg, dtype, T, B, padded):
+    """The kept prefix (ids -1 past it), the weights over the kept slots, counts, metrics and the
+    loss statistics (xmoe: first choices) as the CPU kernel, and the backward."""
+    rule, E, K, threshold, norm = cfg
+    logits, _ = router_logits(T, E, dtype, seed=7)
+    valid = None
+    if padded:
+        valid = torch.ones(T, dtype=torch.bool)
+        valid[5:40] = False
+        valid[-(T // max(B, 2)):] = False
+    args = (K, "softmax", 0, 0, norm, 1.0)
+    cpu = torch.ops.moe.topk_route(logits, None, *args, valid, B, True, rule, threshold)
+    cuda = torch.ops.moe.topk_route(logits.cuda(), None, *args, None if valid is None else valid.cuda(), B, True,
+                                    rule, threshold)
+    assert torch.equal(cuda[0].cpu(), cpu[0]) and torch.equal(cuda[3].cpu(), cpu[3])
+    assert torch.equal(cuda[4].cpu(), cpu[4])
+    tol = dict(rtol=2e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-15)
+    for i in (1, 2, 5, 6, 7):
+        torch.testing.assert_close(cuda[i].cpu(), cpu[i], **tol)
+    gw, gp = torch.randn_like(cpu[1]), torch.randn_like(cpu[2])
+    d_cpu = torch.ops.moe.topk_route_backward(gw, gp, cpu[0], cpu[2], "softmax", norm, 1.0, None, None, None, valid)
+    d_cuda = torch.ops.moe.topk_route_backward(gw.cuda(), gp.cuda(), cuda[0], cuda[2], "softmax", norm, 1.0, None,
+                                               None, None, None if valid is None else valid.cuda())
+    btol = dict(rtol=1e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(d_cuda.cpu(), d_cpu, **btol)
+
+
+@pytest.mark.parametrize("rule", ["xmoe", "top_p"])
+def test_rule_ties_at_the_threshold(rule):
+    """Uniform probabilities 1/4: the sums above the ranks, 0, 1/4, 1/2, 3/4, are exact; at
+    threshold 1/2 xmoe keeps 2 experts, top_p 3 (the lower ids first)."""
+    ids, w = torch.ops.moe.topk_route(torch.zeros(5, 4, device="cuda"), None, 4, "softmax", 0, 0, False, 1.0, None,
+                                      0, False, rule, 0.5)[:2]
+    n = 2 if rule == "xmoe" else 3
+    assert ids.tolist() == [list(range(n)) + [-1] * (4 - n)] * 5
+    assert w.tolist() == [[0.25] * n + [0.0] * (4 - n)] * 5
+
+
+def test_threshold_router_captures_in_a_cuda_graph():
+    """The threshold router's training forward (one fused op, the entropy loss, capacity) has no
+    host sync: it captures in a CUDA graph."""
+    router = ThresholdRouter(64, 32, threshold=0.6, rule="top_p", max_experts=6, balance_loss="seq",
+                             z_loss_coeff=1e-3, dynamic_loss_coeff=1e-3, capacity_factor=1.5).cuda().train()
+    x = torch.randn(4, 64, 64, device="cuda")
+    eager, out = router(x), captured_forward(router, x)
+    assert torch.equal(out.ids_TK, eager.ids_TK) and torch.equal(out.counts_E, eager.counts_E)
+    for name in eager.aux_losses:
+        torch.testing.assert_close(out.aux_losses[name], eager.aux_losses[name])

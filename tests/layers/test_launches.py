@@ -13,18 +13,25 @@ profile in bench/gpu_bench.py shows both). Measured (CPU, extension loaded, T=64
 | DeepSeek-V3 router (sigmoid, groups, bias, seq loss) | bfloat16 | 7 | 9 | 27 | 31 / 66 / 98 |
 | default + z-loss | bfloat16 | 7 | 10 | 30 | 31 / 67 / 102 |
 | one shared expert | bfloat16 | 11 | 13 | 37 | 35 / 66 / 97 |
+| ThresholdRouter, xmoe (max_experts=4) | float32 | 7 | 9 | 23 | 44 / 72 / 93 |
+| ThresholdRouter, xmoe (max_experts=4) | bfloat16 | 7 | 9 | 27 | 44 / 72 / 97 |
+| ThresholdRouter, top_p, renormalize, seq loss | bfloat16 | 7 | 9 | 27 | 46 / 75 / 110 |
 
 bfloat16 adds four casts to the step (moe.linear_f32's backward: the float32 GEMMs on upcast copies
 of the bfloat16 operands, cast back). The z-loss costs one op forward (its scaling), one backward
 (the scaling's gradient) and the sum of the two losses. A shared expert is a dense FFN: two GEMMs, the
 SwiGLU and the sum with the routed output forward (4 ops), four GEMMs, the SwiGLU backward and the
 gradient sums into x backward: that configuration gets the counts it reaches as its budget.
+The threshold router routes in the same one moe.topk_route (its rule); "before" is its chain of
+PyTorch ops (main at 6e6a137). Its entropy ("dynamic") loss and XMoE capacity stay PyTorch ops:
+top_p with dynamic_loss_coeff is 7 / 17 / 46, xmoe with capacity_factor=1.5 47 / 49 / 69 (bfloat16).
 """
 
 import pytest
 import torch
 
 import moe
+import routers
 from moe.launches import count_ops, layer_counts
 
 D, F, E, K, T = 64, 32, 16, 4, 64
@@ -53,6 +60,25 @@ def test_layer_launches_within_budget(name, kwargs, dtype, budget):
     small = {"aten._to_copy", "aten.fill_", "aten.zeros", "aten.ones", "aten.masked_fill", "aten.scatter_add_",
              "aten.clamp", "aten.div", "aten.sum"}
     assert not small & set(counts["train_forward"].ops), str(counts["train_forward"])
+
+
+THRESHOLD_CASES = [
+    ("xmoe", dict(threshold=0.6), torch.float32),
+    ("xmoe", dict(threshold=0.6), torch.bfloat16),
+    ("top_p", dict(threshold=0.5, rule="top_p", renormalize=True, balance_loss="seq"), torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,dtype", THRESHOLD_CASES, ids=[f"{c[0]}-{c[2]}" for c in THRESHOLD_CASES])
+def test_threshold_router_launches_within_budget(name, kwargs, dtype):
+    """The threshold router (one moe.topk_route with its rule) within the issue's budgets."""
+    torch.manual_seed(0)
+    router = routers.ThresholdRouter(D, E, max_experts=K, **kwargs)
+    layer = moe.MoELayer(D, F, E, router=router).to(dtype)
+    counts = layer_counts(layer, torch.randn(2, T // 2, D, dtype=dtype))
+    for (what, c), limit in zip(counts.items(), (12, 12, 30)):
+        assert c.total <= limit, f"threshold {name} {dtype} {what}: {c}"
+    assert counts["train_forward"].ops["moe.topk_route"] == 1, str(counts["train_forward"])
 
 
 def test_count_ops_skips_views_and_allocations():

@@ -374,3 +374,192 @@ def test_bad_backward_statistics_args_name_the_argument(extra, match):
     args = (torch.ones(4, 2), None, torch.tensor([[0, 1]] * 4), probs, "softmax", True, 1.0) + extra
     with pytest.raises(RuntimeError, match=match):
         torch.ops.moe.topk_route_backward(*args)
+
+
+# ---- the threshold rules (rule "xmoe" / "top_p": the threshold router) ----------------------------
+
+# (rule, E, K, threshold, norm): K = max_experts (K = E included), one expert, threshold 1
+RULE_CONFIGS = [
+    ("xmoe", 8, 8, 0.5, False),
+    ("xmoe", 16, 4, 0.8, True),
+    ("top_p", 8, 8, 0.5, True),
+    ("top_p", 64, 8, 0.3, False),
+    ("top_p", 12, 12, 1.0, False),
+    ("xmoe", 5, 3, 1.0, True),
+    ("xmoe", 1, 1, 0.5, False),
+]
+
+
+def rule_args(cfg, *extra):
+    """topk_route's arguments for a RULE_CONFIGS entry, with valid_T, num_seqs, check_finite."""
+    rule, E, K, threshold, norm = cfg
+    valid_T, num_seqs, check = extra if extra else (None, 0, False)
+    return (K, "softmax", 0, 0, norm, 1.0, valid_T, num_seqs, check, rule, threshold)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,padded", [(0, False), (1, True), (4, True), (3, False)])
+@pytest.mark.parametrize("cfg", RULE_CONFIGS)
+def test_rule_kernel_matches_twin(cfg, B, padded, dtype):
+    """All eight results, and the backward with every gradient, equal the twin's: ids, counts and
+    metrics exactly, the rest to a few roundings."""
+    T, E = 12 * 8, cfg[1]
+    logits, _ = make(T, E, dtype, seed=5)
+    valid = make_valid(T) if padded else None
+    args = rule_args(cfg, valid, B, True)
+    out = torch.ops.moe.topk_route(logits, None, *args)
+    ref = topk_route_torch(logits, None, *args)
+    ids, w, p, counts, metrics, fw, psum, zsum = out
+    assert torch.equal(ids, ref[0]) and torch.equal(counts, ref[3])
+    torch.testing.assert_close(metrics, ref[4], rtol=0, atol=0)
+    kept = ids >= 0
+    assert bool((kept[:, :-1] >= kept[:, 1:]).all()), "a prefix of the slots is kept"
+    assert bool((w[~kept] == 0).all())
+    if valid is not None:
+        assert bool((~kept[~valid]).all()) and bool(kept[valid, 0].all())
+    tol = dict(rtol=2e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-15)
+    for got, want in zip((w, p, fw, psum, zsum), (ref[1], ref[2]) + tuple(ref[5:])):
+        torch.testing.assert_close(got, want, **tol)
+    gw, gp = torch.randn_like(w), torch.randn_like(p)
+    gs, gz = (torch.randn(B, E, dtype=dtype), torch.randn((), dtype=dtype)) if B else (None, None)
+    bargs = (gw, gp, ids, p, "softmax", cfg[4], 1.0, gs, gz, logits if B else None, valid)
+    btol = dict(rtol=1e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(torch.ops.moe.topk_route_backward(*bargs), topk_route_backward_torch(*bargs), **btol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rule,threshold,kept", [
+    ("xmoe", 0.25, 1), ("top_p", 0.25, 2), ("xmoe", 0.5, 2), ("top_p", 0.5, 3),
+    ("xmoe", 0.75, 3), ("top_p", 0.75, 4), ("xmoe", 1.0, 4), ("top_p", 1.0, 4),
+])
+def test_rule_ties_at_the_threshold(rule, threshold, kept, dtype):
+    """Sums above a rank exactly at the threshold (the hand-worked vectors' case): uniform
+    probabilities 1/4 (equal logits), whose sums 0, 1/4, 1/2, 3/4 are exact in the kernel and the
+    twin. "xmoe" keeps a rank while the sum above it is < threshold, "top_p" while it is <=: at a
+    tie top_p keeps one expert more."""
+    logits = torch.zeros(3, 4, dtype=dtype)
+    two = torch.tensor([0.0, float("-inf"), 0.0, float("-inf")], dtype=dtype)  # 1/2, 1/2: a tie at 0.5
+    for fn in (torch.ops.moe.topk_route, topk_route_torch):
+        ids, w = fn(logits, None, 4, "softmax", 0, 0, False, 1.0, None, 0, False, rule, threshold)[:2]
+        assert ((ids >= 0).sum(-1) == kept).all() and (ids[:, kept:] == -1).all()
+        assert all(len(set(row[:kept])) == kept for row in ids.tolist())  # (torch.topk orders ties its way)
+        torch.testing.assert_close(w, torch.tensor([[0.25] * kept + [0.0] * (4 - kept)] * 3, dtype=dtype))
+        n = 1 if rule == "xmoe" else 2  # the sum above rank 1 is 1/2 = the threshold
+        ids2, w2 = fn(two[None], None, 4, "softmax", 0, 0, True, 1.0, None, 0, False, rule, 0.5)[:2]
+        assert set(ids2[0, :n].tolist()) <= {0, 2} and len(set(ids2[0, :n].tolist())) == n
+        assert (ids2[0, n:] == -1).all()
+        torch.testing.assert_close(w2[0], torch.tensor([1 / n] * n + [0.0] * (4 - n), dtype=dtype))
+
+
+@given(T=st.integers(0, 30), E=st.integers(1, 20), data=st.data())
+@SETTINGS
+def test_rule_properties(T, E, data):
+    """Whatever the kernel: each token keeps a prefix of its top-K by probability, exactly the
+    ranks its rule keeps (sums above each rank in float64, rounded to the dtype), with the kept
+    probabilities (renormalised) as weights; counts and experts_per_token count the kept slots;
+    the loss slots are the first choice (xmoe) or the kept slots (top_p)."""
+    K = data.draw(st.integers(1, E))
+    rule = data.draw(st.sampled_from(["xmoe", "top_p"]))
+    threshold = data.draw(st.sampled_from([1.0, 0.5]) | st.floats(1e-3, 1.0))
+    norm = data.draw(st.booleans())
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
+    logits, _ = make(T, E, dtype, seed=data.draw(st.integers(0, 1000)))
+    ids, w, p, counts, metrics, fw, psum, zsum = torch.ops.moe.topk_route(
+        logits, None, K, "softmax", 0, 0, norm, 1.0, None, 1, False, rule, threshold)
+    kept = ids >= 0
+    n_T = kept.sum(-1)
+    assert bool((n_T >= min(1, T)).all()) and bool((kept[:, :-1] >= kept[:, 1:]).all())
+    full = p.topk(K, dim=-1).values if T else p.new_zeros(0, K)
+    picked = p.gather(1, ids.clamp(min=0))
+    torch.testing.assert_close(picked[kept], full[kept], rtol=0, atol=0)  # the best n_T by probability
+    above = torch.cumsum(full.double(), -1) - full.double()  # the sum above each rank, checked away from ties
+    tied = ((above - threshold).abs() < 1e-5).any()
+    if not tied and T:
+        want = above < threshold if rule == "xmoe" else above <= threshold
+        want[:, 0] = True
+        stop = (~want).to(torch.int64).cumsum(-1) == 0
+        assert torch.equal(kept, stop)
+    ref_w = picked * kept
+    if norm:
+        ref_w = ref_w / ref_w.sum(-1, keepdim=True).clamp(min=1e-300)
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(w, ref_w, **tol)
+    assert torch.equal(counts, torch.bincount(ids[kept], minlength=E))
+    assert metrics[1].item() == pytest.approx(n_T.sum().item() / max(T, 1), rel=1e-6)
+    slots = torch.bincount(ids[:, 0][kept[:, 0]], minlength=E) if rule == "xmoe" else counts
+    slots = slots.to(dtype)
+    torch.testing.assert_close(fw[0] * T, slots / slots.sum().clamp(min=1), **tol)
+
+
+@pytest.mark.parametrize("B,padded", [(1, False), (2, True)])
+@pytest.mark.parametrize("cfg", RULE_CONFIGS[:4] + RULE_CONFIGS[5:6])
+def test_rule_gradcheck(cfg, B, padded):
+    """float64: the weights', probs', psum_BE's and zsum's gradients numerically, and equal to
+    autograd through the twin (dropped slots carry none; renormalised over the kept)."""
+    T, E = 12, cfg[1]
+    logits, _ = make(T, E, torch.float64, seed=6)
+    logits.requires_grad_()
+    valid = make_valid(T) if padded else None
+
+    def f(x, fn=torch.ops.moe.topk_route):
+        _, w, p, _, _, _, psum, zsum = fn(x, None, *rule_args(cfg, valid, B, False))
+        return w, p, psum, zsum
+
+    assert gradcheck(f, (logits,))
+    K = cfg[2]
+    g = [torch.randn(T, K, dtype=torch.float64), torch.randn(T, E, dtype=torch.float64),
+         torch.randn(B, E, dtype=torch.float64), torch.randn((), dtype=torch.float64)]
+    (d,) = torch.autograd.grad(sum((o * gi).sum() for o, gi in zip(f(logits), g)), logits)
+    (d2,) = torch.autograd.grad(sum((o * gi).sum() for o, gi in zip(f(logits, topk_route_torch), g)), logits)
+    torch.testing.assert_close(d, d2, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("cfg", RULE_CONFIGS[1:3])
+def test_rule_opcheck(cfg):
+    logits, _ = make(12, cfg[1])
+    valid = make_valid(12)
+    opcheck(torch.ops.moe.topk_route.default, (logits.requires_grad_(), None) + rule_args(cfg, valid, 3, True),
+            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    opcheck(torch.ops.moe.topk_route.default, (logits, None) + rule_args(cfg),
+            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_rule_compiled_gradients():
+    """torch.compile (AOT autograd, dynamic shapes) of the threshold rule: the eager outputs and
+    gradients."""
+    cfg = RULE_CONFIGS[2]
+    logits, _ = make(33, cfg[1])
+
+    def f(x):
+        ids, w, p, _, _, _, psum, zsum = torch.ops.moe.topk_route(x, None, *rule_args(cfg, None, 3, False))
+        return ids, (w * torch.arange(1, cfg[2] + 1)).sum() + (p * p).sum() + (psum * psum).sum() + zsum
+
+    x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ids1, l1 = f(x1)
+    ids2, l2 = torch.compile(f, backend="aot_eager", dynamic=True, fullgraph=True)(x2)
+    l1.backward()
+    l2.backward()
+    assert torch.equal(ids1, ids2)
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+@pytest.mark.parametrize("args,match", [
+    ((None, 2, "softmax", 0, 0, True, 1.0, None, 0, False, "top_k", 0.5), "rule must be 'none', 'xmoe' or 'top_p'"),
+    ((None, 2, "softmax", 0, 0, True, 1.0, None, 0, False, "xmoe", 0.0), r"threshold must be in \(0, 1\], got 0"),
+    ((None, 2, "softmax", 0, 0, True, 1.0, None, 0, False, "top_p", 1.5), r"threshold must be in \(0, 1\]"),
+    ((None, 2, "softmax", 0, 0, True, 1.0, None, 0, False, "top_p", float("nan")), r"threshold must be in \(0, 1\]"),
+    ((None, 2, "softmax", 0, 0, True, 1.0, None, 0, False, "none", -1.0), r"threshold must be in \(0, 1\]"),
+    ((None, 2, "sigmoid", 0, 0, True, 1.0, None, 0, False, "xmoe", 0.5), "rule='xmoe' needs score='softmax'"),
+    ((torch.zeros(8), 2, "softmax", 0, 0, True, 1.0, None, 0, False, "top_p", 0.5), "rule='top_p' takes no bias_E"),
+    ((None, 2, "softmax", 4, 2, True, 1.0, None, 0, False, "xmoe", 0.5), "takes no bias_E and no groups"),
+])
+def test_bad_rule_args_name_the_argument(args, match):
+    """The kernel, the twin and the fake kernel refuse the same rule arguments, naming them."""
+    args = (torch.zeros(4, 8),) + args
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.moe.topk_route(*args)
+    meta = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.moe.topk_route(*meta)

@@ -1,5 +1,9 @@
 """ThresholdRouter: hand-worked vectors (probabilities 0.5/0.3/0.15/0.05 at thresholds 0.5, 0.8,
-0.9), a NumPy transcription of both rules, and XMoE's capacity priority."""
+0.9), a NumPy transcription of both rules, XMoE's capacity priority, and the fused router (one
+torch.ops.moe.topk_route with the rule) against the router's previous chain of PyTorch ops.
+
+Shape legend: T tokens, D hidden size, E experts, K slots (max_experts).
+"""
 
 import numpy as np
 import pytest
@@ -7,7 +11,10 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from routers import ThresholdRouter, capacity, threshold_keep, xmoe_priority
+import moe.ops  # noqa: F401  (registers torch.ops.moe.topk_route: the router then runs the fused kernel)
+from routers import ThresholdRouter, apply_capacity, capacity, entropy_loss, threshold_keep, xmoe_priority
+from routers.losses import balance_losses
+from routers.routing import count_chosen, make_routing, topk_weights
 
 VECTOR = [0.5, 0.3, 0.15, 0.05]
 
@@ -167,3 +174,108 @@ def test_xmoe_aux_loss_is_the_reference_l_aux():
     probs = torch.softmax(out.logits_TE, -1)
     top1 = torch.nn.functional.one_hot(probs.argmax(-1), E).float()
     torch.testing.assert_close(out.aux_losses["load_balancing"], E * (probs.mean(0) * top1.mean(0)).sum())
+
+
+# ---- the fused router (torch.ops.moe.topk_route with the rule) against its previous PyTorch path --
+
+def previous_forward(r, x, padding_mask=None):
+    """ThresholdRouter.forward as it was before the fused op (main at 6e6a137), op for op: softmax,
+    top-K, threshold_keep, the combine weights, balance_losses on each token's first choice (xmoe)
+    or its kept slots (top_p), the entropy loss, XMoE's capacity and make_routing."""
+    logits_TE, valid_T, seq_shape = r._linear_logits(x, padding_mask)
+    r._check_logits(logits_TE, valid_T)
+    probs_TE = torch.softmax(logits_TE, dim=-1)
+    sorted_TK, ids_TK = probs_TE.topk(r.top_k, dim=-1, sorted=True)
+    keep_TK = threshold_keep(sorted_TK, r.threshold, r.rule)
+    if valid_T is not None:
+        keep_TK = keep_TK & valid_T[:, None]
+    ids_TK = ids_TK.masked_fill(~keep_TK, -1)
+    weights_TK = topk_weights(probs_TE, ids_TK)
+    if r.renormalize:
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp(min=1e-20)
+    chosen = count_chosen(ids_TK, valid_T)
+    aux = {}
+    if r.training:
+        aux = balance_losses(balance_loss=r.balance_loss, balance_loss_coeff=r.balance_loss_coeff,
+                             z_loss_coeff=r.z_loss_coeff, probs_TE=probs_TE,
+                             ids_TK=ids_TK[:, :1] if r.rule == "xmoe" else ids_TK, logits_TE=logits_TE,
+                             valid_T=valid_T, seq_shape=seq_shape)
+        if r.dynamic_loss_coeff > 0:
+            aux["dynamic"] = r.dynamic_loss_coeff * entropy_loss(probs_TE, valid_T=valid_T)
+    if r.capacity_factor is not None:
+        cap = capacity(ids_TK.shape[0], 1, r.num_experts, r.capacity_factor)
+        ids_TK, weights_TK = apply_capacity(ids_TK, weights_TK, xmoe_priority(sorted_TK), cap, r.num_experts)
+    return make_routing(ids_TK=ids_TK, weights_TK=weights_TK, probs_TE=probs_TE, logits_TE=logits_TE,
+                        valid_T=valid_T, chosen_slots=chosen, aux_losses=aux)
+
+
+def routed_loss(out, c_TK):
+    """A loss through the weights (c_TK: the plain sum of renormalised weights is constant) and
+    every aux loss."""
+    return (out.weights_TK * c_TK).sum() + sum(out.aux_losses.values())
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["op", "twin"])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("kwargs", [
+    dict(rule="xmoe", threshold=0.6),
+    dict(rule="xmoe", threshold=0.9, renormalize=True, balance_loss="seq", z_loss_coeff=1e-2),
+    dict(rule="xmoe", threshold=0.8, max_experts=3, capacity_factor=1.0, z_loss_coeff=1e-2),
+    dict(rule="top_p", threshold=0.5, dynamic_loss_coeff=1e-2),
+    dict(rule="top_p", threshold=0.7, renormalize=True, max_experts=4, balance_loss="seq"),
+    dict(rule="top_p", threshold=1.0, renormalize=True, capacity_factor=1.5, z_loss_coeff=1e-3),
+    dict(rule="top_p", threshold=0.3, balance_loss=None),
+])
+def test_fused_router_matches_the_previous_path(kwargs, padded, fused, monkeypatch):
+    """ThresholdRouter through the fused op (and through its twin, routers.topk.route_topk, where
+    moekit's ops are not registered) gives the ids, counts and metrics of the previous chain of
+    PyTorch ops exactly, and its weights, probabilities, losses and gradients to float tolerance."""
+    torch.manual_seed(0)
+    r = ThresholdRouter(32, 16, init_std=0.2, **kwargs)
+    if not fused:
+        monkeypatch.setattr("routers.topk._topk_route_op", lambda: None)
+    x = torch.randn(2, 40, 32)
+    mask = None
+    if padded:
+        mask = torch.ones(2, 40, dtype=torch.bool)
+        mask[1, 25:] = False
+        mask[0, 3] = False
+    c = torch.randn(80, r.top_k)
+    for training in (True, False):
+        r.train(training)
+        got, want = r(x, padding_mask=mask), previous_forward(r, x, mask)
+        assert torch.equal(got.ids_TK, want.ids_TK) and torch.equal(got.counts_E, want.counts_E)
+        assert torch.equal(got.dropped_fraction, want.dropped_fraction)
+        assert torch.equal(got.experts_per_token, want.experts_per_token)
+        n_T = (want.ids_TK >= 0).sum(-1)
+        assert n_T.min() < n_T.max(), "tokens keep different numbers of experts"
+        torch.testing.assert_close(got.weights_TK, want.weights_TK, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got.probs_TE, want.probs_TE, rtol=1e-6, atol=1e-7)
+        assert got.aux_losses.keys() == want.aux_losses.keys()
+        assert bool(got.aux_losses) == (training and kwargs.get("balance_loss", "switch") is not None)
+        for name in got.aux_losses:
+            torch.testing.assert_close(got.aux_losses[name], want.aux_losses[name], rtol=1e-5, atol=1e-7)
+        (g1,) = torch.autograd.grad(routed_loss(got, c), r.weight)
+        (g2,) = torch.autograd.grad(routed_loss(want, c), r.weight)
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6 * g2.abs().max().item())
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["op", "twin"])
+@pytest.mark.parametrize("rule", ["xmoe", "top_p"])
+def test_fused_router_gradcheck(rule, fused, monkeypatch):
+    """float64: the router's weights, probabilities and losses are differentiable numerically
+    right through the fused op (and its twin)."""
+    if not fused:
+        monkeypatch.setattr("routers.topk._topk_route_op", lambda: None)
+    torch.manual_seed(1)
+    r = ThresholdRouter(6, 5, threshold=0.7, rule=rule, renormalize=True, balance_loss="seq", z_loss_coeff=0.1,
+                        dynamic_loss_coeff=0.1, init_std=0.5).double()
+    x = torch.randn(2, 4, 6, dtype=torch.float64)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[1, 2:] = False
+
+    def f(w):
+        out = torch.func.functional_call(r, {"weight": w}, (x,), {"padding_mask": mask})
+        return (out.weights_TK, out.probs_TE) + tuple(out.aux_losses.values())
+
+    assert torch.autograd.gradcheck(f, (r.weight.detach().clone().requires_grad_(),))
