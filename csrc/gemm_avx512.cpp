@@ -79,7 +79,12 @@ namespace {
 
 constexpr int kMR = 6;        // rows per microkernel tile
 constexpr int64_t kMC = 192;  // rows per cache block of A (a multiple of kMR)
-constexpr int64_t kPackWords = int64_t(1) << 20;  // 4 MiB of packed B per chunk of panels
+// Packed B per chunk of panels, in words: a quarter of this CPU's L2 (at least one panel), so
+// that the next chunk's lines, fetched into L2 while this one runs, are still there when packed.
+int64_t pack_words() {
+  static const int64_t words = cpu_l2_bytes() / 4 / int64_t(sizeof(uint32_t));
+  return words;
+}
 
 // Where the microkernel reads B's words: a packed panel (PanelB), or B's own rows (RowsB, the
 // streamed path for few rows). load(xw, b) sets b[v] to the words of depth word xw for columns
@@ -241,7 +246,7 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
   const int64_t panels = (Y + kYR - 1) / kYR;
   // B is packed a chunk of panels at a time (all of it for the usual expert shapes), so the
   // scratch stays bounded however large one expert's weight is.
-  const int64_t chunk = std::max<int64_t>(1, kPackWords / (Xw * kYR));
+  const int64_t chunk = std::max<int64_t>(1, pack_words() / (Xw * kYR));
   // A in place when its words are contiguous, else packed [xw][m].
   bool rows_even = a_rows != nullptr || am % P == 0;
   for (int64_t m = 0; a_rows != nullptr && P > 1 && m < M; ++m) rows_even = rows_even && a_rows[m] % P == 0;
@@ -332,25 +337,30 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
       if (buf->size > kKeepWords) *buf = Scratch();
     return;
   }
-  // Each chunk of panels is packed whole before its microkernels run (pack_b reads B in memory
-  // order), and during the last quarter of its microkernel calls the lines of the next chunk's B,
-  // or of the first chunk of the next call's B (the next expert's weight), are fetched into L2,
-  // spread evenly over those calls: late enough that the lines are still in L2 when packed (spread
-  // over all the calls, the first ones are evicted by A and the packed panels; on the Zen 4 of
-  // the README, E=128 x 256 rows, bf16 (1024 x 448), perf: packing 9.5% of the microkernels'
-  // cycles with the old panel-by-panel packing, 6-10% spread over all calls, 4-6% this way).
+  // Each chunk of panels (a quarter of L2: pack_words) is packed whole before its microkernels
+  // run (pack_b reads B in memory order), and during the last quarter of its microkernel calls
+  // (at least 8) the lines of the next chunk's B, or of the first chunk of the next call's B (the
+  // next expert's weight), are fetched into L2, spread evenly over those calls: late enough that
+  // the lines are still in L2 when packed. Measured on the Zen 4 of the README (L2 1 MiB):
+  // - E=128 x 256 rows, bf16 (1024 x 448), perf: packing took 9.5% of the microkernels' cycles
+  //   with the former panel-by-panel packing, 6-10% with the fetches spread over all the calls,
+  //   4-6% over the last quarter;
+  // - Mixtral's experts at 21-43 rows each (bench.decode --shape mixtral --T 32 --T 64, one
+  //   thread): 4 MiB chunks (whose fetched lines overflow L2) 310 / 437 ms, L2 / 4: 245 / 350 ms;
+  //   the layer's training step (bench.layer, bf16) is the same either way.
   int64_t calls = 0;  // microkernel calls per panel: ceil(mc / kMR) over the row blocks
   for (int64_t m0 = 0; m0 < M; m0 += kMC) calls += (std::min(kMC, M - m0) + kMR - 1) / kMR;
   for (int64_t p0 = 0; p0 < panels; p0 += chunk) {
     const int64_t np = std::min(chunk, panels - p0), y0 = p0 * kYR, y1 = y0 + np * kYR;
     uint32_t* Bp = scratch(b_buf, np * Xw * kYR);
     pack_b(B + y0 * by, bx, by, b_rows, X, std::min(np * kYR, Y - y0), Bp);
-    const int64_t next_chunk = next.B == nullptr ? 0 : std::max<int64_t>(1, kPackWords / ((next.X + P - 1) / P * kYR));
+    const int64_t next_chunk = next.B == nullptr ? 0 : std::max<int64_t>(1, pack_words() / ((next.X + P - 1) / P * kYR));
     const PanelLines<T> ahead =
         y1 < Y ? PanelLines<T>(B, bx, by, b_rows, X, y1, std::min(chunk * kYR, Y - y1))
         : next.B != nullptr ? PanelLines<T>(next.B, bx, by, next.rows, next.X, 0, std::min(next_chunk * kYR, next.Y))
                             : PanelLines<T>();
-    const int64_t L = ahead.lines(), total = calls * np, win = std::max<int64_t>(1, total / 4), skip = total - win;
+    const int64_t L = ahead.lines(), total = calls * np;
+    const int64_t win = std::min(total, std::max<int64_t>(8, total / 4)), skip = total - win;
     int64_t i = 0;
     for (int64_t m0 = 0; m0 < M; m0 += kMC) {
       const int64_t mc = std::min(kMC, M - m0);
