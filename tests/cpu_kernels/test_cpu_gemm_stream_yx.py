@@ -23,11 +23,11 @@ import contextlib
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
 
 from moe import ops
 from moe.ops.twins import gather_grouped_mm_torch, grouped_mm_torch
-from tests.helpers.cpu_kernels import (A_LAYOUTS, BF16, F32, around, assert_forward_rule, counts_plan,
+from tests.helpers.cpu_kernels import (stream_problems, A_LAYOUTS, BF16, F32, around, assert_forward_rule, counts_plan,
                                        stream_inputs, view2d, view3d)
 
 pytestmark = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="moe._C extension not built")
@@ -170,21 +170,8 @@ def test_data_gradient_of_a_row_major_weight(dtype):
         assert (mine.double() - r).abs().max() <= 2 * (t.double() - r).abs().max()
 
 
-@st.composite
-def problems(draw):
-    dtype = draw(st.sampled_from([BF16, F32]))
-    E = draw(st.integers(1, 8))
-    counts = draw(st.lists(st.one_of(st.sampled_from([0, 1, S - 1, S, S + 1]), st.integers(0, 2 * S + 2)),
-                           min_size=E, max_size=E))
-    lo = 64 if dtype == F32 else 1
-    X = draw(st.one_of(st.sampled_from([lo, lo + 1, 2 * lo + 3]), st.integers(lo, 300)))
-    Y = draw(st.one_of(st.sampled_from([lo, lo + 1, 129]), st.integers(lo, 300)))
-    return dict(counts=counts, X=X, Y=Y, dtype=dtype, seed=draw(st.integers(0, 2**20)),
-                a_layout=draw(st.sampled_from(A_LAYOUTS)), b_layout=draw(st.sampled_from(YX_B)))
-
-
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(p=problems())
+@given(p=stream_problems(S, YX_B))
 def test_streamed_yx_path_property(p):
     a, b, offs = stream_inputs(p["counts"], p["X"], p["Y"], p["dtype"], seed=p["seed"])
     assert_forward_rule(ops.grouped_mm(view2d(a, p["a_layout"]), view3d(b, p["b_layout"]), offs), a, b, offs)

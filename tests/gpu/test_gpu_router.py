@@ -33,6 +33,16 @@ CONFIGS = [
 ]
 
 
+def assert_route_matches(cuda, cpu, dtype):
+    """topk_route's eight results on CUDA against the CPU kernel's: ids, counts and metrics equal,
+    the float results to float tolerance."""
+    assert torch.equal(cuda[0].cpu(), cpu[0]) and torch.equal(cuda[3].cpu(), cpu[3])
+    assert torch.equal(cuda[4].cpu(), cpu[4])
+    tol = dict(rtol=2e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-15)
+    for i in (1, 2, 5, 6, 7):
+        torch.testing.assert_close(cuda[i].cpu(), cpu[i], **tol)
+
+
 @pytest.mark.parametrize("T", [0, 1, 37, 4096])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("cfg", CONFIGS)
@@ -102,11 +112,7 @@ def test_cuda_statistics_match_cpu(cfg, dtype, T, B, padded):
     cpu = torch.ops.moe.topk_route(logits, b, *args, valid, B, True)
     cuda = torch.ops.moe.topk_route(logits.cuda(), None if b is None else b.cuda(), *args,
                                     None if valid is None else valid.cuda(), B, True)
-    assert torch.equal(cuda[0].cpu(), cpu[0]) and torch.equal(cuda[3].cpu(), cpu[3])
-    assert torch.equal(cuda[4].cpu(), cpu[4])
-    tol = dict(rtol=2e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-15)
-    for i in (1, 2, 5, 6, 7):
-        torch.testing.assert_close(cuda[i].cpu(), cpu[i], **tol)
+    assert_route_matches(cuda, cpu, dtype)
     gw, gp = torch.randn_like(cpu[1]), torch.randn_like(cpu[2])
     gs, gz = torch.randn(B, E, dtype=dtype), torch.randn((), dtype=dtype)
     d_cpu = torch.ops.moe.topk_route_backward(gw, gp, cpu[0], cpu[2], score, norm, scale, gs, gz, logits, valid)
@@ -154,11 +160,7 @@ def test_cuda_rule_matches_cpu(cfg, dtype, T, B, padded):
     cpu = torch.ops.moe.topk_route(logits, None, *args, valid, B, True, rule, threshold)
     cuda = torch.ops.moe.topk_route(logits.cuda(), None, *args, None if valid is None else valid.cuda(), B, True,
                                     rule, threshold)
-    assert torch.equal(cuda[0].cpu(), cpu[0]) and torch.equal(cuda[3].cpu(), cpu[3])
-    assert torch.equal(cuda[4].cpu(), cpu[4])
-    tol = dict(rtol=2e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-15)
-    for i in (1, 2, 5, 6, 7):
-        torch.testing.assert_close(cuda[i].cpu(), cpu[i], **tol)
+    assert_route_matches(cuda, cpu, dtype)
     gw, gp = torch.randn_like(cpu[1]), torch.randn_like(cpu[2])
     d_cpu = torch.ops.moe.topk_route_backward(gw, gp, cpu[0], cpu[2], "softmax", norm, 1.0, None, None, None, valid)
     d_cuda = torch.ops.moe.topk_route_backward(gw.cuda(), gp.cuda(), cuda[0], cuda[2], "softmax", norm, 1.0, None,

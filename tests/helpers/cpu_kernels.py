@@ -14,6 +14,7 @@ import tempfile
 import textwrap
 
 import torch
+from hypothesis import strategies as st
 
 from moe import ops
 from moe.ops.twins import grouped_mm_torch, grouped_mm_wgrad_torch
@@ -206,3 +207,23 @@ def run_saved(code, **env):
         path = os.path.join(tmp, "out.pt")
         run_python(textwrap.dedent(code) + "\nprint('OK')\n", MOE_TEST_OUT=path, **env)
         return torch.load(path)
+
+
+@st.composite
+def stream_problems(draw, S, b_layouts, gathered=False):
+    """A random grouped GEMM around the streamed paths' bound S (rows per expert): up to 8 experts
+    of 0..2S+2 rows (S - 1, S, S + 1 often), X and Y from 1 (bfloat16) or 64 (float32: smaller
+    float32 GEMMs run on at::mm) to 300, an A layout and one of ``b_layouts``; ``gathered`` also
+    draws whether the rows are gathered."""
+    dtype = draw(st.sampled_from([BF16, F32]))
+    E = draw(st.integers(1, 8))
+    counts = draw(st.lists(st.one_of(st.sampled_from([0, 1, S - 1, S, S + 1]), st.integers(0, 2 * S + 2)),
+                           min_size=E, max_size=E))
+    lo = 64 if dtype == F32 else 1
+    X = draw(st.one_of(st.sampled_from([lo, lo + 1, 2 * lo + 3]), st.integers(lo, 300)))
+    Y = draw(st.one_of(st.sampled_from([lo, lo + 1, 129]), st.integers(lo, 300)))
+    p = dict(counts=counts, X=X, Y=Y, dtype=dtype, seed=draw(st.integers(0, 2**20)),
+             a_layout=draw(st.sampled_from(A_LAYOUTS)), b_layout=draw(st.sampled_from(b_layouts)))
+    if gathered:
+        p["gathered"] = draw(st.booleans())
+    return p

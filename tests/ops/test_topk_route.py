@@ -43,6 +43,19 @@ def make(T, E, dtype=torch.float32, seed=0, bias=False):
     return router_logits(T, E, dtype, seed=seed, bias=bias)
 
 
+def assert_compiles_alike(f, logits):
+    """f(x) -> (ids, loss) gives the same ids, loss and d loss / d x eager and under torch.compile
+    (aot_eager, dynamic shapes, one graph)."""
+    x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ids1, l1 = f(x1)
+    ids2, l2 = torch.compile(f, backend="aot_eager", dynamic=True, fullgraph=True)(x2)
+    l1.backward()
+    l2.backward()
+    assert torch.equal(ids1, ids2)
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
 def test_op_is_registered():
     assert "topk_route" in OPS and "topk_route_backward" in OPS
 
@@ -233,14 +246,7 @@ def test_compiled_gradients(cfg):
         ids, w, p = torch.ops.moe.topk_route(x, b, K, score, Z, G, norm, scale)[:3]
         return ids, (w * torch.arange(1, K + 1)).sum() + (p * p).sum()
 
-    x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
-    ids1, l1 = f(x1)
-    ids2, l2 = torch.compile(f, backend="aot_eager", dynamic=True, fullgraph=True)(x2)
-    l1.backward()
-    l2.backward()
-    assert torch.equal(ids1, ids2)
-    torch.testing.assert_close(l1, l2)
-    torch.testing.assert_close(x1.grad, x2.grad)
+    assert_compiles_alike(f, logits)
 
 
 # ---- the statistics of the metrics and losses (counts_E, metrics, fw_BE, psum_BE, zsum) --------
@@ -535,14 +541,7 @@ def test_rule_compiled_gradients():
         ids, w, p, _, _, _, psum, zsum = torch.ops.moe.topk_route(x, None, *rule_args(cfg, None, 3, False))
         return ids, (w * torch.arange(1, cfg[2] + 1)).sum() + (p * p).sum() + (psum * psum).sum() + zsum
 
-    x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
-    ids1, l1 = f(x1)
-    ids2, l2 = torch.compile(f, backend="aot_eager", dynamic=True, fullgraph=True)(x2)
-    l1.backward()
-    l2.backward()
-    assert torch.equal(ids1, ids2)
-    torch.testing.assert_close(l1, l2)
-    torch.testing.assert_close(x1.grad, x2.grad)
+    assert_compiles_alike(f, logits)
 
 
 @pytest.mark.parametrize("args,match", [
