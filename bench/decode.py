@@ -6,6 +6,7 @@ Shape legend: T tokens, D hidden size, F expert hidden size, E experts, K top-k.
     python -m bench.decode --shape qwen3 --T 1 --T 16 --repeat 9
     python -m bench.decode --quick              # Qwen3 shape, T = 1, 8, 64, 2 repeats: a smoke run
     python -m bench.decode --threads 1          # one thread (a machine loaded by other processes)
+    python -m bench.decode --linear-layout      # moekit's layer after moe.to_linear_layout
 
 At decode sizes a MoE layer reads the weights of the distinct experts its T tokens chose (plus the
 router), so its time is bounded below by those bytes over the memory copy rate. The copy rate is
@@ -17,7 +18,8 @@ expert weights (transformers' block holds a copy in its own (E, 2F, D) / (E, D, 
 loop is many times slower on transposed views) and one router weight (N(0, 0.02); top-k of the
 softmax, renormalised):
 
-  moekit      moe.MoELayer (router, plan, gathered grouped GEMM, swiglu, grouped GEMM, combine)
+  moekit      moe.MoELayer (router, plan, gathered grouped GEMM, swiglu, grouped GEMM, combine);
+              with --linear-layout its expert weights are stored (E, Y, X) (moe.to_linear_layout)
   int8        the same layer after moe.quantize_experts (weight-only int8, per-channel scales):
               its time, its speed over moekit's bf16 ("x bf16") and % of its own bound (int8 bytes)
   hf_moekit   transformers' Qwen3MoeSparseMoeBlock (router + experts), experts_implementation
@@ -48,7 +50,7 @@ import dataclasses
 import torch
 
 from bench.ops import machine_line, time_fns
-from moe import MoELayer
+from moe import MoELayer, to_linear_layout
 from moe.integrations import hf
 from moe.quant import Int8GroupedExperts
 
@@ -165,13 +167,17 @@ def _rel_rms(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.double() - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-300)).sqrt().item()
 
 
-def decode_rows(name: str, tokens=TOKENS, *, repeat: int = 7, skip=(), copy_bytes: int = COPY_BYTES) -> list[dict]:
+def decode_rows(name: str, tokens=TOKENS, *, repeat: int = 7, skip=(), copy_bytes: int = COPY_BYTES,
+                linear_layout: bool = False) -> list[dict]:
     """One row per T: {shape, T, distinct, rate (copy bytes/s), bound_ms, <candidate>_ms,
-    <candidate>_frac, int8_x, int8_bound_ms, int8_err}."""
+    <candidate>_frac, int8_x, int8_bound_ms, int8_err}; ``linear_layout`` stores moekit's expert
+    weights (E, Y, X) (moe.to_linear_layout) once the other candidates have their copies."""
     s = SHAPES[name]
     layer = build_layer(s)
     int8 = Int8GroupedExperts(layer.experts)
     block = None if set(HF) <= set(skip) else hf_block(layer)
+    if linear_layout:
+        to_linear_layout(layer)
     fns = {"moekit": layer, "int8": _swapped(layer, int8)}
     if block is not None:
         fns.update(hf_gmm=_hf(block, "grouped_mm"), hf_eager=_hf(block, "eager"))
@@ -237,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip", action="append", default=[], choices=CANDIDATES, help="repeatable")
     parser.add_argument("--quick", action="store_true", help="Qwen3 shape, T = 1, 8, 64, 2 repeats")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--linear-layout", action="store_true",
+                        help="moekit's expert weights stored (E, Y, X) (moe.to_linear_layout)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
@@ -249,7 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     repeat = args.repeat or (2 if args.quick else 7)
     rows = []
     for name in shapes:
-        rows += decode_rows(name, tokens, repeat=repeat, skip=tuple(args.skip))
+        rows += decode_rows(name, tokens, repeat=repeat, skip=tuple(args.skip), linear_layout=args.linear_layout)
+    if args.linear_layout:
+        print("moekit: expert weights stored (E, Y, X) (moe.to_linear_layout)")
     print(format_table(rows))
 
 

@@ -24,9 +24,9 @@ __all__ = ["ops", "Plan"]
 # Layers: the router -> dispatcher -> experts contract (ExpertRows), grouped experts, the local
 # dispatcher, the drop-in MoE layer, the model-wide sum of auxiliary losses.
 from moe.dispatch import ExpertRows, LocalDispatcher
-from moe.experts import DenseFFN, GroupedExperts
+from moe.experts import DenseFFN, GroupedExperts, to_linear_layout
 from moe.layer import MoELayer, aux_loss, collect_aux_losses, release_step
-__all__ += ["ExpertRows", "GroupedExperts", "DenseFFN", "LocalDispatcher", "MoELayer", "collect_aux_losses",
+__all__ += ["ExpertRows", "GroupedExperts", "to_linear_layout", "DenseFFN", "LocalDispatcher", "MoELayer", "collect_aux_losses",
             "release_step"]
 
 # Decoder block, causal LM and Mixture-of-Recursions.
