@@ -15,9 +15,9 @@
 // A is read in place when it is X-contiguous (the forward and the data gradient), through one
 // pointer per row, so its rows may be gathered (gather_grouped_mm: the rows of x_TD named by the
 // plan); otherwise (the weight gradient, A = a^T) it is packed to [xw][m] words first, from
-// gathered rows as well. B is packed one panel at a time as the first row block reaches it, while
-// the microkernels of the panel before fetch its memory lines (gemm_pack.h); its depth rows may
-// be gathered too (the weight gradient g^T x in an nn.Linear-style layout: B = the rows of x).
+// gathered rows as well. B is packed a chunk of panels (a quarter of L2) at a time, read in memory
+// order, while the microkernels of the chunk before fetch its memory lines (gemm_pack.h); its
+// depth rows may be gathered too (the weight gradient g^T x in an nn.Linear-style layout: B = the rows of x).
 // Few rows (decode: 1-12 rows per expert, the caller's `stream`): packing B would cost more than the
 // GEMM uses it, so B's rows (by == 1) are read in place instead (gemm_stream.h), each word once
 // from memory, in depth blocks whose partial sums wait in scratch while the next block is fetched
@@ -58,7 +58,7 @@
 // One target for both element types: the float32 instantiations use only AVX-512F/BW/VL
 // intrinsics (the compiler does not invent bf16 instructions), so they run on any AVX-512 CPU.
 #define MOE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-#include "gemm_pack.h"    // operand packing and the next panel's prefetch
+#include "gemm_pack.h"    // operand packing and the next chunk's prefetch
 #include "gemm_stream.h"  // B read in place: the streamed path for few rows
 #include "gemm_stream_yx.h"  // the same for B stored (Y x X): rows of B dotted with rows of A
 #endif
@@ -79,12 +79,14 @@ namespace {
 
 constexpr int kMR = 6;        // rows per microkernel tile
 constexpr int64_t kMC = 192;  // rows per cache block of A (a multiple of kMR)
-// Packed B per chunk of panels, in words: a quarter of this CPU's L2 (at least one panel), so
-// that the next chunk's lines, fetched into L2 while this one runs, are still there when packed.
-int64_t pack_words() {
-  static const int64_t words = cpu_l2_bytes() / 4 / int64_t(sizeof(uint32_t));
-  return words;
+// A quarter of this CPU's L2: the packed B of one chunk of panels (at least one panel), so that
+// the next chunk's lines, fetched into L2 while this one runs, are still there when packed; and
+// the streamed path's partial sums of one range of columns.
+int64_t l2_quarter_bytes() {
+  static const int64_t bytes = cpu_l2_bytes() / 4;
+  return bytes;
 }
+constexpr int64_t kWordBytes = int64_t(sizeof(uint32_t));
 
 // Where the microkernel reads B's words: a packed panel (PanelB), or B's own rows (RowsB, the
 // streamed path for few rows). load(xw, b) sets b[v] to the words of depth word xw for columns
@@ -216,13 +218,6 @@ struct Scratch {
 };
 constexpr int64_t kKeepWords = int64_t(8) << 20;  // 32 MiB
 
-// A quarter of this CPU's L2 (per core; sysconf, 1 MiB where the system does not say): the
-// streamed path's partial sums stay within it (gemm below).
-int64_t stream_scratch_bytes() {
-  static const int64_t bytes = cpu_l2_bytes() / 4;
-  return bytes;
-}
-
 uint32_t* scratch(Scratch& buf, int64_t n) {
   if (buf.size < n) {
     buf.words.reset(new uint32_t[n]);
@@ -244,9 +239,9 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
   thread_local Scratch a_buf, b_buf;
   const int64_t Xw = (X + P - 1) / P;
   const int64_t panels = (Y + kYR - 1) / kYR;
-  // B is packed a chunk of panels at a time (all of it for the usual expert shapes), so the
-  // scratch stays bounded however large one expert's weight is.
-  const int64_t chunk = std::max<int64_t>(1, pack_words() / (Xw * kYR));
+  // B is packed a chunk of panels at a time (a quarter of L2), so the scratch stays bounded
+  // however large one expert's weight is.
+  const int64_t chunk = std::max<int64_t>(1, l2_quarter_bytes() / (Xw * kYR * kWordBytes));
   // A in place when its words are contiguous, else packed [xw][m].
   bool rows_even = a_rows != nullptr || am % P == 0;
   for (int64_t m = 0; a_rows != nullptr && P > 1 && m < M; ++m) rows_even = rows_even && a_rows[m] % P == 0;
@@ -299,7 +294,7 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
     // of this CPU's L2: a range runs down the whole depth before the next one starts, so the
     // scratch stays in L2 however wide B is (Mixtral's up projection: 28672 columns). The sums
     // of each column are the same, in the same order, whatever the ranges.
-    const int64_t range = std::max<int64_t>(kYR, stream_scratch_bytes() / (3 * M * int64_t(sizeof(float))) / kYR * kYR);
+    const int64_t range = std::max<int64_t>(kYR, l2_quarter_bytes() / (3 * M * int64_t(sizeof(float))) / kYR * kYR);
     for (int64_t ya = 0; ya < Y; ya += range) {
       const int64_t yb = std::min(Y, ya + range), cols = yb - ya;
       const int64_t calls = width < kYR ? (cols + width - 1) / width : (cols + kYR - 1) / kYR * ((M + kMR - 1) / kMR);
@@ -337,7 +332,7 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
       if (buf->size > kKeepWords) *buf = Scratch();
     return;
   }
-  // Each chunk of panels (a quarter of L2: pack_words) is packed whole before its microkernels
+  // Each chunk of panels (a quarter of L2) is packed whole before its microkernels
   // run (pack_b reads B in memory order), and during the last quarter of its microkernel calls
   // (at least 8) the lines of the next chunk's B, or of the first chunk of the next call's B (the
   // next expert's weight), are fetched into L2, spread evenly over those calls: late enough that
@@ -350,11 +345,12 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
   //   the layer's training step (bench.layer, bf16) is the same either way.
   int64_t calls = 0;  // microkernel calls per panel: ceil(mc / kMR) over the row blocks
   for (int64_t m0 = 0; m0 < M; m0 += kMC) calls += (std::min(kMC, M - m0) + kMR - 1) / kMR;
+  const int64_t next_chunk =
+      next.B == nullptr ? 0 : std::max<int64_t>(1, l2_quarter_bytes() / ((next.X + P - 1) / P * kYR * kWordBytes));
   for (int64_t p0 = 0; p0 < panels; p0 += chunk) {
     const int64_t np = std::min(chunk, panels - p0), y0 = p0 * kYR, y1 = y0 + np * kYR;
     uint32_t* Bp = scratch(b_buf, np * Xw * kYR);
     pack_b(B + y0 * by, bx, by, b_rows, X, std::min(np * kYR, Y - y0), Bp);
-    const int64_t next_chunk = next.B == nullptr ? 0 : std::max<int64_t>(1, pack_words() / ((next.X + P - 1) / P * kYR));
     const PanelLines<T> ahead =
         y1 < Y ? PanelLines<T>(B, bx, by, b_rows, X, y1, std::min(chunk * kYR, Y - y1))
         : next.B != nullptr ? PanelLines<T>(next.B, bx, by, next.rows, next.X, 0, std::min(next_chunk * kYR, next.Y))

@@ -1,6 +1,6 @@
 // Operand packing for the AVX-512 GEMM (gemm_avx512.cpp, its only includer): A and B as 32-bit
 // words along X, the GEMM depth (a bfloat16 word holds the pair x, x+1), B in panels of kYR of
-// its Y columns, and the memory lines of the next panel for a software prefetch. Included by
+// its Y columns, and the memory lines of B's next chunk for a software prefetch. Included by
 // gemm_avx512.cpp on x86-64 only, after it defines MOE_TARGET. Shapes as in gemm_avx512.h:
 // C (M x Y) = A (M x X) @ B (X x Y).
 #pragma once
@@ -166,10 +166,10 @@ MOE_TARGET void pack_a(const T* A, int64_t am, int64_t ax, const int64_t* m_off,
   }
 }
 
-// The memory lines of B's panel of columns [c0, c0 + w), X rows, for a software prefetch spread
-// over the microkernel calls of the panel before it. An expert's weight is read from memory
-// once per GEMM (E x D x F bytes in all, 16x a dense layer's at E=128, K=8); packing it when the
-// panel is reached would stall on those reads, so they are started one panel ahead. Rows of B
+// The memory lines of B's columns [c0, c0 + w), X rows, for a software prefetch spread over the
+// last microkernel calls of the chunk before them. An expert's weight is read from memory once
+// per GEMM (E x D x F bytes in all, 16x a dense layer's at E=128, K=8); packing it when the chunk
+// is reached would stall on those reads, so they are started a chunk ahead. Rows of B
 // along y (by == 1, gathered or not) or along x (bx == 1) only; other layouts are not prefetched.
 template <typename T>
 struct PanelLines {
