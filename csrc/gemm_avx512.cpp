@@ -248,6 +248,12 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
   const bool direct = ax == 1 && a_cols == nullptr && X % P == 0 && rows_even &&
                       reinterpret_cast<uintptr_t>(A) % alignof(uint32_t) == 0;
   const u32* rowp[kMC];
+  // A packed (the weight gradient's a^T) is packed once per call where it fits in half of L2,
+  // every row block at its own place (block m0 at word m0 * Xw), rather than again for every
+  // chunk of B: the weight gradient of 1 MiB of g rows per expert (E=128, float32, D=1024) runs
+  // 4 chunks. Larger A is packed per chunk, one row block at a time (the scratch stays bounded).
+  const bool a_once = !direct && M * Xw * kWordBytes <= 2 * l2_quarter_bytes();
+  bool a_ready = false;
   // Sets rowp for rows [m0, m0 + mc): A's rows in place, or packed; returns their word stride.
   auto a_rows_at = [&](int64_t m0, int64_t mc) -> int64_t {
     if (direct) {
@@ -255,8 +261,9 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
         rowp[r] = reinterpret_cast<const u32*>(A + (a_rows ? a_rows[m0 + r] : (m0 + r) * am));
       return 1;
     }
-    uint32_t* Ap = scratch(a_buf, Xw * mc);
-    pack_a(a_rows ? A : A + m0 * am, am, ax, a_rows ? a_rows + m0 : nullptr, a_cols, mc, X, Ap);
+    uint32_t* Ap = a_once ? scratch(a_buf, Xw * M) + m0 * Xw : scratch(a_buf, Xw * mc);
+    if (!a_once || !a_ready)
+      pack_a(a_rows ? A : A + m0 * am, am, ax, a_rows ? a_rows + m0 : nullptr, a_cols, mc, X, Ap);
     for (int64_t r = 0; r < mc; ++r) rowp[r] = Ap + r;
     return mc;
   };
@@ -361,6 +368,7 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
     for (int64_t m0 = 0; m0 < M; m0 += kMC) {
       const int64_t mc = std::min(kMC, M - m0);
       const int64_t a_x = a_rows_at(m0, mc);
+      a_ready = a_once && m0 + mc == M;  // every block packed after the first chunk's pass
       for (int64_t p = 0; p < np; ++p) {
         const int64_t c0 = y0 + p * kYR;
         const int cols = int(std::min<int64_t>(kYR, Y - c0));
