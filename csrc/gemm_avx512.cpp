@@ -111,7 +111,7 @@ struct PanelB {
 // TC: the type of C (T, or float for bfloat16 inputs with a float32 result).
 template <typename T, int MR, int YV, typename TC, typename Src>
 MOE_TARGET void micro(const u32* const* arow, int64_t ax, const Src& src, int64_t Xw,
-                      TC* C, int64_t ldc, int cols) {
+                      TC* C, int64_t ldc, int cols, bool nt) {
   const u32* ap[MR];
   for (int r = 0; r < MR; ++r) ap[r] = arow[r];
   // bf16 results are rounded to 8 bits of mantissa: one running sum is accurate enough there.
@@ -145,7 +145,8 @@ MOE_TARGET void micro(const u32* const* arow, int64_t ax, const Src& src, int64_
   }
   for (int r = 0; r < MR; ++r) {
     src.template order<YV>(total[r]);
-    store_row<YV>(C + r * ldc, total[r], cols);
+    if (nt) store_row_nt<YV>(C + r * ldc, total[r], cols);
+    else store_row<YV>(C + r * ldc, total[r], cols);
   }
 }
 
@@ -228,7 +229,8 @@ uint32_t* scratch(Scratch& buf, int64_t n) {
 
 template <typename T, typename TC = T>
 void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, Gather gather,
-          const T* B, int64_t bx, int64_t by, TC* C, int64_t ldc, NextB<T> next, bool stream = false) {
+          const T* B, int64_t bx, int64_t by, TC* C, int64_t ldc, NextB<T> next, bool stream = false,
+          bool nt_store = false) {
   if (M == 0 || Y == 0) return;
   if (X == 0) {
     for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + Y, TC(0.0f));
@@ -377,11 +379,12 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
           if (L > 0 && i >= skip) ahead.fetch(L * (i - skip) / win, L * (i - skip + 1) / win);
           const int mr = int(std::min<int64_t>(kMR, mc - r));
           by_shape<Micro<T, TC>, false>(mr, cols, rowp + r, a_x, PanelB{panel}, Xw, C + (m0 + r) * ldc + c0,
-                                                 ldc, cols);
+                                        ldc, cols, nt_store);
         }
       }
     }
   }
+  if (nt_store) _mm_sfence();  // the non-temporal stores are visible before the caller goes on
   for (auto* buf : {&a_buf, &b_buf})  // keep a typical call's scratch, not an outlier's
     if (buf->size > kKeepWords) *buf = Scratch();
 }
@@ -400,14 +403,14 @@ bool avx512_gemm_available(at::ScalarType dtype) {
 
 void avx512_gemm(int64_t M, int64_t Y, int64_t X, const c10::BFloat16* A, int64_t am, int64_t ax,
                  const c10::BFloat16* B, int64_t bx, int64_t by, c10::BFloat16* C, int64_t ldc,
-                 NextB<c10::BFloat16> next, Gather gather, bool stream) {
-  gemm(M, Y, X, A, am, ax, gather, B, bx, by, C, ldc, next, stream);
+                 NextB<c10::BFloat16> next, Gather gather, bool stream, bool nt_store) {
+  gemm(M, Y, X, A, am, ax, gather, B, bx, by, C, ldc, next, stream, nt_store);
 }
 
 void avx512_gemm(int64_t M, int64_t Y, int64_t X, const float* A, int64_t am, int64_t ax,
                  const float* B, int64_t bx, int64_t by, float* C, int64_t ldc, NextB<float> next,
-                 Gather gather, bool stream) {
-  gemm(M, Y, X, A, am, ax, gather, B, bx, by, C, ldc, next, stream);
+                 Gather gather, bool stream, bool nt_store) {
+  gemm(M, Y, X, A, am, ax, gather, B, bx, by, C, ldc, next, stream, nt_store);
 }
 
 void avx512_gemm(int64_t M, int64_t Y, int64_t X, const c10::BFloat16* A, int64_t am, int64_t ax,
@@ -421,12 +424,12 @@ bool avx512_gemm_available(at::ScalarType) { return false; }
 
 void avx512_gemm(int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t, int64_t,
                  const c10::BFloat16*, int64_t, int64_t, c10::BFloat16*, int64_t,
-                 NextB<c10::BFloat16>, Gather, bool) {
+                 NextB<c10::BFloat16>, Gather, bool, bool) {
   TORCH_CHECK(false, "moekit: the AVX-512 GEMM is not compiled on this platform");
 }
 
 void avx512_gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*,
-                 int64_t, int64_t, float*, int64_t, NextB<float>, Gather, bool) {
+                 int64_t, int64_t, float*, int64_t, NextB<float>, Gather, bool, bool) {
   TORCH_CHECK(false, "moekit: the AVX-512 GEMM is not compiled on this platform");
 }
 

@@ -39,6 +39,17 @@ struct Gather {
 // same bound serves weights stored (E, Y, X), whose packing is a transpose (gemm_stream_yx.h).
 constexpr int64_t kStreamRows = 12;
 
+// The output size from which a grouped GEMM writes C with non-temporal stores (avx512_gemm's
+// nt_store): C is then far larger than any cache, so it goes to memory anyway, and a plain store
+// would first read each line it writes (a read for ownership), doubling the output's traffic.
+// At E=128 experts of T=4096 x 8 rows, the expert outputs and weight gradients are E/K = 16 times
+// a dense layer's (the weight gradient of the up projection: 235 MB in float32): on the Zen 4
+// EPYC of the README (one L3 of 32 MiB per 8 cores), float32, the layer's six GEMMs took 770 ->
+// 722 ms with them (the down projection 90 -> 81, its weight gradient 91 -> 82, the up
+// projection's 180 -> 162), bfloat16 348 -> 346 ms. A fixed size rather than the L3's: sysconf
+// reports the whole socket's L3 (320 MiB there), not the part one core's data can use.
+constexpr int64_t kNtStoreBytes = int64_t(32) << 20;
+
 // This CPU's L2 cache per core in bytes (sysconf; 1 MiB where the system does not say): the
 // streamed path keeps its partial sums within a quarter of it.
 int64_t cpu_l2_bytes();
@@ -49,14 +60,17 @@ int64_t cpu_l2_bytes();
 // With `stream` and B's rows contiguous (by == 1, no b_rows), B is read in place, 64 columns at a
 // time, instead of packed (for few rows: each word of B is used M times); with `stream`, B stored
 // (Y x X) (bx == 1, no b_rows) and M <= kStreamRows, each of B's rows is read in place once and
-// dotted with A's rows (the same rule, another summation order). Single-threaded: the
-// grouped GEMM calls it from its own parallel tiles.
+// dotted with A's rows (the same rule, another summation order). With `nt_store` the packed
+// path writes C's full, aligned vectors with non-temporal stores (kNtStoreBytes). Single-threaded:
+// the grouped GEMM calls it from its own parallel tiles.
 void avx512_gemm(int64_t M, int64_t Y, int64_t X, const c10::BFloat16* A, int64_t am, int64_t ax,
                  const c10::BFloat16* B, int64_t bx, int64_t by, c10::BFloat16* C, int64_t ldc,
-                 NextB<c10::BFloat16> next = {}, Gather gather = {}, bool stream = false);
+                 NextB<c10::BFloat16> next = {}, Gather gather = {}, bool stream = false,
+                 bool nt_store = false);
 void avx512_gemm(int64_t M, int64_t Y, int64_t X, const float* A, int64_t am, int64_t ax,
                  const float* B, int64_t bx, int64_t by, float* C, int64_t ldc,
-                 NextB<float> next = {}, Gather gather = {}, bool stream = false);
+                 NextB<float> next = {}, Gather gather = {}, bool stream = false,
+                 bool nt_store = false);
 // bfloat16 inputs, float32 C: the fp32 sums are stored unrounded (blocked like the float32 path).
 void avx512_gemm(int64_t M, int64_t Y, int64_t X, const c10::BFloat16* A, int64_t am, int64_t ax,
                  const c10::BFloat16* B, int64_t bx, int64_t by, float* C, int64_t ldc);

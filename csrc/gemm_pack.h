@@ -229,6 +229,26 @@ MOE_TARGET inline void store_row(TC* c, const __m512* row, int cols) {
   }
 }
 
+// store_row with non-temporal stores for the full, aligned vectors (the rest as store_row).
+template <int YV, typename TC>
+MOE_TARGET inline void store_row_nt(TC* c, const __m512* row, int cols) {
+#pragma GCC unroll 16
+  for (int v = 0; v < YV; ++v) {
+    const int left = cols - 16 * v;
+    if (left <= 0) break;
+    TC* p = c + 16 * v;
+    const bool aligned = reinterpret_cast<uintptr_t>(p) % (16 * sizeof(TC)) == 0;
+    if (left < 16 || !aligned) {
+      store_row<1>(p, row + v, left);
+      continue;
+    }
+    if constexpr (std::is_same_v<TC, c10::BFloat16>)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(row[v]));
+    else
+      _mm512_stream_ps(reinterpret_cast<float*>(p), row[v]);
+  }
+}
+
 }  // namespace
 
 }  // namespace moe

@@ -137,6 +137,7 @@ void grouped_avx512(const at::Tensor& a, const int64_t* gather, const at::Tensor
   const int64_t X = a.size(1), Y = c.size(1);
   const int64_t sa0 = a.stride(0), sa1 = a.stride(1);
   const int64_t sb0 = b_EXY.stride(0), sb1 = b_EXY.stride(1), sb2 = b_EXY.stride(2);
+  const bool nt = c.numel() * int64_t(sizeof(T)) >= kNtStoreBytes;
   run_tiles(tiles, [&](const Tile& t, const Tile* up) {
     const int64_t r0 = starts[t.group] + t.begin;
     NextB<T> next;
@@ -145,7 +146,7 @@ void grouped_avx512(const at::Tensor& a, const int64_t* gather, const at::Tensor
     if (gather != nullptr) rows.a_rows = gather + r0;
     avx512_gemm(t.end - t.begin, t.col1 - t.col0, X, gather ? ap : ap + r0 * sa0, sa0, sa1,
                 b + t.group * sb0 + t.col0 * sb2, sb1, sb2, out + r0 * Y + t.col0, Y, next, rows,
-                /*stream=*/t.end - t.begin <= kStreamRows);
+                /*stream=*/t.end - t.begin <= kStreamRows, nt);
   });
 }
 
@@ -172,6 +173,7 @@ void wgrad_avx512(const at::Tensor& a, const int64_t* gather, const at::Tensor& 
   const int64_t* ga = yx ? nullptr : gather;  // a^T's gathered depth (columns of A)
   const int64_t* gb = yx ? gather : nullptr;  // B's gathered depth rows
   const int64_t ldc = yx ? X : Y;
+  const bool nt = out.numel() * int64_t(sizeof(T)) >= kNtStoreBytes;
   run_tiles(tiles, [&](const Tile& t, const Tile* up) {
     const int64_t r0 = starts[t.group], n = starts[t.group + 1] - r0;
     NextB<T> next;
@@ -185,7 +187,7 @@ void wgrad_avx512(const at::Tensor& a, const int64_t* gather, const at::Tensor& 
     rows.b_rows = gb ? gb + r0 : nullptr;
     avx512_gemm(t.end - t.begin, t.col1 - t.col0, n, (ga ? pa : pa + r0 * la0) + t.begin * la1, la1, la0,
                 (gb ? pb : pb + r0 * lb0) + t.col0 * lb1, lb0, lb1,
-                dst + (t.group * M + t.begin) * ldc + t.col0, ldc, next, rows);
+                dst + (t.group * M + t.begin) * ldc + t.col0, ldc, next, rows, /*stream=*/false, nt);
   });
 }
 

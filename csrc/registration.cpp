@@ -106,13 +106,15 @@ py::dict build_info() {
   info["sm90_wgrad_configs"] = wgrad;
   // What the CPU grouped GEMMs run here, now (this CPU's features, moe.ops.config.cpu_gemm):
   // moekit's kernel by its instruction set, or "aten" (at::mm), and the most rows per expert
-  // that the forward streams (gemm_avx512.h), and the L2 size its blocking is sized from.
+  // that the forward streams (gemm_avx512.h), the L2 size its blocking is sized from, and the
+  // output size from which it writes with non-temporal stores.
   py::dict cpu;
   cpu["float32"] = moe::avx512_gemm_available(at::kFloat) ? "avx512" : "aten";
   cpu["bfloat16"] = moe::avx512_gemm_available(at::kBFloat16) ? "avx512_bf16" : "aten";
   info["cpu_gemm"] = cpu;
   info["cpu_stream_rows"] = moe::kStreamRows;
   info["cpu_l2_bytes"] = moe::cpu_l2_bytes();
+  info["cpu_nt_store_bytes"] = moe::kNtStoreBytes;
   return info;
 }
 
