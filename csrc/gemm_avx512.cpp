@@ -111,7 +111,7 @@ struct PanelB {
 // TC: the type of C (T, or float for bfloat16 inputs with a float32 result).
 template <typename T, int MR, int YV, typename TC, typename Src>
 MOE_TARGET void micro(const u32* const* arow, int64_t ax, const Src& src, int64_t Xw,
-                      TC* C, int64_t ldc, int cols, bool nt) {
+                      TC* C, int64_t ldc, int cols, bool nt, LineCursor* pf) {
   const u32* ap[MR];
   for (int r = 0; r < MR; ++r) ap[r] = arow[r];
   // bf16 results are rounded to 8 bits of mantissa: one running sum is accurate enough there.
@@ -122,6 +122,7 @@ MOE_TARGET void micro(const u32* const* arow, int64_t ax, const Src& src, int64_
       for (int v = 0; v < YV; ++v) acc[r][v] = _mm512_setzero_ps();
     const int64_t x1 = std::min(Xw, x0 + block);
     for (int64_t xw = x0; xw < x1; ++xw) {
+      if (pf->left > 0) pf->step();
       __m512i b[YV];
       src.template load<YV>(xw, b);
       const int64_t xa = xw * ax;
@@ -344,11 +345,16 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
   // Each chunk of panels (a quarter of L2) is packed whole before its microkernels
   // run (pack_b reads B in memory order), and during the last quarter of its microkernel calls
   // (at least 8) the lines of the next chunk's B, or of the first chunk of the next call's B (the
-  // next expert's weight), are fetched into L2, spread evenly over those calls: late enough that
-  // the lines are still in L2 when packed. Measured on the Zen 4 of the README (L2 1 MiB):
+  // next expert's weight), are fetched into L2, spread evenly over those calls and within each
+  // call over its depth loop (LineCursor, a few lines per step): late enough that the lines are
+  // still in L2 when packed, and never in a burst. Measured on the Zen 4 of the README (L2 1 MiB):
   // - E=128 x 256 rows, bf16 (1024 x 448), perf: packing took 9.5% of the microkernels' cycles
   //   with the former panel-by-panel packing, 6-10% with the fetches spread over all the calls,
-  //   4-6% over the last quarter;
+  //   4-6% over the last quarter (one thread, this GEMM alone: 14%);
+  // - the same fetches issued before each call, in one burst, against within its loop (one
+  //   thread, the forward of the up projection, E=128): 152 -> 139 ms at 256 rows per expert
+  //   (one expert of all the rows: 141 ms), 86 -> 73 ms at 128 (68 ms); spread over the last half
+  //   of the calls or all of them instead of the last quarter: 140-144 / 73, 143 / 74 ms;
   // - Mixtral's experts at 21-43 rows each (bench.decode --shape mixtral --T 32 --T 64, one
   //   thread): 4 MiB chunks (whose fetched lines overflow L2) 310 / 437 ms, L2 / 4: 245 / 350 ms;
   //   the layer's training step (bench.layer, bf16) is the same either way.
@@ -376,10 +382,12 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
         const int cols = int(std::min<int64_t>(kYR, Y - c0));
         const uint32_t* panel = Bp + p * Xw * kYR;
         for (int64_t r = 0; r < mc; r += kMR, ++i) {
-          if (L > 0 && i >= skip) ahead.fetch(L * (i - skip) / win, L * (i - skip + 1) / win);
+          LineCursor pf;
+          if (L > 0 && i >= skip) pf = LineCursor(ahead, L * (i - skip) / win, L * (i - skip + 1) / win, Xw);
           const int mr = int(std::min<int64_t>(kMR, mc - r));
           by_shape<Micro<T, TC>, false>(mr, cols, rowp + r, a_x, PanelB{panel}, Xw, C + (m0 + r) * ldc + c0,
-                                        ldc, cols, nt_store);
+                                        ldc, cols, nt_store, &pf);
+          pf.finish();
         }
       }
     }

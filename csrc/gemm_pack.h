@@ -213,6 +213,36 @@ struct PanelLines {
   }
 };
 
+// Lines [from, to) of a PanelLines fetched from inside a microkernel's depth loop, `per` lines per
+// step, so that the fetches of one call are spread over its whole run rather than issued in one
+// burst before it (a burst of hundreds fills the core's miss queues: most of those lines were
+// still being read from memory when pack_b reached them). Whatever is left after the loop is
+// fetched by finish().
+struct LineCursor {
+  const char* base = nullptr;
+  const int64_t* rows = nullptr;
+  int64_t esize = 0, seg_stride = 0, seg_lines = 0;
+  int64_t seg = 0, line = 0, left = 0, per = 1;
+
+  LineCursor() = default;
+  template <typename T>
+  LineCursor(const PanelLines<T>& p, int64_t from, int64_t to, int64_t steps)
+      : base(p.base), rows(p.rows), esize(int64_t(sizeof(T))), seg_stride(p.seg_stride), seg_lines(p.seg_lines),
+        seg(from / p.seg_lines), line(from - seg * p.seg_lines), left(to - from),
+        per(steps > 0 ? std::max<int64_t>(1, (to - from + steps - 1) / steps) : 1) {}
+  inline void step() {
+    for (int64_t j = 0; j < per && left > 0; ++j, --left) {
+      const char* start = rows ? PanelLines<c10::BFloat16>::aligned(base + rows[seg] * esize) : base + seg * seg_stride;
+      __builtin_prefetch(start + line * 64, 0, 2);
+      if (++line == seg_lines) line = 0, ++seg;
+    }
+  }
+  inline void finish() {
+    per = left;
+    step();
+  }
+};
+
 // Stores one row of a microkernel's float32 sums (YV vectors of 16 columns) into c, float32 or
 // bfloat16 (rounded to nearest even), masked to its first `cols` columns.
 template <int YV, typename TC>

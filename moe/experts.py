@@ -177,7 +177,9 @@ def to_linear_layout(model: nn.Module) -> nn.Module:
     pairs must be interleaved for every tile: 1.1-1.5x faster at T = 1..64 on the Qwen3-30B-A3B
     layer (``python -m bench.decode --linear-layout``). Training runs at the same speed on the CPU
     (gradients come in the weights' layout); the results differ from the default layout's in the
-    order of the sums only. On CUDA the default layout is the one moekit's sm90 GEMM is built for."""
+    order of the sums only. It is opt-in: the weights become non-contiguous Parameters (``.view()``
+    on them fails), and on a GPU the layer has been timed in the default layout only (moekit's sm90
+    GEMM is built, tested and swept in both)."""
     modules = [model] if isinstance(model, GroupedExperts) else [m for m in model.modules() if isinstance(m, GroupedExperts)]
     with torch.no_grad():
         for m in modules:
