@@ -323,17 +323,21 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
         for (int64_t c0 = ya; c0 < yb; c0 += width) {
           const RowsB<T> strip(B + c0, bx, X, int(std::min<int64_t>(width, yb - c0)));
           if (width < kYR) {  // all rows at once on a half-width strip
-            if (L > 0) ahead.fetch(L * i / calls, L * (i + 1) / calls);
+            LineCursor pf;
+            if (L > 0) pf = LineCursor(ahead, L * i / calls, L * (i + 1) / calls, x1 - x0);
             ++i;
             by_shape_tall<MicroBlock<T, TC>, pairs>(int(M), strip.cols, rowp, a_x, strip, x0, x1, Xw,
-                                                    st + c0, plane, lds, C + c0, ldc);
+                                                    st + c0, plane, lds, C + c0, ldc, &pf);
+            pf.finish();
             continue;
           }
           for (int64_t r = 0; r < M; r += kMR, ++i) {
-            if (L > 0) ahead.fetch(L * i / calls, L * (i + 1) / calls);
+            LineCursor pf;
+            if (L > 0) pf = LineCursor(ahead, L * i / calls, L * (i + 1) / calls, x1 - x0);
             by_shape<MicroBlock<T, TC>, pairs>(int(std::min<int64_t>(kMR, M - r)), strip.cols, rowp + r, a_x,
                                                strip, x0, x1, Xw, st + r * lds + c0, plane, lds,
-                                               C + r * ldc + c0, ldc);
+                                               C + r * ldc + c0, ldc, &pf);
+            pf.finish();
           }
         }
       }

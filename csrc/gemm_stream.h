@@ -86,7 +86,8 @@ struct RowsB {
 // call that reaches x1 == Xw stores C.
 template <typename T, int MR, int YV, typename TC>
 MOE_TARGET void micro_block(const u32* const* arow, int64_t ax, const RowsB<T>& src, int64_t x0,
-                            int64_t x1, int64_t Xw, float* st, int64_t plane, int64_t lds, TC* C, int64_t ldc) {
+                            int64_t x1, int64_t Xw, float* st, int64_t plane, int64_t lds, TC* C, int64_t ldc,
+                            LineCursor* pf) {
   const u32* ap[MR];
   for (int r = 0; r < MR; ++r) ap[r] = arow[r];
   const int64_t block = std::is_same_v<TC, c10::BFloat16> ? Xw : kXB;
@@ -102,6 +103,7 @@ MOE_TARGET void micro_block(const u32* const* arow, int64_t ax, const RowsB<T>& 
       acc[r][v] = fresh ? _mm512_setzero_ps() : _mm512_loadu_ps(s_acc + r * lds + 16 * v);
   }
   for (int64_t xw = x0; xw < x1; ++xw) {
+    if (pf->left > 0) pf->step();
     __m512i b[YV];
     src.template load<YV>(xw, b);
     const int64_t xa = xw * ax;
