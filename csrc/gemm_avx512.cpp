@@ -270,10 +270,10 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
     for (int64_t r = 0; r < mc; ++r) rowp[r] = Ap + r;
     return mc;
   };
-  if (stream && by != 1 && bx == 1 && b_rows == nullptr && M <= kStreamRows) {
+  if (stream && by != 1 && bx == 1 && b_rows == nullptr && M <= kStreamRowsYX) {
     // Few rows, B stored (Y x X): each row of B dotted with A's rows (gemm_stream_yx.h), which
     // are read along X in place when they are contiguous there, else copied so first.
-    const T* arow[kStreamRows];
+    const T* arow[kStreamRowsYX];
     if (ax == 1 && a_cols == nullptr) {
       for (int64_t m = 0; m < M; ++m) arow[m] = A + (a_rows ? a_rows[m] : m * am);
     } else {

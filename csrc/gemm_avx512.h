@@ -34,10 +34,15 @@ struct Gather {
 
 // The most rows of one GEMM (one tile of an expert) that the grouped forward streams
 // (avx512_gemm's `stream`): up to it each word of the expert's weight is read once from memory,
-// in place; above it packing B pays for itself (one thread, Zen 4 EPYC, the Qwen3 layer's two
-// projections: streaming is 0.6-0.8x the packed time at 1-12 rows, about even at 16-20). The
-// same bound serves weights stored (E, Y, X), whose packing is a transpose (gemm_stream_yx.h).
-constexpr int64_t kStreamRows = 12;
+// in place; above it packing B pays for itself. Packing reads B a panel of 64 columns at a time
+// down the whole depth, 128 bytes of each row: on wide weights (Mixtral's up projection, rows of
+// 57 KB) that is a page per line. One thread, Zen 4 EPYC (bench.decode, one layer, ms, streamed up
+// to 12 / 32 / 64 rows): Mixtral slice at ~21 rows per expert 272 / 186 / 202, ~43 rows 367 /
+// 401 / 333; Qwen3 at 16 rows 165 / 151 / 144, 32 rows 271 / 263 / 266, 64 rows 442 / 450 / 480.
+constexpr int64_t kStreamRows = 32;
+// The same for weights stored (E, Y, X), whose rows are dotted with the tile's rows
+// (gemm_stream_yx.h: at most 12 rows of accumulators); above it their packing is a transpose.
+constexpr int64_t kStreamRowsYX = 12;
 
 // The output size from which a grouped GEMM writes C with non-temporal stores (avx512_gemm's
 // nt_store): C is then far larger than any cache, so it goes to memory anyway, and a plain store
@@ -59,7 +64,7 @@ int64_t cpu_l2_bytes();
 // A(m, x) = A[m * am + x * ax], B(x, y) = B[x * bx + y * by] (element strides, any layout).
 // With `stream` and B's rows contiguous (by == 1, no b_rows), B is read in place, 64 columns at a
 // time, instead of packed (for few rows: each word of B is used M times); with `stream`, B stored
-// (Y x X) (bx == 1, no b_rows) and M <= kStreamRows, each of B's rows is read in place once and
+// (Y x X) (bx == 1, no b_rows) and M <= kStreamRowsYX, each of B's rows is read in place once and
 // dotted with A's rows (the same rule, another summation order). With `nt_store` the packed
 // path writes C's full, aligned vectors with non-temporal stores (kNtStoreBytes). Single-threaded:
 // the grouped GEMM calls it from its own parallel tiles.

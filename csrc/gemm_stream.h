@@ -22,7 +22,10 @@
 namespace moe {
 namespace {
 
-constexpr int64_t kStreamWords = 8;  // depth words per block of the streamed path (divides kXB)
+// Depth words per block of the streamed path (divides kXB). One thread, Qwen3 decode layer (ms,
+// T = 64 / 8, three runs each): 8 words 69-73 / 22-24, 16: 63-73 / 21-24, 32: 59-62 / 20-23,
+// 64: 63-72 / 24-26 (before the next block's lines were fetched from inside the loop, 8 was best).
+constexpr int64_t kStreamWords = 32;
 
 // Rows of B read in place (B(x, y) = B[x * bx + y], a strip of up to kYR columns): the streamed
 // path, where each word of B is read from memory once and nothing is written. float32: 16 columns

@@ -113,6 +113,7 @@ py::dict build_info() {
   cpu["bfloat16"] = moe::avx512_gemm_available(at::kBFloat16) ? "avx512_bf16" : "aten";
   info["cpu_gemm"] = cpu;
   info["cpu_stream_rows"] = moe::kStreamRows;
+  info["cpu_stream_rows_yx"] = moe::kStreamRowsYX;
   info["cpu_l2_bytes"] = moe::cpu_l2_bytes();
   info["cpu_nt_store_bytes"] = moe::kNtStoreBytes;
   return info;

@@ -172,7 +172,7 @@ def to_linear_layout(model: nn.Module) -> nn.Module:
     (each output column's weights contiguous along the depth).
 
     The ops read such a weight as the transposed view it is. On the CPU at decode sizes (an expert
-    with at most ``moe.ops.build_info()["cpu_stream_rows"]`` rows) the forward then dots each weight
+    with at most ``moe.ops.build_info()["cpu_stream_rows_yx"]`` rows) the forward then dots each weight
     row with the tile's rows (csrc/gemm_stream_yx.h) instead of streaming rows of (X, Y) whose bf16
     pairs must be interleaved for every tile: 1.1-1.5x faster at T = 1..64 on the Qwen3-30B-A3B
     layer (``python -m bench.decode --linear-layout``). Training runs at the same speed on the CPU

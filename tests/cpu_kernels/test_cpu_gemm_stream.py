@@ -2,14 +2,14 @@
 at most S = moe.ops.build_info()["cpu_stream_rows"] rows of one expert reads the expert's weight
 rows in place (B(x, y) at x * bx + y) instead of packing B panels; larger tiles pack. The choice
 is made per tile from offs_E (read on the host). Up to 6 rows run on 64-column strips, 7 to 12 all
-at once on 32-column strips. It serves grouped_mm and gather_grouped_mm, and
+at once on 32-column strips, 13 to S in blocks of 6 on 64-column strips. It serves grouped_mm and gather_grouped_mm, and
 the data gradient wherever the weight the backward multiplies by has contiguous rows (b_EXY a
 transposed view of an (E, Y, X) weight, as transformers' experts hold it).
 
 What defines it: the same operations in the same order as the packed path, so a row's output has
 the same bits whether its expert has S rows (streamed) or S + 1 (packed), and the project's GEMM
 rule (error against float64 at most 2x the same-dtype twin's). Covered at the boundaries of the
-choice (0, 1, S - 1, S, S + 1 rows, empty experts), odd X (bfloat16's zero row for the missing x),
+choice (0, 1, S - 1, S, S + 1 rows, empty experts), each kind of strip (8, 12, 13 rows), odd X (bfloat16's zero row for the missing x),
 masked column tails (Y not a multiple of 16 or 32), the float32 blocks of 64 words and groups of
 64 blocks (X = 4200), A gathered, strided or packed, bfloat16 and float32.
 
@@ -31,12 +31,14 @@ S = ops.build_info()["cpu_stream_rows"] if ops.HAS_EXTENSION else 0
 # The weight layouts whose rows are contiguous along Y (streamed here when rows are few); a
 # transposed (E, Y, X) buffer streams by its own rows (test_cpu_gemm_stream_yx.py).
 STREAMED_B = ["contig", "odd_rows"]
+# Rows per expert: the choice's boundaries and one tile of each kind of strip.
+HEIGHTS = around(S) + [8, 12, 13]
 
 
 @pytest.mark.parametrize("dtype", [BF16, F32])
 @pytest.mark.parametrize("X,Y", [(7, 33), (64, 64), (131, 130), (66, 257), (2048, 70)])
 def test_rows_at_the_boundary_follow_the_rule(dtype, X, Y):
-    a, b, offs = stream_inputs(around(S), X, Y, dtype)
+    a, b, offs = stream_inputs(HEIGHTS, X, Y, dtype)
     for a_layout in A_LAYOUTS:
         for b_layout in STREAMED_B + ["transposed"]:
             assert_forward_rule(ops.grouped_mm(view2d(a, a_layout), view3d(b, b_layout), offs), a, b, offs)
@@ -56,7 +58,7 @@ EQUAL_CASES = [(BF16, 7, 70), (BF16, 131, 65), (BF16, 4201, 33)] + [(F32, 131, 6
 
 
 @pytest.mark.parametrize("dtype,X,Y", EQUAL_CASES)
-@pytest.mark.parametrize("s", [1, "S-1", "S"])
+@pytest.mark.parametrize("s", [1, 12, 13, "S-1", "S"])
 def test_streamed_rows_equal_packed_rows_bit_for_bit(dtype, X, Y, s):
     s = {"S-1": S - 1, "S": S}.get(s, s)
     a, b, offs, (r0, r1) = shared_rows(s, X, Y, dtype)
@@ -72,7 +74,7 @@ def test_streamed_rows_equal_packed_rows_bit_for_bit(dtype, X, Y, s):
 def test_gathered_rows_at_the_boundary(dtype, X, Y):
     """gather_grouped_mm streams the same tiles, each row read from x_TD where it is: bit for bit
     the GEMM on the permuted copy, and the rule against the twin."""
-    counts = around(S) + ([64] if dtype == F32 else [])
+    counts = HEIGHTS + ([64] if dtype == F32 else [])
     p = counts_plan(counts, T_extra=3)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(p.rows_TK.shape[0], X, generator=gen).to(dtype)

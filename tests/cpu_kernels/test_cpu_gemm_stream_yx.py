@@ -1,6 +1,6 @@
 """The streamed path of the CPU forward GEMM for weights stored (E, Y, X) (csrc/gemm_stream_yx.h):
 b_EXY a transposed view of an nn.Linear-style weight, as transformers' experts hold gate_up_proj
-(E, 2F, D) and down_proj (E, D, F). A tile of at most S = moe.ops.build_info()["cpu_stream_rows"]
+(E, 2F, D) and down_proj (E, D, F). A tile of at most S = moe.ops.build_info()["cpu_stream_rows_yx"]
 rows of one expert reads each row of the weight (one output column, contiguous along X) once, in
 place, and dots it with the tile's rows of A (float32 lanes, reduced at the end); larger tiles
 pack. The choice is made per tile from offs_E (read on the host). It serves grouped_mm and
@@ -32,7 +32,7 @@ from tests.helpers.cpu_kernels import (stream_problems, A_LAYOUTS, BF16, F32, ar
 
 pytestmark = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="moe._C extension not built")
 
-S = ops.build_info()["cpu_stream_rows"] if ops.HAS_EXTENSION else 0
+S = ops.build_info()["cpu_stream_rows_yx"] if ops.HAS_EXTENSION else 0
 # (E, Y, X) buffers read as b_EXY: at an even and at an odd element offset.
 YX_B = ["transposed", "transposed_misaligned"]
 # Rows per expert: the choice's boundaries and a tile of every accumulator shape (8, 4 and 2 rows of
