@@ -18,7 +18,7 @@
 // gathered rows as well. B is packed a chunk of panels (a quarter of L2) at a time, read in memory
 // order, while the microkernels of the chunk before fetch its memory lines (gemm_pack.h); its
 // depth rows may be gathered too (the weight gradient g^T x in an nn.Linear-style layout: B = the rows of x).
-// Few rows (decode: 1-12 rows per expert, the caller's `stream`): packing B would cost more than the
+// Few rows (decode: 1-32 rows per expert, the caller's `stream`): packing B would cost more than the
 // GEMM uses it, so B's rows (by == 1) are read in place instead (gemm_stream.h), each word once
 // from memory, in depth blocks whose partial sums wait in scratch while the next block is fetched
 // into L2; the sums are the packed path's, bit for bit. B stored (Y x X) (bx == 1: an nn.Linear

@@ -3,10 +3,10 @@
 // along X. That is an nn.Linear-style (E, Y, X) weight read as the transposed view b_EXY
 // (transformers' experts hold gate_up_proj (E, 2F, D) and down_proj (E, D, F) so) and the data
 // gradient's b^T of moekit's own (E, X, Y) weights. Few rows (decode: a tile of at most
-// kStreamRows) would pack B panels by transposing 32-bit words, then use each once or twice;
+// kStreamRowsYX) would pack B panels by transposing 32-bit words, then use each once or twice;
 // here each row of B is read once from memory, in place, and dotted with the tile's rows of A.
 // Included on x86-64 only, after MOE_TARGET is defined. Shapes as in gemm_avx512.h: C (M x Y) =
-// A (M x X) @ B (X x Y), M <= kStreamRows.
+// A (M x X) @ B (X x Y), M <= kStreamRowsYX.
 //
 // Vectors run along X: a step is 64 bytes of a row of A and of a row of B (32 bfloat16, taken by
 // vdpbf16ps as 16 pairs, or 16 float32 for vfmadd), the last step masked (an odd X included), so
@@ -159,7 +159,7 @@ MOE_TARGET void stream_yx_rows(const T* const* arow, const T* B, int64_t by, int
   }
 }
 
-// stream_yx_rows for M = 1..kStreamRows rows (the accumulators: YB = 8, 4 or 2 columns by M).
+// stream_yx_rows for M = 1..kStreamRowsYX rows (the accumulators: YB = 8, 4 or 2 columns by M).
 template <typename T, typename TC>
 MOE_TARGET void stream_yx(int M, const T* const* arow, const T* B, int64_t by, int64_t X, int64_t Y,
                           const NextB<T>& next, TC* C, int64_t ldc) {
