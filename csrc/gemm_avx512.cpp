@@ -146,7 +146,7 @@ MOE_TARGET void micro(const u32* const* arow, int64_t ax, const Src& src, int64_
   }
   for (int r = 0; r < MR; ++r) {
     src.template order<YV>(total[r]);
-    if (nt) store_row_nt<YV>(C + r * ldc, total[r], cols);
+    if (nt) store_row<YV, TC, true>(C + r * ldc, total[r], cols);
     else store_row<YV>(C + r * ldc, total[r], cols);
   }
 }

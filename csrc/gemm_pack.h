@@ -166,8 +166,8 @@ MOE_TARGET void pack_a(const T* A, int64_t am, int64_t ax, const int64_t* m_off,
   }
 }
 
-// The memory lines of B's columns [c0, c0 + w), X rows, for a software prefetch spread over the
-// last microkernel calls of the chunk before them. An expert's weight is read from memory once
+// The memory lines of B's columns [c0, c0 + w), X rows, for a software prefetch (LineCursor)
+// spread over the last microkernel calls of the chunk before them. An expert's weight is read from memory once
 // per GEMM (E x D x F bytes in all, 16x a dense layer's at E=128, K=8); packing it when the chunk
 // is reached would stall on those reads, so they are started a chunk ahead. Rows of B
 // along y (by == 1, gathered or not) or along x (bx == 1) only; other layouts are not prefetched.
@@ -199,19 +199,12 @@ struct PanelLines {
     segs = count;
   }
   int64_t lines() const { return seg_lines * segs; }
-  // Lines [from, to) of the panel, segment by segment (into L2: the hint T1).
-  void fetch(int64_t from, int64_t to) const {
-    int64_t seg = from / seg_lines, line = from - seg * seg_lines;
-    for (int64_t i = from; i < to; ++i) {
-      const char* start = rows ? aligned(base + rows[seg] * int64_t(sizeof(T))) : base + seg * seg_stride;
-      __builtin_prefetch(start + line * 64, 0, 2);
-      if (++line == seg_lines) line = 0, ++seg;
-    }
-  }
-  static const char* aligned(const char* p) {
-    return reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63));
-  }
 };
+
+// The start of p's 64-byte line.
+inline const char* line_of(const char* p) {
+  return reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63));
+}
 
 // Lines [from, to) of a PanelLines fetched from inside a microkernel's depth loop, `per` lines per
 // step, so that the fetches of one call are spread over its whole run rather than issued in one
@@ -232,8 +225,8 @@ struct LineCursor {
         per(steps > 0 ? std::max<int64_t>(1, (to - from + steps - 1) / steps) : 1) {}
   inline void step() {
     for (int64_t j = 0; j < per && left > 0; ++j, --left) {
-      const char* start = rows ? PanelLines<c10::BFloat16>::aligned(base + rows[seg] * esize) : base + seg * seg_stride;
-      __builtin_prefetch(start + line * 64, 0, 2);
+      const char* start = rows ? line_of(base + rows[seg] * esize) : base + seg * seg_stride;
+      __builtin_prefetch(start + line * 64, 0, 2);  // into L2 (the hint T1)
       if (++line == seg_lines) line = 0, ++seg;
     }
   }
@@ -244,38 +237,29 @@ struct LineCursor {
 };
 
 // Stores one row of a microkernel's float32 sums (YV vectors of 16 columns) into c, float32 or
-// bfloat16 (rounded to nearest even), masked to its first `cols` columns.
-template <int YV, typename TC>
+// bfloat16 (rounded to nearest even), masked to its first `cols` columns. With NT the full vectors
+// at aligned addresses are written with non-temporal stores (kNtStoreBytes), the rest as without.
+template <int YV, typename TC, bool NT = false>
 MOE_TARGET inline void store_row(TC* c, const __m512* row, int cols) {
 #pragma GCC unroll 16
   for (int v = 0; v < YV; ++v) {
     const int left = cols - 16 * v;
     if (left <= 0) break;
+    TC* p = c + 16 * v;
+    if constexpr (NT) {
+      if (left >= 16 && reinterpret_cast<uintptr_t>(p) % (16 * sizeof(TC)) == 0) {
+        if constexpr (std::is_same_v<TC, c10::BFloat16>)
+          _mm256_stream_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(row[v]));
+        else
+          _mm512_stream_ps(reinterpret_cast<float*>(p), row[v]);
+        continue;
+      }
+    }
     const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
     if constexpr (std::is_same_v<TC, c10::BFloat16>)
-      _mm256_mask_storeu_epi16(c + 16 * v, mask, (__m256i)_mm512_cvtneps_pbh(row[v]));
+      _mm256_mask_storeu_epi16(p, mask, (__m256i)_mm512_cvtneps_pbh(row[v]));
     else
-      _mm512_mask_storeu_ps(c + 16 * v, mask, row[v]);
-  }
-}
-
-// store_row with non-temporal stores for the full, aligned vectors (the rest as store_row).
-template <int YV, typename TC>
-MOE_TARGET inline void store_row_nt(TC* c, const __m512* row, int cols) {
-#pragma GCC unroll 16
-  for (int v = 0; v < YV; ++v) {
-    const int left = cols - 16 * v;
-    if (left <= 0) break;
-    TC* p = c + 16 * v;
-    const bool aligned = reinterpret_cast<uintptr_t>(p) % (16 * sizeof(TC)) == 0;
-    if (left < 16 || !aligned) {
-      store_row<1>(p, row + v, left);
-      continue;
-    }
-    if constexpr (std::is_same_v<TC, c10::BFloat16>)
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(row[v]));
-    else
-      _mm512_stream_ps(reinterpret_cast<float*>(p), row[v]);
+      _mm512_mask_storeu_ps(p, mask, row[v]);
   }
 }
 
