@@ -251,12 +251,10 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
   const bool direct = ax == 1 && a_cols == nullptr && X % P == 0 && rows_even &&
                       reinterpret_cast<uintptr_t>(A) % alignof(uint32_t) == 0;
   const u32* rowp[kMC];
-  // A packed (the weight gradient's a^T) is packed once per call where it fits in half of L2,
-  // every row block at its own place (block m0 at word m0 * Xw), rather than again for every
-  // chunk of B: the weight gradient of 1 MiB of g rows per expert (E=128, float32, D=1024) runs
-  // 4 chunks. Larger A is packed per chunk, one row block at a time (the scratch stays bounded).
-  const bool a_once = !direct && M * Xw * kWordBytes <= 2 * l2_quarter_bytes();
-  bool a_ready = false;
+  uint32_t* a_all = nullptr;  // every row block of A packed, block m0 at word m0 * Xw (see below)
+  auto pack_rows = [&](int64_t m0, int64_t mc, uint32_t* Ap) {
+    pack_a(a_rows ? A : A + m0 * am, am, ax, a_rows ? a_rows + m0 : nullptr, a_cols, mc, X, Ap);
+  };
   // Sets rowp for rows [m0, m0 + mc): A's rows in place, or packed; returns their word stride.
   auto a_rows_at = [&](int64_t m0, int64_t mc) -> int64_t {
     if (direct) {
@@ -264,9 +262,8 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
         rowp[r] = reinterpret_cast<const u32*>(A + (a_rows ? a_rows[m0 + r] : (m0 + r) * am));
       return 1;
     }
-    uint32_t* Ap = a_once ? scratch(a_buf, Xw * M) + m0 * Xw : scratch(a_buf, Xw * mc);
-    if (!a_once || !a_ready)
-      pack_a(a_rows ? A : A + m0 * am, am, ax, a_rows ? a_rows + m0 : nullptr, a_cols, mc, X, Ap);
+    uint32_t* Ap = a_all ? a_all + m0 * Xw : scratch(a_buf, Xw * mc);
+    if (a_all == nullptr) pack_rows(m0, mc, Ap);
     for (int64_t r = 0; r < mc; ++r) rowp[r] = Ap + r;
     return mc;
   };
@@ -362,6 +359,15 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
   // - Mixtral's experts at 21-43 rows each (bench.decode --shape mixtral --T 32 --T 64, one
   //   thread): 4 MiB chunks (whose fetched lines overflow L2) 310 / 437 ms, L2 / 4: 245 / 350 ms;
   //   the layer's training step (bench.layer, bf16) is the same either way.
+  // A packed (the weight gradient's a^T) is packed once per call where it fits in half of L2,
+  // rather than again for every chunk of B: the weight gradient of 1 MiB of g rows per expert
+  // (E=128, float32, D=1024) runs 4 chunks. Larger A is packed per chunk, one row block at a time
+  // (the scratch stays bounded).
+  if (!direct && M * Xw * kWordBytes <= 2 * l2_quarter_bytes()) {
+    uint32_t* all = scratch(a_buf, Xw * M);
+    for (int64_t m0 = 0; m0 < M; m0 += kMC) pack_rows(m0, std::min(kMC, M - m0), all + m0 * Xw);
+    a_all = all;
+  }
   int64_t calls = 0;  // microkernel calls per panel: ceil(mc / kMR) over the row blocks
   for (int64_t m0 = 0; m0 < M; m0 += kMC) calls += (std::min(kMC, M - m0) + kMR - 1) / kMR;
   const int64_t next_chunk =
@@ -380,7 +386,6 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
     for (int64_t m0 = 0; m0 < M; m0 += kMC) {
       const int64_t mc = std::min(kMC, M - m0);
       const int64_t a_x = a_rows_at(m0, mc);
-      a_ready = a_once && m0 + mc == M;  // every block packed after the first chunk's pass
       for (int64_t p = 0; p < np; ++p) {
         const int64_t c0 = y0 + p * kYR;
         const int cols = int(std::min<int64_t>(kYR, Y - c0));
