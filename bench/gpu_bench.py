@@ -34,7 +34,9 @@ decode    T in --decode-tokens (1 8 64): the eval layer forward captured in a CU
           replay timed from an idle device with the L2 flushed. Bound = the bytes that must be
           read (w_in + w_out of the distinct routed experts, counted on the host first, + the
           router weight) / copy rate. hf_gmm at the same T, graph-captured if it captures, else
-          eager (the row says which).
+          eager (the row says which). "tiled": the same graph with moe.ops.config.cuda_gemm =
+          "torch" (PyTorch's tiled grouped GEMM instead of moekit's weight-streaming kernel,
+          which "auto" runs at these sizes).
 
 Each figure is the median of CUDA-event timings; ops rows cycle through enough input copies that
 the working set exceeds twice the L2. A row that fails prints its error and the run goes on
@@ -484,6 +486,9 @@ def bench_decode(name, tokens, iters, ceil=None):
                    "bound_ms": nbytes / (ceil["copy_tb_s"] * 1e12) * 1e3 if ceil else None}
             row["ours_ms"] = _try(f"{label} moekit graph", _graph_ms, lambda: layer(x), iters, flush)
             _release(layer)
+            with ops.config.override(cuda_gemm="torch"):  # read at capture: the tiled GEMMs
+                row["tiled_ms"] = _try(f"{label} moekit graph tiled", _graph_ms, lambda: layer(x), iters, flush)
+            _release(layer)
             row["eager_ms"] = _try(f"{label} moekit eager", _time_cold_ms, lambda: layer(x), iters, flush)
             if hf is not None:
                 try:
@@ -564,13 +569,14 @@ def _layer_table(rows) -> list[str]:
 
 
 def _decode_table(rows) -> list[str]:
-    out = ["| decode | shape | experts read | bound us | graph us | fraction | eager us | hf_gmm us | "
-           "hf_gmm / graph |", "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| decode | shape | experts read | bound us | graph us | fraction | tiled us | eager us | hf_gmm us | "
+           "hf_gmm / graph |", "|---|---|---|---|---|---|---|---|---|---|"]
     us = lambda ms: None if ms is None else 1e3 * ms  # noqa: E731
     for r in rows:
         hf = f"{_f(us(r.get('hf_gmm_ms')), '.1f')} ({r.get('hf_gmm_mode', 'n/a')})"
         out.append(f"| T={r['T']} | {r['shape']} | {r['experts_read']} | {_f(us(r['bound_ms']), '.1f')} | "
-                   f"{_f(us(r['ours_ms']), '.1f')} | {_f(r.get('fraction'), '.2f')} | {_f(us(r['eager_ms']), '.1f')} | "
+                   f"{_f(us(r['ours_ms']), '.1f')} | {_f(r.get('fraction'), '.2f')} | {_f(us(r.get('tiled_ms')), '.1f')} | "
+                   f"{_f(us(r['eager_ms']), '.1f')} | "
                    f"{hf} | {_f(r.get('vs_hf_gmm'), '.2f')} |")
     return out
 

@@ -73,12 +73,13 @@ fi
 #    process's CUDA context; the other groups still report). A group that hits a CUDA error is
 #    rerun under compute-sanitizer memcheck, stopping at the first failure.
 t0=$(date +%s)
-groups=${TEST_GROUPS:-"plan permute grouped_mm sm90 layer opcheck routers topk_route activation graphs"}
+groups=${TEST_GROUPS:-"plan permute grouped_mm sm90 layer opcheck routers topk_route activation graphs stream"}
 for g in $groups; do
   case $g in
     routers) sel=(tests/routers/test_routers_common.py -m gpu) ;;
     topk_route) sel=(tests/gpu/test_gpu_router.py -m gpu) ;;
     activation) sel=(tests/gpu/test_gpu_activation.py -m gpu) ;;
+    stream) sel=(tests/gpu/test_gpu_stream.py -m gpu) ;;
     graphs) sel=(tests/gpu/test_gpu_graphs.py -m gpu) ;;
     grouped_mm) sel=(tests/gpu/test_gpu.py -m gpu -k "grouped_mm and not sm90") ;;
     sm90) sel=(tests/gpu/test_gpu.py -m gpu -k "$g" -v) ;;  # -v: the test a crash stops in is named

@@ -29,7 +29,7 @@ struct Setting {
 
 Setting g_settings[] = {
     {"cpu_gemm", "MOE_CPU_GEMM", {"auto", "aten"}, false, false},
-    {"cuda_gemm", "MOE_CUDA_GEMM", {"auto", "native", "torch"}, false, false},
+    {"cuda_gemm", "MOE_CUDA_GEMM", {"auto", "native", "torch", "stream"}, false, false},
     {"sm90_forward_config", "MOE_SM90_GEMM_CONFIG", {}, true, false},
     {"sm90_wgrad_config", "MOE_SM90_WGRAD_CONFIG", {}, true, true},
 };

@@ -11,10 +11,14 @@ namespace moe::config {
 
 // cpu_gemm (MOE_CPU_GEMM): "auto" = moekit's AVX-512 GEMM where the CPU has it; "aten" = at::mm.
 enum class CpuGemm : int { kAuto = 0, kAten = 1 };
-// cuda_gemm (MOE_CUDA_GEMM): "auto" = moekit's sm90 GEMM on compute capability 9.0 where built,
-// else PyTorch's grouped GEMM where it serves the call; "native" = moekit's WMMA kernels;
-// "torch" = PyTorch's grouped GEMM where it serves the call.
-enum class CudaGemm : int { kAuto = 0, kNative = 1, kTorch = 2 };
+// cuda_gemm (MOE_CUDA_GEMM): "auto" = moekit's weight-streaming kernel for forward GEMMs with at
+// most kCudaStreamRows rows per expert on average (N <= kCudaStreamRows * E, host-known sizes),
+// else moekit's sm90 GEMM on compute capability 9.0 where built, else PyTorch's grouped GEMM where
+// it serves the call; "native" = moekit's WMMA kernels; "torch" = PyTorch's grouped GEMM where it
+// serves the call; "stream" = the weight-streaming kernel for every forward GEMM whose layout it
+// takes, the rest as "auto" (csrc/cuda/stream_gemm.cuh).
+enum class CudaGemm : int { kAuto = 0, kNative = 1, kTorch = 2, kStream = 3 };
+constexpr long long kCudaStreamRows = 8;
 
 CpuGemm cpu_gemm();
 CudaGemm cuda_gemm();

@@ -117,6 +117,12 @@ at::Tensor topk_route_backward_cpu(const at::Tensor& grad_weights_TK,
                                    const std::optional<at::Tensor>& logits_TE,
                                    const std::optional<at::Tensor>& valid_T);
 
+// CUDA kernels that other CUDA ops call (csrc/cuda/).
+namespace cuda {
+at::Tensor permute_cuda(const at::Tensor& x_TD, const at::Tensor& order_N,
+                        const at::Tensor& rows_TK, const std::optional<at::Tensor>& scale_TK);
+}  // namespace cuda
+
 // Weight-only int8 experts (csrc/grouped_mm_int8.cpp): q_EYX int8, scale_EY float32.
 void check_grouped_mm_w8_args(const at::Tensor& a_NX, const at::Tensor& q_EYX,
                               const at::Tensor& scale_EY, const at::Tensor& offs_E);

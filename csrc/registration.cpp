@@ -104,6 +104,9 @@ py::dict build_info() {
 #endif
   info["sm90_forward_configs"] = forward;
   info["sm90_wgrad_configs"] = wgrad;
+  // The most rows per expert, on average, at which the CUDA forward GEMMs stream the weights
+  // (csrc/cuda/stream_gemm.cuh; moe.ops.config.cuda_gemm "auto").
+  info["cuda_stream_rows"] = moe::config::kCudaStreamRows;
   // What the CPU grouped GEMMs run here, now (this CPU's features, moe.ops.config.cpu_gemm):
   // moekit's kernel by its instruction set, or "aten" (at::mm), and the most rows per expert
   // that the forward streams (gemm_avx512.h), the L2 size its blocking is sized from, and the

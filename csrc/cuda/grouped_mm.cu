@@ -16,7 +16,10 @@
 // offs_E must be non-decreasing and within [0, N]: checked by CUDA_KERNEL_ASSERT (a host check
 // would sync); bad offsets are clamped so memory stays safe if asserts are compiled out.
 //
-// Backends (MOE_CUDA_GEMM, read at every call). "auto" (the default): bfloat16 on compute
+// Backends (MOE_CUDA_GEMM, read at every call). "auto" (the default): a forward GEMM with at most
+// config::kCudaStreamRows rows per expert on average (N <= 8 E: decode) runs the weight-streaming
+// kernel (stream_gemm.cuh) where its layout rules hold, and so does every forward GEMM under
+// "stream"; otherwise, under "auto" and "stream": bfloat16 on compute
 // capability 9.0 runs moekit's own Hopper grouped GEMM (csrc/cuda/sm90/: CUTLASS 3, TMA + wgmma,
 // warp-specialised, per-expert sizes read on the device, a tile configuration chosen from the
 // host-known N/E) when it was compiled in (MOE_WITH_SM90_GEMM: the build found CUTLASS's headers
@@ -36,6 +39,7 @@
 #include <cstring>
 
 #include "gemm_tiles.cuh"
+#include "stream_gemm.cuh"
 #include "config.h"
 #include "moe_ops.h"
 #ifdef MOE_WITH_SM90_GEMM
@@ -209,9 +213,35 @@ void launch_wgrad(const Params& p) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// ---- CUTLASS grouped GEMM path (at::_grouped_mm) -------------------------------------------
-
 using Backend = config::CudaGemm;
+
+// ---- Weight-streaming path (decode sizes) ---------------------------------------------------
+
+// The streaming kernel serves this forward call: forced ("stream"), or "auto" with at most
+// kCudaStreamRows rows per expert on average; either way only where its layout rules hold.
+bool use_stream(Backend be, int64_t N, int64_t E) {
+  return be == Backend::kStream || (be == Backend::kAuto && N <= config::kCudaStreamRows * E);
+}
+
+// c_NY = a's rows (a_NX's, or x_TD's through order_N when `order` is defined) @ b_EXY per group.
+at::Tensor grouped_mm_stream_path(const at::Tensor& a, const at::Tensor& order, int64_t K,
+                                  const at::Tensor& b, bool b_col, const at::Tensor& offs, int64_t N) {
+  const int64_t X = a.size(1), Y = b.size(2), E = b.size(0);
+  auto c = at::empty({N, Y}, a.options());
+  StreamParams p{a.const_data_ptr(), a.stride(0),
+                 order.defined() ? order.const_data_ptr<int64_t>() : nullptr, K, a.size(0) * K,
+                 b.const_data_ptr(), b.stride(0), b_col ? b.stride(2) : b.stride(1),
+                 c.mutable_data_ptr(), offs.const_data_ptr<int>(),
+                 static_cast<int>(E), static_cast<int>(N), static_cast<int>(X), static_cast<int>(Y)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "moe_grouped_mm_stream", [&] {
+    using T = typename DeviceType<scalar_t>::type;
+    if (b_col) launch_stream<T, true>(p);
+    else launch_stream<T, false>(p);
+  });
+  return c;
+}
+
+// ---- CUTLASS grouped GEMM path (at::_grouped_mm) -------------------------------------------
 
 // Row-major (s1 == 1) or column-major (s0 == 1) 2-D layout with 16-byte-aligned leading dim.
 bool tma_2d(int64_t s0, int64_t s1) { return (s1 == 1 && s0 % 8 == 0) || (s0 == 1 && s1 % 8 == 0); }
@@ -295,7 +325,7 @@ void zero_tail_rows(at::Tensor& c, const at::Tensor& offs, int64_t E) {
 
 #ifdef MOE_WITH_SM90_GEMM
 // moekit's own sm90 kernels serve this call ("auto" on compute capability 9.0).
-bool use_sm90(Backend be) { return be == Backend::kAuto && is_sm90(); }
+bool use_sm90(Backend be) { return (be == Backend::kAuto || be == Backend::kStream) && is_sm90(); }
 
 // The configuration forced by moe.ops.config (sm90_forward_config / sm90_wgrad_config, default
 // MOE_SM90_GEMM_CONFIG / MOE_SM90_WGRAD_CONFIG), else the table's choice from host-known sizes.
@@ -407,6 +437,9 @@ at::Tensor grouped_mm_cuda(const at::Tensor& a_NX, const at::Tensor& b_EXY,
   const auto b = (b_EXY.stride(2) == 1 || b_col) ? b_EXY : b_EXY.contiguous();
   const auto offs = offs_E.contiguous();
   const Backend be = config::cuda_gemm();  // may raise: a bad MOE_CUDA_GEMM
+  const int64_t b_ld = b_col ? b.stride(2) : b.stride(1);
+  if (use_stream(be, N, E) && stream_layout_ok(a, a.stride(0), b, b_col, b_ld, X, Y))
+    return grouped_mm_stream_path(a, at::Tensor(), 1, b, b_col, offs, N);
   if (X > 0 && cutlass_layout_ok(a, b, E, X, Y)) {
 #ifdef MOE_WITH_SM90_GEMM
     if (use_sm90(be)) {
@@ -421,7 +454,6 @@ at::Tensor grouped_mm_cuda(const at::Tensor& a_NX, const at::Tensor& b_EXY,
            b.stride(1), b.stride(2), c.mutable_data_ptr(), offs.const_data_ptr<int>(),
            static_cast<int>(E), static_cast<int>(N), static_cast<int>(X), static_cast<int>(Y),
            false, false};
-  const int64_t b_ld = b_col ? b.stride(2) : b.stride(1);
   p.vec_in = aligned16(a.const_data_ptr()) && aligned16(b.const_data_ptr()) &&
              a.stride(0) % 8 == 0 && b.stride(0) % 8 == 0 && b_ld % 8 == 0;
   p.vec_out = Y % 8 == 0 && aligned16(c.const_data_ptr());
@@ -468,9 +500,30 @@ at::Tensor grouped_mm_wgrad_cuda(const at::Tensor& a_NX, const at::Tensor& g_NY,
   return out;
 }
 
+// Gathered rows: the streaming kernel reads x_TD through the plan where it serves the call (decode
+// sizes, see use_stream), else the two-op form: moe.permute's kernel, then grouped_mm's own choice.
+at::Tensor gather_grouped_mm_cuda(const at::Tensor& x_TD, const at::Tensor& order_N,
+                                  const at::Tensor& rows_TK, const at::Tensor& b_EXY,
+                                  const at::Tensor& offs_E) {
+  check_gather_grouped_mm_args(x_TD, order_N, rows_TK, b_EXY, offs_E);
+  c10::cuda::CUDAGuard guard(x_TD.device());
+  const int64_t N = order_N.size(0), X = x_TD.size(1), Y = b_EXY.size(2), E = b_EXY.size(0);
+  check_sizes("gather_grouped_mm", N, X, Y);
+  const bool b_col = b_EXY.stride(2) != 1 && b_EXY.stride(1) == 1;
+  const auto& b = b_EXY;
+  const int64_t b_ld = b_col ? b.stride(2) : b.stride(1);
+  const Backend be = config::cuda_gemm();  // may raise: a bad MOE_CUDA_GEMM
+  if (N > 0 && Y > 0 && use_stream(be, N, E) && x_TD.stride(1) == 1 && (b.stride(2) == 1 || b_col) &&
+      stream_layout_ok(x_TD, x_TD.stride(0), b, b_col, b_ld, X, Y))
+    return grouped_mm_stream_path(x_TD, order_N.contiguous(), rows_TK.size(1), b, b_col,
+                                  offs_E.contiguous(), N);
+  return grouped_mm_cuda(permute_cuda(x_TD, order_N, rows_TK, std::nullopt), b_EXY, offs_E);
+}
+
 }  // namespace moe::cuda
 
 TORCH_LIBRARY_IMPL(moe, CUDA, m) {
   m.impl("grouped_mm", &moe::cuda::grouped_mm_cuda);
   m.impl("grouped_mm_wgrad", &moe::cuda::grouped_mm_wgrad_cuda);
+  m.impl("gather_grouped_mm", &moe::cuda::gather_grouped_mm_cuda);
 }

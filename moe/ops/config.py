@@ -14,7 +14,10 @@ setting                environment default        values
 cpu_gemm               MOE_CPU_GEMM               "auto" (AVX-512 kernels where the CPU has them),
                                                   "aten" (at::mm)
 cuda_gemm              MOE_CUDA_GEMM              "auto", "native" (moekit's WMMA kernels),
-                                                  "torch" (PyTorch's grouped GEMM where it serves)
+                                                  "torch" (PyTorch's grouped GEMM where it serves),
+                                                  "stream" (the weight-streaming decode kernel for
+                                                  every forward GEMM it takes; "auto" runs it at
+                                                  <= build_info()["cuda_stream_rows"] rows/expert)
 sm90_forward_config    MOE_SM90_GEMM_CONFIG       "auto" (the size table) or a configuration id
 sm90_wgrad_config      MOE_SM90_WGRAD_CONFIG      likewise, of the weight-gradient GEMM
 =====================  =========================  ==============================================

@@ -125,11 +125,13 @@ def test_permute_unpermute_equal_cpu_kernel(T, K, E, D, dtype, wdtype):
     torch.testing.assert_close(dw.cpu(), want_dw, rtol=tol, atol=tol * max(1, D ** 0.5))
 
 
-@pytest.fixture(params=["auto", "native", "torch"])
+@pytest.fixture(params=["auto", "native", "torch", "stream"])
 def gemm_backend(request):
-    """The CUDA GEMM backends (moe.ops.config.cuda_gemm): "auto" (bf16 on sm90 runs moekit's own
-    CUTLASS 3 kernels where built, else PyTorch's grouped GEMM), "native" (moekit's WMMA kernels,
-    every dtype) and "torch" (PyTorch's CUTLASS grouped GEMM for aligned bf16 on sm90/sm100)."""
+    """The CUDA GEMM backends (moe.ops.config.cuda_gemm): "auto" (the weight-streaming kernel at
+    decode sizes; bf16 on sm90 runs moekit's own CUTLASS 3 kernels where built, else PyTorch's
+    grouped GEMM), "native" (moekit's WMMA kernels, every dtype), "torch" (PyTorch's CUTLASS
+    grouped GEMM for aligned bf16 on sm90/sm100) and "stream" (the weight-streaming kernel for
+    every forward GEMM whose layout it takes)."""
     with ops.config.override(cuda_gemm=request.param):
         yield request.param
 

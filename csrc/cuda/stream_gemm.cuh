@@ -1,0 +1,259 @@
+// The weight-streaming grouped GEMM of moe.grouped_mm and moe.gather_grouped_mm on CUDA, for few
+// rows per expert (decode: T = 1..64 tokens, a handful of rows per chosen expert). There the cost
+// is reading the chosen experts' weights once; a tiled GEMM spends its time on tiles of mostly
+// empty rows and gives each CTA a wide column block, so too few CTAs stream the weights.
+// Included by csrc/cuda/grouped_mm.cu (one translation unit).
+//
+// Shape legend (moe_ops.h): N routed rows, E experts, X/Y the GEMM input/output dims (a_NX @ b_EXY
+// -> c_NY), K the plan's slots per token; MR rows of one pass, BY columns of one CTA.
+//
+// Schedule: grid (E + 1, ceil(Y / BY)). CTA (e, j) computes columns [j*BY, (j+1)*BY) of expert e's
+// rows, MR rows per pass (MR = 1, 2 or 4, the smallest that holds the rows left), streaming b[e]'s
+// columns once per pass: an expert with up to 4 rows reads its weights from memory exactly once
+// (a fifth row starts a pass that finds the CTA's columns in L2). The rows of a come straight from
+// global memory (a few KB per expert, read by all its CTAs: L1 and L2 hits), so a pass has no
+// barrier until its sums are combined. CTAs of experts with no rows exit at once; CTA (E, j)
+// zero-fills the padding rows [offs_E[E-1], N). The rows are a_NX's, or with `order` (the plan's
+// order_N) row i is x_TD[order[i] / K]: the gathered first projection reads the tokens in place,
+// without the permuted N x D copy. Sums are float (double for float64), in a fixed order.
+//   row-major b (b[e][x, y] at x*ldb + y): BY = 8 vectors of 16 bytes; lane l of warp w loads the
+//     vector l % 8 of depth rows x = 4w + l/8 (mod 32), so each warp load reads 4 whole 128-byte
+//     lines; the 32 partial sums of a column are added by two shuffles and a pass over the 8
+//     warps' sums in shared memory.
+//   column-major b (b[e][x, y] at y*ldb + x, a transposed nn.Linear weight): BY = 32 columns, 4
+//     per warp; each lane loads 16 bytes of depth of each of its warp's columns, so a warp load
+//     reads 512 contiguous bytes of one column; a butterfly of shuffles adds the lanes' sums.
+// Registers: at most 128 per thread (2 CTAs of 8 warps per SM), no spills (ptxas -v, sm_90).
+// Layout rules (stream_layout_ok): 16-byte aligned a, b; a's row stride, X, b's strides (and Y
+// for row-major b) multiples of 16 bytes' worth of elements.
+// offs_E is checked on the device (CUDA_KERNEL_ASSERT) and clamped, as in the tiled kernels.
+#pragma once
+
+#include "gemm_tiles.cuh"
+
+namespace moe::cuda {
+namespace {
+
+constexpr int kStreamThreads = 256;
+constexpr int kStreamWarps = kStreamThreads / kWarp;
+constexpr int kStreamPassRows = 4;  // the largest MR
+constexpr int kStreamColsPerWarp = 4;  // column-major b: columns per warp
+
+template <typename T> struct StreamAcc { using type = float; };
+template <> struct StreamAcc<double> { using type = double; };
+
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+template <typename T> __device__ __forceinline__ T from_acc(float v) { return from_float<T>(v); }
+template <typename T> __device__ __forceinline__ T from_acc(double v) { return static_cast<T>(v); }
+
+struct StreamParams {
+  const void* a;          // a_NX, or x_TD when `order` is set
+  int64_t lda;            // a's row stride (elements; a's rows are contiguous)
+  const int64_t* order;   // gathered: the plan's order_N (row i reads a's row order[i] / K), else null
+  int64_t K, S;           // gathered: slots per token and T*K
+  const void* b;          // b_EXY
+  int64_t b_batch, ldb;   // b[e] at b + e*b_batch; b[e][x, y] at x*ldb + y, or y*ldb + x (B_COL)
+  void* c;                // c_NY, (N, Y) contiguous
+  const int* offs;        // offs_E, int32
+  int E, N, X, Y;
+};
+
+template <typename T, bool B_COL>
+struct StreamTile {
+  using acc_t = typename StreamAcc<T>::type;
+  static constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+  static constexpr int BY = B_COL ? kStreamWarps * kStreamColsPerWarp : 8 * VEC;
+  // Shared memory (acc_t elements): row-major b, the 8 warps' sums of a pass.
+  static constexpr int SMEM = B_COL ? 1 : kStreamWarps * kStreamPassRows * BY;
+};
+
+// Expert e's rows [lo, hi), clamped into [0, N].
+__device__ __forceinline__ void stream_group_rows(const StreamParams& p, int e, int& lo, int& hi) {
+  lo = e > 0 ? p.offs[e - 1] : 0;
+  hi = p.offs[e];
+  CUDA_KERNEL_ASSERT(lo >= 0 && lo <= hi && hi <= p.N &&
+                     "moe.grouped_mm: offs_E must be non-decreasing and at most a_NX.size(0)");
+  lo = min(max(lo, 0), p.N);
+  hi = min(max(hi, lo), p.N);
+}
+
+// One pass: rows [r0, r0 + m) of the expert whose weights start at b_e (m <= MR), columns
+// [y0, y0 + BY). The rows of a are read straight from global memory (they are a few KB, shared by
+// every CTA of the expert: L1 and L2 hits); rows m..MR-1 of a pass repeat row m-1 and are dropped.
+template <typename T, bool B_COL, int MR>
+__device__ void stream_pass(const StreamParams& p, const T* __restrict__ b_e, int r0, int m, int y0,
+                            typename StreamAcc<T>::type* smem, int64_t* src_row) {
+  using Tile = StreamTile<T, B_COL>;
+  using acc_t = typename Tile::acc_t;
+  using V = Vec<T, Tile::VEC>;
+  constexpr int VEC = Tile::VEC, BY = Tile::BY;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+
+  __syncthreads();  // the previous pass is done with src_row and the shared sums
+  if (threadIdx.x < MR) {
+    int64_t src = r0 + min(int(threadIdx.x), m - 1);
+    if (p.order != nullptr) {
+      const int64_t s = p.order[src];
+      CUDA_KERNEL_ASSERT(s >= 0 && s < p.S && "moe.gather_grouped_mm: order_N does not match rows_TK");
+      src = (s >= 0 && s < p.S) ? s / p.K : 0;
+    }
+    src_row[threadIdx.x] = src * p.lda;
+  }
+  __syncthreads();
+  const T* a_r[MR];
+#pragma unroll
+  for (int r = 0; r < MR; ++r) a_r[r] = static_cast<const T*>(p.a) + src_row[r];
+
+  constexpr int NACC = B_COL ? kStreamColsPerWarp : VEC;
+  acc_t acc[MR][NACC];
+#pragma unroll
+  for (int r = 0; r < MR; ++r)
+#pragma unroll
+    for (int j = 0; j < NACC; ++j) acc[r][j] = acc_t(0);
+
+  T* __restrict__ c = static_cast<T*>(p.c);
+  if constexpr (!B_COL) {
+    // Lane l of warp w: the columns of vector l % 8, depth rows x = 4w + l/8 (mod 32).
+    constexpr int U = 4;  // 16-byte weight loads in flight per thread
+    const int cv = lane % 8, xr = warp * 4 + lane / 8, y = y0 + cv * VEC;
+    if (y < p.Y) {
+      const T* __restrict__ bcol = b_e + y;
+      for (int x = xr; x < p.X; x += kWarp * U) {
+        V bv[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+          if (x + kWarp * u < p.X) bv[u] = *reinterpret_cast<const V*>(bcol + int64_t(x + kWarp * u) * p.ldb);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int xu = x + kWarp * u;
+          if (xu >= p.X) break;
+#pragma unroll
+          for (int r = 0; r < MR; ++r) {
+            const acc_t av = to_acc(a_r[r][xu]);
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) acc[r][j] = fma(av, to_acc(bv[u].v[j]), acc[r][j]);
+          }
+        }
+      }
+    }
+    // The 4 depth residues of a warp (lanes l, l^8, l^16, l^24), then the 8 warps, in order.
+#pragma unroll
+    for (int r = 0; r < MR; ++r)
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        acc_t v = acc[r][j];
+        v += __shfl_xor_sync(0xffffffffu, v, 8);
+        v += __shfl_xor_sync(0xffffffffu, v, 16);
+        acc[r][j] = v;
+      }
+    if (lane < 8) {
+#pragma unroll
+      for (int r = 0; r < MR; ++r)
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) smem[(warp * MR + r) * BY + cv * VEC + j] = acc[r][j];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < MR * BY; idx += kStreamThreads) {
+      const int r = idx / BY, col = idx % BY;
+      if (r >= m || y0 + col >= p.Y) continue;
+      acc_t s = smem[r * BY + col];
+#pragma unroll
+      for (int w = 1; w < kStreamWarps; ++w) s += smem[(w * MR + r) * BY + col];
+      c[int64_t(r0 + r) * p.Y + y0 + col] = from_acc<T>(s);
+    }
+  } else {
+    // Warp w: columns yw .. yw + 3; lane l: depth x = l*VEC .. l*VEC + VEC - 1 (mod 32*VEC).
+    constexpr int U = 2;
+    const int yw = y0 + warp * kStreamColsPerWarp;
+    for (int x = lane * VEC; x < p.X; x += kWarp * VEC * U) {
+      V bv[U][kStreamColsPerWarp];
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int q = 0; q < kStreamColsPerWarp; ++q)
+          if (x + kWarp * VEC * u < p.X && yw + q < p.Y)
+            bv[u][q] = *reinterpret_cast<const V*>(b_e + int64_t(yw + q) * p.ldb + x + kWarp * VEC * u);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int xu = x + kWarp * VEC * u;
+        if (xu >= p.X) break;
+#pragma unroll
+        for (int r = 0; r < MR; ++r) {
+          const V av = *reinterpret_cast<const V*>(a_r[r] + xu);
+#pragma unroll
+          for (int q = 0; q < kStreamColsPerWarp; ++q) {
+            if (yw + q >= p.Y) continue;  // uniform over the warp; bv[u][q] was not loaded
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) acc[r][q] = fma(to_acc(av.v[j]), to_acc(bv[u][q].v[j]), acc[r][q]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < MR; ++r)
+#pragma unroll
+      for (int q = 0; q < kStreamColsPerWarp; ++q) {
+        acc_t v = acc[r][q];
+#pragma unroll
+        for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == r * kStreamColsPerWarp + q && r < m && yw + q < p.Y)
+          c[int64_t(r0 + r) * p.Y + yw + q] = from_acc<T>(v);
+      }
+  }
+}
+
+template <typename T, bool B_COL>
+__global__ void __launch_bounds__(kStreamThreads, 2) stream_gemm_kernel(StreamParams p) {
+  using Tile = StreamTile<T, B_COL>;
+  using acc_t = typename Tile::acc_t;
+  __shared__ __align__(16) acc_t smem[Tile::SMEM];
+  __shared__ int64_t src_row[kStreamPassRows];
+  const int e = blockIdx.x, y0 = blockIdx.y * Tile::BY;
+  if (e == p.E) {  // the padding rows past the last group
+    int pad_lo = 0, unused = 0;
+    if (p.E > 0) stream_group_rows(p, p.E - 1, unused, pad_lo);
+    T* c = static_cast<T*>(p.c);
+    const int cols = min(Tile::BY, p.Y - y0);
+    for (int64_t idx = threadIdx.x; idx < int64_t(p.N - pad_lo) * cols; idx += kStreamThreads)
+      c[(pad_lo + idx / cols) * p.Y + y0 + idx % cols] = from_acc<T>(acc_t(0));
+    return;
+  }
+  int lo, hi;
+  stream_group_rows(p, e, lo, hi);
+  const T* b_e = static_cast<const T*>(p.b) + int64_t(e) * p.b_batch;
+  for (int r0 = lo; r0 < hi; r0 += kStreamPassRows) {  // uniform over the CTA
+    const int m = min(kStreamPassRows, hi - r0);
+    static_assert(kStreamPassRows == 4, "the passes below are MR = 1, 2 and 4");
+    if (m == 1) stream_pass<T, B_COL, 1>(p, b_e, r0, m, y0, smem, src_row);
+    else if (m == 2) stream_pass<T, B_COL, 2>(p, b_e, r0, m, y0, smem, src_row);
+    else stream_pass<T, B_COL, 4>(p, b_e, r0, m, y0, smem, src_row);
+  }
+}
+
+// Whether the streaming kernel takes these operands (its 16-byte vector loads; see the header).
+inline bool stream_layout_ok(const at::Tensor& a, int64_t lda, const at::Tensor& b, bool b_col,
+                             int64_t b_ld, int64_t X, int64_t Y) {
+  const auto st = a.scalar_type();
+  if (st != at::kBFloat16 && st != at::kHalf && st != at::kFloat && st != at::kDouble) return false;
+  const int64_t vec = 16 / static_cast<int64_t>(a.element_size());
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  if (X < 1 || X % vec != 0 || lda % vec != 0 || !aligned(a.const_data_ptr())) return false;
+  if (!aligned(b.const_data_ptr()) || b.stride(0) % vec != 0 || b_ld % vec != 0) return false;
+  return b_col || Y % vec == 0;
+}
+
+// grid (E + 1, ceil(Y / BY)).
+template <typename T, bool B_COL>
+void launch_stream(const StreamParams& p) {
+  const int64_t tiles_y = ceil_div(p.Y, StreamTile<T, B_COL>::BY);
+  TORCH_CHECK(tiles_y <= 65535, "moe.grouped_mm: Y=", p.Y, " too large for one launch");
+  stream_gemm_kernel<T, B_COL>
+      <<<dim3(unsigned(p.E + 1), unsigned(tiles_y)), kStreamThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+}  // namespace moe::cuda

@@ -1,0 +1,188 @@
+"""GPU tests of the weight-streaming grouped GEMM (csrc/cuda/stream_gemm.cuh): moe.grouped_mm and
+moe.gather_grouped_mm at decode sizes, where each chosen expert has a few rows.
+
+Shape legend: T tokens, K slots, E experts, N routed rows, X/Y GEMM input/output dims, D model dim.
+
+Every test is marked ``gpu`` and skips cleanly without a CUDA device. moe.ops.config.cuda_gemm =
+"stream" forces the kernel on every forward GEMM whose layout it takes; "auto" picks it at most
+build_info()["cuda_stream_rows"] rows per expert on average. GEMMs follow FlashAttention's rule
+(error against float64 at most 2x that of the same-dtype PyTorch computation); outputs are poisoned
+first, so rows the kernel forgets to write show up. The cases cover one, two, three, four and more
+rows per expert (passes of 1, 2 and 4 rows, several passes), empty experts, padding rows, partial
+column tiles in both weight layouts, depths that end inside a step, E = 256 and gathered rows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe import ops
+from moe.ops import twins
+
+from tests.gpu.test_gpu import _ids, _offs, _poison, _rule
+
+pytestmark = pytest.mark.gpu
+moe_ops = torch.ops.moe
+DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
+
+
+@pytest.fixture(autouse=True)
+def _cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("moe::gather_grouped_mm", "CUDA")
+    torch.manual_seed(0)
+
+
+def _kernels(fn) -> str:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return " ".join(e.name for e in prof.events())
+
+
+def _weights(E, X, Y, dtype, transposed):
+    if transposed:  # the nn.Linear layout: b[e, x, y] with x contiguous
+        return torch.randn(E, Y, X, device="cuda", dtype=dtype).transpose(1, 2)
+    return torch.randn(E, X, Y, device="cuda", dtype=dtype)
+
+
+CASES = [  # (counts per expert, padding rows, X, Y)
+    ([1] * 8 + [0] * 8, 0, 64, 96),                 # T = 1, k = 8: one row per chosen expert
+    ([0, 1, 2, 3, 4, 5, 8, 9, 13, 0], 3, 136, 200),  # every pass size, several passes, partial tiles
+    ([3] * 256, 0, 32, 16),                          # E = 256
+    ([2, 0, 7], 5, 1032, 40),                        # depth ends inside a step
+    ([0, 0, 0], 4, 64, 64),                          # padding rows only
+]
+
+
+@pytest.mark.parametrize("counts,pad,X,Y", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_stream_grouped_mm(counts, pad, X, Y, dtype, transposed):
+    E, rows = len(counts), sum(counts)
+    N = rows + pad
+    a = torch.randn(N, X, device="cuda", dtype=dtype)
+    a[rows:] = float("nan")  # rows past offs_E[-1] are never read
+    b = _weights(E, X, Y, dtype, transposed)
+    offs = _offs(counts)
+    with ops.config.override(cuda_gemm="stream"):
+        assert "stream_gemm_kernel" in _kernels(lambda: moe_ops.grouped_mm(a, b, offs))
+        _poison(((N, Y), dtype))
+        c = moe_ops.grouped_mm(a, b, offs)
+        assert torch.equal(c, moe_ops.grouped_mm(a, b, offs))  # deterministic
+    assert torch.equal(c[rows:], torch.zeros_like(c[rows:]))
+    _rule(c[:rows], twins.grouped_mm_torch(a.double(), b.double(), offs)[:rows],
+          twins.grouped_mm_torch(a, b, offs)[:rows])
+    cpu = moe_ops.grouped_mm(a.cpu(), b.cpu(), offs.cpu())
+    _rule(c[:rows].cpu(), twins.grouped_mm_torch(a.double(), b.double(), offs)[:rows].cpu(), cpu[:rows])
+
+
+def _gather_inputs(T, K, E, D, Y, dtype, transposed, *, crowd=0):
+    ids = _ids(T, K, E)
+    if crowd:
+        ids[:crowd, 0] = 1  # expert 1 gets `crowd` rows or more: several passes
+    big = torch.randn(T, D + 8, device="cuda", dtype=dtype)
+    x = big[:, :D]  # a row stride past D
+    p = moe_ops.plan(ids, E)
+    return x, p, _weights(E, D, Y, dtype, transposed)
+
+
+@pytest.mark.parametrize("T,K,E,D,Y,crowd", [(1, 8, 128, 64, 96, 0), (6, 4, 16, 136, 200, 0),
+                                             (13, 2, 8, 64, 40, 13), (64, 8, 128, 32, 48, 9)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_stream_gather_grouped_mm(T, K, E, D, Y, crowd, dtype, transposed):
+    """x_TD's rows read through the plan (dropped slots -1: padding rows come out zero)."""
+    x, (_, offs, order, rows_TK), b = _gather_inputs(T, K, E, D, Y, dtype, transposed, crowd=crowd)
+    args = (order, rows_TK, b, offs)
+    with ops.config.override(cuda_gemm="stream"):
+        names = _kernels(lambda: moe_ops.gather_grouped_mm(x, *args))
+        assert "stream_gemm_kernel" in names and "permute" not in names, names
+        _poison(((order.shape[0], Y), dtype))
+        c = moe_ops.gather_grouped_mm(x, *args)
+    used = int(offs[-1])
+    assert torch.equal(c[used:], torch.zeros_like(c[used:]))
+    ref = twins.gather_grouped_mm_torch(x.double(), order, rows_TK, b.double(), offs)
+    _rule(c, ref, twins.gather_grouped_mm_torch(x, *args))
+    with ops.config.override(cuda_gemm="native"):  # the two-op form on moekit's WMMA kernels
+        _rule(moe_ops.gather_grouped_mm(x, *args), ref, twins.gather_grouped_mm_torch(x, *args))
+
+
+def test_auto_streams_at_decode_sizes_only():
+    """"auto" streams at <= cuda_stream_rows rows per expert on average, tiles above it; layouts
+    the kernel does not take (X not a multiple of 8 bf16) go to the other kernels."""
+    limit = ops.build_info()["cuda_stream_rows"]
+    E, X, Y = 16, 64, 48
+    b = torch.randn(E, X, Y, device="cuda", dtype=torch.bfloat16)
+    for N, streams in ((limit * E, True), (limit * E + 1, False)):
+        a = torch.randn(N, X, device="cuda", dtype=torch.bfloat16)
+        offs = _offs([N // E] * (E - 1) + [N - (N // E) * (E - 1)])
+        with ops.config.override(cuda_gemm="auto"):
+            assert ("stream_gemm_kernel" in _kernels(lambda: moe_ops.grouped_mm(a, b, offs))) == streams, N
+    a = torch.randn(32, 60, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(E, 60, Y, device="cuda", dtype=torch.bfloat16)
+    with ops.config.override(cuda_gemm="stream"):
+        c = moe_ops.grouped_mm(a, b, _offs([2] * E))
+        assert "stream_gemm_kernel" not in _kernels(lambda: moe_ops.grouped_mm(a, b, _offs([2] * E)))
+    _rule(c, twins.grouped_mm_torch(a.double(), b.double(), _offs([2] * E)),
+          twins.grouped_mm_torch(a, b, _offs([2] * E)))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_stream_gradients_gradcheck_and_opcheck(transposed):
+    """float64: gather_grouped_mm and grouped_mm through autograd on the streaming kernel (the
+    backward's d x GEMM streams too, with the weights transposed) pass gradcheck and equal the CPU
+    kernels' gradients; opcheck on both ops."""
+    x, (_, offs, order, rows_TK), b = _gather_inputs(5, 3, 6, 8, 10, torch.float64, transposed)
+    x = x.detach().clone().requires_grad_()
+    b = b.detach().requires_grad_()
+    with ops.config.override(cuda_gemm="stream"):
+        assert torch.autograd.gradcheck(
+            lambda x_, b_: moe_ops.gather_grouped_mm(x_, order, rows_TK, b_, offs), (x, b))
+        y = moe_ops.gather_grouped_mm(x, order, rows_TK, b, offs)
+        gx, gb = torch.autograd.grad(y.square().sum(), (x, b))
+        torch.library.opcheck(moe_ops.gather_grouped_mm.default, (x, order, rows_TK, b, offs))
+        a = torch.randn(12, 8, device="cuda", dtype=torch.float64, requires_grad=True)
+        torch.library.opcheck(moe_ops.grouped_mm.default, (a, b, _offs([3, 0, 4, 1, 2, 1])))
+    xc, bc = x.detach().cpu().requires_grad_(), b.detach().cpu().requires_grad_()
+    yc = moe_ops.gather_grouped_mm(xc, order.cpu(), rows_TK.cpu(), bc, offs.cpu())
+    gxc, gbc = torch.autograd.grad(yc.square().sum(), (xc, bc))
+    for got, want in ((y, yc), (gx, gxc), (gb, gbc)):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-10)
+
+
+def test_decode_layer_has_no_host_sync_and_replays_in_a_cuda_graph():
+    """The drop-in layer at decode size (T = 4 tokens, 16 experts, top-4: 1 row per expert on
+    average, so "auto" streams both projections): no host sync, a CUDA graph replays to the eager
+    result after new tokens, and the eager result is close to the tiled kernels' ("native")."""
+    import moe
+
+    torch.manual_seed(0)
+    layer = moe.MoELayer(64, 96, 16, 4).cuda().bfloat16().eval()
+    x = torch.randn(1, 4, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert "stream_gemm_kernel" in _kernels(lambda: layer(x))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            y = layer(x)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        with ops.config.override(cuda_gemm="native"):
+            torch.testing.assert_close(y, layer(x), rtol=2e-2, atol=2e-2)
+        static_x = x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                layer(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = layer(static_x)
+        for _ in range(2):
+            graph.replay()
+            assert torch.equal(static_y, layer(static_x))
+            static_x.copy_(torch.randn_like(static_x))  # new tokens, new routing
