@@ -27,9 +27,10 @@
 // (at::_grouped_mm). Both need their layout rules to hold (X, Y and the strides multiples of 8
 // elements, 16-byte aligned pointers; PyTorch's also E < 1024). "torch" forces PyTorch's and
 // "native" moekit's WMMA kernels below, which are also the path for float16/float32/float64,
-// other GPUs and unaligned layouts. Around the CUTLASS calls: a check kernel asserts the offsets
-// first (as the native kernels do), and the contract's zeros are written after (padding rows of
-// c_NY; experts with no rows in the weight gradient).
+// other GPUs and unaligned layouts. moekit's sm90 GEMM is two launches (its setup kernel asserts
+// the offsets, as the native kernels do, and writes the contract's zeros: padding rows of c_NY,
+// experts with no rows in the weight gradient); around PyTorch's, a check kernel asserts the
+// offsets first and the zeros are written after.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/_grouped_mm.h>
 #include <torch/library.h>
@@ -362,27 +363,23 @@ sm90::GroupedGemm sm90_problem(const at::Tensor& a, const at::Tensor& b, const a
 at::Tensor grouped_mm_sm90_path(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs,
                                 bool b_col, int config) {
   const int64_t N = a.size(0), X = a.size(1), Y = b.size(2), E = b.size(0);
-  check_offs(offs, E, N);
   auto c = at::empty({N, Y}, a.options());
   auto g = sm90_problem(a, b, offs, c.mutable_data_ptr(), E, X, Y);
   g.b_col = b_col;
   g.ldb = b_col ? b.stride(2) : b.stride(1);
   g.b_batch = b.stride(0);
-  run_sm90(g, config, a);
-  zero_tail_rows(c, offs, E);
+  run_sm90(g, config, a);  // asserts offs_E and zeroes the padding rows too
   return c;
 }
 
 at::Tensor grouped_mm_wgrad_sm90_path(const at::Tensor& a, const at::Tensor& g_NY,
                                       const at::Tensor& offs, int config) {
-  const int64_t N = a.size(0), X = a.size(1), Y = g_NY.size(1), E = offs.size(0);
-  check_offs(offs, E, N);
+  const int64_t X = a.size(1), Y = g_NY.size(1), E = offs.size(0);
   auto w = at::empty({E, X, Y}, a.options());
   auto g = sm90_problem(a, g_NY, offs, w.mutable_data_ptr(), E, X, Y);
   g.wgrad = true;
   g.ldb = g_NY.stride(0);
-  run_sm90(g, config, a);
-  zero_empty_experts(w, offs, E, X, Y);
+  run_sm90(g, config, a);  // asserts offs_E and zeroes the experts with no rows too
   return w;
 }
 #endif

@@ -92,6 +92,22 @@ def test_plan_bad_id_trips_device_assert():
     assert res.returncode != 0 and "assert" in (res.stderr + res.stdout).lower()
 
 
+@pytest.mark.parametrize("backend,N", [("auto", 256), ("auto", 8), ("native", 256), ("torch", 256)])
+@pytest.mark.parametrize("wgrad", [False, True])
+def test_grouped_mm_bad_offsets_trip_device_assert(backend, N, wgrad):
+    """Decreasing offsets raise a device-side assert on every GEMM path (moekit's sm90 setup
+    kernel, the weight-streaming kernel at N = 8, the WMMA kernels, the check before PyTorch's),
+    never a silent result: in a subprocess, as the context is then unusable."""
+    op = "grouped_mm_wgrad(a, a[:, :64], offs)" if wgrad else "grouped_mm(a, b, offs)"
+    code = ("import torch, moe.ops; from moe import ops; ops.config.cuda_gemm = %r;"
+            "a = torch.randn(%d, 64, device='cuda', dtype=torch.bfloat16);"
+            "b = torch.randn(2, 64, 64, device='cuda', dtype=torch.bfloat16);"
+            "offs = torch.tensor([4, 2], device='cuda', dtype=torch.int32);"
+            "torch.ops.moe.%s; torch.cuda.synchronize()" % (backend, N, op))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "assert" in (res.stderr + res.stdout).lower(), res.stderr[-2000:]
+
+
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
 DISPATCH_CASES = [(0, 2, 3, 16), (37, 3, 5, 13), (300, 8, 64, 1000), (512, 2, 8, 4096),
                   (50, 3, 6, 2100)]  # 2100: rows split in chunks, the last one partial

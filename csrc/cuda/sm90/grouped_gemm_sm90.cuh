@@ -5,7 +5,8 @@
 // One GEMM per expert in one persistent launch: KernelPtrArrayTmaWarpSpecialized{Cooperative,
 // Pingpong} reads each group's pointers, strides and CUTLASS (M, N, K) shape ((rows, Y, X) in the
 // forward, (X, Y, rows) in the weight gradient: grouped_gemm_sm90.h) from device arrays, so the
-// routed counts never reach the host. A one-block kernel fills those arrays from offs_E first.
+// routed counts never reach the host. One setup kernel first checks offs_E, fills those arrays
+// and writes the contract's zeros: two launches per GEMM.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -17,6 +18,7 @@
 #include <cutlass/gemm/group_array_problem_shape.hpp>
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "grouped_gemm_sm90.h"
@@ -133,47 +135,89 @@ struct Sm90GroupedGemm {
   static const char* run(const GroupedGemm& g, void* workspace, cudaStream_t stream);
 };
 
-// One thread per expert: expert e's pointers, strides and CUTLASS (M, N, K) from offs_E. Bad
-// offsets are clamped here (the caller asserts them on the device first).
+// A device-side assert that NDEBUG (defined in these units for the wgmma pipeline) leaves in:
+// CUDA declares __assert_fail for device code whatever NDEBUG says; the failure is reported as
+// PyTorch's CUDA_KERNEL_ASSERT reports it (a device-side assert).
+#define MOE_SM90_ASSERT(cond, msg) \
+  do {                             \
+    if (!(cond)) __assert_fail(msg, __FILE__, __LINE__, __func__); \
+  } while (0)
+
+constexpr int kPrepareThreads = 256;
+
+// Everything of one GEMM call around the CUTLASS kernel, in one launch (grouped_gemm_sm90.h's
+// contract): threads e < E of blocks (x, 0) assert offs_E (non-decreasing, within [0, N]) and
+// write expert e's pointers, strides and CUTLASS (M, N, K) (bad offsets are clamped, so memory
+// stays safe if the assert is compiled out); the grid's blocks also write the contract's zeros:
+// in the forward the padding rows [offs_E[E-1], N) of c (blocks (x, 0), grid-stride), in the
+// weight gradient expert y's (X, Y) block when it has no rows (blocks (x, y)). Zeros and GEMM
+// outputs are disjoint, so their order does not matter. Y (and X * Y) are multiples of 8 here
+// (the TMA layout rules): zeros go in 16-byte words.
 template <class G>
-__global__ void prepare_groups_kernel(GroupedGemm g, char* ws) {
-  const int e = blockIdx.x * blockDim.x + threadIdx.x;
-  if (e >= g.E) return;
-  const auto l = G::layout(g.E, 0);
-  int lo = e > 0 ? g.offs[e - 1] : 0, hi = g.offs[e];
-  lo = min(max(lo, 0), g.N);
-  hi = min(max(hi, lo), g.N);
+__global__ void __launch_bounds__(kPrepareThreads) prepare_groups_kernel(GroupedGemm g, char* ws) {
   using E_ = typename G::Element;
-  auto ptr_a = reinterpret_cast<const E_**>(ws + l.ptr_a);
-  auto ptr_b = reinterpret_cast<const E_**>(ws + l.ptr_b);
-  auto ptr_c = reinterpret_cast<E_**>(ws + l.ptr_c);
-  auto shapes = reinterpret_cast<typename G::Shape*>(ws + l.shapes);
-  const E_* a = static_cast<const E_*>(g.a);
-  const E_* b = static_cast<const E_*>(g.b);
-  E_* c = static_cast<E_*>(g.c);
-  const int rows = hi - lo;
-  if (!g.wgrad) {  // (rows, Y, X): A = a rows (row-major), B = b[e], C = c rows
-    ptr_a[e] = a + int64_t(lo) * g.lda;
-    ptr_b[e] = b + int64_t(e) * g.b_batch;
-    ptr_c[e] = c + int64_t(lo) * g.Y;
-    shapes[e] = typename G::Shape{rows, g.Y, g.X};
+  const int e = blockIdx.x * kPrepareThreads + threadIdx.x;
+  if (blockIdx.y == 0 && e < g.E) {
+    const auto l = G::layout(g.E, 0);
+    int lo = e > 0 ? g.offs[e - 1] : 0, hi = g.offs[e];
+    MOE_SM90_ASSERT(lo >= 0 && lo <= hi && hi <= g.N,
+                    "moe.grouped_mm: offs_E must be non-decreasing and within [0, N]");
+    lo = min(max(lo, 0), g.N);
+    hi = min(max(hi, lo), g.N);
+    auto ptr_a = reinterpret_cast<const E_**>(ws + l.ptr_a);
+    auto ptr_b = reinterpret_cast<const E_**>(ws + l.ptr_b);
+    auto ptr_c = reinterpret_cast<E_**>(ws + l.ptr_c);
+    auto shapes = reinterpret_cast<typename G::Shape*>(ws + l.shapes);
+    const E_* a = static_cast<const E_*>(g.a);
+    const E_* b = static_cast<const E_*>(g.b);
+    E_* c = static_cast<E_*>(g.c);
+    const int rows = hi - lo;
+    if (!g.wgrad) {  // (rows, Y, X): A = a rows (row-major), B = b[e], C = c rows
+      ptr_a[e] = a + int64_t(lo) * g.lda;
+      ptr_b[e] = b + int64_t(e) * g.b_batch;
+      ptr_c[e] = c + int64_t(lo) * g.Y;
+      shapes[e] = typename G::Shape{rows, g.Y, g.X};
+    } else {  // (X, Y, rows): A = a rows transposed (contiguous along X), B = g rows, C = c[e]
+      ptr_a[e] = a + int64_t(lo) * g.lda;
+      ptr_b[e] = b + int64_t(lo) * g.ldb;
+      ptr_c[e] = c + int64_t(e) * g.X * g.Y;
+      shapes[e] = typename G::Shape{g.X, g.Y, rows};
+    }
     reinterpret_cast<typename G::StrideB*>(ws + l.stride_b)[e] = G::template leading<typename G::StrideB>(g.ldb);
-  } else {  // (X, Y, rows): A = a rows transposed (contiguous along X), B = g rows, C = c[e]
-    ptr_a[e] = a + int64_t(lo) * g.lda;
-    ptr_b[e] = b + int64_t(lo) * g.ldb;
-    ptr_c[e] = c + int64_t(e) * g.X * g.Y;
-    shapes[e] = typename G::Shape{g.X, g.Y, rows};
-    reinterpret_cast<typename G::StrideB*>(ws + l.stride_b)[e] = G::template leading<typename G::StrideB>(g.ldb);
+    reinterpret_cast<typename G::StrideA*>(ws + l.stride_a)[e] = G::template leading<typename G::StrideA>(g.lda);
+    reinterpret_cast<typename G::StrideC*>(ws + l.stride_c)[e] = G::template leading<typename G::StrideC>(g.Y);
   }
-  reinterpret_cast<typename G::StrideA*>(ws + l.stride_a)[e] = G::template leading<typename G::StrideA>(g.lda);
-  reinterpret_cast<typename G::StrideC*>(ws + l.stride_c)[e] = G::template leading<typename G::StrideC>(g.Y);
+  uint4* c = static_cast<uint4*>(g.c);
+  const int64_t step = int64_t(gridDim.x) * kPrepareThreads;
+  const int64_t first = int64_t(blockIdx.x) * kPrepareThreads + threadIdx.x;
+  if (!g.wgrad) {
+    if (blockIdx.y != 0 || g.E < 1) return;
+    const int64_t words_per_row = g.Y / 8;
+    const int64_t begin = int64_t(min(max(g.offs[g.E - 1], 0), g.N)) * words_per_row;
+    for (int64_t i = begin + first; i < int64_t(g.N) * words_per_row; i += step) c[i] = make_uint4(0, 0, 0, 0);
+  } else {
+    const int ez = blockIdx.y;
+    if (g.offs[ez] != (ez > 0 ? g.offs[ez - 1] : 0)) return;  // expert ez has rows
+    const int64_t words = int64_t(g.X) * g.Y / 8;
+    for (int64_t i = first; i < words; i += step) c[ez * words + i] = make_uint4(0, 0, 0, 0);
+  }
+}
+
+// The setup kernel's grid: enough blocks for one thread per expert, and for the zeros (the
+// forward: up to 4 per SM over the N x Y output; the weight gradient: up to 64 per expert).
+inline dim3 prepare_grid(const GroupedGemm& g) {
+  const int64_t setup = (int64_t(g.E) + kPrepareThreads - 1) / kPrepareThreads;
+  const int64_t words = g.wgrad ? int64_t(g.X) * g.Y / 8 : int64_t(g.N) * g.Y / 8;
+  const int64_t cap = g.wgrad ? 64 : 4 * int64_t(g.sm_count > 0 ? g.sm_count : 1);
+  const int64_t zero = std::min<int64_t>((words + kPrepareThreads - 1) / kPrepareThreads, cap);
+  return dim3(unsigned(std::max<int64_t>({setup, zero, 1})), g.wgrad ? unsigned(g.E) : 1u);
 }
 
 template <class Cfg, bool A_COL, bool B_COL>
 const char* Sm90GroupedGemm<Cfg, A_COL, B_COL>::run(const GroupedGemm& g, void* workspace,
                                                     cudaStream_t stream) {
   char* ws = static_cast<char*>(workspace);
-  prepare_groups_kernel<Sm90GroupedGemm><<<(g.E + 127) / 128, 128, 0, stream>>>(g, ws);
+  prepare_groups_kernel<Sm90GroupedGemm><<<prepare_grid(g), kPrepareThreads, 0, stream>>>(g, ws);
   if (cudaGetLastError() != cudaSuccess) return "moe.grouped_mm (sm90): launching the group setup kernel failed";
   auto args = arguments(g, ws);
   Gemm gemm;

@@ -11,9 +11,9 @@
 //   wgrad:   c_EXY[e] = a_NX[rows of e]^T @ g_NY[rows of e]    problem e = (X, Y, rows_e)
 //
 // The rows of e are offs_E[e-1]..offs_E[e] (offs_E int32 on the device, never read on the host:
-// a one-block kernel turns them into CUTLASS's per-group pointers, strides and problem shapes in
-// the caller's workspace). Padding rows of c_NY and the weight gradients of experts with no rows
-// are NOT written here: the caller zeroes them (csrc/cuda/grouped_mm.cu).
+// a setup kernel asserts them, turns them into CUTLASS's per-group pointers, strides and problem
+// shapes in the caller's workspace, and writes the contract's zeros: the padding rows of c_NY, the
+// weight gradients of experts with no rows). Two launches per call, no host sync.
 #pragma once
 
 #include <cuda_runtime.h>
