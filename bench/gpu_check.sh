@@ -129,6 +129,7 @@ run_bench() {  # name time-limit command...
 run_bench graph_diag 100 python3 bench/gpu_graph_diag.py
 run_bench sweep 170 python3 bench/gpu_gemm_sweep.py --iters 20 --json "$OUT/part_sweep.json"
 run_bench sweep_again 170 python3 bench/gpu_gemm_sweep.py --iters 20  # the run-to-run spread
+run_bench sweep_decode 90 python3 bench/gpu_gemm_sweep.py --tokens 1 8 64 256 --proj up down --iters 20
 if [ "$MODE" != quick ]; then
   run_bench layer 200 python3 bench/gpu_bench.py --only layer --json "$OUT/part_layer.json"
   run_bench mlp_decode 100 python3 bench/gpu_bench.py --only mlp decode --json "$OUT/part_mlp_decode.json"

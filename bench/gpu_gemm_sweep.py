@@ -10,12 +10,15 @@ weight in nn.Linear layout (a transposed view, as moe.GroupedExperts' autograd p
 data gradient and HF checkpoints store it); "wgrad" is the weight gradient a_ND^T g_NF per expert.
 Columns: moekit with each config forced (moe.ops.config.sm90_forward_config=c, for wgrad sm90_wgrad_config=c)
 and with its own choice
-(auto), PyTorch's kernel through moekit's op (cuda_gemm="torch"), torch's F.grouped_mm, a dense
+(auto; at most build_info()["cuda_stream_rows"] rows per expert on average it is the
+weight-streaming kernel), PyTorch's kernel through moekit's op (cuda_gemm="torch"), the
+weight-streaming kernel forced (cuda_gemm="stream", forward only), torch's F.grouped_mm, a dense
 mm of the same FLOPs; roofline = max(bytes / copy rate, FLOPs / dense rate) / time, where bytes =
 A + the routed experts' weights + C (each read or written once) and both rates are measured in this
 run. Timings: medians of CUDA events with input sets rotating past twice the L2.
 
     PYTHONPATH=. python bench/gpu_gemm_sweep.py [--tokens 2048 4096 16384] [--json out.json]
+    PYTHONPATH=. python bench/gpu_gemm_sweep.py --tokens 1 8 64 256 --proj up down  # decode sizes
 """
 
 from __future__ import annotations
@@ -61,7 +64,8 @@ def sweep_row(name, T, proj, iters, rates):
             except RuntimeError as err:
                 row[f"c{c}_ms"] = float("nan")
                 row[f"c{c}_error"] = str(err)[:200]
-    for key, backend in (("auto_ms", "auto"), ("torch_ms", "torch")):
+    backends = (("auto_ms", "auto"), ("torch_ms", "torch")) + (() if proj == "wgrad" else (("stream_ms", "stream"),))
+    for key, backend in backends:
         with ops.config.override(cuda_gemm=backend, **{setting: "auto"}):
             row[key] = _time_ms(fn, sets, iters)
     tgm = getattr(F, "grouped_mm", None) or torch._grouped_mm
@@ -111,7 +115,7 @@ def main() -> None:
     print("forward configs:", dict(enumerate(info["sm90_forward_configs"])))
     print("wgrad configs:", dict(enumerate(info["sm90_wgrad_configs"])))
     ncfg = max(len(info["sm90_forward_configs"]), len(info["sm90_wgrad_configs"]))
-    cols = [f"c{c}_ms" for c in range(ncfg)] + ["auto_ms", "torch_ms", "F_grouped_mm_ms", "dense_ms",
+    cols = [f"c{c}_ms" for c in range(ncfg)] + ["auto_ms", "torch_ms", "stream_ms", "F_grouped_mm_ms", "dense_ms",
                                                 "vs_F_grouped_mm", "vs_dense", "roofline"]
     print("| shape | T | proj | best | " + " | ".join(cols) + " |")
     print("|---|---|---|---|" + "---|" * len(cols))
