@@ -435,7 +435,7 @@ at::Tensor grouped_mm_cuda(const at::Tensor& a_NX, const at::Tensor& b_EXY,
   const auto offs = offs_E.contiguous();
   const Backend be = config::cuda_gemm();  // may raise: a bad MOE_CUDA_GEMM
   const int64_t b_ld = b_col ? b.stride(2) : b.stride(1);
-  if (use_stream(be, N, E) && stream_layout_ok(a, a.stride(0), b, b_col, b_ld, X, Y))
+  if (use_stream(be, N, E) && stream_layout_ok(a, a.stride(0), b, b_col, b_ld, N, E, X, Y))
     return grouped_mm_stream_path(a, at::Tensor(), 1, b, b_col, offs, N);
   if (X > 0 && cutlass_layout_ok(a, b, E, X, Y)) {
 #ifdef MOE_WITH_SM90_GEMM
@@ -511,7 +511,7 @@ at::Tensor gather_grouped_mm_cuda(const at::Tensor& x_TD, const at::Tensor& orde
   const int64_t b_ld = b_col ? b.stride(2) : b.stride(1);
   const Backend be = config::cuda_gemm();  // may raise: a bad MOE_CUDA_GEMM
   if (N > 0 && Y > 0 && use_stream(be, N, E) && x_TD.stride(1) == 1 && (b.stride(2) == 1 || b_col) &&
-      stream_layout_ok(x_TD, x_TD.stride(0), b, b_col, b_ld, X, Y))
+      stream_layout_ok(x_TD, x_TD.stride(0), b, b_col, b_ld, N, E, X, Y))
     return grouped_mm_stream_path(x_TD, order_N.contiguous(), rows_TK.size(1), b, b_col,
                                   offs_E.contiguous(), N);
   return grouped_mm_cuda(permute_cuda(x_TD, order_N, rows_TK, std::nullopt), b_EXY, offs_E);

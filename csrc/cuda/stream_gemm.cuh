@@ -24,8 +24,8 @@
 //     per warp; each lane loads 16 bytes of depth of each of its warp's columns, so a warp load
 //     reads 512 contiguous bytes of one column; a butterfly of shuffles adds the lanes' sums.
 // Registers: at most 128 per thread (2 CTAs of 8 warps per SM), no spills (ptxas -v, sm_90).
-// Layout rules (stream_layout_ok): 16-byte aligned a, b; a's row stride, X, b's strides (and Y
-// for row-major b) multiples of 16 bytes' worth of elements.
+// Layout rules (stream_layout_ok): 16-byte aligned b, b's strides multiples of 16 bytes' worth of
+// elements, and Y too for row-major b; for column-major b, a likewise (aligned, row stride and X).
 // offs_E is checked on the device (CUDA_KERNEL_ASSERT) and clamped, as in the tiled kernels.
 #pragma once
 
@@ -233,23 +233,28 @@ __global__ void __launch_bounds__(kStreamThreads, 2) stream_gemm_kernel(StreamPa
   }
 }
 
-// Whether the streaming kernel takes these operands (its 16-byte vector loads; see the header).
+// Whether the streaming kernel takes these operands: its 16-byte vector loads (of b's rows, and
+// for column-major b of a's rows too; row-major b reads a element by element), one launch's grid
+// (E + 1 CTAs by ceil(Y / BY)) and int32 index arithmetic with room to spare (decode sizes are far
+// below these limits; anything else falls back to the tiled kernels).
 inline bool stream_layout_ok(const at::Tensor& a, int64_t lda, const at::Tensor& b, bool b_col,
-                             int64_t b_ld, int64_t X, int64_t Y) {
+                             int64_t b_ld, int64_t N, int64_t E, int64_t X, int64_t Y) {
   const auto st = a.scalar_type();
   if (st != at::kBFloat16 && st != at::kHalf && st != at::kFloat && st != at::kDouble) return false;
   const int64_t vec = 16 / static_cast<int64_t>(a.element_size());
+  const int64_t by = b_col ? kStreamWarps * kStreamColsPerWarp : 8 * vec;  // StreamTile::BY
+  constexpr int64_t kLimit = int64_t{1} << 30;
+  if (X < 1 || X >= kLimit || N >= kLimit || E >= kLimit || ceil_div(Y, by) > 65535) return false;
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  if (X < 1 || X % vec != 0 || lda % vec != 0 || !aligned(a.const_data_ptr())) return false;
   if (!aligned(b.const_data_ptr()) || b.stride(0) % vec != 0 || b_ld % vec != 0) return false;
-  return b_col || Y % vec == 0;
+  if (b_col) return aligned(a.const_data_ptr()) && lda % vec == 0 && X % vec == 0;
+  return Y % vec == 0;
 }
 
 // grid (E + 1, ceil(Y / BY)).
 template <typename T, bool B_COL>
 void launch_stream(const StreamParams& p) {
-  const int64_t tiles_y = ceil_div(p.Y, StreamTile<T, B_COL>::BY);
-  TORCH_CHECK(tiles_y <= 65535, "moe.grouped_mm: Y=", p.Y, " too large for one launch");
+  const int64_t tiles_y = ceil_div(p.Y, StreamTile<T, B_COL>::BY);  // <= 65535: stream_layout_ok
   stream_gemm_kernel<T, B_COL>
       <<<dim3(unsigned(p.E + 1), unsigned(tiles_y)), kStreamThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

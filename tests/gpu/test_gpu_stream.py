@@ -42,10 +42,11 @@ def _kernels(fn) -> str:
     return " ".join(e.name for e in prof.events())
 
 
-def _weights(E, X, Y, dtype, transposed):
+def _weights(E, X, Y, dtype, transposed, pad=0):
+    """b (E, X, Y); `pad` extra elements on its contiguous dim (strides past the extent)."""
     if transposed:  # the nn.Linear layout: b[e, x, y] with x contiguous
-        return torch.randn(E, Y, X, device="cuda", dtype=dtype).transpose(1, 2)
-    return torch.randn(E, X, Y, device="cuda", dtype=dtype)
+        return torch.randn(E, Y, X + pad, device="cuda", dtype=dtype)[..., :X].transpose(1, 2)
+    return torch.randn(E, X, Y + pad, device="cuda", dtype=dtype)[..., :Y]
 
 
 CASES = [  # (counts per expert, padding rows, X, Y)
@@ -60,12 +61,15 @@ CASES = [  # (counts per expert, padding rows, X, Y)
 @pytest.mark.parametrize("counts,pad,X,Y", CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("transposed", [False, True])
-def test_stream_grouped_mm(counts, pad, X, Y, dtype, transposed):
+@pytest.mark.parametrize("strided", [False, True])
+def test_stream_grouped_mm(counts, pad, X, Y, dtype, transposed, strided):
+    """strided: a's row stride and b's strides past their extents (16 bytes' worth more)."""
     E, rows = len(counts), sum(counts)
     N = rows + pad
-    a = torch.randn(N, X, device="cuda", dtype=dtype)
+    extra = 16 // torch.empty((), dtype=dtype).element_size() if strided else 0
+    a = torch.randn(N, X + extra, device="cuda", dtype=dtype)[:, :X]
     a[rows:] = float("nan")  # rows past offs_E[-1] are never read
-    b = _weights(E, X, Y, dtype, transposed)
+    b = _weights(E, X, Y, dtype, transposed, extra)
     offs = _offs(counts)
     with ops.config.override(cuda_gemm="stream"):
         assert "stream_gemm_kernel" in _kernels(lambda: moe_ops.grouped_mm(a, b, offs))
@@ -84,6 +88,7 @@ def _gather_inputs(T, K, E, D, Y, dtype, transposed, *, crowd=0):
     if crowd:
         ids[:crowd, 0] = 1  # expert 1 gets `crowd` rows or more: several passes
     big = torch.randn(T, D + 8, device="cuda", dtype=dtype)
+    big[(ids < 0).all(1)] = float("nan")  # tokens with no routed slot are never read
     x = big[:, :D]  # a row stride past D
     p = moe_ops.plan(ids, E)
     return x, p, _weights(E, D, Y, dtype, transposed)
@@ -106,13 +111,15 @@ def test_stream_gather_grouped_mm(T, K, E, D, Y, crowd, dtype, transposed):
     assert torch.equal(c[used:], torch.zeros_like(c[used:]))
     ref = twins.gather_grouped_mm_torch(x.double(), order, rows_TK, b.double(), offs)
     _rule(c, ref, twins.gather_grouped_mm_torch(x, *args))
+    assert torch.isfinite(c.float()).all()
     with ops.config.override(cuda_gemm="native"):  # the two-op form on moekit's WMMA kernels
         _rule(moe_ops.gather_grouped_mm(x, *args), ref, twins.gather_grouped_mm_torch(x, *args))
 
 
 def test_auto_streams_at_decode_sizes_only():
     """"auto" streams at <= cuda_stream_rows rows per expert on average, tiles above it; layouts
-    the kernel does not take (X not a multiple of 8 bf16) go to the other kernels."""
+    the kernel does not take (row-major b with Y not a multiple of 8 bf16) go to the other
+    kernels, also under "stream"."""
     limit = ops.build_info()["cuda_stream_rows"]
     E, X, Y = 16, 64, 48
     b = torch.randn(E, X, Y, device="cuda", dtype=torch.bfloat16)
@@ -121,8 +128,8 @@ def test_auto_streams_at_decode_sizes_only():
         offs = _offs([N // E] * (E - 1) + [N - (N // E) * (E - 1)])
         with ops.config.override(cuda_gemm="auto"):
             assert ("stream_gemm_kernel" in _kernels(lambda: moe_ops.grouped_mm(a, b, offs))) == streams, N
-    a = torch.randn(32, 60, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(E, 60, Y, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(E, 64, 60, device="cuda", dtype=torch.bfloat16)
     with ops.config.override(cuda_gemm="stream"):
         c = moe_ops.grouped_mm(a, b, _offs([2] * E))
         assert "stream_gemm_kernel" not in _kernels(lambda: moe_ops.grouped_mm(a, b, _offs([2] * E)))
@@ -139,6 +146,9 @@ def test_stream_gradients_gradcheck_and_opcheck(transposed):
     x = x.detach().clone().requires_grad_()
     b = b.detach().requires_grad_()
     with ops.config.override(cuda_gemm="stream"):
+        names = _kernels(lambda: moe_ops.gather_grouped_mm(x, order, rows_TK, b, offs).sum().backward())
+        assert names.count("stream_gemm_kernel") >= 2, names  # the forward and the d x GEMM
+        x.grad = b.grad = None
         assert torch.autograd.gradcheck(
             lambda x_, b_: moe_ops.gather_grouped_mm(x_, order, rows_TK, b_, offs), (x, b))
         y = moe_ops.gather_grouped_mm(x, order, rows_TK, b, offs)
