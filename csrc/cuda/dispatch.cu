@@ -12,6 +12,10 @@
 // slot (or -1 once the keys reach E, i.e. past offs_E[E-1]) and rows_TK[slot] = i (or -1).
 // Ids outside [-1, E) trip a device-side assert (CUDA_KERNEL_ASSERT) instead of a host check,
 // so the op never syncs; such a slot is treated as empty if asserts are compiled out.
+// Decode sizes (at most kBlockPlanSlots slots, E <= kBlockPlanMaxExperts) take one launch instead:
+// one block counts, scans and sorts the composite keys (id << slot_bits) | slot with
+// cub::BlockRadixSort. The keys are distinct, so the order is the same whatever the sort's
+// stability: by expert, then by slot, as above (bit for bit the same plan).
 //
 // permute / unpermute / unpermute_weights_grad: one warp per output row, 16-byte vectors when
 // the row strides and pointers allow it (else one element at a time). unpermute accumulates in
@@ -21,6 +25,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <cub/block/block_radix_sort.cuh>
 #include <cub/device/device_radix_sort.cuh>
 
 #include "gather.cuh"
@@ -57,6 +62,65 @@ __global__ void plan_keys_kernel(const index_t* __restrict__ ids, int64_t num_sl
 }
 
 constexpr int kScanThreads = 1024;
+
+constexpr int kBlockPlanThreads = 256;
+constexpr int kBlockPlanMaxItems = 8;
+constexpr int64_t kBlockPlanSlots = int64_t{kBlockPlanThreads} * kBlockPlanMaxItems;  // 2048
+constexpr int kBlockPlanMaxExperts = 4096;  // keys of 13 + 11 bits
+
+// The whole plan in one block for at most kBlockPlanThreads * ITEMS slots (see the header).
+template <typename index_t, int ITEMS>
+__global__ void __launch_bounds__(kBlockPlanThreads)
+    plan_block_kernel(const index_t* __restrict__ ids, int num_slots, int E, int slot_bits,
+                      int* __restrict__ counts, int* __restrict__ offs, int64_t* __restrict__ order,
+                      int64_t* __restrict__ rows) {
+  using Sort = cub::BlockRadixSort<unsigned, kBlockPlanThreads, ITEMS>;
+  __shared__ typename Sort::TempStorage sort_storage;
+  __shared__ int hist[kBlockPlanMaxExperts];
+  __shared__ int warp_sums[kBlockPlanThreads / kWarp];
+  for (int e = threadIdx.x; e < E; e += kBlockPlanThreads) hist[e] = 0;
+  __syncthreads();
+  unsigned keys[ITEMS];  // blocked: thread t holds slots t*ITEMS .. t*ITEMS + ITEMS - 1
+#pragma unroll
+  for (int j = 0; j < ITEMS; ++j) {
+    const int s = threadIdx.x * ITEMS + j;
+    unsigned id = unsigned(E);  // empty slots, and the padding past num_slots, sort last
+    if (s < num_slots) {
+      const int64_t v = static_cast<int64_t>(ids[s]);
+      CUDA_KERNEL_ASSERT(v >= -1 && v < E && "moe.plan: ids_TK holds an id outside [-1, E)");
+      if (v >= 0 && v < E) {
+        id = unsigned(v);
+        atomicAdd(&hist[v], 1);
+      }
+    }
+    keys[j] = (id << slot_bits) | unsigned(s);
+  }
+  __syncthreads();
+  int carry = 0;
+  for (int base = 0; base < E; base += kBlockPlanThreads) {  // uniform loop: every thread scans
+    const int e = base + threadIdx.x;
+    const int c = e < E ? hist[e] : 0;
+    int total = 0;
+    const int incl = block_inclusive_scan<kBlockPlanThreads>(c, total, warp_sums);
+    if (e < E) {
+      counts[e] = c;
+      offs[e] = carry + incl;
+    }
+    carry += total;
+  }
+  const int end_bit = slot_bits + 32 - __clz(unsigned(E));  // ids are in [0, E]
+  Sort(sort_storage).Sort(keys, 0, end_bit);
+  const unsigned slot_mask = (1u << slot_bits) - 1u;
+#pragma unroll
+  for (int j = 0; j < ITEMS; ++j) {
+    const int i = threadIdx.x * ITEMS + j;  // the sorted rank
+    const int s = int(keys[j] & slot_mask);
+    if (i >= num_slots) continue;  // padding keys sort past every slot
+    const bool valid = int(keys[j] >> slot_bits) < E;
+    order[i] = valid ? s : -1;
+    rows[s] = valid ? i : -1;
+  }
+}
 
 __global__ void offsets_kernel(const int* __restrict__ counts, int E, int* __restrict__ offs) {
   __shared__ int warp_sums[kScanThreads / kWarp];
@@ -118,11 +182,30 @@ PlanTensors plan_cuda(const at::Tensor& ids_TK, int64_t num_experts) {
   const int64_t T = ids.size(0), K = ids.size(1), num_slots = T * K;
   const int E = static_cast<int>(num_experts);
   auto i32 = ids.options().dtype(at::kInt);
-  auto counts = at::zeros({E}, i32);
-  auto offs = at::empty({E}, i32);
   auto order = at::empty({num_slots}, ids.options().dtype(at::kLong));
   auto rows = at::empty({T, K}, ids.options().dtype(at::kLong));
   const auto stream = at::cuda::getCurrentCUDAStream();
+  if (num_slots > 0 && num_slots <= kBlockPlanSlots && E <= kBlockPlanMaxExperts) {  // one launch
+    auto counts = at::empty({E}, i32);
+    auto offs = at::empty({E}, i32);
+    // One item per thread up to 256 slots, else 8; the slot field holds every item's index,
+    // padding included (8 or 11 bits), under the id's (at most 13).
+    const bool one = num_slots <= kBlockPlanThreads;
+    const int slot_bits = one ? 8 : 11;
+    static_assert(kBlockPlanThreads == 256 && kBlockPlanSlots == 2048 && kBlockPlanMaxExperts <= 4096,
+                  "slot_bits and the 13 id bits below must fit 32-bit keys");
+    AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "moe_plan_block_cuda", [&] {
+      auto kernel = one ? plan_block_kernel<index_t, 1> : plan_block_kernel<index_t, kBlockPlanMaxItems>;
+      kernel<<<1, kBlockPlanThreads, 0, stream>>>(
+          ids.const_data_ptr<index_t>(), static_cast<int>(num_slots), E, slot_bits,
+          counts.mutable_data_ptr<int>(), offs.mutable_data_ptr<int>(), order.mutable_data_ptr<int64_t>(),
+          rows.mutable_data_ptr<int64_t>());
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {counts, offs, order, rows};
+  }
+  auto counts = at::zeros({E}, i32);
+  auto offs = at::empty({E}, i32);
   auto keys = at::empty({4, num_slots}, i32);  // keys in/out, slots in/out
   int* key_in = keys[0].mutable_data_ptr<int>();
   int* key_out = keys[1].mutable_data_ptr<int>();

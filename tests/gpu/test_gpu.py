@@ -59,7 +59,10 @@ def _poisoned_plan(ids_TK, E):
 
 
 PLAN_CASES = [(0, 2, 4), (1, 1, 1), (37, 3, 5), (1000, 4, 8), (257, 8, 256), (4096, 8, 300),
-              (2000, 2, 10000), (16384, 8, 256)]
+              (2000, 2, 10000), (16384, 8, 256),
+              # decode sizes, the one-block plan: 256 slots (one item per thread), 264 and 2048
+              # (eight), E = 4096 (its largest), E = 4097 and 2056 slots (the sorting path again)
+              (1, 8, 128), (32, 8, 128), (33, 8, 128), (256, 8, 256), (64, 8, 4096), (64, 8, 4097)]
 
 
 @pytest.mark.parametrize("T,K,E", PLAN_CASES)
@@ -74,6 +77,21 @@ def test_plan_equals_cpu_kernel(T, K, E, dtype):
         assert g.dtype == w.dtype and torch.equal(g.cpu(), w), name
     assert all(torch.equal(g.cpu(), t.cpu()) for g, t in zip(got, twins.plan_torch(ids, E)))
     assert all(torch.equal(a, b) for a, b in zip(got, moe_ops.plan(ids, E)))  # deterministic
+
+
+def test_plan_runs_one_block_at_decode_sizes():
+    """At most 2048 slots and 4096 experts: one launch (plan_block_kernel), no radix-sort pass;
+    above: the sorting path."""
+    def kernels(T, K, E):
+        ids = _ids(T, K, E)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            moe_ops.plan(ids, E)
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    small = kernels(64, 8, 128)
+    assert len(small) == 1 and "plan_block_kernel" in small[0], small
+    assert not any("plan_block_kernel" in n for n in kernels(257, 8, 128))
 
 
 def test_plan_all_rows_on_one_expert_and_all_empty():
