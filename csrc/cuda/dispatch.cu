@@ -16,6 +16,13 @@
 // one block counts, scans and sorts the composite keys (id << slot_bits) | slot with
 // cub::BlockRadixSort. The keys are distinct, so the order is the same whatever the sort's
 // stability: by expert, then by slot, as above (bit for bit the same plan).
+// Larger batches with E <= kCountPlanMaxExperts take two launches, a stable counting sort: (1)
+// each block counts the ids of its kChunkSlots slots into hist[block][e]; (2) each block reads
+// the whole table (blocks * E ints), so it knows every expert's start and the rows of the blocks
+// before it, and places its slots in slot order, 256 at a time: a slot's position is its
+// expert's next free row + the slots of that expert in the warps before it (per-warp counts in
+// shared memory) + those before it in its warp (__match_any_sync). Block 0 writes counts_E and
+// offs_E. The same plan bit for bit again.
 //
 // permute / unpermute / unpermute_weights_grad: one warp per output row, 16-byte vectors when
 // the row strides and pointers allow it (else one element at a time). unpermute accumulates in
@@ -67,6 +74,108 @@ constexpr int kBlockPlanThreads = 256;
 constexpr int kBlockPlanMaxItems = 8;
 constexpr int64_t kBlockPlanSlots = int64_t{kBlockPlanThreads} * kBlockPlanMaxItems;  // 2048
 constexpr int kBlockPlanMaxExperts = 4096;  // keys of 13 + 11 bits
+
+constexpr int kCountPlanThreads = 256;
+constexpr int kCountPlanWarps = kCountPlanThreads / kWarp;
+constexpr int64_t kChunkSlots = 2048;         // slots per block of the counting sort
+constexpr int kCountPlanMaxExperts = 1024;    // shared memory: (1 + warps) * E ints
+
+// Counting-sort plan, pass 1: hist[b][e] = slots of block b's chunk routed to expert e.
+template <typename index_t>
+__global__ void __launch_bounds__(kCountPlanThreads)
+    plan_hist_kernel(const index_t* __restrict__ ids, int64_t num_slots, int E, int* __restrict__ hist) {
+  __shared__ int h[kCountPlanMaxExperts];
+  for (int e = threadIdx.x; e < E; e += kCountPlanThreads) h[e] = 0;
+  __syncthreads();
+  const int64_t begin = int64_t(blockIdx.x) * kChunkSlots, end = min(num_slots, begin + kChunkSlots);
+  for (int64_t s = begin + threadIdx.x; s < end; s += kCountPlanThreads) {
+    const int64_t id = static_cast<int64_t>(ids[s]);
+    CUDA_KERNEL_ASSERT(id >= -1 && id < E && "moe.plan: ids_TK holds an id outside [-1, E)");
+    if (id >= 0 && id < E) atomicAdd(&h[id], 1);  // integer counts: exact in any order
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += kCountPlanThreads) hist[int64_t(blockIdx.x) * E + e] = h[e];
+}
+
+// Counting-sort plan, pass 2 (see the header): block b places the slots of its chunk.
+template <typename index_t>
+__global__ void __launch_bounds__(kCountPlanThreads)
+    plan_place_kernel(const index_t* __restrict__ ids, int64_t num_slots, int E,
+                      const int* __restrict__ hist, int* __restrict__ counts, int* __restrict__ offs,
+                      int64_t* __restrict__ order, int64_t* __restrict__ rows) {
+  __shared__ int next_row[kCountPlanMaxExperts];                  // expert e's next free row
+  __shared__ int warp_count[kCountPlanWarps][kCountPlanMaxExperts];  // this step's slots per warp
+  __shared__ int warp_sums[kCountPlanThreads / kWarp];
+  __shared__ int valid_rows;
+  const int b = blockIdx.x, nblocks = gridDim.x;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  // Every expert's total and the rows the blocks before b give it; their exclusive scan over e.
+  int carry = 0;
+  for (int base = 0; base < E; base += kCountPlanThreads) {  // uniform loop: every thread scans
+    const int e = base + threadIdx.x;
+    int total_e = 0, before = 0;
+    if (e < E) {
+      for (int j = 0; j < nblocks; ++j) {
+        const int c = hist[int64_t(j) * E + e];
+        total_e += c;
+        before += j < b ? c : 0;
+      }
+    }
+    int total = 0;
+    const int incl = block_inclusive_scan<kCountPlanThreads>(total_e, total, warp_sums);
+    if (e < E) {
+      next_row[e] = carry + incl - total_e + before;
+      for (int w = 0; w < kCountPlanWarps; ++w) warp_count[w][e] = 0;
+      if (b == 0) {
+        counts[e] = total_e;
+        offs[e] = carry + incl;
+      }
+    }
+    carry += total;
+  }
+  if (threadIdx.x == 0) valid_rows = carry;
+  __syncthreads();
+  const int64_t begin = int64_t(b) * kChunkSlots, end = min(num_slots, begin + kChunkSlots);
+  for (int64_t s0 = begin; s0 < end; s0 += kCountPlanThreads) {  // uniform: steps in slot order
+    const int64_t s = s0 + threadIdx.x;
+    int id = -1;
+    if (s < end) {
+      const int64_t v = static_cast<int64_t>(ids[s]);
+      id = (v >= 0 && v < E) ? int(v) : -1;  // out-of-range ids: asserted in pass 1
+    }
+    const unsigned peers = __match_any_sync(0xffffffffu, id);  // this warp's slots of the same id
+    const unsigned lower = peers & ((1u << lane) - 1u);
+    const bool leader = id >= 0 && lower == 0;  // the warp's first slot of this id
+    if (leader) warp_count[warp][id] = __popc(peers);
+    __syncthreads();
+    int64_t row = -1;
+    bool first_warp = true;  // no warp before this one has the id
+    if (id >= 0) {
+      int r = next_row[id] + __popc(lower);
+      for (int w = 0; w < warp; ++w) {
+        r += warp_count[w][id];
+        first_warp = first_warp && warp_count[w][id] == 0;
+      }
+      row = r;
+      order[row] = s;
+    }
+    if (s < end) rows[s] = row;
+    __syncthreads();  // every thread has read next_row and warp_count
+    if (leader && first_warp) {  // one thread per id: advance its next free row, clear its counts
+      int step = 0;
+      for (int w = 0; w < kCountPlanWarps; ++w) {
+        step += warp_count[w][id];
+        warp_count[w][id] = 0;
+      }
+      next_row[id] += step;
+    }
+    __syncthreads();
+  }
+  // order_N past the valid rows: -1 (padding), shared out over the blocks.
+  for (int64_t i = valid_rows + int64_t(b) * kCountPlanThreads + threadIdx.x; i < num_slots;
+       i += int64_t(nblocks) * kCountPlanThreads)
+    order[i] = -1;
+}
 
 // The whole plan in one block for at most kBlockPlanThreads * ITEMS slots (see the header).
 template <typename index_t, int ITEMS>
@@ -202,6 +311,23 @@ PlanTensors plan_cuda(const at::Tensor& ids_TK, int64_t num_experts) {
           rows.mutable_data_ptr<int64_t>());
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {counts, offs, order, rows};
+  }
+  if (num_slots > 0 && E <= kCountPlanMaxExperts) {  // two launches: the counting sort
+    auto counts = at::empty({E}, i32);
+    auto offs = at::empty({E}, i32);
+    const int64_t nblocks = ceil_div(num_slots, kChunkSlots);
+    auto hist = at::empty({nblocks, E}, i32);
+    AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "moe_plan_count_cuda", [&] {
+      plan_hist_kernel<index_t><<<unsigned(nblocks), kCountPlanThreads, 0, stream>>>(
+          ids.const_data_ptr<index_t>(), num_slots, E, hist.mutable_data_ptr<int>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      plan_place_kernel<index_t><<<unsigned(nblocks), kCountPlanThreads, 0, stream>>>(
+          ids.const_data_ptr<index_t>(), num_slots, E, hist.const_data_ptr<int>(),
+          counts.mutable_data_ptr<int>(), offs.mutable_data_ptr<int>(), order.mutable_data_ptr<int64_t>(),
+          rows.mutable_data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
     return {counts, offs, order, rows};
   }
   auto counts = at::zeros({E}, i32);

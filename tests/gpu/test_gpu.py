@@ -61,8 +61,10 @@ def _poisoned_plan(ids_TK, E):
 PLAN_CASES = [(0, 2, 4), (1, 1, 1), (37, 3, 5), (1000, 4, 8), (257, 8, 256), (4096, 8, 300),
               (2000, 2, 10000), (16384, 8, 256),
               # decode sizes, the one-block plan: 256 slots (one item per thread), 264 and 2048
-              # (eight), E = 4096 (its largest), E = 4097 and 2056 slots (the sorting path again)
-              (1, 8, 128), (32, 8, 128), (33, 8, 128), (256, 8, 256), (64, 8, 4096), (64, 8, 4097)]
+              # (eight), E = 4096 (its largest); E = 4097 (the radix-sort path); the counting sort
+              # from 2049 slots up to E = 1024, the radix sort above
+              (1, 8, 128), (32, 8, 128), (33, 8, 128), (256, 8, 256), (64, 8, 4096), (64, 8, 4097),
+              (600, 4, 1024), (1000, 4, 2000), (2049, 1, 1)]
 
 
 @pytest.mark.parametrize("T,K,E", PLAN_CASES)
@@ -79,9 +81,9 @@ def test_plan_equals_cpu_kernel(T, K, E, dtype):
     assert all(torch.equal(a, b) for a, b in zip(got, moe_ops.plan(ids, E)))  # deterministic
 
 
-def test_plan_runs_one_block_at_decode_sizes():
-    """At most 2048 slots and 4096 experts: one launch (plan_block_kernel), no radix-sort pass;
-    above: the sorting path."""
+def test_plan_launches():
+    """At most 2048 slots and 4096 experts: one launch (plan_block_kernel); more slots with at
+    most 1024 experts: two (the counting sort); otherwise the radix-sort path."""
     def kernels(T, K, E):
         ids = _ids(T, K, E)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -91,7 +93,9 @@ def test_plan_runs_one_block_at_decode_sizes():
 
     small = kernels(64, 8, 128)
     assert len(small) == 1 and "plan_block_kernel" in small[0], small
-    assert not any("plan_block_kernel" in n for n in kernels(257, 8, 128))
+    large = kernels(4096, 8, 256)
+    assert len(large) == 2 and "plan_hist_kernel" in large[0] and "plan_place_kernel" in large[1], large
+    assert any("plan_keys_kernel" in n for n in kernels(1000, 4, 2000))
 
 
 def test_plan_all_rows_on_one_expert_and_all_empty():
