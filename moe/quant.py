@@ -11,7 +11,8 @@ vector-wise quantization does (Sec. 3.2) for the weights alone:
 
 so |W_yx - s_y Q_yx| <= s_y / 2, and a projection's output c_y = s_y sum_x a_x Q_yx (float32 sums,
 ``torch.ops.moe.grouped_mm_w8``; on AVX512_BF16 CPUs bfloat16 rows are summed by vdpbf16ps, float32
-sums of the exact products with denormals flushed) is within (s_y / 2) sum_x |a_x| of a @ W^T, plus
+sums of the exact products with denormals flushed; on CUDA by the weight-streaming kernel,
+csrc/cuda/stream_gemm.cuh, with no host sync) is within (s_y / 2) sum_x |a_x| of a @ W^T, plus
 float rounding.
 Activations stay in the model's dtype (bfloat16 or float32). The weights are half the bytes of
 bfloat16, which is what bounds a decode step (a few tokens, each reading its k experts' weights).

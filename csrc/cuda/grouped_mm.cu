@@ -517,9 +517,50 @@ at::Tensor gather_grouped_mm_cuda(const at::Tensor& x_TD, const at::Tensor& orde
   return grouped_mm_cuda(permute_cuda(x_TD, order_N, rows_TK, std::nullopt), b_EXY, offs_E);
 }
 
+// moe.grouped_mm_w8 (weight-only int8 experts, inference) on CUDA: the weight-streaming kernel with
+// q_EYX read as column-major int8 weights (half the bytes of bfloat16), float32 sums, each times
+// its channel's scale and rounded once to a's dtype, as the CPU kernel and the twin do. Any number
+// of rows per expert (passes of up to 4 rows; later passes find the weights in L2), no host sync.
+// Where the kernel's layout rules fail (X not a multiple of 16, unaligned rows or weights), a
+// float32 grouped_mm on the dequantised weights, then the scales of each row's expert.
+at::Tensor grouped_mm_w8_cuda(const at::Tensor& a_NX, const at::Tensor& q_EYX, const at::Tensor& scale_EY,
+                              const at::Tensor& offs_E) {
+  check_grouped_mm_w8_args(a_NX, q_EYX, scale_EY, offs_E);
+  c10::cuda::CUDAGuard guard(a_NX.device());
+  const int64_t N = a_NX.size(0), X = a_NX.size(1), E = q_EYX.size(0), Y = q_EYX.size(1);
+  check_sizes("grouped_mm_w8", N, X, Y);
+  if (N == 0 || Y == 0) return at::empty({N, Y}, a_NX.options());
+  const auto a = a_NX.stride(1) == 1 ? a_NX : a_NX.contiguous();
+  const auto q = q_EYX.stride(2) == 1 ? q_EYX : q_EYX.contiguous();
+  const auto scale = scale_EY.contiguous();
+  const auto offs = offs_E.contiguous();
+  const int64_t va = 16 / a.element_size();
+  constexpr int64_t kLimit = int64_t{1} << 30;
+  const bool ok = X % 16 == 0 && a.stride(0) % va == 0 && aligned16(a.const_data_ptr()) &&
+                  aligned16(q.const_data_ptr()) && q.stride(0) % 16 == 0 && q.stride(1) % 16 == 0 &&
+                  N < kLimit && X < kLimit && E < kLimit && ceil_div(Y, kStreamWarps * kStreamColsPerWarp) <= 65535;
+  if (!ok) {
+    if (E == 0) return at::zeros({N, Y}, a.options());  // every row is padding
+    auto sums = grouped_mm_cuda(a.to(at::kFloat), q.to(at::kFloat).transpose(1, 2), offs);
+    auto rows = at::arange(N, offs.options());
+    auto expert = at::searchsorted(offs, rows, /*out_int32=*/true, /*right=*/true).clamp_max(E - 1);
+    return sums.mul_(scale.index_select(0, expert)).to(a.scalar_type());  // padding rows: 0 * scale
+  }
+  auto c = at::empty({N, Y}, a.options());
+  StreamParams p{a.const_data_ptr(), a.stride(0), nullptr, 1, N, q.const_data_ptr(), q.stride(0), q.stride(1),
+                 c.mutable_data_ptr(), offs.const_data_ptr<int>(), static_cast<int>(E), static_cast<int>(N),
+                 static_cast<int>(X), static_cast<int>(Y), scale.const_data_ptr<float>()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "moe_grouped_mm_w8_cuda", [&] {
+    using T = typename DeviceType<scalar_t>::type;
+    if constexpr (!std::is_same_v<T, double>) launch_stream<T, true, int8_t>(p);
+  });
+  return c;
+}
+
 }  // namespace moe::cuda
 
 TORCH_LIBRARY_IMPL(moe, CUDA, m) {
+  m.impl("grouped_mm_w8", &moe::cuda::grouped_mm_w8_cuda);
   m.impl("grouped_mm", &moe::cuda::grouped_mm_cuda);
   m.impl("grouped_mm_wgrad", &moe::cuda::grouped_mm_wgrad_cuda);
   m.impl("gather_grouped_mm", &moe::cuda::gather_grouped_mm_cuda);

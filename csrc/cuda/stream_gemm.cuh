@@ -46,6 +46,7 @@ __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162flo
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(int8_t v) { return float(v); }
 template <typename T> __device__ __forceinline__ T from_acc(float v) { return from_float<T>(v); }
 template <typename T> __device__ __forceinline__ T from_acc(double v) { return static_cast<T>(v); }
 
@@ -59,12 +60,15 @@ struct StreamParams {
   void* c;                // c_NY, (N, Y) contiguous
   const int* offs;        // offs_E, int32
   int E, N, X, Y;
+  const float* scale;     // int8 weights (moe.grouped_mm_w8): c[i, y] = sum * scale[e * Y + y]; else null
 };
 
-template <typename T, bool B_COL>
+// W: the weights' element type, T's own or int8_t (column-major only, with per-channel scales).
+template <typename T, typename W, bool B_COL>
 struct StreamTile {
+  static_assert(B_COL || std::is_same_v<T, W>, "int8 weights are stored (E, Y, X): column-major");
   using acc_t = typename StreamAcc<T>::type;
-  static constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+  static constexpr int VEC = 16 / static_cast<int>(sizeof(W));  // weights per 16-byte load
   static constexpr int BY = B_COL ? kStreamWarps * kStreamColsPerWarp : 8 * VEC;
   // Shared memory (acc_t elements): row-major b, the 8 warps' sums of a pass.
   static constexpr int SMEM = B_COL ? 1 : kStreamWarps * kStreamPassRows * BY;
@@ -83,12 +87,12 @@ __device__ __forceinline__ void stream_group_rows(const StreamParams& p, int e, 
 // One pass: rows [r0, r0 + m) of the expert whose weights start at b_e (m <= MR), columns
 // [y0, y0 + BY). The rows of a are read straight from global memory (they are a few KB, shared by
 // every CTA of the expert: L1 and L2 hits); rows m..MR-1 of a pass repeat row m-1 and are dropped.
-template <typename T, bool B_COL, int MR>
-__device__ void stream_pass(const StreamParams& p, const T* __restrict__ b_e, int r0, int m, int y0,
-                            typename StreamAcc<T>::type* smem, int64_t* src_row) {
-  using Tile = StreamTile<T, B_COL>;
+template <typename T, typename W, bool B_COL, int MR>
+__device__ void stream_pass(const StreamParams& p, const W* __restrict__ b_e, const float* scale_e, int r0,
+                            int m, int y0, typename StreamAcc<T>::type* smem, int64_t* src_row) {
+  using Tile = StreamTile<T, W, B_COL>;
   using acc_t = typename Tile::acc_t;
-  using V = Vec<T, Tile::VEC>;
+  using V = Vec<W, Tile::VEC>;
   constexpr int VEC = Tile::VEC, BY = Tile::BY;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
 
@@ -120,7 +124,7 @@ __device__ void stream_pass(const StreamParams& p, const T* __restrict__ b_e, in
     constexpr int U = 4;  // 16-byte weight loads in flight per thread
     const int cv = lane % 8, xr = warp * 4 + lane / 8, y = y0 + cv * VEC;
     if (y < p.Y) {
-      const T* __restrict__ bcol = b_e + y;
+      const W* __restrict__ bcol = b_e + y;
       for (int x = xr; x < p.X; x += kWarp * U) {
         V bv[U];
 #pragma unroll
@@ -165,8 +169,10 @@ __device__ void stream_pass(const StreamParams& p, const T* __restrict__ b_e, in
       c[int64_t(r0 + r) * p.Y + y0 + col] = from_acc<T>(s);
     }
   } else {
-    // Warp w: columns yw .. yw + 3; lane l: depth x = l*VEC .. l*VEC + VEC - 1 (mod 32*VEC).
-    constexpr int U = 2;
+    // Warp w: columns yw .. yw + 3; lane l: depth x = l*VEC .. l*VEC + VEC - 1 (mod 32*VEC), read
+    // from a in AV vectors of VA elements (AV = 2 for int8 weights and 16-bit rows).
+    constexpr int U = sizeof(W) == 1 ? 1 : 2, VA = 16 / int(sizeof(T)), AV = VEC / VA;  // registers
+    using VecA = Vec<T, VA>;
     const int yw = y0 + warp * kStreamColsPerWarp;
     for (int x = lane * VEC; x < p.X; x += kWarp * VEC * U) {
       V bv[U][kStreamColsPerWarp];
@@ -182,12 +188,15 @@ __device__ void stream_pass(const StreamParams& p, const T* __restrict__ b_e, in
         if (xu >= p.X) break;
 #pragma unroll
         for (int r = 0; r < MR; ++r) {
-          const V av = *reinterpret_cast<const V*>(a_r[r] + xu);
+          VecA av[AV];
+#pragma unroll
+          for (int i = 0; i < AV; ++i) av[i] = *reinterpret_cast<const VecA*>(a_r[r] + xu + i * VA);
 #pragma unroll
           for (int q = 0; q < kStreamColsPerWarp; ++q) {
             if (yw + q >= p.Y) continue;  // uniform over the warp; bv[u][q] was not loaded
 #pragma unroll
-            for (int j = 0; j < VEC; ++j) acc[r][q] = fma(to_acc(av.v[j]), to_acc(bv[u][q].v[j]), acc[r][q]);
+            for (int j = 0; j < VEC; ++j)
+              acc[r][q] = fma(to_acc(av[j / VA].v[j % VA]), to_acc(bv[u][q].v[j]), acc[r][q]);
           }
         }
       }
@@ -200,14 +209,14 @@ __device__ void stream_pass(const StreamParams& p, const T* __restrict__ b_e, in
 #pragma unroll
         for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
         if (lane == r * kStreamColsPerWarp + q && r < m && yw + q < p.Y)
-          c[int64_t(r0 + r) * p.Y + yw + q] = from_acc<T>(v);
+          c[int64_t(r0 + r) * p.Y + yw + q] = from_acc<T>(scale_e != nullptr ? v * scale_e[yw + q] : v);
       }
   }
 }
 
-template <typename T, bool B_COL>
+template <typename T, typename W, bool B_COL>
 __global__ void __launch_bounds__(kStreamThreads, 2) stream_gemm_kernel(StreamParams p) {
-  using Tile = StreamTile<T, B_COL>;
+  using Tile = StreamTile<T, W, B_COL>;
   using acc_t = typename Tile::acc_t;
   __shared__ __align__(16) acc_t smem[Tile::SMEM];
   __shared__ int64_t src_row[kStreamPassRows];
@@ -223,13 +232,14 @@ __global__ void __launch_bounds__(kStreamThreads, 2) stream_gemm_kernel(StreamPa
   }
   int lo, hi;
   stream_group_rows(p, e, lo, hi);
-  const T* b_e = static_cast<const T*>(p.b) + int64_t(e) * p.b_batch;
+  const W* b_e = static_cast<const W*>(p.b) + int64_t(e) * p.b_batch;
+  const float* scale_e = p.scale != nullptr ? p.scale + int64_t(e) * p.Y : nullptr;
   for (int r0 = lo; r0 < hi; r0 += kStreamPassRows) {  // uniform over the CTA
     const int m = min(kStreamPassRows, hi - r0);
     static_assert(kStreamPassRows == 4, "the passes below are MR = 1, 2 and 4");
-    if (m == 1) stream_pass<T, B_COL, 1>(p, b_e, r0, m, y0, smem, src_row);
-    else if (m == 2) stream_pass<T, B_COL, 2>(p, b_e, r0, m, y0, smem, src_row);
-    else stream_pass<T, B_COL, 4>(p, b_e, r0, m, y0, smem, src_row);
+    if (m == 1) stream_pass<T, W, B_COL, 1>(p, b_e, scale_e, r0, m, y0, smem, src_row);
+    else if (m == 2) stream_pass<T, W, B_COL, 2>(p, b_e, scale_e, r0, m, y0, smem, src_row);
+    else stream_pass<T, W, B_COL, 4>(p, b_e, scale_e, r0, m, y0, smem, src_row);
   }
 }
 
@@ -252,10 +262,10 @@ inline bool stream_layout_ok(const at::Tensor& a, int64_t lda, const at::Tensor&
 }
 
 // grid (E + 1, ceil(Y / BY)).
-template <typename T, bool B_COL>
+template <typename T, bool B_COL, typename W = T>
 void launch_stream(const StreamParams& p) {
-  const int64_t tiles_y = ceil_div(p.Y, StreamTile<T, B_COL>::BY);  // <= 65535: stream_layout_ok
-  stream_gemm_kernel<T, B_COL>
+  const int64_t tiles_y = ceil_div(p.Y, StreamTile<T, W, B_COL>::BY);  // <= 65535: the caller's check
+  stream_gemm_kernel<T, W, B_COL>
       <<<dim3(unsigned(p.E + 1), unsigned(tiles_y)), kStreamThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

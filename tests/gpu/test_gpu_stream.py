@@ -196,3 +196,72 @@ def test_decode_layer_has_no_host_sync_and_replays_in_a_cuda_graph():
             graph.replay()
             assert torch.equal(static_y, layer(static_x))
             static_x.copy_(torch.randn_like(static_x))  # new tokens, new routing
+
+
+# ---- moe.grouped_mm_w8 (weight-only int8 experts) on CUDA: the same kernel, int8 weights ------
+
+W8_CASES = [  # (counts per expert, padding rows, X, Y): X % 16 == 0 streams, else the fallback
+    ([1] * 8 + [0] * 8, 0, 64, 96), ([0, 1, 2, 3, 4, 5, 9, 0], 3, 144, 70), ([3] * 256, 0, 32, 16),
+    ([2, 0, 7], 5, 1040, 40), ([0, 0], 4, 64, 64), ([2, 5, 1], 1, 40, 24)]
+
+
+@pytest.mark.parametrize("counts,pad,X,Y", W8_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_grouped_mm_w8_on_cuda(counts, pad, X, Y, dtype):
+    """Against the CPU kernel and the twin (float32 sums, then the channel scale, one rounding):
+    within the twin's own error against float64 (twice, + one output rounding); padding rows zero;
+    rows past offs_E[-1] never read; the streaming kernel runs where X is a multiple of 16."""
+    from moe.quant import quantize_weight
+
+    E, rows = len(counts), sum(counts)
+    N = rows + pad
+    a = torch.randn(N, X, device="cuda", dtype=dtype)
+    a[rows:] = float("nan")
+    q, s = quantize_weight(torch.randn(E, Y, X) * 0.02)
+    q, s, offs = q.cuda(), s.cuda(), _offs(counts)
+    names = _kernels(lambda: moe_ops.grouped_mm_w8(a, q, s, offs))
+    assert ("stream_gemm_kernel" in names) == (X % 16 == 0), names
+    _poison(((N, Y), dtype))
+    c = moe_ops.grouped_mm_w8(a, q, s, offs)
+    assert c.dtype == dtype and torch.equal(c[rows:], torch.zeros_like(c[rows:]))
+    w64 = (q.double() * s.double()[..., None]).transpose(1, 2)  # (E, X, Y): q * scale in float64
+    ref = twins.grouped_mm_torch(a[:rows].double(), w64, offs)
+    twin = twins.grouped_mm_w8_torch(a[:rows].cpu(), q.cpu(), s.cpu(), offs.cpu())
+    _rule(c[:rows], ref[:rows], twin.to(c.device))
+    cpu = moe_ops.grouped_mm_w8(a.cpu(), q.cpu(), s.cpu(), offs.cpu())
+    _rule(c[:rows], ref[:rows], cpu[:rows].to(c.device))
+    assert torch.equal(c, moe_ops.grouped_mm_w8(a, q, s, offs))  # deterministic
+
+
+def test_int8_layer_decode_on_cuda_no_sync_and_cuda_graph():
+    """moe.quantize_experts on the GPU layer at decode size: int8 experts on the streaming kernel,
+    no host sync, a CUDA graph replays to the eager result, and the output is close to the bf16
+    layer's (absmax int8: about 1% relative RMS)."""
+    import moe
+
+    torch.manual_seed(0)
+    layer = moe.MoELayer(64, 96, 16, 4).cuda().bfloat16().eval()
+    x = torch.randn(1, 4, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = layer(x).float()
+        moe.quantize_experts(layer)
+        assert "stream_gemm_kernel" in _kernels(lambda: layer(x))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            y = layer(x)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        rel = ((y.float() - want).square().mean() / want.square().mean()).sqrt().item()
+        assert rel < 0.05, rel
+        static_x = x.clone()
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            layer(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            static_y = layer(static_x)
+        graph.replay()
+        assert torch.equal(static_y, layer(static_x))
