@@ -34,7 +34,9 @@ decode    T in --decode-tokens (1 8 64): the eval layer forward captured in a CU
           replay timed from an idle device with the L2 flushed. Bound = the bytes that must be
           read (w_in + w_out of the distinct routed experts, counted on the host first, + the
           router weight) / copy rate. hf_gmm at the same T, graph-captured if it captures, else
-          eager (the row says which). "tiled": the same graph with moe.ops.config.cuda_gemm =
+          eager (the row says which). "int8": moe.quantize_experts on a copy of the layer (weight-only
+          int8 experts, grouped_mm_w8 on the streaming kernel), graph-captured, and its speed-up over
+          bf16. "tiled": the same graph with moe.ops.config.cuda_gemm =
           "torch" (PyTorch's tiled grouped GEMM instead of moekit's weight-streaming kernel,
           which "auto" runs at these sizes).
 
@@ -50,6 +52,7 @@ Compact markdown tables per section come last; --json writes every row.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import math
@@ -59,7 +62,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moe import ExpertRows, ops, release_step
+from moe import ExpertRows, ops, quantize_experts, release_step
 
 DEVICE = "cuda"
 BF16 = torch.bfloat16
@@ -470,6 +473,7 @@ def bench_decode(name, tokens, iters, ceil=None):
     layer, _, cands = _build_layer(name, dense=False)
     hf = cands.get("hf_gmm")
     layer.eval()
+    int8 = _try(f"decode {name} int8 layer", lambda: quantize_experts(copy.deepcopy(layer)))
     flush = torch.empty(max(256 << 20, 2 * torch.cuda.get_device_properties(0).L2_cache_size),
                         dtype=torch.int8, device=DEVICE)
     rows = []
@@ -489,6 +493,11 @@ def bench_decode(name, tokens, iters, ceil=None):
             with ops.config.override(cuda_gemm="torch"):  # read at capture: the tiled GEMMs
                 row["tiled_ms"] = _try(f"{label} moekit graph tiled", _graph_ms, lambda: layer(x), iters, flush)
             _release(layer)
+            if int8 is not None:  # weight-only int8 experts: half the expert bytes
+                row["int8_ms"] = _try(f"{label} moekit int8 graph", _graph_ms, lambda: int8(x), iters, flush)
+                _release(int8)
+                if row["int8_ms"] and row["ours_ms"]:
+                    row["int8_speedup"] = row["ours_ms"] / row["int8_ms"]
             row["eager_ms"] = _try(f"{label} moekit eager", _time_cold_ms, lambda: layer(x), iters, flush)
             if hf is not None:
                 try:
@@ -569,13 +578,14 @@ def _layer_table(rows) -> list[str]:
 
 
 def _decode_table(rows) -> list[str]:
-    out = ["| decode | shape | experts read | bound us | graph us | fraction | tiled us | eager us | hf_gmm us | "
-           "hf_gmm / graph |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| decode | shape | experts read | bound us | graph us | fraction | tiled us | int8 us (x bf16) | eager us | "
+           "hf_gmm us | hf_gmm / graph |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     us = lambda ms: None if ms is None else 1e3 * ms  # noqa: E731
     for r in rows:
         hf = f"{_f(us(r.get('hf_gmm_ms')), '.1f')} ({r.get('hf_gmm_mode', 'n/a')})"
         out.append(f"| T={r['T']} | {r['shape']} | {r['experts_read']} | {_f(us(r['bound_ms']), '.1f')} | "
                    f"{_f(us(r['ours_ms']), '.1f')} | {_f(r.get('fraction'), '.2f')} | {_f(us(r.get('tiled_ms')), '.1f')} | "
+                   f"{_f(us(r.get('int8_ms')), '.1f')} ({_f(r.get('int8_speedup'), '.2f')}) | "
                    f"{_f(us(r['eager_ms']), '.1f')} | "
                    f"{hf} | {_f(r.get('vs_hf_gmm'), '.2f')} |")
     return out
