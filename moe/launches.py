@@ -8,12 +8,14 @@ counts once whether its compiled kernel or its twin runs (the twin's inner ops a
 
 On CUDA one counted op is one kernel launch, except: cuBLAS may split a GEMM in two (split-K),
 ``_local_scalar_dense`` is a device-to-host copy, and moekit's CUDA ops launch several kernels
-(csrc/cuda/*.cu): ``plan`` a zero fill, the keys/histogram kernel, the offsets scan, cub's radix
-sort (its own passes) and the finalize kernel; ``grouped_mm`` on the sm90 path the offsets check,
-the group setup, the CUTLASS GEMM and the zeroing of padding rows; ``gather_grouped_mm`` (no CUDA
-kernel yet) permute + grouped_mm; ``topk_route`` 2 kernels (route, final statistics), 3 with
-the loss statistics (+ the partial sums). bench/gpu_bench.py prints both this count and the
-profiler's.
+(csrc/cuda/*.cu): ``plan`` one at decode sizes (at most 2048 slots), two up to 1024 experts (the
+counting sort), else a zero fill, the keys/histogram kernel, the offsets scan, cub's radix sort
+(its own passes) and the finalize kernel; ``grouped_mm`` one at decode sizes (the weight-streaming
+kernel), two on the sm90 path (the group setup, which also checks the offsets and writes the
+padding zeros, and the CUTLASS GEMM), four around PyTorch's (offsets check, its setup and GEMM,
+zeros); ``gather_grouped_mm`` one at decode sizes, else permute + grouped_mm; ``topk_route`` 2
+kernels (route, final statistics), 3 with the loss statistics (+ the partial sums).
+bench/gpu_bench.py prints both this count and the profiler's.
 
 :func:`layer_counts` measures a layer's forward and training step (forward, the layer's
 auxiliary losses, backward into x and every parameter), the figures the tests hold to a budget.
