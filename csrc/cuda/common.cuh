@@ -73,6 +73,18 @@ inline bool vec16_ok(const void* p, int64_t D, int64_t ld, int64_t elem) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0 && D % per == 0 && ld % per == 0;
 }
 
+// Group e's rows [lo, hi) of a grouped GEMM from offs_E (int32, cumulative ends) and the row count
+// N: asserted on the device (a host check would sync) and clamped into [0, N], so memory stays
+// safe if asserts are compiled out.
+__device__ __forceinline__ void group_rows_of(const int* offs, int N, int e, int& lo, int& hi) {
+  lo = e > 0 ? offs[e - 1] : 0;
+  hi = offs[e];
+  CUDA_KERNEL_ASSERT(lo >= 0 && lo <= hi && hi <= N &&
+                     "moe.grouped_mm: offs_E must be non-decreasing and at most a_NX.size(0)");
+  lo = min(max(lo, 0), N);
+  hi = min(max(hi, lo), N);
+}
+
 // acc + w * y and acc + y, rounded after each operation (no FMA contraction): the CPU kernels and
 // the PyTorch twins multiply and add separately, so this keeps results bit-identical.
 __device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }

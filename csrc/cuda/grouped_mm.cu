@@ -63,12 +63,7 @@ struct Params {
 
 // Group e's rows [lo, hi), clamped into [0, N].
 __device__ __forceinline__ void group_rows(const Params& p, int e, int& lo, int& hi) {
-  lo = e > 0 ? p.offs[e - 1] : 0;
-  hi = p.offs[e];
-  CUDA_KERNEL_ASSERT(lo >= 0 && lo <= hi && hi <= p.N &&
-                     "moe.grouped_mm: offs_E must be non-decreasing and at most a_NX.size(0)");
-  lo = min(max(lo, 0), p.N);
-  hi = min(max(hi, lo), p.N);
+  group_rows_of(p.offs, p.N, e, lo, hi);
 }
 
 // Locates this CTA's row tile. Returns true with `pr` set for a GEMM tile; zero-fills and

@@ -74,15 +74,6 @@ struct StreamTile {
   static constexpr int SMEM = B_COL ? 1 : kStreamWarps * kStreamPassRows * BY;
 };
 
-// Expert e's rows [lo, hi), clamped into [0, N].
-__device__ __forceinline__ void stream_group_rows(const StreamParams& p, int e, int& lo, int& hi) {
-  lo = e > 0 ? p.offs[e - 1] : 0;
-  hi = p.offs[e];
-  CUDA_KERNEL_ASSERT(lo >= 0 && lo <= hi && hi <= p.N &&
-                     "moe.grouped_mm: offs_E must be non-decreasing and at most a_NX.size(0)");
-  lo = min(max(lo, 0), p.N);
-  hi = min(max(hi, lo), p.N);
-}
 
 // One pass: rows [r0, r0 + m) of the expert whose weights start at b_e (m <= MR), columns
 // [y0, y0 + BY). The rows of a are read straight from global memory (they are a few KB, shared by
@@ -223,7 +214,7 @@ __global__ void __launch_bounds__(kStreamThreads, 2) stream_gemm_kernel(StreamPa
   const int e = blockIdx.x, y0 = blockIdx.y * Tile::BY;
   if (e == p.E) {  // the padding rows past the last group
     int pad_lo = 0, unused = 0;
-    if (p.E > 0) stream_group_rows(p, p.E - 1, unused, pad_lo);
+    if (p.E > 0) group_rows_of(p.offs, p.N, p.E - 1, unused, pad_lo);
     T* c = static_cast<T*>(p.c);
     const int cols = min(Tile::BY, p.Y - y0);
     for (int64_t idx = threadIdx.x; idx < int64_t(p.N - pad_lo) * cols; idx += kStreamThreads)
@@ -231,7 +222,7 @@ __global__ void __launch_bounds__(kStreamThreads, 2) stream_gemm_kernel(StreamPa
     return;
   }
   int lo, hi;
-  stream_group_rows(p, e, lo, hi);
+  group_rows_of(p.offs, p.N, e, lo, hi);
   const W* b_e = static_cast<const W*>(p.b) + int64_t(e) * p.b_batch;
   const float* scale_e = p.scale != nullptr ? p.scale + int64_t(e) * p.Y : nullptr;
   for (int r0 = lo; r0 < hi; r0 += kStreamPassRows) {  // uniform over the CTA

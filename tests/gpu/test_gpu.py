@@ -438,7 +438,12 @@ def test_moelayer_has_no_host_sync_and_replays_in_a_cuda_graph(shared, gemm_back
     assert y.shape == x.shape and torch.isfinite(y.float()).all()
     assert all(p.grad is not None and torch.isfinite(p.grad.float()).all() for p in layer.parameters())
     layer.eval()
-    static_x = x.detach().clone()
+    _assert_eval_graph_replays(layer, x.detach().clone())
+
+
+def _assert_eval_graph_replays(layer, static_x):
+    """The eval forward of `layer` captured in a CUDA graph (after a warm-up on a side stream)
+    replays to the eager result, also after new tokens (new routing) are copied in."""
     with torch.no_grad():
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -20,7 +20,7 @@ import torch
 from moe import ops
 from moe.ops import twins
 
-from tests.gpu.test_gpu import _ids, _offs, _poison, _rule
+from tests.gpu.test_gpu import _assert_eval_graph_replays, _ids, _offs, _poison, _rule
 
 pytestmark = pytest.mark.gpu
 moe_ops = torch.ops.moe
@@ -40,6 +40,16 @@ def _kernels(fn) -> str:
         fn()
         torch.cuda.synchronize()
     return " ".join(e.name for e in prof.events())
+
+
+def _without_sync(fn):
+    """fn() under torch.cuda.set_sync_debug_mode("error"): a host-device sync inside raises."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def _weights(E, X, Y, dtype, transposed, pad=0):
@@ -174,28 +184,10 @@ def test_decode_layer_has_no_host_sync_and_replays_in_a_cuda_graph():
     x = torch.randn(1, 4, 64, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         assert "stream_gemm_kernel" in _kernels(lambda: layer(x))
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            y = layer(x)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+        y = _without_sync(lambda: layer(x))
         with ops.config.override(cuda_gemm="native"):
             torch.testing.assert_close(y, layer(x), rtol=2e-2, atol=2e-2)
-        static_x = x.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                layer(static_x)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = layer(static_x)
-        for _ in range(2):
-            graph.replay()
-            assert torch.equal(static_y, layer(static_x))
-            static_x.copy_(torch.randn_like(static_x))  # new tokens, new routing
+    _assert_eval_graph_replays(layer, x.clone())
 
 
 # ---- moe.grouped_mm_w8 (weight-only int8 experts) on CUDA: the same kernel, int8 weights ------
@@ -246,22 +238,7 @@ def test_int8_layer_decode_on_cuda_no_sync_and_cuda_graph():
         want = layer(x).float()
         moe.quantize_experts(layer)
         assert "stream_gemm_kernel" in _kernels(lambda: layer(x))
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            y = layer(x)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+        y = _without_sync(lambda: layer(x))
         rel = ((y.float() - want).square().mean() / want.square().mean()).sqrt().item()
         assert rel < 0.05, rel
-        static_x = x.clone()
-        graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            layer(static_x)
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(graph):
-            static_y = layer(static_x)
-        graph.replay()
-        assert torch.equal(static_y, layer(static_x))
+    _assert_eval_graph_replays(layer, x.clone())
