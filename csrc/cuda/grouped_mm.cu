@@ -515,7 +515,8 @@ at::Tensor gather_grouped_mm_cuda(const at::Tensor& x_TD, const at::Tensor& orde
 // moe.grouped_mm_w8 (weight-only int8 experts, inference) on CUDA: the weight-streaming kernel with
 // q_EYX read as column-major int8 weights (half the bytes of bfloat16), float32 sums, each times
 // its channel's scale and rounded once to a's dtype, as the CPU kernel and the twin do. Any number
-// of rows per expert (passes of up to 4 rows; later passes find the weights in L2), no host sync.
+// of rows per expert (passes of up to 4 rows; later passes find the weights in L2; so it is meant
+// for decode: a prefill of many rows per expert runs many passes), no host sync.
 // Where the kernel's layout rules fail (X not a multiple of 16, unaligned rows or weights), a
 // float32 grouped_mm on the dequantised weights, then the scales of each row's expert.
 at::Tensor grouped_mm_w8_cuda(const at::Tensor& a_NX, const at::Tensor& q_EYX, const at::Tensor& scale_EY,
@@ -533,7 +534,8 @@ at::Tensor grouped_mm_w8_cuda(const at::Tensor& a_NX, const at::Tensor& q_EYX, c
   constexpr int64_t kLimit = int64_t{1} << 30;
   const bool ok = X % 16 == 0 && a.stride(0) % va == 0 && aligned16(a.const_data_ptr()) &&
                   aligned16(q.const_data_ptr()) && q.stride(0) % 16 == 0 && q.stride(1) % 16 == 0 &&
-                  N < kLimit && X < kLimit && E < kLimit && ceil_div(Y, kStreamWarps * kStreamColsPerWarp) <= 65535;
+                  N < kLimit && X < kLimit && E < kLimit &&
+                  ceil_div(Y, kStreamWarps * kStreamColsPerWarp) <= 65535;
   if (!ok) {
     if (E == 0) return at::zeros({N, Y}, a.options());  // every row is padding
     auto sums = grouped_mm_cuda(a.to(at::kFloat), q.to(at::kFloat).transpose(1, 2), offs);
@@ -545,10 +547,10 @@ at::Tensor grouped_mm_w8_cuda(const at::Tensor& a_NX, const at::Tensor& q_EYX, c
   StreamParams p{a.const_data_ptr(), a.stride(0), nullptr, 1, N, q.const_data_ptr(), q.stride(0), q.stride(1),
                  c.mutable_data_ptr(), offs.const_data_ptr<int>(), static_cast<int>(E), static_cast<int>(N),
                  static_cast<int>(X), static_cast<int>(Y), scale.const_data_ptr<float>()};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "moe_grouped_mm_w8_cuda", [&] {
-    using T = typename DeviceType<scalar_t>::type;
-    if constexpr (!std::is_same_v<T, double>) launch_stream<T, true, int8_t>(p);
-  });
+  AT_DISPATCH_SWITCH(a.scalar_type(), "moe_grouped_mm_w8_cuda",  // the dtypes the check allows
+                     AT_DISPATCH_CASE(at::kFloat, [&] { launch_stream<float, true, int8_t>(p); })
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { launch_stream<__nv_bfloat16, true, int8_t>(p); })
+                     AT_DISPATCH_CASE(at::kHalf, [&] { launch_stream<__half, true, int8_t>(p); }));
   return c;
 }
 

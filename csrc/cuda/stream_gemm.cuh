@@ -7,13 +7,15 @@
 // Shape legend (moe_ops.h): N routed rows, E experts, X/Y the GEMM input/output dims (a_NX @ b_EXY
 // -> c_NY), K the plan's slots per token; MR rows of one pass, BY columns of one CTA.
 //
-// Schedule: grid (E + 1, ceil(Y / BY)). CTA (e, j) computes columns [j*BY, (j+1)*BY) of expert e's
-// rows, MR rows per pass (MR = 1, 2 or 4, the smallest that holds the rows left), streaming b[e]'s
-// columns once per pass: an expert with up to 4 rows reads its weights from memory exactly once
+// Schedule: grid (min(E, N) + 1, ceil(Y / BY)). CTA (i, j) finds the i-th expert e with rows (warp
+// 0 counts the non-empty experts with ballots: no CTA is spent on the experts a decode step did
+// not choose, most of them at T = 1) and computes columns [j*BY, (j+1)*BY) of e's rows, MR rows
+// per pass (MR = 1, 2 or 4, the smallest that holds the rows left), streaming b[e]'s columns once
+// per pass: an expert with up to 4 rows reads its weights from memory exactly once
 // (a fifth row starts a pass that finds the CTA's columns in L2). The rows of a come straight from
 // global memory (a few KB per expert, read by all its CTAs: L1 and L2 hits), so a pass has no
-// barrier until its sums are combined. CTAs of experts with no rows exit at once; CTA (E, j)
-// zero-fills the padding rows [offs_E[E-1], N). The rows are a_NX's, or with `order` (the plan's
+// barrier until its sums are combined. CTAs past the experts with rows exit; the last column of
+// CTAs zero-fills the padding rows [offs_E[E-1], N). The rows are a_NX's, or with `order` (the plan's
 // order_N) row i is x_TD[order[i] / K]: the gathered first projection reads the tokens in place,
 // without the permuted N x D copy. Sums are float (double for float64), in a fixed order.
 //   row-major b (b[e][x, y] at x*ldb + y): BY = 8 vectors of 16 bytes; lane l of warp w loads the
@@ -26,7 +28,9 @@
 // Registers: at most 128 per thread (2 CTAs of 8 warps per SM), no spills (ptxas -v, sm_90).
 // Layout rules (stream_layout_ok): 16-byte aligned b, b's strides multiples of 16 bytes' worth of
 // elements, and Y too for row-major b; for column-major b, a likewise (aligned, row stride and X).
-// offs_E is checked on the device (CUDA_KERNEL_ASSERT) and clamped, as in the tiled kernels.
+// offs_E is checked on the device (CUDA_KERNEL_ASSERT) and clamped, as in the tiled kernels (with
+// the asserts compiled out, bad offsets can give more than min(E, N) experts rows: rows of the
+// ones past the grid's width are then left unwritten; memory stays safe).
 #pragma once
 
 #include "gemm_tiles.cuh"
@@ -211,8 +215,9 @@ __global__ void __launch_bounds__(kStreamThreads, 2) stream_gemm_kernel(StreamPa
   using acc_t = typename Tile::acc_t;
   __shared__ __align__(16) acc_t smem[Tile::SMEM];
   __shared__ int64_t src_row[kStreamPassRows];
-  const int e = blockIdx.x, y0 = blockIdx.y * Tile::BY;
-  if (e == p.E) {  // the padding rows past the last group
+  __shared__ int found;
+  const int y0 = blockIdx.y * Tile::BY;
+  if (blockIdx.x == gridDim.x - 1) {  // the padding rows past the last group
     int pad_lo = 0, unused = 0;
     if (p.E > 0) group_rows_of(p.offs, p.N, p.E - 1, unused, pad_lo);
     T* c = static_cast<T*>(p.c);
@@ -221,6 +226,39 @@ __global__ void __launch_bounds__(kStreamThreads, 2) stream_gemm_kernel(StreamPa
       c[(pad_lo + idx / cols) * p.Y + y0 + idx % cols] = from_acc<T>(acc_t(0));
     return;
   }
+  // This CTA's expert: the blockIdx.x-th with rows, in expert order (at most min(E, N) have rows:
+  // the grid's width). Warp 0 counts them 128 at a time with ballots.
+  if (threadIdx.x == 0) found = -1;
+  __syncthreads();
+  if (threadIdx.x < kWarp) {
+    const int lane = threadIdx.x;
+    int seen = 0;
+    for (int base = 0; base < p.E; base += 4 * kWarp) {  // warp-uniform
+      bool has[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {  // the 4 loads first, then the ballots
+        const int e = base + u * kWarp + lane;
+        int lo = 0, hi = 0;
+        if (e < p.E) group_rows_of(p.offs, p.N, e, lo, hi);
+        has[u] = hi > lo;
+      }
+      bool done = false;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const unsigned ball = __ballot_sync(0xffffffffu, has[u]);
+        const int k = int(blockIdx.x) - seen;
+        if (!done && k < __popc(ball)) {
+          if (has[u] && __popc(ball & ((1u << lane) - 1u)) == k) found = base + u * kWarp + lane;
+          done = true;
+        }
+        seen += __popc(ball);
+      }
+      if (done) break;
+    }
+  }
+  __syncthreads();
+  const int e = found;
+  if (e < 0) return;  // fewer experts have rows than the grid's width
   int lo, hi;
   group_rows_of(p.offs, p.N, e, lo, hi);
   const W* b_e = static_cast<const W*>(p.b) + int64_t(e) * p.b_batch;
@@ -236,8 +274,8 @@ __global__ void __launch_bounds__(kStreamThreads, 2) stream_gemm_kernel(StreamPa
 
 // Whether the streaming kernel takes these operands: its 16-byte vector loads (of b's rows, and
 // for column-major b of a's rows too; row-major b reads a element by element), one launch's grid
-// (E + 1 CTAs by ceil(Y / BY)) and int32 index arithmetic with room to spare (decode sizes are far
-// below these limits; anything else falls back to the tiled kernels).
+// (ceil(Y / BY) <= 65535 column tiles) and int32 index arithmetic with room to spare (decode sizes
+// are far below these limits; anything else falls back to the tiled kernels).
 inline bool stream_layout_ok(const at::Tensor& a, int64_t lda, const at::Tensor& b, bool b_col,
                              int64_t b_ld, int64_t N, int64_t E, int64_t X, int64_t Y) {
   const auto st = a.scalar_type();
@@ -252,12 +290,13 @@ inline bool stream_layout_ok(const at::Tensor& a, int64_t lda, const at::Tensor&
   return Y % vec == 0;
 }
 
-// grid (E + 1, ceil(Y / BY)).
+// grid (min(E, N) + 1, ceil(Y / BY)): at most min(E, N) experts have rows.
 template <typename T, bool B_COL, typename W = T>
 void launch_stream(const StreamParams& p) {
   const int64_t tiles_y = ceil_div(p.Y, StreamTile<T, W, B_COL>::BY);  // <= 65535: the caller's check
+  const int64_t width = std::min<int64_t>(p.E, p.N) + 1;
   stream_gemm_kernel<T, W, B_COL>
-      <<<dim3(unsigned(p.E + 1), unsigned(tiles_y)), kStreamThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
+      <<<dim3(unsigned(width), unsigned(tiles_y)), kStreamThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -65,6 +65,9 @@ CASES = [  # (counts per expert, padding rows, X, Y)
     ([3] * 256, 0, 32, 16),                          # E = 256
     ([2, 0, 7], 5, 1032, 40),                        # depth ends inside a step
     ([0, 0, 0], 4, 64, 64),                          # padding rows only
+    # E = 300 > N: the grid is min(E, N) + 1 wide and each CTA finds its expert past the first
+    # 128 (the ballot search's chunks), experts 255 and 299 included
+    ([1 if e in (0, 131, 200, 255, 299) else 0 for e in range(300)], 2, 32, 40),
 ]
 
 
@@ -194,7 +197,8 @@ def test_decode_layer_has_no_host_sync_and_replays_in_a_cuda_graph():
 
 W8_CASES = [  # (counts per expert, padding rows, X, Y): X % 16 == 0 streams, else the fallback
     ([1] * 8 + [0] * 8, 0, 64, 96), ([0, 1, 2, 3, 4, 5, 9, 0], 3, 144, 70), ([3] * 256, 0, 32, 16),
-    ([2, 0, 7], 5, 1040, 40), ([0, 0], 4, 64, 64), ([2, 5, 1], 1, 40, 24)]
+    ([2, 0, 7], 5, 1040, 40), ([0, 0], 4, 64, 64), ([2, 5, 1], 1, 40, 24),
+    ([3 if e in (7, 140, 299) else 0 for e in range(300)], 1, 32, 24)]
 
 
 @pytest.mark.parametrize("counts,pad,X,Y", W8_CASES)
