@@ -18,7 +18,9 @@ enum class CpuGemm : int { kAuto = 0, kAten = 1 };
 // serves the call; "stream" = the weight-streaming kernel for every forward GEMM whose layout it
 // takes, the rest as "auto" (csrc/cuda/stream_gemm.cuh).
 enum class CudaGemm : int { kAuto = 0, kNative = 1, kTorch = 2, kStream = 3 };
-constexpr long long kCudaStreamRows = 8;
+// 4: the streaming kernel's largest pass, so at the mean an expert's weights are read once (more
+// rows take passes that re-read them; bench/gpu_gemm_sweep.py's decode rows time both kernels).
+constexpr long long kCudaStreamRows = 4;
 
 CpuGemm cpu_gemm();
 CudaGemm cuda_gemm();

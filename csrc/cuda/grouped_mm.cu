@@ -17,7 +17,7 @@
 // would sync); bad offsets are clamped so memory stays safe if asserts are compiled out.
 //
 // Backends (MOE_CUDA_GEMM, read at every call). "auto" (the default): a forward GEMM with at most
-// config::kCudaStreamRows rows per expert on average (N <= 8 E: decode) runs the weight-streaming
+// config::kCudaStreamRows rows per expert on average (N <= 4 E: decode) runs the weight-streaming
 // kernel (stream_gemm.cuh) where its layout rules hold, and so does every forward GEMM under
 // "stream"; otherwise, under "auto" and "stream": bfloat16 on compute
 // capability 9.0 runs moekit's own Hopper grouped GEMM (csrc/cuda/sm90/: CUTLASS 3, TMA + wgmma,
