@@ -45,6 +45,10 @@ def test_defaults_set_reset_and_validation(monkeypatch):
         with ops.config.override(cpu_gem="aten"):
             pass
     if ops.HAS_EXTENSION:
+        for value in ("auto", "native", "torch", "stream"):  # every backend the C++ table takes
+            with ops.config.override(cuda_gemm=value):
+                assert ops.config.cuda_gemm == value
+        assert ops.build_info()["cuda_stream_rows"] == 4  # "auto" streams at <= 4 rows per expert
         with pytest.raises(ValueError, match="cuda_gemm.*'fast'"):
             ops.config.cuda_gemm = "fast"
         with pytest.raises(ValueError, match="sm90_forward_config"):
