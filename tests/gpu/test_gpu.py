@@ -114,8 +114,8 @@ def test_plan_bad_id_trips_device_assert():
     assert res.returncode != 0 and "assert" in (res.stderr + res.stdout).lower()
 
 
-@pytest.mark.parametrize("backend,N", [("auto", 256), ("auto", 8), ("native", 256), ("torch", 256)])
-@pytest.mark.parametrize("wgrad", [False, True])
+@pytest.mark.parametrize("backend,N,wgrad", [("auto", 256, False), ("auto", 256, True), ("auto", 8, False),
+                                             ("native", 256, True), ("torch", 256, False)])
 def test_grouped_mm_bad_offsets_trip_device_assert(backend, N, wgrad):
     """Decreasing offsets raise a device-side assert on every GEMM path (moekit's sm90 setup
     kernel, the weight-streaming kernel at N = 8, the WMMA kernels, the check before PyTorch's),
