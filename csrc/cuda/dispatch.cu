@@ -16,13 +16,13 @@
 // one block counts, scans and sorts the composite keys (id << slot_bits) | slot with
 // cub::BlockRadixSort. The keys are distinct, so the order is the same whatever the sort's
 // stability: by expert, then by slot, as above (bit for bit the same plan).
-// Larger batches with E <= kCountPlanMaxExperts take two launches, a stable counting sort: (1)
-// each block counts the ids of its kChunkSlots slots into hist[block][e]; (2) each block reads
-// the whole table (blocks * E ints), so it knows every expert's start and the rows of the blocks
-// before it, and places its slots in slot order, 256 at a time: a slot's position is its
-// expert's next free row + the slots of that expert in the warps before it (per-warp counts in
-// shared memory) + those before it in its warp (__match_any_sync). Block 0 writes counts_E and
-// offs_E. The same plan bit for bit again.
+// Larger batches (up to 128 blocks of 2048 slots) with E <= kCountPlanMaxExperts take two launches,
+// a stable counting sort: (1) each block counts the ids of its kChunkSlots slots into
+// hist[block][e]; (2) each block reads the whole table (blocks * E ints), so it knows every
+// expert's start and the rows of the blocks before it, and places its slots in slot order, 256 at
+// a time: a slot's position is its expert's next free row + the slots of that expert in the warps
+// before it (per-warp counts in shared memory) + those before it in its warp (__match_any_sync).
+// Block 0 writes counts_E and offs_E. The same plan bit for bit again.
 //
 // permute / unpermute / unpermute_weights_grad: one warp per output row, 16-byte vectors when
 // the row strides and pointers allow it (else one element at a time). unpermute accumulates in
@@ -79,6 +79,7 @@ constexpr int kCountPlanThreads = 256;
 constexpr int kCountPlanWarps = kCountPlanThreads / kWarp;
 constexpr int64_t kChunkSlots = 2048;         // slots per block of the counting sort
 constexpr int kCountPlanMaxExperts = 1024;    // shared memory: (1 + warps) * E ints
+constexpr int64_t kCountPlanMaxBlocks = 128;  // each block reads the whole blocks x E table
 
 // Counting-sort plan, pass 1: hist[b][e] = slots of block b's chunk routed to expert e.
 template <typename index_t>
@@ -313,7 +314,9 @@ PlanTensors plan_cuda(const at::Tensor& ids_TK, int64_t num_experts) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return {counts, offs, order, rows};
   }
-  if (num_slots > 0 && E <= kCountPlanMaxExperts) {  // two launches: the counting sort
+  // Two launches, the counting sort, while its table is small: each block reads all of it, so the
+  // reads grow as blocks^2 * E (128 blocks: 262144 slots, 64 MiB at E = 1024); beyond, the radix sort.
+  if (num_slots > 0 && E <= kCountPlanMaxExperts && ceil_div(num_slots, kChunkSlots) <= kCountPlanMaxBlocks) {
     auto counts = at::empty({E}, i32);
     auto offs = at::empty({E}, i32);
     const int64_t nblocks = ceil_div(num_slots, kChunkSlots);

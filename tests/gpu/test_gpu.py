@@ -64,7 +64,7 @@ PLAN_CASES = [(0, 2, 4), (1, 1, 1), (37, 3, 5), (1000, 4, 8), (257, 8, 256), (40
               # (eight), E = 4096 (its largest); E = 4097 (the radix-sort path); the counting sort
               # from 2049 slots up to E = 1024, the radix sort above
               (1, 8, 128), (32, 8, 128), (33, 8, 128), (256, 8, 256), (64, 8, 4096), (64, 8, 4097),
-              (600, 4, 1024), (1000, 4, 2000), (2049, 1, 1)]
+              (600, 4, 1024), (1000, 4, 2000), (2049, 1, 1), (65536, 4, 8), (32769, 8, 64)]  # 128, 129 blocks
 
 
 @pytest.mark.parametrize("T,K,E", PLAN_CASES)
@@ -82,8 +82,8 @@ def test_plan_equals_cpu_kernel(T, K, E, dtype):
 
 
 def test_plan_launches():
-    """At most 2048 slots and 4096 experts: one launch (plan_block_kernel); more slots with at
-    most 1024 experts: two (the counting sort); otherwise the radix-sort path."""
+    """At most 2048 slots and 4096 experts: one launch (plan_block_kernel); up to 128 blocks of 2048
+    slots with at most 1024 experts: two (the counting sort); otherwise the radix-sort path."""
     def kernels(T, K, E):
         ids = _ids(T, K, E)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -96,6 +96,7 @@ def test_plan_launches():
     large = kernels(4096, 8, 256)
     assert len(large) == 2 and "plan_hist_kernel" in large[0] and "plan_place_kernel" in large[1], large
     assert any("plan_keys_kernel" in n for n in kernels(1000, 4, 2000))
+    assert any("plan_keys_kernel" in n for n in kernels(32769, 8, 64))  # 129 blocks of 2048 slots
 
 
 def test_plan_all_rows_on_one_expert_and_all_empty():

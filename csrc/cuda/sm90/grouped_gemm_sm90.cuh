@@ -151,7 +151,8 @@ constexpr int kPrepareThreads = 256;
 // stays safe if the assert is compiled out); the grid's blocks also write the contract's zeros:
 // in the forward the padding rows [offs_E[E-1], N) of c (blocks (x, 0), grid-stride), in the
 // weight gradient expert y's (X, Y) block when it has no rows (blocks (x, y)). Zeros and GEMM
-// outputs are disjoint, so their order does not matter. Y (and X * Y) are multiples of 8 here
+// outputs are disjoint (an empty expert's group has M = 0: no tiles), so their order does not
+// matter. Y (and X * Y) are multiples of 8 here
 // (the TMA layout rules): zeros go in 16-byte words.
 template <class G>
 __global__ void __launch_bounds__(kPrepareThreads) prepare_groups_kernel(GroupedGemm g, char* ws) {
@@ -181,7 +182,9 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_groups_kernel(Grouped
       ptr_a[e] = a + int64_t(lo) * g.lda;
       ptr_b[e] = b + int64_t(lo) * g.ldb;
       ptr_c[e] = c + int64_t(e) * g.X * g.Y;
-      shapes[e] = typename G::Shape{g.X, g.Y, rows};
+      // An expert with no rows gets no tiles (M = 0): with K = 0 CUTLASS would still store its
+      // X x Y tiles, from accumulators no wgmma ever cleared, over the zeros written below.
+      shapes[e] = typename G::Shape{rows > 0 ? g.X : 0, g.Y, rows};
     }
     reinterpret_cast<typename G::StrideB*>(ws + l.stride_b)[e] = G::template leading<typename G::StrideB>(g.ldb);
     reinterpret_cast<typename G::StrideA*>(ws + l.stride_a)[e] = G::template leading<typename G::StrideA>(g.lda);
