@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from moe import ops
 from moe.ops import twins
 
 from tests.gpu.test_gpu import _assert_eval_graph_replays, _ids, _offs, _poison, _rule
+from tests.helpers.props import SETTINGS, routings
 
 pytestmark = pytest.mark.gpu
 moe_ops = torch.ops.moe
@@ -246,3 +248,37 @@ def test_int8_layer_decode_on_cuda_no_sync_and_cuda_graph():
         rel = ((y.float() - want).square().mean() / want.square().mean()).sqrt().item()
         assert rel < 0.05, rel
     _assert_eval_graph_replays(layer, x.clone())
+
+
+# ---- properties over random routings (hypothesis): the CUDA plan's paths and the streaming GEMM
+# (gathered), against the CPU kernels and the twin ---------------------------------------------
+
+# The autouse _cuda fixture only skips and seeds: running it once per test, not per example, is fine.
+PROPS = settings(SETTINGS, suppress_health_check=[*SETTINGS.suppress_health_check,
+                                                  HealthCheck.function_scoped_fixture])
+
+@PROPS
+@given(routing=routings(max_T=600), scale=st.sampled_from([1, 8]))
+def test_plan_paths_equal_the_cpu_plan(routing, scale):
+    """The one-block (<= 2048 slots) and counting-sort plans equal the CPU plan bit for bit;
+    `scale` repeats the tokens to cross from one to the other (the radix-sort path, E > 1024 or
+    more than 128 blocks: test_gpu.py's PLAN_CASES)."""
+    ids, E = routing
+    ids = ids.repeat(scale, 1)
+    got = moe_ops.plan(ids.cuda(), E)
+    for g, w in zip(got, moe_ops.plan(ids, E)):
+        assert torch.equal(g.cpu(), w)
+
+
+@PROPS
+@given(routing=routings(max_T=48), D=st.sampled_from([8, 32, 72]), Y=st.sampled_from([8, 24, 40, 200]),
+       dtype=st.sampled_from([torch.bfloat16, torch.float32]), transposed=st.booleans())
+def test_stream_matches_the_twin_on_random_routings(routing, D, Y, dtype, transposed):
+    ids, E = routing
+    x = torch.randn(ids.shape[0], D, device="cuda", dtype=dtype)
+    _, offs, order, rows_TK = moe_ops.plan(ids.cuda(), E)
+    b = _weights(E, D, Y, dtype, transposed)
+    with ops.config.override(cuda_gemm="stream"):
+        c = moe_ops.gather_grouped_mm(x, order, rows_TK, b, offs)
+    ref = twins.gather_grouped_mm_torch(x.double(), order, rows_TK, b.double(), offs)
+    _rule(c, ref, twins.gather_grouped_mm_torch(x, order, rows_TK, b, offs))
