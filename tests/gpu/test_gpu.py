@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from moe import ops
 from moe.ops import twins
 
+from tests.helpers.gpu import assert_eval_graph_replays, error_rule, offs_of, poison, random_ids
+
 pytestmark = pytest.mark.gpu
 moe_ops = torch.ops.moe
 
@@ -38,23 +40,9 @@ def _cuda_kernels():
     torch.manual_seed(0)
 
 
-def _poison(*like: tuple[tuple[int, ...], torch.dtype]) -> None:
-    """Leaves freed blocks of exactly these sizes filled with 0xFF (NaN for every float dtype,
-    -1 for ints) in the caching allocator, so the next outputs of those sizes likely reuse them."""
-    blocks = [torch.full((torch.Size(s).numel() * torch.empty((), dtype=d).element_size(),), 0xFF,
-                         dtype=torch.uint8, device="cuda") for s, d in like for _ in range(2)]
-    del blocks
-
-
-def _ids(T, K, E, *, empty=0.2, dtype=torch.int64, device="cuda"):
-    ids = torch.randint(0, E, (T, K))
-    ids[torch.rand(T, K) < empty] = -1
-    return ids.to(dtype=dtype, device=device)
-
-
 def _poisoned_plan(ids_TK, E):
     T, K = ids_TK.shape
-    _poison(((E,), torch.int32), ((E,), torch.int32), ((T * K,), torch.int64), ((T, K), torch.int64))
+    poison(((E,), torch.int32), ((E,), torch.int32), ((T * K,), torch.int64), ((T, K), torch.int64))
     return moe_ops.plan(ids_TK, E)
 
 
@@ -70,7 +58,7 @@ PLAN_CASES = [(0, 2, 4), (1, 1, 1), (37, 3, 5), (1000, 4, 8), (257, 8, 256), (40
 @pytest.mark.parametrize("T,K,E", PLAN_CASES)
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
 def test_plan_equals_cpu_kernel(T, K, E, dtype):
-    ids = _ids(T, K, E, dtype=dtype)
+    ids = random_ids(T, K, E, dtype=dtype)
     if T > 4:
         ids[: T // 4] = min(3, E - 1)  # a heavy expert
     got = _poisoned_plan(ids, E)
@@ -85,7 +73,7 @@ def test_plan_launches():
     """At most 2048 slots and 4096 experts: one launch (plan_block_kernel); up to 128 blocks of 2048
     slots with at most 1024 experts: two (the counting sort); otherwise the radix-sort path."""
     def kernels(T, K, E):
-        ids = _ids(T, K, E)
+        ids = random_ids(T, K, E)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             moe_ops.plan(ids, E)
             torch.cuda.synchronize()
@@ -140,24 +128,24 @@ DISPATCH_CASES = [(0, 2, 3, 16), (37, 3, 5, 13), (300, 8, 64, 1000), (512, 2, 8,
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("wdtype", [None, torch.float32, "same"])
 def test_permute_unpermute_equal_cpu_kernel(T, K, E, D, dtype, wdtype):
-    ids = _ids(T, K, E)
+    ids = random_ids(T, K, E)
     p = moe_ops.plan(ids, E)
     p_cpu = [t.cpu() for t in p]
     x = torch.randn(T, D + 8, device="cuda", dtype=dtype)[:, :D]  # row-strided view
     w = None if wdtype is None else torch.rand(T, K, device="cuda", dtype=dtype if wdtype == "same" else wdtype)
     w_cpu = None if w is None else w.cpu()
-    _poison(((T * K, D), dtype))
+    poison(((T * K, D), dtype))
     x_ND = moe_ops.permute(x, p[2], p[3], w)
     assert torch.equal(x_ND.cpu(), moe_ops.permute(x.cpu(), p_cpu[2], p_cpu[3], w_cpu))
     y = torch.randn(T * K, D, device="cuda", dtype=dtype)
     n = int(p[1][-1]) if E else 0
     y[n:] = float("nan")  # padding rows are never read
-    _poison(((T, D), dtype))
+    poison(((T, D), dtype))
     out = moe_ops.unpermute(y, p[2], p[3], w)
     want = moe_ops.unpermute(y.cpu(), p_cpu[2], p_cpu[3], w_cpu)
     assert torch.equal(out.cpu(), want) and not out.isnan().any()
     g = torch.randn(T, D, device="cuda", dtype=dtype)
-    _poison(((T, K), ops._acc(dtype)))
+    poison(((T, K), ops._acc(dtype)))
     dw = moe_ops.unpermute_weights_grad(g, y, p[2], p[3])
     want_dw = moe_ops.unpermute_weights_grad(g.cpu(), y.cpu(), p_cpu[2], p_cpu[3])
     tol = 1e-10 if dtype == torch.float64 else 1e-4
@@ -180,23 +168,11 @@ def _sm90_gemm() -> bool:
     return ops.build_info()["sm90_gemm"] and torch.cuda.get_device_capability() == (9, 0)
 
 
-def _offs(counts):
-    return torch.tensor(counts, dtype=torch.int32).cumsum(0).int().cuda()
-
-
 GMM_CASES = [  # (N, X, Y, counts per expert): padding rows when sum(counts) < N
     (64, 32, 48, [10, 0, 30, 24]), (200, 100, 72, [0, 150, 0]), (133, 13, 7, [33, 0, 50, 20]),
     (512, 256, 384, [512]), (0, 16, 16, [0, 0]), (1000, 1024, 1792, [400, 0, 1, 127, 300, 0, 100, 60]),
     (600, 64, 40, [(7 * e) % 5 for e in range(256)]),  # E = 256, many empty experts
 ]
-
-
-def _rule(got, ref64, same_dtype):
-    """FlashAttention's rule: error vs float64 at most 2x the same-dtype torch error (+ eps)."""
-    err = (got.double() - ref64).abs().max().item() if got.numel() else 0.0
-    base = (same_dtype.double() - ref64).abs().max().item() if got.numel() else 0.0
-    scale = ref64.abs().max().item() if got.numel() else 0.0
-    assert err <= 2 * base + torch.finfo(got.dtype).eps * scale + 1e-12, (err, base)
 
 
 @pytest.mark.parametrize("N,X,Y,counts", GMM_CASES)
@@ -209,22 +185,22 @@ def test_grouped_mm_and_wgrad(N, X, Y, counts, dtype, b_transposed, gemm_backend
 def _check_grouped_mm_and_wgrad(N, X, Y, counts, dtype, b_transposed):
     """grouped_mm and grouped_mm_wgrad on one case: the 2x-error rule against float64, zero
     padding rows and empty experts, rows past offs_E[-1] never read (NaN there), deterministic."""
-    E, offs = len(counts), _offs(counts)
+    E, offs = len(counts), offs_of(counts)
     a = torch.randn(N, X, device="cuda", dtype=dtype)
     a[sum(counts):] = float("nan")  # rows past offs_E[-1] are never read
     b = (torch.randn(E, Y, X, device="cuda", dtype=dtype).transpose(1, 2) if b_transposed
          else torch.randn(E, X, Y, device="cuda", dtype=dtype))
-    _poison(((N, Y), dtype))
+    poison(((N, Y), dtype))
     c = moe_ops.grouped_mm(a, b, offs)
     ref = twins.grouped_mm_torch(a.double(), b.double(), offs)
     assert torch.equal(c[sum(counts):], torch.zeros_like(c[sum(counts):]))
-    _rule(c, ref, twins.grouped_mm_torch(a, b, offs))
+    error_rule(c, ref, twins.grouped_mm_torch(a, b, offs))
     assert torch.equal(c, moe_ops.grouped_mm(a, b, offs))  # deterministic
     a = torch.nan_to_num(a)
     g = torch.randn(N, Y, device="cuda", dtype=dtype)
-    _poison(((E, X, Y), dtype))
+    poison(((E, X, Y), dtype))
     w = moe_ops.grouped_mm_wgrad(a, g, offs)
-    _rule(w, twins.grouped_mm_wgrad_torch(a.double(), g.double(), offs),
+    error_rule(w, twins.grouped_mm_wgrad_torch(a.double(), g.double(), offs),
           twins.grouped_mm_wgrad_torch(a, g, offs))
     empty = torch.tensor(counts, device="cuda") == 0
     assert torch.equal(w[empty], torch.zeros_like(w[empty]))
@@ -239,7 +215,7 @@ def test_grouped_mm_backend_choice(dtype, aligned, monkeypatch):
     X, Y = (64, 48) if aligned else (60, 48)
     a = torch.randn(100, X, device="cuda", dtype=dtype)
     b = torch.randn(3, X, Y, device="cuda", dtype=dtype)
-    offs = _offs([30, 0, 50])
+    offs = offs_of([30, 0, 50])
 
     def kernels(backend):
         with ops.config.override(cuda_gemm=backend), \
@@ -306,10 +282,10 @@ def test_sm90_config_env_is_checked(monkeypatch):
     b = torch.randn(2, 32, 48, device="cuda", dtype=torch.bfloat16)
     monkeypatch.setenv("MOE_SM90_GEMM_CONFIG", "99")
     with pytest.raises(RuntimeError, match="MOE_SM90_GEMM_CONFIG"):
-        moe_ops.grouped_mm(a, b, _offs([30, 34]))
+        moe_ops.grouped_mm(a, b, offs_of([30, 34]))
     monkeypatch.setenv("MOE_SM90_WGRAD_CONFIG", "x")
     with pytest.raises(RuntimeError, match="MOE_SM90_WGRAD_CONFIG"):
-        moe_ops.grouped_mm_wgrad(a, a, _offs([30, 34]))
+        moe_ops.grouped_mm_wgrad(a, a, offs_of([30, 34]))
     with pytest.raises(ValueError, match="sm90_forward_config"):
         ops.config.sm90_forward_config = 99
 
@@ -328,7 +304,7 @@ def _layer(x_TD, ids_TK, w_TK, w1_EDF, w2_EFD, *, twin=False):
 
 
 def _layer_inputs(T=96, K=2, E=6, D=40, Fh=56, dtype=torch.float32, device="cuda"):
-    ids = _ids(T, K, E, device=device)
+    ids = random_ids(T, K, E, device=device)
     ids[:, 0][ids[:, 0] == 2] = 1  # expert 2 gets fewer rows; some slots empty
     x = torch.randn(T, D, device=device, dtype=dtype)
     w = torch.rand(T, K, device=device, dtype=torch.float32)
@@ -351,7 +327,7 @@ def test_layer_gradients(dtype, gemm_backend):
     ref = _grads([inputs[0]] + [t.detach().double().requires_grad_() for t in inputs[1:]])
     twin = _grads([inputs[0]] + [t.detach().clone().requires_grad_() for t in inputs[1:]], twin=True)
     for got, r, tw in zip(_grads(inputs), ref, twin):
-        _rule(got, r, tw)
+        error_rule(got, r, tw)
 
 
 def test_layer_cuda_equals_cpu_float64_and_gradcheck():
@@ -365,7 +341,7 @@ def test_layer_cuda_equals_cpu_float64_and_gradcheck():
 
 
 def test_opcheck_on_cuda():
-    ids = _ids(20, 2, 4)
+    ids = random_ids(20, 2, 4)
     p = moe_ops.plan(ids, 4)
     x = torch.randn(20, 24, device="cuda", requires_grad=True)
     w = torch.rand(20, 2, device="cuda", requires_grad=True)
@@ -384,7 +360,7 @@ def test_opcheck_on_cuda_bf16_gemm_backends(gemm_backend):
     kernels under "auto" on compute capability 9.0, PyTorch's under "torch"), both B layouts.
     (gradcheck runs in float64, which these bf16-only kernels never see: the float64 cases above.)"""
     y = torch.randn(40, 24, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    offs = _offs([10, 0, 25, 5])
+    offs = offs_of([10, 0, 25, 5])
     b = torch.randn(4, 24, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     b_t = torch.randn(4, 16, 24, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
     for args in ((y, b, offs), (y, b_t, offs)):
@@ -413,7 +389,7 @@ def test_layer_has_no_host_sync_and_replays_in_a_cuda_graph(gemm_backend):
         static_out = _layer(args[0], ids, *args[1:])
     graph.replay()
     assert torch.equal(static_out, _layer(args[0], ids, *args[1:]))
-    ids.copy_(_ids(*ids.shape, 16))  # new routing: offsets are read on the device at replay
+    ids.copy_(random_ids(*ids.shape, 16))  # new routing: offsets are read on the device at replay
     args[0].copy_(torch.randn_like(args[0]))
     graph.replay()
     assert torch.equal(static_out, _layer(args[0], ids, *args[1:]))
@@ -439,23 +415,4 @@ def test_moelayer_has_no_host_sync_and_replays_in_a_cuda_graph(shared, gemm_back
     assert y.shape == x.shape and torch.isfinite(y.float()).all()
     assert all(p.grad is not None and torch.isfinite(p.grad.float()).all() for p in layer.parameters())
     layer.eval()
-    _assert_eval_graph_replays(layer, x.detach().clone())
-
-
-def _assert_eval_graph_replays(layer, static_x):
-    """The eval forward of `layer` captured in a CUDA graph (after a warm-up on a side stream)
-    replays to the eager result, also after new tokens (new routing) are copied in."""
-    with torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                layer(static_x)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = layer(static_x)
-        for _ in range(2):
-            graph.replay()
-            assert torch.equal(static_y, layer(static_x))
-            static_x.copy_(torch.randn_like(static_x))  # new tokens, new routing
+    assert_eval_graph_replays(layer, x.detach().clone())

@@ -27,6 +27,7 @@ import moe
 from moe import GroupedExperts, MoELayer, ops
 from moe.ops.twins import linear_f32_torch, swiglu_backward_torch, swiglu_torch
 
+from tests.helpers.gpu import poison
 from tests.helpers.swiglu import ULP, close_to, inputs
 
 pytestmark = pytest.mark.gpu
@@ -48,14 +49,6 @@ def _cuda_kernels():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"moe::{name}", "CUDA"), name
     assert "CUDA" in ops.compiled_kernels("swiglu")
     torch.manual_seed(0)
-
-
-def _poison(*like: tuple[tuple[int, ...], torch.dtype]) -> None:
-    """Leaves freed blocks of exactly these sizes filled with 0xFF (NaN for every float dtype) in
-    the caching allocator, so the next outputs of those sizes likely reuse them."""
-    blocks = [torch.full((torch.Size(s).numel() * torch.empty((), dtype=d).element_size(),), 0xFF,
-                         dtype=torch.uint8, device="cuda") for s, d in like for _ in range(2)]
-    del blocks
 
 
 def _same(got, want):
@@ -87,12 +80,12 @@ SWIGLU_CASES = [((0,), 8), ((1,), 1), ((37,), 224), ((5, 3), 17), ((64,), 48), (
 def test_swiglu_equals_twin_and_cpu_kernel(shape, F_, dtype):
     h_cpu, grad_cpu = inputs(shape, F_, dtype)
     h, grad = h_cpu.cuda(), grad_cpu.cuda()
-    _poison(((*shape, F_), dtype))
+    poison(((*shape, F_), dtype))
     out = moe_ops.swiglu(h)
     assert out.shape == (*shape, F_) and out.dtype == dtype and out.is_cuda
     _same(out, swiglu_torch(h))
     assert close_to(out.cpu(), moe_ops.swiglu(h_cpu), dtype)
-    _poison(((*shape, 2 * F_), dtype))
+    poison(((*shape, 2 * F_), dtype))
     dh = moe_ops.swiglu_backward(grad, h)
     assert dh.shape == h.shape and dh.dtype == dtype
     _same(dh, swiglu_backward_torch(grad, h))
@@ -189,7 +182,7 @@ def _layout(t, kind):
 def test_linear_f32_within_the_half_gemm_error(T, D, E, dtype, layout):
     x = _layout(torch.randn(T, D, device="cuda").to(dtype), layout)
     w = _layout((torch.randn(E, D, device="cuda") * 0.05).to(dtype), layout)
-    _poison(((T, E), torch.float32))
+    poison(((T, E), torch.float32))
     got = moe_ops.linear_f32(x, w)
     assert got.dtype == torch.float32 and got.shape == (T, E) and got.is_cuda
     assert not got.isnan().any()
@@ -218,7 +211,7 @@ def test_linear_f32_float32_is_the_twins_gemm(dtype):
 def test_linear_f32_empty(T, D, E, dtype):
     """No tokens or no experts: an empty output; D = 0: the empty sums, zeros."""
     x, w = torch.randn(T, D, dtype=dtype, device="cuda"), torch.randn(E, D, dtype=dtype, device="cuda")
-    _poison(((T, E), _acc(dtype)))
+    poison(((T, E), _acc(dtype)))
     got = moe_ops.linear_f32(x, w)
     assert got.shape == (T, E) and got.dtype == _acc(dtype)
     assert torch.equal(got, torch.zeros_like(got))

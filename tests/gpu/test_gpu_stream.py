@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from moe import ops
 from moe.ops import twins
 
-from tests.gpu.test_gpu import _assert_eval_graph_replays, _ids, _offs, _poison, _rule
+from tests.helpers.gpu import (assert_eval_graph_replays, error_rule, kernel_names, offs_of, poison,
+                               random_ids, without_sync)
 from tests.helpers.props import SETTINGS, routings
 
 pytestmark = pytest.mark.gpu
@@ -37,26 +38,8 @@ def _cuda():
     torch.manual_seed(0)
 
 
-def _kernel_list(fn) -> list[str]:
-    """The names of the device events (kernels, copies) that fn() runs."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events()]
-
-
 def _kernels(fn) -> str:
-    return " ".join(_kernel_list(fn))
-
-
-def _without_sync(fn):
-    """fn() under torch.cuda.set_sync_debug_mode("error"): a host-device sync inside raises."""
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        return fn()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    return " ".join(kernel_names(fn))
 
 
 def _weights(E, X, Y, dtype, transposed, pad=0):
@@ -90,21 +73,21 @@ def test_stream_grouped_mm(counts, pad, X, Y, dtype, transposed, strided):
     a = torch.randn(N, X + extra, device="cuda", dtype=dtype)[:, :X]
     a[rows:] = float("nan")  # rows past offs_E[-1] are never read
     b = _weights(E, X, Y, dtype, transposed, extra)
-    offs = _offs(counts)
+    offs = offs_of(counts)
     with ops.config.override(cuda_gemm="stream"):
         assert "stream_gemm_kernel" in _kernels(lambda: moe_ops.grouped_mm(a, b, offs))
-        _poison(((N, Y), dtype))
+        poison(((N, Y), dtype))
         c = moe_ops.grouped_mm(a, b, offs)
         assert torch.equal(c, moe_ops.grouped_mm(a, b, offs))  # deterministic
     assert torch.equal(c[rows:], torch.zeros_like(c[rows:]))
-    _rule(c[:rows], twins.grouped_mm_torch(a.double(), b.double(), offs)[:rows],
+    error_rule(c[:rows], twins.grouped_mm_torch(a.double(), b.double(), offs)[:rows],
           twins.grouped_mm_torch(a, b, offs)[:rows])
     cpu = moe_ops.grouped_mm(a.cpu(), b.cpu(), offs.cpu())
-    _rule(c[:rows].cpu(), twins.grouped_mm_torch(a.double(), b.double(), offs)[:rows].cpu(), cpu[:rows])
+    error_rule(c[:rows].cpu(), twins.grouped_mm_torch(a.double(), b.double(), offs)[:rows].cpu(), cpu[:rows])
 
 
 def _gather_inputs(T, K, E, D, Y, dtype, transposed, *, crowd=0):
-    ids = _ids(T, K, E)
+    ids = random_ids(T, K, E)
     if crowd:
         ids[:crowd, 0] = 1  # expert 1 gets `crowd` rows or more: several passes
     big = torch.randn(T, D + 8, device="cuda", dtype=dtype)
@@ -125,15 +108,15 @@ def test_stream_gather_grouped_mm(T, K, E, D, Y, crowd, dtype, transposed):
     with ops.config.override(cuda_gemm="stream"):
         names = _kernels(lambda: moe_ops.gather_grouped_mm(x, *args))
         assert "stream_gemm_kernel" in names and "permute" not in names, names
-        _poison(((order.shape[0], Y), dtype))
+        poison(((order.shape[0], Y), dtype))
         c = moe_ops.gather_grouped_mm(x, *args)
     used = int(offs[-1])
     assert torch.equal(c[used:], torch.zeros_like(c[used:]))
     ref = twins.gather_grouped_mm_torch(x.double(), order, rows_TK, b.double(), offs)
-    _rule(c, ref, twins.gather_grouped_mm_torch(x, *args))
+    error_rule(c, ref, twins.gather_grouped_mm_torch(x, *args))
     assert torch.isfinite(c.float()).all()
     with ops.config.override(cuda_gemm="native"):  # the two-op form on moekit's WMMA kernels
-        _rule(moe_ops.gather_grouped_mm(x, *args), ref, twins.gather_grouped_mm_torch(x, *args))
+        error_rule(moe_ops.gather_grouped_mm(x, *args), ref, twins.gather_grouped_mm_torch(x, *args))
 
 
 def test_auto_streams_at_decode_sizes_only():
@@ -145,16 +128,16 @@ def test_auto_streams_at_decode_sizes_only():
     b = torch.randn(E, X, Y, device="cuda", dtype=torch.bfloat16)
     for N, streams in ((limit * E, True), (limit * E + 1, False)):
         a = torch.randn(N, X, device="cuda", dtype=torch.bfloat16)
-        offs = _offs([N // E] * (E - 1) + [N - (N // E) * (E - 1)])
+        offs = offs_of([N // E] * (E - 1) + [N - (N // E) * (E - 1)])
         with ops.config.override(cuda_gemm="auto"):
             assert ("stream_gemm_kernel" in _kernels(lambda: moe_ops.grouped_mm(a, b, offs))) == streams, N
     a = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(E, 64, 60, device="cuda", dtype=torch.bfloat16)
     with ops.config.override(cuda_gemm="stream"):
-        c = moe_ops.grouped_mm(a, b, _offs([2] * E))
-        assert "stream_gemm_kernel" not in _kernels(lambda: moe_ops.grouped_mm(a, b, _offs([2] * E)))
-    _rule(c, twins.grouped_mm_torch(a.double(), b.double(), _offs([2] * E)),
-          twins.grouped_mm_torch(a, b, _offs([2] * E)))
+        c = moe_ops.grouped_mm(a, b, offs_of([2] * E))
+        assert "stream_gemm_kernel" not in _kernels(lambda: moe_ops.grouped_mm(a, b, offs_of([2] * E)))
+    error_rule(c, twins.grouped_mm_torch(a.double(), b.double(), offs_of([2] * E)),
+          twins.grouped_mm_torch(a, b, offs_of([2] * E)))
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -175,7 +158,7 @@ def test_stream_gradients_gradcheck_and_opcheck(transposed):
         gx, gb = torch.autograd.grad(y.square().sum(), (x, b))
         torch.library.opcheck(moe_ops.gather_grouped_mm.default, (x, order, rows_TK, b, offs))
         a = torch.randn(12, 8, device="cuda", dtype=torch.float64, requires_grad=True)
-        torch.library.opcheck(moe_ops.grouped_mm.default, (a, b, _offs([3, 0, 4, 1, 2, 1])))
+        torch.library.opcheck(moe_ops.grouped_mm.default, (a, b, offs_of([3, 0, 4, 1, 2, 1])))
     xc, bc = x.detach().cpu().requires_grad_(), b.detach().cpu().requires_grad_()
     yc = moe_ops.gather_grouped_mm(xc, order.cpu(), rows_TK.cpu(), bc, offs.cpu())
     gxc, gbc = torch.autograd.grad(yc.square().sum(), (xc, bc))
@@ -194,10 +177,10 @@ def test_decode_layer_has_no_host_sync_and_replays_in_a_cuda_graph():
     x = torch.randn(1, 4, 64, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         assert "stream_gemm_kernel" in _kernels(lambda: layer(x))
-        y = _without_sync(lambda: layer(x))
+        y = without_sync(lambda: layer(x))
         with ops.config.override(cuda_gemm="native"):
             torch.testing.assert_close(y, layer(x), rtol=2e-2, atol=2e-2)
-    _assert_eval_graph_replays(layer, x.clone())
+    assert_eval_graph_replays(layer, x.clone())
 
 
 # ---- moe.grouped_mm_w8 (weight-only int8 experts) on CUDA: the same kernel, int8 weights ------
@@ -221,19 +204,19 @@ def test_grouped_mm_w8_on_cuda(counts, pad, X, Y, dtype):
     a = torch.randn(N, X, device="cuda", dtype=dtype)
     a[rows:] = float("nan")
     q, s = quantize_weight(torch.randn(E, Y, X) * 0.02)
-    q, s, offs = q.cuda(), s.cuda(), _offs(counts)
-    names = _kernel_list(lambda: moe_ops.grouped_mm_w8(a, q, s, offs))
+    q, s, offs = q.cuda(), s.cuda(), offs_of(counts)
+    names = kernel_names(lambda: moe_ops.grouped_mm_w8(a, q, s, offs))
     int8_kernel = any("stream_gemm_kernel" in n and "signed char" in n for n in names)  # W = int8_t
     assert int8_kernel == (X % 16 == 0), names  # else the float32 fallback (which may stream floats)
-    _poison(((N, Y), dtype))
+    poison(((N, Y), dtype))
     c = moe_ops.grouped_mm_w8(a, q, s, offs)
     assert c.dtype == dtype and torch.equal(c[rows:], torch.zeros_like(c[rows:]))
     w64 = (q.double() * s.double()[..., None]).transpose(1, 2)  # (E, X, Y): q * scale in float64
     ref = twins.grouped_mm_torch(a[:rows].double(), w64, offs)
     twin = twins.grouped_mm_w8_torch(a[:rows].cpu(), q.cpu(), s.cpu(), offs.cpu())
-    _rule(c[:rows], ref[:rows], twin.to(c.device))
+    error_rule(c[:rows], ref[:rows], twin.to(c.device))
     cpu = moe_ops.grouped_mm_w8(a.cpu(), q.cpu(), s.cpu(), offs.cpu())
-    _rule(c[:rows], ref[:rows], cpu[:rows].to(c.device))
+    error_rule(c[:rows], ref[:rows], cpu[:rows].to(c.device))
     assert torch.equal(c, moe_ops.grouped_mm_w8(a, q, s, offs))  # deterministic
 
 
@@ -250,10 +233,10 @@ def test_int8_layer_decode_on_cuda_no_sync_and_cuda_graph():
         want = layer(x).float()
         moe.quantize_experts(layer)
         assert "stream_gemm_kernel" in _kernels(lambda: layer(x))
-        y = _without_sync(lambda: layer(x))
+        y = without_sync(lambda: layer(x))
         rel = ((y.float() - want).square().mean() / want.square().mean()).sqrt().item()
         assert rel < 0.05, rel
-    _assert_eval_graph_replays(layer, x.clone())
+    assert_eval_graph_replays(layer, x.clone())
 
 
 # ---- properties over random routings (hypothesis): the CUDA plan's paths and the streaming GEMM
@@ -287,4 +270,4 @@ def test_stream_matches_the_twin_on_random_routings(routing, D, Y, dtype, transp
     with ops.config.override(cuda_gemm="stream"):
         c = moe_ops.gather_grouped_mm(x, order, rows_TK, b, offs)
     ref = twins.gather_grouped_mm_torch(x.double(), order, rows_TK, b.double(), offs)
-    _rule(c, ref, twins.gather_grouped_mm_torch(x, order, rows_TK, b, offs))
+    error_rule(c, ref, twins.gather_grouped_mm_torch(x, order, rows_TK, b, offs))
