@@ -152,8 +152,7 @@ constexpr int kPrepareThreads = 256;
 // in the forward the padding rows [offs_E[E-1], N) of c (blocks (x, 0), grid-stride), in the
 // weight gradient expert y's (X, Y) block when it has no rows (blocks (x, y)). Zeros and GEMM
 // outputs are disjoint (an empty expert's group has M = 0: no tiles), so their order does not
-// matter. Y (and X * Y) are multiples of 8 here
-// (the TMA layout rules): zeros go in 16-byte words.
+// matter. Y (and X * Y) are multiples of 8 here (the TMA layout rules): zeros go in 16-byte words.
 template <class G>
 __global__ void __launch_bounds__(kPrepareThreads) prepare_groups_kernel(GroupedGemm g, char* ws) {
   using E_ = typename G::Element;
