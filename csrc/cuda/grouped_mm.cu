@@ -530,12 +530,10 @@ at::Tensor grouped_mm_w8_cuda(const at::Tensor& a_NX, const at::Tensor& q_EYX, c
   const auto q = q_EYX.stride(2) == 1 ? q_EYX : q_EYX.contiguous();
   const auto scale = scale_EY.contiguous();
   const auto offs = offs_E.contiguous();
-  const int64_t va = 16 / a.element_size();
-  constexpr int64_t kLimit = int64_t{1} << 30;
-  const bool ok = X % 16 == 0 && a.stride(0) % va == 0 && aligned16(a.const_data_ptr()) &&
-                  aligned16(q.const_data_ptr()) && q.stride(0) % 16 == 0 && q.stride(1) % 16 == 0 &&
-                  N < kLimit && X < kLimit && E < kLimit &&
-                  ceil_div(Y, kStreamWarps * kStreamColsPerWarp) <= 65535;
+  // The streaming kernel's rules for column-major b with 16 int8 weights per vector.
+  const bool ok = stream_sizes_ok(N, E, X, Y, stream_cols(true, 16)) && q.stride(0) % 16 == 0 &&
+                  vec16_ok(q.const_data_ptr(), X, q.stride(1), 1) &&
+                  vec16_ok(a.const_data_ptr(), X, a.stride(0), a.element_size());
   if (!ok) {
     if (E == 0) return at::zeros({N, Y}, a.options());  // every row is padding
     auto sums = grouped_mm_cuda(a.to(at::kFloat), q.to(at::kFloat).transpose(1, 2), offs);

@@ -43,6 +43,9 @@ constexpr int kStreamWarps = kStreamThreads / kWarp;
 constexpr int kStreamPassRows = 4;  // the largest MR
 constexpr int kStreamColsPerWarp = 4;  // column-major b: columns per warp
 
+// Columns per CTA: 8 vectors of 16 bytes for row-major b, 4 per warp for column-major b.
+constexpr int stream_cols(bool b_col, int vec) { return b_col ? kStreamWarps * kStreamColsPerWarp : 8 * vec; }
+
 template <typename T> struct StreamAcc { using type = float; };
 template <> struct StreamAcc<double> { using type = double; };
 
@@ -73,7 +76,7 @@ struct StreamTile {
   static_assert(B_COL || std::is_same_v<T, W>, "int8 weights are stored (E, Y, X): column-major");
   using acc_t = typename StreamAcc<T>::type;
   static constexpr int VEC = 16 / static_cast<int>(sizeof(W));  // weights per 16-byte load
-  static constexpr int BY = B_COL ? kStreamWarps * kStreamColsPerWarp : 8 * VEC;
+  static constexpr int BY = stream_cols(B_COL, VEC);
   // Shared memory (acc_t elements): row-major b, the 8 warps' sums of a pass.
   static constexpr int SMEM = B_COL ? 1 : kStreamWarps * kStreamPassRows * BY;
 };
@@ -272,22 +275,24 @@ __global__ void __launch_bounds__(kStreamThreads, 2) stream_gemm_kernel(StreamPa
   }
 }
 
-// Whether the streaming kernel takes these operands: its 16-byte vector loads (of b's rows, and
-// for column-major b of a's rows too; row-major b reads a element by element), one launch's grid
-// (ceil(Y / BY) <= 65535 column tiles) and int32 index arithmetic with room to spare (decode sizes
-// are far below these limits; anything else falls back to the tiled kernels).
+// One launch's grid (ceil(Y / by) <= 65535 column tiles) and int32 index arithmetic with room to
+// spare (decode sizes are far below these limits).
+inline bool stream_sizes_ok(int64_t N, int64_t E, int64_t X, int64_t Y, int64_t by) {
+  constexpr int64_t kLimit = int64_t{1} << 30;
+  return N < kLimit && E < kLimit && X < kLimit && ceil_div(Y, by) <= 65535;
+}
+
+// Whether the streaming kernel takes these operands: stream_sizes_ok and its 16-byte vector loads
+// (of b's rows, and for column-major b of a's rows too; row-major b reads a element by element).
+// Anything else falls back to the tiled kernels.
 inline bool stream_layout_ok(const at::Tensor& a, int64_t lda, const at::Tensor& b, bool b_col,
                              int64_t b_ld, int64_t N, int64_t E, int64_t X, int64_t Y) {
   const auto st = a.scalar_type();
   if (st != at::kBFloat16 && st != at::kHalf && st != at::kFloat && st != at::kDouble) return false;
-  const int64_t vec = 16 / static_cast<int64_t>(a.element_size());
-  const int64_t by = b_col ? kStreamWarps * kStreamColsPerWarp : 8 * vec;  // StreamTile::BY
-  constexpr int64_t kLimit = int64_t{1} << 30;
-  if (X < 1 || X >= kLimit || N >= kLimit || E >= kLimit || ceil_div(Y, by) > 65535) return false;
-  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  if (!aligned(b.const_data_ptr()) || b.stride(0) % vec != 0 || b_ld % vec != 0) return false;
-  if (b_col) return aligned(a.const_data_ptr()) && lda % vec == 0 && X % vec == 0;
-  return Y % vec == 0;
+  const int64_t elem = a.element_size(), vec = 16 / elem;
+  if (X < 1 || !stream_sizes_ok(N, E, X, Y, stream_cols(b_col, int(vec))) || b.stride(0) % vec != 0) return false;
+  if (b_col) return vec16_ok(b.const_data_ptr(), X, b_ld, elem) && vec16_ok(a.const_data_ptr(), X, lda, elem);
+  return vec16_ok(b.const_data_ptr(), Y, b_ld, elem);
 }
 
 // grid (min(E, N) + 1, ceil(Y / BY)): at most min(E, N) experts have rows.
