@@ -218,6 +218,7 @@ def test_grouped_mm_w8_on_cuda(counts, pad, X, Y, dtype):
     cpu = moe_ops.grouped_mm_w8(a.cpu(), q.cpu(), s.cpu(), offs.cpu())
     error_rule(c[:rows], ref[:rows], cpu[:rows].to(c.device))
     assert torch.equal(c, moe_ops.grouped_mm_w8(a, q, s, offs))  # deterministic
+    torch.library.opcheck(moe_ops.grouped_mm_w8.default, (torch.nan_to_num(a), q, s, offs))
 
 
 def test_int8_layer_decode_on_cuda_no_sync_and_cuda_graph():
