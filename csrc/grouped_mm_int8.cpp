@@ -15,7 +15,9 @@
 // L1 (each int8 weight is converted once per 6 rows); each tile fetches into L2 the lines of the tile
 // kAhead tiles on as it runs (short streams of X bytes: the hardware prefetcher alone left int8 at
 // about half its bound). Activations are converted to float32 once
-// (bf16 -> fp32 is exact). The scale is applied once per output after the sum. The AVX-512 loop
+// (bf16 -> fp32 is exact); bfloat16 rows run vdpbf16ps where the CPU has it, except tiles of one
+// row (run_w8). A few rows per expert make this loop bound by the weights' conversion, not by
+// memory, so the conversion is kept to the fewest instructions per weight. The scale is applied once per output after the sum. The AVX-512 loop
 // (cpu_vec.h's MOE_AVX512) runs where the CPU has it; the scalar loop computes the same sums in x
 // order elsewhere.
 #include <ATen/Dispatch.h>
@@ -118,6 +120,16 @@ MOE_AVX512 void tile_avx512(const void* a_rows, int64_t lda, const int8_t* q, in
 // 16 int8 -> 16 float32 (exact).
 MOE_AVX512 inline __m512 widen16(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)); }
 
+// 32 float32 holding int8 values (lo: elements 0-15, hi: 16-31) -> 32 bfloat16 in that order. The
+// values are exact in bfloat16, so each one is its float32's upper half: one word permute, the
+// same result as vcvtne2ps2bf16 and about 15% faster per weight on Zen 4 (the conversion, not the
+// multiply-adds, bounds this loop at a few rows).
+MOE_AVX512_BF16 inline __m512bh to_bf16(__m512 lo, __m512 hi) {
+  const __m512i upper = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33,
+                                         31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  return (__m512bh)_mm512_permutex2var_epi16(_mm512_castps_si512(lo), upper, _mm512_castps_si512(hi));
+}
+
 bool has_bf16_dot() {
   static const bool ok = [] {
     __builtin_cpu_init();
@@ -143,11 +155,9 @@ MOE_AVX512_BF16 void tile_bf16dot(const void* a_rows, int64_t lda, const int8_t*
     __builtin_prefetch(reinterpret_cast<const void*>(ahead + kTileY * x), 0, 2);  // 128 of the next tiles' bytes per 128 read here
     __builtin_prefetch(reinterpret_cast<const void*>(ahead + kTileY * x + 64), 0, 2);
     __m512bh w[C];
-    for (int c = 0; c < C; ++c) {
-      const __m512 lo = widen16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c * X + x)));
-      const __m512 hi = widen16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c * X + x + 16)));
-      w[c] = _mm512_cvtne2ps_pbh(hi, lo);
-    }
+    for (int c = 0; c < C; ++c)
+      w[c] = to_bf16(widen16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c * X + x))),
+                     widen16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c * X + x + 16))));
     for (int r = 0; r < R; ++r) {
       const __m512bh av = (__m512bh)_mm512_loadu_si512(a + r * lda + x);
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], av, w[c]);
@@ -157,8 +167,8 @@ MOE_AVX512_BF16 void tile_bf16dot(const void* a_rows, int64_t lda, const int8_t*
     const __mmask32 m = __mmask32((uint64_t{1} << (X - x)) - 1);
     __m512bh w[C];
     for (int c = 0; c < C; ++c)
-      w[c] = _mm512_cvtne2ps_pbh(widen16(_mm_maskz_loadu_epi8(__mmask16(m >> 16), q + c * X + x + 16)),
-                                 widen16(_mm_maskz_loadu_epi8(__mmask16(m), q + c * X + x)));
+      w[c] = to_bf16(widen16(_mm_maskz_loadu_epi8(__mmask16(m), q + c * X + x)),
+                     widen16(_mm_maskz_loadu_epi8(__mmask16(m >> 16), q + c * X + x + 16)));
     for (int r = 0; r < R; ++r) {
       const __m512bh av = (__m512bh)_mm512_maskz_loadu_epi16(m, a + r * lda + x);
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], av, w[c]);
@@ -198,10 +208,15 @@ struct Task {
   int64_t expert, y0, y1;
 };
 
-// a: the rows (float32, or bfloat16 for Path::kBf16Dot), `a_bytes` bytes per element.
+// a: the rows (float32, or bfloat16 for Path::kBf16Dot), `a_bytes` bytes per element. a32: for
+// Path::kBf16Dot, the same rows in float32 where a tile of one row occurs (else null): one row
+// runs on the float32 loop, whose conversion per weight is cheaper than packing bfloat16 pairs
+// for vdpbf16ps (about 1.4x the weights per second on Zen 4, L2-resident); vdpbf16ps pays from two
+// rows on.
 template <typename T>
-void run_w8(Path path, const void* a, int64_t a_bytes, int64_t X, const int8_t* q, const float* scale,
-            int64_t Y, const std::vector<int64_t>& starts, const std::vector<Task>& tasks, T* c) {
+void run_w8(Path path, const void* a, int64_t a_bytes, const float* a32, int64_t X, const int8_t* q,
+            const float* scale, int64_t Y, const std::vector<int64_t>& starts,
+            const std::vector<Task>& tasks, T* c) {
   // Tasks are handed out from a shared counter, so a thread the OS deschedules (a loaded machine)
   // leaves its share to the others instead of holding up the region's end.
   const int64_t count = int64_t(tasks.size());
@@ -217,10 +232,14 @@ void run_w8(Path path, const void* a, int64_t a_bytes, int64_t X, const int8_t* 
         const float* sy = scale + e * Y + y;
         for (int64_t r = r_begin; r < r_end; r += kTileN) {
           const int R = int(std::min<int64_t>(kTileN, r_end - r));
-          const TileFn fn = C == kTileY ? pick_tile<kTileY>(R, path) : pick_tile<1>(R, path);
+          const bool f32 = R == 1 && a32 != nullptr;
+          const Path p = f32 ? Path::kAvx512 : path;
+          const TileFn fn = C == kTileY ? pick_tile<kTileY>(R, p) : pick_tile<1>(R, p);
+          const void* rows = f32 ? static_cast<const void*>(a32 + r * X)
+                                 : static_cast<const char*>(a) + r * X * a_bytes;
           for (int c0 = 0; c0 < C; c0 += (C == kTileY ? kTileY : 1)) {
             const int cw = C == kTileY ? kTileY : 1;
-            fn(static_cast<const char*>(a) + r * X * a_bytes, X, qy + c0 * X, X,
+            fn(rows, X, qy + c0 * X, X,
                reinterpret_cast<uintptr_t>(qy + c0 * X) + kAhead * kTileY * X, tile);
             for (int i = 0; i < R; ++i)
               for (int j = 0; j < cw; ++j) c[(r + i) * Y + y + c0 + j] = T(tile[i * cw + j] * sy[c0 + j]);
@@ -263,6 +282,9 @@ at::Tensor grouped_mm_w8_cpu(const at::Tensor& a_NX, const at::Tensor& q_EYX,
                                                                            : Path::kAvx512;
   const auto a = path == Path::kBf16Dot ? a_NX.narrow(0, 0, used).contiguous()
                                         : a_NX.narrow(0, 0, used).to(at::kFloat).contiguous();
+  bool single = false;  // a tile of one row: an expert with 1, 7, 13, ... rows
+  for (int64_t e = 0; e < E; ++e) single |= (starts[e + 1] - starts[e]) % kTileN == 1;
+  const auto a32 = path == Path::kBf16Dot && single ? a.to(at::kFloat) : at::Tensor();
   const auto q = q_EYX.contiguous();
   const auto s = scale_EY.contiguous();
   std::vector<Task> tasks;
@@ -270,7 +292,8 @@ at::Tensor grouped_mm_w8_cpu(const at::Tensor& a_NX, const at::Tensor& q_EYX,
     if (starts[e + 1] > starts[e])
       for (int64_t y = 0; y < Y; y += kBlockY) tasks.push_back({e, y, std::min(Y, y + kBlockY)});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a_NX.scalar_type(), "grouped_mm_w8", [&] {
-    run_w8<scalar_t>(path, a.const_data_ptr(), a.element_size(), X, q.const_data_ptr<int8_t>(),
+    run_w8<scalar_t>(path, a.const_data_ptr(), a.element_size(),
+                     a32.defined() ? a32.const_data_ptr<float>() : nullptr, X, q.const_data_ptr<int8_t>(),
                      s.const_data_ptr<float>(), Y, starts, tasks, c.mutable_data_ptr<scalar_t>());
   });
   return c;

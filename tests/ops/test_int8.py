@@ -5,8 +5,8 @@ hidden dim, X/Y a projection's input/output dim.
 
 What defines them: grouped_mm_w8 is c_i = (a_i . q_e[y]) * s_e[y] summed in float32 (the twin, up
 to the order of the float32 sums; exactly where every sum is exact). On this CPU the float32 and
-float16 rows run the AVX-512 float32 loop and the bfloat16 rows the AVX512_BF16 (vdpbf16ps) loop,
-so the dtype grid covers both; the quantisation is absmax per
+float16 rows run the AVX-512 float32 loop and the bfloat16 rows the AVX512_BF16 (vdpbf16ps) loop
+(a tile of one row the float32 loop), so the dtype grid covers both; the quantisation is absmax per
 output channel, so each weight is off by at most s_y / 2 and a projection's output by at most
 (s_y / 2) sum_x |a_x| (plus the output's rounding); the layer's error against the bf16 layer is
 stated below (relative RMS over the outputs).
@@ -42,7 +42,7 @@ def _sum_bound(a, q, s, offs):
 
 
 # X, Y: several 16-wide steps and a partial one; Y not a multiple of the 4-channel tile or the
-# 64-channel task; rows per expert from 0 to more than one 4-row tile (ROUTINGS: T=0, k=1, -1 slots,
+# 64-channel task; rows per expert from 0 to more than one 6-row tile (ROUTINGS: T=0, k=1, -1 slots,
 # all rows on one expert, E >> rows).
 @pytest.mark.parametrize("dtype", ACT_DTYPES)
 @pytest.mark.parametrize("T,K,E,kind", ROUTINGS)
@@ -53,10 +53,30 @@ def test_kernel_matches_twin(T, K, E, kind, dtype):
     assert got.dtype == dtype and got.shape == (T * K, Y)
     n = int(offs[-1]) if E else 0
     assert torch.all(got[n:] == 0)
+    _assert_within_sum_rule(got, twin, a, q, s, offs)
+
+
+def _assert_within_sum_rule(got, twin, a, q, s, offs):
+    X = a.shape[1]
     gamma = 2 * X * U32 / (1 - X * U32)  # both sides' float32 sums (Higham's gamma_X, twice)
-    out_ulp = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps  # one rounding apart
+    out_ulp = 0.0 if a.dtype == torch.float32 else torch.finfo(a.dtype).eps  # one rounding apart
     tol = gamma * _sum_bound(a, q, s, offs) + out_ulp * twin.double().abs() + 1e-30
     assert torch.all((got.double() - twin.double()).abs() <= tol)
+
+
+@pytest.mark.parametrize("dtype", ACT_DTYPES)
+def test_every_row_tile(dtype):
+    """Experts with 1..13 rows: every register tile height (1-6 rows; one row runs the float32 loop
+    on the bfloat16 path too), tiles after a full one, X with a partial 32-wide step."""
+    g = torch.Generator().manual_seed(5)
+    counts = torch.tensor([1, 2, 3, 4, 5, 6, 7, 0, 8, 13, 1], dtype=torch.int32)
+    E, X, Y = len(counts), 97, 9
+    offs = counts.cumsum(0).int()
+    a = torch.randn(int(offs[-1]) + 2, X, generator=g).to(dtype)
+    q, s = quantize_weight(torch.randn(E, Y, X, generator=g))
+    got = w8(a, q, s, offs)
+    assert torch.all(got[int(offs[-1]):] == 0)
+    _assert_within_sum_rule(got, grouped_mm_w8_torch(a, q, s, offs), a, q, s, offs)
 
 
 @pytest.mark.parametrize("dtype", ACT_DTYPES)
