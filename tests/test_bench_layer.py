@@ -32,3 +32,10 @@ def test_machine_line_names_the_cpu_and_the_gemm_path():
     for dtype, path in info["cpu_gemm"].items():
         assert f"{dtype} {path}" in line
     assert f"streamed up to {info['cpu_stream_rows']} rows" in line and f"L2 {info['cpu_l2_bytes'] >> 10} KiB" in line
+
+
+def test_machine_line_names_the_huge_page_setting(monkeypatch):
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    assert "THP_MEM_ALLOC_ENABLE=1" in machine_line()
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
+    assert "THP_MEM_ALLOC_ENABLE=0" in machine_line() and "; THP " in machine_line()
