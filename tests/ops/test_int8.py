@@ -14,6 +14,7 @@ stated below (relative RMS over the outputs).
 
 import pytest
 import torch
+from hypothesis import given, strategies as st
 from torch.library import opcheck
 
 import moe
@@ -22,6 +23,7 @@ from moe.ops.twins import grouped_mm_w8_torch
 from moe.quant import Int8GroupedExperts, quantize_experts, quantize_weight
 
 from tests.helpers.ops import ROUTINGS, make_ids
+from tests.helpers.props import SETTINGS, routings
 
 w8 = torch.ops.moe.grouped_mm_w8
 ACT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -77,6 +79,25 @@ def test_every_row_tile(dtype):
     got = w8(a, q, s, offs)
     assert torch.all(got[int(offs[-1]):] == 0)
     _assert_within_sum_rule(got, grouped_mm_w8_torch(a, q, s, offs), a, q, s, offs)
+
+
+@SETTINGS
+@given(r=routings(), X=st.integers(1, 100), Y=st.integers(1, 75), dtype=st.sampled_from(ACT_DTYPES),
+       strided=st.booleans(), seed=st.integers(0, 2**16))
+def test_kernel_matches_twin_property(r, X, Y, dtype, strided, seed):
+    """Random routings (holes, empty experts, all rows on one expert) and sizes: every tile height
+    and partial step, a column-strided a (its copy is the kernel's business), the rows past
+    offs_E[-1] zero."""
+    ids, E = r
+    g = torch.Generator().manual_seed(seed)
+    p = ops.plan(ids, E)
+    a = torch.randn(ids.numel(), 2 * X if strided else X, generator=g).to(dtype)
+    a = a[:, ::2] if strided else a
+    q, s = quantize_weight(torch.randn(E, Y, X, generator=g))
+    got, twin = w8(a, q, s, p.offs_E), grouped_mm_w8_torch(a, q, s, p.offs_E)
+    assert got.dtype == dtype and got.shape == (ids.numel(), Y)
+    assert torch.all(got[int(p.offs_E[-1]):] == 0)
+    _assert_within_sum_rule(got, twin, a, q, s, p.offs_E)
 
 
 @pytest.mark.parametrize("dtype", ACT_DTYPES)
