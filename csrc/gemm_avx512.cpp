@@ -285,35 +285,43 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
     return;
   }
   if (stream && by == 1 && b_rows == nullptr && M <= kMC) {
-    // Few rows: B's rows read in place. Depth blocks of kStreamWords words (the kStreamWords * P
-    // rows of B, all Y columns: one stretch of memory when B is a whole weight), strip by strip
-    // of kYR columns (kYR / 2 for 7-12 rows); the partial sums wait in scratch (L1/L2) between blocks, and the next block's
-    // lines are fetched into L2 while this one runs (during the last: the next call's first).
+    // Few rows (or a deep B: avx512_streams): B's rows read in place. Depth blocks of kStreamWords
+    // words (kBlockWords above kStreamRows rows; the depth * P rows of B across a range of
+    // columns), strip by strip of kYR columns (kYR / 2 for 7-12 rows); the partial sums wait in
+    // scratch (L1/L2) between blocks, and the next block's lines are fetched into L2 while this
+    // one runs (during the last: the next call's first).
     thread_local Scratch s_buf;
     const int64_t a_x = a_rows_at(0, M);
     // 7 to 2 * kMR rows: every row in one pass over strips of kYR / 2 columns (12 x 2 vectors of
     // accumulators), so B's words are loaded once rather than once per block of kMR rows.
     const int64_t width = M > kMR && M <= 2 * kMR ? kYR / 2 : kYR;
-    const int64_t lds = panels * kYR, plane = M * lds;
-    float* st = reinterpret_cast<float*>(scratch(s_buf, 3 * plane));
     constexpr bool pairs = std::is_same_v<T, c10::BFloat16>;
     // Columns in ranges whose partial sums (3 planes of M x range floats) take at most a quarter
     // of this CPU's L2: a range runs down the whole depth before the next one starts, so the
-    // scratch stays in L2 however wide B is (Mixtral's up projection: 28672 columns). The sums
-    // of each column are the same, in the same order, whatever the ranges.
+    // scratch (one range's planes, reused by the next) stays in L2 however wide B is (Mixtral's
+    // up projection: 28672 columns). The sums of each column are the same, in the same order,
+    // whatever the ranges.
     const int64_t range = std::max<int64_t>(kYR, l2_quarter_bytes() / (3 * M * int64_t(sizeof(float))) / kYR * kYR);
+    const int64_t lds = std::min(range, panels * kYR), plane = M * lds;
+    float* st = reinterpret_cast<float*>(scratch(s_buf, 3 * plane));
+    // More than kStreamRows bfloat16 rows (a deep B, avx512_streams): each strip's depth block
+    // (kBlockWords) is packed once into `blk` (BlockB) and its tiles read that, instead of each
+    // tile forming the (x, x+1) words from B's two rows again (RowsB). The same words: the same bits.
+    thread_local Scratch k_buf;
+    uint32_t* blk = pairs && M > kStreamRows ? scratch(k_buf, kBlockWords * kYR) : nullptr;
+    const int64_t depth = blk != nullptr ? kBlockWords : kStreamWords;
     for (int64_t ya = 0; ya < Y; ya += range) {
       const int64_t yb = std::min(Y, ya + range), cols = yb - ya;
       const int64_t calls = width < kYR ? (cols + width - 1) / width : (cols + kYR - 1) / kYR * ((M + kMR - 1) / kMR);
-      for (int64_t x0 = 0; x0 < Xw; x0 += kStreamWords) {
-        const int64_t x1 = std::min(Xw, x0 + kStreamWords);
+      for (int64_t x0 = 0; x0 < Xw; x0 += depth) {
+        const int64_t x1 = std::min(Xw, x0 + depth);
         // The lines of the next block: this range's next rows, the next range's first, or the
         // next call's first block.
         const PanelLines<T> ahead =
-            x1 < Xw ? PanelLines<T>(B + P * x1 * bx, bx, 1, nullptr, std::min(X, P * (x1 + kStreamWords)) - P * x1, ya, cols)
-            : yb < Y ? PanelLines<T>(B, bx, 1, nullptr, std::min(X, P * kStreamWords), yb, std::min(range, Y - yb))
+            x1 < Xw ? PanelLines<T>(B + P * x1 * bx, bx, 1, nullptr, std::min(X, P * (x1 + depth)) - P * x1, ya, cols)
+            : yb < Y ? PanelLines<T>(B, bx, 1, nullptr, std::min(X, P * depth), yb, std::min(range, Y - yb))
             : next.B != nullptr && next.rows == nullptr
-                ? PanelLines<T>(next.B, bx, 1, nullptr, std::min(next.X, P * kStreamWords), 0, std::min(range, next.Y))
+                ? PanelLines<T>(next.B, bx, 1, nullptr, std::min(next.X, P * depth), 0, std::min(range, next.Y))
                 : PanelLines<T>();
         const int64_t L = ahead.lines();
         int64_t i = 0;
@@ -324,22 +332,35 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
             if (L > 0) pf = LineCursor(ahead, L * i / calls, L * (i + 1) / calls, x1 - x0);
             ++i;
             by_shape_tall<MicroBlock<T, TC>, pairs>(int(M), strip.cols, rowp, a_x, strip, x0, x1, Xw,
-                                                    st + c0, plane, lds, C + c0, ldc, &pf);
+                                                    st + (c0 - ya), plane, lds, C + c0, ldc, &pf);
             pf.finish();
+            continue;
+          }
+          if (blk != nullptr) {
+            pack_b(B + P * x0 * bx + c0, bx, 1, nullptr, std::min(X, P * x1) - P * x0, strip.cols, blk);
+            const BlockB packed{blk, x0, strip.cols};
+            for (int64_t r = 0; r < M; r += kMR, ++i) {
+              LineCursor pf;
+              if (L > 0) pf = LineCursor(ahead, L * i / calls, L * (i + 1) / calls, x1 - x0);
+              by_shape<MicroBlock<T, TC>, false>(int(std::min<int64_t>(kMR, M - r)), packed.cols, rowp + r, a_x,
+                                                 packed, x0, x1, Xw, st + r * lds + (c0 - ya), plane, lds,
+                                                 C + r * ldc + c0, ldc, &pf);
+              pf.finish();
+            }
             continue;
           }
           for (int64_t r = 0; r < M; r += kMR, ++i) {
             LineCursor pf;
             if (L > 0) pf = LineCursor(ahead, L * i / calls, L * (i + 1) / calls, x1 - x0);
             by_shape<MicroBlock<T, TC>, pairs>(int(std::min<int64_t>(kMR, M - r)), strip.cols, rowp + r, a_x,
-                                               strip, x0, x1, Xw, st + r * lds + c0, plane, lds,
+                                               strip, x0, x1, Xw, st + r * lds + (c0 - ya), plane, lds,
                                                C + r * ldc + c0, ldc, &pf);
             pf.finish();
           }
         }
       }
     }
-    for (auto* buf : {&a_buf, &s_buf})
+    for (auto* buf : {&a_buf, &s_buf, &k_buf})
       if (buf->size > kKeepWords) *buf = Scratch();
     return;
   }
@@ -412,6 +433,12 @@ bool cpu_has(bool bf16) {  // AVX-512F/BW/VL as for the dispatch loops, plus BF1
 
 }  // namespace
 
+bool avx512_streams(int64_t M, int64_t X, bool bf16) {
+  static_assert(kStreamRowsDeep <= kMC, "the streamed path holds every row's pointer (rowp)");
+  if (M <= kStreamRows) return true;
+  return bf16 && M <= kStreamRowsDeep && (X + 1) / 2 * kYR * kWordBytes > l2_quarter_bytes();
+}
+
 bool avx512_gemm_available(at::ScalarType dtype) {
   static const bool f32 = cpu_has(false), bf16 = cpu_has(true);
   if (config::cpu_gemm() == config::CpuGemm::kAten) return false;  // at::mm, for comparisons
@@ -438,6 +465,8 @@ void avx512_gemm(int64_t M, int64_t Y, int64_t X, const c10::BFloat16* A, int64_
 #else  // not x86-64 GCC/Clang: at::mm does every GEMM
 
 bool avx512_gemm_available(at::ScalarType) { return false; }
+
+bool avx512_streams(int64_t M, int64_t, bool) { return M <= kStreamRows; }
 
 void avx512_gemm(int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t, int64_t,
                  const c10::BFloat16*, int64_t, int64_t, c10::BFloat16*, int64_t,

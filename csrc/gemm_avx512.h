@@ -40,6 +40,20 @@ struct Gather {
 // to 12 / 32 / 64 rows): Mixtral slice at ~21 rows per expert 272 / 186 / 202, ~43 rows 367 /
 // 401 / 333; Qwen3 at 16 rows 165 / 151 / 144, 32 rows 271 / 263 / 266, 64 rows 442 / 450 / 480.
 constexpr int64_t kStreamRows = 32;
+// Deep weights stream further: a bfloat16 tile of up to kStreamRowsDeep rows streams when one
+// packed panel of B (kYR = 64 columns down the whole depth X: 128 X bytes) exceeds a quarter of
+// L2 (X > 2048 at 1 MiB), in depth blocks whose strips are packed once for all the tile's rows
+// (gemm_stream.h BlockB). There the packed path's panel no longer stays in L2 for the tile's
+// microkernel calls, and it reads B a panel of 128-byte row pieces at a time down the depth (a
+// page per line on rows of many KiB). Two threads, bf16, ms, packed -> streamed: 3 Mixtral
+// experts of 43 rows, up projection (X 4096) 135-157 -> 109, down (X 14336) 75-81 -> 54; 4
+// DeepSeek-V3 experts, up projection (X 7168), 33 / 64 / 192 rows 33-37 / 48-56 / 139-158 ->
+// 26 / 43 / 123-130; at X <= 2048 packing stays ahead (Qwen3's up projection at 64-192 rows: the
+// streamed path 5-8% slower).
+constexpr int64_t kStreamRowsDeep = 192;
+// Whether a forward tile of M rows and depth X streams (avx512_gemm's `stream`), by the two rules
+// above.
+bool avx512_streams(int64_t M, int64_t X, bool bf16);
 // The same for weights stored (E, Y, X), whose rows are dotted with the tile's rows
 // (gemm_stream_yx.h: at most 12 rows of accumulators); above it their packing is a transpose.
 constexpr int64_t kStreamRowsYX = 12;

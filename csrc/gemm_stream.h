@@ -26,6 +26,12 @@ namespace {
 // T = 64 / 8, three runs each): 8 words 69-73 / 22-24, 16: 63-73 / 21-24, 32: 59-62 / 20-23,
 // 64: 63-72 / 24-26 (before the next block's lines were fetched from inside the loop, 8 was best).
 constexpr int64_t kStreamWords = 32;
+// Depth words per block where the strips are packed (BlockB, more than kStreamRows rows): fewer
+// round trips of the partial sums through the scratch planes. Two threads, bf16, the up / down
+// projections of 3 Mixtral experts at 43 rows (ms): 32 words 122 / 71, 64: 111 / 55, 128: 109 /
+// 54, 256: 122 / 56; DeepSeek-V3's up projection (4 experts, X 7168) at 192 rows: 64 words 139,
+// 128: 123.
+constexpr int64_t kBlockWords = 128;
 
 // Rows of B read in place (B(x, y) = B[x * bx + y], a strip of up to kYR columns): the streamed
 // path, where each word of B is read from memory once and nothing is written. float32: 16 columns
@@ -82,13 +88,31 @@ struct RowsB {
   }
 };
 
+// A strip's depth block packed once (pack_b: words [xw - x0][kYR], column order, zero past cols)
+// and read by every row tile of the block: with more than kStreamRows bfloat16 rows the strip's
+// words are formed once, not once per tile of kMR rows (RowsB<bfloat16> interleaves its two rows
+// at every load; up to kStreamRows rows that costs less than packing: 13-24 rows ran 10-40%
+// slower packed).
+struct BlockB {
+  const uint32_t* p;
+  int64_t x0;
+  int cols;
+  template <int YV>
+  MOE_TARGET void load(int64_t xw, __m512i* b) const {
+    for (int v = 0; v < YV; ++v)
+      b[v] = _mm512_loadu_si512(reinterpret_cast<const void*>(p + (xw - x0) * kYR + 16 * v));
+  }
+  template <int YV>
+  void order(__m512*) const {}
+};
+
 // The streamed path's microkernel: depth words [x0, x1) of micro's sums (the same operations in
 // the same order: the same bits as the packed path), the partial sums kept between calls in three
 // float32 planes, `plane` floats apart (row stride lds): the running acc, and micro's two levels
 // mid and total (bfloat16 results keep only acc). [x0, x1) lies inside one of micro's blocks. The
 // call that reaches x1 == Xw stores C.
-template <typename T, int MR, int YV, typename TC>
-MOE_TARGET void micro_block(const u32* const* arow, int64_t ax, const RowsB<T>& src, int64_t x0,
+template <typename T, int MR, int YV, typename TC, typename Src>
+MOE_TARGET void micro_block(const u32* const* arow, int64_t ax, const Src& src, int64_t x0,
                             int64_t x1, int64_t Xw, float* st, int64_t plane, int64_t lds, TC* C, int64_t ldc,
                             LineCursor* pf) {
   const u32* ap[MR];

@@ -128,9 +128,10 @@ bool use_avx512(at::ScalarType dtype, int64_t X, int64_t Y, int64_t rows) {
   return dtype != at::kFloat || (X >= kMinSide && Y >= kMinSide && rows >= kMinSide);
 }
 // a_NX's rows: row i is a_NX[i], or with `gather` (element offsets of the routed rows, from
-// gather_offsets) the row of a that starts at gather[i]. A tile of at most kStreamRows rows
-// streams its expert's weight (read in place by rows along Y, or along X where b_EXY is a
-// transposed view of an (E, Y, X) weight: gemm_avx512.h); larger tiles pack it.
+// gather_offsets) the row of a that starts at gather[i]. A tile of at most kStreamRows rows (of
+// kStreamRowsDeep, bfloat16, where X is deep: avx512_streams) streams its expert's weight (read
+// in place by rows along Y, or along X where b_EXY is a transposed view of an (E, Y, X) weight:
+// gemm_avx512.h); larger tiles pack it.
 template <typename T>
 void grouped_avx512(const at::Tensor& a, const int64_t* gather, const at::Tensor& b_EXY,
                     at::Tensor& c, const std::vector<int64_t>& starts, const std::vector<Tile>& tiles) {
@@ -149,7 +150,7 @@ void grouped_avx512(const at::Tensor& a, const int64_t* gather, const at::Tensor
     if (gather != nullptr) rows.a_rows = gather + r0;
     avx512_gemm(t.end - t.begin, t.col1 - t.col0, X, gather ? ap : ap + r0 * sa0, sa0, sa1,
                 b + t.group * sb0 + t.col0 * sb2, sb1, sb2, out + r0 * Y + t.col0, Y, next, rows,
-                /*stream=*/t.end - t.begin <= kStreamRows, nt);
+                avx512_streams(t.end - t.begin, X, std::is_same_v<T, c10::BFloat16>), nt);
   });
 }
 

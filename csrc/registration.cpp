@@ -109,7 +109,8 @@ py::dict build_info() {
   info["cuda_stream_rows"] = moe::config::kCudaStreamRows;
   // What the CPU grouped GEMMs run here, now (this CPU's features, moe.ops.config.cpu_gemm):
   // moekit's kernel by its instruction set, or "aten" (at::mm), and the most rows per expert
-  // that the forward streams (gemm_avx512.h), the L2 size its blocking is sized from, and the
+  // that the forward streams (gemm_avx512.h; _deep: bfloat16 weights whose packed panel exceeds
+  // a quarter of L2), the L2 size its blocking is sized from, and the
   // output size from which it writes with non-temporal stores.
   py::dict cpu;
   cpu["float32"] = moe::avx512_gemm_available(at::kFloat) ? "avx512" : "aten";
@@ -117,6 +118,7 @@ py::dict build_info() {
   info["cpu_gemm"] = cpu;
   info["cpu_stream_rows"] = moe::kStreamRows;
   info["cpu_stream_rows_yx"] = moe::kStreamRowsYX;
+  info["cpu_stream_rows_deep"] = moe::kStreamRowsDeep;
   info["cpu_l2_bytes"] = moe::cpu_l2_bytes();
   info["cpu_nt_store_bytes"] = moe::kNtStoreBytes;
   return info;
@@ -158,6 +160,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("host_cache_stats", &host_cache_stats,
         "dict: cached_bytes, in_use_bytes, hits, misses, limit_bytes of moekit's host cache.");
   m.def("build_info", &build_info, "dict: which kernels this build of moe._C holds.");
+  m.def("cpu_gemm_streams", &moe::avx512_streams, py::arg("rows"), py::arg("X"), py::arg("bf16"),
+        "Whether the CPU forward GEMM streams the weight of a tile of `rows` rows and depth X "
+        "(csrc/gemm_avx512.h avx512_streams) rather than packing it.");
   m.def("config_names", &moe::config::names, "The backend settings' names (csrc/config.h).");
   m.def("config_get", &moe::config::get, "A backend setting's current value.");
   m.def("config_is_set", &moe::config::is_set, "Whether a backend setting was set explicitly.");

@@ -76,13 +76,14 @@ def build_info() -> dict:
     ({"float32": "avx512" or "aten", "bfloat16": "avx512_bf16" or "aten"}; "aten" is at::mm, float32
     GEMMs under 64 in a dimension run there too); ``cpu_stream_rows``, the most rows of one
     expert (one tile) that the CPU forward GEMM reads the expert's weight rows in place for,
-    instead of packing them, and ``cpu_stream_rows_yx`` the same for weights stored (E, Y, X)
-    (a transposed view of an nn.Linear-style weight); ``cpu_l2_bytes``, this CPU's L2 per core as the kernels read it
+    instead of packing them, ``cpu_stream_rows_yx`` the same for weights stored (E, Y, X)
+    (a transposed view of an nn.Linear-style weight) and ``cpu_stream_rows_deep`` for bfloat16
+    weights whose packed panel of 64 columns (128 X bytes) exceeds a quarter of L2; ``cpu_l2_bytes``, this CPU's L2 per core as the kernels read it
     (sysconf; 1 MiB where the system does not say), which sizes the streamed path's column ranges.
-    Without the extension: no kernels (cpu_gemm "twin" for both dtypes, cpu_stream_rows and
-    cpu_stream_rows_yx 0, cpu_l2_bytes 0)."""
+    Without the extension: no kernels (cpu_gemm "twin" for both dtypes, the stream rows and
+    cpu_l2_bytes 0)."""
     if _C is None:
         return dict(cuda=False, sm90_gemm=False, sm90_forward_configs=[], sm90_wgrad_configs=[],
                     cpu_gemm=dict(float32="twin", bfloat16="twin"), cpu_stream_rows=0, cpu_stream_rows_yx=0,
-                    cpu_l2_bytes=0)
+                    cpu_stream_rows_deep=0, cpu_l2_bytes=0)
     return _C.build_info()

@@ -2,7 +2,9 @@
 at most S = moe.ops.build_info()["cpu_stream_rows"] rows of one expert reads the expert's weight
 rows in place (B(x, y) at x * bx + y) instead of packing B panels; larger tiles pack. The choice
 is made per tile from offs_E (read on the host). Up to 6 rows run on 64-column strips, 7 to 12 all
-at once on 32-column strips, 13 to S in blocks of 6 on 64-column strips. It serves grouped_mm and gather_grouped_mm, and
+at once on 32-column strips, 13 to S in blocks of 6 on 64-column strips; a deep bfloat16 weight
+(its packed panel over a quarter of L2) streams up to S_DEEP rows, each strip's depth block packed
+once for all of them. It serves grouped_mm and gather_grouped_mm, and
 the data gradient wherever the weight the backward multiplies by has contiguous rows (b_EXY a
 transposed view of an (E, Y, X) weight, as transformers' experts hold it).
 
@@ -23,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from moe import ops
 from moe.ops.twins import gather_grouped_mm_torch, grouped_mm_torch
 from tests.helpers.cpu_kernels import (stream_problems, A_LAYOUTS, BF16, F32, around, assert_forward_rule, counts_plan,
-                                       stream_inputs, view2d, view3d)
+                                       one_thread, stream_inputs, view2d, view3d)
 
 pytestmark = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="moe._C extension not built")
 
@@ -67,6 +69,48 @@ def test_streamed_rows_equal_packed_rows_bit_for_bit(dtype, X, Y, s):
             c = ops.grouped_mm(view2d(a, a_layout), view3d(b, b_layout), offs)
             assert torch.equal(c[r0], c[r1]), (a_layout, b_layout)
     assert_forward_rule(c, a, b, offs)
+
+
+S_DEEP = ops.build_info()["cpu_stream_rows_deep"] if ops.HAS_EXTENSION else 0
+# The shallowest bfloat16 depth X whose packed panel (64 columns of (x, x+1) words down the whole
+# depth: 128 X bytes) exceeds a quarter of this CPU's L2: there tiles of up to S_DEEP rows stream.
+X_DEEP = 2 * (ops.build_info()["cpu_l2_bytes"] // 1024) + 1 if ops.HAS_EXTENSION else 0
+
+
+@pytest.mark.parametrize("s", [S + 1, 40, S_DEEP])
+def test_deep_weights_stream_further_with_the_same_bits(s):
+    """A deep bfloat16 weight (X_DEEP) streams tiles of S + 1 .. S_DEEP rows, its strips packed once
+    per depth block for every tile of the rows (gemm_stream.h BlockB), in blocks of kBlockWords
+    words: a row's output has the same bits in a tile of 13 rows (streamed from B's rows), of s
+    rows (streamed deep) and of more than S_DEEP rows (packed: one thread and 1600 rows, so the
+    tiles of that expert have 200). Y 70: a masked column tail; odd X: the zero row of the last
+    word; a in place and packed."""
+    Y = 70
+    a, b, offs = stream_inputs([13, s, 1600], X_DEEP, Y, BF16)
+    b[1] = b[0]
+    b[2] = b[0]
+    a[13 : 26] = a[:13]
+    a[13 + s : 26 + s] = a[:13]
+    first = [slice(0, 13), slice(13, 26), slice(13 + s, 26 + s)]
+    with one_thread():
+        for a_layout in ["contig", "transposed"]:
+            c = ops.grouped_mm(view2d(a, a_layout), b, offs)
+            for rows in first[1:]:
+                assert torch.equal(c[first[0]], c[rows]), a_layout
+    assert_forward_rule(c, a, b, offs)
+
+
+def test_the_deep_rule():
+    """Which tiles stream: up to S rows always; up to S_DEEP rows bfloat16 weights deeper than
+    X_DEEP - 1 (the panel of X_DEEP - 1 or X_DEEP - 2 rows is exactly a quarter of L2); float32 never
+    past S (its rows are read as they are, with nothing to form once)."""
+    from moe.ops._extension import _C
+
+    assert _C.cpu_gemm_streams(S, 10**6, False) and _C.cpu_gemm_streams(S, 7, True)
+    assert not _C.cpu_gemm_streams(S + 1, X_DEEP - 1, True)
+    assert _C.cpu_gemm_streams(S + 1, X_DEEP, True) and _C.cpu_gemm_streams(S_DEEP, X_DEEP, True)
+    assert not _C.cpu_gemm_streams(S_DEEP + 1, X_DEEP, True)
+    assert not _C.cpu_gemm_streams(S + 1, X_DEEP, False)
 
 
 @pytest.mark.parametrize("dtype", [BF16, F32])
