@@ -77,8 +77,9 @@ def huge_pages() -> str:
     PyTorch's THP_MEM_ALLOC_ENABLE (torch then aligns CPU allocations of 2 MiB and more and
     madvises them, which "madvise" mode needs). With 4 KiB pages a weight read a few rows at a time
     across rows of many KiB takes a TLB miss per page touched: on the Zen 4 of the README,
-    ``python -m bench.decode --shape mixtral`` ran 1.2-1.5x faster with THP_MEM_ALLOC_ENABLE=1, and
-    the measured copy rate rose too (16-17 -> 26-29 GB/s in alternating runs)."""
+    ``python -m bench.decode --shape mixtral`` ran 1.2-1.5x faster with THP_MEM_ALLOC_ENABLE=1
+    before moekit streamed deep weights (1.05-1.1x after), and the measured copy rate rose too
+    (16-17 -> 26-29 GB/s in alternating runs)."""
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
             mode = f.read().split("[")[1].split("]")[0]
