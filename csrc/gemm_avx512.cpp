@@ -336,26 +336,23 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
             pf.finish();
             continue;
           }
-          if (blk != nullptr) {
-            pack_b(B + P * x0 * bx + c0, bx, 1, nullptr, std::min(X, P * x1) - P * x0, strip.cols, blk);
-            const BlockB packed{blk, x0, strip.cols};
+          // Tiles of kMR rows down the strip, reading B's words from `src` (paired: RowsB's
+          // interleaved column order, which by_shape's even vector counts keep).
+          auto row_tiles = [&](const auto& src, auto paired) {
             for (int64_t r = 0; r < M; r += kMR, ++i) {
               LineCursor pf;
               if (L > 0) pf = LineCursor(ahead, L * i / calls, L * (i + 1) / calls, x1 - x0);
-              by_shape<MicroBlock<T, TC>, false>(int(std::min<int64_t>(kMR, M - r)), packed.cols, rowp + r, a_x,
-                                                 packed, x0, x1, Xw, st + r * lds + (c0 - ya), plane, lds,
-                                                 C + r * ldc + c0, ldc, &pf);
+              by_shape<MicroBlock<T, TC>, decltype(paired)::value>(
+                  int(std::min<int64_t>(kMR, M - r)), src.cols, rowp + r, a_x, src, x0, x1, Xw,
+                  st + r * lds + (c0 - ya), plane, lds, C + r * ldc + c0, ldc, &pf);
               pf.finish();
             }
-            continue;
-          }
-          for (int64_t r = 0; r < M; r += kMR, ++i) {
-            LineCursor pf;
-            if (L > 0) pf = LineCursor(ahead, L * i / calls, L * (i + 1) / calls, x1 - x0);
-            by_shape<MicroBlock<T, TC>, pairs>(int(std::min<int64_t>(kMR, M - r)), strip.cols, rowp + r, a_x,
-                                               strip, x0, x1, Xw, st + r * lds + (c0 - ya), plane, lds,
-                                               C + r * ldc + c0, ldc, &pf);
-            pf.finish();
+          };
+          if (blk != nullptr) {
+            pack_b(B + P * x0 * bx + c0, bx, 1, nullptr, std::min(X, P * x1) - P * x0, strip.cols, blk);
+            row_tiles(BlockB{blk, x0, strip.cols}, std::false_type{});
+          } else {
+            row_tiles(strip, std::bool_constant<pairs>{});
           }
         }
       }
