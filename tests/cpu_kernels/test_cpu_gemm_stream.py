@@ -100,6 +100,18 @@ def test_deep_weights_stream_further_with_the_same_bits(s):
     assert_forward_rule(c, a, b, offs)
 
 
+def test_deep_weights_stream_gathered_rows():
+    """gather_grouped_mm on a deep weight: the rows read from x_TD where they are, bit for bit the
+    GEMM on the permuted copy."""
+    p = counts_plan([40, 0, S_DEEP], T_extra=3)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(p.rows_TK.shape[0], X_DEEP, generator=gen).to(BF16)
+    b = torch.randn(3, X_DEEP, 40, generator=gen).to(BF16)
+    got = ops.gather_grouped_mm(x, p, b)
+    assert torch.equal(got, ops.grouped_mm(ops.permute(x, p), b, p.offs_E))
+    assert_forward_rule(got, ops.permute(x, p), b, p.offs_E)
+
+
 def test_the_deep_rule():
     """Which tiles stream: up to S rows always; up to S_DEEP rows bfloat16 weights deeper than
     X_DEEP - 1 (the panel of X_DEEP - 1 or X_DEEP - 2 rows is exactly a quarter of L2); float32 never
