@@ -91,7 +91,7 @@ struct RowsB {
 // A strip's depth block packed once (pack_b: words [xw - x0][kYR], column order, zero past cols)
 // and read by every row tile of the block: with more than kStreamRows bfloat16 rows the strip's
 // words are formed once, not once per tile of kMR rows (RowsB<bfloat16> interleaves its two rows
-// at every load; up to kStreamRows rows that costs less than packing: 13-24 rows ran 10-40%
+// at every load; up to kStreamRows rows that costs less than packing: 13-24 rows ran 10-50%
 // slower packed).
 struct BlockB {
   const uint32_t* p;
