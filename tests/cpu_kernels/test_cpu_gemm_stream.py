@@ -77,15 +77,16 @@ S_DEEP = ops.build_info()["cpu_stream_rows_deep"] if ops.HAS_EXTENSION else 0
 X_DEEP = 2 * (ops.build_info()["cpu_l2_bytes"] // 1024) + 1 if ops.HAS_EXTENSION else 0
 
 
-@pytest.mark.parametrize("s", [S + 1, 40, S_DEEP])
-def test_deep_weights_stream_further_with_the_same_bits(s):
+@pytest.mark.parametrize("Y", [70, 1500])
+@pytest.mark.parametrize("s", [S, S + 1, 40, S_DEEP])
+def test_deep_weights_stream_further_with_the_same_bits(s, Y):
     """A deep bfloat16 weight (X_DEEP) streams tiles of S + 1 .. S_DEEP rows, its strips packed once
     per depth block for every tile of the rows (gemm_stream.h BlockB), in blocks of kBlockWords
     words: a row's output has the same bits in a tile of 13 rows (streamed from B's rows), of s
-    rows (streamed deep) and of more than S_DEEP rows (packed: one thread and 1600 rows, so the
-    tiles of that expert have 200). Y 70: a masked column tail; odd X: the zero row of the last
-    word; a in place and packed."""
-    Y = 70
+    rows (streamed deep; S rows: from B's rows) and of more than S_DEEP rows (packed: one thread
+    and 1600 rows, so the tiles of that expert have 200). Y 70: a masked column tail; Y 1500: at
+    s >= S several column ranges, whose partial sums share one range's scratch; odd X: the zero
+    row of the last word; a in place and packed."""
     a, b, offs = stream_inputs([13, s, 1600], X_DEEP, Y, BF16)
     b[1] = b[0]
     b[2] = b[0]
