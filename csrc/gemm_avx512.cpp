@@ -357,7 +357,7 @@ void gemm(int64_t M, int64_t Y, int64_t X, const T* A, int64_t am, int64_t ax, G
         }
       }
     }
-    for (auto* buf : {&a_buf, &s_buf, &k_buf})
+    for (auto* buf : {&a_buf, &s_buf})  // (k_buf is one block: kBlockWords * kYR words)
       if (buf->size > kKeepWords) *buf = Scratch();
     return;
   }

@@ -14,12 +14,12 @@
 // float32 accumulators, 16 x-elements per step; rows beyond 6 re-read the 4 channels' weights from
 // L1 (each int8 weight is converted once per 6 rows); each tile fetches into L2 the lines of the tile
 // kAhead tiles on as it runs (short streams of X bytes: the hardware prefetcher alone left int8 at
-// about half its bound). Activations are converted to float32 once
-// (bf16 -> fp32 is exact); bfloat16 rows run vdpbf16ps where the CPU has it, except tiles of one
-// row (run_w8). A few rows per expert make this loop bound by the weights' conversion, not by
-// memory, so the conversion is kept to the fewest instructions per weight. The scale is applied once per output after the sum. The AVX-512 loop
-// (cpu_vec.h's MOE_AVX512) runs where the CPU has it; the scalar loop computes the same sums in x
-// order elsewhere.
+// about half its bound). Activations are converted to float32 once (bf16 -> fp32 is exact);
+// bfloat16 rows run vdpbf16ps where the CPU has it, except tiles of one row (run_w8). A few rows
+// per expert make this loop bound by the weights' conversion, not by memory, so the conversion is
+// kept to the fewest instructions per weight. The scale is applied once per output after the sum.
+// The AVX-512 loop (cpu_vec.h's MOE_AVX512) runs where the CPU has it; the scalar loop computes
+// the same sums in x order elsewhere.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 

@@ -78,8 +78,9 @@ def build_info() -> dict:
     expert (one tile) that the CPU forward GEMM reads the expert's weight rows in place for,
     instead of packing them, ``cpu_stream_rows_yx`` the same for weights stored (E, Y, X)
     (a transposed view of an nn.Linear-style weight) and ``cpu_stream_rows_deep`` for bfloat16
-    weights whose packed panel of 64 columns (128 X bytes) exceeds a quarter of L2; ``cpu_l2_bytes``, this CPU's L2 per core as the kernels read it
-    (sysconf; 1 MiB where the system does not say), which sizes the streamed path's column ranges.
+    weights whose packed panel of 64 columns (128 X bytes) exceeds a quarter of L2;
+    ``cpu_l2_bytes``, this CPU's L2 per core as the kernels read it (sysconf; 1 MiB where the
+    system does not say), which sizes the streamed path's column ranges.
     Without the extension: no kernels (cpu_gemm "twin" for both dtypes, the stream rows and
     cpu_l2_bytes 0)."""
     if _C is None:
