@@ -213,10 +213,14 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(*, quick: bool = False, dtypes=DTYPES, only: str | None = None,
-        repeat: int | None = None) -> list[dict]:
+        repeat: int | None = None, shapes=SHAPES, T: int | None = None) -> list[dict]:
     """All op benchmark rows (``only``: "grouped_mm" or "dispatch" for one family). ``quick``
-    uses T=256 and 3 repeats: a smoke run, not a measurement."""
+    uses T=256 and 3 repeats: a smoke run, not a measurement. ``shapes`` / ``T`` replace the
+    default (D, F, E, K) shapes and token count."""
     kw = sizes(quick, repeat)
+    kw["shapes"] = shapes
+    if T is not None:
+        kw["T"] = T
     rows = []
     if only in (None, "grouped_mm"):
         rows += grouped_mm_rows(dtypes=dtypes, **kw)
@@ -251,8 +255,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_args(parser)
     parser.add_argument("--only", choices=["grouped_mm", "dispatch"], help="one op family")
+    parser.add_argument("--shape", action="append", metavar="D,F,E,K",
+                        help="a (D, F, E, K) shape instead of the defaults (repeatable), e.g. "
+                             "4096,28672,3,2: 3 Mixtral experts' up projection")
+    parser.add_argument("--T", type=int, help="tokens (default 4096, or 256 with --quick)")
     args = parser.parse_args(argv)
-    rows = run(quick=args.quick, dtypes=dtypes_arg(args), only=args.only, repeat=args.repeat)
+    shapes = tuple(tuple(int(v) for v in s.split(",")) for s in args.shape) if args.shape else SHAPES
+    if any(len(s) != 4 for s in shapes):
+        parser.error("--shape takes four integers D,F,E,K")
+    rows = run(quick=args.quick, dtypes=dtypes_arg(args), only=args.only, repeat=args.repeat,
+               shapes=shapes, T=args.T)
     print(machine_line())
     print(format_table(rows))
 

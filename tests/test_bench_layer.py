@@ -39,3 +39,14 @@ def test_machine_line_names_the_huge_page_setting(monkeypatch):
     assert "THP_MEM_ALLOC_ENABLE=1" in machine_line()
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
     assert "THP_MEM_ALLOC_ENABLE=0" in machine_line() and "; THP " in machine_line()
+
+
+def test_ops_bench_takes_shapes_and_tokens(capsys):
+    from bench import ops as bench_ops
+
+    bench_ops.main(["--only", "grouped_mm", "--dtype", "bfloat16", "--T", "16", "--shape", "64,48,4,2",
+                    "--repeat", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("bfloat16")]
+    assert [r[:6] for r in rows] == [["bfloat16", "16", "64", "48", "4", "2"]]
+    with pytest.raises(SystemExit):
+        bench_ops.main(["--shape", "64,48,4"])
