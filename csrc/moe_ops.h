@@ -44,7 +44,7 @@ void check_swiglu_backward_args(const at::Tensor& grad, const at::Tensor& h);
 void check_topk_route_args(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E,
                            int64_t top_k, c10::string_view score, int64_t num_groups,
                            int64_t topk_groups, double scaling, const std::optional<at::Tensor>& valid_T,
-                           int64_t num_seqs, c10::string_view rule, double threshold);
+                           int64_t num_seqs, c10::string_view rule, double threshold, double fw_scale);
 // topk_route's threshold rule (csrc/router.cpp): keep all top_k slots, or the prefix that XMoE's
 // threshold gating / top-p routing keeps (routers.topk.threshold_keep).
 enum class RouteRule : int { kNone = 0, kXmoe = 1, kTopP = 2 };
@@ -107,7 +107,7 @@ at::Tensor swiglu_backward_cpu(const at::Tensor& grad, const at::Tensor& h);
 RouteOutputs topk_route_cpu(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E, int64_t top_k,
                             c10::string_view score, int64_t num_groups, int64_t topk_groups, bool norm_topk,
                             double scaling, const std::optional<at::Tensor>& valid_T, int64_t num_seqs,
-                            bool check_finite, c10::string_view rule, double threshold);
+                            bool check_finite, c10::string_view rule, double threshold, double fw_scale);
 at::Tensor topk_route_backward_cpu(const at::Tensor& grad_weights_TK,
                                    const std::optional<at::Tensor>& grad_probs_TE,
                                    const at::Tensor& ids_TK, const at::Tensor& probs_TE,

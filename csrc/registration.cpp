@@ -45,10 +45,12 @@ TORCH_LIBRARY(moe, m) {
   // experts_per_token), fw_BE, psum_BE, zsum) from logits_TE; padded tokens (valid_T false) get
   // ids -1; num_seqs = B > 0 adds the loss statistics over B sequences. rule "xmoe" / "top_p" (the
   // threshold router: softmax, no bias or groups) keeps the prefix of each token's top_k that the
-  // rule keeps at threshold, the other slots -1 with weight 0; "none" keeps all top_k.
+  // rule keeps at threshold, the other slots -1 with weight 0; "none" keeps all top_k. fw_BE comes
+  // multiplied by fw_scale (a balance loss's coefficient times E: the loss is then one dot product).
   m.def("topk_route(Tensor logits_TE, Tensor? bias_E, int top_k, str score, int num_groups, int topk_groups, "
         "bool norm_topk, float scaling, Tensor? valid_T=None, int num_seqs=0, bool check_finite=False, "
-        "str rule=\"none\", float threshold=1.0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "str rule=\"none\", float threshold=1.0, float fw_scale=1.0) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // d logits_TE from d weights_TK and (optional) d probs_TE, d psum_BE and d zsum.
   m.def("topk_route_backward(Tensor grad_weights_TK, Tensor? grad_probs_TE, Tensor ids_TK, Tensor probs_TE, "
         "str score, bool norm_topk, float scaling, Tensor? grad_psum_BE=None, Tensor? grad_zsum=None, "

@@ -24,8 +24,8 @@
 // sigmoid p_e / (sum_j p_j + 1e-20)), the loss ids (ids_TK, or with a bias or groups the top_k of
 // s, or with rule "xmoe" each token's first slot: XMoE's l_aux), psum_BE[b, e] = sum of s_e over
 // b's real tokens, fw_BE[b, e] = f_be * has_b / (max(1, tokens_b) * max(1, sequences with a
-// token)) with f_be = (b's loss slots on e) / max(1, b's loss slots), zsum = sum over real tokens
-// of logsumexp(l)^2. The sums over tokens run in token order after the parallel pass
+// token)) * fw_scale with f_be = (b's loss slots on e) / max(1, b's loss slots), zsum = sum over
+// real tokens of logsumexp(l)^2. The sums over tokens run in token order after the parallel pass
 // (deterministic).
 // The backward takes d weights_TK, (optional) d probs_TE, d psum_BE and d zsum and returns
 // d logits_TE; slots with id -1 (padded tokens, slots a rule dropped) carry no gradient, and the
@@ -45,7 +45,7 @@ namespace moe {
 void check_topk_route_args(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E,
                            int64_t top_k, c10::string_view score, int64_t num_groups,
                            int64_t topk_groups, double scaling, const std::optional<at::Tensor>& valid_T,
-                           int64_t num_seqs, c10::string_view rule, double threshold) {
+                           int64_t num_seqs, c10::string_view rule, double threshold, double fw_scale) {
   TORCH_CHECK(logits_TE.dim() == 2, "moe.topk_route: logits_TE must be 2-D (T, E), got shape ",
               logits_TE.sizes());
   TORCH_CHECK(logits_TE.scalar_type() == at::kFloat || logits_TE.scalar_type() == at::kDouble,
@@ -87,6 +87,7 @@ void check_topk_route_args(const at::Tensor& logits_TE, const std::optional<at::
   TORCH_CHECK(rule == "none" || rule == "xmoe" || rule == "top_p",
               "moe.topk_route: rule must be 'none', 'xmoe' or 'top_p', got '", std::string(rule), "'");
   TORCH_CHECK(threshold > 0.0 && threshold <= 1.0, "moe.topk_route: threshold must be in (0, 1], got ", threshold);
+  TORCH_CHECK(std::isfinite(fw_scale), "moe.topk_route: fw_scale must be finite, got ", fw_scale);
   if (rule != "none") {
     TORCH_CHECK(score == "softmax", "moe.topk_route: rule='", std::string(rule),
                 "' needs score='softmax' (it cuts the cumulative probability), got '", std::string(score), "'");
@@ -179,6 +180,7 @@ struct RouteArgs {
   T threshold;
   int64_t loss_k;        // the loss ids are the first loss_k of each token's K (1 for "xmoe")
   T scaling;
+  T fw_scale;            // fw_BE's factor (stats)
   T* lse2;               // (T,) logsumexp(l)^2 (stats)
   T* norm_T;             // (T,) sum_j p_j + 1e-20, the sigmoid loss scores' divisor (stats, sigmoid)
   int64_t* aux_ids;      // (T, K) the loss ids (stats, aux_topk)
@@ -333,7 +335,7 @@ void route_statistics(const at::Tensor& ids, const at::Tensor& probs, const Rout
     T slots = 0;
     for (int64_t e = 0; e < E; ++e) slots += f[b * E + e];
     const T has = tokens[b] > T(0) ? T(1) : T(0);
-    const T scale = has / (std::max(T(1), tokens[b]) * std::max(T(1), has_total));
+    const T scale = has / (std::max(T(1), tokens[b]) * std::max(T(1), has_total)) * a.fw_scale;
     for (int64_t e = 0; e < E; ++e) f[b * E + e] = f[b * E + e] / std::max(T(1), slots) * scale;
   }
 }
@@ -429,9 +431,9 @@ RouteBuffers route_buffers(const at::Tensor& logits_TE, const std::optional<at::
 RouteOutputs topk_route_cpu(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E, int64_t top_k,
                             c10::string_view score, int64_t num_groups, int64_t topk_groups, bool norm_topk,
                             double scaling, const std::optional<at::Tensor>& valid_T, int64_t num_seqs,
-                            bool check_finite, c10::string_view rule, double threshold) {
+                            bool check_finite, c10::string_view rule, double threshold, double fw_scale) {
   check_topk_route_args(logits_TE, bias_E, top_k, score, num_groups, topk_groups, scaling, valid_T, num_seqs, rule,
-                        threshold);
+                        threshold, fw_scale);
   const int64_t T = logits_TE.size(0), B = num_seqs;
   at::Tensor ids, weights, probs, counts, metrics, fw, psum, zsum, bias, valid;
   std::tie(ids, weights, probs, counts, metrics, fw, psum, zsum, bias, valid) =
@@ -445,7 +447,7 @@ RouteOutputs topk_route_cpu(const at::Tensor& logits_TE, const std::optional<at:
                           valid.defined() ? valid.const_data_ptr<bool>() : nullptr,
                           top_k, num_groups, topk_groups, softmax, norm_topk, check_finite, B > 0, aux_topk,
                           r, scalar_t(threshold), r == RouteRule::kXmoe ? 1 : top_k,
-                          scalar_t(scaling), lse2.data(), norm_T.data(), aux_ids.data()};
+                          scalar_t(scaling), scalar_t(fw_scale), lse2.data(), norm_T.data(), aux_ids.data()};
     route_rows<scalar_t>(logits_TE, a, ids, weights, probs);
     route_statistics<scalar_t>(ids, probs, a, B, counts, metrics, fw, psum, zsum);
   });

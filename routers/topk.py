@@ -20,7 +20,7 @@ from torch import Tensor
 from routers.capacity import DROP_POLICIES, apply_capacity, capacity, check_capacity_factor, keep_first_slots
 from routers.checks import check_int, check_number
 from routers.losses import (balance_loss_args, balance_statistics, check_loss_config, loss_free_bias_update_,
-                            losses_from_statistics, z_statistic)
+                            balance_fw_scale, losses_from_statistics, z_statistic)
 from routers.routing import (RouterBase, Routing, check_logits_finite, count_chosen, expert_counts, make_routing,
                              topk_weights)
 
@@ -79,7 +79,8 @@ def threshold_keep(probs_sorted_TK: Tensor, threshold: float, rule: str) -> Tens
 def route_topk(logits_TE: Tensor, bias_E: Optional[Tensor], top_k: int, score: str,
                num_groups: Optional[int], topk_groups: Optional[int], norm_topk: bool,
                scaling: float, valid_T: Optional[Tensor] = None, num_seqs: int = 0,
-               check_finite: bool = False, rule: str = "none", threshold: float = 1.0) -> tuple:
+               check_finite: bool = False, rule: str = "none", threshold: float = 1.0,
+               fw_scale: float = 1.0) -> tuple:
     """(ids_TK, weights_TK, probs_TE, counts_E, metrics_2, fw_BE, psum_BE, zsum): a token-choice
     router's scores, selection and weights, and the statistics its metrics and losses need.
 
@@ -95,7 +96,7 @@ def route_topk(logits_TE: Tensor, bias_E: Optional[Tensor], top_k: int, score: s
     Padded tokens (valid_T False) get ids -1 and weights 0; with
     check_finite, non-finite logits of a real token raise (CPU) or fail a device-side assert.
     The statistics are :func:`route_statistics`' (the loss ids of rule "xmoe": each token's
-    first choice, XMoE's l_aux). This is the PyTorch form of
+    first choice, XMoE's l_aux; fw_BE times fw_scale). This is the PyTorch form of
     ``torch.ops.moe.topk_route``, the fused kernel the routers call once moekit's ops are
     registered (its twin, moe/ops/twins.py).
     """
@@ -119,12 +120,13 @@ def route_topk(logits_TE: Tensor, bias_E: Optional[Tensor], top_k: int, score: s
         weights_TK = weights_TK.masked_fill(~valid_T[:, None], 0.0)
     stats = route_statistics(logits_TE, probs_TE, ids_TK, score=score,
                              aux_topk=bias_E is not None or num_groups is not None, valid_T=valid_T,
-                             num_seqs=num_seqs, first_choice=rule == "xmoe")
+                             num_seqs=num_seqs, first_choice=rule == "xmoe", fw_scale=fw_scale)
     return (ids_TK, weights_TK, probs_TE) + stats
 
 
 def route_statistics(logits_TE: Tensor, probs_TE: Tensor, ids_TK: Tensor, *, score: str, aux_topk: bool,
-                     valid_T: Optional[Tensor], num_seqs: int, first_choice: bool = False) -> tuple:
+                     valid_T: Optional[Tensor], num_seqs: int, first_choice: bool = False,
+                     fw_scale: float = 1.0) -> tuple:
     """(counts_E, metrics_2, fw_BE, psum_BE, zsum) of a top-k routing (ids_TK, -1 for padded
     tokens and for the slots a threshold rule dropped), before capacity.
 
@@ -136,7 +138,8 @@ def route_statistics(logits_TE: Tensor, probs_TE: Tensor, ids_TK: Tensor, *, sco
     per token for sigmoid) and the loss ids (the ids, or with aux_topk, i.e. an expert bias or
     groups, the plain top-k of the loss scores: DeepSeek-V3 Eq. 17-20 and Megatron's
     compute_routing_scores_for_aux_loss; with first_choice, the ids' first slot ids_TK[:, :1]),
-    and zsum of :func:`routers.losses.z_statistic`. With
+    and zsum of :func:`routers.losses.z_statistic`; fw_BE comes multiplied by fw_scale (a balance
+    loss's coefficient times E: :func:`routers.losses.balance_fw_scale`). With
     num_seqs = 0: fw_BE and psum_BE are (0, E) and zsum 0.
     """
     T, E = probs_TE.shape
@@ -157,6 +160,8 @@ def route_statistics(logits_TE: Tensor, probs_TE: Tensor, ids_TK: Tensor, *, sco
     S = T // B
     fw_BE, psum_BE = balance_statistics(scores_TE.reshape(B, S, E), ids_aux.reshape(B, S, ids_aux.shape[1]),
                                         valid_BS=None if valid_T is None else valid_T.reshape(B, S))
+    if fw_scale != 1.0:
+        fw_BE = fw_BE * fw_scale
     return counts_E, metrics_2, fw_BE, psum_BE, z_statistic(logits_TE, valid_T=valid_T)
 
 
@@ -169,7 +174,8 @@ def _topk_route_op():
 def topk_route(logits_TE: Tensor, bias_E: Optional[Tensor], top_k: int, score: str,
                num_groups: Optional[int], topk_groups: Optional[int], norm_topk: bool,
                scaling: float, valid_T: Optional[Tensor] = None, num_seqs: int = 0,
-               check_finite: bool = False, rule: str = "none", threshold: float = 1.0) -> tuple:
+               check_finite: bool = False, rule: str = "none", threshold: float = 1.0,
+               fw_scale: float = 1.0) -> tuple:
     """:func:`route_topk`'s eight results through the fused kernel ``torch.ops.moe.topk_route``
     where moekit's ops are registered (one pass per token, the same experts; probabilities,
     weights and statistics to a few roundings), else through route_topk itself. Every top-k
@@ -177,9 +183,9 @@ def topk_route(logits_TE: Tensor, bias_E: Optional[Tensor], top_k: int, score: s
     op = _topk_route_op()
     if op is None:
         return route_topk(logits_TE, bias_E, top_k, score, num_groups, topk_groups, norm_topk, scaling,
-                          valid_T, num_seqs, check_finite, rule, threshold)
+                          valid_T, num_seqs, check_finite, rule, threshold, fw_scale)
     return op(logits_TE, bias_E, top_k, score, num_groups or 0, topk_groups or 0, norm_topk, scaling,
-              valid_T, num_seqs, check_finite, rule, threshold)
+              valid_T, num_seqs, check_finite, rule, threshold, fw_scale)
 
 
 def statistics_seqs(router: RouterBase, seq_shape: tuple) -> int:
@@ -192,16 +198,24 @@ def statistics_seqs(router: RouterBase, seq_shape: tuple) -> int:
     return seq_shape[0] if router.balance_loss == "seq" else 1
 
 
+def statistics_fw_scale(router: RouterBase) -> float:
+    """topk_route's fw_scale for ``router``: its balance loss's coefficient times E
+    (:func:`routers.losses.balance_fw_scale`), so that :func:`statistics_losses` takes the loss as
+    one dot product of the statistics."""
+    return balance_fw_scale(router.balance_loss, router.balance_loss_coeff, router.num_experts)
+
+
 def statistics_losses(router: RouterBase, num_seqs: int, fw_BE: Tensor, psum_BE: Tensor, zsum: Tensor,
                       logits_TE: Tensor, valid_T: Optional[Tensor]) -> dict:
     """``router``'s balance loss and z-loss from topk_route's statistics (num_seqs from
-    :func:`statistics_seqs`; {} when it is 0): :func:`routers.losses.losses_from_statistics`."""
+    :func:`statistics_seqs`, fw_scale from :func:`statistics_fw_scale`; {} when num_seqs is 0):
+    :func:`routers.losses.losses_from_statistics`."""
     if num_seqs == 0:
         return {}
     num_tokens = valid_T.sum() if valid_T is not None and router.z_loss_coeff > 0 else logits_TE.shape[0]
     return losses_from_statistics(balance_loss=router.balance_loss, balance_loss_coeff=router.balance_loss_coeff,
                                   z_loss_coeff=router.z_loss_coeff, fw_BE=fw_BE, psum_BE=psum_BE, zsum=zsum,
-                                  num_tokens=num_tokens)
+                                  num_tokens=num_tokens, fw_scaled=True)
 
 
 class TopKBase(RouterBase):
@@ -269,7 +283,7 @@ class TopKBase(RouterBase):
         check = self.check_finite and not torch.compiler.is_compiling()
         ids_TK, weights_TK, probs_TE, counts_E, metrics_2, fw_BE, psum_BE, zsum = topk_route(
             logits_TE, self.expert_bias, self.top_k, self.score, self.num_groups, self.topk_groups,
-            self.norm_topk, self.routed_scaling_factor, valid_T, num_seqs, check)
+            self.norm_topk, self.routed_scaling_factor, valid_T, num_seqs, check, fw_scale=statistics_fw_scale(self))
         aux = statistics_losses(self, num_seqs, fw_BE, psum_BE, zsum, logits_TE, valid_T)
         if self.capacity_factor is None:
             return Routing(ids_TK=ids_TK, weights_TK=weights_TK, probs_TE=probs_TE, logits_TE=logits_TE,

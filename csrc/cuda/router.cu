@@ -22,7 +22,8 @@
 // 32 tokens in token order, and each range's real tokens and lse^2; route_stats_final_kernel (one
 // block) counts counts_E and the real tokens, writes metrics, adds the ranges' partial sums (a
 // warp per sequence and expert, in a fixed tree) and forms fw_BE, psum_BE and zsum. Launches: 2
-// without statistics, 3 with.
+// without statistics, 3 with; 1 without statistics up to kSmallRouteTokens tokens (decode:
+// topk_route_small_kernel routes and counts in one block).
 // Shared memory per warp: 2 E values (probs, choice) and Z group scores; a block holds up to four
 // warps, fewer when E is large; E must fit one warp's share in 48 KiB.
 #include <ATen/Dispatch.h>
@@ -104,21 +105,39 @@ struct TokenStats {
   int64_t* aux_ids;  // (T, K) the loss ids (with a bias or groups)
 };
 
+// The route kernel's arguments (every launch of one call shares them).
 template <typename T>
-__global__ void topk_route_kernel(const T* __restrict__ logits, int64_t ls, int64_t le,
-                                  const float* __restrict__ bias, const bool* __restrict__ valid, int64_t Tn,
-                                  int E, int K, bool softmax, int Z, int topk_groups, bool norm, T scaling,
-                                  RouteRule rule, T threshold, bool check_finite, TokenStats<T> st,
-                                  int64_t* __restrict__ ids,
-                                  T* __restrict__ weights, T* __restrict__ probs) {
-  extern __shared__ unsigned char smem_raw[];
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
-  const int64_t t = int64_t(blockIdx.x) * warps + warp;
-  if (t >= Tn) return;  // whole warps leave together
-  T* p = reinterpret_cast<T*>(smem_raw) + int64_t(warp) * (2 * E + Z);
+struct RouteParams {
+  const T* logits;
+  int64_t ls, le;  // logits' strides (token, expert)
+  const float* bias;
+  const bool* valid;
+  int64_t Tn;
+  int E, K, Z, topk_groups;
+  bool softmax, norm, check_finite;
+  T scaling, threshold;
+  RouteRule rule;
+  TokenStats<T> st;
+  int64_t* ids;
+  T* weights;
+  T* probs;
+};
+
+// Token t's route by one warp, `p` the warp's 2 E + Z values of shared memory.
+template <typename T>
+__device__ void route_token(const RouteParams<T>& a, int64_t t, int lane, T* p) {
+  const int E = a.E, K = a.K, Z = a.Z, topk_groups = a.topk_groups;
+  const bool softmax = a.softmax, norm = a.norm, check_finite = a.check_finite;
+  const T scaling = a.scaling, threshold = a.threshold;
+  const RouteRule rule = a.rule;
+  const TokenStats<T>& st = a.st;
+  const float* bias = a.bias;
+  const bool* valid = a.valid;
+  const int64_t le = a.le;
+  T* probs = a.probs;
   T* choice = p + E;
   T* group = choice + E;
-  const T* l = logits + t * ls;
+  const T* l = a.logits + t * a.ls;
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const bool real = valid == nullptr || valid[t];
 
@@ -187,8 +206,8 @@ __global__ void topk_route_kernel(const T* __restrict__ logits, int64_t ls, int6
     __syncwarp();
   }
 
-  int64_t* id = ids + t * K;
-  T* w = weights + t * K;
+  int64_t* id = a.ids + t * K;
+  T* w = a.weights + t * K;
   topk_rounds(choice, E, K, lane, id);
   if (lane == 0) {
     const T eps = softmax ? T(0) : T(1e-20);
@@ -219,6 +238,16 @@ __global__ void topk_route_kernel(const T* __restrict__ logits, int64_t ls, int6
   }
   if (!real && lane == 0)
     for (int k = 0; k < K; ++k) id[k] = -1;
+}
+
+// One warp per token.
+template <typename T>
+__global__ void topk_route_kernel(RouteParams<T> a) {
+  extern __shared__ unsigned char smem_raw[];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  const int64_t t = int64_t(blockIdx.x) * warps + warp;
+  if (t >= a.Tn) return;  // whole warps leave together
+  route_token(a, t, lane, reinterpret_cast<T*>(smem_raw) + int64_t(warp) * (2 * a.E + a.Z));
 }
 
 // Per (expert e = thread, sequence b, token range r): the loss scores' and loss slots' sums over
@@ -262,20 +291,15 @@ __global__ void route_stats_partial_kernel(const T* __restrict__ probs, const T*
 
 constexpr int kFinalThreads = 1024;
 constexpr int kSmemHist = 8192;  // experts counted in shared memory (32 KiB)
+constexpr int64_t kSmallRouteTokens = 256;  // up to this many tokens, no statistics: one launch
+constexpr int kSmallRouteWarps = 16;         // its block (~100 registers a thread: 512 threads fit)
 
-// One block: counts_E (a shared-memory histogram when E <= kSmemHist) and metrics; with B > 0, the
-// R partial sums added in a fixed order and fw_BE,
-// psum_BE, zsum formed (the arithmetic of csrc/router.cpp's route_statistics).
-template <typename T>
-__global__ void route_stats_final_kernel(const int64_t* __restrict__ ids, const bool* __restrict__ valid,
-                                         int64_t Tn, int E, int K, int64_t B, int64_t R, bool smem_hist,
-                                         const T* __restrict__ psum_part, const int* __restrict__ cnt_part,
-                                         T* __restrict__ z_part, const int* __restrict__ tok_part,
-                                         T* __restrict__ tok_B, int64_t* __restrict__ counts,
-                                         float* __restrict__ metrics, T* __restrict__ fw, T* __restrict__ psum,
-                                         T* __restrict__ zsum) {
+// counts_E (in `hist`, E ints of shared memory, when smem_hist) and metrics, by the whole block
+// (at most kFinalThreads threads); the ids of the Tn tokens are visible to the block.
+__device__ void route_counts(const int64_t* __restrict__ ids, const bool* __restrict__ valid, int64_t Tn, int E,
+                             int K, bool smem_hist, int* hist, int64_t* __restrict__ counts,
+                             float* __restrict__ metrics) {
   __shared__ unsigned long long red[2][kFinalThreads / kWarp];
-  extern __shared__ int hist[];  // E counts when smem_hist
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
     if (smem_hist) {
@@ -316,6 +340,22 @@ __global__ void route_stats_final_kernel(const int64_t* __restrict__ ids, const 
     metrics[0] = 0.0f;
     metrics[1] = static_cast<float>(kept) / fmaxf(1.0f, static_cast<float>(real));
   }
+}
+
+// One block: counts_E (a shared-memory histogram when E <= kSmemHist) and metrics; with B > 0, the
+// R partial sums added in a fixed order and fw_BE, psum_BE, zsum formed (the arithmetic of
+// csrc/router.cpp's route_statistics; fw_BE times fw_scale).
+template <typename T>
+__global__ void route_stats_final_kernel(const int64_t* __restrict__ ids, const bool* __restrict__ valid,
+                                         int64_t Tn, int E, int K, int64_t B, int64_t R, bool smem_hist,
+                                         const T* __restrict__ psum_part, const int* __restrict__ cnt_part,
+                                         T* __restrict__ z_part, const int* __restrict__ tok_part,
+                                         T* __restrict__ tok_B, int64_t* __restrict__ counts,
+                                         float* __restrict__ metrics, T* __restrict__ fw, T* __restrict__ psum,
+                                         T* __restrict__ zsum, T fw_scale) {
+  extern __shared__ int hist[];  // E counts when smem_hist
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  route_counts(ids, valid, Tn, E, K, smem_hist, hist, counts, metrics);
   if (B == 0) {
     if (threadIdx.x == 0) zsum[0] = T(0);
     return;
@@ -366,9 +406,27 @@ __global__ void route_stats_final_kernel(const int64_t* __restrict__ ids, const 
     T slots = 0;
     for (int e = 0; e < E; ++e) slots += fw[b * E + e];
     const T has = tok_B[b] > T(0) ? T(1) : T(0);
-    const T scale = has / (max(T(1), tok_B[b]) * max(T(1), has_total));
+    const T scale = has / (max(T(1), tok_B[b]) * max(T(1), has_total)) * fw_scale;
     for (int e = 0; e < E; ++e) fw[b * E + e] = fw[b * E + e] / max(T(1), slots) * scale;
   }
+}
+
+// Small batches without loss statistics (B = 0, 0 < T <= kSmallRouteTokens: decode), in one
+// launch: the block's warps route the tokens in turn, then the block counts (route_counts). Shared
+// memory: each warp's 2 E + Z values, then the histogram's E ints (smem_hist).
+template <typename T>
+__global__ void __launch_bounds__(kSmallRouteWarps* kWarp, 1)
+    topk_route_small_kernel(RouteParams<T> a, bool smem_hist, int64_t* __restrict__ counts,
+                            float* __restrict__ metrics, T* __restrict__ zsum) {
+  extern __shared__ unsigned char smem_raw[];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  const int64_t per_warp = 2 * a.E + a.Z;
+  T* mine = reinterpret_cast<T*>(smem_raw) + warp * per_warp;
+  for (int64_t t = warp; t < a.Tn; t += warps) route_token(a, t, lane, mine);
+  __syncthreads();  // the block's ids (global memory) are visible to all its threads
+  int* hist = reinterpret_cast<int*>(reinterpret_cast<T*>(smem_raw) + warps * per_warp);
+  route_counts(a.ids, a.valid, a.Tn, a.E, a.K, smem_hist, hist, counts, metrics);
+  if (threadIdx.x == 0) zsum[0] = T(0);
 }
 
 template <typename T>
@@ -456,9 +514,9 @@ std::pair<int, int64_t> warp_layout(const char* op, int64_t per_warp, int64_t E)
 RouteOutputs topk_route_cuda(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E, int64_t top_k,
                              c10::string_view score, int64_t num_groups, int64_t topk_groups, bool norm_topk,
                              double scaling, const std::optional<at::Tensor>& valid_T, int64_t num_seqs,
-                             bool check_finite, c10::string_view rule, double threshold) {
+                             bool check_finite, c10::string_view rule, double threshold, double fw_scale) {
   check_topk_route_args(logits_TE, bias_E, top_k, score, num_groups, topk_groups, scaling, valid_T, num_seqs, rule,
-                        threshold);
+                        threshold, fw_scale);
   const c10::cuda::CUDAGuard guard(logits_TE.device());
   const int64_t T = logits_TE.size(0), E = logits_TE.size(1), B = num_seqs, K = top_k;
   const auto opts = logits_TE.options();
@@ -483,13 +541,27 @@ RouteOutputs topk_route_cuda(const at::Tensor& logits_TE, const std::optional<at
     T_* w0 = ws.mutable_data_ptr<T_>();
     TokenStats<T_> st{B > 0 ? w0 : nullptr, B > 0 && !softmax ? w0 + T : nullptr,
                       B > 0 && aux_topk ? aux.mutable_data_ptr<int64_t>() : nullptr};
+    const RouteParams<T_> rp{logits_TE.const_data_ptr<T_>(), logits_TE.stride(0), logits_TE.stride(1),
+                             bias.defined() ? bias.const_data_ptr<float>() : nullptr, vp, T, int(E), int(K),
+                             int(num_groups), int(topk_groups), softmax, norm_topk, check_finite, T_(scaling),
+                             T_(threshold), r, st, ids.mutable_data_ptr<int64_t>(), weights.mutable_data_ptr<T_>(),
+                             probs.mutable_data_ptr<T_>()};
+    const int64_t per_warp = int64_t(sizeof(T_)) * (2 * E + num_groups);
+    const bool smem_hist = E <= kSmemHist;
+    const int64_t hist_bytes = smem_hist ? E * int64_t(sizeof(int)) : 0;
+    // (route_counts' own 512 static bytes come on top of the dynamic share: keep 1 KiB for them)
+    const int64_t small_warps =
+        std::min<int64_t>({kSmallRouteWarps, T, (kSmemLimit - 1024 - hist_bytes) / per_warp});
+    if (B == 0 && T > 0 && T <= kSmallRouteTokens && small_warps >= 1) {  // one launch
+      topk_route_small_kernel<T_><<<1, small_warps * kWarp, small_warps * per_warp + hist_bytes, stream>>>(
+          rp, smem_hist, counts.mutable_data_ptr<int64_t>(), metrics.mutable_data_ptr<float>(),
+          zsum.mutable_data_ptr<T_>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     if (T > 0) {
-      const auto [warps, smem] = warp_layout("topk_route", int64_t(sizeof(T_)) * (2 * E + num_groups), E);
-      topk_route_kernel<T_><<<rows_grid(T, warps), warps * kWarp, smem, stream>>>(
-          logits_TE.const_data_ptr<T_>(), logits_TE.stride(0), logits_TE.stride(1),
-          bias.defined() ? bias.const_data_ptr<float>() : nullptr, vp, T, int(E), int(K), softmax,
-          int(num_groups), int(topk_groups), norm_topk, T_(scaling), r, T_(threshold), check_finite, st,
-          ids.mutable_data_ptr<int64_t>(), weights.mutable_data_ptr<T_>(), probs.mutable_data_ptr<T_>());
+      const auto [warps, smem] = warp_layout("topk_route", per_warp, E);
+      topk_route_kernel<T_><<<rows_grid(T, warps), warps * kWarp, smem, stream>>>(rp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     T_* psum_part = B > 0 ? w0 + 2 * T : nullptr;
@@ -505,11 +577,10 @@ RouteOutputs topk_route_cuda(const at::Tensor& logits_TE, const std::optional<at
           S, chunk, int(E), int(K), loss_k, psum_part, cnt_part, z_part, tok_part);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    const bool smem_hist = E <= kSmemHist;
     route_stats_final_kernel<T_><<<1, kFinalThreads, smem_hist ? E * sizeof(int) : 0, stream>>>(
         ids.const_data_ptr<int64_t>(), vp, T, int(E), int(K), B, T > 0 ? R : 0, smem_hist, psum_part, cnt_part, z_part,
         tok_part, tok_B, counts.mutable_data_ptr<int64_t>(), metrics.mutable_data_ptr<float>(),
-        fw.mutable_data_ptr<T_>(), psum.mutable_data_ptr<T_>(), zsum.mutable_data_ptr<T_>());
+        fw.mutable_data_ptr<T_>(), psum.mutable_data_ptr<T_>(), zsum.mutable_data_ptr<T_>(), T_(fw_scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {ids, weights, probs, counts, metrics, fw, psum, zsum};

@@ -193,7 +193,8 @@ def check_swiglu_backward_args(grad, h) -> None:
 
 
 def check_topk_route_args(logits_TE, bias_E, top_k, score, num_groups, topk_groups, norm_topk, scaling,
-                          valid_T=None, num_seqs=0, check_finite=False, rule="none", threshold=1.0) -> None:
+                          valid_T=None, num_seqs=0, check_finite=False, rule="none", threshold=1.0,
+                          fw_scale=1.0) -> None:
     op = "topk_route"
     _check(logits_TE.dim() == 2, op, f"logits_TE must be 2-D (T, E), got shape {_shape(logits_TE)}")
     _check(logits_TE.dtype in (torch.float32, torch.float64), op,
@@ -225,6 +226,7 @@ def check_topk_route_args(logits_TE, bias_E, top_k, score, num_groups, topk_grou
            f"num_seqs must be 0 (no loss statistics) or divide T={T}, got {num_seqs}")
     _check(rule in ("none", "xmoe", "top_p"), op, f"rule must be 'none', 'xmoe' or 'top_p', got '{rule}'")
     _check(0.0 < threshold <= 1.0, op, f"threshold must be in (0, 1], got {threshold}")
+    _check(math.isfinite(fw_scale), op, f"fw_scale must be finite, got {fw_scale}")
     if rule != "none":
         _check(score == "softmax", op,
                f"rule='{rule}' needs score='softmax' (it cuts the cumulative probability), got '{score}'")

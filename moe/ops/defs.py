@@ -284,10 +284,11 @@ swiglu = define_op(
 # and losses (counts_E, metrics, fw_BE, psum_BE, zsum: routers.topk.route_statistics) in one pass
 # per token; psum_BE and zsum are differentiable, the backward takes their gradients too. rule
 # "xmoe" / "top_p" keeps a prefix of the top_k (routers.topk.threshold_keep at threshold: the
-# threshold router), the other slots -1 with weight 0: the backward is the same formula ----------
+# threshold router), the other slots -1 with weight 0: the backward is the same formula. fw_BE
+# (no gradient) comes times fw_scale, so a balance loss with its coefficient is one dot product --
 
 def _topk_route_fake(logits_TE, bias_E, top_k, score, num_groups, topk_groups, norm_topk, scaling,
-                     valid_T=None, num_seqs=0, check_finite=False, rule="none", threshold=1.0):
+                     valid_T=None, num_seqs=0, check_finite=False, rule="none", threshold=1.0, fw_scale=1.0):
     T, E = logits_TE.shape
     return (logits_TE.new_empty(T, top_k, dtype=torch.int64), logits_TE.new_empty(T, top_k),
             logits_TE.new_empty(T, E), logits_TE.new_empty(E, dtype=torch.int64),
@@ -319,7 +320,7 @@ def _topk_route_backward(ctx, g_ids, g_weights, g_probs, g_counts, g_metrics, g_
         g_psum = g_zsum = None
     g_logits = ops.topk_route_backward(g_weights, g_probs, ids_TK, probs_TE, ctx.score, ctx.norm_topk, ctx.scaling,
                                        g_psum, g_zsum, logits_TE if g_zsum is not None else None, valid_T)
-    return (g_logits,) + (None,) * 12
+    return (g_logits,) + (None,) * 13
 
 
 topk_route_backward = define_op(
@@ -334,7 +335,8 @@ topk_route = define_op(
     "topk_route",
     "(Tensor logits_TE, Tensor? bias_E, int top_k, str score, int num_groups, int topk_groups, "
     "bool norm_topk, float scaling, Tensor? valid_T=None, int num_seqs=0, bool check_finite=False, "
-    "str rule=\"none\", float threshold=1.0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "str rule=\"none\", float threshold=1.0, float fw_scale=1.0) -> "
+    "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     fallback=twins.topk_route_torch, fake=_topk_route_fake, check=checks.check_topk_route_args,
     backward=_topk_route_backward, setup_context=_topk_route_setup)
 

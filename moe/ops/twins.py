@@ -167,14 +167,14 @@ def swiglu_backward_torch(grad, h):
 
 
 def topk_route_torch(logits_TE, bias_E, top_k, score, num_groups, topk_groups, norm_topk, scaling,
-                     valid_T=None, num_seqs=0, check_finite=False, rule="none", threshold=1.0):
+                     valid_T=None, num_seqs=0, check_finite=False, rule="none", threshold=1.0, fw_scale=1.0):
     """(ids_TK, weights_TK, probs_TE, counts_E, metrics_2, fw_BE, psum_BE, zsum):
     routers.topk.route_topk, the routers' own PyTorch code (num_groups = topk_groups = 0: no
     group limit; rule "xmoe" / "top_p": the threshold router's)."""
     from routers.topk import route_topk
 
     return route_topk(logits_TE, bias_E, top_k, score, num_groups or None, topk_groups or None, norm_topk, scaling,
-                      valid_T, num_seqs, check_finite, rule, threshold)
+                      valid_T, num_seqs, check_finite, rule, threshold, fw_scale)
 
 
 def topk_route_backward_torch(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score, norm_topk, scaling,

@@ -43,18 +43,17 @@ def assert_route_matches(cuda, cpu, dtype):
         torch.testing.assert_close(cuda[i].cpu(), cpu[i], **tol)
 
 
-@pytest.mark.parametrize("T", [0, 1, 37, 4096])
+@pytest.mark.parametrize("T", [0, 1, 37, 256, 257, 4096])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_cuda_matches_cpu(cfg, dtype, T):
+    """Without statistics: up to 256 tokens the one-launch kernel (topk_route_small_kernel), above
+    them the route kernel and the final statistics kernel."""
     score, E, K, Z, G, bias, norm, scale = cfg
     logits, b = router_logits(T, E, dtype, bias=bias)
     cpu = torch.ops.moe.topk_route(logits, b, K, score, Z, G, norm, scale)
     cuda = torch.ops.moe.topk_route(logits.cuda(), None if b is None else b.cuda(), K, score, Z, G, norm, scale)
-    tol = dict(rtol=2e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-15)
-    assert torch.equal(cuda[0].cpu(), cpu[0])
-    torch.testing.assert_close(cuda[1].cpu(), cpu[1], **tol)
-    torch.testing.assert_close(cuda[2].cpu(), cpu[2], **tol)
+    assert_route_matches(cuda, cpu, dtype)
     gw, gp = torch.randn_like(cpu[1]), torch.randn_like(cpu[2])
     d_cpu = torch.ops.moe.topk_route_backward(gw, gp, cpu[0], cpu[2], score, norm, scale)
     d_cuda = torch.ops.moe.topk_route_backward(gw.cuda(), gp.cuda(), cuda[0], cuda[2], score, norm, scale)
@@ -95,13 +94,43 @@ def test_router_forward_captures_in_a_cuda_graph():
     torch.testing.assert_close(out.weights_TK, eager.weights_TK)
 
 
+def _cuda_kernels(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.parametrize("T", [1, 64, 256, 257])
+@pytest.mark.parametrize("E,dtype", [(128, torch.float32), (1500, torch.float64), (8, torch.float64)])
+def test_small_batches_route_in_one_launch(E, dtype, T):
+    """Decode sizes without statistics (B = 0, T <= 256): one kernel routes and counts, padded
+    tokens included (E = 1500 float64: one warp's shared memory, so a block of one warp); the
+    results are the CPU kernel's. From 257 tokens: the route and final statistics kernels."""
+    logits, _ = router_logits(T, E, dtype, seed=5)
+    valid = torch.ones(T, dtype=torch.bool)
+    valid[T // 3:T // 3 + max(1, T // 4)] = False
+    cpu = torch.ops.moe.topk_route(logits, None, 4, "softmax", 0, 0, True, 1.0, valid)
+    args = (logits.cuda(), None, 4, "softmax", 0, 0, True, 1.0, valid.cuda())
+    cuda = torch.ops.moe.topk_route(*args)
+    assert_route_matches(cuda, cpu, dtype)
+    assert float(cuda[7]) == 0.0 and cuda[5].shape == (0, E)
+    names = _cuda_kernels(lambda: torch.ops.moe.topk_route(*args))
+    if T <= 256:
+        assert len(names) == 1 and "topk_route_small_kernel" in names[0], names
+    else:
+        assert len(names) == 2 and "topk_route_kernel" in names[0] and "route_stats_final" in names[1], names
+
+
 @pytest.mark.parametrize("T,B,padded", [(37, 1, False), (4096, 1, True), (4096, 8, True), (0, 1, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_cuda_statistics_match_cpu(cfg, dtype, T, B, padded):
     """counts_E, metrics, fw_BE (exact: integer counts and the CPU's arithmetic), psum_BE and zsum
-    (sums in another order), and the backward with psum_BE's and zsum's gradients."""
+    (sums in another order), and the backward with psum_BE's and zsum's gradients; with B > 1 fw_BE
+    carries a balance loss's fw_scale (the same arithmetic, so still exact)."""
     score, E, K, Z, G, bias, norm, scale = cfg
+    fw_scale = 0.37 * E if B > 1 else 1.0
     logits, b = router_logits(T, E, dtype, bias=bias)
     valid = None
     if padded:
@@ -109,9 +138,9 @@ def test_cuda_statistics_match_cpu(cfg, dtype, T, B, padded):
         valid[5:40] = False
         valid[-(T // max(B, 2)):] = False  # a whole padded sequence (B > 1), the second half (B = 1)
     args = (K, score, Z, G, norm, scale)
-    cpu = torch.ops.moe.topk_route(logits, b, *args, valid, B, True)
+    cpu = torch.ops.moe.topk_route(logits, b, *args, valid, B, True, "none", 1.0, fw_scale)
     cuda = torch.ops.moe.topk_route(logits.cuda(), None if b is None else b.cuda(), *args,
-                                    None if valid is None else valid.cuda(), B, True)
+                                    None if valid is None else valid.cuda(), B, True, "none", 1.0, fw_scale)
     assert_route_matches(cuda, cpu, dtype)
     gw, gp = torch.randn_like(cpu[1]), torch.randn_like(cpu[2])
     gs, gz = torch.randn(B, E, dtype=dtype), torch.randn((), dtype=dtype)

@@ -8,23 +8,25 @@ profile in bench/gpu_bench.py shows both). Measured (CPU, extension loaded, T=64
 
 | layer | dtype | forward | train forward | step | before (main at 652d53b) |
 |---|---|---|---|---|---|
-| default TopKRouter | float32 | 7 | 9 | 23 | 31 / 62 / 83 |
-| default TopKRouter | bfloat16 | 7 | 9 | 27 | 31 / 62 / 87 |
-| DeepSeek-V3 router (sigmoid, groups, bias, seq loss) | bfloat16 | 7 | 9 | 27 | 31 / 66 / 98 |
-| default + z-loss | bfloat16 | 7 | 10 | 30 | 31 / 67 / 102 |
-| one shared expert | bfloat16 | 11 | 13 | 37 | 35 / 66 / 97 |
-| ThresholdRouter, xmoe (max_experts=4) | float32 | 7 | 9 | 23 | 44 / 72 / 93 |
-| ThresholdRouter, xmoe (max_experts=4) | bfloat16 | 7 | 9 | 27 | 44 / 72 / 97 |
-| ThresholdRouter, top_p, renormalize, seq loss | bfloat16 | 7 | 9 | 27 | 46 / 75 / 110 |
+| default TopKRouter | float32 | 7 | 8 | 21 | 31 / 62 / 83 |
+| default TopKRouter | bfloat16 | 7 | 8 | 25 | 31 / 62 / 87 |
+| DeepSeek-V3 router (sigmoid, groups, bias, seq loss) | bfloat16 | 7 | 8 | 25 | 31 / 66 / 98 |
+| default + z-loss | bfloat16 | 7 | 9 | 28 | 31 / 67 / 102 |
+| one shared expert | bfloat16 | 11 | 12 | 35 | 35 / 66 / 97 |
+| ThresholdRouter, xmoe (max_experts=4) | float32 | 7 | 8 | 21 | 44 / 72 / 93 |
+| ThresholdRouter, xmoe (max_experts=4) | bfloat16 | 7 | 8 | 25 | 44 / 72 / 97 |
+| ThresholdRouter, top_p, renormalize, seq loss | bfloat16 | 7 | 8 | 25 | 46 / 75 / 110 |
 
 bfloat16 adds four casts to the step (moe.linear_f32's backward: the float32 GEMMs on upcast copies
-of the bfloat16 operands, cast back). The z-loss costs one op forward (its scaling), one backward
-(the scaling's gradient) and the sum of the two losses. A shared expert is a dense FFN: two GEMMs, the
-SwiGLU and the sum with the routed output forward (4 ops), four GEMMs, the SwiGLU backward and the
-gradient sums into x backward: that configuration gets the counts it reaches as its budget.
+of the bfloat16 operands, cast back). The balance loss is one dot product forward and its gradient
+backward (moe.topk_route folds the coefficient into fw_BE: fw_scale). The z-loss costs one op
+forward (its scaling), one backward (the scaling's gradient) and the sum of the two losses. A
+shared expert is a dense FFN: two GEMMs, the SwiGLU and the sum with the routed output forward (4
+ops), four GEMMs, the SwiGLU backward and the gradient sums into x backward: that configuration
+gets the counts it reaches as its budget.
 The threshold router routes in the same one moe.topk_route (its rule); "before" is its chain of
 PyTorch ops (main at 6e6a137). Its entropy ("dynamic") loss and XMoE capacity stay PyTorch ops:
-top_p with dynamic_loss_coeff is 7 / 17 / 46, xmoe with capacity_factor=1.5 47 / 49 / 69 (bfloat16).
+top_p with dynamic_loss_coeff is 7 / 16 / 44, xmoe with capacity_factor=1.5 47 / 48 / 67 (bfloat16).
 """
 
 import pytest
@@ -45,7 +47,7 @@ CASES = [
     ("default", {}, torch.bfloat16, (12, 12, 30)),
     ("deepseek-v3 router", dict(router_kwargs=DSV3), torch.bfloat16, (12, 12, 30)),
     ("z-loss", dict(router_kwargs=dict(z_loss_coeff=1e-3)), torch.bfloat16, (12, 12, 30)),
-    ("shared expert", dict(num_shared_experts=1), torch.bfloat16, (12, 13, 37)),
+    ("shared expert", dict(num_shared_experts=1), torch.bfloat16, (12, 12, 35)),
 ]
 
 
@@ -79,6 +81,30 @@ def test_threshold_router_launches_within_budget(name, kwargs, dtype):
     for (what, c), limit in zip(counts.items(), (12, 12, 30)):
         assert c.total <= limit, f"threshold {name} {dtype} {what}: {c}"
     assert counts["train_forward"].ops["moe.topk_route"] == 1, str(counts["train_forward"])
+
+
+@pytest.mark.parametrize("balance", ["switch", "seq"])
+def test_balance_loss_costs_one_op_each_way(balance):
+    """The balance loss is dot(fw_BE, psum_BE) with its coefficient folded into fw_BE by
+    moe.topk_route (fw_scale): one op forward (the dot product) and one backward (its gradient
+    into psum_BE, fw_BE times the loss's gradient), against the same layer without the loss. Its
+    value is coefficient * E * sum(fw * psum), the routers' PyTorch formula."""
+    from routers.losses import balance_statistics
+
+    def counts(**kw):
+        torch.manual_seed(0)
+        layer = moe.MoELayer(D, F, E, K, router_kwargs=dict(balance_loss_coeff=0.01, **kw))
+        return layer, layer_counts(layer, torch.randn(2, T // 2, D))
+
+    with_loss, c = counts(balance_loss=balance)
+    _, c0 = counts(balance_loss=None)
+    assert c["train_forward"].total - c0["train_forward"].total == 1, f"{c['train_forward']} vs {c0['train_forward']}"
+    assert c["step"].total - c0["step"].total == 2, f"{c['step']} vs {c0['step']}"
+    r = with_loss.last_routing
+    B = 2 if balance == "seq" else 1
+    fw, psum = balance_statistics(r.probs_TE.reshape(B, -1, E), r.ids_TK.reshape(B, -1, K))
+    (name, loss), = with_loss.aux_losses.items()
+    torch.testing.assert_close(loss, 0.01 * E * (fw * psum).sum(), rtol=1e-5, atol=0)
 
 
 def test_count_ops_skips_views_and_allocations():

@@ -287,6 +287,36 @@ def test_statistics_match_twin(cfg, B, padded, dtype):
         torch.testing.assert_close(got, want, **tol)
 
 
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fw_scale", [0.25, -3.0, 0.0])
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[4]])
+def test_fw_scale_multiplies_fw_only(cfg, fw_scale, dtype):
+    """fw_scale (a balance loss's coefficient times E) multiplies fw_BE and nothing else, in the
+    kernel as in the twin."""
+    score, E, K, Z, G, bias, norm, scale = cfg
+    T, B = 48, 4
+    logits, b = make(T, E, dtype, seed=3, bias=bias)
+    valid = make_valid(T)
+    plain = torch.ops.moe.topk_route(logits, b, K, score, Z, G, norm, scale, valid, B)
+    scaled = torch.ops.moe.topk_route(logits, b, K, score, Z, G, norm, scale, valid, B, False, "none", 1.0, fw_scale)
+    twin = topk_route_torch(logits, b, K, score, Z, G, norm, scale, valid, B, False, "none", 1.0, fw_scale)
+    tol = dict(rtol=2e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-15)
+    assert plain[5].abs().sum() > 0
+    torch.testing.assert_close(scaled[5], plain[5] * fw_scale, **tol)
+    torch.testing.assert_close(scaled[5], twin[5], **tol)
+    for i in (0, 1, 2, 3, 4, 6, 7):
+        assert torch.equal(scaled[i], plain[i]), i
+
+
+def test_fw_scale_must_be_finite():
+    args = (torch.zeros(4, 8), None, 2, "softmax", 0, 0, True, 1.0, None, 1, False, "none", 1.0, float("nan"))
+    with pytest.raises(RuntimeError, match="fw_scale must be finite"):
+        torch.ops.moe.topk_route(*args)
+    with pytest.raises(RuntimeError, match="fw_scale must be finite"):
+        torch.ops.moe.topk_route(*(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args))
+
+
 @pytest.mark.parametrize("B,padded", [(1, False), (2, True)])
 @pytest.mark.parametrize("cfg", CONFIGS[:6])
 def test_statistics_gradcheck(cfg, B, padded):
@@ -334,6 +364,9 @@ def test_statistics_opcheck(cfg):
     logits, b = make(12, E, bias=bias)
     valid = make_valid(12)
     opcheck(torch.ops.moe.topk_route.default, (logits.requires_grad_(), b, K, score, Z, G, norm, scale, valid, 3, True),
+            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    opcheck(torch.ops.moe.topk_route.default,
+            (logits, b, K, score, Z, G, norm, scale, valid, 3, True, "none", 1.0, 0.5),
             test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     ids, w, p = torch.ops.moe.topk_route(logits.detach(), b, K, score, Z, G, norm, scale, valid, 3)[:3]
     opcheck(torch.ops.moe.topk_route_backward.default,
