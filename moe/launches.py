@@ -15,7 +15,7 @@ kernel), two on the sm90 path (the group setup, which also checks the offsets an
 padding zeros, and the CUTLASS GEMM), four around PyTorch's (offsets check, its setup and GEMM,
 zeros); ``gather_grouped_mm`` one at decode sizes, else permute + grouped_mm; ``topk_route`` 2
 kernels (route, final statistics), 3 with the loss statistics (+ the partial sums), 1 without them
-up to 256 tokens.
+up to 64 tokens.
 bench/gpu_bench.py prints both this count and the profiler's.
 
 :func:`layer_counts` measures a layer's forward and training step (forward, the layer's

@@ -22,10 +22,10 @@
 // 32 tokens in token order, and each range's real tokens and lse^2; route_stats_final_kernel (one
 // block) counts counts_E and the real tokens, writes metrics, adds the ranges' partial sums (a
 // warp per sequence and expert, in a fixed tree) and forms fw_BE, psum_BE and zsum. Launches: 2
-// without statistics, 3 with; 1 without statistics up to kSmallRouteTokens tokens (decode:
-// topk_route_small_kernel routes and counts in one block).
-// Shared memory per warp: 2 E values (probs, choice) and Z group scores; a block holds up to four
-// warps, fewer when E is large; E must fit one warp's share in 48 KiB.
+// without statistics, 3 with; 1 without statistics at decode sizes (topk_route_small_kernel routes
+// and counts in one block: up to kSmallRouteTokens tokens, at most kSmallRoutePerWarp a warp).
+// Shared memory per warp: 2 E values (probs, choice) and Z group scores; a block of the route
+// kernel holds up to four warps, fewer when E is large; E must fit one warp's share in 48 KiB.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -137,29 +137,29 @@ __device__ void route_token(const RouteParams<T>& a, int64_t t, int lane, T* p) 
   T* probs = a.probs;
   T* choice = p + E;
   T* group = choice + E;
-  const T* l = a.logits + t * a.ls;
+  const T* l = a.logits + t * a.ls;  // (read through the read-only cache: __ldg)
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const bool real = valid == nullptr || valid[t];
 
   if (check_finite && real) {
     bool bad = false;
-    for (int e = lane; e < E; e += kWarp) bad |= !isfinite(l[e * le]);
+    for (int e = lane; e < E; e += kWarp) bad |= !isfinite(__ldg(l + e * le));
     bad = __any_sync(0xffffffffu, bad);
     CUDA_KERNEL_ASSERT(!bad && "router logits contain NaN or inf; the router refuses to route them");
   }
   T mx = neg_inf, sum = 0;
   if (softmax || st.lse2) {
-    for (int e = lane; e < E; e += kWarp) mx = max(mx, l[e * le]);
+    for (int e = lane; e < E; e += kWarp) mx = max(mx, __ldg(l + e * le));
     mx = warp_max(mx);
   }
   if (softmax) {
-    for (int e = lane; e < E; e += kWarp) sum += (p[e] = exp_(l[e * le] - mx));
+    for (int e = lane; e < E; e += kWarp) sum += (p[e] = exp_(__ldg(l + e * le) - mx));
     sum = warp_sum(sum);
     for (int e = lane; e < E; e += kWarp) p[e] = p[e] / sum;
   } else {
-    for (int e = lane; e < E; e += kWarp) p[e] = T(1) / (T(1) + exp_(-l[e * le]));
+    for (int e = lane; e < E; e += kWarp) p[e] = T(1) / (T(1) + exp_(-__ldg(l + e * le)));
     if (st.lse2) {
-      for (int e = lane; e < E; e += kWarp) sum += exp_(l[e * le] - mx);
+      for (int e = lane; e < E; e += kWarp) sum += exp_(__ldg(l + e * le) - mx);
       sum = warp_sum(sum);
     }
   }
@@ -169,24 +169,24 @@ __device__ void route_token(const RouteParams<T>& a, int64_t t, int lane, T* p) 
   }
   for (int e = lane; e < E; e += kWarp) {
     probs[t * E + e] = p[e];
-    choice[e] = bias ? p[e] + T(bias[e]) : p[e];
+    choice[e] = bias ? p[e] + T(__ldg(bias + e)) : p[e];
   }
   __syncwarp();
 
   if (Z > 0) {  // the topk_groups best groups by the sum of their two best choice scores
     const int per = E / Z;
     for (int z = lane; z < Z; z += kWarp) {
-      T a = neg_inf, b = neg_inf;
+      T best = neg_inf, second = neg_inf;
       for (int e = z * per; e < (z + 1) * per; ++e) {
         const T c = choice[e];
-        if (c > a) {
-          b = a;
-          a = c;
-        } else if (c > b) {
-          b = c;
+        if (c > best) {
+          second = best;
+          best = c;
+        } else if (c > second) {
+          second = c;
         }
       }
-      group[z] = per >= 2 ? a + b : a;
+      group[z] = per >= 2 ? best + second : best;
     }
     __syncwarp();
     for (int g = 0; g < topk_groups; ++g) {  // a taken group's score becomes NaN (never greater)
@@ -291,8 +291,13 @@ __global__ void route_stats_partial_kernel(const T* __restrict__ probs, const T*
 
 constexpr int kFinalThreads = 1024;
 constexpr int kSmemHist = 8192;  // experts counted in shared memory (32 KiB)
-constexpr int64_t kSmallRouteTokens = 256;  // up to this many tokens, no statistics: one launch
-constexpr int kSmallRouteWarps = 16;         // its block (~100 registers a thread: 512 threads fit)
+// One launch without statistics (topk_route_small_kernel) up to kSmallRouteTokens tokens, when a
+// block of kSmallRouteWarps warps (72-84 registers a thread: 512 threads fit an SM's registers)
+// gives each warp at most kSmallRoutePerWarp tokens: the block routes them one after another,
+// where the two-launch path spreads them over many blocks (a decode-sized choice, not measured).
+constexpr int64_t kSmallRouteTokens = 64;
+constexpr int kSmallRouteWarps = 16;
+constexpr int64_t kSmallRoutePerWarp = 4;
 
 // counts_E (in `hist`, E ints of shared memory, when smem_hist) and metrics, by the whole block
 // (at most kFinalThreads threads); the ids of the Tn tokens are visible to the block.
@@ -552,7 +557,8 @@ RouteOutputs topk_route_cuda(const at::Tensor& logits_TE, const std::optional<at
     // (route_counts' own 512 static bytes come on top of the dynamic share: keep 1 KiB for them)
     const int64_t small_warps =
         std::min<int64_t>({kSmallRouteWarps, T, (kSmemLimit - 1024 - hist_bytes) / per_warp});
-    if (B == 0 && T > 0 && T <= kSmallRouteTokens && small_warps >= 1) {  // one launch
+    if (B == 0 && T > 0 && T <= kSmallRouteTokens && small_warps >= 1 &&
+        ceil_div(T, small_warps) <= kSmallRoutePerWarp) {  // one launch
       topk_route_small_kernel<T_><<<1, small_warps * kWarp, small_warps * per_warp + hist_bytes, stream>>>(
           rp, smem_hist, counts.mutable_data_ptr<int64_t>(), metrics.mutable_data_ptr<float>(),
           zsum.mutable_data_ptr<T_>());
