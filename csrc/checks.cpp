@@ -148,16 +148,29 @@ static void check_gather_common(const char* op, const at::Tensor& x_TD, const at
   check_offs(op, offs_E, x_TD, "x_TD");
 }
 
+static void check_gather_b(const char* op, const at::Tensor& x_TD, const at::Tensor& order_N,
+                           const at::Tensor& rows_TK, const at::Tensor& b_EXY, const at::Tensor& offs_E) {
+  TORCH_CHECK(b_EXY.dim() == 3, "moe.", op, ": b_EXY must be 3-D (E, X, Y), got shape ", b_EXY.sizes());
+  check_gather_common(op, x_TD, order_N, rows_TK, b_EXY, "b_EXY", offs_E);
+  TORCH_CHECK(x_TD.size(1) == b_EXY.size(1), "moe.", op, ": x_TD has X=", x_TD.size(1),
+              " columns but b_EXY has X=", b_EXY.size(1), " rows per expert");
+  TORCH_CHECK(offs_E.size(0) == b_EXY.size(0), "moe.", op, ": offs_E has ", offs_E.size(0),
+              " entries but b_EXY has E=", b_EXY.size(0), " experts");
+}
+
 void check_gather_grouped_mm_args(const at::Tensor& x_TD, const at::Tensor& order_N,
                                   const at::Tensor& rows_TK, const at::Tensor& b_EXY,
                                   const at::Tensor& offs_E) {
-  TORCH_CHECK(b_EXY.dim() == 3, "moe.gather_grouped_mm: b_EXY must be 3-D (E, X, Y), got shape ",
-              b_EXY.sizes());
-  check_gather_common("gather_grouped_mm", x_TD, order_N, rows_TK, b_EXY, "b_EXY", offs_E);
-  TORCH_CHECK(x_TD.size(1) == b_EXY.size(1), "moe.gather_grouped_mm: x_TD has X=", x_TD.size(1),
-              " columns but b_EXY has X=", b_EXY.size(1), " rows per expert");
-  TORCH_CHECK(offs_E.size(0) == b_EXY.size(0), "moe.gather_grouped_mm: offs_E has ", offs_E.size(0),
-              " entries but b_EXY has E=", b_EXY.size(0), " experts");
+  check_gather_b("gather_grouped_mm", x_TD, order_N, rows_TK, b_EXY, offs_E);
+}
+
+void check_gather_grouped_mm_swiglu_args(const at::Tensor& x_TD, const at::Tensor& order_N,
+                                         const at::Tensor& rows_TK, const at::Tensor& b_EXY,
+                                         const at::Tensor& offs_E) {
+  check_gather_b("gather_grouped_mm_swiglu", x_TD, order_N, rows_TK, b_EXY, offs_E);
+  TORCH_CHECK(b_EXY.size(2) > 0 && b_EXY.size(2) % 2 == 0,
+              "moe.gather_grouped_mm_swiglu: b_EXY's Y must be 2F = [gate; up], a positive even number, got ",
+              b_EXY.size(2));
 }
 
 void check_gather_grouped_mm_wgrad_args(const at::Tensor& x_TD, const at::Tensor& order_N,

@@ -300,6 +300,17 @@ at::Tensor gather_grouped_mm_cpu(const at::Tensor& x_TD, const at::Tensor& order
   return grouped_forward(x, off.data(), b_EXY, starts, N);
 }
 
+// The gathered first projection and SwiGLU in one op: these two kernels (the same bits as calling
+// them in turn); h_NH comes back for the backward when keep_h, else an empty (0, 2F).
+std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_swiglu_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
+                                                                const at::Tensor& rows_TK, const at::Tensor& b_EXY,
+                                                                const at::Tensor& offs_E, bool keep_h) {
+  check_gather_grouped_mm_swiglu_args(x_TD, order_N, rows_TK, b_EXY, offs_E);
+  at::Tensor h = gather_grouped_mm_cpu(x_TD, order_N, rows_TK, b_EXY, offs_E);
+  at::Tensor a = swiglu_cpu(h);
+  return {a, keep_h ? h : h.new_empty({0, h.size(1)})};
+}
+
 // out_yx: the same (E, X, Y) values stored (E, Y, X), computed as g^T x (see wgrad_avx512).
 at::Tensor gather_grouped_mm_wgrad_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
                                        const at::Tensor& rows_TK, const at::Tensor& g_NY,

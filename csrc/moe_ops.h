@@ -38,6 +38,10 @@ void check_gather_grouped_mm_args(const at::Tensor& x_TD, const at::Tensor& orde
 void check_gather_grouped_mm_wgrad_args(const at::Tensor& x_TD, const at::Tensor& order_N,
                                         const at::Tensor& rows_TK, const at::Tensor& g_NY,
                                         const at::Tensor& offs_E);
+// gather_grouped_mm's checks under this op's name, and b_EXY's Y = 2F ([gate; up]) even.
+void check_gather_grouped_mm_swiglu_args(const at::Tensor& x_TD, const at::Tensor& order_N,
+                                         const at::Tensor& rows_TK, const at::Tensor& b_EXY,
+                                         const at::Tensor& offs_E);
 void check_linear_f32_args(const at::Tensor& x_TD, const at::Tensor& weight_ED);
 void check_swiglu_args(const at::Tensor& h);
 void check_swiglu_backward_args(const at::Tensor& grad, const at::Tensor& h);
@@ -101,6 +105,9 @@ at::Tensor gather_grouped_mm_cpu(const at::Tensor& x_TD, const at::Tensor& order
 at::Tensor gather_grouped_mm_wgrad_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
                                        const at::Tensor& rows_TK, const at::Tensor& g_NY,
                                        const at::Tensor& offs_E, bool out_yx);
+std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_swiglu_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
+                                                                const at::Tensor& rows_TK, const at::Tensor& b_EXY,
+                                                                const at::Tensor& offs_E, bool keep_h);
 at::Tensor linear_f32_cpu(const at::Tensor& x_TD, const at::Tensor& weight_ED);
 at::Tensor swiglu_cpu(const at::Tensor& h);
 at::Tensor swiglu_backward_cpu(const at::Tensor& grad, const at::Tensor& h);
@@ -121,6 +128,7 @@ at::Tensor topk_route_backward_cpu(const at::Tensor& grad_weights_TK,
 namespace cuda {
 at::Tensor permute_cuda(const at::Tensor& x_TD, const at::Tensor& order_N,
                         const at::Tensor& rows_TK, const std::optional<at::Tensor>& scale_TK);
+at::Tensor swiglu_cuda(const at::Tensor& h);
 }  // namespace cuda
 
 // Weight-only int8 experts (csrc/grouped_mm_int8.cpp): q_EYX int8, scale_EY float32.

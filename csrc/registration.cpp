@@ -34,6 +34,11 @@ TORCH_LIBRARY(moe, m) {
   // grouped_mm_wgrad(permute(x_TD, order_N, rows_TK), g_NY, offs_E), likewise; out_yx: the same
   // (E, X, Y) values stored (E, Y, X), the layout of an nn.Linear-style weight.
   m.def("gather_grouped_mm_wgrad(Tensor x_TD, Tensor order_N, Tensor rows_TK, Tensor g_NY, Tensor offs_E, bool out_yx=False) -> Tensor");
+  // (swiglu(h_NH), h_NH if keep_h else (0, 2F)) with h_NH = gather_grouped_mm(...) and b_EXY's
+  // Y = 2F = [gate; up]: the first projection with SwiGLU's epilogue (one launch at decode sizes on
+  // CUDA); keep_h returns h_NH, what the backward needs.
+  m.def("gather_grouped_mm_swiglu(Tensor x_TD, Tensor order_N, Tensor rows_TK, Tensor b_EXY, Tensor offs_E, "
+        "bool keep_h=False) -> (Tensor, Tensor)");
   // x_TD @ weight_ED^T in float32 (float64 for float64): the routers' logits.
   m.def("linear_f32(Tensor x_TD, Tensor weight_ED) -> Tensor");
   // out = silu(gate) * up on h = [gate; up] (..., 2F) -> (..., F).
@@ -69,6 +74,7 @@ TORCH_LIBRARY_IMPL(moe, CPU, m) {
   m.impl("grouped_mm_wgrad", &moe::grouped_mm_wgrad_cpu);
   m.impl("gather_grouped_mm", &moe::gather_grouped_mm_cpu);
   m.impl("gather_grouped_mm_wgrad", &moe::gather_grouped_mm_wgrad_cpu);
+  m.impl("gather_grouped_mm_swiglu", &moe::gather_grouped_mm_swiglu_cpu);
   m.impl("linear_f32", &moe::linear_f32_cpu);
   m.impl("swiglu", &moe::swiglu_cpu);
   m.impl("swiglu_backward", &moe::swiglu_backward_cpu);

@@ -113,25 +113,33 @@ class GroupedExperts(nn.Module):
         rows past offs_E[-1] come out zero. A gathered view (x_TD and its plan) is read in place:
         the first projection gathers each routed row from x_TD (ops.gather_grouped_mm), and so
         does its weight gradient, so backward keeps x_TD rather than a T*K x D buffer; the same
-        values as on the materialised rows (bit for bit on the CPU kernels). The deprecated
-        forms ``experts(x_ND, offs_E)`` and ``experts(x_TD, plan=plan)`` still work."""
+        values as on the materialised rows (bit for bit on the CPU kernels). With SwiGLU and no
+        bias, the activation is that GEMM's epilogue (ops.gather_grouped_mm_swiglu: one op, and on
+        CUDA at decode sizes one launch). The deprecated forms ``experts(x_ND, offs_E)`` and
+        ``experts(x_TD, plan=plan)`` still work."""
         if not isinstance(rows, ExpertRows):
             rows = _legacy_rows(rows, offs_E, plan)
         elif offs_E is not None or plan is not None:
             raise ValueError("GroupedExperts: pass the ExpertRows alone (offs_E and plan are in it)")
+        fused = rows.gathered and self.activation == "swiglu" and self.b_in_EH is None
         if rows.gathered:
             self._check_rows("x_TD", "T", rows.x)
             if rows.plan.num_experts != self.num_experts:
                 raise ValueError(f"GroupedExperts: the plan has {rows.plan.num_experts} experts, "
                                  f"the module {self.num_experts}")
-            h_NH = ops.gather_grouped_mm(rows.x, rows.plan, self.w_in_EDH)
+            if fused:  # SwiGLU as the first GEMM's epilogue
+                a_NF = ops.gather_grouped_mm_swiglu(rows.x, rows.plan, self.w_in_EDH)
+            else:
+                h_NH = ops.gather_grouped_mm(rows.x, rows.plan, self.w_in_EDH)
         else:
             self._check_inputs(rows.x, rows.offs_E)
             h_NH = ops.grouped_mm(rows.x, self.w_in_EDH, rows.offs_E)
         offs_E, N = rows.offs_E, rows.num_rows
-        if self.b_in_EH is not None:
-            h_NH = h_NH + row_bias(self.b_in_EH, offs_E, N)
-        y_ND = ops.grouped_mm(activate(h_NH, self.activation), self.w_out_EFD, offs_E)
+        if not fused:
+            if self.b_in_EH is not None:
+                h_NH = h_NH + row_bias(self.b_in_EH, offs_E, N)
+            a_NF = activate(h_NH, self.activation)
+        y_ND = ops.grouped_mm(a_NF, self.w_out_EFD, offs_E)
         if self.b_out_ED is not None:
             y_ND = y_ND + row_bias(self.b_out_ED, offs_E, N)
         return y_ND

@@ -13,7 +13,9 @@ counting sort), else a zero fill, the keys/histogram kernel, the offsets scan, c
 (its own passes) and the finalize kernel; ``grouped_mm`` one at decode sizes (the weight-streaming
 kernel), two on the sm90 path (the group setup, which also checks the offsets and writes the
 padding zeros, and the CUTLASS GEMM), four around PyTorch's (offsets check, its setup and GEMM,
-zeros); ``gather_grouped_mm`` one at decode sizes, else permute + grouped_mm; ``topk_route`` 2
+zeros); ``gather_grouped_mm`` one at decode sizes, else permute + grouped_mm;
+``gather_grouped_mm_swiglu`` one at decode sizes (the streaming kernel with SwiGLU's epilogue),
+else gather_grouped_mm's + the swiglu kernel; ``topk_route`` 2
 kernels (route, final statistics), 3 with the loss statistics (+ the partial sums), 1 without them
 up to 64 tokens.
 bench/gpu_bench.py prints both this count and the profiler's.

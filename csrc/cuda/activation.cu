@@ -41,22 +41,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kUnroll = 2;  // items per thread and step, all loads issued before the first use
 
-__device__ __forceinline__ float exp_acc(float x) { return ::expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return ::exp(x); }
-__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
-__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
-
-// 1 + e^-g, the denominator of PyTorch's silu and sigmoid.
-template <typename acc_t>
-__device__ __forceinline__ acc_t one_plus_exp_neg(acc_t g) {
-  return add_rn(acc_t(1), exp_acc(-g));
-}
-
-// silu(g) * u, as F.silu (g / (1 + e^-g)) then the multiply.
-template <typename acc_t>
-__device__ __forceinline__ acc_t swiglu_one(acc_t g, acc_t u) {
-  return mul_rn(div_rn(g, one_plus_exp_neg(g)), u);
-}
+// exp_acc, div_rn, one_plus_exp_neg and swiglu_one (silu(g) * u): common.cuh.
 
 // Item i of a (rows, nvec) grid: row n = i / nvec, vector v = i % nvec (32-bit division when the
 // grid fits in 32 bits, which is uniform across the launch).

@@ -92,4 +92,22 @@ __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
+__device__ __forceinline__ float exp_acc(float x) { return ::expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return ::exp(x); }
+__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
+
+// 1 + e^-g, the denominator of PyTorch's silu and sigmoid.
+template <typename acc_t>
+__device__ __forceinline__ acc_t one_plus_exp_neg(acc_t g) {
+  return add_rn(acc_t(1), exp_acc(-g));
+}
+
+// silu(g) * u, as F.silu (g / (1 + e^-g)) then the multiply: SwiGLU's gating, shared by the
+// swiglu kernel (csrc/cuda/activation.cu) and the streaming GEMM's SwiGLU epilogue.
+template <typename acc_t>
+__device__ __forceinline__ acc_t swiglu_one(acc_t g, acc_t u) {
+  return mul_rn(div_rn(g, one_plus_exp_neg(g)), u);
+}
+
 }  // namespace moe::cuda

@@ -512,6 +512,43 @@ at::Tensor gather_grouped_mm_cuda(const at::Tensor& x_TD, const at::Tensor& orde
   return grouped_mm_cuda(permute_cuda(x_TD, order_N, rows_TK, std::nullopt), b_EXY, offs_E);
 }
 
+// moe.gather_grouped_mm_swiglu on CUDA: where the streaming kernel serves the gathered GEMM (decode
+// sizes, its layout rules) and F is a multiple of half its column block, one launch with the
+// SwiGLU epilogue (stream_gemm.cuh: the same bits as moe.swiglu on the streamed h, which is
+// written only with keep_h); else gather_grouped_mm's path, then the swiglu kernel.
+std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_swiglu_cuda(const at::Tensor& x_TD, const at::Tensor& order_N,
+                                                                 const at::Tensor& rows_TK, const at::Tensor& b_EXY,
+                                                                 const at::Tensor& offs_E, bool keep_h) {
+  check_gather_grouped_mm_swiglu_args(x_TD, order_N, rows_TK, b_EXY, offs_E);
+  c10::cuda::CUDAGuard guard(x_TD.device());
+  const int64_t N = order_N.size(0), X = x_TD.size(1), Y = b_EXY.size(2), E = b_EXY.size(0), F = Y / 2;
+  check_sizes("gather_grouped_mm_swiglu", N, X, Y);
+  const auto& b = b_EXY;
+  const bool b_col = b.stride(2) != 1 && b.stride(1) == 1;
+  const int64_t b_ld = b_col ? b.stride(2) : b.stride(1);
+  const int64_t half = stream_cols(b_col, int(16 / x_TD.element_size())) / 2;
+  const Backend be = config::cuda_gemm();  // may raise: a bad MOE_CUDA_GEMM
+  if (N > 0 && use_stream(be, N, E) && x_TD.stride(1) == 1 && (b.stride(2) == 1 || b_col) && F % half == 0 &&
+      stream_layout_ok(x_TD, x_TD.stride(0), b, b_col, b_ld, N, E, X, Y)) {
+    auto act = at::empty({N, F}, x_TD.options());
+    auto h = at::empty({keep_h ? N : 0, Y}, x_TD.options());
+    const auto order = order_N.contiguous(), offs = offs_E.contiguous();
+    StreamParams p{x_TD.const_data_ptr(), x_TD.stride(0), order.const_data_ptr<int64_t>(), rows_TK.size(1),
+                   x_TD.size(0) * rows_TK.size(1), b.const_data_ptr(), b.stride(0), b_ld,
+                   keep_h ? h.mutable_data_ptr() : nullptr, offs.const_data_ptr<int>(), static_cast<int>(E),
+                   static_cast<int>(N), static_cast<int>(X), static_cast<int>(Y), nullptr, act.mutable_data_ptr()};
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_TD.scalar_type(), "moe_gather_swiglu_stream", [&] {
+      using T = typename DeviceType<scalar_t>::type;
+      if (b_col) launch_stream<T, true, T, true>(p);
+      else launch_stream<T, false, T, true>(p);
+    });
+    return {act, h};
+  }
+  at::Tensor h = gather_grouped_mm_cuda(x_TD, order_N, rows_TK, b_EXY, offs_E);
+  at::Tensor act = swiglu_cuda(h);
+  return {act, keep_h ? h : h.new_empty({0, Y})};
+}
+
 // moe.grouped_mm_w8 (weight-only int8 experts, inference) on CUDA: the weight-streaming kernel with
 // q_EYX read as column-major int8 weights (half the bytes of bfloat16), float32 sums, each times
 // its channel's scale and rounded once to a's dtype, as the CPU kernel and the twin do. Any number
@@ -559,4 +596,5 @@ TORCH_LIBRARY_IMPL(moe, CUDA, m) {
   m.impl("grouped_mm", &moe::cuda::grouped_mm_cuda);
   m.impl("grouped_mm_wgrad", &moe::cuda::grouped_mm_wgrad_cuda);
   m.impl("gather_grouped_mm", &moe::cuda::gather_grouped_mm_cuda);
+  m.impl("gather_grouped_mm_swiglu", &moe::cuda::gather_grouped_mm_swiglu_cuda);
 }

@@ -25,7 +25,8 @@
 //   column-major b (b[e][x, y] at y*ldb + x, a transposed nn.Linear weight): BY = 32 columns, 4
 //     per warp; each lane loads 16 bytes of depth of each of its warp's columns, so a warp load
 //     reads 512 contiguous bytes of one column; a butterfly of shuffles adds the lanes' sums.
-// Registers: at most 128 per thread (2 CTAs of 8 warps per SM), no spills (ptxas -v, sm_90).
+// Registers: at most 128 per thread (2 CTAs of 8 warps per SM), no spills (ptxas -v, sm_90), but
+// for the SwiGLU epilogue's column-major bfloat16 / float64 kernels: 56 / 8 bytes of spill loads.
 // Layout rules (stream_layout_ok): 16-byte aligned b, b's strides multiples of 16 bytes' worth of
 // elements, and Y too for row-major b; for column-major b, a likewise (aligned, row stride and X).
 // offs_E is checked on the device (CUDA_KERNEL_ASSERT) and clamped, as in the tiled kernels (with
@@ -68,7 +69,32 @@ struct StreamParams {
   const int* offs;        // offs_E, int32
   int E, N, X, Y;
   const float* scale;     // int8 weights (moe.grouped_mm_w8): c[i, y] = sum * scale[e * Y + y]; else null
+  void* act;              // SwiGLU epilogue (moe.gather_grouped_mm_swiglu), else null: see swiglu_col
 };
+
+// The SwiGLU epilogue (SWIGLU, a template flag so that the plain kernels stay as they were; p.act
+// set; Y = 2F, b = [gate; up] along Y, F a multiple of BY / 2): CTA
+// column j takes the gate columns [j*BY/2, (j+1)*BY/2) and the up columns F + the same, as local
+// columns [0, BY/2) and [BY/2, BY); each (gate, up) pair is rounded to T (h's values; c gets them
+// when set, so it may be null) and act (N, F) gets swiglu_one of the two, the swiglu kernel's
+// arithmetic: the same bits as moe.swiglu on this kernel's h. Otherwise local column l is y0 + l.
+template <bool SWIGLU>
+__device__ __forceinline__ int stream_col(const StreamParams& p, int y0, int l, int half) {
+  return !SWIGLU ? y0 + l : (l < half ? y0 + l : p.Y / 2 + y0 + (l - half));
+}
+
+// Row r of the pass, local column l < BY/2 of the SwiGLU epilogue, from the pair's float sums.
+template <typename T, typename acc_t>
+__device__ __forceinline__ void swiglu_store(const StreamParams& p, int64_t row, int y0, int l, acc_t g, acc_t u) {
+  const T gt = from_acc<T>(g), ut = from_acc<T>(u);
+  const int F = p.Y / 2;
+  if (p.c != nullptr) {
+    T* c = static_cast<T*>(p.c) + row * p.Y;
+    c[y0 + l] = gt;
+    c[F + y0 + l] = ut;
+  }
+  static_cast<T*>(p.act)[row * F + y0 + l] = from_acc<T>(swiglu_one(to_acc(gt), to_acc(ut)));
+}
 
 // W: the weights' element type, T's own or int8_t (column-major only, with per-channel scales).
 template <typename T, typename W, bool B_COL>
@@ -77,15 +103,18 @@ struct StreamTile {
   using acc_t = typename StreamAcc<T>::type;
   static constexpr int VEC = 16 / static_cast<int>(sizeof(W));  // weights per 16-byte load
   static constexpr int BY = stream_cols(B_COL, VEC);
-  // Shared memory (acc_t elements): row-major b, the 8 warps' sums of a pass.
-  static constexpr int SMEM = B_COL ? 1 : kStreamWarps * kStreamPassRows * BY;
+  // Shared memory (acc_t elements): row-major b, the 8 warps' sums of a pass; column-major b, a
+  // pass's sums for the SwiGLU epilogue (which pairs columns of different warps).
+  static constexpr int SMEM = B_COL ? kStreamPassRows * BY : kStreamWarps * kStreamPassRows * BY;
+  static_assert((BY / 2) % (B_COL ? kStreamColsPerWarp : VEC) == 0,
+                "the SwiGLU epilogue's halves hold whole warps' columns (column-major) or vectors");
 };
 
 
 // One pass: rows [r0, r0 + m) of the expert whose weights start at b_e (m <= MR), columns
 // [y0, y0 + BY). The rows of a are read straight from global memory (they are a few KB, shared by
 // every CTA of the expert: L1 and L2 hits); rows m..MR-1 of a pass repeat row m-1 and are dropped.
-template <typename T, typename W, bool B_COL, int MR>
+template <typename T, typename W, bool B_COL, bool SWIGLU, int MR>
 __device__ void stream_pass(const StreamParams& p, const W* __restrict__ b_e, const float* scale_e, int r0,
                             int m, int y0, typename StreamAcc<T>::type* smem, int64_t* src_row) {
   using Tile = StreamTile<T, W, B_COL>;
@@ -120,7 +149,7 @@ __device__ void stream_pass(const StreamParams& p, const W* __restrict__ b_e, co
   if constexpr (!B_COL) {
     // Lane l of warp w: the columns of vector l % 8, depth rows x = 4w + l/8 (mod 32).
     constexpr int U = 4;  // 16-byte weight loads in flight per thread
-    const int cv = lane % 8, xr = warp * 4 + lane / 8, y = y0 + cv * VEC;
+    const int cv = lane % 8, xr = warp * 4 + lane / 8, y = stream_col<SWIGLU>(p, y0, cv * VEC, BY / 2);
     if (y < p.Y) {
       const W* __restrict__ bcol = b_e + y;
       for (int x = xr; x < p.X; x += kWarp * U) {
@@ -158,20 +187,37 @@ __device__ void stream_pass(const StreamParams& p, const W* __restrict__ b_e, co
         for (int j = 0; j < VEC; ++j) smem[(warp * MR + r) * BY + cv * VEC + j] = acc[r][j];
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < MR * BY; idx += kStreamThreads) {
-      const int r = idx / BY, col = idx % BY;
-      if (r >= m || y0 + col >= p.Y) continue;
-      acc_t s = smem[r * BY + col];
+    if constexpr (SWIGLU) {  // the SwiGLU epilogue: (gate, up) = local columns (l, l + BY/2)
+      constexpr int H = BY / 2;
+      for (int idx = threadIdx.x; idx < MR * H; idx += kStreamThreads) {
+        const int r = idx / H, l = idx % H;
+        if (r >= m) continue;
+        acc_t g = smem[r * BY + l], u = smem[r * BY + H + l];
 #pragma unroll
-      for (int w = 1; w < kStreamWarps; ++w) s += smem[(w * MR + r) * BY + col];
-      c[int64_t(r0 + r) * p.Y + y0 + col] = from_acc<T>(s);
+        for (int w = 1; w < kStreamWarps; ++w) {
+          g += smem[(w * MR + r) * BY + l];
+          u += smem[(w * MR + r) * BY + H + l];
+        }
+        swiglu_store<T>(p, r0 + r, y0, l, g, u);
+      }
+    } else {
+      for (int idx = threadIdx.x; idx < MR * BY; idx += kStreamThreads) {
+        const int r = idx / BY, col = idx % BY;
+        if (r >= m || y0 + col >= p.Y) continue;
+        acc_t s = smem[r * BY + col];
+#pragma unroll
+        for (int w = 1; w < kStreamWarps; ++w) s += smem[(w * MR + r) * BY + col];
+        c[int64_t(r0 + r) * p.Y + y0 + col] = from_acc<T>(s);
+      }
     }
   } else {
     // Warp w: columns yw .. yw + 3; lane l: depth x = l*VEC .. l*VEC + VEC - 1 (mod 32*VEC), read
     // from a in AV vectors of VA elements (AV = 2 for int8 weights and 16-bit rows).
     constexpr int U = sizeof(W) == 1 ? 1 : 2, VA = 16 / int(sizeof(T)), AV = VEC / VA;  // registers
     using VecA = Vec<T, VA>;
-    const int yw = y0 + warp * kStreamColsPerWarp;
+    // The warp's first local column and its first column of c: its 4 columns are consecutive in
+    // both (with the SwiGLU epilogue a half of BY/2 = 4 warps' columns holds them all).
+    const int lw = warp * kStreamColsPerWarp, yw = stream_col<SWIGLU>(p, y0, lw, BY / 2);
     for (int x = lane * VEC; x < p.X; x += kWarp * VEC * U) {
       V bv[U][kStreamColsPerWarp];
 #pragma unroll
@@ -206,27 +252,42 @@ __device__ void stream_pass(const StreamParams& p, const W* __restrict__ b_e, co
         acc_t v = acc[r][q];
 #pragma unroll
         for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == r * kStreamColsPerWarp + q && r < m && yw + q < p.Y)
-          c[int64_t(r0 + r) * p.Y + yw + q] = from_acc<T>(scale_e != nullptr ? v * scale_e[yw + q] : v);
+        if (lane != r * kStreamColsPerWarp + q || yw + q >= p.Y) continue;
+        if (scale_e != nullptr) v = v * scale_e[yw + q];
+        if constexpr (SWIGLU) smem[r * BY + lw + q] = v;  // paired below
+        else if (r < m) c[int64_t(r0 + r) * p.Y + yw + q] = from_acc<T>(v);
       }
+    if constexpr (SWIGLU) {  // the SwiGLU epilogue: (gate, up) = local columns (l, l + BY/2)
+      constexpr int H = BY / 2;
+      __syncthreads();
+      for (int idx = threadIdx.x; idx < MR * H; idx += kStreamThreads) {
+        const int r = idx / H, l = idx % H;
+        if (r < m) swiglu_store<T>(p, r0 + r, y0, l, smem[r * BY + l], smem[r * BY + H + l]);
+      }
+    }
   }
 }
 
-template <typename T, typename W, bool B_COL>
+template <typename T, typename W, bool B_COL, bool SWIGLU>
 __global__ void __launch_bounds__(kStreamThreads, 2) stream_gemm_kernel(StreamParams p) {
   using Tile = StreamTile<T, W, B_COL>;
   using acc_t = typename Tile::acc_t;
   __shared__ __align__(16) acc_t smem[Tile::SMEM];
   __shared__ int64_t src_row[kStreamPassRows];
   __shared__ int found;
-  const int y0 = blockIdx.y * Tile::BY;
+  constexpr int BY = Tile::BY;
+  const int y0 = blockIdx.y * (SWIGLU ? BY / 2 : BY);  // (stream_col)
   if (blockIdx.x == gridDim.x - 1) {  // the padding rows past the last group
     int pad_lo = 0, unused = 0;
     if (p.E > 0) group_rows_of(p.offs, p.N, p.E - 1, unused, pad_lo);
     T* c = static_cast<T*>(p.c);
-    const int cols = min(Tile::BY, p.Y - y0);
-    for (int64_t idx = threadIdx.x; idx < int64_t(p.N - pad_lo) * cols; idx += kStreamThreads)
-      c[(pad_lo + idx / cols) * p.Y + y0 + idx % cols] = from_acc<T>(acc_t(0));
+    const int cols = SWIGLU ? BY : min(BY, p.Y - y0);  // local columns
+    for (int64_t idx = threadIdx.x; idx < int64_t(p.N - pad_lo) * cols; idx += kStreamThreads) {
+      const int64_t row = pad_lo + idx / cols;
+      const int l = int(idx % cols);
+      if (c != nullptr) c[row * p.Y + stream_col<SWIGLU>(p, y0, l, BY / 2)] = from_acc<T>(acc_t(0));
+      if (SWIGLU && l < BY / 2) static_cast<T*>(p.act)[row * (p.Y / 2) + y0 + l] = from_acc<T>(acc_t(0));
+    }
     return;
   }
   // This CTA's expert: the blockIdx.x-th with rows, in expert order (at most min(E, N) have rows:
@@ -269,9 +330,9 @@ __global__ void __launch_bounds__(kStreamThreads, 2) stream_gemm_kernel(StreamPa
   for (int r0 = lo; r0 < hi; r0 += kStreamPassRows) {  // uniform over the CTA
     const int m = min(kStreamPassRows, hi - r0);
     static_assert(kStreamPassRows == 4, "the passes below are MR = 1, 2 and 4");
-    if (m == 1) stream_pass<T, W, B_COL, 1>(p, b_e, scale_e, r0, m, y0, smem, src_row);
-    else if (m == 2) stream_pass<T, W, B_COL, 2>(p, b_e, scale_e, r0, m, y0, smem, src_row);
-    else stream_pass<T, W, B_COL, 4>(p, b_e, scale_e, r0, m, y0, smem, src_row);
+    if (m == 1) stream_pass<T, W, B_COL, SWIGLU, 1>(p, b_e, scale_e, r0, m, y0, smem, src_row);
+    else if (m == 2) stream_pass<T, W, B_COL, SWIGLU, 2>(p, b_e, scale_e, r0, m, y0, smem, src_row);
+    else stream_pass<T, W, B_COL, SWIGLU, 4>(p, b_e, scale_e, r0, m, y0, smem, src_row);
   }
 }
 
@@ -295,12 +356,13 @@ inline bool stream_layout_ok(const at::Tensor& a, int64_t lda, const at::Tensor&
   return vec16_ok(b.const_data_ptr(), Y, b_ld, elem);
 }
 
-// grid (min(E, N) + 1, ceil(Y / BY)): at most min(E, N) experts have rows.
-template <typename T, bool B_COL, typename W = T>
+// grid (min(E, N) + 1, ceil(Y / BY)): at most min(E, N) experts have rows. SWIGLU: p.act set (the
+// same grid: F / (BY / 2) = Y / BY column blocks).
+template <typename T, bool B_COL, typename W = T, bool SWIGLU = false>
 void launch_stream(const StreamParams& p) {
   const int64_t tiles_y = ceil_div(p.Y, StreamTile<T, W, B_COL>::BY);  // <= 65535: the caller's check
   const int64_t width = std::min<int64_t>(p.E, p.N) + 1;
-  stream_gemm_kernel<T, W, B_COL>
+  stream_gemm_kernel<T, W, B_COL, SWIGLU>
       <<<dim3(unsigned(width), unsigned(tiles_y)), kStreamThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

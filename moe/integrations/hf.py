@@ -13,7 +13,8 @@ grouped GEMM (rows read from hidden_states in place; permute + grouped_mm when t
 differ) and grouped_mm on the HF weight layout read in place (transposed or not, with biases;
 the weight gradients are written in the weights' own layout, so autograd copies none: for an
 (E, 2F, D) gate_up_proj through ``gather_grouped_mm_wgrad(..., out_yx=True)``), the gate
-(moe.ops.swiglu where it is transformers' default SiLU on [gate; up], else the class's own
+(moe.ops.swiglu where it is transformers' default SiLU on [gate; up], as the gathered GEMM's
+epilogue, moe.ops.gather_grouped_mm_swiglu, when there is no bias; else the class's own
 ``_apply_gate``: GPT-OSS's interleaved, clamped SwiGLU included) and the weighted unpermute (in
 bfloat16 it sums the weighted products in float32 and rounds once, where eager rounds each
 product and each sum: the two differ by bfloat16 rounding, moekit's being the more accurate).
@@ -91,12 +92,16 @@ def moekit_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top
         w_in, b_in = self.up_proj, (self.up_proj_bias if has_bias else None)
     if hidden_states.dtype == w_in.dtype:  # the first projection reads the routed rows in place
         w_EXY = w_in if self.is_transposed else w_in.transpose(-2, -1)
-        h_NH = ops.gather_grouped_mm(hidden_states, plan, w_EXY)
-        if b_in is not None:
-            h_NH = h_NH + row_bias(b_in, plan.offs_E, plan.max_rows).to(h_NH.dtype)
+        if b_in is None and self.has_gate and _is_concatenated_swiglu(self):  # SwiGLU as its epilogue
+            h_NF = ops.gather_grouped_mm_swiglu(hidden_states, plan, w_EXY)
+        else:
+            h_NH = ops.gather_grouped_mm(hidden_states, plan, w_EXY)
+            if b_in is not None:
+                h_NH = h_NH + row_bias(b_in, plan.offs_E, plan.max_rows).to(h_NH.dtype)
+            h_NF = _gate(self, h_NH)
     else:
-        h_NH = _grouped_linear(ops.permute(hidden_states, plan), w_in, plan.offs_E, b_in, self.is_transposed)
-    h_NF = _gate(self, h_NH)
+        h_NF = _gate(self, _grouped_linear(ops.permute(hidden_states, plan), w_in, plan.offs_E, b_in,
+                                           self.is_transposed))
     b_out = self.down_proj_bias if has_bias else None
     y_ND = _grouped_linear(h_NF, self.down_proj, plan.offs_E, b_out, self.is_transposed)
     if getattr(self, "has_post_expert_norm", False):

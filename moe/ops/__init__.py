@@ -4,8 +4,9 @@
     x_TD ──permute──► x_ND ──grouped_mm(w_EXY, offs_E)──► y_NY ──unpermute(weights_TK)──► y_TD
     x_TD ──gather_grouped_mm(plan, w_EXY)──► y_NY          (the same, without the x_ND copy)
 
-and the layers' fused helpers: swiglu (SwiGLU's gating, one pass each way) and linear_f32 (the
-routers' float32 logits from bfloat16 operands).
+and the layers' fused helpers: swiglu (SwiGLU's gating, one pass each way),
+gather_grouped_mm_swiglu (the gathered first projection with SwiGLU's epilogue) and linear_f32
+(the routers' float32 logits from bfloat16 operands).
 
 Shape legend: T tokens, K slots per token, E experts, N routed rows, D feature dim, X/Y GEMM
 input/output dims. N is the host-side bound T*K: buffers never depend on routed counts, so the
@@ -33,10 +34,11 @@ from __future__ import annotations
 from moe.ops._extension import HAS_EXTENSION, build_info, empty_host_cache, host_cache_stats
 from moe.ops import defs as _defs  # noqa: F401  (registers torch.ops.moe.*)
 from moe.ops.config import config
-from moe.ops.functional import (MAX_EXPERTS, Plan, gather_grouped_mm, grouped_mm, linear_f32, permute, plan, swiglu,
-                                unpermute)
+from moe.ops.functional import (MAX_EXPERTS, Plan, gather_grouped_mm, gather_grouped_mm_swiglu, grouped_mm, linear_f32,
+                                permute, plan, swiglu, unpermute)
 from moe.ops.registry import compiled_kernels
 from moe.ops.twins import (  # noqa: F401  (the twins, by their historical names)
+    gather_grouped_mm_swiglu_torch,
     gather_grouped_mm_torch,
     gather_grouped_mm_wgrad_torch,
     grouped_mm_torch,
@@ -50,6 +52,6 @@ from moe.ops.twins import (  # noqa: F401  (the twins, by their historical names
     unpermute_weights_grad_torch,
 )
 
-__all__ = ["MAX_EXPERTS", "Plan", "plan", "permute", "unpermute", "grouped_mm", "gather_grouped_mm", "swiglu",
-           "linear_f32", "config", "HAS_EXTENSION", "build_info", "compiled_kernels",
+__all__ = ["MAX_EXPERTS", "Plan", "plan", "permute", "unpermute", "grouped_mm", "gather_grouped_mm",
+           "gather_grouped_mm_swiglu", "swiglu", "linear_f32", "config", "HAS_EXTENSION", "build_info", "compiled_kernels",
            "host_cache_stats", "empty_host_cache"]

@@ -145,14 +145,20 @@ def _check_gather_common(op, x_TD, order_N, rows_TK, other, other_name, offs_E) 
     _check_offs(op, offs_E, x_TD, "x_TD")
 
 
-def check_gather_grouped_mm_args(x_TD, order_N, rows_TK, b_EXY, offs_E) -> None:
-    op = "gather_grouped_mm"
+def check_gather_grouped_mm_args(x_TD, order_N, rows_TK, b_EXY, offs_E, op="gather_grouped_mm") -> None:
     _check(b_EXY.dim() == 3, op, f"b_EXY must be 3-D (E, X, Y), got shape {_shape(b_EXY)}")
     _check_gather_common(op, x_TD, order_N, rows_TK, b_EXY, "b_EXY", offs_E)
     _check(x_TD.shape[1] == b_EXY.shape[1], op,
            f"x_TD has X={x_TD.shape[1]} columns but b_EXY has X={b_EXY.shape[1]} rows per expert")
     _check(offs_E.shape[0] == b_EXY.shape[0], op,
            f"offs_E has {offs_E.shape[0]} entries but b_EXY has E={b_EXY.shape[0]} experts")
+
+
+def check_gather_grouped_mm_swiglu_args(x_TD, order_N, rows_TK, b_EXY, offs_E, keep_h=False) -> None:
+    op = "gather_grouped_mm_swiglu"
+    check_gather_grouped_mm_args(x_TD, order_N, rows_TK, b_EXY, offs_E, op)
+    Y = b_EXY.shape[2]
+    _check(Y > 0 and Y % 2 == 0, op, f"b_EXY's Y must be 2F = [gate; up], a positive even number, got {Y}")
 
 
 def check_gather_grouped_mm_wgrad_args(x_TD, order_N, rows_TK, g_NY, offs_E, out_yx=False) -> None:

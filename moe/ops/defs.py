@@ -224,6 +224,58 @@ gather_grouped_mm = define_op(
     fallback=_gather_fallback, fake=_gather_fake, check=checks.check_gather_grouped_mm_args,
     backward=_gather_backward(True), setup_context=_gather_setup)
 
+# ---- gather_grouped_mm_swiglu(x, ., ., b, offs, keep_h) = (swiglu(h), h if keep_h) with h =
+# gather_grouped_mm(x, ., ., b, offs), b's Y = 2F = [gate; up]: the first projection with SwiGLU's
+# epilogue. On CUDA at decode sizes one streaming launch (the same bits as the two ops there, h
+# written only with keep_h); elsewhere the two kernels. h is what the backward needs: d h =
+# swiglu_backward(d a, h), then gather_grouped_mm's backward; keep_h=False saves none (inference)
+# and its backward raises ----------------------------------------------------------------------
+
+def _gather_swiglu_fallback(x_TD, order_N, rows_TK, b_EXY, offs_E, keep_h=False):
+    h = ops.gather_grouped_mm(x_TD, order_N, rows_TK, b_EXY, offs_E)
+    return ops.swiglu(h), (h if keep_h else h.new_empty(0, h.shape[1]))
+
+
+def _gather_swiglu_fake(x_TD, order_N, rows_TK, b_EXY, offs_E, keep_h=False):
+    N, Y = order_N.shape[0], b_EXY.shape[2]
+    return x_TD.new_empty(N, Y // 2), x_TD.new_empty(N if keep_h else 0, Y)
+
+
+def _gather_swiglu_setup(ctx, inputs, output):
+    ctx.keep_h = inputs[5] if len(inputs) > 5 else False
+    ctx.save_for_backward(*inputs[:5], output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero (0 or N, 2F) gradient for h, which has none
+
+
+def _gather_swiglu_backward(ctx, g_a, _g_h):
+    x_TD, order_N, rows_TK, b_EXY, offs_E, h = ctx.saved_tensors
+    if g_a is None:
+        return (None,) * 6
+    if not ctx.keep_h:
+        raise RuntimeError("moe.gather_grouped_mm_swiglu: called with keep_h=False, so no h was saved for the "
+                           "backward; pass keep_h=True to differentiate it")
+    if torch.is_grad_enabled():  # create_graph=True: h recomputed through the differentiable op (the
+        # saved h is an output, not a function of x and b), then swiglu's differentiable twin
+        h = ops.gather_grouped_mm(x_TD, order_N, rows_TK, b_EXY, offs_E)
+        g_h = twins.swiglu_backward_torch(g_a, h)
+    else:
+        g_h = ops.swiglu_backward(g_a, h)
+    g_x = g_b = None
+    if ctx.needs_input_grad[0]:
+        g_x = ops.unpermute(ops.grouped_mm(g_h, b_EXY.transpose(-2, -1), offs_E), order_N, rows_TK, None)
+    if ctx.needs_input_grad[3]:
+        g_b = ops.gather_grouped_mm_wgrad(x_TD, order_N, rows_TK, g_h, offs_E, _is_yx_layout(b_EXY))
+    return g_x, None, None, g_b, None, None
+
+
+gather_grouped_mm_swiglu = define_op(
+    "gather_grouped_mm_swiglu",
+    "(Tensor x_TD, Tensor order_N, Tensor rows_TK, Tensor b_EXY, Tensor offs_E, bool keep_h=False) -> "
+    "(Tensor, Tensor)",
+    fallback=_gather_swiglu_fallback, fake=_gather_swiglu_fake, check=checks.check_gather_grouped_mm_swiglu_args,
+    backward=_gather_swiglu_backward, setup_context=_gather_swiglu_setup)
+
 gather_grouped_mm_wgrad = define_op(
     "gather_grouped_mm_wgrad",
     "(Tensor x_TD, Tensor order_N, Tensor rows_TK, Tensor g_NY, Tensor offs_E, bool out_yx=False) -> Tensor",

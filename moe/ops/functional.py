@@ -15,7 +15,7 @@ import torch
 from moe.ops.checks import MAX_EXPERTS, check_int
 
 __all__ = ["MAX_EXPERTS", "Plan", "plan", "permute", "unpermute", "grouped_mm", "gather_grouped_mm", "swiglu",
-           "linear_f32"]
+           "linear_f32", "gather_grouped_mm_swiglu"]
 
 ops = torch.ops.moe
 
@@ -106,6 +106,16 @@ def gather_grouped_mm(x_TD: torch.Tensor, plan: Plan, b_EXY: torch.Tensor) -> to
     (CUDA for now) the op's fallback is the two-op form on the registered ops."""
     _check_plan("gather_grouped_mm", plan)
     return ops.gather_grouped_mm(x_TD, plan.order_N, plan.rows_TK, b_EXY, plan.offs_E)
+
+
+def gather_grouped_mm_swiglu(x_TD: torch.Tensor, plan: Plan, b_EXY: torch.Tensor) -> torch.Tensor:
+    """``swiglu(gather_grouped_mm(x_TD, plan, b_EXY))`` in one op, b_EXY's Y = 2F = [gate; up]:
+    (N, F), the same values as the two ops (on CUDA at decode sizes one launch: the streaming GEMM
+    with SwiGLU's epilogue). The first projection's h_NH is kept for the backward only when
+    autograd will need it (grad mode and x_TD or b_EXY requiring grad)."""
+    _check_plan("gather_grouped_mm_swiglu", plan)
+    keep_h = torch.is_grad_enabled() and (x_TD.requires_grad or b_EXY.requires_grad)
+    return ops.gather_grouped_mm_swiglu(x_TD, plan.order_N, plan.rows_TK, b_EXY, plan.offs_E, keep_h)[0]
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ __all__ = [
     "grouped_mm_wgrad_torch",
     "gather_grouped_mm_torch",
     "gather_grouped_mm_wgrad_torch",
+    "gather_grouped_mm_swiglu_torch",
     "linear_f32_torch",
     "swiglu_torch",
     "swiglu_backward_torch",
@@ -146,6 +147,13 @@ def linear_f32_torch(x_TD, weight_ED):
     """x_TD @ weight_ED^T on float32 copies (float64 stays float64): the routers' logits."""
     acc = _acc_dtype(x_TD.dtype)
     return torch.nn.functional.linear(x_TD.to(acc), weight_ED.to(acc))
+
+
+def gather_grouped_mm_swiglu_torch(x_TD, order_N, rows_TK, b_EXY, offs_E, keep_h=False):
+    """(swiglu_torch(h), h or an empty (0, 2F)) with h = gather_grouped_mm_torch(...): the
+    gathered first projection with SwiGLU's epilogue."""
+    h = gather_grouped_mm_torch(x_TD, order_N, rows_TK, b_EXY, offs_E)
+    return swiglu_torch(h), (h if keep_h else h.new_empty(0, h.shape[1]))
 
 
 def swiglu_torch(h):

@@ -119,6 +119,55 @@ def test_stream_gather_grouped_mm(T, K, E, D, Y, crowd, dtype, transposed):
         error_rule(moe_ops.gather_grouped_mm(x, *args), ref, twins.gather_grouped_mm_torch(x, *args))
 
 
+@pytest.mark.parametrize("T,K,E,D,F,crowd", [(1, 8, 128, 64, 64, 0), (6, 4, 16, 136, 96, 0),
+                                             (13, 2, 8, 64, 32, 13), (64, 8, 128, 32, 48, 9), (5, 2, 4, 32, 20, 0)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("keep_h", [False, True])
+def test_stream_gather_swiglu(T, K, E, D, F, crowd, dtype, transposed, keep_h):
+    """moe.gather_grouped_mm_swiglu at decode sizes: one launch (the streaming kernel with SwiGLU's
+    epilogue) where F is a multiple of half the kernel's column block (F = 20 is not for 16-bit
+    row-major weights, F = 48 not for bfloat16 row-major either: the two-kernel path), with the same
+    bits as gather_grouped_mm then swiglu on CUDA, h included (keep_h), padding rows zero, and
+    within the GEMM rule of the twin."""
+    x, (_, offs, order, rows_TK), b = _gather_inputs(T, K, E, D, 2 * F, dtype, transposed, crowd=crowd)
+    args = (order, rows_TK, b, offs)
+    vec = 16 // x.element_size()
+    half = (16 if transposed else 4 * vec)
+    with ops.config.override(cuda_gemm="stream"):
+        names = kernel_names(lambda: moe_ops.gather_grouped_mm_swiglu(x, *args, keep_h))
+        if F % half == 0:
+            assert len(names) == 1 and "stream_gemm_kernel" in names[0], names
+        poison(((order.shape[0], F), dtype), ((order.shape[0], 2 * F), dtype))
+        a, h = moe_ops.gather_grouped_mm_swiglu(x, *args, keep_h)
+        h_ref = moe_ops.gather_grouped_mm(x, *args)
+        a_ref = moe_ops.swiglu(h_ref)
+    assert torch.equal(a, a_ref)
+    assert torch.equal(h, h_ref) if keep_h else h.shape == (0, 2 * F)
+    used = int(offs[-1])
+    assert torch.equal(a[used:], torch.zeros_like(a[used:]))
+    ref = twins.gather_grouped_mm_swiglu_torch(x.double(), *args)[0]
+    error_rule(a, ref, twins.gather_grouped_mm_swiglu_torch(x, *args)[0])
+
+
+def test_stream_gather_swiglu_gradients_equal_the_two_ops():
+    """float64 at decode sizes: the fused op's gradients (keep_h) are those of gather_grouped_mm then
+    swiglu on CUDA, bit for bit; gradcheck and opcheck."""
+    x, p, b = _gather_inputs(5, 3, 6, 8, 32, torch.float64, True)  # F = 16: the fused launch
+    _, offs, order, rows_TK = p
+    x, b = x.detach().clone().requires_grad_(), b.detach().requires_grad_()
+    with ops.config.override(cuda_gemm="stream"):
+        fused = lambda x_, b_: ops.gather_grouped_mm_swiglu(x_, ops.Plan(*p), b_)  # noqa: E731
+        with torch.no_grad():
+            assert len(kernel_names(lambda: fused(x, b))) == 1
+        g1 = torch.autograd.grad(fused(x, b).square().sum(), (x, b))
+        two = moe_ops.swiglu(moe_ops.gather_grouped_mm(x, order, rows_TK, b, offs))
+        g2 = torch.autograd.grad(two.square().sum(), (x, b))
+        assert all(torch.equal(u, v) for u, v in zip(g1, g2))
+        assert torch.autograd.gradcheck(fused, (x, b))
+        torch.library.opcheck(moe_ops.gather_grouped_mm_swiglu.default, (x, order, rows_TK, b, offs, True))
+
+
 def test_auto_streams_at_decode_sizes_only():
     """"auto" streams at <= cuda_stream_rows rows per expert on average, tiles above it; layouts
     the kernel does not take (row-major b with Y not a multiple of 8 bf16) go to the other

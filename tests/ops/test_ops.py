@@ -228,6 +228,8 @@ def test_opcheck_all_ops(dtype):
         ("grouped_mm_wgrad", (t["y"], t["g"], p.offs_E)),
         ("gather_grouped_mm", (t["x"], p.order_N, p.rows_TK, t["b"].transpose(-2, -1)[:, :5, :].contiguous(), p.offs_E)),
         ("gather_grouped_mm_wgrad", (t["x"], p.order_N, p.rows_TK, t["g"], p.offs_E)),
+        ("gather_grouped_mm_swiglu",
+         (t["x"], p.order_N, p.rows_TK, t["b"].transpose(-2, -1)[:, :5, :].contiguous(), p.offs_E, True)),
         ("linear_f32", (t["x"], t["x"][:4].detach().clone().requires_grad_())),
         ("swiglu", (t["g"],)),
         ("swiglu_backward", (t["g"].detach()[:, :3].contiguous(), t["g"].detach())),

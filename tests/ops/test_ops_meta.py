@@ -49,6 +49,7 @@ def op_calls(device):
         ("grouped_mm_wgrad", lambda: m.grouped_mm_wgrad(x_ND, y_ND, p.offs_E)),
         ("gather_grouped_mm", lambda: m.gather_grouped_mm(x, p.order_N, p.rows_TK, b, p.offs_E)),
         ("gather_grouped_mm_wgrad", lambda: m.gather_grouped_mm_wgrad(x, p.order_N, p.rows_TK, y_ND, p.offs_E)),
+        ("gather_grouped_mm_swiglu", lambda: m.gather_grouped_mm_swiglu(x, p.order_N, p.rows_TK, b, p.offs_E, True)),
         ("linear_f32", lambda: m.linear_f32(x.to(torch.bfloat16), b[0].t().to(torch.bfloat16))),
         ("swiglu", lambda: m.swiglu(h)),
         ("swiglu_backward", lambda: m.swiglu_backward(h[:, :Y], h)),
