@@ -26,7 +26,8 @@
 //     per warp; each lane loads 16 bytes of depth of each of its warp's columns, so a warp load
 //     reads 512 contiguous bytes of one column; a butterfly of shuffles adds the lanes' sums.
 // Registers: at most 128 per thread (2 CTAs of 8 warps per SM), no spills (ptxas -v, sm_90), but
-// for the SwiGLU epilogue's column-major bfloat16 / float64 kernels: 56 / 8 bytes of spill loads.
+// for the SwiGLU epilogue's column-major bfloat16 / float64 kernels: 56 / 8 bytes of spill loads
+// (bfloat16 column-major is the Hugging Face weights' layout: to be timed on a GPU).
 // Layout rules (stream_layout_ok): 16-byte aligned b, b's strides multiples of 16 bytes' worth of
 // elements, and Y too for row-major b; for column-major b, a likewise (aligned, row stride and X).
 // offs_E is checked on the device (CUDA_KERNEL_ASSERT) and clamped, as in the tiled kernels (with
@@ -69,7 +70,7 @@ struct StreamParams {
   const int* offs;        // offs_E, int32
   int E, N, X, Y;
   const float* scale;     // int8 weights (moe.grouped_mm_w8): c[i, y] = sum * scale[e * Y + y]; else null
-  void* act;              // SwiGLU epilogue (moe.gather_grouped_mm_swiglu), else null: see swiglu_col
+  void* act;              // SwiGLU epilogue (moe.gather_grouped_mm_swiglu), else null: see stream_col
 };
 
 // The SwiGLU epilogue (SWIGLU, a template flag so that the plain kernels stay as they were; p.act
@@ -361,6 +362,8 @@ inline bool stream_layout_ok(const at::Tensor& a, int64_t lda, const at::Tensor&
 template <typename T, bool B_COL, typename W = T, bool SWIGLU = false>
 void launch_stream(const StreamParams& p) {
   const int64_t tiles_y = ceil_div(p.Y, StreamTile<T, W, B_COL>::BY);  // <= 65535: the caller's check
+  TORCH_INTERNAL_ASSERT(!SWIGLU || (p.act != nullptr && p.Y % StreamTile<T, W, B_COL>::BY == 0),
+                        "the SwiGLU epilogue needs act and F a multiple of half the column block");
   const int64_t width = std::min<int64_t>(p.E, p.N) + 1;
   stream_gemm_kernel<T, W, B_COL, SWIGLU>
       <<<dim3(unsigned(width), unsigned(tiles_y)), kStreamThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);

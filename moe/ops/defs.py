@@ -252,13 +252,13 @@ def _gather_swiglu_backward(ctx, g_a, _g_h):
     x_TD, order_N, rows_TK, b_EXY, offs_E, h = ctx.saved_tensors
     if g_a is None:
         return (None,) * 6
-    if not ctx.keep_h:
-        raise RuntimeError("moe.gather_grouped_mm_swiglu: called with keep_h=False, so no h was saved for the "
-                           "backward; pass keep_h=True to differentiate it")
     if torch.is_grad_enabled():  # create_graph=True: h recomputed through the differentiable op (the
         # saved h is an output, not a function of x and b), then swiglu's differentiable twin
         h = ops.gather_grouped_mm(x_TD, order_N, rows_TK, b_EXY, offs_E)
         g_h = twins.swiglu_backward_torch(g_a, h)
+    elif not ctx.keep_h:
+        raise RuntimeError("moe.gather_grouped_mm_swiglu: called with keep_h=False, so no h was saved for the "
+                           "backward; pass keep_h=True to differentiate it")
     else:
         g_h = ops.swiglu_backward(g_a, h)
     g_x = g_b = None

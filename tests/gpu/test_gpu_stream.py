@@ -126,8 +126,8 @@ def test_stream_gather_grouped_mm(T, K, E, D, Y, crowd, dtype, transposed):
 @pytest.mark.parametrize("keep_h", [False, True])
 def test_stream_gather_swiglu(T, K, E, D, F, crowd, dtype, transposed, keep_h):
     """moe.gather_grouped_mm_swiglu at decode sizes: one launch (the streaming kernel with SwiGLU's
-    epilogue) where F is a multiple of half the kernel's column block (F = 20 is not for 16-bit
-    row-major weights, F = 48 not for bfloat16 row-major either: the two-kernel path), with the same
+    epilogue) where F is a multiple of half the kernel's column block (F = 20 is not, F = 48 not
+    for 16-bit row-major weights: the two-kernel path), with the same
     bits as gather_grouped_mm then swiglu on CUDA, h included (keep_h), padding rows zero, and
     within the GEMM rule of the twin."""
     x, (_, offs, order, rows_TK), b = _gather_inputs(T, K, E, D, 2 * F, dtype, transposed, crowd=crowd)
@@ -138,6 +138,8 @@ def test_stream_gather_swiglu(T, K, E, D, F, crowd, dtype, transposed, keep_h):
         names = kernel_names(lambda: moe_ops.gather_grouped_mm_swiglu(x, *args, keep_h))
         if F % half == 0:
             assert len(names) == 1 and "stream_gemm_kernel" in names[0], names
+        else:  # the streamed h, then the swiglu kernel
+            assert len(names) == 2 and "swiglu" in names[1], names
         poison(((order.shape[0], F), dtype), ((order.shape[0], 2 * F), dtype))
         a, h = moe_ops.gather_grouped_mm_swiglu(x, *args, keep_h)
         h_ref = moe_ops.gather_grouped_mm(x, *args)
@@ -146,7 +148,7 @@ def test_stream_gather_swiglu(T, K, E, D, F, crowd, dtype, transposed, keep_h):
     assert torch.equal(h, h_ref) if keep_h else h.shape == (0, 2 * F)
     used = int(offs[-1])
     assert torch.equal(a[used:], torch.zeros_like(a[used:]))
-    ref = twins.gather_grouped_mm_swiglu_torch(x.double(), *args)[0]
+    ref = twins.gather_grouped_mm_swiglu_torch(x.double(), order, rows_TK, b.double(), offs)[0]
     error_rule(a, ref, twins.gather_grouped_mm_swiglu_torch(x, *args)[0])
 
 
