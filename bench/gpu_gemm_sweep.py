@@ -13,7 +13,10 @@ and with its own choice
 (auto; at most build_info()["cuda_stream_rows"] rows per expert on average it is the
 weight-streaming kernel), PyTorch's kernel through moekit's op (cuda_gemm="torch"), the
 weight-streaming kernel forced (cuda_gemm="stream", forward only), torch's F.grouped_mm, a dense
-mm of the same FLOPs; roofline = max(bytes / copy rate, FLOPs / dense rate) / time, where bytes =
+mm of the same FLOPs; at decode sizes (T <= 256) the "up" rows also time the first projection
+with SwiGLU's epilogue (moe.ops.gather_grouped_mm_swiglu on x_TD and an (E, 2F, D) weight: one
+streaming launch) against gather_grouped_mm then swiglu (swiglu_fused_ms, swiglu_two_ms);
+roofline = max(bytes / copy rate, FLOPs / dense rate) / time, where bytes =
 A + the routed experts' weights + C (each read or written once) and both rates are measured in this
 run. Timings: medians of CUDA events with input sets rotating past twice the L2.
 
@@ -73,6 +76,14 @@ def sweep_row(name, T, proj, iters, rates):
         row["F_grouped_mm_ms"] = _time_ms(lambda a, g: tgm(a.t(), g, offs=offs), sets, iters)
     else:
         row["F_grouped_mm_ms"] = _time_ms(lambda a, w: tgm(a, w, offs=offs), sets, iters)
+    if proj == "up" and T <= 256:  # decode sizes: SwiGLU as the gathered GEMM's epilogue, against the two ops
+        glu_sets = [(torch.randn(T, D, device="cuda", dtype=torch.bfloat16),
+                     (torch.randn(E, 2 * Fh, D, device="cuda", dtype=torch.bfloat16) / D ** 0.5).transpose(1, 2))
+                    for _ in range(_copies((T * D + E * D * 2 * Fh) * 2))]
+        with ops.config.override(cuda_gemm="auto"):
+            row["swiglu_fused_ms"] = _time_ms(lambda x, w: ops.gather_grouped_mm_swiglu(x, p, w), glu_sets, iters)
+            row["swiglu_two_ms"] = _time_ms(lambda x, w: ops.swiglu(ops.gather_grouped_mm(x, p, w)), glu_sets, iters)
+        del glu_sets
     dense_sets = [(torch.randn(N, X, device="cuda", dtype=torch.bfloat16),
                    torch.randn(X, Y, device="cuda", dtype=torch.bfloat16)) for _ in range(2)]
     row["dense_ms"] = _time_ms(torch.mm, dense_sets, iters)
@@ -117,6 +128,8 @@ def main() -> None:
     ncfg = max(len(info["sm90_forward_configs"]), len(info["sm90_wgrad_configs"]))
     cols = [f"c{c}_ms" for c in range(ncfg)] + ["auto_ms", "torch_ms", "stream_ms", "F_grouped_mm_ms", "dense_ms",
                                                 "vs_F_grouped_mm", "vs_dense", "roofline"]
+    if any("swiglu_fused_ms" in r for r in rows):
+        cols += ["swiglu_fused_ms", "swiglu_two_ms"]
     print("| shape | T | proj | best | " + " | ".join(cols) + " |")
     print("|---|---|---|---|" + "---|" * len(cols))
     for r in rows:
