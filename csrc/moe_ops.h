@@ -48,7 +48,8 @@ void check_swiglu_backward_args(const at::Tensor& grad, const at::Tensor& h);
 void check_topk_route_args(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E,
                            int64_t top_k, c10::string_view score, int64_t num_groups,
                            int64_t topk_groups, double scaling, const std::optional<at::Tensor>& valid_T,
-                           int64_t num_seqs, c10::string_view rule, double threshold, double fw_scale);
+                           int64_t num_seqs, c10::string_view rule, double threshold, double fw_scale,
+                           double z_scale);
 // topk_route's threshold rule (csrc/router.cpp): keep all top_k slots, or the prefix that XMoE's
 // threshold gating / top-p routing keeps (routers.topk.threshold_keep).
 enum class RouteRule : int { kNone = 0, kXmoe = 1, kTopP = 2 };
@@ -114,7 +115,8 @@ at::Tensor swiglu_backward_cpu(const at::Tensor& grad, const at::Tensor& h);
 RouteOutputs topk_route_cpu(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E, int64_t top_k,
                             c10::string_view score, int64_t num_groups, int64_t topk_groups, bool norm_topk,
                             double scaling, const std::optional<at::Tensor>& valid_T, int64_t num_seqs,
-                            bool check_finite, c10::string_view rule, double threshold, double fw_scale);
+                            bool check_finite, c10::string_view rule, double threshold, double fw_scale,
+                            double z_scale);
 at::Tensor topk_route_backward_cpu(const at::Tensor& grad_weights_TK,
                                    const std::optional<at::Tensor>& grad_probs_TE,
                                    const at::Tensor& ids_TK, const at::Tensor& probs_TE,
@@ -122,7 +124,7 @@ at::Tensor topk_route_backward_cpu(const at::Tensor& grad_weights_TK,
                                    const std::optional<at::Tensor>& grad_psum_BE,
                                    const std::optional<at::Tensor>& grad_zsum,
                                    const std::optional<at::Tensor>& logits_TE,
-                                   const std::optional<at::Tensor>& valid_T);
+                                   const std::optional<at::Tensor>& valid_T, double z_scale);
 
 // CUDA kernels that other CUDA ops call (csrc/cuda/).
 namespace cuda {

@@ -24,10 +24,11 @@
 // sigmoid p_e / (sum_j p_j + 1e-20)), the loss ids (ids_TK, or with a bias or groups the top_k of
 // s, or with rule "xmoe" each token's first slot: XMoE's l_aux), psum_BE[b, e] = sum of s_e over
 // b's real tokens, fw_BE[b, e] = f_be * has_b / (max(1, tokens_b) * max(1, sequences with a
-// token)) * fw_scale with f_be = (b's loss slots on e) / max(1, b's loss slots), zsum = sum over
-// real tokens of logsumexp(l)^2. The sums over tokens run in token order after the parallel pass
+// token)) * fw_scale with f_be = (b's loss slots on e) / max(1, b's loss slots), zsum = z_scale *
+// the sum over real tokens of logsumexp(l)^2. The sums over tokens run in token order after the parallel pass
 // (deterministic).
-// The backward takes d weights_TK, (optional) d probs_TE, d psum_BE and d zsum and returns
+// The backward takes d weights_TK, (optional) d probs_TE, d psum_BE and d zsum (z_scale: zsum's
+// factor in the forward) and returns
 // d logits_TE; slots with id -1 (padded tokens, slots a rule dropped) carry no gradient, and the
 // renormalisation runs over the others, so the rules need nothing more there.
 #include <ATen/Parallel.h>
@@ -45,7 +46,8 @@ namespace moe {
 void check_topk_route_args(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E,
                            int64_t top_k, c10::string_view score, int64_t num_groups,
                            int64_t topk_groups, double scaling, const std::optional<at::Tensor>& valid_T,
-                           int64_t num_seqs, c10::string_view rule, double threshold, double fw_scale) {
+                           int64_t num_seqs, c10::string_view rule, double threshold, double fw_scale,
+                           double z_scale) {
   TORCH_CHECK(logits_TE.dim() == 2, "moe.topk_route: logits_TE must be 2-D (T, E), got shape ",
               logits_TE.sizes());
   TORCH_CHECK(logits_TE.scalar_type() == at::kFloat || logits_TE.scalar_type() == at::kDouble,
@@ -88,6 +90,7 @@ void check_topk_route_args(const at::Tensor& logits_TE, const std::optional<at::
               "moe.topk_route: rule must be 'none', 'xmoe' or 'top_p', got '", std::string(rule), "'");
   TORCH_CHECK(threshold > 0.0 && threshold <= 1.0, "moe.topk_route: threshold must be in (0, 1], got ", threshold);
   TORCH_CHECK(std::isfinite(fw_scale), "moe.topk_route: fw_scale must be finite, got ", fw_scale);
+  TORCH_CHECK(std::isfinite(z_scale), "moe.topk_route: z_scale must be finite, got ", z_scale);
   if (rule != "none") {
     TORCH_CHECK(score == "softmax", "moe.topk_route: rule='", std::string(rule),
                 "' needs score='softmax' (it cuts the cumulative probability), got '", std::string(score), "'");
@@ -180,7 +183,7 @@ struct RouteArgs {
   T threshold;
   int64_t loss_k;        // the loss ids are the first loss_k of each token's K (1 for "xmoe")
   T scaling;
-  T fw_scale;            // fw_BE's factor (stats)
+  T fw_scale, z_scale;   // fw_BE's and zsum's factors (stats)
   T* lse2;               // (T,) logsumexp(l)^2 (stats)
   T* norm_T;             // (T,) sum_j p_j + 1e-20, the sigmoid loss scores' divisor (stats, sigmoid)
   int64_t* aux_ids;      // (T, K) the loss ids (stats, aux_topk)
@@ -314,6 +317,7 @@ void route_statistics(const at::Tensor& ids, const at::Tensor& probs, const Rout
     for (int64_t k = 0; k < a.loss_k; ++k)
       if (lid[t * K + k] >= 0) f[(t / S) * E + lid[t * K + k]] += T(1);
   }
+  z[0] = z[0] * a.z_scale;
   at::parallel_for(0, E, 16, [&](int64_t e0, int64_t e1) {  // each expert's sum in token order, row-wise
     for (int64_t b = 0; b < B; ++b) {
       T* acc = ps + b * E;
@@ -345,7 +349,7 @@ struct RouteGrads {
   const T* gp;       // (T, E) d probs, or null
   const T* gpsum;    // (B, E) d psum_BE, or null
   int64_t S;         // tokens per sequence (with gpsum)
-  T gz;              // d zsum (0 without)
+  T gz;              // d zsum times z_scale (0 without)
   const T* logits;   // (T, E) contiguous (with gz)
   const bool* valid;
 };
@@ -431,9 +435,10 @@ RouteBuffers route_buffers(const at::Tensor& logits_TE, const std::optional<at::
 RouteOutputs topk_route_cpu(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E, int64_t top_k,
                             c10::string_view score, int64_t num_groups, int64_t topk_groups, bool norm_topk,
                             double scaling, const std::optional<at::Tensor>& valid_T, int64_t num_seqs,
-                            bool check_finite, c10::string_view rule, double threshold, double fw_scale) {
+                            bool check_finite, c10::string_view rule, double threshold, double fw_scale,
+                            double z_scale) {
   check_topk_route_args(logits_TE, bias_E, top_k, score, num_groups, topk_groups, scaling, valid_T, num_seqs, rule,
-                        threshold, fw_scale);
+                        threshold, fw_scale, z_scale);
   const int64_t T = logits_TE.size(0), B = num_seqs;
   at::Tensor ids, weights, probs, counts, metrics, fw, psum, zsum, bias, valid;
   std::tie(ids, weights, probs, counts, metrics, fw, psum, zsum, bias, valid) =
@@ -447,7 +452,7 @@ RouteOutputs topk_route_cpu(const at::Tensor& logits_TE, const std::optional<at:
                           valid.defined() ? valid.const_data_ptr<bool>() : nullptr,
                           top_k, num_groups, topk_groups, softmax, norm_topk, check_finite, B > 0, aux_topk,
                           r, scalar_t(threshold), r == RouteRule::kXmoe ? 1 : top_k,
-                          scalar_t(scaling), scalar_t(fw_scale), lse2.data(), norm_T.data(), aux_ids.data()};
+                          scalar_t(scaling), scalar_t(fw_scale), scalar_t(z_scale), lse2.data(), norm_T.data(), aux_ids.data()};
     route_rows<scalar_t>(logits_TE, a, ids, weights, probs);
     route_statistics<scalar_t>(ids, probs, a, B, counts, metrics, fw, psum, zsum);
   });
@@ -459,7 +464,8 @@ at::Tensor topk_route_backward_cpu(const at::Tensor& grad_weights_TK, const std:
                                    bool norm_topk, double scaling, const std::optional<at::Tensor>& grad_psum_BE,
                                    const std::optional<at::Tensor>& grad_zsum,
                                    const std::optional<at::Tensor>& logits_TE,
-                                   const std::optional<at::Tensor>& valid_T) {
+                                   const std::optional<at::Tensor>& valid_T, double z_scale) {
+  TORCH_CHECK(std::isfinite(z_scale), "moe.topk_route_backward: z_scale must be finite, got ", z_scale);
   check_topk_route_backward_args(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score, grad_psum_BE, grad_zsum,
                                  logits_TE, valid_T);
   const auto probs = probs_TE.contiguous();
@@ -475,7 +481,7 @@ at::Tensor topk_route_backward_cpu(const at::Tensor& grad_weights_TK, const std:
     RouteGrads<scalar_t> g{gp.defined() ? gp.const_data_ptr<scalar_t>() : nullptr,
                            gpsum.defined() ? gpsum.const_data_ptr<scalar_t>() : nullptr,
                            gpsum.defined() ? probs.size(0) / gpsum.size(0) : 1,
-                           grad_zsum.has_value() ? grad_zsum->item<scalar_t>() : scalar_t(0),
+                           grad_zsum.has_value() ? grad_zsum->item<scalar_t>() * scalar_t(z_scale) : scalar_t(0),
                            logits.defined() ? logits.const_data_ptr<scalar_t>() : nullptr,
                            valid.defined() ? valid.const_data_ptr<bool>() : nullptr};
     route_backward_rows<scalar_t>(gw, g, ids, probs, score == "softmax", norm_topk, scalar_t(scaling), out);

@@ -17,7 +17,7 @@ from routers.capacity import apply_capacity, capacity, check_capacity_factor, xm
 from routers.checks import check_coefficient, check_int, check_number
 from routers.losses import balance_loss_args, check_loss_config, entropy_loss
 from routers.routing import RouterBase, Routing, count_chosen, make_routing, topk_weights
-from routers.topk import THRESHOLD_RULES, statistics_fw_scale, statistics_losses, statistics_seqs, topk_route
+from routers.topk import THRESHOLD_RULES, statistics_losses, statistics_scales, statistics_seqs, topk_route
 
 
 class ThresholdRouter(RouterBase):
@@ -81,9 +81,10 @@ class ThresholdRouter(RouterBase):
         logits_TE, valid_T, seq_shape = self._linear_logits(x, padding_mask)
         num_seqs = statistics_seqs(self, seq_shape)
         check = self.check_finite and not torch.compiler.is_compiling()
+        fw_scale, z_scale = statistics_scales(self, logits_TE.shape[0], valid_T)
         ids_TK, weights_TK, probs_TE, counts_E, metrics_2, fw_BE, psum_BE, zsum = topk_route(
             logits_TE, None, self.top_k, "softmax", None, None, self.renormalize, 1.0, valid_T, num_seqs, check,
-            self.rule, self.threshold, statistics_fw_scale(self))
+            self.rule, self.threshold, fw_scale, z_scale)
         aux = statistics_losses(self, num_seqs, fw_BE, psum_BE, zsum, logits_TE, valid_T)
         if self.training and self.dynamic_loss_coeff > 0:
             aux["dynamic"] = self.dynamic_loss_coeff * entropy_loss(probs_TE, valid_T=valid_T)

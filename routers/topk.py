@@ -80,7 +80,7 @@ def route_topk(logits_TE: Tensor, bias_E: Optional[Tensor], top_k: int, score: s
                num_groups: Optional[int], topk_groups: Optional[int], norm_topk: bool,
                scaling: float, valid_T: Optional[Tensor] = None, num_seqs: int = 0,
                check_finite: bool = False, rule: str = "none", threshold: float = 1.0,
-               fw_scale: float = 1.0) -> tuple:
+               fw_scale: float = 1.0, z_scale: float = 1.0) -> tuple:
     """(ids_TK, weights_TK, probs_TE, counts_E, metrics_2, fw_BE, psum_BE, zsum): a token-choice
     router's scores, selection and weights, and the statistics its metrics and losses need.
 
@@ -96,7 +96,7 @@ def route_topk(logits_TE: Tensor, bias_E: Optional[Tensor], top_k: int, score: s
     Padded tokens (valid_T False) get ids -1 and weights 0; with
     check_finite, non-finite logits of a real token raise (CPU) or fail a device-side assert.
     The statistics are :func:`route_statistics`' (the loss ids of rule "xmoe": each token's
-    first choice, XMoE's l_aux; fw_BE times fw_scale). This is the PyTorch form of
+    first choice, XMoE's l_aux; fw_BE times fw_scale, zsum times z_scale). This is the PyTorch form of
     ``torch.ops.moe.topk_route``, the fused kernel the routers call once moekit's ops are
     registered (its twin, moe/ops/twins.py).
     """
@@ -120,13 +120,13 @@ def route_topk(logits_TE: Tensor, bias_E: Optional[Tensor], top_k: int, score: s
         weights_TK = weights_TK.masked_fill(~valid_T[:, None], 0.0)
     stats = route_statistics(logits_TE, probs_TE, ids_TK, score=score,
                              aux_topk=bias_E is not None or num_groups is not None, valid_T=valid_T,
-                             num_seqs=num_seqs, first_choice=rule == "xmoe", fw_scale=fw_scale)
+                             num_seqs=num_seqs, first_choice=rule == "xmoe", fw_scale=fw_scale, z_scale=z_scale)
     return (ids_TK, weights_TK, probs_TE) + stats
 
 
 def route_statistics(logits_TE: Tensor, probs_TE: Tensor, ids_TK: Tensor, *, score: str, aux_topk: bool,
                      valid_T: Optional[Tensor], num_seqs: int, first_choice: bool = False,
-                     fw_scale: float = 1.0) -> tuple:
+                     fw_scale: float = 1.0, z_scale: float = 1.0) -> tuple:
     """(counts_E, metrics_2, fw_BE, psum_BE, zsum) of a top-k routing (ids_TK, -1 for padded
     tokens and for the slots a threshold rule dropped), before capacity.
 
@@ -139,7 +139,8 @@ def route_statistics(logits_TE: Tensor, probs_TE: Tensor, ids_TK: Tensor, *, sco
     groups, the plain top-k of the loss scores: DeepSeek-V3 Eq. 17-20 and Megatron's
     compute_routing_scores_for_aux_loss; with first_choice, the ids' first slot ids_TK[:, :1]),
     and zsum of :func:`routers.losses.z_statistic`; fw_BE comes multiplied by fw_scale (a balance
-    loss's coefficient times E: :func:`routers.losses.balance_fw_scale`). With
+    loss's coefficient times E: :func:`routers.losses.balance_fw_scale`) and zsum by z_scale (a
+    z-loss's coefficient over the tokens: :func:`statistics_scales`). With
     num_seqs = 0: fw_BE and psum_BE are (0, E) and zsum 0.
     """
     T, E = probs_TE.shape
@@ -162,7 +163,8 @@ def route_statistics(logits_TE: Tensor, probs_TE: Tensor, ids_TK: Tensor, *, sco
                                         valid_BS=None if valid_T is None else valid_T.reshape(B, S))
     if fw_scale != 1.0:
         fw_BE = fw_BE * fw_scale
-    return counts_E, metrics_2, fw_BE, psum_BE, z_statistic(logits_TE, valid_T=valid_T)
+    zsum = z_statistic(logits_TE, valid_T=valid_T)
+    return counts_E, metrics_2, fw_BE, psum_BE, zsum * z_scale if z_scale != 1.0 else zsum
 
 
 def _topk_route_op():
@@ -175,7 +177,7 @@ def topk_route(logits_TE: Tensor, bias_E: Optional[Tensor], top_k: int, score: s
                num_groups: Optional[int], topk_groups: Optional[int], norm_topk: bool,
                scaling: float, valid_T: Optional[Tensor] = None, num_seqs: int = 0,
                check_finite: bool = False, rule: str = "none", threshold: float = 1.0,
-               fw_scale: float = 1.0) -> tuple:
+               fw_scale: float = 1.0, z_scale: float = 1.0) -> tuple:
     """:func:`route_topk`'s eight results through the fused kernel ``torch.ops.moe.topk_route``
     where moekit's ops are registered (one pass per token, the same experts; probabilities,
     weights and statistics to a few roundings), else through route_topk itself. Every top-k
@@ -183,9 +185,9 @@ def topk_route(logits_TE: Tensor, bias_E: Optional[Tensor], top_k: int, score: s
     op = _topk_route_op()
     if op is None:
         return route_topk(logits_TE, bias_E, top_k, score, num_groups, topk_groups, norm_topk, scaling,
-                          valid_T, num_seqs, check_finite, rule, threshold, fw_scale)
+                          valid_T, num_seqs, check_finite, rule, threshold, fw_scale, z_scale)
     return op(logits_TE, bias_E, top_k, score, num_groups or 0, topk_groups or 0, norm_topk, scaling,
-              valid_T, num_seqs, check_finite, rule, threshold, fw_scale)
+              valid_T, num_seqs, check_finite, rule, threshold, fw_scale, z_scale)
 
 
 def statistics_seqs(router: RouterBase, seq_shape: tuple) -> int:
@@ -198,24 +200,26 @@ def statistics_seqs(router: RouterBase, seq_shape: tuple) -> int:
     return seq_shape[0] if router.balance_loss == "seq" else 1
 
 
-def statistics_fw_scale(router: RouterBase) -> float:
-    """topk_route's fw_scale for ``router``: its balance loss's coefficient times E
-    (:func:`routers.losses.balance_fw_scale`), so that :func:`statistics_losses` takes the loss as
-    one dot product of the statistics."""
-    return balance_fw_scale(router.balance_loss, router.balance_loss_coeff, router.num_experts)
+def statistics_scales(router: RouterBase, num_tokens: int, valid_T: Optional[Tensor]) -> tuple:
+    """topk_route's (fw_scale, z_scale) for ``router`` over ``num_tokens`` tokens: its balance
+    loss's coefficient times E (:func:`routers.losses.balance_fw_scale`), and its z-loss's
+    coefficient over the tokens when their count is host-known (no padding mask; else 1.0), so that
+    :func:`statistics_losses` takes the balance loss as one dot product and the z-loss as zsum."""
+    z_scale = router.z_loss_coeff / max(num_tokens, 1) if router.z_loss_coeff > 0 and valid_T is None else 1.0
+    return balance_fw_scale(router.balance_loss, router.balance_loss_coeff, router.num_experts), z_scale
 
 
 def statistics_losses(router: RouterBase, num_seqs: int, fw_BE: Tensor, psum_BE: Tensor, zsum: Tensor,
                       logits_TE: Tensor, valid_T: Optional[Tensor]) -> dict:
     """``router``'s balance loss and z-loss from topk_route's statistics (num_seqs from
-    :func:`statistics_seqs`, fw_scale from :func:`statistics_fw_scale`; {} when num_seqs is 0):
-    :func:`routers.losses.losses_from_statistics`."""
+    :func:`statistics_seqs`, fw_scale and z_scale from :func:`statistics_scales`; {} when num_seqs
+    is 0): :func:`routers.losses.losses_from_statistics`."""
     if num_seqs == 0:
         return {}
     num_tokens = valid_T.sum() if valid_T is not None and router.z_loss_coeff > 0 else logits_TE.shape[0]
     return losses_from_statistics(balance_loss=router.balance_loss, balance_loss_coeff=router.balance_loss_coeff,
                                   z_loss_coeff=router.z_loss_coeff, fw_BE=fw_BE, psum_BE=psum_BE, zsum=zsum,
-                                  num_tokens=num_tokens, fw_scaled=True)
+                                  num_tokens=num_tokens, fw_scaled=True, z_scaled=valid_T is None)
 
 
 class TopKBase(RouterBase):
@@ -281,9 +285,10 @@ class TopKBase(RouterBase):
         losses (on the routing before drops, as Megatron) -> capacity."""
         num_seqs = statistics_seqs(self, seq_shape)
         check = self.check_finite and not torch.compiler.is_compiling()
+        fw_scale, z_scale = statistics_scales(self, logits_TE.shape[0], valid_T)
         ids_TK, weights_TK, probs_TE, counts_E, metrics_2, fw_BE, psum_BE, zsum = topk_route(
             logits_TE, self.expert_bias, self.top_k, self.score, self.num_groups, self.topk_groups,
-            self.norm_topk, self.routed_scaling_factor, valid_T, num_seqs, check, fw_scale=statistics_fw_scale(self))
+            self.norm_topk, self.routed_scaling_factor, valid_T, num_seqs, check, fw_scale=fw_scale, z_scale=z_scale)
         aux = statistics_losses(self, num_seqs, fw_BE, psum_BE, zsum, logits_TE, valid_T)
         if self.capacity_factor is None:
             return Routing(ids_TK=ids_TK, weights_TK=weights_TK, probs_TE=probs_TE, logits_TE=logits_TE,

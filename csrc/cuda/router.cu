@@ -349,7 +349,7 @@ __device__ void route_counts(const int64_t* __restrict__ ids, const bool* __rest
 
 // One block: counts_E (a shared-memory histogram when E <= kSmemHist) and metrics; with B > 0, the
 // R partial sums added in a fixed order and fw_BE, psum_BE, zsum formed (the arithmetic of
-// csrc/router.cpp's route_statistics; fw_BE times fw_scale).
+// csrc/router.cpp's route_statistics; fw_BE times fw_scale, zsum times z_scale).
 template <typename T>
 __global__ void route_stats_final_kernel(const int64_t* __restrict__ ids, const bool* __restrict__ valid,
                                          int64_t Tn, int E, int K, int64_t B, int64_t R, bool smem_hist,
@@ -357,7 +357,7 @@ __global__ void route_stats_final_kernel(const int64_t* __restrict__ ids, const 
                                          T* __restrict__ z_part, const int* __restrict__ tok_part,
                                          T* __restrict__ tok_B, int64_t* __restrict__ counts,
                                          float* __restrict__ metrics, T* __restrict__ fw, T* __restrict__ psum,
-                                         T* __restrict__ zsum, T fw_scale) {
+                                         T* __restrict__ zsum, T fw_scale, T z_scale) {
   extern __shared__ int hist[];  // E counts when smem_hist
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   route_counts(ids, valid, Tn, E, K, smem_hist, hist, counts, metrics);
@@ -403,7 +403,7 @@ __global__ void route_stats_final_kernel(const int64_t* __restrict__ ids, const 
       z += R > 0 ? z_part[b] : T(0);
       h += tok_B[b] > T(0) ? T(1) : T(0);
     }
-    zsum[0] = z;
+    zsum[0] = z * z_scale;
     has_total = h;
   }
   __syncthreads();
@@ -438,7 +438,7 @@ template <typename T>
 __global__ void topk_route_backward_kernel(const T* __restrict__ gw, const T* __restrict__ gp,
                                            const int64_t* __restrict__ ids, const T* __restrict__ probs,
                                            int64_t Tn, int E, int K, bool softmax, bool norm, T scaling,
-                                           const T* __restrict__ gpsum, int64_t S, const T* __restrict__ gz,
+                                           const T* __restrict__ gpsum, int64_t S, const T* __restrict__ gz, T z_scale,
                                            const T* __restrict__ logits, const bool* __restrict__ valid,
                                            T* __restrict__ out) {
   extern __shared__ unsigned char smem_raw[];
@@ -494,7 +494,7 @@ __global__ void topk_route_backward_kernel(const T* __restrict__ gw, const T* __
     T sum = 0;
     for (int e = lane; e < E; e += kWarp) sum += exp_(l[e] - mx);
     sum = warp_sum(sum);
-    c = T(2) * gz[0] * (mx + log_(sum)) / sum;
+    c = T(2) * (gz[0] * z_scale) * (mx + log_(sum)) / sum;  // the CPU kernel's order
   }
   if (softmax) {
     T s = 0;
@@ -519,9 +519,10 @@ std::pair<int, int64_t> warp_layout(const char* op, int64_t per_warp, int64_t E)
 RouteOutputs topk_route_cuda(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E, int64_t top_k,
                              c10::string_view score, int64_t num_groups, int64_t topk_groups, bool norm_topk,
                              double scaling, const std::optional<at::Tensor>& valid_T, int64_t num_seqs,
-                             bool check_finite, c10::string_view rule, double threshold, double fw_scale) {
+                             bool check_finite, c10::string_view rule, double threshold, double fw_scale,
+                             double z_scale) {
   check_topk_route_args(logits_TE, bias_E, top_k, score, num_groups, topk_groups, scaling, valid_T, num_seqs, rule,
-                        threshold, fw_scale);
+                        threshold, fw_scale, z_scale);
   const c10::cuda::CUDAGuard guard(logits_TE.device());
   const int64_t T = logits_TE.size(0), E = logits_TE.size(1), B = num_seqs, K = top_k;
   const auto opts = logits_TE.options();
@@ -586,7 +587,8 @@ RouteOutputs topk_route_cuda(const at::Tensor& logits_TE, const std::optional<at
     route_stats_final_kernel<T_><<<1, kFinalThreads, smem_hist ? E * sizeof(int) : 0, stream>>>(
         ids.const_data_ptr<int64_t>(), vp, T, int(E), int(K), B, T > 0 ? R : 0, smem_hist, psum_part, cnt_part, z_part,
         tok_part, tok_B, counts.mutable_data_ptr<int64_t>(), metrics.mutable_data_ptr<float>(),
-        fw.mutable_data_ptr<T_>(), psum.mutable_data_ptr<T_>(), zsum.mutable_data_ptr<T_>(), T_(fw_scale));
+        fw.mutable_data_ptr<T_>(), psum.mutable_data_ptr<T_>(), zsum.mutable_data_ptr<T_>(), T_(fw_scale),
+        T_(z_scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {ids, weights, probs, counts, metrics, fw, psum, zsum};
@@ -597,7 +599,8 @@ at::Tensor topk_route_backward_cuda(const at::Tensor& grad_weights_TK, const std
                                     bool norm_topk, double scaling, const std::optional<at::Tensor>& grad_psum_BE,
                                     const std::optional<at::Tensor>& grad_zsum,
                                     const std::optional<at::Tensor>& logits_TE,
-                                    const std::optional<at::Tensor>& valid_T) {
+                                    const std::optional<at::Tensor>& valid_T, double z_scale) {
+  TORCH_CHECK(std::isfinite(z_scale), "moe.topk_route_backward: z_scale must be finite, got ", z_scale);
   check_topk_route_backward_args(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score, grad_psum_BE, grad_zsum,
                                  logits_TE, valid_T);
   const c10::cuda::CUDAGuard guard(probs_TE.device());
@@ -620,7 +623,7 @@ at::Tensor topk_route_backward_cuda(const at::Tensor& grad_weights_TK, const std
         ids.const_data_ptr<int64_t>(), probs.const_data_ptr<scalar_t>(), T, int(E), int(ids.size(1)),
         score == "softmax", norm_topk, scalar_t(scaling),
         gpsum.defined() ? gpsum.const_data_ptr<scalar_t>() : nullptr, gpsum.defined() ? T / gpsum.size(0) : 1,
-        grad_zsum.has_value() ? grad_zsum->const_data_ptr<scalar_t>() : nullptr,
+        grad_zsum.has_value() ? grad_zsum->const_data_ptr<scalar_t>() : nullptr, scalar_t(z_scale),
         logits.defined() ? logits.const_data_ptr<scalar_t>() : nullptr,
         valid.defined() ? valid.const_data_ptr<bool>() : nullptr, out.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -200,7 +200,7 @@ def check_swiglu_backward_args(grad, h) -> None:
 
 def check_topk_route_args(logits_TE, bias_E, top_k, score, num_groups, topk_groups, norm_topk, scaling,
                           valid_T=None, num_seqs=0, check_finite=False, rule="none", threshold=1.0,
-                          fw_scale=1.0) -> None:
+                          fw_scale=1.0, z_scale=1.0) -> None:
     op = "topk_route"
     _check(logits_TE.dim() == 2, op, f"logits_TE must be 2-D (T, E), got shape {_shape(logits_TE)}")
     _check(logits_TE.dtype in (torch.float32, torch.float64), op,
@@ -233,6 +233,7 @@ def check_topk_route_args(logits_TE, bias_E, top_k, score, num_groups, topk_grou
     _check(rule in ("none", "xmoe", "top_p"), op, f"rule must be 'none', 'xmoe' or 'top_p', got '{rule}'")
     _check(0.0 < threshold <= 1.0, op, f"threshold must be in (0, 1], got {threshold}")
     _check(math.isfinite(fw_scale), op, f"fw_scale must be finite, got {fw_scale}")
+    _check(math.isfinite(z_scale), op, f"z_scale must be finite, got {z_scale}")
     if rule != "none":
         _check(score == "softmax", op,
                f"rule='{rule}' needs score='softmax' (it cuts the cumulative probability), got '{score}'")
@@ -241,8 +242,10 @@ def check_topk_route_args(logits_TE, bias_E, top_k, score, num_groups, topk_grou
 
 
 def check_topk_route_backward_args(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score, norm_topk, scaling,
-                                   grad_psum_BE=None, grad_zsum=None, logits_TE=None, valid_T=None) -> None:
+                                   grad_psum_BE=None, grad_zsum=None, logits_TE=None, valid_T=None,
+                                   z_scale=1.0) -> None:
     op = "topk_route_backward"
+    _check(math.isfinite(z_scale), op, f"z_scale must be finite, got {z_scale}")
     _check(probs_TE.dim() == 2 and probs_TE.dtype in (torch.float32, torch.float64), op,
            f"probs_TE must be a 2-D float32 or float64 tensor, got {probs_TE.dtype} {_shape(probs_TE)}")
     _check(ids_TK.dim() == 2 and ids_TK.dtype == torch.int64 and ids_TK.shape[0] == probs_TE.shape[0], op,

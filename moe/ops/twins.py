@@ -175,23 +175,25 @@ def swiglu_backward_torch(grad, h):
 
 
 def topk_route_torch(logits_TE, bias_E, top_k, score, num_groups, topk_groups, norm_topk, scaling,
-                     valid_T=None, num_seqs=0, check_finite=False, rule="none", threshold=1.0, fw_scale=1.0):
+                     valid_T=None, num_seqs=0, check_finite=False, rule="none", threshold=1.0, fw_scale=1.0,
+                     z_scale=1.0):
     """(ids_TK, weights_TK, probs_TE, counts_E, metrics_2, fw_BE, psum_BE, zsum):
     routers.topk.route_topk, the routers' own PyTorch code (num_groups = topk_groups = 0: no
     group limit; rule "xmoe" / "top_p": the threshold router's)."""
     from routers.topk import route_topk
 
     return route_topk(logits_TE, bias_E, top_k, score, num_groups or None, topk_groups or None, norm_topk, scaling,
-                      valid_T, num_seqs, check_finite, rule, threshold, fw_scale)
+                      valid_T, num_seqs, check_finite, rule, threshold, fw_scale, z_scale)
 
 
 def topk_route_backward_torch(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score, norm_topk, scaling,
-                              grad_psum_BE=None, grad_zsum=None, logits_TE=None, valid_T=None):
+                              grad_psum_BE=None, grad_zsum=None, logits_TE=None, valid_T=None, z_scale=1.0):
     """d logits_TE of topk_route. With p_k = probs at ids_k, D = sum_k p_k + eps and
     w_k = s p_k / D (norm_topk) or s p_k: d p_k = s (g_k / D - sum_j g_j p_j / D^2) or s g_k,
     scattered onto d probs (slots with id -1 carry none); psum_BE's gradient adds to each real
     token's d scores (sigmoid: through s = p / (sum p + 1e-20)); then softmax's p (dp - <dp, p>)
-    or sigmoid's dp p (1 - p); zsum's adds 2 g lse(l) softmax(l) to each real token's d logits."""
+    or sigmoid's dp p (1 - p); zsum's (times z_scale, zsum's factor) adds 2 g lse(l) softmax(l) to
+    each real token's d logits."""
     live_TK = ids_TK >= 0
     ids0_TK = ids_TK.clamp(min=0)
     p_TK = probs_TE.gather(1, ids0_TK) * live_TK
@@ -219,7 +221,7 @@ def topk_route_backward_torch(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, 
         out = dp_TE * probs_TE * (1 - probs_TE)
     if grad_zsum is not None:
         lse_T1 = torch.logsumexp(logits_TE, dim=-1, keepdim=True)
-        dz_TE = 2 * grad_zsum * lse_T1 * torch.softmax(logits_TE, dim=-1)
+        dz_TE = 2 * (grad_zsum * z_scale) * lse_T1 * torch.softmax(logits_TE, dim=-1)
         out = out + (dz_TE if real_T1 is None else dz_TE * real_T1)
     return out
 

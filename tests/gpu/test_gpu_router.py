@@ -131,9 +131,10 @@ def test_small_batches_route_in_one_launch(E, dtype, T):
 def test_cuda_statistics_match_cpu(cfg, dtype, T, B, padded):
     """counts_E, metrics, fw_BE (exact: integer counts and the CPU's arithmetic), psum_BE and zsum
     (sums in another order), and the backward with psum_BE's and zsum's gradients; with B > 1 fw_BE
-    carries a balance loss's fw_scale (the same arithmetic, so still exact)."""
+    carries a balance loss's fw_scale (the same arithmetic, so still exact) and zsum a z-loss's
+    z_scale (its gradient too)."""
     score, E, K, Z, G, bias, norm, scale = cfg
-    fw_scale = 0.37 * E if B > 1 else 1.0
+    fw_scale, z_scale = (0.37 * E, 1e-3 / max(T, 1)) if B > 1 else (1.0, 1.0)
     logits, b = router_logits(T, E, dtype, bias=bias)
     valid = None
     if padded:
@@ -141,15 +142,17 @@ def test_cuda_statistics_match_cpu(cfg, dtype, T, B, padded):
         valid[5:40] = False
         valid[-(T // max(B, 2)):] = False  # a whole padded sequence (B > 1), the second half (B = 1)
     args = (K, score, Z, G, norm, scale)
-    cpu = torch.ops.moe.topk_route(logits, b, *args, valid, B, True, "none", 1.0, fw_scale)
+    cpu = torch.ops.moe.topk_route(logits, b, *args, valid, B, True, "none", 1.0, fw_scale, z_scale)
     cuda = torch.ops.moe.topk_route(logits.cuda(), None if b is None else b.cuda(), *args,
-                                    None if valid is None else valid.cuda(), B, True, "none", 1.0, fw_scale)
+                                    None if valid is None else valid.cuda(), B, True, "none", 1.0, fw_scale, z_scale)
     assert_route_matches(cuda, cpu, dtype)
     gw, gp = torch.randn_like(cpu[1]), torch.randn_like(cpu[2])
     gs, gz = torch.randn(B, E, dtype=dtype), torch.randn((), dtype=dtype)
-    d_cpu = torch.ops.moe.topk_route_backward(gw, gp, cpu[0], cpu[2], score, norm, scale, gs, gz, logits, valid)
+    d_cpu = torch.ops.moe.topk_route_backward(gw, gp, cpu[0], cpu[2], score, norm, scale, gs, gz, logits, valid,
+                                              z_scale)
     d_cuda = torch.ops.moe.topk_route_backward(gw.cuda(), gp.cuda(), cuda[0], cuda[2], score, norm, scale, gs.cuda(),
-                                               gz.cuda(), logits.cuda(), None if valid is None else valid.cuda())
+                                               gz.cuda(), logits.cuda(), None if valid is None else valid.cuda(),
+                                               z_scale)
     btol = dict(rtol=1e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(d_cuda.cpu(), d_cpu, **btol)
 

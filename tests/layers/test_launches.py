@@ -11,7 +11,7 @@ profile in bench/gpu_bench.py shows both). Measured (CPU, extension loaded, T=64
 | default TopKRouter | float32 | 6 | 7 | 20 | 31 / 62 / 83 |
 | default TopKRouter | bfloat16 | 6 | 7 | 24 | 31 / 62 / 87 |
 | DeepSeek-V3 router (sigmoid, groups, bias, seq loss) | bfloat16 | 6 | 7 | 24 | 31 / 66 / 98 |
-| default + z-loss | bfloat16 | 6 | 8 | 27 | 31 / 67 / 102 |
+| default + z-loss | bfloat16 | 6 | 7 | 25 | 31 / 67 / 102 |
 | one shared expert | bfloat16 | 10 | 11 | 34 | 35 / 66 / 97 |
 | ThresholdRouter, xmoe (max_experts=4) | float32 | 6 | 7 | 20 | 44 / 72 / 93 |
 | ThresholdRouter, xmoe (max_experts=4) | bfloat16 | 6 | 7 | 24 | 44 / 72 / 97 |
@@ -20,8 +20,9 @@ profile in bench/gpu_bench.py shows both). Measured (CPU, extension loaded, T=64
 bfloat16 adds four casts to the step (moe.linear_f32's backward: the float32 GEMMs on upcast copies
 of the bfloat16 operands, cast back). The balance loss is one dot product forward and its gradient
 backward (moe.topk_route folds the coefficient into fw_BE: fw_scale). The SwiGLU experts' first
-GEMM and activation are one op (moe.gather_grouped_mm_swiglu). The z-loss costs one op
-forward (its scaling), one backward (the scaling's gradient) and the sum of the two losses. A
+GEMM and activation are one op (moe.gather_grouped_mm_swiglu). The z-loss costs no op of its own
+(topk_route's z_scale makes zsum the loss; with a padding mask, whose real-token count is data,
+it keeps a scaling each way), only the sum of the two losses. A
 shared expert is a dense FFN: two GEMMs, the SwiGLU and the sum with the routed output forward (4
 ops), four GEMMs, the SwiGLU backward and the gradient sums into x backward: that configuration
 gets the counts it reaches as its budget.
@@ -106,6 +107,24 @@ def test_balance_loss_costs_one_op_each_way(balance):
     fw, psum = balance_statistics(r.probs_TE.reshape(B, -1, E), r.ids_TK.reshape(B, -1, K))
     (name, loss), = with_loss.aux_losses.items()
     torch.testing.assert_close(loss, 0.01 * E * (fw * psum).sum(), rtol=1e-5, atol=0)
+
+
+def test_z_loss_costs_no_op_of_its_own():
+    """With the token count host-known, moe.topk_route's zsum times z_scale is the z-loss: no op
+    forward or backward beyond the sum of the two losses; its value is the routers' formula."""
+    from routers.losses import z_loss
+
+    def counts(z):
+        torch.manual_seed(0)
+        layer = moe.MoELayer(D, F, E, K, router_kwargs=dict(z_loss_coeff=z))
+        return layer, layer_counts(layer, torch.randn(2, T // 2, D))
+
+    with_z, c = counts(1e-3)
+    _, c0 = counts(0.0)
+    assert c["train_forward"].total == c0["train_forward"].total, f"{c['train_forward']} vs {c0['train_forward']}"
+    assert c["step"].total - c0["step"].total == 1, f"{c['step']} vs {c0['step']}"  # the losses' sum
+    torch.testing.assert_close(with_z.aux_losses["z_loss"], 1e-3 * z_loss(with_z.last_routing.logits_TE),
+                               rtol=1e-5, atol=0)
 
 
 def test_count_ops_skips_views_and_allocations():

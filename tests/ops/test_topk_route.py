@@ -309,12 +309,58 @@ def test_fw_scale_multiplies_fw_only(cfg, fw_scale, dtype):
         assert torch.equal(scaled[i], plain[i]), i
 
 
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[4]])
+def test_z_scale_multiplies_zsum_and_its_gradient(cfg, padded, dtype):
+    """z_scale (a z-loss's coefficient over the tokens) multiplies zsum and nothing else, in the kernel
+    as in the twin; the backward takes the same factor (kernel against twin, and against z_scale
+    times the unscaled gradient)."""
+    score, E, K, Z, G, bias, norm, scale = cfg
+    T, B, zs = 48, 4, 0.37
+    logits, b = make(T, E, dtype, seed=6, bias=bias)
+    valid = make_valid(T) if padded else None
+    plain = torch.ops.moe.topk_route(logits, b, K, score, Z, G, norm, scale, valid, B)
+    scaled = torch.ops.moe.topk_route(logits, b, K, score, Z, G, norm, scale, valid, B, False, "none", 1.0, 1.0, zs)
+    twin = topk_route_torch(logits, b, K, score, Z, G, norm, scale, valid, B, False, "none", 1.0, 1.0, zs)
+    tol = dict(rtol=2e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(scaled[7], plain[7] * zs, **tol)
+    torch.testing.assert_close(scaled[7], twin[7], **tol)
+    for i in range(7):
+        assert torch.equal(scaled[i], plain[i]), i
+    ids, w, p = plain[:3]
+    gw, gz = torch.zeros_like(w), torch.tensor(1.5, dtype=dtype)
+    args = (gw, None, ids, p, score, norm, scale, None, gz, logits, valid)
+    d1 = torch.ops.moe.topk_route_backward(*args, zs)
+    d0 = torch.ops.moe.topk_route_backward(*args)
+    btol = dict(rtol=1e-5, atol=2e-7) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(d1, topk_route_backward_torch(*args, zs), **btol)
+    torch.testing.assert_close(d1, d0 * zs, **btol)
+    assert d0.abs().sum() > 0
+
+
+def test_z_scale_gradcheck():
+    """zsum's gradient through the op's autograd formula, with z_scale, against finite differences."""
+    logits, _ = make(12, 8, torch.float64, seed=7)
+    logits.requires_grad_()
+    f = lambda x: torch.ops.moe.topk_route(x, None, 2, "softmax", 0, 0, True, 1.0, None, 2,  # noqa: E731
+                                           False, "none", 1.0, 0.5, 0.25)[7]
+    assert gradcheck(f, (logits,))
+
+
 def test_fw_scale_must_be_finite():
     args = (torch.zeros(4, 8), None, 2, "softmax", 0, 0, True, 1.0, None, 1, False, "none", 1.0, float("nan"))
     with pytest.raises(RuntimeError, match="fw_scale must be finite"):
         torch.ops.moe.topk_route(*args)
     with pytest.raises(RuntimeError, match="fw_scale must be finite"):
         torch.ops.moe.topk_route(*(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args))
+    with pytest.raises(RuntimeError, match="z_scale must be finite"):
+        torch.ops.moe.topk_route(*args[:-1], 1.0, float("inf"))
+    probs = torch.softmax(torch.randn(4, 8), -1)
+    with pytest.raises(RuntimeError, match="z_scale must be finite"):
+        torch.ops.moe.topk_route_backward(torch.ones(4, 2), None, torch.tensor([[0, 1]] * 4), probs, "softmax",
+                                          True, 1.0, None, None, None, None, float("nan"))
 
 
 @pytest.mark.parametrize("B,padded", [(1, False), (2, True)])
