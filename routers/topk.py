@@ -205,7 +205,8 @@ def statistics_scales(router: RouterBase, num_tokens: int, valid_T: Optional[Ten
     loss's coefficient times E (:func:`routers.losses.balance_fw_scale`), and its z-loss's
     coefficient over the tokens when their count is host-known (no padding mask; else 1.0), so that
     :func:`statistics_losses` takes the balance loss as one dot product and the z-loss as zsum."""
-    z_scale = router.z_loss_coeff / max(num_tokens, 1) if router.z_loss_coeff > 0 and valid_T is None else 1.0
+    z_on = router.z_loss_coeff > 0 and valid_T is None
+    z_scale = router.z_loss_coeff / max(int(num_tokens), 1) if z_on else 1.0  # (int: as losses_from_statistics)
     return balance_fw_scale(router.balance_loss, router.balance_loss_coeff, router.num_experts), z_scale
 
 
