@@ -219,16 +219,34 @@ bool use_stream(Backend be, int64_t N, int64_t E) {
   return be == Backend::kStream || (be == Backend::kAuto && N <= config::kCudaStreamRows * E);
 }
 
+// The streaming kernel's arguments: a's rows (a_NX's, or x_TD's through order_N when `order` is
+// defined, K slots a token) @ b_EXY per group into c (N, Y) (may be null with the SwiGLU epilogue).
+StreamParams stream_params(const at::Tensor& a, const at::Tensor& order, int64_t K, const at::Tensor& b, bool b_col,
+                           const at::Tensor& offs, int64_t N, void* c) {
+  return StreamParams{a.const_data_ptr(), a.stride(0),
+                      order.defined() ? order.const_data_ptr<int64_t>() : nullptr, K, a.size(0) * K,
+                      b.const_data_ptr(), b.stride(0), b_col ? b.stride(2) : b.stride(1), c,
+                      offs.const_data_ptr<int>(), static_cast<int>(b.size(0)), static_cast<int>(N),
+                      static_cast<int>(a.size(1)), static_cast<int>(b.size(2))};
+}
+
+// Whether the streaming kernel serves the gathered GEMM of x_TD's rows (N of them) and b (decode
+// sizes, see use_stream; its layout rules); b_col: b is contiguous along X. May raise: a bad
+// MOE_CUDA_GEMM.
+bool gather_streams(const at::Tensor& x_TD, const at::Tensor& b, int64_t N, bool& b_col) {
+  const Backend be = config::cuda_gemm();  // may raise: a bad MOE_CUDA_GEMM
+  const int64_t X = x_TD.size(1), Y = b.size(2), E = b.size(0);
+  b_col = b.stride(2) != 1 && b.stride(1) == 1;
+  const int64_t b_ld = b_col ? b.stride(2) : b.stride(1);
+  return N > 0 && Y > 0 && use_stream(be, N, E) && x_TD.stride(1) == 1 &&
+         (b.stride(2) == 1 || b_col) && stream_layout_ok(x_TD, x_TD.stride(0), b, b_col, b_ld, N, E, X, Y);
+}
+
 // c_NY = a's rows (a_NX's, or x_TD's through order_N when `order` is defined) @ b_EXY per group.
 at::Tensor grouped_mm_stream_path(const at::Tensor& a, const at::Tensor& order, int64_t K,
                                   const at::Tensor& b, bool b_col, const at::Tensor& offs, int64_t N) {
-  const int64_t X = a.size(1), Y = b.size(2), E = b.size(0);
-  auto c = at::empty({N, Y}, a.options());
-  StreamParams p{a.const_data_ptr(), a.stride(0),
-                 order.defined() ? order.const_data_ptr<int64_t>() : nullptr, K, a.size(0) * K,
-                 b.const_data_ptr(), b.stride(0), b_col ? b.stride(2) : b.stride(1),
-                 c.mutable_data_ptr(), offs.const_data_ptr<int>(),
-                 static_cast<int>(E), static_cast<int>(N), static_cast<int>(X), static_cast<int>(Y)};
+  auto c = at::empty({N, b.size(2)}, a.options());
+  const StreamParams p = stream_params(a, order, K, b, b_col, offs, N, c.mutable_data_ptr());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "moe_grouped_mm_stream", [&] {
     using T = typename DeviceType<scalar_t>::type;
     if (b_col) launch_stream<T, true>(p);
@@ -499,15 +517,11 @@ at::Tensor gather_grouped_mm_cuda(const at::Tensor& x_TD, const at::Tensor& orde
                                   const at::Tensor& offs_E) {
   check_gather_grouped_mm_args(x_TD, order_N, rows_TK, b_EXY, offs_E);
   c10::cuda::CUDAGuard guard(x_TD.device());
-  const int64_t N = order_N.size(0), X = x_TD.size(1), Y = b_EXY.size(2), E = b_EXY.size(0);
-  check_sizes("gather_grouped_mm", N, X, Y);
-  const bool b_col = b_EXY.stride(2) != 1 && b_EXY.stride(1) == 1;
-  const auto& b = b_EXY;
-  const int64_t b_ld = b_col ? b.stride(2) : b.stride(1);
-  const Backend be = config::cuda_gemm();  // may raise: a bad MOE_CUDA_GEMM
-  if (N > 0 && Y > 0 && use_stream(be, N, E) && x_TD.stride(1) == 1 && (b.stride(2) == 1 || b_col) &&
-      stream_layout_ok(x_TD, x_TD.stride(0), b, b_col, b_ld, N, E, X, Y))
-    return grouped_mm_stream_path(x_TD, order_N.contiguous(), rows_TK.size(1), b, b_col,
+  const int64_t N = order_N.size(0);
+  check_sizes("gather_grouped_mm", N, x_TD.size(1), b_EXY.size(2));
+  bool b_col = false;
+  if (gather_streams(x_TD, b_EXY, N, b_col))
+    return grouped_mm_stream_path(x_TD, order_N.contiguous(), rows_TK.size(1), b_EXY, b_col,
                                   offs_E.contiguous(), N);
   return grouped_mm_cuda(permute_cuda(x_TD, order_N, rows_TK, std::nullopt), b_EXY, offs_E);
 }
@@ -521,22 +535,16 @@ std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_swiglu_cuda(const at::Tenso
                                                                  const at::Tensor& offs_E, bool keep_h) {
   check_gather_grouped_mm_swiglu_args(x_TD, order_N, rows_TK, b_EXY, offs_E);
   c10::cuda::CUDAGuard guard(x_TD.device());
-  const int64_t N = order_N.size(0), X = x_TD.size(1), Y = b_EXY.size(2), E = b_EXY.size(0), F = Y / 2;
-  check_sizes("gather_grouped_mm_swiglu", N, X, Y);
-  const auto& b = b_EXY;
-  const bool b_col = b.stride(2) != 1 && b.stride(1) == 1;
-  const int64_t b_ld = b_col ? b.stride(2) : b.stride(1);
-  const int64_t half = stream_cols(b_col, int(16 / x_TD.element_size())) / 2;
-  const Backend be = config::cuda_gemm();  // may raise: a bad MOE_CUDA_GEMM
-  if (N > 0 && use_stream(be, N, E) && x_TD.stride(1) == 1 && (b.stride(2) == 1 || b_col) && F % half == 0 &&
-      stream_layout_ok(x_TD, x_TD.stride(0), b, b_col, b_ld, N, E, X, Y)) {
+  const int64_t N = order_N.size(0), Y = b_EXY.size(2), F = Y / 2;
+  check_sizes("gather_grouped_mm_swiglu", N, x_TD.size(1), Y);
+  bool b_col = false;
+  if (gather_streams(x_TD, b_EXY, N, b_col) && F % (stream_cols(b_col, int(16 / x_TD.element_size())) / 2) == 0) {
     auto act = at::empty({N, F}, x_TD.options());
     auto h = at::empty({keep_h ? N : 0, Y}, x_TD.options());
     const auto order = order_N.contiguous(), offs = offs_E.contiguous();
-    StreamParams p{x_TD.const_data_ptr(), x_TD.stride(0), order.const_data_ptr<int64_t>(), rows_TK.size(1),
-                   x_TD.size(0) * rows_TK.size(1), b.const_data_ptr(), b.stride(0), b_ld,
-                   keep_h ? h.mutable_data_ptr() : nullptr, offs.const_data_ptr<int>(), static_cast<int>(E),
-                   static_cast<int>(N), static_cast<int>(X), static_cast<int>(Y), nullptr, act.mutable_data_ptr()};
+    StreamParams p = stream_params(x_TD, order, rows_TK.size(1), b_EXY, b_col, offs, N,
+                                   keep_h ? h.mutable_data_ptr() : nullptr);
+    p.act = act.mutable_data_ptr();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_TD.scalar_type(), "moe_gather_swiglu_stream", [&] {
       using T = typename DeviceType<scalar_t>::type;
       if (b_col) launch_stream<T, true, T, true>(p);

@@ -203,13 +203,18 @@ def _gather_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:5])  # the tensors (out_yx only sets the output's layout)
 
 
+def _d_gathered_x(rows_NY, w_EXY, order_N, rows_TK, offs_E):
+    """d x_TD of a gathered GEMM: each token's rows of rows_NY @ w_e^T, summed."""
+    return ops.unpermute(ops.grouped_mm(rows_NY, w_EXY.transpose(-2, -1), offs_E), order_N, rows_TK, None)
+
+
 def _gather_backward(grad_is_rows: bool):
     def backward(ctx, grad, *_):
         x_TD, order_N, rows_TK, z, offs_E = ctx.saved_tensors
         rows_NY, w_EXY = (grad, z) if grad_is_rows else (z, grad)
         g_x = g_z = None
         if ctx.needs_input_grad[0]:
-            g_x = ops.unpermute(ops.grouped_mm(rows_NY, w_EXY.transpose(-2, -1), offs_E), order_N, rows_TK, None)
+            g_x = _d_gathered_x(rows_NY, w_EXY, order_N, rows_TK, offs_E)
         if ctx.needs_input_grad[3]:
             if grad_is_rows:
                 g_z = ops.gather_grouped_mm_wgrad(x_TD, order_N, rows_TK, grad, offs_E, _is_yx_layout(z))
@@ -242,7 +247,7 @@ def _gather_swiglu_fake(x_TD, order_N, rows_TK, b_EXY, offs_E, keep_h=False):
 
 
 def _gather_swiglu_setup(ctx, inputs, output):
-    ctx.keep_h = inputs[5] if len(inputs) > 5 else False
+    ctx.keep_h = inputs[5]  # (defaults filled in by register_autograd)
     ctx.save_for_backward(*inputs[:5], output[1])
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # no zero (0 or N, 2F) gradient for h, which has none
@@ -263,7 +268,7 @@ def _gather_swiglu_backward(ctx, g_a, _g_h):
         g_h = ops.swiglu_backward(g_a, h)
     g_x = g_b = None
     if ctx.needs_input_grad[0]:
-        g_x = ops.unpermute(ops.grouped_mm(g_h, b_EXY.transpose(-2, -1), offs_E), order_N, rows_TK, None)
+        g_x = _d_gathered_x(g_h, b_EXY, order_N, rows_TK, offs_E)
     if ctx.needs_input_grad[3]:
         g_b = ops.gather_grouped_mm_wgrad(x_TD, order_N, rows_TK, g_h, offs_E, _is_yx_layout(b_EXY))
     return g_x, None, None, g_b, None, None
