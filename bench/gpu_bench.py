@@ -14,7 +14,9 @@ ops       grouped_mm: the up projection x_ND @ w_EDF (w in nn.Linear layout, a t
           kernel), vs ``torch.nn.functional.grouped_mm`` and one dense mm of the same FLOPs;
           bytes 2*(N*D + E_used*D*F + N*F), E_used = experts with rows. permute / unpermute in
           TB/s of the bytes that must move (2*N*D*2 and (N+T)*D*2) vs a copy of the same bytes;
-          plan.
+          plan; linear_f32_backward (the router logits' backward: d x and d w from a float32
+          (T, E) gradient) vs the float32 GEMMs on upcast copies cast back that autograd runs for
+          F.linear(x.float(), w.float()) (the twin), FLOPs 4*T*E*D at the dense rate.
 mlp       the expert MLP forward (gather rows, up projection, SwiGLU, down projection, weighted
           combine) through moekit (GroupedExperts on a plan + ops.unpermute, what MoELayer runs)
           vs the PyTorch composite a user would write (x.index_select, F.grouped_mm, F.silu(gate)
@@ -308,6 +310,29 @@ def bench_dispatch(name, T, iters, ceil=None):
     return rows
 
 
+def bench_router_backward(name, T, iters, ceil=None):
+    """linear_f32_backward (bfloat16: the three-term split on tensor cores) vs the twin."""
+    from moe.ops.twins import linear_f32_backward_torch
+
+    D, _, E, _ = SHAPES[name]
+    per_set = (T * D + E * D) * 2 + T * E * 4
+    sets = [(torch.randn(T, E, device=DEVICE) * 1e-3, torch.randn(T, D, device=DEVICE, dtype=BF16),
+             (torch.randn(E, D, device=DEVICE) * 0.02).to(BF16)) for _ in range(_copies(per_set))]
+    op = torch.ops.moe.linear_f32_backward
+    ours = _time_ms(lambda g, x, w: op(g, x, w), sets, iters)
+    twin = _time_ms(lambda g, x, w: linear_f32_backward_torch(g, x, w), sets, iters)
+    g, x, w = sets[0]
+    refs = (g.double() @ w.double(), g.double().t() @ x.double())
+    errs = [max((a.double() - r).abs().max().item() for a, r in zip(out, refs))
+            for out in (op(g, x, w), linear_f32_backward_torch(g, x, w))]
+    flops = 4 * T * E * D
+    nbytes = 2 * (2 * T * D + 2 * E * D) + 4 * T * E  # x, w in; d x, d w out; g in
+    return {"op": "linear_f32_backward", "shape": name, "T": T, "ours_ms": ours, "baseline_ms": twin,
+            "speedup": twin / ours, "ours_tflops": flops / 1e12 / (ours / 1e3), "max_err": errs[0],
+            "baseline_max_err": errs[1], "bytes": nbytes, "flops": flops,
+            "roofline": _roofline(ceil, ours, nbytes, flops)}
+
+
 # ---- the expert MLP: moekit vs the PyTorch composite -----------------------------------------
 
 def _bf16_on_device(build):
@@ -533,6 +558,10 @@ def _ops_table(rows) -> list[str]:
                   f"{r['native_tflops']:.0f} TFLOP/s")
         elif r["op"] == "plan":
             fig, vs = "", ""
+        elif r["op"] == "linear_f32_backward":
+            fig = f"{r['ours_tflops']:.0f} TFLOP/s"
+            vs = (f"{r['speedup']:.2f}x the float32 GEMMs + casts; max err {r['max_err']:.2g} vs "
+                  f"{r['baseline_max_err']:.2g}")
         else:
             fig = f"{r['ours_tb_s']:.2f} TB/s"
             vs = f"{r['vs_copy']:.2f}x d2d copy ({r['d2d_copy_tb_s']:.2f} TB/s)"
@@ -596,7 +625,7 @@ def tables(ceil, rows) -> str:
     if ceil:
         out += ["| ceilings | d2d copy TB/s | dense bf16 mm TFLOP/s |", "|---|---|---|",
                 f"| measured | {ceil['copy_tb_s']:.2f} | {ceil['dense_tflops']:.0f} |", ""]
-    for ops_, fmt in ((("grouped_mm", "permute", "unpermute", "plan"), _ops_table), (("mlp",), _mlp_table),
+    for ops_, fmt in ((("grouped_mm", "permute", "unpermute", "plan", "linear_f32_backward"), _ops_table), (("mlp",), _mlp_table),
                       (("layer",), _layer_table), (("decode",), _decode_table)):
         sel = [r for r in rows if r["op"] in ops_]
         if sel:
@@ -631,6 +660,7 @@ def run_section(section, args, ceil) -> list[dict]:
             if section == "ops":
                 rows += _rows(f"grouped_mm {name} T={T}", bench_grouped_mm, name, T, args.iters, ceil)
                 rows += _rows(f"dispatch {name} T={T}", bench_dispatch, name, T, args.iters, ceil)
+                rows += _rows(f"router backward {name} T={T}", bench_router_backward, name, T, args.iters, ceil)
             elif section == "mlp":
                 rows += _rows(f"mlp {name} T={T}", bench_mlp, name, T, heavy, ceil)
             else:

@@ -183,18 +183,30 @@ void check_gather_grouped_mm_wgrad_args(const at::Tensor& x_TD, const at::Tensor
               g_NY.size(0), " rows but the plan has N=", order_N.size(0));
 }
 
-void check_linear_f32_args(const at::Tensor& x_TD, const at::Tensor& weight_ED) {
-  TORCH_CHECK(x_TD.dim() == 2, "moe.linear_f32: x_TD must be 2-D (T, D), got shape ", x_TD.sizes());
-  TORCH_CHECK(weight_ED.dim() == 2, "moe.linear_f32: weight_ED must be 2-D (E, D), got shape ",
+void check_linear_f32_args(const at::Tensor& x_TD, const at::Tensor& weight_ED, const char* op) {
+  TORCH_CHECK(x_TD.dim() == 2, "moe.", op, ": x_TD must be 2-D (T, D), got shape ", x_TD.sizes());
+  TORCH_CHECK(weight_ED.dim() == 2, "moe.", op, ": weight_ED must be 2-D (E, D), got shape ",
               weight_ED.sizes());
   TORCH_CHECK(is_mm_dtype(x_TD.scalar_type()),
-              "moe.linear_f32: x_TD must be float32/float64/bfloat16/float16, got ", x_TD.scalar_type());
-  TORCH_CHECK(weight_ED.scalar_type() == x_TD.scalar_type(), "moe.linear_f32: x_TD is ",
+              "moe.", op, ": x_TD must be float32/float64/bfloat16/float16, got ", x_TD.scalar_type());
+  TORCH_CHECK(weight_ED.scalar_type() == x_TD.scalar_type(), "moe.", op, ": x_TD is ",
               x_TD.scalar_type(), " but weight_ED is ", weight_ED.scalar_type());
-  TORCH_CHECK(weight_ED.device() == x_TD.device(), "moe.linear_f32: weight_ED is on ",
+  TORCH_CHECK(weight_ED.device() == x_TD.device(), "moe.", op, ": weight_ED is on ",
               weight_ED.device(), " but x_TD is on ", x_TD.device());
-  TORCH_CHECK(weight_ED.size(1) == x_TD.size(1), "moe.linear_f32: x_TD has D=", x_TD.size(1),
+  TORCH_CHECK(weight_ED.size(1) == x_TD.size(1), "moe.", op, ": x_TD has D=", x_TD.size(1),
               " but weight_ED has D=", weight_ED.size(1));
+}
+
+void check_linear_f32_backward_args(const at::Tensor& grad_TE, const at::Tensor& x_TD, const at::Tensor& weight_ED) {
+  check_linear_f32_args(x_TD, weight_ED, "linear_f32_backward");
+  const auto acc = x_TD.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(grad_TE.dim() == 2 && grad_TE.size(0) == x_TD.size(0) && grad_TE.size(1) == weight_ED.size(0),
+              "moe.linear_f32_backward: grad_TE must have shape (T, E) = (", x_TD.size(0), ", ",
+              weight_ED.size(0), "), got ", grad_TE.sizes());
+  TORCH_CHECK(grad_TE.scalar_type() == acc, "moe.linear_f32_backward: grad_TE must be ", acc,
+              " (linear_f32's output dtype for ", x_TD.scalar_type(), " operands), got ", grad_TE.scalar_type());
+  TORCH_CHECK(grad_TE.device() == x_TD.device(), "moe.linear_f32_backward: grad_TE is on ", grad_TE.device(),
+              " but x_TD is on ", x_TD.device());
 }
 
 }  // namespace moe

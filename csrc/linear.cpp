@@ -7,6 +7,11 @@
 // AVX-512 BF16 kernel (gemm_avx512.cpp, blocked float32 sums, float32 result), at about twice
 // the float32 GEMM's rate and without the float32 copy of x. Every other case (other dtypes, a
 // CPU without AVX-512 BF16) is at::linear on float32 copies (float64 stays float64).
+//
+// linear_f32_backward: (d x_TD, d weight_ED) = (grad_TE @ weight, grad_TE^T @ x) on copies in
+// grad's dtype, cast back to the operands' dtype: what autograd computes for
+// F.linear(x.float(), w.float()) (Megatron's router_gating_linear too), one op. The CPU runs it
+// as those ATen ops; so does CUDA except for bfloat16 (csrc/cuda/activation.cu).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -37,6 +42,24 @@ at::Tensor linear_f32_cpu(const at::Tensor& x_TD, const at::Tensor& weight_ED) {
     avx512_gemm(end - begin, E, D, xp + begin * ldx, ldx, 1, wp, 1, ldw, op + begin * E, E);
   });
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_f32_backward_aten(const at::Tensor& grad_TE, const at::Tensor& x_TD,
+                                                            const at::Tensor& weight_ED, bool grad_x,
+                                                            bool grad_weight) {
+  const auto acc = grad_TE.scalar_type();
+  const int64_t D = x_TD.size(1);
+  auto g_x = grad_x ? at::mm(grad_TE, weight_ED.to(acc)).to(x_TD.scalar_type()) : at::empty({0, D}, x_TD.options());
+  auto g_w = grad_weight ? at::mm(grad_TE.t(), x_TD.to(acc)).to(weight_ED.scalar_type())
+                         : at::empty({0, D}, weight_ED.options());
+  return {g_x, g_w};
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_f32_backward_cpu(const at::Tensor& grad_TE, const at::Tensor& x_TD,
+                                                           const at::Tensor& weight_ED, bool grad_x,
+                                                           bool grad_weight) {
+  check_linear_f32_backward_args(grad_TE, x_TD, weight_ED);
+  return linear_f32_backward_aten(grad_TE, x_TD, weight_ED, grad_x, grad_weight);
 }
 
 }  // namespace moe

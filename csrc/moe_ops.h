@@ -42,7 +42,9 @@ void check_gather_grouped_mm_wgrad_args(const at::Tensor& x_TD, const at::Tensor
 void check_gather_grouped_mm_swiglu_args(const at::Tensor& x_TD, const at::Tensor& order_N,
                                          const at::Tensor& rows_TK, const at::Tensor& b_EXY,
                                          const at::Tensor& offs_E);
-void check_linear_f32_args(const at::Tensor& x_TD, const at::Tensor& weight_ED);
+void check_linear_f32_args(const at::Tensor& x_TD, const at::Tensor& weight_ED, const char* op = "linear_f32");
+// linear_f32's checks, and grad_TE (T, E) in linear_f32's output dtype on x_TD's device.
+void check_linear_f32_backward_args(const at::Tensor& grad_TE, const at::Tensor& x_TD, const at::Tensor& weight_ED);
 void check_swiglu_args(const at::Tensor& h);
 void check_swiglu_backward_args(const at::Tensor& grad, const at::Tensor& h);
 void check_topk_route_args(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E,
@@ -110,6 +112,14 @@ std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_swiglu_cpu(const at::Tensor
                                                                 const at::Tensor& rows_TK, const at::Tensor& b_EXY,
                                                                 const at::Tensor& offs_E, bool keep_h);
 at::Tensor linear_f32_cpu(const at::Tensor& x_TD, const at::Tensor& weight_ED);
+std::tuple<at::Tensor, at::Tensor> linear_f32_backward_cpu(const at::Tensor& grad_TE, const at::Tensor& x_TD,
+                                                           const at::Tensor& weight_ED, bool grad_x,
+                                                           bool grad_weight);
+// The backward as ATen ops in grad's dtype (csrc/linear.cpp): the CPU kernel, and CUDA's for
+// other dtypes than bfloat16.
+std::tuple<at::Tensor, at::Tensor> linear_f32_backward_aten(const at::Tensor& grad_TE, const at::Tensor& x_TD,
+                                                            const at::Tensor& weight_ED, bool grad_x,
+                                                            bool grad_weight);
 at::Tensor swiglu_cpu(const at::Tensor& h);
 at::Tensor swiglu_backward_cpu(const at::Tensor& grad, const at::Tensor& h);
 RouteOutputs topk_route_cpu(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E, int64_t top_k,

@@ -41,6 +41,10 @@ TORCH_LIBRARY(moe, m) {
         "bool keep_h=False) -> (Tensor, Tensor)");
   // x_TD @ weight_ED^T in float32 (float64 for float64): the routers' logits.
   m.def("linear_f32(Tensor x_TD, Tensor weight_ED) -> Tensor");
+  // (grad_TE @ weight_ED, grad_TE^T @ x_TD) in grad's dtype, cast to the operands' dtype: the
+  // gradients of linear_f32; an output not asked for (grad_x / grad_weight false) is (0, D).
+  m.def("linear_f32_backward(Tensor grad_TE, Tensor x_TD, Tensor weight_ED, bool grad_x=True, "
+        "bool grad_weight=True) -> (Tensor, Tensor)");
   // out = silu(gate) * up on h = [gate; up] (..., 2F) -> (..., F).
   m.def("swiglu(Tensor h) -> Tensor");
   // d h = [grad * up * silu'(gate); grad * silu(gate)], grad (..., F), h (..., 2F) -> (..., 2F).
@@ -78,6 +82,7 @@ TORCH_LIBRARY_IMPL(moe, CPU, m) {
   m.impl("gather_grouped_mm_wgrad", &moe::gather_grouped_mm_wgrad_cpu);
   m.impl("gather_grouped_mm_swiglu", &moe::gather_grouped_mm_swiglu_cpu);
   m.impl("linear_f32", &moe::linear_f32_cpu);
+  m.impl("linear_f32_backward", &moe::linear_f32_backward_cpu);
   m.impl("swiglu", &moe::swiglu_cpu);
   m.impl("swiglu_backward", &moe::swiglu_backward_cpu);
   m.impl("topk_route", &moe::topk_route_cpu);

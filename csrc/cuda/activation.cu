@@ -1,4 +1,5 @@
-// moe.swiglu / moe.swiglu_backward / moe.linear_f32 on CUDA: the layers' fused helpers.
+// moe.swiglu / moe.swiglu_backward / moe.linear_f32 / moe.linear_f32_backward on CUDA: the layers'
+// fused helpers.
 //
 // Shape legend: N rows (h's leading dims flattened: the routed rows of the experts' h_NH), F FFN
 // hidden, H = 2F = [gate; up] the first projection's width; T tokens, D model dim, E experts.
@@ -25,6 +26,27 @@
 // contract, without a float32 copy of x; with a float32 output there is no reduced-precision
 // reduction to disallow. float32/float64 operands: at::linear in that dtype, the twin's own GEMM
 // (TF32 only where the user allowed it for every float32 matmul).
+//
+// linear_f32_backward: d x_TD = grad_TE @ weight_ED and d weight_ED = grad_TE^T @ x_TD, float32
+// sums, rounded once to the operands' dtype. For bfloat16 operands (the routers' case) grad_TE is
+// float32, which no half-precision tensor-core GEMM takes; the float32 GEMMs on upcast copies (what
+// autograd runs for F.linear(x.float(), w.float()), and the other dtypes here) are SIMT GEMMs and
+// four casts. Instead each gradient value splits exactly into three bfloat16 values,
+//
+//   g = h1 + h2 + h3,   h1 = bf16(g), h2 = bf16(g - h1), h3 = bf16(g - h1 - h2) = g - h1 - h2
+//
+// (8 significand bits each, float32's 24 in all; exact unless |g| < about 2^-110, where h3 would
+// be a bfloat16 subnormal; a non-finite g makes NaN), and a product of two bfloat16 values is
+// exact in float32. So both gradients are float32-accumulated sums of exactly the float32 GEMMs'
+// products, on bfloat16 tensor cores:
+//
+//   d x_TD      = G3 (T, 3E) @ W3 (3E, D)                   G3 = [h1 | h2 | h3], W3 = [w; w; w]
+//   d weight_ED = C[0:E] + C[E:2E] + C[2E:3E],  C (3E, D) = G3^T @ x_TD  (float32)
+//
+// Four launches: the split (G3 and W3 in one grid-stride kernel), two cublasGemmEx (bfloat16
+// operands, CUBLAS_COMPUTE_32F, reduced-precision split-K reductions disallowed for the bfloat16
+// output) and the sum of C's three blocks. Tensor cores accumulate less exactly than a float32
+// SIMT GEMM (the forward's note), far below the bfloat16 rounding of both outputs.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/Exceptions.h>
 #include <torch/library.h>
@@ -238,10 +260,119 @@ at::Tensor linear_f32_cuda(const at::Tensor& x_TD, const at::Tensor& weight_ED) 
   return out;
 }
 
+namespace {
+
+// grad (T, E) float32 (strides gs0, gs1) -> g3 (T, 3E) = [h1 | h2 | h3] (the split above); items
+// past T * E copy w's rows (E, D, row stride ws0, unit column stride) to w3 (3E, D) = [w; w; w].
+__global__ void split3_kernel(const float* __restrict__ g, int64_t gs0, int64_t gs1, int64_t T, int64_t E,
+                              const c10::BFloat16* __restrict__ w, int64_t ws0, int64_t D,
+                              c10::BFloat16* __restrict__ g3, c10::BFloat16* __restrict__ w3, int64_t total) {
+  const int64_t TE = T * E, ED = E * D;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+    if (i < TE) {
+      const int64_t t = i / E, e = i - t * E;
+      const float v = g[t * gs0 + e * gs1];
+      const c10::BFloat16 h1(v);  // round to nearest even
+      const float r1 = v - static_cast<float>(h1);  // exact
+      const c10::BFloat16 h2(r1);
+      const c10::BFloat16 h3(r1 - static_cast<float>(h2));  // exact: r1 - h2 has at most 8 bits
+      c10::BFloat16* row = g3 + t * 3 * E + e;
+      row[0] = h1;
+      row[E] = h2;
+      row[2 * E] = h3;
+    } else {
+      const int64_t j = i - TE, e = j / D, d = j - e * D;
+      const c10::BFloat16 v = w[e * ws0 + d];
+      w3[j] = v;
+      w3[ED + j] = v;
+      w3[2 * ED + j] = v;
+    }
+  }
+}
+
+// out (E, D) = (c[0:E] + c[E:2E]) + c[2E:3E] rounded to bfloat16, c (3E, D) float32 contiguous.
+__global__ void sum3_kernel(const float* __restrict__ c, int64_t ED, c10::BFloat16* __restrict__ out) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < ED; i += stride)
+    out[i] = c10::BFloat16((c[i] + c[ED + i]) + c[2 * ED + i]);
+}
+
+// Adds `extra` to the cuBLAS handle's math mode for this scope, then restores it.
+struct MathMode {
+  cublasHandle_t handle;
+  cublasMath_t saved;
+  MathMode(cublasHandle_t h, cublasMath_t extra) : handle(h) {
+    TORCH_CUDABLAS_CHECK(cublasGetMathMode(handle, &saved));
+    TORCH_CUDABLAS_CHECK(cublasSetMathMode(handle, static_cast<cublasMath_t>(saved | extra)));
+  }
+  ~MathMode() { cublasSetMathMode(handle, saved); }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> linear_f32_backward_cuda(const at::Tensor& grad_TE, const at::Tensor& x_TD,
+                                                            const at::Tensor& weight_ED, bool grad_x,
+                                                            bool grad_weight) {
+  check_linear_f32_backward_args(grad_TE, x_TD, weight_ED);
+  c10::cuda::CUDAGuard guard(x_TD.device());
+  if (x_TD.scalar_type() != at::kBFloat16)
+    return linear_f32_backward_aten(grad_TE, x_TD, weight_ED, grad_x, grad_weight);
+  const int64_t T = x_TD.size(0), D = x_TD.size(1), E = weight_ED.size(0);
+  auto g_x = at::empty({grad_x ? T : 0, D}, x_TD.options());
+  auto g_w = at::empty({grad_weight ? E : 0, D}, weight_ED.options());
+  if (T == 0 || E == 0 || D == 0) {  // empty sums (or empty outputs)
+    g_x.zero_();
+    g_w.zero_();
+    return {g_x, g_w};
+  }
+  if (!grad_x && !grad_weight) return {g_x, g_w};
+  int64_t ldx = D, ldw = D;
+  const auto x = grad_weight ? gemm_rows(x_TD, ldx) : x_TD;
+  const auto w = grad_x ? gemm_rows(weight_ED, ldw) : weight_ED;
+  TORCH_CHECK(std::max({T, D, 3 * E, ldx}) <= INT_MAX, "moe.linear_f32_backward: x_TD ", x_TD.sizes(),
+              " or weight_ED ", weight_ED.sizes(), " exceeds cuBLAS's 32-bit sizes");
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  auto g3 = at::empty({T, 3 * E}, x_TD.options());
+  auto w3 = at::empty({grad_x ? 3 * E : 0, D}, x_TD.options());
+  const int64_t total = T * E + (grad_x ? E * D : 0);
+  split3_kernel<<<flat_grid(total, kThreads), kThreads, 0, stream>>>(
+      grad_TE.const_data_ptr<float>(), grad_TE.stride(0), grad_TE.stride(1), T, E,
+      w.const_data_ptr<c10::BFloat16>(), ldw, D, g3.mutable_data_ptr<c10::BFloat16>(),
+      w3.mutable_data_ptr<c10::BFloat16>(), total);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto handle = at::cuda::getCurrentCUDABlasHandle();
+  const MathMode mode(handle, CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION);
+  const float one = 1.f, zero = 0.f;
+  const int d = static_cast<int>(D), t = static_cast<int>(T), e3 = static_cast<int>(3 * E);
+  if (grad_x) {
+    // Column-major: d_x^T (D x T, ld D) = W3^T (D x 3E: row-major W3, ld D) @ G3^T (3E x T: row-major
+    // G3, ld 3E); cuBLAS's (m, n, k) = (D, T, 3E).
+    TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, d, t, e3, &one, w3.const_data_ptr(),
+                                      CUDA_R_16BF, d, g3.const_data_ptr(), CUDA_R_16BF, e3, &zero,
+                                      g_x.mutable_data_ptr(), CUDA_R_16BF, d, CUBLAS_COMPUTE_32F,
+                                      CUBLAS_GEMM_DEFAULT));
+  }
+  if (grad_weight) {
+    // Column-major: C^T (D x 3E, ld D) = x^T (D x T: row-major x, ld ldx) @ G3 (T x 3E: G3^T read
+    // transposed, ld 3E); cuBLAS's (m, n, k) = (D, 3E, T).
+    auto c = at::empty({3 * E, D}, x_TD.options().dtype(at::kFloat));
+    TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_T, d, e3, t, &one, x.const_data_ptr(),
+                                      CUDA_R_16BF, static_cast<int>(ldx), g3.const_data_ptr(), CUDA_R_16BF, e3,
+                                      &zero, c.mutable_data_ptr(), CUDA_R_32F, d, CUBLAS_COMPUTE_32F,
+                                      CUBLAS_GEMM_DEFAULT));
+    sum3_kernel<<<flat_grid(E * D, kThreads), kThreads, 0, stream>>>(c.const_data_ptr<float>(), E * D,
+                                                                      g_w.mutable_data_ptr<c10::BFloat16>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {g_x, g_w};
+}
+
 }  // namespace moe::cuda
 
 TORCH_LIBRARY_IMPL(moe, CUDA, m) {
   m.impl("swiglu", &moe::cuda::swiglu_cuda);
   m.impl("swiglu_backward", &moe::cuda::swiglu_backward_cuda);
   m.impl("linear_f32", &moe::cuda::linear_f32_cuda);
+  m.impl("linear_f32_backward", &moe::cuda::linear_f32_backward_cuda);
 }

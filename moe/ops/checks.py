@@ -169,8 +169,7 @@ def check_gather_grouped_mm_wgrad_args(x_TD, order_N, rows_TK, g_NY, offs_E, out
            f"g_NY has {g_NY.shape[0]} rows but the plan has N={order_N.shape[0]}")
 
 
-def check_linear_f32_args(x_TD, weight_ED) -> None:
-    op = "linear_f32"
+def check_linear_f32_args(x_TD, weight_ED, op="linear_f32") -> None:
     _check(x_TD.dim() == 2, op, f"x_TD must be 2-D (T, D), got shape {_shape(x_TD)}")
     _check(weight_ED.dim() == 2, op, f"weight_ED must be 2-D (E, D), got shape {_shape(weight_ED)}")
     _check(x_TD.dtype in _MM, op, f"x_TD must be float32/float64/bfloat16/float16, got {x_TD.dtype}")
@@ -179,6 +178,18 @@ def check_linear_f32_args(x_TD, weight_ED) -> None:
            f"weight_ED is on {weight_ED.device} but x_TD is on {x_TD.device}")
     _check(weight_ED.shape[1] == x_TD.shape[1], op,
            f"x_TD has D={x_TD.shape[1]} but weight_ED has D={weight_ED.shape[1]}")
+
+
+def check_linear_f32_backward_args(grad_TE, x_TD, weight_ED, grad_x=True, grad_weight=True) -> None:
+    op = "linear_f32_backward"
+    check_linear_f32_args(x_TD, weight_ED, op)
+    want = (x_TD.shape[0], weight_ED.shape[0])
+    _check(grad_TE.dim() == 2 and _shape(grad_TE) == want, op,
+           f"grad_TE must have shape (T, E) = {want}, got {_shape(grad_TE)}")
+    acc = torch.float64 if x_TD.dtype == torch.float64 else torch.float32
+    _check(grad_TE.dtype == acc, op,
+           f"grad_TE must be {acc} (linear_f32's output dtype for {x_TD.dtype} operands), got {grad_TE.dtype}")
+    _check(grad_TE.device == x_TD.device, op, f"grad_TE is on {grad_TE.device} but x_TD is on {x_TD.device}")
 
 
 def check_swiglu_args(h, op="swiglu") -> None:

@@ -288,20 +288,34 @@ gather_grouped_mm_wgrad = define_op(
     backward=_gather_backward(False), setup_context=_gather_setup)
 
 
-# ---- linear_f32: x_TD @ weight_ED^T in float32 (the routers' logits) ------------------------------
+# ---- linear_f32: x_TD @ weight_ED^T in float32 (the routers' logits); its backward one op -------
 
 def _linear_fake(x_TD, weight_ED):
     return x_TD.new_empty(x_TD.shape[0], weight_ED.shape[0], dtype=_acc(x_TD.dtype))
 
 
-def _linear_backward(ctx, g_TE):
-    """The gradients of F.linear(x.float(), w.float()), cast back as autograd would."""
-    x_TD, weight_ED = ctx.saved_tensors
-    acc = g_TE.dtype
-    g_x = (g_TE @ weight_ED.to(acc)).to(x_TD.dtype) if ctx.needs_input_grad[0] else None
-    g_w = (g_TE.t() @ x_TD.to(acc)).to(weight_ED.dtype) if ctx.needs_input_grad[1] else None
-    return g_x, g_w
+def _linear_backward_fake(grad_TE, x_TD, weight_ED, grad_x=True, grad_weight=True):
+    T, D = x_TD.shape
+    return x_TD.new_empty(T if grad_x else 0, D), weight_ED.new_empty(weight_ED.shape[0] if grad_weight else 0, D)
 
+
+def _linear_backward(ctx, g_TE):
+    """The gradients of F.linear(x.float(), w.float()), cast back as autograd would: one
+    moe.linear_f32_backward (with create_graph, the differentiable twin)."""
+    x_TD, weight_ED = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[:2]
+    if torch.is_grad_enabled():
+        g_x, g_w = twins.linear_f32_backward_torch(g_TE, x_TD, weight_ED, need_x, need_w)
+    else:
+        g_x, g_w = ops.linear_f32_backward(g_TE, x_TD, weight_ED, need_x, need_w)
+    return (g_x if need_x else None), (g_w if need_w else None)
+
+
+linear_f32_backward = define_op(
+    "linear_f32_backward",
+    "(Tensor grad_TE, Tensor x_TD, Tensor weight_ED, bool grad_x=True, bool grad_weight=True) -> (Tensor, Tensor)",
+    fallback=twins.linear_f32_backward_torch, fake=_linear_backward_fake,
+    check=checks.check_linear_f32_backward_args)
 
 linear_f32 = define_op(
     "linear_f32", "(Tensor x_TD, Tensor weight_ED) -> Tensor",

@@ -24,6 +24,7 @@ __all__ = [
     "gather_grouped_mm_wgrad_torch",
     "gather_grouped_mm_swiglu_torch",
     "linear_f32_torch",
+    "linear_f32_backward_torch",
     "swiglu_torch",
     "swiglu_backward_torch",
     "topk_route_torch",
@@ -147,6 +148,16 @@ def linear_f32_torch(x_TD, weight_ED):
     """x_TD @ weight_ED^T on float32 copies (float64 stays float64): the routers' logits."""
     acc = _acc_dtype(x_TD.dtype)
     return torch.nn.functional.linear(x_TD.to(acc), weight_ED.to(acc))
+
+
+def linear_f32_backward_torch(grad_TE, x_TD, weight_ED, grad_x=True, grad_weight=True):
+    """(d x_TD, d weight_ED) of linear_f32: grad_TE @ weight and grad_TE^T @ x on copies in grad's
+    dtype (float32; float64 for float64), cast back to the operands' dtype, as autograd computes
+    them for F.linear(x.float(), w.float()). An output not asked for is an empty (0, D)."""
+    acc, D = grad_TE.dtype, x_TD.shape[1]
+    g_x = (grad_TE @ weight_ED.to(acc)).to(x_TD.dtype) if grad_x else x_TD.new_empty(0, D)
+    g_w = (grad_TE.t() @ x_TD.to(acc)).to(weight_ED.dtype) if grad_weight else weight_ED.new_empty(0, D)
+    return g_x, g_w
 
 
 def gather_grouped_mm_swiglu_torch(x_TD, order_N, rows_TK, b_EXY, offs_E, keep_h=False):

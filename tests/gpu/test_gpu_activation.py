@@ -1,5 +1,6 @@
-"""GPU tests of the CUDA kernels of moe.swiglu, moe.swiglu_backward and moe.linear_f32
-(csrc/cuda/activation.cu) against the PyTorch twins, the CPU kernels and float64.
+"""GPU tests of the CUDA kernels of moe.swiglu, moe.swiglu_backward, moe.linear_f32 and
+moe.linear_f32_backward (csrc/cuda/activation.cu) against the PyTorch twins, the CPU kernels and
+float64.
 
 Shape legend: F expert hidden size (h = [gate; up] has 2F columns), T tokens, D model dim,
 E experts.
@@ -25,7 +26,7 @@ from torch.library import opcheck
 import routers
 import moe
 from moe import GroupedExperts, MoELayer, ops
-from moe.ops.twins import linear_f32_torch, swiglu_backward_torch, swiglu_torch
+from moe.ops.twins import linear_f32_backward_torch, linear_f32_torch, swiglu_backward_torch, swiglu_torch
 
 from tests.helpers.gpu import poison
 from tests.helpers.swiglu import ULP, close_to, inputs
@@ -45,7 +46,7 @@ def _cuda_kernels():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     assert ops.HAS_EXTENSION, "moe._C did not load: build it with MOE_BUILD_CUDA=1"
-    for name in ("swiglu", "swiglu_backward", "linear_f32"):
+    for name in ("swiglu", "swiglu_backward", "linear_f32", "linear_f32_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"moe::{name}", "CUDA"), name
     assert "CUDA" in ops.compiled_kernels("swiglu")
     torch.manual_seed(0)
@@ -237,6 +238,114 @@ def test_linear_f32_gradcheck_float64():
     x = torch.randn(6, 5, dtype=torch.float64, device="cuda", requires_grad=True)
     w = torch.randn(3, 5, dtype=torch.float64, device="cuda", requires_grad=True)
     assert torch.autograd.gradcheck(moe_ops.linear_f32, (x, w))
+
+
+# ---------------------------------------------------------------- linear_f32_backward
+
+
+def _grad_layout(g, kind):
+    """grad_TE contiguous, column-major, or the broadcast ones of sum().backward()."""
+    if kind == "column_major":
+        return g.t().contiguous().t()
+    if kind == "broadcast":
+        return torch.ones((), dtype=g.dtype, device=g.device).expand(g.shape)
+    return g
+
+
+@pytest.mark.parametrize("T,D,E", [(4096, 1024, 128), (37, 33, 5), (1, 1, 1), (300, 64, 1), (513, 2048, 64)])
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "shifted", "column_major"])
+@pytest.mark.parametrize("grad", ["contiguous", "column_major", "broadcast"])
+def test_linear_f32_backward_bf16_within_the_float32_error(T, D, E, layout, grad):
+    """bfloat16: the three-term split of the float32 gradient on tensor cores (activation.cu)
+    is within the error rule of the float32 GEMMs on upcast copies cast back (the twin, what
+    autograd ran before) against float64, for both outputs; outputs poisoned first, all written."""
+    x = _layout(torch.randn(T, D, device="cuda").to(torch.bfloat16), layout)
+    w = _layout((torch.randn(E, D, device="cuda") * 0.05).to(torch.bfloat16), layout)
+    g = _grad_layout(torch.randn(T, E, device="cuda") * 1e-3, grad)
+    poison(((T, D), torch.bfloat16), ((E, D), torch.bfloat16))
+    g_x, g_w = moe_ops.linear_f32_backward(g, x, w)
+    assert g_x.shape == (T, D) and g_w.shape == (E, D) and g_x.dtype == g_w.dtype == torch.bfloat16
+    assert not g_x.isnan().any() and not g_w.isnan().any()
+    base_x, base_w = linear_f32_backward_torch(g.contiguous(), x, w)
+    _rule(g_x, g.double() @ w.double(), base_x)
+    _rule(g_w, g.double().t() @ x.double(), base_w)
+
+
+@pytest.mark.parametrize("grad_x,grad_weight", [(True, False), (False, True), (False, False)])
+def test_linear_f32_backward_bf16_one_output(grad_x, grad_weight):
+    """An output not asked for is an empty (0, D); the other equals the two-output call's."""
+    x = torch.randn(70, 96, device="cuda").to(torch.bfloat16)
+    w = torch.randn(12, 96, device="cuda").to(torch.bfloat16)
+    g = torch.randn(70, 12, device="cuda")
+    both = moe_ops.linear_f32_backward(g, x, w)
+    got = moe_ops.linear_f32_backward(g, x, w, grad_x, grad_weight)
+    for a, b, asked in zip(got, both, (grad_x, grad_weight)):
+        assert a.shape == (b.shape if asked else (0, 96))
+        if asked:
+            _same(a, b)
+
+
+def test_linear_f32_backward_bf16_splits_exactly():
+    """The split loses nothing: gradients just off a bfloat16 rounding tie ((1 + 2^-8) 2^k, the
+    offset 2^(k-20) only in the third term h3), through an all-ones weight (d x = g) and a one-hot
+    x (d w = g^T), come out as g rounded once to bfloat16: without h3 they would round to even."""
+    n = 64
+    k = torch.arange(n, device="cuda", dtype=torch.float64) % 41 - 20
+    sign = torch.where(torch.arange(n, device="cuda") % 2 == 0, 1.0, -1.0).double()
+    flip = torch.where(torch.arange(n, device="cuda") % 4 < 2, 1.0, -1.0).double()
+    g = (flip * ((1 + 2.0 ** -8) * 2.0 ** k + sign * 2.0 ** (k - 20))).float().unsqueeze(1)  # (T, E=1)
+    assert torch.equal(g.double().squeeze(1), flip * ((1 + 2.0 ** -8) * 2.0 ** k + sign * 2.0 ** (k - 20)))
+    want = g.to(torch.bfloat16)
+    assert not torch.equal(want, (g.double() - flip.unsqueeze(1) * sign.unsqueeze(1) * 2.0 ** (k.unsqueeze(1) - 20))
+                           .to(torch.bfloat16))  # the offset decides the rounding
+    w = torch.ones(1, n, dtype=torch.bfloat16, device="cuda")
+    x = torch.eye(n, dtype=torch.bfloat16, device="cuda")
+    g_x, g_w = moe_ops.linear_f32_backward(g, x, w)
+    _same(g_x, want.expand(n, n))
+    _same(g_w, want.t())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_linear_f32_backward_other_dtypes_are_the_twin(dtype):
+    x, w = torch.randn(70, 48, dtype=dtype, device="cuda"), torch.randn(9, 48, dtype=dtype, device="cuda")
+    g = torch.randn(70, 9, dtype=_acc(dtype), device="cuda")
+    for a, b in zip(moe_ops.linear_f32_backward(g, x, w), linear_f32_backward_torch(g, x, w)):
+        _same(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,D,E", [(0, 16, 4), (5, 16, 0), (5, 0, 3)])
+def test_linear_f32_backward_empty(T, D, E, dtype):
+    x, w = torch.randn(T, D, dtype=dtype, device="cuda"), torch.randn(E, D, dtype=dtype, device="cuda")
+    poison(((T, D), dtype), ((E, D), dtype))
+    g_x, g_w = moe_ops.linear_f32_backward(torch.randn(T, E, dtype=_acc(dtype), device="cuda"), x, w)
+    assert g_x.shape == (T, D) and g_w.shape == (E, D)
+    assert not g_x.any() and not g_w.any()
+
+
+def test_linear_f32_backward_bf16_kernels_without_sync():
+    """linear_f32's bfloat16 backward: one moe::linear_f32_backward, no aten mm or cast, its split
+    and sum kernels, and no host sync; an opcheck on CUDA."""
+    x = torch.randn(300, 256, device="cuda").to(torch.bfloat16).requires_grad_()
+    w = torch.randn(32, 256, device="cuda").to(torch.bfloat16).requires_grad_()
+    g = torch.randn(300, 32, device="cuda")
+
+    def step():
+        x.grad = w.grad = None
+        moe_ops.linear_f32(x, w).backward(g)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    host, kernels = _profile(step)
+    assert "moe::linear_f32_backward" in host and not {"aten::mm", "aten::_to_copy"} & host, sorted(host)
+    assert any("split3_kernel" in k for k in kernels) and any("sum3_kernel" in k for k in kernels), sorted(kernels)
+    opcheck(moe_ops.linear_f32_backward.default, (g, x.detach(), w.detach()))
+    opcheck(moe_ops.linear_f32_backward.default, (g, x.detach(), w.detach(), False, True))
 
 
 # ---------------------------------------------------------------- the layers and the router

@@ -7,21 +7,25 @@ gather_grouped_mm(x_TD, plan, b) is defined as grouped_mm(permute(x_TD, plan), b
 CPU kernels it must equal that two-op form bit for bit (the same words reach the same
 microkernel), forward and gradients, and the two-op twin within the GEMM error rule.
 linear_f32(x, w) is F.linear(x.float(), w.float()): within that GEMM's own error against float64,
-and its gradients are exactly that expression's.
+and its gradients are exactly that expression's, computed by one moe.linear_f32_backward (on the
+CPU the same ATen ops, so bit for bit; on CUDA bfloat16 a split of the float32 gradient into three
+bfloat16 terms, tests/gpu/test_gpu_activation.py).
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
-from torch.autograd import gradcheck
+from torch.autograd import gradcheck, gradgradcheck
 from torch.library import opcheck
 
 import routers
 import moe
 from moe import MoELayer, ops
 from moe.dispatch import LocalDispatcher
-from moe.ops.twins import gather_grouped_mm_torch, gather_grouped_mm_wgrad_torch, linear_f32_torch
+from moe.launches import count_ops
+from moe.ops.twins import (gather_grouped_mm_torch, gather_grouped_mm_wgrad_torch, linear_f32_backward_torch,
+                           linear_f32_torch)
 
 from tests.helpers.ops import META, ROUTINGS, cpu_redispatch, make_ids, rand, strided_cols, strided_rows
 from tests.helpers.props import SETTINGS, routings
@@ -147,6 +151,12 @@ BAD = [
     ("linear_shape", lambda: torch.ops.moe.linear_f32(torch.randn(3, 4), torch.randn(5, 6)), "weight_ED"),
     ("linear_dtype", lambda: torch.ops.moe.linear_f32(torch.randn(3, 4).bfloat16(), torch.randn(5, 4)), "weight_ED"),
     ("linear_rank", lambda: torch.ops.moe.linear_f32(torch.randn(3, 4, 1), torch.randn(5, 4)), "x_TD"),
+    ("linear_bwd_grad_shape", lambda: torch.ops.moe.linear_f32_backward(
+        torch.randn(3, 6), torch.randn(3, 4), torch.randn(5, 4)), "grad_TE"),
+    ("linear_bwd_grad_dtype", lambda: torch.ops.moe.linear_f32_backward(
+        torch.randn(3, 5).bfloat16(), torch.randn(3, 4).bfloat16(), torch.randn(5, 4).bfloat16()), "grad_TE"),
+    ("linear_bwd_weight", lambda: torch.ops.moe.linear_f32_backward(
+        torch.randn(3, 5), torch.randn(3, 4), torch.randn(5, 3)), "linear_f32_backward: x_TD has D=4"),
 ]
 
 
@@ -165,6 +175,8 @@ DEVICE_CASES = [
     ("gather_wgrad_g", lambda: cpu_redispatch("gather_grouped_mm_wgrad")(
         torch.randn(T_, X_), P_.order_N, P_.rows_TK, torch.randn(T_ * K_, Y_, device=META), P_.offs_E), "g_NY"),
     ("linear_weight", lambda: cpu_redispatch("linear_f32")(torch.randn(3, 4), torch.randn(5, 4, device=META)), "weight_ED"),
+    ("linear_bwd_grad", lambda: cpu_redispatch("linear_f32_backward")(
+        torch.randn(3, 5, device=META), torch.randn(3, 4), torch.randn(5, 4)), "grad_TE"),
     ("swiglu_grad", lambda: cpu_redispatch("swiglu_backward")(torch.randn(3, 2, device=META), torch.randn(3, 4)), "grad"),
 ]
 
@@ -257,6 +269,75 @@ def test_linear_f32_gradients_are_those_of_the_float32_linear(dtype):
         assert torch.equal(res[0][0], res[1][0])
     assert torch.equal(res[0][1], res[1][1]) and torch.equal(res[0][2], res[1][2])
     assert res[0][1].dtype == dtype and res[0][2].dtype == dtype
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grad_x,grad_weight", [(True, True), (True, False), (False, True), (False, False)])
+def test_linear_f32_backward_is_the_float32_gemms_cast_back(dtype, grad_x, grad_weight):
+    """The op's outputs are the twin's bit for bit (the same ATen ops on the CPU), in the
+    operands' dtype, with an empty (0, D) for an output not asked for; a strided and a broadcast
+    gradient (what sum().backward() hands over) give the same values as a contiguous one."""
+    x, w = rand(23, 9, dtype=dtype), rand(6, 9, dtype=dtype, seed=1)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = rand(6, 23, dtype=acc, seed=2).t()  # column-major
+    for grad in (g, g.contiguous(), torch.ones((), dtype=acc).expand(23, 6)):
+        got = torch.ops.moe.linear_f32_backward(grad, x, w, grad_x, grad_weight)
+        want = linear_f32_backward_torch(grad.contiguous(), x, w, grad_x, grad_weight)
+        assert got[0].shape == (23 if grad_x else 0, 9) and got[1].shape == (6 if grad_weight else 0, 9)
+        for a, b in zip(got, want):
+            assert a.dtype == dtype and torch.equal(a, b)
+
+
+def test_three_bfloat16_terms_hold_a_float32_exactly():
+    """The lemma behind the CUDA bfloat16 backward (csrc/cuda/activation.cu): h1 = bf16(g),
+    h2 = bf16(g - h1), h3 = bf16(g - h1 - h2) sum back to g exactly in float32, for normal g
+    down to 2^-110 (below, h3 would be a bfloat16 subnormal), and two terms would not do."""
+    g = torch.randn(200_000, generator=torch.Generator().manual_seed(0))
+    g = g * torch.exp2(torch.randint(-108, 100, g.shape, generator=torch.Generator().manual_seed(1)).float())
+    g = g[g.abs() >= 2.0 ** -110]
+    h1 = g.bfloat16()
+    r1 = g - h1.float()
+    h2 = r1.bfloat16()
+    h3 = (r1 - h2.float()).bfloat16()
+    assert torch.equal(h3.float(), r1 - h2.float())  # the third term is exact
+    assert torch.equal((h1.float() + h2.float()) + h3.float(), g)
+    assert not torch.equal(h1.float() + h2.float(), g)
+    assert len(g) > 190_000
+
+
+@needs_ext
+@pytest.mark.parametrize("T,E,D", [(0, 4, 8), (5, 0, 8), (5, 4, 0)])
+def test_linear_f32_backward_empty_sums_are_zero(T, E, D):
+    x, w = rand(T, D, dtype=torch.bfloat16), rand(E, D, dtype=torch.bfloat16, seed=1)
+    g_x, g_w = torch.ops.moe.linear_f32_backward(torch.randn(T, E), x, w)
+    assert g_x.shape == (T, D) and g_w.shape == (E, D)
+    assert not g_x.any() and not g_w.any()
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_f32_backward_is_one_op(dtype):
+    """linear_f32's backward is one moe.linear_f32_backward: no casts of its own (the launch
+    budget, tests/layers/test_launches.py); with a frozen weight it asks for d x only."""
+    x = rand(40, 16, dtype=dtype).requires_grad_()
+    for w_grad in (True, False):
+        w = rand(8, 16, dtype=dtype, seed=1).requires_grad_(w_grad)
+        out = torch.ops.moe.linear_f32(x, w)
+        g = torch.randn_like(out)
+        with count_ops() as c:
+            out.backward(g)
+        assert dict(c.ops) == {"moe.linear_f32_backward": 1}, str(c)
+        assert (w.grad is not None) == w_grad
+        assert torch.equal(x.grad, linear_f32_backward_torch(g, x.detach(), w.detach())[0])
+        x.grad = None
+
+
+@needs_ext
+def test_linear_f32_double_backward_float64():
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert gradgradcheck(torch.ops.moe.linear_f32, (x, w))
 
 
 @needs_ext

@@ -51,6 +51,8 @@ def op_calls(device):
         ("gather_grouped_mm_wgrad", lambda: m.gather_grouped_mm_wgrad(x, p.order_N, p.rows_TK, y_ND, p.offs_E)),
         ("gather_grouped_mm_swiglu", lambda: m.gather_grouped_mm_swiglu(x, p.order_N, p.rows_TK, b, p.offs_E, True)),
         ("linear_f32", lambda: m.linear_f32(x.to(torch.bfloat16), b[0].t().to(torch.bfloat16))),
+        ("linear_f32_backward", lambda: m.linear_f32_backward(logits[:, :Y], x.to(torch.bfloat16),
+                                                              b[0].t().to(torch.bfloat16), True, False)),
         ("swiglu", lambda: m.swiglu(h)),
         ("swiglu_backward", lambda: m.swiglu_backward(h[:, :Y], h)),
         ("topk_route", lambda: m.topk_route(logits, bias, K, "sigmoid", 0, 0, True, 2.0)),
