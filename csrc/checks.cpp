@@ -60,14 +60,18 @@ void check_weights_arg(const char* op, const char* name, const at::Tensor& w_TK,
 }
 
 void check_unpermute_weights_grad_args(const at::Tensor& grad_TD, const at::Tensor& y_ND,
-                                       const at::Tensor& order_N, const at::Tensor& rows_TK) {
-  check_dispatch_args("unpermute_weights_grad", y_ND, "y_ND", order_N.size(0),
-                      "N, the plan's rows", order_N, rows_TK);
-  check_dispatch_args("unpermute_weights_grad", grad_TD, "grad_TD", rows_TK.size(0),
-                      "T, the plan's tokens", order_N, rows_TK);
+                                       const at::Tensor& order_N, const at::Tensor& rows_TK, const char* op) {
+  check_dispatch_args(op, y_ND, "y_ND", order_N.size(0), "N, the plan's rows", order_N, rows_TK);
+  check_dispatch_args(op, grad_TD, "grad_TD", rows_TK.size(0), "T, the plan's tokens", order_N, rows_TK);
   TORCH_CHECK(grad_TD.scalar_type() == y_ND.scalar_type() && grad_TD.size(1) == y_ND.size(1),
-              "moe.unpermute_weights_grad: grad_TD (", grad_TD.scalar_type(), ", D=",
+              "moe.", op, ": grad_TD (", grad_TD.scalar_type(), ", D=",
               grad_TD.size(1), ") must match y_ND (", y_ND.scalar_type(), ", D=", y_ND.size(1), ")");
+}
+
+void check_unpermute_backward_args(const at::Tensor& grad_TD, const at::Tensor& y_ND, const at::Tensor& order_N,
+                                   const at::Tensor& rows_TK, const at::Tensor& weights_TK) {
+  check_unpermute_weights_grad_args(grad_TD, y_ND, order_N, rows_TK, "unpermute_backward");
+  check_weights_arg("unpermute_backward", "weights_TK", weights_TK, rows_TK, grad_TD);
 }
 
 static void check_offs(const char* op, const at::Tensor& offs_E, const at::Tensor& a,

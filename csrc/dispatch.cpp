@@ -1,4 +1,6 @@
-// moe.permute / moe.unpermute / moe.unpermute_weights_grad on the CPU (at::parallel_for).
+// moe.permute / moe.unpermute / moe.unpermute_weights_grad / moe.unpermute_backward on the CPU
+// (at::parallel_for). unpermute_backward is the weighted unpermute's backward in one pass per
+// token: permute(grad, weights)'s rows and unpermute_weights_grad's dot products, the same bits.
 //
 // Each op reads the plan (order_N, rows_TK) produced by moe.plan. Empty slots (-1) are skipped
 // and never read; accumulation is in at::opmath_type (float32 for half/bfloat16), in slot order
@@ -61,6 +63,19 @@ acc_t dot(const scalar_t* a, const scalar_t* b, int64_t D) {
 // The AVX-512 row loops (cpu_vec.h) are bit-identical to the scalar ones.
 using vec::kVecRows;
 
+// o = row * w, each product rounded to scalar_t (the AVX-512 loop where `fast`: the same bits).
+template <typename scalar_t>
+void scale_row_to(const scalar_t* row, at::opmath_type<scalar_t> w, scalar_t* o, int64_t D, bool fast) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (kVecRows<scalar_t>) {
+    if (fast) {
+      vec::scale_row(row, w, o, D);
+      return;
+    }
+  }
+  for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(static_cast<acc_t>(row[d]) * w);
+}
+
 template <typename scalar_t>
 void permute_rows(const at::Tensor& x, const int64_t* ord, const std::optional<at::Tensor>& scale_TK,
                   int64_t N, int64_t K, int64_t num_slots, at::Tensor& out) {
@@ -99,16 +114,11 @@ void permute_rows(const at::Tensor& x, const int64_t* ord, const std::optional<a
           vec::scale_row_stream(row, scale.ptr[s], o, D);
           continue;
         }
-        if (fast && scale.ptr != nullptr) {
-          vec::scale_row(row, scale.ptr[s], o, D);
-          continue;
-        }
       }
       if (scale.ptr == nullptr) {
         std::memcpy(o, row, row_bytes);
       } else {
-        const acc_t w = scale.ptr[s];
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(static_cast<acc_t>(row[d]) * w);
+        scale_row_to(row, scale.ptr[s], o, D, fast);
       }
     }
     if (stream) vec::store_fence();
@@ -163,33 +173,50 @@ void unpermute_rows(const at::Tensor& y, const int64_t* row_of,
   });
 }
 
+// The weighted unpermute's backward, one pass over each token's slots (tokens in parallel): with
+// gy, gy[r] = grad[t] * w[t, k] for slot (t, k)'s row r (permute's arithmetic: its rows, for a
+// plan whose rows_TK inverts its order_N); with dw, dw[t, k] = <grad[t], y[r]> (0 for an empty
+// slot). gy's rows that no slot reaches (padding) are left to the caller. grad and y contiguous.
 template <typename scalar_t>
-void weights_grad_rows(const at::Tensor& g, const at::Tensor& y, const int64_t* row_of, int64_t N,
-                       int64_t T, int64_t K, at::Tensor& out) {
+void unpermute_backward_rows(const at::Tensor& g, const at::Tensor& y, const int64_t* row_of,
+                             const at::opmath_type<scalar_t>* w, int64_t N, int64_t T, int64_t K,
+                             scalar_t* gy, at::opmath_type<scalar_t>* dw) {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* ys = y.const_data_ptr<scalar_t>();
   const scalar_t* gs = g.const_data_ptr<scalar_t>();
-  acc_t* dw = out.mutable_data_ptr<acc_t>();
-  const int64_t D = y.size(1);
+  const scalar_t* ys = dw != nullptr ? y.const_data_ptr<scalar_t>() : nullptr;
+  const int64_t D = g.size(1);
   const bool fast = kVecRows<scalar_t> && vec::avx512_rows();
   at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
+      const scalar_t* gt = gs + t * D;
       for (int64_t k = 0; k < K; ++k) {
-        const int64_t r = row_of[t * K + k];
-        check_index(r, N, "rows_TK", t * K + k);
-        acc_t& out_tk = dw[t * K + k];
+        const int64_t s = t * K + k, r = row_of[s];
+        check_index(r, N, "rows_TK", s);
         if (r < 0) {
-          out_tk = acc_t(0);
+          if (dw != nullptr) dw[s] = acc_t(0);
           continue;
         }
+        if (gy != nullptr) scale_row_to(gt, w[s], gy + r * D, D, fast);
+        if (dw == nullptr) continue;
         if constexpr (kVecRows<scalar_t>) {
           if (fast) {
-            out_tk = vec::dot_row(gs + t * D, ys + r * D, D);
+            dw[s] = vec::dot_row(gt, ys + r * D, D);
             continue;
           }
         }
-        out_tk = dot<acc_t>(gs + t * D, ys + r * D, D);
+        dw[s] = dot<acc_t>(gt, ys + r * D, D);
       }
+    }
+  });
+}
+
+// Zeros the rows i of out (N, D) whose order_N[i] is -1: permute's padding rows.
+template <typename scalar_t>
+void zero_padding_rows(const int64_t* ord, int64_t N, int64_t num_slots, scalar_t* out, int64_t D) {
+  at::parallel_for(0, N, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      check_index(ord[i], num_slots, "order_N", i);
+      if (ord[i] < 0) std::fill(out + i * D, out + (i + 1) * D, scalar_t(0));
     }
   });
 }
@@ -238,9 +265,34 @@ at::Tensor unpermute_weights_grad_cpu(const at::Tensor& grad_TD, const at::Tenso
   auto out = at::empty({T, K}, y.options().dtype(accum_dtype(y.scalar_type())));
   const int64_t* row_of = rows.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "moe_unpermute_wgrad_cpu", [&] {
-    weights_grad_rows<scalar_t>(g, y, row_of, N, T, K, out);
+    using acc_t = at::opmath_type<scalar_t>;
+    unpermute_backward_rows<scalar_t>(g, y, row_of, nullptr, N, T, K, nullptr, out.mutable_data_ptr<acc_t>());
   });
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad_TD, const at::Tensor& y_ND,
+                                                          const at::Tensor& order_N, const at::Tensor& rows_TK,
+                                                          const at::Tensor& weights_TK, bool grad_y,
+                                                          bool grad_weights) {
+  check_unpermute_backward_args(grad_TD, y_ND, order_N, rows_TK, weights_TK);
+  const int64_t N = y_ND.size(0), T = rows_TK.size(0), K = rows_TK.size(1), D = grad_TD.size(1);
+  const auto g = grad_TD.contiguous();
+  const auto y = grad_weights ? y_ND.contiguous() : y_ND;
+  const auto rows = rows_TK.contiguous();
+  const auto order = order_N.contiguous();
+  auto gy = grad_y ? empty_cpu({N, D}, g.options()) : at::empty({0, D}, g.options());
+  auto dw = at::empty({grad_weights ? T : 0, K}, g.options().dtype(accum_dtype(g.scalar_type())));
+  if (!grad_y && !grad_weights) return {gy, dw};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "moe_unpermute_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const AccWeights<acc_t> w(weights_TK);
+    scalar_t* gy_ptr = grad_y ? gy.mutable_data_ptr<scalar_t>() : nullptr;
+    unpermute_backward_rows<scalar_t>(g, y, rows.const_data_ptr<int64_t>(), w.ptr, N, T, K, gy_ptr,
+                                      grad_weights ? dw.mutable_data_ptr<acc_t>() : nullptr);
+    if (grad_y) zero_padding_rows<scalar_t>(order.const_data_ptr<int64_t>(), N, T * K, gy_ptr, D);
+  });
+  return {gy, dw};
 }
 
 }  // namespace moe

@@ -27,7 +27,11 @@ void check_dispatch_args(const char* op, const at::Tensor& x, const char* x_name
 void check_weights_arg(const char* op, const char* name, const at::Tensor& w_TK,
                        const at::Tensor& rows_TK, const at::Tensor& x);
 void check_unpermute_weights_grad_args(const at::Tensor& grad_TD, const at::Tensor& y_ND,
-                                       const at::Tensor& order_N, const at::Tensor& rows_TK);
+                                       const at::Tensor& order_N, const at::Tensor& rows_TK,
+                                       const char* op = "unpermute_weights_grad");
+// unpermute_weights_grad's checks under this op's name, and weights_TK (T, K) float32 or grad's dtype.
+void check_unpermute_backward_args(const at::Tensor& grad_TD, const at::Tensor& y_ND, const at::Tensor& order_N,
+                                   const at::Tensor& rows_TK, const at::Tensor& weights_TK);
 void check_grouped_mm_args(const at::Tensor& a_NX, const at::Tensor& b_EXY,
                            const at::Tensor& offs_E);
 void check_grouped_mm_wgrad_args(const at::Tensor& a_NX, const at::Tensor& g_NY,
@@ -98,6 +102,10 @@ at::Tensor unpermute_cpu(const at::Tensor& y_ND, const at::Tensor& order_N,
                          const at::Tensor& rows_TK, const std::optional<at::Tensor>& weights_TK);
 at::Tensor unpermute_weights_grad_cpu(const at::Tensor& grad_TD, const at::Tensor& y_ND,
                                       const at::Tensor& order_N, const at::Tensor& rows_TK);
+std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad_TD, const at::Tensor& y_ND,
+                                                          const at::Tensor& order_N, const at::Tensor& rows_TK,
+                                                          const at::Tensor& weights_TK, bool grad_y,
+                                                          bool grad_weights);
 at::Tensor grouped_mm_cpu(const at::Tensor& a_NX, const at::Tensor& b_EXY,
                           const at::Tensor& offs_E);
 at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& a_NX, const at::Tensor& g_NY,

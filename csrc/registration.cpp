@@ -25,6 +25,10 @@ TORCH_LIBRARY(moe, m) {
   m.def("unpermute(Tensor y_ND, Tensor order_N, Tensor rows_TK, Tensor? weights_TK=None) -> Tensor");
   // dw_TK[t, k] = <grad_TD[t], y_ND[rows_TK[t, k]]>, 0 for empty slots (float32 for half types).
   m.def("unpermute_weights_grad(Tensor grad_TD, Tensor y_ND, Tensor order_N, Tensor rows_TK) -> Tensor");
+  // (permute(grad_TD, order_N, rows_TK, weights_TK), unpermute_weights_grad(grad_TD, y_ND, order_N,
+  // rows_TK)): the weighted unpermute's backward in one pass; an output not asked for is empty.
+  m.def("unpermute_backward(Tensor grad_TD, Tensor y_ND, Tensor order_N, Tensor rows_TK, Tensor weights_TK, "
+        "bool grad_y=True, bool grad_weights=True) -> (Tensor, Tensor)");
   // c_NY[offs[e-1]:offs[e]] = a_NX[offs[e-1]:offs[e]] @ b_EXY[e]; rows past offs[E-1] are zero.
   m.def("grouped_mm(Tensor a_NX, Tensor b_EXY, Tensor offs_E) -> Tensor");
   // g_EXY[e] = a_NX[rows of e]^T @ g_NY[rows of e]; zero for experts with no rows.
@@ -76,6 +80,7 @@ TORCH_LIBRARY_IMPL(moe, CPU, m) {
   m.impl("permute", &moe::permute_cpu);
   m.impl("unpermute", &moe::unpermute_cpu);
   m.impl("unpermute_weights_grad", &moe::unpermute_weights_grad_cpu);
+  m.impl("unpermute_backward", &moe::unpermute_backward_cpu);
   m.impl("grouped_mm", &moe::grouped_mm_cpu);
   m.impl("grouped_mm_wgrad", &moe::grouped_mm_wgrad_cpu);
   m.impl("gather_grouped_mm", &moe::gather_grouped_mm_cpu);

@@ -19,6 +19,8 @@ else gather_grouped_mm's + the swiglu kernel; ``topk_route`` 2
 kernels (route, final statistics), 3 with the loss statistics (+ the partial sums), 1 without them
 up to 64 tokens; ``linear_f32_backward`` 4 for bfloat16 (the split of the gradient into three
 bfloat16 terms, two cuBLAS GEMMs, the sum of the weight gradient's three parts), else its ATen ops.
+``unpermute_backward`` is one kernel (a warp per slot), as are ``permute``, ``unpermute`` and
+``unpermute_weights_grad``.
 bench/gpu_bench.py prints both this count and the profiler's.
 
 :func:`layer_counts` measures a layer's forward and training step (forward, the layer's

@@ -1,4 +1,5 @@
-// moe.plan / moe.permute / moe.unpermute / moe.unpermute_weights_grad on CUDA.
+// moe.plan / moe.permute / moe.unpermute / moe.unpermute_weights_grad / moe.unpermute_backward on
+// CUDA.
 //
 // Shape legend: T tokens, K top-k slots per token, E experts, N routed rows (the host-side bound
 // T*K, also the count num_slots of slots; rows past offs_E[E-1] are padding), D feature dim.
@@ -6,6 +7,8 @@
 // plan: see csrc/cuda/plan.cuh (one launch at decode sizes, a two-launch counting sort, or cub's
 // radix sort), the same plan as the CPU kernel bit for bit.
 //
+// unpermute_backward (the weighted unpermute's backward: permute(grad, weights) and the weights'
+// gradient in one pass) and unpermute_weights_grad share one kernel, a warp per slot.
 // permute / unpermute / unpermute_weights_grad: one warp per output row, 16-byte vectors when
 // the row strides and pointers allow it (else one element at a time). unpermute accumulates in
 // at::opmath_type (float32 for half/bfloat16) in slot order k = 0..K-1 with separately rounded
@@ -201,34 +204,72 @@ at::Tensor unpermute_cuda(const at::Tensor& y_ND, const at::Tensor& order_N,
   return out;
 }
 
+namespace {
+
+// unpermute_backward_kernel over the S slots: gy (with weights) and/or dw. The 16-byte vectors
+// when grad's and y's rows allow them, as unpermute_weights_grad alone decides (so the dot
+// products have its bits; gy, contiguous with D a multiple of the vector, then allows them too).
+void launch_unpermute_backward(const at::Tensor& g, const at::Tensor& y, const at::Tensor& rows,
+                               const at::Tensor* order, const std::optional<at::Tensor>& weights, int64_t N,
+                               at::Tensor* gy, at::Tensor* dw) {
+  const int64_t S = rows.numel(), K = rows.size(1), D = g.size(1);
+  if (S == 0) return;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "moe_unpermute_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_weight_type<scalar_t>(weights, [&](auto w_tag) {
+      using W = decltype(w_tag);
+      constexpr int V = kVec16<scalar_t>;
+      const bool vec = vec16_ok(g.const_data_ptr(), D, g.stride(0), sizeof(scalar_t)) &&
+                       (dw == nullptr || vec16_ok(y.const_data_ptr(), D, y.stride(0), sizeof(scalar_t))) &&
+                       (gy == nullptr || vec16_ok(gy->const_data_ptr(), D, D, sizeof(scalar_t)));
+      auto launch = [&](auto kernel, int64_t nvec) {
+        kernel<<<rows_grid(S, kWarpsPerBlock), kThreads, 0, stream>>>(
+            g.const_data_ptr<scalar_t>(), g.stride(0), dw != nullptr ? y.const_data_ptr<scalar_t>() : nullptr,
+            y.stride(0), rows.const_data_ptr<int64_t>(), order != nullptr ? order->const_data_ptr<int64_t>() : nullptr,
+            weight_ptr<W>(weights), S, static_cast<int>(K), N, nvec,
+            gy != nullptr ? gy->mutable_data_ptr<scalar_t>() : nullptr,
+            dw != nullptr ? dw->mutable_data_ptr<acc_t>() : nullptr);
+      };
+      if (vec) launch(unpermute_backward_kernel<scalar_t, W, V>, D / V);
+      else launch(unpermute_backward_kernel<scalar_t, W, 1>, D);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+}  // namespace
+
 at::Tensor unpermute_weights_grad_cuda(const at::Tensor& grad_TD, const at::Tensor& y_ND,
                                        const at::Tensor& order_N, const at::Tensor& rows_TK) {
   check_unpermute_weights_grad_args(grad_TD, y_ND, order_N, rows_TK);
   c10::cuda::CUDAGuard guard(y_ND.device());
-  const int64_t N = y_ND.size(0), T = rows_TK.size(0), K = rows_TK.size(1), D = y_ND.size(1);
-  const int64_t num_slots = T * K;
+  const int64_t T = rows_TK.size(0), K = rows_TK.size(1);
   const auto y = unit_inner(y_ND);
   const auto g = unit_inner(grad_TD);
   const auto rows = rows_TK.contiguous();
   auto out = at::empty({T, K}, y.options().dtype(accum_dtype(y.scalar_type())));
-  if (num_slots == 0) return out;
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "moe_unpermute_wgrad_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    constexpr int V = kVec16<scalar_t>;
-    const bool vec = vec16_ok(y.const_data_ptr(), D, y.stride(0), sizeof(scalar_t)) &&
-                     vec16_ok(g.const_data_ptr(), D, g.stride(0), sizeof(scalar_t));
-    auto launch = [&](auto kernel, int64_t nvec) {
-      kernel<<<rows_grid(num_slots, kWarpsPerBlock), kThreads, 0, stream>>>(
-          g.const_data_ptr<scalar_t>(), g.stride(0), y.const_data_ptr<scalar_t>(), y.stride(0),
-          rows.const_data_ptr<int64_t>(), num_slots, static_cast<int>(K), N, nvec,
-          out.mutable_data_ptr<acc_t>());
-    };
-    if (vec) launch(unpermute_wgrad_kernel<scalar_t, V>, D / V);
-    else launch(unpermute_wgrad_kernel<scalar_t, 1>, D);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  launch_unpermute_backward(g, y, rows, nullptr, std::nullopt, y_ND.size(0), nullptr, &out);
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& grad_TD, const at::Tensor& y_ND,
+                                                           const at::Tensor& order_N, const at::Tensor& rows_TK,
+                                                           const at::Tensor& weights_TK, bool grad_y,
+                                                           bool grad_weights) {
+  check_unpermute_backward_args(grad_TD, y_ND, order_N, rows_TK, weights_TK);
+  c10::cuda::CUDAGuard guard(grad_TD.device());
+  const int64_t N = y_ND.size(0), T = rows_TK.size(0), K = rows_TK.size(1), D = grad_TD.size(1);
+  const auto g = unit_inner(grad_TD);
+  const auto y = grad_weights ? unit_inner(y_ND) : y_ND;
+  const auto rows = rows_TK.contiguous();
+  const auto order = order_N.contiguous();
+  const std::optional<at::Tensor> w(weights_TK.contiguous());
+  auto gy = at::empty({grad_y ? N : 0, D}, g.options());
+  auto dw = at::empty({grad_weights ? T : 0, K}, g.options().dtype(accum_dtype(g.scalar_type())));
+  if (grad_y || grad_weights)
+    launch_unpermute_backward(g, y, rows, &order, w, N, grad_y ? &gy : nullptr, grad_weights ? &dw : nullptr);
+  return {gy, dw};
 }
 
 }  // namespace moe::cuda
@@ -238,4 +279,5 @@ TORCH_LIBRARY_IMPL(moe, CUDA, m) {
   m.impl("permute", &moe::cuda::permute_cuda);
   m.impl("unpermute", &moe::cuda::unpermute_cuda);
   m.impl("unpermute_weights_grad", &moe::cuda::unpermute_weights_grad_cuda);
+  m.impl("unpermute_backward", &moe::cuda::unpermute_backward_cuda);
 }

@@ -1,4 +1,5 @@
-// Gather/scatter kernels of moe.permute / moe.unpermute / moe.unpermute_weights_grad, launched by
+// Gather/scatter kernels of moe.permute / moe.unpermute / moe.unpermute_weights_grad /
+// moe.unpermute_backward, launched by
 // csrc/cuda/dispatch.cu (kept in a header so the CUDA build stays at two translation units).
 //
 // Shape legend: T tokens, K top-k slots per token, S = T*K slots, N routed rows, D feature dim.
@@ -113,34 +114,62 @@ __global__ void unpermute_kernel(const T* __restrict__ y, int64_t ldy,
   }
 }
 
-// dw[s] = <g[s / K], y[rows[s]]>: one warp per slot, a fixed-order warp reduction (deterministic,
-// but not the CPU's sequential order: equal to it up to float rounding).
-template <typename T, int VEC>
-__global__ void unpermute_wgrad_kernel(const T* __restrict__ g, int64_t ldg,
-                                       const T* __restrict__ y, int64_t ldy,
-                                       const int64_t* __restrict__ rows, int64_t S, int K,
-                                       int64_t N, int64_t nvec,
-                                       at::opmath_type<T>* __restrict__ out) {
+// The weighted unpermute's backward (moe.unpermute_backward), and unpermute_weights_grad (gy and
+// weights null): one warp per slot s = (t, k) of row r = rows[s]. With gy: gy[r] = g[t] * w[s]
+// (permute's arithmetic: its rows for a plan whose rows_TK inverts its order_N), and row s of gy
+// zeroed when order[s] is -1 (permute's padding rows; N = S). With dw: dw[s] = <g[t], y[r]>,
+// lane-strided fused multiply-adds then a fixed-order warp reduction (deterministic, but not the
+// CPU's sequential order: equal to it up to float rounding), 0 for an empty slot. The same code
+// serves both ops, so their dot products have the same bits.
+template <typename T, typename W, int VEC>
+__global__ void unpermute_backward_kernel(const T* __restrict__ g, int64_t ldg, const T* __restrict__ y,
+                                          int64_t ldy, const int64_t* __restrict__ rows,
+                                          const int64_t* __restrict__ order, const W* __restrict__ weights,
+                                          int64_t S, int K, int64_t N, int64_t nvec, T* __restrict__ gy,
+                                          at::opmath_type<T>* __restrict__ dw) {
   using acc_t = at::opmath_type<T>;
   using V = Vec<T, VEC>;
   const int64_t s = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (s >= S) return;  // warp-uniform
+  if (gy != nullptr) {
+    const int64_t o = order[s];
+    CUDA_KERNEL_ASSERT(o >= -1 && o < S && "moe.unpermute_backward: order_N does not match rows_TK");
+    if (o < 0 || o >= S) {  // padding row s: zeros
+      V z;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) z.v[j] = static_cast<T>(0.0f);
+      V* out = reinterpret_cast<V*>(gy + s * nvec * VEC);
+      for (int64_t v = lane; v < nvec; v += kWarp) out[v] = z;
+    }
+  }
   const int64_t r = rows[s];
   CUDA_KERNEL_ASSERT(r >= -1 && r < N && "moe.unpermute_weights_grad: rows_TK does not match y_ND");
   acc_t dot = 0;
   if (r >= 0 && r < N) {  // warp-uniform
     const V* gv = reinterpret_cast<const V*>(g + (s / K) * ldg);
-    const V* yv = reinterpret_cast<const V*>(y + r * ldy);
+    const V* yv = dw != nullptr ? reinterpret_cast<const V*>(y + r * ldy) : nullptr;
+    V* out = gy != nullptr ? reinterpret_cast<V*>(gy + r * nvec * VEC) : nullptr;
+    const acc_t w = out != nullptr ? static_cast<acc_t>(weights[s]) : acc_t(1);
     for (int64_t v = lane; v < nvec; v += kWarp) {
-      const V a = gv[v], b = yv[v];
+      const V a = gv[v];
+      if (yv != nullptr) {
+        const V b = yv[v];
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) dot += static_cast<acc_t>(a.v[j]) * static_cast<acc_t>(b.v[j]);
+        for (int j = 0; j < VEC; ++j) dot = fma_rn(static_cast<acc_t>(a.v[j]), static_cast<acc_t>(b.v[j]), dot);
+      }
+      if (out != nullptr) {
+        V o;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) o.v[j] = static_cast<T>(mul_rn(static_cast<acc_t>(a.v[j]), w));
+        out[v] = o;
+      }
     }
   }
+  if (dw == nullptr) return;  // warp-uniform
 #pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-  if (lane == 0) out[s] = dot;
+  for (int o = kWarp / 2; o > 0; o >>= 1) dot = add_rn(dot, __shfl_xor_sync(0xffffffffu, dot, o));
+  if (lane == 0) dw[s] = dot;
 }
 
 }  // namespace

@@ -43,12 +43,14 @@ from moe.ops.twins import (  # noqa: F401  (the twins, by their historical names
     gather_grouped_mm_wgrad_torch,
     grouped_mm_torch,
     grouped_mm_wgrad_torch,
+    linear_f32_backward_torch,
     linear_f32_torch,
     permute_torch,
     plan_torch,
     swiglu_backward_torch,
     swiglu_torch,
     unpermute_torch,
+    unpermute_backward_torch,
     unpermute_weights_grad_torch,
 )
 

@@ -97,12 +97,19 @@ def check_unpermute_args(y_ND, order_N, rows_TK, weights_TK=None) -> None:
     check_weights_arg("unpermute", "weights_TK", weights_TK, rows_TK, y_ND)
 
 
-def check_unpermute_weights_grad_args(grad_TD, y_ND, order_N, rows_TK) -> None:
-    op = "unpermute_weights_grad"
+def check_unpermute_weights_grad_args(grad_TD, y_ND, order_N, rows_TK, op="unpermute_weights_grad") -> None:
     check_dispatch_args(op, y_ND, "y_ND", "N", order_N, rows_TK)
     check_dispatch_args(op, grad_TD, "grad_TD", "T", order_N, rows_TK)
     _check(grad_TD.dtype == y_ND.dtype and grad_TD.shape[1] == y_ND.shape[1], op,
            f"grad_TD ({grad_TD.dtype}, D={grad_TD.shape[1]}) must match y_ND ({y_ND.dtype}, D={y_ND.shape[1]})")
+
+
+def check_unpermute_backward_args(grad_TD, y_ND, order_N, rows_TK, weights_TK, grad_y=True,
+                                  grad_weights=True) -> None:
+    op = "unpermute_backward"
+    check_unpermute_weights_grad_args(grad_TD, y_ND, order_N, rows_TK, op)
+    _check(weights_TK is not None, op, "weights_TK is required (the unweighted backward is permute)")
+    check_weights_arg(op, "weights_TK", weights_TK, rows_TK, grad_TD)
 
 
 def _check_offs(op, offs_E, a, a_name="a_NX") -> None:

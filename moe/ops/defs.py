@@ -83,11 +83,17 @@ def _unpermute_setup(ctx, inputs, output):
 
 
 def _unpermute_backward(ctx, g_TD):
+    """permute(g, weights) into y and unpermute_weights_grad into the weights: one
+    moe.unpermute_backward when weighted (with create_graph, the two differentiable ops)."""
     y_ND, order_N, rows_TK, weights_TK = ctx.saved_tensors
+    need_y, need_w = ctx.needs_input_grad[0], weights_TK is not None and ctx.needs_input_grad[3]
+    if weights_TK is not None and not torch.is_grad_enabled():
+        g_y, g_w = ops.unpermute_backward(g_TD, y_ND, order_N, rows_TK, weights_TK, need_y, need_w)
+        return (g_y if need_y else None), None, None, (_cast(g_w, weights_TK) if need_w else None)
     g_y = g_w = None
-    if ctx.needs_input_grad[0]:
+    if need_y:
         g_y = ops.permute(g_TD, order_N, rows_TK, weights_TK)
-    if weights_TK is not None and ctx.needs_input_grad[3]:
+    if need_w:
         g_w = _cast(ops.unpermute_weights_grad(g_TD, y_ND, order_N, rows_TK), weights_TK)
     return g_y, None, None, g_w
 
@@ -118,6 +124,22 @@ unpermute_weights_grad = define_op(
     fallback=twins.unpermute_weights_grad_torch, fake=_weights_grad_fake,
     check=checks.check_unpermute_weights_grad_args,
     backward=_weights_grad_backward, setup_context=_save_inputs)
+
+
+# ---- unpermute_backward: (permute(grad, weights), unpermute_weights_grad(grad, y)) in one pass ----
+
+def _unpermute_backward_fake(grad_TD, y_ND, order_N, rows_TK, weights_TK, grad_y=True, grad_weights=True):
+    T, K = rows_TK.shape
+    return (grad_TD.new_empty(order_N.shape[0] if grad_y else 0, grad_TD.shape[1]),
+            grad_TD.new_empty(T if grad_weights else 0, K, dtype=_acc(grad_TD.dtype)))
+
+
+unpermute_backward = define_op(
+    "unpermute_backward",
+    "(Tensor grad_TD, Tensor y_ND, Tensor order_N, Tensor rows_TK, Tensor weights_TK, bool grad_y=True, "
+    "bool grad_weights=True) -> (Tensor, Tensor)",
+    fallback=twins.unpermute_backward_torch, fake=_unpermute_backward_fake,
+    check=checks.check_unpermute_backward_args)
 
 
 # ---- grouped_mm: c_e = a_e @ b_e; grouped_mm_wgrad: w_e = a_e^T @ g_e ----------------------------

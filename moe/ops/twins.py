@@ -18,6 +18,7 @@ __all__ = [
     "permute_torch",
     "unpermute_torch",
     "unpermute_weights_grad_torch",
+    "unpermute_backward_torch",
     "grouped_mm_torch",
     "grouped_mm_wgrad_torch",
     "gather_grouped_mm_torch",
@@ -108,6 +109,16 @@ def unpermute_weights_grad_torch(grad_TD, y_ND, order_N, rows_TK):
     y = y_ND.index_select(0, rows.clamp(min=0)).to(acc).view(T, K, y_ND.shape[1])
     dots = (grad_TD.to(acc)[:, None, :] * y).sum(-1)
     return torch.where(rows_TK >= 0, dots, torch.zeros((), dtype=acc, device=y_ND.device))
+
+
+def unpermute_backward_torch(grad_TD, y_ND, order_N, rows_TK, weights_TK, grad_y=True, grad_weights=True):
+    """(permute_torch(grad_TD, ..., weights_TK), unpermute_weights_grad_torch(grad_TD, y_ND, ...)):
+    the weighted unpermute's backward; an output not asked for is an empty (0, D) / (0, K)."""
+    D, K = grad_TD.shape[1], rows_TK.shape[1]
+    g_y = permute_torch(grad_TD, order_N, rows_TK, weights_TK) if grad_y else grad_TD.new_empty(0, D)
+    g_w = (unpermute_weights_grad_torch(grad_TD, y_ND, order_N, rows_TK) if grad_weights
+           else grad_TD.new_empty(0, K, dtype=_acc_dtype(grad_TD.dtype)))
+    return g_y, g_w
 
 
 def _group_bounds(offs_E: torch.Tensor) -> list[int]:

@@ -34,7 +34,7 @@ def _cuda_kernels():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     assert ops.HAS_EXTENSION, "moe._C did not load: build it with MOE_BUILD_CUDA=1"
-    for name in ("plan", "permute", "unpermute", "unpermute_weights_grad", "grouped_mm",
+    for name in ("plan", "permute", "unpermute", "unpermute_weights_grad", "unpermute_backward", "grouped_mm",
                  "grouped_mm_wgrad"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"moe::{name}", "CUDA"), name
     torch.manual_seed(0)
@@ -150,6 +150,68 @@ def test_permute_unpermute_equal_cpu_kernel(T, K, E, D, dtype, wdtype):
     want_dw = moe_ops.unpermute_weights_grad(g.cpu(), y.cpu(), p_cpu[2], p_cpu[3])
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(dw.cpu(), want_dw, rtol=tol, atol=tol * max(1, D ** 0.5))
+
+
+@pytest.mark.parametrize("T,K,E,D", DISPATCH_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("wdtype", [torch.float32, "same"])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_unpermute_backward_equals_the_two_ops(T, K, E, D, dtype, wdtype, layout):
+    """moe.unpermute_backward on CUDA: gradient rows equal permute(grad, weights) (CUDA and CPU) bit
+    for bit, padding rows zero; the weights' gradient equals unpermute_weights_grad on CUDA bit for
+    bit (one kernel serves both) and the CPU's within float rounding; each output alone too;
+    outputs poisoned first."""
+    ids = random_ids(T, K, E)
+    p = moe_ops.plan(ids, E)
+    p_cpu = [t.cpu() for t in p]
+    g = torch.randn(T, D + 8, device="cuda", dtype=dtype)[:, :D] if layout == "strided" else \
+        torch.randn(T, D, device="cuda", dtype=dtype)
+    y = torch.randn(T * K, D, device="cuda", dtype=dtype)
+    w = torch.rand(T, K, device="cuda", dtype=dtype if wdtype == "same" else wdtype)
+    for grad_y, grad_w in ((True, True), (True, False), (False, True)):
+        poison(((T * K, D), dtype), ((T, K), ops._acc(dtype)))
+        gy, dw = moe_ops.unpermute_backward(g, y, p[2], p[3], w, grad_y, grad_w)
+        assert gy.shape == (T * K if grad_y else 0, D) and dw.shape == (T if grad_w else 0, K)
+        if grad_y:
+            assert torch.equal(gy, moe_ops.permute(g, p[2], p[3], w))
+            assert torch.equal(gy.cpu(), moe_ops.permute(g.cpu(), p_cpu[2], p_cpu[3], w.cpu()))
+        if grad_w:
+            assert torch.equal(dw, moe_ops.unpermute_weights_grad(g, y, p[2], p[3]))
+            want = moe_ops.unpermute_weights_grad(g.cpu(), y.cpu(), p_cpu[2], p_cpu[3])
+            tol = 1e-10 if dtype == torch.float64 else 1e-4
+            torch.testing.assert_close(dw.cpu(), want, rtol=tol, atol=tol * max(1, D ** 0.5))
+
+
+def test_weighted_unpermute_backward_is_one_kernel_without_sync():
+    """ops.unpermute's weighted backward on CUDA: one moe::unpermute_backward kernel (no permute,
+    no unpermute_weights_grad), no host sync; opcheck on CUDA."""
+    ids = random_ids(300, 4, 16)
+    p = ops.plan(ids, 16)
+    y = torch.randn(1200, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.rand(300, 4, device="cuda", requires_grad=True)
+    g = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        y.grad = w.grad = None
+        ops.unpermute(y, p, w).backward(g)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        ops.unpermute(y, p, w).backward(g)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert sum("unpermute_backward_kernel" in n for n in names) == 1, names
+    assert not any("permute_kernel" in n and "unpermute" not in n for n in names), names
+    for mask in ((True, True), (False, True), (True, False)):
+        torch.library.opcheck(moe_ops.unpermute_backward.default, (g, y.detach(), p.order_N, p.rows_TK, w.detach(), *mask))
 
 
 @pytest.fixture(params=["auto", "native", "torch", "stream"])

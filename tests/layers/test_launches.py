@@ -8,18 +8,19 @@ profile in bench/gpu_bench.py shows both). Measured (CPU, extension loaded, T=64
 
 | layer | dtype | forward | train forward | step | before (main at 652d53b) |
 |---|---|---|---|---|---|
-| default TopKRouter | float32 | 6 | 7 | 20 | 31 / 62 / 83 |
-| default TopKRouter | bfloat16 | 6 | 7 | 19 | 31 / 62 / 87 |
-| DeepSeek-V3 router (sigmoid, groups, bias, seq loss) | bfloat16 | 6 | 7 | 19 | 31 / 66 / 98 |
-| default + z-loss | bfloat16 | 6 | 7 | 20 | 31 / 67 / 102 |
-| one shared expert | bfloat16 | 10 | 11 | 29 | 35 / 66 / 97 |
-| ThresholdRouter, xmoe (max_experts=4) | float32 | 6 | 7 | 20 | 44 / 72 / 93 |
-| ThresholdRouter, xmoe (max_experts=4) | bfloat16 | 6 | 7 | 19 | 44 / 72 / 97 |
-| ThresholdRouter, top_p, renormalize, seq loss | bfloat16 | 6 | 7 | 19 | 46 / 75 / 110 |
+| default TopKRouter | float32 | 6 | 7 | 19 | 31 / 62 / 83 |
+| default TopKRouter | bfloat16 | 6 | 7 | 18 | 31 / 62 / 87 |
+| DeepSeek-V3 router (sigmoid, groups, bias, seq loss) | bfloat16 | 6 | 7 | 18 | 31 / 66 / 98 |
+| default + z-loss | bfloat16 | 6 | 7 | 19 | 31 / 67 / 102 |
+| one shared expert | bfloat16 | 10 | 11 | 28 | 35 / 66 / 97 |
+| ThresholdRouter, xmoe (max_experts=4) | float32 | 6 | 7 | 19 | 44 / 72 / 93 |
+| ThresholdRouter, xmoe (max_experts=4) | bfloat16 | 6 | 7 | 18 | 44 / 72 / 97 |
+| ThresholdRouter, top_p, renormalize, seq loss | bfloat16 | 6 | 7 | 18 | 46 / 75 / 110 |
 
 A bfloat16 router's logits are one moe.linear_f32 each way (its backward one
 moe.linear_f32_backward, not the float32 GEMMs on upcast copies with their four casts); a float32
-router's are F.linear (one GEMM forward, two backward). The balance loss is one dot product
+router's are F.linear (one GEMM forward, two backward). The weighted combine's backward is one
+moe.unpermute_backward (the rows' gradient and the routing weights' in one pass). The balance loss is one dot product
 forward and its gradient backward (moe.topk_route folds the coefficient into fw_BE: fw_scale). The SwiGLU experts' first
 GEMM and activation are one op (moe.gather_grouped_mm_swiglu). The z-loss costs no op of its own
 (topk_route's z_scale makes zsum the loss; with a padding mask, whose real-token count is data,
@@ -29,7 +30,7 @@ ops), four GEMMs, the SwiGLU backward and the gradient sums into x backward; it 
 issue's budgets.
 The threshold router routes in the same one moe.topk_route (its rule); "before" is its chain of
 PyTorch ops (main at 6e6a137). Its entropy ("dynamic") loss and XMoE capacity stay PyTorch ops:
-top_p with dynamic_loss_coeff is 6 / 15 / 38, xmoe with capacity_factor=1.5 46 / 47 / 61 (bfloat16).
+top_p with dynamic_loss_coeff is 6 / 15 / 37, xmoe with capacity_factor=1.5 46 / 47 / 60 (bfloat16).
 """
 
 import pytest

@@ -224,6 +224,7 @@ def test_opcheck_all_ops(dtype):
         ("permute", (t["x"], p.order_N, p.rows_TK, None)),
         ("unpermute", (t["y"], p.order_N, p.rows_TK, w32)),
         ("unpermute_weights_grad", (t["x"], t["y"], p.order_N, p.rows_TK)),
+        ("unpermute_backward", (t["x"].detach(), t["y"].detach(), p.order_N, p.rows_TK, w32.detach())),
         ("grouped_mm", (t["y"], t["b"].transpose(-2, -1), p.offs_E)),
         ("grouped_mm_wgrad", (t["y"], t["g"], p.offs_E)),
         ("gather_grouped_mm", (t["x"], p.order_N, p.rows_TK, t["b"].transpose(-2, -1)[:, :5, :].contiguous(), p.offs_E)),

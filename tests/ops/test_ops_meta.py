@@ -45,6 +45,7 @@ def op_calls(device):
         ("unpermute", lambda: m.unpermute(y_ND, p.order_N, p.rows_TK, w)),
         ("unpermute_weights_grad", lambda: m.unpermute_weights_grad(x.to(torch.bfloat16), x_ND.to(torch.bfloat16),
                                                                     p.order_N, p.rows_TK)),
+        ("unpermute_backward", lambda: m.unpermute_backward(x, x_ND, p.order_N, p.rows_TK, w, True, False)),
         ("grouped_mm", lambda: m.grouped_mm(x_ND, b, p.offs_E)),
         ("grouped_mm_wgrad", lambda: m.grouped_mm_wgrad(x_ND, y_ND, p.offs_E)),
         ("gather_grouped_mm", lambda: m.gather_grouped_mm(x, p.order_N, p.rows_TK, b, p.offs_E)),
