@@ -81,14 +81,17 @@ void check_topk_route_backward_args(const at::Tensor& grad_weights_TK,
                                     c10::string_view score, const std::optional<at::Tensor>& grad_psum_BE,
                                     const std::optional<at::Tensor>& grad_zsum,
                                     const std::optional<at::Tensor>& logits_TE,
-                                    const std::optional<at::Tensor>& valid_T);
-// topk_route's results: ids_TK, weights_TK, probs_TE, counts_E, metrics (2,), fw_BE, psum_BE, zsum.
+                                    const std::optional<at::Tensor>& valid_T,
+                                    const std::optional<at::Tensor>& grad_balance,
+                                    const std::optional<at::Tensor>& fw_BE);
+// topk_route's results: ids_TK, weights_TK, probs_TE, counts_E, metrics (2,), fw_BE, psum_BE, zsum,
+// balance.
 using RouteOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                at::Tensor, at::Tensor>;
+                                at::Tensor, at::Tensor, at::Tensor>;
 // topk_route's results allocated (uninitialised) for its arguments, then the float32 bias and the
 // contiguous valid mask its kernels read (undefined where absent); CPU and CUDA share it.
 using RouteBuffers = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+                                at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 RouteBuffers route_buffers(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E, int64_t top_k,
                            const std::optional<at::Tensor>& valid_T, int64_t num_seqs);
 // Dtype of the unpermute_weights_grad output: float32 for half/bfloat16, else the input dtype.
@@ -142,7 +145,9 @@ at::Tensor topk_route_backward_cpu(const at::Tensor& grad_weights_TK,
                                    const std::optional<at::Tensor>& grad_psum_BE,
                                    const std::optional<at::Tensor>& grad_zsum,
                                    const std::optional<at::Tensor>& logits_TE,
-                                   const std::optional<at::Tensor>& valid_T, double z_scale);
+                                   const std::optional<at::Tensor>& valid_T, double z_scale,
+                                   const std::optional<at::Tensor>& grad_balance,
+                                   const std::optional<at::Tensor>& fw_BE);
 
 // CUDA kernels that other CUDA ops call (csrc/cuda/).
 namespace cuda {

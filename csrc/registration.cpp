@@ -55,21 +55,23 @@ TORCH_LIBRARY(moe, m) {
   m.def("swiglu_backward(Tensor grad, Tensor h) -> Tensor");
   // A token-choice router in one pass per token (csrc/router.cpp; num_groups = topk_groups = 0: no
   // group limit): (ids_TK, weights_TK, probs_TE, counts_E, metrics (dropped_fraction 0,
-  // experts_per_token), fw_BE, psum_BE, zsum) from logits_TE; padded tokens (valid_T false) get
+  // experts_per_token), fw_BE, psum_BE, zsum, balance) from logits_TE; padded tokens (valid_T false) get
   // ids -1; num_seqs = B > 0 adds the loss statistics over B sequences. rule "xmoe" / "top_p" (the
   // threshold router: softmax, no bias or groups) keeps the prefix of each token's top_k that the
   // rule keeps at threshold, the other slots -1 with weight 0; "none" keeps all top_k. fw_BE comes
   // multiplied by fw_scale (a balance loss's coefficient times E: the loss is then one dot product)
-  // and zsum by z_scale (a z-loss's coefficient over the tokens: zsum is then the loss).
+  // and zsum by z_scale (a z-loss's coefficient over the tokens: zsum is then the loss); balance =
+  // sum(fw_BE * psum_BE), then the balance loss.
   m.def("topk_route(Tensor logits_TE, Tensor? bias_E, int top_k, str score, int num_groups, int topk_groups, "
         "bool norm_topk, float scaling, Tensor? valid_T=None, int num_seqs=0, bool check_finite=False, "
         "str rule=\"none\", float threshold=1.0, float fw_scale=1.0, float z_scale=1.0) -> "
-        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // d logits_TE from d weights_TK and (optional) d probs_TE, d psum_BE and d zsum (zsum the forward's,
-  // times z_scale).
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // d logits_TE from d weights_TK and (optional) d probs_TE, d psum_BE, d zsum (zsum the forward's,
+  // times z_scale) and d balance (with fw_BE).
   m.def("topk_route_backward(Tensor grad_weights_TK, Tensor? grad_probs_TE, Tensor ids_TK, Tensor probs_TE, "
         "str score, bool norm_topk, float scaling, Tensor? grad_psum_BE=None, Tensor? grad_zsum=None, "
-        "Tensor? logits_TE=None, Tensor? valid_T=None, float z_scale=1.0) -> Tensor");
+        "Tensor? logits_TE=None, Tensor? valid_T=None, float z_scale=1.0, Tensor? grad_balance=None, "
+        "Tensor? fw_BE=None) -> Tensor");
   // Weight-only int8 experts (inference): c_NY[i, y] = (a_NX[i] . q_EYX[e, y]) * scale_EY[e, y]
   // for the rows i of expert e, float32 sums, in a_NX's dtype; rows past offs[E-1] are zero.
   m.def("grouped_mm_w8(Tensor a_NX, Tensor q_EYX, Tensor scale_EY, Tensor offs_E) -> Tensor");

@@ -25,10 +25,12 @@
 // s, or with rule "xmoe" each token's first slot: XMoE's l_aux), psum_BE[b, e] = sum of s_e over
 // b's real tokens, fw_BE[b, e] = f_be * has_b / (max(1, tokens_b) * max(1, sequences with a
 // token)) * fw_scale with f_be = (b's loss slots on e) / max(1, b's loss slots), zsum = z_scale *
-// the sum over real tokens of logsumexp(l)^2. The sums over tokens run in token order after the parallel pass
-// (deterministic).
-// The backward takes d weights_TK, (optional) d probs_TE, d psum_BE and d zsum (z_scale: zsum's
-// factor in the forward) and returns
+// the sum over real tokens of logsumexp(l)^2, balance = sum over (b, e) of fw_BE * psum_BE (a
+// balance loss, its coefficient in fw_scale). The sums over tokens run in token order after the
+// parallel pass (deterministic).
+// The backward takes d weights_TK, (optional) d probs_TE, d psum_BE, d zsum (z_scale: zsum's
+// factor in the forward) and d balance (with fw_BE: psum_BE's gradient gains d balance * fw_BE)
+// and returns
 // d logits_TE; slots with id -1 (padded tokens, slots a rule dropped) carry no gradient, and the
 // renormalisation runs over the others, so the rules need nothing more there.
 #include <ATen/Parallel.h>
@@ -109,7 +111,9 @@ void check_topk_route_backward_args(const at::Tensor& grad_weights_TK,
                                     c10::string_view score, const std::optional<at::Tensor>& grad_psum_BE,
                                     const std::optional<at::Tensor>& grad_zsum,
                                     const std::optional<at::Tensor>& logits_TE,
-                                    const std::optional<at::Tensor>& valid_T) {
+                                    const std::optional<at::Tensor>& valid_T,
+                                    const std::optional<at::Tensor>& grad_balance,
+                                    const std::optional<at::Tensor>& fw_BE) {
   const char* op = "moe.topk_route_backward";
   TORCH_CHECK(probs_TE.dim() == 2 && (probs_TE.scalar_type() == at::kFloat || probs_TE.scalar_type() == at::kDouble),
               op, ": probs_TE must be a 2-D float32 or float64 tensor, got ", probs_TE.scalar_type(), " ",
@@ -152,6 +156,22 @@ void check_topk_route_backward_args(const at::Tensor& grad_weights_TK,
                     valid_T->device() == probs_TE.device(),
                 op, ": valid_T must be a bool tensor of shape (", T, ",), got ", valid_T->scalar_type(), " ",
                 valid_T->sizes());
+  if (grad_balance.has_value()) {
+    TORCH_CHECK(grad_balance->dim() == 0 && grad_balance->scalar_type() == dt &&
+                    grad_balance->device() == probs_TE.device(),
+                op, ": grad_balance must be a 0-d ", dt, " tensor on ", probs_TE.device(), ", got ",
+                grad_balance->scalar_type(), " ", grad_balance->sizes());
+    TORCH_CHECK(fw_BE.has_value(), op, ": grad_balance needs fw_BE (balance = sum(fw_BE * psum_BE))");
+  }
+  if (fw_BE.has_value()) {
+    TORCH_CHECK(fw_BE->dim() == 2 && fw_BE->size(1) == E && fw_BE->size(0) >= 1 && T % fw_BE->size(0) == 0 &&
+                    fw_BE->scalar_type() == dt && fw_BE->device() == probs_TE.device(),
+                op, ": fw_BE must be (B, E=", E, ") with B dividing T=", T, ", of probs_TE's dtype ", dt, " on ",
+                probs_TE.device(), ", got ", fw_BE->scalar_type(), " ", fw_BE->sizes());
+    if (grad_psum_BE.has_value())
+      TORCH_CHECK(fw_BE->sizes() == grad_psum_BE->sizes(), op, ": fw_BE ", fw_BE->sizes(), " and grad_psum_BE ",
+                  grad_psum_BE->sizes(), " must have one shape (B, E)");
+  }
 }
 
 namespace {
@@ -283,7 +303,8 @@ void route_rows(const at::Tensor& logits, const RouteArgs<T>& a, at::Tensor& ids
 // run in token order (psum_BE in parallel over experts), so the results do not depend on threads.
 template <typename T>
 void route_statistics(const at::Tensor& ids, const at::Tensor& probs, const RouteArgs<T>& a, int64_t B,
-                      at::Tensor& counts, at::Tensor& metrics, at::Tensor& fw, at::Tensor& psum, at::Tensor& zsum) {
+                      at::Tensor& counts, at::Tensor& metrics, at::Tensor& fw, at::Tensor& psum, at::Tensor& zsum,
+                      at::Tensor& balance) {
   const int64_t Tn = probs.size(0), E = probs.size(1), K = a.K;
   const int64_t* id = ids.const_data_ptr<int64_t>();
   int64_t* cnt = counts.mutable_data_ptr<int64_t>();
@@ -302,6 +323,8 @@ void route_statistics(const at::Tensor& ids, const at::Tensor& probs, const Rout
   m[1] = static_cast<float>(kept) / std::max(1.0f, static_cast<float>(real));
   T* z = zsum.mutable_data_ptr<T>();
   z[0] = T(0);
+  T* bal = balance.mutable_data_ptr<T>();
+  bal[0] = T(0);
   if (B == 0) return;
   const int64_t S = Tn / B;
   const int64_t* lid = a.aux_topk ? a.aux_ids : id;
@@ -342,6 +365,7 @@ void route_statistics(const at::Tensor& ids, const at::Tensor& probs, const Rout
     const T scale = has / (std::max(T(1), tokens[b]) * std::max(T(1), has_total)) * a.fw_scale;
     for (int64_t e = 0; e < E; ++e) f[b * E + e] = f[b * E + e] / std::max(T(1), slots) * scale;
   }
+  for (int64_t i = 0; i < B * E; ++i) bal[0] += f[i] * ps[i];  // balance, in (b, e) order
 }
 
 template <typename T>
@@ -429,7 +453,7 @@ RouteBuffers route_buffers(const at::Tensor& logits_TE, const std::optional<at::
   if (valid_T.has_value()) valid = valid_T->contiguous();
   return {at::empty({T, top_k}, opts.dtype(at::kLong)), at::empty({T, top_k}, opts), at::empty({T, E}, opts),
           at::empty({E}, opts.dtype(at::kLong)), at::empty({2}, opts.dtype(at::kFloat)),
-          at::empty({B, E}, opts), at::empty({B, E}, opts), at::empty({}, opts), bias, valid};
+          at::empty({B, E}, opts), at::empty({B, E}, opts), at::empty({}, opts), at::empty({}, opts), bias, valid};
 }
 
 RouteOutputs topk_route_cpu(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E, int64_t top_k,
@@ -440,8 +464,8 @@ RouteOutputs topk_route_cpu(const at::Tensor& logits_TE, const std::optional<at:
   check_topk_route_args(logits_TE, bias_E, top_k, score, num_groups, topk_groups, scaling, valid_T, num_seqs, rule,
                         threshold, fw_scale, z_scale);
   const int64_t T = logits_TE.size(0), B = num_seqs;
-  at::Tensor ids, weights, probs, counts, metrics, fw, psum, zsum, bias, valid;
-  std::tie(ids, weights, probs, counts, metrics, fw, psum, zsum, bias, valid) =
+  at::Tensor ids, weights, probs, counts, metrics, fw, psum, zsum, balance, bias, valid;
+  std::tie(ids, weights, probs, counts, metrics, fw, psum, zsum, balance, bias, valid) =
       route_buffers(logits_TE, bias_E, top_k, valid_T, num_seqs);
   const bool softmax = score == "softmax", aux_topk = bias.defined() || num_groups > 0;
   const RouteRule r = route_rule(rule);
@@ -454,9 +478,9 @@ RouteOutputs topk_route_cpu(const at::Tensor& logits_TE, const std::optional<at:
                           r, scalar_t(threshold), r == RouteRule::kXmoe ? 1 : top_k,
                           scalar_t(scaling), scalar_t(fw_scale), scalar_t(z_scale), lse2.data(), norm_T.data(), aux_ids.data()};
     route_rows<scalar_t>(logits_TE, a, ids, weights, probs);
-    route_statistics<scalar_t>(ids, probs, a, B, counts, metrics, fw, psum, zsum);
+    route_statistics<scalar_t>(ids, probs, a, B, counts, metrics, fw, psum, zsum, balance);
   });
-  return {ids, weights, probs, counts, metrics, fw, psum, zsum};
+  return {ids, weights, probs, counts, metrics, fw, psum, zsum, balance};
 }
 
 at::Tensor topk_route_backward_cpu(const at::Tensor& grad_weights_TK, const std::optional<at::Tensor>& grad_probs_TE,
@@ -464,10 +488,12 @@ at::Tensor topk_route_backward_cpu(const at::Tensor& grad_weights_TK, const std:
                                    bool norm_topk, double scaling, const std::optional<at::Tensor>& grad_psum_BE,
                                    const std::optional<at::Tensor>& grad_zsum,
                                    const std::optional<at::Tensor>& logits_TE,
-                                   const std::optional<at::Tensor>& valid_T, double z_scale) {
+                                   const std::optional<at::Tensor>& valid_T, double z_scale,
+                                   const std::optional<at::Tensor>& grad_balance,
+                                   const std::optional<at::Tensor>& fw_BE) {
   TORCH_CHECK(std::isfinite(z_scale), "moe.topk_route_backward: z_scale must be finite, got ", z_scale);
   check_topk_route_backward_args(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score, grad_psum_BE, grad_zsum,
-                                 logits_TE, valid_T);
+                                 logits_TE, valid_T, grad_balance, fw_BE);
   const auto probs = probs_TE.contiguous();
   const auto gw = grad_weights_TK.contiguous();
   const auto ids = ids_TK.contiguous();
@@ -478,6 +504,16 @@ at::Tensor topk_route_backward_cpu(const at::Tensor& grad_weights_TK, const std:
   if (valid_T.has_value()) valid = valid_T->contiguous();
   auto out = at::empty_like(probs);
   AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "moe_topk_route_backward_cpu", [&] {
+    if (grad_balance.has_value()) {  // psum_BE's gradient gains d balance * fw_BE (a (B, E) host loop)
+      const auto fw = fw_BE->contiguous();
+      const scalar_t gb = grad_balance->item<scalar_t>();
+      const scalar_t* f = fw.const_data_ptr<scalar_t>();
+      auto eff = at::empty(fw.sizes(), fw.options());
+      scalar_t* o = eff.mutable_data_ptr<scalar_t>();
+      const scalar_t* gs = gpsum.defined() ? gpsum.const_data_ptr<scalar_t>() : nullptr;
+      for (int64_t i = 0; i < fw.numel(); ++i) o[i] = (gs ? gs[i] : scalar_t(0)) + gb * f[i];
+      gpsum = eff;
+    }
     RouteGrads<scalar_t> g{gp.defined() ? gp.const_data_ptr<scalar_t>() : nullptr,
                            gpsum.defined() ? gpsum.const_data_ptr<scalar_t>() : nullptr,
                            gpsum.defined() ? probs.size(0) / gpsum.size(0) : 1,

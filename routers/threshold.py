@@ -82,10 +82,10 @@ class ThresholdRouter(RouterBase):
         num_seqs = statistics_seqs(self, seq_shape)
         check = self.check_finite and not torch.compiler.is_compiling()
         fw_scale, z_scale = statistics_scales(self, logits_TE.shape[0], valid_T)
-        ids_TK, weights_TK, probs_TE, counts_E, metrics_2, fw_BE, psum_BE, zsum = topk_route(
+        ids_TK, weights_TK, probs_TE, counts_E, metrics_2, fw_BE, psum_BE, zsum, balance = topk_route(
             logits_TE, None, self.top_k, "softmax", None, None, self.renormalize, 1.0, valid_T, num_seqs, check,
             self.rule, self.threshold, fw_scale, z_scale)
-        aux = statistics_losses(self, num_seqs, fw_BE, psum_BE, zsum, logits_TE, valid_T)
+        aux = statistics_losses(self, num_seqs, fw_BE, psum_BE, zsum, balance, logits_TE, valid_T)
         if self.training and self.dynamic_loss_coeff > 0:
             aux["dynamic"] = self.dynamic_loss_coeff * entropy_loss(probs_TE, valid_T=valid_T)
         if self.capacity_factor is None:

@@ -127,8 +127,8 @@ def route_topk(logits_TE: Tensor, bias_E: Optional[Tensor], top_k: int, score: s
 def route_statistics(logits_TE: Tensor, probs_TE: Tensor, ids_TK: Tensor, *, score: str, aux_topk: bool,
                      valid_T: Optional[Tensor], num_seqs: int, first_choice: bool = False,
                      fw_scale: float = 1.0, z_scale: float = 1.0) -> tuple:
-    """(counts_E, metrics_2, fw_BE, psum_BE, zsum) of a top-k routing (ids_TK, -1 for padded
-    tokens and for the slots a threshold rule dropped), before capacity.
+    """(counts_E, metrics_2, fw_BE, psum_BE, zsum, balance) of a top-k routing (ids_TK, -1 for
+    padded tokens and for the slots a threshold rule dropped), before capacity.
 
     counts_E int64 (E,): routed slots per expert (Routing.counts_E); metrics_2 float32
     (dropped_fraction = 0, experts_per_token), Routing's metrics of a routing without drops.
@@ -140,8 +140,9 @@ def route_statistics(logits_TE: Tensor, probs_TE: Tensor, ids_TK: Tensor, *, sco
     compute_routing_scores_for_aux_loss; with first_choice, the ids' first slot ids_TK[:, :1]),
     and zsum of :func:`routers.losses.z_statistic`; fw_BE comes multiplied by fw_scale (a balance
     loss's coefficient times E: :func:`routers.losses.balance_fw_scale`) and zsum by z_scale (a
-    z-loss's coefficient over the tokens: :func:`statistics_scales`). With
-    num_seqs = 0: fw_BE and psum_BE are (0, E) and zsum 0.
+    z-loss's coefficient over the tokens: :func:`statistics_scales`); balance = sum(fw_BE * psum_BE),
+    the balance loss itself when fw_scale carries its coefficient. With num_seqs = 0: fw_BE and
+    psum_BE are (0, E), zsum and balance 0.
     """
     T, E = probs_TE.shape
     K = ids_TK.shape[1]
@@ -150,7 +151,8 @@ def route_statistics(logits_TE: Tensor, probs_TE: Tensor, ids_TK: Tensor, *, sco
     tokens = valid_T.sum() if valid_T is not None else ids_TK.new_full((), T)
     metrics_2 = torch.stack([kept * 0.0, kept / tokens.to(torch.float32).clamp(min=1.0)])
     if num_seqs == 0:
-        return counts_E, metrics_2, probs_TE.new_zeros(0, E), probs_TE.new_zeros(0, E), probs_TE.new_zeros(())
+        return (counts_E, metrics_2, probs_TE.new_zeros(0, E), probs_TE.new_zeros(0, E), probs_TE.new_zeros(()),
+                probs_TE.new_zeros(()))
     scores_TE = probs_TE if score == "softmax" else probs_TE / (probs_TE.sum(dim=-1, keepdim=True) + 1e-20)
     ids_aux = ids_TK[:, :1] if first_choice else ids_TK
     if aux_topk:
@@ -164,7 +166,8 @@ def route_statistics(logits_TE: Tensor, probs_TE: Tensor, ids_TK: Tensor, *, sco
     if fw_scale != 1.0:
         fw_BE = fw_BE * fw_scale
     zsum = z_statistic(logits_TE, valid_T=valid_T)
-    return counts_E, metrics_2, fw_BE, psum_BE, zsum * z_scale if z_scale != 1.0 else zsum
+    balance = torch.dot(fw_BE.reshape(-1), psum_BE.reshape(-1))
+    return counts_E, metrics_2, fw_BE, psum_BE, zsum * z_scale if z_scale != 1.0 else zsum, balance
 
 
 def _topk_route_op():
@@ -178,7 +181,7 @@ def topk_route(logits_TE: Tensor, bias_E: Optional[Tensor], top_k: int, score: s
                scaling: float, valid_T: Optional[Tensor] = None, num_seqs: int = 0,
                check_finite: bool = False, rule: str = "none", threshold: float = 1.0,
                fw_scale: float = 1.0, z_scale: float = 1.0) -> tuple:
-    """:func:`route_topk`'s eight results through the fused kernel ``torch.ops.moe.topk_route``
+    """:func:`route_topk`'s nine results through the fused kernel ``torch.ops.moe.topk_route``
     where moekit's ops are registered (one pass per token, the same experts; probabilities,
     weights and statistics to a few roundings), else through route_topk itself. Every top-k
     style router selects with it, the threshold router too (``rule``)."""
@@ -204,14 +207,14 @@ def statistics_scales(router: RouterBase, num_tokens: int, valid_T: Optional[Ten
     """topk_route's (fw_scale, z_scale) for ``router`` over ``num_tokens`` tokens: its balance
     loss's coefficient times E (:func:`routers.losses.balance_fw_scale`), and its z-loss's
     coefficient over the tokens when their count is host-known (no padding mask; else 1.0), so that
-    :func:`statistics_losses` takes the balance loss as one dot product and the z-loss as zsum."""
+    :func:`statistics_losses` takes topk_route's balance as the balance loss and zsum as the z-loss."""
     z_on = router.z_loss_coeff > 0 and valid_T is None
     z_scale = router.z_loss_coeff / max(int(num_tokens), 1) if z_on else 1.0  # (int: as losses_from_statistics)
     return balance_fw_scale(router.balance_loss, router.balance_loss_coeff, router.num_experts), z_scale
 
 
 def statistics_losses(router: RouterBase, num_seqs: int, fw_BE: Tensor, psum_BE: Tensor, zsum: Tensor,
-                      logits_TE: Tensor, valid_T: Optional[Tensor]) -> dict:
+                      balance: Tensor, logits_TE: Tensor, valid_T: Optional[Tensor]) -> dict:
     """``router``'s balance loss and z-loss from topk_route's statistics (num_seqs from
     :func:`statistics_seqs`, fw_scale and z_scale from :func:`statistics_scales`; {} when num_seqs
     is 0): :func:`routers.losses.losses_from_statistics`."""
@@ -220,7 +223,7 @@ def statistics_losses(router: RouterBase, num_seqs: int, fw_BE: Tensor, psum_BE:
     num_tokens = valid_T.sum() if valid_T is not None and router.z_loss_coeff > 0 else logits_TE.shape[0]
     return losses_from_statistics(balance_loss=router.balance_loss, balance_loss_coeff=router.balance_loss_coeff,
                                   z_loss_coeff=router.z_loss_coeff, fw_BE=fw_BE, psum_BE=psum_BE, zsum=zsum,
-                                  num_tokens=num_tokens, fw_scaled=True, z_scaled=valid_T is None)
+                                  num_tokens=num_tokens, fw_scaled=True, z_scaled=valid_T is None, balance=balance)
 
 
 class TopKBase(RouterBase):
@@ -287,10 +290,10 @@ class TopKBase(RouterBase):
         num_seqs = statistics_seqs(self, seq_shape)
         check = self.check_finite and not torch.compiler.is_compiling()
         fw_scale, z_scale = statistics_scales(self, logits_TE.shape[0], valid_T)
-        ids_TK, weights_TK, probs_TE, counts_E, metrics_2, fw_BE, psum_BE, zsum = topk_route(
+        ids_TK, weights_TK, probs_TE, counts_E, metrics_2, fw_BE, psum_BE, zsum, balance = topk_route(
             logits_TE, self.expert_bias, self.top_k, self.score, self.num_groups, self.topk_groups,
             self.norm_topk, self.routed_scaling_factor, valid_T, num_seqs, check, fw_scale=fw_scale, z_scale=z_scale)
-        aux = statistics_losses(self, num_seqs, fw_BE, psum_BE, zsum, logits_TE, valid_T)
+        aux = statistics_losses(self, num_seqs, fw_BE, psum_BE, zsum, balance, logits_TE, valid_T)
         if self.capacity_factor is None:
             return Routing(ids_TK=ids_TK, weights_TK=weights_TK, probs_TE=probs_TE, logits_TE=logits_TE,
                            aux_losses=aux, state=state, counts_E=counts_E, dropped_fraction=metrics_2[0],

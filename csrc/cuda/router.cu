@@ -21,7 +21,9 @@
 // (num_seqs = B > 0) sums each (sequence, expert)'s loss scores and loss slots over ranges of
 // 32 tokens in token order, and each range's real tokens and lse^2; route_stats_final_kernel (one
 // block) counts counts_E and the real tokens, writes metrics, adds the ranges' partial sums (a
-// warp per sequence and expert, in a fixed tree) and forms fw_BE, psum_BE and zsum. Launches: 2
+// warp per sequence and expert, in a fixed tree) and forms fw_BE, psum_BE, zsum and balance (the
+// block's fixed-order sum of fw_BE * psum_BE). The backward adds d balance * fw_BE to each
+// sequence's d psum_BE as it reads it (add_rn/mul_rn: the CPU kernel's expression). Launches: 2
 // without statistics, 3 with; 1 without statistics at decode sizes (topk_route_small_kernel routes
 // and counts in one block: up to kSmallRouteTokens tokens, at most kSmallRoutePerWarp a warp).
 // Shared memory per warp: 2 E values (probs, choice) and Z group scores; a block of the route
@@ -349,7 +351,7 @@ __device__ void route_counts(const int64_t* __restrict__ ids, const bool* __rest
 
 // One block: counts_E (a shared-memory histogram when E <= kSmemHist) and metrics; with B > 0, the
 // R partial sums added in a fixed order and fw_BE, psum_BE, zsum formed (the arithmetic of
-// csrc/router.cpp's route_statistics; fw_BE times fw_scale, zsum times z_scale).
+// csrc/router.cpp's route_statistics; fw_BE times fw_scale, zsum times z_scale), then balance.
 template <typename T>
 __global__ void route_stats_final_kernel(const int64_t* __restrict__ ids, const bool* __restrict__ valid,
                                          int64_t Tn, int E, int K, int64_t B, int64_t R, bool smem_hist,
@@ -357,12 +359,12 @@ __global__ void route_stats_final_kernel(const int64_t* __restrict__ ids, const 
                                          T* __restrict__ z_part, const int* __restrict__ tok_part,
                                          T* __restrict__ tok_B, int64_t* __restrict__ counts,
                                          float* __restrict__ metrics, T* __restrict__ fw, T* __restrict__ psum,
-                                         T* __restrict__ zsum, T fw_scale, T z_scale) {
+                                         T* __restrict__ zsum, T* __restrict__ balance, T fw_scale, T z_scale) {
   extern __shared__ int hist[];  // E counts when smem_hist
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   route_counts(ids, valid, Tn, E, K, smem_hist, hist, counts, metrics);
   if (B == 0) {
-    if (threadIdx.x == 0) zsum[0] = T(0);
+    if (threadIdx.x == 0) zsum[0] = balance[0] = T(0);
     return;
   }
   // One warp per (sequence, expert): lane-strided partials, then the warp's tree (a fixed order).
@@ -414,6 +416,20 @@ __global__ void route_stats_final_kernel(const int64_t* __restrict__ ids, const 
     const T scale = has / (max(T(1), tok_B[b]) * max(T(1), has_total)) * fw_scale;
     for (int e = 0; e < E; ++e) fw[b * E + e] = fw[b * E + e] / max(T(1), slots) * scale;
   }
+  // balance = sum of fw_BE * psum_BE: thread-strided partials, the warps' trees, then the warps in
+  // order (a fixed order: deterministic, not the CPU's sequential one).
+  __syncthreads();  // every thread's fw rows written (global memory, visible within the block)
+  __shared__ T warp_part[kFinalThreads / kWarp];
+  T part = 0;
+  for (int64_t i = threadIdx.x; i < B * E; i += blockDim.x) part = fma_rn(fw[i], psum[i], part);
+  part = warp_sum(part);
+  if (lane == 0) warp_part[warp] = part;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    T total = 0;
+    for (int w = 0; w < int(blockDim.x) / kWarp; ++w) total = add_rn(total, warp_part[w]);
+    balance[0] = total;
+  }
 }
 
 // Small batches without loss statistics (B = 0, 0 < T <= kSmallRouteTokens: decode), in one
@@ -422,7 +438,7 @@ __global__ void route_stats_final_kernel(const int64_t* __restrict__ ids, const 
 template <typename T>
 __global__ void __launch_bounds__(kSmallRouteWarps* kWarp, 1)
     topk_route_small_kernel(RouteParams<T> a, bool smem_hist, int64_t* __restrict__ counts,
-                            float* __restrict__ metrics, T* __restrict__ zsum) {
+                            float* __restrict__ metrics, T* __restrict__ zsum, T* __restrict__ balance) {
   extern __shared__ unsigned char smem_raw[];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
   const int64_t per_warp = 2 * a.E + a.Z;
@@ -431,7 +447,7 @@ __global__ void __launch_bounds__(kSmallRouteWarps* kWarp, 1)
   __syncthreads();  // the block's ids (global memory) are visible to all its threads
   int* hist = reinterpret_cast<int*>(reinterpret_cast<T*>(smem_raw) + warps * per_warp);
   route_counts(a.ids, a.valid, a.Tn, a.E, a.K, smem_hist, hist, counts, metrics);
-  if (threadIdx.x == 0) zsum[0] = T(0);
+  if (threadIdx.x == 0) zsum[0] = balance[0] = T(0);
 }
 
 template <typename T>
@@ -440,6 +456,7 @@ __global__ void topk_route_backward_kernel(const T* __restrict__ gw, const T* __
                                            int64_t Tn, int E, int K, bool softmax, bool norm, T scaling,
                                            const T* __restrict__ gpsum, int64_t S, const T* __restrict__ gz, T z_scale,
                                            const T* __restrict__ logits, const bool* __restrict__ valid,
+                                           const T* __restrict__ gbal, const T* __restrict__ fw,
                                            T* __restrict__ out) {
   extern __shared__ unsigned char smem_raw[];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
@@ -470,18 +487,24 @@ __global__ void topk_route_backward_kernel(const T* __restrict__ gw, const T* __
     dp[id[k]] += norm ? gs / denom - dot / (denom * denom) : gs;
   }
   __syncwarp();
-  if (gpsum != nullptr && real) {  // psum_BE[b] += the loss scores s (p, or p / (sum p + 1e-20))
-    const T* gs = gpsum + (t / S) * E;
+  if ((gpsum != nullptr || gbal != nullptr) && real) {  // psum_BE[b] += the loss scores s (p, or p / (sum p + 1e-20))
+    // d psum_BE[b, e]: grad_psum's, plus d balance * fw_BE[b, e] (the CPU kernel's expression)
+    const int64_t row = (t / S) * E;
+    const T gb = gbal != nullptr ? gbal[0] : T(0);
+    auto gs = [&](int e) {
+      const T g0 = gpsum != nullptr ? gpsum[row + e] : T(0);
+      return gbal != nullptr ? add_rn(g0, mul_rn(gb, fw[row + e])) : g0;
+    };
     if (softmax) {
-      for (int e = lane; e < E; e += kWarp) dp[e] += gs[e];
+      for (int e = lane; e < E; e += kWarp) dp[e] += gs(e);
     } else {
       T d = 0;
       for (int e = lane; e < E; e += kWarp) d += p[e];
       d = warp_sum(d) + T(1e-20);
       T sdot = 0;
-      for (int e = lane; e < E; e += kWarp) sdot += gs[e] * (p[e] / d);
+      for (int e = lane; e < E; e += kWarp) sdot += gs(e) * (p[e] / d);
       sdot = warp_sum(sdot);
-      for (int e = lane; e < E; e += kWarp) dp[e] += (gs[e] - sdot) / d;
+      for (int e = lane; e < E; e += kWarp) dp[e] += (gs(e) - sdot) / d;
     }
     __syncwarp();
   }
@@ -526,8 +549,8 @@ RouteOutputs topk_route_cuda(const at::Tensor& logits_TE, const std::optional<at
   const c10::cuda::CUDAGuard guard(logits_TE.device());
   const int64_t T = logits_TE.size(0), E = logits_TE.size(1), B = num_seqs, K = top_k;
   const auto opts = logits_TE.options();
-  at::Tensor ids, weights, probs, counts, metrics, fw, psum, zsum, bias, valid;
-  std::tie(ids, weights, probs, counts, metrics, fw, psum, zsum, bias, valid) =
+  at::Tensor ids, weights, probs, counts, metrics, fw, psum, zsum, balance, bias, valid;
+  std::tie(ids, weights, probs, counts, metrics, fw, psum, zsum, balance, bias, valid) =
       route_buffers(logits_TE, bias_E, top_k, valid_T, num_seqs);
   const bool* vp = valid.defined() ? valid.const_data_ptr<bool>() : nullptr;
   const bool softmax = score == "softmax", aux_topk = bias.defined() || num_groups > 0;
@@ -562,7 +585,7 @@ RouteOutputs topk_route_cuda(const at::Tensor& logits_TE, const std::optional<at
         ceil_div(T, small_warps) <= kSmallRoutePerWarp) {  // one launch
       topk_route_small_kernel<T_><<<1, small_warps * kWarp, small_warps * per_warp + hist_bytes, stream>>>(
           rp, smem_hist, counts.mutable_data_ptr<int64_t>(), metrics.mutable_data_ptr<float>(),
-          zsum.mutable_data_ptr<T_>());
+          zsum.mutable_data_ptr<T_>(), balance.mutable_data_ptr<T_>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
@@ -587,11 +610,11 @@ RouteOutputs topk_route_cuda(const at::Tensor& logits_TE, const std::optional<at
     route_stats_final_kernel<T_><<<1, kFinalThreads, smem_hist ? E * sizeof(int) : 0, stream>>>(
         ids.const_data_ptr<int64_t>(), vp, T, int(E), int(K), B, T > 0 ? R : 0, smem_hist, psum_part, cnt_part, z_part,
         tok_part, tok_B, counts.mutable_data_ptr<int64_t>(), metrics.mutable_data_ptr<float>(),
-        fw.mutable_data_ptr<T_>(), psum.mutable_data_ptr<T_>(), zsum.mutable_data_ptr<T_>(), T_(fw_scale),
-        T_(z_scale));
+        fw.mutable_data_ptr<T_>(), psum.mutable_data_ptr<T_>(), zsum.mutable_data_ptr<T_>(),
+        balance.mutable_data_ptr<T_>(), T_(fw_scale), T_(z_scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {ids, weights, probs, counts, metrics, fw, psum, zsum};
+  return {ids, weights, probs, counts, metrics, fw, psum, zsum, balance};
 }
 
 at::Tensor topk_route_backward_cuda(const at::Tensor& grad_weights_TK, const std::optional<at::Tensor>& grad_probs_TE,
@@ -599,21 +622,25 @@ at::Tensor topk_route_backward_cuda(const at::Tensor& grad_weights_TK, const std
                                     bool norm_topk, double scaling, const std::optional<at::Tensor>& grad_psum_BE,
                                     const std::optional<at::Tensor>& grad_zsum,
                                     const std::optional<at::Tensor>& logits_TE,
-                                    const std::optional<at::Tensor>& valid_T, double z_scale) {
+                                    const std::optional<at::Tensor>& valid_T, double z_scale,
+                                    const std::optional<at::Tensor>& grad_balance,
+                                    const std::optional<at::Tensor>& fw_BE) {
   TORCH_CHECK(std::isfinite(z_scale), "moe.topk_route_backward: z_scale must be finite, got ", z_scale);
   check_topk_route_backward_args(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score, grad_psum_BE, grad_zsum,
-                                 logits_TE, valid_T);
+                                 logits_TE, valid_T, grad_balance, fw_BE);
   const c10::cuda::CUDAGuard guard(probs_TE.device());
   const auto probs = probs_TE.contiguous();
   const auto gw = grad_weights_TK.contiguous();
   const auto ids = ids_TK.contiguous();
-  at::Tensor gp, gpsum, logits, valid;
+  at::Tensor gp, gpsum, logits, valid, fw;
   if (grad_probs_TE.has_value()) gp = grad_probs_TE->contiguous();
   if (grad_psum_BE.has_value()) gpsum = grad_psum_BE->contiguous();
   if (grad_zsum.has_value()) logits = logits_TE->contiguous();
   if (valid_T.has_value()) valid = valid_T->contiguous();
+  if (grad_balance.has_value()) fw = fw_BE->contiguous();
   auto out = at::empty_like(probs);
   const int64_t T = probs.size(0), E = probs.size(1);
+  const int64_t B = gpsum.defined() ? gpsum.size(0) : fw.defined() ? fw.size(0) : 1;
   if (T == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "moe_topk_route_backward_cuda", [&] {
     const auto [warps, smem] = warp_layout("topk_route_backward", int64_t(sizeof(scalar_t)) * E, E);
@@ -622,10 +649,12 @@ at::Tensor topk_route_backward_cuda(const at::Tensor& grad_weights_TK, const std
         gw.const_data_ptr<scalar_t>(), gp.defined() ? gp.const_data_ptr<scalar_t>() : nullptr,
         ids.const_data_ptr<int64_t>(), probs.const_data_ptr<scalar_t>(), T, int(E), int(ids.size(1)),
         score == "softmax", norm_topk, scalar_t(scaling),
-        gpsum.defined() ? gpsum.const_data_ptr<scalar_t>() : nullptr, gpsum.defined() ? T / gpsum.size(0) : 1,
+        gpsum.defined() ? gpsum.const_data_ptr<scalar_t>() : nullptr, T / B,
         grad_zsum.has_value() ? grad_zsum->const_data_ptr<scalar_t>() : nullptr, scalar_t(z_scale),
         logits.defined() ? logits.const_data_ptr<scalar_t>() : nullptr,
-        valid.defined() ? valid.const_data_ptr<bool>() : nullptr, out.mutable_data_ptr<scalar_t>());
+        valid.defined() ? valid.const_data_ptr<bool>() : nullptr,
+        grad_balance.has_value() ? grad_balance->const_data_ptr<scalar_t>() : nullptr,
+        fw.defined() ? fw.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -261,7 +261,7 @@ def check_topk_route_args(logits_TE, bias_E, top_k, score, num_groups, topk_grou
 
 def check_topk_route_backward_args(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score, norm_topk, scaling,
                                    grad_psum_BE=None, grad_zsum=None, logits_TE=None, valid_T=None,
-                                   z_scale=1.0) -> None:
+                                   z_scale=1.0, grad_balance=None, fw_BE=None) -> None:
     op = "topk_route_backward"
     _check(math.isfinite(z_scale), op, f"z_scale must be finite, got {z_scale}")
     _check(probs_TE.dim() == 2 and probs_TE.dtype in (torch.float32, torch.float64), op,
@@ -295,6 +295,18 @@ def check_topk_route_backward_args(grad_weights_TK, grad_probs_TE, ids_TK, probs
     if valid_T is not None:
         _check(valid_T.dim() == 1 and valid_T.shape[0] == T and valid_T.dtype == torch.bool and valid_T.device == dev,
                op, f"valid_T must be a bool tensor of shape ({T},), got {valid_T.dtype} {_shape(valid_T)}")
+    if grad_balance is not None:
+        _check(grad_balance.dim() == 0 and grad_balance.dtype == dt and grad_balance.device == dev, op,
+               f"grad_balance must be a 0-d {dt} tensor on {dev}, got {grad_balance.dtype} {_shape(grad_balance)}")
+        _check(fw_BE is not None, op, "grad_balance needs fw_BE (balance = sum(fw_BE * psum_BE))")
+    if fw_BE is not None:
+        _check(fw_BE.dim() == 2 and fw_BE.shape[1] == E and fw_BE.shape[0] >= 1 and T % fw_BE.shape[0] == 0
+               and fw_BE.dtype == dt and fw_BE.device == dev, op,
+               f"fw_BE must be (B, E={E}) with B dividing T={T}, of probs_TE's dtype {dt} on {dev}, "
+               f"got {fw_BE.dtype} {_shape(fw_BE)}")
+        if grad_psum_BE is not None:
+            _check(fw_BE.shape == grad_psum_BE.shape, op,
+                   f"fw_BE {_shape(fw_BE)} and grad_psum_BE {_shape(grad_psum_BE)} must have one shape (B, E)")
 
 
 def check_grouped_mm_w8_args(a_NX, q_EYX, scale_EY, offs_E) -> None:

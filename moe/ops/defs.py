@@ -374,12 +374,14 @@ swiglu = define_op(
 
 
 # ---- topk_route: a token-choice router's scores, top-k, weights and the statistics of its metrics
-# and losses (counts_E, metrics, fw_BE, psum_BE, zsum: routers.topk.route_statistics) in one pass
-# per token; psum_BE and zsum are differentiable, the backward takes their gradients too. rule
-# "xmoe" / "top_p" keeps a prefix of the top_k (routers.topk.threshold_keep at threshold: the
-# threshold router), the other slots -1 with weight 0: the backward is the same formula. fw_BE
-# (no gradient) comes times fw_scale, so a balance loss with its coefficient is one dot product, and
-# zsum times z_scale (so is its gradient), so a z-loss over a host-known token count is zsum --------
+# and losses (counts_E, metrics, fw_BE, psum_BE, zsum, balance: routers.topk.route_statistics) in
+# one pass per token; psum_BE, zsum and balance are differentiable, the backward takes their
+# gradients too. rule "xmoe" / "top_p" keeps a prefix of the top_k (routers.topk.threshold_keep at
+# threshold: the threshold router), the other slots -1 with weight 0: the backward is the same
+# formula. fw_BE (no gradient) comes times fw_scale and balance = sum(fw_BE * psum_BE) (its
+# gradient reaches psum_BE as grad * fw_BE), so a balance loss with its coefficient is balance;
+# zsum times z_scale (so is its gradient), so a z-loss over a host-known token count is zsum: no
+# op of their own ----------------------------------------------------------------------------
 
 def _topk_route_fake(logits_TE, bias_E, top_k, score, num_groups, topk_groups, norm_topk, scaling,
                      valid_T=None, num_seqs=0, check_finite=False, rule="none", threshold=1.0, fw_scale=1.0,
@@ -388,34 +390,36 @@ def _topk_route_fake(logits_TE, bias_E, top_k, score, num_groups, topk_groups, n
     return (logits_TE.new_empty(T, top_k, dtype=torch.int64), logits_TE.new_empty(T, top_k),
             logits_TE.new_empty(T, E), logits_TE.new_empty(E, dtype=torch.int64),
             logits_TE.new_empty(2, dtype=torch.float32), logits_TE.new_empty(num_seqs, E),
-            logits_TE.new_empty(num_seqs, E), logits_TE.new_empty(()))
+            logits_TE.new_empty(num_seqs, E), logits_TE.new_empty(()), logits_TE.new_empty(()))
 
 
 def _topk_route_backward_fake(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score, norm_topk, scaling,
-                              grad_psum_BE=None, grad_zsum=None, logits_TE=None, valid_T=None, z_scale=1.0):
+                              grad_psum_BE=None, grad_zsum=None, logits_TE=None, valid_T=None, z_scale=1.0,
+                              grad_balance=None, fw_BE=None):
     return torch.empty_like(probs_TE)
 
 
 def _topk_route_setup(ctx, inputs, output):
     ids_TK, _, probs_TE, counts_E, metrics_2, fw_BE = output[:6]
     logits_TE, valid_T, num_seqs = inputs[0], inputs[8], inputs[9]
-    ctx.save_for_backward(ids_TK, probs_TE, logits_TE if num_seqs > 0 else None, valid_T)
+    stats = num_seqs > 0
+    ctx.save_for_backward(ids_TK, probs_TE, logits_TE if stats else None, valid_T, fw_BE if stats else None)
     ctx.score, ctx.norm_topk, ctx.scaling, ctx.z_scale = inputs[3], inputs[6], inputs[7], inputs[14]
     ctx.mark_non_differentiable(ids_TK, counts_E, metrics_2, fw_BE)
     ctx.set_materialize_grads(False)  # no zero (T, E) gradient for probs nobody differentiated
 
 
-def _topk_route_backward(ctx, g_ids, g_weights, g_probs, g_counts, g_metrics, g_fw, g_psum, g_zsum):
-    """d logits_TE from the weights', the probs' and (with num_seqs > 0) psum_BE's and zsum's
-    gradients, in one moe.topk_route_backward."""
-    ids_TK, probs_TE, logits_TE, valid_T = ctx.saved_tensors
+def _topk_route_backward(ctx, g_ids, g_weights, g_probs, g_counts, g_metrics, g_fw, g_psum, g_zsum, g_balance):
+    """d logits_TE from the weights', the probs' and (with num_seqs > 0) psum_BE's, zsum's and
+    balance's gradients, in one moe.topk_route_backward."""
+    ids_TK, probs_TE, logits_TE, valid_T, fw_BE = ctx.saved_tensors
     if g_weights is None:
         g_weights = torch.zeros_like(ids_TK, dtype=probs_TE.dtype)
-    if logits_TE is None:  # num_seqs = 0: psum_BE and zsum are constants
-        g_psum = g_zsum = None
+    if logits_TE is None:  # num_seqs = 0: psum_BE, zsum and balance are constants
+        g_psum = g_zsum = g_balance = None
     g_logits = ops.topk_route_backward(g_weights, g_probs, ids_TK, probs_TE, ctx.score, ctx.norm_topk, ctx.scaling,
                                        g_psum, g_zsum, logits_TE if g_zsum is not None else None, valid_T,
-                                       ctx.z_scale)
+                                       ctx.z_scale, g_balance, fw_BE if g_balance is not None else None)
     return (g_logits,) + (None,) * 14
 
 
@@ -423,7 +427,8 @@ topk_route_backward = define_op(
     "topk_route_backward",
     "(Tensor grad_weights_TK, Tensor? grad_probs_TE, Tensor ids_TK, Tensor probs_TE, str score, "
     "bool norm_topk, float scaling, Tensor? grad_psum_BE=None, Tensor? grad_zsum=None, "
-    "Tensor? logits_TE=None, Tensor? valid_T=None, float z_scale=1.0) -> Tensor",
+    "Tensor? logits_TE=None, Tensor? valid_T=None, float z_scale=1.0, Tensor? grad_balance=None, "
+    "Tensor? fw_BE=None) -> Tensor",
     fallback=twins.topk_route_backward_torch, fake=_topk_route_backward_fake,
     check=checks.check_topk_route_backward_args)
 
@@ -432,7 +437,7 @@ topk_route = define_op(
     "(Tensor logits_TE, Tensor? bias_E, int top_k, str score, int num_groups, int topk_groups, "
     "bool norm_topk, float scaling, Tensor? valid_T=None, int num_seqs=0, bool check_finite=False, "
     "str rule=\"none\", float threshold=1.0, float fw_scale=1.0, float z_scale=1.0) -> "
-    "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     fallback=twins.topk_route_torch, fake=_topk_route_fake, check=checks.check_topk_route_args,
     backward=_topk_route_backward, setup_context=_topk_route_setup)
 

@@ -199,7 +199,7 @@ def swiglu_backward_torch(grad, h):
 def topk_route_torch(logits_TE, bias_E, top_k, score, num_groups, topk_groups, norm_topk, scaling,
                      valid_T=None, num_seqs=0, check_finite=False, rule="none", threshold=1.0, fw_scale=1.0,
                      z_scale=1.0):
-    """(ids_TK, weights_TK, probs_TE, counts_E, metrics_2, fw_BE, psum_BE, zsum):
+    """(ids_TK, weights_TK, probs_TE, counts_E, metrics_2, fw_BE, psum_BE, zsum, balance):
     routers.topk.route_topk, the routers' own PyTorch code (num_groups = topk_groups = 0: no
     group limit; rule "xmoe" / "top_p": the threshold router's)."""
     from routers.topk import route_topk
@@ -209,13 +209,18 @@ def topk_route_torch(logits_TE, bias_E, top_k, score, num_groups, topk_groups, n
 
 
 def topk_route_backward_torch(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score, norm_topk, scaling,
-                              grad_psum_BE=None, grad_zsum=None, logits_TE=None, valid_T=None, z_scale=1.0):
+                              grad_psum_BE=None, grad_zsum=None, logits_TE=None, valid_T=None, z_scale=1.0,
+                              grad_balance=None, fw_BE=None):
     """d logits_TE of topk_route. With p_k = probs at ids_k, D = sum_k p_k + eps and
     w_k = s p_k / D (norm_topk) or s p_k: d p_k = s (g_k / D - sum_j g_j p_j / D^2) or s g_k,
     scattered onto d probs (slots with id -1 carry none); psum_BE's gradient adds to each real
     token's d scores (sigmoid: through s = p / (sum p + 1e-20)); then softmax's p (dp - <dp, p>)
     or sigmoid's dp p (1 - p); zsum's (times z_scale, zsum's factor) adds 2 g lse(l) softmax(l) to
-    each real token's d logits."""
+    each real token's d logits. balance = sum(fw_BE * psum_BE) adds grad_balance * fw_BE to
+    psum_BE's gradient (fw_BE has none)."""
+    if grad_balance is not None:
+        from_balance = grad_balance * fw_BE
+        grad_psum_BE = from_balance if grad_psum_BE is None else grad_psum_BE + from_balance
     live_TK = ids_TK >= 0
     ids0_TK = ids_TK.clamp(min=0)
     p_TK = probs_TE.gather(1, ids0_TK) * live_TK

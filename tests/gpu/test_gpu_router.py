@@ -34,13 +34,13 @@ CONFIGS = [
 
 
 def assert_route_matches(cuda, cpu, dtype):
-    """topk_route's eight results on CUDA against the CPU kernel's: ids, counts, metrics and fw_BE
-    equal, the other float results to float tolerance."""
+    """topk_route's nine results on CUDA against the CPU kernel's: ids, counts, metrics and fw_BE
+    equal, the other float results (balance too) to float tolerance."""
     assert torch.equal(cuda[0].cpu(), cpu[0]) and torch.equal(cuda[3].cpu(), cpu[3])
     assert torch.equal(cuda[4].cpu(), cpu[4])
     assert torch.equal(cuda[5].cpu(), cpu[5])  # fw_BE: integer counts, the CPU's arithmetic
     tol = dict(rtol=2e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-15)
-    for i in (1, 2, 6, 7):
+    for i in (1, 2, 6, 7, 8):
         torch.testing.assert_close(cuda[i].cpu(), cpu[i], **tol)
 
 
@@ -117,7 +117,7 @@ def test_small_batches_route_in_one_launch(E, dtype, T):
     args = (logits.cuda(), None, 4, "softmax", 0, 0, True, 1.0, valid.cuda())
     cuda = torch.ops.moe.topk_route(*args)
     assert_route_matches(cuda, cpu, dtype)
-    assert float(cuda[7]) == 0.0 and cuda[5].shape == (0, E)
+    assert float(cuda[7]) == 0.0 and float(cuda[8]) == 0.0 and cuda[5].shape == (0, E)
     names = _cuda_kernels(lambda: torch.ops.moe.topk_route(*args))
     if T <= (4 if E == 1500 else 64):
         assert len(names) == 1 and "topk_route_small_kernel" in names[0], names
@@ -130,9 +130,9 @@ def test_small_batches_route_in_one_launch(E, dtype, T):
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_cuda_statistics_match_cpu(cfg, dtype, T, B, padded):
     """counts_E, metrics, fw_BE (exact: integer counts and the CPU's arithmetic), psum_BE and zsum
-    (sums in another order), and the backward with psum_BE's and zsum's gradients; with B > 1 fw_BE
-    carries a balance loss's fw_scale (the same arithmetic, so still exact) and zsum a z-loss's
-    z_scale (its gradient too)."""
+    (sums in another order), balance, and the backward with psum_BE's, zsum's and balance's
+    gradients; with B > 1 fw_BE carries a balance loss's fw_scale (the same arithmetic, so still
+    exact) and zsum a z-loss's z_scale (its gradient too)."""
     score, E, K, Z, G, bias, norm, scale = cfg
     fw_scale, z_scale = (0.37 * E, 1e-3 / max(T, 1)) if B > 1 else (1.0, 1.0)
     logits, b = router_logits(T, E, dtype, bias=bias)
@@ -147,14 +147,16 @@ def test_cuda_statistics_match_cpu(cfg, dtype, T, B, padded):
                                     None if valid is None else valid.cuda(), B, True, "none", 1.0, fw_scale, z_scale)
     assert_route_matches(cuda, cpu, dtype)
     gw, gp = torch.randn_like(cpu[1]), torch.randn_like(cpu[2])
-    gs, gz = torch.randn(B, E, dtype=dtype), torch.randn((), dtype=dtype)
-    d_cpu = torch.ops.moe.topk_route_backward(gw, gp, cpu[0], cpu[2], score, norm, scale, gs, gz, logits, valid,
-                                              z_scale)
-    d_cuda = torch.ops.moe.topk_route_backward(gw.cuda(), gp.cuda(), cuda[0], cuda[2], score, norm, scale, gs.cuda(),
-                                               gz.cuda(), logits.cuda(), None if valid is None else valid.cuda(),
-                                               z_scale)
+    gs, gz, gb = torch.randn(B, E, dtype=dtype), torch.randn((), dtype=dtype), torch.randn((), dtype=dtype)
     btol = dict(rtol=1e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(d_cuda.cpu(), d_cpu, **btol)
+    for g_psum, g_bal in ((gs, None), (gs, gb), (None, gb)):
+        d_cpu = torch.ops.moe.topk_route_backward(gw, gp, cpu[0], cpu[2], score, norm, scale, g_psum, gz, logits,
+                                                  valid, z_scale, g_bal, None if g_bal is None else cpu[5])
+        d_cuda = torch.ops.moe.topk_route_backward(
+            gw.cuda(), gp.cuda(), cuda[0], cuda[2], score, norm, scale, None if g_psum is None else g_psum.cuda(),
+            gz.cuda(), logits.cuda(), None if valid is None else valid.cuda(), z_scale,
+            None if g_bal is None else g_bal.cuda(), None if g_bal is None else cuda[5])
+        torch.testing.assert_close(d_cuda.cpu(), d_cpu, **btol)
 
 
 def test_training_router_captures_in_a_cuda_graph():

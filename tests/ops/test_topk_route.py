@@ -275,7 +275,7 @@ def test_statistics_match_twin(cfg, B, padded, dtype):
     valid = make_valid(T) if padded else None
     out = torch.ops.moe.topk_route(logits, b, K, score, Z, G, norm, scale, valid, B, True)
     ref = topk_route_torch(logits, b, K, score, Z, G, norm, scale, valid, B, True)
-    ids, w, p, counts, metrics, fw, psum, zsum = out
+    ids, w, p, counts, metrics, fw, psum, zsum, balance = out
     assert torch.equal(ids, ref[0]) and torch.equal(counts, ref[3])
     assert counts.dtype == torch.int64 and metrics.dtype == torch.float32
     assert fw.shape == psum.shape == (B, E) and zsum.shape == ()
@@ -285,6 +285,34 @@ def test_statistics_match_twin(cfg, B, padded, dtype):
     tol = dict(rtol=2e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-15)
     for got, want in zip(out[5:], ref[5:]):
         torch.testing.assert_close(got, want, **tol)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,padded", [(0, False), (1, False), (4, True)])
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[4]])
+def test_balance_is_the_dot_of_fw_and_psum(cfg, B, padded, dtype):
+    """balance = sum(fw_BE * psum_BE) (with fw_BE's fw_scale; in (b, e) order on the CPU), 0
+    without statistics: the balance loss itself, as the routers' formula computes it."""
+    score, E, K, Z, G, bias, norm, scale = cfg
+    T = 48
+    logits, b = make(T, E, dtype, seed=7, bias=bias)
+    valid = make_valid(T) if padded else None
+    out = torch.ops.moe.topk_route(logits, b, K, score, Z, G, norm, scale, valid, B, False, "none", 1.0, 0.3 * E)
+    fw, psum, balance = out[5], out[6], out[8]
+    assert balance.shape == () and balance.dtype == dtype
+    want = (fw.double() * psum.double()).sum()
+    tol = dict(rtol=1e-6, atol=1e-9) if dtype == torch.float32 else dict(rtol=1e-14, atol=1e-16)
+    torch.testing.assert_close(balance.double(), want, **tol)
+    if B == 0:
+        assert balance.item() == 0.0
+    elif score == "softmax" and b is None:  # the loss scores are the probs, the loss ids the ids
+        from routers.losses import balance_statistics
+
+        S = T // B
+        ref_fw, ref_psum = balance_statistics(out[2].reshape(B, S, E), out[0].reshape(B, S, K),
+                                              valid_BS=None if valid is None else valid.reshape(B, S))
+        torch.testing.assert_close(balance, 0.3 * E * (ref_fw * ref_psum).sum(), **tol)
 
 
 @needs_ext
@@ -366,8 +394,8 @@ def test_fw_scale_must_be_finite():
 @pytest.mark.parametrize("B,padded", [(1, False), (2, True)])
 @pytest.mark.parametrize("cfg", CONFIGS[:6])
 def test_statistics_gradcheck(cfg, B, padded):
-    """psum_BE's and zsum's gradients (with the weights' and probs'): numerically, and equal to
-    autograd through the routers' PyTorch code."""
+    """psum_BE's, zsum's and balance's gradients (with the weights' and probs'): numerically, and
+    equal to autograd through the routers' PyTorch code."""
     score, E, K, Z, G, bias, norm, scale = cfg
     T = 12
     logits, b = make(T, E, torch.float64, seed=4, bias=bias)
@@ -376,12 +404,14 @@ def test_statistics_gradcheck(cfg, B, padded):
     valid = make_valid(T) if padded else None
 
     def f(x, fn=torch.ops.moe.topk_route):
-        _, w, p, _, _, _, psum, zsum = fn(x, b, K, score, Z, G, norm, scale, valid, B)
-        return w, p, psum, zsum
+        _, w, p, _, _, _, psum, zsum, balance = fn(x, b, K, score, Z, G, norm, scale, valid, B, False, "none", 1.0,
+                                                   0.7)
+        return w, p, psum, zsum, balance
 
     assert gradcheck(f, (logits,))
     g = [torch.randn(T, K, dtype=torch.float64), torch.randn(T, E, dtype=torch.float64),
-         torch.randn(B, E, dtype=torch.float64), torch.randn((), dtype=torch.float64)]
+         torch.randn(B, E, dtype=torch.float64), torch.randn((), dtype=torch.float64),
+         torch.randn((), dtype=torch.float64)]
     (d,) = torch.autograd.grad(sum((o * gi).sum() for o, gi in zip(f(logits), g)), logits)
     twin = lambda x, *a: route_topk(x, *a[:3], a[3] or None, a[4] or None, *a[5:])  # noqa: E731
     (d2,) = torch.autograd.grad(sum((o * gi).sum() for o, gi in zip(f(logits, twin), g)), logits)
@@ -399,9 +429,16 @@ def test_statistics_backward_kernel_matches_twin(cfg, dtype):
     ids, w, p = torch.ops.moe.topk_route(logits, b, K, score, Z, G, norm, scale, valid, B)[:3]
     gw, gp = torch.randn_like(w), torch.randn_like(p)
     gs, gz = torch.randn(B, E, dtype=dtype), torch.randn((), dtype=dtype)
-    args = (gw, gp, ids, p, score, norm, scale, gs, gz, logits, valid)
+    gb, fw = torch.randn((), dtype=dtype), torch.rand(B, E, dtype=dtype)
     tol = dict(rtol=1e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(torch.ops.moe.topk_route_backward(*args), topk_route_backward_torch(*args), **tol)
+    for grads in ((gs, gz, None, None), (gs, gz, gb, fw), (None, None, gb, fw)):
+        args = (gw, gp, ids, p, score, norm, scale, grads[0], grads[1], logits, valid, 1.0, grads[2], grads[3])
+        torch.testing.assert_close(torch.ops.moe.topk_route_backward(*args), topk_route_backward_torch(*args), **tol)
+    # balance's gradient is psum_BE's times fw_BE: the same as passing that as grad_psum_BE
+    with_balance = torch.ops.moe.topk_route_backward(gw, gp, ids, p, score, norm, scale, None, None, logits, valid,
+                                                     1.0, gb, fw)
+    as_psum = torch.ops.moe.topk_route_backward(gw, gp, ids, p, score, norm, scale, gb * fw, None, logits, valid)
+    assert torch.equal(with_balance, as_psum)
 
 
 @pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[3]])
@@ -418,6 +455,9 @@ def test_statistics_opcheck(cfg):
     opcheck(torch.ops.moe.topk_route_backward.default,
             (torch.randn_like(w), None, ids, p, score, norm, scale, torch.randn(3, E), torch.randn(()),
              logits.detach(), valid))
+    opcheck(torch.ops.moe.topk_route_backward.default,
+            (torch.randn_like(w), None, ids, p, score, norm, scale, None, None, None, valid, 1.0, torch.randn(()),
+             torch.rand(3, E)))
 
 
 def test_check_finite_refuses_real_tokens_only():
@@ -495,7 +535,7 @@ def test_rule_kernel_matches_twin(cfg, B, padded, dtype):
     args = rule_args(cfg, valid, B, True)
     out = torch.ops.moe.topk_route(logits, None, *args)
     ref = topk_route_torch(logits, None, *args)
-    ids, w, p, counts, metrics, fw, psum, zsum = out
+    ids, w, p, counts, metrics, fw, psum, zsum, balance = out
     assert torch.equal(ids, ref[0]) and torch.equal(counts, ref[3])
     torch.testing.assert_close(metrics, ref[4], rtol=0, atol=0)
     kept = ids >= 0
@@ -504,7 +544,7 @@ def test_rule_kernel_matches_twin(cfg, B, padded, dtype):
     if valid is not None:
         assert bool((~kept[~valid]).all()) and bool(kept[valid, 0].all())
     tol = dict(rtol=2e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-15)
-    for got, want in zip((w, p, fw, psum, zsum), (ref[1], ref[2]) + tuple(ref[5:])):
+    for got, want in zip((w, p, fw, psum, zsum, balance), (ref[1], ref[2]) + tuple(ref[5:])):
         torch.testing.assert_close(got, want, **tol)
     gw, gp = torch.randn_like(w), torch.randn_like(p)
     gs, gz = (torch.randn(B, E, dtype=dtype), torch.randn((), dtype=dtype)) if B else (None, None)
@@ -550,7 +590,7 @@ def test_rule_properties(T, E, data):
     norm = data.draw(st.booleans())
     dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
     logits, _ = make(T, E, dtype, seed=data.draw(st.integers(0, 1000)))
-    ids, w, p, counts, metrics, fw, psum, zsum = torch.ops.moe.topk_route(
+    ids, w, p, counts, metrics, fw, psum, zsum, _ = torch.ops.moe.topk_route(
         logits, None, K, "softmax", 0, 0, norm, 1.0, None, 1, False, rule, threshold)
     kept = ids >= 0
     n_T = kept.sum(-1)
@@ -588,13 +628,14 @@ def test_rule_gradcheck(cfg, B, padded):
     valid = make_valid(T) if padded else None
 
     def f(x, fn=torch.ops.moe.topk_route):
-        _, w, p, _, _, _, psum, zsum = fn(x, None, *rule_args(cfg, valid, B, False))
-        return w, p, psum, zsum
+        _, w, p, _, _, _, psum, zsum, balance = fn(x, None, *rule_args(cfg, valid, B, False))
+        return w, p, psum, zsum, balance
 
     assert gradcheck(f, (logits,))
     K = cfg[2]
     g = [torch.randn(T, K, dtype=torch.float64), torch.randn(T, E, dtype=torch.float64),
-         torch.randn(B, E, dtype=torch.float64), torch.randn((), dtype=torch.float64)]
+         torch.randn(B, E, dtype=torch.float64), torch.randn((), dtype=torch.float64),
+         torch.randn((), dtype=torch.float64)]
     (d,) = torch.autograd.grad(sum((o * gi).sum() for o, gi in zip(f(logits), g)), logits)
     (d2,) = torch.autograd.grad(sum((o * gi).sum() for o, gi in zip(f(logits, topk_route_torch), g)), logits)
     torch.testing.assert_close(d, d2, rtol=1e-12, atol=1e-14)
@@ -617,7 +658,7 @@ def test_rule_compiled_gradients():
     logits, _ = make(33, cfg[1])
 
     def f(x):
-        ids, w, p, _, _, _, psum, zsum = torch.ops.moe.topk_route(x, None, *rule_args(cfg, None, 3, False))
+        ids, w, p, _, _, _, psum, zsum, _ = torch.ops.moe.topk_route(x, None, *rule_args(cfg, None, 3, False))
         return ids, (w * torch.arange(1, cfg[2] + 1)).sum() + (p * p).sum() + (psum * psum).sum() + zsum
 
     assert_compiles_alike(f, logits)
