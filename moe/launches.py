@@ -16,8 +16,8 @@ padding zeros, and the CUTLASS GEMM), four around PyTorch's (offsets check, its 
 zeros); ``gather_grouped_mm`` one at decode sizes, else permute + grouped_mm;
 ``gather_grouped_mm_swiglu`` one at decode sizes (the streaming kernel with SwiGLU's epilogue),
 else gather_grouped_mm's + the swiglu kernel; ``topk_route`` 2
-kernels (route, final statistics), 3 with the loss statistics (+ the partial sums), 1 without them
-up to 64 tokens; ``linear_f32_backward`` 4 for bfloat16 (the split of the gradient into three
+kernels (route, then the final statistics, or with the loss statistics their partial sums whose
+last block forms the final ones), 1 without statistics up to 64 tokens; ``linear_f32_backward`` 4 for bfloat16 (the split of the gradient into three
 bfloat16 terms, two cuBLAS GEMMs, the sum of the weight gradient's three parts), else its ATen ops.
 ``unpermute_backward`` is one kernel (a warp per slot), as are ``permute``, ``unpermute`` and
 ``unpermute_weights_grad``.

@@ -19,12 +19,13 @@
 // the loss ids (top-k of the loss scores, with a bias or groups; rule "xmoe" counts each token's
 // first slot only); route_stats_partial_kernel
 // (num_seqs = B > 0) sums each (sequence, expert)'s loss scores and loss slots over ranges of
-// 32 tokens in token order, and each range's real tokens and lse^2; route_stats_final_kernel (one
-// block) counts counts_E and the real tokens, writes metrics, adds the ranges' partial sums (a
-// warp per sequence and expert, in a fixed tree) and forms fw_BE, psum_BE, zsum and balance (the
-// block's fixed-order sum of fw_BE * psum_BE). The backward adds d balance * fw_BE to each
+// 32 tokens in token order, and each range's real tokens and lse^2; then one block
+// (route_stats_final: the partial kernel's last block to finish, or route_stats_final_kernel
+// without statistics) counts counts_E and the real tokens, writes metrics, adds the ranges'
+// partial sums (a warp per sequence and expert, in a fixed tree) and forms fw_BE, psum_BE, zsum
+// and balance (the block's fixed-order sum of fw_BE * psum_BE). The backward adds d balance * fw_BE to each
 // sequence's d psum_BE as it reads it (add_rn/mul_rn: the CPU kernel's expression). Launches: 2
-// without statistics, 3 with; 1 without statistics at decode sizes (topk_route_small_kernel routes
+// with or without statistics; 1 without statistics at decode sizes (topk_route_small_kernel routes
 // and counts in one block: up to kSmallRouteTokens tokens, at most kSmallRoutePerWarp a warp).
 // Shared memory per warp: 2 E values (probs, choice) and Z group scores; a block of the route
 // kernel holds up to four warps, fewer when E is large; E must fit one warp's share in 48 KiB.
@@ -105,6 +106,7 @@ struct TokenStats {
   T* lse2;           // (T,) logsumexp(l)^2
   T* norm;           // (T,) sum_e p_e + 1e-20 (sigmoid)
   int64_t* aux_ids;  // (T, K) the loss ids (with a bias or groups)
+  unsigned* ticket;  // the statistics kernel's block counter, zeroed here (with statistics)
 };
 
 // The route kernel's arguments (every launch of one call shares them).
@@ -248,50 +250,13 @@ __global__ void topk_route_kernel(RouteParams<T> a) {
   extern __shared__ unsigned char smem_raw[];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
   const int64_t t = int64_t(blockIdx.x) * warps + warp;
+  if (a.st.ticket != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *a.st.ticket = 0u;  // for the next kernel
   if (t >= a.Tn) return;  // whole warps leave together
   route_token(a, t, lane, reinterpret_cast<T*>(smem_raw) + int64_t(warp) * (2 * a.E + a.Z));
 }
 
-// Per (expert e = thread, sequence b, token range r): the loss scores' and loss slots' sums over
-// the range's real tokens, in token order (the loss slots: the first loss_k of each token's K);
-// thread 0 of the row of blocks x = 0 also sums the range's real tokens and lse^2. Grid
-// (ceil(E / 128), B, R).
-template <typename T>
-__global__ void route_stats_partial_kernel(const T* __restrict__ probs, const T* __restrict__ norm,
-                                           const int64_t* __restrict__ loss_ids, const bool* __restrict__ valid,
-                                           const T* __restrict__ lse2, int64_t S, int64_t chunk, int E, int K,
-                                           int loss_k, T* __restrict__ psum_part, int* __restrict__ cnt_part,
-                                           T* __restrict__ z_part, int* __restrict__ tok_part) {
-  const int e = blockIdx.x * blockDim.x + threadIdx.x;
-  const int64_t b = blockIdx.y, r = blockIdx.z, B = gridDim.y;
-  const int64_t t0 = b * S + r * chunk, t1 = min(b * S + S, t0 + chunk);
-  const int64_t out = (r * B + b) * E + e;
-  if (e < E) {
-    T acc = 0;
-    int cnt = 0;
-    for (int64_t t = t0; t < t1; ++t) {
-      if (valid != nullptr && !valid[t]) continue;
-      const T pe = probs[t * E + e];
-      acc += norm ? pe / norm[t] : pe;
-      for (int k = 0; k < loss_k; ++k) cnt += loss_ids[t * K + k] == e ? 1 : 0;
-    }
-    psum_part[out] = acc;
-    cnt_part[out] = cnt;
-  }
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    T z = 0;
-    int tok = 0;
-    for (int64_t t = t0; t < t1; ++t)
-      if (valid == nullptr || valid[t]) {
-        z += lse2[t];
-        ++tok;
-      }
-    z_part[r * B + b] = z;
-    tok_part[r * B + b] = tok;
-  }
-}
-
 constexpr int kFinalThreads = 1024;
+constexpr int kPartialThreads = 256;  // the statistics kernel's blocks (also the final statistics' threads)
 constexpr int kSmemHist = 8192;  // experts counted in shared memory (32 KiB)
 // One launch without statistics (topk_route_small_kernel) up to kSmallRouteTokens tokens, when a
 // block of kSmallRouteWarps warps (72-84 registers a thread: 512 threads fit an SM's registers)
@@ -352,15 +317,39 @@ __device__ void route_counts(const int64_t* __restrict__ ids, const bool* __rest
 // One block: counts_E (a shared-memory histogram when E <= kSmemHist) and metrics; with B > 0, the
 // R partial sums added in a fixed order and fw_BE, psum_BE, zsum formed (the arithmetic of
 // csrc/router.cpp's route_statistics; fw_BE times fw_scale, zsum times z_scale), then balance.
+// The final statistics' arguments (the outputs, and what route_stats_final reads besides the
+// partial sums).
 template <typename T>
-__global__ void route_stats_final_kernel(const int64_t* __restrict__ ids, const bool* __restrict__ valid,
-                                         int64_t Tn, int E, int K, int64_t B, int64_t R, bool smem_hist,
-                                         const T* __restrict__ psum_part, const int* __restrict__ cnt_part,
-                                         T* __restrict__ z_part, const int* __restrict__ tok_part,
-                                         T* __restrict__ tok_B, int64_t* __restrict__ counts,
-                                         float* __restrict__ metrics, T* __restrict__ fw, T* __restrict__ psum,
-                                         T* __restrict__ zsum, T* __restrict__ balance, T fw_scale, T z_scale) {
-  extern __shared__ int hist[];  // E counts when smem_hist
+struct FinalArgs {
+  const int64_t* ids;
+  const bool* valid;
+  int64_t Tn;
+  int E, K;
+  int64_t B, R;
+  bool smem_hist;
+  T* tok_B;
+  int64_t* counts;
+  float* metrics;
+  T *fw, *psum, *zsum, *balance;
+  T fw_scale, z_scale;
+};
+
+template <typename T>
+__device__ void route_stats_final(const FinalArgs<T>& f, const T* psum_part, const int* cnt_part, T* z_part,
+                                  const int* tok_part, int* hist) {
+  const int64_t* __restrict__ ids = f.ids;
+  const bool* __restrict__ valid = f.valid;
+  const int64_t Tn = f.Tn, B = f.B, R = f.R;
+  const int E = f.E, K = f.K;
+  const bool smem_hist = f.smem_hist;
+  T* __restrict__ tok_B = f.tok_B;
+  int64_t* __restrict__ counts = f.counts;
+  float* __restrict__ metrics = f.metrics;
+  T* __restrict__ fw = f.fw;
+  T* __restrict__ psum = f.psum;
+  T* __restrict__ zsum = f.zsum;
+  T* __restrict__ balance = f.balance;
+  const T fw_scale = f.fw_scale, z_scale = f.z_scale;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   route_counts(ids, valid, Tn, E, K, smem_hist, hist, counts, metrics);
   if (B == 0) {
@@ -372,9 +361,9 @@ __global__ void route_stats_final_kernel(const int64_t* __restrict__ ids, const 
   for (int64_t i = warp; i < B * E; i += warps) {  // fw holds the loss-slot counts for now
     T acc = 0;
     int cnt = 0;
-    for (int64_t r = lane; r < R; r += kWarp) {
-      acc += psum_part[r * B * E + i];
-      cnt += cnt_part[r * B * E + i];
+    for (int64_t r = lane; r < R; r += kWarp) {  // other blocks' writes: read past L1
+      acc += __ldcg(psum_part + r * B * E + i);
+      cnt += __ldcg(cnt_part + r * B * E + i);
     }
     acc = warp_sum(acc);
     cnt = warp_sum(cnt);
@@ -387,8 +376,8 @@ __global__ void route_stats_final_kernel(const int64_t* __restrict__ ids, const 
     int tok = 0;
     T z = 0;
     for (int64_t r = lane; r < R; r += kWarp) {
-      tok += tok_part[r * B + b];
-      z += z_part[r * B + b];
+      tok += __ldcg(tok_part + r * B + b);
+      z += __ldcg(z_part + r * B + b);
     }
     tok = warp_sum(tok);
     z = warp_sum(z);
@@ -431,6 +420,67 @@ __global__ void route_stats_final_kernel(const int64_t* __restrict__ ids, const 
     balance[0] = total;
   }
 }
+
+// route_stats_final in a launch of its own: no statistics (B = 0) or no tokens.
+template <typename T>
+__global__ void route_stats_final_kernel(FinalArgs<T> f, const T* psum_part, const int* cnt_part, T* z_part,
+                                         const int* tok_part) {
+  extern __shared__ int hist[];  // E counts when f.smem_hist
+  route_stats_final(f, psum_part, cnt_part, z_part, tok_part, hist);
+}
+
+// Per (expert e = thread, sequence b, token range r): the loss scores' and loss slots' sums over
+// the range's real tokens, in token order (the loss slots: the first loss_k of each token's K);
+// thread 0 of the row of blocks x = 0 also sums the range's real tokens and lse^2. Grid
+// (ceil(E / kPartialThreads), B, R). The last block to finish (a ticket counter that the route
+// kernel zeroed: the classic threadfence reduction) then forms every statistic
+// (route_stats_final, partial sums read past L1), so statistics cost one launch after the route
+// kernel; which block is last does not change a bit.
+template <typename T>
+__global__ void __launch_bounds__(kPartialThreads)
+    route_stats_partial_kernel(const T* __restrict__ probs, const T* __restrict__ norm,
+                               const int64_t* __restrict__ loss_ids, const bool* __restrict__ valid,
+                               const T* __restrict__ lse2, int64_t S, int64_t chunk, int E, int K, int loss_k,
+                               T* psum_part, int* cnt_part, T* z_part, int* tok_part, unsigned* ticket,
+                               FinalArgs<T> f) {
+  extern __shared__ int hist[];  // E counts for the final statistics when f.smem_hist
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t b = blockIdx.y, r = blockIdx.z, B = gridDim.y;
+  const int64_t t0 = b * S + r * chunk, t1 = min(b * S + S, t0 + chunk);
+  const int64_t out = (r * B + b) * E + e;
+  if (e < E) {
+    T acc = 0;
+    int cnt = 0;
+    for (int64_t t = t0; t < t1; ++t) {
+      if (valid != nullptr && !valid[t]) continue;
+      const T pe = probs[t * E + e];
+      acc += norm ? pe / norm[t] : pe;
+      for (int k = 0; k < loss_k; ++k) cnt += loss_ids[t * K + k] == e ? 1 : 0;
+    }
+    psum_part[out] = acc;
+    cnt_part[out] = cnt;
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    T z = 0;
+    int tok = 0;
+    for (int64_t t = t0; t < t1; ++t)
+      if (valid == nullptr || valid[t]) {
+        z += lse2[t];
+        ++tok;
+      }
+    z_part[r * B + b] = z;
+    tok_part[r * B + b] = tok;
+  }
+  __threadfence();  // this block's partial sums reach L2 before its ticket
+  __syncthreads();
+  __shared__ bool last;
+  if (threadIdx.x == 0) last = atomicAdd(ticket, 1u) == gridDim.x * gridDim.y * gridDim.z - 1u;
+  __syncthreads();
+  if (!last) return;  // block-uniform
+  __threadfence();
+  route_stats_final(f, psum_part, cnt_part, z_part, tok_part, hist);
+}
+
 
 // Small batches without loss statistics (B = 0, 0 < T <= kSmallRouteTokens: decode), in one
 // launch: the block's warps route the tokens in turn, then the block counts (route_counts). Shared
@@ -565,11 +615,12 @@ RouteOutputs topk_route_cuda(const at::Tensor& logits_TE, const std::optional<at
     using T_ = scalar_t;
     // workspace: lse2 (T), norm (T, sigmoid), psum partials (R B E), z partials (R B), tok_B (B)
     auto ws = at::empty({B > 0 ? 2 * T + R * B * E + R * B + B : 0}, opts);
-    auto iws = at::empty({B > 0 ? R * B * E + R * B : 0}, opts.dtype(at::kInt));
+    auto iws = at::empty({B > 0 ? R * B * E + R * B + 1 : 0}, opts.dtype(at::kInt));  // + the ticket
     auto aux = at::empty({B > 0 && aux_topk ? T * K : 0}, opts.dtype(at::kLong));
     T_* w0 = ws.mutable_data_ptr<T_>();
+    unsigned* ticket = B > 0 ? reinterpret_cast<unsigned*>(iws.mutable_data_ptr<int>() + R * B * E + R * B) : nullptr;
     TokenStats<T_> st{B > 0 ? w0 : nullptr, B > 0 && !softmax ? w0 + T : nullptr,
-                      B > 0 && aux_topk ? aux.mutable_data_ptr<int64_t>() : nullptr};
+                      B > 0 && aux_topk ? aux.mutable_data_ptr<int64_t>() : nullptr, ticket};
     const RouteParams<T_> rp{logits_TE.const_data_ptr<T_>(), logits_TE.stride(0), logits_TE.stride(1),
                              bias.defined() ? bias.const_data_ptr<float>() : nullptr, vp, T, int(E), int(K),
                              int(num_groups), int(topk_groups), softmax, norm_topk, check_finite, T_(scaling),
@@ -599,19 +650,21 @@ RouteOutputs topk_route_cuda(const at::Tensor& logits_TE, const std::optional<at
     T_* tok_B = B > 0 ? z_part + R * B : nullptr;
     int* cnt_part = B > 0 ? iws.mutable_data_ptr<int>() : nullptr;
     int* tok_part = B > 0 ? cnt_part + R * B * E : nullptr;
-    if (B > 0 && T > 0) {
-      const dim3 grid(unsigned(ceil_div(E, 128)), unsigned(B), unsigned(R));
+    const FinalArgs<T_> fin{ids.const_data_ptr<int64_t>(), vp, T, int(E), int(K), B, T > 0 ? R : 0, smem_hist, tok_B,
+                            counts.mutable_data_ptr<int64_t>(), metrics.mutable_data_ptr<float>(),
+                            fw.mutable_data_ptr<T_>(), psum.mutable_data_ptr<T_>(), zsum.mutable_data_ptr<T_>(),
+                            balance.mutable_data_ptr<T_>(), T_(fw_scale), T_(z_scale)};
+    const size_t hist_smem = smem_hist ? E * sizeof(int) : 0;
+    if (B > 0 && T > 0) {  // the partial sums, and the final statistics in their last block
+      const dim3 grid(unsigned(ceil_div(E, kPartialThreads)), unsigned(B), unsigned(R));
       TORCH_CHECK(B <= 65535, "moe.topk_route: num_seqs=", B, " exceeds the 65535 sequences of one CUDA launch");
-      route_stats_partial_kernel<T_><<<grid, 128, 0, stream>>>(
+      route_stats_partial_kernel<T_><<<grid, kPartialThreads, hist_smem, stream>>>(
           probs.const_data_ptr<T_>(), st.norm, aux_topk ? st.aux_ids : ids.const_data_ptr<int64_t>(), vp, st.lse2,
-          S, chunk, int(E), int(K), loss_k, psum_part, cnt_part, z_part, tok_part);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+          S, chunk, int(E), int(K), loss_k, psum_part, cnt_part, z_part, tok_part, ticket, fin);
+    } else {
+      route_stats_final_kernel<T_><<<1, kFinalThreads, hist_smem, stream>>>(fin, psum_part, cnt_part, z_part,
+                                                                           tok_part);
     }
-    route_stats_final_kernel<T_><<<1, kFinalThreads, smem_hist ? E * sizeof(int) : 0, stream>>>(
-        ids.const_data_ptr<int64_t>(), vp, T, int(E), int(K), B, T > 0 ? R : 0, smem_hist, psum_part, cnt_part, z_part,
-        tok_part, tok_B, counts.mutable_data_ptr<int64_t>(), metrics.mutable_data_ptr<float>(),
-        fw.mutable_data_ptr<T_>(), psum.mutable_data_ptr<T_>(), zsum.mutable_data_ptr<T_>(),
-        balance.mutable_data_ptr<T_>(), T_(fw_scale), T_(z_scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {ids, weights, probs, counts, metrics, fw, psum, zsum, balance};

@@ -73,7 +73,8 @@ def test_strided_logits_and_ties():
 
 
 def captured_forward(router, x):
-    """router(x) captured in a CUDA graph (after a warm-up on a side stream) and replayed."""
+    """router(x) captured in a CUDA graph (after a warm-up on a side stream) and replayed twice (the
+    statistics kernel's block counter is zeroed again by each replay's route kernel)."""
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         router(x)
@@ -81,6 +82,7 @@ def captured_forward(router, x):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = router(x)
+    graph.replay()
     graph.replay()
     torch.cuda.synchronize()
     return out
@@ -131,7 +133,8 @@ def test_small_batches_route_in_one_launch(E, dtype, T):
 def test_cuda_statistics_match_cpu(cfg, dtype, T, B, padded):
     """counts_E, metrics, fw_BE (exact: integer counts and the CPU's arithmetic), psum_BE and zsum
     (sums in another order), balance, and the backward with psum_BE's, zsum's and balance's
-    gradients; with B > 1 fw_BE carries a balance loss's fw_scale (the same arithmetic, so still
+    gradients; two launches (the final statistics in the partial kernel's last block), the same
+    bits on a second call; with B > 1 fw_BE carries a balance loss's fw_scale (the same arithmetic, so still
     exact) and zsum a z-loss's z_scale (its gradient too)."""
     score, E, K, Z, G, bias, norm, scale = cfg
     fw_scale, z_scale = (0.37 * E, 1e-3 / max(T, 1)) if B > 1 else (1.0, 1.0)
@@ -146,6 +149,13 @@ def test_cuda_statistics_match_cpu(cfg, dtype, T, B, padded):
     cuda = torch.ops.moe.topk_route(logits.cuda(), None if b is None else b.cuda(), *args,
                                     None if valid is None else valid.cuda(), B, True, "none", 1.0, fw_scale, z_scale)
     assert_route_matches(cuda, cpu, dtype)
+    cuda_args = (logits.cuda(), None if b is None else b.cuda(), *args, None if valid is None else valid.cuda(), B,
+                 True, "none", 1.0, fw_scale, z_scale)
+    names = _cuda_kernels(lambda: torch.ops.moe.topk_route(*cuda_args))
+    if T > 0:  # the statistics' last partial block forms the final ones: two launches
+        assert len(names) == 2 and "topk_route_kernel" in names[0] and "route_stats_partial" in names[1], names
+    again = torch.ops.moe.topk_route(*cuda_args)  # the ticket is zeroed again by each call's route kernel
+    assert all(torch.equal(x, y) for x, y in zip(again, cuda))
     gw, gp = torch.randn_like(cpu[1]), torch.randn_like(cpu[2])
     gs, gz, gb = torch.randn(B, E, dtype=dtype), torch.randn((), dtype=dtype), torch.randn((), dtype=dtype)
     btol = dict(rtol=1e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
