@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from moe import ops
 from moe.ops import twins
 
-from tests.helpers.gpu import assert_eval_graph_replays, error_rule, offs_of, poison, random_ids
+from tests.helpers.gpu import (assert_eval_graph_replays, error_rule, kernel_names, offs_of, poison, random_ids,
+                               without_sync)
 
 pytestmark = pytest.mark.gpu
 moe_ops = torch.ops.moe
@@ -195,19 +196,9 @@ def test_weighted_unpermute_backward_is_one_kernel_without_sync():
         y.grad = w.grad = None
         ops.unpermute(y, p, w).backward(g)
 
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    torch.cuda.synchronize()
-    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
-        ops.unpermute(y, p, w).backward(g)
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    step()  # warm-up
+    without_sync(step)
+    names = kernel_names(lambda: ops.unpermute(y, p, w).backward(g))
     assert sum("unpermute_backward_kernel" in n for n in names) == 1, names
     assert not any("permute_kernel" in n and "unpermute" not in n for n in names), names
     for mask in ((True, True), (False, True), (True, False)):
