@@ -36,8 +36,9 @@
 //   g = h1 + h2 + h3,   h1 = bf16(g), h2 = bf16(g - h1), h3 = bf16(g - h1 - h2) = g - h1 - h2
 //
 // (8 significand bits each, float32's 24 in all; exact unless |g| < about 2^-110, where h3 would
-// be a bfloat16 subnormal; a non-finite g makes NaN), and a product of two bfloat16 values is
-// exact in float32. So both gradients are float32-accumulated sums of exactly the float32 GEMMs'
+// be a bfloat16 subnormal; where h1 is not finite it stands alone, so infinities and NaN
+// propagate, and a finite |g| past bfloat16's largest value, 3.39e38, counts as infinite), and a
+// product of two bfloat16 values is exact in float32. So both gradients are float32-accumulated sums of exactly the float32 GEMMs'
 // products, on bfloat16 tensor cores:
 //
 //   d x_TD      = G3 (T, 3E) @ W3 (3E, D)                   G3 = [h1 | h2 | h3], W3 = [w; w; w]
@@ -274,9 +275,12 @@ __global__ void split3_kernel(const float* __restrict__ g, int64_t gs0, int64_t 
       const int64_t t = i / E, e = i - t * E;
       const float v = g[t * gs0 + e * gs1];
       const c10::BFloat16 h1(v);  // round to nearest even
-      const float r1 = v - static_cast<float>(h1);  // exact
-      const c10::BFloat16 h2(r1);
-      const c10::BFloat16 h3(r1 - static_cast<float>(h2));  // exact: r1 - h2 has at most 8 bits
+      c10::BFloat16 h2(0.0f), h3(0.0f);
+      if (isfinite(static_cast<float>(h1))) {  // else (inf, NaN, |g| near FLT_MAX) h1 alone, as float32 would
+        const float r1 = v - static_cast<float>(h1);  // exact
+        h2 = c10::BFloat16(r1);
+        h3 = c10::BFloat16(r1 - static_cast<float>(h2));  // exact: r1 - h2 has at most 8 bits
+      }
       c10::BFloat16* row = g3 + t * 3 * E + e;
       row[0] = h1;
       row[E] = h2;

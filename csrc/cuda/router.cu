@@ -256,7 +256,9 @@ __global__ void topk_route_kernel(RouteParams<T> a) {
 }
 
 constexpr int kFinalThreads = 1024;
-constexpr int kPartialThreads = 256;  // the statistics kernel's blocks (also the final statistics' threads)
+// The statistics kernel's blocks: a thread per expert for the partial sums, and the threads of the
+// final statistics in its last block (counts over all T K ids: as many as the former final kernel).
+constexpr int kPartialThreads = kFinalThreads;
 constexpr int kSmemHist = 8192;  // experts counted in shared memory (32 KiB)
 // One launch without statistics (topk_route_small_kernel) up to kSmallRouteTokens tokens, when a
 // block of kSmallRouteWarps warps (72-84 registers a thread: 512 threads fit an SM's registers)

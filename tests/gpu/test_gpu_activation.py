@@ -305,6 +305,19 @@ def test_linear_f32_backward_bf16_splits_exactly():
     _same(g_w, want.t())
 
 
+def test_linear_f32_backward_bf16_non_finite_gradients_propagate():
+    """An infinite or NaN gradient element stands alone in the split: d x and d w are inf / NaN
+    exactly where the float32 GEMMs' are."""
+    x = torch.randn(40, 64, device="cuda").to(torch.bfloat16)
+    w = torch.randn(6, 64, device="cuda").to(torch.bfloat16)
+    w[2, :5] = 0  # inf * 0: NaN, as in float32
+    g = torch.randn(40, 6, device="cuda")
+    g[3, 2], g[7, 4], g[9, 1] = float("inf"), float("nan"), -float("inf")
+    got, want = moe_ops.linear_f32_backward(g, x, w), linear_f32_backward_torch(g, x, w)
+    for a, b in zip(got, want):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 def test_linear_f32_backward_other_dtypes_are_the_twin(dtype):
     x, w = torch.randn(70, 48, dtype=dtype, device="cuda"), torch.randn(9, 48, dtype=dtype, device="cuda")
