@@ -493,6 +493,10 @@ def test_bad_statistics_args_name_the_argument(extra, match):
     ((None, torch.zeros(1), torch.zeros(4, 4), None), "grad_zsum must be a 0-d"),
     ((None, None, torch.zeros(4, 5), None), "logits_TE must match probs_TE"),
     ((None, None, None, torch.ones(3, dtype=torch.bool)), "valid_T must be a bool tensor"),
+    ((None, None, None, None, 1.0, torch.zeros(())), "grad_balance needs fw_BE"),
+    ((None, None, None, None, 1.0, torch.zeros(1), torch.zeros(1, 4)), "grad_balance must be a 0-d"),
+    ((None, None, None, None, 1.0, torch.zeros(()), torch.zeros(3, 4)), r"fw_BE must be \(B, E=4\) with B dividing"),
+    ((torch.zeros(2, 4), None, None, None, 1.0, torch.zeros(()), torch.zeros(1, 4)), "must have one shape"),
 ])
 def test_bad_backward_statistics_args_name_the_argument(extra, match):
     probs = torch.softmax(torch.randn(4, 4), -1)
