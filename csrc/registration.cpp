@@ -59,9 +59,9 @@ TORCH_LIBRARY(moe, m) {
   // ids -1; num_seqs = B > 0 adds the loss statistics over B sequences. rule "xmoe" / "top_p" (the
   // threshold router: softmax, no bias or groups) keeps the prefix of each token's top_k that the
   // rule keeps at threshold, the other slots -1 with weight 0; "none" keeps all top_k. fw_BE comes
-  // multiplied by fw_scale (a balance loss's coefficient times E: the loss is then one dot product)
-  // and zsum by z_scale (a z-loss's coefficient over the tokens: zsum is then the loss); balance =
-  // sum(fw_BE * psum_BE), then the balance loss.
+  // multiplied by fw_scale (a balance loss's coefficient times E) and zsum by z_scale (a z-loss's
+  // coefficient over the tokens: zsum is then the loss); balance = sum(fw_BE * psum_BE), then the
+  // balance loss.
   m.def("topk_route(Tensor logits_TE, Tensor? bias_E, int top_k, str score, int num_groups, int topk_groups, "
         "bool norm_topk, float scaling, Tensor? valid_T=None, int num_seqs=0, bool check_finite=False, "
         "str rule=\"none\", float threshold=1.0, float fw_scale=1.0, float z_scale=1.0) -> "

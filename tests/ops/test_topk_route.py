@@ -531,7 +531,7 @@ def rule_args(cfg, *extra):
 @pytest.mark.parametrize("B,padded", [(0, False), (1, True), (4, True), (3, False)])
 @pytest.mark.parametrize("cfg", RULE_CONFIGS)
 def test_rule_kernel_matches_twin(cfg, B, padded, dtype):
-    """All eight results, and the backward with every gradient, equal the twin's: ids, counts and
+    """All nine results, and the backward with every gradient, equal the twin's: ids, counts and
     metrics exactly, the rest to a few roundings."""
     T, E = 12 * 8, cfg[1]
     logits, _ = make(T, E, dtype, seed=5)
