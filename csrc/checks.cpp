@@ -203,7 +203,7 @@ void check_linear_f32_args(const at::Tensor& x_TD, const at::Tensor& weight_ED, 
 
 void check_linear_f32_backward_args(const at::Tensor& grad_TE, const at::Tensor& x_TD, const at::Tensor& weight_ED) {
   check_linear_f32_args(x_TD, weight_ED, "linear_f32_backward");
-  const auto acc = x_TD.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = accum_dtype(x_TD.scalar_type());
   TORCH_CHECK(grad_TE.dim() == 2 && grad_TE.size(0) == x_TD.size(0) && grad_TE.size(1) == weight_ED.size(0),
               "moe.linear_f32_backward: grad_TE must have shape (T, E) = (", x_TD.size(0), ", ",
               weight_ED.size(0), "), got ", grad_TE.sizes());

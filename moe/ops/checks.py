@@ -108,7 +108,6 @@ def check_unpermute_backward_args(grad_TD, y_ND, order_N, rows_TK, weights_TK, g
                                   grad_weights=True) -> None:
     op = "unpermute_backward"
     check_unpermute_weights_grad_args(grad_TD, y_ND, order_N, rows_TK, op)
-    _check(weights_TK is not None, op, "weights_TK is required (the unweighted backward is permute)")
     check_weights_arg(op, "weights_TK", weights_TK, rows_TK, grad_TD)
 
 
