@@ -84,23 +84,37 @@ static void check_offs(const char* op, const at::Tensor& offs_E, const at::Tenso
 }
 
 void check_grouped_mm_args(const at::Tensor& a_NX, const at::Tensor& b_EXY,
-                           const at::Tensor& offs_E) {
-  TORCH_CHECK(a_NX.dim() == 2, "moe.grouped_mm: a_NX must be 2-D (N, X), got shape ",
-              a_NX.sizes());
-  TORCH_CHECK(b_EXY.dim() == 3, "moe.grouped_mm: b_EXY must be 3-D (E, X, Y), got shape ",
-              b_EXY.sizes());
+                           const at::Tensor& offs_E, const char* op) {
+  TORCH_CHECK(a_NX.dim() == 2, "moe.", op, ": a_NX must be 2-D (N, X), got shape ", a_NX.sizes());
+  TORCH_CHECK(b_EXY.dim() == 3, "moe.", op, ": b_EXY must be 3-D (E, X, Y), got shape ", b_EXY.sizes());
   TORCH_CHECK(is_mm_dtype(a_NX.scalar_type()),
-              "moe.grouped_mm: a_NX must be float32/float64/bfloat16/float16, got ",
-              a_NX.scalar_type());
-  TORCH_CHECK(a_NX.scalar_type() == b_EXY.scalar_type(), "moe.grouped_mm: a_NX is ",
+              "moe.", op, ": a_NX must be float32/float64/bfloat16/float16, got ", a_NX.scalar_type());
+  TORCH_CHECK(a_NX.scalar_type() == b_EXY.scalar_type(), "moe.", op, ": a_NX is ",
               a_NX.scalar_type(), " but b_EXY is ", b_EXY.scalar_type());
-  TORCH_CHECK(a_NX.device() == b_EXY.device(), "moe.grouped_mm: a_NX is on ", a_NX.device(),
+  TORCH_CHECK(a_NX.device() == b_EXY.device(), "moe.", op, ": a_NX is on ", a_NX.device(),
               " but b_EXY is on ", b_EXY.device());
-  TORCH_CHECK(a_NX.size(1) == b_EXY.size(1), "moe.grouped_mm: a_NX has X=", a_NX.size(1),
+  TORCH_CHECK(a_NX.size(1) == b_EXY.size(1), "moe.", op, ": a_NX has X=", a_NX.size(1),
               " columns but b_EXY has X=", b_EXY.size(1), " rows per expert");
-  check_offs("grouped_mm", offs_E, a_NX);
-  TORCH_CHECK(offs_E.size(0) == b_EXY.size(0), "moe.grouped_mm: offs_E has ", offs_E.size(0),
+  check_offs(op, offs_E, a_NX);
+  TORCH_CHECK(offs_E.size(0) == b_EXY.size(0), "moe.", op, ": offs_E has ", offs_E.size(0),
               " entries but b_EXY has E=", b_EXY.size(0), " experts");
+}
+
+// A backward op's incoming gradient: (rows, Y) in `like`'s dtype, on its device.
+static void check_grad_rows(const char* op, const at::Tensor& grad_NY, int64_t rows, int64_t Y,
+                            const at::Tensor& like, const char* like_name) {
+  TORCH_CHECK(grad_NY.dim() == 2 && grad_NY.size(0) == rows && grad_NY.size(1) == Y, "moe.", op,
+              ": grad_NY must have shape (N, Y) = (", rows, ", ", Y, "), got ", grad_NY.sizes());
+  TORCH_CHECK(grad_NY.scalar_type() == like.scalar_type(), "moe.", op, ": grad_NY is ",
+              grad_NY.scalar_type(), " but ", like_name, " is ", like.scalar_type());
+  TORCH_CHECK(grad_NY.device() == like.device(), "moe.", op, ": grad_NY is on ", grad_NY.device(),
+              " but ", like_name, " is on ", like.device());
+}
+
+void check_grouped_mm_backward_args(const at::Tensor& grad_NY, const at::Tensor& a_NX,
+                                    const at::Tensor& b_EXY, const at::Tensor& offs_E) {
+  check_grouped_mm_args(a_NX, b_EXY, offs_E, "grouped_mm_backward");
+  check_grad_rows("grouped_mm_backward", grad_NY, a_NX.size(0), b_EXY.size(2), a_NX, "a_NX");
 }
 
 void check_grouped_mm_wgrad_args(const at::Tensor& a_NX, const at::Tensor& g_NY,
@@ -166,6 +180,13 @@ void check_gather_grouped_mm_args(const at::Tensor& x_TD, const at::Tensor& orde
                                   const at::Tensor& rows_TK, const at::Tensor& b_EXY,
                                   const at::Tensor& offs_E) {
   check_gather_b("gather_grouped_mm", x_TD, order_N, rows_TK, b_EXY, offs_E);
+}
+
+void check_gather_grouped_mm_backward_args(const at::Tensor& grad_NY, const at::Tensor& x_TD,
+                                           const at::Tensor& order_N, const at::Tensor& rows_TK,
+                                           const at::Tensor& b_EXY, const at::Tensor& offs_E) {
+  check_gather_b("gather_grouped_mm_backward", x_TD, order_N, rows_TK, b_EXY, offs_E);
+  check_grad_rows("gather_grouped_mm_backward", grad_NY, order_N.size(0), b_EXY.size(2), x_TD, "x_TD");
 }
 
 void check_gather_grouped_mm_swiglu_args(const at::Tensor& x_TD, const at::Tensor& order_N,

@@ -329,4 +329,34 @@ at::Tensor gather_grouped_mm_wgrad_cpu(const at::Tensor& x_TD, const at::Tensor&
   return grouped_wgrad(x, off.data(), g_NY, starts, out_yx);
 }
 
+// The backward ops: the two gradients of grouped_mm / gather_grouped_mm in one op, the same kernels
+// (and bits) as the autograd formulas' former pair of calls. d b comes in b's layout: an
+// nn.Linear-style b (a transposed (E, Y, X) view) gets grouped_mm_wgrad(grad, a) transposed.
+std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& grad_NY, const at::Tensor& a_NX,
+                                                           const at::Tensor& b_EXY, const at::Tensor& offs_E,
+                                                           bool grad_a, bool grad_b) {
+  check_grouped_mm_backward_args(grad_NY, a_NX, b_EXY, offs_E);
+  const int64_t X = a_NX.size(1), Y = b_EXY.size(2);
+  at::Tensor d_a = grad_a ? grouped_mm_cpu(grad_NY, b_EXY.transpose(1, 2), offs_E) : a_NX.new_empty({0, X});
+  at::Tensor d_b = !grad_b ? b_EXY.new_empty({0, X, Y})
+                   : is_yx_layout(b_EXY) ? grouped_mm_wgrad_cpu(grad_NY, a_NX, offs_E).transpose(1, 2)
+                                         : grouped_mm_wgrad_cpu(a_NX, grad_NY, offs_E);
+  return {d_a, d_b};
+}
+
+// d x_TD sums each token's rows of grad_NY @ b_e^T (unpermute); d b is gather_grouped_mm_wgrad.
+std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward_cpu(const at::Tensor& grad_NY, const at::Tensor& x_TD,
+                                                                  const at::Tensor& order_N, const at::Tensor& rows_TK,
+                                                                  const at::Tensor& b_EXY, const at::Tensor& offs_E,
+                                                                  bool grad_x, bool grad_b) {
+  check_gather_grouped_mm_backward_args(grad_NY, x_TD, order_N, rows_TK, b_EXY, offs_E);
+  const int64_t D = x_TD.size(1), Y = b_EXY.size(2);
+  at::Tensor d_x = grad_x ? unpermute_cpu(grouped_mm_cpu(grad_NY, b_EXY.transpose(1, 2), offs_E), order_N, rows_TK,
+                                          std::nullopt)
+                          : x_TD.new_empty({0, D});
+  at::Tensor d_b = grad_b ? gather_grouped_mm_wgrad_cpu(x_TD, order_N, rows_TK, grad_NY, offs_E, is_yx_layout(b_EXY))
+                          : b_EXY.new_empty({0, D, Y});
+  return {d_x, d_b};
+}
+
 }  // namespace moe

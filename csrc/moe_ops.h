@@ -33,12 +33,19 @@ void check_unpermute_weights_grad_args(const at::Tensor& grad_TD, const at::Tens
 void check_unpermute_backward_args(const at::Tensor& grad_TD, const at::Tensor& y_ND, const at::Tensor& order_N,
                                    const at::Tensor& rows_TK, const at::Tensor& weights_TK);
 void check_grouped_mm_args(const at::Tensor& a_NX, const at::Tensor& b_EXY,
-                           const at::Tensor& offs_E);
+                           const at::Tensor& offs_E, const char* op = "grouped_mm");
+// grouped_mm's checks under this op's name, and grad_NY (N, Y) in a_NX's dtype on its device.
+void check_grouped_mm_backward_args(const at::Tensor& grad_NY, const at::Tensor& a_NX,
+                                    const at::Tensor& b_EXY, const at::Tensor& offs_E);
 void check_grouped_mm_wgrad_args(const at::Tensor& a_NX, const at::Tensor& g_NY,
                                  const at::Tensor& offs_E);
 void check_gather_grouped_mm_args(const at::Tensor& x_TD, const at::Tensor& order_N,
                                   const at::Tensor& rows_TK, const at::Tensor& b_EXY,
                                   const at::Tensor& offs_E);
+// gather_grouped_mm's checks under this op's name, and grad_NY (N, Y) in x_TD's dtype on its device.
+void check_gather_grouped_mm_backward_args(const at::Tensor& grad_NY, const at::Tensor& x_TD,
+                                           const at::Tensor& order_N, const at::Tensor& rows_TK,
+                                           const at::Tensor& b_EXY, const at::Tensor& offs_E);
 void check_gather_grouped_mm_wgrad_args(const at::Tensor& x_TD, const at::Tensor& order_N,
                                         const at::Tensor& rows_TK, const at::Tensor& g_NY,
                                         const at::Tensor& offs_E);
@@ -94,6 +101,11 @@ using RouteBuffers = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, 
                                 at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 RouteBuffers route_buffers(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E, int64_t top_k,
                            const std::optional<at::Tensor>& valid_T, int64_t num_seqs);
+// b_EXY is a transposed view of an (E, Y, X) weight (nn.Linear layout): the backward ops return its
+// gradient in that layout (moe/ops/defs.py's _is_yx_layout, the same rule).
+inline bool is_yx_layout(const at::Tensor& b_EXY) {
+  return b_EXY.dim() == 3 && b_EXY.stride(1) == 1 && b_EXY.stride(2) != 1;
+}
 // Dtype of the unpermute_weights_grad output: float32 for half/bfloat16, else the input dtype.
 at::ScalarType accum_dtype(at::ScalarType t);
 
@@ -119,6 +131,15 @@ at::Tensor gather_grouped_mm_cpu(const at::Tensor& x_TD, const at::Tensor& order
 at::Tensor gather_grouped_mm_wgrad_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
                                        const at::Tensor& rows_TK, const at::Tensor& g_NY,
                                        const at::Tensor& offs_E, bool out_yx);
+// grouped_mm's backward in one op: (d a_NX, d b_EXY in b's layout); an output not asked for is an
+// empty (0, X) / (0, X, Y). gather_grouped_mm's likewise, with d x_TD (T, D) / (0, D).
+std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& grad_NY, const at::Tensor& a_NX,
+                                                           const at::Tensor& b_EXY, const at::Tensor& offs_E,
+                                                           bool grad_a, bool grad_b);
+std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward_cpu(const at::Tensor& grad_NY, const at::Tensor& x_TD,
+                                                                  const at::Tensor& order_N, const at::Tensor& rows_TK,
+                                                                  const at::Tensor& b_EXY, const at::Tensor& offs_E,
+                                                                  bool grad_x, bool grad_b);
 std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_swiglu_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
                                                                 const at::Tensor& rows_TK, const at::Tensor& b_EXY,
                                                                 const at::Tensor& offs_E, bool keep_h);
@@ -153,6 +174,8 @@ at::Tensor topk_route_backward_cpu(const at::Tensor& grad_weights_TK,
 namespace cuda {
 at::Tensor permute_cuda(const at::Tensor& x_TD, const at::Tensor& order_N,
                         const at::Tensor& rows_TK, const std::optional<at::Tensor>& scale_TK);
+at::Tensor unpermute_cuda(const at::Tensor& y_ND, const at::Tensor& order_N,
+                          const at::Tensor& rows_TK, const std::optional<at::Tensor>& weights_TK);
 at::Tensor swiglu_cuda(const at::Tensor& h);
 }  // namespace cuda
 

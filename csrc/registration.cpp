@@ -38,6 +38,15 @@ TORCH_LIBRARY(moe, m) {
   // grouped_mm_wgrad(permute(x_TD, order_N, rows_TK), g_NY, offs_E), likewise; out_yx: the same
   // (E, X, Y) values stored (E, Y, X), the layout of an nn.Linear-style weight.
   m.def("gather_grouped_mm_wgrad(Tensor x_TD, Tensor order_N, Tensor rows_TK, Tensor g_NY, Tensor offs_E, bool out_yx=False) -> Tensor");
+  // grouped_mm's backward in one op: (grouped_mm(grad_NY, b_EXY^T, offs_E), the weight gradient in
+  // b_EXY's layout: grouped_mm_wgrad(a_NX, grad_NY, offs_E), or for a transposed (E, Y, X) view
+  // grouped_mm_wgrad(grad_NY, a_NX, offs_E)^T); an output not asked for is an empty (0, X) / (0, X, Y).
+  m.def("grouped_mm_backward(Tensor grad_NY, Tensor a_NX, Tensor b_EXY, Tensor offs_E, bool grad_a=True, "
+        "bool grad_b=True) -> (Tensor, Tensor)");
+  // gather_grouped_mm's likewise: (unpermute(grouped_mm(grad_NY, b_EXY^T, offs_E), order_N, rows_TK),
+  // gather_grouped_mm_wgrad(x_TD, order_N, rows_TK, grad_NY, offs_E, b_EXY's layout)); (0, X) / (0, X, Y).
+  m.def("gather_grouped_mm_backward(Tensor grad_NY, Tensor x_TD, Tensor order_N, Tensor rows_TK, Tensor b_EXY, "
+        "Tensor offs_E, bool grad_x=True, bool grad_b=True) -> (Tensor, Tensor)");
   // (swiglu(h_NH), h_NH if keep_h else (0, 2F)) with h_NH = gather_grouped_mm(...) and b_EXY's
   // Y = 2F = [gate; up]: the first projection with SwiGLU's epilogue (one launch at decode sizes on
   // CUDA); keep_h returns h_NH, what the backward needs.
@@ -87,6 +96,8 @@ TORCH_LIBRARY_IMPL(moe, CPU, m) {
   m.impl("grouped_mm_wgrad", &moe::grouped_mm_wgrad_cpu);
   m.impl("gather_grouped_mm", &moe::gather_grouped_mm_cpu);
   m.impl("gather_grouped_mm_wgrad", &moe::gather_grouped_mm_wgrad_cpu);
+  m.impl("grouped_mm_backward", &moe::grouped_mm_backward_cpu);
+  m.impl("gather_grouped_mm_backward", &moe::gather_grouped_mm_backward_cpu);
   m.impl("gather_grouped_mm_swiglu", &moe::gather_grouped_mm_swiglu_cpu);
   m.impl("linear_f32", &moe::linear_f32_cpu);
   m.impl("linear_f32_backward", &moe::linear_f32_backward_cpu);

@@ -118,8 +118,7 @@ def _check_offs(op, offs_E, a, a_name="a_NX") -> None:
     _check(offs_E.device == a.device, op, f"offs_E is on {offs_E.device} but {a_name} is on {a.device}")
 
 
-def check_grouped_mm_args(a_NX, b_EXY, offs_E) -> None:
-    op = "grouped_mm"
+def check_grouped_mm_args(a_NX, b_EXY, offs_E, op="grouped_mm") -> None:
     _check(a_NX.dim() == 2, op, f"a_NX must be 2-D (N, X), got shape {_shape(a_NX)}")
     _check(b_EXY.dim() == 3, op, f"b_EXY must be 3-D (E, X, Y), got shape {_shape(b_EXY)}")
     _check(a_NX.dtype in _MM, op, f"a_NX must be float32/float64/bfloat16/float16, got {a_NX.dtype}")
@@ -130,6 +129,20 @@ def check_grouped_mm_args(a_NX, b_EXY, offs_E) -> None:
     _check_offs(op, offs_E, a_NX)
     _check(offs_E.shape[0] == b_EXY.shape[0], op,
            f"offs_E has {offs_E.shape[0]} entries but b_EXY has E={b_EXY.shape[0]} experts")
+
+
+def _check_grad_rows(op, grad_NY, rows, Y, like, like_name) -> None:
+    """A backward op's incoming gradient: (rows, Y) in ``like``'s dtype, on its device."""
+    _check(grad_NY.dim() == 2 and _shape(grad_NY) == (rows, Y), op,
+           f"grad_NY must have shape (N, Y) = {(rows, Y)}, got {_shape(grad_NY)}")
+    _check(grad_NY.dtype == like.dtype, op, f"grad_NY is {grad_NY.dtype} but {like_name} is {like.dtype}")
+    _check(grad_NY.device == like.device, op, f"grad_NY is on {grad_NY.device} but {like_name} is on {like.device}")
+
+
+def check_grouped_mm_backward_args(grad_NY, a_NX, b_EXY, offs_E, grad_a=True, grad_b=True) -> None:
+    op = "grouped_mm_backward"
+    check_grouped_mm_args(a_NX, b_EXY, offs_E, op)
+    _check_grad_rows(op, grad_NY, a_NX.shape[0], b_EXY.shape[2], a_NX, "a_NX")
 
 
 def check_grouped_mm_wgrad_args(a_NX, g_NY, offs_E) -> None:
@@ -158,6 +171,13 @@ def check_gather_grouped_mm_args(x_TD, order_N, rows_TK, b_EXY, offs_E, op="gath
            f"x_TD has X={x_TD.shape[1]} columns but b_EXY has X={b_EXY.shape[1]} rows per expert")
     _check(offs_E.shape[0] == b_EXY.shape[0], op,
            f"offs_E has {offs_E.shape[0]} entries but b_EXY has E={b_EXY.shape[0]} experts")
+
+
+def check_gather_grouped_mm_backward_args(grad_NY, x_TD, order_N, rows_TK, b_EXY, offs_E, grad_x=True,
+                                          grad_b=True) -> None:
+    op = "gather_grouped_mm_backward"
+    check_gather_grouped_mm_args(x_TD, order_N, rows_TK, b_EXY, offs_E, op)
+    _check_grad_rows(op, grad_NY, order_N.shape[0], b_EXY.shape[2], x_TD, "x_TD")
 
 
 def check_gather_grouped_mm_swiglu_args(x_TD, order_N, rows_TK, b_EXY, offs_E, keep_h=False) -> None:

@@ -142,30 +142,55 @@ unpermute_backward = define_op(
     check=checks.check_unpermute_backward_args)
 
 
-# ---- grouped_mm: c_e = a_e @ b_e; grouped_mm_wgrad: w_e = a_e^T @ g_e ----------------------------
+# ---- grouped_mm: c_e = a_e @ b_e; grouped_mm_wgrad: w_e = a_e^T @ g_e; grouped_mm_backward: ------
+# grouped_mm's two gradients in one op (on CUDA's sm90 path its two GEMMs share one setup launch)
 
 def _grouped_mm_fake(a_NX, b_EXY, offs_E):
     return a_NX.new_empty(a_NX.shape[0], b_EXY.shape[2])
 
 
-def _is_yx_layout(b_EXY) -> bool:
-    """True when b_EXY is a transposed view of an (E, Y, X) weight (nn.Linear layout, e.g.
-    transformers' experts): its gradient is then written in that layout, (g_e^T a_e)^T, so that
-    autograd does not copy an (E, X, Y) gradient into the weight's strides."""
-    return b_EXY.dim() == 3 and b_EXY.stride(-2) == 1 and b_EXY.stride(-1) != 1
+_is_yx_layout = twins.is_yx_layout
 
 
 def _grouped_mm_backward(ctx, g_NY):
+    """grouped_mm's gradients: one moe.grouped_mm_backward (with create_graph, the two
+    differentiable ops)."""
     a_NX, b_EXY, offs_E = ctx.saved_tensors
-    g_a = ops.grouped_mm(g_NY, b_EXY.transpose(-2, -1), offs_E) if ctx.needs_input_grad[0] else None
+    need_a, need_b = ctx.needs_input_grad[:2]
+    if not torch.is_grad_enabled():
+        g_a, g_b = ops.grouped_mm_backward(g_NY, a_NX, b_EXY, offs_E, need_a, need_b)
+        return (g_a if need_a else None), (g_b if need_b else None), None
+    g_a = ops.grouped_mm(g_NY, b_EXY.transpose(-2, -1), offs_E) if need_a else None
     g_b = None
-    if ctx.needs_input_grad[1]:
+    if need_b:
         if _is_yx_layout(b_EXY):
             g_b = ops.grouped_mm_wgrad(g_NY, a_NX, offs_E).transpose(-2, -1)
         else:
             g_b = ops.grouped_mm_wgrad(a_NX, g_NY, offs_E)
     return g_a, g_b, None
 
+
+def _grouped_mm_backward_fake(grad_NY, a_NX, b_EXY, offs_E, grad_a=True, grad_b=True):
+    return a_NX.new_empty(a_NX.shape[0] if grad_a else 0, a_NX.shape[1]), _weight_grad_fake(a_NX, b_EXY, grad_b)
+
+
+def _weight_grad_fake(a, b_EXY, grad_b):
+    """d b_EXY of the backward ops: (E, X, Y), or (E, Y, X) transposed for an nn.Linear-style b,
+    or an empty (0, X, Y) when not asked for."""
+    E, X, Y = b_EXY.shape
+    if not grad_b:
+        return a.new_empty(0, X, Y)
+    return a.new_empty(E, Y, X).transpose(-2, -1) if _is_yx_layout(b_EXY) else a.new_empty(E, X, Y)
+
+
+# The backward ops have no autograd formula of their own: the forward ops' formulas call them
+# only without create_graph, and use the differentiable ops with it.
+grouped_mm_backward = define_op(
+    "grouped_mm_backward",
+    "(Tensor grad_NY, Tensor a_NX, Tensor b_EXY, Tensor offs_E, bool grad_a=True, bool grad_b=True) -> "
+    "(Tensor, Tensor)",
+    fallback=twins.grouped_mm_backward_torch, fake=_grouped_mm_backward_fake,
+    check=checks.check_grouped_mm_backward_args)
 
 grouped_mm = define_op(
     "grouped_mm", "(Tensor a_NX, Tensor b_EXY, Tensor offs_E) -> Tensor",
@@ -197,9 +222,11 @@ grouped_mm_wgrad = define_op(
 # weight's layout; the values are the same). Their fallback is the two-op form on the registered
 # ops (permute, then the GEMM: each runs its kernel where there is one, not the twin's loop); on
 # CUDA, gather_grouped_mm has its own entry: the weight-streaming kernel reads x_TD through the plan
-# at decode sizes (csrc/cuda/stream_gemm.cuh), else the same two-op form. In both backwards, d x sums each token's rows of (rows_NY @ w_e^T), with
-# (rows_NY, w_EXY) = (d c, b) or (g, d w), and the other operand's gradient is the other op on x
-# and the incoming gradient (the weight gradient in b's layout).
+# at decode sizes (csrc/cuda/stream_gemm.cuh), else the same two-op form. In both backwards, d x
+# sums each token's rows of (rows_NY @ w_e^T), with (rows_NY, w_EXY) = (d c, b) or (g, d w), and
+# the other operand's gradient is the other op on x and the incoming gradient (the weight gradient
+# in b's layout); gather_grouped_mm's is one op, gather_grouped_mm_backward (on CUDA's sm90 path
+# its two GEMMs share one setup launch).
 
 def _gather_fallback(x_TD, order_N, rows_TK, b_EXY, offs_E):
     return ops.grouped_mm(ops.permute(x_TD, order_N, rows_TK, None), b_EXY, offs_E)
@@ -230,26 +257,49 @@ def _d_gathered_x(rows_NY, w_EXY, order_N, rows_TK, offs_E):
     return ops.unpermute(ops.grouped_mm(rows_NY, w_EXY.transpose(-2, -1), offs_E), order_N, rows_TK, None)
 
 
-def _gather_backward(grad_is_rows: bool):
-    def backward(ctx, grad, *_):
-        x_TD, order_N, rows_TK, z, offs_E = ctx.saved_tensors
-        rows_NY, w_EXY = (grad, z) if grad_is_rows else (z, grad)
-        g_x = g_z = None
-        if ctx.needs_input_grad[0]:
-            g_x = _d_gathered_x(rows_NY, w_EXY, order_N, rows_TK, offs_E)
-        if ctx.needs_input_grad[3]:
-            if grad_is_rows:
-                g_z = ops.gather_grouped_mm_wgrad(x_TD, order_N, rows_TK, grad, offs_E, _is_yx_layout(z))
-            else:
-                g_z = ops.gather_grouped_mm(x_TD, order_N, rows_TK, grad, offs_E)
-        return (g_x, None, None, g_z, None) + (() if grad_is_rows else (None,))
-    return backward
+def _gathered_grads(g_NY, x_TD, order_N, rows_TK, b_EXY, offs_E, need_x, need_b):
+    """(d x_TD, d b_EXY) of gather_grouped_mm for the incoming g_NY (None where not needed): one
+    moe.gather_grouped_mm_backward (with create_graph, the differentiable ops)."""
+    if not torch.is_grad_enabled():
+        g_x, g_b = ops.gather_grouped_mm_backward(g_NY, x_TD, order_N, rows_TK, b_EXY, offs_E, need_x, need_b)
+        return (g_x if need_x else None), (g_b if need_b else None)
+    g_x = _d_gathered_x(g_NY, b_EXY, order_N, rows_TK, offs_E) if need_x else None
+    g_b = (ops.gather_grouped_mm_wgrad(x_TD, order_N, rows_TK, g_NY, offs_E, _is_yx_layout(b_EXY))
+           if need_b else None)
+    return g_x, g_b
 
+
+def _gather_backward(ctx, g_NY):
+    x_TD, order_N, rows_TK, b_EXY, offs_E = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    g_x, g_b = _gathered_grads(g_NY, x_TD, order_N, rows_TK, b_EXY, offs_E, need[0], need[3])
+    return g_x, None, None, g_b, None
+
+
+def _gather_wgrad_backward(ctx, d_EXY):
+    """gather_grouped_mm_wgrad's gradients (double backward): d x sums each token's rows of
+    g_NY @ d_e^T, and d g is gather_grouped_mm on d."""
+    x_TD, order_N, rows_TK, g_NY, offs_E = ctx.saved_tensors
+    g_x = _d_gathered_x(g_NY, d_EXY, order_N, rows_TK, offs_E) if ctx.needs_input_grad[0] else None
+    g_g = ops.gather_grouped_mm(x_TD, order_N, rows_TK, d_EXY, offs_E) if ctx.needs_input_grad[3] else None
+    return g_x, None, None, g_g, None, None
+
+
+def _gather_backward_fake(grad_NY, x_TD, order_N, rows_TK, b_EXY, offs_E, grad_x=True, grad_b=True):
+    return x_TD.new_empty(x_TD.shape[0] if grad_x else 0, x_TD.shape[1]), _weight_grad_fake(x_TD, b_EXY, grad_b)
+
+
+gather_grouped_mm_backward = define_op(
+    "gather_grouped_mm_backward",
+    "(Tensor grad_NY, Tensor x_TD, Tensor order_N, Tensor rows_TK, Tensor b_EXY, Tensor offs_E, bool grad_x=True, "
+    "bool grad_b=True) -> (Tensor, Tensor)",
+    fallback=twins.gather_grouped_mm_backward_torch, fake=_gather_backward_fake,
+    check=checks.check_gather_grouped_mm_backward_args)
 
 gather_grouped_mm = define_op(
     "gather_grouped_mm", "(Tensor x_TD, Tensor order_N, Tensor rows_TK, Tensor b_EXY, Tensor offs_E) -> Tensor",
     fallback=_gather_fallback, fake=_gather_fake, check=checks.check_gather_grouped_mm_args,
-    backward=_gather_backward(True), setup_context=_gather_setup)
+    backward=_gather_backward, setup_context=_gather_setup)
 
 # ---- gather_grouped_mm_swiglu(x, ., ., b, offs, keep_h) = (swiglu(h), h if keep_h) with h =
 # gather_grouped_mm(x, ., ., b, offs), b's Y = 2F = [gate; up]: the first projection with SwiGLU's
@@ -288,11 +338,8 @@ def _gather_swiglu_backward(ctx, g_a, _g_h):
                            "backward; pass keep_h=True to differentiate it")
     else:
         g_h = ops.swiglu_backward(g_a, h)
-    g_x = g_b = None
-    if ctx.needs_input_grad[0]:
-        g_x = _d_gathered_x(g_h, b_EXY, order_N, rows_TK, offs_E)
-    if ctx.needs_input_grad[3]:
-        g_b = ops.gather_grouped_mm_wgrad(x_TD, order_N, rows_TK, g_h, offs_E, _is_yx_layout(b_EXY))
+    need = ctx.needs_input_grad
+    g_x, g_b = _gathered_grads(g_h, x_TD, order_N, rows_TK, b_EXY, offs_E, need[0], need[3])
     return g_x, None, None, g_b, None, None
 
 
@@ -307,7 +354,7 @@ gather_grouped_mm_wgrad = define_op(
     "gather_grouped_mm_wgrad",
     "(Tensor x_TD, Tensor order_N, Tensor rows_TK, Tensor g_NY, Tensor offs_E, bool out_yx=False) -> Tensor",
     fallback=_gather_wgrad_fallback, fake=_gather_wgrad_fake, check=checks.check_gather_grouped_mm_wgrad_args,
-    backward=_gather_backward(False), setup_context=_gather_setup)
+    backward=_gather_wgrad_backward, setup_context=_gather_setup)
 
 
 # ---- linear_f32: x_TD @ weight_ED^T in float32 (the routers' logits); its backward one op -------

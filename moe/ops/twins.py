@@ -23,6 +23,8 @@ __all__ = [
     "grouped_mm_wgrad_torch",
     "gather_grouped_mm_torch",
     "gather_grouped_mm_wgrad_torch",
+    "grouped_mm_backward_torch",
+    "gather_grouped_mm_backward_torch",
     "gather_grouped_mm_swiglu_torch",
     "linear_f32_torch",
     "linear_f32_backward_torch",
@@ -153,6 +155,40 @@ def gather_grouped_mm_wgrad_torch(x_TD, order_N, rows_TK, g_NY, offs_E, out_yx=F
     if out_yx:
         return grouped_mm_wgrad_torch(g_NY, x_ND, offs_E).transpose(-2, -1)
     return grouped_mm_wgrad_torch(x_ND, g_NY, offs_E)
+
+
+def is_yx_layout(b_EXY) -> bool:
+    """True when b_EXY is a transposed view of an (E, Y, X) weight (nn.Linear layout, e.g.
+    transformers' experts): the backward ops then return its gradient in that layout,
+    (g_e^T a_e)^T, so that autograd does not copy an (E, X, Y) gradient into the weight's strides
+    (csrc/moe_ops.h's is_yx_layout, the same rule)."""
+    return b_EXY.dim() == 3 and b_EXY.stride(-2) == 1 and b_EXY.stride(-1) != 1
+
+
+def grouped_mm_backward_torch(grad_NY, a_NX, b_EXY, offs_E, grad_a=True, grad_b=True):
+    """(grouped_mm(grad_NY, b_EXY^T), the weight gradient in b_EXY's layout): grouped_mm's two
+    gradients; an output not asked for is an empty (0, X) / (0, X, Y)."""
+    X, Y = a_NX.shape[1], b_EXY.shape[2]
+    g_a = grouped_mm_torch(grad_NY, b_EXY.transpose(-2, -1), offs_E) if grad_a else a_NX.new_empty(0, X)
+    if not grad_b:
+        g_b = b_EXY.new_empty(0, X, Y)
+    elif is_yx_layout(b_EXY):
+        g_b = grouped_mm_wgrad_torch(grad_NY, a_NX, offs_E).transpose(-2, -1)
+    else:
+        g_b = grouped_mm_wgrad_torch(a_NX, grad_NY, offs_E)
+    return g_a, g_b
+
+
+def gather_grouped_mm_backward_torch(grad_NY, x_TD, order_N, rows_TK, b_EXY, offs_E, grad_x=True, grad_b=True):
+    """(d x_TD, d b_EXY) of gather_grouped_mm: each token's rows of grad_NY @ b_e^T summed
+    (unpermute), and gather_grouped_mm_wgrad in b_EXY's layout; empty (0, X) / (0, X, Y) when not
+    asked for."""
+    X, Y = x_TD.shape[1], b_EXY.shape[2]
+    g_x = (unpermute_torch(grouped_mm_torch(grad_NY, b_EXY.transpose(-2, -1), offs_E), order_N, rows_TK)
+           if grad_x else x_TD.new_empty(0, X))
+    g_b = (gather_grouped_mm_wgrad_torch(x_TD, order_N, rows_TK, grad_NY, offs_E, is_yx_layout(b_EXY))
+           if grad_b else b_EXY.new_empty(0, X, Y))
+    return g_x, g_b
 
 
 def linear_f32_torch(x_TD, weight_ED):

@@ -21,7 +21,7 @@ WITH_AUTOGRAD = DIFFERENTIABLE | {"grouped_mm_w8"}  # its formula raises a clear
 
 def test_every_op_is_registered_with_its_schema_fallback_and_fake():
     has = torch._C._dispatch_has_kernel_for_dispatch_key
-    assert len(OPS) == 17
+    assert len(OPS) == 19
     for name, schema in OPS.items():
         op = getattr(torch.ops.moe, name).default
         assert str(op._schema) == str(torch._C.parse_schema(f"moe::{name}{schema}")), name
