@@ -20,7 +20,10 @@ kernels (route, then the final statistics, or with the loss statistics their par
 last block forms the final ones), 1 without statistics up to 64 tokens; ``linear_f32_backward`` 4 for bfloat16 (the split of the gradient into three
 bfloat16 terms, two cuBLAS GEMMs, the sum of the weight gradient's three parts), else its ATen ops.
 ``unpermute_backward`` is one kernel (a warp per slot), as are ``permute``, ``unpermute`` and
-``unpermute_weights_grad``.
+``unpermute_weights_grad``; ``grouped_mm_backward`` is three on the sm90 path (one setup launch
+for its two GEMMs), else grouped_mm's and grouped_mm_wgrad's; ``gather_grouped_mm_backward`` five
+on the sm90 path (permute, the setup, two GEMMs, unpermute), else permute, the two GEMMs' own and
+unpermute.
 bench/gpu_bench.py prints both this count and the profiler's.
 
 :func:`layer_counts` measures a layer's forward and training step (forward, the layer's

@@ -219,6 +219,23 @@ bool use_stream(Backend be, int64_t N, int64_t E) {
   return be == Backend::kStream || (be == Backend::kAuto && N <= config::kCudaStreamRows * E);
 }
 
+// A forward GEMM's operands as the kernels read them: a with unit column stride, b row-major
+// (b[e, x, y] at y stride 1) or column-major (b_col: a transposed nn.Linear weight), b_ld its
+// stride along the other dim (copies only where neither holds).
+struct MmOperands {
+  at::Tensor a, b;
+  bool b_col;
+  int64_t b_ld;
+};
+
+MmOperands mm_operands(const at::Tensor& a_NX, const at::Tensor& b_EXY) {
+  const bool b_col = b_EXY.stride(2) != 1 && b_EXY.stride(1) == 1;
+  const auto b = (b_EXY.stride(2) == 1 || b_col) ? b_EXY : b_EXY.contiguous();
+  return {a_NX.stride(1) == 1 ? a_NX : a_NX.contiguous(), b, b_col, b_col ? b.stride(2) : b.stride(1)};
+}
+
+at::Tensor unit_cols(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
 // The streaming kernel's arguments: a's rows (a_NX's, or x_TD's through order_N when `order` is
 // defined, K slots a token) @ b_EXY per group into c (N, Y) (may be null with the SwiGLU epilogue).
 StreamParams stream_params(const at::Tensor& a, const at::Tensor& order, int64_t K, const at::Tensor& b, bool b_col,
@@ -348,21 +365,38 @@ int sm90_config(bool wgrad, int64_t N, int64_t E, int64_t X, int64_t Y) {
   return forced >= 0 ? forced : sm90::choose_config(wgrad, N, E, X, Y);
 }
 
-// Runs one sm90 grouped GEMM with its scratch from the caching allocator (stream-ordered).
-void run_sm90(const sm90::GroupedGemm& g, int config, const at::Tensor& like) {
-  const auto bytes = static_cast<int64_t>(sm90::workspace_bytes(g, config));
-  auto workspace = at::empty({bytes}, like.options().dtype(at::kByte));
-  const char* err = sm90::run(g, config, workspace.mutable_data_ptr(), at::cuda::getCurrentCUDAStream());
+// One sm90 grouped GEMM ready to run: its problem, configuration and output (g.c points into it).
+struct Sm90Gemm {
+  sm90::GroupedGemm g;
+  int config;
+  at::Tensor out;
+};
+
+// Runs sm90 GEMMs (one, or a backward's two) with one setup launch; their workspaces are one
+// buffer from the caching allocator (stream-ordered).
+void run_sm90(const Sm90Gemm* gemms, int count, const at::Tensor& like) {
+  TORCH_INTERNAL_ASSERT(count >= 1 && count <= sm90::kMaxRun);
+  sm90::GroupedGemm g[sm90::kMaxRun];
+  int ids[sm90::kMaxRun];
+  int64_t at[sm90::kMaxRun + 1] = {0};
+  for (int i = 0; i < count; ++i) {
+    g[i] = gemms[i].g;
+    ids[i] = gemms[i].config;
+    at[i + 1] = at[i] + (static_cast<int64_t>(sm90::workspace_bytes(g[i], ids[i])) + 255) / 256 * 256;
+  }
+  auto workspace = at::empty({at[count]}, like.options().dtype(at::kByte));
+  void* ws[sm90::kMaxRun];
+  for (int i = 0; i < count; ++i) ws[i] = static_cast<char*>(workspace.mutable_data_ptr()) + at[i];
+  const char* err = sm90::run(g, ids, ws, count, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == nullptr, err);
 }
 
 sm90::GroupedGemm sm90_problem(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs,
-                               void* c, int64_t E, int64_t X, int64_t Y) {
+                               int64_t E, int64_t X, int64_t Y) {
   sm90::GroupedGemm g;
   g.a = a.const_data_ptr();
   g.lda = a.stride(0);
   g.b = b.const_data_ptr();
-  g.c = c;
   g.offs = offs.const_data_ptr<int>();
   g.E = static_cast<int>(E);
   g.N = static_cast<int>(a.size(0));
@@ -373,27 +407,30 @@ sm90::GroupedGemm sm90_problem(const at::Tensor& a, const at::Tensor& b, const a
   return g;
 }
 
-at::Tensor grouped_mm_sm90_path(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs,
-                                bool b_col, int config) {
-  const int64_t N = a.size(0), X = a.size(1), Y = b.size(2), E = b.size(0);
-  auto c = at::empty({N, Y}, a.options());
-  auto g = sm90_problem(a, b, offs, c.mutable_data_ptr(), E, X, Y);
-  g.b_col = b_col;
-  g.ldb = b_col ? b.stride(2) : b.stride(1);
-  g.b_batch = b.stride(0);
-  run_sm90(g, config, a);  // asserts offs_E and zeroes the padding rows too
-  return c;
+// grouped_mm's sm90 GEMM for operands as mm_operands leaves them, where that is grouped_mm_cuda's
+// path once the streaming kernel is ruled out (a bfloat16 layout CUTLASS takes, "auto"/"stream" on
+// sm90); the setup launch zeroes the padding rows. Else nullopt.
+std::optional<Sm90Gemm> sm90_forward(const MmOperands& o, const at::Tensor& offs, Backend be) {
+  const int64_t N = o.a.size(0), X = o.a.size(1), Y = o.b.size(2), E = o.b.size(0);
+  if (!(X > 0 && cutlass_layout_ok(o.a, o.b, E, X, Y) && use_sm90(be))) return std::nullopt;
+  Sm90Gemm r{sm90_problem(o.a, o.b, offs, E, X, Y), sm90_config(false, N, E, X, Y), at::empty({N, Y}, o.a.options())};
+  r.g.c = r.out.mutable_data_ptr();
+  r.g.b_col = o.b_col;
+  r.g.ldb = o.b_ld;
+  r.g.b_batch = o.b.stride(0);
+  return r;
 }
 
-at::Tensor grouped_mm_wgrad_sm90_path(const at::Tensor& a, const at::Tensor& g_NY,
-                                      const at::Tensor& offs, int config) {
-  const int64_t X = a.size(1), Y = g_NY.size(1), E = offs.size(0);
-  auto w = at::empty({E, X, Y}, a.options());
-  auto g = sm90_problem(a, g_NY, offs, w.mutable_data_ptr(), E, X, Y);
-  g.wgrad = true;
-  g.ldb = g_NY.stride(0);
-  run_sm90(g, config, a);  // asserts offs_E and zeroes the experts with no rows too
-  return w;
+// grouped_mm_wgrad's sm90 GEMM (a and g with unit column strides, N > 0, E <= 65535), where that is
+// grouped_mm_wgrad_cuda's path; the setup launch zeroes the experts with no rows. Else nullopt.
+std::optional<Sm90Gemm> sm90_wgrad(const at::Tensor& a, const at::Tensor& g_NY, const at::Tensor& offs, Backend be) {
+  const int64_t N = a.size(0), X = a.size(1), Y = g_NY.size(1), E = offs.size(0);
+  if (!(cutlass_layout_ok(a, g_NY, E, X, Y) && use_sm90(be))) return std::nullopt;
+  Sm90Gemm r{sm90_problem(a, g_NY, offs, E, X, Y), sm90_config(true, N, E, X, Y), at::empty({E, X, Y}, a.options())};
+  r.g.c = r.out.mutable_data_ptr();
+  r.g.wgrad = true;
+  r.g.ldb = g_NY.stride(0);
+  return r;
 }
 #endif
 
@@ -441,35 +478,31 @@ at::Tensor grouped_mm_cuda(const at::Tensor& a_NX, const at::Tensor& b_EXY,
   const int64_t N = a_NX.size(0), X = a_NX.size(1), Y = b_EXY.size(2), E = b_EXY.size(0);
   check_sizes("grouped_mm", N, X, Y);
   if (N == 0 || Y == 0) return at::empty({N, Y}, a_NX.options());
-  const auto a = a_NX.stride(1) == 1 ? a_NX : a_NX.contiguous();
-  // b row-major (b[e, x, y] at y stride 1) or column-major (a transposed nn.Linear weight).
-  const bool b_col = b_EXY.stride(2) != 1 && b_EXY.stride(1) == 1;
-  const auto b = (b_EXY.stride(2) == 1 || b_col) ? b_EXY : b_EXY.contiguous();
+  const MmOperands o = mm_operands(a_NX, b_EXY);
+  const auto& a = o.a;
+  const auto& b = o.b;
   const auto offs = offs_E.contiguous();
   const Backend be = config::cuda_gemm();  // may raise: a bad MOE_CUDA_GEMM
-  const int64_t b_ld = b_col ? b.stride(2) : b.stride(1);
-  if (use_stream(be, N, E) && stream_layout_ok(a, a.stride(0), b, b_col, b_ld, N, E, X, Y))
-    return grouped_mm_stream_path(a, at::Tensor(), 1, b, b_col, offs, N);
-  if (X > 0 && cutlass_layout_ok(a, b, E, X, Y)) {
+  if (use_stream(be, N, E) && stream_layout_ok(a, a.stride(0), b, o.b_col, o.b_ld, N, E, X, Y))
+    return grouped_mm_stream_path(a, at::Tensor(), 1, b, o.b_col, offs, N);
 #ifdef MOE_WITH_SM90_GEMM
-    if (use_sm90(be)) {
-      const int config = sm90_config(false, N, E, X, Y);
-      return grouped_mm_sm90_path(a, b, offs, b_col, config);
-    }
-#endif
-    if (use_torch(be, E)) return grouped_mm_torch_path(a, b, offs);
+  if (auto gemm = sm90_forward(o, offs, be)) {
+    run_sm90(&*gemm, 1, a);  // asserts offs_E and zeroes the padding rows too
+    return gemm->out;
   }
+#endif
+  if (X > 0 && cutlass_layout_ok(a, b, E, X, Y) && use_torch(be, E)) return grouped_mm_torch_path(a, b, offs);
   auto c = at::empty({N, Y}, a_NX.options());
   Params p{a.const_data_ptr(), a.stride(0), a.stride(1), b.const_data_ptr(), b.stride(0),
            b.stride(1), b.stride(2), c.mutable_data_ptr(), offs.const_data_ptr<int>(),
            static_cast<int>(E), static_cast<int>(N), static_cast<int>(X), static_cast<int>(Y),
            false, false};
   p.vec_in = aligned16(a.const_data_ptr()) && aligned16(b.const_data_ptr()) &&
-             a.stride(0) % 8 == 0 && b.stride(0) % 8 == 0 && b_ld % 8 == 0;
+             a.stride(0) % 8 == 0 && b.stride(0) % 8 == 0 && o.b_ld % 8 == 0;
   p.vec_out = Y % 8 == 0 && aligned16(c.const_data_ptr());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "moe_grouped_mm_cuda", [&] {
     using T = typename DeviceType<scalar_t>::type;
-    if (b_col) launch_grouped<T, true>(p);
+    if (o.b_col) launch_grouped<T, true>(p);
     else launch_grouped<T, false>(p);
   });
   return c;
@@ -483,19 +516,19 @@ at::Tensor grouped_mm_wgrad_cuda(const at::Tensor& a_NX, const at::Tensor& g_NY,
   check_sizes("grouped_mm_wgrad", N, X, Y);
   if (E == 0 || X == 0 || Y == 0) return at::empty({E, X, Y}, a_NX.options());
   TORCH_CHECK(E <= 65535, "moe.grouped_mm_wgrad: at most 65535 experts, got E=", E);
-  const auto a = a_NX.stride(1) == 1 ? a_NX : a_NX.contiguous();
-  const auto g = g_NY.stride(1) == 1 ? g_NY : g_NY.contiguous();
+  const auto a = unit_cols(a_NX);
+  const auto g = unit_cols(g_NY);
   const auto offs = offs_E.contiguous();
   const Backend be = config::cuda_gemm();  // may raise: a bad MOE_CUDA_GEMM
-  if (N > 0 && cutlass_layout_ok(a, g, E, X, Y)) {
 #ifdef MOE_WITH_SM90_GEMM
-    if (use_sm90(be)) {
-      const int config = sm90_config(true, N, E, X, Y);
-      return grouped_mm_wgrad_sm90_path(a, g, offs, config);
+  if (N > 0) {
+    if (auto gemm = sm90_wgrad(a, g, offs, be)) {
+      run_sm90(&*gemm, 1, a);  // asserts offs_E and zeroes the experts with no rows too
+      return gemm->out;
     }
-#endif
-    if (use_torch(be, E)) return grouped_mm_wgrad_torch_path(a, g, offs);
   }
+#endif
+  if (N > 0 && cutlass_layout_ok(a, g, E, X, Y) && use_torch(be, E)) return grouped_mm_wgrad_torch_path(a, g, offs);
   auto out = at::empty({E, X, Y}, a_NX.options());
   Params p{a.const_data_ptr(), a.stride(0), a.stride(1), g.const_data_ptr(), g.stride(0),
            g.stride(1), 0, out.mutable_data_ptr(), offs.const_data_ptr<int>(),
@@ -508,6 +541,57 @@ at::Tensor grouped_mm_wgrad_cuda(const at::Tensor& a_NX, const at::Tensor& g_NY,
     launch_wgrad<typename DeviceType<scalar_t>::type>(p);
   });
   return out;
+}
+
+// d b of a backward op, in b's layout: grouped_mm_wgrad(a, grad), or for an nn.Linear-style b (a
+// transposed (E, Y, X) view) grouped_mm_wgrad(grad, a) transposed.
+at::Tensor weight_grad(const at::Tensor& grad_NY, const at::Tensor& a_NX, const at::Tensor& b_EXY,
+                       const at::Tensor& offs_E) {
+  return is_yx_layout(b_EXY) ? grouped_mm_wgrad_cuda(grad_NY, a_NX, offs_E).transpose(1, 2)
+                             : grouped_mm_wgrad_cuda(a_NX, grad_NY, offs_E);
+}
+
+#ifdef MOE_WITH_SM90_GEMM
+// (grouped_mm(grad_NY, b^T), weight_grad(grad_NY, a_NX, b)) with one setup launch for both GEMMs,
+// where grouped_mm_cuda and grouped_mm_wgrad_cuda would each run an sm90 GEMM: the same kernels
+// and configurations, so the same bits, in three launches instead of four. Else nullopt.
+std::optional<std::tuple<at::Tensor, at::Tensor>> backward_sm90(const at::Tensor& grad_NY, const at::Tensor& a_NX,
+                                                                const at::Tensor& b_EXY, const at::Tensor& offs_E) {
+  const int64_t N = grad_NY.size(0), X = a_NX.size(1), Y = grad_NY.size(1), E = b_EXY.size(0);
+  if (N == 0 || X == 0 || Y == 0 || E == 0 || E > 65535) return std::nullopt;  // the ops' own cases
+  const Backend be = config::cuda_gemm();  // may raise: a bad MOE_CUDA_GEMM
+  const auto offs = offs_E.contiguous();
+  const MmOperands d = mm_operands(grad_NY, b_EXY.transpose(1, 2));  // (N, Y) @ (E, Y, X)
+  if (use_stream(be, N, E) && stream_layout_ok(d.a, d.a.stride(0), d.b, d.b_col, d.b_ld, N, E, Y, X))
+    return std::nullopt;
+  auto dgrad = sm90_forward(d, offs, be);
+  if (!dgrad) return std::nullopt;
+  const bool yx = is_yx_layout(b_EXY);
+  auto wgrad = yx ? sm90_wgrad(unit_cols(grad_NY), unit_cols(a_NX), offs, be)
+                  : sm90_wgrad(unit_cols(a_NX), unit_cols(grad_NY), offs, be);
+  if (!wgrad) return std::nullopt;
+  const Sm90Gemm both[2] = {*dgrad, *wgrad};
+  run_sm90(both, 2, grad_NY);
+  return std::make_tuple(dgrad->out, yx ? wgrad->out.transpose(1, 2) : wgrad->out);
+}
+#endif
+
+// moe.grouped_mm_backward on CUDA: on the sm90 path one setup launch and the two GEMMs, else the
+// two ops' CUDA entries.
+std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(const at::Tensor& grad_NY, const at::Tensor& a_NX,
+                                                            const at::Tensor& b_EXY, const at::Tensor& offs_E,
+                                                            bool grad_a, bool grad_b) {
+  check_grouped_mm_backward_args(grad_NY, a_NX, b_EXY, offs_E);
+  c10::cuda::CUDAGuard guard(a_NX.device());
+  const int64_t X = a_NX.size(1), Y = b_EXY.size(2);
+  check_sizes("grouped_mm_backward", a_NX.size(0), X, Y);
+#ifdef MOE_WITH_SM90_GEMM
+  if (grad_a && grad_b) {
+    if (auto both = backward_sm90(grad_NY, a_NX, b_EXY, offs_E)) return *both;
+  }
+#endif
+  return {grad_a ? grouped_mm_cuda(grad_NY, b_EXY.transpose(1, 2), offs_E) : a_NX.new_empty({0, X}),
+          grad_b ? weight_grad(grad_NY, a_NX, b_EXY, offs_E) : b_EXY.new_empty({0, X, Y})};
 }
 
 // Gathered rows: the streaming kernel reads x_TD through the plan where it serves the call (decode
@@ -524,6 +608,31 @@ at::Tensor gather_grouped_mm_cuda(const at::Tensor& x_TD, const at::Tensor& orde
     return grouped_mm_stream_path(x_TD, order_N.contiguous(), rows_TK.size(1), b_EXY, b_col,
                                   offs_E.contiguous(), N);
   return grouped_mm_cuda(permute_cuda(x_TD, order_N, rows_TK, std::nullopt), b_EXY, offs_E);
+}
+
+// moe.gather_grouped_mm_backward on CUDA: d b is gather_grouped_mm_wgrad's CUDA form (the
+// permuted rows, then the weight gradient), d x unpermute of grouped_mm(grad, b^T); on the sm90
+// path the two GEMMs share one setup launch (five launches with the permute and the unpermute).
+std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward_cuda(const at::Tensor& grad_NY, const at::Tensor& x_TD,
+                                                                   const at::Tensor& order_N, const at::Tensor& rows_TK,
+                                                                   const at::Tensor& b_EXY, const at::Tensor& offs_E,
+                                                                   bool grad_x, bool grad_b) {
+  check_gather_grouped_mm_backward_args(grad_NY, x_TD, order_N, rows_TK, b_EXY, offs_E);
+  c10::cuda::CUDAGuard guard(x_TD.device());
+  const int64_t D = x_TD.size(1), Y = b_EXY.size(2);
+  check_sizes("gather_grouped_mm_backward", order_N.size(0), D, Y);
+  const at::Tensor x_ND = grad_b ? permute_cuda(x_TD, order_N, rows_TK, std::nullopt) : at::Tensor();
+  at::Tensor rows_ND, d_b;  // d x before the sum over each token's rows
+#ifdef MOE_WITH_SM90_GEMM
+  if (grad_x && grad_b) {
+    if (auto both = backward_sm90(grad_NY, x_ND, b_EXY, offs_E)) std::tie(rows_ND, d_b) = *both;
+  }
+#endif
+  if (!d_b.defined()) {
+    if (grad_x) rows_ND = grouped_mm_cuda(grad_NY, b_EXY.transpose(1, 2), offs_E);
+    d_b = grad_b ? weight_grad(grad_NY, x_ND, b_EXY, offs_E) : b_EXY.new_empty({0, D, Y});
+  }
+  return {grad_x ? unpermute_cuda(rows_ND, order_N, rows_TK, std::nullopt) : x_TD.new_empty({0, D}), d_b};
 }
 
 // moe.gather_grouped_mm_swiglu on CUDA: where the streaming kernel serves the gathered GEMM (decode
@@ -605,4 +714,6 @@ TORCH_LIBRARY_IMPL(moe, CUDA, m) {
   m.impl("grouped_mm_wgrad", &moe::cuda::grouped_mm_wgrad_cuda);
   m.impl("gather_grouped_mm", &moe::cuda::gather_grouped_mm_cuda);
   m.impl("gather_grouped_mm_swiglu", &moe::cuda::gather_grouped_mm_swiglu_cuda);
+  m.impl("grouped_mm_backward", &moe::cuda::grouped_mm_backward_cuda);
+  m.impl("gather_grouped_mm_backward", &moe::cuda::gather_grouped_mm_backward_cuda);
 }

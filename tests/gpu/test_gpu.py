@@ -36,7 +36,7 @@ def _cuda_kernels():
         pytest.skip("needs a CUDA device")
     assert ops.HAS_EXTENSION, "moe._C did not load: build it with MOE_BUILD_CUDA=1"
     for name in ("plan", "permute", "unpermute", "unpermute_weights_grad", "unpermute_backward", "grouped_mm",
-                 "grouped_mm_wgrad"):
+                 "grouped_mm_wgrad", "grouped_mm_backward", "gather_grouped_mm_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"moe::{name}", "CUDA"), name
     torch.manual_seed(0)
 
@@ -287,7 +287,7 @@ def test_grouped_mm_backend_choice(dtype, aligned, monkeypatch):
         assert ("grouped_mm_kernel" not in names) == torch_path, (backend, names)
         assert ("grouped_mm_wgrad_kernel" not in names) == torch_path, (backend, names)
         ours = backend == "auto" and cutlass_ok and _sm90_gemm()
-        assert ("prepare_groups_kernel" in names) == ours, (backend, names)
+        assert ("grouped_gemm_setup_kernel" in names) == ours, (backend, names)
     monkeypatch.setenv("MOE_CUDA_GEMM", "fast")  # the default, read at each use while unset
     with pytest.raises(RuntimeError, match="MOE_CUDA_GEMM"):
         moe_ops.grouped_mm(a, b, offs)
@@ -341,6 +341,103 @@ def test_sm90_config_env_is_checked(monkeypatch):
         moe_ops.grouped_mm_wgrad(a, a, offs_of([30, 34]))
     with pytest.raises(ValueError, match="sm90_forward_config"):
         ops.config.sm90_forward_config = 99
+
+
+BACKWARD_CASES = [  # (N, X, Y, counts): aligned bf16 (the CUTLASS paths), E = 256, unaligned, decode sizes
+    (64, 32, 48, [10, 0, 30, 24]), (1000, 1024, 1792, [400, 0, 1, 127, 300, 0, 100, 60]),
+    (600, 64, 40, [(7 * e) % 5 for e in range(256)]), (100, 60, 48, [30, 0, 50]), (48, 64, 128, [1, 0, 2, 1] * 8),
+]
+MASKS = [(True, True), (True, False), (False, True)]
+
+
+def _weight(E, X, Y, yx):
+    """b_EXY in bf16: (E, X, Y) contiguous, or (yx) the transposed view of an (E, Y, X) weight."""
+    if yx:
+        return torch.randn(E, Y, X, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    return torch.randn(E, X, Y, device="cuda", dtype=torch.bfloat16)
+
+
+def _weight_grad(grad, a, b, offs):
+    """The weight gradient in b's layout, from grouped_mm_wgrad (the former autograd formula)."""
+    if b.stride(1) == 1:
+        return moe_ops.grouped_mm_wgrad(grad, a, offs).transpose(1, 2)
+    return moe_ops.grouped_mm_wgrad(a, grad, offs)
+
+
+@pytest.mark.parametrize("N,X,Y,counts", BACKWARD_CASES)
+@pytest.mark.parametrize("yx", [False, True], ids=["exy", "yx"])
+def test_grouped_mm_backward_equals_the_two_ops(N, X, Y, counts, yx, gemm_backend):
+    """moe.grouped_mm_backward (outputs poisoned) equals grouped_mm(grad, b^T) and the weight
+    gradient in b's layout bit for bit, under every GEMM backend (on sm90 its two GEMMs share one
+    setup launch: the same kernels and configurations); padding rows and experts with no rows are
+    zero."""
+    E, offs = len(counts), offs_of(counts)
+    grad = torch.randn(N, Y, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(N, X, device="cuda", dtype=torch.bfloat16)
+    b = _weight(E, X, Y, yx)
+    want = (moe_ops.grouped_mm(grad, b.transpose(1, 2), offs), _weight_grad(grad, a, b, offs))
+    for mask in MASKS:
+        poison(((N, X), torch.bfloat16), ((E, X, Y), torch.bfloat16))
+        got = moe_ops.grouped_mm_backward(grad, a, b, offs, *mask)
+        for g, w, asked in zip(got, want, mask):
+            assert g.shape[0] == 0 if not asked else (torch.equal(g, w) and g.stride() == w.stride())
+        if mask[0]:
+            assert not got[0][sum(counts):].any()
+        if mask[1]:
+            assert not got[1][torch.tensor(counts, device="cuda") == 0].any()
+
+
+GATHER_BACKWARD_CASES = [(300, 4, 8, 64, 128), (64, 8, 256, 128, 64), (8, 2, 64, 64, 128), (100, 2, 3, 60, 48)]
+
+
+@pytest.mark.parametrize("T,K,E,D,Y", GATHER_BACKWARD_CASES)
+@pytest.mark.parametrize("yx", [False, True], ids=["exy", "yx"])
+def test_gather_grouped_mm_backward_equals_the_ops(T, K, E, D, Y, yx, gemm_backend):
+    """moe.gather_grouped_mm_backward equals unpermute(grouped_mm(grad, b^T)) and
+    gather_grouped_mm_wgrad bit for bit, and both outputs meet the 2x-error rule against the float64
+    twin."""
+    counts, offs, order, rows = moe_ops.plan(random_ids(T, K, E), E)
+    grad = torch.randn(T * K, Y, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+    b = _weight(E, D, Y, yx)
+    want = (moe_ops.unpermute(moe_ops.grouped_mm(grad, b.transpose(1, 2), offs), order, rows, None),
+            moe_ops.gather_grouped_mm_wgrad(x, order, rows, grad, offs, yx))
+    ref = twins.gather_grouped_mm_backward_torch(grad.double(), x.double(), order, rows, b.double(), offs)
+    same = twins.gather_grouped_mm_backward_torch(grad, x, order, rows, b, offs)
+    for mask in MASKS:
+        poison(((T, D), torch.bfloat16), ((E, D, Y), torch.bfloat16))
+        got = moe_ops.gather_grouped_mm_backward(grad, x, order, rows, b, offs, *mask)
+        for g, w, r, s_, asked in zip(got, want, ref, same, mask):
+            if not asked:
+                assert g.shape[0] == 0
+                continue
+            assert torch.equal(g, w) and g.stride() == w.stride()
+            error_rule(g, r, s_)
+
+
+def test_sm90_backward_shares_one_setup_launch():
+    """On the sm90 path a grouped GEMM's backward is one setup launch and its two CUTLASS GEMMs (and
+    the gathered one adds the permute and the unpermute), with no host sync."""
+    if not _sm90_gemm():
+        pytest.skip("needs moekit's sm90 grouped GEMM on a compute capability 9.0 GPU")
+    T, K, E, D, Y = 512, 4, 8, 256, 384
+    counts, offs, order, rows = moe_ops.plan(random_ids(T, K, E, empty=0.0), E)
+    grad = torch.randn(T * K, Y, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(T * K, D, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+    with ops.config.override(cuda_gemm="auto"):
+        for yx in (False, True):
+            b = _weight(E, D, Y, yx)
+            calls = {"plain": (lambda: moe_ops.grouped_mm_backward(grad, a, b, offs), []),
+                     "gathered": (lambda: moe_ops.gather_grouped_mm_backward(grad, x, order, rows, b, offs),
+                                  ["permute_kernel", "unpermute_kernel"])}
+            for what, (call, extra) in calls.items():
+                names = [n for n in kernel_names(call) if "Memset" not in n and "Memcpy" not in n]
+                assert sum("grouped_gemm_setup_kernel" in n for n in names) == 1, (what, names)
+                assert sum("cutlass" in n.lower() and "setup" not in n for n in names) == 2, (what, names)
+                assert len(names) == 3 + len(extra), (what, names)
+                assert all(any(k in n for n in names) for k in extra), (what, names)
+                without_sync(call)
 
 
 def _layer(x_TD, ids_TK, w_TK, w1_EDF, w2_EFD, *, twin=False):
@@ -418,7 +515,14 @@ def test_opcheck_on_cuda_bf16_gemm_backends(gemm_backend):
     b_t = torch.randn(4, 16, 24, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
     for args in ((y, b, offs), (y, b_t, offs)):
         torch.library.opcheck(moe_ops.grouped_mm.default, args)
+        torch.library.opcheck(moe_ops.grouped_mm_backward.default, (y.detach()[:, :16], y.detach(), args[1].detach(), offs))
     torch.library.opcheck(moe_ops.grouped_mm_wgrad.default, (y, y.detach()[:, :16], offs))
+    ids = random_ids(20, 2, 4)
+    _, offs4, order, rows = moe_ops.plan(ids, 4)
+    x = torch.randn(20, 24, device="cuda", dtype=torch.bfloat16)
+    for w in (b, b_t):
+        torch.library.opcheck(moe_ops.gather_grouped_mm_backward.default,
+                              (y.detach()[:, :16], x, order, rows, w.detach(), offs4))
 
 
 def test_layer_has_no_host_sync_and_replays_in_a_cuda_graph(gemm_backend):

@@ -13,7 +13,8 @@
 // The rows of e are offs_E[e-1]..offs_E[e] (offs_E int32 on the device, never read on the host:
 // a setup kernel asserts them, turns them into CUTLASS's per-group pointers, strides and problem
 // shapes in the caller's workspace, and writes the contract's zeros: the padding rows of c_NY, the
-// weight gradients of experts with no rows). Two launches per call, no host sync.
+// weight gradients of experts with no rows). Two launches per GEMM, no host sync; a backward's two
+// GEMMs (d a and d b) share one setup launch: three.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -51,22 +52,50 @@ Config config(bool wgrad, int id);
 // expert, an upper bound on the routed mean), X and Y.
 int choose_config(bool wgrad, int64_t N, int64_t E, int64_t X, int64_t Y);
 
-// Device scratch bytes for run() (per-group arrays + CUTLASS's workspace).
+// The per-group arrays at the front of a GEMM's workspace, byte offsets for E groups: pointers to
+// each group's a, b and c rows; their strides (each CUTLASS stride type here holds one int64, the
+// leading dimension: Sm90GroupedGemm asserts it); CUTLASS's (M, N, K) per group (three ints);
+// then, 256-byte aligned, CUTLASS's own workspace. The setup kernel (table.cu) writes the arrays
+// and the CUTLASS kernel reads them, whatever the configuration.
+struct GroupArrays {
+  size_t ptr_a, ptr_b, ptr_c, stride_a, stride_b, stride_c, shapes, cutlass;
+};
+__host__ __device__ inline GroupArrays group_arrays(int E) {
+  size_t at = 0;
+  auto take = [&](size_t bytes) { const size_t here = at; at = (at + bytes + 15) / 16 * 16; return here; };
+  GroupArrays l{};
+  l.ptr_a = take(sizeof(void*) * E);
+  l.ptr_b = take(sizeof(void*) * E);
+  l.ptr_c = take(sizeof(void*) * E);
+  l.stride_a = take(sizeof(int64_t) * E);
+  l.stride_b = take(sizeof(int64_t) * E);
+  l.stride_c = take(sizeof(int64_t) * E);
+  l.shapes = take(3 * sizeof(int) * E);
+  l.cutlass = (at + 255) / 256 * 256;
+  return l;
+}
+
+// Device scratch bytes for one GEMM of run() (its group arrays + CUTLASS's workspace).
 size_t workspace_bytes(const GroupedGemm& g, int id);
-// Enqueues the GEMM on `stream` with config `id` of g.wgrad's table; `workspace` holds
-// workspace_bytes(g, id) bytes of device memory (256-byte aligned). Returns nullptr on success,
-// else a message naming what failed. No host-device synchronisation.
-const char* run(const GroupedGemm& g, int id, void* workspace, cudaStream_t stream);
+// The most GEMMs one run() takes: a backward's two (d a and d b of one grouped GEMM).
+constexpr int kMaxRun = 2;
+// Enqueues `count` (1..kMaxRun) GEMMs on `stream`: one setup launch for all of them (it asserts
+// each GEMM's offs_E, writes its group arrays and the contract's zeros), then each CUTLASS kernel
+// in turn. GEMM i runs config ids[i] of g[i].wgrad's table with ws[i] holding
+// workspace_bytes(g[i], ids[i]) bytes of device memory (256-byte aligned, one buffer per GEMM).
+// Returns nullptr on success, else a message naming what failed. No host-device synchronisation.
+const char* run(const GroupedGemm* g, const int* ids, void* const* ws, int count, cudaStream_t stream);
 
 // Entry points of one configuration, each defined in its translation unit (forward_c<ID>.cu,
-// wgrad_c<ID>.cu) and listed in table.cu.
+// wgrad_c<ID>.cu) and listed in table.cu: CUTLASS's workspace bytes and its kernel alone (the
+// group arrays written by the setup launch before it).
 template <int ID>
 size_t forward_workspace(const GroupedGemm& g);
 template <int ID>
-const char* forward_run(const GroupedGemm& g, void* ws, cudaStream_t stream);
+const char* forward_gemm(const GroupedGemm& g, void* ws, cudaStream_t stream);
 template <int ID>
 size_t wgrad_workspace(const GroupedGemm& g);
 template <int ID>
-const char* wgrad_run(const GroupedGemm& g, void* ws, cudaStream_t stream);
+const char* wgrad_gemm(const GroupedGemm& g, void* ws, cudaStream_t stream);
 
 }  // namespace moe::cuda::sm90

@@ -1,5 +1,10 @@
-// The configuration tables of moekit's sm90 grouped GEMM and the choice among their entries, from
-// host-known sizes only (no CUTLASS kernels in this unit).
+// The configuration tables of moekit's sm90 grouped GEMM, the choice among their entries from
+// host-known sizes only, and the setup kernel that runs before the CUTLASS kernels of one run()
+// (no CUTLASS kernel in this unit).
+#include <cute/layout.hpp>
+
+#include <algorithm>
+
 #include "grouped_gemm_sm90.h"
 
 namespace moe::cuda::sm90 {
@@ -9,7 +14,7 @@ namespace {
 struct Entry {
   Config config;
   size_t (*workspace)(const GroupedGemm&);
-  const char* (*run)(const GroupedGemm&, void*, cudaStream_t);
+  const char* (*gemm)(const GroupedGemm&, void*, cudaStream_t);
 };
 
 // Names: CUTLASS's tile M x N x K (the problem's rows x Y x X, grouped_gemm_sm90.h); pp =
@@ -17,17 +22,17 @@ struct Entry {
 // MMAs), co = cooperative (both on one tile); c2 = a cluster of 2 CTAs along CUTLASS's M sharing
 // each B tile by TMA multicast (each group's row tiles round up to 2), c1 = no cluster.
 const Entry kForward[] = {
-    {{"64x128x128_pp_c2", 64, 128, 128}, forward_workspace<0>, forward_run<0>},
-    {{"128x256x64_co_c2", 128, 256, 64}, forward_workspace<1>, forward_run<1>},
-    {{"128x128x64_co_c2", 128, 128, 64}, forward_workspace<2>, forward_run<2>},
-    {{"256x128x64_co_c1", 256, 128, 64}, forward_workspace<3>, forward_run<3>},
-    {{"128x256x64_co_c1", 128, 256, 64}, forward_workspace<4>, forward_run<4>},
-    {{"64x256x64_pp_c1", 64, 256, 64}, forward_workspace<5>, forward_run<5>},
+    {{"64x128x128_pp_c2", 64, 128, 128}, forward_workspace<0>, forward_gemm<0>},
+    {{"128x256x64_co_c2", 128, 256, 64}, forward_workspace<1>, forward_gemm<1>},
+    {{"128x128x64_co_c2", 128, 128, 64}, forward_workspace<2>, forward_gemm<2>},
+    {{"256x128x64_co_c1", 256, 128, 64}, forward_workspace<3>, forward_gemm<3>},
+    {{"128x256x64_co_c1", 128, 256, 64}, forward_workspace<4>, forward_gemm<4>},
+    {{"64x256x64_pp_c1", 64, 256, 64}, forward_workspace<5>, forward_gemm<5>},
 };
 const Entry kWgrad[] = {
-    {{"128x256x64_co_c2", 128, 256, 64}, wgrad_workspace<0>, wgrad_run<0>},
-    {{"128x128x64_pp_c1", 128, 128, 64}, wgrad_workspace<1>, wgrad_run<1>},
-    {{"64x256x64_pp_c1", 64, 256, 64}, wgrad_workspace<2>, wgrad_run<2>},
+    {{"128x256x64_co_c2", 128, 256, 64}, wgrad_workspace<0>, wgrad_gemm<0>},
+    {{"128x128x64_pp_c1", 128, 128, 64}, wgrad_workspace<1>, wgrad_gemm<1>},
+    {{"64x256x64_pp_c1", 64, 256, 64}, wgrad_workspace<2>, wgrad_gemm<2>},
 };
 constexpr int kNumForward = sizeof(kForward) / sizeof(kForward[0]);
 constexpr int kNumWgrad = sizeof(kWgrad) / sizeof(kWgrad[0]);
@@ -67,10 +72,115 @@ size_t workspace_bytes(const GroupedGemm& g, int id) {
   return e ? e->workspace(g) : 0;
 }
 
-const char* run(const GroupedGemm& g, int id, void* workspace, cudaStream_t stream) {
-  const Entry* e = entry(g.wgrad, id);
-  if (e == nullptr) return "moe.grouped_mm (sm90): config id out of range";
-  return e->run(g, workspace, stream);
+namespace {
+
+// A device-side assert that NDEBUG (defined in these units for the wgmma pipeline) leaves in:
+// CUDA declares __assert_fail for device code whatever NDEBUG says; the failure is reported as
+// PyTorch's CUDA_KERNEL_ASSERT reports it (a device-side assert).
+#define MOE_SM90_ASSERT(cond, msg) \
+  do {                             \
+    if (!(cond)) __assert_fail(msg, __FILE__, __LINE__, __func__); \
+  } while (0)
+
+constexpr int kSetupThreads = 256;
+
+struct Setup {
+  GroupedGemm g[kMaxRun];
+  char* ws[kMaxRun];
+};
+
+// Everything of one run() around its CUTLASS kernels, in one launch (grouped_gemm_sm90.h's
+// contract); blockIdx.z picks the GEMM. Threads e < E of blocks (x, 0) assert offs_E
+// (non-decreasing, within [0, N]) and write expert e's pointers, strides and CUTLASS (M, N, K)
+// (bad offsets are clamped, so memory stays safe if the assert is compiled out); the grid's blocks
+// also write the contract's zeros: in the forward the padding rows [offs_E[E-1], N) of c (blocks
+// (x, 0), grid-stride), in the weight gradient expert y's (X, Y) block when it has no rows (blocks
+// (x, y)). Zeros and GEMM outputs are disjoint (an empty expert's group has M = 0: no tiles), so
+// their order does not matter. Y (and X * Y) are multiples of 8 here (the TMA layout rules): zeros
+// go in 16-byte words. The grid is the widest of its GEMMs' own (setup_grid); blocks past a GEMM's
+// own extent find no work.
+__global__ void __launch_bounds__(kSetupThreads) grouped_gemm_setup_kernel(const __grid_constant__ Setup s) {
+  const GroupedGemm& g = s.g[blockIdx.z];
+  char* ws = s.ws[blockIdx.z];
+  const int e = blockIdx.x * kSetupThreads + threadIdx.x;
+  if (blockIdx.y == 0 && e < g.E) {
+    const GroupArrays l = group_arrays(g.E);
+    int lo = e > 0 ? g.offs[e - 1] : 0, hi = g.offs[e];
+    MOE_SM90_ASSERT(lo >= 0 && lo <= hi && hi <= g.N,
+                    "moe.grouped_mm: offs_E must be non-decreasing and within [0, N]");
+    lo = min(max(lo, 0), g.N);
+    hi = min(max(hi, lo), g.N);
+    auto ptrs = [&](size_t at) { return reinterpret_cast<const void**>(ws + at); };
+    auto strides = [&](size_t at) { return reinterpret_cast<int64_t*>(ws + at); };
+    const uint16_t* a = static_cast<const uint16_t*>(g.a);  // bfloat16 elements
+    const uint16_t* b = static_cast<const uint16_t*>(g.b);
+    uint16_t* c = static_cast<uint16_t*>(g.c);
+    const int rows = hi - lo;
+    using Shape = cute::Shape<int, int, int>;
+    if (!g.wgrad) {  // (rows, Y, X): A = a rows (row-major), B = b[e], C = c rows
+      ptrs(l.ptr_a)[e] = a + int64_t(lo) * g.lda;
+      ptrs(l.ptr_b)[e] = b + int64_t(e) * g.b_batch;
+      ptrs(l.ptr_c)[e] = c + int64_t(lo) * g.Y;
+      reinterpret_cast<Shape*>(ws + l.shapes)[e] = Shape{rows, g.Y, g.X};
+    } else {  // (X, Y, rows): A = a rows transposed (contiguous along X), B = g rows, C = c[e]
+      ptrs(l.ptr_a)[e] = a + int64_t(lo) * g.lda;
+      ptrs(l.ptr_b)[e] = b + int64_t(lo) * g.ldb;
+      ptrs(l.ptr_c)[e] = c + int64_t(e) * g.X * g.Y;
+      // An expert with no rows gets no tiles (M = 0): with K = 0 CUTLASS would still store its
+      // X x Y tiles, from accumulators no wgmma ever cleared, over the zeros written below.
+      reinterpret_cast<Shape*>(ws + l.shapes)[e] = Shape{rows > 0 ? g.X : 0, g.Y, rows};
+    }
+    strides(l.stride_a)[e] = g.lda;
+    strides(l.stride_b)[e] = g.ldb;
+    strides(l.stride_c)[e] = g.Y;
+  }
+  uint4* c = static_cast<uint4*>(g.c);
+  const int64_t step = int64_t(gridDim.x) * kSetupThreads;
+  const int64_t first = int64_t(blockIdx.x) * kSetupThreads + threadIdx.x;
+  if (!g.wgrad) {
+    if (blockIdx.y != 0 || g.E < 1) return;
+    const int64_t words_per_row = g.Y / 8;
+    const int64_t begin = int64_t(min(max(g.offs[g.E - 1], 0), g.N)) * words_per_row;
+    for (int64_t i = begin + first; i < int64_t(g.N) * words_per_row; i += step) c[i] = make_uint4(0, 0, 0, 0);
+  } else {
+    const int ez = blockIdx.y;
+    if (ez >= g.E || g.offs[ez] != (ez > 0 ? g.offs[ez - 1] : 0)) return;  // expert ez has rows
+    const int64_t words = int64_t(g.X) * g.Y / 8;
+    for (int64_t i = first; i < words; i += step) c[ez * words + i] = make_uint4(0, 0, 0, 0);
+  }
+}
+
+// One GEMM's share of the setup grid: enough blocks for one thread per expert, and for the zeros
+// (the forward: up to 4 per SM over the N x Y output; the weight gradient: up to 64 per expert,
+// one block row per expert).
+dim3 setup_grid(const GroupedGemm& g) {
+  const int64_t setup = (int64_t(g.E) + kSetupThreads - 1) / kSetupThreads;
+  const int64_t words = g.wgrad ? int64_t(g.X) * g.Y / 8 : int64_t(g.N) * g.Y / 8;
+  const int64_t cap = g.wgrad ? 64 : 4 * int64_t(g.sm_count > 0 ? g.sm_count : 1);
+  const int64_t zero = std::min<int64_t>((words + kSetupThreads - 1) / kSetupThreads, cap);
+  return dim3(unsigned(std::max<int64_t>({setup, zero, 1})), g.wgrad ? unsigned(std::max(g.E, 1)) : 1u);
+}
+
+}  // namespace
+
+const char* run(const GroupedGemm* g, const int* ids, void* const* ws, int count, cudaStream_t stream) {
+  if (count < 1 || count > kMaxRun) return "moe.grouped_mm (sm90): a run takes 1 or 2 GEMMs";
+  Setup s{};
+  dim3 grid(1, 1, unsigned(count));
+  for (int i = 0; i < count; ++i) {
+    if (entry(g[i].wgrad, ids[i]) == nullptr) return "moe.grouped_mm (sm90): config id out of range";
+    s.g[i] = g[i];
+    s.ws[i] = static_cast<char*>(ws[i]);
+    const dim3 own = setup_grid(g[i]);
+    grid.x = std::max(grid.x, own.x);
+    grid.y = std::max(grid.y, own.y);
+  }
+  grouped_gemm_setup_kernel<<<grid, kSetupThreads, 0, stream>>>(s);
+  if (cudaGetLastError() != cudaSuccess) return "moe.grouped_mm (sm90): launching the group setup kernel failed";
+  for (int i = 0; i < count; ++i) {
+    if (const char* err = entry(g[i].wgrad, ids[i])->gemm(g[i], ws[i], stream)) return err;
+  }
+  return nullptr;
 }
 
 }  // namespace moe::cuda::sm90
