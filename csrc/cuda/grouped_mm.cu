@@ -567,8 +567,8 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> backward_sm90(const at::Tensor
   auto dgrad = sm90_forward(d, offs, be);
   if (!dgrad) return std::nullopt;
   const bool yx = is_yx_layout(b_EXY);
-  auto wgrad = yx ? sm90_wgrad(unit_cols(grad_NY), unit_cols(a_NX), offs, be)
-                  : sm90_wgrad(unit_cols(a_NX), unit_cols(grad_NY), offs, be);
+  const at::Tensor a = unit_cols(a_NX), g = unit_cols(grad_NY);  // alive until both GEMMs are enqueued
+  auto wgrad = yx ? sm90_wgrad(g, a, offs, be) : sm90_wgrad(a, g, offs, be);
   if (!wgrad) return std::nullopt;
   const Sm90Gemm both[2] = {*dgrad, *wgrad};
   run_sm90(both, 2, grad_NY);

@@ -67,8 +67,10 @@ def without_sync(fn):
 
 
 def kernel_names(fn) -> list[str]:
-    """The names of the device events (kernels, copies) that fn() runs."""
+    """The names of the device events (kernels, copies, memsets) that fn() runs. (The CUDA
+    activity also records the host's runtime calls, cudaLaunchKernel and the like, as CPU events:
+    those are left out.)"""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return [e.name for e in prof.events()]
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]

@@ -84,7 +84,8 @@ struct Sm90GroupedGemm {
   }
   static_assert(one_int64<StrideA>() && one_int64<StrideB>() && one_int64<StrideC>(),
                 "moe sm90: a CUTLASS stride is not one int64");
-  static_assert(std::is_same_v<Shape, cute::Shape<int, int, int>>, "moe sm90: problem shapes are (int, int, int)");
+  static_assert(std::is_same_v<Shape, cute::Shape<int, int, int>> && sizeof(Shape) == 3 * sizeof(int),
+                "moe sm90: problem shapes are (int, int, int)");
   static_assert(sizeof(Element) == 2, "moe sm90: the setup kernel writes 2-byte elements' pointers");
 
   static typename Gemm::Arguments arguments(const GroupedGemm& g, char* ws) {

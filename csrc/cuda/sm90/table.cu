@@ -84,9 +84,12 @@ namespace {
 
 constexpr int kSetupThreads = 256;
 
+// The GEMMs of one setup launch. GEMM i owns the blocks [first[i], first[i] + grid_x[i] * grid_y[i])
+// of the 1-D grid, as a grid_x[i] x grid_y[i] grid of its own (setup_grid).
 struct Setup {
   GroupedGemm g[kMaxRun];
   char* ws[kMaxRun];
+  unsigned first[kMaxRun + 1], grid_x[kMaxRun];
 };
 
 // Everything of one run() around its CUTLASS kernels, in one launch (grouped_gemm_sm90.h's
@@ -97,13 +100,16 @@ struct Setup {
 // (x, 0), grid-stride), in the weight gradient expert y's (X, Y) block when it has no rows (blocks
 // (x, y)). Zeros and GEMM outputs are disjoint (an empty expert's group has M = 0: no tiles), so
 // their order does not matter. Y (and X * Y) are multiples of 8 here (the TMA layout rules): zeros
-// go in 16-byte words. The grid is the widest of its GEMMs' own (setup_grid); blocks past a GEMM's
-// own extent find no work.
+// go in 16-byte words. The launch is 1-D: each GEMM's blocks are its own grid (Setup), so two GEMMs
+// cost the blocks of two launches.
 __global__ void __launch_bounds__(kSetupThreads) grouped_gemm_setup_kernel(const __grid_constant__ Setup s) {
-  const GroupedGemm& g = s.g[blockIdx.z];
-  char* ws = s.ws[blockIdx.z];
-  const int e = blockIdx.x * kSetupThreads + threadIdx.x;
-  if (blockIdx.y == 0 && e < g.E) {
+  const int i = blockIdx.x < s.first[1] ? 0 : 1;  // kMaxRun == 2
+  const GroupedGemm& g = s.g[i];
+  char* ws = s.ws[i];
+  const unsigned own = blockIdx.x - s.first[i], grid_x = s.grid_x[i];
+  const unsigned bx = own % grid_x, by = own / grid_x;  // this block in the GEMM's own grid
+  const int e = int(bx) * kSetupThreads + threadIdx.x;
+  if (by == 0 && e < g.E) {
     const GroupArrays l = group_arrays(g.E);
     int lo = e > 0 ? g.offs[e - 1] : 0, hi = g.offs[e];
     MOE_SM90_ASSERT(lo >= 0 && lo <= hi && hi <= g.N,
@@ -135,15 +141,15 @@ __global__ void __launch_bounds__(kSetupThreads) grouped_gemm_setup_kernel(const
     strides(l.stride_c)[e] = g.Y;
   }
   uint4* c = static_cast<uint4*>(g.c);
-  const int64_t step = int64_t(gridDim.x) * kSetupThreads;
-  const int64_t first = int64_t(blockIdx.x) * kSetupThreads + threadIdx.x;
+  const int64_t step = int64_t(grid_x) * kSetupThreads;
+  const int64_t first = int64_t(bx) * kSetupThreads + threadIdx.x;
   if (!g.wgrad) {
-    if (blockIdx.y != 0 || g.E < 1) return;
+    if (by != 0 || g.E < 1) return;
     const int64_t words_per_row = g.Y / 8;
     const int64_t begin = int64_t(min(max(g.offs[g.E - 1], 0), g.N)) * words_per_row;
     for (int64_t i = begin + first; i < int64_t(g.N) * words_per_row; i += step) c[i] = make_uint4(0, 0, 0, 0);
   } else {
-    const int ez = blockIdx.y;
+    const int ez = int(by);
     if (ez >= g.E || g.offs[ez] != (ez > 0 ? g.offs[ez - 1] : 0)) return;  // expert ez has rows
     const int64_t words = int64_t(g.X) * g.Y / 8;
     for (int64_t i = first; i < words; i += step) c[ez * words + i] = make_uint4(0, 0, 0, 0);
@@ -165,17 +171,18 @@ dim3 setup_grid(const GroupedGemm& g) {
 
 const char* run(const GroupedGemm* g, const int* ids, void* const* ws, int count, cudaStream_t stream) {
   if (count < 1 || count > kMaxRun) return "moe.grouped_mm (sm90): a run takes 1 or 2 GEMMs";
+  static_assert(kMaxRun == 2, "grouped_gemm_setup_kernel picks one of two GEMMs");
   Setup s{};
-  dim3 grid(1, 1, unsigned(count));
   for (int i = 0; i < count; ++i) {
     if (entry(g[i].wgrad, ids[i]) == nullptr) return "moe.grouped_mm (sm90): config id out of range";
     s.g[i] = g[i];
     s.ws[i] = static_cast<char*>(ws[i]);
     const dim3 own = setup_grid(g[i]);
-    grid.x = std::max(grid.x, own.x);
-    grid.y = std::max(grid.y, own.y);
+    s.grid_x[i] = own.x;
+    s.first[i + 1] = s.first[i] + own.x * own.y;  // < 2^31: x <= 256 where y = E <= 65535 (wgrad)
   }
-  grouped_gemm_setup_kernel<<<grid, kSetupThreads, 0, stream>>>(s);
+  for (int i = count; i < kMaxRun; ++i) s.first[i + 1] = s.first[i];  // no blocks: never picked
+  grouped_gemm_setup_kernel<<<s.first[count], kSetupThreads, 0, stream>>>(s);
   if (cudaGetLastError() != cudaSuccess) return "moe.grouped_mm (sm90): launching the group setup kernel failed";
   for (int i = 0; i < count; ++i) {
     if (const char* err = entry(g[i].wgrad, ids[i])->gemm(g[i], ws[i], stream)) return err;
