@@ -13,17 +13,18 @@ counting sort), else a zero fill, the keys/histogram kernel, the offsets scan, c
 (its own passes) and the finalize kernel; ``grouped_mm`` one at decode sizes (the weight-streaming
 kernel), two on the sm90 path (the group setup, which also checks the offsets and writes the
 padding zeros, and the CUTLASS GEMM), four around PyTorch's (offsets check, its setup and GEMM,
-zeros); ``gather_grouped_mm`` one at decode sizes, else permute + grouped_mm;
-``gather_grouped_mm_swiglu`` one at decode sizes (the streaming kernel with SwiGLU's epilogue),
-else gather_grouped_mm's + the swiglu kernel; ``topk_route`` 2
+zeros); ``gather_grouped_mm`` one at decode sizes, two on the sm90 path (its setup launch also
+gathers the rows: no permute kernel), else permute + grouped_mm; ``gather_grouped_mm_wgrad`` two
+on the sm90 path, else permute + grouped_mm_wgrad; ``gather_grouped_mm_swiglu`` one at decode
+sizes (the streaming kernel with SwiGLU's epilogue), else gather_grouped_mm's + the swiglu kernel; ``topk_route`` 2
 kernels (route, then the final statistics, or with the loss statistics their partial sums whose
 last block forms the final ones), 1 without statistics up to 64 tokens; ``linear_f32_backward`` 4 for bfloat16 (the split of the gradient into three
 bfloat16 terms, two cuBLAS GEMMs, the sum of the weight gradient's three parts), else its ATen ops.
 ``unpermute_backward`` is one kernel (a warp per slot), as are ``permute``, ``unpermute`` and
 ``unpermute_weights_grad``; ``grouped_mm_backward`` is three on the sm90 path (one setup launch
-for its two GEMMs), else grouped_mm's and grouped_mm_wgrad's; ``gather_grouped_mm_backward`` five
-on the sm90 path (permute, the setup, two GEMMs, unpermute), else permute, the two GEMMs' own and
-unpermute.
+for its two GEMMs), else grouped_mm's and grouped_mm_wgrad's; ``gather_grouped_mm_backward`` four
+on the sm90 path (the setup, which gathers x's rows too, two GEMMs, unpermute), else grouped_mm's,
+gather_grouped_mm_wgrad's and unpermute.
 bench/gpu_bench.py prints both this count and the profiler's.
 
 :func:`layer_counts` measures a layer's forward and training step (forward, the layer's

@@ -29,8 +29,10 @@
 // "native" moekit's WMMA kernels below, which are also the path for float16/float32/float64,
 // other GPUs and unaligned layouts. moekit's sm90 GEMM is two launches (its setup kernel asserts
 // the offsets, as the native kernels do, and writes the contract's zeros: padding rows of c_NY,
-// experts with no rows in the weight gradient); around PyTorch's, a check kernel asserts the
-// offsets first and the zeros are written after.
+// experts with no rows in the weight gradient); one setup launch serves both GEMMs of
+// grouped_mm_backward and gather_grouped_mm_backward, and in the gathered ops it also copies
+// permute(x_TD) (no permute kernel); around PyTorch's, a check kernel asserts the offsets first and
+// the zeros are written after.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/_grouped_mm.h>
 #include <torch/library.h>
@@ -372,9 +374,9 @@ struct Sm90Gemm {
   at::Tensor out;
 };
 
-// Runs sm90 GEMMs (one, or a backward's two) with one setup launch; their workspaces are one
-// buffer from the caching allocator (stream-ordered).
-void run_sm90(const Sm90Gemm* gemms, int count, const at::Tensor& like) {
+// Runs sm90 GEMMs (one, or a backward's two) with one setup launch, which also gathers `gather`'s
+// rows when given; their workspaces are one buffer from the caching allocator (stream-ordered).
+void run_sm90(const Sm90Gemm* gemms, int count, const at::Tensor& like, const sm90::Gather* gather = nullptr) {
   TORCH_INTERNAL_ASSERT(count >= 1 && count <= sm90::kMaxRun);
   sm90::GroupedGemm g[sm90::kMaxRun];
   int ids[sm90::kMaxRun];
@@ -387,7 +389,7 @@ void run_sm90(const Sm90Gemm* gemms, int count, const at::Tensor& like) {
   auto workspace = at::empty({at[count]}, like.options().dtype(at::kByte));
   void* ws[sm90::kMaxRun];
   for (int i = 0; i < count; ++i) ws[i] = static_cast<char*>(workspace.mutable_data_ptr()) + at[i];
-  const char* err = sm90::run(g, ids, ws, count, at::cuda::getCurrentCUDAStream());
+  const char* err = sm90::run(g, ids, ws, count, at::cuda::getCurrentCUDAStream(), gather);
   TORCH_CHECK(err == nullptr, err);
 }
 
@@ -419,6 +421,28 @@ std::optional<Sm90Gemm> sm90_forward(const MmOperands& o, const at::Tensor& offs
   r.g.ldb = o.b_ld;
   r.g.b_batch = o.b.stride(0);
   return r;
+}
+
+// permute(x_TD, order_N, rows_TK) into x_ND (N, D) contiguous, done by an sm90 setup launch: where
+// x_TD is bfloat16 with 16-byte rows (D and the row stride multiples of 8, aligned); else nullopt
+// (the permute kernel runs). The same bytes as the permute kernel: a copy.
+std::optional<sm90::Gather> sm90_gather(const at::Tensor& x_TD, const at::Tensor& order_N, const at::Tensor& rows_TK,
+                                        const at::Tensor& x_ND) {
+  const int64_t T = x_TD.size(0), D = x_TD.size(1);
+  const int64_t ldx = T > 1 ? x_TD.stride(0) : D;
+  if (x_TD.scalar_type() != at::kBFloat16 || (D > 1 && x_TD.stride(1) != 1) || D % 8 != 0 || ldx % 8 != 0 ||
+      !aligned16(x_TD.const_data_ptr()) || !order_N.is_contiguous())
+    return std::nullopt;
+  sm90::Gather gt;
+  gt.x = x_TD.const_data_ptr();
+  gt.ldx = ldx;
+  gt.order = order_N.const_data_ptr<int64_t>();
+  gt.slots = rows_TK.numel();
+  gt.K = static_cast<int>(rows_TK.size(1));
+  gt.out = x_ND.mutable_data_ptr();
+  gt.N = x_ND.size(0);
+  gt.D = D;
+  return gt;
 }
 
 // grouped_mm_wgrad's sm90 GEMM (a and g with unit column strides, N > 0, E <= 65535), where that is
@@ -554,9 +578,11 @@ at::Tensor weight_grad(const at::Tensor& grad_NY, const at::Tensor& a_NX, const 
 #ifdef MOE_WITH_SM90_GEMM
 // (grouped_mm(grad_NY, b^T), weight_grad(grad_NY, a_NX, b)) with one setup launch for both GEMMs,
 // where grouped_mm_cuda and grouped_mm_wgrad_cuda would each run an sm90 GEMM: the same kernels
-// and configurations, so the same bits, in three launches instead of four. Else nullopt.
+// and configurations, so the same bits, in three launches instead of four; a_NX's rows may be
+// gathered by that setup launch. Else nullopt, before any launch.
 std::optional<std::tuple<at::Tensor, at::Tensor>> backward_sm90(const at::Tensor& grad_NY, const at::Tensor& a_NX,
-                                                                const at::Tensor& b_EXY, const at::Tensor& offs_E) {
+                                                                const at::Tensor& b_EXY, const at::Tensor& offs_E,
+                                                                const sm90::Gather* gather = nullptr) {
   const int64_t N = grad_NY.size(0), X = a_NX.size(1), Y = grad_NY.size(1), E = b_EXY.size(0);
   if (N == 0 || X == 0 || Y == 0 || E == 0 || E > 65535) return std::nullopt;  // the ops' own cases
   const Backend be = config::cuda_gemm();  // may raise: a bad MOE_CUDA_GEMM
@@ -571,7 +597,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> backward_sm90(const at::Tensor
   auto wgrad = yx ? sm90_wgrad(g, a, offs, be) : sm90_wgrad(a, g, offs, be);
   if (!wgrad) return std::nullopt;
   const Sm90Gemm both[2] = {*dgrad, *wgrad};
-  run_sm90(both, 2, grad_NY);
+  run_sm90(both, 2, grad_NY, gather);  // (a gather writes a_NX's rows before the GEMMs read them)
   return std::make_tuple(dgrad->out, yx ? wgrad->out.transpose(1, 2) : wgrad->out);
 }
 #endif
@@ -594,6 +620,30 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(const at::Tensor& gr
           grad_b ? weight_grad(grad_NY, a_NX, b_EXY, offs_E) : b_EXY.new_empty({0, X, Y})};
 }
 
+#ifdef MOE_WITH_SM90_GEMM
+// grouped_mm(permute(x_TD), b) where grouped_mm_cuda would run its sm90 GEMM on the permuted rows:
+// the setup launch gathers them (two launches, not three; the same bits). Else nullopt, before any
+// launch.
+std::optional<at::Tensor> gathered_forward_sm90(const at::Tensor& x_TD, const at::Tensor& order_N,
+                                                const at::Tensor& rows_TK, const at::Tensor& b_EXY,
+                                                const at::Tensor& offs_E) {
+  const int64_t N = order_N.size(0), D = x_TD.size(1), Y = b_EXY.size(2), E = b_EXY.size(0);
+  if (N == 0 || Y == 0) return std::nullopt;  // grouped_mm_cuda's own cases
+  const Backend be = config::cuda_gemm();  // may raise: a bad MOE_CUDA_GEMM
+  const auto x_ND = at::empty({N, D}, x_TD.options());
+  const MmOperands o = mm_operands(x_ND, b_EXY);
+  if (use_stream(be, N, E) && stream_layout_ok(o.a, o.a.stride(0), o.b, o.b_col, o.b_ld, N, E, D, Y))
+    return std::nullopt;
+  const auto gather = sm90_gather(x_TD, order_N, rows_TK, x_ND);
+  if (!gather) return std::nullopt;
+  const auto offs = offs_E.contiguous();
+  auto gemm = sm90_forward(o, offs, be);
+  if (!gemm) return std::nullopt;
+  run_sm90(&*gemm, 1, x_ND, &*gather);
+  return gemm->out;
+}
+#endif
+
 // Gathered rows: the streaming kernel reads x_TD through the plan where it serves the call (decode
 // sizes, see use_stream), else the two-op form: moe.permute's kernel, then grouped_mm's own choice.
 at::Tensor gather_grouped_mm_cuda(const at::Tensor& x_TD, const at::Tensor& order_N,
@@ -607,12 +657,41 @@ at::Tensor gather_grouped_mm_cuda(const at::Tensor& x_TD, const at::Tensor& orde
   if (gather_streams(x_TD, b_EXY, N, b_col))
     return grouped_mm_stream_path(x_TD, order_N.contiguous(), rows_TK.size(1), b_EXY, b_col,
                                   offs_E.contiguous(), N);
+#ifdef MOE_WITH_SM90_GEMM
+  if (auto c = gathered_forward_sm90(x_TD, order_N, rows_TK, b_EXY, offs_E)) return *c;
+#endif
   return grouped_mm_cuda(permute_cuda(x_TD, order_N, rows_TK, std::nullopt), b_EXY, offs_E);
 }
 
-// moe.gather_grouped_mm_backward on CUDA: d b is gather_grouped_mm_wgrad's CUDA form (the
-// permuted rows, then the weight gradient), d x unpermute of grouped_mm(grad, b^T); on the sm90
-// path the two GEMMs share one setup launch (five launches with the permute and the unpermute).
+// moe.gather_grouped_mm_wgrad on CUDA: grouped_mm_wgrad on permute(x_TD) (with out_yx,
+// grouped_mm_wgrad(g, permute(x_TD)) transposed), the permuted rows gathered by the sm90 setup
+// launch where that GEMM runs (two launches), else the permute kernel first.
+at::Tensor gather_grouped_mm_wgrad_cuda(const at::Tensor& x_TD, const at::Tensor& order_N, const at::Tensor& rows_TK,
+                                        const at::Tensor& g_NY, const at::Tensor& offs_E, bool out_yx) {
+  check_gather_grouped_mm_wgrad_args(x_TD, order_N, rows_TK, g_NY, offs_E);
+  c10::cuda::CUDAGuard guard(x_TD.device());
+  const int64_t N = order_N.size(0), D = x_TD.size(1), Y = g_NY.size(1), E = offs_E.size(0);
+  check_sizes("gather_grouped_mm_wgrad", N, D, Y);
+#ifdef MOE_WITH_SM90_GEMM
+  if (N > 0 && D > 0 && Y > 0 && E > 0 && E <= 65535) {  // else grouped_mm_wgrad_cuda's own cases
+    const auto x_ND = at::empty({N, D}, x_TD.options());
+    if (auto gather = sm90_gather(x_TD, order_N, rows_TK, x_ND)) {
+      const Backend be = config::cuda_gemm();  // may raise: a bad MOE_CUDA_GEMM
+      const auto g = unit_cols(g_NY), offs = offs_E.contiguous();
+      if (auto gemm = out_yx ? sm90_wgrad(g, x_ND, offs, be) : sm90_wgrad(x_ND, g, offs, be)) {
+        run_sm90(&*gemm, 1, x_ND, &*gather);
+        return out_yx ? gemm->out.transpose(1, 2) : gemm->out;
+      }
+    }
+  }
+#endif
+  const auto x_ND = permute_cuda(x_TD, order_N, rows_TK, std::nullopt);
+  return out_yx ? grouped_mm_wgrad_cuda(g_NY, x_ND, offs_E).transpose(1, 2) : grouped_mm_wgrad_cuda(x_ND, g_NY, offs_E);
+}
+
+// moe.gather_grouped_mm_backward on CUDA: d b is gather_grouped_mm_wgrad, d x unpermute of
+// grouped_mm(grad, b^T); on the sm90 path one setup launch gathers x's rows and sets up both GEMMs
+// (four launches with the unpermute).
 std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward_cuda(const at::Tensor& grad_NY, const at::Tensor& x_TD,
                                                                    const at::Tensor& order_N, const at::Tensor& rows_TK,
                                                                    const at::Tensor& b_EXY, const at::Tensor& offs_E,
@@ -621,16 +700,19 @@ std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward_cuda(const at::Ten
   c10::cuda::CUDAGuard guard(x_TD.device());
   const int64_t D = x_TD.size(1), Y = b_EXY.size(2);
   check_sizes("gather_grouped_mm_backward", order_N.size(0), D, Y);
-  const at::Tensor x_ND = grad_b ? permute_cuda(x_TD, order_N, rows_TK, std::nullopt) : at::Tensor();
   at::Tensor rows_ND, d_b;  // d x before the sum over each token's rows
 #ifdef MOE_WITH_SM90_GEMM
-  if (grad_x && grad_b) {
-    if (auto both = backward_sm90(grad_NY, x_ND, b_EXY, offs_E)) std::tie(rows_ND, d_b) = *both;
+  if (grad_x && grad_b && order_N.size(0) > 0) {
+    const auto x_ND = at::empty({order_N.size(0), D}, x_TD.options());
+    if (auto gather = sm90_gather(x_TD, order_N, rows_TK, x_ND)) {
+      if (auto both = backward_sm90(grad_NY, x_ND, b_EXY, offs_E, &*gather)) std::tie(rows_ND, d_b) = *both;
+    }
   }
 #endif
   if (!d_b.defined()) {
     if (grad_x) rows_ND = grouped_mm_cuda(grad_NY, b_EXY.transpose(1, 2), offs_E);
-    d_b = grad_b ? weight_grad(grad_NY, x_ND, b_EXY, offs_E) : b_EXY.new_empty({0, D, Y});
+    d_b = grad_b ? gather_grouped_mm_wgrad_cuda(x_TD, order_N, rows_TK, grad_NY, offs_E, is_yx_layout(b_EXY))
+                 : b_EXY.new_empty({0, D, Y});
   }
   return {grad_x ? unpermute_cuda(rows_ND, order_N, rows_TK, std::nullopt) : x_TD.new_empty({0, D}), d_b};
 }
@@ -713,6 +795,7 @@ TORCH_LIBRARY_IMPL(moe, CUDA, m) {
   m.impl("grouped_mm", &moe::cuda::grouped_mm_cuda);
   m.impl("grouped_mm_wgrad", &moe::cuda::grouped_mm_wgrad_cuda);
   m.impl("gather_grouped_mm", &moe::cuda::gather_grouped_mm_cuda);
+  m.impl("gather_grouped_mm_wgrad", &moe::cuda::gather_grouped_mm_wgrad_cuda);
   m.impl("gather_grouped_mm_swiglu", &moe::cuda::gather_grouped_mm_swiglu_cuda);
   m.impl("grouped_mm_backward", &moe::cuda::grouped_mm_backward_cuda);
   m.impl("gather_grouped_mm_backward", &moe::cuda::gather_grouped_mm_backward_cuda);

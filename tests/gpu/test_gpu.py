@@ -36,7 +36,8 @@ def _cuda_kernels():
         pytest.skip("needs a CUDA device")
     assert ops.HAS_EXTENSION, "moe._C did not load: build it with MOE_BUILD_CUDA=1"
     for name in ("plan", "permute", "unpermute", "unpermute_weights_grad", "unpermute_backward", "grouped_mm",
-                 "grouped_mm_wgrad", "grouped_mm_backward", "gather_grouped_mm_backward"):
+                 "grouped_mm_wgrad", "grouped_mm_backward", "gather_grouped_mm", "gather_grouped_mm_wgrad",
+                 "gather_grouped_mm_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"moe::{name}", "CUDA"), name
     torch.manual_seed(0)
 
@@ -416,8 +417,9 @@ def test_gather_grouped_mm_backward_equals_the_ops(T, K, E, D, Y, yx, gemm_backe
 
 
 def test_sm90_backward_shares_one_setup_launch():
-    """On the sm90 path a grouped GEMM's backward is one setup launch and its two CUTLASS GEMMs (and
-    the gathered one adds the permute and the unpermute), with no host sync."""
+    """On the sm90 path a grouped GEMM's backward is one setup launch and its two CUTLASS GEMMs (the
+    gathered one: the setup launch also gathers x's rows, and the unpermute sums d x), with no host
+    sync."""
     if not _sm90_gemm():
         pytest.skip("needs moekit's sm90 grouped GEMM on a compute capability 9.0 GPU")
     T, K, E, D, Y = 512, 4, 8, 256, 384
@@ -428,16 +430,53 @@ def test_sm90_backward_shares_one_setup_launch():
     with ops.config.override(cuda_gemm="auto"):
         for yx in (False, True):
             b = _weight(E, D, Y, yx)
-            calls = {"plain": (lambda: moe_ops.grouped_mm_backward(grad, a, b, offs), []),
-                     "gathered": (lambda: moe_ops.gather_grouped_mm_backward(grad, x, order, rows, b, offs),
-                                  ["permute_kernel", "unpermute_kernel"])}
-            for what, (call, extra) in calls.items():
-                names = [n for n in kernel_names(call) if "Memset" not in n and "Memcpy" not in n]
+            calls = {"plain": (lambda: moe_ops.grouped_mm_backward(grad, a, b, offs), 2, []),
+                     "gathered": (lambda: moe_ops.gather_grouped_mm_backward(grad, x, order, rows, b, offs), 2,
+                                  ["unpermute_kernel"]),
+                     "gathered forward": (lambda: moe_ops.gather_grouped_mm(x, order, rows, b, offs), 1, []),
+                     "gathered swiglu": (lambda: moe_ops.gather_grouped_mm_swiglu(x, order, rows, b, offs, True), 1,
+                                         ["swiglu_kernel"]),
+                     "gathered wgrad": (lambda: moe_ops.gather_grouped_mm_wgrad(x, order, rows, grad, offs, yx), 1, [])}
+            for what, (call, gemms, extra) in calls.items():
+                names = kernel_names(call)
                 assert sum("grouped_gemm_setup_kernel" in n for n in names) == 1, (what, names)
-                assert sum("cutlass" in n.lower() and "setup" not in n for n in names) == 2, (what, names)
-                assert len(names) == 3 + len(extra), (what, names)
+                assert sum("cutlass" in n.lower() and "setup" not in n for n in names) == gemms, (what, names)
+                assert len(names) == 1 + gemms + len(extra), (what, names)  # no permute kernel, copy or memset
                 assert all(any(k in n for n in names) for k in extra), (what, names)
                 without_sync(call)
+
+
+GATHER_CASES = [  # (T, K, E, D, Y, x layout): the setup launch gathers 16-byte rows; else the permute kernel
+    (300, 4, 8, 64, 128, "contiguous"), (64, 8, 256, 128, 64, "contiguous"), (100, 2, 3, 64, 48, "strided"),
+    (100, 2, 3, 60, 48, "contiguous"), (50, 2, 4, 64, 32, "odd_stride"), (1, 4, 4, 64, 32, "contiguous"),
+]
+
+
+def _x_layout(x, kind):
+    if kind == "contiguous":
+        return x
+    pad = 8 if kind == "strided" else 3  # row stride D + 8 (16-byte rows) or D + 3 (not)
+    big = torch.full((x.shape[0], x.shape[1] + pad), float("nan"), dtype=x.dtype, device=x.device)
+    big[:, :x.shape[1]] = x
+    return big[:, :x.shape[1]]
+
+
+@pytest.mark.parametrize("T,K,E,D,Y,kind", GATHER_CASES)
+@pytest.mark.parametrize("yx", [False, True], ids=["exy", "yx"])
+def test_gather_grouped_mm_and_wgrad_equal_permute_then_the_gemm(T, K, E, D, Y, kind, yx, gemm_backend):
+    """gather_grouped_mm and gather_grouped_mm_wgrad (outputs poisoned) equal grouped_mm and
+    grouped_mm_wgrad on permute(x) bit for bit, under every backend and x layout (on sm90 the
+    GEMM's setup launch gathers the rows: a copy, the same bytes as the permute kernel's)."""
+    counts, offs, order, rows = moe_ops.plan(random_ids(T, K, E), E)
+    x = _x_layout(torch.randn(T, D, device="cuda", dtype=torch.bfloat16), kind)
+    b, g = _weight(E, D, Y, yx), torch.randn(T * K, Y, device="cuda", dtype=torch.bfloat16)
+    x_ND = moe_ops.permute(x, order, rows, None)
+    poison(((T * K, Y), torch.bfloat16), ((T * K, D), torch.bfloat16))
+    assert torch.equal(moe_ops.gather_grouped_mm(x, order, rows, b, offs), moe_ops.grouped_mm(x_ND, b, offs))
+    want = moe_ops.grouped_mm_wgrad(g, x_ND, offs).transpose(1, 2) if yx else moe_ops.grouped_mm_wgrad(x_ND, g, offs)
+    poison(((E, D, Y), torch.bfloat16))
+    got = moe_ops.gather_grouped_mm_wgrad(x, order, rows, g, offs, yx)
+    assert torch.equal(got, want) and got.stride() == want.stride()
 
 
 def _layer(x_TD, ids_TK, w_TK, w1_EDF, w2_EFD, *, twin=False):

@@ -6,7 +6,8 @@
 // Pingpong} reads each group's pointers, strides and CUTLASS (M, N, K) shape ((rows, Y, X) in the
 // forward, (X, Y, rows) in the weight gradient: grouped_gemm_sm90.h) from device arrays, so the
 // routed counts never reach the host. The setup kernel (table.cu, one launch for one or two
-// GEMMs) first checks offs_E, fills those arrays and writes the contract's zeros.
+// GEMMs) first checks offs_E, fills those arrays and writes the contract's zeros (and gathers the
+// rows of a gathered GEMM's operand).
 #pragma once
 
 #include <cute/tensor.hpp>

@@ -14,7 +14,8 @@
 // a setup kernel asserts them, turns them into CUTLASS's per-group pointers, strides and problem
 // shapes in the caller's workspace, and writes the contract's zeros: the padding rows of c_NY, the
 // weight gradients of experts with no rows). Two launches per GEMM, no host sync; a backward's two
-// GEMMs (d a and d b) share one setup launch: three.
+// GEMMs (d a and d b) share one setup launch: three. Gathered rows (a permuted copy of x_TD) are
+// written by the setup launch too (Gather).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -79,12 +80,29 @@ __host__ __device__ inline GroupArrays group_arrays(int E) {
 size_t workspace_bytes(const GroupedGemm& g, int id);
 // The most GEMMs one run() takes: a backward's two (d a and d b of one grouped GEMM).
 constexpr int kMaxRun = 2;
+
+// Rows gathered by the setup launch into a GEMM operand (moe.permute's copy without a launch of its
+// own, for gather_grouped_mm and its weight gradient): out (N, D) contiguous, out[i] = the row
+// order[i] / K of x (row stride ldx), zeros where order[i] < 0 (padding rows). bfloat16; D and
+// ldx multiples of 8 elements, x and out 16-byte aligned.
+struct Gather {
+  const void* x = nullptr;
+  int64_t ldx = 0;
+  const int64_t* order = nullptr;  // order_N (N,)
+  int64_t slots = 0;               // T * K: order's entries are in [-1, slots)
+  int K = 1;
+  void* out = nullptr;
+  int64_t N = 0, D = 0;
+};
+
 // Enqueues `count` (1..kMaxRun) GEMMs on `stream`: one setup launch for all of them (it asserts
-// each GEMM's offs_E, writes its group arrays and the contract's zeros), then each CUTLASS kernel
-// in turn. GEMM i runs config ids[i] of g[i].wgrad's table with ws[i] holding
-// workspace_bytes(g[i], ids[i]) bytes of device memory (256-byte aligned, one buffer per GEMM).
-// Returns nullptr on success, else a message naming what failed. No host-device synchronisation.
-const char* run(const GroupedGemm* g, const int* ids, void* const* ws, int count, cudaStream_t stream);
+// each GEMM's offs_E, writes its group arrays and the contract's zeros, and gathers `gather`'s
+// rows when given), then each CUTLASS kernel in turn. GEMM i runs config ids[i] of g[i].wgrad's
+// table with ws[i] holding workspace_bytes(g[i], ids[i]) bytes of device memory (256-byte
+// aligned, one buffer per GEMM). Returns nullptr on success, else a message naming what failed.
+// No host-device synchronisation.
+const char* run(const GroupedGemm* g, const int* ids, void* const* ws, int count, cudaStream_t stream,
+                const Gather* gather = nullptr);
 
 // Entry points of one configuration, each defined in its translation unit (forward_c<ID>.cu,
 // wgrad_c<ID>.cu) and listed in table.cu: CUTLASS's workspace bytes and its kernel alone (the

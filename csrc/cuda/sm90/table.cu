@@ -84,13 +84,48 @@ namespace {
 
 constexpr int kSetupThreads = 256;
 
-// The GEMMs of one setup launch. GEMM i owns the blocks [first[i], first[i] + grid_x[i] * grid_y[i])
-// of the 1-D grid, as a grid_x[i] x grid_y[i] grid of its own (setup_grid).
+// The work of one setup launch. GEMM i owns the blocks [first[i], first[i] + grid_x[i] * grid_y[i])
+// of the 1-D grid, as a grid_x[i] x grid_y[i] grid of its own (setup_grid); the gather, when there
+// is one, the blocks from first[kMaxRun] on: gather_row_blocks x chunks of its rows.
 struct Setup {
   GroupedGemm g[kMaxRun];
   char* ws[kMaxRun];
   unsigned first[kMaxRun + 1], grid_x[kMaxRun];
+  Gather gather;
+  unsigned gather_row_blocks;
 };
+
+constexpr int kWarpsPerSetupBlock = kSetupThreads / 32;
+constexpr int kGatherUnroll = 4;                        // 16-byte loads in flight per lane
+constexpr int64_t kGatherChunk = 32 * kGatherUnroll;    // 16-byte vectors of a row per warp
+
+// The gathered rows, moe.permute's kernel without a scale (csrc/cuda/gather.cuh: a warp per row
+// and chunk of kGatherChunk vectors, kGatherUnroll loads issued before the first store), in 16-byte
+// vectors: the same bytes. `block` is this block's index in the gather's row_blocks x chunks.
+__device__ void gather_rows(const Gather& gt, unsigned block, unsigned row_blocks) {
+  const int64_t i = int64_t(block % row_blocks) * kWarpsPerSetupBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (i >= gt.N) return;
+  const int64_t s = gt.order[i];
+  MOE_SM90_ASSERT(s >= -1 && s < gt.slots, "moe.permute: order_N does not match rows_TK");
+  const int64_t nvec = gt.D / 8;
+  uint4* o = static_cast<uint4*>(gt.out) + i * nvec;
+  const int64_t v_lo = int64_t(block / row_blocks) * kGatherChunk, v_hi = min(nvec, v_lo + kGatherChunk);
+  if (s < 0 || s >= gt.slots) {  // padding row: zeros, nothing read
+    for (int64_t v = v_lo + lane; v < v_hi; v += 32) o[v] = make_uint4(0, 0, 0, 0);
+    return;
+  }
+  const uint4* src = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(gt.x) + (s / gt.K) * gt.ldx);
+  for (int64_t v0 = v_lo + lane; v0 < v_hi; v0 += 32 * kGatherUnroll) {
+    uint4 a[kGatherUnroll];
+#pragma unroll
+    for (int u = 0; u < kGatherUnroll; ++u)
+      if (v0 + u * 32 < v_hi) a[u] = src[v0 + u * 32];
+#pragma unroll
+    for (int u = 0; u < kGatherUnroll; ++u)
+      if (v0 + u * 32 < v_hi) o[v0 + u * 32] = a[u];
+  }
+}
 
 // Everything of one run() around its CUTLASS kernels, in one launch (grouped_gemm_sm90.h's
 // contract); blockIdx.z picks the GEMM. Threads e < E of blocks (x, 0) assert offs_E
@@ -103,6 +138,10 @@ struct Setup {
 // go in 16-byte words. The launch is 1-D: each GEMM's blocks are its own grid (Setup), so two GEMMs
 // cost the blocks of two launches.
 __global__ void __launch_bounds__(kSetupThreads) grouped_gemm_setup_kernel(const __grid_constant__ Setup s) {
+  if (blockIdx.x >= s.first[kMaxRun]) {
+    gather_rows(s.gather, blockIdx.x - s.first[kMaxRun], s.gather_row_blocks);
+    return;
+  }
   const int i = blockIdx.x < s.first[1] ? 0 : 1;  // kMaxRun == 2
   const GroupedGemm& g = s.g[i];
   char* ws = s.ws[i];
@@ -169,7 +208,8 @@ dim3 setup_grid(const GroupedGemm& g) {
 
 }  // namespace
 
-const char* run(const GroupedGemm* g, const int* ids, void* const* ws, int count, cudaStream_t stream) {
+const char* run(const GroupedGemm* g, const int* ids, void* const* ws, int count, cudaStream_t stream,
+                const Gather* gather) {
   if (count < 1 || count > kMaxRun) return "moe.grouped_mm (sm90): a run takes 1 or 2 GEMMs";
   static_assert(kMaxRun == 2, "grouped_gemm_setup_kernel picks one of two GEMMs");
   Setup s{};
@@ -182,7 +222,19 @@ const char* run(const GroupedGemm* g, const int* ids, void* const* ws, int count
     s.first[i + 1] = s.first[i] + own.x * own.y;  // < 2^31: x <= 256 where y = E <= 65535 (wgrad)
   }
   for (int i = count; i < kMaxRun; ++i) s.first[i + 1] = s.first[i];  // no blocks: never picked
-  grouped_gemm_setup_kernel<<<s.first[count], kSetupThreads, 0, stream>>>(s);
+  unsigned blocks = s.first[kMaxRun];
+  if (gather != nullptr && gather->N > 0 && gather->D > 0) {
+    if (gather->D % 8 != 0 || gather->ldx % 8 != 0 || reinterpret_cast<uintptr_t>(gather->x) % 16 != 0 ||
+        reinterpret_cast<uintptr_t>(gather->out) % 16 != 0)
+      return "moe.grouped_mm (sm90): gathered rows must be 16-byte vectors";
+    s.gather = *gather;
+    s.gather_row_blocks = unsigned((gather->N + kWarpsPerSetupBlock - 1) / kWarpsPerSetupBlock);
+    const int64_t chunks = (gather->D / 8 + kGatherChunk - 1) / kGatherChunk;
+    if (int64_t(s.gather_row_blocks) * chunks + blocks >= (int64_t{1} << 31))
+      return "moe.grouped_mm (sm90): too many gathered rows for one setup launch";
+    blocks += unsigned(int64_t(s.gather_row_blocks) * chunks);
+  }
+  grouped_gemm_setup_kernel<<<blocks, kSetupThreads, 0, stream>>>(s);
   if (cudaGetLastError() != cudaSuccess) return "moe.grouped_mm (sm90): launching the group setup kernel failed";
   for (int i = 0; i < count; ++i) {
     if (const char* err = entry(g[i].wgrad, ids[i])->gemm(g[i], ws[i], stream)) return err;
