@@ -630,6 +630,7 @@ std::optional<at::Tensor> gathered_forward_sm90(const at::Tensor& x_TD, const at
   const int64_t N = order_N.size(0), D = x_TD.size(1), Y = b_EXY.size(2), E = b_EXY.size(0);
   if (N == 0 || Y == 0) return std::nullopt;  // grouped_mm_cuda's own cases
   const Backend be = config::cuda_gemm();  // may raise: a bad MOE_CUDA_GEMM
+  if (!use_sm90(be)) return std::nullopt;  // (before any copy mm_operands may make)
   const auto x_ND = at::empty({N, D}, x_TD.options());
   const MmOperands o = mm_operands(x_ND, b_EXY);
   if (use_stream(be, N, E) && stream_layout_ok(o.a, o.a.stride(0), o.b, o.b_col, o.b_ld, N, E, D, Y))
@@ -670,13 +671,14 @@ at::Tensor gather_grouped_mm_wgrad_cuda(const at::Tensor& x_TD, const at::Tensor
                                         const at::Tensor& g_NY, const at::Tensor& offs_E, bool out_yx) {
   check_gather_grouped_mm_wgrad_args(x_TD, order_N, rows_TK, g_NY, offs_E);
   c10::cuda::CUDAGuard guard(x_TD.device());
-  const int64_t N = order_N.size(0), D = x_TD.size(1), Y = g_NY.size(1), E = offs_E.size(0);
+  const int64_t N = order_N.size(0), D = x_TD.size(1), Y = g_NY.size(1);
   check_sizes("gather_grouped_mm_wgrad", N, D, Y);
 #ifdef MOE_WITH_SM90_GEMM
-  if (N > 0 && D > 0 && Y > 0 && E > 0 && E <= 65535) {  // else grouped_mm_wgrad_cuda's own cases
+  const int64_t E = offs_E.size(0);
+  const Backend be = config::cuda_gemm();  // may raise: a bad MOE_CUDA_GEMM
+  if (N > 0 && D > 0 && Y > 0 && E > 0 && E <= 65535 && use_sm90(be)) {  // else grouped_mm_wgrad_cuda's cases
     const auto x_ND = at::empty({N, D}, x_TD.options());
     if (auto gather = sm90_gather(x_TD, order_N, rows_TK, x_ND)) {
-      const Backend be = config::cuda_gemm();  // may raise: a bad MOE_CUDA_GEMM
       const auto g = unit_cols(g_NY), offs = offs_E.contiguous();
       if (auto gemm = out_yx ? sm90_wgrad(g, x_ND, offs, be) : sm90_wgrad(x_ND, g, offs, be)) {
         run_sm90(&*gemm, 1, x_ND, &*gather);

@@ -221,8 +221,9 @@ grouped_mm_wgrad = define_op(
 # CPU kernel computes g^T x with x's rows gathered, so no (E, X, Y) result is copied into the
 # weight's layout; the values are the same). Their fallback is the two-op form on the registered
 # ops (permute, then the GEMM: each runs its kernel where there is one, not the twin's loop); on
-# CUDA, gather_grouped_mm has its own entry: the weight-streaming kernel reads x_TD through the plan
-# at decode sizes (csrc/cuda/stream_gemm.cuh), else the same two-op form. In both backwards, d x
+# CUDA both have their own entry: gather_grouped_mm's weight-streaming kernel reads x_TD through the
+# plan at decode sizes (csrc/cuda/stream_gemm.cuh), and on the sm90 path the GEMM's setup launch
+# copies the permuted rows (no permute kernel); else the same two-op form. In both backwards, d x
 # sums each token's rows of (rows_NY @ w_e^T), with (rows_NY, w_EXY) = (d c, b) or (g, d w), and
 # the other operand's gradient is the other op on x and the incoming gradient (the weight gradient
 # in b's layout); gather_grouped_mm's is one op, gather_grouped_mm_backward (on CUDA's sm90 path

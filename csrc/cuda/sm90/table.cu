@@ -84,9 +84,9 @@ namespace {
 
 constexpr int kSetupThreads = 256;
 
-// The work of one setup launch. GEMM i owns the blocks [first[i], first[i] + grid_x[i] * grid_y[i])
-// of the 1-D grid, as a grid_x[i] x grid_y[i] grid of its own (setup_grid); the gather, when there
-// is one, the blocks from first[kMaxRun] on: gather_row_blocks x chunks of its rows.
+// The work of one setup launch. GEMM i owns the blocks [first[i], first[i + 1]) of the 1-D grid, as
+// an x by y grid of its own (setup_grid, x = grid_x[i]); the gather, when there is one, the blocks
+// from first[kMaxRun] on: gather_row_blocks x chunks of its rows.
 struct Setup {
   GroupedGemm g[kMaxRun];
   char* ws[kMaxRun];
@@ -128,15 +128,15 @@ __device__ void gather_rows(const Gather& gt, unsigned block, unsigned row_block
 }
 
 // Everything of one run() around its CUTLASS kernels, in one launch (grouped_gemm_sm90.h's
-// contract); blockIdx.z picks the GEMM. Threads e < E of blocks (x, 0) assert offs_E
-// (non-decreasing, within [0, N]) and write expert e's pointers, strides and CUTLASS (M, N, K)
-// (bad offsets are clamped, so memory stays safe if the assert is compiled out); the grid's blocks
-// also write the contract's zeros: in the forward the padding rows [offs_E[E-1], N) of c (blocks
-// (x, 0), grid-stride), in the weight gradient expert y's (X, Y) block when it has no rows (blocks
-// (x, y)). Zeros and GEMM outputs are disjoint (an empty expert's group has M = 0: no tiles), so
-// their order does not matter. Y (and X * Y) are multiples of 8 here (the TMA layout rules): zeros
-// go in 16-byte words. The launch is 1-D: each GEMM's blocks are its own grid (Setup), so two GEMMs
-// cost the blocks of two launches.
+// contract). The launch is 1-D: each GEMM's blocks form an (x, y) grid of its own (Setup), so two
+// GEMMs cost the blocks of two launches, and the gather's blocks come last. Threads e < E of
+// blocks (x, 0) assert offs_E (non-decreasing, within [0, N]) and write expert e's pointers,
+// strides and CUTLASS (M, N, K) (bad offsets are clamped, so memory stays safe if the assert is
+// compiled out); the GEMM's blocks also write the contract's zeros: in the forward the padding
+// rows [offs_E[E-1], N) of c (blocks (x, 0), grid-stride), in the weight gradient expert y's
+// (X, Y) block when it has no rows (blocks (x, y)). Zeros and GEMM outputs are disjoint (an empty
+// expert's group has M = 0: no tiles), so their order does not matter. Y (and X * Y) are
+// multiples of 8 here (the TMA layout rules): zeros go in 16-byte words.
 __global__ void __launch_bounds__(kSetupThreads) grouped_gemm_setup_kernel(const __grid_constant__ Setup s) {
   if (blockIdx.x >= s.first[kMaxRun]) {
     gather_rows(s.gather, blockIdx.x - s.first[kMaxRun], s.gather_row_blocks);
