@@ -38,9 +38,11 @@ from moe.ops.functional import (MAX_EXPERTS, Plan, gather_grouped_mm, gather_gro
                                 permute, plan, swiglu, unpermute)
 from moe.ops.registry import compiled_kernels
 from moe.ops.twins import (  # noqa: F401  (the twins, by their historical names)
+    gather_grouped_mm_backward_torch,
     gather_grouped_mm_swiglu_torch,
     gather_grouped_mm_torch,
     gather_grouped_mm_wgrad_torch,
+    grouped_mm_backward_torch,
     grouped_mm_torch,
     grouped_mm_wgrad_torch,
     linear_f32_backward_torch,
