@@ -333,6 +333,26 @@ def bench_router_backward(name, T, iters, ceil=None):
             "roofline": _roofline(ceil, ours, nbytes, flops)}
 
 
+def bench_router(name, T, iters, ceil=None):
+    """topk_route with the loss statistics (the training router's one op: scores, top-k, weights,
+    counts, metrics, and the balance and z losses' statistics over B sequences) vs its twin, the
+    routers' PyTorch code on the same device; B = 1 (switch loss) and T / 1024 sequences (seq loss).
+    Bytes: the float32 logits read and the (T, E) float32 probs written."""
+    from moe.ops.twins import topk_route_torch
+
+    _, _, E, K = SHAPES[name]
+    sets = [(torch.randn(T, E, device=DEVICE),) for _ in range(_copies(T * E * 8))]
+    rows = []
+    for B in sorted({1, max(1, T // 1024)}):
+        args = (None, K, "softmax", 0, 0, True, 1.0, None, B, False, "none", 1.0, 0.01 * E, 1e-3 / T)
+        ours = _time_ms(lambda lg: torch.ops.moe.topk_route(lg, *args), sets, iters)
+        twin = _time_ms(lambda lg: topk_route_torch(lg, *args), sets, iters)
+        nbytes = 2 * T * E * 4
+        rows.append({"op": "topk_route", "shape": name, "T": T, "num_seqs": B, "ours_ms": ours, "baseline_ms": twin,
+                     "speedup": twin / ours, "bytes": nbytes, "roofline": _roofline(ceil, ours, nbytes, 0)})
+    return rows
+
+
 # ---- the expert MLP: moekit vs the PyTorch composite -----------------------------------------
 
 def _bf16_on_device(build):
@@ -660,6 +680,7 @@ def run_section(section, args, ceil) -> list[dict]:
             if section == "ops":
                 rows += _rows(f"grouped_mm {name} T={T}", bench_grouped_mm, name, T, args.iters, ceil)
                 rows += _rows(f"dispatch {name} T={T}", bench_dispatch, name, T, args.iters, ceil)
+                rows += _rows(f"router {name} T={T}", bench_router, name, T, args.iters, ceil)
                 rows += _rows(f"router backward {name} T={T}", bench_router_backward, name, T, args.iters, ceil)
             elif section == "mlp":
                 rows += _rows(f"mlp {name} T={T}", bench_mlp, name, T, heavy, ceil)

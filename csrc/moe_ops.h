@@ -88,7 +88,7 @@ void check_topk_route_backward_args(const at::Tensor& grad_weights_TK,
                                     c10::string_view score, const std::optional<at::Tensor>& grad_psum_BE,
                                     const std::optional<at::Tensor>& grad_zsum,
                                     const std::optional<at::Tensor>& logits_TE,
-                                    const std::optional<at::Tensor>& valid_T,
+                                    const std::optional<at::Tensor>& valid_T, double z_scale,
                                     const std::optional<at::Tensor>& grad_balance,
                                     const std::optional<at::Tensor>& fw_BE);
 // topk_route's results: ids_TK, weights_TK, probs_TE, counts_E, metrics (2,), fw_BE, psum_BE, zsum,

@@ -111,9 +111,10 @@ void check_topk_route_backward_args(const at::Tensor& grad_weights_TK,
                                     c10::string_view score, const std::optional<at::Tensor>& grad_psum_BE,
                                     const std::optional<at::Tensor>& grad_zsum,
                                     const std::optional<at::Tensor>& logits_TE,
-                                    const std::optional<at::Tensor>& valid_T,
+                                    const std::optional<at::Tensor>& valid_T, double z_scale,
                                     const std::optional<at::Tensor>& grad_balance,
                                     const std::optional<at::Tensor>& fw_BE) {
+  TORCH_CHECK(std::isfinite(z_scale), "moe.topk_route_backward: z_scale must be finite, got ", z_scale);
   const char* op = "moe.topk_route_backward";
   TORCH_CHECK(probs_TE.dim() == 2 && (probs_TE.scalar_type() == at::kFloat || probs_TE.scalar_type() == at::kDouble),
               op, ": probs_TE must be a 2-D float32 or float64 tensor, got ", probs_TE.scalar_type(), " ",
@@ -491,9 +492,8 @@ at::Tensor topk_route_backward_cpu(const at::Tensor& grad_weights_TK, const std:
                                    const std::optional<at::Tensor>& valid_T, double z_scale,
                                    const std::optional<at::Tensor>& grad_balance,
                                    const std::optional<at::Tensor>& fw_BE) {
-  TORCH_CHECK(std::isfinite(z_scale), "moe.topk_route_backward: z_scale must be finite, got ", z_scale);
   check_topk_route_backward_args(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score, grad_psum_BE, grad_zsum,
-                                 logits_TE, valid_T, grad_balance, fw_BE);
+                                 logits_TE, valid_T, z_scale, grad_balance, fw_BE);
   const auto probs = probs_TE.contiguous();
   const auto gw = grad_weights_TK.contiguous();
   const auto ids = ids_TK.contiguous();

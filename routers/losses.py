@@ -164,33 +164,25 @@ def balance_fw_scale(balance_loss: Optional[str], balance_loss_coeff: float, num
     return balance_loss_coeff * num_experts if balance_loss is not None and balance_loss_coeff > 0 else 1.0
 
 
+def z_loss_scale(z_loss_coeff: float, num_tokens: int) -> float:
+    """``torch.ops.moe.topk_route``'s z_scale for a host-known count of real tokens: the z-loss's
+    coefficient over that count, so that topk_route's zsum is the z-loss itself."""
+    return z_loss_coeff / max(int(num_tokens), 1)
+
+
 def losses_from_statistics(*, balance_loss: Optional[str], balance_loss_coeff: float, z_loss_coeff: float,
-                           fw_BE: Tensor, psum_BE: Tensor, zsum: Tensor, num_tokens, fw_scaled: bool = False,
-                           z_scaled: bool = False, balance: Optional[Tensor] = None) -> dict:
-    """:func:`balance_losses`' dict from the routing statistics (:func:`balance_statistics`'
-    fw_BE and psum_BE over one sequence for "switch", over the batch's sequences for "seq", and
-    :func:`z_statistic`'s zsum; ``torch.ops.moe.topk_route`` returns all three). num_tokens, the
-    real tokens (an int, or a 0-d tensor when padding makes it data-dependent), turns zsum into
-    the z-loss's mean. fw_scaled: fw_BE already carries :func:`balance_fw_scale` (topk_route's
-    fw_scale), so the balance loss is their dot product alone; z_scaled: zsum already carries the
-    z-loss's coefficient over num_tokens (topk_route's z_scale), so it is the z-loss; balance (with
-    fw_scaled): sum(fw_BE * psum_BE) already formed (topk_route's), so it is the balance loss. Two
-    ops per balance loss (one with fw_scaled, none with balance too), one for the z-loss over a
-    host-known count (none with z_scaled)."""
+                           balance: Tensor, zsum: Tensor, num_tokens: Optional[Tensor] = None) -> dict:
+    """:func:`balance_losses`' dict from ``torch.ops.moe.topk_route``'s statistics, computed with
+    fw_scale = :func:`balance_fw_scale` (so its balance, sum(fw_BE * psum_BE), is the balance loss)
+    and, where the token count is host-known (num_tokens None), z_scale = :func:`z_loss_scale` (so
+    its zsum is the z-loss). num_tokens: the real tokens as a 0-d tensor when a padding mask makes
+    the count data (z_scale 1.0): the z-loss is then zsum's mean over them times the coefficient,
+    the only op these losses cost."""
     out = {}
     if balance_loss is not None and balance_loss_coeff > 0:
-        name = "load_balancing" if balance_loss == "switch" else "seq_load_balancing"
-        if fw_scaled:
-            out[name] = balance if balance is not None else torch.dot(fw_BE.reshape(-1), psum_BE.reshape(-1))
-        else:
-            out[name] = balance_loss_from_statistics(fw_BE, psum_BE, balance_loss_coeff)
+        out["load_balancing" if balance_loss == "switch" else "seq_load_balancing"] = balance
     if z_loss_coeff > 0:
-        if z_scaled:
-            out["z_loss"] = zsum
-        elif isinstance(num_tokens, Tensor):
-            out["z_loss"] = zsum * z_loss_coeff / num_tokens.to(zsum.dtype).clamp(min=1.0)
-        else:
-            out["z_loss"] = zsum * (z_loss_coeff / max(int(num_tokens), 1))
+        out["z_loss"] = zsum if num_tokens is None else zsum * z_loss_coeff / num_tokens.to(zsum.dtype).clamp(min=1.0)
     return out
 
 

@@ -85,7 +85,7 @@ class ThresholdRouter(RouterBase):
         ids_TK, weights_TK, probs_TE, counts_E, metrics_2, fw_BE, psum_BE, zsum, balance = topk_route(
             logits_TE, None, self.top_k, "softmax", None, None, self.renormalize, 1.0, valid_T, num_seqs, check,
             self.rule, self.threshold, fw_scale, z_scale)
-        aux = statistics_losses(self, num_seqs, fw_BE, psum_BE, zsum, balance, logits_TE, valid_T)
+        aux = statistics_losses(self, num_seqs, zsum, balance, valid_T)
         if self.training and self.dynamic_loss_coeff > 0:
             aux["dynamic"] = self.dynamic_loss_coeff * entropy_loss(probs_TE, valid_T=valid_T)
         if self.capacity_factor is None:

@@ -20,7 +20,7 @@ from torch import Tensor
 from routers.capacity import DROP_POLICIES, apply_capacity, capacity, check_capacity_factor, keep_first_slots
 from routers.checks import check_int, check_number
 from routers.losses import (balance_loss_args, balance_statistics, check_loss_config, loss_free_bias_update_,
-                            balance_fw_scale, losses_from_statistics, z_statistic)
+                            balance_fw_scale, losses_from_statistics, z_loss_scale, z_statistic)
 from routers.routing import (RouterBase, Routing, check_logits_finite, count_chosen, expert_counts, make_routing,
                              topk_weights)
 
@@ -203,27 +203,32 @@ def statistics_seqs(router: RouterBase, seq_shape: tuple) -> int:
     return seq_shape[0] if router.balance_loss == "seq" else 1
 
 
+def _z_count_known(router: RouterBase, valid_T: Optional[Tensor]) -> bool:
+    """Whether ``router``'s z-loss is topk_route's zsum itself: a z-loss over a host-known token
+    count (no padding mask), which topk_route's z_scale folds in."""
+    return router.z_loss_coeff > 0 and valid_T is None
+
+
 def statistics_scales(router: RouterBase, num_tokens: int, valid_T: Optional[Tensor]) -> tuple:
     """topk_route's (fw_scale, z_scale) for ``router`` over ``num_tokens`` tokens: its balance
     loss's coefficient times E (:func:`routers.losses.balance_fw_scale`), and its z-loss's
-    coefficient over the tokens when their count is host-known (no padding mask; else 1.0), so that
-    :func:`statistics_losses` takes topk_route's balance as the balance loss and zsum as the z-loss."""
-    z_on = router.z_loss_coeff > 0 and valid_T is None
-    z_scale = router.z_loss_coeff / max(int(num_tokens), 1) if z_on else 1.0  # (int: as losses_from_statistics)
+    coefficient over the tokens when their count is host-known (:func:`routers.losses.z_loss_scale`;
+    else 1.0), so that :func:`statistics_losses` takes topk_route's balance as the balance loss and
+    zsum as the z-loss."""
+    z_scale = z_loss_scale(router.z_loss_coeff, num_tokens) if _z_count_known(router, valid_T) else 1.0
     return balance_fw_scale(router.balance_loss, router.balance_loss_coeff, router.num_experts), z_scale
 
 
-def statistics_losses(router: RouterBase, num_seqs: int, fw_BE: Tensor, psum_BE: Tensor, zsum: Tensor,
-                      balance: Tensor, logits_TE: Tensor, valid_T: Optional[Tensor]) -> dict:
+def statistics_losses(router: RouterBase, num_seqs: int, zsum: Tensor, balance: Tensor,
+                      valid_T: Optional[Tensor]) -> dict:
     """``router``'s balance loss and z-loss from topk_route's statistics (num_seqs from
     :func:`statistics_seqs`, fw_scale and z_scale from :func:`statistics_scales`; {} when num_seqs
     is 0): :func:`routers.losses.losses_from_statistics`."""
     if num_seqs == 0:
         return {}
-    num_tokens = valid_T.sum() if valid_T is not None and router.z_loss_coeff > 0 else logits_TE.shape[0]
+    num_tokens = None if _z_count_known(router, valid_T) or router.z_loss_coeff <= 0 else valid_T.sum()
     return losses_from_statistics(balance_loss=router.balance_loss, balance_loss_coeff=router.balance_loss_coeff,
-                                  z_loss_coeff=router.z_loss_coeff, fw_BE=fw_BE, psum_BE=psum_BE, zsum=zsum,
-                                  num_tokens=num_tokens, fw_scaled=True, z_scaled=valid_T is None, balance=balance)
+                                  z_loss_coeff=router.z_loss_coeff, balance=balance, zsum=zsum, num_tokens=num_tokens)
 
 
 class TopKBase(RouterBase):
@@ -293,7 +298,7 @@ class TopKBase(RouterBase):
         ids_TK, weights_TK, probs_TE, counts_E, metrics_2, fw_BE, psum_BE, zsum, balance = topk_route(
             logits_TE, self.expert_bias, self.top_k, self.score, self.num_groups, self.topk_groups,
             self.norm_topk, self.routed_scaling_factor, valid_T, num_seqs, check, fw_scale=fw_scale, z_scale=z_scale)
-        aux = statistics_losses(self, num_seqs, fw_BE, psum_BE, zsum, balance, logits_TE, valid_T)
+        aux = statistics_losses(self, num_seqs, zsum, balance, valid_T)
         if self.capacity_factor is None:
             return Routing(ids_TK=ids_TK, weights_TK=weights_TK, probs_TE=probs_TE, logits_TE=logits_TE,
                            aux_losses=aux, state=state, counts_E=counts_E, dropped_fraction=metrics_2[0],

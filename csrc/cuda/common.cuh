@@ -67,6 +67,10 @@ struct alignas(sizeof(T) * VEC) Vec {
 template <typename T>
 constexpr int kVec16 = 16 / static_cast<int>(sizeof(T));
 
+// A 2-D operand with rows of any stride and a unit-stride inner dim (else a contiguous copy): what
+// the row kernels and the GEMMs read.
+inline at::Tensor unit_inner(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
 // True when a row-major (rows, D) buffer with row stride `ld` can be read in 16-byte bundles.
 inline bool vec16_ok(const void* p, int64_t D, int64_t ld, int64_t elem) {
   const int64_t per = 16 / elem;

@@ -33,9 +33,6 @@ dim3 chunked_grid(int64_t rows, int64_t nvec) {
   return dim3(rows_grid(rows, kWarpsPerBlock), static_cast<unsigned>(std::max<int64_t>(1, chunks)));
 }
 
-// Rows may have any row stride; the feature dim must be unit-stride (else a contiguous copy).
-at::Tensor unit_inner(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
-
 // Calls fn(W{}) with W the C++ type of the optional weights (float when absent or float32).
 template <typename scalar_t, typename Fn>
 void with_weight_type(const std::optional<at::Tensor>& w, Fn&& fn) {

@@ -233,10 +233,8 @@ struct MmOperands {
 MmOperands mm_operands(const at::Tensor& a_NX, const at::Tensor& b_EXY) {
   const bool b_col = b_EXY.stride(2) != 1 && b_EXY.stride(1) == 1;
   const auto b = (b_EXY.stride(2) == 1 || b_col) ? b_EXY : b_EXY.contiguous();
-  return {a_NX.stride(1) == 1 ? a_NX : a_NX.contiguous(), b, b_col, b_col ? b.stride(2) : b.stride(1)};
+  return {unit_inner(a_NX), b, b_col, b_col ? b.stride(2) : b.stride(1)};
 }
-
-at::Tensor unit_cols(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 
 // The streaming kernel's arguments: a's rows (a_NX's, or x_TD's through order_N when `order` is
 // defined, K slots a token) @ b_EXY per group into c (N, Y) (may be null with the SwiGLU epilogue).
@@ -423,26 +421,31 @@ std::optional<Sm90Gemm> sm90_forward(const MmOperands& o, const at::Tensor& offs
   return r;
 }
 
-// permute(x_TD, order_N, rows_TK) into x_ND (N, D) contiguous, done by an sm90 setup launch: where
-// x_TD is bfloat16 with 16-byte rows (D and the row stride multiples of 8, aligned); else nullopt
-// (the permute kernel runs). The same bytes as the permute kernel: a copy.
-std::optional<sm90::Gather> sm90_gather(const at::Tensor& x_TD, const at::Tensor& order_N, const at::Tensor& rows_TK,
-                                        const at::Tensor& x_ND) {
-  const int64_t T = x_TD.size(0), D = x_TD.size(1);
+// permute(x_TD, order_N, rows_TK) as the rows of a new x_ND (N, D), to be written by an sm90 setup
+// launch (gather): where x_TD is bfloat16 with 16-byte rows (D and the row stride multiples of 8,
+// aligned); else nullopt, before any allocation (the permute kernel runs). The same bytes as the
+// permute kernel: a copy.
+struct GatheredRows {
+  at::Tensor x_ND;
+  sm90::Gather gather;
+};
+
+std::optional<GatheredRows> sm90_gather(const at::Tensor& x_TD, const at::Tensor& order_N, const at::Tensor& rows_TK) {
+  const int64_t N = order_N.size(0), T = x_TD.size(0), D = x_TD.size(1);
   const int64_t ldx = T > 1 ? x_TD.stride(0) : D;
   if (x_TD.scalar_type() != at::kBFloat16 || (D > 1 && x_TD.stride(1) != 1) || D % 8 != 0 || ldx % 8 != 0 ||
       !aligned16(x_TD.const_data_ptr()) || !order_N.is_contiguous())
     return std::nullopt;
-  sm90::Gather gt;
-  gt.x = x_TD.const_data_ptr();
-  gt.ldx = ldx;
-  gt.order = order_N.const_data_ptr<int64_t>();
-  gt.slots = rows_TK.numel();
-  gt.K = static_cast<int>(rows_TK.size(1));
-  gt.out = x_ND.mutable_data_ptr();
-  gt.N = x_ND.size(0);
-  gt.D = D;
-  return gt;
+  GatheredRows r{at::empty({N, D}, x_TD.options()), {}};
+  r.gather.x = x_TD.const_data_ptr();
+  r.gather.ldx = ldx;
+  r.gather.order = order_N.const_data_ptr<int64_t>();
+  r.gather.slots = rows_TK.numel();
+  r.gather.K = static_cast<int>(rows_TK.size(1));
+  r.gather.out = r.x_ND.mutable_data_ptr();
+  r.gather.N = N;
+  r.gather.D = D;
+  return r;
 }
 
 // grouped_mm_wgrad's sm90 GEMM (a and g with unit column strides, N > 0, E <= 65535), where that is
@@ -540,8 +543,8 @@ at::Tensor grouped_mm_wgrad_cuda(const at::Tensor& a_NX, const at::Tensor& g_NY,
   check_sizes("grouped_mm_wgrad", N, X, Y);
   if (E == 0 || X == 0 || Y == 0) return at::empty({E, X, Y}, a_NX.options());
   TORCH_CHECK(E <= 65535, "moe.grouped_mm_wgrad: at most 65535 experts, got E=", E);
-  const auto a = unit_cols(a_NX);
-  const auto g = unit_cols(g_NY);
+  const auto a = unit_inner(a_NX);
+  const auto g = unit_inner(g_NY);
   const auto offs = offs_E.contiguous();
   const Backend be = config::cuda_gemm();  // may raise: a bad MOE_CUDA_GEMM
 #ifdef MOE_WITH_SM90_GEMM
@@ -593,7 +596,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> backward_sm90(const at::Tensor
   auto dgrad = sm90_forward(d, offs, be);
   if (!dgrad) return std::nullopt;
   const bool yx = is_yx_layout(b_EXY);
-  const at::Tensor a = unit_cols(a_NX), g = unit_cols(grad_NY);  // alive until both GEMMs are enqueued
+  const at::Tensor a = unit_inner(a_NX), g = unit_inner(grad_NY);  // alive until both GEMMs are enqueued
   auto wgrad = yx ? sm90_wgrad(g, a, offs, be) : sm90_wgrad(a, g, offs, be);
   if (!wgrad) return std::nullopt;
   const Sm90Gemm both[2] = {*dgrad, *wgrad};
@@ -631,16 +634,15 @@ std::optional<at::Tensor> gathered_forward_sm90(const at::Tensor& x_TD, const at
   if (N == 0 || Y == 0) return std::nullopt;  // grouped_mm_cuda's own cases
   const Backend be = config::cuda_gemm();  // may raise: a bad MOE_CUDA_GEMM
   if (!use_sm90(be)) return std::nullopt;  // (before any copy mm_operands may make)
-  const auto x_ND = at::empty({N, D}, x_TD.options());
-  const MmOperands o = mm_operands(x_ND, b_EXY);
+  const auto rows = sm90_gather(x_TD, order_N, rows_TK);
+  if (!rows) return std::nullopt;
+  const MmOperands o = mm_operands(rows->x_ND, b_EXY);
   if (use_stream(be, N, E) && stream_layout_ok(o.a, o.a.stride(0), o.b, o.b_col, o.b_ld, N, E, D, Y))
     return std::nullopt;
-  const auto gather = sm90_gather(x_TD, order_N, rows_TK, x_ND);
-  if (!gather) return std::nullopt;
   const auto offs = offs_E.contiguous();
   auto gemm = sm90_forward(o, offs, be);
   if (!gemm) return std::nullopt;
-  run_sm90(&*gemm, 1, x_ND, &*gather);
+  run_sm90(&*gemm, 1, rows->x_ND, &rows->gather);
   return gemm->out;
 }
 #endif
@@ -677,11 +679,10 @@ at::Tensor gather_grouped_mm_wgrad_cuda(const at::Tensor& x_TD, const at::Tensor
   const int64_t E = offs_E.size(0);
   const Backend be = config::cuda_gemm();  // may raise: a bad MOE_CUDA_GEMM
   if (N > 0 && D > 0 && Y > 0 && E > 0 && E <= 65535 && use_sm90(be)) {  // else grouped_mm_wgrad_cuda's cases
-    const auto x_ND = at::empty({N, D}, x_TD.options());
-    if (auto gather = sm90_gather(x_TD, order_N, rows_TK, x_ND)) {
-      const auto g = unit_cols(g_NY), offs = offs_E.contiguous();
-      if (auto gemm = out_yx ? sm90_wgrad(g, x_ND, offs, be) : sm90_wgrad(x_ND, g, offs, be)) {
-        run_sm90(&*gemm, 1, x_ND, &*gather);
+    if (const auto rows = sm90_gather(x_TD, order_N, rows_TK)) {
+      const auto g = unit_inner(g_NY), offs = offs_E.contiguous();
+      if (auto gemm = out_yx ? sm90_wgrad(g, rows->x_ND, offs, be) : sm90_wgrad(rows->x_ND, g, offs, be)) {
+        run_sm90(&*gemm, 1, rows->x_ND, &rows->gather);
         return out_yx ? gemm->out.transpose(1, 2) : gemm->out;
       }
     }
@@ -705,9 +706,8 @@ std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward_cuda(const at::Ten
   at::Tensor rows_ND, d_b;  // d x before the sum over each token's rows
 #ifdef MOE_WITH_SM90_GEMM
   if (grad_x && grad_b && order_N.size(0) > 0) {
-    const auto x_ND = at::empty({order_N.size(0), D}, x_TD.options());
-    if (auto gather = sm90_gather(x_TD, order_N, rows_TK, x_ND)) {
-      if (auto both = backward_sm90(grad_NY, x_ND, b_EXY, offs_E, &*gather)) std::tie(rows_ND, d_b) = *both;
+    if (const auto rows = sm90_gather(x_TD, order_N, rows_TK)) {
+      if (auto both = backward_sm90(grad_NY, rows->x_ND, b_EXY, offs_E, &rows->gather)) std::tie(rows_ND, d_b) = *both;
     }
   }
 #endif

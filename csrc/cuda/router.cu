@@ -73,8 +73,6 @@ __device__ __forceinline__ void warp_argmax(T& v, int& i) {
   }
 }
 
-__device__ __forceinline__ float exp_(float x) { return ::expf(x); }
-__device__ __forceinline__ double exp_(double x) { return ::exp(x); }
 __device__ __forceinline__ float log_(float x) { return ::logf(x); }
 __device__ __forceinline__ double log_(double x) { return ::log(x); }
 
@@ -157,13 +155,13 @@ __device__ void route_token(const RouteParams<T>& a, int64_t t, int lane, T* p) 
     mx = warp_max(mx);
   }
   if (softmax) {
-    for (int e = lane; e < E; e += kWarp) sum += (p[e] = exp_(__ldg(l + e * le) - mx));
+    for (int e = lane; e < E; e += kWarp) sum += (p[e] = exp_acc(__ldg(l + e * le) - mx));
     sum = warp_sum(sum);
     for (int e = lane; e < E; e += kWarp) p[e] = p[e] / sum;
   } else {
-    for (int e = lane; e < E; e += kWarp) p[e] = T(1) / (T(1) + exp_(-__ldg(l + e * le)));
+    for (int e = lane; e < E; e += kWarp) p[e] = T(1) / (T(1) + exp_acc(-__ldg(l + e * le)));
     if (st.lse2) {
-      for (int e = lane; e < E; e += kWarp) sum += exp_(__ldg(l + e * le) - mx);
+      for (int e = lane; e < E; e += kWarp) sum += exp_acc(__ldg(l + e * le) - mx);
       sum = warp_sum(sum);
     }
   }
@@ -567,7 +565,7 @@ __global__ void topk_route_backward_kernel(const T* __restrict__ gw, const T* __
     for (int e = lane; e < E; e += kWarp) mx = max(mx, l[e]);
     mx = warp_max(mx);
     T sum = 0;
-    for (int e = lane; e < E; e += kWarp) sum += exp_(l[e] - mx);
+    for (int e = lane; e < E; e += kWarp) sum += exp_acc(l[e] - mx);
     sum = warp_sum(sum);
     c = T(2) * (gz[0] * z_scale) * (mx + log_(sum)) / sum;  // the CPU kernel's order
   }
@@ -576,10 +574,10 @@ __global__ void topk_route_backward_kernel(const T* __restrict__ gw, const T* __
     for (int e = lane; e < E; e += kWarp) s += dp[e] * p[e];
     s = warp_sum(s);
     for (int e = lane; e < E; e += kWarp)
-      out[t * E + e] = p[e] * (dp[e] - s) + (c != T(0) ? c * exp_(l[e] - mx) : T(0));
+      out[t * E + e] = p[e] * (dp[e] - s) + (c != T(0) ? c * exp_acc(l[e] - mx) : T(0));
   } else {
     for (int e = lane; e < E; e += kWarp)
-      out[t * E + e] = dp[e] * p[e] * (T(1) - p[e]) + (c != T(0) ? c * exp_(l[e] - mx) : T(0));
+      out[t * E + e] = dp[e] * p[e] * (T(1) - p[e]) + (c != T(0) ? c * exp_acc(l[e] - mx) : T(0));
   }
 }
 
@@ -680,9 +678,8 @@ at::Tensor topk_route_backward_cuda(const at::Tensor& grad_weights_TK, const std
                                     const std::optional<at::Tensor>& valid_T, double z_scale,
                                     const std::optional<at::Tensor>& grad_balance,
                                     const std::optional<at::Tensor>& fw_BE) {
-  TORCH_CHECK(std::isfinite(z_scale), "moe.topk_route_backward: z_scale must be finite, got ", z_scale);
   check_topk_route_backward_args(grad_weights_TK, grad_probs_TE, ids_TK, probs_TE, score, grad_psum_BE, grad_zsum,
-                                 logits_TE, valid_T, grad_balance, fw_BE);
+                                 logits_TE, valid_T, z_scale, grad_balance, fw_BE);
   const c10::cuda::CUDAGuard guard(probs_TE.device());
   const auto probs = probs_TE.contiguous();
   const auto gw = grad_weights_TK.contiguous();

@@ -174,13 +174,15 @@ def _grouped_mm_backward_fake(grad_NY, a_NX, b_EXY, offs_E, grad_a=True, grad_b=
     return a_NX.new_empty(a_NX.shape[0] if grad_a else 0, a_NX.shape[1]), _weight_grad_fake(a_NX, b_EXY, grad_b)
 
 
+def _exy_fake(like, E, X, Y, yx):
+    """An (E, X, Y) weight gradient, stored (E, Y, X) (a transposed view) when yx."""
+    return like.new_empty(E, Y, X).transpose(-2, -1) if yx else like.new_empty(E, X, Y)
+
+
 def _weight_grad_fake(a, b_EXY, grad_b):
-    """d b_EXY of the backward ops: (E, X, Y), or (E, Y, X) transposed for an nn.Linear-style b,
-    or an empty (0, X, Y) when not asked for."""
+    """d b_EXY of the backward ops: in b's layout, or an empty (0, X, Y) when not asked for."""
     E, X, Y = b_EXY.shape
-    if not grad_b:
-        return a.new_empty(0, X, Y)
-    return a.new_empty(E, Y, X).transpose(-2, -1) if _is_yx_layout(b_EXY) else a.new_empty(E, X, Y)
+    return _exy_fake(a, E, X, Y, _is_yx_layout(b_EXY)) if grad_b else a.new_empty(0, X, Y)
 
 
 # The backward ops have no autograd formula of their own: the forward ops' formulas call them
@@ -245,8 +247,7 @@ def _gather_fake(x_TD, order_N, rows_TK, b_EXY, offs_E):
 
 
 def _gather_wgrad_fake(x_TD, order_N, rows_TK, g_NY, offs_E, out_yx=False):
-    E, X, Y = offs_E.shape[0], x_TD.shape[1], g_NY.shape[1]
-    return x_TD.new_empty(E, Y, X).transpose(-2, -1) if out_yx else x_TD.new_empty(E, X, Y)
+    return _exy_fake(x_TD, offs_E.shape[0], x_TD.shape[1], g_NY.shape[1], out_yx)
 
 
 def _gather_setup(ctx, inputs, output):
