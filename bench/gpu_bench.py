@@ -76,6 +76,7 @@ SHAPES = {  # name: (D, F, E, K)
 SECTIONS = ("ops", "mlp", "layer", "decode")
 MODES = ("fwd", "fwd+bwd")
 FAILED: list[str] = []  # labels of the rows that failed in this run (the exit status is 1 if any)
+FUSED = False  # --fused: the mlp rows also time moekit with sm90_gather_swiglu="fused"
 
 
 # ---- timing ----------------------------------------------------------------------------------
@@ -396,6 +397,10 @@ def bench_mlp(name, T, iters, ceil=None):
     def moekit():
         return ops.unpermute(experts(ExpertRows(x, p.offs_E, p)), p, weights)
 
+    def moekit_fused():  # the first projection in moekit's fused sm90 kernel (gather, GEMM, SwiGLU)
+        with ops.config.override(sm90_gather_swiglu="fused"):
+            return moekit()
+
     def composite():
         h = gmm(x.index_select(0, token_idx), w_in, offs=offs)
         gate, up = h.chunk(2, dim=-1)
@@ -406,23 +411,27 @@ def bench_mlp(name, T, iters, ceil=None):
     with torch.no_grad():
         ref = moekit().float()
         diff = (composite().float() - ref).abs().max().item()
+        fused_diff = (moekit_fused().float() - ref).abs().max().item() if FUSED else None
         scale = ref.abs().max().item()
     inputs = (x, w_in, w_out, weights)
+    cands = (("moekit", moekit), ("composite", composite)) + ((("fused", moekit_fused),) if FUSED else ())
     rows = []
     for mode in MODES:
         if mode == "fwd":
             with torch.no_grad():
-                t = {n: _time_ms(f, [()], iters) for n, f in (("moekit", moekit), ("composite", composite))}
+                t = {n: _time_ms(f, [()], iters) for n, f in cands}
         else:
-            t = {n: _time_ms(lambda f=f: torch.autograd.grad(f(), inputs, dy), [()], iters)
-                 for n, f in (("moekit", moekit), ("composite", composite))}
+            t = {n: _time_ms(lambda f=f: torch.autograd.grad(f(), inputs, dy), [()], iters) for n, f in cands}
         nbytes, flops = _mlp_work(D, Fh, T, K, used, mode)
+        fused = {} if not FUSED else {
+            "fused_ms": t["fused"], "fused_vs_unfused": t["moekit"] / t["fused"],
+            "fused_vs_composite": t["composite"] / t["fused"], "max_abs_diff_fused_vs_unfused": fused_diff}
         rows.append({"op": "mlp", "mode": mode, "shape": name, "T": T, "ours_ms": t["moekit"],
                      "composite_ms": t["composite"], "vs_composite": t["composite"] / t["moekit"],
                      "ours_tflops": flops / 1e12 / (t["moekit"] / 1e3), "experts_used": used,
                      "bytes": nbytes, "flops": flops, "roofline": _roofline(ceil, t["moekit"], nbytes, flops),
                      "composite_roofline": _roofline(ceil, t["composite"], nbytes, flops),
-                     "max_abs_diff_vs_composite": diff, "max_abs_out": scale})
+                     "max_abs_diff_vs_composite": diff, "max_abs_out": scale, **fused})
     return rows
 
 
@@ -597,6 +606,12 @@ def _mlp_table(rows) -> list[str]:
         out.append(f"| {r['mode']} | {r['shape']} | {r['T']} | {r['ours_ms']:.3f} | {r['composite_ms']:.3f} | "
                    f"{r['vs_composite']:.2f} | {_f(r['roofline'], '.2f')} / {_f(r['composite_roofline'], '.2f')} | "
                    f"{r['max_abs_diff_vs_composite']:.2g} ({r['max_abs_out']:.2g}) |")
+    fused = [r for r in rows if "fused_ms" in r]
+    if fused:
+        out += ["", "| mlp, fused up projection | shape | T | fused ms | unfused / fused | composite / fused | "
+                "max diff fused vs unfused |", "|---|---|---|---|---|---|---|"]
+        out += [f"| {r['mode']} | {r['shape']} | {r['T']} | {r['fused_ms']:.3f} | {r['fused_vs_unfused']:.2f} | "
+                f"{r['fused_vs_composite']:.2f} | {r['max_abs_diff_fused_vs_unfused']:.2g} |" for r in fused]
     return out
 
 
@@ -698,7 +713,11 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=None,
                         help="sections to run (default: all)")
+    parser.add_argument("--fused", action="store_true",
+                        help='mlp: also time sm90_gather_swiglu="fused" (moekit\'s fused sm90 up projection)')
     args = parser.parse_args()
+    global FUSED
+    FUSED = args.fused
     assert ops.HAS_EXTENSION and ops._has_kernel("grouped_mm", torch.device("cuda")), \
         "moe._C has no CUDA kernels: build with MOE_BUILD_CUDA=1"
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)

@@ -16,7 +16,8 @@ padding zeros, and the CUTLASS GEMM), four around PyTorch's (offsets check, its 
 zeros); ``gather_grouped_mm`` one at decode sizes, two on the sm90 path (its setup launch also
 gathers the rows: no permute kernel), else permute + grouped_mm; ``gather_grouped_mm_wgrad`` two
 on the sm90 path, else permute + grouped_mm_wgrad; ``gather_grouped_mm_swiglu`` one at decode
-sizes (the streaming kernel with SwiGLU's epilogue), else gather_grouped_mm's + the swiglu kernel; ``topk_route`` 2
+sizes (the streaming kernel with SwiGLU's epilogue), one on sm90 with sm90_gather_swiglu="fused" (not the
+default yet), else gather_grouped_mm's + the swiglu kernel; ``topk_route`` 2
 kernels (route, then the final statistics, or with the loss statistics their partial sums whose
 last block forms the final ones), 1 without statistics up to 64 tokens; ``linear_f32_backward`` 4 for bfloat16 (the split of the gradient into three
 bfloat16 terms, two cuBLAS GEMMs, the sum of the weight gradient's three parts), else its ATen ops.

@@ -13,6 +13,8 @@
 
 #include <cstdint>
 
+#include "rn_math.cuh"
+
 namespace moe::cuda {
 
 constexpr int kWarp = 32;
@@ -89,31 +91,7 @@ __device__ __forceinline__ void group_rows_of(const int* offs, int N, int e, int
   hi = min(max(hi, lo), N);
 }
 
-// acc + w * y and acc + y, rounded after each operation (no FMA contraction): the CPU kernels and
-// the PyTorch twins multiply and add separately, so this keeps results bit-identical.
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
-__device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
-
-__device__ __forceinline__ float exp_acc(float x) { return ::expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return ::exp(x); }
-__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
-__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
-
-// 1 + e^-g, the denominator of PyTorch's silu and sigmoid.
-template <typename acc_t>
-__device__ __forceinline__ acc_t one_plus_exp_neg(acc_t g) {
-  return add_rn(acc_t(1), exp_acc(-g));
-}
-
-// silu(g) * u, as F.silu (g / (1 + e^-g)) then the multiply: SwiGLU's gating, shared by the
-// swiglu kernel (csrc/cuda/activation.cu) and the streaming GEMM's SwiGLU epilogue.
-template <typename acc_t>
-__device__ __forceinline__ acc_t swiglu_one(acc_t g, acc_t u) {
-  return mul_rn(div_rn(g, one_plus_exp_neg(g)), u);
-}
+// add_rn / mul_rn / fma_rn, exp_acc, div_rn and swiglu_one: rn_math.cuh (no torch headers, so the
+// sm90 units share them).
 
 }  // namespace moe::cuda

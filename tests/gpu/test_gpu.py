@@ -446,6 +446,98 @@ def test_sm90_backward_shares_one_setup_launch():
                 without_sync(call)
 
 
+GATHER_SWIGLU_CASES = [  # (T, K, E, D, F, x layout) for moekit's fused sm90 kernel
+    (300, 4, 8, 64, 64, "contiguous"), (64, 8, 256, 128, 128, "contiguous"),  # E = 256, empty experts
+    (100, 2, 3, 200, 64, "strided"),  # D = 200: the last depth block is partial (zeros past D)
+    (512, 8, 128, 2048, 768, "contiguous"),  # Qwen3-30B-A3B's D and F
+    (1, 4, 4, 64, 64, "contiguous"), (700, 2, 1, 64, 192, "contiguous"),  # one expert, 3 column blocks
+]
+
+
+@pytest.mark.parametrize("T,K,E,D,F,kind", GATHER_SWIGLU_CASES)
+@pytest.mark.parametrize("yx", [False, True], ids=["exy", "yx"])
+def test_sm90_gather_swiglu_fused_kernel(T, K, E, D, F, kind, yx):
+    """moekit's fused sm90 kernel for gather_grouped_mm_swiglu (sm90_gather_swiglu="fused"): one
+    launch, no host sync; h meets the 2x-error rule against the float64 twin (for b (E, D, 2F) and
+    the transposed nn.Linear layout); act is moe.swiglu of that h bit for bit, with and without
+    keep_h; padding rows (dropped slots) are zero; gradients through the saved h meet the rule too."""
+    if not _sm90_gemm():
+        pytest.skip("needs moekit's sm90 grouped GEMM on a compute capability 9.0 GPU")
+    counts, offs, order, rows = moe_ops.plan(random_ids(T, K, E), E)
+    x = _x_layout(torch.randn(T, D, device="cuda", dtype=torch.bfloat16), kind)
+    b = _weight(E, D, 2 * F, yx) / D ** 0.5
+    N = T * K
+    with ops.config.override(cuda_gemm="auto", sm90_gather_swiglu="fused"):
+        call = lambda keep: moe_ops.gather_grouped_mm_swiglu(x, order, rows, b, offs, keep)  # noqa: E731
+        names = kernel_names(lambda: call(True))
+        assert len(names) == 1 and "gather_swiglu_kernel" in names[0], names
+        without_sync(lambda: call(True))
+        poison(((N, F), torch.bfloat16), ((N, 2 * F), torch.bfloat16))
+        act, h = call(True)
+        poison(((N, F), torch.bfloat16))
+        act_only, no_h = call(False)
+    assert h.shape == (N, 2 * F) and no_h.shape == (0, 2 * F)
+    ref = twins.gather_grouped_mm_torch(x.double(), order, rows, b.double(), offs)
+    error_rule(h, ref, twins.gather_grouped_mm_torch(x, order, rows, b, offs))
+    assert torch.equal(act, moe_ops.swiglu(h)) and torch.equal(act_only, act)
+    real = int(offs[-1])
+    assert not h[real:].any() and not act[real:].any()
+    with ops.config.override(cuda_gemm="auto", sm90_gather_swiglu="unfused"):
+        unfused = moe_ops.gather_grouped_mm_swiglu(x, order, rows, b, offs, True)
+    error_rule(unfused[1], ref, twins.gather_grouped_mm_torch(x, order, rows, b, offs))  # the path it replaces
+    # gradients through the fused forward's saved h
+    xg, bg = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    grad = torch.randn(N, F, device="cuda", dtype=torch.bfloat16)
+    with ops.config.override(cuda_gemm="auto", sm90_gather_swiglu="fused"):
+        ops.gather_grouped_mm_swiglu(xg, ops.Plan(counts, offs, order, rows), bg).backward(grad)
+    x64, b64 = x.double().requires_grad_(), b.double().requires_grad_()
+    twins.gather_grouped_mm_swiglu_torch(x64, order, rows, b64, offs)[0].backward(grad.double())
+    xs, bs = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    twins.gather_grouped_mm_swiglu_torch(xs, order, rows, bs, offs)[0].backward(grad)
+    error_rule(xg.grad, x64.grad, xs.grad)
+    error_rule(bg.grad, b64.grad, bs.grad)
+
+
+def test_sm90_gather_swiglu_fused_falls_back_and_passes_opcheck():
+    """Where the fused kernel's rules fail (F not a multiple of 64, float32) the op runs the unfused
+    path with the setting on; opcheck passes with it on; auto is still the unfused path."""
+    if not _sm90_gemm():
+        pytest.skip("needs moekit's sm90 grouped GEMM on a compute capability 9.0 GPU")
+    T, K, E, D = 200, 4, 8, 64
+    counts, offs, order, rows = moe_ops.plan(random_ids(T, K, E), E)
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+    with ops.config.override(cuda_gemm="auto", sm90_gather_swiglu="fused"):
+        for F, dtype in ((48, torch.bfloat16), (64, torch.float32)):
+            xd, b = x.to(dtype), torch.randn(E, D, 2 * F, device="cuda", dtype=dtype)
+            names = kernel_names(lambda: moe_ops.gather_grouped_mm_swiglu(xd, order, rows, b, offs, True))
+            assert not any("gather_swiglu_kernel" in n for n in names), names
+            act, h = moe_ops.gather_grouped_mm_swiglu(xd, order, rows, b, offs, True)
+            assert torch.equal(act, moe_ops.swiglu(h))
+        b = torch.randn(E, D, 128, device="cuda", dtype=torch.bfloat16)
+        for keep in (False, True):
+            torch.library.opcheck(moe_ops.gather_grouped_mm_swiglu.default, (x, order, rows, b, offs, keep))
+    with ops.config.override(cuda_gemm="auto", sm90_gather_swiglu="auto"):
+        names = kernel_names(lambda: moe_ops.gather_grouped_mm_swiglu(x, order, rows, b, offs, True))
+        assert not any("gather_swiglu_kernel" in n for n in names), names
+
+
+def test_sm90_gather_swiglu_fused_bad_order_traps():
+    """A bad order_N (or offs_E) stops the fused kernel with a trap (an assert's call would serialise
+    its wgmma pipeline): an error at the next sync, never a silent result; in a subprocess, as the
+    context is then unusable."""
+    if not _sm90_gemm():
+        pytest.skip("needs moekit's sm90 grouped GEMM on a compute capability 9.0 GPU")
+    code = ("import torch, moe.ops; from moe import ops; ops.config.sm90_gather_swiglu = 'fused';"
+            "x = torch.randn(64, 64, device='cuda', dtype=torch.bfloat16);"
+            "b = torch.randn(2, 64, 128, device='cuda', dtype=torch.bfloat16);"
+            "order = torch.full((256,), 10 ** 6, device='cuda', dtype=torch.int64);"
+            "rows = torch.zeros(64, 4, device='cuda', dtype=torch.int64);"
+            "offs = torch.tensor([128, 256], device='cuda', dtype=torch.int32);"
+            "torch.ops.moe.gather_grouped_mm_swiglu(x, order, rows, b, offs, False); torch.cuda.synchronize()")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "error" in (res.stderr + res.stdout).lower(), res.stderr[-2000:]
+
+
 GATHER_CASES = [  # (T, K, E, D, Y, x layout): the setup launch gathers 16-byte rows; else the permute kernel
     (300, 4, 8, 64, 128, "contiguous"), (64, 8, 256, 128, 64, "contiguous"), (100, 2, 3, 64, 48, "strided"),
     (100, 2, 3, 60, 48, "contiguous"), (50, 2, 4, 64, 32, "odd_stride"), (1, 4, 4, 64, 32, "contiguous"),

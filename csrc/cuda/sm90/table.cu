@@ -74,14 +74,6 @@ size_t workspace_bytes(const GroupedGemm& g, int id) {
 
 namespace {
 
-// A device-side assert that NDEBUG (defined in these units for the wgmma pipeline) leaves in:
-// CUDA declares __assert_fail for device code whatever NDEBUG says; the failure is reported as
-// PyTorch's CUDA_KERNEL_ASSERT reports it (a device-side assert).
-#define MOE_SM90_ASSERT(cond, msg) \
-  do {                             \
-    if (!(cond)) __assert_fail(msg, __FILE__, __LINE__, __func__); \
-  } while (0)
-
 constexpr int kSetupThreads = 256;
 
 // The work of one setup launch. GEMM i owns the blocks [first[i], first[i + 1]) of the 1-D grid, as

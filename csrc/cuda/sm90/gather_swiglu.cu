@@ -1,0 +1,364 @@
+// moekit's own Hopper kernel for moe.gather_grouped_mm_swiglu (grouped_gemm_sm90.h's contract):
+// the gathered first projection of an expert MLP with SwiGLU in its epilogue, in one launch.
+//
+// Layout of one CTA (384 threads, one CTA per SM, persistent over output tiles):
+//   warp group 0 (producer): each stage, cp.async copies the tile's kTM gathered rows of x_TD
+//     (row order[i] / K; zeros for padding) into shared memory in the wgmma's 128-byte swizzle,
+//     and one thread issues the TMA box of b: gate columns f0..f0+63 and up columns F+f0..F+f0+63
+//     of expert e, as one 128-column operand (the tensor map's dims are (column, depth, half,
+//     expert), the box spans both halves), so [gate; up] needs no relayout;
+//   warp groups 1-2 (consumers): 64 rows each, wgmma m64n128k16 over the stages (one batch in
+//     flight), then the epilogue: accumulator v holds gate column c, v + 32 the up column c + 64
+//     of the same row (tests/gpu checks it against the unfused ops; the layout claims were checked
+//     on the host with CuTe), so act = silu(g) * u is formed in registers.
+// Full barriers count the producer's 128 cp.async arrivals and the TMA's bytes; empty barriers the
+// 256 consumer threads. Tiles: each expert's rows in kTM-row blocks (a prefix over offs_E built by
+// every CTA in shared memory: no host sync), then the padding rows [offs_E[E-1], N), which the
+// consumers zero; tile t is (m block t / (F / 64), column block t % (F / 64)), so CTAs that run
+// together share a row block's x rows and an expert's weights in L2.
+#include <cuda.h>  // CUtensorMap (the driver entry point is found at run time: no -lcuda)
+#include <cuda_bf16.h>
+
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cuda/rn_math.cuh"
+#include "gather_swiglu.cuh"
+#include "grouped_gemm_sm90.h"
+
+namespace moe::cuda::sm90 {
+
+namespace {
+
+using namespace cute;
+using namespace fused_swiglu;
+static_assert(kTF == kGatherSwigluCols);
+struct alignas(1024) Smem {
+  bf16 a[kStages][kTM * kTK];
+  bf16 b[kStages][kTN * kTK];
+  uint64_t full[kStages], empty[kStages];
+  int tiles[kGatherSwigluMaxExperts + 1];  // tiles[e]: the row blocks of experts before e
+  int end;                                 // offs_E[E-1]: the padding rows start here
+  int blocks;                              // row blocks, padding's included
+};
+constexpr size_t kSmemBytes = sizeof(Smem) + 1024;  // + the alignment of the dynamic base
+
+struct Params {
+  CUtensorMap b_map;  // first: 64-byte aligned in the parameter space
+  const bf16* x;
+  int64_t ldx;
+  const int64_t* order;
+  int64_t slots;
+  int K;
+  const int* offs;
+  __nv_bfloat16* act;
+  __nv_bfloat16* h;
+  int E, N, D, F, col_blocks;
+};
+
+// Bad offs_E or order_N stop the kernel with a trap (reported as a launch failure at the next
+// synchronisation, and the CUDA context is lost, as after a device-side assert): __assert_fail is a
+// call, and any call in a kernel with wgmma makes ptxas serialise the wgmma pipeline (C7510).
+#define MOE_SM90_TRAP_UNLESS(cond) \
+  do {                             \
+    if (!(cond)) __trap();         \
+  } while (0)
+
+// Expert e's rows [lo, hi), clamped into [0, N] (memory stays safe whatever offs_E holds); CHECK:
+// trapped on bad offsets (build_tiles, once per expert and CTA).
+template <bool CHECK = false>
+__device__ __forceinline__ void rows_of(const Params& p, int e, int& lo, int& hi) {
+  lo = e > 0 ? p.offs[e - 1] : 0;
+  hi = p.offs[e];
+  if constexpr (CHECK) MOE_SM90_TRAP_UNLESS(lo >= 0 && lo <= hi && hi <= p.N);
+  lo = min(max(lo, 0), p.N);
+  hi = min(max(hi, lo), p.N);
+}
+
+// Warp 0: tiles[e] = the row blocks of the experts before e (a warp scan in chunks of 32), the
+// padding's start and the number of row blocks.
+__device__ void build_tiles(const Params& p, Smem& sm) {
+  const int lane = threadIdx.x;
+  int carry = 0;
+  for (int e0 = 0; e0 < p.E; e0 += 32) {
+    const int e = e0 + lane;
+    int n = 0;
+    if (e < p.E) {
+      int lo, hi;
+      rows_of<true>(p, e, lo, hi);
+      n = (hi - lo + kTM - 1) / kTM;
+    }
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, n, d);
+      if (lane >= d) n += v;
+    }
+    if (e < p.E) sm.tiles[e + 1] = carry + n;
+    carry += __shfl_sync(0xffffffffu, n, 31);
+  }
+  if (lane == 0) {
+    sm.tiles[0] = 0;
+    const int end = min(max(p.offs[p.E - 1], 0), p.N);
+    sm.end = end;
+    sm.blocks = carry + (p.N - end + kTM - 1) / kTM;
+  }
+}
+
+struct Tile {
+  int e;     // expert, or -1: padding rows
+  int row0;  // first routed row
+  int rows;  // rows in the tile (1..kTM)
+  int f0;    // first act column
+};
+
+__device__ __forceinline__ Tile tile_at(const Params& p, const Smem& sm, int t) {
+  const int m = t / p.col_blocks;
+  Tile tl;
+  tl.f0 = (t % p.col_blocks) * kTF;
+  if (m >= sm.tiles[p.E]) {
+    tl.e = -1;
+    tl.row0 = sm.end + (m - sm.tiles[p.E]) * kTM;
+    tl.rows = min(kTM, p.N - tl.row0);
+    return tl;
+  }
+  int lo = 0, hi = p.E - 1;  // the last expert e with tiles[e] <= m (its blocks hold m)
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (sm.tiles[mid] <= m) lo = mid;
+    else hi = mid - 1;
+  }
+  int r0, r1;
+  rows_of(p, lo, r0, r1);
+  tl.e = lo;
+  tl.row0 = r0 + (m - sm.tiles[lo]) * kTM;
+  tl.rows = min(kTM, r1 - tl.row0);
+  return tl;
+}
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool copy) {
+  const uint32_t dst = cast_smem_ptr_to_uint(smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(copy ? 16 : 0)
+               : "memory");
+}
+
+template <bool B_COL>
+__device__ void produce(const Params& p, Smem& sm, int total) {
+  using L = Layouts<B_COL>;
+  Tensor sA = make_tensor(make_smem_ptr(&sm.a[0][0]), typename L::LayoutA{});
+  const int tid = threadIdx.x, chunk = tid % kChunks, first_row = tid / kChunks;
+  const int depth_blocks = (p.D + kTK - 1) / kTK;
+  int stage = 0;
+  uint32_t phase = 0;
+  for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    const Tile tl = tile_at(p, sm, t);
+    if (tl.e < 0) continue;  // padding: the consumers write its zeros
+    const bf16* src[kRowsPerThread];
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      const int r = first_row + i * kRowsPerPass;
+      src[i] = nullptr;
+      if (r < tl.rows) {
+        const int64_t s = p.order[tl.row0 + r];
+        MOE_SM90_TRAP_UNLESS(s >= -1 && s < p.slots);  // order_N matches rows_TK
+        if (s >= 0 && s < p.slots) src[i] = p.x + (s / p.K) * p.ldx;
+      }
+    }
+    for (int kb = 0; kb < depth_blocks; ++kb) {
+      cutlass::arch::ClusterBarrier::wait(&sm.empty[stage], phase ^ 1);
+      if (tid == 0) {
+        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&sm.full[stage], kBBytes);
+        const uint64_t hint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
+        if constexpr (B_COL)  // dims (depth, column, half, expert)
+          SM90_TMA_LOAD_4D::copy(&p.b_map, &sm.full[stage], hint, &sm.b[stage][0], kb * kTK, tl.f0, 0, tl.e);
+        else  // dims (column, depth, half, expert)
+          SM90_TMA_LOAD_4D::copy(&p.b_map, &sm.full[stage], hint, &sm.b[stage][0], tl.f0, kb * kTK, 0, tl.e);
+      }
+      const int k = kb * kTK + chunk * 8;
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i) {
+        const bool copy = src[i] != nullptr && k < p.D;  // else zeros (padding, past the rows or D)
+        cp_async_16(&sA(first_row + i * kRowsPerPass, chunk * 8, stage), copy ? src[i] + k : p.x, copy);
+      }
+      cutlass::arch::cpasync_barrier_arrive_noinc(&sm.full[stage]);
+      if (++stage == kStages) {
+        stage = 0;
+        phase ^= 1;
+      }
+    }
+  }
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
+// act[row, f0 + c] (and h's gate and up columns) for the consumer's accumulators, or zeros.
+__device__ __forceinline__ void store_pair(const Params& p, int64_t row, int col, float g0, float g1, float u0,
+                                           float u1) {
+  const __nv_bfloat162 g = __floats2bfloat162_rn(g0, g1), u = __floats2bfloat162_rn(u0, u1);
+  // SwiGLU on the bfloat16 h, in float, rounded once: moe.swiglu's values on the unfused h
+  const __nv_bfloat162 a = __floats2bfloat162_rn(swiglu_one(__low2float(g), __low2float(u)),
+                                                 swiglu_one(__high2float(g), __high2float(u)));
+  *reinterpret_cast<__nv_bfloat162*>(p.act + row * p.F + col) = a;
+  if (p.h != nullptr) {
+    *reinterpret_cast<__nv_bfloat162*>(p.h + row * 2 * p.F + col) = g;
+    *reinterpret_cast<__nv_bfloat162*>(p.h + row * 2 * p.F + p.F + col) = u;
+  }
+}
+
+template <bool B_COL>
+__device__ void consume(const Params& p, Smem& sm, int total) {
+  using L = Layouts<B_COL>;
+  const int ctid = threadIdx.x - 128;
+  typename L::Mma mma;
+  auto thr = mma.get_thread_slice(ctid);
+  Tensor sA = make_tensor(make_smem_ptr(&sm.a[0][0]), typename L::LayoutA{});
+  Tensor sB = make_tensor(make_smem_ptr(&sm.b[0][0]), typename L::LayoutB{});
+  Tensor tCrA = thr.make_fragment_A(thr.partition_A(sA));  // (MMA, MMA_M, MMA_K, stage) descriptors
+  Tensor tCrB = thr.make_fragment_B(thr.partition_B(sB));
+  Tensor acc = partition_fragment_C(mma, Shape<Int<kTM>, Int<kTN>>{});
+  Tensor coord = thr.partition_C(make_identity_tensor(Shape<Int<kTM>, Int<kTN>>{}));
+  static_assert(decltype(size(acc))::value == 2 * 32, "moe sm90: one thread's m64n128 accumulators");
+  const int depth_blocks = (p.D + kTK - 1) / kTK;
+  int stage = 0;
+  uint32_t phase = 0;
+  for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    const Tile tl = tile_at(p, sm, t);
+    if (tl.e < 0) {  // padding rows: zeros
+      for (int i = ctid; i < tl.rows * (kTF / 2); i += kConsumers) {
+        const int64_t row = tl.row0 + i / (kTF / 2);
+        const int col = tl.f0 + 2 * (i % (kTF / 2));
+        store_pair(p, row, col, 0.f, 0.f, 0.f, 0.f);
+      }
+      continue;
+    }
+    mma.accumulate_ = GMMA::ScaleOut::Zero;
+    int previous = -1;
+    for (int kb = 0; kb < depth_blocks; ++kb) {
+      cutlass::arch::ClusterTransactionBarrier::wait(&sm.full[stage], phase);
+      warpgroup_fence_operand(acc);
+      warpgroup_arrive();
+#pragma unroll
+      for (int k = 0; k < size<2>(tCrA); ++k) {
+        cute::gemm(mma, tCrA(_, _, k, stage), tCrB(_, _, k, stage), acc);
+        mma.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+      warpgroup_wait<1>();  // the previous stage's batch is done: release its buffers
+      warpgroup_fence_operand(acc);
+      if (previous >= 0) cutlass::arch::ClusterBarrier::arrive(&sm.empty[previous]);
+      previous = stage;
+      if (++stage == kStages) {
+        stage = 0;
+        phase ^= 1;
+      }
+    }
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc);
+    cutlass::arch::ClusterBarrier::arrive(&sm.empty[previous]);
+#pragma unroll
+    for (int v = 0; v < 32; v += 2) {  // gate columns c, c + 1 at v, v + 1; up at v + 32, v + 33
+      const int r = get<0>(coord(v));
+      if (r < tl.rows)
+        store_pair(p, int64_t(tl.row0) + r, tl.f0 + get<1>(coord(v)), acc(v), acc(v + 1), acc(v + 32), acc(v + 33));
+    }
+  }
+}
+
+template <bool B_COL>
+__global__ void __launch_bounds__(kThreads, 1) gather_swiglu_kernel(const __grid_constant__ Params p) {
+  extern __shared__ char smem_raw[];
+  Smem& sm = *reinterpret_cast<Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) / 1024 * 1024);
+  if (threadIdx.x == 0) {
+    prefetch_tma_descriptor(&p.b_map);
+    for (int s = 0; s < kStages; ++s) {
+      cutlass::arch::ClusterTransactionBarrier::init(&sm.full[s], 128 + 1);  // cp.async arrivals + the TMA's
+      cutlass::arch::ClusterBarrier::init(&sm.empty[s], kConsumers);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  if (threadIdx.x < 32) build_tiles(p, sm);
+  __syncthreads();
+  const int total = sm.blocks * p.col_blocks;
+  if (threadIdx.x < 128) produce<B_COL>(p, sm, total);
+  else consume<B_COL>(p, sm, total);
+}
+
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiled encode_tiled() {
+  static EncodeTiled fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    return reinterpret_cast<EncodeTiled>(f);
+  }();
+  return fn;
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+}  // namespace
+
+const char* gather_swiglu_unsupported(const GatherSwiglu& p) {
+  if (p.E < 1 || p.E > kGatherSwigluMaxExperts) return "E outside [1, kGatherSwigluMaxExperts]";
+  if (p.N < 1 || p.D < 1 || p.F < 1) return "an empty dimension";
+  if (p.F % kTF != 0) return "F is not a multiple of kGatherSwigluCols";
+  if (p.D % 8 != 0 || p.ldx % 8 != 0 || p.ldb % 8 != 0 || p.b_batch % 8 != 0) return "a stride is not 16-byte";
+  if (!aligned16(p.x) || !aligned16(p.b)) return "x or b is not 16-byte aligned";
+  if (p.K < 1 || p.slots < 0) return "bad slots";
+  return nullptr;
+}
+
+const char* gather_swiglu(const GatherSwiglu& g, cudaStream_t stream) {
+  if (const char* why = gather_swiglu_unsupported(g)) return why;
+  const EncodeTiled encode = encode_tiled();
+  if (encode == nullptr) return "moe.gather_grouped_mm_swiglu (sm90): cuTensorMapEncodeTiled is unavailable";
+  Params p{};
+  // b's tensor map: the gate half's columns, the depth, the half (up = gate + F columns) and the
+  // expert; a box of kTF columns x kTK depth x both halves (byte strides of the last three dims).
+  const cuuint64_t F = cuuint64_t(g.F), D = cuuint64_t(g.D), E = cuuint64_t(g.E), es = sizeof(bf16);
+  // b_col: b[e, x, y] at e * b_batch + y * ldb + x, dims (depth, column, half, expert); else at
+  // e * b_batch + x * ldb + y, dims (column, depth, half, expert).
+  const cuuint64_t ldb = cuuint64_t(g.ldb) * es, batch = cuuint64_t(g.b_batch) * es;
+  const cuuint64_t dims_col[4] = {D, F, 2, E}, strides_col[3] = {ldb, F * ldb, batch};
+  const cuuint64_t dims_row[4] = {F, D, 2, E}, strides_row[3] = {ldb, F * es, batch};
+  const cuuint32_t box_col[4] = {kTK, kTF, 2, 1}, box_row[4] = {kTF, kTK, 2, 1}, unit[4] = {1, 1, 1, 1};
+  const cuuint64_t* dims = g.b_col ? dims_col : dims_row;
+  const cuuint64_t* strides = g.b_col ? strides_col : strides_row;
+  const cuuint32_t* box = g.b_col ? box_col : box_row;
+  if (encode(&p.b_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<void*>(g.b), dims, strides, box, unit,
+             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+    return "moe.gather_grouped_mm_swiglu (sm90): cuTensorMapEncodeTiled rejected b's layout";
+  p.x = static_cast<const bf16*>(g.x);
+  p.ldx = g.ldx;
+  p.order = g.order;
+  p.slots = g.slots;
+  p.K = g.K;
+  p.offs = g.offs;
+  p.act = static_cast<__nv_bfloat16*>(g.act);
+  p.h = static_cast<__nv_bfloat16*>(g.h);
+  p.E = g.E;
+  p.N = g.N;
+  p.D = g.D;
+  p.F = g.F;
+  p.col_blocks = g.F / kTF;
+  // A bound on the tiles from host-known sizes: sum over experts of ceil(rows_e / kTM), plus the
+  // padding's blocks, is at most N / kTM + E + 1 row blocks.
+  const int64_t bound = (int64_t(g.N) / kTM + g.E + 1) * p.col_blocks;
+  const int grid = int(std::max<int64_t>(1, std::min<int64_t>(bound, g.sm_count > 0 ? g.sm_count : 1)));
+  auto kernel = g.b_col ? gather_swiglu_kernel<true> : gather_swiglu_kernel<false>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmemBytes)) != cudaSuccess)
+    return "moe.gather_grouped_mm_swiglu (sm90): the kernel's shared memory was refused";
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
+  if (cudaGetLastError() != cudaSuccess) return "moe.gather_grouped_mm_swiglu (sm90): the kernel launch failed";
+  return nullptr;
+}
+
+}  // namespace moe::cuda::sm90

@@ -1,0 +1,46 @@
+"""The layout claims of moekit's fused sm90 kernel (csrc/cuda/sm90/gather_swiglu.cuh), checked on
+the CPU: tests/cpp/sm90_layouts.cu, compiled with nvcc against CUTLASS's headers as a host program,
+evaluates the kernel's own CuTe layouts. B's shared-memory layout must be the order in which the TMA
+box writes [gate; up] under the 128-byte swizzle, and each thread's accumulators must pair a gate
+column with its up column (the SwiGLU epilogue's reading). The kernel itself runs only on an sm90
+GPU (tests/gpu/test_gpu.py); a wrong layout there would be a wrong answer, not an error. Skipped
+where nvcc or CUTLASS's headers are absent."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _nvcc():
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def _cutlass_include():
+    env = os.environ.get("CUTLASS_INCLUDE_DIR")
+    spec = importlib.util.find_spec("cutlass_library")
+    candidates = ([env] if env else []) + [os.path.join(loc, "source", "include")
+                                           for loc in ((spec.submodule_search_locations or []) if spec else [])]
+    return next((c for c in candidates if os.path.exists(os.path.join(c, "cute", "tensor.hpp"))), None)
+
+
+def test_fused_sm90_kernel_layouts(tmp_path):
+    nvcc, cutlass = _nvcc(), _cutlass_include()
+    if nvcc is None or cutlass is None:
+        pytest.skip("needs nvcc and CUTLASS's headers (pip install nvidia-cutlass)")
+    exe = str(tmp_path / "sm90_layouts")
+    build = subprocess.run([nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-I", os.path.join(ROOT, "csrc"),
+                            "-I", cutlass, os.path.join(ROOT, "tests", "cpp", "sm90_layouts.cu"), "-o", exe],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-4000:]
+    run = subprocess.run([exe], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "row-major b 0, b_col 0" in run.stdout, run.stdout + run.stderr
