@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 #include "cuda/rn_math.cuh"
 #include "gather_swiglu.cuh"
@@ -47,7 +48,7 @@ struct alignas(1024) Smem {
 constexpr size_t kSmemBytes = sizeof(Smem) + 1024;  // + the alignment of the dynamic base
 
 struct Params {
-  CUtensorMap b_map;  // first: 64-byte aligned in the parameter space
+  CUtensorMap b_map;  // first: CUtensorMap's alignment (64 or 128 bytes) in the parameter space
   const bf16* x;
   int64_t ldx;
   const int64_t* order;
@@ -236,6 +237,9 @@ __device__ void consume(const Params& p, Smem& sm, int total) {
     int previous = -1;
     for (int kb = 0; kb < depth_blocks; ++kb) {
       cutlass::arch::ClusterTransactionBarrier::wait(&sm.full[stage], phase);
+      // A came by cp.async (the generic proxy), wgmma reads through the async proxy: the PTX ISA asks
+      // for a proxy fence between them (CUTLASS's cp.async mainloop goes without; it costs little)
+      cutlass::arch::fence_view_async_shared();
       warpgroup_fence_operand(acc);
       warpgroup_arrive();
 #pragma unroll
@@ -310,6 +314,8 @@ const char* gather_swiglu_unsupported(const GatherSwiglu& p) {
   if (p.N < 1 || p.D < 1 || p.F < 1) return "an empty dimension";
   if (p.F % kTF != 0) return "F is not a multiple of kGatherSwigluCols";
   if (p.D % 8 != 0 || p.ldx % 8 != 0 || p.ldb % 8 != 0 || p.b_batch % 8 != 0) return "a stride is not 16-byte";
+  if (p.ldb <= 0 || p.b_batch <= 0) return "b's strides are not positive";
+  if ((int64_t(p.N) / kTM + p.E + 1) * (p.F / kTF) > std::numeric_limits<int>::max()) return "too many tiles";
   if (!aligned16(p.x) || !aligned16(p.b)) return "x or b is not 16-byte aligned";
   if (p.K < 1 || p.slots < 0) return "bad slots";
   return nullptr;
