@@ -254,8 +254,10 @@ __global__ void topk_route_kernel(RouteParams<T> a) {
 }
 
 constexpr int kFinalThreads = 1024;
-// The statistics kernel's blocks: a thread per expert for the partial sums, and the threads of the
-// final statistics in its last block (counts over all T K ids: as many as the former final kernel).
+// The statistics kernel's blocks: for the partial sums, groups of a thread per expert (whole warps),
+// each group one (sequence, token range), so few experts still fill the block; and the threads of
+// the final statistics in its last block (counts over all T K ids: as many as the former final
+// kernel).
 constexpr int kPartialThreads = kFinalThreads;
 constexpr int kSmemHist = 8192;  // experts counted in shared memory (32 KiB)
 // One launch without statistics (topk_route_small_kernel) up to kSmallRouteTokens tokens, when a
@@ -429,52 +431,60 @@ __global__ void route_stats_final_kernel(FinalArgs<T> f, const T* psum_part, con
   route_stats_final(f, psum_part, cnt_part, z_part, tok_part, hist);
 }
 
-// Per (expert e = thread, sequence b, token range r): the loss scores' and loss slots' sums over
-// the range's real tokens, in token order (the loss slots: the first loss_k of each token's K);
-// thread 0 of the row of blocks x = 0 also sums the range's real tokens and lse^2. Grid
-// (ceil(E / kPartialThreads), B, R). The last block to finish (a ticket counter that the route
-// kernel zeroed: the classic threadfence reduction) then forms every statistic
-// (route_stats_final, partial sums read past L1), so statistics cost one launch after the route
-// kernel; which block is last does not change a bit.
+// Per (expert e, sequence b, token range r): the loss scores' and loss slots' sums over the range's
+// real tokens, in token order (the loss slots: the first loss_k of each token's K); the thread of
+// expert 0 also sums the range's real tokens and lse^2. A block's threads are groups of `lanes`
+// (E rounded up to whole warps, at most kPartialThreads) threads, one item (b, r) a group, so E
+// threads of each group work (grid: ceil(E / kPartialThreads) x the item blocks, flattened in x).
+// The last block to finish (a ticket counter that the route kernel zeroed: the classic
+// threadfence reduction) then forms every statistic (route_stats_final, partial sums read past L1),
+// so statistics cost one launch after the route kernel; which block is last does not change a bit,
+// nor does how items are packed into blocks (each (e, b, r) sum is one thread's loop).
 template <typename T>
 __global__ void __launch_bounds__(kPartialThreads)
     route_stats_partial_kernel(const T* __restrict__ probs, const T* __restrict__ norm,
                                const int64_t* __restrict__ loss_ids, const bool* __restrict__ valid,
                                const T* __restrict__ lse2, int64_t S, int64_t chunk, int E, int K, int loss_k,
-                               T* psum_part, int* cnt_part, T* z_part, int* tok_part, unsigned* ticket,
-                               FinalArgs<T> f) {
+                               int64_t B, int64_t R, int lanes, T* psum_part, int* cnt_part, T* z_part,
+                               int* tok_part, unsigned* ticket, FinalArgs<T> f) {
   extern __shared__ int hist[];  // E counts for the final statistics when f.smem_hist
-  const int e = blockIdx.x * blockDim.x + threadIdx.x;
-  const int64_t b = blockIdx.y, r = blockIdx.z, B = gridDim.y;
-  const int64_t t0 = b * S + r * chunk, t1 = min(b * S + S, t0 + chunk);
-  const int64_t out = (r * B + b) * E + e;
-  if (e < E) {
-    T acc = 0;
-    int cnt = 0;
-    for (int64_t t = t0; t < t1; ++t) {
-      if (valid != nullptr && !valid[t]) continue;
-      const T pe = probs[t * E + e];
-      acc += norm ? pe / norm[t] : pe;
-      for (int k = 0; k < loss_k; ++k) cnt += loss_ids[t * K + k] == e ? 1 : 0;
-    }
-    psum_part[out] = acc;
-    cnt_part[out] = cnt;
-  }
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    T z = 0;
-    int tok = 0;
-    for (int64_t t = t0; t < t1; ++t)
-      if (valid == nullptr || valid[t]) {
-        z += lse2[t];
-        ++tok;
+  const int64_t e_blocks = (E + kPartialThreads - 1) / kPartialThreads;
+  const int64_t e_block = blockIdx.x % e_blocks, item_block = blockIdx.x / e_blocks;
+  const int groups = blockDim.x / lanes;
+  const int e = int(e_block) * kPartialThreads + int(threadIdx.x) % lanes;
+  const int64_t item = item_block * groups + threadIdx.x / lanes;  // b + B r
+  if (item < B * R) {
+    const int64_t b = item % B, r = item / B;
+    const int64_t t0 = b * S + r * chunk, t1 = min(b * S + S, t0 + chunk);
+    if (e < E) {
+      const int64_t out = item * E + e;
+      T acc = 0;
+      int cnt = 0;
+      for (int64_t t = t0; t < t1; ++t) {
+        if (valid != nullptr && !valid[t]) continue;
+        const T pe = probs[t * E + e];
+        acc += norm ? pe / norm[t] : pe;
+        for (int k = 0; k < loss_k; ++k) cnt += loss_ids[t * K + k] == e ? 1 : 0;
       }
-    z_part[r * B + b] = z;
-    tok_part[r * B + b] = tok;
+      psum_part[out] = acc;
+      cnt_part[out] = cnt;
+    }
+    if (e == 0) {
+      T z = 0;
+      int tok = 0;
+      for (int64_t t = t0; t < t1; ++t)
+        if (valid == nullptr || valid[t]) {
+          z += lse2[t];
+          ++tok;
+        }
+      z_part[item] = z;
+      tok_part[item] = tok;
+    }
   }
   __threadfence();  // this block's partial sums reach L2 before its ticket
   __syncthreads();
   __shared__ bool last;
-  if (threadIdx.x == 0) last = atomicAdd(ticket, 1u) == gridDim.x * gridDim.y * gridDim.z - 1u;
+  if (threadIdx.x == 0) last = atomicAdd(ticket, 1u) == gridDim.x - 1u;
   __syncthreads();
   if (!last) return;  // block-uniform
   __threadfence();
@@ -656,11 +666,13 @@ RouteOutputs topk_route_cuda(const at::Tensor& logits_TE, const std::optional<at
                             balance.mutable_data_ptr<T_>(), T_(fw_scale), T_(z_scale)};
     const size_t hist_smem = smem_hist ? E * sizeof(int) : 0;
     if (B > 0 && T > 0) {  // the partial sums, and the final statistics in their last block
-      const dim3 grid(unsigned(ceil_div(E, kPartialThreads)), unsigned(B), unsigned(R));
-      TORCH_CHECK(B <= 65535, "moe.topk_route: num_seqs=", B, " exceeds the 65535 sequences of one CUDA launch");
-      route_stats_partial_kernel<T_><<<grid, kPartialThreads, hist_smem, stream>>>(
+      // groups of whole warps, one (sequence, range) item each: ceil(E / 32) warps for E <= 1024
+      const int lanes = int(std::min<int64_t>(ceil_div(E, kWarp) * kWarp, kPartialThreads));
+      const int64_t blocks = ceil_div(E, kPartialThreads) * ceil_div(B * R, kPartialThreads / lanes);
+      TORCH_CHECK(blocks < (int64_t{1} << 31), "moe.topk_route: too many sequences for one CUDA launch");
+      route_stats_partial_kernel<T_><<<unsigned(blocks), kPartialThreads, hist_smem, stream>>>(
           probs.const_data_ptr<T_>(), st.norm, aux_topk ? st.aux_ids : ids.const_data_ptr<int64_t>(), vp, st.lse2,
-          S, chunk, int(E), int(K), loss_k, psum_part, cnt_part, z_part, tok_part, ticket, fin);
+          S, chunk, int(E), int(K), loss_k, B, R, lanes, psum_part, cnt_part, z_part, tok_part, ticket, fin);
     } else {
       route_stats_final_kernel<T_><<<1, kFinalThreads, hist_smem, stream>>>(fin, psum_part, cnt_part, z_part,
                                                                            tok_part);

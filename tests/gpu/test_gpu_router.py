@@ -30,6 +30,7 @@ CONFIGS = [
     ("sigmoid", 33, 33, 0, 0, True, True, 1.0),
     ("softmax", 1, 1, 0, 0, False, False, 1.0),
     ("softmax", 96, 6, 32, 3, True, True, 1.0),
+    ("softmax", 1500, 4, 0, 0, False, True, 1.0),  # statistics: two partial blocks across the experts
 ]
 
 
