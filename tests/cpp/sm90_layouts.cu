@@ -5,9 +5,13 @@
 //     swizzle; A's is its rows of 64 depth values in that swizzle (cp.async writes through it);
 //   - in the m64n128k16 accumulators of each of the 256 consumer threads, v and v + 32 are the same
 //     row's gate column c and up column c + 64 (c < 64), v + 1 is column c + 1 (v even), and the
-//     row lies in the thread's warp group's 64.
+//     row lies in the thread's warp group's 64;
+//   - the tiles (tile_of) cover every (routed row, column block) exactly once over random routings
+//     (empty experts, padding rows, rows not a multiple of kTM), each real tile inside its expert's
+//     rows and each padding tile inside [offs_E[E-1], N).
 // Prints the number of mismatches and exits 1 if there are any.
 #include <cstdio>
+#include <vector>
 
 #include "cuda/sm90/gather_swiglu.cuh"
 
@@ -60,10 +64,44 @@ int check() {
   return bad;
 }
 
+// The routings: E experts with random counts (a third of them empty), N = their sum + padding.
+int check_tiles() {
+  int bad = 0;
+  unsigned seed = 12345;
+  auto next = [&seed](int n) { seed = seed * 1664525u + 1013904223u; return int((seed >> 8) % unsigned(n)); };
+  for (int trial = 0; trial < 300; ++trial) {
+    const int E = 1 + next(trial % 3 == 0 ? 300 : 12), col_blocks = 1 + next(4);
+    std::vector<int> offs(E), tiles(E + 1, 0);
+    int end = 0;
+    for (int e = 0; e < E; ++e) {
+      end += next(3) == 0 ? 0 : next(trial % 2 ? 40 : 700);
+      offs[e] = end;
+    }
+    const int N = end + (trial % 4 == 0 ? next(400) : 0);
+    for (int e = 0; e < E; ++e) {
+      int lo, hi;
+      expert_rows(offs.data(), N, e, lo, hi);
+      tiles[e + 1] = tiles[e] + row_blocks(hi - lo);
+    }
+    const int blocks = tiles[E] + row_blocks(N - end);
+    std::vector<int> seen(size_t(N) * col_blocks, 0);
+    for (int t = 0; t < blocks * col_blocks; ++t) {
+      const OutputTile tl = tile_of(tiles.data(), offs.data(), E, N, end, col_blocks, t);
+      int lo = end, hi = N;
+      if (tl.e >= 0) expert_rows(offs.data(), N, tl.e, lo, hi);
+      bad += tl.rows < 1 || tl.rows > kTM || tl.row0 < lo || tl.row0 + tl.rows > hi || tl.f0 % kTF != 0 ||
+             tl.f0 / kTF >= col_blocks;
+      for (int r = tl.row0; r < tl.row0 + tl.rows && r >= 0 && r < N; ++r) ++seen[size_t(r) * col_blocks + tl.f0 / kTF];
+    }
+    for (int c : seen) bad += c != 1;
+  }
+  return bad;
+}
+
 }  // namespace
 
 int main() {
-  const int row_major = check<false>(), col_major = check<true>();
-  std::printf("mismatches: row-major b %d, b_col %d\n", row_major, col_major);
-  return row_major + col_major == 0 ? 0 : 1;
+  const int row_major = check<false>(), col_major = check<true>(), tiles = check_tiles();
+  std::printf("mismatches: row-major b %d, b_col %d, tiles %d\n", row_major, col_major, tiles);
+  return row_major + col_major + tiles == 0 ? 0 : 1;
 }

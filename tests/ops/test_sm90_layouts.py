@@ -1,8 +1,9 @@
 """The layout claims of moekit's fused sm90 kernel (csrc/cuda/sm90/gather_swiglu.cuh), checked on
 the CPU: tests/cpp/sm90_layouts.cu, compiled with nvcc against CUTLASS's headers as a host program,
 evaluates the kernel's own CuTe layouts. B's shared-memory layout must be the order in which the TMA
-box writes [gate; up] under the 128-byte swizzle, and each thread's accumulators must pair a gate
-column with its up column (the SwiGLU epilogue's reading). The kernel itself runs only on an sm90
+box writes [gate; up] under the 128-byte swizzle, each thread's accumulators must pair a gate
+column with its up column (the SwiGLU epilogue's reading), and the persistent CTAs' tiles must
+cover every routed row and column block once (random routings). The kernel itself runs only on an sm90
 GPU (tests/gpu/test_gpu.py); a wrong layout there would be a wrong answer, not an error. Skipped
 where nvcc or CUTLASS's headers are absent."""
 
@@ -43,4 +44,4 @@ def test_fused_sm90_kernel_layouts(tmp_path):
                            capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-4000:]
     run = subprocess.run([exe], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and "row-major b 0, b_col 0" in run.stdout, run.stdout + run.stderr
+    assert run.returncode == 0 and "row-major b 0, b_col 0, tiles 0" in run.stdout, run.stdout + run.stderr

@@ -12,7 +12,8 @@
 //     of the same row (tests/gpu checks it against the unfused ops; the layout claims were checked
 //     on the host with CuTe), so act = silu(g) * u is formed in registers.
 // Full barriers count the producer's 128 cp.async arrivals and the TMA's bytes; empty barriers the
-// 256 consumer threads. Tiles: each expert's rows in kTM-row blocks (a prefix over offs_E built by
+// 256 consumer threads; a wait that lasts seconds traps (wait_or_trap), so a pipeline bug fails
+// fast instead of hanging. Tiles: each expert's rows in kTM-row blocks (a prefix over offs_E built by
 // every CTA in shared memory: no host sync), then the padding rows [offs_E[E-1], N), which the
 // consumers zero; tile t is (m block t / (F / 64), column block t % (F / 64)), so CTAs that run
 // together share a row block's x rows and an expert's weights in L2.
@@ -68,15 +69,15 @@ struct Params {
     if (!(cond)) __trap();         \
   } while (0)
 
-// Expert e's rows [lo, hi), clamped into [0, N] (memory stays safe whatever offs_E holds); CHECK:
-// trapped on bad offsets (build_tiles, once per expert and CTA).
+// Expert e's rows [lo, hi) (expert_rows: clamped, so memory stays safe whatever offs_E holds);
+// CHECK: trapped on bad offsets (build_tiles, once per expert and CTA).
 template <bool CHECK = false>
 __device__ __forceinline__ void rows_of(const Params& p, int e, int& lo, int& hi) {
-  lo = e > 0 ? p.offs[e - 1] : 0;
-  hi = p.offs[e];
-  if constexpr (CHECK) MOE_SM90_TRAP_UNLESS(lo >= 0 && lo <= hi && hi <= p.N);
-  lo = min(max(lo, 0), p.N);
-  hi = min(max(hi, lo), p.N);
+  if constexpr (CHECK) {
+    const int l = e > 0 ? p.offs[e - 1] : 0, h = p.offs[e];
+    MOE_SM90_TRAP_UNLESS(l >= 0 && l <= h && h <= p.N);
+  }
+  expert_rows(p.offs, p.N, e, lo, hi);
 }
 
 // Warp 0: tiles[e] = the row blocks of the experts before e (a warp scan in chunks of 32), the
@@ -90,7 +91,7 @@ __device__ void build_tiles(const Params& p, Smem& sm) {
     if (e < p.E) {
       int lo, hi;
       rows_of<true>(p, e, lo, hi);
-      n = (hi - lo + kTM - 1) / kTM;
+      n = row_blocks(hi - lo);
     }
 #pragma unroll
     for (int d = 1; d < 32; d <<= 1) {
@@ -104,39 +105,22 @@ __device__ void build_tiles(const Params& p, Smem& sm) {
     sm.tiles[0] = 0;
     const int end = min(max(p.offs[p.E - 1], 0), p.N);
     sm.end = end;
-    sm.blocks = carry + (p.N - end + kTM - 1) / kTM;
+    sm.blocks = carry + row_blocks(p.N - end);
   }
 }
 
-struct Tile {
-  int e;     // expert, or -1: padding rows
-  int row0;  // first routed row
-  int rows;  // rows in the tile (1..kTM)
-  int f0;    // first act column
-};
+__device__ __forceinline__ OutputTile tile_at(const Params& p, const Smem& sm, int t) {
+  return tile_of(sm.tiles, p.offs, p.E, p.N, sm.end, p.col_blocks, t);
+}
 
-__device__ __forceinline__ Tile tile_at(const Params& p, const Smem& sm, int t) {
-  const int m = t / p.col_blocks;
-  Tile tl;
-  tl.f0 = (t % p.col_blocks) * kTF;
-  if (m >= sm.tiles[p.E]) {
-    tl.e = -1;
-    tl.row0 = sm.end + (m - sm.tiles[p.E]) * kTM;
-    tl.rows = min(kTM, p.N - tl.row0);
-    return tl;
-  }
-  int lo = 0, hi = p.E - 1;  // the last expert e with tiles[e] <= m (its blocks hold m)
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (sm.tiles[mid] <= m) lo = mid;
-    else hi = mid - 1;
-  }
-  int r0, r1;
-  rows_of(p, lo, r0, r1);
-  tl.e = lo;
-  tl.row0 = r0 + (m - sm.tiles[lo]) * kTM;
-  tl.rows = min(kTM, r1 - tl.row0);
-  return tl;
+// Waits for the phase of `bar` with parity `phase`, as ClusterBarrier::wait does, but traps after
+// about 2^34 cycles (seconds; a stage's loads take microseconds, even under compute-sanitizer): a
+// pipeline that cannot make progress fails its test instead of hanging the GPU check.
+__device__ __forceinline__ void wait_or_trap(const uint64_t* bar, uint32_t phase) {
+  if (cutlass::arch::ClusterBarrier::try_wait(bar, phase)) return;
+  const long long start = clock64();
+  while (!cutlass::arch::ClusterBarrier::try_wait(bar, phase))
+    MOE_SM90_TRAP_UNLESS(clock64() - start < (1ll << 34));
 }
 
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool copy) {
@@ -154,7 +138,7 @@ __device__ void produce(const Params& p, Smem& sm, int total) {
   int stage = 0;
   uint32_t phase = 0;
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
-    const Tile tl = tile_at(p, sm, t);
+    const OutputTile tl = tile_at(p, sm, t);
     if (tl.e < 0) continue;  // padding: the consumers write its zeros
     const bf16* src[kRowsPerThread];
 #pragma unroll
@@ -168,7 +152,7 @@ __device__ void produce(const Params& p, Smem& sm, int total) {
       }
     }
     for (int kb = 0; kb < depth_blocks; ++kb) {
-      cutlass::arch::ClusterBarrier::wait(&sm.empty[stage], phase ^ 1);
+      wait_or_trap(&sm.empty[stage], phase ^ 1);
       if (tid == 0) {
         cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&sm.full[stage], kBBytes);
         const uint64_t hint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
@@ -224,7 +208,7 @@ __device__ void consume(const Params& p, Smem& sm, int total) {
   int stage = 0;
   uint32_t phase = 0;
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
-    const Tile tl = tile_at(p, sm, t);
+    const OutputTile tl = tile_at(p, sm, t);
     if (tl.e < 0) {  // padding rows: zeros
       for (int i = ctid; i < tl.rows * (kTF / 2); i += kConsumers) {
         const int64_t row = tl.row0 + i / (kTF / 2);
@@ -236,7 +220,7 @@ __device__ void consume(const Params& p, Smem& sm, int total) {
     mma.accumulate_ = GMMA::ScaleOut::Zero;
     int previous = -1;
     for (int kb = 0; kb < depth_blocks; ++kb) {
-      cutlass::arch::ClusterTransactionBarrier::wait(&sm.full[stage], phase);
+      wait_or_trap(&sm.full[stage], phase);
       // A came by cp.async (the generic proxy), wgmma reads through the async proxy: the PTX ISA asks
       // for a proxy fence between them (CUTLASS's cp.async mainloop goes without; it costs little)
       cutlass::arch::fence_view_async_shared();

@@ -52,4 +52,50 @@ struct Layouts {
   static_assert(cosize_v<LayoutA> == kStages * kTM * kTK && cosize_v<LayoutB> == kStages * kTN * kTK);
 };
 
+// ---- the output tiles: expert e's rows in kTM-row blocks, experts in order, then the padding rows
+// [end, N) (end = offs_E[E-1]) in kTM-row blocks; tile t is (row block t / col_blocks, column block
+// t % col_blocks). tiles[e] (e = 0..E) counts the row blocks of the experts before e.
+
+__host__ __device__ constexpr int row_blocks(int rows) { return (rows + kTM - 1) / kTM; }
+
+// Expert e's rows [lo, hi) from offs_E (int32 cumulative ends), clamped into [0, N].
+__host__ __device__ inline void expert_rows(const int* offs, int N, int e, int& lo, int& hi) {
+  lo = e > 0 ? offs[e - 1] : 0;
+  hi = offs[e];
+  lo = lo < 0 ? 0 : lo > N ? N : lo;
+  hi = hi < lo ? lo : hi > N ? N : hi;
+}
+
+struct OutputTile {
+  int e;     // expert, or -1: padding rows
+  int row0;  // first routed row
+  int rows;  // rows in the tile (1..kTM)
+  int f0;    // first act column
+};
+
+__host__ __device__ inline OutputTile tile_of(const int* tiles, const int* offs, int E, int N, int end, int col_blocks,
+                                        int t) {
+  const int m = t / col_blocks;
+  OutputTile tl;
+  tl.f0 = (t % col_blocks) * kTF;
+  if (m >= tiles[E]) {
+    tl.e = -1;
+    tl.row0 = end + (m - tiles[E]) * kTM;
+    tl.rows = N - tl.row0 < kTM ? N - tl.row0 : kTM;
+    return tl;
+  }
+  int lo = 0, hi = E - 1;  // the last expert e with tiles[e] <= m (its blocks hold m)
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (tiles[mid] <= m) lo = mid;
+    else hi = mid - 1;
+  }
+  int r0, r1;
+  expert_rows(offs, N, lo, r0, r1);
+  tl.e = lo;
+  tl.row0 = r0 + (m - tiles[lo]) * kTM;
+  tl.rows = r1 - tl.row0 < kTM ? r1 - tl.row0 : kTM;
+  return tl;
+}
+
 }  // namespace moe::cuda::sm90::fused_swiglu
