@@ -9,14 +9,15 @@
 //     expert), the box spans both halves), so [gate; up] needs no relayout;
 //   warp groups 1-2 (consumers): 64 rows each, wgmma m64n128k16 over the stages (one batch in
 //     flight), then the epilogue: accumulator v holds gate column c, v + 32 the up column c + 64
-//     of the same row (tests/gpu checks it against the unfused ops; the layout claims were checked
-//     on the host with CuTe), so act = silu(g) * u is formed in registers.
+//     of the same row, so act = silu(g) * u is formed in registers.
 // Full barriers count the producer's 128 cp.async arrivals and the TMA's bytes; empty barriers the
 // 256 consumer threads; a wait that lasts seconds traps (wait_or_trap), so a pipeline bug fails
-// fast instead of hanging. Tiles: each expert's rows in kTM-row blocks (a prefix over offs_E built by
-// every CTA in shared memory: no host sync), then the padding rows [offs_E[E-1], N), which the
-// consumers zero; tile t is (m block t / (F / 64), column block t % (F / 64)), so CTAs that run
-// together share a row block's x rows and an expert's weights in L2.
+// fast instead of hanging. Tiles (tile_of, gather_swiglu.cuh): each expert's rows in kTM-row
+// blocks (a prefix over offs_E built by every CTA in shared memory: no host sync), then the
+// padding rows [offs_E[E-1], N), which the consumers zero; tile t is (row block t / (F / 64),
+// column block t % (F / 64)), so CTAs that run together share a row block's x rows and an
+// expert's weights in L2. The layouts, the accumulator pairing and the tile map are checked on
+// the CPU (tests/cpp/sm90_layouts.cu); the kernel itself by tests/gpu against the unfused ops.
 #include <cuda.h>  // CUtensorMap (the driver entry point is found at run time: no -lcuda)
 #include <cuda_bf16.h>
 
