@@ -76,7 +76,7 @@ SHAPES = {  # name: (D, F, E, K)
 SECTIONS = ("ops", "mlp", "layer", "decode")
 MODES = ("fwd", "fwd+bwd")
 FAILED: list[str] = []  # labels of the rows that failed in this run (the exit status is 1 if any)
-FUSED = False  # --fused: the mlp rows also time moekit with sm90_gather_swiglu="fused"
+FUSED = False  # --fused: the mlp rows also time moekit with sm90_gathered="fused"
 
 
 # ---- timing ----------------------------------------------------------------------------------
@@ -398,7 +398,7 @@ def bench_mlp(name, T, iters, ceil=None):
         return ops.unpermute(experts(ExpertRows(x, p.offs_E, p)), p, weights)
 
     def moekit_fused():  # the first projection in moekit's fused sm90 kernel (gather, GEMM, SwiGLU)
-        with ops.config.override(sm90_gather_swiglu="fused"):
+        with ops.config.override(sm90_gathered="fused"):
             return moekit()
 
     def composite():
@@ -714,7 +714,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=None,
                         help="sections to run (default: all)")
     parser.add_argument("--fused", action="store_true",
-                        help='mlp: also time sm90_gather_swiglu="fused" (moekit\'s fused sm90 up projection)')
+                        help='mlp: also time sm90_gathered="fused" (moekit\'s one-launch gathered sm90 GEMM with SwiGLU)')
     args = parser.parse_args()
     global FUSED
     FUSED = args.fused

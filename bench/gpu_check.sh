@@ -73,7 +73,7 @@ fi
 #    process's CUDA context; the other groups still report). A group that hits a CUDA error is
 #    rerun under compute-sanitizer memcheck, stopping at the first failure.
 t0=$(date +%s)
-groups=${TEST_GROUPS:-"plan permute grouped_mm sm90 fused layer opcheck routers topk_route activation graphs stream"}
+groups=${TEST_GROUPS:-"plan permute grouped_mm sm90 sm90_gathered layer opcheck routers topk_route activation graphs stream"}
 for g in $groups; do
   case $g in
     routers) sel=(tests/routers/test_routers_common.py -m gpu) ;;
@@ -82,8 +82,8 @@ for g in $groups; do
     stream) sel=(tests/gpu/test_gpu_stream.py -m gpu) ;;
     graphs) sel=(tests/gpu/test_gpu_graphs.py -m gpu) ;;
     grouped_mm) sel=(tests/gpu/test_gpu.py -m gpu -k "grouped_mm and not sm90") ;;
-    sm90) sel=(tests/gpu/test_gpu.py -m gpu -k "sm90 and not gather_swiglu" -v) ;;  # -v: names a crash's test
-    fused) sel=(tests/gpu/test_gpu.py -m gpu -k "gather_swiglu" -v) ;;  # the fused kernel, never run yet
+    sm90) sel=(tests/gpu/test_gpu.py -m gpu -k "sm90 and not sm90_gathered" -v) ;;  # -v: names a crash's test
+    sm90_gathered) sel=(tests/gpu/test_gpu.py -m gpu -k "sm90_gathered" -v) ;;  # the gathered sm90 GEMM, never run yet
     *) sel=(tests/gpu/test_gpu.py -m gpu -k "$g") ;;
   esac
   OMP_NUM_THREADS=2 timeout 200 python3 -X faulthandler -m pytest "${sel[@]}" -q -rfE -p no:cacheprovider \
@@ -135,7 +135,7 @@ if [ "$MODE" != quick ]; then
   run_bench layer 200 python3 bench/gpu_bench.py --only layer --json "$OUT/part_layer.json"
   run_bench mlp_decode 100 python3 bench/gpu_bench.py --only mlp decode --json "$OUT/part_mlp_decode.json"
   run_bench ops 100 python3 bench/gpu_bench.py --only ops --json "$OUT/part_ops.json"
-  # last and alone: moekit's fused sm90 up projection has never run (a fault here loses nothing else)
+  # last and alone: moekit's gathered sm90 GEMM has never run (a fault here loses nothing else)
   run_bench mlp_fused 80 python3 bench/gpu_bench.py --only mlp --fused --tokens 4096 --json "$OUT/part_mlp_fused.json"
 fi
 # One results.json (the call brings back at most 8 files).

@@ -32,7 +32,7 @@ Setting g_settings[] = {
     {"cuda_gemm", "MOE_CUDA_GEMM", {"auto", "native", "torch", "stream"}, false, false},
     {"sm90_forward_config", "MOE_SM90_GEMM_CONFIG", {}, true, false},
     {"sm90_wgrad_config", "MOE_SM90_WGRAD_CONFIG", {}, true, true},
-    {"sm90_gather_swiglu", "MOE_SM90_GATHER_SWIGLU", {"auto", "fused", "unfused"}, false, false},
+    {"sm90_gathered", "MOE_SM90_GATHERED", {"auto", "fused", "unfused"}, false, false},
 };
 
 int sm90_count(bool wgrad) {
@@ -85,7 +85,7 @@ int read(Setting& s) {
 CpuGemm cpu_gemm() { return CpuGemm(read(g_settings[0])); }
 CudaGemm cuda_gemm() { return CudaGemm(read(g_settings[1])); }
 int sm90_config(bool wgrad) { return read(g_settings[wgrad ? 3 : 2]); }
-Sm90GatherSwiglu sm90_gather_swiglu() { return Sm90GatherSwiglu(read(g_settings[4])); }
+Sm90Gathered sm90_gathered() { return Sm90Gathered(read(g_settings[4])); }
 
 std::vector<std::string> names() {
   std::vector<std::string> out;

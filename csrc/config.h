@@ -22,16 +22,17 @@ enum class CudaGemm : int { kAuto = 0, kNative = 1, kTorch = 2, kStream = 3 };
 // rows take passes that re-read them; bench/gpu_gemm_sweep.py's decode rows time both kernels).
 constexpr long long kCudaStreamRows = 4;
 
-// sm90_gather_swiglu (MOE_SM90_GATHER_SWIGLU): moe.gather_grouped_mm_swiglu's kernel on sm90 where
-// moekit's sm90 GEMM serves the call. "fused" = moekit's one-launch kernel (csrc/cuda/sm90/
-// gather_swiglu.cu: gathered rows, SwiGLU epilogue); "unfused" = the setup launch's gather, the
-// grouped GEMM, then the swiglu kernel; "auto" = "unfused" until the fused kernel has passed the
-// GPU checks (tests/gpu, bench/gpu_check.sh), which no device has run yet.
-enum class Sm90GatherSwiglu : int { kAuto = 0, kFused = 1, kUnfused = 2 };
+// sm90_gathered (MOE_SM90_GATHERED): the kernels of moe.gather_grouped_mm and
+// moe.gather_grouped_mm_swiglu on sm90 where moekit's sm90 GEMM serves the call. "fused" =
+// moekit's one-launch gathered GEMM (csrc/cuda/sm90/gathered_gemm.cu: x_TD's rows read in place,
+// SwiGLU in the epilogue); "unfused" = the setup launch's gather and the CUTLASS grouped GEMM (then
+// the swiglu kernel); "auto" = "unfused" until the fused kernel has passed the GPU checks
+// (tests/gpu, bench/gpu_check.sh), which no device has run yet.
+enum class Sm90Gathered : int { kAuto = 0, kFused = 1, kUnfused = 2 };
 
 CpuGemm cpu_gemm();
 CudaGemm cuda_gemm();
-Sm90GatherSwiglu sm90_gather_swiglu();
+Sm90Gathered sm90_gathered();
 // sm90_forward_config / sm90_wgrad_config (MOE_SM90_GEMM_CONFIG / MOE_SM90_WGRAD_CONFIG): a
 // configuration id of the Hopper GEMM, or "auto" (-1 here): the table picks from the sizes.
 int sm90_config(bool wgrad);

@@ -14,9 +14,10 @@ counting sort), else a zero fill, the keys/histogram kernel, the offsets scan, c
 kernel), two on the sm90 path (the group setup, which also checks the offsets and writes the
 padding zeros, and the CUTLASS GEMM), four around PyTorch's (offsets check, its setup and GEMM,
 zeros); ``gather_grouped_mm`` one at decode sizes, two on the sm90 path (its setup launch also
-gathers the rows: no permute kernel), else permute + grouped_mm; ``gather_grouped_mm_wgrad`` two
+gathers the rows: no permute kernel; one with sm90_gathered="fused", not the default yet), else
+permute + grouped_mm; ``gather_grouped_mm_wgrad`` two
 on the sm90 path, else permute + grouped_mm_wgrad; ``gather_grouped_mm_swiglu`` one at decode
-sizes (the streaming kernel with SwiGLU's epilogue), one on sm90 with sm90_gather_swiglu="fused" (not the
+sizes (the streaming kernel with SwiGLU's epilogue), one on sm90 with sm90_gathered="fused" (not the
 default yet), else gather_grouped_mm's + the swiglu kernel; ``topk_route`` 2
 kernels (route, then the final statistics, or with the loss statistics their partial sums whose
 last block forms the final ones), 1 without statistics up to 64 tokens; ``linear_f32_backward`` 4 for bfloat16 (the split of the gradient into three

@@ -449,23 +449,23 @@ std::optional<GatheredRows> sm90_gather(const at::Tensor& x_TD, const at::Tensor
   return r;
 }
 
-// gather_grouped_mm_swiglu in one launch of moekit's fused sm90 kernel (sm90/gather_swiglu.cu: x_TD's
-// rows gathered into shared memory, SwiGLU in the epilogue, h written only with keep_h), where the
-// setting sm90_gather_swiglu asks for it ("fused"; "auto" does not yet, see config.h), moekit's sm90
-// GEMM serves the call, and the kernel's layout rules hold (bfloat16 x_TD with unit column stride, b
-// contiguous along Y or along X, F a multiple of 64, 16-byte strides, E <= 1024); else nullopt,
+// gather_grouped_mm (swiglu=false: returns (h, empty)) or gather_grouped_mm_swiglu (returns (act, h
+// or an empty (0, Y) without keep_h)) in one launch of moekit's gathered sm90 GEMM
+// (sm90/gathered_gemm.cu: x_TD's rows read in place, SwiGLU in the epilogue), where the setting
+// sm90_gathered asks for it ("fused"; "auto" does not yet, see config.h), moekit's sm90 GEMM serves
+// the call, and the kernel's layout rules hold (bfloat16, x_TD with unit column stride, b
+// contiguous along Y or along X, Y a multiple of 128, 16-byte strides, E <= 1024); else nullopt,
 // before any allocation.
-std::optional<std::tuple<at::Tensor, at::Tensor>> gather_swiglu_sm90(const at::Tensor& x_TD, const at::Tensor& order_N,
-                                                                     const at::Tensor& rows_TK, const at::Tensor& b_EXY,
-                                                                     const at::Tensor& offs_E, bool keep_h) {
-  if (config::sm90_gather_swiglu() != config::Sm90GatherSwiglu::kFused || !use_sm90(config::cuda_gemm()))
-    return std::nullopt;
+std::optional<std::tuple<at::Tensor, at::Tensor>> gathered_sm90(const at::Tensor& x_TD, const at::Tensor& order_N,
+                                                                const at::Tensor& rows_TK, const at::Tensor& b_EXY,
+                                                                const at::Tensor& offs_E, bool swiglu, bool keep_h) {
+  if (config::sm90_gathered() != config::Sm90Gathered::kFused || !use_sm90(config::cuda_gemm())) return std::nullopt;
   const int64_t N = order_N.size(0), T = x_TD.size(0), D = x_TD.size(1), E = b_EXY.size(0), Y = b_EXY.size(2);
   const bool b_col = b_EXY.stride(2) != 1 && b_EXY.stride(1) == 1;
   if (x_TD.scalar_type() != at::kBFloat16 || b_EXY.scalar_type() != at::kBFloat16 || (D > 1 && x_TD.stride(1) != 1) ||
-      !(b_EXY.stride(2) == 1 || b_col) || (E > 1 && b_EXY.stride(0) <= 0) || N > std::numeric_limits<int>::max())
+      !(b_EXY.stride(2) == 1 || b_col) || N > std::numeric_limits<int>::max())
     return std::nullopt;
-  sm90::GatherSwiglu g;
+  sm90::GatheredGemm g;
   g.x = x_TD.const_data_ptr();
   g.ldx = T > 1 ? x_TD.stride(0) : D;
   g.slots = rows_TK.numel();
@@ -474,21 +474,23 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> gather_swiglu_sm90(const at::T
   g.b_col = b_col;
   g.ldb = b_col ? b_EXY.stride(2) : b_EXY.stride(1);
   g.b_batch = E > 1 ? b_EXY.stride(0) : D * Y;  // (any 16-byte stride for one expert)
+  g.swiglu = swiglu;
   g.E = static_cast<int>(E);
   g.N = static_cast<int>(N);
   g.D = static_cast<int>(D);
-  g.F = static_cast<int>(Y / 2);
+  g.Y = static_cast<int>(Y);
   g.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  if (sm90::gather_swiglu_unsupported(g) != nullptr) return std::nullopt;
+  if (sm90::gathered_gemm_unsupported(g) != nullptr) return std::nullopt;
   const auto order = order_N.contiguous(), offs = offs_E.contiguous();
-  auto act = at::empty({N, Y / 2}, x_TD.options());
-  auto h = at::empty({keep_h ? N : 0, Y}, x_TD.options());
+  auto act = at::empty({swiglu ? N : 0, Y / 2}, x_TD.options());
+  auto h = at::empty({!swiglu || keep_h ? N : 0, Y}, x_TD.options());
   g.order = order.const_data_ptr<int64_t>();
   g.offs = offs.const_data_ptr<int>();
-  g.act = act.mutable_data_ptr();
-  g.h = keep_h ? h.mutable_data_ptr() : nullptr;
-  const char* err = sm90::gather_swiglu(g, at::cuda::getCurrentCUDAStream());
+  g.act = swiglu ? act.mutable_data_ptr() : nullptr;
+  g.h = h.size(0) > 0 ? h.mutable_data_ptr() : nullptr;
+  const char* err = sm90::gathered_gemm(g, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == nullptr, err);
+  if (!swiglu) return std::make_tuple(h, act);
   return std::make_tuple(act, h);
 }
 
@@ -692,7 +694,9 @@ std::optional<at::Tensor> gathered_forward_sm90(const at::Tensor& x_TD, const at
 #endif
 
 // Gathered rows: the streaming kernel reads x_TD through the plan where it serves the call (decode
-// sizes, see use_stream), else the two-op form: moe.permute's kernel, then grouped_mm's own choice.
+// sizes, see use_stream); on sm90 with sm90_gathered="fused" moekit's gathered GEMM reads it in place
+// (one launch); else the sm90 setup launch gathers the rows for the CUTLASS GEMM, or the two-op form:
+// moe.permute's kernel, then grouped_mm's own choice.
 at::Tensor gather_grouped_mm_cuda(const at::Tensor& x_TD, const at::Tensor& order_N,
                                   const at::Tensor& rows_TK, const at::Tensor& b_EXY,
                                   const at::Tensor& offs_E) {
@@ -705,6 +709,8 @@ at::Tensor gather_grouped_mm_cuda(const at::Tensor& x_TD, const at::Tensor& orde
     return grouped_mm_stream_path(x_TD, order_N.contiguous(), rows_TK.size(1), b_EXY, b_col,
                                   offs_E.contiguous(), N);
 #ifdef MOE_WITH_SM90_GEMM
+  if (auto fused = gathered_sm90(x_TD, order_N, rows_TK, b_EXY, offs_E, /*swiglu=*/false, /*keep_h=*/true))
+    return std::get<0>(*fused);
   if (auto c = gathered_forward_sm90(x_TD, order_N, rows_TK, b_EXY, offs_E)) return *c;
 #endif
   return grouped_mm_cuda(permute_cuda(x_TD, order_N, rows_TK, std::nullopt), b_EXY, offs_E);
@@ -766,8 +772,8 @@ std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward_cuda(const at::Ten
 // moe.gather_grouped_mm_swiglu on CUDA: where the streaming kernel serves the gathered GEMM (decode
 // sizes, its layout rules) and F is a multiple of half its column block, one launch with the
 // SwiGLU epilogue (stream_gemm.cuh: the same bits as moe.swiglu on the streamed h, which is
-// written only with keep_h); on sm90 with sm90_gather_swiglu="fused", moekit's fused kernel (one
-// launch, gather_swiglu_sm90); else gather_grouped_mm's path, then the swiglu kernel.
+// written only with keep_h); on sm90 with sm90_gathered="fused", moekit's gathered GEMM with SwiGLU's
+// epilogue (one launch, gathered_sm90); else gather_grouped_mm's path, then the swiglu kernel.
 std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_swiglu_cuda(const at::Tensor& x_TD, const at::Tensor& order_N,
                                                                  const at::Tensor& rows_TK, const at::Tensor& b_EXY,
                                                                  const at::Tensor& offs_E, bool keep_h) {
@@ -791,7 +797,7 @@ std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_swiglu_cuda(const at::Tenso
     return {act, h};
   }
 #ifdef MOE_WITH_SM90_GEMM
-  if (auto fused = gather_swiglu_sm90(x_TD, order_N, rows_TK, b_EXY, offs_E, keep_h)) return *fused;
+  if (auto fused = gathered_sm90(x_TD, order_N, rows_TK, b_EXY, offs_E, /*swiglu=*/true, keep_h)) return *fused;
 #endif
   at::Tensor h = gather_grouped_mm_cuda(x_TD, order_N, rows_TK, b_EXY, offs_E);
   at::Tensor act = swiglu_cuda(h);

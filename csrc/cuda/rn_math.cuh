@@ -27,7 +27,7 @@ __device__ __forceinline__ acc_t one_plus_exp_neg(acc_t g) {
 
 // silu(g) * u, as F.silu (g / (1 + e^-g)) then the multiply: SwiGLU's gating, shared by the
 // swiglu kernel (csrc/cuda/activation.cu) and the SwiGLU epilogues of the streaming GEMM and of the
-// fused sm90 kernel (sm90/gather_swiglu.cu).
+// gathered sm90 GEMM (sm90/gathered_gemm.cu).
 template <typename acc_t>
 __device__ __forceinline__ acc_t swiglu_one(acc_t g, acc_t u) {
   return mul_rn(div_rn(g, one_plus_exp_neg(g)), u);

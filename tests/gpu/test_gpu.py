@@ -446,7 +446,7 @@ def test_sm90_backward_shares_one_setup_launch():
                 without_sync(call)
 
 
-GATHER_SWIGLU_CASES = [  # (T, K, E, D, F, x layout) for moekit's fused sm90 kernel
+GATHERED_CASES = [  # (T, K, E, D, F, x layout) for moekit's gathered sm90 GEMM (Y = 2F)
     (300, 4, 8, 64, 64, "contiguous"), (64, 8, 256, 128, 128, "contiguous"),  # E = 256, empty experts
     (100, 2, 3, 200, 64, "strided"),  # D = 200: the last depth block is partial (zeros past D)
     (512, 8, 128, 2048, 768, "contiguous"),  # Qwen3-30B-A3B's D and F
@@ -454,23 +454,28 @@ GATHER_SWIGLU_CASES = [  # (T, K, E, D, F, x layout) for moekit's fused sm90 ker
 ]
 
 
-@pytest.mark.parametrize("T,K,E,D,F,kind", GATHER_SWIGLU_CASES)
-@pytest.mark.parametrize("yx", [False, True], ids=["exy", "yx"])
-def test_sm90_gather_swiglu_fused_kernel(T, K, E, D, F, kind, yx):
-    """moekit's fused sm90 kernel for gather_grouped_mm_swiglu (sm90_gather_swiglu="fused"): one
-    launch, no host sync; h meets the 2x-error rule against the float64 twin (for b (E, D, 2F) and
-    the transposed nn.Linear layout); act is moe.swiglu of that h bit for bit, with and without
-    keep_h; padding rows (dropped slots) are zero; gradients through the saved h meet the rule too."""
-    if not _sm90_gemm():
-        pytest.skip("needs moekit's sm90 grouped GEMM on a compute capability 9.0 GPU")
+def _gathered_inputs(T, K, E, D, F, kind, yx):
     counts, offs, order, rows = moe_ops.plan(random_ids(T, K, E), E)
     x = _x_layout(torch.randn(T, D, device="cuda", dtype=torch.bfloat16), kind)
-    b = _weight(E, D, 2 * F, yx) / D ** 0.5
+    return counts, offs, order, rows, x, _weight(E, D, 2 * F, yx) / D ** 0.5
+
+
+@pytest.mark.parametrize("T,K,E,D,F,kind", GATHERED_CASES)
+@pytest.mark.parametrize("yx", [False, True], ids=["exy", "yx"])
+def test_sm90_gathered_gemm_swiglu(T, K, E, D, F, kind, yx):
+    """moekit's gathered sm90 GEMM with SwiGLU's epilogue (sm90_gathered="fused"): one launch, no
+    host sync; h meets the 2x-error rule against the float64 twin (for b (E, D, 2F) and the
+    transposed nn.Linear layout), as the path it replaces does; act is moe.swiglu of that h bit for
+    bit, with and without keep_h; padding rows (dropped slots) are zero; gradients through the saved
+    h meet the rule too."""
+    if not _sm90_gemm():
+        pytest.skip("needs moekit's sm90 grouped GEMM on a compute capability 9.0 GPU")
+    counts, offs, order, rows, x, b = _gathered_inputs(T, K, E, D, F, kind, yx)
     N = T * K
-    with ops.config.override(cuda_gemm="auto", sm90_gather_swiglu="fused"):
+    with ops.config.override(cuda_gemm="auto", sm90_gathered="fused"):
         call = lambda keep: moe_ops.gather_grouped_mm_swiglu(x, order, rows, b, offs, keep)  # noqa: E731
         names = kernel_names(lambda: call(True))
-        assert len(names) == 1 and "gather_swiglu_kernel" in names[0], names
+        assert len(names) == 1 and "gathered_gemm_kernel" in names[0], names
         without_sync(lambda: call(True))
         poison(((N, F), torch.bfloat16), ((N, 2 * F), torch.bfloat16))
         act, h = call(True)
@@ -478,17 +483,17 @@ def test_sm90_gather_swiglu_fused_kernel(T, K, E, D, F, kind, yx):
         act_only, no_h = call(False)
     assert h.shape == (N, 2 * F) and no_h.shape == (0, 2 * F)
     ref = twins.gather_grouped_mm_torch(x.double(), order, rows, b.double(), offs)
-    error_rule(h, ref, twins.gather_grouped_mm_torch(x, order, rows, b, offs))
+    same = twins.gather_grouped_mm_torch(x, order, rows, b, offs)
+    error_rule(h, ref, same)
     assert torch.equal(act, moe_ops.swiglu(h)) and torch.equal(act_only, act)
     real = int(offs[-1])
     assert not h[real:].any() and not act[real:].any()
-    with ops.config.override(cuda_gemm="auto", sm90_gather_swiglu="unfused"):
-        unfused = moe_ops.gather_grouped_mm_swiglu(x, order, rows, b, offs, True)
-    error_rule(unfused[1], ref, twins.gather_grouped_mm_torch(x, order, rows, b, offs))  # the path it replaces
+    with ops.config.override(cuda_gemm="auto", sm90_gathered="unfused"):
+        error_rule(moe_ops.gather_grouped_mm_swiglu(x, order, rows, b, offs, True)[1], ref, same)  # what it replaces
     # gradients through the fused forward's saved h
     xg, bg = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
     grad = torch.randn(N, F, device="cuda", dtype=torch.bfloat16)
-    with ops.config.override(cuda_gemm="auto", sm90_gather_swiglu="fused"):
+    with ops.config.override(cuda_gemm="auto", sm90_gathered="fused"):
         ops.gather_grouped_mm_swiglu(xg, ops.Plan(counts, offs, order, rows), bg).backward(grad)
     x64, b64 = x.double().requires_grad_(), b.double().requires_grad_()
     twins.gather_grouped_mm_swiglu_torch(x64, order, rows, b64, offs)[0].backward(grad.double())
@@ -498,36 +503,58 @@ def test_sm90_gather_swiglu_fused_kernel(T, K, E, D, F, kind, yx):
     error_rule(bg.grad, b64.grad, bs.grad)
 
 
-def test_sm90_gather_swiglu_fused_falls_back_and_passes_opcheck():
-    """Where the fused kernel's rules fail (F not a multiple of 64, float32) the op runs the unfused
-    path with the setting on; opcheck passes with it on; auto is still the unfused path."""
+@pytest.mark.parametrize("T,K,E,D,F,kind", GATHERED_CASES)
+@pytest.mark.parametrize("yx", [False, True], ids=["exy", "yx"])
+def test_sm90_gathered_gemm_plain(T, K, E, D, F, kind, yx):
+    """The same kernel without the epilogue serves gather_grouped_mm (Y = 2F, a multiple of 128):
+    one launch, no host sync, the 2x-error rule against the float64 twin, zero padding rows."""
+    if not _sm90_gemm():
+        pytest.skip("needs moekit's sm90 grouped GEMM on a compute capability 9.0 GPU")
+    counts, offs, order, rows, x, b = _gathered_inputs(T, K, E, D, F, kind, yx)
+    with ops.config.override(cuda_gemm="auto", sm90_gathered="fused"):
+        call = lambda: moe_ops.gather_grouped_mm(x, order, rows, b, offs)  # noqa: E731
+        names = kernel_names(call)
+        assert len(names) == 1 and "gathered_gemm_kernel" in names[0], names
+        without_sync(call)
+        poison(((T * K, 2 * F), torch.bfloat16))
+        got = call()
+    error_rule(got, twins.gather_grouped_mm_torch(x.double(), order, rows, b.double(), offs),
+               twins.gather_grouped_mm_torch(x, order, rows, b, offs))
+    assert not got[int(offs[-1]):].any()
+
+
+def test_sm90_gathered_gemm_falls_back_and_passes_opcheck():
+    """Where the kernel's rules fail (F not a multiple of 64, float32) the ops run the unfused path
+    with the setting on; opcheck passes with it on; "auto" is still the unfused path."""
     if not _sm90_gemm():
         pytest.skip("needs moekit's sm90 grouped GEMM on a compute capability 9.0 GPU")
     T, K, E, D = 200, 4, 8, 64
     counts, offs, order, rows = moe_ops.plan(random_ids(T, K, E), E)
     x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
-    with ops.config.override(cuda_gemm="auto", sm90_gather_swiglu="fused"):
+    fused = lambda names: any("gathered_gemm_kernel" in n for n in names)  # noqa: E731
+    with ops.config.override(cuda_gemm="auto", sm90_gathered="fused"):
         for F, dtype in ((48, torch.bfloat16), (64, torch.float32)):
             xd, b = x.to(dtype), torch.randn(E, D, 2 * F, device="cuda", dtype=dtype)
-            names = kernel_names(lambda: moe_ops.gather_grouped_mm_swiglu(xd, order, rows, b, offs, True))
-            assert not any("gather_swiglu_kernel" in n for n in names), names
+            assert not fused(kernel_names(lambda: moe_ops.gather_grouped_mm_swiglu(xd, order, rows, b, offs, True)))
+            assert not fused(kernel_names(lambda: moe_ops.gather_grouped_mm(xd, order, rows, b, offs)))
             act, h = moe_ops.gather_grouped_mm_swiglu(xd, order, rows, b, offs, True)
             assert torch.equal(act, moe_ops.swiglu(h))
         b = torch.randn(E, D, 128, device="cuda", dtype=torch.bfloat16)
         for keep in (False, True):
             torch.library.opcheck(moe_ops.gather_grouped_mm_swiglu.default, (x, order, rows, b, offs, keep))
-    with ops.config.override(cuda_gemm="auto", sm90_gather_swiglu="auto"):
-        names = kernel_names(lambda: moe_ops.gather_grouped_mm_swiglu(x, order, rows, b, offs, True))
-        assert not any("gather_swiglu_kernel" in n for n in names), names
+        torch.library.opcheck(moe_ops.gather_grouped_mm.default, (x, order, rows, b, offs))
+    with ops.config.override(cuda_gemm="auto", sm90_gathered="auto"):
+        assert not fused(kernel_names(lambda: moe_ops.gather_grouped_mm_swiglu(x, order, rows, b, offs, True)))
+        assert not fused(kernel_names(lambda: moe_ops.gather_grouped_mm(x, order, rows, b, offs)))
 
 
-def test_sm90_gather_swiglu_fused_bad_order_traps():
-    """A bad order_N (or offs_E) stops the fused kernel with a trap (an assert's call would serialise
-    its wgmma pipeline): an error at the next sync, never a silent result; in a subprocess, as the
+def test_sm90_gathered_gemm_bad_order_traps():
+    """A bad order_N stops the gathered kernel with a trap (an assert's call would serialise its
+    wgmma pipeline): an error at the next sync, never a silent result; in a subprocess, as the
     context is then unusable."""
     if not _sm90_gemm():
         pytest.skip("needs moekit's sm90 grouped GEMM on a compute capability 9.0 GPU")
-    code = ("import torch, moe.ops; from moe import ops; ops.config.sm90_gather_swiglu = 'fused';"
+    code = ("import torch, moe.ops; from moe import ops; ops.config.sm90_gathered = 'fused';"
             "x = torch.randn(64, 64, device='cuda', dtype=torch.bfloat16);"
             "b = torch.randn(2, 64, 128, device='cuda', dtype=torch.bfloat16);"
             "order = torch.full((256,), 10 ** 6, device='cuda', dtype=torch.int64);"

@@ -26,7 +26,7 @@ def test_defaults_set_reset_and_validation(monkeypatch):
         monkeypatch.delenv({"cpu_gemm": "MOE_CPU_GEMM", "cuda_gemm": "MOE_CUDA_GEMM",
                             "sm90_forward_config": "MOE_SM90_GEMM_CONFIG",
                             "sm90_wgrad_config": "MOE_SM90_WGRAD_CONFIG",
-                            "sm90_gather_swiglu": "MOE_SM90_GATHER_SWIGLU"}[name], raising=False)
+                            "sm90_gathered": "MOE_SM90_GATHERED"}[name], raising=False)
         assert not ops.config.is_set(name) and getattr(ops.config, name) == "auto"
     with ops.config.override(cuda_gemm="native", cpu_gemm="aten"):
         assert ops.config.cuda_gemm == "native" and ops.config.cpu_gemm == "aten"
@@ -55,10 +55,10 @@ def test_defaults_set_reset_and_validation(monkeypatch):
         with pytest.raises(ValueError, match="sm90_forward_config"):
             ops.config.sm90_forward_config = 10 ** 6
         for value in ("auto", "fused", "unfused"):
-            with ops.config.override(sm90_gather_swiglu=value):
-                assert ops.config.sm90_gather_swiglu == value
-        with pytest.raises(ValueError, match="sm90_gather_swiglu.*'on'"):
-            ops.config.sm90_gather_swiglu = "on"
+            with ops.config.override(sm90_gathered=value):
+                assert ops.config.sm90_gathered == value
+        with pytest.raises(ValueError, match="sm90_gathered.*'on'"):
+            ops.config.sm90_gathered = "on"
         assert not ops.config.is_set("cuda_gemm") and not ops.config.is_set("sm90_forward_config")
     assert "cpu_gemm=" in repr(ops.config)
 

@@ -112,37 +112,40 @@ struct Gather {
 const char* run(const GroupedGemm* g, const int* ids, void* const* ws, int count, cudaStream_t stream,
                 const Gather* gather = nullptr);
 
-// moe.gather_grouped_mm_swiglu's first projection in one launch (gather_swiglu.cu: moekit's own
-// kernel, TMA and wgmma from CuTe's atoms, no CUTLASS collective): the rows of x_TD gathered
-// through order_N straight into shared memory (cp.async, no T*K x D copy), each expert's [gate; up]
-// weights read by one TMA box that takes gate columns f..f+63 and up columns F+f..F+f+63 together,
-// and SwiGLU in the epilogue, so h_N2F is written only when asked for:
-//   h[i] = x[order[i] / K] @ b[e]  (rows i of expert e),  act[i, f] = silu(h[i, f]) * h[i, F + f]
-// with h rounded to bfloat16 first (the unfused ops' values), zeros for the padding rows
-// [offs_E[E-1], N) and rows with order[i] < 0. bfloat16; F a multiple of kGatherSwigluCols; D, ldx,
-// ldb and b_batch multiples of 8; x and b 16-byte aligned; 1 <= E <= kGatherSwigluMaxExperts.
-constexpr int kGatherSwigluCols = 64;
-constexpr int kGatherSwigluMaxExperts = 1024;
-struct GatherSwiglu {
+// moekit's own gathered grouped GEMM, one launch (gathered_gemm.cu: TMA and wgmma from CuTe's
+// atoms, no CUTLASS collective): the rows of x_TD gathered through order_N straight into shared
+// memory (cp.async, no T*K x D copy), b read by a TMA box of two 64-column halves, and with `swiglu`
+// SwiGLU in the epilogue (the halves are an expert's gate columns f..f+63 and up columns
+// F+f..F+f+63 of moekit's [gate; up] weight, no relayout):
+//   h[i] = x[order[i] / K] @ b[e]  (rows i of expert e, h (N, Y) with Y = 2F when swiglu)
+//   swiglu: act[i, f] = silu(h[i, f]) * h[i, F + f], from h rounded to bfloat16 (the unfused ops'
+//   values); h written only when `h` is given. Without swiglu h is the output (gather_grouped_mm).
+// Zeros for the padding rows [offs_E[E-1], N) and rows with order[i] < 0. bfloat16; swiglu: F a
+// multiple of 64, else Y a multiple of 128; D, ldx, ldb and b_batch multiples of 8; x and b 16-byte
+// aligned; 1 <= E <= kGatheredMaxExperts.
+constexpr int kGatheredMaxExperts = 1024;
+struct GatheredGemm {
   const void* x = nullptr;         // x_TD, row stride ldx (elements), unit column stride
   int64_t ldx = 0;
   const int64_t* order = nullptr;  // order_N (N,): slots in [-1, slots)
   int64_t slots = 0;               // T * K
   int K = 1;
-  const void* b = nullptr;         // b_EXY (E, D, 2F): b[e, x, y] at e * b_batch + x * ldb + y, or
-  int64_t ldb = 0, b_batch = 0;    // with b_col at e * b_batch + y * ldb + x (nn.Linear's (E, 2F, D))
+  const void* b = nullptr;         // b_EXY (E, D, Y): b[e, x, y] at e * b_batch + x * ldb + y, or
+  int64_t ldb = 0, b_batch = 0;    // with b_col at e * b_batch + y * ldb + x (nn.Linear's (E, Y, D))
   bool b_col = false;
   const int* offs = nullptr;       // offs_E (E,) int32, device
-  void* act = nullptr;             // (N, F) contiguous
-  void* h = nullptr;               // (N, 2F) contiguous, or nullptr: not written
-  int E = 0, N = 0, D = 0, F = 0;
+  bool swiglu = false;
+  void* act = nullptr;             // swiglu: (N, Y / 2) contiguous
+  void* h = nullptr;               // (N, Y) contiguous; with swiglu may be nullptr (not written)
+  int E = 0, N = 0, D = 0, Y = 0;
   int sm_count = 0;
 };
-// nullptr if gather_swiglu takes `p` (its layout rules above), else the rule that fails.
-const char* gather_swiglu_unsupported(const GatherSwiglu& p);
+// nullptr if gathered_gemm takes `p`'s sizes and layouts (the rules above; the outputs are not
+// looked at), else the rule that fails.
+const char* gathered_gemm_unsupported(const GatheredGemm& p);
 // Enqueues the kernel on `stream` (no host-device synchronisation). Returns nullptr on success,
 // else a message naming what failed.
-const char* gather_swiglu(const GatherSwiglu& p, cudaStream_t stream);
+const char* gathered_gemm(const GatheredGemm& p, cudaStream_t stream);
 
 // Entry points of one configuration, each defined in its translation unit (forward_c<ID>.cu,
 // wgrad_c<ID>.cu) and listed in table.cu: CUTLASS's workspace bytes and its kernel alone (the

@@ -1,23 +1,24 @@
-// moekit's own Hopper kernel for moe.gather_grouped_mm_swiglu (grouped_gemm_sm90.h's contract):
-// the gathered first projection of an expert MLP with SwiGLU in its epilogue, in one launch.
+// moekit's own Hopper kernel for the gathered grouped GEMM (grouped_gemm_sm90.h's GatheredGemm):
+// moe.gather_grouped_mm, and moe.gather_grouped_mm_swiglu with SwiGLU in its epilogue, one launch.
 //
 // Layout of one CTA (384 threads, one CTA per SM, persistent over output tiles):
 //   warp group 0 (producer): each stage, cp.async copies the tile's kTM gathered rows of x_TD
 //     (row order[i] / K; zeros for padding) into shared memory in the wgmma's 128-byte swizzle,
-//     and one thread issues the TMA box of b: gate columns f0..f0+63 and up columns F+f0..F+f0+63
-//     of expert e, as one 128-column operand (the tensor map's dims are (column, depth, half,
-//     expert), the box spans both halves), so [gate; up] needs no relayout;
+//     and one thread issues the TMA box of b: expert e's columns c0..c0+63 and, `half` columns
+//     further, 64 more, as one 128-column operand (the tensor map's dims are (column, depth, half,
+//     expert), the box spans both halves). With SwiGLU the halves are gate columns f..f+63 and up
+//     columns F+f..F+f+63 (half = F), so [gate; up] needs no relayout; else the next 64 (half = 64);
 //   warp groups 1-2 (consumers): 64 rows each, wgmma m64n128k16 over the stages (one batch in
-//     flight), then the epilogue: accumulator v holds gate column c, v + 32 the up column c + 64
-//     of the same row, so act = silu(g) * u is formed in registers.
+//     flight), then the epilogue: accumulator v holds column c of the first half, v + 32 column c
+//     of the second, same row, so act = silu(g) * u is formed in registers.
 // Full barriers count the producer's 128 cp.async arrivals and the TMA's bytes; empty barriers the
 // 256 consumer threads; a wait that lasts seconds traps (wait_or_trap), so a pipeline bug fails
-// fast instead of hanging. Tiles (tile_of, gather_swiglu.cuh): each expert's rows in kTM-row
+// fast instead of hanging. Tiles (tile_of, gathered_gemm.cuh): each expert's rows in kTM-row
 // blocks (a prefix over offs_E built by every CTA in shared memory: no host sync), then the
-// padding rows [offs_E[E-1], N), which the consumers zero; tile t is (row block t / (F / 64),
-// column block t % (F / 64)), so CTAs that run together share a row block's x rows and an
+// padding rows [offs_E[E-1], N), which the consumers zero; tile t is (row block t / col_blocks,
+// column block t % col_blocks), so CTAs that run together share a row block's x rows and an
 // expert's weights in L2. The layouts, the accumulator pairing and the tile map are checked on
-// the CPU (tests/cpp/sm90_layouts.cu); the kernel itself by tests/gpu against the unfused ops.
+// the CPU (tests/cpp/sm90_gathered_gemm.cu); the kernel itself by tests/gpu against the twins.
 #include <cuda.h>  // CUtensorMap (the driver entry point is found at run time: no -lcuda)
 #include <cuda_bf16.h>
 
@@ -29,7 +30,7 @@
 #include <limits>
 
 #include "cuda/rn_math.cuh"
-#include "gather_swiglu.cuh"
+#include "gathered_gemm.cuh"
 #include "grouped_gemm_sm90.h"
 
 namespace moe::cuda::sm90 {
@@ -37,13 +38,13 @@ namespace moe::cuda::sm90 {
 namespace {
 
 using namespace cute;
-using namespace fused_swiglu;
-static_assert(kTF == kGatherSwigluCols);
+using namespace gathered;
+
 struct alignas(1024) Smem {
   bf16 a[kStages][kTM * kTK];
   bf16 b[kStages][kTN * kTK];
   uint64_t full[kStages], empty[kStages];
-  int tiles[kGatherSwigluMaxExperts + 1];  // tiles[e]: the row blocks of experts before e
+  int tiles[kGatheredMaxExperts + 1];      // tiles[e]: the row blocks of experts before e
   int end;                                 // offs_E[E-1]: the padding rows start here
   int blocks;                              // row blocks, padding's included
 };
@@ -57,9 +58,12 @@ struct Params {
   int64_t slots;
   int K;
   const int* offs;
-  __nv_bfloat16* act;
-  __nv_bfloat16* h;
-  int E, N, D, F, col_blocks;
+  __nv_bfloat16* act;  // SwiGLU's (N, F), or nullptr
+  __nv_bfloat16* h;    // (N, Y), or nullptr
+  int E, N, D, Y, F;
+  int half;            // columns between a tile's two halves: F with SwiGLU, else kTF
+  int col_step;        // first column of column block cb: cb * col_step (kTF with SwiGLU, else kTN)
+  int col_blocks;
 };
 
 // Bad offs_E or order_N stop the kernel with a trap (reported as a launch failure at the next
@@ -158,9 +162,11 @@ __device__ void produce(const Params& p, Smem& sm, int total) {
         cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&sm.full[stage], kBBytes);
         const uint64_t hint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
         if constexpr (B_COL)  // dims (depth, column, half, expert)
-          SM90_TMA_LOAD_4D::copy(&p.b_map, &sm.full[stage], hint, &sm.b[stage][0], kb * kTK, tl.f0, 0, tl.e);
+          SM90_TMA_LOAD_4D::copy(&p.b_map, &sm.full[stage], hint, &sm.b[stage][0], kb * kTK, tl.cb * p.col_step, 0,
+                                 tl.e);
         else  // dims (column, depth, half, expert)
-          SM90_TMA_LOAD_4D::copy(&p.b_map, &sm.full[stage], hint, &sm.b[stage][0], tl.f0, kb * kTK, 0, tl.e);
+          SM90_TMA_LOAD_4D::copy(&p.b_map, &sm.full[stage], hint, &sm.b[stage][0], tl.cb * p.col_step, kb * kTK, 0,
+                                 tl.e);
       }
       const int k = kb * kTK + chunk * 8;
 #pragma unroll
@@ -178,17 +184,19 @@ __device__ void produce(const Params& p, Smem& sm, int total) {
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
-// act[row, f0 + c] (and h's gate and up columns) for the consumer's accumulators, or zeros.
+// Row `row`'s columns c0 + c, c0 + c + 1 of each half of a tile (g: the first half's, u: the
+// second's): h's, and with SwiGLU act's columns c0 + c, c0 + c + 1; zeros for padding.
 __device__ __forceinline__ void store_pair(const Params& p, int64_t row, int col, float g0, float g1, float u0,
                                            float u1) {
   const __nv_bfloat162 g = __floats2bfloat162_rn(g0, g1), u = __floats2bfloat162_rn(u0, u1);
-  // SwiGLU on the bfloat16 h, in float, rounded once: moe.swiglu's values on the unfused h
-  const __nv_bfloat162 a = __floats2bfloat162_rn(swiglu_one(__low2float(g), __low2float(u)),
-                                                 swiglu_one(__high2float(g), __high2float(u)));
-  *reinterpret_cast<__nv_bfloat162*>(p.act + row * p.F + col) = a;
+  if (p.act != nullptr) {  // SwiGLU on the bfloat16 h, in float, rounded once: moe.swiglu's values
+    const __nv_bfloat162 a = __floats2bfloat162_rn(swiglu_one(__low2float(g), __low2float(u)),
+                                                   swiglu_one(__high2float(g), __high2float(u)));
+    *reinterpret_cast<__nv_bfloat162*>(p.act + row * p.F + col) = a;
+  }
   if (p.h != nullptr) {
-    *reinterpret_cast<__nv_bfloat162*>(p.h + row * 2 * p.F + col) = g;
-    *reinterpret_cast<__nv_bfloat162*>(p.h + row * 2 * p.F + p.F + col) = u;
+    *reinterpret_cast<__nv_bfloat162*>(p.h + row * p.Y + col) = g;
+    *reinterpret_cast<__nv_bfloat162*>(p.h + row * p.Y + p.half + col) = u;
   }
 }
 
@@ -213,7 +221,7 @@ __device__ void consume(const Params& p, Smem& sm, int total) {
     if (tl.e < 0) {  // padding rows: zeros
       for (int i = ctid; i < tl.rows * (kTF / 2); i += kConsumers) {
         const int64_t row = tl.row0 + i / (kTF / 2);
-        const int col = tl.f0 + 2 * (i % (kTF / 2));
+        const int col = tl.cb * p.col_step + 2 * (i % (kTF / 2));
         store_pair(p, row, col, 0.f, 0.f, 0.f, 0.f);
       }
       continue;
@@ -246,16 +254,17 @@ __device__ void consume(const Params& p, Smem& sm, int total) {
     warpgroup_fence_operand(acc);
     cutlass::arch::ClusterBarrier::arrive(&sm.empty[previous]);
 #pragma unroll
-    for (int v = 0; v < 32; v += 2) {  // gate columns c, c + 1 at v, v + 1; up at v + 32, v + 33
+    for (int v = 0; v < 32; v += 2) {  // columns c, c + 1 of a half at v, v + 1; the other half's at v + 32, v + 33
       const int r = get<0>(coord(v));
       if (r < tl.rows)
-        store_pair(p, int64_t(tl.row0) + r, tl.f0 + get<1>(coord(v)), acc(v), acc(v + 1), acc(v + 32), acc(v + 33));
+        store_pair(p, int64_t(tl.row0) + r, tl.cb * p.col_step + get<1>(coord(v)), acc(v), acc(v + 1), acc(v + 32),
+                   acc(v + 33));
     }
   }
 }
 
 template <bool B_COL>
-__global__ void __launch_bounds__(kThreads, 1) gather_swiglu_kernel(const __grid_constant__ Params p) {
+__global__ void __launch_bounds__(kThreads, 1) gathered_gemm_kernel(const __grid_constant__ Params p) {
   extern __shared__ char smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) / 1024 * 1024);
   if (threadIdx.x == 0) {
@@ -294,61 +303,64 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 
 }  // namespace
 
-const char* gather_swiglu_unsupported(const GatherSwiglu& p) {
-  if (p.E < 1 || p.E > kGatherSwigluMaxExperts) return "E outside [1, kGatherSwigluMaxExperts]";
-  if (p.N < 1 || p.D < 1 || p.F < 1) return "an empty dimension";
-  if (p.F % kTF != 0) return "F is not a multiple of kGatherSwigluCols";
+const char* gathered_gemm_unsupported(const GatheredGemm& p) {
+  if (p.E < 1 || p.E > kGatheredMaxExperts) return "E outside [1, kGatheredMaxExperts]";
+  if (p.N < 1 || p.D < 1 || p.Y < 1) return "an empty dimension";
+  if (p.Y % kTN != 0) return "Y is not a multiple of 128 (with SwiGLU: F of 64)";
   if (p.D % 8 != 0 || p.ldx % 8 != 0 || p.ldb % 8 != 0 || p.b_batch % 8 != 0) return "a stride is not 16-byte";
   if (p.ldb <= 0 || p.b_batch <= 0) return "b's strides are not positive";
-  if ((int64_t(p.N) / kTM + p.E + 1) * (p.F / kTF) > std::numeric_limits<int>::max()) return "too many tiles";
+  if ((int64_t(p.N) / kTM + p.E + 1) * (p.Y / kTN) > std::numeric_limits<int>::max()) return "too many tiles";
   if (!aligned16(p.x) || !aligned16(p.b)) return "x or b is not 16-byte aligned";
   if (p.K < 1 || p.slots < 0) return "bad slots";
   return nullptr;
 }
 
-const char* gather_swiglu(const GatherSwiglu& g, cudaStream_t stream) {
-  if (const char* why = gather_swiglu_unsupported(g)) return why;
+const char* gathered_gemm(const GatheredGemm& g, cudaStream_t stream) {
+  if (const char* why = gathered_gemm_unsupported(g)) return why;
+  if (g.swiglu ? g.act == nullptr : g.h == nullptr) return "moe.gather_grouped_mm (sm90): no output";
   const EncodeTiled encode = encode_tiled();
-  if (encode == nullptr) return "moe.gather_grouped_mm_swiglu (sm90): cuTensorMapEncodeTiled is unavailable";
+  if (encode == nullptr) return "moe.gather_grouped_mm (sm90): cuTensorMapEncodeTiled is unavailable";
   Params p{};
-  // b's tensor map: the gate half's columns, the depth, the half (up = gate + F columns) and the
-  // expert; a box of kTF columns x kTK depth x both halves (byte strides of the last three dims).
-  const cuuint64_t F = cuuint64_t(g.F), D = cuuint64_t(g.D), E = cuuint64_t(g.E), es = sizeof(bf16);
-  // b_col: b[e, x, y] at e * b_batch + y * ldb + x, dims (depth, column, half, expert); else at
-  // e * b_batch + x * ldb + y, dims (column, depth, half, expert).
+  p.Y = g.Y;
+  p.F = g.swiglu ? g.Y / 2 : 0;
+  p.half = g.swiglu ? p.F : kTF;
+  p.col_step = g.swiglu ? kTF : kTN;
+  p.col_blocks = g.Y / kTN;  // with SwiGLU F / 64 blocks of 64 act columns
+  // b's tensor map: a half's columns (F of them with SwiGLU, else all Y: a box at column c0 <= Y - 128
+  // stays inside), the depth, the half (`half` columns further) and the expert; a box of kTF
+  // columns x kTK depth x both halves. b_col: b[e, x, y] at e * b_batch + y * ldb + x, dims (depth,
+  // column, half, expert); else at e * b_batch + x * ldb + y, dims (column, depth, half, expert).
+  const cuuint64_t es = sizeof(bf16), cols = cuuint64_t(g.swiglu ? p.F : g.Y), D = cuuint64_t(g.D);
+  const cuuint64_t E = cuuint64_t(g.E), half = cuuint64_t(p.half);
   const cuuint64_t ldb = cuuint64_t(g.ldb) * es, batch = cuuint64_t(g.b_batch) * es;
-  const cuuint64_t dims_col[4] = {D, F, 2, E}, strides_col[3] = {ldb, F * ldb, batch};
-  const cuuint64_t dims_row[4] = {F, D, 2, E}, strides_row[3] = {ldb, F * es, batch};
+  const cuuint64_t dims_col[4] = {D, cols, 2, E}, strides_col[3] = {ldb, half * ldb, batch};
+  const cuuint64_t dims_row[4] = {cols, D, 2, E}, strides_row[3] = {ldb, half * es, batch};
   const cuuint32_t box_col[4] = {kTK, kTF, 2, 1}, box_row[4] = {kTF, kTK, 2, 1}, unit[4] = {1, 1, 1, 1};
-  const cuuint64_t* dims = g.b_col ? dims_col : dims_row;
-  const cuuint64_t* strides = g.b_col ? strides_col : strides_row;
-  const cuuint32_t* box = g.b_col ? box_col : box_row;
-  if (encode(&p.b_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<void*>(g.b), dims, strides, box, unit,
-             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+  if (encode(&p.b_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<void*>(g.b), g.b_col ? dims_col : dims_row,
+             g.b_col ? strides_col : strides_row, g.b_col ? box_col : box_row, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
-    return "moe.gather_grouped_mm_swiglu (sm90): cuTensorMapEncodeTiled rejected b's layout";
+    return "moe.gather_grouped_mm (sm90): cuTensorMapEncodeTiled rejected b's layout";
   p.x = static_cast<const bf16*>(g.x);
   p.ldx = g.ldx;
   p.order = g.order;
   p.slots = g.slots;
   p.K = g.K;
   p.offs = g.offs;
-  p.act = static_cast<__nv_bfloat16*>(g.act);
+  p.act = g.swiglu ? static_cast<__nv_bfloat16*>(g.act) : nullptr;
   p.h = static_cast<__nv_bfloat16*>(g.h);
   p.E = g.E;
   p.N = g.N;
   p.D = g.D;
-  p.F = g.F;
-  p.col_blocks = g.F / kTF;
   // A bound on the tiles from host-known sizes: sum over experts of ceil(rows_e / kTM), plus the
   // padding's blocks, is at most N / kTM + E + 1 row blocks.
   const int64_t bound = (int64_t(g.N) / kTM + g.E + 1) * p.col_blocks;
   const int grid = int(std::max<int64_t>(1, std::min<int64_t>(bound, g.sm_count > 0 ? g.sm_count : 1)));
-  auto kernel = g.b_col ? gather_swiglu_kernel<true> : gather_swiglu_kernel<false>;
+  auto kernel = g.b_col ? gathered_gemm_kernel<true> : gathered_gemm_kernel<false>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmemBytes)) != cudaSuccess)
-    return "moe.gather_grouped_mm_swiglu (sm90): the kernel's shared memory was refused";
+    return "moe.gather_grouped_mm (sm90): the kernel's shared memory was refused";
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
-  if (cudaGetLastError() != cudaSuccess) return "moe.gather_grouped_mm_swiglu (sm90): the kernel launch failed";
+  if (cudaGetLastError() != cudaSuccess) return "moe.gather_grouped_mm (sm90): the kernel launch failed";
   return nullptr;
 }
 

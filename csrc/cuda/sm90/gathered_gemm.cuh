@@ -1,13 +1,14 @@
-// The tile constants and shared-memory layouts of moekit's fused sm90 kernel (gather_swiglu.cu),
-// apart so that a host program checks them (tests/ops/test_sm90_layouts.py compiles
-// tests/ops/sm90_layouts.cu with nvcc and runs it on the CPU): the layouts wgmma reads must be the
-// orders in which cp.async and the TMA box write, under the 128-byte swizzle.
+// The tile constants, shared-memory layouts and tile map of moekit's gathered sm90 GEMM
+// (gathered_gemm.cu), apart so that a host program checks them (tests/ops/test_sm90_gathered_gemm.py
+// compiles tests/cpp/sm90_gathered_gemm.cu with nvcc and runs it on the CPU): the layouts wgmma reads
+// must be the orders in which cp.async and the TMA box write, under the 128-byte swizzle.
 //
 // Under the 128-byte swizzle (the TMA's CU_TENSOR_MAP_SWIZZLE_128B, CuTe's SW128 atoms), the
 // 16-byte chunk c of the 128-byte row r of a 1024-byte-aligned buffer sits at chunk c ^ (r % 8).
 // The TMA box of b fills its 16 KiB in dim order: [half][depth][column] for row-major b (dims
 // (column, depth, half, expert)), [half][column][depth] for b_col (dims (depth, column, half,
-// expert)); so B's tile is its 64 gate columns, then its 64 up columns.
+// expert)); so B's tile is its first 64 columns (with SwiGLU the gate's), then the 64 of its second
+// half (the up columns F further; without SwiGLU the next 64).
 #pragma once
 
 #include <cute/atom/mma_atom.hpp>
@@ -17,14 +18,14 @@
 
 #include <type_traits>
 
-namespace moe::cuda::sm90::fused_swiglu {
+namespace moe::cuda::sm90::gathered {
 
 using namespace cute;
 using bf16 = cutlass::bfloat16_t;
 
 constexpr int kTM = 128;                    // routed rows per tile: two consumer warp groups of 64
-constexpr int kTF = 64;                     // act columns per tile (kGatherSwigluCols)
-constexpr int kTN = 2 * kTF;                // b columns per tile: kTF gate, then kTF up
+constexpr int kTF = 64;                     // columns per half of a tile (act columns with SwiGLU)
+constexpr int kTN = 2 * kTF;                // b columns per tile: two halves
 constexpr int kTK = 64;                     // depth per stage: one 128-byte swizzle row of bf16
 constexpr int kStages = 5;
 constexpr int kThreads = 384;
@@ -37,8 +38,8 @@ constexpr uint32_t kBBytes = kTN * kTK * sizeof(bf16);
 template <bool B_COL>
 struct Layouts {
   // A (rows x depth) and B (columns x depth) per stage, as wgmma reads them; the MMA: two warp
-  // groups of 64 rows, m64n128k16, so one thread's accumulator v holds gate column c of a row
-  // and v + 32 the up column c + 64 of that row (v even: v + 1 is column c + 1).
+  // groups of 64 rows, m64n128k16, so one thread's accumulator v holds column c of a row in the
+  // first half and v + 32 the column c of that row in the second (v even: v + 1 is column c + 1).
   using LayoutA = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<bf16>{},
                                          Shape<Int<kTM>, Int<kTK>, Int<kStages>>{}));
   using LayoutB = std::conditional_t<
@@ -70,14 +71,14 @@ struct OutputTile {
   int e;     // expert, or -1: padding rows
   int row0;  // first routed row
   int rows;  // rows in the tile (1..kTM)
-  int f0;    // first act column
+  int cb;    // column block
 };
 
 __host__ __device__ inline OutputTile tile_of(const int* tiles, const int* offs, int E, int N, int end, int col_blocks,
                                         int t) {
   const int m = t / col_blocks;
   OutputTile tl;
-  tl.f0 = (t % col_blocks) * kTF;
+  tl.cb = t % col_blocks;
   if (m >= tiles[E]) {
     tl.e = -1;
     tl.row0 = end + (m - tiles[E]) * kTM;
@@ -98,4 +99,4 @@ __host__ __device__ inline OutputTile tile_of(const int* tiles, const int* offs,
   return tl;
 }
 
-}  // namespace moe::cuda::sm90::fused_swiglu
+}  // namespace moe::cuda::sm90::gathered

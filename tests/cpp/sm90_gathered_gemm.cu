@@ -1,11 +1,12 @@
-// Host-side check of the layout claims of moekit's fused sm90 kernel (csrc/cuda/sm90/
-// gather_swiglu.cuh), run on the CPU by tests/ops/test_sm90_layouts.py (nvcc, CUTLASS's headers):
+// Host-side check of the layout claims of moekit's gathered sm90 GEMM (csrc/cuda/sm90/
+// gathered_gemm.cuh), run on the CPU by tests/ops/test_sm90_gathered_gemm.py (nvcc, CUTLASS's headers):
 //   - B's shared-memory layout, as wgmma reads it, is the order in which the TMA box writes it
 //     ([half][depth][column] for row-major b, [half][column][depth] for b_col) under the 128-byte
 //     swizzle; A's is its rows of 64 depth values in that swizzle (cp.async writes through it);
 //   - in the m64n128k16 accumulators of each of the 256 consumer threads, v and v + 32 are the same
-//     row's gate column c and up column c + 64 (c < 64), v + 1 is column c + 1 (v even), and the
-//     row lies in the thread's warp group's 64;
+//     row's column c of the tile's first half and column c of its second (tile columns c and
+//     c + 64, c < 64), v + 1 is column c + 1 (v even), and the row lies in the thread's warp
+//     group's 64;
 //   - the tiles (tile_of) cover every (routed row, column block) exactly once over random routings
 //     (empty experts, padding rows, rows not a multiple of kTM), each real tile inside its expert's
 //     rows and each padding tile inside [offs_E[E-1], N).
@@ -13,10 +14,10 @@
 #include <cstdio>
 #include <vector>
 
-#include "cuda/sm90/gather_swiglu.cuh"
+#include "cuda/sm90/gathered_gemm.cuh"
 
 using namespace cute;
-using namespace moe::cuda::sm90::fused_swiglu;
+using namespace moe::cuda::sm90::gathered;
 
 namespace {
 
@@ -89,9 +90,10 @@ int check_tiles() {
       const OutputTile tl = tile_of(tiles.data(), offs.data(), E, N, end, col_blocks, t);
       int lo = end, hi = N;
       if (tl.e >= 0) expert_rows(offs.data(), N, tl.e, lo, hi);
-      bad += tl.rows < 1 || tl.rows > kTM || tl.row0 < lo || tl.row0 + tl.rows > hi || tl.f0 % kTF != 0 ||
-             tl.f0 / kTF >= col_blocks;
-      for (int r = tl.row0; r < tl.row0 + tl.rows && r >= 0 && r < N; ++r) ++seen[size_t(r) * col_blocks + tl.f0 / kTF];
+      bad += tl.rows < 1 || tl.rows > kTM || tl.row0 < lo || tl.row0 + tl.rows > hi || tl.cb < 0 ||
+             tl.cb >= col_blocks;
+      for (int r = tl.row0; r < tl.row0 + tl.rows && r >= 0 && r < N && tl.cb >= 0 && tl.cb < col_blocks; ++r)
+        ++seen[size_t(r) * col_blocks + tl.cb];
     }
     for (int c : seen) bad += c != 1;
   }
