@@ -76,7 +76,7 @@ SHAPES = {  # name: (D, F, E, K)
 SECTIONS = ("ops", "mlp", "layer", "decode")
 MODES = ("fwd", "fwd+bwd")
 FAILED: list[str] = []  # labels of the rows that failed in this run (the exit status is 1 if any)
-FUSED = False  # --fused: the mlp rows also time moekit with sm90_gathered="fused"
+FUSED = False  # --fused: the mlp rows also time moekit with sm90_gathered="fused" (forward and backward)
 
 
 # ---- timing ----------------------------------------------------------------------------------
@@ -397,9 +397,13 @@ def bench_mlp(name, T, iters, ceil=None):
     def moekit():
         return ops.unpermute(experts(ExpertRows(x, p.offs_E, p)), p, weights)
 
-    def moekit_fused():  # the first projection in moekit's fused sm90 kernel (gather, GEMM, SwiGLU)
-        with ops.config.override(sm90_gathered="fused"):
-            return moekit()
+    def gathered(fn):  # fn with moekit's one-launch gathered sm90 GEMMs (forward and weight gradient)
+        def run():
+            with ops.config.override(sm90_gathered="fused"):
+                return fn()
+        return run
+
+    moekit_fused = gathered(moekit)
 
     def composite():
         h = gmm(x.index_select(0, token_idx), w_in, offs=offs)
@@ -414,14 +418,15 @@ def bench_mlp(name, T, iters, ceil=None):
         fused_diff = (moekit_fused().float() - ref).abs().max().item() if FUSED else None
         scale = ref.abs().max().item()
     inputs = (x, w_in, w_out, weights)
-    cands = (("moekit", moekit), ("composite", composite)) + ((("fused", moekit_fused),) if FUSED else ())
+    cands = (("moekit", moekit, False), ("composite", composite, False)) + ((("fused", moekit, True),) if FUSED else ())
     rows = []
     for mode in MODES:
         if mode == "fwd":
             with torch.no_grad():
-                t = {n: _time_ms(f, [()], iters) for n, f in cands}
+                t = {n: _time_ms(gathered(f) if g else f, [()], iters) for n, f, g in cands}
         else:
-            t = {n: _time_ms(lambda f=f: torch.autograd.grad(f(), inputs, dy), [()], iters) for n, f in cands}
+            step = lambda f: (lambda: torch.autograd.grad(f(), inputs, dy))  # noqa: E731
+            t = {n: _time_ms(gathered(step(f)) if g else step(f), [()], iters) for n, f, g in cands}
         nbytes, flops = _mlp_work(D, Fh, T, K, used, mode)
         fused = {} if not FUSED else {
             "fused_ms": t["fused"], "fused_vs_unfused": t["moekit"] / t["fused"],

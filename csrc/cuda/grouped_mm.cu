@@ -494,6 +494,43 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> gathered_sm90(const at::Tensor
   return std::make_tuple(act, h);
 }
 
+// gather_grouped_mm_wgrad in one launch of moekit's gathered sm90 GEMM (x_TD's rows read in place)
+// where sm90_gathered asks for it ("fused"), moekit's sm90 GEMM serves the call and the kernel's
+// rules hold (bfloat16, unit column strides, D and Y multiples of 8, 16-byte rows); the weight
+// gradient in b's layout ((E, D, Y), or out_yx the transpose of an (E, Y, D) tensor). Else nullopt,
+// before any allocation.
+std::optional<at::Tensor> gathered_wgrad_sm90(const at::Tensor& x_TD, const at::Tensor& order_N,
+                                              const at::Tensor& rows_TK, const at::Tensor& g_NY,
+                                              const at::Tensor& offs_E, bool out_yx) {
+  if (config::sm90_gathered() != config::Sm90Gathered::kFused || !use_sm90(config::cuda_gemm())) return std::nullopt;
+  const int64_t N = order_N.size(0), T = x_TD.size(0), D = x_TD.size(1), Y = g_NY.size(1), E = offs_E.size(0);
+  if (x_TD.scalar_type() != at::kBFloat16 || g_NY.scalar_type() != at::kBFloat16 || (D > 1 && x_TD.stride(1) != 1) ||
+      (Y > 1 && g_NY.stride(1) != 1) || N > std::numeric_limits<int>::max() || E > std::numeric_limits<int>::max())
+    return std::nullopt;
+  sm90::GatheredWgrad w;
+  w.x = x_TD.const_data_ptr();
+  w.ldx = T > 1 ? x_TD.stride(0) : D;
+  w.slots = rows_TK.numel();
+  w.K = static_cast<int>(rows_TK.size(1));
+  w.g = g_NY.const_data_ptr();
+  w.ldg = N > 1 ? g_NY.stride(0) : Y;
+  w.out_yx = out_yx;
+  w.E = static_cast<int>(E);
+  w.N = static_cast<int>(N);
+  w.D = static_cast<int>(D);
+  w.Y = static_cast<int>(Y);
+  w.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  if (sm90::gathered_wgrad_unsupported(w) != nullptr) return std::nullopt;
+  const auto order = order_N.contiguous(), offs = offs_E.contiguous();
+  auto out = out_yx ? at::empty({E, Y, D}, x_TD.options()) : at::empty({E, D, Y}, x_TD.options());
+  w.order = order.const_data_ptr<int64_t>();
+  w.offs = offs.const_data_ptr<int>();
+  w.out = out.mutable_data_ptr();
+  const char* err = sm90::gathered_wgrad(w, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == nullptr, err);
+  return out_yx ? out.transpose(1, 2) : out;
+}
+
 // grouped_mm_wgrad's sm90 GEMM (a and g with unit column strides, N > 0, E <= 65535), where that is
 // grouped_mm_wgrad_cuda's path; the setup launch zeroes the experts with no rows. Else nullopt.
 std::optional<Sm90Gemm> sm90_wgrad(const at::Tensor& a, const at::Tensor& g_NY, const at::Tensor& offs, Backend be) {
@@ -716,7 +753,8 @@ at::Tensor gather_grouped_mm_cuda(const at::Tensor& x_TD, const at::Tensor& orde
   return grouped_mm_cuda(permute_cuda(x_TD, order_N, rows_TK, std::nullopt), b_EXY, offs_E);
 }
 
-// moe.gather_grouped_mm_wgrad on CUDA: grouped_mm_wgrad on permute(x_TD) (with out_yx,
+// moe.gather_grouped_mm_wgrad on CUDA: with sm90_gathered="fused" moekit's gathered sm90 GEMM (one
+// launch, x_TD's rows read in place); else grouped_mm_wgrad on permute(x_TD) (with out_yx,
 // grouped_mm_wgrad(g, permute(x_TD)) transposed), the permuted rows gathered by the sm90 setup
 // launch where that GEMM runs (two launches), else the permute kernel first.
 at::Tensor gather_grouped_mm_wgrad_cuda(const at::Tensor& x_TD, const at::Tensor& order_N, const at::Tensor& rows_TK,
@@ -726,6 +764,7 @@ at::Tensor gather_grouped_mm_wgrad_cuda(const at::Tensor& x_TD, const at::Tensor
   const int64_t N = order_N.size(0), D = x_TD.size(1), Y = g_NY.size(1);
   check_sizes("gather_grouped_mm_wgrad", N, D, Y);
 #ifdef MOE_WITH_SM90_GEMM
+  if (auto fused = gathered_wgrad_sm90(x_TD, order_N, rows_TK, g_NY, offs_E, out_yx)) return *fused;
   const int64_t E = offs_E.size(0);
   const Backend be = config::cuda_gemm();  // may raise: a bad MOE_CUDA_GEMM
   if (N > 0 && D > 0 && Y > 0 && E > 0 && E <= 65535 && use_sm90(be)) {  // else grouped_mm_wgrad_cuda's cases
@@ -744,7 +783,8 @@ at::Tensor gather_grouped_mm_wgrad_cuda(const at::Tensor& x_TD, const at::Tensor
 
 // moe.gather_grouped_mm_backward on CUDA: d b is gather_grouped_mm_wgrad, d x unpermute of
 // grouped_mm(grad, b^T); on the sm90 path one setup launch gathers x's rows and sets up both GEMMs
-// (four launches with the unpermute).
+// (four launches with the unpermute); with sm90_gathered="fused" d b is the gathered GEMM's one
+// launch, which reads x_TD in place (four launches, no gathered copy).
 std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward_cuda(const at::Tensor& grad_NY, const at::Tensor& x_TD,
                                                                    const at::Tensor& order_N, const at::Tensor& rows_TK,
                                                                    const at::Tensor& b_EXY, const at::Tensor& offs_E,
@@ -755,7 +795,9 @@ std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward_cuda(const at::Ten
   check_sizes("gather_grouped_mm_backward", order_N.size(0), D, Y);
   at::Tensor rows_ND, d_b;  // d x before the sum over each token's rows
 #ifdef MOE_WITH_SM90_GEMM
-  if (grad_x && grad_b && order_N.size(0) > 0) {
+  // with the gathered GEMM (sm90_gathered="fused") d b reads x_TD in place: no gathered copy to share
+  const bool share = config::sm90_gathered() != config::Sm90Gathered::kFused;
+  if (share && grad_x && grad_b && order_N.size(0) > 0) {
     if (const auto rows = sm90_gather(x_TD, order_N, rows_TK)) {
       if (auto both = backward_sm90(grad_NY, rows->x_ND, b_EXY, offs_E, &rows->gather)) std::tie(rows_ND, d_b) = *both;
     }

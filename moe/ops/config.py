@@ -20,11 +20,11 @@ cuda_gemm              MOE_CUDA_GEMM              "auto", "native" (moekit's WMM
                                                   <= build_info()["cuda_stream_rows"] rows/expert)
 sm90_forward_config    MOE_SM90_GEMM_CONFIG       "auto" (the size table) or a configuration id
 sm90_wgrad_config      MOE_SM90_WGRAD_CONFIG      likewise, of the weight-gradient GEMM
-sm90_gathered          MOE_SM90_GATHERED          "fused" (gather_grouped_mm[_swiglu] in one sm90
-                                                  launch: x_TD's rows read in place, SwiGLU in
-                                                  the epilogue), "unfused" (gather + GEMM, then
-                                                  swiglu), "auto" (= "unfused" until the fused
-                                                  kernel has passed the GPU checks)
+sm90_gathered          MOE_SM90_GATHERED          "fused" (gather_grouped_mm[_swiglu|_wgrad] in
+                                                  one sm90 launch: x_TD's rows read in place,
+                                                  SwiGLU in the epilogue), "unfused" (gather +
+                                                  GEMM, then swiglu), "auto" (= "unfused" until
+                                                  the fused kernels have passed the GPU checks)
 =====================  =========================  ==============================================
 
 The ids are the positions in ``moe.ops.build_info()["sm90_forward_configs"]`` (and wgrad).

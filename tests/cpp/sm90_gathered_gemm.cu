@@ -7,6 +7,9 @@
 //     row's column c of the tile's first half and column c of its second (tile columns c and
 //     c + 64, c < 64), v + 1 is column c + 1 (v even), and the row lies in the thread's warp
 //     group's 64;
+//   - the weight gradient's layouts (WgradLayouts, written by cp.async in 16-byte chunks of 8
+//     consecutive columns at one depth) keep each chunk contiguous and 16-byte aligned, and cover
+//     every element of a stage once; its accumulators pair as above;
 //   - the tiles (tile_of) cover every (routed row, column block) exactly once over random routings
 //     (empty experts, padding rows, rows not a multiple of kTM), each real tile inside its expert's
 //     rows and each padding tile inside [offs_E[E-1], N).
@@ -37,6 +40,24 @@ int offset(int i, int j, int s) {
   return int(&t(i, j, s) - buffer);
 }
 
+// The accumulator pairing of a 2 x m64n128k16 tiled MMA, for each of the 256 consumer threads.
+template <class Mma>
+int check_accumulators() {
+  int bad = 0;
+  Mma mma;
+  for (int t = 0; t < kConsumers; ++t) {
+    auto coord = mma.get_thread_slice(t).partition_C(make_identity_tensor(Shape<Int<kTM>, Int<kTN>>{}));
+    bad += int(size(coord)) != 64;
+    for (int v = 0; v < 32; ++v) {
+      const int row = get<0>(coord(v)), col = get<1>(coord(v));
+      bad += col >= kTF || get<0>(coord(v + 32)) != row || get<1>(coord(v + 32)) != col + kTF;
+      bad += row / 64 != t / 128;
+      if (v % 2 == 0) bad += get<0>(coord(v + 1)) != row || get<1>(coord(v + 1)) != col + 1 || col % 2 != 0;
+    }
+  }
+  return bad;
+}
+
 template <bool B_COL>
 int check() {
   using L = Layouts<B_COL>;
@@ -51,18 +72,31 @@ int check() {
         bad += offset<typename L::LayoutB>(n, k, s) != s * kTN * kTK + swizzled(pre);
       }
     }
-  typename L::Mma mma;
-  for (int t = 0; t < kConsumers; ++t) {
-    auto coord = mma.get_thread_slice(t).partition_C(make_identity_tensor(Shape<Int<kTM>, Int<kTN>>{}));
-    bad += int(size(coord)) != 64;
-    for (int v = 0; v < 32; ++v) {
-      const int row = get<0>(coord(v)), col = get<1>(coord(v));
-      bad += col >= kTF || get<0>(coord(v + 32)) != row || get<1>(coord(v + 32)) != col + kTF;
-      bad += row / 64 != t / 128;
-      if (v % 2 == 0) bad += get<0>(coord(v + 1)) != row || get<1>(coord(v + 1)) != col + 1 || col % 2 != 0;
-    }
+  return bad + check_accumulators<typename L::Mma>();
+}
+
+// A cp.async-written operand layout (rows x depth x stage): each 16-byte chunk (8 consecutive rows
+// at one depth) is contiguous and aligned, and the stage's elements are a permutation of its slots.
+template <class Layout, int ROWS>
+int check_chunks() {
+  int bad = 0;
+  for (int s = 0; s < kStages; ++s) {
+    std::vector<int> seen(ROWS * kTK, 0);
+    for (int k = 0; k < kTK; ++k)
+      for (int m = 0; m < ROWS; ++m) {
+        const int at = offset<Layout>(m, k, s) - s * ROWS * kTK;
+        bad += at < 0 || at >= ROWS * kTK || (m % 8 != 0 ? at != offset<Layout>(m - m % 8, k, s) - s * ROWS * kTK + m % 8
+                                                        : at % 8 != 0);
+        if (at >= 0 && at < ROWS * kTK) ++seen[at];
+      }
+    for (int c : seen) bad += c != 1;
   }
   return bad;
+}
+
+int check_wgrad() {
+  return check_chunks<WgradLayouts::LayoutA, kTM>() + check_chunks<WgradLayouts::LayoutB, kTN>() +
+         check_accumulators<WgradLayouts::Mma>();
 }
 
 // The routings: E experts with random counts (a third of them empty), N = their sum + padding.
@@ -103,7 +137,7 @@ int check_tiles() {
 }  // namespace
 
 int main() {
-  const int row_major = check<false>(), col_major = check<true>(), tiles = check_tiles();
-  std::printf("mismatches: row-major b %d, b_col %d, tiles %d\n", row_major, col_major, tiles);
-  return row_major + col_major + tiles == 0 ? 0 : 1;
+  const int row_major = check<false>(), col_major = check<true>(), wgrad = check_wgrad(), tiles = check_tiles();
+  std::printf("mismatches: row-major b %d, b_col %d, wgrad %d, tiles %d\n", row_major, col_major, wgrad, tiles);
+  return row_major + col_major + wgrad + tiles == 0 ? 0 : 1;
 }

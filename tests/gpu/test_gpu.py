@@ -523,9 +523,43 @@ def test_sm90_gathered_gemm_plain(T, K, E, D, F, kind, yx):
     assert not got[int(offs[-1]):].any()
 
 
+@pytest.mark.parametrize("T,K,E,D,F,kind", GATHERED_CASES)
+@pytest.mark.parametrize("yx", [False, True], ids=["exy", "yx"])
+def test_sm90_gathered_gemm_wgrad(T, K, E, D, F, kind, yx):
+    """gather_grouped_mm_wgrad in one launch of the gathered engine (x_TD's rows read in place):
+    the 2x-error rule against the float64 twin, in b's layout (yx: the transposed (E, Y, D) storage),
+    zeros for the experts with no rows, no host sync; gather_grouped_mm_backward with it is four
+    launches (d x's setup and GEMM, the gathered wgrad, unpermute) and its d b the same bits."""
+    if not _sm90_gemm():
+        pytest.skip("needs moekit's sm90 grouped GEMM on a compute capability 9.0 GPU")
+    counts, offs, order, rows, x, b = _gathered_inputs(T, K, E, D, F, kind, yx)
+    Y = 2 * F
+    g = torch.randn(T * K, Y, device="cuda", dtype=torch.bfloat16)
+    with ops.config.override(cuda_gemm="auto", sm90_gathered="fused"):
+        call = lambda: moe_ops.gather_grouped_mm_wgrad(x, order, rows, g, offs, yx)  # noqa: E731
+        names = kernel_names(call)
+        assert len(names) == 1 and "gathered_wgrad_kernel" in names[0], names
+        without_sync(call)
+        poison(((E, D, Y), torch.bfloat16))
+        got = call()
+        backward = lambda: moe_ops.gather_grouped_mm_backward(g, x, order, rows, b, offs)  # noqa: E731
+        names = kernel_names(backward)
+        assert len(names) == 4 and sum("gathered_wgrad_kernel" in n for n in names) == 1, names
+        without_sync(backward)
+        d_x, d_b = backward()
+    assert got.shape == (E, D, Y) and (got.stride(1) == 1) == yx
+    error_rule(got, twins.gather_grouped_mm_wgrad_torch(x.double(), order, rows, g.double(), offs, yx),
+               twins.gather_grouped_mm_wgrad_torch(x, order, rows, g, offs, yx))
+    assert not got[counts.cuda() == 0].any()
+    assert torch.equal(d_b, got)
+    with ops.config.override(cuda_gemm="auto", sm90_gathered="unfused"):
+        assert torch.equal(d_x, moe_ops.gather_grouped_mm_backward(g, x, order, rows, b, offs, True, False)[0])
+
+
 def test_sm90_gathered_gemm_falls_back_and_passes_opcheck():
-    """Where the kernel's rules fail (F not a multiple of 64, float32) the ops run the unfused path
-    with the setting on; opcheck passes with it on; "auto" is still the unfused path."""
+    """Where the kernels' rules fail (F not a multiple of 64, float32) the ops run the unfused path
+    with the setting on; opcheck passes with it on (both gathered GEMMs and the weight gradient);
+    "auto" is still the unfused path."""
     if not _sm90_gemm():
         pytest.skip("needs moekit's sm90 grouped GEMM on a compute capability 9.0 GPU")
     T, K, E, D = 200, 4, 8, 64
@@ -538,11 +572,18 @@ def test_sm90_gathered_gemm_falls_back_and_passes_opcheck():
             assert not fused(kernel_names(lambda: moe_ops.gather_grouped_mm_swiglu(xd, order, rows, b, offs, True)))
             assert not fused(kernel_names(lambda: moe_ops.gather_grouped_mm(xd, order, rows, b, offs)))
             act, h = moe_ops.gather_grouped_mm_swiglu(xd, order, rows, b, offs, True)
+            if dtype == torch.float32:  # (the wgrad kernel takes any D and Y that are multiples of 8)
+                g = torch.randn(T * K, 2 * F, device="cuda", dtype=dtype)
+                assert not any("gathered_wgrad" in n for n in kernel_names(
+                    lambda: moe_ops.gather_grouped_mm_wgrad(xd, order, rows, g, offs, False)))
             assert torch.equal(act, moe_ops.swiglu(h))
         b = torch.randn(E, D, 128, device="cuda", dtype=torch.bfloat16)
         for keep in (False, True):
             torch.library.opcheck(moe_ops.gather_grouped_mm_swiglu.default, (x, order, rows, b, offs, keep))
         torch.library.opcheck(moe_ops.gather_grouped_mm.default, (x, order, rows, b, offs))
+        g = torch.randn(T * K, 128, device="cuda", dtype=torch.bfloat16)
+        for yx in (False, True):
+            torch.library.opcheck(moe_ops.gather_grouped_mm_wgrad.default, (x, order, rows, g, offs, yx))
     with ops.config.override(cuda_gemm="auto", sm90_gathered="auto"):
         assert not fused(kernel_names(lambda: moe_ops.gather_grouped_mm_swiglu(x, order, rows, b, offs, True)))
         assert not fused(kernel_names(lambda: moe_ops.gather_grouped_mm(x, order, rows, b, offs)))

@@ -45,4 +45,4 @@ def test_sm90_gathered_gemm_layouts_and_tiles(tmp_path):
                            capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-4000:]
     run = subprocess.run([exe], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and "row-major b 0, b_col 0, tiles 0" in run.stdout, run.stdout + run.stderr
+    assert run.returncode == 0 and "row-major b 0, b_col 0, wgrad 0, tiles 0" in run.stdout, run.stdout + run.stderr

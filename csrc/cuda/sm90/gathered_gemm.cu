@@ -1,5 +1,6 @@
-// moekit's own Hopper kernel for the gathered grouped GEMM (grouped_gemm_sm90.h's GatheredGemm):
-// moe.gather_grouped_mm, and moe.gather_grouped_mm_swiglu with SwiGLU in its epilogue, one launch.
+// moekit's own Hopper kernels for the gathered grouped GEMMs (grouped_gemm_sm90.h's GatheredGemm and
+// GatheredWgrad), one launch each: moe.gather_grouped_mm, moe.gather_grouped_mm_swiglu with SwiGLU
+// in its epilogue, and the weight gradient moe.gather_grouped_mm_wgrad (below, gathered_wgrad).
 //
 // Layout of one CTA (384 threads, one CTA per SM, persistent over output tiles):
 //   warp group 0 (producer): each stage, cp.async copies the tile's kTM gathered rows of x_TD
@@ -184,6 +185,40 @@ __device__ void produce(const Params& p, Smem& sm, int total) {
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
+// The consumers' mainloop for one tile: `depth_blocks` (>= 1) stages of wgmma, one batch in flight,
+// each stage released once its batch is done; acc then holds the tile's sums.
+template <class Mma, class FragA, class FragB, class Acc>
+__device__ __forceinline__ void mma_stages(Mma& mma, const FragA& tCrA, const FragB& tCrB, Acc& acc, Smem& sm,
+                                           int depth_blocks, int& stage, uint32_t& phase) {
+  mma.accumulate_ = GMMA::ScaleOut::Zero;
+  int previous = -1;
+  for (int kb = 0; kb < depth_blocks; ++kb) {
+    wait_or_trap(&sm.full[stage], phase);
+    // cp.async wrote through the generic proxy, wgmma reads through the async proxy: the PTX ISA
+    // asks for a proxy fence between them (CUTLASS's cp.async mainloop goes without; it costs little)
+    cutlass::arch::fence_view_async_shared();
+    warpgroup_fence_operand(acc);
+    warpgroup_arrive();
+#pragma unroll
+    for (int k = 0; k < size<2>(tCrA); ++k) {
+      cute::gemm(mma, tCrA(_, _, k, stage), tCrB(_, _, k, stage), acc);
+      mma.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+    warpgroup_wait<1>();  // the previous stage's batch is done: release its buffers
+    warpgroup_fence_operand(acc);
+    if (previous >= 0) cutlass::arch::ClusterBarrier::arrive(&sm.empty[previous]);
+    previous = stage;
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc);
+  cutlass::arch::ClusterBarrier::arrive(&sm.empty[previous]);
+}
+
 // Row `row`'s columns c0 + c, c0 + c + 1 of each half of a tile (g: the first half's, u: the
 // second's): h's, and with SwiGLU act's columns c0 + c, c0 + c + 1; zeros for padding.
 __device__ __forceinline__ void store_pair(const Params& p, int64_t row, int col, float g0, float g1, float u0,
@@ -226,33 +261,7 @@ __device__ void consume(const Params& p, Smem& sm, int total) {
       }
       continue;
     }
-    mma.accumulate_ = GMMA::ScaleOut::Zero;
-    int previous = -1;
-    for (int kb = 0; kb < depth_blocks; ++kb) {
-      wait_or_trap(&sm.full[stage], phase);
-      // A came by cp.async (the generic proxy), wgmma reads through the async proxy: the PTX ISA asks
-      // for a proxy fence between them (CUTLASS's cp.async mainloop goes without; it costs little)
-      cutlass::arch::fence_view_async_shared();
-      warpgroup_fence_operand(acc);
-      warpgroup_arrive();
-#pragma unroll
-      for (int k = 0; k < size<2>(tCrA); ++k) {
-        cute::gemm(mma, tCrA(_, _, k, stage), tCrB(_, _, k, stage), acc);
-        mma.accumulate_ = GMMA::ScaleOut::One;
-      }
-      warpgroup_commit_batch();
-      warpgroup_wait<1>();  // the previous stage's batch is done: release its buffers
-      warpgroup_fence_operand(acc);
-      if (previous >= 0) cutlass::arch::ClusterBarrier::arrive(&sm.empty[previous]);
-      previous = stage;
-      if (++stage == kStages) {
-        stage = 0;
-        phase ^= 1;
-      }
-    }
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(acc);
-    cutlass::arch::ClusterBarrier::arrive(&sm.empty[previous]);
+    mma_stages(mma, tCrA, tCrB, acc, sm, depth_blocks, stage, phase);
 #pragma unroll
     for (int v = 0; v < 32; v += 2) {  // columns c, c + 1 of a half at v, v + 1; the other half's at v + 32, v + 33
       const int r = get<0>(coord(v));
@@ -263,23 +272,145 @@ __device__ void consume(const Params& p, Smem& sm, int total) {
   }
 }
 
+// One thread: the stages' full barriers (`arrivals` a phase) and empty ones (the consumer threads).
+__device__ __forceinline__ void init_barriers(Smem& sm, int arrivals) {
+  for (int s = 0; s < kStages; ++s) {
+    cutlass::arch::ClusterTransactionBarrier::init(&sm.full[s], arrivals);
+    cutlass::arch::ClusterBarrier::init(&sm.empty[s], kConsumers);
+  }
+  cutlass::arch::fence_barrier_init();
+}
+
 template <bool B_COL>
 __global__ void __launch_bounds__(kThreads, 1) gathered_gemm_kernel(const __grid_constant__ Params p) {
   extern __shared__ char smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) / 1024 * 1024);
   if (threadIdx.x == 0) {
     prefetch_tma_descriptor(&p.b_map);
-    for (int s = 0; s < kStages; ++s) {
-      cutlass::arch::ClusterTransactionBarrier::init(&sm.full[s], 128 + 1);  // cp.async arrivals + the TMA's
-      cutlass::arch::ClusterBarrier::init(&sm.empty[s], kConsumers);
-    }
-    cutlass::arch::fence_barrier_init();
+    init_barriers(sm, 128 + 1);  // the producer's cp.async arrivals + the TMA's
   }
   if (threadIdx.x < 32) build_tiles(p, sm);
   __syncthreads();
   const int total = sm.blocks * p.col_blocks;
   if (threadIdx.x < 128) produce<B_COL>(p, sm, total);
   else consume<B_COL>(p, sm, total);
+}
+
+// ---- the weight gradient: d b[e] = x_rows(e)^T @ g_rows(e), x's rows gathered through order_N ----
+// Output tiles of kTM x kTN of each expert's (M, N) = (D, Y) (out_yx: (Y, D), the transposed
+// layout, computed as g^T x); the depth is the expert's rows, kTK a stage; both operands come by
+// cp.async (rows past the expert's end and columns past D or Y are zeros, so the sums are exact),
+// both contiguous along M or N (MN-major for wgmma). Tile t: (expert, M block, N block), N block
+// fastest, so CTAs that run together read one expert's rows.
+
+struct WgradParams {
+  const bf16* x;
+  int64_t ldx;
+  const int64_t* order;
+  int64_t slots;
+  int K;
+  const bf16* g;
+  int64_t ldg;
+  const int* offs;
+  __nv_bfloat16* out;  // (E, M, N) contiguous
+  int E, N, D, Y, M, cols, m_blocks, n_blocks;
+};
+
+struct WgradTile {
+  int e, lo, hi, mb, nb;
+};
+
+__device__ __forceinline__ WgradTile wgrad_tile(const WgradParams& p, int t) {
+  WgradTile tl;
+  tl.nb = t % p.n_blocks;
+  tl.mb = (t / p.n_blocks) % p.m_blocks;
+  tl.e = t / (p.n_blocks * p.m_blocks);
+  const int lo = tl.e > 0 ? p.offs[tl.e - 1] : 0, hi = p.offs[tl.e];
+  MOE_SM90_TRAP_UNLESS(lo >= 0 && lo <= hi && hi <= p.N);  // offs_E non-decreasing within [0, N]
+  expert_rows(p.offs, p.N, tl.e, tl.lo, tl.hi);
+  return tl;
+}
+
+// x's rows (M side unless YX) and g's rows (the other side), kWgradChunks 16-byte chunks of a
+// 128-column row a thread each stage: chunk `chunk` of rows first + kWgradRowsPerPass * i.
+template <bool YX>
+__device__ void produce_wgrad(const WgradParams& p, Smem& sm, int total) {
+  Tensor sA = make_tensor(make_smem_ptr(&sm.a[0][0]), WgradLayouts::LayoutA{});
+  Tensor sB = make_tensor(make_smem_ptr(&sm.b[0][0]), WgradLayouts::LayoutB{});
+  const int tid = threadIdx.x, chunk = tid % kWgradChunks, first = tid / kWgradChunks;
+  int stage = 0;
+  uint32_t phase = 0;
+  for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    const WgradTile tl = wgrad_tile(p, t);
+    const int x_col = (YX ? tl.nb * kTN : tl.mb * kTM) + chunk * 8, g_col = (YX ? tl.mb * kTM : tl.nb * kTN) + chunk * 8;
+    const int depth_blocks = (tl.hi - tl.lo + kTK - 1) / kTK;
+    for (int kb = 0; kb < depth_blocks; ++kb) {
+      wait_or_trap(&sm.empty[stage], phase ^ 1);
+#pragma unroll
+      for (int i = 0; i < kWgradRowsPerThread; ++i) {
+        const int j = first + i * kWgradRowsPerPass, r = tl.lo + kb * kTK + j;
+        const bf16* xs = nullptr;
+        if (r < tl.hi) {
+          const int64_t s = p.order[r];
+          MOE_SM90_TRAP_UNLESS(s >= -1 && s < p.slots);  // order_N matches rows_TK
+          if (s >= 0 && s < p.slots && x_col < p.D) xs = p.x + (s / p.K) * p.ldx + x_col;
+        }
+        const bool g_in = r < tl.hi && g_col < p.Y;
+        bf16* x_dst = YX ? &sB(chunk * 8, j, stage) : &sA(chunk * 8, j, stage);
+        bf16* g_dst = YX ? &sA(chunk * 8, j, stage) : &sB(chunk * 8, j, stage);
+        cp_async_16(x_dst, xs != nullptr ? xs : p.x, xs != nullptr);
+        cp_async_16(g_dst, g_in ? p.g + int64_t(r) * p.ldg + g_col : p.g, g_in);
+      }
+      cutlass::arch::cpasync_barrier_arrive_noinc(&sm.full[stage]);
+      if (++stage == kStages) {
+        stage = 0;
+        phase ^= 1;
+      }
+    }
+  }
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void store_wgrad(const WgradParams& p, int e, int m, int n, float v0, float v1) {
+  if (m < p.M && n < p.cols)  // (cols is even, n too: n + 1 < cols)
+    *reinterpret_cast<__nv_bfloat162*>(p.out + (int64_t(e) * p.M + m) * p.cols + n) = __floats2bfloat162_rn(v0, v1);
+}
+
+__device__ void consume_wgrad(const WgradParams& p, Smem& sm, int total) {
+  const int ctid = threadIdx.x - 128;
+  WgradLayouts::Mma mma;
+  auto thr = mma.get_thread_slice(ctid);
+  Tensor sA = make_tensor(make_smem_ptr(&sm.a[0][0]), WgradLayouts::LayoutA{});
+  Tensor sB = make_tensor(make_smem_ptr(&sm.b[0][0]), WgradLayouts::LayoutB{});
+  Tensor tCrA = thr.make_fragment_A(thr.partition_A(sA));
+  Tensor tCrB = thr.make_fragment_B(thr.partition_B(sB));
+  Tensor acc = partition_fragment_C(mma, Shape<Int<kTM>, Int<kTN>>{});
+  Tensor coord = thr.partition_C(make_identity_tensor(Shape<Int<kTM>, Int<kTN>>{}));
+  int stage = 0;
+  uint32_t phase = 0;
+  for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    const WgradTile tl = wgrad_tile(p, t);
+    const int depth_blocks = (tl.hi - tl.lo + kTK - 1) / kTK;
+    if (depth_blocks > 0) mma_stages(mma, tCrA, tCrB, acc, sm, depth_blocks, stage, phase);
+    else clear(acc);  // an expert with no rows: zeros
+#pragma unroll
+    for (int v = 0; v < 32; v += 2) {  // columns c, c + 1 at v, v + 1; c + 64, c + 65 at v + 32, v + 33
+      const int m = tl.mb * kTM + get<0>(coord(v)), n = tl.nb * kTN + get<1>(coord(v));
+      store_wgrad(p, tl.e, m, n, acc(v), acc(v + 1));
+      store_wgrad(p, tl.e, m, n + kTF, acc(v + 32), acc(v + 33));
+    }
+  }
+}
+
+template <bool YX>
+__global__ void __launch_bounds__(kThreads, 1) gathered_wgrad_kernel(const __grid_constant__ WgradParams p) {
+  extern __shared__ char smem_raw[];
+  Smem& sm = *reinterpret_cast<Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) / 1024 * 1024);
+  if (threadIdx.x == 0) init_barriers(sm, 128);  // the producer's cp.async arrivals
+  __syncthreads();
+  const int total = p.E * p.m_blocks * p.n_blocks;
+  if (threadIdx.x < 128) produce_wgrad<YX>(p, sm, total);
+  else consume_wgrad(p, sm, total);
 }
 
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
@@ -361,6 +492,47 @@ const char* gathered_gemm(const GatheredGemm& g, cudaStream_t stream) {
     return "moe.gather_grouped_mm (sm90): the kernel's shared memory was refused";
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
   if (cudaGetLastError() != cudaSuccess) return "moe.gather_grouped_mm (sm90): the kernel launch failed";
+  return nullptr;
+}
+
+const char* gathered_wgrad_unsupported(const GatheredWgrad& p) {
+  if (p.E < 1 || p.N < 1 || p.D < 1 || p.Y < 1) return "an empty dimension";
+  if (p.D % 8 != 0 || p.Y % 8 != 0 || p.ldx % 8 != 0 || p.ldg % 8 != 0) return "a row is not 16-byte vectors";
+  if (!aligned16(p.x) || !aligned16(p.g)) return "x or g is not 16-byte aligned";
+  if (int64_t(p.E) * ((p.D + kTM - 1) / kTM) * ((p.Y + kTN - 1) / kTN) > std::numeric_limits<int>::max())
+    return "too many tiles";
+  if (p.K < 1 || p.slots < 0) return "bad slots";
+  return nullptr;
+}
+
+const char* gathered_wgrad(const GatheredWgrad& g, cudaStream_t stream) {
+  if (const char* why = gathered_wgrad_unsupported(g)) return why;
+  if (g.out == nullptr) return "moe.gather_grouped_mm_wgrad (sm90): no output";
+  WgradParams p{};
+  p.x = static_cast<const bf16*>(g.x);
+  p.ldx = g.ldx;
+  p.order = g.order;
+  p.slots = g.slots;
+  p.K = g.K;
+  p.g = static_cast<const bf16*>(g.g);
+  p.ldg = g.ldg;
+  p.offs = g.offs;
+  p.out = static_cast<__nv_bfloat16*>(g.out);
+  p.E = g.E;
+  p.N = g.N;
+  p.D = g.D;
+  p.Y = g.Y;
+  p.M = g.out_yx ? g.Y : g.D;
+  p.cols = g.out_yx ? g.D : g.Y;
+  p.m_blocks = (p.M + kTM - 1) / kTM;
+  p.n_blocks = (p.cols + kTN - 1) / kTN;
+  const int64_t total = int64_t(g.E) * p.m_blocks * p.n_blocks;
+  const int grid = int(std::max<int64_t>(1, std::min<int64_t>(total, g.sm_count > 0 ? g.sm_count : 1)));
+  auto kernel = g.out_yx ? gathered_wgrad_kernel<true> : gathered_wgrad_kernel<false>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmemBytes)) != cudaSuccess)
+    return "moe.gather_grouped_mm_wgrad (sm90): the kernel's shared memory was refused";
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
+  if (cudaGetLastError() != cudaSuccess) return "moe.gather_grouped_mm_wgrad (sm90): the kernel launch failed";
   return nullptr;
 }
 

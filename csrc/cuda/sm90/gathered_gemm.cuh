@@ -53,6 +53,21 @@ struct Layouts {
   static_assert(cosize_v<LayoutA> == kStages * kTM * kTK && cosize_v<LayoutB> == kStages * kTN * kTK);
 };
 
+// The weight gradient's operands (gathered_wgrad): both contiguous along the output's M or N (x's
+// rows along D, g's along Y), 128 x kTK per stage, written by cp.async through these layouts.
+constexpr int kWgradChunks = kTM / 8;                     // 16-byte chunks of a 128-column row
+constexpr int kWgradRowsPerPass = 128 / kWgradChunks;     // rows the producer's threads cover at once
+constexpr int kWgradRowsPerThread = kTK / kWgradRowsPerPass;
+struct WgradLayouts {
+  using LayoutA = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<bf16>{},
+                                         Shape<Int<kTM>, Int<kTK>, Int<kStages>>{}));
+  using LayoutB = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<bf16>{},
+                                         Shape<Int<kTN>, Int<kTK>, Int<kStages>>{}));
+  using Mma = decltype(make_tiled_mma(SM90_64x128x16_F32BF16BF16_SS<GMMA::Major::MN, GMMA::Major::MN>{},
+                                      Layout<Shape<_2, _1, _1>>{}));
+  static_assert(cosize_v<LayoutA> == kStages * kTM * kTK && cosize_v<LayoutB> == kStages * kTN * kTK);
+};
+
 // ---- the output tiles: expert e's rows in kTM-row blocks, experts in order, then the padding rows
 // [end, N) (end = offs_E[E-1]) in kTM-row blocks; tile t is (row block t / col_blocks, column block
 // t % col_blocks). tiles[e] (e = 0..E) counts the row blocks of the experts before e.

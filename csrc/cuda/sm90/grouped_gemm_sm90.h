@@ -147,6 +147,28 @@ const char* gathered_gemm_unsupported(const GatheredGemm& p);
 // else a message naming what failed.
 const char* gathered_gemm(const GatheredGemm& p, cudaStream_t stream);
 
+// gather_grouped_mm_wgrad in one launch of the same engine (gathered_gemm.cu): d b[e] = x_rows(e)^T
+// @ g_rows(e) with x_TD's rows read in place through order_N (no T*K x D copy); out (E, D, Y)
+// contiguous, or with out_yx (E, Y, D) (the transposed layout, for nn.Linear-style weights);
+// experts with no rows get zeros. bfloat16; D, Y, ldx and ldg multiples of 8; x and g 16-byte
+// aligned.
+struct GatheredWgrad {
+  const void* x = nullptr;  // x_TD, row stride ldx, unit column stride
+  int64_t ldx = 0;
+  const int64_t* order = nullptr;
+  int64_t slots = 0;
+  int K = 1;
+  const void* g = nullptr;  // g_NY, row stride ldg, unit column stride
+  int64_t ldg = 0;
+  const int* offs = nullptr;
+  bool out_yx = false;
+  void* out = nullptr;
+  int E = 0, N = 0, D = 0, Y = 0;
+  int sm_count = 0;
+};
+const char* gathered_wgrad_unsupported(const GatheredWgrad& p);
+const char* gathered_wgrad(const GatheredWgrad& p, cudaStream_t stream);
+
 // Entry points of one configuration, each defined in its translation unit (forward_c<ID>.cu,
 // wgrad_c<ID>.cu) and listed in table.cu: CUTLASS's workspace bytes and its kernel alone (the
 // group arrays written by the setup launch before it).
