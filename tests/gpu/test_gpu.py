@@ -427,7 +427,7 @@ def test_sm90_backward_shares_one_setup_launch():
     grad = torch.randn(T * K, Y, device="cuda", dtype=torch.bfloat16)
     a = torch.randn(T * K, D, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
-    with ops.config.override(cuda_gemm="auto"):
+    with ops.config.override(cuda_gemm="auto", sm90_gathered="unfused"):
         for yx in (False, True):
             b = _weight(E, D, Y, yx)
             calls = {"plain": (lambda: moe_ops.grouped_mm_backward(grad, a, b, offs), 2, []),
@@ -446,12 +446,15 @@ def test_sm90_backward_shares_one_setup_launch():
                 without_sync(call)
 
 
-GATHERED_CASES = [  # (T, K, E, D, F, x layout) for moekit's gathered sm90 GEMM (Y = 2F)
-    (300, 4, 8, 64, 64, "contiguous"), (64, 8, 256, 128, 128, "contiguous"),  # E = 256, empty experts
+GATHERED_CASES = [  # (T, K, E, D, F, x layout) for moekit's gathered sm90 GEMM (Y = 2F); all above
+    # the decode sizes (N > 4 E), where "auto" would run the streaming kernel instead
+    (300, 4, 8, 64, 64, "contiguous"), (160, 8, 256, 128, 128, "contiguous"),  # E = 256, empty experts
     (100, 2, 3, 200, 64, "strided"),  # D = 200: the last depth block is partial (zeros past D)
     (512, 8, 128, 2048, 768, "contiguous"),  # Qwen3-30B-A3B's D and F
-    (1, 4, 4, 64, 64, "contiguous"), (700, 2, 1, 64, 192, "contiguous"),  # one expert, 3 column blocks
+    (5, 4, 4, 64, 64, "contiguous"), (700, 2, 1, 64, 192, "contiguous"),  # one expert, 3 column blocks
 ]
+# the weight gradient takes any D and Y = 2F that are multiples of 8: partial M and N blocks
+GATHERED_WGRAD_CASES = GATHERED_CASES + [(100, 2, 3, 200, 36, "contiguous"), (300, 4, 8, 72, 100, "strided")]
 
 
 def _gathered_inputs(T, K, E, D, F, kind, yx):
@@ -523,7 +526,7 @@ def test_sm90_gathered_gemm_plain(T, K, E, D, F, kind, yx):
     assert not got[int(offs[-1]):].any()
 
 
-@pytest.mark.parametrize("T,K,E,D,F,kind", GATHERED_CASES)
+@pytest.mark.parametrize("T,K,E,D,F,kind", GATHERED_WGRAD_CASES)
 @pytest.mark.parametrize("yx", [False, True], ids=["exy", "yx"])
 def test_sm90_gathered_gemm_wgrad(T, K, E, D, F, kind, yx):
     """gather_grouped_mm_wgrad in one launch of the gathered engine (x_TD's rows read in place):
@@ -589,19 +592,22 @@ def test_sm90_gathered_gemm_falls_back_and_passes_opcheck():
         assert not fused(kernel_names(lambda: moe_ops.gather_grouped_mm(x, order, rows, b, offs)))
 
 
-def test_sm90_gathered_gemm_bad_order_traps():
-    """A bad order_N stops the gathered kernel with a trap (an assert's call would serialise its
-    wgmma pipeline): an error at the next sync, never a silent result; in a subprocess, as the
+@pytest.mark.parametrize("op", ["gather_grouped_mm_swiglu(x, order, rows, b, offs, False)",
+                                "gather_grouped_mm_wgrad(x, order, rows, g, offs)"])
+def test_sm90_gathered_gemm_bad_order_traps(op):
+    """A bad order_N stops the gathered kernels with a trap (an assert's call would serialise their
+    wgmma pipelines): an error at the next sync, never a silent result; in a subprocess, as the
     context is then unusable."""
     if not _sm90_gemm():
         pytest.skip("needs moekit's sm90 grouped GEMM on a compute capability 9.0 GPU")
     code = ("import torch, moe.ops; from moe import ops; ops.config.sm90_gathered = 'fused';"
             "x = torch.randn(64, 64, device='cuda', dtype=torch.bfloat16);"
             "b = torch.randn(2, 64, 128, device='cuda', dtype=torch.bfloat16);"
+            "g = torch.randn(256, 64, device='cuda', dtype=torch.bfloat16);"
             "order = torch.full((256,), 10 ** 6, device='cuda', dtype=torch.int64);"
             "rows = torch.zeros(64, 4, device='cuda', dtype=torch.int64);"
             "offs = torch.tensor([128, 256], device='cuda', dtype=torch.int32);"
-            "torch.ops.moe.gather_grouped_mm_swiglu(x, order, rows, b, offs, False); torch.cuda.synchronize()")
+            "torch.ops.moe.%s; torch.cuda.synchronize()" % op)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and "error" in (res.stderr + res.stdout).lower(), res.stderr[-2000:]
 

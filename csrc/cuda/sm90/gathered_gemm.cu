@@ -6,8 +6,8 @@
 //   warp group 0 (producer): each stage, cp.async copies the tile's kTM gathered rows of x_TD
 //     (row order[i] / K; zeros for padding) into shared memory in the wgmma's 128-byte swizzle,
 //     and one thread issues the TMA box of b: expert e's columns c0..c0+63 and, `half` columns
-//     further, 64 more, as one 128-column operand (the tensor map's dims are (column, depth, half,
-//     expert), the box spans both halves). With SwiGLU the halves are gate columns f..f+63 and up
+//     further, 64 more, as one 128-column operand (the tensor map's dims are (column, depth, block,
+//     expert), the box spans two blocks). With SwiGLU the halves are gate columns f..f+63 and up
 //     columns F+f..F+f+63 (half = F), so [gate; up] needs no relayout; else the next 64 (half = 64);
 //   warp groups 1-2 (consumers): 64 rows each, wgmma m64n128k16 over the stages (one batch in
 //     flight), then the epilogue: accumulator v holds column c of the first half, v + 32 column c
@@ -65,6 +65,7 @@ struct Params {
   int half;            // columns between a tile's two halves: F with SwiGLU, else kTF
   int col_step;        // first column of column block cb: cb * col_step (kTF with SwiGLU, else kTN)
   int col_blocks;
+  int box_col, box_blk;  // column block cb's TMA box at (column, block) coordinates cb * (box_col, box_blk)
 };
 
 // Bad offs_E or order_N stop the kernel with a trap (reported as a launch failure at the next
@@ -162,12 +163,12 @@ __device__ void produce(const Params& p, Smem& sm, int total) {
       if (tid == 0) {
         cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&sm.full[stage], kBBytes);
         const uint64_t hint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
-        if constexpr (B_COL)  // dims (depth, column, half, expert)
-          SM90_TMA_LOAD_4D::copy(&p.b_map, &sm.full[stage], hint, &sm.b[stage][0], kb * kTK, tl.cb * p.col_step, 0,
-                                 tl.e);
-        else  // dims (column, depth, half, expert)
-          SM90_TMA_LOAD_4D::copy(&p.b_map, &sm.full[stage], hint, &sm.b[stage][0], tl.cb * p.col_step, kb * kTK, 0,
-                                 tl.e);
+        if constexpr (B_COL)  // dims (depth, column, block, expert)
+          SM90_TMA_LOAD_4D::copy(&p.b_map, &sm.full[stage], hint, &sm.b[stage][0], kb * kTK, tl.cb * p.box_col,
+                                 tl.cb * p.box_blk, tl.e);
+        else  // dims (column, depth, block, expert)
+          SM90_TMA_LOAD_4D::copy(&p.b_map, &sm.full[stage], hint, &sm.b[stage][0], tl.cb * p.box_col, kb * kTK,
+                                 tl.cb * p.box_blk, tl.e);
       }
       const int k = kb * kTK + chunk * 8;
 #pragma unroll
@@ -440,7 +441,7 @@ const char* gathered_gemm_unsupported(const GatheredGemm& p) {
   if (p.Y % kTN != 0) return "Y is not a multiple of 128 (with SwiGLU: F of 64)";
   if (p.D % 8 != 0 || p.ldx % 8 != 0 || p.ldb % 8 != 0 || p.b_batch % 8 != 0) return "a stride is not 16-byte";
   if (p.ldb <= 0 || p.b_batch <= 0) return "b's strides are not positive";
-  if ((int64_t(p.N) / kTM + p.E + 1) * (p.Y / kTN) > std::numeric_limits<int>::max()) return "too many tiles";
+  if ((int64_t(p.N) / kTM + p.E + 1) * (p.Y / kTN) > std::numeric_limits<int>::max() / 2) return "too many tiles";
   if (!aligned16(p.x) || !aligned16(p.b)) return "x or b is not 16-byte aligned";
   if (p.K < 1 || p.slots < 0) return "bad slots";
   return nullptr;
@@ -457,15 +458,19 @@ const char* gathered_gemm(const GatheredGemm& g, cudaStream_t stream) {
   p.half = g.swiglu ? p.F : kTF;
   p.col_step = g.swiglu ? kTF : kTN;
   p.col_blocks = g.Y / kTN;  // with SwiGLU F / 64 blocks of 64 act columns
-  // b's tensor map: a half's columns (F of them with SwiGLU, else all Y: a box at column c0 <= Y - 128
-  // stays inside), the depth, the half (`half` columns further) and the expert; a box of kTF
-  // columns x kTK depth x both halves. b_col: b[e, x, y] at e * b_batch + y * ldb + x, dims (depth,
-  // column, half, expert); else at e * b_batch + x * ldb + y, dims (column, depth, half, expert).
-  const cuuint64_t es = sizeof(bf16), cols = cuuint64_t(g.swiglu ? p.F : g.Y), D = cuuint64_t(g.D);
-  const cuuint64_t E = cuuint64_t(g.E), half = cuuint64_t(p.half);
+  // b's tensor map, (column, depth, block, expert), a box of kTF columns x kTK depth x 2 blocks: with
+  // SwiGLU the columns are the gate's F and the 2 blocks its two halves (the up columns F further),
+  // box at (cb * kTF, depth, 0, e); else 64 columns and Y / 64 blocks of them, box at (0, depth,
+  // 2 cb, e). No element of the map aliases another. b_col: b[e, x, y] at e * b_batch + y * ldb + x,
+  // dims (depth, column, block, expert); else at e * b_batch + x * ldb + y.
+  const cuuint64_t es = sizeof(bf16), D = cuuint64_t(g.D), E = cuuint64_t(g.E);
+  const cuuint64_t cols = cuuint64_t(g.swiglu ? p.F : kTF), blocks = cuuint64_t(g.swiglu ? 2 : g.Y / kTF);
+  const cuuint64_t blk = cuuint64_t(g.swiglu ? p.F : kTF);  // a block's first column
+  p.box_col = g.swiglu ? kTF : 0;
+  p.box_blk = g.swiglu ? 0 : 2;
   const cuuint64_t ldb = cuuint64_t(g.ldb) * es, batch = cuuint64_t(g.b_batch) * es;
-  const cuuint64_t dims_col[4] = {D, cols, 2, E}, strides_col[3] = {ldb, half * ldb, batch};
-  const cuuint64_t dims_row[4] = {cols, D, 2, E}, strides_row[3] = {ldb, half * es, batch};
+  const cuuint64_t dims_col[4] = {D, cols, blocks, E}, strides_col[3] = {ldb, blk * ldb, batch};
+  const cuuint64_t dims_row[4] = {cols, D, blocks, E}, strides_row[3] = {ldb, blk * es, batch};
   const cuuint32_t box_col[4] = {kTK, kTF, 2, 1}, box_row[4] = {kTF, kTK, 2, 1}, unit[4] = {1, 1, 1, 1};
   if (encode(&p.b_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<void*>(g.b), g.b_col ? dims_col : dims_row,
              g.b_col ? strides_col : strides_row, g.b_col ? box_col : box_row, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
@@ -499,7 +504,8 @@ const char* gathered_wgrad_unsupported(const GatheredWgrad& p) {
   if (p.E < 1 || p.N < 1 || p.D < 1 || p.Y < 1) return "an empty dimension";
   if (p.D % 8 != 0 || p.Y % 8 != 0 || p.ldx % 8 != 0 || p.ldg % 8 != 0) return "a row is not 16-byte vectors";
   if (!aligned16(p.x) || !aligned16(p.g)) return "x or g is not 16-byte aligned";
-  if (int64_t(p.E) * ((p.D + kTM - 1) / kTM) * ((p.Y + kTN - 1) / kTN) > std::numeric_limits<int>::max())
+  if (int64_t(p.E) * ((int64_t(p.D) + kTM - 1) / kTM) * ((int64_t(p.Y) + kTN - 1) / kTN) >
+      std::numeric_limits<int>::max() / 2)  // (t + gridDim.x stays an int)
     return "too many tiles";
   if (p.K < 1 || p.slots < 0) return "bad slots";
   return nullptr;

@@ -5,8 +5,8 @@
 //
 // Under the 128-byte swizzle (the TMA's CU_TENSOR_MAP_SWIZZLE_128B, CuTe's SW128 atoms), the
 // 16-byte chunk c of the 128-byte row r of a 1024-byte-aligned buffer sits at chunk c ^ (r % 8).
-// The TMA box of b fills its 16 KiB in dim order: [half][depth][column] for row-major b (dims
-// (column, depth, half, expert)), [half][column][depth] for b_col (dims (depth, column, half,
+// The TMA box of b fills its 16 KiB in dim order: [block][depth][column] for row-major b (dims
+// (column, depth, block, expert)), [block][column][depth] for b_col (dims (depth, column, block,
 // expert)); so B's tile is its first 64 columns (with SwiGLU the gate's), then the 64 of its second
 // half (the up columns F further; without SwiGLU the next 64).
 #pragma once
