@@ -778,3 +778,41 @@ def test_moelayer_has_no_host_sync_and_replays_in_a_cuda_graph(shared, gemm_back
     assert all(p.grad is not None and torch.isfinite(p.grad.float()).all() for p in layer.parameters())
     layer.eval()
     assert_eval_graph_replays(layer, x.detach().clone())
+
+
+def test_sm90_gathered_gemm_in_the_layer():
+    """MoELayer (Qwen3-like proportions) with sm90_gathered="fused": the training step takes the
+    gathered kernels (no permute kernel, no setup launch's gather), has no host sync, and its output
+    and gradients meet the 2x-error rule against the float64 layer as the unfused step's do; the eval
+    forward replays in a CUDA graph."""
+    if not _sm90_gemm():
+        pytest.skip("needs moekit's sm90 grouped GEMM on a compute capability 9.0 GPU")
+    import moe
+
+    torch.manual_seed(0)
+    ref64 = moe.MoELayer(256, 128, 16, 4).cuda().double()
+    x = torch.randn(2, 400, 256, device="cuda", dtype=torch.float64)
+
+    def step(layer, x):
+        x = x.detach().clone().requires_grad_()
+        y = layer(x)
+        (y.float().square().mean() + moe.collect_aux_losses(layer)).backward()
+        return [y.detach(), x.grad] + [p.grad for p in layer.parameters()]
+
+    want = step(ref64, x)
+    got = {}
+    for setting in ("fused", "unfused"):
+        layer = moe.MoELayer(256, 128, 16, 4).cuda().bfloat16()
+        layer.load_state_dict(ref64.state_dict())
+        with ops.config.override(cuda_gemm="auto", sm90_gathered=setting):
+            got[setting] = step(layer, x.bfloat16())
+            if setting == "fused":
+                names = kernel_names(lambda: step(layer, x.bfloat16()))
+                assert sum("gathered_gemm_kernel" in n for n in names) == 1, names
+                assert sum("gathered_wgrad_kernel" in n for n in names) == 1, names
+                assert not any("permute_kernel" in n and "unpermute" not in n for n in names), names
+                without_sync(lambda: step(layer, x.bfloat16()))
+                layer.eval()
+                assert_eval_graph_replays(layer, x.bfloat16())
+    for fused, unfused, ref in zip(got["fused"], got["unfused"], want):
+        error_rule(fused, ref, unfused)
