@@ -449,6 +449,16 @@ std::optional<GatheredRows> sm90_gather(const at::Tensor& x_TD, const at::Tensor
   return r;
 }
 
+// x_TD's rows for the gathered sm90 kernels (order is set once order_N is contiguous).
+sm90::GatheredX gathered_x(const at::Tensor& x_TD, const at::Tensor& rows_TK) {
+  sm90::GatheredX g;
+  g.x = x_TD.const_data_ptr();
+  g.ldx = x_TD.size(0) > 1 ? x_TD.stride(0) : x_TD.size(1);
+  g.slots = rows_TK.numel();
+  g.K = static_cast<int>(rows_TK.size(1));
+  return g;
+}
+
 // gather_grouped_mm (swiglu=false: returns (h, empty)) or gather_grouped_mm_swiglu (returns (act, h
 // or an empty (0, Y) without keep_h)) in one launch of moekit's gathered sm90 GEMM
 // (sm90/gathered_gemm.cu: x_TD's rows read in place, SwiGLU in the epilogue), where the setting
@@ -460,16 +470,13 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> gathered_sm90(const at::Tensor
                                                                 const at::Tensor& rows_TK, const at::Tensor& b_EXY,
                                                                 const at::Tensor& offs_E, bool swiglu, bool keep_h) {
   if (config::sm90_gathered() != config::Sm90Gathered::kFused || !use_sm90(config::cuda_gemm())) return std::nullopt;
-  const int64_t N = order_N.size(0), T = x_TD.size(0), D = x_TD.size(1), E = b_EXY.size(0), Y = b_EXY.size(2);
+  const int64_t N = order_N.size(0), D = x_TD.size(1), E = b_EXY.size(0), Y = b_EXY.size(2);
   const bool b_col = b_EXY.stride(2) != 1 && b_EXY.stride(1) == 1;
   if (x_TD.scalar_type() != at::kBFloat16 || b_EXY.scalar_type() != at::kBFloat16 || (D > 1 && x_TD.stride(1) != 1) ||
       !(b_EXY.stride(2) == 1 || b_col) || N > std::numeric_limits<int>::max())
     return std::nullopt;
   sm90::GatheredGemm g;
-  g.x = x_TD.const_data_ptr();
-  g.ldx = T > 1 ? x_TD.stride(0) : D;
-  g.slots = rows_TK.numel();
-  g.K = static_cast<int>(rows_TK.size(1));
+  g.rows = gathered_x(x_TD, rows_TK);
   g.b = b_EXY.const_data_ptr();
   g.b_col = b_col;
   g.ldb = b_col ? b_EXY.stride(2) : b_EXY.stride(1);
@@ -484,7 +491,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> gathered_sm90(const at::Tensor
   const auto order = order_N.contiguous(), offs = offs_E.contiguous();
   auto act = at::empty({swiglu ? N : 0, Y / 2}, x_TD.options());
   auto h = at::empty({!swiglu || keep_h ? N : 0, Y}, x_TD.options());
-  g.order = order.const_data_ptr<int64_t>();
+  g.rows.order = order.const_data_ptr<int64_t>();
   g.offs = offs.const_data_ptr<int>();
   g.act = swiglu ? act.mutable_data_ptr() : nullptr;
   g.h = h.size(0) > 0 ? h.mutable_data_ptr() : nullptr;
@@ -503,15 +510,12 @@ std::optional<at::Tensor> gathered_wgrad_sm90(const at::Tensor& x_TD, const at::
                                               const at::Tensor& rows_TK, const at::Tensor& g_NY,
                                               const at::Tensor& offs_E, bool out_yx) {
   if (config::sm90_gathered() != config::Sm90Gathered::kFused || !use_sm90(config::cuda_gemm())) return std::nullopt;
-  const int64_t N = order_N.size(0), T = x_TD.size(0), D = x_TD.size(1), Y = g_NY.size(1), E = offs_E.size(0);
+  const int64_t N = order_N.size(0), D = x_TD.size(1), Y = g_NY.size(1), E = offs_E.size(0);
   if (x_TD.scalar_type() != at::kBFloat16 || g_NY.scalar_type() != at::kBFloat16 || (D > 1 && x_TD.stride(1) != 1) ||
       (Y > 1 && g_NY.stride(1) != 1) || N > std::numeric_limits<int>::max() || E > std::numeric_limits<int>::max())
     return std::nullopt;
   sm90::GatheredWgrad w;
-  w.x = x_TD.const_data_ptr();
-  w.ldx = T > 1 ? x_TD.stride(0) : D;
-  w.slots = rows_TK.numel();
-  w.K = static_cast<int>(rows_TK.size(1));
+  w.rows = gathered_x(x_TD, rows_TK);
   w.g = g_NY.const_data_ptr();
   w.ldg = N > 1 ? g_NY.stride(0) : Y;
   w.out_yx = out_yx;
@@ -523,7 +527,7 @@ std::optional<at::Tensor> gathered_wgrad_sm90(const at::Tensor& x_TD, const at::
   if (sm90::gathered_wgrad_unsupported(w) != nullptr) return std::nullopt;
   const auto order = order_N.contiguous(), offs = offs_E.contiguous();
   auto out = out_yx ? at::empty({E, Y, D}, x_TD.options()) : at::empty({E, D, Y}, x_TD.options());
-  w.order = order.const_data_ptr<int64_t>();
+  w.rows.order = order.const_data_ptr<int64_t>();
   w.offs = offs.const_data_ptr<int>();
   w.out = out.mutable_data_ptr();
   const char* err = sm90::gathered_wgrad(w, at::cuda::getCurrentCUDAStream());

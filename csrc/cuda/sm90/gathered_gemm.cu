@@ -53,11 +53,7 @@ constexpr size_t kSmemBytes = sizeof(Smem) + 1024;  // + the alignment of the dy
 
 struct Params {
   CUtensorMap b_map;  // first: CUtensorMap's alignment (64 or 128 bytes) in the parameter space
-  const bf16* x;
-  int64_t ldx;
-  const int64_t* order;
-  int64_t slots;
-  int K;
+  GatheredX rows;
   const int* offs;
   __nv_bfloat16* act;  // SwiGLU's (N, F), or nullptr
   __nv_bfloat16* h;    // (N, Y), or nullptr
@@ -130,6 +126,13 @@ __device__ __forceinline__ void wait_or_trap(const uint64_t* bar, uint32_t phase
     MOE_SM90_TRAP_UNLESS(clock64() - start < (1ll << 34));
 }
 
+// Routed row i's row of x (order[i] / K), or nullptr for a padding row; a bad order[i] traps.
+__device__ __forceinline__ const bf16* gathered_row(const GatheredX& g, int64_t i) {
+  const int64_t s = g.order[i];
+  MOE_SM90_TRAP_UNLESS(s >= -1 && s < g.slots);  // order_N matches rows_TK
+  return s >= 0 && s < g.slots ? static_cast<const bf16*>(g.x) + (s / g.K) * g.ldx : nullptr;
+}
+
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool copy) {
   const uint32_t dst = cast_smem_ptr_to_uint(smem);
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(copy ? 16 : 0)
@@ -151,12 +154,7 @@ __device__ void produce(const Params& p, Smem& sm, int total) {
 #pragma unroll
     for (int i = 0; i < kRowsPerThread; ++i) {
       const int r = first_row + i * kRowsPerPass;
-      src[i] = nullptr;
-      if (r < tl.rows) {
-        const int64_t s = p.order[tl.row0 + r];
-        MOE_SM90_TRAP_UNLESS(s >= -1 && s < p.slots);  // order_N matches rows_TK
-        if (s >= 0 && s < p.slots) src[i] = p.x + (s / p.K) * p.ldx;
-      }
+      src[i] = r < tl.rows ? gathered_row(p.rows, tl.row0 + r) : nullptr;
     }
     for (int kb = 0; kb < depth_blocks; ++kb) {
       wait_or_trap(&sm.empty[stage], phase ^ 1);
@@ -174,7 +172,7 @@ __device__ void produce(const Params& p, Smem& sm, int total) {
 #pragma unroll
       for (int i = 0; i < kRowsPerThread; ++i) {
         const bool copy = src[i] != nullptr && k < p.D;  // else zeros (padding, past the rows or D)
-        cp_async_16(&sA(first_row + i * kRowsPerPass, chunk * 8, stage), copy ? src[i] + k : p.x, copy);
+        cp_async_16(&sA(first_row + i * kRowsPerPass, chunk * 8, stage), copy ? src[i] + k : p.rows.x, copy);
       }
       cutlass::arch::cpasync_barrier_arrive_noinc(&sm.full[stage]);
       if (++stage == kStages) {
@@ -305,11 +303,7 @@ __global__ void __launch_bounds__(kThreads, 1) gathered_gemm_kernel(const __grid
 // fastest, so CTAs that run together read one expert's rows.
 
 struct WgradParams {
-  const bf16* x;
-  int64_t ldx;
-  const int64_t* order;
-  int64_t slots;
-  int K;
+  GatheredX rows;
   const bf16* g;
   int64_t ldg;
   const int* offs;
@@ -350,16 +344,12 @@ __device__ void produce_wgrad(const WgradParams& p, Smem& sm, int total) {
 #pragma unroll
       for (int i = 0; i < kWgradRowsPerThread; ++i) {
         const int j = first + i * kWgradRowsPerPass, r = tl.lo + kb * kTK + j;
-        const bf16* xs = nullptr;
-        if (r < tl.hi) {
-          const int64_t s = p.order[r];
-          MOE_SM90_TRAP_UNLESS(s >= -1 && s < p.slots);  // order_N matches rows_TK
-          if (s >= 0 && s < p.slots && x_col < p.D) xs = p.x + (s / p.K) * p.ldx + x_col;
-        }
+        const bf16* xs = r < tl.hi ? gathered_row(p.rows, r) : nullptr;
+        if (x_col >= p.D) xs = nullptr;
         const bool g_in = r < tl.hi && g_col < p.Y;
         bf16* x_dst = YX ? &sB(chunk * 8, j, stage) : &sA(chunk * 8, j, stage);
         bf16* g_dst = YX ? &sA(chunk * 8, j, stage) : &sB(chunk * 8, j, stage);
-        cp_async_16(x_dst, xs != nullptr ? xs : p.x, xs != nullptr);
+        cp_async_16(x_dst, xs != nullptr ? xs + x_col : p.rows.x, xs != nullptr);
         cp_async_16(g_dst, g_in ? p.g + int64_t(r) * p.ldg + g_col : p.g, g_in);
       }
       cutlass::arch::cpasync_barrier_arrive_noinc(&sm.full[stage]);
@@ -433,17 +423,35 @@ EncodeTiled encode_tiled() {
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
+// Launches a persistent kernel: min(tiles, SMs) CTAs of kThreads with the shared memory's bytes.
+template <class P>
+const char* launch(void (*kernel)(P), const P& p, int64_t tiles, int sm_count, cudaStream_t stream) {
+  const int grid = int(std::max<int64_t>(1, std::min<int64_t>(tiles, sm_count > 0 ? sm_count : 1)));
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmemBytes)) != cudaSuccess)
+    return "moe.gather_grouped_mm (sm90): the gathered kernel's shared memory was refused";
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
+  if (cudaGetLastError() != cudaSuccess) return "moe.gather_grouped_mm (sm90): the gathered kernel's launch failed";
+  return nullptr;
+}
+
+// The layout rules of x_TD's gathered rows (GatheredX), or nullptr.
+const char* gathered_x_unsupported(const GatheredX& g) {
+  if (g.ldx % 8 != 0 || !aligned16(g.x)) return "x's rows are not 16-byte vectors";
+  if (g.K < 1 || g.slots < 0) return "bad slots";
+  return nullptr;
+}
+
 }  // namespace
 
 const char* gathered_gemm_unsupported(const GatheredGemm& p) {
   if (p.E < 1 || p.E > kGatheredMaxExperts) return "E outside [1, kGatheredMaxExperts]";
   if (p.N < 1 || p.D < 1 || p.Y < 1) return "an empty dimension";
   if (p.Y % kTN != 0) return "Y is not a multiple of 128 (with SwiGLU: F of 64)";
-  if (p.D % 8 != 0 || p.ldx % 8 != 0 || p.ldb % 8 != 0 || p.b_batch % 8 != 0) return "a stride is not 16-byte";
+  if (const char* why = gathered_x_unsupported(p.rows)) return why;
+  if (p.D % 8 != 0 || p.ldb % 8 != 0 || p.b_batch % 8 != 0) return "a stride is not 16-byte";
   if (p.ldb <= 0 || p.b_batch <= 0) return "b's strides are not positive";
   if ((int64_t(p.N) / kTM + p.E + 1) * (p.Y / kTN) > std::numeric_limits<int>::max() / 2) return "too many tiles";
-  if (!aligned16(p.x) || !aligned16(p.b)) return "x or b is not 16-byte aligned";
-  if (p.K < 1 || p.slots < 0) return "bad slots";
+  if (!aligned16(p.b)) return "b is not 16-byte aligned";
   return nullptr;
 }
 
@@ -477,11 +485,7 @@ const char* gathered_gemm(const GatheredGemm& g, cudaStream_t stream) {
              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
     return "moe.gather_grouped_mm (sm90): cuTensorMapEncodeTiled rejected b's layout";
-  p.x = static_cast<const bf16*>(g.x);
-  p.ldx = g.ldx;
-  p.order = g.order;
-  p.slots = g.slots;
-  p.K = g.K;
+  p.rows = g.rows;
   p.offs = g.offs;
   p.act = g.swiglu ? static_cast<__nv_bfloat16*>(g.act) : nullptr;
   p.h = static_cast<__nv_bfloat16*>(g.h);
@@ -491,23 +495,16 @@ const char* gathered_gemm(const GatheredGemm& g, cudaStream_t stream) {
   // A bound on the tiles from host-known sizes: sum over experts of ceil(rows_e / kTM), plus the
   // padding's blocks, is at most N / kTM + E + 1 row blocks.
   const int64_t bound = (int64_t(g.N) / kTM + g.E + 1) * p.col_blocks;
-  const int grid = int(std::max<int64_t>(1, std::min<int64_t>(bound, g.sm_count > 0 ? g.sm_count : 1)));
-  auto kernel = g.b_col ? gathered_gemm_kernel<true> : gathered_gemm_kernel<false>;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmemBytes)) != cudaSuccess)
-    return "moe.gather_grouped_mm (sm90): the kernel's shared memory was refused";
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
-  if (cudaGetLastError() != cudaSuccess) return "moe.gather_grouped_mm (sm90): the kernel launch failed";
-  return nullptr;
+  return launch(g.b_col ? gathered_gemm_kernel<true> : gathered_gemm_kernel<false>, p, bound, g.sm_count, stream);
 }
 
 const char* gathered_wgrad_unsupported(const GatheredWgrad& p) {
   if (p.E < 1 || p.N < 1 || p.D < 1 || p.Y < 1) return "an empty dimension";
-  if (p.D % 8 != 0 || p.Y % 8 != 0 || p.ldx % 8 != 0 || p.ldg % 8 != 0) return "a row is not 16-byte vectors";
-  if (!aligned16(p.x) || !aligned16(p.g)) return "x or g is not 16-byte aligned";
+  if (const char* why = gathered_x_unsupported(p.rows)) return why;
+  if (p.D % 8 != 0 || p.Y % 8 != 0 || p.ldg % 8 != 0 || !aligned16(p.g)) return "g's rows are not 16-byte vectors";
   if (int64_t(p.E) * ((int64_t(p.D) + kTM - 1) / kTM) * ((int64_t(p.Y) + kTN - 1) / kTN) >
       std::numeric_limits<int>::max() / 2)  // (t + gridDim.x stays an int)
     return "too many tiles";
-  if (p.K < 1 || p.slots < 0) return "bad slots";
   return nullptr;
 }
 
@@ -515,11 +512,7 @@ const char* gathered_wgrad(const GatheredWgrad& g, cudaStream_t stream) {
   if (const char* why = gathered_wgrad_unsupported(g)) return why;
   if (g.out == nullptr) return "moe.gather_grouped_mm_wgrad (sm90): no output";
   WgradParams p{};
-  p.x = static_cast<const bf16*>(g.x);
-  p.ldx = g.ldx;
-  p.order = g.order;
-  p.slots = g.slots;
-  p.K = g.K;
+  p.rows = g.rows;
   p.g = static_cast<const bf16*>(g.g);
   p.ldg = g.ldg;
   p.offs = g.offs;
@@ -533,13 +526,7 @@ const char* gathered_wgrad(const GatheredWgrad& g, cudaStream_t stream) {
   p.m_blocks = (p.M + kTM - 1) / kTM;
   p.n_blocks = (p.cols + kTN - 1) / kTN;
   const int64_t total = int64_t(g.E) * p.m_blocks * p.n_blocks;
-  const int grid = int(std::max<int64_t>(1, std::min<int64_t>(total, g.sm_count > 0 ? g.sm_count : 1)));
-  auto kernel = g.out_yx ? gathered_wgrad_kernel<true> : gathered_wgrad_kernel<false>;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmemBytes)) != cudaSuccess)
-    return "moe.gather_grouped_mm_wgrad (sm90): the kernel's shared memory was refused";
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
-  if (cudaGetLastError() != cudaSuccess) return "moe.gather_grouped_mm_wgrad (sm90): the kernel launch failed";
-  return nullptr;
+  return launch(g.out_yx ? gathered_wgrad_kernel<true> : gathered_wgrad_kernel<false>, p, total, g.sm_count, stream);
 }
 
 }  // namespace moe::cuda::sm90

@@ -124,12 +124,17 @@ const char* run(const GroupedGemm* g, const int* ids, void* const* ws, int count
 // multiple of 64, else Y a multiple of 128; D, ldx, ldb and b_batch multiples of 8; x and b 16-byte
 // aligned; 1 <= E <= kGatheredMaxExperts.
 constexpr int kGatheredMaxExperts = 1024;
-struct GatheredGemm {
+// x_TD's rows as the gathered kernels read them: routed row i is row order[i] / K of x (zeros where
+// order[i] < 0); a bad order[i] (outside [-1, slots)) traps.
+struct GatheredX {
   const void* x = nullptr;         // x_TD, row stride ldx (elements), unit column stride
   int64_t ldx = 0;
-  const int64_t* order = nullptr;  // order_N (N,): slots in [-1, slots)
+  const int64_t* order = nullptr;  // order_N (N,)
   int64_t slots = 0;               // T * K
   int K = 1;
+};
+struct GatheredGemm {
+  GatheredX rows;
   const void* b = nullptr;         // b_EXY (E, D, Y): b[e, x, y] at e * b_batch + x * ldb + y, or
   int64_t ldb = 0, b_batch = 0;    // with b_col at e * b_batch + y * ldb + x (nn.Linear's (E, Y, D))
   bool b_col = false;
@@ -153,11 +158,7 @@ const char* gathered_gemm(const GatheredGemm& p, cudaStream_t stream);
 // experts with no rows get zeros. bfloat16; D, Y, ldx and ldg multiples of 8; x and g 16-byte
 // aligned.
 struct GatheredWgrad {
-  const void* x = nullptr;  // x_TD, row stride ldx, unit column stride
-  int64_t ldx = 0;
-  const int64_t* order = nullptr;
-  int64_t slots = 0;
-  int K = 1;
+  GatheredX rows;
   const void* g = nullptr;  // g_NY, row stride ldg, unit column stride
   int64_t ldg = 0;
   const int* offs = nullptr;
