@@ -104,6 +104,12 @@ for g in $groups; do
     note "memcheck[$g]: rc=$? $(grep -m3 -E 'Invalid|ERROR SUMMARY' "$OUT/memcheck_$g.log" | tr '\n' ' ' | cut -c1-400)"
   fi
 done
+# moekit's gathered sm90 GEMMs have never run: on a CUDA error in their group, each case in a fresh
+# process (which layouts, modes and sizes work)
+if [ -f "$OUT/test_sm90_gathered.log" ] && grep -qiE "CUDA error|illegal|launch failure|unspecified" "$OUT/test_sm90_gathered.log"; then
+  timeout 150 python3 bench/gpu_gathered_diag.py > "$OUT/gathered_diag.log" 2>&1
+  note "gathered_diag: rc=$?"; sed 's/^/  /' "$OUT/gathered_diag.log" | cut -c1-200 | tee -a "$SUMMARY"
+fi
 note "tests: rc=$test_rc in $(( $(date +%s) - t0 ))s"
 for g in $groups; do echo "=== $g"; cat "$OUT/test_$g.log"; rm "$OUT/test_$g.log"; done > "$OUT/test_gpu.log"
 cat "$OUT"/memcheck_*.log >> "$OUT/test_gpu.log" 2>/dev/null; rm -f "$OUT"/memcheck_*.log
