@@ -719,7 +719,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=None,
                         help="sections to run (default: all)")
     parser.add_argument("--fused", action="store_true",
-                        help='mlp: also time sm90_gathered="fused" (moekit\'s one-launch gathered sm90 GEMM with SwiGLU)')
+                        help='mlp: also time sm90_gathered="fused" (moekit\'s one-launch gathered sm90 GEMMs)')
     args = parser.parse_args()
     global FUSED
     FUSED = args.fused

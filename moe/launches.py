@@ -15,8 +15,8 @@ kernel), two on the sm90 path (the group setup, which also checks the offsets an
 padding zeros, and the CUTLASS GEMM), four around PyTorch's (offsets check, its setup and GEMM,
 zeros); ``gather_grouped_mm`` one at decode sizes, two on the sm90 path (its setup launch also
 gathers the rows: no permute kernel; one with sm90_gathered="fused", not the default yet), else
-permute + grouped_mm; ``gather_grouped_mm_wgrad`` two
-on the sm90 path (one with sm90_gathered="fused"), else permute + grouped_mm_wgrad; ``gather_grouped_mm_swiglu`` one at decode
+permute + grouped_mm; ``gather_grouped_mm_wgrad`` two on the sm90 path (one with
+sm90_gathered="fused"), else permute + grouped_mm_wgrad; ``gather_grouped_mm_swiglu`` one at decode
 sizes (the streaming kernel with SwiGLU's epilogue), one on sm90 with sm90_gathered="fused" (not the
 default yet), else gather_grouped_mm's + the swiglu kernel; ``topk_route`` 2
 kernels (route, then the final statistics, or with the loss statistics their partial sums whose
