@@ -1,12 +1,12 @@
 // Host-side check of the layout claims of moekit's gathered sm90 GEMM (csrc/cuda/sm90/
 // gathered_gemm.cuh), run on the CPU by tests/ops/test_sm90_gathered_gemm.py (nvcc, CUTLASS's headers):
-//   - B's shared-memory layout, as wgmma reads it, is the order in which the TMA box writes it
-//     ([half][depth][column] for row-major b, [half][column][depth] for b_col) under the 128-byte
-//     swizzle; A's is its rows of 64 depth values in that swizzle (cp.async writes through it);
-//   - in the m64n128k16 accumulators of each of the 256 consumer threads, v and v + 32 are the same
-//     row's column c of the tile's first half and column c of its second (tile columns c and
-//     c + 64, c < 64), v + 1 is column c + 1 (v even), and the row lies in the thread's warp
-//     group's 64;
+//   - for tiles 128 and 256 columns wide, B's shared-memory layout, as wgmma reads it, is the order
+//     in which the TMA box writes it (64-column blocks in turn: [block][depth][column] for row-major
+//     b, [block][column][depth] for b_col) under the 128-byte swizzle; A's is its rows of 64 depth
+//     values in that swizzle (cp.async writes through it);
+//   - in the m64nNk16 accumulators of each of the 256 consumer threads, v and v + N / 4 are the same
+//     row's tile columns c and c + N / 2 (c < N / 2: with SwiGLU a gate column and its up column),
+//     v + 1 is column c + 1 (v even), and the row lies in the thread's warp group's 64;
 //   - the weight gradient's layouts (WgradLayouts, written by cp.async in 16-byte chunks of 8
 //     consecutive columns at one depth) keep each chunk contiguous and 16-byte aligned, and cover
 //     every element of a stage once; its accumulators pair as above;
@@ -32,7 +32,7 @@ int swizzled(int pre) {
   return byte / 2;
 }
 
-alignas(1024) bf16 buffer[kStages * kTN * kTK];
+alignas(1024) bf16 buffer[8 * 256 * kTK];  // room for any stage count and tile here
 
 template <class Layout>
 int offset(int i, int j, int s) {
@@ -40,17 +40,19 @@ int offset(int i, int j, int s) {
   return int(&t(i, j, s) - buffer);
 }
 
-// The accumulator pairing of a 2 x m64n128k16 tiled MMA, for each of the 256 consumer threads.
-template <class Mma>
+// The accumulator pairing of a 2 x m64nNk16 tiled MMA, for each of the 256 consumer threads: v and
+// v + N / 4 (v < N / 4) are one row's columns c < N / 2 and c + N / 2, v + 1 is c + 1 (v even), and
+// the row lies in the thread's warp group's 64.
+template <class Mma, int N>
 int check_accumulators() {
   int bad = 0;
   Mma mma;
   for (int t = 0; t < kConsumers; ++t) {
-    auto coord = mma.get_thread_slice(t).partition_C(make_identity_tensor(Shape<Int<kTM>, Int<kTN>>{}));
-    bad += int(size(coord)) != 64;
-    for (int v = 0; v < 32; ++v) {
+    auto coord = mma.get_thread_slice(t).partition_C(make_identity_tensor(Shape<Int<kTM>, Int<N>>{}));
+    bad += int(size(coord)) != N / 2;
+    for (int v = 0; v < N / 4; ++v) {
       const int row = get<0>(coord(v)), col = get<1>(coord(v));
-      bad += col >= kTF || get<0>(coord(v + 32)) != row || get<1>(coord(v + 32)) != col + kTF;
+      bad += col >= N / 2 || get<0>(coord(v + N / 4)) != row || get<1>(coord(v + N / 4)) != col + N / 2;
       bad += row / 64 != t / 128;
       if (v % 2 == 0) bad += get<0>(coord(v + 1)) != row || get<1>(coord(v + 1)) != col + 1 || col % 2 != 0;
     }
@@ -58,21 +60,25 @@ int check_accumulators() {
   return bad;
 }
 
-template <bool B_COL>
+// The forward's layouts for tiles TN wide: A's rows of 64 depth values in the swizzle (cp.async
+// writes through it); B's in the TMA box's fill order, 64-column blocks in turn ([block][depth]
+// [column] for row-major b, [block][column][depth] for b_col; with SwiGLU the gate's blocks, then
+// the up blocks).
+template <bool B_COL, int TN>
 int check() {
-  using L = Layouts<B_COL>;
+  using L = Layouts<B_COL, TN>;
   int bad = 0;
-  for (int s = 0; s < kStages; ++s)
+  for (int s = 0; s < L::kStages; ++s)
     for (int k = 0; k < kTK; ++k) {
       for (int r = 0; r < kTM; ++r)
         bad += offset<typename L::LayoutA>(r, k, s) != s * kTM * kTK + swizzled(r * kTK + k);
-      for (int n = 0; n < kTN; ++n) {
-        const int half = n / kTF, c = n % kTF;
-        const int pre = B_COL ? half * kTF * kTK + c * kTK + k : half * kTK * kTF + k * kTF + c;
-        bad += offset<typename L::LayoutB>(n, k, s) != s * kTN * kTK + swizzled(pre);
+      for (int n = 0; n < TN; ++n) {
+        const int block = n / kBlock, c = n % kBlock;
+        const int pre = B_COL ? block * kBlock * kTK + c * kTK + k : block * kTK * kBlock + k * kBlock + c;
+        bad += offset<typename L::LayoutB>(n, k, s) != s * TN * kTK + swizzled(pre);
       }
     }
-  return bad + check_accumulators<typename L::Mma>();
+  return bad + check_accumulators<typename L::Mma, TN>();
 }
 
 // A cp.async-written operand layout (rows x depth x stage): each 16-byte chunk (8 consecutive rows
@@ -80,7 +86,7 @@ int check() {
 template <class Layout, int ROWS>
 int check_chunks() {
   int bad = 0;
-  for (int s = 0; s < kStages; ++s) {
+  for (int s = 0; s < WgradLayouts::kStages; ++s) {
     std::vector<int> seen(ROWS * kTK, 0);
     for (int k = 0; k < kTK; ++k)
       for (int m = 0; m < ROWS; ++m) {
@@ -95,8 +101,8 @@ int check_chunks() {
 }
 
 int check_wgrad() {
-  return check_chunks<WgradLayouts::LayoutA, kTM>() + check_chunks<WgradLayouts::LayoutB, kTN>() +
-         check_accumulators<WgradLayouts::Mma>();
+  return check_chunks<WgradLayouts::LayoutA, kTM>() + check_chunks<WgradLayouts::LayoutB, kWgradN>() +
+         check_accumulators<WgradLayouts::Mma, kWgradN>();
 }
 
 // The routings: E experts with random counts (a third of them empty), N = their sum + padding.
@@ -137,7 +143,8 @@ int check_tiles() {
 }  // namespace
 
 int main() {
-  const int row_major = check<false>(), col_major = check<true>(), wgrad = check_wgrad(), tiles = check_tiles();
+  const int row_major = check<false, 128>() + check<false, 256>(), col_major = check<true, 128>() + check<true, 256>();
+  const int wgrad = check_wgrad(), tiles = check_tiles();
   std::printf("mismatches: row-major b %d, b_col %d, wgrad %d, tiles %d\n", row_major, col_major, wgrad, tiles);
   return row_major + col_major + wgrad + tiles == 0 ? 0 : 1;
 }

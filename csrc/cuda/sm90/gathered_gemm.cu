@@ -2,16 +2,17 @@
 // GatheredWgrad), one launch each: moe.gather_grouped_mm, moe.gather_grouped_mm_swiglu with SwiGLU
 // in its epilogue, and the weight gradient moe.gather_grouped_mm_wgrad (below, gathered_wgrad).
 //
-// Layout of one CTA (384 threads, one CTA per SM, persistent over output tiles):
+// Layout of one CTA (384 threads, one CTA per SM, persistent over output tiles of 128 rows x TN
+// b columns, TN = 256 where it divides the output, else 128):
 //   warp group 0 (producer): each stage, cp.async copies the tile's kTM gathered rows of x_TD
 //     (row order[i] / K; zeros for padding) into shared memory in the wgmma's 128-byte swizzle,
-//     and one thread issues the TMA box of b: expert e's columns c0..c0+63 and, `half` columns
-//     further, 64 more, as one 128-column operand (the tensor map's dims are (column, depth, block,
-//     expert), the box spans two blocks). With SwiGLU the halves are gate columns f..f+63 and up
-//     columns F+f..F+f+63 (half = F), so [gate; up] needs no relayout; else the next 64 (half = 64);
-//   warp groups 1-2 (consumers): 64 rows each, wgmma m64n128k16 over the stages (one batch in
-//     flight), then the epilogue: accumulator v holds column c of the first half, v + 32 column c
-//     of the second, same row, so act = silu(g) * u is formed in registers.
+//     and one thread issues one 5-D TMA box of b (dims (column in a 64-column block, depth, block,
+//     half, expert)): with SwiGLU expert e's gate columns f..f+TN/2-1 and, as the second half, its
+//     up columns F+f..F+f+TN/2-1, so [gate; up] needs no relayout; else TN consecutive columns;
+//   warp groups 1-2 (consumers): 64 rows each, wgmma m64nTNk16 over the stages (one batch in
+//     flight), then the epilogue: accumulator v holds column c (< TN / 2) and v + TN / 4 column
+//     c + TN / 2 of the same row, so act = silu(g) * u is formed in registers. The 256-wide tile's
+//     consumers take 224 registers a thread from the producer's warp group (setmaxnreg).
 // Full barriers count the producer's 128 cp.async arrivals and the TMA's bytes; empty barriers the
 // 256 consumer threads; a wait that lasts seconds traps (wait_or_trap), so a pipeline bug fails
 // fast instead of hanging. Tiles (tile_of, gathered_gemm.cuh): each expert's rows in kTM-row
@@ -25,6 +26,7 @@
 
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -41,15 +43,25 @@ namespace {
 using namespace cute;
 using namespace gathered;
 
+// A CTA's shared memory for STAGES stages of an A tile (kTM x kTK) and a B tile (N x kTK).
+template <int STAGES, int N>
 struct alignas(1024) Smem {
-  bf16 a[kStages][kTM * kTK];
-  bf16 b[kStages][kTN * kTK];
-  uint64_t full[kStages], empty[kStages];
-  int tiles[kGatheredMaxExperts + 1];      // tiles[e]: the row blocks of experts before e
-  int end;                                 // offs_E[E-1]: the padding rows start here
-  int blocks;                              // row blocks, padding's included
+  static constexpr int kStages = STAGES;
+  bf16 a[STAGES][kTM * kTK];
+  bf16 b[STAGES][N * kTK];
+  uint64_t full[STAGES], empty[STAGES];
+  int tiles[kGatheredMaxExperts + 1];  // the forward's tiles[e]: the row blocks of experts before e
+  int end;                             // offs_E[E-1]: the padding rows start here
+  int blocks;                          // row blocks, padding's included
 };
-constexpr size_t kSmemBytes = sizeof(Smem) + 1024;  // + the alignment of the dynamic base
+template <int TN>
+using FwdSmem = Smem<TileWidth<TN>::kStages, TN>;
+using WgradSmem = Smem<WgradLayouts::kStages, kWgradN>;
+template <class S>
+constexpr size_t smem_bytes() { return sizeof(S) + 1024; }  // + the alignment of the dynamic base
+// Register budgets of the 256-wide tile (setmaxnreg, multiples of 8; 128 x 56 + 256 x 224 <= 64 K):
+// its consumers hold 128 float accumulators a thread.
+constexpr int kProducerRegs = 56, kConsumerRegs = 224;
 
 struct Params {
   CUtensorMap b_map;  // first: CUtensorMap's alignment (64 or 128 bytes) in the parameter space
@@ -57,11 +69,10 @@ struct Params {
   const int* offs;
   __nv_bfloat16* act;  // SwiGLU's (N, F), or nullptr
   __nv_bfloat16* h;    // (N, Y), or nullptr
-  int E, N, D, Y, F;
-  int half;            // columns between a tile's two halves: F with SwiGLU, else kTF
-  int col_step;        // first column of column block cb: cb * col_step (kTF with SwiGLU, else kTN)
-  int col_blocks;
-  int box_col, box_blk;  // column block cb's TMA box at (column, block) coordinates cb * (box_col, box_blk)
+  int E, N, D, Y, F;    // F: act's columns (SwiGLU), else 0
+  int col_blocks;        // output column blocks of the tile's width
+  int box_blocks;        // 64-column blocks a tile's box starts past the previous tile's: TN / 128
+                         // with SwiGLU (each with its up block), else TN / 64
 };
 
 // Bad offs_E or order_N stop the kernel with a trap (reported as a launch failure at the next
@@ -85,7 +96,8 @@ __device__ __forceinline__ void rows_of(const Params& p, int e, int& lo, int& hi
 
 // Warp 0: tiles[e] = the row blocks of the experts before e (a warp scan in chunks of 32), the
 // padding's start and the number of row blocks.
-__device__ void build_tiles(const Params& p, Smem& sm) {
+template <class S>
+__device__ void build_tiles(const Params& p, S& sm) {
   const int lane = threadIdx.x;
   int carry = 0;
   for (int e0 = 0; e0 < p.E; e0 += 32) {
@@ -112,7 +124,8 @@ __device__ void build_tiles(const Params& p, Smem& sm) {
   }
 }
 
-__device__ __forceinline__ OutputTile tile_at(const Params& p, const Smem& sm, int t) {
+template <class S>
+__device__ __forceinline__ OutputTile tile_at(const Params& p, const S& sm, int t) {
   return tile_of(sm.tiles, p.offs, p.E, p.N, sm.end, p.col_blocks, t);
 }
 
@@ -139,9 +152,11 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool c
                : "memory");
 }
 
-template <bool B_COL>
-__device__ void produce(const Params& p, Smem& sm, int total) {
-  using L = Layouts<B_COL>;
+template <bool B_COL, int TN>
+__device__ void produce(const Params& p, FwdSmem<TN>& sm, int total) {
+  using L = Layouts<B_COL, TN>;
+  constexpr int kStages = L::kStages;
+  if constexpr (TN == 256) cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();  // for the consumers'
   Tensor sA = make_tensor(make_smem_ptr(&sm.a[0][0]), typename L::LayoutA{});
   const int tid = threadIdx.x, chunk = tid % kChunks, first_row = tid / kChunks;
   const int depth_blocks = (p.D + kTK - 1) / kTK;
@@ -159,14 +174,14 @@ __device__ void produce(const Params& p, Smem& sm, int total) {
     for (int kb = 0; kb < depth_blocks; ++kb) {
       wait_or_trap(&sm.empty[stage], phase ^ 1);
       if (tid == 0) {
-        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&sm.full[stage], kBBytes);
+        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&sm.full[stage], TileWidth<TN>::kBBytes);
         const uint64_t hint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
-        if constexpr (B_COL)  // dims (depth, column, block, expert)
-          SM90_TMA_LOAD_4D::copy(&p.b_map, &sm.full[stage], hint, &sm.b[stage][0], kb * kTK, tl.cb * p.box_col,
-                                 tl.cb * p.box_blk, tl.e);
-        else  // dims (column, depth, block, expert)
-          SM90_TMA_LOAD_4D::copy(&p.b_map, &sm.full[stage], hint, &sm.b[stage][0], tl.cb * p.box_col, kb * kTK,
-                                 tl.cb * p.box_blk, tl.e);
+        if constexpr (B_COL)  // dims (depth, column, block, half, expert)
+          SM90_TMA_LOAD_5D::copy(&p.b_map, &sm.full[stage], hint, &sm.b[stage][0], kb * kTK, 0,
+                                 tl.cb * p.box_blocks, 0, tl.e);
+        else  // dims (column, depth, block, half, expert)
+          SM90_TMA_LOAD_5D::copy(&p.b_map, &sm.full[stage], hint, &sm.b[stage][0], 0, kb * kTK,
+                                 tl.cb * p.box_blocks, 0, tl.e);
       }
       const int k = kb * kTK + chunk * 8;
 #pragma unroll
@@ -186,8 +201,8 @@ __device__ void produce(const Params& p, Smem& sm, int total) {
 
 // The consumers' mainloop for one tile: `depth_blocks` (>= 1) stages of wgmma, one batch in flight,
 // each stage released once its batch is done; acc then holds the tile's sums.
-template <class Mma, class FragA, class FragB, class Acc>
-__device__ __forceinline__ void mma_stages(Mma& mma, const FragA& tCrA, const FragB& tCrB, Acc& acc, Smem& sm,
+template <class Mma, class FragA, class FragB, class Acc, class S>
+__device__ __forceinline__ void mma_stages(Mma& mma, const FragA& tCrA, const FragB& tCrB, Acc& acc, S& sm,
                                            int depth_blocks, int& stage, uint32_t& phase) {
   mma.accumulate_ = GMMA::ScaleOut::Zero;
   int previous = -1;
@@ -208,7 +223,7 @@ __device__ __forceinline__ void mma_stages(Mma& mma, const FragA& tCrA, const Fr
     warpgroup_fence_operand(acc);
     if (previous >= 0) cutlass::arch::ClusterBarrier::arrive(&sm.empty[previous]);
     previous = stage;
-    if (++stage == kStages) {
+    if (++stage == S::kStages) {
       stage = 0;
       phase ^= 1;
     }
@@ -218,25 +233,30 @@ __device__ __forceinline__ void mma_stages(Mma& mma, const FragA& tCrA, const Fr
   cutlass::arch::ClusterBarrier::arrive(&sm.empty[previous]);
 }
 
-// Row `row`'s columns c0 + c, c0 + c + 1 of each half of a tile (g: the first half's, u: the
-// second's): h's, and with SwiGLU act's columns c0 + c, c0 + c + 1; zeros for padding.
-__device__ __forceinline__ void store_pair(const Params& p, int64_t row, int col, float g0, float g1, float u0,
-                                           float u1) {
+// SwiGLU's epilogue for row `row`'s gate columns f, f + 1 (g) and up columns F + f, F + f + 1 (u):
+// act's columns f, f + 1 and, when kept, h's; zeros for padding.
+__device__ __forceinline__ void store_swiglu(const Params& p, int64_t row, int f, float g0, float g1, float u0,
+                                             float u1) {
   const __nv_bfloat162 g = __floats2bfloat162_rn(g0, g1), u = __floats2bfloat162_rn(u0, u1);
-  if (p.act != nullptr) {  // SwiGLU on the bfloat16 h, in float, rounded once: moe.swiglu's values
-    const __nv_bfloat162 a = __floats2bfloat162_rn(swiglu_one(__low2float(g), __low2float(u)),
-                                                   swiglu_one(__high2float(g), __high2float(u)));
-    *reinterpret_cast<__nv_bfloat162*>(p.act + row * p.F + col) = a;
-  }
+  // SwiGLU on the bfloat16 h, in float, rounded once: moe.swiglu's values on that h
+  const __nv_bfloat162 a = __floats2bfloat162_rn(swiglu_one(__low2float(g), __low2float(u)),
+                                                 swiglu_one(__high2float(g), __high2float(u)));
+  *reinterpret_cast<__nv_bfloat162*>(p.act + row * p.F + f) = a;
   if (p.h != nullptr) {
-    *reinterpret_cast<__nv_bfloat162*>(p.h + row * p.Y + col) = g;
-    *reinterpret_cast<__nv_bfloat162*>(p.h + row * p.Y + p.half + col) = u;
+    *reinterpret_cast<__nv_bfloat162*>(p.h + row * p.Y + f) = g;
+    *reinterpret_cast<__nv_bfloat162*>(p.h + row * p.Y + p.F + f) = u;
   }
 }
 
-template <bool B_COL>
-__device__ void consume(const Params& p, Smem& sm, int total) {
-  using L = Layouts<B_COL>;
+// h's columns c, c + 1 of row `row` (no epilogue).
+__device__ __forceinline__ void store_h(const Params& p, int64_t row, int c, float v0, float v1) {
+  *reinterpret_cast<__nv_bfloat162*>(p.h + row * p.Y + c) = __floats2bfloat162_rn(v0, v1);
+}
+
+template <bool B_COL, int TN>
+__device__ void consume(const Params& p, FwdSmem<TN>& sm, int total) {
+  using L = Layouts<B_COL, TN>;
+  if constexpr (TN == 256) cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();  // 128 accumulators a thread
   const int ctid = threadIdx.x - 128;
   typename L::Mma mma;
   auto thr = mma.get_thread_slice(ctid);
@@ -244,46 +264,57 @@ __device__ void consume(const Params& p, Smem& sm, int total) {
   Tensor sB = make_tensor(make_smem_ptr(&sm.b[0][0]), typename L::LayoutB{});
   Tensor tCrA = thr.make_fragment_A(thr.partition_A(sA));  // (MMA, MMA_M, MMA_K, stage) descriptors
   Tensor tCrB = thr.make_fragment_B(thr.partition_B(sB));
-  Tensor acc = partition_fragment_C(mma, Shape<Int<kTM>, Int<kTN>>{});
-  Tensor coord = thr.partition_C(make_identity_tensor(Shape<Int<kTM>, Int<kTN>>{}));
-  static_assert(decltype(size(acc))::value == 2 * 32, "moe sm90: one thread's m64n128 accumulators");
+  Tensor acc = partition_fragment_C(mma, Shape<Int<kTM>, Int<TN>>{});
+  Tensor coord = thr.partition_C(make_identity_tensor(Shape<Int<kTM>, Int<TN>>{}));
+  static_assert(decltype(size(acc))::value == TN / 2, "moe sm90: one thread's m64nTN accumulators");
+  const bool swiglu = p.act != nullptr;
   const int depth_blocks = (p.D + kTK - 1) / kTK;
   int stage = 0;
   uint32_t phase = 0;
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
     const OutputTile tl = tile_at(p, sm, t);
-    if (tl.e < 0) {  // padding rows: zeros
-      for (int i = ctid; i < tl.rows * (kTF / 2); i += kConsumers) {
-        const int64_t row = tl.row0 + i / (kTF / 2);
-        const int col = tl.cb * p.col_step + 2 * (i % (kTF / 2));
-        store_pair(p, row, col, 0.f, 0.f, 0.f, 0.f);
+    if (tl.e < 0) {  // padding rows: zeros (with SwiGLU act's TN / 2 columns and h's gate and up)
+      for (int i = ctid; i < tl.rows * (TN / 4); i += kConsumers) {
+        const int64_t row = tl.row0 + i / (TN / 4);
+        const int c = 2 * (i % (TN / 4));
+        if (swiglu) store_swiglu(p, row, tl.cb * (TN / 2) + c, 0.f, 0.f, 0.f, 0.f);
+        else store_h(p, row, tl.cb * TN + c, 0.f, 0.f), store_h(p, row, tl.cb * TN + TN / 2 + c, 0.f, 0.f);
       }
       continue;
     }
     mma_stages(mma, tCrA, tCrB, acc, sm, depth_blocks, stage, phase);
+    if (swiglu) {
 #pragma unroll
-    for (int v = 0; v < 32; v += 2) {  // columns c, c + 1 of a half at v, v + 1; the other half's at v + 32, v + 33
-      const int r = get<0>(coord(v));
-      if (r < tl.rows)
-        store_pair(p, int64_t(tl.row0) + r, tl.cb * p.col_step + get<1>(coord(v)), acc(v), acc(v + 1), acc(v + 32),
-                   acc(v + 33));
+      for (int v = 0; v < TN / 4; v += 2) {  // gate columns c, c + 1 at v, v + 1; up at v + TN / 4, + 1
+        const int r = get<0>(coord(v));
+        if (r < tl.rows)
+          store_swiglu(p, int64_t(tl.row0) + r, tl.cb * (TN / 2) + get<1>(coord(v)), acc(v), acc(v + 1),
+                       acc(v + TN / 4), acc(v + TN / 4 + 1));
+      }
+    } else {
+#pragma unroll
+      for (int v = 0; v < TN / 2; v += 2) {  // columns c, c + 1 at v, v + 1
+        const int r = get<0>(coord(v));
+        if (r < tl.rows) store_h(p, int64_t(tl.row0) + r, tl.cb * TN + get<1>(coord(v)), acc(v), acc(v + 1));
+      }
     }
   }
 }
 
 // One thread: the stages' full barriers (`arrivals` a phase) and empty ones (the consumer threads).
-__device__ __forceinline__ void init_barriers(Smem& sm, int arrivals) {
-  for (int s = 0; s < kStages; ++s) {
+template <class S>
+__device__ __forceinline__ void init_barriers(S& sm, int arrivals) {
+  for (int s = 0; s < S::kStages; ++s) {
     cutlass::arch::ClusterTransactionBarrier::init(&sm.full[s], arrivals);
     cutlass::arch::ClusterBarrier::init(&sm.empty[s], kConsumers);
   }
   cutlass::arch::fence_barrier_init();
 }
 
-template <bool B_COL>
+template <bool B_COL, int TN>
 __global__ void __launch_bounds__(kThreads, 1) gathered_gemm_kernel(const __grid_constant__ Params p) {
   extern __shared__ char smem_raw[];
-  Smem& sm = *reinterpret_cast<Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) / 1024 * 1024);
+  auto& sm = *reinterpret_cast<FwdSmem<TN>*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) / 1024 * 1024);
   if (threadIdx.x == 0) {
     prefetch_tma_descriptor(&p.b_map);
     init_barriers(sm, 128 + 1);  // the producer's cp.async arrivals + the TMA's
@@ -291,12 +322,12 @@ __global__ void __launch_bounds__(kThreads, 1) gathered_gemm_kernel(const __grid
   if (threadIdx.x < 32) build_tiles(p, sm);
   __syncthreads();
   const int total = sm.blocks * p.col_blocks;
-  if (threadIdx.x < 128) produce<B_COL>(p, sm, total);
-  else consume<B_COL>(p, sm, total);
+  if (threadIdx.x < 128) produce<B_COL, TN>(p, sm, total);
+  else consume<B_COL, TN>(p, sm, total);
 }
 
 // ---- the weight gradient: d b[e] = x_rows(e)^T @ g_rows(e), x's rows gathered through order_N ----
-// Output tiles of kTM x kTN of each expert's (M, N) = (D, Y) (out_yx: (Y, D), the transposed
+// Output tiles of kTM x kWgradN of each expert's (M, N) = (D, Y) (out_yx: (Y, D), the transposed
 // layout, computed as g^T x); the depth is the expert's rows, kTK a stage; both operands come by
 // cp.async (rows past the expert's end and columns past D or Y are zeros, so the sums are exact),
 // both contiguous along M or N (MN-major for wgmma). Tile t: (expert, M block, N block), N block
@@ -329,7 +360,7 @@ __device__ __forceinline__ WgradTile wgrad_tile(const WgradParams& p, int t) {
 // x's rows (M side unless YX) and g's rows (the other side), kWgradChunks 16-byte chunks of a
 // 128-column row a thread each stage: chunk `chunk` of rows first + kWgradRowsPerPass * i.
 template <bool YX>
-__device__ void produce_wgrad(const WgradParams& p, Smem& sm, int total) {
+__device__ void produce_wgrad(const WgradParams& p, WgradSmem& sm, int total) {
   Tensor sA = make_tensor(make_smem_ptr(&sm.a[0][0]), WgradLayouts::LayoutA{});
   Tensor sB = make_tensor(make_smem_ptr(&sm.b[0][0]), WgradLayouts::LayoutB{});
   const int tid = threadIdx.x, chunk = tid % kWgradChunks, first = tid / kWgradChunks;
@@ -337,7 +368,8 @@ __device__ void produce_wgrad(const WgradParams& p, Smem& sm, int total) {
   uint32_t phase = 0;
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
     const WgradTile tl = wgrad_tile(p, t);
-    const int x_col = (YX ? tl.nb * kTN : tl.mb * kTM) + chunk * 8, g_col = (YX ? tl.mb * kTM : tl.nb * kTN) + chunk * 8;
+    const int x_col = (YX ? tl.nb * kWgradN : tl.mb * kTM) + chunk * 8;
+    const int g_col = (YX ? tl.mb * kTM : tl.nb * kWgradN) + chunk * 8;
     const int depth_blocks = (tl.hi - tl.lo + kTK - 1) / kTK;
     for (int kb = 0; kb < depth_blocks; ++kb) {
       wait_or_trap(&sm.empty[stage], phase ^ 1);
@@ -353,7 +385,7 @@ __device__ void produce_wgrad(const WgradParams& p, Smem& sm, int total) {
         cp_async_16(g_dst, g_in ? p.g + int64_t(r) * p.ldg + g_col : p.g, g_in);
       }
       cutlass::arch::cpasync_barrier_arrive_noinc(&sm.full[stage]);
-      if (++stage == kStages) {
+      if (++stage == WgradSmem::kStages) {
         stage = 0;
         phase ^= 1;
       }
@@ -367,7 +399,7 @@ __device__ __forceinline__ void store_wgrad(const WgradParams& p, int e, int m, 
     *reinterpret_cast<__nv_bfloat162*>(p.out + (int64_t(e) * p.M + m) * p.cols + n) = __floats2bfloat162_rn(v0, v1);
 }
 
-__device__ void consume_wgrad(const WgradParams& p, Smem& sm, int total) {
+__device__ void consume_wgrad(const WgradParams& p, WgradSmem& sm, int total) {
   const int ctid = threadIdx.x - 128;
   WgradLayouts::Mma mma;
   auto thr = mma.get_thread_slice(ctid);
@@ -375,8 +407,8 @@ __device__ void consume_wgrad(const WgradParams& p, Smem& sm, int total) {
   Tensor sB = make_tensor(make_smem_ptr(&sm.b[0][0]), WgradLayouts::LayoutB{});
   Tensor tCrA = thr.make_fragment_A(thr.partition_A(sA));
   Tensor tCrB = thr.make_fragment_B(thr.partition_B(sB));
-  Tensor acc = partition_fragment_C(mma, Shape<Int<kTM>, Int<kTN>>{});
-  Tensor coord = thr.partition_C(make_identity_tensor(Shape<Int<kTM>, Int<kTN>>{}));
+  Tensor acc = partition_fragment_C(mma, Shape<Int<kTM>, Int<kWgradN>>{});
+  Tensor coord = thr.partition_C(make_identity_tensor(Shape<Int<kTM>, Int<kWgradN>>{}));
   int stage = 0;
   uint32_t phase = 0;
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
@@ -386,9 +418,9 @@ __device__ void consume_wgrad(const WgradParams& p, Smem& sm, int total) {
     else clear(acc);  // an expert with no rows: zeros
 #pragma unroll
     for (int v = 0; v < 32; v += 2) {  // columns c, c + 1 at v, v + 1; c + 64, c + 65 at v + 32, v + 33
-      const int m = tl.mb * kTM + get<0>(coord(v)), n = tl.nb * kTN + get<1>(coord(v));
+      const int m = tl.mb * kTM + get<0>(coord(v)), n = tl.nb * kWgradN + get<1>(coord(v));
       store_wgrad(p, tl.e, m, n, acc(v), acc(v + 1));
-      store_wgrad(p, tl.e, m, n + kTF, acc(v + 32), acc(v + 33));
+      store_wgrad(p, tl.e, m, n + kWgradN / 2, acc(v + 32), acc(v + 33));
     }
   }
 }
@@ -396,7 +428,7 @@ __device__ void consume_wgrad(const WgradParams& p, Smem& sm, int total) {
 template <bool YX>
 __global__ void __launch_bounds__(kThreads, 1) gathered_wgrad_kernel(const __grid_constant__ WgradParams p) {
   extern __shared__ char smem_raw[];
-  Smem& sm = *reinterpret_cast<Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) / 1024 * 1024);
+  auto& sm = *reinterpret_cast<WgradSmem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) / 1024 * 1024);
   if (threadIdx.x == 0) init_barriers(sm, 128);  // the producer's cp.async arrivals
   __syncthreads();
   const int total = p.E * p.m_blocks * p.n_blocks;
@@ -423,13 +455,13 @@ EncodeTiled encode_tiled() {
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-// Launches a persistent kernel: min(tiles, SMs) CTAs of kThreads with the shared memory's bytes.
+// Launches a persistent kernel: min(tiles, SMs) CTAs of kThreads with `smem` bytes of shared memory.
 template <class P>
-const char* launch(void (*kernel)(P), const P& p, int64_t tiles, int sm_count, cudaStream_t stream) {
+const char* launch(void (*kernel)(P), const P& p, size_t smem, int64_t tiles, int sm_count, cudaStream_t stream) {
   const int grid = int(std::max<int64_t>(1, std::min<int64_t>(tiles, sm_count > 0 ? sm_count : 1)));
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmemBytes)) != cudaSuccess)
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess)
     return "moe.gather_grouped_mm (sm90): the gathered kernel's shared memory was refused";
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
+  kernel<<<grid, kThreads, smem, stream>>>(p);
   if (cudaGetLastError() != cudaSuccess) return "moe.gather_grouped_mm (sm90): the gathered kernel's launch failed";
   return nullptr;
 }
@@ -443,14 +475,18 @@ const char* gathered_x_unsupported(const GatheredX& g) {
 
 }  // namespace
 
+// The tile width for `p`: 256 columns where they divide the output (with SwiGLU F by 128, else Y by
+// 256), else 128.
+int tile_width(const GatheredGemm& p) { return (p.swiglu ? (p.Y / 2) % 128 == 0 : p.Y % 256 == 0) ? 256 : 128; }
+
 const char* gathered_gemm_unsupported(const GatheredGemm& p) {
   if (p.E < 1 || p.E > kGatheredMaxExperts) return "E outside [1, kGatheredMaxExperts]";
   if (p.N < 1 || p.D < 1 || p.Y < 1) return "an empty dimension";
-  if (p.Y % kTN != 0) return "Y is not a multiple of 128 (with SwiGLU: F of 64)";
+  if (p.Y % 128 != 0) return "Y is not a multiple of 128 (with SwiGLU: F of 64)";
   if (const char* why = gathered_x_unsupported(p.rows)) return why;
   if (p.D % 8 != 0 || p.ldb % 8 != 0 || p.b_batch % 8 != 0) return "a stride is not 16-byte";
   if (p.ldb <= 0 || p.b_batch <= 0) return "b's strides are not positive";
-  if ((int64_t(p.N) / kTM + p.E + 1) * (p.Y / kTN) > std::numeric_limits<int>::max() / 2) return "too many tiles";
+  if ((int64_t(p.N) / kTM + p.E + 1) * (p.Y / 128) > std::numeric_limits<int>::max() / 2) return "too many tiles";
   if (!aligned16(p.b)) return "b is not 16-byte aligned";
   return nullptr;
 }
@@ -460,31 +496,8 @@ const char* gathered_gemm(const GatheredGemm& g, cudaStream_t stream) {
   if (g.swiglu ? g.act == nullptr : g.h == nullptr) return "moe.gather_grouped_mm (sm90): no output";
   const EncodeTiled encode = encode_tiled();
   if (encode == nullptr) return "moe.gather_grouped_mm (sm90): cuTensorMapEncodeTiled is unavailable";
+  const int TN = tile_width(g);
   Params p{};
-  p.Y = g.Y;
-  p.F = g.swiglu ? g.Y / 2 : 0;
-  p.half = g.swiglu ? p.F : kTF;
-  p.col_step = g.swiglu ? kTF : kTN;
-  p.col_blocks = g.Y / kTN;  // with SwiGLU F / 64 blocks of 64 act columns
-  // b's tensor map, (column, depth, block, expert), a box of kTF columns x kTK depth x 2 blocks: with
-  // SwiGLU the columns are the gate's F and the 2 blocks its two halves (the up columns F further),
-  // box at (cb * kTF, depth, 0, e); else 64 columns and Y / 64 blocks of them, box at (0, depth,
-  // 2 cb, e). No element of the map aliases another. b_col: b[e, x, y] at e * b_batch + y * ldb + x,
-  // dims (depth, column, block, expert); else at e * b_batch + x * ldb + y.
-  const cuuint64_t es = sizeof(bf16), D = cuuint64_t(g.D), E = cuuint64_t(g.E);
-  const cuuint64_t cols = cuuint64_t(g.swiglu ? p.F : kTF), blocks = cuuint64_t(g.swiglu ? 2 : g.Y / kTF);
-  const cuuint64_t blk = cuuint64_t(g.swiglu ? p.F : kTF);  // a block's first column
-  p.box_col = g.swiglu ? kTF : 0;
-  p.box_blk = g.swiglu ? 0 : 2;
-  const cuuint64_t ldb = cuuint64_t(g.ldb) * es, batch = cuuint64_t(g.b_batch) * es;
-  const cuuint64_t dims_col[4] = {D, cols, blocks, E}, strides_col[3] = {ldb, blk * ldb, batch};
-  const cuuint64_t dims_row[4] = {cols, D, blocks, E}, strides_row[3] = {ldb, blk * es, batch};
-  const cuuint32_t box_col[4] = {kTK, kTF, 2, 1}, box_row[4] = {kTF, kTK, 2, 1}, unit[4] = {1, 1, 1, 1};
-  if (encode(&p.b_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<void*>(g.b), g.b_col ? dims_col : dims_row,
-             g.b_col ? strides_col : strides_row, g.b_col ? box_col : box_row, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
-             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
-    return "moe.gather_grouped_mm (sm90): cuTensorMapEncodeTiled rejected b's layout";
   p.rows = g.rows;
   p.offs = g.offs;
   p.act = g.swiglu ? static_cast<__nv_bfloat16*>(g.act) : nullptr;
@@ -492,17 +505,47 @@ const char* gathered_gemm(const GatheredGemm& g, cudaStream_t stream) {
   p.E = g.E;
   p.N = g.N;
   p.D = g.D;
+  p.Y = g.Y;
+  p.F = g.swiglu ? g.Y / 2 : 0;
+  p.col_blocks = g.swiglu ? p.F / (TN / 2) : g.Y / TN;
+  p.box_blocks = g.swiglu ? TN / 128 : TN / kBlock;
+  // b's tensor map: (column in a 64-column block, depth, block, half, expert); with SwiGLU the
+  // blocks are the gate's F / 64 and the half the up columns F further, else the Y / 64 blocks and
+  // one half. A box of 64 columns x kTK depth x box_blocks blocks x both halves (SwiGLU) fills a
+  // stage's TN x kTK; tile cb's at block cb * box_blocks. No element of the map aliases another.
+  // b_col: b[e, x, y] at e * b_batch + y * ldb + x, dims (depth, column, block, half, expert);
+  // else at e * b_batch + x * ldb + y, dims (column, depth, block, half, expert).
+  const cuuint64_t es = sizeof(bf16), D = cuuint64_t(g.D), E = cuuint64_t(g.E);
+  const cuuint64_t blocks = cuuint64_t(g.swiglu ? p.F / kBlock : g.Y / kBlock), halves = g.swiglu ? 2 : 1;
+  const cuuint64_t half = cuuint64_t(g.swiglu ? p.F : g.Y);  // (one half without SwiGLU: any valid stride)
+  const cuuint64_t ldb = cuuint64_t(g.ldb) * es, batch = cuuint64_t(g.b_batch) * es;
+  const cuuint32_t nb = cuuint32_t(p.box_blocks), nh = cuuint32_t(halves);
+  const cuuint64_t dims_col[5] = {D, kBlock, blocks, halves, E};
+  const cuuint64_t strides_col[4] = {ldb, kBlock * ldb, half * ldb, batch};
+  const cuuint64_t dims_row[5] = {kBlock, D, blocks, halves, E};
+  const cuuint64_t strides_row[4] = {ldb, kBlock * es, half * es, batch};
+  const cuuint32_t box_col[5] = {kTK, kBlock, nb, nh, 1}, box_row[5] = {kBlock, kTK, nb, nh, 1};
+  const cuuint32_t unit[5] = {1, 1, 1, 1, 1};
+  if (encode(&p.b_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 5, const_cast<void*>(g.b), g.b_col ? dims_col : dims_row,
+             g.b_col ? strides_col : strides_row, g.b_col ? box_col : box_row, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+    return "moe.gather_grouped_mm (sm90): cuTensorMapEncodeTiled rejected b's layout";
   // A bound on the tiles from host-known sizes: sum over experts of ceil(rows_e / kTM), plus the
   // padding's blocks, is at most N / kTM + E + 1 row blocks.
   const int64_t bound = (int64_t(g.N) / kTM + g.E + 1) * p.col_blocks;
-  return launch(g.b_col ? gathered_gemm_kernel<true> : gathered_gemm_kernel<false>, p, bound, g.sm_count, stream);
+  if (TN == 256)
+    return launch(g.b_col ? gathered_gemm_kernel<true, 256> : gathered_gemm_kernel<false, 256>, p,
+                  smem_bytes<FwdSmem<256>>(), bound, g.sm_count, stream);
+  return launch(g.b_col ? gathered_gemm_kernel<true, 128> : gathered_gemm_kernel<false, 128>, p,
+                smem_bytes<FwdSmem<128>>(), bound, g.sm_count, stream);
 }
 
 const char* gathered_wgrad_unsupported(const GatheredWgrad& p) {
   if (p.E < 1 || p.N < 1 || p.D < 1 || p.Y < 1) return "an empty dimension";
   if (const char* why = gathered_x_unsupported(p.rows)) return why;
   if (p.D % 8 != 0 || p.Y % 8 != 0 || p.ldg % 8 != 0 || !aligned16(p.g)) return "g's rows are not 16-byte vectors";
-  if (int64_t(p.E) * ((int64_t(p.D) + kTM - 1) / kTM) * ((int64_t(p.Y) + kTN - 1) / kTN) >
+  if (int64_t(p.E) * ((int64_t(p.D) + kTM - 1) / kTM) * ((int64_t(p.Y) + kWgradN - 1) / kWgradN) >
       std::numeric_limits<int>::max() / 2)  // (t + gridDim.x stays an int)
     return "too many tiles";
   return nullptr;
@@ -524,9 +567,10 @@ const char* gathered_wgrad(const GatheredWgrad& g, cudaStream_t stream) {
   p.M = g.out_yx ? g.Y : g.D;
   p.cols = g.out_yx ? g.D : g.Y;
   p.m_blocks = (p.M + kTM - 1) / kTM;
-  p.n_blocks = (p.cols + kTN - 1) / kTN;
+  p.n_blocks = (p.cols + kWgradN - 1) / kWgradN;
   const int64_t total = int64_t(g.E) * p.m_blocks * p.n_blocks;
-  return launch(g.out_yx ? gathered_wgrad_kernel<true> : gathered_wgrad_kernel<false>, p, total, g.sm_count, stream);
+  return launch(g.out_yx ? gathered_wgrad_kernel<true> : gathered_wgrad_kernel<false>, p, smem_bytes<WgradSmem>(), total,
+                g.sm_count, stream);
 }
 
 }  // namespace moe::cuda::sm90

@@ -5,10 +5,10 @@
 //
 // Under the 128-byte swizzle (the TMA's CU_TENSOR_MAP_SWIZZLE_128B, CuTe's SW128 atoms), the
 // 16-byte chunk c of the 128-byte row r of a 1024-byte-aligned buffer sits at chunk c ^ (r % 8).
-// The TMA box of b fills its 16 KiB in dim order: [block][depth][column] for row-major b (dims
-// (column, depth, block, expert)), [block][column][depth] for b_col (dims (depth, column, block,
-// expert)); so B's tile is its first 64 columns (with SwiGLU the gate's), then the 64 of its second
-// half (the up columns F further; without SwiGLU the next 64).
+// The TMA box of b fills a stage's TN x kTK in dim order: [half][block][depth][column] for row-major
+// b (dims (column in a 64-column block, depth, block, half, expert)), [half][block][column][depth]
+// for b_col (dims (depth, column, block, half, expert)); so B's tile is its column blocks in order,
+// with SwiGLU the gate's TN / 2 columns, then the up columns (the half, F columns further).
 #pragma once
 
 #include <cute/atom/mma_atom.hpp>
@@ -24,48 +24,60 @@ using namespace cute;
 using bf16 = cutlass::bfloat16_t;
 
 constexpr int kTM = 128;                    // routed rows per tile: two consumer warp groups of 64
-constexpr int kTF = 64;                     // columns per half of a tile (act columns with SwiGLU)
-constexpr int kTN = 2 * kTF;                // b columns per tile: two halves
+constexpr int kBlock = 64;                  // columns of one TMA block of b (128 bytes: the swizzle's row)
 constexpr int kTK = 64;                     // depth per stage: one 128-byte swizzle row of bf16
-constexpr int kStages = 5;
 constexpr int kThreads = 384;
 constexpr int kConsumers = 256;
 constexpr int kChunks = kTK / 8;            // 16-byte chunks per row and stage
 constexpr int kRowsPerPass = 128 / kChunks; // rows the producer's 128 threads cover at once
 constexpr int kRowsPerThread = kTM / kRowsPerPass;
-constexpr uint32_t kBBytes = kTN * kTK * sizeof(bf16);
 
-template <bool B_COL>
+// The forward's tile of TN b columns (128 or 256): with SwiGLU TN / 2 gate columns, then their TN / 2
+// up columns (act's TN / 2 columns), else TN consecutive columns; stages as shared memory allows.
+template <int TN>
+struct TileWidth {
+  static_assert(TN == 128 || TN == 256, "moe sm90: a gathered tile is 128 or 256 columns wide");
+  static constexpr int kN = TN;
+  static constexpr int kStages = TN == 256 ? 4 : 5;
+  static constexpr uint32_t kBBytes = TN * kTK * 2;
+};
+
+template <bool B_COL, int TN>
 struct Layouts {
   // A (rows x depth) and B (columns x depth) per stage, as wgmma reads them; the MMA: two warp
-  // groups of 64 rows, m64n128k16, so one thread's accumulator v holds column c of a row in the
-  // first half and v + 32 the column c of that row in the second (v even: v + 1 is column c + 1).
+  // groups of 64 rows, m64nTNk16, so one thread's accumulator v holds column c of a row and, with
+  // v + TN / 4 (v < TN / 4), column c + TN / 2 of that row (c < TN / 2; v even: v + 1 is c + 1).
+  static constexpr int kStages = TileWidth<TN>::kStages;
   using LayoutA = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<bf16>{},
                                          Shape<Int<kTM>, Int<kTK>, Int<kStages>>{}));
   using LayoutB = std::conditional_t<
       B_COL,
-      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<bf16>{}, Shape<Int<kTN>, Int<kTK>, Int<kStages>>{})),
-      decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<bf16>{}, Shape<Int<kTN>, Int<kTK>, Int<kStages>>{},
+      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<bf16>{}, Shape<Int<TN>, Int<kTK>, Int<kStages>>{})),
+      decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<bf16>{}, Shape<Int<TN>, Int<kTK>, Int<kStages>>{},
                              Step<_2, _1, _3>{}))>;
-  using Mma = decltype(make_tiled_mma(
-      SM90_64x128x16_F32BF16BF16_SS<GMMA::Major::K, B_COL ? GMMA::Major::K : GMMA::Major::MN>{},
-      Layout<Shape<_2, _1, _1>>{}));
-  static_assert(cosize_v<LayoutA> == kStages * kTM * kTK && cosize_v<LayoutB> == kStages * kTN * kTK);
+  using Atom = std::conditional_t<
+      TN == 256, SM90_64x256x16_F32BF16BF16_SS<GMMA::Major::K, B_COL ? GMMA::Major::K : GMMA::Major::MN>,
+      SM90_64x128x16_F32BF16BF16_SS<GMMA::Major::K, B_COL ? GMMA::Major::K : GMMA::Major::MN>>;
+  using Mma = decltype(make_tiled_mma(Atom{}, Layout<Shape<_2, _1, _1>>{}));
+  static_assert(cosize_v<LayoutA> == kStages * kTM * kTK && cosize_v<LayoutB> == kStages * TN * kTK);
 };
 
 // The weight gradient's operands (gathered_wgrad): both contiguous along the output's M or N (x's
-// rows along D, g's along Y), 128 x kTK per stage, written by cp.async through these layouts.
+// rows along D, g's along Y), 128 x kTK per stage, written by cp.async through these layouts; its
+// output tile is kTM x kWgradN.
+constexpr int kWgradN = 128;
 constexpr int kWgradChunks = kTM / 8;                     // 16-byte chunks of a 128-column row
 constexpr int kWgradRowsPerPass = 128 / kWgradChunks;     // rows the producer's threads cover at once
 constexpr int kWgradRowsPerThread = kTK / kWgradRowsPerPass;
 struct WgradLayouts {
+  static constexpr int kStages = TileWidth<kWgradN>::kStages;
   using LayoutA = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<bf16>{},
                                          Shape<Int<kTM>, Int<kTK>, Int<kStages>>{}));
   using LayoutB = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<bf16>{},
-                                         Shape<Int<kTN>, Int<kTK>, Int<kStages>>{}));
+                                         Shape<Int<kWgradN>, Int<kTK>, Int<kStages>>{}));
   using Mma = decltype(make_tiled_mma(SM90_64x128x16_F32BF16BF16_SS<GMMA::Major::MN, GMMA::Major::MN>{},
                                       Layout<Shape<_2, _1, _1>>{}));
-  static_assert(cosize_v<LayoutA> == kStages * kTM * kTK && cosize_v<LayoutB> == kStages * kTN * kTK);
+  static_assert(cosize_v<LayoutA> == kStages * kTM * kTK && cosize_v<LayoutB> == kStages * kWgradN * kTK);
 };
 
 // ---- the output tiles: expert e's rows in kTM-row blocks, experts in order, then the padding rows
