@@ -452,6 +452,9 @@ GATHERED_CASES = [  # (T, K, E, D, F, x layout) for moekit's gathered sm90 GEMM 
     (100, 2, 3, 200, 64, "strided"),  # D = 200: the last depth block is partial (zeros past D)
     (512, 8, 128, 2048, 768, "contiguous"),  # Qwen3-30B-A3B's D and F
     (5, 4, 4, 64, 64, "contiguous"), (700, 2, 1, 64, 192, "contiguous"),  # one expert, 3 column blocks
+    # 256-wide tiles (F a multiple of 128 and at least a wide tile per SM: N / 128 * 2F / 256 >= 132 on
+    # an H100 or H200; the Qwen3 case too): a partial depth block; 3 column blocks
+    (4400, 4, 8, 200, 128, "strided"), (3000, 8, 16, 128, 384, "contiguous"),
 ]
 # the weight gradient takes any D and Y = 2F that are multiples of 8: partial M and N blocks
 GATHERED_WGRAD_CASES = GATHERED_CASES + [(100, 2, 3, 200, 36, "contiguous"), (300, 4, 8, 72, 100, "strided")]

@@ -59,9 +59,13 @@ using FwdSmem = Smem<TileWidth<TN>::kStages, TN>;
 using WgradSmem = Smem<WgradLayouts::kStages, kWgradN>;
 template <class S>
 constexpr size_t smem_bytes() { return sizeof(S) + 1024; }  // + the alignment of the dynamic base
-// Register budgets of the 256-wide tile (setmaxnreg, multiples of 8; 128 x 56 + 256 x 224 <= 64 K):
-// its consumers hold 128 float accumulators a thread.
-constexpr int kProducerRegs = 56, kConsumerRegs = 224;
+// Register budgets of the 256-wide tile (setmaxnreg, multiples of 8): its consumers hold 128 float
+// accumulators a thread. The two must fit the 168 registers a thread the CTA starts with (65536 /
+// 384, rounded down to 8), or the consumers' setmaxnreg.inc waits forever; 64 keeps the producer
+// free of spills (56 spilled a few bytes), 216 the consumers.
+constexpr int kProducerRegs = 64, kConsumerRegs = 216;
+static_assert(128 * kProducerRegs + kConsumers * kConsumerRegs <= kThreads * (65536 / kThreads / 8 * 8),
+              "moe sm90: the register budgets exceed the CTA's registers");
 
 struct Params {
   CUtensorMap b_map;  // first: CUtensorMap's alignment (64 or 128 bytes) in the parameter space
@@ -466,6 +470,14 @@ const char* launch(void (*kernel)(P), const P& p, size_t smem, int64_t tiles, in
   return nullptr;
 }
 
+// The tile width for `p`: 256 columns where they divide the output (Y by 256: with SwiGLU F by 128)
+// and the routed rows fill the GPU with them (at least a tile per SM: the wide tile halves the
+// tiles), else 128.
+int tile_width(const GatheredGemm& p) {
+  const int64_t wide_tiles = int64_t(p.N) / kTM * (p.Y / 256);
+  return p.Y % 256 == 0 && wide_tiles >= std::max(p.sm_count, 1) ? 256 : 128;
+}
+
 // The layout rules of x_TD's gathered rows (GatheredX), or nullptr.
 const char* gathered_x_unsupported(const GatheredX& g) {
   if (g.ldx % 8 != 0 || !aligned16(g.x)) return "x's rows are not 16-byte vectors";
@@ -474,10 +486,6 @@ const char* gathered_x_unsupported(const GatheredX& g) {
 }
 
 }  // namespace
-
-// The tile width for `p`: 256 columns where they divide the output (with SwiGLU F by 128, else Y by
-// 256), else 128.
-int tile_width(const GatheredGemm& p) { return (p.swiglu ? (p.Y / 2) % 128 == 0 : p.Y % 256 == 0) ? 256 : 128; }
 
 const char* gathered_gemm_unsupported(const GatheredGemm& p) {
   if (p.E < 1 || p.E > kGatheredMaxExperts) return "E outside [1, kGatheredMaxExperts]";
