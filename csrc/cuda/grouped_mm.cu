@@ -422,41 +422,49 @@ std::optional<Sm90Gemm> sm90_forward(const MmOperands& o, const at::Tensor& offs
   return r;
 }
 
+// x_TD's rows through the plan for the sm90 kernels (sm90::GatheredX: bfloat16, unit column
+// stride, 16-byte rows: D and the row stride multiples of 8, aligned), reading order_N in place;
+// else nullopt.
+std::optional<sm90::GatheredX> gathered_x(const at::Tensor& x_TD, const at::Tensor& order_N,
+                                          const at::Tensor& rows_TK) {
+  const int64_t T = x_TD.size(0), D = x_TD.size(1);
+  const int64_t ldx = T > 1 ? x_TD.stride(0) : D;
+  if (x_TD.scalar_type() != at::kBFloat16 || (D > 1 && x_TD.stride(1) != 1) || D % 8 != 0 || ldx % 8 != 0 ||
+      !aligned16(x_TD.const_data_ptr()) || !order_N.is_contiguous())
+    return std::nullopt;
+  sm90::GatheredX g;
+  g.x = x_TD.const_data_ptr();
+  g.ldx = ldx;
+  g.order = order_N.const_data_ptr<int64_t>();
+  g.slots = rows_TK.numel();
+  g.K = static_cast<int>(rows_TK.size(1));
+  return g;
+}
+
 // permute(x_TD, order_N, rows_TK) as the rows of a new x_ND (N, D), to be written by an sm90 setup
-// launch (gather): where x_TD is bfloat16 with 16-byte rows (D and the row stride multiples of 8,
-// aligned); else nullopt, before any allocation (the permute kernel runs). The same bytes as the
-// permute kernel: a copy.
+// launch (gather): where gathered_x takes x_TD; else nullopt, before any allocation (the permute
+// kernel runs). The same bytes as the permute kernel: a copy.
 struct GatheredRows {
   at::Tensor x_ND;
   sm90::Gather gather;
 };
 
 std::optional<GatheredRows> sm90_gather(const at::Tensor& x_TD, const at::Tensor& order_N, const at::Tensor& rows_TK) {
-  const int64_t N = order_N.size(0), T = x_TD.size(0), D = x_TD.size(1);
-  const int64_t ldx = T > 1 ? x_TD.stride(0) : D;
-  if (x_TD.scalar_type() != at::kBFloat16 || (D > 1 && x_TD.stride(1) != 1) || D % 8 != 0 || ldx % 8 != 0 ||
-      !aligned16(x_TD.const_data_ptr()) || !order_N.is_contiguous())
-    return std::nullopt;
+  const auto rows = gathered_x(x_TD, order_N, rows_TK);
+  if (!rows) return std::nullopt;
+  const int64_t N = order_N.size(0), D = x_TD.size(1);
   GatheredRows r{at::empty({N, D}, x_TD.options()), {}};
-  r.gather.x = x_TD.const_data_ptr();
-  r.gather.ldx = ldx;
-  r.gather.order = order_N.const_data_ptr<int64_t>();
-  r.gather.slots = rows_TK.numel();
-  r.gather.K = static_cast<int>(rows_TK.size(1));
+  r.gather.rows = *rows;
   r.gather.out = r.x_ND.mutable_data_ptr();
   r.gather.N = N;
   r.gather.D = D;
   return r;
 }
 
-// x_TD's rows for the gathered sm90 kernels (order is set once order_N is contiguous).
-sm90::GatheredX gathered_x(const at::Tensor& x_TD, const at::Tensor& rows_TK) {
-  sm90::GatheredX g;
-  g.x = x_TD.const_data_ptr();
-  g.ldx = x_TD.size(0) > 1 ? x_TD.stride(0) : x_TD.size(1);
-  g.slots = rows_TK.numel();
-  g.K = static_cast<int>(rows_TK.size(1));
-  return g;
+// moekit's one-launch gathered sm90 GEMMs serve gathered calls: the setting sm90_gathered asks for
+// them ("fused"; "auto" does not yet, see config.h) and moekit's sm90 GEMM serves the call.
+bool fused_gathered() {
+  return config::sm90_gathered() == config::Sm90Gathered::kFused && use_sm90(config::cuda_gemm());
 }
 
 // gather_grouped_mm (swiglu=false: returns (h, empty)) or gather_grouped_mm_swiglu (returns (act, h
@@ -465,18 +473,20 @@ sm90::GatheredX gathered_x(const at::Tensor& x_TD, const at::Tensor& rows_TK) {
 // sm90_gathered asks for it ("fused"; "auto" does not yet, see config.h), moekit's sm90 GEMM serves
 // the call, and the kernel's layout rules hold (bfloat16, x_TD with unit column stride, b
 // contiguous along Y or along X, Y a multiple of 128, 16-byte strides, E <= 1024); else nullopt,
-// before any allocation.
+// before any allocation but a copy of a non-contiguous order_N.
 std::optional<std::tuple<at::Tensor, at::Tensor>> gathered_sm90(const at::Tensor& x_TD, const at::Tensor& order_N,
                                                                 const at::Tensor& rows_TK, const at::Tensor& b_EXY,
                                                                 const at::Tensor& offs_E, bool swiglu, bool keep_h) {
-  if (config::sm90_gathered() != config::Sm90Gathered::kFused || !use_sm90(config::cuda_gemm())) return std::nullopt;
+  if (!fused_gathered()) return std::nullopt;
   const int64_t N = order_N.size(0), D = x_TD.size(1), E = b_EXY.size(0), Y = b_EXY.size(2);
   const bool b_col = b_EXY.stride(2) != 1 && b_EXY.stride(1) == 1;
-  if (x_TD.scalar_type() != at::kBFloat16 || b_EXY.scalar_type() != at::kBFloat16 || (D > 1 && x_TD.stride(1) != 1) ||
-      !(b_EXY.stride(2) == 1 || b_col) || N > std::numeric_limits<int>::max())
+  const auto order = order_N.contiguous();
+  const auto rows = gathered_x(x_TD, order, rows_TK);
+  if (!rows || b_EXY.scalar_type() != at::kBFloat16 || !(b_EXY.stride(2) == 1 || b_col) ||
+      N > std::numeric_limits<int>::max())
     return std::nullopt;
   sm90::GatheredGemm g;
-  g.rows = gathered_x(x_TD, rows_TK);
+  g.rows = *rows;
   g.b = b_EXY.const_data_ptr();
   g.b_col = b_col;
   g.ldb = b_col ? b_EXY.stride(2) : b_EXY.stride(1);
@@ -488,10 +498,9 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> gathered_sm90(const at::Tensor
   g.Y = static_cast<int>(Y);
   g.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   if (sm90::gathered_gemm_unsupported(g) != nullptr) return std::nullopt;
-  const auto order = order_N.contiguous(), offs = offs_E.contiguous();
+  const auto offs = offs_E.contiguous();
   auto act = at::empty({swiglu ? N : 0, Y / 2}, x_TD.options());
   auto h = at::empty({!swiglu || keep_h ? N : 0, Y}, x_TD.options());
-  g.rows.order = order.const_data_ptr<int64_t>();
   g.offs = offs.const_data_ptr<int>();
   g.act = swiglu ? act.mutable_data_ptr() : nullptr;
   g.h = h.size(0) > 0 ? h.mutable_data_ptr() : nullptr;
@@ -505,17 +514,19 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> gathered_sm90(const at::Tensor
 // where sm90_gathered asks for it ("fused"), moekit's sm90 GEMM serves the call and the kernel's
 // rules hold (bfloat16, unit column strides, D and Y multiples of 8, 16-byte rows); the weight
 // gradient in b's layout ((E, D, Y), or out_yx the transpose of an (E, Y, D) tensor). Else nullopt,
-// before any allocation.
+// before any allocation but a copy of a non-contiguous order_N.
 std::optional<at::Tensor> gathered_wgrad_sm90(const at::Tensor& x_TD, const at::Tensor& order_N,
                                               const at::Tensor& rows_TK, const at::Tensor& g_NY,
                                               const at::Tensor& offs_E, bool out_yx) {
-  if (config::sm90_gathered() != config::Sm90Gathered::kFused || !use_sm90(config::cuda_gemm())) return std::nullopt;
+  if (!fused_gathered()) return std::nullopt;
   const int64_t N = order_N.size(0), D = x_TD.size(1), Y = g_NY.size(1), E = offs_E.size(0);
-  if (x_TD.scalar_type() != at::kBFloat16 || g_NY.scalar_type() != at::kBFloat16 || (D > 1 && x_TD.stride(1) != 1) ||
-      (Y > 1 && g_NY.stride(1) != 1) || N > std::numeric_limits<int>::max() || E > std::numeric_limits<int>::max())
+  const auto order = order_N.contiguous();
+  const auto rows = gathered_x(x_TD, order, rows_TK);
+  if (!rows || g_NY.scalar_type() != at::kBFloat16 || (Y > 1 && g_NY.stride(1) != 1) ||
+      N > std::numeric_limits<int>::max() || E > std::numeric_limits<int>::max())
     return std::nullopt;
   sm90::GatheredWgrad w;
-  w.rows = gathered_x(x_TD, rows_TK);
+  w.rows = *rows;
   w.g = g_NY.const_data_ptr();
   w.ldg = N > 1 ? g_NY.stride(0) : Y;
   w.out_yx = out_yx;
@@ -525,9 +536,8 @@ std::optional<at::Tensor> gathered_wgrad_sm90(const at::Tensor& x_TD, const at::
   w.Y = static_cast<int>(Y);
   w.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   if (sm90::gathered_wgrad_unsupported(w) != nullptr) return std::nullopt;
-  const auto order = order_N.contiguous(), offs = offs_E.contiguous();
+  const auto offs = offs_E.contiguous();
   auto out = out_yx ? at::empty({E, Y, D}, x_TD.options()) : at::empty({E, D, Y}, x_TD.options());
-  w.rows.order = order.const_data_ptr<int64_t>();
   w.offs = offs.const_data_ptr<int>();
   w.out = out.mutable_data_ptr();
   const char* err = sm90::gathered_wgrad(w, at::cuda::getCurrentCUDAStream());
@@ -800,7 +810,7 @@ std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward_cuda(const at::Ten
   at::Tensor rows_ND, d_b;  // d x before the sum over each token's rows
 #ifdef MOE_WITH_SM90_GEMM
   // with the gathered GEMM (sm90_gathered="fused") d b reads x_TD in place: no gathered copy to share
-  const bool share = config::sm90_gathered() != config::Sm90Gathered::kFused;
+  const bool share = !fused_gathered();
   if (share && grad_x && grad_b && order_N.size(0) > 0) {
     if (const auto rows = sm90_gather(x_TD, order_N, rows_TK)) {
       if (auto both = backward_sm90(grad_NY, rows->x_ND, b_EXY, offs_E, &rows->gather)) std::tie(rows_ND, d_b) = *both;

@@ -87,15 +87,12 @@ struct Params {
     if (!(cond)) __trap();         \
   } while (0)
 
-// Expert e's rows [lo, hi) (expert_rows: clamped, so memory stays safe whatever offs_E holds);
-// CHECK: trapped on bad offsets (build_tiles, once per expert and CTA).
-template <bool CHECK = false>
-__device__ __forceinline__ void rows_of(const Params& p, int e, int& lo, int& hi) {
-  if constexpr (CHECK) {
-    const int l = e > 0 ? p.offs[e - 1] : 0, h = p.offs[e];
-    MOE_SM90_TRAP_UNLESS(l >= 0 && l <= h && h <= p.N);
-  }
-  expert_rows(p.offs, p.N, e, lo, hi);
+// Expert e's rows [lo, hi), offs_E checked (non-decreasing within [0, N], else a trap) and clamped
+// (expert_rows), so memory stays safe whatever it holds.
+__device__ __forceinline__ void checked_rows(const int* offs, int N, int e, int& lo, int& hi) {
+  const int l = e > 0 ? offs[e - 1] : 0, h = offs[e];
+  MOE_SM90_TRAP_UNLESS(l >= 0 && l <= h && h <= N);
+  expert_rows(offs, N, e, lo, hi);
 }
 
 // Warp 0: tiles[e] = the row blocks of the experts before e (a warp scan in chunks of 32), the
@@ -109,7 +106,7 @@ __device__ void build_tiles(const Params& p, S& sm) {
     int n = 0;
     if (e < p.E) {
       int lo, hi;
-      rows_of<true>(p, e, lo, hi);
+      checked_rows(p.offs, p.N, e, lo, hi);
       n = row_blocks(hi - lo);
     }
 #pragma unroll
@@ -355,9 +352,7 @@ __device__ __forceinline__ WgradTile wgrad_tile(const WgradParams& p, int t) {
   tl.nb = t % p.n_blocks;
   tl.mb = (t / p.n_blocks) % p.m_blocks;
   tl.e = t / (p.n_blocks * p.m_blocks);
-  const int lo = tl.e > 0 ? p.offs[tl.e - 1] : 0, hi = p.offs[tl.e];
-  MOE_SM90_TRAP_UNLESS(lo >= 0 && lo <= hi && hi <= p.N);  // offs_E non-decreasing within [0, N]
-  expert_rows(p.offs, p.N, tl.e, tl.lo, tl.hi);
+  checked_rows(p.offs, p.N, tl.e, tl.lo, tl.hi);
   return tl;
 }
 

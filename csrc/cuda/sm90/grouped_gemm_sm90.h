@@ -89,16 +89,22 @@ size_t workspace_bytes(const GroupedGemm& g, int id);
 // The most GEMMs one run() takes: a backward's two (d a and d b of one grouped GEMM).
 constexpr int kMaxRun = 2;
 
-// Rows gathered by the setup launch into a GEMM operand (moe.permute's copy without a launch of its
-// own, for gather_grouped_mm and its weight gradient): out (N, D) contiguous, out[i] = the row
-// order[i] / K of x (row stride ldx), zeros where order[i] < 0 (padding rows). bfloat16; D and
-// ldx multiples of 8 elements, x and out 16-byte aligned.
-struct Gather {
-  const void* x = nullptr;
+// x_TD's rows through the plan, as the sm90 kernels read them: routed row i is row order[i] / K of
+// x (zeros where order[i] < 0; order's entries are in [-1, slots), else a device-side error).
+// bfloat16 with unit column stride; D and ldx multiples of 8 elements, x 16-byte aligned.
+struct GatheredX {
+  const void* x = nullptr;         // x_TD, row stride ldx (elements)
   int64_t ldx = 0;
   const int64_t* order = nullptr;  // order_N (N,)
-  int64_t slots = 0;               // T * K: order's entries are in [-1, slots)
+  int64_t slots = 0;               // T * K
   int K = 1;
+};
+
+// Rows gathered by the setup launch into a GEMM operand (moe.permute's copy without a launch of its
+// own, for gather_grouped_mm and its weight gradient): out (N, D) contiguous, out[i] = routed row
+// i of `rows`, 16-byte aligned.
+struct Gather {
+  GatheredX rows;
   void* out = nullptr;
   int64_t N = 0, D = 0;
 };
@@ -124,15 +130,6 @@ const char* run(const GroupedGemm* g, const int* ids, void* const* ws, int count
 // multiple of 64, else Y a multiple of 128; D, ldx, ldb and b_batch multiples of 8; x and b 16-byte
 // aligned; 1 <= E <= kGatheredMaxExperts.
 constexpr int kGatheredMaxExperts = 1024;
-// x_TD's rows as the gathered kernels read them: routed row i is row order[i] / K of x (zeros where
-// order[i] < 0); a bad order[i] (outside [-1, slots)) traps.
-struct GatheredX {
-  const void* x = nullptr;         // x_TD, row stride ldx (elements), unit column stride
-  int64_t ldx = 0;
-  const int64_t* order = nullptr;  // order_N (N,)
-  int64_t slots = 0;               // T * K
-  int K = 1;
-};
 struct GatheredGemm {
   GatheredX rows;
   const void* b = nullptr;         // b_EXY (E, D, Y): b[e, x, y] at e * b_batch + x * ldb + y, or

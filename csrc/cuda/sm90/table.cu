@@ -98,16 +98,17 @@ __device__ void gather_rows(const Gather& gt, unsigned block, unsigned row_block
   const int64_t i = int64_t(block % row_blocks) * kWarpsPerSetupBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (i >= gt.N) return;
-  const int64_t s = gt.order[i];
-  MOE_SM90_ASSERT(s >= -1 && s < gt.slots, "moe.permute: order_N does not match rows_TK");
+  const GatheredX& rows = gt.rows;
+  const int64_t s = rows.order[i];
+  MOE_SM90_ASSERT(s >= -1 && s < rows.slots, "moe.permute: order_N does not match rows_TK");
   const int64_t nvec = gt.D / 8;
   uint4* o = static_cast<uint4*>(gt.out) + i * nvec;
   const int64_t v_lo = int64_t(block / row_blocks) * kGatherChunk, v_hi = min(nvec, v_lo + kGatherChunk);
-  if (s < 0 || s >= gt.slots) {  // padding row: zeros, nothing read
+  if (s < 0 || s >= rows.slots) {  // padding row: zeros, nothing read
     for (int64_t v = v_lo + lane; v < v_hi; v += 32) o[v] = make_uint4(0, 0, 0, 0);
     return;
   }
-  const uint4* src = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(gt.x) + (s / gt.K) * gt.ldx);
+  const uint4* src = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(rows.x) + (s / rows.K) * rows.ldx);
   for (int64_t v0 = v_lo + lane; v0 < v_hi; v0 += 32 * kGatherUnroll) {
     uint4 a[kGatherUnroll];
 #pragma unroll
@@ -216,7 +217,7 @@ const char* run(const GroupedGemm* g, const int* ids, void* const* ws, int count
   for (int i = count; i < kMaxRun; ++i) s.first[i + 1] = s.first[i];  // no blocks: never picked
   unsigned blocks = s.first[kMaxRun];
   if (gather != nullptr && gather->N > 0 && gather->D > 0) {
-    if (gather->D % 8 != 0 || gather->ldx % 8 != 0 || reinterpret_cast<uintptr_t>(gather->x) % 16 != 0 ||
+    if (gather->D % 8 != 0 || gather->rows.ldx % 8 != 0 || reinterpret_cast<uintptr_t>(gather->rows.x) % 16 != 0 ||
         reinterpret_cast<uintptr_t>(gather->out) % 16 != 0)
       return "moe.grouped_mm (sm90): gathered rows must be 16-byte vectors";
     s.gather = *gather;
