@@ -208,6 +208,29 @@ void check_gather_grouped_mm_wgrad_args(const at::Tensor& x_TD, const at::Tensor
               g_NY.size(0), " rows but the plan has N=", order_N.size(0));
 }
 
+void check_grouped_mm_unpermute_args(const at::Tensor& a_NX, const at::Tensor& b_EXY, const at::Tensor& offs_E,
+                                     const at::Tensor& order_N, const at::Tensor& rows_TK,
+                                     const std::optional<at::Tensor>& weights_TK, const char* op) {
+  check_grouped_mm_args(a_NX, b_EXY, offs_E, op);
+  check_dispatch_args(op, a_NX, "a_NX", order_N.size(0), "N, the plan's rows", order_N, rows_TK);
+  if (weights_TK.has_value()) check_weights_arg(op, "weights_TK", *weights_TK, rows_TK, a_NX);
+}
+
+void check_grouped_mm_unpermute_backward_args(const at::Tensor& grad_TD, const at::Tensor& a_NX,
+                                              const at::Tensor& b_EXY, const at::Tensor& offs_E,
+                                              const at::Tensor& order_N, const at::Tensor& rows_TK,
+                                              const std::optional<at::Tensor>& weights_TK) {
+  const char* op = "grouped_mm_unpermute_backward";
+  check_grouped_mm_unpermute_args(a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK, op);
+  TORCH_CHECK(grad_TD.dim() == 2 && grad_TD.size(0) == rows_TK.size(0) && grad_TD.size(1) == b_EXY.size(2),
+              "moe.", op, ": grad_TD must have shape (T, Y) = (", rows_TK.size(0), ", ", b_EXY.size(2),
+              "), got ", grad_TD.sizes());
+  TORCH_CHECK(grad_TD.scalar_type() == a_NX.scalar_type(), "moe.", op, ": grad_TD is ", grad_TD.scalar_type(),
+              " but a_NX is ", a_NX.scalar_type());
+  TORCH_CHECK(grad_TD.device() == a_NX.device(), "moe.", op, ": grad_TD is on ", grad_TD.device(),
+              " but a_NX is on ", a_NX.device());
+}
+
 void check_linear_f32_args(const at::Tensor& x_TD, const at::Tensor& weight_ED, const char* op) {
   TORCH_CHECK(x_TD.dim() == 2, "moe.", op, ": x_TD must be 2-D (T, D), got shape ", x_TD.sizes());
   TORCH_CHECK(weight_ED.dim() == 2, "moe.", op, ": weight_ED must be 2-D (E, D), got shape ",

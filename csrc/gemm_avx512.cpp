@@ -455,8 +455,8 @@ void avx512_gemm(int64_t M, int64_t Y, int64_t X, const float* A, int64_t am, in
 }
 
 void avx512_gemm(int64_t M, int64_t Y, int64_t X, const c10::BFloat16* A, int64_t am, int64_t ax,
-                 const c10::BFloat16* B, int64_t bx, int64_t by, float* C, int64_t ldc) {
-  gemm<c10::BFloat16, float>(M, Y, X, A, am, ax, {}, B, bx, by, C, ldc, {});
+                 const c10::BFloat16* B, int64_t bx, int64_t by, float* C, int64_t ldc, Gather gather) {
+  gemm<c10::BFloat16, float>(M, Y, X, A, am, ax, gather, B, bx, by, C, ldc, {});
 }
 
 #else  // not x86-64 GCC/Clang: at::mm does every GEMM
@@ -477,7 +477,7 @@ void avx512_gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, cons
 }
 
 void avx512_gemm(int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t, int64_t,
-                 const c10::BFloat16*, int64_t, int64_t, float*, int64_t) {
+                 const c10::BFloat16*, int64_t, int64_t, float*, int64_t, Gather) {
   TORCH_CHECK(false, "moekit: the AVX-512 GEMM is not compiled on this platform");
 }
 

@@ -90,8 +90,9 @@ void avx512_gemm(int64_t M, int64_t Y, int64_t X, const float* A, int64_t am, in
                  const float* B, int64_t bx, int64_t by, float* C, int64_t ldc,
                  NextB<float> next = {}, Gather gather = {}, bool stream = false,
                  bool nt_store = false);
-// bfloat16 inputs, float32 C: the fp32 sums are stored unrounded (blocked like the float32 path).
+// bfloat16 inputs, float32 C: the fp32 sums are stored unrounded (blocked like the float32 path);
+// A's rows may be gathered (Gather::a_rows) as in the call above.
 void avx512_gemm(int64_t M, int64_t Y, int64_t X, const c10::BFloat16* A, int64_t am, int64_t ax,
-                 const c10::BFloat16* B, int64_t bx, int64_t by, float* C, int64_t ldc);
+                 const c10::BFloat16* B, int64_t bx, int64_t by, float* C, int64_t ldc, Gather gather = {});
 
 }  // namespace moe

@@ -15,6 +15,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <ATen/OpMathType.h>
 
 #include <algorithm>
 #include <atomic>
@@ -357,6 +358,141 @@ std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward_cpu(const at::Tens
   at::Tensor d_b = grad_b ? gather_grouped_mm_wgrad_cpu(x_TD, order_N, rows_TK, grad_NY, offs_E, is_yx_layout(b_EXY))
                           : b_EXY.new_empty({0, D, Y});
   return {d_x, d_b};
+}
+
+
+// ---- grouped_mm_unpermute: the down projection and the weighted combine in one op ---------------
+//
+// Forward: unpermute(grouped_mm(a, b), weights), the two kernels (the same bits as calling them).
+// Backward (SonicMoE, Guo et al. 2025, Sec. 3.2): with g_i = grad_TD[token(i)] @ b_e^T (the gathered
+// data-gradient GEMM, read through the plan: no T*K x Y copy), d a_i = w_i g_i, d w_i = <a_i, g_i>
+// (= <grad_t, a_i @ b_e>, the unpermute's formula, without the (N, Y) product y_ND: nothing of size
+// T*K x Y is saved or written) and d b_e = sum over e's rows of (w_i a_i)^T grad_t (the gathered
+// weight gradient on the scaled rows). g_i stays in float32 for bfloat16 on the AVX-512 path (one
+// rounding of d a), else it is the GEMM's output in the accumulation dtype.
+
+at::Tensor grouped_mm_unpermute_cpu(const at::Tensor& a_NX, const at::Tensor& b_EXY, const at::Tensor& offs_E,
+                                    const at::Tensor& order_N, const at::Tensor& rows_TK,
+                                    const std::optional<at::Tensor>& weights_TK) {
+  check_grouped_mm_unpermute_args(a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK);
+  return unpermute_cpu(grouped_mm_cpu(a_NX, b_EXY, offs_E), order_N, rows_TK, weights_TK);
+}
+
+namespace {
+
+// g_NX (N, X) in the accumulation dtype: row i < starts[E] is grad_TD's row `off[i]` (element offset,
+// gather_offsets) times b_e^T; rows past starts[E] are not written.
+at::Tensor unpermute_dgrad(const at::Tensor& grad_TD, const at::Tensor& order_N, const at::Tensor& rows_TK,
+                           const at::Tensor& b_EXY, const at::Tensor& offs_E, const std::vector<int64_t>& starts,
+                           const std::vector<int64_t>& off, const at::Tensor& grad) {
+  const int64_t N = order_N.size(0), X = b_EXY.size(1), Y = b_EXY.size(2), E = b_EXY.size(0);
+  const auto acc = accum_dtype(grad_TD.scalar_type());
+  if (!use_avx512(grad_TD.scalar_type(), Y, X, starts[E]))
+    return gather_grouped_mm_cpu(grad_TD, order_N, rows_TK, b_EXY.transpose(1, 2), offs_E).to(acc);
+  auto g = empty_cpu({N, X}, grad_TD.options().dtype(at::kFloat));
+  std::vector<int64_t> rows(E);
+  for (int64_t e = 0; e < E; ++e) rows[e] = starts[e + 1] - starts[e];
+  const auto tiles = make_tiles(rows, X, /*min_block=*/64);
+  const int64_t sb0 = b_EXY.stride(0), sb1 = b_EXY.stride(1), sb2 = b_EXY.stride(2);
+  float* out = g.mutable_data_ptr<float>();
+  AT_DISPATCH_SWITCH(grad.scalar_type(), "moe_grouped_mm_unpermute_dgrad",
+    AT_DISPATCH_CASE(at::kFloat, [&] {
+      const float* gp = grad.const_data_ptr<float>();
+      const float* b = b_EXY.const_data_ptr<float>();
+      run_tiles(tiles, [&](const Tile& t, const Tile*) {
+        const int64_t r0 = starts[t.group] + t.begin;
+        Gather rows_g;
+        rows_g.a_rows = off.data() + r0;
+        avx512_gemm(t.end - t.begin, t.col1 - t.col0, Y, gp, grad.stride(0), 1, b + t.group * sb0 + t.col0 * sb1,
+                    sb2, sb1, out + r0 * X + t.col0, X, NextB<float>{}, rows_g);
+      });
+    })
+    AT_DISPATCH_CASE(at::kBFloat16, [&] {
+      const auto* gp = grad.const_data_ptr<c10::BFloat16>();
+      const auto* b = b_EXY.const_data_ptr<c10::BFloat16>();
+      run_tiles(tiles, [&](const Tile& t, const Tile*) {
+        const int64_t r0 = starts[t.group] + t.begin;
+        Gather rows_g;
+        rows_g.a_rows = off.data() + r0;
+        avx512_gemm(t.end - t.begin, t.col1 - t.col0, Y, gp, grad.stride(0), 1, b + t.group * sb0 + t.col0 * sb1,
+                    sb2, sb1, out + r0 * X + t.col0, X, rows_g);
+      });
+    }));
+  return g;
+}
+
+// The rows' epilogue of the backward, one pass over the routed rows i (slot s = order_N[i]):
+// d_a[i] = w_s g_i, d_w[s] = <a_i, g_i> (summed in double in column order), aw[i] = w_s a_i;
+// g (N, X) in Acc is read only for d_a and d_w.
+template <typename T, typename Acc>
+void unpermute_gemm_rows(const Acc* gp, const at::Tensor& a_NX, const int64_t* ord, const Acc* w,
+                         int64_t routed, at::Tensor* d_a, Acc* d_w, at::Tensor* aw) {
+  const int64_t X = a_NX.size(1), sa0 = a_NX.stride(0), sa1 = a_NX.stride(1);
+  const T* ap = a_NX.const_data_ptr<T>();
+  T* dap = d_a ? d_a->mutable_data_ptr<T>() : nullptr;
+  T* awp = aw ? aw->mutable_data_ptr<T>() : nullptr;
+  at::parallel_for(0, routed, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, X)), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Acc wi = w ? w[ord[i]] : Acc(1);
+      const T* ai = ap + i * sa0;
+      if (awp)
+        for (int64_t x = 0; x < X; ++x) awp[i * X + x] = static_cast<T>(wi * static_cast<Acc>(ai[x * sa1]));
+      if (gp == nullptr) continue;
+      const Acc* gi = gp + i * X;
+      double dot = 0;  // in double: at most the rounding of the result, whatever X
+      for (int64_t x = 0; x < X; ++x) {
+        dot += static_cast<double>(ai[x * sa1]) * static_cast<double>(gi[x]);
+        if (dap) dap[i * X + x] = static_cast<T>(wi * gi[x]);
+      }
+      if (d_w) d_w[ord[i]] = static_cast<Acc>(dot);
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward_cpu(
+    const at::Tensor& grad_TD, const at::Tensor& a_NX, const at::Tensor& b_EXY, const at::Tensor& offs_E,
+    const at::Tensor& order_N, const at::Tensor& rows_TK, const std::optional<at::Tensor>& weights_TK,
+    bool grad_a, bool grad_b, bool grad_weights) {
+  check_grouped_mm_unpermute_backward_args(grad_TD, a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK);
+  const int64_t N = a_NX.size(0), X = a_NX.size(1), Y = b_EXY.size(2), E = b_EXY.size(0);
+  const int64_t T = rows_TK.size(0), K = rows_TK.size(1);
+  const auto acc = accum_dtype(a_NX.scalar_type());
+  const bool weighted = weights_TK.has_value();
+  grad_weights = grad_weights && weighted;
+  const auto starts = read_offsets("grouped_mm_unpermute_backward", offs_E, N);
+  const int64_t routed = starts[E];
+  auto rows_of = [&](bool want) {  // (N, X), the padding rows past offs_E[-1] zero
+    if (!want) return a_NX.new_empty({0, X});
+    auto t = empty_cpu({N, X}, a_NX.options());
+    t.narrow(0, routed, N - routed).zero_();
+    return t;
+  };
+  at::Tensor d_a = rows_of(grad_a);
+  at::Tensor d_w = at::zeros({grad_weights ? T : 0, K}, a_NX.options().dtype(acc));
+  at::Tensor aw = grad_b && weighted ? rows_of(true) : at::Tensor();
+  const auto grad = grad_TD.stride(1) == 1 ? grad_TD : grad_TD.contiguous();
+  const auto off = gather_offsets("grouped_mm_unpermute_backward", order_N, K, rows_TK.numel(), routed,
+                                  grad.stride(0));
+  if (grad_a || grad_weights || aw.defined()) {
+    const auto order = order_N.contiguous();
+    const auto w = weighted ? weights_TK->to(acc).contiguous() : at::Tensor();
+    const auto g = grad_a || grad_weights ? unpermute_dgrad(grad_TD, order_N, rows_TK, b_EXY, offs_E, starts, off, grad)
+                                          : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a_NX.scalar_type(), "moe_grouped_mm_unpermute_rows", [&] {
+      using Acc = at::opmath_type<scalar_t>;
+      unpermute_gemm_rows<scalar_t, Acc>(g.defined() ? g.const_data_ptr<Acc>() : nullptr, a_NX,
+                                         order.const_data_ptr<int64_t>(),
+                                         weighted ? w.const_data_ptr<Acc>() : nullptr, routed,
+                                         grad_a ? &d_a : nullptr, grad_weights ? d_w.mutable_data_ptr<Acc>() : nullptr,
+                                         aw.defined() ? &aw : nullptr);
+    });
+  }
+  at::Tensor d_b = !grad_b ? b_EXY.new_empty({0, X, Y})
+                   : gather_grouped_mm_wgrad_cpu(grad, order_N, rows_TK, aw.defined() ? aw : a_NX, offs_E,
+                                                 !is_yx_layout(b_EXY)).transpose(1, 2);
+  return {d_a, d_b, d_w};
 }
 
 }  // namespace moe

@@ -53,6 +53,17 @@ void check_gather_grouped_mm_wgrad_args(const at::Tensor& x_TD, const at::Tensor
 void check_gather_grouped_mm_swiglu_args(const at::Tensor& x_TD, const at::Tensor& order_N,
                                          const at::Tensor& rows_TK, const at::Tensor& b_EXY,
                                          const at::Tensor& offs_E);
+// grouped_mm's checks and unpermute's on its (N, Y) product: a_NX has the plan's N rows,
+// weights_TK (T, K) float32 or a's dtype.
+void check_grouped_mm_unpermute_args(const at::Tensor& a_NX, const at::Tensor& b_EXY, const at::Tensor& offs_E,
+                                     const at::Tensor& order_N, const at::Tensor& rows_TK,
+                                     const std::optional<at::Tensor>& weights_TK,
+                                     const char* op = "grouped_mm_unpermute");
+// grouped_mm_unpermute's checks under this op's name, and grad_TD (T, Y) in a_NX's dtype on its device.
+void check_grouped_mm_unpermute_backward_args(const at::Tensor& grad_TD, const at::Tensor& a_NX,
+                                              const at::Tensor& b_EXY, const at::Tensor& offs_E,
+                                              const at::Tensor& order_N, const at::Tensor& rows_TK,
+                                              const std::optional<at::Tensor>& weights_TK);
 void check_linear_f32_args(const at::Tensor& x_TD, const at::Tensor& weight_ED, const char* op = "linear_f32");
 // linear_f32's checks, and grad_TE (T, E) in linear_f32's output dtype on x_TD's device.
 void check_linear_f32_backward_args(const at::Tensor& grad_TE, const at::Tensor& x_TD, const at::Tensor& weight_ED);
@@ -143,6 +154,16 @@ std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward_cpu(const at::Tens
 std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_swiglu_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
                                                                 const at::Tensor& rows_TK, const at::Tensor& b_EXY,
                                                                 const at::Tensor& offs_E, bool keep_h);
+// The down projection and the weighted combine: unpermute(grouped_mm(a, b), weights) (T, Y), and its
+// backward without the (N, Y) product: (d a_NX, d b_EXY in b's layout, d weights_TK in float32 for
+// half types); an output not asked for is an empty (0, X) / (0, X, Y) / (0, K).
+at::Tensor grouped_mm_unpermute_cpu(const at::Tensor& a_NX, const at::Tensor& b_EXY, const at::Tensor& offs_E,
+                                    const at::Tensor& order_N, const at::Tensor& rows_TK,
+                                    const std::optional<at::Tensor>& weights_TK);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward_cpu(
+    const at::Tensor& grad_TD, const at::Tensor& a_NX, const at::Tensor& b_EXY, const at::Tensor& offs_E,
+    const at::Tensor& order_N, const at::Tensor& rows_TK, const std::optional<at::Tensor>& weights_TK,
+    bool grad_a, bool grad_b, bool grad_weights);
 at::Tensor linear_f32_cpu(const at::Tensor& x_TD, const at::Tensor& weight_ED);
 std::tuple<at::Tensor, at::Tensor> linear_f32_backward_cpu(const at::Tensor& grad_TE, const at::Tensor& x_TD,
                                                            const at::Tensor& weight_ED, bool grad_x,

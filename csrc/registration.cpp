@@ -52,6 +52,13 @@ TORCH_LIBRARY(moe, m) {
   // CUDA); keep_h returns h_NH, what the backward needs.
   m.def("gather_grouped_mm_swiglu(Tensor x_TD, Tensor order_N, Tensor rows_TK, Tensor b_EXY, Tensor offs_E, "
         "bool keep_h=False) -> (Tensor, Tensor)");
+  // unpermute(grouped_mm(a_NX, b_EXY, offs_E), weights_TK): the down projection and the weighted
+  // combine; its backward needs no (N, Y) product (d weights = <a_i, grad_t @ b_e^T>).
+  m.def("grouped_mm_unpermute(Tensor a_NX, Tensor b_EXY, Tensor offs_E, Tensor order_N, Tensor rows_TK, "
+        "Tensor? weights_TK=None) -> Tensor");
+  m.def("grouped_mm_unpermute_backward(Tensor grad_TD, Tensor a_NX, Tensor b_EXY, Tensor offs_E, Tensor order_N, "
+        "Tensor rows_TK, Tensor? weights_TK=None, bool grad_a=True, bool grad_b=True, bool grad_weights=True) -> "
+        "(Tensor, Tensor, Tensor)");
   // x_TD @ weight_ED^T in float32 (float64 for float64): the routers' logits.
   m.def("linear_f32(Tensor x_TD, Tensor weight_ED) -> Tensor");
   // (grad_TE @ weight_ED, grad_TE^T @ x_TD) in grad's dtype, cast to the operands' dtype: the
@@ -99,6 +106,8 @@ TORCH_LIBRARY_IMPL(moe, CPU, m) {
   m.impl("grouped_mm_backward", &moe::grouped_mm_backward_cpu);
   m.impl("gather_grouped_mm_backward", &moe::gather_grouped_mm_backward_cpu);
   m.impl("gather_grouped_mm_swiglu", &moe::gather_grouped_mm_swiglu_cpu);
+  m.impl("grouped_mm_unpermute", &moe::grouped_mm_unpermute_cpu);
+  m.impl("grouped_mm_unpermute_backward", &moe::grouped_mm_unpermute_backward_cpu);
   m.impl("linear_f32", &moe::linear_f32_cpu);
   m.impl("linear_f32_backward", &moe::linear_f32_backward_cpu);
   m.impl("swiglu", &moe::swiglu_cpu);

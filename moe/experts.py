@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe import ops
-from moe.dispatch import ExpertRows
+from moe.dispatch import ExpertRows, LocalDispatchState
 
 __all__ = ["ACTIVATIONS", "GroupedExperts", "DenseFFN", "activate", "row_bias", "to_linear_layout"]
 
@@ -108,7 +108,8 @@ class GroupedExperts(nn.Module):
             if b is not None:
                 nn.init.uniform_(b, -bound, bound)
 
-    def forward(self, rows: ExpertRows, offs_E: Optional[Tensor] = None, *, plan: Optional[ops.Plan] = None) -> Tensor:
+    def forward(self, rows: ExpertRows, offs_E: Optional[Tensor] = None, *, plan: Optional[ops.Plan] = None,
+                combine: Optional[LocalDispatchState] = None) -> Tensor:
         """rows: :class:`moe.ExpertRows` from a dispatcher -> y_ND (N, D) in expert-row order;
         rows past offs_E[-1] come out zero. A gathered view (x_TD and its plan) is read in place:
         the first projection gathers each routed row from x_TD (ops.gather_grouped_mm), and so
@@ -116,11 +117,47 @@ class GroupedExperts(nn.Module):
         values as on the materialised rows (bit for bit on the CPU kernels). With SwiGLU and no
         bias, the activation is that GEMM's epilogue (ops.gather_grouped_mm_swiglu: one op, and on
         CUDA at decode sizes one launch). The deprecated forms ``experts(x_ND, offs_E)`` and
-        ``experts(x_TD, plan=plan)`` still work."""
+        ``experts(x_TD, plan=plan)`` still work.
+
+        With ``combine``, the state of LocalDispatcher.dispatch, the outputs come combined per token:
+        y_TD (T, D), the values of ``dispatcher.combine(experts(rows), combine)``, with the second
+        projection and the weighted combine in one op (:meth:`combined`)."""
         if not isinstance(rows, ExpertRows):
             rows = _legacy_rows(rows, offs_E, plan)
         elif offs_E is not None or plan is not None:
             raise ValueError("GroupedExperts: pass the ExpertRows alone (offs_E and plan are in it)")
+        if combine is not None:
+            if not isinstance(combine, LocalDispatchState):
+                raise TypeError(f"GroupedExperts: combine must be a LocalDispatchState, got {type(combine).__name__}")
+            return self.combined(rows, combine.plan, combine.weights_TK)
+        y_ND = ops.grouped_mm(self._hidden(rows), self.w_out_EFD, rows.offs_E)
+        if self.b_out_ED is not None:
+            y_ND = y_ND + row_bias(self.b_out_ED, rows.offs_E, rows.num_rows)
+        return y_ND
+
+    def combined(self, rows: ExpertRows, plan: ops.Plan, weights_TK: Optional[Tensor]) -> Tensor:
+        """The experts' outputs combined per token, y_TD[t] = sum_k weights_TK[t, k] y_ND[row(t, k)]
+        (Shazeer et al. 2017, Eq. 1) for the dispatch ``plan`` of ``rows``: (T, D), the values of
+        ``ops.unpermute(experts(rows), plan, weights_TK)`` (LocalDispatcher.combine). The second
+        projection and the combine are one op, ops.grouped_mm_unpermute, whose backward keeps the
+        hidden a_NF (the weight gradient's operand anyway) and not the (N, D) expert outputs: the
+        routing weights' gradient <a_i, grad_t @ W_out[e]^T> comes from the data-gradient GEMM
+        (SonicMoE, Guo et al. 2025, Sec. 3.2), so a layer's saved activations shrink by T*K*D
+        values. With bias, b_out's share is a second, weighted unpermute of its rows. (Through the
+        module, with its hooks: ``experts(rows, combine=state)``.)"""
+        if not isinstance(rows, ExpertRows) or not isinstance(plan, ops.Plan):
+            raise TypeError("GroupedExperts.combined: rows must be moe.ExpertRows and plan a moe.ops.Plan")
+        if rows.num_rows != plan.max_rows:
+            raise ValueError(f"GroupedExperts.combined: the rows have N={rows.num_rows}, the plan {plan.max_rows}")
+        a_NF = self._hidden(rows)
+        y_TD = ops.grouped_mm_unpermute(a_NF, plan, self.w_out_EFD, weights_TK)
+        if self.b_out_ED is not None:
+            y_TD = y_TD + ops.unpermute(row_bias(self.b_out_ED, rows.offs_E, rows.num_rows), plan, weights_TK)
+        return y_TD
+
+    def _hidden(self, rows: ExpertRows) -> Tensor:
+        """a_NF = act(rows W_in[e] + b_in[e]), (N, F) in expert-row order: a gathered view is read in
+        place (with SwiGLU and no bias, the activation is the gathered GEMM's epilogue)."""
         fused = rows.gathered and self.activation == "swiglu" and self.b_in_EH is None
         if rows.gathered:
             self._check_rows("x_TD", "T", rows.x)
@@ -128,21 +165,14 @@ class GroupedExperts(nn.Module):
                 raise ValueError(f"GroupedExperts: the plan has {rows.plan.num_experts} experts, "
                                  f"the module {self.num_experts}")
             if fused:  # SwiGLU as the first GEMM's epilogue
-                a_NF = ops.gather_grouped_mm_swiglu(rows.x, rows.plan, self.w_in_EDH)
-            else:
-                h_NH = ops.gather_grouped_mm(rows.x, rows.plan, self.w_in_EDH)
+                return ops.gather_grouped_mm_swiglu(rows.x, rows.plan, self.w_in_EDH)
+            h_NH = ops.gather_grouped_mm(rows.x, rows.plan, self.w_in_EDH)
         else:
             self._check_inputs(rows.x, rows.offs_E)
             h_NH = ops.grouped_mm(rows.x, self.w_in_EDH, rows.offs_E)
-        offs_E, N = rows.offs_E, rows.num_rows
-        if not fused:
-            if self.b_in_EH is not None:
-                h_NH = h_NH + row_bias(self.b_in_EH, offs_E, N)
-            a_NF = activate(h_NH, self.activation)
-        y_ND = ops.grouped_mm(a_NF, self.w_out_EFD, offs_E)
-        if self.b_out_ED is not None:
-            y_ND = y_ND + row_bias(self.b_out_ED, offs_E, N)
-        return y_ND
+        if self.b_in_EH is not None:
+            h_NH = h_NH + row_bias(self.b_in_EH, rows.offs_E, rows.num_rows)
+        return activate(h_NH, self.activation)
 
     def gathered(self, x_TD: Tensor, plan: ops.Plan) -> Tensor:
         """Deprecated: ``experts(ExpertRows(x_TD, plan.offs_E, plan))``."""

@@ -8,7 +8,9 @@ K routing slots, N routed rows (T*K), F routed expert hidden size.
 
 With the default LocalDispatcher the rows are a gathered view of x: the experts' first
 projection reads each routed row from x in place (ops.gather_grouped_mm), the same values without
-the T*K x D permuted copy, in forward or backward (moe/dispatch.py has the contract).
+the T*K x D permuted copy, in forward or backward (moe/dispatch.py has the contract); and the
+experts' second projection and the weighted combine are one op (GroupedExperts.combined,
+ops.grouped_mm_unpermute): the same values, and the backward keeps no T*K x D expert outputs.
 
 The output is y = sum_k g_k(x) E_{ids_k}(x) + S(x) (Shazeer et al. 2017, Eq. 1, plus the shared
 experts of DeepSeekMoE, Dai et al. 2024, Eq. 9). Routers come from ``routers/``: any of them plugs
@@ -196,7 +198,11 @@ class MoELayer(nn.Module):
             ids = {"input_ids": input_ids.reshape(-1) if flat else input_ids}
         routing = self.router(x if x.dim() == 3 else x_TD, state=state, padding_mask=padding_mask, **ids)
         rows, dispatch_state = self.dispatcher.dispatch(x_TD, routing)
-        y_TD = self.dispatcher.combine(self.experts(rows), dispatch_state)
+        if isinstance(self.dispatcher, LocalDispatcher) and isinstance(self.experts, GroupedExperts):
+            # the local combine is a weighted unpermute: one op with the experts' last GEMM
+            y_TD = self.experts(rows, combine=dispatch_state)
+        else:
+            y_TD = self.dispatcher.combine(self.experts(rows), dispatch_state)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         self.last_routing = routing

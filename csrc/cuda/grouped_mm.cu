@@ -34,6 +34,7 @@
 // permute(x_TD) (no permute kernel); around PyTorch's, a check kernel asserts the offsets first and
 // the zeros are written after.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/ops/_grouped_mm.h>
 #include <torch/library.h>
 #include <torch/version.h>
@@ -900,6 +901,101 @@ at::Tensor grouped_mm_w8_cuda(const at::Tensor& a_NX, const at::Tensor& q_EYX, c
   return c;
 }
 
+// ---- grouped_mm_unpermute: the down projection and the weighted combine ------------------------
+// Forward: grouped_mm's path, then the unpermute kernel (the two ops' launches and values). Backward
+// (csrc/grouped_mm.cpp has the formula): g = gather_grouped_mm(grad_TD, plan, b^T) (grad's rows read
+// through the plan on the paths that gather), one row kernel for d a = w g, d w = <a, g> and the
+// scaled rows w a, then gather_grouped_mm_wgrad(grad_TD, plan, w a): no (N, Y) tensor is read or
+// written. g is the GEMM's output in the data dtype (the twin's arithmetic).
+
+at::Tensor grouped_mm_unpermute_cuda(const at::Tensor& a_NX, const at::Tensor& b_EXY, const at::Tensor& offs_E,
+                                     const at::Tensor& order_N, const at::Tensor& rows_TK,
+                                     const std::optional<at::Tensor>& weights_TK) {
+  check_grouped_mm_unpermute_args(a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK);
+  c10::cuda::CUDAGuard guard(a_NX.device());
+  return unpermute_cuda(grouped_mm_cuda(a_NX, b_EXY, offs_E), order_N, rows_TK, weights_TK);
+}
+
+namespace {
+
+constexpr int kRowWarps = 8;  // rows (one warp each) per block of the row kernel
+
+// One warp per row i of the N: slot s = order_N[i] (< 0: a padding row, zero). d_a[i] = w_s g_i,
+// aw[i] = w_s a_i, d_w[s] = <a_i, g_i> summed in Acc per lane, then across the warp in a fixed order.
+template <typename T, typename Acc>
+__global__ void unpermute_gemm_rows_kernel(const T* __restrict__ g, const T* __restrict__ a, int64_t sa0,
+                                           int64_t sa1, const int64_t* __restrict__ order,
+                                           const Acc* __restrict__ w, int64_t N, int64_t X, T* __restrict__ d_a,
+                                           Acc* __restrict__ d_w, T* __restrict__ aw) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (i >= N) return;
+  const int64_t s = order[i];
+  if (s < 0) {
+    for (int64_t x = lane; x < X; x += kWarp) {
+      if (d_a) d_a[i * X + x] = T(0);
+      if (aw) aw[i * X + x] = T(0);
+    }
+    return;
+  }
+  const Acc wi = w ? w[s] : Acc(1);
+  Acc dot = 0;
+  for (int64_t x = lane; x < X; x += kWarp) {
+    const Acc av = static_cast<Acc>(a[i * sa0 + x * sa1]);
+    if (aw) aw[i * X + x] = static_cast<T>(wi * av);
+    if (g) {
+      const Acc gv = static_cast<Acc>(g[i * X + x]);
+      dot += av * gv;
+      if (d_a) d_a[i * X + x] = static_cast<T>(wi * gv);
+    }
+  }
+  if (d_w == nullptr) return;
+  for (int o = kWarp / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+  if (lane == 0) d_w[s] = dot;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward_cuda(
+    const at::Tensor& grad_TD, const at::Tensor& a_NX, const at::Tensor& b_EXY, const at::Tensor& offs_E,
+    const at::Tensor& order_N, const at::Tensor& rows_TK, const std::optional<at::Tensor>& weights_TK,
+    bool grad_a, bool grad_b, bool grad_weights) {
+  check_grouped_mm_unpermute_backward_args(grad_TD, a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK);
+  c10::cuda::CUDAGuard guard(a_NX.device());
+  const int64_t N = a_NX.size(0), X = a_NX.size(1), Y = b_EXY.size(2);
+  const int64_t T = rows_TK.size(0), K = rows_TK.size(1);
+  const auto acc = accum_dtype(a_NX.scalar_type());
+  const bool weighted = weights_TK.has_value();
+  grad_weights = grad_weights && weighted;
+  at::Tensor d_a = at::empty({grad_a ? N : 0, X}, a_NX.options());
+  at::Tensor d_w = at::zeros({grad_weights ? T : 0, K}, a_NX.options().dtype(acc));
+  at::Tensor aw = grad_b && weighted ? at::empty({N, X}, a_NX.options()) : at::Tensor();
+  if (N > 0 && X > 0 && (grad_a || grad_weights || aw.defined())) {
+    const at::Tensor g = grad_a || grad_weights
+                             ? gather_grouped_mm_cuda(grad_TD, order_N, rows_TK, b_EXY.transpose(1, 2), offs_E)
+                             : at::Tensor();
+    const auto order = order_N.contiguous();
+    const auto w = weighted ? weights_TK->to(acc).contiguous() : at::Tensor();
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    const dim3 grid(static_cast<unsigned>((N + kRowWarps - 1) / kRowWarps));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a_NX.scalar_type(), "moe_grouped_mm_unpermute_rows", [&] {
+      using Acc = at::opmath_type<scalar_t>;
+      unpermute_gemm_rows_kernel<scalar_t, Acc><<<grid, kRowWarps * kWarp, 0, stream>>>(
+          g.defined() ? g.const_data_ptr<scalar_t>() : nullptr, a_NX.const_data_ptr<scalar_t>(), a_NX.stride(0),
+          a_NX.stride(1), order.const_data_ptr<int64_t>(), weighted ? w.const_data_ptr<Acc>() : nullptr, N, X,
+          grad_a ? d_a.mutable_data_ptr<scalar_t>() : nullptr, grad_weights ? d_w.mutable_data_ptr<Acc>() : nullptr,
+          aw.defined() ? aw.mutable_data_ptr<scalar_t>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  } else if (grad_a) {
+    d_a.zero_();
+  }
+  at::Tensor d_b = grad_b ? gather_grouped_mm_wgrad_cuda(grad_TD, order_N, rows_TK, aw.defined() ? aw : a_NX, offs_E,
+                                                         !is_yx_layout(b_EXY)).transpose(1, 2)
+                          : b_EXY.new_empty({0, X, Y});
+  return {d_a, d_b, d_w};
+}
+
 }  // namespace moe::cuda
 
 TORCH_LIBRARY_IMPL(moe, CUDA, m) {
@@ -911,4 +1007,6 @@ TORCH_LIBRARY_IMPL(moe, CUDA, m) {
   m.impl("gather_grouped_mm_swiglu", &moe::cuda::gather_grouped_mm_swiglu_cuda);
   m.impl("grouped_mm_backward", &moe::cuda::grouped_mm_backward_cuda);
   m.impl("gather_grouped_mm_backward", &moe::cuda::gather_grouped_mm_backward_cuda);
+  m.impl("grouped_mm_unpermute", &moe::cuda::grouped_mm_unpermute_cuda);
+  m.impl("grouped_mm_unpermute_backward", &moe::cuda::grouped_mm_unpermute_backward_cuda);
 }

@@ -17,7 +17,9 @@ the weight gradients are written in the weights' own layout, so autograd copies 
 epilogue, moe.ops.gather_grouped_mm_swiglu, when there is no bias; else the class's own
 ``_apply_gate``: GPT-OSS's interleaved, clamped SwiGLU included) and the weighted unpermute (in
 bfloat16 it sums the weighted products in float32 and rounds once, where eager rounds each
-product and each sum: the two differ by bfloat16 rounding, moekit's being the more accurate).
+product and each sum: the two differ by bfloat16 rounding, moekit's being the more accurate);
+without a down bias or post-expert norm the down projection and the weighted unpermute are one
+op, moe.ops.grouped_mm_unpermute, whose backward keeps no T*K x D expert outputs.
 Expert ids outside [0, E) are empty slots. transformers is imported only inside :func:`register`
 and, once imported by the model that calls it, by the forward's gate check.
 """
@@ -103,12 +105,17 @@ def moekit_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top
         h_NF = _gate(self, _grouped_linear(ops.permute(hidden_states, plan), w_in, plan.offs_E, b_in,
                                            self.is_transposed))
     b_out = self.down_proj_bias if has_bias else None
-    y_ND = _grouped_linear(h_NF, self.down_proj, plan.offs_E, b_out, self.is_transposed)
+    w_out = self.down_proj
+    weights_TK = top_k_weights
+    if weights_TK.dtype not in (torch.float32, w_out.dtype):
+        weights_TK = weights_TK.to(torch.float32)
+    if b_out is None and not getattr(self, "has_post_expert_norm", False):
+        # the down projection and the weighted combine in one op: backward keeps no (N, D) outputs
+        w_EXY = w_out if self.is_transposed else w_out.transpose(-2, -1)
+        return ops.grouped_mm_unpermute(h_NF.to(w_out.dtype), plan, w_EXY, weights_TK).to(hidden_states.dtype)
+    y_ND = _grouped_linear(h_NF, w_out, plan.offs_E, b_out, self.is_transposed)
     if getattr(self, "has_post_expert_norm", False):
         y_ND = self.post_expert_norm(y_ND)
-    weights_TK = top_k_weights
-    if weights_TK.dtype not in (torch.float32, y_ND.dtype):
-        weights_TK = weights_TK.to(torch.float32)
     return ops.unpermute(y_ND, plan, weights_TK).to(hidden_states.dtype)
 
 

@@ -3,6 +3,7 @@
     ids_TK ──plan──► Plan(counts_E, offs_E, order_N, rows_TK)
     x_TD ──permute──► x_ND ──grouped_mm(w_EXY, offs_E)──► y_NY ──unpermute(weights_TK)──► y_TD
     x_TD ──gather_grouped_mm(plan, w_EXY)──► y_NY          (the same, without the x_ND copy)
+    a_NX ──grouped_mm_unpermute(plan, w_EXY, weights_TK)──► y_TD   (the last two, y_NY not kept)
 
 and the layers' fused helpers: swiglu (SwiGLU's gating, one pass each way),
 gather_grouped_mm_swiglu (the gathered first projection with SwiGLU's epilogue) and linear_f32
@@ -34,8 +35,8 @@ from __future__ import annotations
 from moe.ops._extension import HAS_EXTENSION, build_info, empty_host_cache, host_cache_stats
 from moe.ops import defs as _defs  # noqa: F401  (registers torch.ops.moe.*)
 from moe.ops.config import config
-from moe.ops.functional import (MAX_EXPERTS, Plan, gather_grouped_mm, gather_grouped_mm_swiglu, grouped_mm, linear_f32,
-                                permute, plan, swiglu, unpermute)
+from moe.ops.functional import (MAX_EXPERTS, Plan, gather_grouped_mm, gather_grouped_mm_swiglu, grouped_mm,
+                                grouped_mm_unpermute, linear_f32, permute, plan, swiglu, unpermute)
 from moe.ops.registry import compiled_kernels
 from moe.ops.twins import (  # noqa: F401  (the twins, by their historical names)
     gather_grouped_mm_backward_torch,
@@ -44,6 +45,8 @@ from moe.ops.twins import (  # noqa: F401  (the twins, by their historical names
     gather_grouped_mm_wgrad_torch,
     grouped_mm_backward_torch,
     grouped_mm_torch,
+    grouped_mm_unpermute_backward_torch,
+    grouped_mm_unpermute_torch,
     grouped_mm_wgrad_torch,
     linear_f32_backward_torch,
     linear_f32_torch,
@@ -57,5 +60,5 @@ from moe.ops.twins import (  # noqa: F401  (the twins, by their historical names
 )
 
 __all__ = ["MAX_EXPERTS", "Plan", "plan", "permute", "unpermute", "grouped_mm", "gather_grouped_mm",
-           "gather_grouped_mm_swiglu", "swiglu", "linear_f32", "config", "HAS_EXTENSION", "build_info", "compiled_kernels",
+           "gather_grouped_mm_swiglu", "grouped_mm_unpermute", "swiglu", "linear_f32", "config", "HAS_EXTENSION", "build_info", "compiled_kernels",
            "host_cache_stats", "empty_host_cache"]

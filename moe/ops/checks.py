@@ -195,6 +195,24 @@ def check_gather_grouped_mm_wgrad_args(x_TD, order_N, rows_TK, g_NY, offs_E, out
            f"g_NY has {g_NY.shape[0]} rows but the plan has N={order_N.shape[0]}")
 
 
+def check_grouped_mm_unpermute_args(a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK=None,
+                                    op="grouped_mm_unpermute") -> None:
+    check_grouped_mm_args(a_NX, b_EXY, offs_E, op)
+    check_dispatch_args(op, a_NX, "a_NX", "N", order_N, rows_TK)
+    check_weights_arg(op, "weights_TK", weights_TK, rows_TK, a_NX)
+
+
+def check_grouped_mm_unpermute_backward_args(grad_TD, a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK=None,
+                                             grad_a=True, grad_b=True, grad_weights=True) -> None:
+    op = "grouped_mm_unpermute_backward"
+    check_grouped_mm_unpermute_args(a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK, op)
+    want = (rows_TK.shape[0], b_EXY.shape[2])
+    _check(grad_TD.dim() == 2 and _shape(grad_TD) == want, op,
+           f"grad_TD must have shape (T, Y) = {want}, got {_shape(grad_TD)}")
+    _check(grad_TD.dtype == a_NX.dtype, op, f"grad_TD is {grad_TD.dtype} but a_NX is {a_NX.dtype}")
+    _check(grad_TD.device == a_NX.device, op, f"grad_TD is on {grad_TD.device} but a_NX is on {a_NX.device}")
+
+
 def check_linear_f32_args(x_TD, weight_ED, op="linear_f32") -> None:
     _check(x_TD.dim() == 2, op, f"x_TD must be 2-D (T, D), got shape {_shape(x_TD)}")
     _check(weight_ED.dim() == 2, op, f"weight_ED must be 2-D (E, D), got shape {_shape(weight_ED)}")

@@ -15,7 +15,7 @@ import torch
 from moe.ops.checks import MAX_EXPERTS, check_int
 
 __all__ = ["MAX_EXPERTS", "Plan", "plan", "permute", "unpermute", "grouped_mm", "gather_grouped_mm", "swiglu",
-           "linear_f32", "gather_grouped_mm_swiglu"]
+           "linear_f32", "gather_grouped_mm_swiglu", "grouped_mm_unpermute"]
 
 ops = torch.ops.moe
 
@@ -116,6 +116,19 @@ def gather_grouped_mm_swiglu(x_TD: torch.Tensor, plan: Plan, b_EXY: torch.Tensor
     _check_plan("gather_grouped_mm_swiglu", plan)
     keep_h = torch.is_grad_enabled() and (x_TD.requires_grad or b_EXY.requires_grad)
     return ops.gather_grouped_mm_swiglu(x_TD, plan.order_N, plan.rows_TK, b_EXY, plan.offs_E, keep_h)[0]
+
+
+def grouped_mm_unpermute(a_NX: torch.Tensor, plan: Plan, b_EXY: torch.Tensor,
+                         weights_TK: torch.Tensor | None = None) -> torch.Tensor:
+    """``unpermute(grouped_mm(a_NX, b_EXY, plan.offs_E), plan, weights_TK)`` in one op: the experts'
+    down projection and the weighted combine, y_TD[t] = sum_k w_tk a_i b_e over t's routed slots
+    (i its row, e its expert; the gate-weighted sum of Shazeer et al. 2017, Eq. 1), (T, Y), the
+    same values as the two ops. The backward saves a_NX, not the (N, Y) expert outputs: the
+    routing weights' gradient is <a_i, grad_t @ b_e^T> (SonicMoE, Guo et al. 2025, Sec. 3.2),
+    formed from the gathered data-gradient GEMM that d a_NX needs anyway, so the T*K x Y product is
+    neither kept nor recomputed. ``weights_TK`` float32 or a's dtype (None: the plain sum)."""
+    _check_plan("grouped_mm_unpermute", plan)
+    return ops.grouped_mm_unpermute(a_NX, b_EXY, plan.offs_E, plan.order_N, plan.rows_TK, weights_TK)
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:

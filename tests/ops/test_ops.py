@@ -197,6 +197,8 @@ GRAD_CASES = {
                              (c["y"], c["b"])),
     "grouped_mm_wgrad": lambda c: (
         lambda y, g: torch.ops.moe.grouped_mm_wgrad(y, g, c["p"].offs_E), (c["y"], c["g"])),
+    "grouped_mm_unpermute": lambda c: (lambda g, b, w: ops.grouped_mm_unpermute(g, c["p"], b, w),
+                                       (c["g"], c["b"], c["w"])),
 }
 
 
@@ -236,6 +238,10 @@ def test_opcheck_all_ops(dtype):
                                         t["b"].detach().transpose(-2, -1).contiguous(), p.offs_E, False, True)),
         ("gather_grouped_mm_swiglu",
          (t["x"], p.order_N, p.rows_TK, t["b"].transpose(-2, -1)[:, :5, :].contiguous(), p.offs_E, True)),
+        ("grouped_mm_unpermute", (t["g"], t["b"], p.offs_E, p.order_N, p.rows_TK, w32)),
+        ("grouped_mm_unpermute", (t["g"], t["b"], p.offs_E, p.order_N, p.rows_TK, None)),
+        ("grouped_mm_unpermute_backward", (t["x"].detach()[:, :5].contiguous(), t["g"].detach(), t["b"].detach(),
+                                           p.offs_E, p.order_N, p.rows_TK, w32.detach())),
         ("linear_f32", (t["x"], t["x"][:4].detach().clone().requires_grad_())),
         ("linear_f32_backward", (t["w"].detach()[:, :2].contiguous(), t["x"].detach(), t["x"].detach()[:2].clone())),
         ("linear_f32_backward", (t["w"].detach()[:, :2].contiguous(), t["x"].detach(), t["x"].detach()[:2].clone(),

@@ -55,6 +55,10 @@ def op_calls(device):
         ("gather_grouped_mm_backward", lambda: m.gather_grouped_mm_backward(y_ND, x, p.order_N, p.rows_TK,
                                                                             b.transpose(1, 2).contiguous().transpose(1, 2),
                                                                             p.offs_E)),
+        ("grouped_mm_unpermute", lambda: m.grouped_mm_unpermute(x_ND, b, p.offs_E, p.order_N, p.rows_TK, w)),
+        ("grouped_mm_unpermute_backward", lambda: m.grouped_mm_unpermute_backward(
+            x[:, :Y].contiguous(), x_ND, b.transpose(1, 2).contiguous().transpose(1, 2), p.offs_E, p.order_N,
+            p.rows_TK, w, True, True, True)),
         ("linear_f32", lambda: m.linear_f32(x.to(torch.bfloat16), b[0].t().to(torch.bfloat16))),
         ("linear_f32_backward", lambda: m.linear_f32_backward(logits[:, :Y], x.to(torch.bfloat16),
                                                               b[0].t().to(torch.bfloat16), True, False)),

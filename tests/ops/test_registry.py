@@ -14,14 +14,14 @@ from moe.ops.registry import OPS, define_op
 needs_ext = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="moe._C extension not built")
 
 DIFFERENTIABLE = {"permute", "unpermute", "unpermute_weights_grad", "grouped_mm", "grouped_mm_wgrad",
-                  "gather_grouped_mm", "gather_grouped_mm_wgrad", "gather_grouped_mm_swiglu", "linear_f32", "swiglu",
-                  "topk_route"}
+                  "gather_grouped_mm", "gather_grouped_mm_wgrad", "gather_grouped_mm_swiglu", "grouped_mm_unpermute",
+                  "linear_f32", "swiglu", "topk_route"}
 WITH_AUTOGRAD = DIFFERENTIABLE | {"grouped_mm_w8"}  # its formula raises a clear error: inference only
 
 
 def test_every_op_is_registered_with_its_schema_fallback_and_fake():
     has = torch._C._dispatch_has_kernel_for_dispatch_key
-    assert len(OPS) == 19
+    assert len(OPS) == 21
     for name, schema in OPS.items():
         op = getattr(torch.ops.moe, name).default
         assert str(op._schema) == str(torch._C.parse_schema(f"moe::{name}{schema}")), name
