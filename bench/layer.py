@@ -13,7 +13,9 @@ Candidates, on the same weights and the same routing (moekit's TopKRouter, dropl
               transformers' (E, 2F, D) / (E, D, F) weights, read in place)
   moekit      moe.MoELayer (router + plan + gathered grouped_mm + swiglu + weighted unpermute)
 "fwd" is an inference forward (eval, no_grad); "fwd+bwd" a training step's forward and backward
-(train mode, aux loss included for the MoE rows). Times are medians over interleaved repeats
+(train mode, aux loss included for the MoE rows); its rows also give the MB of activations each of
+moekit, hf_gmm and dense saves for the backward ("saved MB": every saved storage once, other than
+x's and the parameters'). Times are medians over interleaved repeats
 (bench.ops.time_fns); the "/name" ratios are moekit's time over each baseline's (< 1 = moekit
 faster) and "hf/mk" is hf_moekit's time over moekit's (the cost of going through transformers).
 Targets: moekit fwd+bwd <= 1.15x dense and < 1x hf_gmm; hf/mk <= 1.10. transformers is
@@ -119,6 +121,25 @@ def _step(fn, x, mode, g_y):
     return train
 
 
+def saved_mb(fn, x) -> float:
+    """MB of the activations a training forward of ``fn`` saves for its backward: the storages of
+    the saved tensors, each once, other than x's and the parameters' of ``fn.modules`` (which the
+    caller holds anyway)."""
+    held = {x.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr()
+                                                for m in getattr(fn, "modules", ()) for p in m.parameters()}
+    storages = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in held:
+            storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x)
+    return sum(storages.values()) / 1e6
+
+
 def _gemms(M: int, D: int, H: int, dtype, mode: str, g: torch.Generator) -> list[dict]:
     """The layer's GEMMs on M rows of hidden H, each as {"torch": fn, "moekit": fn}: the up and down
     projections, and in fwd+bwd the down projection's data and weight gradients and the up
@@ -206,6 +227,10 @@ def layer_rows(*, T: int = 4096, shapes=SHAPES, dtypes=DTYPES, modes=MODES, repe
                         row[f"vs_{name}"] = row["moekit_ms"] / row[f"{name}_ms"]
                 if "hf_moekit" in timed:
                     row["hf_over_moekit"] = row["hf_moekit_ms"] / row["moekit_ms"]
+                if mode == "fwd+bwd":  # the activations each candidate keeps for its backward
+                    for name in ("moekit", "hf_gmm", "dense"):
+                        if name in cands and name in timed:
+                            row[f"{name}_saved_mb"] = saved_mb(cands[name], x)
                 rows.append(row)
                 layer.zero_grad(set_to_none=True)
                 dense.zero_grad(set_to_none=True)
@@ -232,17 +257,20 @@ def format_table(rows: list[dict]) -> str:
              if any(f"{n}_ms" in r for r in rows)]
     ratios = [n for n in names if n not in ("moekit", "hf_moekit")]
     hf = any("hf_over_moekit" in r for r in rows)
+    saved = [n for n in ("moekit", "hf_gmm", "dense") if any(f"{n}_saved_mb" in r for r in rows)]
     head = (f"{'dtype':<8} {'T':>5} {'D':>5} {'F':>5} {'E':>4} {'K':>2} {'mode':<8} "
             + " ".join(f"{n + ' ms':>12}" for n in names) + "  "
             + " ".join(f"{'/' + n:>9}" for n in ratios) + (f" {'hf/mk':>6}" if hf else "") + f" {'noise':>6}"
-            + (f" {'best by':>7}" if "best" in names else ""))
+            + (f" {'best by':>7}" if "best" in names else "")
+            + "".join(f" {n + ' MB':>10}" for n in saved))
     out = [head]
     for r in rows:
         out.append(f"{r['dtype']:<8} {r['T']:>5} {r['D']:>5} {r['F']:>5} {r['E']:>4} {r['K']:>2} "
                    f"{r['mode']:<8} " + " ".join(_cell(r, n + "_ms", 12, ".1f") for n in names) + "  "
                    + " ".join(_cell(r, "vs_" + n, 9, ".2f") for n in ratios)
                    + (" " + _cell(r, "hf_over_moekit", 6, ".2f") if hf else "") + f" {r['noise']:>6.0%}"
-                   + (f" {r.get('best_by', '-'):>7}" if "best" in names else ""))
+                   + (f" {r.get('best_by', '-'):>7}" if "best" in names else "")
+                   + "".join(" " + _cell(r, n + "_saved_mb", 10, ".0f") for n in saved))
     return "\n".join(out)
 
 

@@ -17,6 +17,11 @@ any other module calls :meth:`ExpertRows.materialize`). ``combine`` applies the 
 y_TD[t] = sum_k weights_TK[t, k] * y_ND[row(t, k)] (the gate-weighted sum of Shazeer et al.
 2017, Eq. 1), accumulated in float32.
 
+With ``LocalDispatcher`` and :class:`moe.GroupedExperts`, MoELayer asks the experts for the combined
+output, ``experts(rows, combine=state)``: the same values as ``combine(experts(rows), state)``, with
+the second projection and the weighted unpermute in one op (``ops.grouped_mm_unpermute``, whose
+backward keeps no (N, D) expert outputs).
+
 ``LocalDispatcher`` serves all experts on this device (gathered rows);
 ``moe.parallel.AllToAllDispatcher`` shards them over an expert-parallel group (materialised
 rows). A new dispatcher implements the same two methods and ``num_local_experts``.

@@ -23,7 +23,10 @@ kernels (route, then the final statistics, or with the loss statistics their par
 last block forms the final ones), 1 without statistics up to 64 tokens; ``linear_f32_backward`` 4 for bfloat16 (the split of the gradient into three
 bfloat16 terms, two cuBLAS GEMMs, the sum of the weight gradient's three parts), else its ATen ops.
 ``unpermute_backward`` is one kernel (a warp per slot), as are ``permute``, ``unpermute`` and
-``unpermute_weights_grad``; ``grouped_mm_backward`` is three on the sm90 path (one setup launch
+``unpermute_weights_grad``; ``grouped_mm_unpermute`` is grouped_mm's launches and the unpermute
+kernel, its backward gather_grouped_mm's launches (the data gradient), a zero fill of d weights, one
+row kernel (d a, d weights, the scaled rows; a cast of bfloat16 weights to float32 before it) and
+gather_grouped_mm_wgrad's; ``grouped_mm_backward`` is three on the sm90 path (one setup launch
 for its two GEMMs), else grouped_mm's and grouped_mm_wgrad's; ``gather_grouped_mm_backward`` four
 on the sm90 path (the setup, which gathers x's rows too, two GEMMs, unpermute), else grouped_mm's,
 gather_grouped_mm_wgrad's and unpermute.

@@ -416,6 +416,49 @@ def test_gather_grouped_mm_backward_equals_the_ops(T, K, E, D, Y, yx, gemm_backe
             error_rule(g, r, s_)
 
 
+UNPERMUTE_GEMM_CASES = [(300, 4, 8, 64, 128), (64, 8, 256, 128, 64), (8, 2, 64, 64, 128), (100, 2, 3, 60, 48),
+                        (0, 2, 4, 64, 64)]
+
+
+@pytest.mark.parametrize("T,K,E,X,Y", UNPERMUTE_GEMM_CASES)
+@pytest.mark.parametrize("yx", [False, True], ids=["exy", "yx"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grouped_mm_unpermute_equals_the_ops(T, K, E, X, Y, yx, dtype, gemm_backend):
+    """moe.grouped_mm_unpermute equals unpermute(grouped_mm(a, b), w) bit for bit; its backward's
+    three outputs (no (N, Y) product: d w = <a_i, grad_t @ b_e^T>) meet the 2x-error rule against the
+    float64 twin (the same-dtype twin as the base), with poisoned outputs, padding rows of d a zero;
+    one op each way, no host sync; opcheck."""
+    counts, offs, order, rows = moe_ops.plan(random_ids(T, K, E), E)
+    a = torch.randn(T * K, X, device="cuda", dtype=dtype)
+    b = _weight(E, X, Y, yx).to(dtype)
+    w = torch.rand(T, K, device="cuda")
+    g = torch.randn(T, Y, device="cuda", dtype=dtype)
+    got = moe_ops.grouped_mm_unpermute(a, b, offs, order, rows, w)
+    assert torch.equal(got, moe_ops.unpermute(moe_ops.grouped_mm(a, b, offs), order, rows, w))
+    ref = twins.grouped_mm_unpermute_backward_torch(g.double(), a.double(), b.double(), offs, order, rows, w.double())
+    same = twins.grouped_mm_unpermute_backward_torch(g, a, b, offs, order, rows, w)
+    for mask in ((True, True, True), (True, False, False), (False, True, False), (False, False, True)):
+        poison(((T * K, X), dtype), ((E, X, Y), dtype), ((T, K), torch.float32))
+        out = moe_ops.grouped_mm_unpermute_backward(g, a, b, offs, order, rows, w, *mask)
+        for o, r, s_, asked in zip(out, ref, same, mask):
+            if not asked:
+                assert o.shape[0] == 0
+                continue
+            error_rule(o, r, s_)
+        if mask[0] and T:
+            assert not out[0][int(offs[-1]):].any()
+    a_, b_, w_ = (t.clone().requires_grad_() for t in (a, b, w))
+
+    def step():
+        a_.grad = b_.grad = w_.grad = None
+        ops.grouped_mm_unpermute(a_, ops.Plan(counts, offs, order, rows), b_, w_).backward(g)
+
+    step()
+    without_sync(step)
+    torch.library.opcheck(moe_ops.grouped_mm_unpermute.default, (a_, b_, offs, order, rows, w_))
+    torch.library.opcheck(moe_ops.grouped_mm_unpermute_backward.default, (g, a, b, offs, order, rows, w))
+
+
 def test_sm90_backward_shares_one_setup_launch():
     """On the sm90 path a grouped GEMM's backward is one setup launch and its two CUTLASS GEMMs (the
     gathered one: the setup launch also gathers x's rows, and the unpermute sums d x), with no host
