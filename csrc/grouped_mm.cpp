@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <atomic>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "gemm_avx512.h"
@@ -368,8 +369,9 @@ std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward_cpu(const at::Tens
 // data-gradient GEMM, read through the plan: no T*K x Y copy), d a_i = w_i g_i, d w_i = <a_i, g_i>
 // (= <grad_t, a_i @ b_e>, the unpermute's formula, without the (N, Y) product y_ND: nothing of size
 // T*K x Y is saved or written) and d b_e = sum over e's rows of (w_i a_i)^T grad_t (the gathered
-// weight gradient on the scaled rows). g_i stays in float32 for bfloat16 on the AVX-512 path (one
-// rounding of d a), else it is the GEMM's output in the accumulation dtype.
+// weight gradient on the scaled rows). On the AVX-512 path g_i is formed tile by tile in float32
+// (for bfloat16 one rounding of d a) and consumed while in cache, never written whole; else it is
+// the GEMM's output in the accumulation dtype.
 
 at::Tensor grouped_mm_unpermute_cpu(const at::Tensor& a_NX, const at::Tensor& b_EXY, const at::Tensor& offs_E,
                                     const at::Tensor& order_N, const at::Tensor& rows_TK,
@@ -380,73 +382,77 @@ at::Tensor grouped_mm_unpermute_cpu(const at::Tensor& a_NX, const at::Tensor& b_
 
 namespace {
 
-// g_NX (N, X) in the accumulation dtype: row i < starts[E] is grad_TD's row `off[i]` (element offset,
-// gather_offsets) times b_e^T; rows past starts[E] are not written.
-at::Tensor unpermute_dgrad(const at::Tensor& grad_TD, const at::Tensor& order_N, const at::Tensor& rows_TK,
-                           const at::Tensor& b_EXY, const at::Tensor& offs_E, const std::vector<int64_t>& starts,
-                           const std::vector<int64_t>& off, const at::Tensor& grad) {
-  const int64_t N = order_N.size(0), X = b_EXY.size(1), Y = b_EXY.size(2), E = b_EXY.size(0);
-  const auto acc = accum_dtype(grad_TD.scalar_type());
-  if (!use_avx512(grad_TD.scalar_type(), Y, X, starts[E]))
-    return gather_grouped_mm_cpu(grad_TD, order_N, rows_TK, b_EXY.transpose(1, 2), offs_E).to(acc);
-  auto g = empty_cpu({N, X}, grad_TD.options().dtype(at::kFloat));
-  std::vector<int64_t> rows(E);
-  for (int64_t e = 0; e < E; ++e) rows[e] = starts[e + 1] - starts[e];
-  const auto tiles = make_tiles(rows, X, /*min_block=*/64);
+// The backward's rows, i in [i0, i1) (slot s = order_N[i], g_i = grad_TD[token(i)] @ b_e^T, row i of
+// g at g + (i - i0) * X): d_a[i] = w_s g_i, d_w[s] = <a_i, g_i> (summed in double, four running sums
+// over the columns by x % 4, added in one fixed order: the same bits whatever the tiling),
+// aw[i] = w_s a_i. g may be null (aw alone).
+template <typename T, typename Acc>
+struct UnpermuteRows {
+  const T* a;
+  int64_t sa0, sa1, X;
+  const int64_t* ord;
+  const Acc* w;  // per slot, null without weights
+  T* d_a;        // null where not asked for (likewise d_w, aw)
+  Acc* d_w;
+  T* aw;
+
+  void operator()(const Acc* g, int64_t i0, int64_t i1) const {
+    for (int64_t i = i0; i < i1; ++i) {
+      const Acc wi = w ? w[ord[i]] : Acc(1);
+      const T* ai = a + i * sa0;
+      if (aw)
+        for (int64_t x = 0; x < X; ++x) aw[i * X + x] = static_cast<T>(wi * static_cast<Acc>(ai[x * sa1]));
+      if (g == nullptr) continue;
+      const Acc* gi = g + (i - i0) * X;
+      double dot[4] = {0, 0, 0, 0};
+      for (int64_t x = 0; x < X; ++x) {
+        dot[x % 4] += static_cast<double>(ai[x * sa1]) * static_cast<double>(gi[x]);
+        if (d_a) d_a[i * X + x] = static_cast<T>(wi * gi[x]);
+      }
+      if (d_w) d_w[ord[i]] = static_cast<Acc>((dot[0] + dot[1]) + (dot[2] + dot[3]));
+    }
+  }
+};
+
+// The AVX-512 path: each tile (an expert's row block, all X columns: the dot products need whole
+// rows) computes its rows of g in float32 (for bfloat16, the kernel's unrounded sums: one rounding
+// of d a) into this thread's scratch, then runs the rows' epilogue on them while they are in cache;
+// no (N, X) g is written. grad's rows are gathered through `off` (gather_offsets).
+template <typename T>
+void unpermute_dgrad_tiles(const at::Tensor& grad, const std::vector<int64_t>& off, const at::Tensor& b_EXY,
+                           const std::vector<int64_t>& starts, const UnpermuteRows<T, float>& rows) {
+  const int64_t X = b_EXY.size(1), Y = b_EXY.size(2), E = b_EXY.size(0);
+  std::vector<int64_t> extent(E);
+  for (int64_t e = 0; e < E; ++e) extent[e] = starts[e + 1] - starts[e];
+  const auto tiles = make_tiles(extent, X, /*min_block=*/64, /*min_cols=*/X + 1);  // never split X
   const int64_t sb0 = b_EXY.stride(0), sb1 = b_EXY.stride(1), sb2 = b_EXY.stride(2);
-  float* out = g.mutable_data_ptr<float>();
-  AT_DISPATCH_SWITCH(grad.scalar_type(), "moe_grouped_mm_unpermute_dgrad",
-    AT_DISPATCH_CASE(at::kFloat, [&] {
-      const float* gp = grad.const_data_ptr<float>();
-      const float* b = b_EXY.const_data_ptr<float>();
-      run_tiles(tiles, [&](const Tile& t, const Tile*) {
-        const int64_t r0 = starts[t.group] + t.begin;
-        Gather rows_g;
-        rows_g.a_rows = off.data() + r0;
-        avx512_gemm(t.end - t.begin, t.col1 - t.col0, Y, gp, grad.stride(0), 1, b + t.group * sb0 + t.col0 * sb1,
-                    sb2, sb1, out + r0 * X + t.col0, X, NextB<float>{}, rows_g);
-      });
-    })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      const auto* gp = grad.const_data_ptr<c10::BFloat16>();
-      const auto* b = b_EXY.const_data_ptr<c10::BFloat16>();
-      run_tiles(tiles, [&](const Tile& t, const Tile*) {
-        const int64_t r0 = starts[t.group] + t.begin;
-        Gather rows_g;
-        rows_g.a_rows = off.data() + r0;
-        avx512_gemm(t.end - t.begin, t.col1 - t.col0, Y, gp, grad.stride(0), 1, b + t.group * sb0 + t.col0 * sb1,
-                    sb2, sb1, out + r0 * X + t.col0, X, rows_g);
-      });
-    }));
-  return g;
+  const T* gp = grad.const_data_ptr<T>();
+  const T* b = b_EXY.const_data_ptr<T>();
+  run_tiles(tiles, [&](const Tile& t, const Tile*) {
+    thread_local std::vector<float> scratch;
+    const int64_t r0 = starts[t.group] + t.begin, m = t.end - t.begin;
+    scratch.resize(m * X);
+    Gather g_rows;
+    g_rows.a_rows = off.data() + r0;
+    // B (depth Y, column x) = b[e, x, y]: b_e^T read in place
+    if constexpr (std::is_same_v<T, float>)
+      avx512_gemm(m, X, Y, gp, grad.stride(0), 1, b + t.group * sb0, sb2, sb1, scratch.data(), X, NextB<float>{},
+                  g_rows);
+    else
+      avx512_gemm(m, X, Y, gp, grad.stride(0), 1, b + t.group * sb0, sb2, sb1, scratch.data(), X, g_rows);
+    rows(scratch.data(), r0, r0 + m);
+  });
 }
 
-// The rows' epilogue of the backward, one pass over the routed rows i (slot s = order_N[i]):
-// d_a[i] = w_s g_i, d_w[s] = <a_i, g_i> (summed in double in column order), aw[i] = w_s a_i;
-// g (N, X) in Acc is read only for d_a and d_w.
+// unpermute_dgrad_tiles where the AVX-512 kernel has the dtype (float32, bfloat16): true when it ran.
 template <typename T, typename Acc>
-void unpermute_gemm_rows(const Acc* gp, const at::Tensor& a_NX, const int64_t* ord, const Acc* w,
-                         int64_t routed, at::Tensor* d_a, Acc* d_w, at::Tensor* aw) {
-  const int64_t X = a_NX.size(1), sa0 = a_NX.stride(0), sa1 = a_NX.stride(1);
-  const T* ap = a_NX.const_data_ptr<T>();
-  T* dap = d_a ? d_a->mutable_data_ptr<T>() : nullptr;
-  T* awp = aw ? aw->mutable_data_ptr<T>() : nullptr;
-  at::parallel_for(0, routed, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, X)), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const Acc wi = w ? w[ord[i]] : Acc(1);
-      const T* ai = ap + i * sa0;
-      if (awp)
-        for (int64_t x = 0; x < X; ++x) awp[i * X + x] = static_cast<T>(wi * static_cast<Acc>(ai[x * sa1]));
-      if (gp == nullptr) continue;
-      const Acc* gi = gp + i * X;
-      double dot = 0;  // in double: at most the rounding of the result, whatever X
-      for (int64_t x = 0; x < X; ++x) {
-        dot += static_cast<double>(ai[x * sa1]) * static_cast<double>(gi[x]);
-        if (dap) dap[i * X + x] = static_cast<T>(wi * gi[x]);
-      }
-      if (d_w) d_w[ord[i]] = static_cast<Acc>(dot);
-    }
-  });
+bool unpermute_dgrad_avx512(const at::Tensor& grad, const std::vector<int64_t>& off, const at::Tensor& b_EXY,
+                            const std::vector<int64_t>& starts, const UnpermuteRows<T, Acc>& rows) {
+  if constexpr (std::is_same_v<Acc, float> && (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>)) {
+    unpermute_dgrad_tiles<T>(grad, off, b_EXY, starts, rows);
+    return true;
+  }
+  return false;
 }
 
 }  // namespace
@@ -478,15 +484,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward_cpu
   if (grad_a || grad_weights || aw.defined()) {
     const auto order = order_N.contiguous();
     const auto w = weighted ? weights_TK->to(acc).contiguous() : at::Tensor();
-    const auto g = grad_a || grad_weights ? unpermute_dgrad(grad_TD, order_N, rows_TK, b_EXY, offs_E, starts, off, grad)
-                                          : at::Tensor();
+    const bool need_g = grad_a || grad_weights;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a_NX.scalar_type(), "moe_grouped_mm_unpermute_rows", [&] {
       using Acc = at::opmath_type<scalar_t>;
-      unpermute_gemm_rows<scalar_t, Acc>(g.defined() ? g.const_data_ptr<Acc>() : nullptr, a_NX,
-                                         order.const_data_ptr<int64_t>(),
-                                         weighted ? w.const_data_ptr<Acc>() : nullptr, routed,
-                                         grad_a ? &d_a : nullptr, grad_weights ? d_w.mutable_data_ptr<Acc>() : nullptr,
-                                         aw.defined() ? &aw : nullptr);
+      const UnpermuteRows<scalar_t, Acc> rows{
+          a_NX.const_data_ptr<scalar_t>(), a_NX.stride(0), a_NX.stride(1), X, order.const_data_ptr<int64_t>(),
+          weighted ? w.const_data_ptr<Acc>() : nullptr, grad_a ? d_a.mutable_data_ptr<scalar_t>() : nullptr,
+          grad_weights ? d_w.mutable_data_ptr<Acc>() : nullptr, aw.defined() ? aw.mutable_data_ptr<scalar_t>() : nullptr};
+      if (need_g && use_avx512(a_NX.scalar_type(), Y, X, routed) &&
+          unpermute_dgrad_avx512(grad, off, b_EXY, starts, rows))
+        return;
+      // else g = the gathered GEMM's output (at::mm's path) in Acc, then the rows' pass
+      const auto g = need_g ? gather_grouped_mm_cpu(grad, order_N, rows_TK, b_EXY.transpose(1, 2), offs_E).to(acc)
+                            : at::Tensor();
+      const Acc* gp = need_g ? g.const_data_ptr<Acc>() : nullptr;
+      at::parallel_for(0, routed, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, X)), [&](int64_t i0, int64_t i1) {
+        rows(gp ? gp + i0 * X : nullptr, i0, i1);
+      });
     });
   }
   at::Tensor d_b = !grad_b ? b_EXY.new_empty({0, X, Y})
