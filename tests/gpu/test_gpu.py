@@ -37,7 +37,7 @@ def _cuda_kernels():
     assert ops.HAS_EXTENSION, "moe._C did not load: build it with MOE_BUILD_CUDA=1"
     for name in ("plan", "permute", "unpermute", "unpermute_weights_grad", "unpermute_backward", "grouped_mm",
                  "grouped_mm_wgrad", "grouped_mm_backward", "gather_grouped_mm", "gather_grouped_mm_wgrad",
-                 "gather_grouped_mm_backward"):
+                 "gather_grouped_mm_backward", "grouped_mm_unpermute", "grouped_mm_unpermute_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"moe::{name}", "CUDA"), name
     torch.manual_seed(0)
 
@@ -828,7 +828,9 @@ def test_moelayer_has_no_host_sync_and_replays_in_a_cuda_graph(shared, gemm_back
 
 def test_sm90_gathered_gemm_in_the_layer():
     """MoELayer (Qwen3-like proportions) with sm90_gathered="fused": the training step takes the
-    gathered kernels (no permute kernel, no setup launch's gather), has no host sync, and its output
+    gathered kernels (no permute kernel, no setup launch's gather): the up projection forward and its
+    weight gradient, and in grouped_mm_unpermute's backward the data gradient (grad_TD's rows read in
+    place) and the weight gradient; it has no host sync, and its output
     and gradients meet the 2x-error rule against the float64 layer as the unfused step's do; the eval
     forward replays in a CUDA graph."""
     if not _sm90_gemm():
@@ -854,8 +856,8 @@ def test_sm90_gathered_gemm_in_the_layer():
             got[setting] = step(layer, x.bfloat16())
             if setting == "fused":
                 names = kernel_names(lambda: step(layer, x.bfloat16()))
-                assert sum("gathered_gemm_kernel" in n for n in names) == 1, names
-                assert sum("gathered_wgrad_kernel" in n for n in names) == 1, names
+                assert sum("gathered_gemm_kernel" in n for n in names) == 2, names
+                assert sum("gathered_wgrad_kernel" in n for n in names) == 2, names
                 assert not any("permute_kernel" in n and "unpermute" not in n for n in names), names
                 without_sync(lambda: step(layer, x.bfloat16()))
                 layer.eval()
