@@ -18,7 +18,8 @@ ops       grouped_mm: the up projection x_ND @ w_EDF (w in nn.Linear layout, a t
           (T, E) gradient) vs the float32 GEMMs on upcast copies cast back that autograd runs for
           F.linear(x.float(), w.float()) (the twin), FLOPs 4*T*E*D at the dense rate.
 mlp       the expert MLP forward (gather rows, up projection, SwiGLU, down projection, weighted
-          combine) through moekit (GroupedExperts on a plan + ops.unpermute, what MoELayer runs)
+          combine) through moekit (GroupedExperts on a plan with combine=, what MoELayer runs: the
+          second GEMM and the weighted unpermute one op, ops.grouped_mm_unpermute)
           vs the PyTorch composite a user would write (x.index_select, F.grouped_mm, F.silu(gate)
           * up, F.grouped_mm, bf16 index_add_ of the weighted rows), fwd (no_grad) and fwd+bwd
           (autograd.grad of x, both weights and the routing weights from a fixed dy). Timed: the
@@ -65,6 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from moe import ExpertRows, ops, quantize_experts, release_step
+from moe.dispatch import LocalDispatchState
 
 DEVICE = "cuda"
 BF16 = torch.bfloat16
@@ -394,8 +396,8 @@ def bench_mlp(name, T, iters, ceil=None):
     used = int((counts > 0).sum())
     gmm = _torch_grouped_mm()
 
-    def moekit():
-        return ops.unpermute(experts(ExpertRows(x, p.offs_E, p)), p, weights)
+    def moekit():  # what MoELayer runs: the second GEMM and the weighted combine are one op
+        return experts(ExpertRows(x, p.offs_E, p), combine=LocalDispatchState(p, weights))
 
     def gathered(fn):  # fn with moekit's one-launch gathered sm90 GEMMs (forward and weight gradient)
         def run():
