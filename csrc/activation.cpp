@@ -97,60 +97,70 @@ MOE_AVX512 void swiglu_bwd_row_vec(const T* grad, const T* gate, const T* up, T*
 
 using vec::kVecRows;
 
+}  // namespace
+
+template <typename T>
+void swiglu_row(const T* gate, const T* up, T* out, int64_t F) {
+  using acc_t = at::opmath_type<T>;
+  if constexpr (kVecRows<T>) {
+    if (vec::avx512_rows()) {
+      swiglu_row_vec(gate, up, out, F);
+      return;
+    }
+  }
+  for (int64_t f = 0; f < F; ++f) {
+    const acc_t g = gate[f];
+    out[f] = static_cast<T>(g * sigmoid(g) * static_cast<acc_t>(up[f]));
+  }
+}
+
+template <typename T>
+void swiglu_backward_row(const T* grad, const T* gate, const T* up, T* d_gate, T* d_up, int64_t F) {
+  using acc_t = at::opmath_type<T>;
+  if constexpr (kVecRows<T>) {
+    if (vec::avx512_rows()) {
+      swiglu_bwd_row_vec(grad, gate, up, d_gate, d_up, F);
+      return;
+    }
+  }
+  for (int64_t f = 0; f < F; ++f) {
+    const acc_t g = gate[f], u = up[f], dd = grad[f];
+    const acc_t s = sigmoid(g);
+    d_gate[f] = static_cast<T>(dd * u * (s * (acc_t(1) + g * (acc_t(1) - s))));
+    d_up[f] = static_cast<T>(dd * (g * s));
+  }
+}
+
+#define MOE_SWIGLU_ROWS(T)                                                      \
+  template void swiglu_row<T>(const T*, const T*, T*, int64_t);                 \
+  template void swiglu_backward_row<T>(const T*, const T*, const T*, T*, T*, int64_t);
+MOE_SWIGLU_ROWS(float)
+MOE_SWIGLU_ROWS(double)
+MOE_SWIGLU_ROWS(c10::Half)
+MOE_SWIGLU_ROWS(c10::BFloat16)
+#undef MOE_SWIGLU_ROWS
+
+namespace {
+
 template <typename scalar_t>
 void swiglu_rows(const at::Tensor& h, at::Tensor& out) {
-  using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = h.size(0), F = out.size(1), ld = h.stride(0);
   const scalar_t* src = h.const_data_ptr<scalar_t>();
   scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-  const bool fast = kVecRows<scalar_t> && vec::avx512_rows();
   at::parallel_for(0, N, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(F, 1)), [&](int64_t lo, int64_t hi) {
-    for (int64_t n = lo; n < hi; ++n) {
-      const scalar_t* gate = src + n * ld;
-      const scalar_t* up = gate + F;
-      scalar_t* o = dst + n * F;
-      if constexpr (kVecRows<scalar_t>) {
-        if (fast) {
-          swiglu_row_vec(gate, up, o, F);
-          continue;
-        }
-      }
-      for (int64_t f = 0; f < F; ++f) {
-        const acc_t g = gate[f];
-        o[f] = static_cast<scalar_t>(g * sigmoid(g) * static_cast<acc_t>(up[f]));
-      }
-    }
+    for (int64_t n = lo; n < hi; ++n) swiglu_row(src + n * ld, src + n * ld + F, dst + n * F, F);
   });
 }
 
 template <typename scalar_t>
 void swiglu_bwd_rows(const at::Tensor& grad, const at::Tensor& h, at::Tensor& d_h) {
-  using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = h.size(0), F = grad.size(1), ld = h.stride(0), ldg = grad.stride(0);
   const scalar_t* src = h.const_data_ptr<scalar_t>();
   const scalar_t* gsrc = grad.const_data_ptr<scalar_t>();
   scalar_t* dst = d_h.mutable_data_ptr<scalar_t>();
-  const bool fast = kVecRows<scalar_t> && vec::avx512_rows();
   at::parallel_for(0, N, std::max<int64_t>(1, kElemGrain / std::max<int64_t>(F, 1)), [&](int64_t lo, int64_t hi) {
-    for (int64_t n = lo; n < hi; ++n) {
-      const scalar_t* gate = src + n * ld;
-      const scalar_t* up = gate + F;
-      const scalar_t* d = gsrc + n * ldg;
-      scalar_t* d_gate = dst + n * 2 * F;
-      scalar_t* d_up = d_gate + F;
-      if constexpr (kVecRows<scalar_t>) {
-        if (fast) {
-          swiglu_bwd_row_vec(d, gate, up, d_gate, d_up, F);
-          continue;
-        }
-      }
-      for (int64_t f = 0; f < F; ++f) {
-        const acc_t g = gate[f], u = up[f], dd = d[f];
-        const acc_t s = sigmoid(g);
-        d_gate[f] = static_cast<scalar_t>(dd * u * (s * (acc_t(1) + g * (acc_t(1) - s))));
-        d_up[f] = static_cast<scalar_t>(dd * (g * s));
-      }
-    }
+    for (int64_t n = lo; n < hi; ++n)
+      swiglu_backward_row(gsrc + n * ldg, src + n * ld, src + n * ld + F, dst + n * 2 * F, dst + n * 2 * F + F, F);
   });
 }
 

@@ -210,8 +210,15 @@ void check_gather_grouped_mm_wgrad_args(const at::Tensor& x_TD, const at::Tensor
 
 void check_grouped_mm_unpermute_args(const at::Tensor& a_NX, const at::Tensor& b_EXY, const at::Tensor& offs_E,
                                      const at::Tensor& order_N, const at::Tensor& rows_TK,
-                                     const std::optional<at::Tensor>& weights_TK, const char* op) {
-  check_grouped_mm_args(a_NX, b_EXY, offs_E, op);
+                                     const std::optional<at::Tensor>& weights_TK, bool swiglu, const char* op) {
+  if (swiglu) {  // a_NX is h = [gate; up]: the GEMM's rows are its first X columns' width
+    TORCH_CHECK(a_NX.dim() == 2 && b_EXY.dim() == 3 && a_NX.size(1) == 2 * b_EXY.size(1), "moe.", op,
+                ": with swiglu, a_NX must be h = [gate; up] with 2 * X = 2 * b_EXY.size(1) columns, got a_NX ",
+                a_NX.sizes(), " and b_EXY ", b_EXY.sizes());
+    check_grouped_mm_args(a_NX.narrow(1, 0, b_EXY.size(1)), b_EXY, offs_E, op);
+  } else {
+    check_grouped_mm_args(a_NX, b_EXY, offs_E, op);
+  }
   check_dispatch_args(op, a_NX, "a_NX", order_N.size(0), "N, the plan's rows", order_N, rows_TK);
   if (weights_TK.has_value()) check_weights_arg(op, "weights_TK", *weights_TK, rows_TK, a_NX);
 }
@@ -219,9 +226,9 @@ void check_grouped_mm_unpermute_args(const at::Tensor& a_NX, const at::Tensor& b
 void check_grouped_mm_unpermute_backward_args(const at::Tensor& grad_TD, const at::Tensor& a_NX,
                                               const at::Tensor& b_EXY, const at::Tensor& offs_E,
                                               const at::Tensor& order_N, const at::Tensor& rows_TK,
-                                              const std::optional<at::Tensor>& weights_TK) {
+                                              const std::optional<at::Tensor>& weights_TK, bool swiglu) {
   const char* op = "grouped_mm_unpermute_backward";
-  check_grouped_mm_unpermute_args(a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK, op);
+  check_grouped_mm_unpermute_args(a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK, swiglu, op);
   TORCH_CHECK(grad_TD.dim() == 2 && grad_TD.size(0) == rows_TK.size(0) && grad_TD.size(1) == b_EXY.size(2),
               "moe.", op, ": grad_TD must have shape (T, Y) = (", rows_TK.size(0), ", ", b_EXY.size(2),
               "), got ", grad_TD.sizes());

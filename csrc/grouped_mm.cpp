@@ -375,41 +375,59 @@ std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward_cpu(const at::Tens
 
 at::Tensor grouped_mm_unpermute_cpu(const at::Tensor& a_NX, const at::Tensor& b_EXY, const at::Tensor& offs_E,
                                     const at::Tensor& order_N, const at::Tensor& rows_TK,
-                                    const std::optional<at::Tensor>& weights_TK) {
-  check_grouped_mm_unpermute_args(a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK);
-  return unpermute_cpu(grouped_mm_cpu(a_NX, b_EXY, offs_E), order_N, rows_TK, weights_TK);
+                                    const std::optional<at::Tensor>& weights_TK, bool swiglu) {
+  check_grouped_mm_unpermute_args(a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK, swiglu);
+  const at::Tensor a = swiglu ? swiglu_cpu(a_NX) : a_NX;
+  return unpermute_cpu(grouped_mm_cpu(a, b_EXY, offs_E), order_N, rows_TK, weights_TK);
 }
 
 namespace {
 
 // The backward's rows, i in [i0, i1) (slot s = order_N[i], g_i = grad_TD[token(i)] @ b_e^T, row i of
-// g at g + (i - i0) * X): d_a[i] = w_s g_i, d_w[s] = <a_i, g_i> (summed in double, four running sums
-// over the columns by x % 4, added in one fixed order: the same bits whatever the tiling),
-// aw[i] = w_s a_i. g may be null (aw alone).
+// g at g + (i - i0) * X): with a_i the GEMM's A row (a's row, or with `swiglu` silu(gate) * up of
+// h = a's row, recomputed by the swiglu kernel's row function: the forward's bits), aw[i] = w_s a_i,
+// d_w[s] = <a_i, g_i> (summed in double, four running sums over the columns by x % 4, added in one
+// fixed order: the same bits whatever the tiling) and d_a[i] = w_s g_i (with `swiglu`, rounded, then
+// swiglu_backward's row function: d h as the two ops would give it for that d a). g may be null (aw
+// alone).
 template <typename T, typename Acc>
 struct UnpermuteRows {
-  const T* a;
+  const T* a;  // rows of X values, or of h = [gate; up] (2X, unit stride) with swiglu
   int64_t sa0, sa1, X;
+  bool swiglu;
   const int64_t* ord;
   const Acc* w;  // per slot, null without weights
-  T* d_a;        // null where not asked for (likewise d_w, aw)
+  T* d_a;        // (N, a's width); null where not asked for (likewise d_w, aw)
   Acc* d_w;
   T* aw;
 
   void operator()(const Acc* g, int64_t i0, int64_t i1) const {
+    const int64_t H = swiglu ? 2 * X : X;
+    thread_local std::vector<T> act, d_act;  // with swiglu: a_i and the rounded w_s g_i
+    if (swiglu) act.resize(X), d_act.resize(X);
     for (int64_t i = i0; i < i1; ++i) {
       const Acc wi = w ? w[ord[i]] : Acc(1);
       const T* ai = a + i * sa0;
+      int64_t step = sa1;
+      if (swiglu) {
+        swiglu_row(ai, ai + X, act.data(), X);
+        ai = act.data(), step = 1;
+      }
       if (aw)
-        for (int64_t x = 0; x < X; ++x) aw[i * X + x] = static_cast<T>(wi * static_cast<Acc>(ai[x * sa1]));
+        for (int64_t x = 0; x < X; ++x) aw[i * X + x] = static_cast<T>(wi * static_cast<Acc>(ai[x * step]));
       if (g == nullptr) continue;
       const Acc* gi = g + (i - i0) * X;
+      T* da = d_a == nullptr ? nullptr : swiglu ? d_act.data() : d_a + i * H;
       double dot[4] = {0, 0, 0, 0};
       for (int64_t x = 0; x < X; ++x) {
-        dot[x % 4] += static_cast<double>(ai[x * sa1]) * static_cast<double>(gi[x]);
-        if (d_a) d_a[i * X + x] = static_cast<T>(wi * gi[x]);
+        dot[x % 4] += static_cast<double>(ai[x * step]) * static_cast<double>(gi[x]);
+        if (da) da[x] = static_cast<T>(wi * gi[x]);
       }
       if (d_w) d_w[ord[i]] = static_cast<Acc>((dot[0] + dot[1]) + (dot[2] + dot[3]));
+      if (da && swiglu) {
+        const T* h = a + i * sa0;
+        swiglu_backward_row(da, h, h + X, d_a + i * H, d_a + i * H + X, X);
+      }
     }
   }
 };
@@ -460,24 +478,26 @@ bool unpermute_dgrad_avx512(const at::Tensor& grad, const std::vector<int64_t>& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward_cpu(
     const at::Tensor& grad_TD, const at::Tensor& a_NX, const at::Tensor& b_EXY, const at::Tensor& offs_E,
     const at::Tensor& order_N, const at::Tensor& rows_TK, const std::optional<at::Tensor>& weights_TK,
-    bool grad_a, bool grad_b, bool grad_weights) {
-  check_grouped_mm_unpermute_backward_args(grad_TD, a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK);
-  const int64_t N = a_NX.size(0), X = a_NX.size(1), Y = b_EXY.size(2), E = b_EXY.size(0);
+    bool grad_a, bool grad_b, bool grad_weights, bool swiglu) {
+  check_grouped_mm_unpermute_backward_args(grad_TD, a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK, swiglu);
+  const int64_t N = a_NX.size(0), H = a_NX.size(1), X = b_EXY.size(1), Y = b_EXY.size(2), E = b_EXY.size(0);
   const int64_t T = rows_TK.size(0), K = rows_TK.size(1);
   const auto acc = accum_dtype(a_NX.scalar_type());
   const bool weighted = weights_TK.has_value();
   grad_weights = grad_weights && weighted;
   const auto starts = read_offsets("grouped_mm_unpermute_backward", offs_E, N);
   const int64_t routed = starts[E];
-  auto rows_of = [&](bool want) {  // (N, X), the padding rows past offs_E[-1] zero
-    if (!want) return a_NX.new_empty({0, X});
-    auto t = empty_cpu({N, X}, a_NX.options());
+  auto rows_of = [&](bool want, int64_t width) {  // (N, width), the padding rows past offs_E[-1] zero
+    if (!want) return a_NX.new_empty({0, width});
+    auto t = empty_cpu({N, width}, a_NX.options());
     t.narrow(0, routed, N - routed).zero_();
     return t;
   };
-  at::Tensor d_a = rows_of(grad_a);
+  at::Tensor d_a = rows_of(grad_a, H);
   at::Tensor d_w = at::zeros({grad_weights ? T : 0, K}, a_NX.options().dtype(acc));
-  at::Tensor aw = grad_b && weighted ? rows_of(true) : at::Tensor();
+  // the weight gradient's rows w a (a itself without weights and SwiGLU)
+  at::Tensor aw = grad_b && (weighted || swiglu) ? rows_of(true, X) : at::Tensor();
+  const auto a_rows = swiglu && a_NX.stride(1) != 1 ? a_NX.contiguous() : a_NX;
   const auto grad = grad_TD.stride(1) == 1 ? grad_TD : grad_TD.contiguous();
   const auto off = gather_offsets("grouped_mm_unpermute_backward", order_N, K, rows_TK.numel(), routed,
                                   grad.stride(0));
@@ -488,7 +508,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward_cpu
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a_NX.scalar_type(), "moe_grouped_mm_unpermute_rows", [&] {
       using Acc = at::opmath_type<scalar_t>;
       const UnpermuteRows<scalar_t, Acc> rows{
-          a_NX.const_data_ptr<scalar_t>(), a_NX.stride(0), a_NX.stride(1), X, order.const_data_ptr<int64_t>(),
+          a_rows.const_data_ptr<scalar_t>(), a_rows.stride(0), a_rows.stride(1), X, swiglu, order.const_data_ptr<int64_t>(),
           weighted ? w.const_data_ptr<Acc>() : nullptr, grad_a ? d_a.mutable_data_ptr<scalar_t>() : nullptr,
           grad_weights ? d_w.mutable_data_ptr<Acc>() : nullptr, aw.defined() ? aw.mutable_data_ptr<scalar_t>() : nullptr};
       if (need_g && use_avx512(a_NX.scalar_type(), Y, X, routed) &&

@@ -53,17 +53,17 @@ void check_gather_grouped_mm_wgrad_args(const at::Tensor& x_TD, const at::Tensor
 void check_gather_grouped_mm_swiglu_args(const at::Tensor& x_TD, const at::Tensor& order_N,
                                          const at::Tensor& rows_TK, const at::Tensor& b_EXY,
                                          const at::Tensor& offs_E);
-// grouped_mm's checks and unpermute's on its (N, Y) product: a_NX has the plan's N rows,
-// weights_TK (T, K) float32 or a's dtype.
+// grouped_mm's checks and unpermute's on its (N, Y) product: a_NX has the plan's N rows (with swiglu
+// h = [gate; up], 2X columns), weights_TK (T, K) float32 or a's dtype.
 void check_grouped_mm_unpermute_args(const at::Tensor& a_NX, const at::Tensor& b_EXY, const at::Tensor& offs_E,
                                      const at::Tensor& order_N, const at::Tensor& rows_TK,
-                                     const std::optional<at::Tensor>& weights_TK,
+                                     const std::optional<at::Tensor>& weights_TK, bool swiglu,
                                      const char* op = "grouped_mm_unpermute");
 // grouped_mm_unpermute's checks under this op's name, and grad_TD (T, Y) in a_NX's dtype on its device.
 void check_grouped_mm_unpermute_backward_args(const at::Tensor& grad_TD, const at::Tensor& a_NX,
                                               const at::Tensor& b_EXY, const at::Tensor& offs_E,
                                               const at::Tensor& order_N, const at::Tensor& rows_TK,
-                                              const std::optional<at::Tensor>& weights_TK);
+                                              const std::optional<at::Tensor>& weights_TK, bool swiglu);
 void check_linear_f32_args(const at::Tensor& x_TD, const at::Tensor& weight_ED, const char* op = "linear_f32");
 // linear_f32's checks, and grad_TE (T, E) in linear_f32's output dtype on x_TD's device.
 void check_linear_f32_backward_args(const at::Tensor& grad_TE, const at::Tensor& x_TD, const at::Tensor& weight_ED);
@@ -154,16 +154,17 @@ std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward_cpu(const at::Tens
 std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_swiglu_cpu(const at::Tensor& x_TD, const at::Tensor& order_N,
                                                                 const at::Tensor& rows_TK, const at::Tensor& b_EXY,
                                                                 const at::Tensor& offs_E, bool keep_h);
-// The down projection and the weighted combine: unpermute(grouped_mm(a, b), weights) (T, Y), and its
-// backward without the (N, Y) product: (d a_NX, d b_EXY in b's layout, d weights_TK in float32 for
-// half types); an output not asked for is an empty (0, X) / (0, X, Y) / (0, K).
+// The down projection and the weighted combine: unpermute(grouped_mm(a, b), weights) (T, Y) (with
+// swiglu, a_NX is h = [gate; up] and the GEMM's rows are swiglu(h)), and its backward without the
+// (N, Y) product: (d a_NX (d h with swiglu), d b_EXY in b's layout, d weights_TK in float32 for half
+// types); an output not asked for is an empty (0, a's width) / (0, X, Y) / (0, K).
 at::Tensor grouped_mm_unpermute_cpu(const at::Tensor& a_NX, const at::Tensor& b_EXY, const at::Tensor& offs_E,
                                     const at::Tensor& order_N, const at::Tensor& rows_TK,
-                                    const std::optional<at::Tensor>& weights_TK);
+                                    const std::optional<at::Tensor>& weights_TK, bool swiglu);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward_cpu(
     const at::Tensor& grad_TD, const at::Tensor& a_NX, const at::Tensor& b_EXY, const at::Tensor& offs_E,
     const at::Tensor& order_N, const at::Tensor& rows_TK, const std::optional<at::Tensor>& weights_TK,
-    bool grad_a, bool grad_b, bool grad_weights);
+    bool grad_a, bool grad_b, bool grad_weights, bool swiglu);
 at::Tensor linear_f32_cpu(const at::Tensor& x_TD, const at::Tensor& weight_ED);
 std::tuple<at::Tensor, at::Tensor> linear_f32_backward_cpu(const at::Tensor& grad_TE, const at::Tensor& x_TD,
                                                            const at::Tensor& weight_ED, bool grad_x,
@@ -174,6 +175,12 @@ std::tuple<at::Tensor, at::Tensor> linear_f32_backward_aten(const at::Tensor& gr
                                                             const at::Tensor& weight_ED, bool grad_x,
                                                             bool grad_weight);
 at::Tensor swiglu_cpu(const at::Tensor& h);
+// One row of swiglu_cpu / swiglu_backward_cpu (csrc/activation.cpp), the same arithmetic: out = silu(gate) * up,
+// and d_gate, d_up from grad (F values each); for float, double, Half and BFloat16.
+template <typename T>
+void swiglu_row(const T* gate, const T* up, T* out, int64_t F);
+template <typename T>
+void swiglu_backward_row(const T* grad, const T* gate, const T* up, T* d_gate, T* d_up, int64_t F);
 at::Tensor swiglu_backward_cpu(const at::Tensor& grad, const at::Tensor& h);
 RouteOutputs topk_route_cpu(const at::Tensor& logits_TE, const std::optional<at::Tensor>& bias_E, int64_t top_k,
                             c10::string_view score, int64_t num_groups, int64_t topk_groups, bool norm_topk,

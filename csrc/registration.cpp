@@ -52,13 +52,14 @@ TORCH_LIBRARY(moe, m) {
   // CUDA); keep_h returns h_NH, what the backward needs.
   m.def("gather_grouped_mm_swiglu(Tensor x_TD, Tensor order_N, Tensor rows_TK, Tensor b_EXY, Tensor offs_E, "
         "bool keep_h=False) -> (Tensor, Tensor)");
-  // unpermute(grouped_mm(a_NX, b_EXY, offs_E), weights_TK): the down projection and the weighted
-  // combine; its backward needs no (N, Y) product (d weights = <a_i, grad_t @ b_e^T>).
+  // unpermute(grouped_mm(a_NX, b_EXY, offs_E), weights_TK) (with swiglu, of swiglu(a_NX)): the down
+  // projection and the weighted combine; its backward needs no (N, Y) product (d weights =
+  // <a_i, grad_t @ b_e^T>), and with swiglu no (N, X) activation either (recomputed from h).
   m.def("grouped_mm_unpermute(Tensor a_NX, Tensor b_EXY, Tensor offs_E, Tensor order_N, Tensor rows_TK, "
-        "Tensor? weights_TK=None) -> Tensor");
+        "Tensor? weights_TK=None, bool swiglu=False) -> Tensor");
   m.def("grouped_mm_unpermute_backward(Tensor grad_TD, Tensor a_NX, Tensor b_EXY, Tensor offs_E, Tensor order_N, "
-        "Tensor rows_TK, Tensor? weights_TK=None, bool grad_a=True, bool grad_b=True, bool grad_weights=True) -> "
-        "(Tensor, Tensor, Tensor)");
+        "Tensor rows_TK, Tensor? weights_TK=None, bool grad_a=True, bool grad_b=True, bool grad_weights=True, "
+        "bool swiglu=False) -> (Tensor, Tensor, Tensor)");
   // x_TD @ weight_ED^T in float32 (float64 for float64): the routers' logits.
   m.def("linear_f32(Tensor x_TD, Tensor weight_ED) -> Tensor");
   // (grad_TE @ weight_ED, grad_TE^T @ x_TD) in grad's dtype, cast to the operands' dtype: the

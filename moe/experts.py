@@ -143,36 +143,49 @@ class GroupedExperts(nn.Module):
         hidden a_NF (the weight gradient's operand anyway) and not the (N, D) expert outputs: the
         routing weights' gradient <a_i, grad_t @ W_out[e]^T> comes from the data-gradient GEMM
         (SonicMoE, Guo et al. 2025, Sec. 3.2), so a layer's saved activations shrink by T*K*D
-        values. With bias, b_out's share is a second, weighted unpermute of its rows. (Through the
-        module, with its hooks: ``experts(rows, combine=state)``.)"""
+        values. With SwiGLU under autograd the op also applies the activation (swiglu=True): it keeps
+        the first projection's h and recomputes a_NF in the backward, as SonicMoE caches only the
+        inputs and h, so T*K*F values fewer again (without autograd the first GEMM's SwiGLU epilogue
+        serves, and nothing is kept). With bias, b_out's share is a second, weighted unpermute of
+        its rows. (Through the module, with its hooks: ``experts(rows, combine=state)``.)"""
         if not isinstance(rows, ExpertRows) or not isinstance(plan, ops.Plan):
             raise TypeError("GroupedExperts.combined: rows must be moe.ExpertRows and plan a moe.ops.Plan")
         if rows.num_rows != plan.max_rows:
             raise ValueError(f"GroupedExperts.combined: the rows have N={rows.num_rows}, the plan {plan.max_rows}")
-        a_NF = self._hidden(rows)
-        y_TD = ops.grouped_mm_unpermute(a_NF, plan, self.w_out_EFD, weights_TK)
+        if self.activation == "swiglu" and torch.is_grad_enabled():
+            # SwiGLU inside the op: its backward keeps h alone, the activation is recomputed
+            y_TD = ops.grouped_mm_unpermute(self._projection(rows), plan, self.w_out_EFD, weights_TK, swiglu=True)
+        else:
+            y_TD = ops.grouped_mm_unpermute(self._hidden(rows), plan, self.w_out_EFD, weights_TK)
         if self.b_out_ED is not None:
             y_TD = y_TD + ops.unpermute(row_bias(self.b_out_ED, rows.offs_E, rows.num_rows), plan, weights_TK)
         return y_TD
 
     def _hidden(self, rows: ExpertRows) -> Tensor:
-        """a_NF = act(rows W_in[e] + b_in[e]), (N, F) in expert-row order: a gathered view is read in
-        place (with SwiGLU and no bias, the activation is the gathered GEMM's epilogue)."""
-        fused = rows.gathered and self.activation == "swiglu" and self.b_in_EH is None
+        """a_NF = act(rows W_in[e] + b_in[e]), (N, F) in expert-row order (with SwiGLU and no bias on a
+        gathered view, the activation is the gathered GEMM's epilogue)."""
+        if rows.gathered and self.activation == "swiglu" and self.b_in_EH is None:
+            self._check_gathered(rows)
+            return ops.gather_grouped_mm_swiglu(rows.x, rows.plan, self.w_in_EDH)
+        return activate(self._projection(rows), self.activation)
+
+    def _projection(self, rows: ExpertRows) -> Tensor:
+        """h_NH = rows W_in[e] + b_in[e], (N, H): a gathered view is read in place."""
         if rows.gathered:
-            self._check_rows("x_TD", "T", rows.x)
-            if rows.plan.num_experts != self.num_experts:
-                raise ValueError(f"GroupedExperts: the plan has {rows.plan.num_experts} experts, "
-                                 f"the module {self.num_experts}")
-            if fused:  # SwiGLU as the first GEMM's epilogue
-                return ops.gather_grouped_mm_swiglu(rows.x, rows.plan, self.w_in_EDH)
+            self._check_gathered(rows)
             h_NH = ops.gather_grouped_mm(rows.x, rows.plan, self.w_in_EDH)
         else:
             self._check_inputs(rows.x, rows.offs_E)
             h_NH = ops.grouped_mm(rows.x, self.w_in_EDH, rows.offs_E)
         if self.b_in_EH is not None:
             h_NH = h_NH + row_bias(self.b_in_EH, rows.offs_E, rows.num_rows)
-        return activate(h_NH, self.activation)
+        return h_NH
+
+    def _check_gathered(self, rows: ExpertRows) -> None:
+        self._check_rows("x_TD", "T", rows.x)
+        if rows.plan.num_experts != self.num_experts:
+            raise ValueError(f"GroupedExperts: the plan has {rows.plan.num_experts} experts, "
+                             f"the module {self.num_experts}")
 
     def gathered(self, x_TD: Tensor, plan: ops.Plan) -> Tensor:
         """Deprecated: ``experts(ExpertRows(x_TD, plan.offs_E, plan))``."""

@@ -24,9 +24,9 @@ last block forms the final ones), 1 without statistics up to 64 tokens; ``linear
 bfloat16 terms, two cuBLAS GEMMs, the sum of the weight gradient's three parts), else its ATen ops.
 ``unpermute_backward`` is one kernel (a warp per slot), as are ``permute``, ``unpermute`` and
 ``unpermute_weights_grad``; ``grouped_mm_unpermute`` is grouped_mm's launches and the unpermute
-kernel, its backward gather_grouped_mm's launches (the data gradient), a zero fill of d weights, one
-row kernel (d a, d weights, the scaled rows; a cast of bfloat16 weights to float32 before it) and
-gather_grouped_mm_wgrad's; ``grouped_mm_backward`` is three on the sm90 path (one setup launch
+kernel (with swiglu the swiglu kernel first), its backward gather_grouped_mm's launches (the data
+gradient), a zero fill of d weights, one row kernel (d a or with swiglu d h, d weights, the scaled
+rows; a cast of bfloat16 weights to float32 before it) and gather_grouped_mm_wgrad's; ``grouped_mm_backward`` is three on the sm90 path (one setup launch
 for its two GEMMs), else grouped_mm's and grouped_mm_wgrad's; ``gather_grouped_mm_backward`` four
 on the sm90 path (the setup, which gathers x's rows too, two GEMMs, unpermute), else grouped_mm's,
 gather_grouped_mm_wgrad's and unpermute.

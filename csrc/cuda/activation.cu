@@ -142,12 +142,11 @@ __global__ void swiglu_backward_kernel(const T* __restrict__ grad, int64_t ldg,
       V dg, du;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const acc_t dd = static_cast<acc_t>(d[k].v[j]), gg = static_cast<acc_t>(g[k].v[j]);
-        const acc_t uu = static_cast<acc_t>(u[k].v[j]);
-        const acc_t s = div_rn(acc_t(1), one_plus_exp_neg(gg));  // torch.sigmoid
-        const acc_t ds = mul_rn(s, add_rn(acc_t(1), mul_rn(gg, add_rn(acc_t(1), -s))));
-        dg.v[j] = static_cast<T>(mul_rn(mul_rn(dd, uu), ds));
-        du.v[j] = static_cast<T>(mul_rn(dd, mul_rn(gg, s)));
+        acc_t d_gate, d_up;
+        swiglu_grad_one(static_cast<acc_t>(d[k].v[j]), static_cast<acc_t>(g[k].v[j]), static_cast<acc_t>(u[k].v[j]),
+                        d_gate, d_up);
+        dg.v[j] = static_cast<T>(d_gate);
+        du.v[j] = static_cast<T>(d_up);
       }
       *reinterpret_cast<V*>(d_h + dst[k]) = dg;
       *reinterpret_cast<V*>(d_h + dst[k] + F) = du;

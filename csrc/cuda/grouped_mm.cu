@@ -906,23 +906,27 @@ at::Tensor grouped_mm_w8_cuda(const at::Tensor& a_NX, const at::Tensor& q_EYX, c
 // (csrc/grouped_mm.cpp has the formula): g = gather_grouped_mm(grad_TD, plan, b^T) (grad's rows read
 // through the plan on the paths that gather), one row kernel for d a = w g, d w = <a, g> and the
 // scaled rows w a, then gather_grouped_mm_wgrad(grad_TD, plan, w a): no (N, Y) tensor is read or
-// written. g is the GEMM's output in the data dtype (the twin's arithmetic).
+// written; with swiglu the activation is recomputed from h in that kernel, which also writes d h. g is
+// the GEMM's output in the data dtype (the twin's arithmetic).
 
 at::Tensor grouped_mm_unpermute_cuda(const at::Tensor& a_NX, const at::Tensor& b_EXY, const at::Tensor& offs_E,
                                      const at::Tensor& order_N, const at::Tensor& rows_TK,
-                                     const std::optional<at::Tensor>& weights_TK) {
-  check_grouped_mm_unpermute_args(a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK);
+                                     const std::optional<at::Tensor>& weights_TK, bool swiglu) {
+  check_grouped_mm_unpermute_args(a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK, swiglu);
   c10::cuda::CUDAGuard guard(a_NX.device());
-  return unpermute_cuda(grouped_mm_cuda(a_NX, b_EXY, offs_E), order_N, rows_TK, weights_TK);
+  const at::Tensor a = swiglu ? swiglu_cuda(a_NX) : a_NX;
+  return unpermute_cuda(grouped_mm_cuda(a, b_EXY, offs_E), order_N, rows_TK, weights_TK);
 }
 
 namespace {
 
 constexpr int kRowWarps = 8;  // rows (one warp each) per block of the row kernel
 
-// One warp per row i of the N: slot s = order_N[i] (< 0: a padding row, zero). d_a[i] = w_s g_i,
-// aw[i] = w_s a_i, d_w[s] = <a_i, g_i> summed in Acc per lane, then across the warp in a fixed order.
-template <typename T, typename Acc>
+// One warp per row i of the N: slot s = order_N[i] (< 0: a padding row, zero). With a_i the GEMM's
+// A row (a's row, or with SWIGLU silu(gate) * up of h = a's row, by swiglu_one: the swiglu kernel's
+// bits), aw[i] = w_s a_i, d_w[s] = <a_i, g_i> summed in Acc per lane, then across the warp in a fixed
+// order, and d_a[i] = w_s g_i (with SWIGLU rounded, then swiglu_grad_one into d h = [d gate; d up]).
+template <typename T, typename Acc, bool SWIGLU>
 __global__ void unpermute_gemm_rows_kernel(const T* __restrict__ g, const T* __restrict__ a, int64_t sa0,
                                            int64_t sa1, const int64_t* __restrict__ order,
                                            const Acc* __restrict__ w, int64_t N, int64_t X, T* __restrict__ d_a,
@@ -930,10 +934,13 @@ __global__ void unpermute_gemm_rows_kernel(const T* __restrict__ g, const T* __r
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (i >= N) return;
-  const int64_t s = order[i];
+  const int64_t s = order[i], H = SWIGLU ? 2 * X : X;
   if (s < 0) {
     for (int64_t x = lane; x < X; x += kWarp) {
-      if (d_a) d_a[i * X + x] = T(0);
+      if (d_a) {
+        d_a[i * H + x] = T(0);
+        if (SWIGLU) d_a[i * H + X + x] = T(0);
+      }
       if (aw) aw[i * X + x] = T(0);
     }
     return;
@@ -941,12 +948,28 @@ __global__ void unpermute_gemm_rows_kernel(const T* __restrict__ g, const T* __r
   const Acc wi = w ? w[s] : Acc(1);
   Acc dot = 0;
   for (int64_t x = lane; x < X; x += kWarp) {
-    const Acc av = static_cast<Acc>(a[i * sa0 + x * sa1]);
+    Acc av, gate = 0, up = 0;
+    if (SWIGLU) {
+      gate = static_cast<Acc>(a[i * sa0 + x * sa1]), up = static_cast<Acc>(a[i * sa0 + (X + x) * sa1]);
+      av = static_cast<Acc>(static_cast<T>(swiglu_one(gate, up)));
+    } else {
+      av = static_cast<Acc>(a[i * sa0 + x * sa1]);
+    }
     if (aw) aw[i * X + x] = static_cast<T>(wi * av);
     if (g) {
       const Acc gv = static_cast<Acc>(g[i * X + x]);
       dot += av * gv;
-      if (d_a) d_a[i * X + x] = static_cast<T>(wi * gv);
+      if (d_a) {
+        const T da = static_cast<T>(wi * gv);
+        if (SWIGLU) {
+          Acc d_gate, d_up;
+          swiglu_grad_one(static_cast<Acc>(da), gate, up, d_gate, d_up);
+          d_a[i * H + x] = static_cast<T>(d_gate);
+          d_a[i * H + X + x] = static_cast<T>(d_up);
+        } else {
+          d_a[i * H + x] = da;
+        }
+      }
     }
   }
   if (d_w == nullptr) return;
@@ -959,17 +982,18 @@ __global__ void unpermute_gemm_rows_kernel(const T* __restrict__ g, const T* __r
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward_cuda(
     const at::Tensor& grad_TD, const at::Tensor& a_NX, const at::Tensor& b_EXY, const at::Tensor& offs_E,
     const at::Tensor& order_N, const at::Tensor& rows_TK, const std::optional<at::Tensor>& weights_TK,
-    bool grad_a, bool grad_b, bool grad_weights) {
-  check_grouped_mm_unpermute_backward_args(grad_TD, a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK);
+    bool grad_a, bool grad_b, bool grad_weights, bool swiglu) {
+  check_grouped_mm_unpermute_backward_args(grad_TD, a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK, swiglu);
   c10::cuda::CUDAGuard guard(a_NX.device());
-  const int64_t N = a_NX.size(0), X = a_NX.size(1), Y = b_EXY.size(2);
+  const int64_t N = a_NX.size(0), H = a_NX.size(1), X = b_EXY.size(1), Y = b_EXY.size(2);
   const int64_t T = rows_TK.size(0), K = rows_TK.size(1);
   const auto acc = accum_dtype(a_NX.scalar_type());
   const bool weighted = weights_TK.has_value();
   grad_weights = grad_weights && weighted;
-  at::Tensor d_a = at::empty({grad_a ? N : 0, X}, a_NX.options());
+  at::Tensor d_a = at::empty({grad_a ? N : 0, H}, a_NX.options());
   at::Tensor d_w = at::zeros({grad_weights ? T : 0, K}, a_NX.options().dtype(acc));
-  at::Tensor aw = grad_b && weighted ? at::empty({N, X}, a_NX.options()) : at::Tensor();
+  // the weight gradient's rows w a (a itself without weights and SwiGLU)
+  at::Tensor aw = grad_b && (weighted || swiglu) ? at::empty({N, X}, a_NX.options()) : at::Tensor();
   if (N > 0 && X > 0 && (grad_a || grad_weights || aw.defined())) {
     const at::Tensor g = grad_a || grad_weights
                              ? gather_grouped_mm_cuda(grad_TD, order_N, rows_TK, b_EXY.transpose(1, 2), offs_E)
@@ -980,12 +1004,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward_cud
     const dim3 grid(static_cast<unsigned>((N + kRowWarps - 1) / kRowWarps));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a_NX.scalar_type(), "moe_grouped_mm_unpermute_rows", [&] {
       using Acc = at::opmath_type<scalar_t>;
-      unpermute_gemm_rows_kernel<scalar_t, Acc><<<grid, kRowWarps * kWarp, 0, stream>>>(
-          g.defined() ? g.const_data_ptr<scalar_t>() : nullptr, a_NX.const_data_ptr<scalar_t>(), a_NX.stride(0),
-          a_NX.stride(1), order.const_data_ptr<int64_t>(), weighted ? w.const_data_ptr<Acc>() : nullptr, N, X,
-          grad_a ? d_a.mutable_data_ptr<scalar_t>() : nullptr, grad_weights ? d_w.mutable_data_ptr<Acc>() : nullptr,
-          aw.defined() ? aw.mutable_data_ptr<scalar_t>() : nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      auto launch = [&](auto kernel) {
+        kernel<<<grid, kRowWarps * kWarp, 0, stream>>>(
+            g.defined() ? g.const_data_ptr<scalar_t>() : nullptr, a_NX.const_data_ptr<scalar_t>(), a_NX.stride(0),
+            a_NX.stride(1), order.const_data_ptr<int64_t>(), weighted ? w.const_data_ptr<Acc>() : nullptr, N, X,
+            grad_a ? d_a.mutable_data_ptr<scalar_t>() : nullptr, grad_weights ? d_w.mutable_data_ptr<Acc>() : nullptr,
+            aw.defined() ? aw.mutable_data_ptr<scalar_t>() : nullptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (swiglu) launch(unpermute_gemm_rows_kernel<scalar_t, Acc, true>);
+      else launch(unpermute_gemm_rows_kernel<scalar_t, Acc, false>);
     });
   } else if (grad_a) {
     d_a.zero_();

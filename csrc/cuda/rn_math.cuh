@@ -33,4 +33,15 @@ __device__ __forceinline__ acc_t swiglu_one(acc_t g, acc_t u) {
   return mul_rn(div_rn(g, one_plus_exp_neg(g)), u);
 }
 
+// SwiGLU's backward for one (gate g, up u) pair and the incoming d: d_gate = d u s (1 + g (1 - s)),
+// d_up = d g s with s = sigmoid(g), in the twin's order; shared by the swiglu_backward kernel and
+// grouped_mm_unpermute's backward with swiglu (csrc/cuda/grouped_mm.cu).
+template <typename acc_t>
+__device__ __forceinline__ void swiglu_grad_one(acc_t d, acc_t g, acc_t u, acc_t& d_gate, acc_t& d_up) {
+  const acc_t s = div_rn(acc_t(1), one_plus_exp_neg(g));  // torch.sigmoid
+  const acc_t ds = mul_rn(s, add_rn(acc_t(1), mul_rn(g, add_rn(acc_t(1), -s))));
+  d_gate = mul_rn(mul_rn(d, u), ds);
+  d_up = mul_rn(d, mul_rn(g, s));
+}
+
 }  // namespace moe::cuda

@@ -19,7 +19,9 @@ epilogue, moe.ops.gather_grouped_mm_swiglu, when there is no bias; else the clas
 bfloat16 it sums the weighted products in float32 and rounds once, where eager rounds each
 product and each sum: the two differ by bfloat16 rounding, moekit's being the more accurate);
 without a down bias or post-expert norm the down projection and the weighted unpermute are one
-op, moe.ops.grouped_mm_unpermute, whose backward keeps no T*K x D expert outputs.
+op, moe.ops.grouped_mm_unpermute, whose backward keeps no T*K x D expert outputs (under autograd,
+with transformers' default SiLU gate on [gate; up], the op applies SwiGLU too: its backward keeps
+the first projection's h alone and recomputes the activation).
 Expert ids outside [0, E) are empty slots. transformers is imported only inside :func:`register`
 and, once imported by the model that calls it, by the forward's gate check.
 """
@@ -92,27 +94,30 @@ def moekit_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top
         w_in, b_in = self.gate_up_proj, (self.gate_up_proj_bias if has_bias else None)
     else:
         w_in, b_in = self.up_proj, (self.up_proj_bias if has_bias else None)
-    if hidden_states.dtype == w_in.dtype:  # the first projection reads the routed rows in place
-        w_EXY = w_in if self.is_transposed else w_in.transpose(-2, -1)
-        if b_in is None and self.has_gate and _is_concatenated_swiglu(self):  # SwiGLU as its epilogue
-            h_NF = ops.gather_grouped_mm_swiglu(hidden_states, plan, w_EXY)
-        else:
-            h_NH = ops.gather_grouped_mm(hidden_states, plan, w_EXY)
-            if b_in is not None:
-                h_NH = h_NH + row_bias(b_in, plan.offs_E, plan.max_rows).to(h_NH.dtype)
-            h_NF = _gate(self, h_NH)
-    else:
-        h_NF = _gate(self, _grouped_linear(ops.permute(hidden_states, plan), w_in, plan.offs_E, b_in,
-                                           self.is_transposed))
-    b_out = self.down_proj_bias if has_bias else None
-    w_out = self.down_proj
+    w_out, b_out = self.down_proj, (self.down_proj_bias if has_bias else None)
     weights_TK = top_k_weights
     if weights_TK.dtype not in (torch.float32, w_out.dtype):
         weights_TK = weights_TK.to(torch.float32)
-    if b_out is None and not getattr(self, "has_post_expert_norm", False):
-        # the down projection and the weighted combine in one op: backward keeps no (N, D) outputs
+    # the down projection and the weighted combine in one op (its backward keeps no (N, D) outputs),
+    # and under autograd with SiLU-gated [gate; up] the SwiGLU too (its backward keeps h alone)
+    one_op = b_out is None and not getattr(self, "has_post_expert_norm", False)
+    swiglu = self.has_gate and _is_concatenated_swiglu(self)
+    gathered = hidden_states.dtype == w_in.dtype  # the first projection reads the routed rows in place
+    if gathered and b_in is None and swiglu and not (one_op and torch.is_grad_enabled()):
+        h_NF = ops.gather_grouped_mm_swiglu(hidden_states, plan, w_in if self.is_transposed else w_in.transpose(-2, -1))
+        h_NH = None
+    elif gathered:
+        h_NH = ops.gather_grouped_mm(hidden_states, plan, w_in if self.is_transposed else w_in.transpose(-2, -1))
+        if b_in is not None:
+            h_NH = h_NH + row_bias(b_in, plan.offs_E, plan.max_rows).to(h_NH.dtype)
+    else:
+        h_NH = _grouped_linear(ops.permute(hidden_states, plan), w_in, plan.offs_E, b_in, self.is_transposed)
+    if one_op:
         w_EXY = w_out if self.is_transposed else w_out.transpose(-2, -1)
-        return ops.grouped_mm_unpermute(h_NF.to(w_out.dtype), plan, w_EXY, weights_TK).to(hidden_states.dtype)
+        inside = h_NH is not None and swiglu and torch.is_grad_enabled()
+        a = h_NH if inside else (h_NF if h_NH is None else _gate(self, h_NH))
+        return ops.grouped_mm_unpermute(a.to(w_out.dtype), plan, w_EXY, weights_TK, swiglu=inside).to(hidden_states.dtype)
+    h_NF = h_NF if h_NH is None else _gate(self, h_NH)
     y_ND = _grouped_linear(h_NF, w_out, plan.offs_E, b_out, self.is_transposed)
     if getattr(self, "has_post_expert_norm", False):
         y_ND = self.post_expert_norm(y_ND)

@@ -195,17 +195,23 @@ def check_gather_grouped_mm_wgrad_args(x_TD, order_N, rows_TK, g_NY, offs_E, out
            f"g_NY has {g_NY.shape[0]} rows but the plan has N={order_N.shape[0]}")
 
 
-def check_grouped_mm_unpermute_args(a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK=None,
+def check_grouped_mm_unpermute_args(a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK=None, swiglu=False,
                                     op="grouped_mm_unpermute") -> None:
-    check_grouped_mm_args(a_NX, b_EXY, offs_E, op)
+    if swiglu:  # a_NX is h = [gate; up]
+        _check(a_NX.dim() == 2 and b_EXY.dim() == 3 and a_NX.shape[1] == 2 * b_EXY.shape[1], op,
+               f"with swiglu, a_NX must be h = [gate; up] with 2 * X = 2 * b_EXY.size(1) columns, got a_NX "
+               f"{_shape(a_NX)} and b_EXY {_shape(b_EXY)}")
+        check_grouped_mm_args(a_NX.narrow(1, 0, b_EXY.shape[1]), b_EXY, offs_E, op)
+    else:
+        check_grouped_mm_args(a_NX, b_EXY, offs_E, op)
     check_dispatch_args(op, a_NX, "a_NX", "N", order_N, rows_TK)
     check_weights_arg(op, "weights_TK", weights_TK, rows_TK, a_NX)
 
 
 def check_grouped_mm_unpermute_backward_args(grad_TD, a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK=None,
-                                             grad_a=True, grad_b=True, grad_weights=True) -> None:
+                                             grad_a=True, grad_b=True, grad_weights=True, swiglu=False) -> None:
     op = "grouped_mm_unpermute_backward"
-    check_grouped_mm_unpermute_args(a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK, op)
+    check_grouped_mm_unpermute_args(a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK, swiglu, op)
     want = (rows_TK.shape[0], b_EXY.shape[2])
     _check(grad_TD.dim() == 2 and _shape(grad_TD) == want, op,
            f"grad_TD must have shape (T, Y) = {want}, got {_shape(grad_TD)}")

@@ -359,27 +359,32 @@ gather_grouped_mm_wgrad = define_op(
     backward=_gather_wgrad_backward, setup_context=_gather_setup)
 
 
-# ---- grouped_mm_unpermute(a, b, offs, ., ., w) = unpermute(grouped_mm(a, b, offs), ., ., w): the experts'
-# down projection and the weighted combine in one op. Its value is the two ops' (their kernels run);
-# its backward, grouped_mm_unpermute_backward, needs no (N, Y) product: d w_i = <a_i, grad_t @ b_e^T>
-# (SonicMoE, Guo et al. 2025, Sec. 3.2; twins.grouped_mm_unpermute_grads), so a_NX (which the weight
-# gradient keeps anyway) is saved and the T*K x Y expert outputs are not. The backward's fallback is
-# that formula on the registered gathered GEMMs (differentiable: the create_graph path) ------------
+# ---- grouped_mm_unpermute(a, b, offs, ., ., w, swiglu) = unpermute(grouped_mm(a', b, offs), ., ., w) with
+# a' = a, or swiglu(a) with swiglu (a is then h = [gate; up]): the experts' down projection (after their
+# activation) and the weighted combine in one op. Its value is the ops' (their kernels run); its
+# backward, grouped_mm_unpermute_backward, needs no (N, Y) product: d w_i = <a'_i, grad_t @ b_e^T>
+# (SonicMoE, Guo et al. 2025, Sec. 3.2; twins.grouped_mm_unpermute_grads), so a (which the weight
+# gradient needs anyway) is saved and the T*K x Y expert outputs are not; with swiglu, h is saved and
+# the activation recomputed, as SonicMoE caches only the first projection's output. The backward's
+# fallback is that formula on the registered ops (differentiable: the create_graph path) ------------
 
-def _gmm_unpermute_fallback(a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK=None):
-    return ops.unpermute(ops.grouped_mm(a_NX, b_EXY, offs_E), order_N, rows_TK, weights_TK)
+def _gmm_unpermute_fallback(a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK=None, swiglu=False):
+    a = ops.swiglu(a_NX) if swiglu else a_NX
+    return ops.unpermute(ops.grouped_mm(a, b_EXY, offs_E), order_N, rows_TK, weights_TK)
 
 
-def _gmm_unpermute_fake(a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK=None):
+def _gmm_unpermute_fake(a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK=None, swiglu=False):
     return a_NX.new_empty(rows_TK.shape[0], b_EXY.shape[2])
 
 
 def _gmm_unpermute_grads(*args):
-    return twins.grouped_mm_unpermute_grads(ops.gather_grouped_mm, ops.gather_grouped_mm_wgrad, *args)
+    """The backward's formula on the registered ops (SwiGLU's backward by its differentiable twin)."""
+    return twins.grouped_mm_unpermute_grads(ops.gather_grouped_mm, ops.gather_grouped_mm_wgrad, ops.swiglu,
+                                            twins.swiglu_backward_torch, *args)
 
 
 def _gmm_unpermute_backward_fake(grad_TD, a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK=None, grad_a=True,
-                                 grad_b=True, grad_weights=True):
+                                 grad_b=True, grad_weights=True, swiglu=False):
     (N, X), (T, K) = a_NX.shape, rows_TK.shape
     T_w = T if grad_weights and weights_TK is not None else 0
     return (a_NX.new_empty(N if grad_a else 0, X), _weight_grad_fake(a_NX, b_EXY, grad_b),
@@ -390,27 +395,34 @@ def _gmm_unpermute_backward(ctx, g_TD):
     """One moe.grouped_mm_unpermute_backward (with create_graph, the same formula on the
     differentiable ops)."""
     a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK = ctx.saved_tensors
-    need = ctx.needs_input_grad  # 5 entries when weights_TK was not passed
+    need = ctx.needs_input_grad  # fewer entries when the optional arguments were not passed
     need_a, need_b, need_w = need[0], need[1], weights_TK is not None and need[5]
     grads = _gmm_unpermute_grads if torch.is_grad_enabled() else ops.grouped_mm_unpermute_backward
-    g_a, g_b, g_w = grads(g_TD, a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK, need_a, need_b, need_w)
+    g_a, g_b, g_w = grads(g_TD, a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK, need_a, need_b, need_w, ctx.swiglu)
     out = ((g_a if need_a else None), (g_b if need_b else None), None, None, None,
-           (_cast(g_w, weights_TK) if need_w else None))
+           (_cast(g_w, weights_TK) if need_w else None), None)
     return out[:len(need)]
+
+
+def _gmm_unpermute_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:6])
+    ctx.swiglu = inputs[6] if len(inputs) > 6 else False
 
 
 grouped_mm_unpermute_backward = define_op(
     "grouped_mm_unpermute_backward",
     "(Tensor grad_TD, Tensor a_NX, Tensor b_EXY, Tensor offs_E, Tensor order_N, Tensor rows_TK, "
-    "Tensor? weights_TK=None, bool grad_a=True, bool grad_b=True, bool grad_weights=True) -> (Tensor, Tensor, Tensor)",
+    "Tensor? weights_TK=None, bool grad_a=True, bool grad_b=True, bool grad_weights=True, bool swiglu=False) -> "
+    "(Tensor, Tensor, Tensor)",
     fallback=_gmm_unpermute_grads, fake=_gmm_unpermute_backward_fake,
     check=checks.check_grouped_mm_unpermute_backward_args)
 
 grouped_mm_unpermute = define_op(
     "grouped_mm_unpermute",
-    "(Tensor a_NX, Tensor b_EXY, Tensor offs_E, Tensor order_N, Tensor rows_TK, Tensor? weights_TK=None) -> Tensor",
+    "(Tensor a_NX, Tensor b_EXY, Tensor offs_E, Tensor order_N, Tensor rows_TK, Tensor? weights_TK=None, "
+    "bool swiglu=False) -> Tensor",
     fallback=_gmm_unpermute_fallback, fake=_gmm_unpermute_fake, check=checks.check_grouped_mm_unpermute_args,
-    backward=_gmm_unpermute_backward, setup_context=_save_inputs)
+    backward=_gmm_unpermute_backward, setup_context=_gmm_unpermute_setup)
 
 
 # ---- linear_f32: x_TD @ weight_ED^T in float32 (the routers' logits); its backward one op -------

@@ -119,16 +119,19 @@ def gather_grouped_mm_swiglu(x_TD: torch.Tensor, plan: Plan, b_EXY: torch.Tensor
 
 
 def grouped_mm_unpermute(a_NX: torch.Tensor, plan: Plan, b_EXY: torch.Tensor,
-                         weights_TK: torch.Tensor | None = None) -> torch.Tensor:
+                         weights_TK: torch.Tensor | None = None, *, swiglu: bool = False) -> torch.Tensor:
     """``unpermute(grouped_mm(a_NX, b_EXY, plan.offs_E), plan, weights_TK)`` in one op: the experts'
     down projection and the weighted combine, y_TD[t] = sum_k w_tk a_i b_e over t's routed slots
     (i its row, e its expert; the gate-weighted sum of Shazeer et al. 2017, Eq. 1), (T, Y), the
     same values as the two ops. The backward saves a_NX, not the (N, Y) expert outputs: the
     routing weights' gradient is <a_i, grad_t @ b_e^T> (SonicMoE, Guo et al. 2025, Sec. 3.2),
     formed from the gathered data-gradient GEMM that d a_NX needs anyway, so the T*K x Y product is
-    neither kept nor recomputed. ``weights_TK`` float32 or a's dtype (None: the plain sum)."""
+    neither kept nor recomputed. ``weights_TK`` float32 or a's dtype (None: the plain sum). With
+    ``swiglu``, a_NX is the first projection's h = [gate; up] (N, 2X) and the GEMM's rows are
+    ``swiglu(h)``: the backward saves h alone and recomputes the activation (SonicMoE's minimal
+    caching), and its d a_NX is d h (SwiGLU's backward done in the same op)."""
     _check_plan("grouped_mm_unpermute", plan)
-    return ops.grouped_mm_unpermute(a_NX, b_EXY, plan.offs_E, plan.order_N, plan.rows_TK, weights_TK)
+    return ops.grouped_mm_unpermute(a_NX, b_EXY, plan.offs_E, plan.order_N, plan.rows_TK, weights_TK, swiglu)
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:

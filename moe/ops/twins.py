@@ -194,23 +194,29 @@ def gather_grouped_mm_backward_torch(grad_NY, x_TD, order_N, rows_TK, b_EXY, off
     return g_x, g_b
 
 
-def grouped_mm_unpermute_torch(a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK=None):
-    """unpermute_torch(grouped_mm_torch(a_NX, b_EXY, offs_E), ..., weights_TK): the down projection
-    and the weighted combine, (T, Y)."""
-    return unpermute_torch(grouped_mm_torch(a_NX, b_EXY, offs_E), order_N, rows_TK, weights_TK)
+def grouped_mm_unpermute_torch(a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK=None, swiglu=False):
+    """unpermute_torch(grouped_mm_torch(a, b_EXY, offs_E), ..., weights_TK) with a = a_NX, or
+    swiglu_torch(a_NX) with swiglu (a_NX is then h = [gate; up]): the down projection and the
+    weighted combine, (T, Y)."""
+    a = swiglu_torch(a_NX) if swiglu else a_NX
+    return unpermute_torch(grouped_mm_torch(a, b_EXY, offs_E), order_N, rows_TK, weights_TK)
 
 
-def grouped_mm_unpermute_grads(gather_mm, gather_wgrad, grad_TD, a_NX, b_EXY, offs_E, order_N, rows_TK,
-                               weights_TK=None, grad_a=True, grad_b=True, grad_weights=True):
+def grouped_mm_unpermute_grads(gather_mm, gather_wgrad, act, act_backward, grad_TD, a_NX, b_EXY, offs_E, order_N,
+                               rows_TK, weights_TK=None, grad_a=True, grad_b=True, grad_weights=True, swiglu=False):
     """(d a_NX, d b_EXY in b's layout, d weights_TK) of y_TD = sum_k w_tk (a_i @ b_e) without the
     (N, Y) product (SonicMoE, Guo et al. 2025, Sec. 3.2): with g_i = grad_TD[token(i)] @ b_e^T (the
     gathered data-gradient GEMM ``gather_mm``), d a_i = w_i g_i, d w_i = <a_i, g_i> (which equals
     <grad_t, a_i @ b_e>, the unpermute's weight gradient) and d b_e = sum over e's rows of
-    (w_i a_i)^T grad_t (``gather_wgrad`` on the scaled rows). g, the products and the sums are in
-    float32 for half types; an output not asked for (d weights always without weights) is an empty
-    (0, X) / (0, X, Y) / (0, K). ``gather_mm`` / ``gather_wgrad``: the twins, or the registered ops
-    (the ops' fallback, differentiable for double backward)."""
+    (w_i a_i)^T grad_t (``gather_wgrad`` on the scaled rows). With ``swiglu`` a_NX is h = [gate; up],
+    a = ``act(h)`` is recomputed (not saved) and d h = ``act_backward(d a, h)``. g, the products and
+    the sums are in float32 for half types; an output not asked for (d weights always without
+    weights) is an empty (0, a's width) / (0, X, Y) / (0, K). ``gather_mm`` / ``gather_wgrad`` /
+    ``act`` / ``act_backward``: the twins, or the registered ops (the ops' fallback, differentiable
+    for double backward)."""
     acc = _acc_dtype(a_NX.dtype)
+    h_NH = a_NX
+    a_NX = act(h_NH) if swiglu else a_NX
     (N, X), Y, K = a_NX.shape, b_EXY.shape[2], rows_TK.shape[1]
     weighted = weights_TK is not None
     grad_weights = grad_weights and weighted
@@ -221,7 +227,9 @@ def grouped_mm_unpermute_grads(gather_mm, gather_wgrad, grad_TD, a_NX, b_EXY, of
     w_N = torch.where(valid, w_N, zero)[:, None]
     g = (gather_mm(grad_TD, order_N, rows_TK, b_EXY.transpose(-2, -1), offs_E).to(acc)
          if grad_a or grad_weights else None)
-    d_a = (g * w_N).to(a_NX.dtype) if grad_a else a_NX.new_empty(0, X)
+    d_a = (g * w_N).to(a_NX.dtype) if grad_a else h_NH.new_empty(0, h_NH.shape[1])
+    if grad_a and swiglu:
+        d_a = act_backward(d_a, h_NH)
     if grad_weights:
         dots = (a_NX.to(acc) * g).sum(-1)
         rows = rows_TK.reshape(-1).clamp(min=0)
@@ -229,7 +237,7 @@ def grouped_mm_unpermute_grads(gather_mm, gather_wgrad, grad_TD, a_NX, b_EXY, of
     else:
         d_w = a_NX.new_empty(0, K, dtype=acc)
     if grad_b:
-        aw = (a_NX.to(acc) * w_N).to(a_NX.dtype) if weighted else a_NX
+        aw = (a_NX.to(acc) * w_N).to(a_NX.dtype) if weighted or swiglu else a_NX
         d_b = gather_wgrad(grad_TD, order_N, rows_TK, aw, offs_E, not is_yx_layout(b_EXY)).transpose(-2, -1)
     else:
         d_b = b_EXY.new_empty(0, X, Y)
@@ -237,11 +245,12 @@ def grouped_mm_unpermute_grads(gather_mm, gather_wgrad, grad_TD, a_NX, b_EXY, of
 
 
 def grouped_mm_unpermute_backward_torch(grad_TD, a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK=None,
-                                        grad_a=True, grad_b=True, grad_weights=True):
+                                        grad_a=True, grad_b=True, grad_weights=True, swiglu=False):
     """:func:`grouped_mm_unpermute_grads` on the twins (g rounded to the data dtype, as the
     same-dtype PyTorch GEMM leaves it)."""
-    return grouped_mm_unpermute_grads(gather_grouped_mm_torch, gather_grouped_mm_wgrad_torch, grad_TD, a_NX, b_EXY,
-                                      offs_E, order_N, rows_TK, weights_TK, grad_a, grad_b, grad_weights)
+    return grouped_mm_unpermute_grads(gather_grouped_mm_torch, gather_grouped_mm_wgrad_torch, swiglu_torch,
+                                      swiglu_backward_torch, grad_TD, a_NX, b_EXY, offs_E, order_N, rows_TK,
+                                      weights_TK, grad_a, grad_b, grad_weights, swiglu)
 
 
 def linear_f32_torch(x_TD, weight_ED):

@@ -423,23 +423,26 @@ UNPERMUTE_GEMM_CASES = [(300, 4, 8, 64, 128), (64, 8, 256, 128, 64), (8, 2, 64, 
 @pytest.mark.parametrize("T,K,E,X,Y", UNPERMUTE_GEMM_CASES)
 @pytest.mark.parametrize("yx", [False, True], ids=["exy", "yx"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_grouped_mm_unpermute_equals_the_ops(T, K, E, X, Y, yx, dtype, gemm_backend):
-    """moe.grouped_mm_unpermute equals unpermute(grouped_mm(a, b), w) bit for bit; its backward's
-    three outputs (no (N, Y) product: d w = <a_i, grad_t @ b_e^T>) meet the 2x-error rule against the
-    float64 twin (the same-dtype twin as the base), with poisoned outputs, padding rows of d a zero;
-    one op each way, no host sync; opcheck."""
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_grouped_mm_unpermute_equals_the_ops(T, K, E, X, Y, yx, dtype, swiglu, gemm_backend):
+    """moe.grouped_mm_unpermute equals unpermute(grouped_mm(a, b), w) (with swiglu, of swiglu(h)) bit
+    for bit; its backward's three outputs (no (N, Y) product: d w = <a_i, grad_t @ b_e^T>; with swiglu
+    d h, the activation recomputed) meet the 2x-error rule against the float64 twin (the same-dtype
+    twin as the base), with poisoned outputs, padding rows of d a zero; no host sync; opcheck."""
     counts, offs, order, rows = moe_ops.plan(random_ids(T, K, E), E)
-    a = torch.randn(T * K, X, device="cuda", dtype=dtype)
+    a = torch.randn(T * K, 2 * X if swiglu else X, device="cuda", dtype=dtype)
     b = _weight(E, X, Y, yx).to(dtype)
     w = torch.rand(T, K, device="cuda")
     g = torch.randn(T, Y, device="cuda", dtype=dtype)
-    got = moe_ops.grouped_mm_unpermute(a, b, offs, order, rows, w)
-    assert torch.equal(got, moe_ops.unpermute(moe_ops.grouped_mm(a, b, offs), order, rows, w))
-    ref = twins.grouped_mm_unpermute_backward_torch(g.double(), a.double(), b.double(), offs, order, rows, w.double())
-    same = twins.grouped_mm_unpermute_backward_torch(g, a, b, offs, order, rows, w)
+    got = moe_ops.grouped_mm_unpermute(a, b, offs, order, rows, w, swiglu)
+    a_rows = moe_ops.swiglu(a) if swiglu else a
+    assert torch.equal(got, moe_ops.unpermute(moe_ops.grouped_mm(a_rows, b, offs), order, rows, w))
+    ref = twins.grouped_mm_unpermute_backward_torch(g.double(), a.double(), b.double(), offs, order, rows, w.double(),
+                                                    swiglu=swiglu)
+    same = twins.grouped_mm_unpermute_backward_torch(g, a, b, offs, order, rows, w, swiglu=swiglu)
     for mask in ((True, True, True), (True, False, False), (False, True, False), (False, False, True)):
-        poison(((T * K, X), dtype), ((E, X, Y), dtype), ((T, K), torch.float32))
-        out = moe_ops.grouped_mm_unpermute_backward(g, a, b, offs, order, rows, w, *mask)
+        poison((tuple(a.shape), dtype), ((E, X, Y), dtype), ((T, K), torch.float32))
+        out = moe_ops.grouped_mm_unpermute_backward(g, a, b, offs, order, rows, w, *mask, swiglu)
         for o, r, s_, asked in zip(out, ref, same, mask):
             if not asked:
                 assert o.shape[0] == 0
@@ -451,12 +454,13 @@ def test_grouped_mm_unpermute_equals_the_ops(T, K, E, X, Y, yx, dtype, gemm_back
 
     def step():
         a_.grad = b_.grad = w_.grad = None
-        ops.grouped_mm_unpermute(a_, ops.Plan(counts, offs, order, rows), b_, w_).backward(g)
+        ops.grouped_mm_unpermute(a_, ops.Plan(counts, offs, order, rows), b_, w_, swiglu=swiglu).backward(g)
 
     step()
     without_sync(step)
-    torch.library.opcheck(moe_ops.grouped_mm_unpermute.default, (a_, b_, offs, order, rows, w_))
-    torch.library.opcheck(moe_ops.grouped_mm_unpermute_backward.default, (g, a, b, offs, order, rows, w))
+    torch.library.opcheck(moe_ops.grouped_mm_unpermute.default, (a_, b_, offs, order, rows, w_, swiglu))
+    torch.library.opcheck(moe_ops.grouped_mm_unpermute_backward.default,
+                          (g, a, b, offs, order, rows, w, True, True, True, swiglu))
 
 
 def test_sm90_backward_shares_one_setup_launch():

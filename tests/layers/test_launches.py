@@ -8,25 +8,25 @@ profile in bench/gpu_bench.py shows both). Measured (CPU, extension loaded, T=64
 
 | layer | dtype | forward | train forward | step | before (main at 652d53b) |
 |---|---|---|---|---|---|
-| default TopKRouter | float32 | 5 | 5 | 12 | 31 / 62 / 83 |
-| default TopKRouter | bfloat16 | 5 | 5 | 11 | 31 / 62 / 87 |
-| DeepSeek-V3 router (sigmoid, groups, bias, seq loss) | bfloat16 | 5 | 5 | 11 | 31 / 66 / 98 |
-| default + z-loss | bfloat16 | 5 | 5 | 12 | 31 / 67 / 102 |
-| one shared expert | bfloat16 | 9 | 9 | 21 | 35 / 66 / 97 |
-| ThresholdRouter, xmoe (max_experts=4) | float32 | 5 | 5 | 12 | 44 / 72 / 93 |
-| ThresholdRouter, xmoe (max_experts=4) | bfloat16 | 5 | 5 | 11 | 44 / 72 / 97 |
-| ThresholdRouter, top_p, renormalize, seq loss | bfloat16 | 5 | 5 | 11 | 46 / 75 / 110 |
+| default TopKRouter | float32 | 5 | 5 | 11 | 31 / 62 / 83 |
+| default TopKRouter | bfloat16 | 5 | 5 | 10 | 31 / 62 / 87 |
+| DeepSeek-V3 router (sigmoid, groups, bias, seq loss) | bfloat16 | 5 | 5 | 10 | 31 / 66 / 98 |
+| default + z-loss | bfloat16 | 5 | 5 | 11 | 31 / 67 / 102 |
+| one shared expert | bfloat16 | 9 | 9 | 20 | 35 / 66 / 97 |
+| ThresholdRouter, xmoe (max_experts=4) | float32 | 5 | 5 | 11 | 44 / 72 / 93 |
+| ThresholdRouter, xmoe (max_experts=4) | bfloat16 | 5 | 5 | 10 | 44 / 72 / 97 |
+| ThresholdRouter, top_p, renormalize, seq loss | bfloat16 | 5 | 5 | 10 | 46 / 75 / 110 |
 
 A bfloat16 router's logits are one moe.linear_f32 each way (its backward one
 moe.linear_f32_backward, not the float32 GEMMs on upcast copies with their four casts); a float32
-router's are F.linear (one GEMM forward, two backward). The experts' second GEMM and the weighted
-combine are one moe.grouped_mm_unpermute, and its backward one moe.grouped_mm_unpermute_backward
-(the three gradients, the routing weights' without the expert outputs), and the first GEMM's
-backward one moe.gather_grouped_mm_backward (before that op, 6 / 6 / 14 at float32: the second GEMM
-and the combine were two ops each way). The balance
+router's are F.linear (one GEMM forward, two backward). The experts' SwiGLU, second GEMM and
+weighted combine are one moe.grouped_mm_unpermute in training (swiglu=True), and its backward one
+moe.grouped_mm_unpermute_backward (d h, d W_out and the routing weights' gradient without the expert
+outputs), and the first GEMM's backward one moe.gather_grouped_mm_backward (before that op, 6 / 6 /
+14 at float32: the second GEMM and the combine were two ops each way, SwiGLU's backward a third). The balance
 loss costs no op of its own (moe.topk_route folds the coefficient into fw_BE, fw_scale, and
 returns sum(fw_BE * psum_BE) as balance; its gradient is formed inside moe.topk_route_backward). The SwiGLU experts' first
-GEMM and activation are one op (moe.gather_grouped_mm_swiglu). The z-loss costs no op of its own
+GEMM and activation are one op (moe.gather_grouped_mm_swiglu) without autograd. The z-loss costs no op of its own
 (topk_route's z_scale makes zsum the loss; with a padding mask, whose real-token count is data,
 it keeps a scaling each way), only the sum of the two losses. A
 shared expert is a dense FFN: two GEMMs, the SwiGLU and the sum with the routed output forward (4
@@ -34,7 +34,7 @@ ops), four GEMMs, the SwiGLU backward and the gradient sums into x backward; it 
 issue's budgets.
 The threshold router routes in the same one moe.topk_route (its rule); "before" is its chain of
 PyTorch ops (main at 6e6a137). Its entropy ("dynamic") loss and XMoE capacity stay PyTorch ops:
-top_p with dynamic_loss_coeff is 5 / 13 / 30, xmoe with capacity_factor=1.5 45 / 45 / 53 (bfloat16).
+top_p with dynamic_loss_coeff is 5 / 13 / 29, xmoe with capacity_factor=1.5 45 / 45 / 52 (bfloat16).
 """
 
 import pytest

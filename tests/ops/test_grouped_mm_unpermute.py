@@ -38,20 +38,22 @@ def _weight(E, X, Y, dtype, yx, seed):
     return rand(E, Y, X, dtype=dtype, seed=seed).transpose(1, 2) if yx else rand(E, X, Y, dtype=dtype, seed=seed)
 
 
-def _case(T, K, E, kind, X, Y, dtype, yx, weights="f32"):
+def _case(T, K, E, kind, X, Y, dtype, yx, weights="f32", swiglu=False):
+    """(plan, a (N, X) or with swiglu h (N, 2X), b, weights)."""
     p = ops.plan(make_ids(T, K, E, kind), E)
-    a, b = rand(T * K, X, dtype=dtype, seed=1), _weight(E, X, Y, dtype, yx, 2)
+    a, b = rand(T * K, 2 * X if swiglu else X, dtype=dtype, seed=1), _weight(E, X, Y, dtype, yx, 2)
     w = None if weights is None else torch.rand(T, K, generator=torch.Generator().manual_seed(3)).to(
         torch.float32 if weights == "f32" else dtype)
     return p, a, b, w
 
 
-def _reference(g, a, b, p, w):
+def _reference(g, a, b, p, w, swiglu=False):
     """The float64 composite's gradients (d a, d b, d w) through autograd: the unpermute's weight
-    gradient <grad_t, y_i> on the materialised (N, Y) product."""
+    gradient <grad_t, y_i> on the materialised (N, Y) product (with swiglu, of swiglu(a))."""
     a64, b64 = a.double().clone().requires_grad_(), b.double().clone().requires_grad_()
     w64 = None if w is None else w.double().clone().requires_grad_()
-    ops.unpermute(ops.grouped_mm(a64, b64, p.offs_E), p, w64).backward(g.double())
+    rows = ops.swiglu(a64) if swiglu else a64
+    ops.unpermute(ops.grouped_mm(rows, b64, p.offs_E), p, w64).backward(g.double())
     return a64.grad, b64.grad, (None if w is None else w64.grad)
 
 
@@ -59,22 +61,32 @@ def _err(x, ref):
     return (x.double() - ref).abs().max().item() if x.numel() else 0.0
 
 
+def _within_rule(x, twin, ref, swiglu):
+    """The 2x rule against the same-dtype twin, plus (as tests/helpers/gpu.py's error_rule) a floor
+    of one rounding of the largest value: of four with swiglu, whose recomputed activation is the
+    swiglu kernel's (e^x from a polynomial, relative error under 2e-7: test_swiglu.py)."""
+    floor = torch.finfo(x.dtype).eps * (4 if swiglu else 1) * (ref.abs().max().item() if ref.numel() else 0.0)
+    return _err(x, ref) <= 2 * _err(twin, ref) + floor + 1e-12
+
+
 @needs_ext
 @pytest.mark.parametrize("T,K,E,kind", ROUTINGS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weights", ["f32", "dtype", None])
-def test_forward_equals_the_two_ops(T, K, E, kind, dtype, weights):
-    """The values of unpermute(grouped_mm(a, b), plan, w) bit for bit (the same kernels), the twin's
-    within rounding; the fake kernel's shape."""
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_forward_equals_the_two_ops(T, K, E, kind, dtype, weights, swiglu):
+    """The values of unpermute(grouped_mm(a, b), plan, w) (with swiglu, of swiglu(h)) bit for bit
+    (the same kernels), the twin's within rounding; the fake kernel's shape."""
     for yx in (False, True):
-        p, a, b, w = _case(T, K, E, kind, 24, 40, dtype, yx, weights)
-        got = ops.grouped_mm_unpermute(a, p, b, w)
-        assert torch.equal(got, ops.unpermute(ops.grouped_mm(a, b, p.offs_E), p, w))
-        twin = grouped_mm_unpermute_torch(a, b, p.offs_E, p.order_N, p.rows_TK, w)
+        p, a, b, w = _case(T, K, E, kind, 24, 40, dtype, yx, weights, swiglu)
+        got = ops.grouped_mm_unpermute(a, p, b, w, swiglu=swiglu)
+        rows = ops.swiglu(a) if swiglu else a
+        assert torch.equal(got, ops.unpermute(ops.grouped_mm(rows, b, p.offs_E), p, w))
+        twin = grouped_mm_unpermute_torch(a, b, p.offs_E, p.order_N, p.rows_TK, w, swiglu)
         tol = dict(rtol=1e-5, atol=1e-4) if dtype in (torch.float32, torch.float64) else dict(rtol=2e-2, atol=5e-2)
         torch.testing.assert_close(got, twin, **tol)
         fake = m.grouped_mm_unpermute(a.to(META), b.to(META), p.offs_E.to(META), p.order_N.to(META),
-                                      p.rows_TK.to(META), None if w is None else w.to(META))
+                                      p.rows_TK.to(META), None if w is None else w.to(META), swiglu)
         assert fake.shape == got.shape == (T, 40) and fake.dtype == got.dtype
 
 
@@ -82,27 +94,27 @@ def test_forward_equals_the_two_ops(T, K, E, kind, dtype, weights):
 @pytest.mark.parametrize("T,K,E,kind", ROUTINGS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("yx", [False, True], ids=["exy", "yx"])
-def test_backward_against_float64(T, K, E, kind, dtype, yx):
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_backward_against_float64(T, K, E, kind, dtype, yx, swiglu):
     """Each gradient within twice the same-dtype twin's error of the float64 composite's autograd
-    (d w from <a_i, grad_t @ b_e^T>, the reference's from <grad_t, y_i>); the layouts of the fake
-    kernel; padding rows of d a, experts without rows in d b and empty slots in d w zero; an output
-    not asked for empty."""
+    (d w from <a_i, grad_t @ b_e^T>, the reference's from <grad_t, y_i>; with swiglu d a is d h, the
+    activation recomputed from h); the layouts of the fake kernel; padding rows of d a, experts
+    without rows in d b and empty slots in d w zero; an output not asked for empty."""
     X, Y = 72, 80
-    p, a, b, w = _case(T, K, E, kind, X, Y, dtype, yx)
+    p, a, b, w = _case(T, K, E, kind, X, Y, dtype, yx, swiglu=swiglu)
     g = rand(T, Y, dtype=dtype, seed=4)
-    ref = _reference(g, a, b, p, w)
-    twin = grouped_mm_unpermute_backward_torch(g, a, b, p.offs_E, p.order_N, p.rows_TK, w)
-    floor = 1e-12 if dtype == torch.float64 else 1e-6
+    ref = _reference(g, a, b, p, w, swiglu)
+    twin = grouped_mm_unpermute_backward_torch(g, a, b, p.offs_E, p.order_N, p.rows_TK, w, swiglu=swiglu)
     for mask in MASKS:
-        got = m.grouped_mm_unpermute_backward(g, a, b, p.offs_E, p.order_N, p.rows_TK, w, *mask)
+        got = m.grouped_mm_unpermute_backward(g, a, b, p.offs_E, p.order_N, p.rows_TK, w, *mask, swiglu)
         fake = m.grouped_mm_unpermute_backward(g.to(META), a.to(META), b.to(META), p.offs_E.to(META),
-                                               p.order_N.to(META), p.rows_TK.to(META), w.to(META), *mask)
+                                               p.order_N.to(META), p.rows_TK.to(META), w.to(META), *mask, swiglu)
         for name, x, f, t, r, asked in zip(("d a", "d b", "d w"), got, fake, twin, ref, mask):
             assert x.shape == f.shape and x.stride() == f.stride() and x.dtype == f.dtype, name
             if not asked:
                 assert x.shape[0] == 0, name
                 continue
-            assert _err(x, r) <= 2 * _err(t, r) + floor, f"{name}: {_err(x, r)} vs twin {_err(t, r)}"
+            assert _within_rule(x, t, r, swiglu), f"{name}: {_err(x, r)} vs twin {_err(t, r)}"
         if mask[0]:
             assert not got[0][int(p.offs_E[-1]) if E else 0:].any()
         if mask[1]:
@@ -156,17 +168,18 @@ def test_autograd_is_one_op_and_saves_no_product(dtype, yx):
 @needs_ext
 @pytest.mark.parametrize("yx", [False, True], ids=["exy", "yx"])
 @pytest.mark.parametrize("weighted", [True, False])
-def test_gradcheck_and_double_backward_float64(yx, weighted):
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_gradcheck_and_double_backward_float64(yx, weighted, swiglu):
     """gradcheck in float64; with create_graph the formula runs on the differentiable ops, so second
     derivatives hold too."""
     p = ops.plan(make_ids(7, 3, 4, "holes"), 4)
-    a = rand(21, 5, dtype=torch.float64, seed=1).requires_grad_()
+    a = rand(21, 10 if swiglu else 5, dtype=torch.float64, seed=1).requires_grad_()
     b = _weight(4, 5, 6, torch.float64, yx, 2).requires_grad_()
     w = torch.rand(7, 3, dtype=torch.float64).requires_grad_()
     if weighted:
-        fn, inputs = (lambda a, b, w: ops.grouped_mm_unpermute(a, p, b, w)), (a, b, w)
+        fn, inputs = (lambda a, b, w: ops.grouped_mm_unpermute(a, p, b, w, swiglu=swiglu)), (a, b, w)
     else:
-        fn, inputs = (lambda a, b: ops.grouped_mm_unpermute(a, p, b)), (a, b)
+        fn, inputs = (lambda a, b: ops.grouped_mm_unpermute(a, p, b, swiglu=swiglu)), (a, b)
     assert gradcheck(fn, inputs)
     assert gradgradcheck(fn, inputs)
 
@@ -184,21 +197,28 @@ def test_opcheck(dtype, yx):
     for mask in MASKS:
         opcheck(m.grouped_mm_unpermute_backward.default,
                 (g, a.detach(), b.detach(), p.offs_E, p.order_N, p.rows_TK, w.detach(), *mask))
+    h = rand(33, 10, dtype=dtype, seed=5).requires_grad_()
+    opcheck(m.grouped_mm_unpermute.default, (h, b, p.offs_E, p.order_N, p.rows_TK, w, True))
+    for mask in MASKS:
+        opcheck(m.grouped_mm_unpermute_backward.default,
+                (g, h.detach(), b.detach(), p.offs_E, p.order_N, p.rows_TK, w.detach(), *mask, True))
 
 
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_backward_bits_do_not_depend_on_the_thread_count(dtype):
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_backward_bits_do_not_depend_on_the_thread_count(dtype, swiglu):
     """Each d w is one row's dot product in a fixed order, however the rows are cut into tiles
     (the GEMM tiles never split a row's columns): one thread and two give the same bits."""
-    p, a, b, w = _case(300, 4, 8, "holes", 96, 72, dtype, True)
+    p, a, b, w = _case(300, 4, 8, "holes", 96, 72, dtype, True, swiglu=swiglu)
     g = rand(300, 72, dtype=dtype, seed=7)
     threads = torch.get_num_threads()
     try:
         outs = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            outs.append(m.grouped_mm_unpermute_backward(g, a, b, p.offs_E, p.order_N, p.rows_TK, w))
+            outs.append(m.grouped_mm_unpermute_backward(g, a, b, p.offs_E, p.order_N, p.rows_TK, w,
+                                                        swiglu=swiglu))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(u, v) for u, v in zip(*outs))
@@ -225,6 +245,7 @@ BAD = [
     ("order_dtype", lambda: _f(_a, _b, P_.offs_E, P_.order_N.int(), P_.rows_TK, _w), "order_N"),
     ("weights_shape", lambda: _f(_a, _b, P_.offs_E, P_.order_N, P_.rows_TK, _w[:, :1]), "weights_TK"),
     ("weights_dtype", lambda: _f(_a, _b, P_.offs_E, P_.order_N, P_.rows_TK, _w.double()), "weights_TK"),
+    ("swiglu_width", lambda: _f(_a, _b, P_.offs_E, P_.order_N, P_.rows_TK, _w, True), "a_NX"),
     ("grad_shape", lambda: _bw(torch.randn(6, 4), _a, _b, P_.offs_E, P_.order_N, P_.rows_TK, _w), "grad_TD"),
     ("grad_dtype", lambda: _bw(_g.double(), _a, _b, P_.offs_E, P_.order_N, P_.rows_TK, _w), "grad_TD"),
     ("grad_device", lambda: cpu_redispatch("grouped_mm_unpermute_backward")(
@@ -257,32 +278,34 @@ def test_bad_input_on_fake_tensors_names_the_argument(case, call, arg):
 
 @needs_ext
 @given(routing=routings(), X=st.integers(1, 40), Y=st.integers(1, 40), dtype=st.sampled_from(DTYPES),
-       yx=st.booleans(), weighted=st.booleans(), mask=st.sampled_from(MASKS))
+       yx=st.booleans(), weighted=st.booleans(), mask=st.sampled_from(MASKS), swiglu=st.booleans())
 @SETTINGS
-def test_property_against_float64(routing, X, Y, dtype, yx, weighted, mask):
+def test_property_against_float64(routing, X, Y, dtype, yx, weighted, mask, swiglu):
     """Random routings (empty experts, -1 slots, T = 0) and sizes: the forward equals the two ops,
     the backward is within twice the twin's error of the float64 composite."""
     ids, E = routing
     T, K = ids.shape
     p = ops.plan(ids, E)
-    a, b, g = rand(T * K, X, dtype=dtype, seed=1), _weight(E, X, Y, dtype, yx, 2), rand(T, Y, dtype=dtype, seed=3)
+    a = rand(T * K, 2 * X if swiglu else X, dtype=dtype, seed=1)
+    b, g = _weight(E, X, Y, dtype, yx, 2), rand(T, Y, dtype=dtype, seed=3)
     w = torch.rand(T, K, generator=torch.Generator().manual_seed(4)) if weighted else None
-    assert torch.equal(ops.grouped_mm_unpermute(a, p, b, w), ops.unpermute(ops.grouped_mm(a, b, p.offs_E), p, w))
-    got = m.grouped_mm_unpermute_backward(g, a, b, p.offs_E, p.order_N, p.rows_TK, w, *mask)
-    twin = grouped_mm_unpermute_backward_torch(g, a, b, p.offs_E, p.order_N, p.rows_TK, w, *mask)
-    ref = _reference(g, a, b, p, w)
-    floor = 1e-12 if dtype == torch.float64 else 1e-6
+    rows = ops.swiglu(a) if swiglu else a
+    assert torch.equal(ops.grouped_mm_unpermute(a, p, b, w, swiglu=swiglu),
+                       ops.unpermute(ops.grouped_mm(rows, b, p.offs_E), p, w))
+    got = m.grouped_mm_unpermute_backward(g, a, b, p.offs_E, p.order_N, p.rows_TK, w, *mask, swiglu)
+    twin = grouped_mm_unpermute_backward_torch(g, a, b, p.offs_E, p.order_N, p.rows_TK, w, *mask, swiglu)
+    ref = _reference(g, a, b, p, w, swiglu)
     for x, t, r, asked in zip(got, twin, ref, mask):
         if asked and r is not None:
-            assert _err(x, r) <= 2 * _err(t, r) + floor
+            assert _within_rule(x, t, r, swiglu)
         else:
             assert x.shape[0] == 0
 
 
 def test_layer_saves_no_expert_outputs():
     """MoELayer (local dispatch) combines through the op: its forward equals the two-op path's bit
-    for bit, its gradients agree, and its saved activations hold T*K*D values fewer (no (N, D)
-    expert outputs)."""
+    for bit, its gradients agree, and its saved activations hold T*K*(D + F) values fewer: no (N, D)
+    expert outputs and no (N, F) activation (SwiGLU is recomputed from h in the backward)."""
     torch.manual_seed(0)
     T, D, F, E, K = 48, 32, 24, 8, 4  # 2F != D: h (N, 2F) is not mistaken for an (N, D) output
     layer = moe.MoELayer(D, F, E, K)
@@ -308,5 +331,5 @@ def test_layer_saves_no_expert_outputs():
     assert torch.equal(y1, y0)
     for u, v in zip(g1, g0):
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
-    assert (T * K, D) not in shapes1, shapes1
-    assert n0 - n1 == T * K * D, (n0, n1)
+    assert (T * K, D) not in shapes1 and (T * K, F) not in shapes1, shapes1
+    assert n0 - n1 == T * K * (D + F), (n0, n1)
