@@ -130,6 +130,10 @@ class GroupedExperts(nn.Module):
             if not isinstance(combine, LocalDispatchState):
                 raise TypeError(f"GroupedExperts: combine must be a LocalDispatchState, got {type(combine).__name__}")
             return self.combined(rows, combine.plan, combine.weights_TK)
+        return self._outputs(rows)
+
+    def _outputs(self, rows: ExpertRows) -> Tensor:
+        """y_ND = a_NF W_out[e] + b_out[e], (N, D) in expert-row order."""
         y_ND = ops.grouped_mm(self._hidden(rows), self.w_out_EFD, rows.offs_E)
         if self.b_out_ED is not None:
             y_ND = y_ND + row_bias(self.b_out_ED, rows.offs_E, rows.num_rows)
@@ -146,20 +150,18 @@ class GroupedExperts(nn.Module):
         values. With SwiGLU under autograd the op also applies the activation (swiglu=True): it keeps
         the first projection's h and recomputes a_NF in the backward, as SonicMoE caches only the
         inputs and h, so T*K*F values fewer again (without autograd the first GEMM's SwiGLU epilogue
-        serves, and nothing is kept). With bias, b_out's share is a second, weighted unpermute of
-        its rows. (Through the module, with its hooks: ``experts(rows, combine=state)``.)"""
+        serves, and nothing is kept). With an output bias (b_out) it is the two ops, which keep the
+        (N, D) outputs. (Through the module, with its hooks: ``experts(rows, combine=state)``.)"""
         if not isinstance(rows, ExpertRows) or not isinstance(plan, ops.Plan):
             raise TypeError("GroupedExperts.combined: rows must be moe.ExpertRows and plan a moe.ops.Plan")
         if rows.num_rows != plan.max_rows:
             raise ValueError(f"GroupedExperts.combined: the rows have N={rows.num_rows}, the plan {plan.max_rows}")
+        if self.b_out_ED is not None:  # the op has no bias term: the outputs, then the combine
+            return ops.unpermute(self._outputs(rows), plan, weights_TK)
         if self.activation == "swiglu" and torch.is_grad_enabled():
             # SwiGLU inside the op: its backward keeps h alone, the activation is recomputed
-            y_TD = ops.grouped_mm_unpermute(self._projection(rows), plan, self.w_out_EFD, weights_TK, swiglu=True)
-        else:
-            y_TD = ops.grouped_mm_unpermute(self._hidden(rows), plan, self.w_out_EFD, weights_TK)
-        if self.b_out_ED is not None:
-            y_TD = y_TD + ops.unpermute(row_bias(self.b_out_ED, rows.offs_E, rows.num_rows), plan, weights_TK)
-        return y_TD
+            return ops.grouped_mm_unpermute(self._projection(rows), plan, self.w_out_EFD, weights_TK, swiglu=True)
+        return ops.grouped_mm_unpermute(self._hidden(rows), plan, self.w_out_EFD, weights_TK)
 
     def _hidden(self, rows: ExpertRows) -> Tensor:
         """a_NF = act(rows W_in[e] + b_in[e]), (N, F) in expert-row order (with SwiGLU and no bias on a

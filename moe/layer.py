@@ -10,7 +10,9 @@ With the default LocalDispatcher the rows are a gathered view of x: the experts'
 projection reads each routed row from x in place (ops.gather_grouped_mm), the same values without
 the T*K x D permuted copy, in forward or backward (moe/dispatch.py has the contract); and the
 experts' second projection and the weighted combine are one op (GroupedExperts.combined,
-ops.grouped_mm_unpermute): the same values, and the backward keeps no T*K x D expert outputs.
+ops.grouped_mm_unpermute): the same values, and the backward keeps no T*K x D expert outputs (nor,
+under autograd with SwiGLU, the T*K x F activation). The experts module is then called as
+``experts(rows, combine=state)`` and returns y_TD (T, D): its forward hooks see the combined output.
 
 The output is y = sum_k g_k(x) E_{ids_k}(x) + S(x) (Shazeer et al. 2017, Eq. 1, plus the shared
 experts of DeepSeekMoE, Dai et al. 2024, Eq. 9). Routers come from ``routers/``: any of them plugs
@@ -175,6 +177,14 @@ class MoELayer(nn.Module):
         return layer
 
     @property
+    def _experts_combine(self) -> bool:
+        """Whether the experts apply the combine themselves (``experts(rows, combine=state)``): the
+        library's LocalDispatcher and GroupedExperts, their combine and forward not overridden (a
+        subclass's own forward or combine runs as written)."""
+        return (type(self.dispatcher).combine is LocalDispatcher.combine
+                and getattr(type(self.experts), "forward", None) is GroupedExperts.forward)
+
+    @property
     def routes_on_input_ids(self) -> bool:
         """True when the router routes on token ids (routers.HashRouter): forward then needs input_ids."""
         return bool(getattr(self.router, "routes_on_input_ids", False))
@@ -198,8 +208,7 @@ class MoELayer(nn.Module):
             ids = {"input_ids": input_ids.reshape(-1) if flat else input_ids}
         routing = self.router(x if x.dim() == 3 else x_TD, state=state, padding_mask=padding_mask, **ids)
         rows, dispatch_state = self.dispatcher.dispatch(x_TD, routing)
-        if isinstance(self.dispatcher, LocalDispatcher) and isinstance(self.experts, GroupedExperts):
-            # the local combine is a weighted unpermute: one op with the experts' last GEMM
+        if self._experts_combine:  # the local combine is a weighted unpermute: one op with the last GEMM
             y_TD = self.experts(rows, combine=dispatch_state)
         else:
             y_TD = self.dispatcher.combine(self.experts(rows), dispatch_state)

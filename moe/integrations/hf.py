@@ -95,9 +95,6 @@ def moekit_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top
     else:
         w_in, b_in = self.up_proj, (self.up_proj_bias if has_bias else None)
     w_out, b_out = self.down_proj, (self.down_proj_bias if has_bias else None)
-    weights_TK = top_k_weights
-    if weights_TK.dtype not in (torch.float32, w_out.dtype):
-        weights_TK = weights_TK.to(torch.float32)
     # the down projection and the weighted combine in one op (its backward keeps no (N, D) outputs),
     # and under autograd with SiLU-gated [gate; up] the SwiGLU too (its backward keeps h alone)
     one_op = b_out is None and not getattr(self, "has_post_expert_norm", False)
@@ -116,12 +113,18 @@ def moekit_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top
         w_EXY = w_out if self.is_transposed else w_out.transpose(-2, -1)
         inside = h_NH is not None and swiglu and torch.is_grad_enabled()
         a = h_NH if inside else (h_NF if h_NH is None else _gate(self, h_NH))
+        weights_TK = _combine_weights(top_k_weights, w_out.dtype)
         return ops.grouped_mm_unpermute(a.to(w_out.dtype), plan, w_EXY, weights_TK, swiglu=inside).to(hidden_states.dtype)
     h_NF = h_NF if h_NH is None else _gate(self, h_NH)
     y_ND = _grouped_linear(h_NF, w_out, plan.offs_E, b_out, self.is_transposed)
     if getattr(self, "has_post_expert_norm", False):
         y_ND = self.post_expert_norm(y_ND)
-    return ops.unpermute(y_ND, plan, weights_TK).to(hidden_states.dtype)
+    return ops.unpermute(y_ND, plan, _combine_weights(top_k_weights, y_ND.dtype)).to(hidden_states.dtype)
+
+
+def _combine_weights(weights_TK: Tensor, dtype: torch.dtype) -> Tensor:
+    """The routing weights as the weighted unpermute takes them: float32 or the rows' dtype."""
+    return weights_TK if weights_TK.dtype in (torch.float32, dtype) else weights_TK.to(torch.float32)
 
 
 def register() -> None:

@@ -333,3 +333,46 @@ def test_layer_saves_no_expert_outputs():
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
     assert (T * K, D) not in shapes1 and (T * K, F) not in shapes1, shapes1
     assert n0 - n1 == T * K * (D + F), (n0, n1)
+
+
+@pytest.mark.parametrize("activation,bias", [("swiglu", True), ("gelu", False), ("geglu", True), ("relu", False)])
+def test_layer_combined_equals_the_two_ops_in_every_configuration(activation, bias):
+    """experts(rows, combine=state) gives the values of dispatcher.combine(experts(rows), state), bit
+    for bit, with and without autograd, for every activation and with expert biases (which take the
+    two ops: the fused op has no bias term); materialised rows too."""
+    torch.manual_seed(0)
+    layer = moe.MoELayer(32, 24, 8, 4, activation=activation, bias=bias)
+    x = torch.randn(40, 32)
+    routing = layer.router(x)
+    rows, state = layer.dispatcher.dispatch(x, routing)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            for r in (rows, rows.materialize()):
+                want = layer.dispatcher.combine(layer.experts(r), state)
+                assert torch.equal(layer.experts(r, combine=state), want)
+
+
+def test_layer_runs_overridden_experts_and_combine_as_written():
+    """A GroupedExperts subclass with its own forward (no combine argument) and a LocalDispatcher
+    subclass with its own combine keep MoELayer's two calls: neither override is bypassed."""
+    calls = []
+
+    class Experts(moe.GroupedExperts):
+        def forward(self, rows):
+            calls.append("experts")
+            return super().forward(rows)
+
+    class Dispatcher(moe.LocalDispatcher):
+        def combine(self, y_ND, state):
+            calls.append("combine")
+            return super().combine(y_ND, state)
+
+    torch.manual_seed(0)
+    layer = moe.MoELayer(32, 24, 8, 4)
+    x = torch.randn(40, 32)
+    want = layer(x)
+    layer.experts.__class__ = Experts
+    assert torch.equal(layer(x), want) and calls == ["experts"]
+    calls.clear()
+    layer.experts.__class__, layer.dispatcher.__class__ = moe.GroupedExperts, Dispatcher
+    assert torch.equal(layer(x), want) and calls == ["combine"]
