@@ -55,6 +55,13 @@ std::vector<int64_t> read_offsets(const char* op, const at::Tensor& offs_E, int6
   return starts;
 }
 
+// The rows of each group (expert), from the group starts of read_offsets.
+std::vector<int64_t> group_rows(const std::vector<int64_t>& starts) {
+  std::vector<int64_t> rows(starts.size() - 1);
+  for (size_t e = 0; e + 1 < starts.size(); ++e) rows[e] = starts[e + 1] - starts[e];
+  return rows;
+}
+
 // Splits each group's extent into blocks so that there are several tiles per thread, without
 // making blocks smaller than `min_block` rows (small GEMMs lose the matmul's efficiency). When
 // that leaves fewer than 4 tiles per thread (few rows, e.g. decoding), output columns are split
@@ -219,9 +226,7 @@ at::Tensor grouped_forward(const at::Tensor& a, const int64_t* gather, const at:
   const int64_t Y = b_EXY.size(2), E = b_EXY.size(0);
   auto c = empty_cpu({N, Y}, a.options());
   c.narrow(0, starts[E], N - starts[E]).zero_();  // rows past offs_E[-1] are zero, never garbage
-  std::vector<int64_t> rows(E);
-  for (int64_t e = 0; e < E; ++e) rows[e] = starts[e + 1] - starts[e];
-  const auto tiles = make_tiles(rows, Y, /*min_block=*/64);
+  const auto tiles = make_tiles(group_rows(starts), Y, /*min_block=*/64);
   if (gather != nullptr || use_avx512(a.scalar_type(), a.size(1), Y, starts[E])) {
     AT_DISPATCH_SWITCH(a.scalar_type(), "moe_grouped_mm_avx512",
                        AT_DISPATCH_CASE(at::kFloat, [&] { grouped_avx512<scalar_t>(a, gather, b_EXY, c, starts, tiles); })
@@ -439,10 +444,8 @@ struct UnpermuteRows {
 template <typename T>
 void unpermute_dgrad_tiles(const at::Tensor& grad, const std::vector<int64_t>& off, const at::Tensor& b_EXY,
                            const std::vector<int64_t>& starts, const UnpermuteRows<T, float>& rows) {
-  const int64_t X = b_EXY.size(1), Y = b_EXY.size(2), E = b_EXY.size(0);
-  std::vector<int64_t> extent(E);
-  for (int64_t e = 0; e < E; ++e) extent[e] = starts[e + 1] - starts[e];
-  const auto tiles = make_tiles(extent, X, /*min_block=*/64, /*min_cols=*/X + 1);  // never split X
+  const int64_t X = b_EXY.size(1), Y = b_EXY.size(2);
+  const auto tiles = make_tiles(group_rows(starts), X, /*min_block=*/64, /*min_cols=*/X + 1);  // never split X
   const int64_t sb0 = b_EXY.stride(0), sb1 = b_EXY.stride(1), sb2 = b_EXY.stride(2);
   const T* gp = grad.const_data_ptr<T>();
   const T* b = b_EXY.const_data_ptr<T>();

@@ -38,7 +38,8 @@ from torch import Tensor, nn
 
 from moe import ops
 
-__all__ = ["ExpertRows", "LocalDispatcher", "LocalDispatchState", "check_dispatch_args", "routing_args"]
+__all__ = ["ExpertRows", "LocalDispatcher", "LocalDispatchState", "check_dispatch_args", "combine_weights",
+           "routing_args"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +81,12 @@ class LocalDispatchState:
     weights_TK: Tensor
 
 
+def combine_weights(weights_TK: Tensor, dtype: torch.dtype) -> Tensor:
+    """The routing weights as the weighted unpermute takes them: float32, or the rows' ``dtype``
+    (any other dtype is cast to float32)."""
+    return weights_TK if weights_TK.dtype in (torch.float32, dtype) else weights_TK.to(torch.float32)
+
+
 def routing_args(op: str, routing, weights_TK):
     """(ids_TK, weights_TK, legacy) from dispatch's arguments: a Routing, or the deprecated
     (ids_TK, weights_TK) pair."""
@@ -112,9 +119,7 @@ class LocalDispatcher(nn.Module):
         ids_TK, weights_TK, legacy = routing_args("LocalDispatcher.dispatch", routing, weights_TK)
         check_dispatch_args(x_TD, ids_TK, weights_TK)
         plan = ops.plan(ids_TK, self.num_experts)
-        if weights_TK.dtype not in (torch.float32, x_TD.dtype):
-            weights_TK = weights_TK.to(torch.float32)
-        state = LocalDispatchState(plan, weights_TK)
+        state = LocalDispatchState(plan, combine_weights(weights_TK, x_TD.dtype))
         if legacy:
             return ops.permute(x_TD, plan), plan.offs_E, state
         return ExpertRows(x_TD, plan.offs_E, plan), state

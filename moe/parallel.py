@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from einops import rearrange
 
 from moe import ops
-from moe.dispatch import ExpertRows, routing_args, check_dispatch_args
+from moe.dispatch import ExpertRows, check_dispatch_args, combine_weights, routing_args
 from routers.capacity import capacity, check_capacity_factor, keep_first_slots
 from routers.checks import check_int
 
@@ -169,8 +169,7 @@ class AllToAllDispatcher(nn.Module):
         except (TypeError, ValueError) as e:
             error, key = e, None
         T_group = self._agree(x_TD, key, error)
-        if weights_TK.dtype not in (torch.float32, x_TD.dtype):
-            weights_TK = weights_TK.to(torch.float32)
+        weights_TK = combine_weights(weights_TK, x_TD.dtype)
         if self.capacity_factor is None:
             x_ND, offs_E, state = self._dispatch_dropless(x_TD, ids_TK, weights_TK)
         else:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from moe import ops
+from moe.dispatch import combine_weights
 from moe.experts import row_bias
 
 __all__ = ["register", "moekit_experts_forward", "NAME", "MIN_TRANSFORMERS"]
@@ -99,32 +100,28 @@ def moekit_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top
     # and under autograd with SiLU-gated [gate; up] the SwiGLU too (its backward keeps h alone)
     one_op = b_out is None and not getattr(self, "has_post_expert_norm", False)
     swiglu = self.has_gate and _is_concatenated_swiglu(self)
+    inside = one_op and swiglu and torch.is_grad_enabled()  # SwiGLU applied by the down projection's op
+    w_in_EXY = w_in if self.is_transposed else w_in.transpose(-2, -1)
     gathered = hidden_states.dtype == w_in.dtype  # the first projection reads the routed rows in place
-    if gathered and b_in is None and swiglu and not (one_op and torch.is_grad_enabled()):
-        h_NF = ops.gather_grouped_mm_swiglu(hidden_states, plan, w_in if self.is_transposed else w_in.transpose(-2, -1))
-        h_NH = None
-    elif gathered:
-        h_NH = ops.gather_grouped_mm(hidden_states, plan, w_in if self.is_transposed else w_in.transpose(-2, -1))
-        if b_in is not None:
-            h_NH = h_NH + row_bias(b_in, plan.offs_E, plan.max_rows).to(h_NH.dtype)
+    if gathered and b_in is None and swiglu and not inside:  # SwiGLU as the first GEMM's epilogue
+        a_NX = ops.gather_grouped_mm_swiglu(hidden_states, plan, w_in_EXY)
     else:
-        h_NH = _grouped_linear(ops.permute(hidden_states, plan), w_in, plan.offs_E, b_in, self.is_transposed)
+        if gathered:
+            h_NH = ops.gather_grouped_mm(hidden_states, plan, w_in_EXY)
+            if b_in is not None:
+                h_NH = h_NH + row_bias(b_in, plan.offs_E, plan.max_rows).to(h_NH.dtype)
+        else:
+            h_NH = _grouped_linear(ops.permute(hidden_states, plan), w_in, plan.offs_E, b_in, self.is_transposed)
+        a_NX = h_NH if inside else _gate(self, h_NH)
     if one_op:
         w_EXY = w_out if self.is_transposed else w_out.transpose(-2, -1)
-        inside = h_NH is not None and swiglu and torch.is_grad_enabled()
-        a = h_NH if inside else (h_NF if h_NH is None else _gate(self, h_NH))
-        weights_TK = _combine_weights(top_k_weights, w_out.dtype)
-        return ops.grouped_mm_unpermute(a.to(w_out.dtype), plan, w_EXY, weights_TK, swiglu=inside).to(hidden_states.dtype)
-    h_NF = h_NF if h_NH is None else _gate(self, h_NH)
-    y_ND = _grouped_linear(h_NF, w_out, plan.offs_E, b_out, self.is_transposed)
+        y_TD = ops.grouped_mm_unpermute(a_NX.to(w_out.dtype), plan, w_EXY, combine_weights(top_k_weights, w_out.dtype),
+                                        swiglu=inside)
+        return y_TD.to(hidden_states.dtype)
+    y_ND = _grouped_linear(a_NX, w_out, plan.offs_E, b_out, self.is_transposed)
     if getattr(self, "has_post_expert_norm", False):
         y_ND = self.post_expert_norm(y_ND)
-    return ops.unpermute(y_ND, plan, _combine_weights(top_k_weights, y_ND.dtype)).to(hidden_states.dtype)
-
-
-def _combine_weights(weights_TK: Tensor, dtype: torch.dtype) -> Tensor:
-    """The routing weights as the weighted unpermute takes them: float32 or the rows' dtype."""
-    return weights_TK if weights_TK.dtype in (torch.float32, dtype) else weights_TK.to(torch.float32)
+    return ops.unpermute(y_ND, plan, combine_weights(top_k_weights, y_ND.dtype)).to(hidden_states.dtype)
 
 
 def register() -> None:
