@@ -17,7 +17,7 @@ import torch
 
 # (T, K, E, D, F): small first, so a failure that needs no size shows on the smallest
 SHAPES = {"small": (300, 4, 8, 64, 64), "odd_depth": (100, 2, 3, 200, 64), "qwen3": (512, 8, 128, 2048, 768)}
-OPS = ("swiglu", "plain", "wgrad")
+OPS = ("swiglu", "plain", "wgrad", "combine")  # combine: grouped_mm_unpermute (the token-major epilogue)
 CASES = [f"{op}-{layout}-{shape}" for shape in SHAPES for op in OPS for layout in ("exy", "yx")]
 
 
@@ -36,20 +36,24 @@ def run_case(case: str) -> str:
     b = (torch.randn(E, Y, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2) if layout == "yx"
          else torch.randn(E, D, Y, device="cuda", dtype=torch.bfloat16)) / D ** 0.5
     g = torch.randn(T * K, Y, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(T * K, D, device="cuda", dtype=torch.bfloat16)  # combine: the routed rows themselves
+    w = torch.rand(T, K, device="cuda")
     yx = layout == "yx"
     call = {"swiglu": lambda: mo.gather_grouped_mm_swiglu(x, order, rows, b, offs, True)[1],
             "plain": lambda: mo.gather_grouped_mm(x, order, rows, b, offs),
-            "wgrad": lambda: mo.gather_grouped_mm_wgrad(x, order, rows, g, offs, yx)}[op]
+            "wgrad": lambda: mo.gather_grouped_mm_wgrad(x, order, rows, g, offs, yx),
+            "combine": lambda: mo.grouped_mm_unpermute(a, b, offs, order, rows, w, False)}[op]
     twin = {"swiglu": lambda *a: twins.gather_grouped_mm_torch(*a, offs),
             "plain": lambda *a: twins.gather_grouped_mm_torch(*a, offs),
-            "wgrad": lambda *a: twins.gather_grouped_mm_wgrad_torch(*a, offs, yx)}[op]
+            "wgrad": lambda *a: twins.gather_grouped_mm_wgrad_torch(*a, offs, yx),
+            "combine": lambda a, o, r, b: twins.grouped_mm_unpermute_torch(a, b, offs, o, r, w.double())}[op]
     other = g if op == "wgrad" else b
     with ops.config.override(cuda_gemm="auto", sm90_gathered="fused"):
         got = call()
         torch.cuda.synchronize()
     with ops.config.override(cuda_gemm="auto", sm90_gathered="unfused"):
         unfused = call()
-    ref = twin(x.double(), order, rows, other.double())
+    ref = twin((a if op == "combine" else x).double(), order, rows, other.double())
     err = (got.double() - ref).abs().max().item()
     base = (unfused.double() - ref).abs().max().item()
     within = err <= 2 * base + torch.finfo(torch.bfloat16).eps * ref.abs().max().item()  # tests/helpers' rule

@@ -23,10 +23,12 @@ enum class CudaGemm : int { kAuto = 0, kNative = 1, kTorch = 2, kStream = 3 };
 constexpr long long kCudaStreamRows = 4;
 
 // sm90_gathered (MOE_SM90_GATHERED): the kernels of moe.gather_grouped_mm,
-// moe.gather_grouped_mm_swiglu and moe.gather_grouped_mm_wgrad on sm90 where moekit's sm90 GEMM
-// serves the call. "fused" = moekit's one-launch gathered GEMMs (csrc/cuda/sm90/gathered_gemm.cu:
-// x_TD's rows read in place, SwiGLU in the epilogue); "unfused" = the setup launch's gather and the
-// CUTLASS grouped GEMM (then the swiglu kernel); "auto" = "unfused" until the fused kernel has passed the GPU checks
+// moe.gather_grouped_mm_swiglu, moe.gather_grouped_mm_wgrad and the forward of
+// moe.grouped_mm_unpermute on sm90 where moekit's sm90 GEMM serves the call. "fused" = moekit's
+// one-launch gathered GEMMs (csrc/cuda/sm90/gathered_gemm.cu: x_TD's rows read in place, SwiGLU in
+// the epilogue; for grouped_mm_unpermute the routing weights in the epilogue and token-major rows,
+// summed contiguously); "unfused" = the setup launch's gather and the CUTLASS grouped GEMM (then the
+// swiglu kernel; grouped_mm then unpermute); "auto" = "unfused" until the fused kernel has passed the GPU checks
 // (tests/gpu, bench/gpu_check.sh), which no device has run yet.
 enum class Sm90Gathered : int { kAuto = 0, kFused = 1, kUnfused = 2 };
 

@@ -168,14 +168,13 @@ at::Tensor permute_cuda(const at::Tensor& x_TD, const at::Tensor& order_N,
   return out;
 }
 
-at::Tensor unpermute_cuda(const at::Tensor& y_ND, const at::Tensor& order_N,
-                          const at::Tensor& rows_TK, const std::optional<at::Tensor>& weights_TK) {
-  check_dispatch_args("unpermute", y_ND, "y_ND", order_N.size(0), "N, the plan's rows", order_N,
-                      rows_TK);
-  if (weights_TK.has_value()) check_weights_arg("unpermute", "weights_TK", *weights_TK, rows_TK, y_ND);
-  c10::cuda::CUDAGuard guard(y_ND.device());
-  const int64_t N = y_ND.size(0), T = rows_TK.size(0), K = rows_TK.size(1), D = y_ND.size(1);
-  const auto y = unit_inner(y_ND);
+namespace {
+
+// unpermute's launch: y's rows through rows_TK (N routed rows), or with slot_major a row per slot.
+at::Tensor launch_unpermute(const at::Tensor& y_, int64_t N, const at::Tensor& rows_TK,
+                            const std::optional<at::Tensor>& weights_TK, bool slot_major) {
+  const int64_t T = rows_TK.size(0), K = rows_TK.size(1), D = y_.size(1);
+  const auto y = unit_inner(y_);
   const auto rows = rows_TK.contiguous();
   const auto w = weights_TK.has_value() ? std::optional<at::Tensor>(weights_TK->contiguous())
                                         : std::nullopt;
@@ -191,7 +190,7 @@ at::Tensor unpermute_cuda(const at::Tensor& y_ND, const at::Tensor& order_N,
       auto launch = [&](auto kernel, int64_t nvec) {
         kernel<<<chunked_grid(T, nvec), kThreads, 0, stream>>>(
             y.const_data_ptr<scalar_t>(), y.stride(0), rows.const_data_ptr<int64_t>(),
-            weight_ptr<W>(w), T, static_cast<int>(K), N, nvec, out.mutable_data_ptr<scalar_t>());
+            weight_ptr<W>(w), T, static_cast<int>(K), N, nvec, slot_major, out.mutable_data_ptr<scalar_t>());
       };
       if (vec) launch(unpermute_kernel<scalar_t, W, V>, D / V);
       else launch(unpermute_kernel<scalar_t, W, 1>, D);
@@ -199,6 +198,23 @@ at::Tensor unpermute_cuda(const at::Tensor& y_ND, const at::Tensor& order_N,
     });
   });
   return out;
+}
+
+}  // namespace
+
+at::Tensor unpermute_cuda(const at::Tensor& y_ND, const at::Tensor& order_N,
+                          const at::Tensor& rows_TK, const std::optional<at::Tensor>& weights_TK) {
+  check_dispatch_args("unpermute", y_ND, "y_ND", order_N.size(0), "N, the plan's rows", order_N,
+                      rows_TK);
+  if (weights_TK.has_value()) check_weights_arg("unpermute", "weights_TK", *weights_TK, rows_TK, y_ND);
+  c10::cuda::CUDAGuard guard(y_ND.device());
+  return launch_unpermute(y_ND, y_ND.size(0), rows_TK, weights_TK, /*slot_major=*/false);
+}
+
+at::Tensor sum_slots_cuda(const at::Tensor& y_SD, const at::Tensor& rows_TK, int64_t N) {
+  TORCH_INTERNAL_ASSERT(y_SD.dim() == 2 && y_SD.size(0) == rows_TK.numel() && y_SD.is_cuda());
+  c10::cuda::CUDAGuard guard(y_SD.device());
+  return launch_unpermute(y_SD, N, rows_TK, std::nullopt, /*slot_major=*/true);
 }
 
 namespace {

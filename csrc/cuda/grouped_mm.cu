@@ -909,12 +909,66 @@ at::Tensor grouped_mm_w8_cuda(const at::Tensor& a_NX, const at::Tensor& q_EYX, c
 // written; with swiglu the activation is recomputed from h in that kernel, which also writes d h. g is
 // the GEMM's output in the data dtype (the twin's arithmetic).
 
+namespace {
+
+#ifdef MOE_WITH_SM90_GEMM
+// The down projection and the combine where sm90_gathered asks for moekit's gathered GEMMs
+// ("fused") and the kernel's rules hold (bfloat16 a and b, a with unit column stride and 16-byte
+// rows, b contiguous along Y or X, Y a multiple of 128, E <= 1024): one launch of the gathered
+// kernel over a's rows in place whose epilogue multiplies each row by its routing weight and stores
+// it token-major (row t * K + k of a (T*K, Y) buffer), then the combine as a contiguous sum over
+// each token's K rows (sum_slots_cuda). Each product is rounded after its weight, so the values
+// meet the GEMM error rule, not the two ops' bits. Else nullopt, before any allocation.
+std::optional<at::Tensor> scatter_sm90(const at::Tensor& a_NX, const at::Tensor& b_EXY, const at::Tensor& offs_E,
+                                       const at::Tensor& order_N, const at::Tensor& rows_TK,
+                                       const std::optional<at::Tensor>& weights_TK) {
+  if (!fused_gathered()) return std::nullopt;
+  const int64_t N = a_NX.size(0), X = a_NX.size(1), E = b_EXY.size(0), Y = b_EXY.size(2);
+  const int64_t lda = N > 1 ? a_NX.stride(0) : X, slots = rows_TK.numel();
+  const bool b_col = b_EXY.stride(2) != 1 && b_EXY.stride(1) == 1;
+  if (a_NX.scalar_type() != at::kBFloat16 || b_EXY.scalar_type() != at::kBFloat16 || (X > 1 && a_NX.stride(1) != 1) ||
+      !(b_EXY.stride(2) == 1 || b_col) || !order_N.is_contiguous() || N > std::numeric_limits<int>::max() ||
+      E > std::numeric_limits<int>::max())
+    return std::nullopt;
+  sm90::GatheredGemm g;
+  g.rows.x = a_NX.const_data_ptr();  // (no order: a's rows are the routed rows)
+  g.rows.ldx = lda;
+  g.rows.slots = N;
+  g.b = b_EXY.const_data_ptr();
+  g.b_col = b_col;
+  g.ldb = b_col ? b_EXY.stride(2) : b_EXY.stride(1);
+  g.b_batch = E > 1 ? b_EXY.stride(0) : X * Y;  // (any 16-byte stride for one expert)
+  g.scatter = order_N.const_data_ptr<int64_t>();
+  g.slots = slots;
+  g.E = static_cast<int>(E);
+  g.N = static_cast<int>(N);
+  g.D = static_cast<int>(X);
+  g.Y = static_cast<int>(Y);
+  g.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  if (sm90::gathered_gemm_unsupported(g) != nullptr) return std::nullopt;
+  const auto offs = offs_E.contiguous();
+  const auto w = weights_TK.has_value() ? weights_TK->to(at::kFloat).contiguous() : at::Tensor();
+  auto out_s = at::empty({slots, Y}, a_NX.options());
+  g.offs = offs.const_data_ptr<int>();
+  g.weights = w.defined() ? w.const_data_ptr<float>() : nullptr;
+  g.out_s = out_s.mutable_data_ptr();
+  const char* err = sm90::gathered_gemm(g, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == nullptr, err);
+  return sum_slots_cuda(out_s, rows_TK, N);
+}
+#endif
+
+}  // namespace
+
 at::Tensor grouped_mm_unpermute_cuda(const at::Tensor& a_NX, const at::Tensor& b_EXY, const at::Tensor& offs_E,
                                      const at::Tensor& order_N, const at::Tensor& rows_TK,
                                      const std::optional<at::Tensor>& weights_TK, bool swiglu) {
   check_grouped_mm_unpermute_args(a_NX, b_EXY, offs_E, order_N, rows_TK, weights_TK, swiglu);
   c10::cuda::CUDAGuard guard(a_NX.device());
   const at::Tensor a = swiglu ? swiglu_cuda(a_NX) : a_NX;
+#ifdef MOE_WITH_SM90_GEMM
+  if (auto fused = scatter_sm90(a, b_EXY, offs_E, order_N, rows_TK, weights_TK)) return *fused;
+#endif
   return unpermute_cuda(grouped_mm_cuda(a, b_EXY, offs_E), order_N, rows_TK, weights_TK);
 }
 

@@ -22,8 +22,10 @@ sm90_forward_config    MOE_SM90_GEMM_CONFIG       "auto" (the size table) or a c
 sm90_wgrad_config      MOE_SM90_WGRAD_CONFIG      likewise, of the weight-gradient GEMM
 sm90_gathered          MOE_SM90_GATHERED          "fused" (gather_grouped_mm[_swiglu|_wgrad] in
                                                   one sm90 launch: x_TD's rows read in place,
-                                                  SwiGLU in the epilogue), "unfused" (gather +
-                                                  GEMM, then swiglu), "auto" (= "unfused" until
+                                                  SwiGLU in the epilogue; grouped_mm_unpermute's
+                                                  down projection with the routing weights in
+                                                  its epilogue, stored token-major), "unfused"
+                                                  (gather + GEMM, then swiglu), "auto" (= "unfused" until
                                                   the fused kernels have passed the GPU checks)
 =====================  =========================  ==============================================
 

@@ -6,7 +6,9 @@
 //     values in that swizzle (cp.async writes through it);
 //   - in the m64nNk16 accumulators of each of the 256 consumer threads, v and v + N / 4 are the same
 //     row's tile columns c and c + N / 2 (c < N / 2: with SwiGLU a gate column and its up column),
-//     v + 1 is column c + 1 (v even), and the row lies in the thread's warp group's 64;
+//     v + 1 is column c + 1 (v even), and the row lies in the thread's warp group's 64; a thread's
+//     accumulators hold two rows, coord(0)'s where (v / 2) % 2 == 0, else coord(2)'s (the
+//     token-major epilogue reads each row's slot once);
 //   - the weight gradient's layouts (WgradLayouts, written by cp.async in 16-byte chunks of 8
 //     consecutive columns at one depth) keep each chunk contiguous and 16-byte aligned, and cover
 //     every element of a stage once; its accumulators pair as above;
@@ -42,7 +44,8 @@ int offset(int i, int j, int s) {
 
 // The accumulator pairing of a 2 x m64nNk16 tiled MMA, for each of the 256 consumer threads: v and
 // v + N / 4 (v < N / 4) are one row's columns c < N / 2 and c + N / 2, v + 1 is c + 1 (v even), and
-// the row lies in the thread's warp group's 64.
+// the row lies in the thread's warp group's 64; coord(v)'s row is coord(0)'s where (v / 2) % 2 == 0, else
+// coord(2)'s (another row).
 template <class Mma, int N>
 int check_accumulators() {
   int bad = 0;
@@ -56,6 +59,8 @@ int check_accumulators() {
       bad += row / 64 != t / 128;
       if (v % 2 == 0) bad += get<0>(coord(v + 1)) != row || get<1>(coord(v + 1)) != col + 1 || col % 2 != 0;
     }
+    for (int v = 0; v < N / 2; ++v)  // two rows a thread: coord(0)'s where (v / 2) % 2 == 0, else coord(2)'s
+      bad += get<0>(coord(v)) != get<0>(coord((v / 2) % 2 == 0 ? 0 : 2)) || get<0>(coord(0)) == get<0>(coord(2));
   }
   return bad;
 }

@@ -609,6 +609,47 @@ def test_sm90_gathered_gemm_wgrad(T, K, E, D, F, kind, yx):
         assert torch.equal(d_x, moe_ops.gather_grouped_mm_backward(g, x, order, rows, b, offs, True, False)[0])
 
 
+# (T, K, E, F, D): the down projection's depth F and output D (a multiple of 128)
+COMBINE_CASES = [(300, 4, 8, 64, 128), (64, 8, 256, 128, 128),  # E = 256, many empty experts
+                 (512, 8, 128, 768, 2048),  # Qwen3-30B-A3B's F and D
+                 (4400, 4, 8, 200, 256),  # 256-wide tiles, a partial depth block
+                 (5, 4, 4, 64, 384), (0, 2, 4, 64, 128)]  # T = 0: the two ops' path
+
+
+@pytest.mark.parametrize("T,K,E,F,D", COMBINE_CASES)
+@pytest.mark.parametrize("yx", [False, True], ids=["exy", "yx"])
+@pytest.mark.parametrize("weighted", [True, False], ids=["weights", "no_weights"])
+def test_sm90_gathered_gemm_token_major_combine(T, K, E, F, D, yx, weighted):
+    """grouped_mm_unpermute with sm90_gathered="fused": the gathered kernel reads a's rows in place and
+    its epilogue multiplies each row by its routing weight and stores it token-major, then the combine
+    is a contiguous sum over each token's k rows: two launches (with swiglu the swiglu kernel first),
+    no host sync; outputs poisoned, the 2x-error rule against the float64 twin with the same-dtype
+    composite as the base; tokens whose slots were all dropped are zero; opcheck."""
+    if not _sm90_gemm():
+        pytest.skip("needs moekit's sm90 grouped GEMM on a compute capability 9.0 GPU")
+    counts, offs, order, rows = moe_ops.plan(random_ids(T, K, E), E)
+    h = torch.randn(T * K, 2 * F, device="cuda", dtype=torch.bfloat16)
+    b = _weight(E, F, D, yx) / F ** 0.5
+    w = torch.rand(T, K, device="cuda") if weighted else None
+    w64 = w.double() if weighted else None
+    for swiglu in (False, True):
+        a = h if swiglu else h[:, :F].contiguous()
+        with ops.config.override(cuda_gemm="auto", sm90_gathered="fused"):
+            call = lambda: moe_ops.grouped_mm_unpermute(a, b, offs, order, rows, w, swiglu)  # noqa: E731
+            if T:
+                names = kernel_names(call)
+                assert len(names) == 2 + swiglu and "gathered_gemm_kernel" in names[-2], names
+                assert "unpermute_kernel" in names[-1], names
+            without_sync(call)
+            poison(((T * K, D), torch.bfloat16), ((T, D), torch.bfloat16))
+            got = call()
+            torch.library.opcheck(moe_ops.grouped_mm_unpermute.default, (a, b, offs, order, rows, w, swiglu))
+        assert got.shape == (T, D)
+        error_rule(got, twins.grouped_mm_unpermute_torch(a.double(), b.double(), offs, order, rows, w64, swiglu),
+                   twins.grouped_mm_unpermute_torch(a, b, offs, order, rows, w, swiglu))
+        assert not got[(rows < 0).all(1)].any()
+
+
 def test_sm90_gathered_gemm_falls_back_and_passes_opcheck():
     """Where the kernels' rules fail (F not a multiple of 64, float32) the ops run the unfused path
     with the setting on; opcheck passes with it on (both gathered GEMMs and the weight gradient);
@@ -833,8 +874,8 @@ def test_moelayer_has_no_host_sync_and_replays_in_a_cuda_graph(shared, gemm_back
 def test_sm90_gathered_gemm_in_the_layer():
     """MoELayer (Qwen3-like proportions) with sm90_gathered="fused": the training step takes the
     gathered kernels (no permute kernel, no setup launch's gather): the up projection forward and its
-    weight gradient, and in grouped_mm_unpermute's backward the data gradient (grad_TD's rows read in
-    place) and the weight gradient; it has no host sync, and its output
+    weight gradient, grouped_mm_unpermute's forward (the token-major epilogue) and, in its backward,
+    the data gradient (grad_TD's rows read in place) and the weight gradient; it has no host sync, and its output
     and gradients meet the 2x-error rule against the float64 layer as the unfused step's do; the eval
     forward replays in a CUDA graph."""
     if not _sm90_gemm():
@@ -860,7 +901,7 @@ def test_sm90_gathered_gemm_in_the_layer():
             got[setting] = step(layer, x.bfloat16())
             if setting == "fused":
                 names = kernel_names(lambda: step(layer, x.bfloat16()))
-                assert sum("gathered_gemm_kernel" in n for n in names) == 2, names
+                assert sum("gathered_gemm_kernel" in n for n in names) == 3, names
                 assert sum("gathered_wgrad_kernel" in n for n in names) == 2, names
                 assert not any("permute_kernel" in n and "unpermute" not in n for n in names), names
                 without_sync(lambda: step(layer, x.bfloat16()))

@@ -1,6 +1,8 @@
 // moekit's own Hopper kernels for the gathered grouped GEMMs (grouped_gemm_sm90.h's GatheredGemm and
 // GatheredWgrad), one launch each: moe.gather_grouped_mm, moe.gather_grouped_mm_swiglu with SwiGLU
-// in its epilogue, and the weight gradient moe.gather_grouped_mm_wgrad (below, gathered_wgrad).
+// in its epilogue, moe.grouped_mm_unpermute's down projection (its A the routed rows in place, its
+// epilogue the routing weights and token-major stores: the combine then sums contiguous rows), and
+// the weight gradient moe.gather_grouped_mm_wgrad (below, gathered_wgrad).
 //
 // Layout of one CTA (384 threads, one CTA per SM, persistent over output tiles of 128 rows x TN
 // b columns, TN = 256 where it divides the output, else 128):
@@ -11,7 +13,9 @@
 //     up columns F+f..F+f+TN/2-1, so [gate; up] needs no relayout; else TN consecutive columns;
 //   warp groups 1-2 (consumers): 64 rows each, wgmma m64nTNk16 over the stages (one batch in
 //     flight), then the epilogue: accumulator v holds column c (< TN / 2) and v + TN / 4 column
-//     c + TN / 2 of the same row, so act = silu(g) * u is formed in registers. The 256-wide tile's
+//     c + TN / 2 of the same row, so act = silu(g) * u is formed in registers; token-major, each
+//     thread's two rows' slots and weights are read once and its values stored, weighted, at their
+//     slots' rows (the same 16-byte pieces of 8 rows per warp store as h's). The 256-wide tile's
 //     consumers take 224 registers a thread from the producer's warp group (setmaxnreg).
 // Full barriers count the producer's 128 cp.async arrivals and the TMA's bytes; empty barriers the
 // 256 consumer threads; a wait that lasts seconds traps (wait_or_trap), so a pipeline bug fails
@@ -73,6 +77,10 @@ struct Params {
   const int* offs;
   __nv_bfloat16* act;  // SwiGLU's (N, F), or nullptr
   __nv_bfloat16* h;    // (N, Y), or nullptr
+  const int64_t* scatter;  // the token-major epilogue (out_s, else nullptr): routed row i's slot
+  const float* weights;    // (slots,) or nullptr
+  __nv_bfloat16* out_s;    // (slots, Y), or nullptr
+  int64_t slots;
   int E, N, D, Y, F;    // F: act's columns (SwiGLU), else 0
   int col_blocks;        // output column blocks of the tile's width
   int box_blocks;        // 64-column blocks a tile's box starts past the previous tile's: TN / 128
@@ -140,8 +148,10 @@ __device__ __forceinline__ void wait_or_trap(const uint64_t* bar, uint32_t phase
     MOE_SM90_TRAP_UNLESS(clock64() - start < (1ll << 34));
 }
 
-// Routed row i's row of x (order[i] / K), or nullptr for a padding row; a bad order[i] traps.
+// Routed row i's row of x (order[i] / K; row i without order), or nullptr for a padding row; a bad
+// order[i] traps.
 __device__ __forceinline__ const bf16* gathered_row(const GatheredX& g, int64_t i) {
+  if (g.order == nullptr) return static_cast<const bf16*>(g.x) + i * g.ldx;
   const int64_t s = g.order[i];
   MOE_SM90_TRAP_UNLESS(s >= -1 && s < g.slots);  // order_N matches rows_TK
   return s >= 0 && s < g.slots ? static_cast<const bf16*>(g.x) + (s / g.K) * g.ldx : nullptr;
@@ -254,6 +264,25 @@ __device__ __forceinline__ void store_h(const Params& p, int64_t row, int c, flo
   *reinterpret_cast<__nv_bfloat162*>(p.h + row * p.Y + c) = __floats2bfloat162_rn(v0, v1);
 }
 
+// The token-major epilogue's slot of routed row `row` and its routing weight (s < 0: not stored);
+// a scatter entry outside [-1, slots) traps.
+struct Slot {
+  int64_t s;
+  float w;
+};
+__device__ __forceinline__ Slot slot_of(const Params& p, int64_t row) {
+  const int64_t s = p.scatter[row];
+  MOE_SM90_TRAP_UNLESS(s >= -1 && s < p.slots);  // scatter (order_N) matches rows_TK
+  return {s, s >= 0 && p.weights != nullptr ? p.weights[s] : 1.f};
+}
+
+// Columns c, c + 1 of slot s's row of out_s: the weight times the sums, in float, rounded once.
+__device__ __forceinline__ void store_slot(const Params& p, const Slot& slot, int c, float v0, float v1) {
+  if (slot.s >= 0)
+    *reinterpret_cast<__nv_bfloat162*>(p.out_s + slot.s * p.Y + c) =
+        __floats2bfloat162_rn(slot.w * v0, slot.w * v1);
+}
+
 template <bool B_COL, int TN>
 __device__ void consume(const Params& p, FwdSmem<TN>& sm, int total) {
   using L = Layouts<B_COL, TN>;
@@ -268,13 +297,14 @@ __device__ void consume(const Params& p, FwdSmem<TN>& sm, int total) {
   Tensor acc = partition_fragment_C(mma, Shape<Int<kTM>, Int<TN>>{});
   Tensor coord = thr.partition_C(make_identity_tensor(Shape<Int<kTM>, Int<TN>>{}));
   static_assert(decltype(size(acc))::value == TN / 2, "moe sm90: one thread's m64nTN accumulators");
-  const bool swiglu = p.act != nullptr;
+  const bool swiglu = p.act != nullptr, scatter = p.scatter != nullptr;
   const int depth_blocks = (p.D + kTK - 1) / kTK;
   int stage = 0;
   uint32_t phase = 0;
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
     const OutputTile tl = tile_at(p, sm, t);
     if (tl.e < 0) {  // padding rows: zeros (with SwiGLU act's TN / 2 columns and h's gate and up)
+      if (scatter) continue;  // (token-major: no slot holds them)
       for (int i = ctid; i < tl.rows * (TN / 4); i += kConsumers) {
         const int64_t row = tl.row0 + i / (TN / 4);
         const int c = 2 * (i % (TN / 4));
@@ -292,6 +322,15 @@ __device__ void consume(const Params& p, FwdSmem<TN>& sm, int total) {
           store_swiglu(p, int64_t(tl.row0) + r, tl.cb * (TN / 2) + get<1>(coord(v)), acc(v), acc(v + 1),
                        acc(v + TN / 4), acc(v + TN / 4 + 1));
       }
+    } else if (scatter) {
+      // a thread's accumulators hold two rows: coord(0)'s where (v / 2) % 2 == 0, else coord(2)'s
+      // (checked on the CPU); each row's slot and weight are read once
+      const int r0 = get<0>(coord(0)), r1 = get<0>(coord(2));
+      const Slot s0 = r0 < tl.rows ? slot_of(p, int64_t(tl.row0) + r0) : Slot{-1, 0.f};
+      const Slot s1 = r1 < tl.rows ? slot_of(p, int64_t(tl.row0) + r1) : Slot{-1, 0.f};
+#pragma unroll
+      for (int v = 0; v < TN / 2; v += 2)  // columns c, c + 1 at v, v + 1
+        store_slot(p, (v / 2) % 2 == 0 ? s0 : s1, tl.cb * TN + get<1>(coord(v)), acc(v), acc(v + 1));
     } else {
 #pragma unroll
       for (int v = 0; v < TN / 2; v += 2) {  // columns c, c + 1 at v, v + 1
@@ -486,6 +525,7 @@ const char* gathered_gemm_unsupported(const GatheredGemm& p) {
   if (p.E < 1 || p.E > kGatheredMaxExperts) return "E outside [1, kGatheredMaxExperts]";
   if (p.N < 1 || p.D < 1 || p.Y < 1) return "an empty dimension";
   if (p.Y % 128 != 0) return "Y is not a multiple of 128 (with SwiGLU: F of 64)";
+  if (p.scatter != nullptr && (p.swiglu || p.slots < 0)) return "the token-major epilogue takes no SwiGLU";
   if (const char* why = gathered_x_unsupported(p.rows)) return why;
   if (p.D % 8 != 0 || p.ldb % 8 != 0 || p.b_batch % 8 != 0) return "a stride is not 16-byte";
   if (p.ldb <= 0 || p.b_batch <= 0) return "b's strides are not positive";
@@ -496,7 +536,8 @@ const char* gathered_gemm_unsupported(const GatheredGemm& p) {
 
 const char* gathered_gemm(const GatheredGemm& g, cudaStream_t stream) {
   if (const char* why = gathered_gemm_unsupported(g)) return why;
-  if (g.swiglu ? g.act == nullptr : g.h == nullptr) return "moe.gather_grouped_mm (sm90): no output";
+  if (g.swiglu ? g.act == nullptr : g.scatter != nullptr ? g.out_s == nullptr : g.h == nullptr)
+    return "moe.gather_grouped_mm (sm90): no output";
   const EncodeTiled encode = encode_tiled();
   if (encode == nullptr) return "moe.gather_grouped_mm (sm90): cuTensorMapEncodeTiled is unavailable";
   const int TN = tile_width(g);
@@ -504,7 +545,11 @@ const char* gathered_gemm(const GatheredGemm& g, cudaStream_t stream) {
   p.rows = g.rows;
   p.offs = g.offs;
   p.act = g.swiglu ? static_cast<__nv_bfloat16*>(g.act) : nullptr;
-  p.h = static_cast<__nv_bfloat16*>(g.h);
+  p.h = g.scatter != nullptr ? nullptr : static_cast<__nv_bfloat16*>(g.h);
+  p.scatter = g.scatter;
+  p.weights = g.scatter != nullptr ? g.weights : nullptr;
+  p.out_s = g.scatter != nullptr ? static_cast<__nv_bfloat16*>(g.out_s) : nullptr;
+  p.slots = g.slots;
   p.E = g.E;
   p.N = g.N;
   p.D = g.D;

@@ -90,12 +90,14 @@ size_t workspace_bytes(const GroupedGemm& g, int id);
 constexpr int kMaxRun = 2;
 
 // x_TD's rows through the plan, as the sm90 kernels read them: routed row i is row order[i] / K of
-// x (zeros where order[i] < 0; order's entries are in [-1, slots), else a device-side error).
-// bfloat16 with unit column stride; D and ldx multiples of 8 elements, x 16-byte aligned.
+// x (zeros where order[i] < 0; order's entries are in [-1, slots), else a device-side error); with
+// order nullptr, x holds the routed rows themselves (row i of an (N, D) x: the down projection's
+// activation). bfloat16 with unit column stride; D and ldx multiples of 8 elements, x 16-byte
+// aligned.
 struct GatheredX {
-  const void* x = nullptr;         // x_TD, row stride ldx (elements)
+  const void* x = nullptr;         // x_TD (or x_ND), row stride ldx (elements)
   int64_t ldx = 0;
-  const int64_t* order = nullptr;  // order_N (N,)
+  const int64_t* order = nullptr;  // order_N (N,), or nullptr: x's rows are the routed rows
   int64_t slots = 0;               // T * K
   int K = 1;
 };
@@ -129,6 +131,13 @@ const char* run(const GroupedGemm* g, const int* ids, void* const* ws, int count
 // Zeros for the padding rows [offs_E[E-1], N) and rows with order[i] < 0. bfloat16; swiglu: F a
 // multiple of 64, else Y a multiple of 128; D, ldx, ldb and b_batch multiples of 8; x and b 16-byte
 // aligned; 1 <= E <= kGatheredMaxExperts.
+// With `scatter` (no swiglu; the down projection of grouped_mm_unpermute), the epilogue stores
+// token-major instead of h: routed row i's values times its routing weight, in float, rounded once,
+// go to row s = scatter[i] of out_s (slots, Y), slot s = t * K + k, so that the combine is a
+// contiguous sum over each token's K rows; rows with s < 0 (padding) are not stored, nor are the
+// rows of slots that no routed row holds (dropped slots: the combine skips them through rows_TK).
+//   out_s[scatter[i]] = weights[scatter[i]] * (a_i @ b[e])    (weights nullptr: 1)
+// scatter's entries must lie in [-1, slots) (else a trap).
 constexpr int kGatheredMaxExperts = 1024;
 struct GatheredGemm {
   GatheredX rows;
@@ -139,6 +148,10 @@ struct GatheredGemm {
   bool swiglu = false;
   void* act = nullptr;             // swiglu: (N, Y / 2) contiguous
   void* h = nullptr;               // (N, Y) contiguous; with swiglu may be nullptr (not written)
+  const int64_t* scatter = nullptr;  // or out_s's row of each routed row: order_N (N,); then
+  const float* weights = nullptr;    // (slots,) routing weights, or nullptr
+  void* out_s = nullptr;             // (slots, Y) contiguous, token-major, is the output, not h
+  int64_t slots = 0;
   int E = 0, N = 0, D = 0, Y = 0;
   int sm_count = 0;
 };
