@@ -313,6 +313,15 @@ __device__ void consume(const Params& p, FwdSmem<TN>& sm, int total) {
       }
       continue;
     }
+    // token-major: a thread's accumulators hold two rows, coord(0)'s where (v / 2) % 2 == 0, else
+    // coord(2)'s (checked on the CPU); their slots and weights are read once, before the mainloop
+    // (the loads' latency hidden under it)
+    Slot s0{-1, 0.f}, s1{-1, 0.f};
+    if (scatter) {
+      const int r0 = get<0>(coord(0)), r1 = get<0>(coord(2));
+      if (r0 < tl.rows) s0 = slot_of(p, int64_t(tl.row0) + r0);
+      if (r1 < tl.rows) s1 = slot_of(p, int64_t(tl.row0) + r1);
+    }
     mma_stages(mma, tCrA, tCrB, acc, sm, depth_blocks, stage, phase);
     if (swiglu) {
 #pragma unroll
@@ -323,11 +332,6 @@ __device__ void consume(const Params& p, FwdSmem<TN>& sm, int total) {
                        acc(v + TN / 4), acc(v + TN / 4 + 1));
       }
     } else if (scatter) {
-      // a thread's accumulators hold two rows: coord(0)'s where (v / 2) % 2 == 0, else coord(2)'s
-      // (checked on the CPU); each row's slot and weight are read once
-      const int r0 = get<0>(coord(0)), r1 = get<0>(coord(2));
-      const Slot s0 = r0 < tl.rows ? slot_of(p, int64_t(tl.row0) + r0) : Slot{-1, 0.f};
-      const Slot s1 = r1 < tl.rows ? slot_of(p, int64_t(tl.row0) + r1) : Slot{-1, 0.f};
 #pragma unroll
       for (int v = 0; v < TN / 2; v += 2)  // columns c, c + 1 at v, v + 1
         store_slot(p, (v / 2) % 2 == 0 ? s0 : s1, tl.cb * TN + get<1>(coord(v)), acc(v), acc(v + 1));
