@@ -423,22 +423,54 @@ std::optional<Sm90Gemm> sm90_forward(const MmOperands& o, const at::Tensor& offs
   return r;
 }
 
-// x_TD's rows through the plan for the sm90 kernels (sm90::GatheredX: bfloat16, unit column
-// stride, 16-byte rows: D and the row stride multiples of 8, aligned), reading order_N in place;
-// else nullopt.
-std::optional<sm90::GatheredX> gathered_x(const at::Tensor& x_TD, const at::Tensor& order_N,
-                                          const at::Tensor& rows_TK) {
-  const int64_t T = x_TD.size(0), D = x_TD.size(1);
-  const int64_t ldx = T > 1 ? x_TD.stride(0) : D;
-  if (x_TD.scalar_type() != at::kBFloat16 || (D > 1 && x_TD.stride(1) != 1) || D % 8 != 0 || ldx % 8 != 0 ||
-      !aligned16(x_TD.const_data_ptr()) || !order_N.is_contiguous())
+// x's rows for the sm90 kernels as they are (sm90::GatheredX without order: routed row i is x's row
+// i), where the kernels take its layout (bfloat16, unit column stride, 16-byte rows: D and the row
+// stride multiples of 8, aligned); else nullopt.
+std::optional<sm90::GatheredX> routed_x(const at::Tensor& x) {
+  const int64_t rows = x.size(0), D = x.size(1);
+  const int64_t ldx = rows > 1 ? x.stride(0) : D;
+  if (x.scalar_type() != at::kBFloat16 || (D > 1 && x.stride(1) != 1) || D % 8 != 0 || ldx % 8 != 0 ||
+      !aligned16(x.const_data_ptr()))
     return std::nullopt;
   sm90::GatheredX g;
-  g.x = x_TD.const_data_ptr();
+  g.x = x.const_data_ptr();
   g.ldx = ldx;
-  g.order = order_N.const_data_ptr<int64_t>();
-  g.slots = rows_TK.numel();
-  g.K = static_cast<int>(rows_TK.size(1));
+  g.slots = rows;
+  return g;
+}
+
+// x_TD's rows through the plan for the sm90 kernels (routed_x's layout rules), reading order_N in
+// place; else nullopt.
+std::optional<sm90::GatheredX> gathered_x(const at::Tensor& x_TD, const at::Tensor& order_N,
+                                          const at::Tensor& rows_TK) {
+  auto g = routed_x(x_TD);
+  if (!g || !order_N.is_contiguous()) return std::nullopt;
+  g->order = order_N.const_data_ptr<int64_t>();
+  g->slots = rows_TK.numel();
+  g->K = static_cast<int>(rows_TK.size(1));
+  return g;
+}
+
+// The gathered kernel's problem for A's N routed rows `rows` and b_EXY (bfloat16, contiguous along
+// Y, or along X: b_col, a transposed nn.Linear weight): b's layout and the sizes, the outputs, offs
+// and the epilogue left to the caller; nullopt where b's layout is neither or N is not an int.
+std::optional<sm90::GatheredGemm> gathered_problem(const sm90::GatheredX& rows, const at::Tensor& b_EXY, int64_t N) {
+  const int64_t E = b_EXY.size(0), D = b_EXY.size(1), Y = b_EXY.size(2);
+  const bool b_col = b_EXY.stride(2) != 1 && b_EXY.stride(1) == 1;
+  if (b_EXY.scalar_type() != at::kBFloat16 || !(b_EXY.stride(2) == 1 || b_col) || N > std::numeric_limits<int>::max() ||
+      E > std::numeric_limits<int>::max())
+    return std::nullopt;
+  sm90::GatheredGemm g;
+  g.rows = rows;
+  g.b = b_EXY.const_data_ptr();
+  g.b_col = b_col;
+  g.ldb = b_col ? b_EXY.stride(2) : b_EXY.stride(1);
+  g.b_batch = E > 1 ? b_EXY.stride(0) : D * Y;  // (any 16-byte stride for one expert)
+  g.E = static_cast<int>(E);
+  g.N = static_cast<int>(N);
+  g.D = static_cast<int>(D);
+  g.Y = static_cast<int>(Y);
+  g.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   return g;
 }
 
@@ -479,25 +511,13 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> gathered_sm90(const at::Tensor
                                                                 const at::Tensor& rows_TK, const at::Tensor& b_EXY,
                                                                 const at::Tensor& offs_E, bool swiglu, bool keep_h) {
   if (!fused_gathered()) return std::nullopt;
-  const int64_t N = order_N.size(0), D = x_TD.size(1), E = b_EXY.size(0), Y = b_EXY.size(2);
-  const bool b_col = b_EXY.stride(2) != 1 && b_EXY.stride(1) == 1;
+  const int64_t N = order_N.size(0), Y = b_EXY.size(2);
   const auto order = order_N.contiguous();
   const auto rows = gathered_x(x_TD, order, rows_TK);
-  if (!rows || b_EXY.scalar_type() != at::kBFloat16 || !(b_EXY.stride(2) == 1 || b_col) ||
-      N > std::numeric_limits<int>::max())
-    return std::nullopt;
-  sm90::GatheredGemm g;
-  g.rows = *rows;
-  g.b = b_EXY.const_data_ptr();
-  g.b_col = b_col;
-  g.ldb = b_col ? b_EXY.stride(2) : b_EXY.stride(1);
-  g.b_batch = E > 1 ? b_EXY.stride(0) : D * Y;  // (any 16-byte stride for one expert)
+  auto problem = rows ? gathered_problem(*rows, b_EXY, N) : std::nullopt;
+  if (!problem) return std::nullopt;
+  sm90::GatheredGemm& g = *problem;
   g.swiglu = swiglu;
-  g.E = static_cast<int>(E);
-  g.N = static_cast<int>(N);
-  g.D = static_cast<int>(D);
-  g.Y = static_cast<int>(Y);
-  g.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   if (sm90::gathered_gemm_unsupported(g) != nullptr) return std::nullopt;
   const auto offs = offs_E.contiguous();
   auto act = at::empty({swiglu ? N : 0, Y / 2}, x_TD.options());
@@ -922,29 +942,14 @@ namespace {
 std::optional<at::Tensor> scatter_sm90(const at::Tensor& a_NX, const at::Tensor& b_EXY, const at::Tensor& offs_E,
                                        const at::Tensor& order_N, const at::Tensor& rows_TK,
                                        const std::optional<at::Tensor>& weights_TK) {
-  if (!fused_gathered()) return std::nullopt;
-  const int64_t N = a_NX.size(0), X = a_NX.size(1), E = b_EXY.size(0), Y = b_EXY.size(2);
-  const int64_t lda = N > 1 ? a_NX.stride(0) : X, slots = rows_TK.numel();
-  const bool b_col = b_EXY.stride(2) != 1 && b_EXY.stride(1) == 1;
-  if (a_NX.scalar_type() != at::kBFloat16 || b_EXY.scalar_type() != at::kBFloat16 || (X > 1 && a_NX.stride(1) != 1) ||
-      !(b_EXY.stride(2) == 1 || b_col) || !order_N.is_contiguous() || N > std::numeric_limits<int>::max() ||
-      E > std::numeric_limits<int>::max())
-    return std::nullopt;
-  sm90::GatheredGemm g;
-  g.rows.x = a_NX.const_data_ptr();  // (no order: a's rows are the routed rows)
-  g.rows.ldx = lda;
-  g.rows.slots = N;
-  g.b = b_EXY.const_data_ptr();
-  g.b_col = b_col;
-  g.ldb = b_col ? b_EXY.stride(2) : b_EXY.stride(1);
-  g.b_batch = E > 1 ? b_EXY.stride(0) : X * Y;  // (any 16-byte stride for one expert)
+  if (!fused_gathered() || !order_N.is_contiguous()) return std::nullopt;
+  const int64_t N = a_NX.size(0), Y = b_EXY.size(2), slots = rows_TK.numel();
+  const auto rows = routed_x(a_NX);  // (no order: a's rows are the routed rows)
+  auto problem = rows ? gathered_problem(*rows, b_EXY, N) : std::nullopt;
+  if (!problem) return std::nullopt;
+  sm90::GatheredGemm& g = *problem;
   g.scatter = order_N.const_data_ptr<int64_t>();
   g.slots = slots;
-  g.E = static_cast<int>(E);
-  g.N = static_cast<int>(N);
-  g.D = static_cast<int>(X);
-  g.Y = static_cast<int>(Y);
-  g.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   if (sm90::gathered_gemm_unsupported(g) != nullptr) return std::nullopt;
   const auto offs = offs_E.contiguous();
   const auto w = weights_TK.has_value() ? weights_TK->to(at::kFloat).contiguous() : at::Tensor();
