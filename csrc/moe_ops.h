@@ -205,10 +205,12 @@ at::Tensor permute_cuda(const at::Tensor& x_TD, const at::Tensor& order_N,
 at::Tensor unpermute_cuda(const at::Tensor& y_ND, const at::Tensor& order_N,
                           const at::Tensor& rows_TK, const std::optional<at::Tensor>& weights_TK);
 at::Tensor swiglu_cuda(const at::Tensor& h);
-// out[t] = the sum over k of y_SD[t * K + k] where rows_TK[t, k] >= 0 (rows_TK's entries in [-1, N)),
-// in slot order in at::opmath_type, rounded once: the combine of token-major rows already weighted
-// (grouped_mm_unpermute's sm90 path); unpermute's kernel.
-at::Tensor sum_slots_cuda(const at::Tensor& y_SD, const at::Tensor& rows_TK, int64_t N);
+// out[t] = the sum over k of y_SD[t * K + k] where rows_TK[t, k] >= 0, in slot order in
+// at::opmath_type, rounded once: the combine of token-major rows already weighted
+// (grouped_mm_unpermute's sm90 path); unpermute's kernel. Each read slot's routed row r =
+// rows_TK[t, k] must be in [0, N) with order_N[r] == t * K + k (the slot whose row the GEMM stored;
+// else a device-side assert, never a read of a row nobody wrote).
+at::Tensor sum_slots_cuda(const at::Tensor& y_SD, const at::Tensor& order_N, const at::Tensor& rows_TK);
 }  // namespace cuda
 
 // Weight-only int8 experts (csrc/grouped_mm_int8.cpp): q_EYX int8, scale_EY float32.

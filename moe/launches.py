@@ -26,7 +26,7 @@ bfloat16 terms, two cuBLAS GEMMs, the sum of the weight gradient's three parts),
 ``unpermute_weights_grad``; ``grouped_mm_unpermute`` is grouped_mm's launches and the unpermute
 kernel (with swiglu the swiglu kernel first; on sm90 with sm90_gathered="fused" the gathered GEMM,
 whose epilogue stores the weighted rows token-major, and the unpermute kernel summing each token's
-contiguous rows: two), its backward gather_grouped_mm's launches (the data
+contiguous rows: two, three with swiglu), its backward gather_grouped_mm's launches (the data
 gradient), a zero fill of d weights, one row kernel (d a or with swiglu d h, d weights, the scaled
 rows; a cast of bfloat16 weights to float32 before it) and gather_grouped_mm_wgrad's; ``grouped_mm_backward`` is three on the sm90 path (one setup launch
 for its two GEMMs), else grouped_mm's and grouped_mm_wgrad's; ``gather_grouped_mm_backward`` four

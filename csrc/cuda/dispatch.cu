@@ -170,9 +170,10 @@ at::Tensor permute_cuda(const at::Tensor& x_TD, const at::Tensor& order_N,
 
 namespace {
 
-// unpermute's launch: y's rows through rows_TK (N routed rows), or with slot_major a row per slot.
+// unpermute's launch: y's rows through rows_TK (N routed rows), or with slot_major (order_N given) a
+// row per slot.
 at::Tensor launch_unpermute(const at::Tensor& y_, int64_t N, const at::Tensor& rows_TK,
-                            const std::optional<at::Tensor>& weights_TK, bool slot_major) {
+                            const std::optional<at::Tensor>& weights_TK, const int64_t* slot_major) {
   const int64_t T = rows_TK.size(0), K = rows_TK.size(1), D = y_.size(1);
   const auto y = unit_inner(y_);
   const auto rows = rows_TK.contiguous();
@@ -208,13 +209,14 @@ at::Tensor unpermute_cuda(const at::Tensor& y_ND, const at::Tensor& order_N,
                       rows_TK);
   if (weights_TK.has_value()) check_weights_arg("unpermute", "weights_TK", *weights_TK, rows_TK, y_ND);
   c10::cuda::CUDAGuard guard(y_ND.device());
-  return launch_unpermute(y_ND, y_ND.size(0), rows_TK, weights_TK, /*slot_major=*/false);
+  return launch_unpermute(y_ND, y_ND.size(0), rows_TK, weights_TK, /*slot_major=*/nullptr);
 }
 
-at::Tensor sum_slots_cuda(const at::Tensor& y_SD, const at::Tensor& rows_TK, int64_t N) {
-  TORCH_INTERNAL_ASSERT(y_SD.dim() == 2 && y_SD.size(0) == rows_TK.numel() && y_SD.is_cuda());
+at::Tensor sum_slots_cuda(const at::Tensor& y_SD, const at::Tensor& order_N, const at::Tensor& rows_TK) {
+  TORCH_INTERNAL_ASSERT(y_SD.dim() == 2 && y_SD.size(0) == rows_TK.numel() && y_SD.is_cuda() &&
+                        order_N.is_contiguous());
   c10::cuda::CUDAGuard guard(y_SD.device());
-  return launch_unpermute(y_SD, N, rows_TK, std::nullopt, /*slot_major=*/true);
+  return launch_unpermute(y_SD, order_N.size(0), rows_TK, std::nullopt, order_N.const_data_ptr<int64_t>());
 }
 
 namespace {

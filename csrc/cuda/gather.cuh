@@ -63,13 +63,15 @@ __global__ void permute_kernel(const T* __restrict__ x, int64_t ldx,
   }
 }
 
-// With slot_major, y holds a row per slot (token-major, (T*K, D), the rows already weighted:
-// grouped_mm_unpermute's sm90 epilogue): slot (t, k)'s row is t * K + k, read where rows_TK[t, k] >= 0,
-// so a token's rows are contiguous.
+// With slot_major (order_N), y holds a row per slot (token-major, (T*K, D), the rows already
+// weighted: grouped_mm_unpermute's sm90 epilogue): slot (t, k)'s row is t * K + k, read where
+// r = rows_TK[t, k] >= 0, so a token's rows are contiguous; order_N[r] must be that slot (the GEMM
+// stored the row there).
 template <typename T, typename W, int VEC>
 __global__ void unpermute_kernel(const T* __restrict__ y, int64_t ldy,
                                  const int64_t* __restrict__ rows, const W* __restrict__ weights,
-                                 int64_t T_, int K, int64_t N, int64_t nvec, bool slot_major, T* __restrict__ out) {
+                                 int64_t T_, int K, int64_t N, int64_t nvec, const int64_t* __restrict__ slot_major,
+                                 T* __restrict__ out) {
   using acc_t = at::opmath_type<T>;
   using V = Vec<T, VEC>;
   const int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
@@ -88,7 +90,12 @@ __global__ void unpermute_kernel(const T* __restrict__ y, int64_t ldy,
       const int64_t r = rows_t[k];
       CUDA_KERNEL_ASSERT(r >= -1 && r < N && "moe.unpermute: rows_TK does not match y_ND");
       if (r < 0 || r >= N) continue;  // empty slot: never read
-      const V* yr = reinterpret_cast<const V*>(y + (slot_major ? t * K + k : r) * ldy);
+      const int64_t s = t * K + k;
+      if (slot_major != nullptr) {  // (a row stored by no routed row would be garbage: never read)
+        CUDA_KERNEL_ASSERT(slot_major[r] == s && "moe.grouped_mm_unpermute: rows_TK does not match order_N");
+        if (slot_major[r] != s) continue;
+      }
+      const V* yr = reinterpret_cast<const V*>(y + (slot_major != nullptr ? s : r) * ldy);
       V a[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u)

@@ -938,7 +938,8 @@ namespace {
 // kernel over a's rows in place whose epilogue multiplies each row by its routing weight and stores
 // it token-major (row t * K + k of a (T*K, Y) buffer), then the combine as a contiguous sum over
 // each token's K rows (sum_slots_cuda). Each product is rounded after its weight, so the values
-// meet the GEMM error rule, not the two ops' bits. Else nullopt, before any allocation.
+// meet the GEMM error rule, not the two ops' bits. Else nullopt, before any allocation (also for a
+// non-contiguous order_N, which the kernel reads in place; plans' are contiguous).
 std::optional<at::Tensor> scatter_sm90(const at::Tensor& a_NX, const at::Tensor& b_EXY, const at::Tensor& offs_E,
                                        const at::Tensor& order_N, const at::Tensor& rows_TK,
                                        const std::optional<at::Tensor>& weights_TK) {
@@ -952,14 +953,15 @@ std::optional<at::Tensor> scatter_sm90(const at::Tensor& a_NX, const at::Tensor&
   g.slots = slots;
   if (sm90::gathered_gemm_unsupported(g) != nullptr) return std::nullopt;
   const auto offs = offs_E.contiguous();
-  const auto w = weights_TK.has_value() ? weights_TK->to(at::kFloat).contiguous() : at::Tensor();
+  const auto w = weights_TK.has_value() ? weights_TK->contiguous() : at::Tensor();  // float32 or bfloat16
   auto out_s = at::empty({slots, Y}, a_NX.options());
   g.offs = offs.const_data_ptr<int>();
-  g.weights = w.defined() ? w.const_data_ptr<float>() : nullptr;
+  g.weights = w.defined() ? w.const_data_ptr() : nullptr;
+  g.weights_bf16 = w.defined() && w.scalar_type() == at::kBFloat16;
   g.out_s = out_s.mutable_data_ptr();
   const char* err = sm90::gathered_gemm(g, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == nullptr, err);
-  return sum_slots_cuda(out_s, rows_TK, N);
+  return sum_slots_cuda(out_s, order_N, rows_TK);
 }
 #endif
 

@@ -25,7 +25,8 @@ sm90_gathered          MOE_SM90_GATHERED          "fused" (gather_grouped_mm[_sw
                                                   SwiGLU in the epilogue; grouped_mm_unpermute's
                                                   down projection with the routing weights in
                                                   its epilogue, stored token-major), "unfused"
-                                                  (gather + GEMM, then swiglu), "auto" (= "unfused" until
+                                                  (gather + GEMM, then swiglu; grouped_mm, then
+                                                  unpermute), "auto" (= "unfused" until
                                                   the fused kernels have passed the GPU checks)
 =====================  =========================  ==============================================
 

@@ -122,10 +122,11 @@ def grouped_mm_unpermute(a_NX: torch.Tensor, plan: Plan, b_EXY: torch.Tensor,
                          weights_TK: torch.Tensor | None = None, *, swiglu: bool = False) -> torch.Tensor:
     """``unpermute(grouped_mm(a_NX, b_EXY, plan.offs_E), plan, weights_TK)`` in one op: the experts'
     down projection and the weighted combine, y_TD[t] = sum_k w_tk a_i b_e over t's routed slots
-    (i its row, e its expert; the gate-weighted sum of Shazeer et al. 2017, Eq. 1), (T, Y), the
-    same values as the two ops (on sm90 with ``moe.ops.config.sm90_gathered = "fused"``, moekit's
-    gathered GEMM multiplies each row by its weight in its epilogue and stores it token-major, so
-    the combine is a contiguous sum over k: the GEMM's error rule, not the two ops' bits). The backward saves a_NX, not the (N, Y) expert outputs: the
+    (i its row, e its expert; the gate-weighted sum of Shazeer et al. 2017, Eq. 1), (T, Y): the
+    two ops' values, bit for bit, except on sm90 with ``moe.ops.config.sm90_gathered = "fused"``,
+    where moekit's gathered GEMM multiplies each row by its weight in its epilogue and stores it
+    token-major, so that the combine is a contiguous sum over k (each weighted product rounded
+    once: values within the GEMMs' error rule, not the two ops' bits). The backward saves a_NX, not the (N, Y) expert outputs: the
     routing weights' gradient is <a_i, grad_t @ b_e^T> (SonicMoE, Guo et al. 2025, Sec. 3.2),
     formed from the gathered data-gradient GEMM that d a_NX needs anyway, so the T*K x Y product is
     neither kept nor recomputed. ``weights_TK`` float32 or a's dtype (None: the plain sum). With

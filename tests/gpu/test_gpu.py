@@ -618,22 +618,25 @@ COMBINE_CASES = [(300, 4, 8, 64, 128), (64, 8, 256, 128, 128),  # E = 256, many 
 
 @pytest.mark.parametrize("T,K,E,F,D", COMBINE_CASES)
 @pytest.mark.parametrize("yx", [False, True], ids=["exy", "yx"])
-@pytest.mark.parametrize("weighted", [True, False], ids=["weights", "no_weights"])
-def test_sm90_gathered_gemm_token_major_combine(T, K, E, F, D, yx, weighted):
-    """grouped_mm_unpermute with sm90_gathered="fused": the gathered kernel reads a's rows in place and
-    its epilogue multiplies each row by its routing weight and stores it token-major, then the combine
-    is a contiguous sum over each token's k rows: two launches (with swiglu the swiglu kernel first),
-    no host sync; outputs poisoned, the 2x-error rule against the float64 twin with the same-dtype
-    composite as the base; tokens whose slots were all dropped are zero; opcheck."""
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, None], ids=["w_f32", "w_bf16", "no_weights"])
+def test_sm90_gathered_gemm_token_major_combine(T, K, E, F, D, yx, wdtype):
+    """grouped_mm_unpermute with sm90_gathered="fused": the gathered kernel reads a's rows in place (a
+    strided view too) and its epilogue multiplies each row by its routing weight (float32 or bfloat16,
+    read as they are) and stores it token-major, then the combine is a contiguous sum over each
+    token's k rows: two launches (with swiglu the swiglu kernel first), no host sync; outputs
+    poisoned, the 2x-error rule against the float64 twin with the same-dtype composite as the base;
+    tokens whose slots were all dropped are zero; opcheck."""
     if not _sm90_gemm():
         pytest.skip("needs moekit's sm90 grouped GEMM on a compute capability 9.0 GPU")
-    counts, offs, order, rows = moe_ops.plan(random_ids(T, K, E), E)
+    ids = random_ids(T, K, E)
+    ids[:3] = -1  # tokens with every slot dropped
+    counts, offs, order, rows = moe_ops.plan(ids, E)
     h = torch.randn(T * K, 2 * F, device="cuda", dtype=torch.bfloat16)
     b = _weight(E, F, D, yx) / F ** 0.5
-    w = torch.rand(T, K, device="cuda") if weighted else None
-    w64 = w.double() if weighted else None
+    w = torch.rand(T, K, device="cuda").to(wdtype) if wdtype else None
+    w64 = w.double() if wdtype else None
     for swiglu in (False, True):
-        a = h if swiglu else h[:, :F].contiguous()
+        a = h if swiglu else h[:, :F]  # (rows 2F apart: read in place)
         with ops.config.override(cuda_gemm="auto", sm90_gathered="fused"):
             call = lambda: moe_ops.grouped_mm_unpermute(a, b, offs, order, rows, w, swiglu)  # noqa: E731
             if T:
@@ -683,8 +686,28 @@ def test_sm90_gathered_gemm_falls_back_and_passes_opcheck():
         assert not fused(kernel_names(lambda: moe_ops.gather_grouped_mm(x, order, rows, b, offs)))
 
 
+def test_sm90_gathered_gemm_token_major_combine_falls_back():
+    """grouped_mm_unpermute with sm90_gathered="fused" where the kernel's rules fail (Y not a multiple
+    of 128, float32, rows not 16-byte vectors) runs the two ops: no gathered kernel, their bits."""
+    if not _sm90_gemm():
+        pytest.skip("needs moekit's sm90 grouped GEMM on a compute capability 9.0 GPU")
+    T, K, E, F = 200, 4, 8, 64
+    counts, offs, order, rows = moe_ops.plan(random_ids(T, K, E), E)
+    h = torch.randn(T * K, 2 * F + 8, device="cuda", dtype=torch.bfloat16)
+    w = torch.rand(T, K, device="cuda")
+    cases = [(h[:, :F], 192, torch.bfloat16), (h[:, :F], 128, torch.float32), (h[:, 1:F + 1], 128, torch.bfloat16)]
+    with ops.config.override(cuda_gemm="auto", sm90_gathered="fused"):
+        for a, Y, dtype in cases:
+            a = a.to(dtype) if dtype != a.dtype else a
+            b = torch.randn(E, F, Y, device="cuda", dtype=dtype)
+            call = lambda: moe_ops.grouped_mm_unpermute(a, b, offs, order, rows, w, False)  # noqa: E731
+            assert not any("gathered_gemm_kernel" in n for n in kernel_names(call))
+            assert torch.equal(call(), moe_ops.unpermute(moe_ops.grouped_mm(a, b, offs), order, rows, w))
+
+
 @pytest.mark.parametrize("op", ["gather_grouped_mm_swiglu(x, order, rows, b, offs, False)",
-                                "gather_grouped_mm_wgrad(x, order, rows, g, offs)"])
+                                "gather_grouped_mm_wgrad(x, order, rows, g, offs)",
+                                "grouped_mm_unpermute(g, b, offs, order, rows, None, False)"])
 def test_sm90_gathered_gemm_bad_order_traps(op):
     """A bad order_N stops the gathered kernels with a trap (an assert's call would serialise their
     wgmma pipelines): an error at the next sync, never a silent result; in a subprocess, as the

@@ -7,7 +7,8 @@
 // Layout of one CTA (384 threads, one CTA per SM, persistent over output tiles of 128 rows x TN
 // b columns, TN = 256 where it divides the output, else 128):
 //   warp group 0 (producer): each stage, cp.async copies the tile's kTM gathered rows of x_TD
-//     (row order[i] / K; zeros for padding) into shared memory in the wgmma's 128-byte swizzle,
+//     (row order[i] / K, or row i of the routed rows themselves without order; zeros for
+//     padding) into shared memory in the wgmma's 128-byte swizzle,
 //     and one thread issues one 5-D TMA box of b (dims (column in a 64-column block, depth, block,
 //     half, expert)): with SwiGLU expert e's gate columns f..f+TN/2-1 and, as the second half, its
 //     up columns F+f..F+f+TN/2-1, so [gate; up] needs no relayout; else TN consecutive columns;
@@ -78,7 +79,8 @@ struct Params {
   __nv_bfloat16* act;  // SwiGLU's (N, F), or nullptr
   __nv_bfloat16* h;    // (N, Y), or nullptr
   const int64_t* scatter;  // the token-major epilogue (out_s, else nullptr): routed row i's slot
-  const float* weights;    // (slots,) or nullptr
+  const void* weights;     // (slots,) float32, or bfloat16 with weights_bf16; or nullptr
+  bool weights_bf16;
   __nv_bfloat16* out_s;    // (slots, Y), or nullptr
   int64_t slots;
   int E, N, D, Y, F;    // F: act's columns (SwiGLU), else 0
@@ -273,7 +275,9 @@ struct Slot {
 __device__ __forceinline__ Slot slot_of(const Params& p, int64_t row) {
   const int64_t s = p.scatter[row];
   MOE_SM90_TRAP_UNLESS(s >= -1 && s < p.slots);  // scatter (order_N) matches rows_TK
-  return {s, s >= 0 && p.weights != nullptr ? p.weights[s] : 1.f};
+  if (s < 0 || p.weights == nullptr) return {s, 1.f};
+  return {s, p.weights_bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(p.weights)[s])
+                            : static_cast<const float*>(p.weights)[s]};
 }
 
 // Columns c, c + 1 of slot s's row of out_s: the weight times the sums, in float, rounded once.
@@ -502,9 +506,9 @@ template <class P>
 const char* launch(void (*kernel)(P), const P& p, size_t smem, int64_t tiles, int sm_count, cudaStream_t stream) {
   const int grid = int(std::max<int64_t>(1, std::min<int64_t>(tiles, sm_count > 0 ? sm_count : 1)));
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess)
-    return "moe.gather_grouped_mm (sm90): the gathered kernel's shared memory was refused";
+    return "moe (sm90 gathered GEMM): the gathered kernel's shared memory was refused";
   kernel<<<grid, kThreads, smem, stream>>>(p);
-  if (cudaGetLastError() != cudaSuccess) return "moe.gather_grouped_mm (sm90): the gathered kernel's launch failed";
+  if (cudaGetLastError() != cudaSuccess) return "moe (sm90 gathered GEMM): the gathered kernel's launch failed";
   return nullptr;
 }
 
@@ -529,7 +533,8 @@ const char* gathered_gemm_unsupported(const GatheredGemm& p) {
   if (p.E < 1 || p.E > kGatheredMaxExperts) return "E outside [1, kGatheredMaxExperts]";
   if (p.N < 1 || p.D < 1 || p.Y < 1) return "an empty dimension";
   if (p.Y % 128 != 0) return "Y is not a multiple of 128 (with SwiGLU: F of 64)";
-  if (p.scatter != nullptr && (p.swiglu || p.slots < 0)) return "the token-major epilogue takes no SwiGLU";
+  if (p.scatter != nullptr && p.swiglu) return "the token-major epilogue takes no SwiGLU";
+  if (p.scatter != nullptr && p.slots < 0) return "bad slots";
   if (const char* why = gathered_x_unsupported(p.rows)) return why;
   if (p.D % 8 != 0 || p.ldb % 8 != 0 || p.b_batch % 8 != 0) return "a stride is not 16-byte";
   if (p.ldb <= 0 || p.b_batch <= 0) return "b's strides are not positive";
@@ -541,9 +546,9 @@ const char* gathered_gemm_unsupported(const GatheredGemm& p) {
 const char* gathered_gemm(const GatheredGemm& g, cudaStream_t stream) {
   if (const char* why = gathered_gemm_unsupported(g)) return why;
   if (g.swiglu ? g.act == nullptr : g.scatter != nullptr ? g.out_s == nullptr : g.h == nullptr)
-    return "moe.gather_grouped_mm (sm90): no output";
+    return "moe (sm90 gathered GEMM): no output";
   const EncodeTiled encode = encode_tiled();
-  if (encode == nullptr) return "moe.gather_grouped_mm (sm90): cuTensorMapEncodeTiled is unavailable";
+  if (encode == nullptr) return "moe (sm90 gathered GEMM): cuTensorMapEncodeTiled is unavailable";
   const int TN = tile_width(g);
   Params p{};
   p.rows = g.rows;
@@ -552,6 +557,7 @@ const char* gathered_gemm(const GatheredGemm& g, cudaStream_t stream) {
   p.h = g.scatter != nullptr ? nullptr : static_cast<__nv_bfloat16*>(g.h);
   p.scatter = g.scatter;
   p.weights = g.scatter != nullptr ? g.weights : nullptr;
+  p.weights_bf16 = g.weights_bf16;
   p.out_s = g.scatter != nullptr ? static_cast<__nv_bfloat16*>(g.out_s) : nullptr;
   p.slots = g.slots;
   p.E = g.E;
@@ -582,7 +588,7 @@ const char* gathered_gemm(const GatheredGemm& g, cudaStream_t stream) {
              g.b_col ? strides_col : strides_row, g.b_col ? box_col : box_row, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
-    return "moe.gather_grouped_mm (sm90): cuTensorMapEncodeTiled rejected b's layout";
+    return "moe (sm90 gathered GEMM): cuTensorMapEncodeTiled rejected b's layout";
   // A bound on the tiles from host-known sizes: sum over experts of ceil(rows_e / kTM), plus the
   // padding's blocks, is at most N / kTM + E + 1 row blocks.
   const int64_t bound = (int64_t(g.N) / kTM + g.E + 1) * p.col_blocks;

@@ -128,7 +128,8 @@ const char* run(const GroupedGemm* g, const int* ids, void* const* ws, int count
 //   h[i] = x[order[i] / K] @ b[e]  (rows i of expert e, h (N, Y) with Y = 2F when swiglu)
 //   swiglu: act[i, f] = silu(h[i, f]) * h[i, F + f], from h rounded to bfloat16 (the unfused ops'
 //   values); h written only when `h` is given. Without swiglu h is the output (gather_grouped_mm).
-// Zeros for the padding rows [offs_E[E-1], N) and rows with order[i] < 0. bfloat16; swiglu: F a
+// Zeros for the padding rows [offs_E[E-1], N) and rows with order[i] < 0 (h or act; token-major,
+// below, nothing is stored for them). bfloat16; swiglu: F a
 // multiple of 64, else Y a multiple of 128; D, ldx, ldb and b_batch multiples of 8; x and b 16-byte
 // aligned; 1 <= E <= kGatheredMaxExperts.
 // With `scatter` (no swiglu; the down projection of grouped_mm_unpermute), the epilogue stores
@@ -136,7 +137,7 @@ const char* run(const GroupedGemm* g, const int* ids, void* const* ws, int count
 // go to row s = scatter[i] of out_s (slots, Y), slot s = t * K + k, so that the combine is a
 // contiguous sum over each token's K rows; rows with s < 0 (padding) are not stored, nor are the
 // rows of slots that no routed row holds (dropped slots: the combine skips them through rows_TK).
-//   out_s[scatter[i]] = weights[scatter[i]] * (a_i @ b[e])    (weights nullptr: 1)
+//   out_s[scatter[i]] = weights[scatter[i]] * (a_i @ b[e])    (weights float32 or bfloat16; nullptr: 1)
 // scatter's entries must lie in [-1, slots) (else a trap).
 constexpr int kGatheredMaxExperts = 1024;
 struct GatheredGemm {
@@ -148,9 +149,11 @@ struct GatheredGemm {
   bool swiglu = false;
   void* act = nullptr;             // swiglu: (N, Y / 2) contiguous
   void* h = nullptr;               // (N, Y) contiguous; with swiglu may be nullptr (not written)
-  const int64_t* scatter = nullptr;  // or out_s's row of each routed row: order_N (N,); then
-  const float* weights = nullptr;    // (slots,) routing weights, or nullptr
-  void* out_s = nullptr;             // (slots, Y) contiguous, token-major, is the output, not h
+  // the token-major epilogue (scatter given): out_s, not h, is the output
+  const int64_t* scatter = nullptr;  // out_s's row of each routed row: order_N (N,)
+  const void* weights = nullptr;     // (slots,) routing weights, float32 (bfloat16 with weights_bf16), or nullptr
+  bool weights_bf16 = false;
+  void* out_s = nullptr;             // (slots, Y) contiguous
   int64_t slots = 0;
   int E = 0, N = 0, D = 0, Y = 0;
   int sm_count = 0;
