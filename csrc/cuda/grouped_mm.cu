@@ -922,7 +922,9 @@ at::Tensor grouped_mm_w8_cuda(const at::Tensor& a_NX, const at::Tensor& q_EYX, c
 }
 
 // ---- grouped_mm_unpermute: the down projection and the weighted combine ------------------------
-// Forward: grouped_mm's path, then the unpermute kernel (the two ops' launches and values). Backward
+// Forward: grouped_mm's path, then the unpermute kernel (the two ops' launches and values); on sm90
+// with sm90_gathered="fused" the gathered kernel's token-major epilogue and a contiguous sum over k
+// (scatter_sm90). Backward
 // (csrc/grouped_mm.cpp has the formula): g = gather_grouped_mm(grad_TD, plan, b^T) (grad's rows read
 // through the plan on the paths that gather), one row kernel for d a = w g, d w = <a, g> and the
 // scaled rows w a, then gather_grouped_mm_wgrad(grad_TD, plan, w a): no (N, Y) tensor is read or

@@ -363,8 +363,8 @@ gather_grouped_mm_wgrad = define_op(
 # a' = a, or swiglu(a) with swiglu (a is then h = [gate; up]): the experts' down projection (after their
 # activation) and the weighted combine in one op. Its value is the ops' (their kernels run), except on
 # sm90 with sm90_gathered="fused" (the gathered GEMM's token-major epilogue: weighted rows, then a
-# contiguous sum; within the GEMMs' error rule); its
-# backward, grouped_mm_unpermute_backward, needs no (N, Y) product: d w_i = <a'_i, grad_t @ b_e^T>
+# contiguous sum; within the GEMMs' error rule); its backward, grouped_mm_unpermute_backward, needs
+# no (N, Y) product: d w_i = <a'_i, grad_t @ b_e^T>
 # (SonicMoE, Guo et al. 2025, Sec. 3.2; twins.grouped_mm_unpermute_grads), so a (which the weight
 # gradient needs anyway) is saved and the T*K x Y expert outputs are not; with swiglu, h is saved and
 # the activation recomputed, as SonicMoE caches only the first projection's output. The backward's
