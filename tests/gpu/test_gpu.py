@@ -707,10 +707,13 @@ def test_sm90_gathered_gemm_token_major_combine_falls_back():
 
 @pytest.mark.parametrize("op", ["gather_grouped_mm_swiglu(x, order, rows, b, offs, False)",
                                 "gather_grouped_mm_wgrad(x, order, rows, g, offs)",
-                                "grouped_mm_unpermute(g, b, offs, order, rows, None, False)"])
+                                "grouped_mm_unpermute(g, b, offs, order, rows, None, False)",
+                                # a valid order_N that rows_TK does not match: the combine's device assert
+                                "grouped_mm_unpermute(g, b, offs, torch.arange(256, device='cuda'), rows, None, False)"])
 def test_sm90_gathered_gemm_bad_order_traps(op):
     """A bad order_N stops the gathered kernels with a trap (an assert's call would serialise their
-    wgmma pipelines): an error at the next sync, never a silent result; in a subprocess, as the
+    wgmma pipelines), and rows_TK that does not match order_N stops the token-major combine (it would
+    read rows nobody wrote): an error at the next sync, never a silent result; in a subprocess, as the
     context is then unusable."""
     if not _sm90_gemm():
         pytest.skip("needs moekit's sm90 grouped GEMM on a compute capability 9.0 GPU")
